@@ -1,0 +1,17 @@
+//! Weir's shared vocabulary: the types every other crate speaks, and nothing that runs.
+//!
+//! - [`error`]: SQLSTATE codes and [`ErrorReport`], the one shape every user-visible error takes before the server
+//!   turns it into a Postgres error response; also the classification of DataFusion errors.
+//! - [`catalog`]: what a relation is ([`RelationDef`], [`RelationKind`]) and the [`CatalogStore`] trait through which
+//!   definitions are made durable.
+//! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
+//!
+//! `common` depends on DataFusion (for Arrow types and DataFusion's error type) and on nothing that does I/O:
+//! no tokio, no RocksDB, no broker clients.
+
+pub mod catalog;
+pub mod error;
+pub mod types;
+
+pub use catalog::{CatalogStore, MemoryCatalogStore, RelationDef, RelationKind};
+pub use error::{ErrorReport, SqlState};

@@ -1,0 +1,210 @@
+//! Splitting a query string into statements, with Postgres-style syntax errors.
+//!
+//! The whole query string is parsed before anything runs, as Postgres does: a syntax error in the third statement
+//! means none of them executes.
+
+use datafusion::sql::sqlparser::ast;
+use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
+use weir_common::error::char_position;
+use weir_common::{ErrorReport, SqlState};
+
+use crate::dialect::WeirDialect;
+
+/// Deep enough for generated SQL from BI tools, shallow enough to stay far from the stack limit.
+const RECURSION_LIMIT: usize = 200;
+
+/// A statement Weir knows how to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeirStatement {
+    /// A statement in sqlparser's vocabulary (queries, DML, most DDL, SET, transactions).
+    Sql(Box<ast::Statement>),
+}
+
+/// One statement of a query string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedStatement {
+    pub statement: WeirStatement,
+    /// The statement as the user wrote it, without the trailing semicolon.
+    pub text: String,
+}
+
+/// A syntax error, with the position Postgres would report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ParseError {
+    pub code: SqlState,
+    pub message: String,
+    pub detail: Option<String>,
+    /// 1-based character position in the query string.
+    pub position: Option<usize>,
+}
+
+impl From<ParseError> for ErrorReport {
+    fn from(err: ParseError) -> Self {
+        let report = ErrorReport::new(err.code, err.message).with_position(err.position);
+        match err.detail {
+            Some(detail) => report.with_detail(detail),
+            None => report,
+        }
+    }
+}
+
+/// Parses every statement of `sql`. Empty statements (`;;`) are skipped.
+pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
+    let dialect = WeirDialect;
+    let tokens =
+        Tokenizer::new(&dialect, sql).with_unescape(true).tokenize_with_location().map_err(|err| ParseError {
+            code: SqlState::SYNTAX_ERROR,
+            message: lower_first(&err.message),
+            detail: None,
+            position: char_position(sql, err.location.line, err.location.column),
+        })?;
+    let mut parser =
+        Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).with_tokens_with_locations(tokens.clone());
+    let mut statements = Vec::new();
+    let mut expecting_delimiter = false;
+    loop {
+        while parser.consume_token(&Token::SemiColon) {
+            expecting_delimiter = false;
+        }
+        let next = parser.peek_token();
+        if next.token == Token::EOF {
+            break;
+        }
+        if expecting_delimiter {
+            return Err(syntax_error_at(sql, &next, None));
+        }
+        let start = next.span.start;
+        let statement = parser.parse_statement().map_err(|err| convert_error(sql, &tokens, err))?;
+        // The statement ends where the next token (`;` or the end of input) starts.
+        let end = parser.peek_token().span.start;
+        statements.push(ParsedStatement {
+            statement: WeirStatement::Sql(Box::new(statement)),
+            text: slice(sql, start, end).trim_end().to_string(),
+        });
+        expecting_delimiter = true;
+    }
+    Ok(statements)
+}
+
+fn convert_error(sql: &str, tokens: &[TokenWithSpan], err: ParserError) -> ParseError {
+    let message = match err {
+        ParserError::RecursionLimitExceeded => {
+            return ParseError {
+                code: SqlState::STATEMENT_TOO_COMPLEX,
+                message: "statement is too deeply nested".into(),
+                detail: None,
+                position: None,
+            };
+        }
+        ParserError::TokenizerError(message) | ParserError::ParserError(message) => message,
+    };
+    // sqlparser appends " at Line: L, Column: C" to messages that carry a location.
+    let (text, location) = match message.rsplit_once(" at Line: ") {
+        Some((text, rest)) => (text.to_string(), parse_location(rest)),
+        None => (message.clone(), None),
+    };
+    let detail = Some(text.clone());
+    if location.is_none() && text.ends_with("found: EOF") {
+        let eof = TokenWithSpan::wrap(Token::EOF);
+        return syntax_error_at(sql, &eof, detail);
+    }
+    match location.and_then(|loc| tokens.iter().find(|t| t.span.start == loc)) {
+        Some(token) => syntax_error_at(sql, token, detail),
+        None => ParseError {
+            code: SqlState::SYNTAX_ERROR,
+            message: format!("syntax error: {}", lower_first(&text)),
+            detail: None,
+            position: location.and_then(|loc| char_position(sql, loc.line, loc.column)),
+        },
+    }
+}
+
+fn syntax_error_at(sql: &str, token: &TokenWithSpan, detail: Option<String>) -> ParseError {
+    let message = match &token.token {
+        Token::EOF => "syntax error at end of input".to_string(),
+        other => format!("syntax error at or near \"{other}\""),
+    };
+    let position = match &token.token {
+        // Postgres points just past the last character for "end of input".
+        Token::EOF => Some(sql.chars().count() + 1),
+        _ => char_position(sql, token.span.start.line, token.span.start.column),
+    };
+    ParseError { code: SqlState::SYNTAX_ERROR, message, detail, position }
+}
+
+fn parse_location(text: &str) -> Option<Location> {
+    let (line, column) = text.split_once(", Column: ")?;
+    Some(Location::new(line.trim().parse().ok()?, column.trim().parse().ok()?))
+}
+
+/// The text from `start` up to `end` (exclusive); `end` outside `sql` (the end-of-input token) means the end.
+fn slice(sql: &str, start: Location, end: Location) -> &str {
+    let from = byte_offset(sql, start).unwrap_or(sql.len());
+    let to = byte_offset(sql, end).unwrap_or(sql.len());
+    sql.get(from..to.max(from)).unwrap_or("")
+}
+
+fn byte_offset(sql: &str, location: Location) -> Option<usize> {
+    let position = char_position(sql, location.line, location.column)?;
+    // A position one past the last character is the end of the string.
+    Some(sql.char_indices().nth(position - 1).map(|(i, _)| i).unwrap_or(sql.len()))
+}
+
+fn lower_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(sql: &str) -> Vec<String> {
+        parse_sql(sql).unwrap().into_iter().map(|s| s.text).collect()
+    }
+
+    #[test]
+    fn splits_statements_keeping_their_text() {
+        assert_eq!(
+            texts("SELECT 1; select 'a;b' ;;\n INSERT INTO t VALUES (1)"),
+            ["SELECT 1", "select 'a;b'", "INSERT INTO t VALUES (1)"]
+        );
+        assert!(texts(" ; ").is_empty());
+    }
+
+    #[test]
+    fn syntax_error_points_at_the_token() {
+        let err = parse_sql("SELECT 1;\nSELEC 2").unwrap_err();
+        assert_eq!(err.code, SqlState::SYNTAX_ERROR);
+        assert_eq!(err.message, "syntax error at or near \"SELEC\"");
+        assert_eq!(err.position, Some(11));
+
+        let err = parse_sql("SELECT * FROM t WHERE").unwrap_err();
+        assert_eq!(err.message, "syntax error at end of input");
+        assert_eq!(err.position, Some(22));
+
+        let err = parse_sql("SELECT 1 2").unwrap_err();
+        assert_eq!(err.message, "syntax error at or near \"2\"");
+        assert_eq!(err.position, Some(10));
+    }
+
+    #[test]
+    fn unterminated_string_is_a_syntax_error() {
+        let err = parse_sql("SELECT 'abc").unwrap_err();
+        assert_eq!(err.code, SqlState::SYNTAX_ERROR);
+        assert!(err.message.starts_with("unterminated string literal"), "{}", err.message);
+        assert_eq!(err.position, Some(8));
+    }
+
+    #[test]
+    fn match_recognize_parses() {
+        let sql = "SELECT * FROM t MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts MEASURES A.v AS v \
+                   PATTERN (A B+) DEFINE B AS B.v > PREV(B.v))";
+        assert_eq!(texts(sql).len(), 1);
+    }
+}

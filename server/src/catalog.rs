@@ -1,0 +1,142 @@
+//! The live catalog: every relation's definition and the handle that reads and writes its rows.
+//!
+//! Definitions go through the [`CatalogStore`] before they become visible, so a durable store sees every change.
+//! DataFusion reads the catalog through [`CatalogSchema`], registered as the `public` schema of the `weir` catalog;
+//! `pg_catalog` and `information_schema` are derived from the same registration, so psql and drivers see exactly
+//! what queries see.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::common::DataFusionError;
+use weir_common::catalog::CatalogStoreError;
+use weir_common::{CatalogStore, ErrorReport, RelationDef, RelationKind, SqlState};
+
+use crate::error::catalog_report;
+
+/// A relation as the server holds it.
+#[derive(Debug, Clone)]
+pub struct Relation {
+    pub def: Arc<RelationDef>,
+    pub provider: Arc<dyn TableProvider>,
+}
+
+/// Every user relation, by name. Lookups take a short read lock; DDL is serialized by the engine's DDL lock, so the
+/// write lock here is only held for the map update.
+#[derive(Debug)]
+pub struct Catalog {
+    store: Arc<dyn CatalogStore>,
+    relations: RwLock<BTreeMap<String, Relation>>,
+}
+
+impl Catalog {
+    /// Opens the catalog over `store`. Tables are in memory for now, so stored table definitions come back empty.
+    pub fn open(store: Arc<dyn CatalogStore>) -> Result<Self, CatalogStoreError> {
+        let mut relations = BTreeMap::new();
+        for def in store.load()? {
+            let provider = empty_table(&def).map_err(|e| CatalogStoreError::Storage(e.to_string()))?;
+            relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider });
+        }
+        Ok(Catalog { store, relations: RwLock::new(relations) })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Relation> {
+        self.read().get(name).cloned()
+    }
+
+    /// All relations, ordered by name.
+    pub fn list(&self) -> Vec<Relation> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Creates a table. Returns `false` (and changes nothing) when it exists and `if_not_exists` is set.
+    pub fn create_table(&self, def: RelationDef, if_not_exists: bool) -> Result<bool, ErrorReport> {
+        if self.get(&def.name).is_some() {
+            if if_not_exists {
+                return Ok(false);
+            }
+            return Err(catalog_report(CatalogStoreError::AlreadyExists(def.name)));
+        }
+        let provider = empty_table(&def).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        self.store.put(&def).map_err(catalog_report)?;
+        let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);
+        relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider });
+        Ok(true)
+    }
+
+    /// Drops a relation of the given kind. Returns `false` when it does not exist and `if_exists` is set.
+    pub fn drop_relation(&self, name: &str, kind: RelationKind, if_exists: bool) -> Result<bool, ErrorReport> {
+        let Some(relation) = self.get(name) else {
+            if if_exists {
+                return Ok(false);
+            }
+            return Err(catalog_report(CatalogStoreError::NotFound(name.to_string())));
+        };
+        if relation.def.kind != kind {
+            return Err(ErrorReport::new(SqlState::WRONG_OBJECT_TYPE, format!("\"{name}\" is not a {kind}"))
+                .with_hint(format!(
+                    "Use DROP {} to remove a {}.",
+                    relation.def.kind.sql_name().to_uppercase(),
+                    relation.def.kind
+                )));
+        }
+        let dependents: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|r| r.def.depends_on.iter().any(|d| d == name))
+            .map(|r| r.def.name.clone())
+            .collect();
+        if !dependents.is_empty() {
+            return Err(ErrorReport::new(
+                SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+                format!("cannot drop {kind} {name} because other objects depend on it"),
+            )
+            .with_detail(format!("{} depend on {kind} {name}", dependents.join(", ")))
+            .with_hint("Use DROP ... CASCADE to drop the dependent objects too."));
+        }
+        self.store.delete(name).map_err(catalog_report)?;
+        self.relations.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        Ok(true)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Relation>> {
+        self.relations.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn empty_table(def: &RelationDef) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    Ok(Arc::new(MemTable::try_new(def.schema.clone(), vec![vec![]])?))
+}
+
+/// The catalog as DataFusion's `public` schema.
+#[derive(Debug)]
+pub struct CatalogSchema(pub Arc<Catalog>);
+
+#[async_trait]
+impl SchemaProvider for CatalogSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.0.read().keys().cloned().collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Ok(self.0.get(name).map(|r| r.provider))
+    }
+
+    fn register_table(
+        &self,
+        name: String,
+        _table: Arc<dyn TableProvider>,
+    ) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Err(DataFusionError::NotImplemented(format!("registering \"{name}\" outside Weir's DDL")))
+    }
+
+    fn deregister_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        Err(DataFusionError::NotImplemented(format!("dropping \"{name}\" outside Weir's DDL")))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.0.read().contains_key(name)
+    }
+}

@@ -1,0 +1,391 @@
+//! pgwire glue: one [`ConnectionHandlers`] per connection, implementing the simple and extended query protocols on
+//! top of [`Session`].
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::prelude::DataFrame;
+use futures::{FutureExt, Sink, SinkExt, StreamExt, stream};
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::cancel::DefaultCancelHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::error::{PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::response::TransactionStatus;
+use pgwire::messages::startup::ParameterStatus;
+use pgwire::types::format::FormatOptions;
+use tracing::{debug, error};
+use weir_common::{ErrorReport, SqlState};
+use weir_planner::{ParsedStatement, WeirStatement, parse_sql};
+
+use crate::engine::Engine;
+use crate::error::{to_error_info, to_pgwire};
+use crate::session::{Outcome, Prepared, Session, initial_parameters};
+
+/// The handlers of one connection. pgwire asks for each handler by type; all of them share [`Handler`].
+#[derive(Debug)]
+pub struct ConnectionHandlers {
+    handler: Arc<Handler>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+}
+
+impl ConnectionHandlers {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let connections = engine.connections.clone();
+        ConnectionHandlers {
+            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()) }),
+            startup: Arc::new(Startup { connections: connections.clone() }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+        }
+    }
+}
+
+impl PgWireServerHandlers for ConnectionHandlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
+        self.startup.clone()
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LogErrors)
+    }
+
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// Accepts every user (authentication comes with the security issue) and registers the connection for cancels.
+#[derive(Debug)]
+struct Startup {
+    connections: Arc<ConnectionManager>,
+}
+
+#[async_trait]
+impl NoopStartupHandler for Startup {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.connections.clone())
+    }
+
+    async fn post_startup<C>(
+        &self,
+        client: &mut C,
+        _message: pgwire::messages::PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        for (name, value) in initial_parameters(client.metadata()) {
+            client.feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(name, value))).await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct LogErrors;
+
+impl ErrorHandler for LogErrors {
+    fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
+        debug!(%error, "sending error to client");
+    }
+}
+
+/// The query handler of one connection.
+#[derive(Debug)]
+pub struct Handler {
+    engine: Arc<Engine>,
+    /// Created on the first query, once the startup message has told us the user; shared with the query parser.
+    session: Arc<OnceLock<Arc<Session>>>,
+}
+
+impl Handler {
+    fn session<C: ClientInfo>(&self, client: &C) -> Arc<Session> {
+        self.session
+            .get_or_init(|| {
+                let user = client.metadata().get("user").map(String::as_str).unwrap_or("weir");
+                Arc::new(Session::new(self.engine.clone(), user))
+            })
+            .clone()
+    }
+
+    /// Runs one statement, turning a panic into an internal error so that it never reaches the client as a dropped
+    /// connection.
+    async fn run(
+        &self,
+        session: &Session,
+        prepared: &Prepared,
+        bound: Option<datafusion::common::ParamValues>,
+        params: &mut HashMap<String, String>,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        match AssertUnwindSafe(session.execute(prepared, bound, params, sql)).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                error!(statement = %prepared.statement.text, panic = %what, "statement panicked");
+                Err(ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {what}")))
+            }
+        }
+    }
+}
+
+/// The error every statement but `COMMIT`/`ROLLBACK` gets inside a failed transaction block.
+fn in_failed_transaction() -> ErrorReport {
+    ErrorReport::new(
+        SqlState::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
+fn ends_transaction(statement: &ParsedStatement) -> bool {
+    use datafusion::sql::sqlparser::ast::Statement;
+    let WeirStatement::Sql(stmt) = &statement.statement;
+    matches!(&**stmt, Statement::Commit { .. } | Statement::Rollback { .. })
+}
+
+/// Turns an outcome into a pgwire response. `lazy` rows are computed as the client reads them; otherwise they are
+/// computed now, so that a later statement of the same query string cannot change what this one returns.
+async fn respond<C>(
+    client: &mut C,
+    outcome: Outcome,
+    format: &Format,
+    lazy: bool,
+    status: TransactionStatus,
+    sql: &str,
+) -> PgWireResult<Response>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    Ok(match outcome {
+        Outcome::Rows(df) => {
+            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            Response::Query(encode(df, format, options, lazy, sql).await?)
+        }
+        Outcome::Command(tag, rows) => {
+            let mut tag = Tag::new(tag);
+            if let Some(rows) = rows {
+                tag = tag.with_rows(rows);
+            }
+            Response::Execution(tag)
+        }
+        Outcome::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+        // COMMIT of a failed transaction rolls it back, and says so.
+        Outcome::End(_) if status == TransactionStatus::Error => Response::TransactionEnd(Tag::new("ROLLBACK")),
+        Outcome::End(tag) => Response::TransactionEnd(Tag::new(tag)),
+        Outcome::ParameterSet(name, value) => {
+            client.feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(name, value))).await?;
+            Response::Execution(Tag::new("SET"))
+        }
+    })
+}
+
+async fn encode(
+    df: DataFrame,
+    format: &Format,
+    options: Arc<FormatOptions>,
+    lazy: bool,
+    sql: &str,
+) -> PgWireResult<QueryResponse> {
+    let fields =
+        Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(df.schema().as_arrow(), format, Some(options))?);
+    let sql = sql.to_string();
+    let to_pg = move |e: datafusion::error::DataFusionError| to_pgwire(ErrorReport::from_datafusion(&e, &sql));
+    let rows = if lazy {
+        let batches = df.execute_stream().await.map_err(&to_pg)?;
+        let fields = fields.clone();
+        batches.map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg))).flatten().boxed()
+    } else {
+        let batches = df.collect().await.map_err(&to_pg)?;
+        let fields = fields.clone();
+        stream::iter(batches).map(move |batch| rows_of(fields.clone(), Ok(batch))).flatten().boxed()
+    };
+    Ok(QueryResponse::new(fields, rows))
+}
+
+fn rows_of(
+    fields: Arc<Vec<FieldInfo>>,
+    batch: PgWireResult<RecordBatch>,
+) -> stream::Iter<Box<dyn Iterator<Item = PgWireResult<pgwire::messages::data::DataRow>> + Send>> {
+    let rows: Box<dyn Iterator<Item = _> + Send> = match batch {
+        Ok(batch) => arrow_pg::datatypes::encode_recordbatch(fields, batch),
+        Err(err) => Box::new(std::iter::once(Err(err))),
+    };
+    stream::iter(rows)
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Handler {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        debug!(query, "simple query");
+        let session = self.session(client);
+        let statements = parse_sql(query).map_err(|e| to_pgwire(e.into()))?;
+        let count = statements.len();
+        let mut responses = Vec::with_capacity(count);
+        let mut status = client.transaction_status();
+        for (index, statement) in statements.into_iter().enumerate() {
+            if status == TransactionStatus::Error && !ends_transaction(&statement) {
+                responses.push(Response::Error(Box::new(to_error_info(in_failed_transaction()))));
+                break;
+            }
+            let prepared = Prepared { statement, plan: None };
+            let outcome = self.run(&session, &prepared, None, client.metadata_mut(), query).await;
+            let response = match outcome {
+                Ok(outcome) => respond(client, outcome, &Format::UnifiedText, index + 1 == count, status, query).await,
+                Err(report) => Err(to_pgwire(report)),
+            };
+            match response {
+                Ok(response) => {
+                    status = match &response {
+                        Response::TransactionStart(_) => status.to_in_transaction_state(),
+                        Response::TransactionEnd(_) => status.to_idle_state(),
+                        _ => status,
+                    };
+                    responses.push(response);
+                }
+                Err(PgWireError::UserError(info)) => {
+                    responses.push(Response::Error(info));
+                    break;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(responses)
+    }
+}
+
+#[async_trait]
+impl QueryParser for Handler {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(&self, client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        debug!(sql, "parse");
+        let mut statements = parse_sql(sql).map_err(|e| to_pgwire(e.into()))?;
+        if statements.len() > 1 {
+            return Err(to_pgwire(ErrorReport::new(
+                SqlState::SYNTAX_ERROR,
+                "cannot insert multiple commands into a prepared statement",
+            )));
+        }
+        let Some(statement) = statements.pop() else {
+            return Ok(None);
+        };
+        let session = self.session(client);
+        let prepared = session.prepare(statement, sql).await.map_err(to_pgwire)?;
+        Ok(Some(prepared))
+    }
+
+    fn get_parameter_types(&self, prepared: &Prepared) -> PgWireResult<Vec<Type>> {
+        parameter_types(prepared)?
+            .into_iter()
+            .map(|t| match t {
+                Some(data_type) => arrow_pg::datatypes::into_pg_type(&data_type),
+                None => Ok(Type::UNKNOWN),
+            })
+            .collect()
+    }
+
+    fn get_result_schema(&self, prepared: &Prepared, format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        let Some(session) = self.session.get() else {
+            return Ok(vec![]);
+        };
+        match session.result_schema(prepared) {
+            Some(schema) => {
+                arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format.unwrap_or(&Format::UnifiedText), None)
+            }
+            None => Ok(vec![]),
+        }
+    }
+}
+
+/// The DataFusion types of `$1..$n`, in order.
+fn parameter_types(prepared: &Prepared) -> PgWireResult<Vec<Option<DataType>>> {
+    let Some(plan) = &prepared.plan else {
+        return Ok(vec![]);
+    };
+    let types = plan
+        .get_parameter_types()
+        .map_err(|e| to_pgwire(ErrorReport::from_datafusion(&e, &prepared.statement.text)))?;
+    let mut ordered: Vec<(usize, Option<DataType>)> = types
+        .into_iter()
+        .filter_map(|(id, t)| id.trim_start_matches('$').parse::<usize>().ok().map(|n| (n, t)))
+        .collect();
+    ordered.sort_by_key(|(n, _)| *n);
+    let count = ordered.last().map_or(0, |(n, _)| *n);
+    let mut result = vec![None; count];
+    for (n, t) in ordered {
+        result[n - 1] = t;
+    }
+    Ok(result)
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Handler {
+    type Statement = Prepared;
+    type QueryParser = Handler;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        // The handler is its own parser; pgwire only needs a shared reference.
+        Arc::new(Handler { engine: self.engine.clone(), session: self.session.clone() })
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let status = client.transaction_status();
+        if status == TransactionStatus::Error && !ends_transaction(&prepared.statement) {
+            return Err(to_pgwire(in_failed_transaction()));
+        }
+        let session = self.session(client);
+        let types = parameter_types(prepared)?;
+        let bound = if types.is_empty() {
+            None
+        } else {
+            let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
+            Some(arrow_pg::datatypes::df::deserialize_parameters(portal, &refs)?)
+        };
+        let sql = prepared.statement.text.clone();
+        let outcome = self.run(&session, prepared, bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)?;
+        respond(client, outcome, &portal.result_column_format, true, status, &sql).await
+    }
+}

@@ -1,0 +1,70 @@
+//! The Weir server: what a Postgres client talks to.
+//!
+//! - [`run`] accepts connections on a listener until `shutdown` resolves; each connection gets its own
+//!   [`handler::ConnectionHandlers`] (the pgwire protocol state machine lives in `pgwire`).
+//! - [`engine::Engine`] is the state shared by all connections: the live [`catalog::Catalog`] of relations, the template
+//!   DataFusion session with `pg_catalog` and `information_schema`, and the lock that serializes DDL.
+//! - [`session::Session`] is one connection's state (its DataFusion context, parameters); it runs parsed statements:
+//!   Weir's own DDL and session commands directly, queries and DML through DataFusion.
+//! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
+//! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
+//!
+//! A query string flows: pgwire -> `handler` -> `weir_planner::parse_sql` -> `Session::execute` -> DataFusion ->
+//! Arrow batches -> `arrow-pg` row encoding -> pgwire.
+
+pub mod catalog;
+pub mod compat;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod handler;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use engine::Engine;
+pub use error::ServerError;
+
+/// Serves Postgres clients on `listener` until `shutdown` resolves, then closes every connection and returns.
+///
+/// Tests call this in-process with an ephemeral listener; the `weir` binary calls it with the configured address.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let engine = Arc::new(Engine::new(&config)?);
+    let local = listener.local_addr().map_err(ServerError::Io)?;
+    info!(listen = %local, data_dir = %config.data_dir.display(), "weir is ready for connections");
+
+    // Connection tasks live here so that shutdown can end them all.
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    let handlers = handler::ConnectionHandlers::new(engine.clone());
+                    connections.spawn(async move {
+                        if let Err(err) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                            // A broken connection only ends its own session.
+                            warn!(%peer, error = %err, "connection ended with an error");
+                        }
+                    });
+                }
+                // Running out of file descriptors and similar errors are transient: log and keep accepting.
+                Err(err) => {
+                    warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    info!(open_connections = connections.len(), "shutting down");
+    connections.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! One connection's state, and the execution of its statements.
+//!
+//! Session parameters (`SET`/`SHOW`) live in the connection's pgwire metadata map, which `arrow-pg` also reads to
+//! format values (`DateStyle`, `extra_float_digits`, ...), so a `SET` affects how the next result is encoded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::{ParamValues, TableReference};
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{
+    self, DescribeAlias, Expr, ObjectName, ObjectType, Set, Statement, TransactionMode, Value,
+};
+use weir_common::catalog::{DEFAULT_CATALOG, DEFAULT_SCHEMA};
+use weir_common::types::pg_type_name;
+use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
+use weir_planner::{ParsedStatement, WeirStatement};
+
+use crate::engine::{Engine, PG_VERSION};
+
+/// What running a statement produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Rows, still to be computed as the client reads them.
+    Rows(DataFrame),
+    /// A command without rows, with its tag (`CREATE TABLE`, `INSERT 0 3`, ...): the tag text and the row count.
+    Command(&'static str, Option<usize>),
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT` or `ROLLBACK`, with the tag to report.
+    End(&'static str),
+    /// A `SET` of a parameter clients track: report its new value with a `ParameterStatus` message.
+    ParameterSet(String, String),
+}
+
+/// A statement prepared for the extended protocol: parsed, and for queries planned (which fixes parameter types and
+/// the result schema).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub statement: ParsedStatement,
+    pub plan: Option<LogicalPlan>,
+}
+
+/// Parameters whose changes Postgres reports to the client, and their values at connection start.
+const REPORTED_DEFAULTS: &[(&str, &str)] = &[
+    ("application_name", ""),
+    ("client_encoding", "UTF8"),
+    ("datestyle", "ISO, MDY"),
+    ("intervalstyle", "postgres"),
+    ("timezone", "UTC"),
+    ("standard_conforming_strings", "on"),
+    ("integer_datetimes", "on"),
+    ("is_superuser", "on"),
+    ("server_encoding", "UTF8"),
+];
+
+/// Other parameters drivers ask about.
+const OTHER_DEFAULTS: &[(&str, &str)] = &[
+    ("extra_float_digits", "1"),
+    ("search_path", "\"$user\", public"),
+    ("transaction_isolation", "read committed"),
+    ("default_transaction_isolation", "read committed"),
+    ("transaction_read_only", "off"),
+    ("default_transaction_read_only", "off"),
+    ("max_identifier_length", "63"),
+    ("bytea_output", "hex"),
+    ("lc_collate", "C.UTF-8"),
+    ("lc_ctype", "C.UTF-8"),
+    ("statement_timeout", "0"),
+];
+
+/// The canonical spelling Postgres uses when reporting a parameter.
+fn display_name(name: &str) -> &str {
+    match name {
+        "datestyle" => "DateStyle",
+        "timezone" => "TimeZone",
+        "intervalstyle" => "IntervalStyle",
+        other => other,
+    }
+}
+
+/// One connection's SQL state.
+pub struct Session {
+    engine: Arc<Engine>,
+    ctx: SessionContext,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("session_id", &self.ctx.session_id()).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(engine: Arc<Engine>, user: &str) -> Self {
+        let ctx = engine.new_context(user);
+        Session { engine, ctx }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Parses and plans a statement for the extended protocol. `sql` is the whole text the client sent.
+    pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
+        let plan = match &statement.statement {
+            WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
+                Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
+            }
+            WeirStatement::Sql(_) => None,
+        };
+        Ok(Prepared { statement, plan })
+    }
+
+    /// The schema of the rows a prepared statement returns, or `None` for a command.
+    pub fn result_schema(&self, prepared: &Prepared) -> Option<SchemaRef> {
+        if let Some(plan) = &prepared.plan {
+            return match plan {
+                LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) => None,
+                plan => Some(Arc::new(plan.schema().as_arrow().clone())),
+            };
+        }
+        let WeirStatement::Sql(stmt) = &prepared.statement.statement;
+        match &**stmt {
+            Statement::ShowVariable { variable } => Some(show_schema(&variable_name(variable))),
+            Statement::ShowTables { .. } => Some(show_tables_schema()),
+            Statement::ExplainTable { .. } => Some(describe_schema()),
+            _ => None,
+        }
+    }
+
+    /// Runs a statement. `params` holds the connection's parameters; `sql` is the whole query string (for error
+    /// positions).
+    pub async fn execute(
+        &self,
+        prepared: &Prepared,
+        bound: Option<ParamValues>,
+        params: &mut HashMap<String, String>,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        let WeirStatement::Sql(stmt) = &prepared.statement.statement;
+        if let Some(plan) = &prepared.plan {
+            let plan = match bound {
+                Some(values) => plan
+                    .clone()
+                    .replace_params_with_values(&values)
+                    .map_err(|e| ErrorReport::from_datafusion(&e, sql))?,
+                None => plan.clone(),
+            };
+            return self.run_plan(stmt, plan, sql).await;
+        }
+        self.execute_statement(stmt, &prepared.statement.text, params, sql).await
+    }
+
+    async fn execute_statement(
+        &self,
+        stmt: &Statement,
+        text: &str,
+        params: &mut HashMap<String, String>,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        match stmt {
+            Statement::StartTransaction { .. } => Ok(Outcome::Begin),
+            Statement::Commit { .. } => Ok(Outcome::End("COMMIT")),
+            Statement::Rollback { savepoint: None, .. } => Ok(Outcome::End("ROLLBACK")),
+            Statement::Set(set) => self.set(set, params),
+            Statement::ShowVariable { variable } => self.show(&variable_name(variable), params),
+            Statement::ShowTables { .. } => self.show_tables(),
+            Statement::ExplainTable {
+                describe_alias: DescribeAlias::Describe | DescribeAlias::Desc,
+                table_name,
+                ..
+            } => self.describe(table_name),
+            Statement::CreateTable(create) => self.create_table(stmt, create.if_not_exists, text, sql).await,
+            Statement::Drop { object_type: ObjectType::Table, if_exists, names, cascade, .. } => {
+                self.drop_tables(names, *if_exists, *cascade).await
+            }
+            Statement::Discard { .. } => Ok(Outcome::Command("DISCARD ALL", None)),
+            Statement::Deallocate { .. } => Ok(Outcome::Command("DEALLOCATE", None)),
+            stmt if goes_to_datafusion(stmt) => {
+                let plan = self.plan(stmt.clone(), text, sql).await?;
+                self.run_plan(stmt, plan, sql).await
+            }
+            other => Err(unsupported(other)),
+        }
+    }
+
+    async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
+        let stmt = self.engine.compat.rewrite(stmt, text);
+        self.ctx
+            .state()
+            .statement_to_plan(DfStatement::Statement(Box::new(stmt)))
+            .await
+            .map_err(|e| ErrorReport::from_datafusion(&e, sql))
+    }
+
+    async fn run_plan(&self, stmt: &Statement, plan: LogicalPlan, sql: &str) -> Result<Outcome, ErrorReport> {
+        if let LogicalPlan::Ddl(ddl) = &plan {
+            return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", ddl.name())));
+        }
+        let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        match stmt {
+            Statement::Insert(_) => Ok(Outcome::Command("INSERT 0", Some(count_rows(df, sql).await?))),
+            Statement::Update(_) => Ok(Outcome::Command("UPDATE", Some(count_rows(df, sql).await?))),
+            Statement::Delete(_) => Ok(Outcome::Command("DELETE", Some(count_rows(df, sql).await?))),
+            _ => Ok(Outcome::Rows(df)),
+        }
+    }
+
+    async fn create_table(
+        &self,
+        stmt: &Statement,
+        if_not_exists: bool,
+        text: &str,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        let _ddl = self.engine.ddl.lock().await;
+        let plan = self.plan(stmt.clone(), text, sql).await?;
+        let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = plan else {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "this form of CREATE TABLE is not supported",
+            ));
+        };
+        if create.or_replace {
+            return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "CREATE OR REPLACE TABLE is not supported"));
+        }
+        let name = unqualified(&create.name)?;
+        let schema = Arc::new(create.input.schema().as_arrow().clone());
+        let def = RelationDef {
+            name: name.clone(),
+            kind: RelationKind::Table,
+            schema,
+            definition: text.to_string(),
+            depends_on: vec![],
+        };
+        if !self.engine.catalog.create_table(def, if_not_exists)? {
+            return Ok(Outcome::Command("CREATE TABLE", None));
+        }
+        // CREATE TABLE ... AS SELECT: fill the new table from the query.
+        if !matches!(create.input.as_ref(), LogicalPlan::EmptyRelation(_)) {
+            let df = self
+                .ctx
+                .execute_logical_plan(create.input.as_ref().clone())
+                .await
+                .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+            let written = df
+                .write_table(&name, DataFrameWriteOptions::new())
+                .await
+                .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+            return Ok(Outcome::Command("SELECT", Some(first_count(&written))));
+        }
+        Ok(Outcome::Command("CREATE TABLE", None))
+    }
+
+    async fn drop_tables(&self, names: &[ObjectName], if_exists: bool, cascade: bool) -> Result<Outcome, ErrorReport> {
+        if cascade {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "DROP TABLE ... CASCADE is not supported yet: nothing can depend on a table",
+            ));
+        }
+        let _ddl = self.engine.ddl.lock().await;
+        for name in names {
+            let name = object_name(name)?;
+            self.engine.catalog.drop_relation(&name, RelationKind::Table, if_exists)?;
+        }
+        Ok(Outcome::Command("DROP TABLE", None))
+    }
+
+    fn set(&self, set: &Set, params: &mut HashMap<String, String>) -> Result<Outcome, ErrorReport> {
+        let (name, value) = match set {
+            Set::SingleAssignment { variable, values, .. } => {
+                (variable.to_string().to_ascii_lowercase(), set_value(values)?)
+            }
+            Set::SetTimeZone { value, .. } => ("timezone".to_string(), set_value(std::slice::from_ref(value))?),
+            Set::SetNames { charset_name, .. } => ("client_encoding".to_string(), charset_name.value.clone()),
+            Set::SetTransaction { modes, .. } => {
+                for mode in modes {
+                    if let TransactionMode::IsolationLevel(level) = mode {
+                        params.insert("transaction_isolation".into(), level.to_string().to_ascii_lowercase());
+                    }
+                }
+                return Ok(Outcome::Command("SET", None));
+            }
+            other => return Err(unsupported_text(&other.to_string())),
+        };
+        let value = match name.as_str() {
+            "client_encoding" => {
+                let canonical = value.to_ascii_uppercase().replace(['-', '_'], "");
+                if canonical != "UTF8" && canonical != "UNICODE" {
+                    return Err(ErrorReport::new(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        format!("encoding \"{value}\" is not supported: Weir speaks UTF8 only"),
+                    ));
+                }
+                "UTF8".to_string()
+            }
+            "timezone" => {
+                self.set_datafusion_option("datafusion.execution.time_zone", &value)?;
+                value
+            }
+            _ => value,
+        };
+        params.insert(name.clone(), value.clone());
+        if REPORTED_DEFAULTS.iter().any(|(n, _)| *n == name) {
+            return Ok(Outcome::ParameterSet(display_name(&name).to_string(), value));
+        }
+        Ok(Outcome::Command("SET", None))
+    }
+
+    fn set_datafusion_option(&self, key: &str, value: &str) -> Result<(), ErrorReport> {
+        let state = self.ctx.state_ref();
+        let mut state = state.write();
+        state.config_mut().options_mut().set(key, value).map_err(|e| {
+            ErrorReport::new(SqlState::INVALID_PARAMETER_VALUE, format!("invalid value for parameter: {value}"))
+                .with_detail(e.to_string())
+        })
+    }
+
+    fn show(&self, name: &str, params: &HashMap<String, String>) -> Result<Outcome, ErrorReport> {
+        let value = match name {
+            "server_version" => PG_VERSION.to_string(),
+            "server_version_num" => "160006".to_string(),
+            "transaction isolation level" => parameter(params, "transaction_isolation").unwrap_or_default(),
+            "all" => return self.show_all(params),
+            name => parameter(params, name).ok_or_else(|| {
+                ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("unrecognized configuration parameter \"{name}\""))
+            })?,
+        };
+        let schema = show_schema(name);
+        self.rows(schema, vec![Arc::new(StringArray::from(vec![value]))])
+    }
+
+    fn show_all(&self, params: &HashMap<String, String>) -> Result<Outcome, ErrorReport> {
+        let mut names: Vec<&str> = REPORTED_DEFAULTS.iter().chain(OTHER_DEFAULTS).map(|(n, _)| *n).collect();
+        names.sort_unstable();
+        let values: Vec<String> = names.iter().map(|n| parameter(params, n).unwrap_or_default()).collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("setting", DataType::Utf8, false),
+        ]));
+        let names: Vec<&str> = names.into_iter().map(display_name).collect();
+        self.rows(schema, vec![Arc::new(StringArray::from(names)), Arc::new(StringArray::from(values))])
+    }
+
+    fn show_tables(&self) -> Result<Outcome, ErrorReport> {
+        let names: Vec<String> = self
+            .engine
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|r| r.def.kind == RelationKind::Table)
+            .map(|r| r.def.name.clone())
+            .collect();
+        self.rows(show_tables_schema(), vec![Arc::new(StringArray::from(names))])
+    }
+
+    fn describe(&self, table: &ObjectName) -> Result<Outcome, ErrorReport> {
+        let name = object_name(table)?;
+        let relation = self.engine.catalog.get(&name).ok_or_else(|| {
+            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist"))
+        })?;
+        let fields = relation.def.schema.fields().clone();
+        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        let types: Vec<String> = fields.iter().map(|f| pg_type_name(f)).collect();
+        let nullable: Vec<bool> = fields.iter().map(|f| f.is_nullable()).collect();
+        self.rows(
+            describe_schema(),
+            vec![
+                Arc::new(StringArray::from(names)),
+                Arc::new(StringArray::from(types)),
+                Arc::new(BooleanArray::from(nullable)),
+            ],
+        )
+    }
+
+    fn rows(&self, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<Outcome, ErrorReport> {
+        let batch = RecordBatch::try_new(schema, columns)
+            .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {e}")))?;
+        let df = self.ctx.read_batch(batch).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        Ok(Outcome::Rows(df))
+    }
+}
+
+/// Statements DataFusion plans and runs.
+fn goes_to_datafusion(stmt: &Statement) -> bool {
+    matches!(
+        stmt,
+        Statement::Query(_)
+            | Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Explain { .. }
+    )
+}
+
+fn unsupported(stmt: &Statement) -> ErrorReport {
+    unsupported_text(&stmt.to_string())
+}
+
+fn unsupported_text(text: &str) -> ErrorReport {
+    // Name the statement by its leading words, as Postgres' "... is not supported" messages do.
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", words.join(" ").to_uppercase()))
+}
+
+/// A parameter's value: what the session set, else what the client sent at startup, else the default.
+fn parameter(params: &HashMap<String, String>, name: &str) -> Option<String> {
+    let name = name.to_ascii_lowercase();
+    if let Some(value) = params.get(&name) {
+        return Some(value.clone());
+    }
+    if let Some((_, value)) = params.iter().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+        return Some(value.clone());
+    }
+    REPORTED_DEFAULTS.iter().chain(OTHER_DEFAULTS).find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
+}
+
+/// The initial `ParameterStatus` messages beyond those pgwire sends.
+pub fn initial_parameters(startup: &HashMap<String, String>) -> Vec<(String, String)> {
+    REPORTED_DEFAULTS
+        .iter()
+        .map(|(name, _)| (display_name(name).to_string(), parameter(startup, name).unwrap_or_default()))
+        .collect()
+}
+
+fn variable_name(variable: &[ast::Ident]) -> String {
+    variable.iter().map(|i| i.value.to_ascii_lowercase()).collect::<Vec<_>>().join(" ")
+}
+
+fn set_value(values: &[Expr]) -> Result<String, ErrorReport> {
+    let parts: Vec<String> = values
+        .iter()
+        .map(|v| match v {
+            Expr::Value(v) => match &v.value {
+                Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+                other => other.to_string(),
+            },
+            Expr::Identifier(ident) => ident.value.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    if parts.is_empty() {
+        return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "SET requires a value"));
+    }
+    Ok(parts.join(", "))
+}
+
+fn show_schema(name: &str) -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(name.replace(' ', "_"), DataType::Utf8, false)]))
+}
+
+fn show_tables_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]))
+}
+
+fn describe_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("type", DataType::Utf8, false),
+        Field::new("nullable", DataType::Boolean, false),
+    ]))
+}
+
+/// Resolves a relation name in the one database and schema Weir serves.
+fn object_name(name: &ObjectName) -> Result<String, ErrorReport> {
+    let parts: Vec<String> =
+        name.0.iter().map(|p| p.as_ident().map(normalize).unwrap_or_else(|| p.to_string())).collect();
+    unqualified(&TableReference::from(parts.join(".")))
+}
+
+/// Unquoted identifiers fold to lower case, as in Postgres.
+fn normalize(ident: &ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    }
+}
+
+fn unqualified(reference: &TableReference) -> Result<String, ErrorReport> {
+    if let Some(schema) = reference.schema()
+        && schema != DEFAULT_SCHEMA
+    {
+        return Err(ErrorReport::new(SqlState::INVALID_SCHEMA_NAME, format!("schema \"{schema}\" does not exist")));
+    }
+    if let Some(catalog) = reference.catalog()
+        && catalog != DEFAULT_CATALOG
+    {
+        return Err(ErrorReport::new(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            format!("cross-database references are not implemented: \"{catalog}\""),
+        ));
+    }
+    Ok(reference.table().to_string())
+}
+
+async fn count_rows(df: DataFrame, sql: &str) -> Result<usize, ErrorReport> {
+    let batches = df.collect().await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+    Ok(first_count(&batches))
+}
+
+/// DataFusion's DML plans return one row with the affected-row count.
+fn first_count(batches: &[RecordBatch]) -> usize {
+    batches
+        .first()
+        .and_then(|b| b.column_by_name("count"))
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+        .filter(|a| !a.is_empty())
+        .map_or(0, |a| a.value(0) as usize)
+}
