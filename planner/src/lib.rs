@@ -3,12 +3,15 @@
 //! - [`dialect`]: [`WeirDialect`], Postgres syntax plus the streaming additions.
 //! - [`parse`]: splits a query string into [`ParsedStatement`]s, each with its own text and offset, and turns
 //!   parser failures into Postgres-style syntax errors with a character position.
+//! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
 //! with the streaming core. The planner never links the runtime or the connectors.
 
 pub mod dialect;
+pub mod names;
 pub mod parse;
 
 pub use dialect::WeirDialect;
+pub use names::postgres_column_names;
 pub use parse::{ParseError, ParsedStatement, WeirStatement, parse_sql};

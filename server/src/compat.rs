@@ -9,7 +9,6 @@
 
 use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
-use datafusion_pg_catalog::sql::rules::{CurrentUserVariableToSessionUserFunctionCall, SqlStatementRewriteRule};
 
 #[derive(Debug)]
 pub struct Compat {
@@ -30,7 +29,7 @@ impl Compat {
     /// Rewrites one statement; `text` is the statement as the client wrote it.
     pub fn rewrite(&self, statement: Statement, text: &str) -> Statement {
         if !is_catalog_query(text) {
-            return CurrentUserVariableToSessionUserFunctionCall.rewrite(statement);
+            return statement;
         }
         // Re-parsing the text applies the crate's whole-query substitutions for queries DataFusion cannot plan at all.
         match self.catalog_queries.parse(text) {

@@ -191,7 +191,8 @@ impl Session {
     }
 
     async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
-        let stmt = self.engine.compat.rewrite(stmt, text);
+        let mut stmt = self.engine.compat.rewrite(stmt, text);
+        weir_planner::postgres_column_names(&mut stmt);
         self.ctx
             .state()
             .statement_to_plan(DfStatement::Statement(Box::new(stmt)))
@@ -303,6 +304,11 @@ impl Session {
             }
             "timezone" => {
                 self.set_datafusion_option("datafusion.execution.time_zone", &value)?;
+                value
+            }
+            // DataFusion's own options (for example `datafusion.explain.logical_plan_only`) go to this session's engine.
+            option if option.starts_with("datafusion.") => {
+                self.set_datafusion_option(option, &value)?;
                 value
             }
             _ => value,

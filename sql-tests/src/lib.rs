@@ -1,1 +1,201 @@
-//! placeholder
+//! Weir's behaviour suite: sqllogictest files under `slt/`, run over the wire against a real server.
+//!
+//! - [`TestServer`] starts a Weir server in-process on an ephemeral port with its own data directory, exactly as the
+//!   `weir` binary does (through `weir_server::run`).
+//! - [`WeirConnection`] is a sqllogictest database speaking the simple query protocol through `tokio-postgres`, so
+//!   results are compared in Postgres' text format. Errors read `SQLSTATE: message (position N)`, so a test can pin
+//!   the code, the text and the position with one regex; `statement error (42601)` pins the code alone. Trailing
+//!   whitespace of each value is dropped (multi-line values such as plans end in a newline).
+//! - [`run_file`] runs one file against a fresh server, or with `complete` rewrites its expected results.
+//!
+//! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqllogictest::{DBOutput, DefaultColumnType, Runner};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+/// A Weir server running inside the test process.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// Resolving it makes `run` return.
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), weir_server::ServerError>>,
+    /// Kept so the data directory lives as long as the server.
+    _data: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> anyhow::Result<Self> {
+        let data = tempfile::tempdir().context("creating a data directory")?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = weir_server::Config::new(data.path().join("data"));
+        let task = tokio::spawn(weir_server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Ok(TestServer { addr, stop: Some(stop), task, _data: data })
+    }
+
+    /// A `host=... port=... user=weir dbname=weir` connection string.
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={} user=weir dbname=weir", self.addr.ip(), self.addr.port())
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<WeirConnection> {
+        WeirConnection::connect(&self.conninfo()).await
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = &mut self.task;
+        tokio::time::timeout(Duration::from_secs(10), task).await.context("server did not stop")???;
+        Ok(())
+    }
+}
+
+/// One client connection, as a sqllogictest database.
+#[derive(Debug)]
+pub struct WeirConnection {
+    pub client: tokio_postgres::Client,
+    /// Drives the connection's socket; ends when the client is dropped.
+    connection: JoinHandle<()>,
+}
+
+impl WeirConnection {
+    pub async fn connect(conninfo: &str) -> anyhow::Result<Self> {
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await.context("connecting to weir")?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(WeirConnection { client, connection })
+    }
+}
+
+impl Drop for WeirConnection {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// An error as a test sees it.
+#[derive(Debug)]
+pub struct SqlError {
+    pub code: Option<String>,
+    pub message: String,
+    pub position: Option<u32>,
+}
+
+impl fmt::Display for SqlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.as_deref().unwrap_or("?????"), self.message)?;
+        if let Some(position) = self.position {
+            write!(f, " (position {position})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SqlError {}
+
+impl From<tokio_postgres::Error> for SqlError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        match err.as_db_error() {
+            Some(db) => SqlError {
+                code: Some(db.code().code().to_string()),
+                message: db.message().to_string(),
+                position: match db.position() {
+                    Some(tokio_postgres::error::ErrorPosition::Original(p)) => Some(*p),
+                    _ => None,
+                },
+            },
+            None => SqlError { code: None, message: err.to_string(), position: None },
+        }
+    }
+}
+
+#[async_trait]
+impl sqllogictest::AsyncDB for WeirConnection {
+    type Error = SqlError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, SqlError> {
+        let messages = self.client.simple_query(sql).await?;
+        let mut rows = Vec::new();
+        let mut columns = None;
+        let mut affected = 0;
+        for message in messages {
+            match message {
+                SimpleQueryMessage::RowDescription(description) => columns = Some(description.len()),
+                SimpleQueryMessage::Row(row) => {
+                    columns = Some(row.len());
+                    let values = (0..row.len()).map(|i| row.get(i).map_or("NULL", str::trim_end).to_string());
+                    rows.push(values.collect::<Vec<_>>());
+                }
+                SimpleQueryMessage::CommandComplete(count) => affected = count,
+                _ => {}
+            }
+        }
+        match columns {
+            Some(columns) => Ok(DBOutput::Rows { types: vec![DefaultColumnType::Any; columns], rows }),
+            None => Ok(DBOutput::StatementComplete(affected)),
+        }
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "weir"
+    }
+
+    fn error_sql_state(err: &SqlError) -> Option<String> {
+        err.code.clone()
+    }
+}
+
+/// Runs one sqllogictest file against a fresh server. With `complete`, rewrites the file's expected results with what
+/// the server returns instead of checking them.
+pub async fn run_file(path: &Path, complete: bool) -> anyhow::Result<()> {
+    let server = TestServer::start().await?;
+    let conninfo = server.conninfo();
+    let mut runner = Runner::new(move || {
+        let conninfo = conninfo.clone();
+        async move {
+            WeirConnection::connect(&conninfo).await.map_err(|e| SqlError {
+                code: None,
+                message: e.to_string(),
+                position: None,
+            })
+        }
+    });
+    let outcome = if complete {
+        runner
+            .update_test_file(
+                path,
+                " ",
+                sqllogictest::default_validator,
+                sqllogictest::default_normalizer,
+                sqllogictest::default_column_validator,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    } else {
+        runner.run_file_async(path).await.map_err(|e| anyhow::anyhow!("{}", e.display(true)))
+    };
+    drop(runner);
+    server.stop().await?;
+    outcome
+}
