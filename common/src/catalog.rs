@@ -4,7 +4,6 @@
 //! definition goes through a [`CatalogStore`] first, so that a durable store can later replay the catalog after a
 //! restart. [`MemoryCatalogStore`] is the store used until the RocksDB state store lands.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
@@ -79,34 +78,30 @@ pub trait CatalogStore: Send + Sync + fmt::Debug {
 /// A [`CatalogStore`] that keeps definitions in memory: nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemoryCatalogStore {
-    /// Creation sequence number -> definition, and name -> sequence number.
-    state: Mutex<(BTreeMap<u64, RelationDef>, BTreeMap<String, u64>, u64)>,
+    /// Definitions in creation order.
+    defs: Mutex<Vec<RelationDef>>,
 }
 
 impl CatalogStore for MemoryCatalogStore {
     fn put(&self, def: &RelationDef) -> Result<(), CatalogStoreError> {
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (defs, names, next) = &mut *guard;
-        if names.contains_key(&def.name) {
+        let mut defs = self.defs.lock().unwrap_or_else(PoisonError::into_inner);
+        if defs.iter().any(|d| d.name == def.name) {
             return Err(CatalogStoreError::AlreadyExists(def.name.clone()));
         }
-        names.insert(def.name.clone(), *next);
-        defs.insert(*next, def.clone());
-        *next += 1;
+        defs.push(def.clone());
         Ok(())
     }
 
     fn delete(&self, name: &str) -> Result<(), CatalogStoreError> {
-        let mut guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let (defs, names, _) = &mut *guard;
-        let seq = names.remove(name).ok_or_else(|| CatalogStoreError::NotFound(name.to_string()))?;
-        defs.remove(&seq);
+        let mut defs = self.defs.lock().unwrap_or_else(PoisonError::into_inner);
+        let index =
+            defs.iter().position(|d| d.name == name).ok_or_else(|| CatalogStoreError::NotFound(name.to_string()))?;
+        defs.remove(index);
         Ok(())
     }
 
     fn load(&self) -> Result<Vec<RelationDef>, CatalogStoreError> {
-        let guard = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        Ok(guard.0.values().cloned().collect())
+        Ok(self.defs.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 }
 

@@ -48,6 +48,8 @@ impl Engine {
             .with_create_default_catalog_and_schema(false);
         // Spans on identifiers let unknown-column errors carry a position.
         session_config.options_mut().sql_parser.collect_spans = true;
+        // TEXT and VARCHAR are plain Utf8: one string layout through tables, parameters and the wire encoder.
+        session_config.options_mut().sql_parser.map_string_types_to_utf8view = false;
 
         let catalogs = Arc::new(MemoryCatalogProviderList::new());
         let weir = Arc::new(MemoryCatalogProvider::new());
@@ -64,6 +66,7 @@ impl Engine {
         setup_pg_catalog(&ctx, DEFAULT_CATALOG, EmptyContextProvider)
             .map_err(|e| ServerError::Engine(e.to_string()))?;
         ctx.register_udf(constant_text_udf("version", &version_string()));
+        ctx.register_udf(to_regtype_udf());
 
         Ok(Engine {
             catalog,
@@ -97,4 +100,117 @@ fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
         Volatility::Stable,
         Arc::new(move |_args: &[ColumnarValue]| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(value.clone()))))),
     )
+}
+
+/// `to_regtype(name)`: the oid of a type given by name, or NULL. psycopg's type lookups call it.
+fn to_regtype_udf() -> ScalarUDF {
+    use datafusion::arrow::array::{Array, Int32Array};
+    create_udf(
+        "to_regtype",
+        vec![DataType::Utf8],
+        DataType::Int32,
+        Volatility::Stable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = datafusion::common::cast::as_string_array(&arrays[0])?;
+            let oids: Int32Array =
+                (0..names.len()).map(|i| if names.is_null(i) { None } else { type_oid(names.value(i)) }).collect();
+            Ok(ColumnarValue::Array(Arc::new(oids)))
+        }),
+    )
+}
+
+/// The oid of a built-in type by any of the names Postgres accepts for it (`int4`, `integer`, `int4[]`, ...).
+pub fn type_oid(name: &str) -> Option<i32> {
+    use postgres_types::Type;
+    let name = name.trim().trim_start_matches("pg_catalog.").to_ascii_lowercase();
+    let (base, array) = match name.strip_suffix("[]") {
+        Some(base) => (base.trim().to_string(), true),
+        None => (name, false),
+    };
+    let canonical = match base.as_str() {
+        "integer" | "int" => "int4",
+        "bigint" => "int8",
+        "smallint" => "int2",
+        "real" => "float4",
+        "double precision" | "float" => "float8",
+        "boolean" => "bool",
+        "character varying" => "varchar",
+        "character" => "bpchar",
+        "decimal" => "numeric",
+        "timestamp without time zone" => "timestamp",
+        "timestamp with time zone" => "timestamptz",
+        "time without time zone" => "time",
+        "time with time zone" => "timetz",
+        other => other,
+    };
+    let known = [
+        Type::BOOL,
+        Type::BYTEA,
+        Type::CHAR,
+        Type::NAME,
+        Type::INT8,
+        Type::INT2,
+        Type::INT4,
+        Type::TEXT,
+        Type::OID,
+        Type::JSON,
+        Type::JSONB,
+        Type::FLOAT4,
+        Type::FLOAT8,
+        Type::BPCHAR,
+        Type::VARCHAR,
+        Type::DATE,
+        Type::TIME,
+        Type::TIMESTAMP,
+        Type::TIMESTAMPTZ,
+        Type::INTERVAL,
+        Type::TIMETZ,
+        Type::NUMERIC,
+        Type::UUID,
+        Type::REGTYPE,
+        Type::REGCLASS,
+        Type::INET,
+        Type::RECORD,
+        Type::VOID,
+        Type::UNKNOWN,
+    ];
+    let ty = known.into_iter().find(|t| t.name() == canonical)?;
+    if !array {
+        return Some(ty.oid() as i32);
+    }
+    let array_name = format!("_{}", ty.name());
+    let array_types = [
+        Type::BOOL_ARRAY,
+        Type::BYTEA_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT2_ARRAY,
+        Type::INT4_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::FLOAT4_ARRAY,
+        Type::FLOAT8_ARRAY,
+        Type::VARCHAR_ARRAY,
+        Type::DATE_ARRAY,
+        Type::TIMESTAMP_ARRAY,
+        Type::TIMESTAMPTZ_ARRAY,
+        Type::NUMERIC_ARRAY,
+        Type::JSON_ARRAY,
+        Type::JSONB_ARRAY,
+        Type::UUID_ARRAY,
+    ];
+    array_types.into_iter().find(|t| t.name() == array_name).map(|t| t.oid() as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::type_oid;
+
+    #[test]
+    fn type_names_resolve_like_postgres() {
+        assert_eq!(type_oid("int4"), Some(23));
+        assert_eq!(type_oid("integer"), Some(23));
+        assert_eq!(type_oid("pg_catalog.timestamptz"), Some(1184));
+        assert_eq!(type_oid("text[]"), Some(1009));
+        assert_eq!(type_oid("no_such_type"), None);
+    }
 }

@@ -234,7 +234,17 @@ fn rows_of(
     batch: PgWireResult<RecordBatch>,
 ) -> stream::Iter<Box<dyn Iterator<Item = PgWireResult<pgwire::messages::data::DataRow>> + Send>> {
     let rows: Box<dyn Iterator<Item = _> + Send> = match batch {
-        Ok(batch) => arrow_pg::datatypes::encode_recordbatch(fields, batch),
+        // The encoder asserts on array types; a bug there must fail the statement, not the connection.
+        Ok(batch) => match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            arrow_pg::datatypes::encode_recordbatch(fields, batch).collect::<Vec<_>>()
+        })) {
+            Ok(rows) => Box::new(rows.into_iter()),
+            Err(_) => {
+                error!("encoding a result batch panicked");
+                let report = ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: cannot encode result rows");
+                Box::new(std::iter::once(Err(to_pgwire(report))))
+            }
+        },
         Err(err) => Box::new(std::iter::once(Err(err))),
     };
     stream::iter(rows)

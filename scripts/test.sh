@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
+# Installs what the tests need (psql, Python's psycopg) when it is missing. Builds the dev profile only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The cargo target directory lives outside the clone so repeated runs (and CI on this machine) are incremental.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+if ! command -v psql >/dev/null 2>&1; then
+  echo "== installing the psql client"
+  apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null
+fi
+if ! python3 -c "import psycopg" >/dev/null 2>&1; then
+  echo "== installing psycopg"
+  python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1"
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace
+echo "== all tests passed"

@@ -1,0 +1,66 @@
+"""psycopg 3 against Weir: server-side parameters (the extended protocol), types both ways, errors with SQLSTATE.
+
+Usage: psycopg_client.py PORT. Prints "psycopg ok" when every check passed; any failed check raises.
+"""
+import datetime
+import decimal
+import sys
+
+import psycopg
+from psycopg import errors
+
+port = int(sys.argv[1])
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", autocommit=True) as conn:
+    cur = conn.cursor()
+    cur.execute("CREATE TABLE people (id INT, name TEXT, born DATE, seen TIMESTAMP(3), balance NUMERIC(12,2))")
+
+    # Server-side parameters: psycopg 3 sends $1.. placeholders with Parse/Bind.
+    rows = [
+        (1, "ada", datetime.date(1815, 12, 10), datetime.datetime(2024, 1, 1, 10, 0, 0, 500000), decimal.Decimal("10.50")),
+        (2, "alan", datetime.date(1912, 6, 23), datetime.datetime(2024, 1, 2, 11, 30), decimal.Decimal("-3.25")),
+        (3, "grace", None, None, None),
+    ]
+    cur.executemany("INSERT INTO people VALUES (%s, %s, %s, %s, %s)", rows)
+
+    cur.execute("SELECT id, name, born, seen, balance FROM people WHERE id <= %s ORDER BY id", (2,))
+    got = cur.fetchall()
+    assert got == rows[:2], got
+
+    cur.execute("SELECT name FROM people WHERE name = %(name)s", {"name": "grace"})
+    assert cur.fetchone() == ("grace",)
+
+    # Binary results.
+    bcur = conn.cursor(binary=True)
+    bcur.execute("SELECT id, name, born, seen FROM people WHERE id = %s", (1,))
+    assert bcur.fetchone() == rows[0][:4]
+
+    # A prepared statement reused many times.
+    for i in range(3):
+        cur.execute("SELECT count(*) FROM people WHERE id > %s", (i,), prepare=True)
+        assert cur.fetchone() == (3 - i,)
+
+    # Errors come back as the right exception classes (by SQLSTATE).
+    try:
+        cur.execute("SELECT * FROM nowhere")
+        raise AssertionError("expected an error")
+    except errors.UndefinedTable as e:
+        assert e.diag.sqlstate == "42P01"
+    try:
+        cur.execute("SELECT 1 / %s", (0,))
+        raise AssertionError("expected an error")
+    except errors.DivisionByZero:
+        pass
+
+    # Type lookups and session parameters that psycopg relies on.
+    info = psycopg.types.TypeInfo.fetch(conn, "int4")
+    assert info is not None and info.oid == 23, info
+    assert conn.info.parameter_status("client_encoding") == "UTF8"
+
+# A transaction with psycopg's default (non-autocommit) mode.
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir") as conn:
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM people")
+        assert cur.fetchone() == (3,)
+    conn.commit()
+
+print("psycopg ok")
