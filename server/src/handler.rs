@@ -213,20 +213,70 @@ async fn encode(
     lazy: bool,
     sql: &str,
 ) -> PgWireResult<QueryResponse> {
-    let fields =
-        Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(df.schema().as_arrow(), format, Some(options))?);
+    let schema = df.schema().as_arrow().clone();
+    let fields = Arc::new(pg_fields(&schema, format, Some(options))?);
     let sql = sql.to_string();
     let to_pg = move |e: datafusion::error::DataFusionError| to_pgwire(ErrorReport::from_datafusion(&e, &sql));
     let rows = if lazy {
         let batches = df.execute_stream().await.map_err(&to_pg)?;
         let fields = fields.clone();
-        batches.map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg))).flatten().boxed()
+        batches
+            .map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg).map(|b| jsonb_binary(&fields, b))))
+            .flatten()
+            .boxed()
     } else {
         let batches = df.collect().await.map_err(&to_pg)?;
         let fields = fields.clone();
-        stream::iter(batches).map(move |batch| rows_of(fields.clone(), Ok(batch))).flatten().boxed()
+        stream::iter(batches)
+            .map(move |batch| rows_of(fields.clone(), Ok(jsonb_binary(&fields, batch))))
+            .flatten()
+            .boxed()
     };
     Ok(QueryResponse::new(fields, rows))
+}
+
+/// The wire description of a result schema: arrow-pg's mapping, plus json/jsonb for columns marked as such.
+fn pg_fields(
+    schema: &datafusion::arrow::datatypes::Schema,
+    format: &Format,
+    options: Option<Arc<FormatOptions>>,
+) -> PgWireResult<Vec<FieldInfo>> {
+    let fields = arrow_pg::datatypes::arrow_schema_to_pg_fields(schema, format, options)?;
+    Ok(fields
+        .into_iter()
+        .zip(schema.fields())
+        .map(|(info, field)| {
+            let json = match field.metadata().get(weir_common::types::PG_JSON_KEY).map(String::as_str) {
+                Some("json") => Type::JSON,
+                Some("jsonb") => Type::JSONB,
+                _ => return info,
+            };
+            FieldInfo::new(info.name().to_string(), info.table_id(), info.column_id(), json, info.format())
+                .with_format_options(info.format_options().clone())
+        })
+        .collect())
+}
+
+/// Binary `jsonb` is a version byte (1) followed by the JSON text; text columns are sent as their bytes, so the byte
+/// is prepended here for jsonb columns the client reads in binary.
+fn jsonb_binary(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
+    use datafusion::arrow::array::{Array, AsArray, StringArray};
+    use pgwire::api::results::FieldFormat;
+    let mut columns = batch.columns().to_vec();
+    let mut changed = false;
+    for (index, field) in fields.iter().enumerate() {
+        if *field.datatype() != Type::JSONB || field.format() != FieldFormat::Binary {
+            continue;
+        }
+        let Some(text) = columns.get(index).and_then(|c| c.as_string_opt::<i32>()) else { continue };
+        let prefixed: StringArray = text.iter().map(|v| v.map(|v| format!("\u{1}{v}"))).collect();
+        columns[index] = Arc::new(prefixed) as Arc<dyn Array>;
+        changed = true;
+    }
+    if !changed {
+        return batch;
+    }
+    RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
 }
 
 fn rows_of(
@@ -335,9 +385,7 @@ impl QueryParser for Handler {
             return Ok(vec![]);
         };
         match session.result_schema(prepared) {
-            Some(schema) => {
-                arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format.unwrap_or(&Format::UnifiedText), None)
-            }
+            Some(schema) => pg_fields(&schema, format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(vec![]),
         }
     }
@@ -397,5 +445,31 @@ impl ExtendedQueryHandler for Handler {
         let sql = prepared.statement.text.clone();
         let outcome = self.run(&session, prepared, bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)?;
         respond(client, outcome, &portal.result_column_format, true, status, &sql).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Array, AsArray, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn binary_jsonb_gets_its_version_byte() {
+        let field = Field::new("doc", DataType::Utf8, true)
+            .with_metadata(HashMap::from([(weir_common::types::PG_JSON_KEY.to_string(), "jsonb".to_string())]));
+        let schema = Arc::new(Schema::new(vec![field]));
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec![Some("{}"), None]))]).unwrap();
+        let fields = pg_fields(&schema, &Format::UnifiedBinary, None).unwrap();
+        assert_eq!(*fields[0].datatype(), Type::JSONB);
+        let out = jsonb_binary(&fields, batch.clone());
+        let column = out.column(0).as_string::<i32>();
+        assert_eq!(column.value(0), "\u{1}{}");
+        assert!(column.is_null(1));
+        // Text format is left as it is.
+        let fields = pg_fields(&schema, &Format::UnifiedText, None).unwrap();
+        assert_eq!(jsonb_binary(&fields, batch.clone()).column(0).as_string::<i32>().value(0), "{}");
     }
 }

@@ -221,7 +221,22 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let _ddl = self.engine.ddl.lock().await;
-        let plan = self.plan(stmt.clone(), text, sql).await?;
+        // DataFusion has no JSON type: JSON and JSONB columns are stored as text and marked, so that the wire and
+        // the catalog still call them json/jsonb.
+        let mut stmt = stmt.clone();
+        let mut json_columns = HashMap::new();
+        if let Statement::CreateTable(create) = &mut stmt {
+            for column in &mut create.columns {
+                let kind = match column.data_type {
+                    ast::DataType::JSON => "json",
+                    ast::DataType::JSONB => "jsonb",
+                    _ => continue,
+                };
+                column.data_type = ast::DataType::Text;
+                json_columns.insert(normalize(&column.name), kind);
+            }
+        }
+        let plan = self.plan(stmt, text, sql).await?;
         let LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) = plan else {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
@@ -232,7 +247,19 @@ impl Session {
             return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "CREATE OR REPLACE TABLE is not supported"));
         }
         let name = unqualified(&create.name)?;
-        let schema = Arc::new(create.input.schema().as_arrow().clone());
+        let schema = create.input.schema().as_arrow().clone();
+        let fields: Vec<Field> = schema
+            .fields()
+            .iter()
+            .map(|f| match json_columns.get(f.name()) {
+                Some(kind) => f
+                    .as_ref()
+                    .clone()
+                    .with_metadata(HashMap::from([(weir_common::types::PG_JSON_KEY.to_string(), kind.to_string())])),
+                None => f.as_ref().clone(),
+            })
+            .collect();
+        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
         let def = RelationDef {
             name: name.clone(),
             kind: RelationKind::Table,

@@ -51,6 +51,15 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", au
     except errors.DivisionByZero:
         pass
 
+    # json and jsonb columns come back as Python objects, in text and in binary.
+    cur.execute("CREATE TABLE docs (id INT, doc JSONB, raw JSON)")
+    cur.execute("INSERT INTO docs VALUES (%s, %s, %s)", (1, '{"a": [1, 2]}', '{"b": true}'))
+    cur.execute("SELECT doc, raw FROM docs")
+    assert cur.fetchall() == [({"a": [1, 2]}, {"b": True})]
+    assert [d.type_code for d in cur.description] == [3802, 114], cur.description
+    bcur.execute("SELECT doc FROM docs WHERE id = %s", (1,))
+    assert bcur.fetchone() == ({"a": [1, 2]},)
+
     # Type lookups and session parameters that psycopg relies on.
     info = psycopg.types.TypeInfo.fetch(conn, "int4")
     assert info is not None and info.oid == 23, info
