@@ -50,6 +50,8 @@ impl Engine {
         session_config.options_mut().sql_parser.collect_spans = true;
         // TEXT and VARCHAR are plain Utf8: one string layout through tables, parameters and the wire encoder.
         session_config.options_mut().sql_parser.map_string_types_to_utf8view = false;
+        // TIMESTAMPTZ values are UTC instants; SET TimeZone changes this per session.
+        session_config.options_mut().execution.time_zone = Some("+00:00".to_string());
 
         let catalogs = Arc::new(MemoryCatalogProviderList::new());
         let weir = Arc::new(MemoryCatalogProvider::new());

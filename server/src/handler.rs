@@ -221,16 +221,13 @@ async fn encode(
         let batches = df.execute_stream().await.map_err(&to_pg)?;
         let fields = fields.clone();
         batches
-            .map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg).map(|b| jsonb_binary(&fields, b))))
+            .map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg).map(|b| for_wire(&fields, b))))
             .flatten()
             .boxed()
     } else {
         let batches = df.collect().await.map_err(&to_pg)?;
         let fields = fields.clone();
-        stream::iter(batches)
-            .map(move |batch| rows_of(fields.clone(), Ok(jsonb_binary(&fields, batch))))
-            .flatten()
-            .boxed()
+        stream::iter(batches).map(move |batch| rows_of(fields.clone(), Ok(for_wire(&fields, batch)))).flatten().boxed()
     };
     Ok(QueryResponse::new(fields, rows))
 }
@@ -277,6 +274,88 @@ fn jsonb_binary(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
         return batch;
     }
     RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
+}
+
+/// Postgres prints timestamps and times with only the fractional digits they need (`00:00:01`, `00:00:01.5`) and
+/// timestamptz with its offset; pgwire's text encoder always prints six digits. Text-format temporal columns are
+/// therefore formatted here, in UTC, and sent as their text.
+fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
+    use datafusion::arrow::array::{Array, AsArray, StringArray};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{Time64NanosecondType, TimeUnit, TimestampNanosecondType};
+    use pgwire::api::results::FieldFormat;
+
+    fn trimmed(text: String) -> String {
+        match text.split_once('.') {
+            Some((whole, fraction)) => match fraction.trim_end_matches('0') {
+                "" => whole.to_string(),
+                digits => format!("{whole}.{digits}"),
+            },
+            None => text,
+        }
+    }
+
+    let mut columns = batch.columns().to_vec();
+    let mut changed = false;
+    for (index, field) in fields.iter().enumerate() {
+        if field.format() != FieldFormat::Text {
+            continue;
+        }
+        let Some(column) = columns.get(index) else { continue };
+        let formatted: Option<StringArray> = match column.data_type() {
+            DataType::Timestamp(_, tz) => {
+                let Ok(nanos) = cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, tz.clone())) else { continue };
+                let nanos = nanos.as_primitive::<TimestampNanosecondType>();
+                let suffix = if tz.is_some() { "+00" } else { "" };
+                Some(
+                    (0..nanos.len())
+                        .map(|i| {
+                            nanos.value_as_datetime(i).filter(|_| nanos.is_valid(i)).map(|dt| {
+                                format!("{}{suffix}", trimmed(dt.format("%Y-%m-%d %H:%M:%S%.9f").to_string()))
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            DataType::Time32(_) | DataType::Time64(_) => {
+                let Ok(nanos) = cast(column, &DataType::Time64(TimeUnit::Nanosecond)) else { continue };
+                let nanos = nanos.as_primitive::<Time64NanosecondType>();
+                Some(
+                    (0..nanos.len())
+                        .map(|i| {
+                            nanos
+                                .value_as_time(i)
+                                .filter(|_| nanos.is_valid(i))
+                                .map(|t| trimmed(t.format("%H:%M:%S%.9f").to_string()))
+                        })
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
+        if let Some(formatted) = formatted {
+            columns[index] = Arc::new(formatted) as Arc<dyn Array>;
+            changed = true;
+        }
+    }
+    if !changed {
+        return batch;
+    }
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(
+        batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(&columns)
+            .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
+            .collect::<Vec<_>>(),
+    ));
+    RecordBatch::try_new(schema, columns).unwrap_or(batch)
+}
+
+/// Adjustments of a result batch for the wire: jsonb's binary version byte and Postgres' temporal text forms.
+fn for_wire(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
+    postgres_text(fields, jsonb_binary(fields, batch))
 }
 
 fn rows_of(
@@ -471,5 +550,42 @@ mod tests {
         // Text format is left as it is.
         let fields = pg_fields(&schema, &Format::UnifiedText, None).unwrap();
         assert_eq!(jsonb_binary(&fields, batch.clone()).column(0).as_string::<i32>().value(0), "{}");
+    }
+
+    #[test]
+    fn temporal_text_is_formatted_like_postgres() {
+        use datafusion::arrow::array::{Time64NanosecondArray, TimestampMillisecondArray};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None), true),
+            Field::new(
+                "tz",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("t", DataType::Time64(datafusion::arrow::datatypes::TimeUnit::Nanosecond), true),
+        ]));
+        // 2024-01-01 00:00:01 and 2024-01-01 00:00:01.5; 10:11:12 and 10:11:12.000250.
+        let ts = TimestampMillisecondArray::from(vec![Some(1_704_067_201_000), Some(1_704_067_201_500), None]);
+        let tz = TimestampMillisecondArray::from(vec![Some(1_704_067_201_000), None, None]).with_timezone("UTC");
+        let t = Time64NanosecondArray::from(vec![Some(36_672_000_000_000), Some(36_672_000_250_000), None]);
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ts), Arc::new(tz), Arc::new(t)]).unwrap();
+        let fields = pg_fields(&schema, &Format::UnifiedText, None).unwrap();
+        let out = for_wire(&fields, batch);
+        let text = |c: usize, r: usize| {
+            let column = out.column(c).as_string::<i32>();
+            column.is_valid(r).then(|| column.value(r).to_string())
+        };
+        assert_eq!(text(0, 0).as_deref(), Some("2024-01-01 00:00:01"));
+        assert_eq!(text(0, 1).as_deref(), Some("2024-01-01 00:00:01.5"));
+        assert_eq!(text(0, 2), None);
+        assert_eq!(text(1, 0).as_deref(), Some("2024-01-01 00:00:01+00"));
+        assert_eq!(text(2, 0).as_deref(), Some("10:11:12"));
+        assert_eq!(text(2, 1).as_deref(), Some("10:11:12.00025"));
+        // Binary format keeps the temporal arrays for pgwire's binary encoder.
+        let fields = pg_fields(&schema, &Format::UnifiedBinary, None).unwrap();
+        let ts = TimestampMillisecondArray::from(vec![Some(0)]);
+        let single = Arc::new(Schema::new(vec![schema.field(0).clone()]));
+        let batch = RecordBatch::try_new(single, vec![Arc::new(ts)]).unwrap();
+        assert!(matches!(for_wire(&fields[..1], batch).column(0).data_type(), DataType::Timestamp(..)));
     }
 }
