@@ -101,7 +101,9 @@ impl ErrorReport {
             .diagnostic()
             .and_then(|d| d.span)
             .and_then(|span| char_position(sql, span.start.line, span.start.column));
-        classify(err.find_root()).with_position(position)
+        let mut report = classify(err.find_root()).with_position(position);
+        report.message = postgres_case(&report.message);
+        report
     }
 }
 
@@ -227,6 +229,17 @@ fn classify_message(msg: &str) -> ErrorReport {
     ErrorReport::new(SqlState("42000"), first_line(msg))
 }
 
+/// Postgres messages start in lower case; DataFusion's start with a capital. Acronyms ("DDL") are kept.
+fn postgres_case(message: &str) -> String {
+    let mut chars = message.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), Some(second)) if first.is_uppercase() && !second.is_uppercase() => {
+            first.to_lowercase().chain(message.chars().skip(1)).collect()
+        }
+        _ => message.to_string(),
+    }
+}
+
 fn quoted_after(msg: &str, prefix: &str) -> Option<String> {
     let start = msg.find(prefix)? + prefix.len();
     let end = msg[start..].find('\'')?;
@@ -265,6 +278,13 @@ mod tests {
         let report = ErrorReport::from_datafusion(&err, "");
         assert_eq!(report.code, SqlState::DIVISION_BY_ZERO);
         assert_eq!(report.message, "division by zero");
+    }
+
+    #[test]
+    fn messages_start_in_lower_case() {
+        assert_eq!(postgres_case("Cannot coerce x"), "cannot coerce x");
+        assert_eq!(postgres_case("DDL not supported"), "DDL not supported");
+        assert_eq!(postgres_case(""), "");
     }
 
     #[test]
