@@ -3,6 +3,7 @@
 //! - [`dialect`]: [`WeirDialect`], Postgres syntax plus the streaming additions.
 //! - [`parse`]: splits a query string into [`ParsedStatement`]s, each with its own text and offset, and turns
 //!   parser failures into Postgres-style syntax errors with a character position.
+//! - [`source`]: `CREATE SOURCE`, parsed with sqlparser's pieces for columns and expressions.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
@@ -11,6 +12,7 @@
 pub mod dialect;
 pub mod names;
 pub mod parse;
+pub mod source;
 
 pub use dialect::WeirDialect;
 pub use names::postgres_column_names;

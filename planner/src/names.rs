@@ -116,7 +116,7 @@ mod tests {
 
     fn named(sql: &str) -> String {
         let mut statements = parse_sql(sql).unwrap();
-        let WeirStatement::Sql(mut stmt) = statements.remove(0).statement;
+        let WeirStatement::Sql(mut stmt) = statements.remove(0).statement else { panic!("not a SQL statement") };
         postgres_column_names(&mut stmt);
         stmt.to_string()
     }

@@ -10,6 +10,7 @@ use weir_common::error::char_position;
 use weir_common::{ErrorReport, SqlState};
 
 use crate::dialect::WeirDialect;
+use crate::source::{self, CreateSource};
 
 /// Deep enough for generated SQL from BI tools, shallow enough to stay far from the stack limit.
 const RECURSION_LIMIT: usize = 200;
@@ -19,6 +20,8 @@ const RECURSION_LIMIT: usize = 200;
 pub enum WeirStatement {
     /// A statement in sqlparser's vocabulary (queries, DML, most DDL, SET, transactions).
     Sql(Box<ast::Statement>),
+    /// `CREATE SOURCE`.
+    CreateSource(Box<CreateSource>),
 }
 
 /// One statement of a query string.
@@ -76,13 +79,15 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             return Err(syntax_error_at(sql, &next, None));
         }
         let start = next.span.start;
-        let statement = parser.parse_statement().map_err(|err| convert_error(sql, &tokens, err))?;
+        let statement = if source::at_create_source(&parser) {
+            source::parse_create_source(&mut parser).map(|s| WeirStatement::CreateSource(Box::new(s)))
+        } else {
+            parser.parse_statement().map(|s| WeirStatement::Sql(Box::new(s)))
+        }
+        .map_err(|err| convert_error(sql, &tokens, err))?;
         // The statement ends where the next token (`;` or the end of input) starts.
         let end = parser.peek_token().span.start;
-        statements.push(ParsedStatement {
-            statement: WeirStatement::Sql(Box::new(statement)),
-            text: slice(sql, start, end).trim_end().to_string(),
-        });
+        statements.push(ParsedStatement { statement, text: slice(sql, start, end).trim_end().to_string() });
         expecting_delimiter = true;
     }
     Ok(statements)

@@ -164,8 +164,7 @@ fn in_failed_transaction() -> ErrorReport {
 
 fn ends_transaction(statement: &ParsedStatement) -> bool {
     use datafusion::sql::sqlparser::ast::Statement;
-    let WeirStatement::Sql(stmt) = &statement.statement;
-    matches!(&**stmt, Statement::Commit { .. } | Statement::Rollback { .. })
+    matches!(&statement.statement, WeirStatement::Sql(stmt) if matches!(&**stmt, Statement::Commit { .. } | Statement::Rollback { .. }))
 }
 
 /// Turns an outcome into a pgwire response. `lazy` rows are computed as the client reads them; otherwise they are

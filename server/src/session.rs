@@ -112,7 +112,7 @@ impl Session {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
                 Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
             }
-            WeirStatement::Sql(_) => None,
+            WeirStatement::Sql(_) | WeirStatement::CreateSource(_) => None,
         };
         Ok(Prepared { statement, plan })
     }
@@ -125,7 +125,7 @@ impl Session {
                 plan => Some(Arc::new(plan.schema().as_arrow().clone())),
             };
         }
-        let WeirStatement::Sql(stmt) = &prepared.statement.statement;
+        let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
         match &**stmt {
             Statement::ShowVariable { variable } => Some(show_schema(&variable_name(variable))),
             Statement::ShowTables { .. } => Some(show_tables_schema()),
@@ -143,7 +143,13 @@ impl Session {
         params: &mut HashMap<String, String>,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        let WeirStatement::Sql(stmt) = &prepared.statement.statement;
+        let stmt = match &prepared.statement.statement {
+            WeirStatement::Sql(stmt) => stmt,
+            // Parsed and checked, but there is no streaming runtime to run it on yet.
+            WeirStatement::CreateSource(_) => {
+                return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "CREATE SOURCE is not supported yet"));
+            }
+        };
         if let Some(plan) = &prepared.plan {
             let plan = match bound {
                 Some(values) => plan
