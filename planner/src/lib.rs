@@ -4,6 +4,8 @@
 //! - [`parse`]: splits a query string into [`ParsedStatement`]s, each with its own text and offset, and turns
 //!   parser failures into Postgres-style syntax errors with a character position.
 //! - [`source`]: `CREATE SOURCE`, parsed with sqlparser's pieces for columns and expressions.
+//! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
+//!   over Weir's window-assignment functions.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
@@ -13,6 +15,7 @@ pub mod dialect;
 pub mod names;
 pub mod parse;
 pub mod source;
+pub mod windows;
 
 pub use dialect::WeirDialect;
 pub use names::postgres_column_names;

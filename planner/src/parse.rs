@@ -63,6 +63,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             detail: None,
             position: char_position(sql, err.location.line, err.location.column),
         })?;
+    let tokens = crate::windows::flink_form(tokens);
     let mut parser =
         Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).with_tokens_with_locations(tokens.clone());
     let mut statements = Vec::new();

@@ -69,6 +69,9 @@ impl Engine {
             .map_err(|e| ServerError::Engine(e.to_string()))?;
         ctx.register_udf(constant_text_udf("version", &version_string()));
         ctx.register_udf(to_regtype_udf());
+        for udf in weir_planner::windows::window_udfs() {
+            ctx.register_udf(udf);
+        }
 
         Ok(Engine {
             catalog,

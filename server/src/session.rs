@@ -198,6 +198,7 @@ impl Session {
 
     async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
         let mut stmt = self.engine.compat.rewrite(stmt, text);
+        weir_planner::windows::rewrite_windows(&mut stmt)?;
         weir_planner::postgres_column_names(&mut stmt);
         self.ctx
             .state()

@@ -1,0 +1,332 @@
+//! Event-time windows in SQL: the window table functions and the legacy group windows.
+//!
+//! - `FROM TUMBLE(t, ts, size [, offset])`, `FROM HOP(t, ts, slide, size [, offset])` and
+//!   `FROM CUMULATE(t, ts, step, size [, offset])` add `window_start`, `window_end` and `window_time` to every row of
+//!   `t` (one row per window the row falls in). Flink's form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), ...))` is turned
+//!   into the short form by [`flink_form`] before parsing.
+//! - Legacy group windows (`GROUP BY k, TUMBLE(ts, size)` with `TUMBLE_START`, `TUMBLE_END`, `TUMBLE_ROWTIME`) become
+//!   grouping on the window start.
+//!
+//! [`rewrite_windows`] rewrites both into plain SQL over the [`functions`], which DataFusion plans and runs. Window
+//! assignment stays visible in the plan as those function calls.
+
+pub mod functions;
+
+use std::ops::ControlFlow;
+
+use datafusion::sql::sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, SetExpr, Statement, TableFactor,
+    VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
+pub use functions::{WindowKind, window_udfs};
+use weir_common::{ErrorReport, SqlState};
+
+use crate::dialect::WeirDialect;
+
+/// Rewrites window table functions and legacy group windows in `statement` into SQL DataFusion plans.
+pub fn rewrite_windows(statement: &mut Statement) -> Result<(), ErrorReport> {
+    match statement.visit(&mut Rewriter) {
+        ControlFlow::Break(err) => Err(err),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
+struct Rewriter;
+
+impl VisitorMut for Rewriter {
+    type Break = ErrorReport;
+
+    fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<ErrorReport> {
+        let TableFactor::Table { name, args: Some(args), alias, .. } = factor else {
+            return ControlFlow::Continue(());
+        };
+        let Some(kind) = window_tvf(name) else {
+            return ControlFlow::Continue(());
+        };
+        let args: Vec<&Expr> = args.args.iter().filter_map(positional).collect();
+        let alias_sql = alias.as_ref().map(|a| a.name.to_string());
+        match derived_table(kind, &args, alias_sql) {
+            Ok(derived) => {
+                *factor = derived;
+                ControlFlow::Continue(())
+            }
+            Err(err) => ControlFlow::Break(err),
+        }
+    }
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<ErrorReport> {
+        let Expr::Function(function) = expr else {
+            return ControlFlow::Continue(());
+        };
+        let name = last_part(&function.name).to_ascii_uppercase();
+        let FunctionArguments::List(list) = &function.args else {
+            return ControlFlow::Continue(());
+        };
+        let args: Vec<&Expr> = list.args.iter().filter_map(positional).collect();
+        let replacement = match name.as_str() {
+            "TUMBLE" | "TUMBLE_START" | "TUMBLE_END" | "TUMBLE_ROWTIME" => {
+                if !(2..=3).contains(&args.len()) {
+                    return ControlFlow::Break(usage(&name, "(time_column, size [, offset])"));
+                }
+                let start = format!("weir_tumble_start({})", join(&args));
+                match name.as_str() {
+                    "TUMBLE" | "TUMBLE_START" => start,
+                    "TUMBLE_END" => format!("{start} + {}", args[1]),
+                    _ => format!("weir_prev_instant({start} + {})", args[1]),
+                }
+            }
+            "HOP" | "HOP_START" | "HOP_END" | "SESSION" | "SESSION_START" | "SESSION_END" => {
+                return ControlFlow::Break(
+                    ErrorReport::new(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        format!("{name} as a group window is not supported"),
+                    )
+                    .with_hint("Use the window table function in FROM, e.g. FROM HOP(t, ts, slide, size)."),
+                );
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        match parse_expr(&replacement) {
+            Ok(new) => {
+                *expr = new;
+                ControlFlow::Continue(())
+            }
+            Err(err) => ControlFlow::Break(err),
+        }
+    }
+}
+
+fn window_tvf(name: &ObjectName) -> Option<WindowKind> {
+    match last_part(name).to_ascii_uppercase().as_str() {
+        "TUMBLE" => Some(WindowKind::TumbleStart),
+        "HOP" => Some(WindowKind::HopStarts),
+        "CUMULATE" => Some(WindowKind::CumulateEnds),
+        _ => None,
+    }
+}
+
+fn last_part(name: &ObjectName) -> String {
+    name.0.last().map(|p| p.as_ident().map_or_else(|| p.to_string(), |i| i.value.clone())).unwrap_or_default()
+}
+
+fn positional(arg: &FunctionArg) -> Option<&Expr> {
+    match arg {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Some(expr),
+        _ => None,
+    }
+}
+
+fn join(args: &[&Expr]) -> String {
+    args.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn usage(name: &str, form: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::UNDEFINED_FUNCTION, format!("{} takes {form}", name.to_uppercase()))
+}
+
+/// The derived table a window table function stands for.
+fn derived_table(kind: WindowKind, args: &[&Expr], alias: Option<String>) -> Result<TableFactor, ErrorReport> {
+    let (name, form, sizes) = match kind {
+        WindowKind::TumbleStart => ("TUMBLE", "(table, time_column, size [, offset])", 1),
+        WindowKind::HopStarts => ("HOP", "(table, time_column, slide, size [, offset])", 2),
+        _ => ("CUMULATE", "(table, time_column, step, size [, offset])", 2),
+    };
+    if args.len() != 2 + sizes && args.len() != 3 + sizes {
+        return Err(usage(name, form));
+    }
+    let table = match args[0] {
+        Expr::Identifier(_) | Expr::CompoundIdentifier(_) => args[0].to_string(),
+        other => {
+            return Err(ErrorReport::new(
+                SqlState::SYNTAX_ERROR,
+                format!("the first argument of {name} must name a table or view, not {other}"),
+            ));
+        }
+    };
+    let time = args[1].to_string();
+    let rest = join(&args[2..]);
+    // The size is the last interval before the optional offset.
+    let size = args[1 + sizes].to_string();
+    let alias = alias.unwrap_or_else(|| match args[0] {
+        Expr::CompoundIdentifier(parts) => parts.last().map(Ident::to_string).unwrap_or_default(),
+        other => other.to_string(),
+    });
+    let sql = match kind {
+        WindowKind::TumbleStart => format!(
+            "SELECT * FROM (SELECT *, window_start + {size} AS window_end, \
+             weir_prev_instant(window_start + {size}) AS window_time \
+             FROM (SELECT *, weir_tumble_start({time}, {rest}) AS window_start FROM {table}) AS {alias}) AS {alias}"
+        ),
+        WindowKind::HopStarts => format!(
+            "SELECT * FROM (SELECT *, window_start + {size} AS window_end, \
+             weir_prev_instant(window_start + {size}) AS window_time \
+             FROM (SELECT *, unnest(weir_hop_starts({time}, {rest})) AS window_start FROM {table}) AS {alias}) \
+             AS {alias}"
+        ),
+        _ => {
+            let offset = args.get(4).map(|o| format!(", {o}")).unwrap_or_default();
+            format!(
+                "SELECT * FROM (SELECT *, weir_prev_instant(window_end) AS window_time \
+                 FROM (SELECT *, weir_tumble_start({time}, {size}{offset}) AS window_start, \
+                 unnest(weir_cumulate_ends({time}, {rest})) AS window_end FROM {table}) AS {alias}) AS {alias}"
+            )
+        }
+    };
+    let query = Parser::new(&WeirDialect).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
+        ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: window rewrite: {e}: {sql}"))
+    })?;
+    match *query.body {
+        SetExpr::Select(mut select) if select.from.len() == 1 => Ok(select.from.remove(0).relation),
+        _ => Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: window rewrite")),
+    }
+}
+
+fn parse_expr(sql: &str) -> Result<Expr, ErrorReport> {
+    Parser::new(&WeirDialect)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: window rewrite: {e}")))
+}
+
+/// Turns Flink's `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), args...))` into `TUMBLE(t, ts, args...)` (also HOP and
+/// CUMULATE), token by token, keeping every kept token's position for error messages. Anything that does not match
+/// the whole shape is left as it is, for the parser to report.
+pub fn flink_form(tokens: Vec<TokenWithSpan>) -> Vec<TokenWithSpan> {
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        match rewrite_at(&tokens, i) {
+            Some((replacement, next)) => {
+                out.extend(replacement);
+                i = next;
+            }
+            None => {
+                out.push(tokens[i].clone());
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn rewrite_at(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<TokenWithSpan>, usize)> {
+    let mut i = start;
+    let next = |i: &mut usize| -> Option<usize> {
+        while matches!(tokens.get(*i)?.token, Token::Whitespace(_)) {
+            *i += 1;
+        }
+        let at = *i;
+        *i += 1;
+        Some(at)
+    };
+    let word = |at: usize, text: &str| matches!(&tokens[at].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(text));
+    if !word(next(&mut i)?, "TABLE") || tokens[next(&mut i)?].token != Token::LParen {
+        return None;
+    }
+    let function = next(&mut i)?;
+    if !["TUMBLE", "HOP", "CUMULATE"].iter().any(|f| word(function, f)) {
+        return None;
+    }
+    let open = next(&mut i)?;
+    if tokens[open].token != Token::LParen || !word(next(&mut i)?, "TABLE") {
+        return None;
+    }
+    let mut out = vec![tokens[function].clone(), tokens[open].clone()];
+    // The table name, up to the first comma.
+    loop {
+        let at = next(&mut i)?;
+        match &tokens[at].token {
+            Token::Comma => {
+                out.push(tokens[at].clone());
+                break;
+            }
+            Token::Word(_) | Token::Period => out.push(tokens[at].clone()),
+            _ => return None,
+        }
+    }
+    // DESCRIPTOR(column)
+    if !word(next(&mut i)?, "DESCRIPTOR") || tokens[next(&mut i)?].token != Token::LParen {
+        return None;
+    }
+    let column = next(&mut i)?;
+    if !matches!(tokens[column].token, Token::Word(_)) || tokens[next(&mut i)?].token != Token::RParen {
+        return None;
+    }
+    out.push(tokens[column].clone());
+    // The remaining arguments, up to the function's closing parenthesis.
+    let mut depth = 1;
+    loop {
+        let at = next(&mut i)?;
+        match tokens[at].token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::EOF => return None,
+            _ => {}
+        }
+        out.push(tokens[at].clone());
+        if depth == 0 {
+            break;
+        }
+    }
+    // The closing parenthesis of TABLE( ... ).
+    if tokens[next(&mut i)?].token != Token::RParen {
+        return None;
+    }
+    Some((out, i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{WeirStatement, parse_sql};
+
+    fn rewritten(sql: &str) -> String {
+        let mut statements = parse_sql(sql).unwrap();
+        let WeirStatement::Sql(mut stmt) = statements.remove(0).statement else { panic!("not SQL") };
+        rewrite_windows(&mut stmt).unwrap();
+        stmt.to_string()
+    }
+
+    #[test]
+    fn flink_and_short_forms_mean_the_same() {
+        let short = rewritten("SELECT * FROM TUMBLE(bids, ts, INTERVAL '10' SECOND)");
+        let flink = rewritten("SELECT * FROM TABLE(TUMBLE(TABLE bids, DESCRIPTOR(ts), INTERVAL '10' SECOND))");
+        assert_eq!(short, flink);
+        assert!(short.contains("weir_tumble_start(ts, INTERVAL '10' SECOND) AS window_start FROM bids"), "{short}");
+        let hop = rewritten(
+            "SELECT * FROM TABLE(HOP(TABLE bids, DESCRIPTOR(ts), INTERVAL '2' SECOND, INTERVAL '10' SECOND)) AS h",
+        );
+        assert!(hop.contains("unnest(weir_hop_starts(ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND))"), "{hop}");
+        assert!(hop.ends_with("AS h) AS h"), "{hop}");
+    }
+
+    #[test]
+    fn legacy_group_windows_group_on_the_window_start() {
+        let sql = rewritten(
+            "SELECT k, TUMBLE_START(ts, INTERVAL '30' SECOND), TUMBLE_END(ts, INTERVAL '30' SECOND), count(*) \
+             FROM t GROUP BY k, TUMBLE(ts, INTERVAL '30' SECOND)",
+        );
+        assert_eq!(
+            sql,
+            "SELECT k, weir_tumble_start(ts, INTERVAL '30' SECOND), weir_tumble_start(ts, INTERVAL '30' SECOND) + \
+             INTERVAL '30' SECOND, count(*) FROM t GROUP BY k, weir_tumble_start(ts, INTERVAL '30' SECOND)"
+        );
+    }
+
+    #[test]
+    fn wrong_arguments_are_reported() {
+        let mut statements = parse_sql("SELECT * FROM TUMBLE(bids, ts)").unwrap();
+        let WeirStatement::Sql(mut stmt) = statements.remove(0).statement else { panic!("not SQL") };
+        let err = rewrite_windows(&mut stmt).unwrap_err();
+        assert_eq!(err.code, SqlState::UNDEFINED_FUNCTION);
+        assert_eq!(err.message, "TUMBLE takes (table, time_column, size [, offset])");
+    }
+
+    #[test]
+    fn a_partial_flink_shape_is_left_for_the_parser() {
+        let err = parse_sql("SELECT * FROM TABLE(TUMBLE(TABLE bids, ts, INTERVAL '1' SECOND))").unwrap_err();
+        assert_eq!(err.code, SqlState::SYNTAX_ERROR);
+    }
+}
