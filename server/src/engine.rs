@@ -72,6 +72,9 @@ impl Engine {
         for udf in weir_planner::windows::window_udfs() {
             ctx.register_udf(udf);
         }
+        for udwf in weir_planner::windows::session_udwfs() {
+            ctx.register_udwf(udwf);
+        }
 
         Ok(Engine {
             catalog,

@@ -1,9 +1,11 @@
 //! Event-time windows in SQL: the window table functions and the legacy group windows.
 //!
-//! - `FROM TUMBLE(t, ts, size [, offset])`, `FROM HOP(t, ts, slide, size [, offset])` and
-//!   `FROM CUMULATE(t, ts, step, size [, offset])` add `window_start`, `window_end` and `window_time` to every row of
-//!   `t` (one row per window the row falls in). Flink's form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), ...))` is turned
-//!   into the short form by [`flink_form`] before parsing.
+//! - `FROM TUMBLE(t, ts, size [, offset])`, `FROM HOP(t, ts, slide, size [, offset])`,
+//!   `FROM CUMULATE(t, ts, step, size [, offset])` and `FROM SESSION(t, ts, gap [, key ...])` add `window_start`,
+//!   `window_end` and `window_time` to every row of `t` (one row per window the row falls in; sessions are kept apart
+//!   per key). Flink's form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), ...))`, and
+//!   `TABLE(SESSION(TABLE t PARTITION BY k, DESCRIPTOR(ts), gap))`, is turned into the short form by [`flink_form`]
+//!   before parsing.
 //! - Legacy group windows (`GROUP BY k, TUMBLE(ts, size)` with `TUMBLE_START`, `TUMBLE_END`, `TUMBLE_ROWTIME`) become
 //!   grouping on the window start.
 //!
@@ -11,6 +13,7 @@
 //! assignment stays visible in the plan as those function calls.
 
 pub mod functions;
+pub mod session;
 
 use std::ops::ControlFlow;
 
@@ -21,6 +24,7 @@ use datafusion::sql::sqlparser::ast::{
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
 pub use functions::{WindowKind, window_udfs};
+pub use session::session_udwfs;
 use weir_common::{ErrorReport, SqlState};
 
 use crate::dialect::WeirDialect;
@@ -98,11 +102,21 @@ impl VisitorMut for Rewriter {
     }
 }
 
-fn window_tvf(name: &ObjectName) -> Option<WindowKind> {
+/// The window table functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tvf {
+    Tumble,
+    Hop,
+    Cumulate,
+    Session,
+}
+
+fn window_tvf(name: &ObjectName) -> Option<Tvf> {
     match last_part(name).to_ascii_uppercase().as_str() {
-        "TUMBLE" => Some(WindowKind::TumbleStart),
-        "HOP" => Some(WindowKind::HopStarts),
-        "CUMULATE" => Some(WindowKind::CumulateEnds),
+        "TUMBLE" => Some(Tvf::Tumble),
+        "HOP" => Some(Tvf::Hop),
+        "CUMULATE" => Some(Tvf::Cumulate),
+        "SESSION" => Some(Tvf::Session),
         _ => None,
     }
 }
@@ -122,18 +136,27 @@ fn join(args: &[&Expr]) -> String {
     args.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
 }
 
+fn is_column(expr: &Expr) -> bool {
+    matches!(expr, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+}
+
 fn usage(name: &str, form: &str) -> ErrorReport {
     ErrorReport::new(SqlState::UNDEFINED_FUNCTION, format!("{} takes {form}", name.to_uppercase()))
 }
 
 /// The derived table a window table function stands for.
-fn derived_table(kind: WindowKind, args: &[&Expr], alias: Option<String>) -> Result<TableFactor, ErrorReport> {
+fn derived_table(kind: Tvf, args: &[&Expr], alias: Option<String>) -> Result<TableFactor, ErrorReport> {
     let (name, form, sizes) = match kind {
-        WindowKind::TumbleStart => ("TUMBLE", "(table, time_column, size [, offset])", 1),
-        WindowKind::HopStarts => ("HOP", "(table, time_column, slide, size [, offset])", 2),
-        _ => ("CUMULATE", "(table, time_column, step, size [, offset])", 2),
+        Tvf::Tumble => ("TUMBLE", "(table, time_column, size [, offset])", 1),
+        Tvf::Hop => ("HOP", "(table, time_column, slide, size [, offset])", 2),
+        Tvf::Cumulate => ("CUMULATE", "(table, time_column, step, size [, offset])", 2),
+        Tvf::Session => ("SESSION", "(table, time_column, gap [, key ...])", 1),
     };
-    if args.len() != 2 + sizes && args.len() != 3 + sizes {
+    let arity_ok = match kind {
+        Tvf::Session => args.len() >= 3 && args[3..].iter().all(|k| is_column(k)),
+        _ => args.len() == 2 + sizes || args.len() == 3 + sizes,
+    };
+    if !arity_ok || args.get(1).is_none_or(|time| !is_column(time)) {
         return Err(usage(name, form));
     }
     let table = match args[0] {
@@ -154,18 +177,28 @@ fn derived_table(kind: WindowKind, args: &[&Expr], alias: Option<String>) -> Res
         other => other.to_string(),
     });
     let sql = match kind {
-        WindowKind::TumbleStart => format!(
+        Tvf::Session => {
+            let keys = join(&args[3..]);
+            let partition = if keys.is_empty() { String::new() } else { format!("PARTITION BY {keys} ") };
+            let over = format!("OVER ({partition}ORDER BY {time})");
+            format!(
+                "SELECT * FROM (SELECT *, weir_prev_instant(window_end) AS window_time \
+                 FROM (SELECT *, weir_session_start({time}, {size}) {over} AS window_start, \
+                 weir_session_end({time}, {size}) {over} AS window_end FROM {table}) AS {alias}) AS {alias}"
+            )
+        }
+        Tvf::Tumble => format!(
             "SELECT * FROM (SELECT *, window_start + {size} AS window_end, \
              weir_prev_instant(window_start + {size}) AS window_time \
              FROM (SELECT *, weir_tumble_start({time}, {rest}) AS window_start FROM {table}) AS {alias}) AS {alias}"
         ),
-        WindowKind::HopStarts => format!(
+        Tvf::Hop => format!(
             "SELECT * FROM (SELECT *, window_start + {size} AS window_end, \
              weir_prev_instant(window_start + {size}) AS window_time \
              FROM (SELECT *, unnest(weir_hop_starts({time}, {rest})) AS window_start FROM {table}) AS {alias}) \
              AS {alias}"
         ),
-        _ => {
+        Tvf::Cumulate => {
             let offset = args.get(4).map(|o| format!(", {o}")).unwrap_or_default();
             format!(
                 "SELECT * FROM (SELECT *, weir_prev_instant(window_end) AS window_time \
@@ -226,7 +259,7 @@ fn rewrite_at(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<TokenWithSp
         return None;
     }
     let function = next(&mut i)?;
-    if !["TUMBLE", "HOP", "CUMULATE"].iter().any(|f| word(function, f)) {
+    if !["TUMBLE", "HOP", "CUMULATE", "SESSION"].iter().any(|f| word(function, f)) {
         return None;
     }
     let open = next(&mut i)?;
@@ -234,18 +267,39 @@ fn rewrite_at(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<TokenWithSp
         return None;
     }
     let mut out = vec![tokens[function].clone(), tokens[open].clone()];
-    // The table name, up to the first comma.
-    loop {
+    // The table name, up to the first comma, or (SESSION) up to PARTITION BY keys and their comma.
+    let mut keys: Vec<TokenWithSpan> = Vec::new();
+    let comma = loop {
         let at = next(&mut i)?;
         match &tokens[at].token {
             Token::Comma => {
                 out.push(tokens[at].clone());
-                break;
+                break tokens[at].clone();
+            }
+            Token::Word(_) if word(at, "PARTITION") => {
+                if !word(next(&mut i)?, "BY") {
+                    return None;
+                }
+                // Keys up to the comma that precedes DESCRIPTOR.
+                loop {
+                    let key_at = next(&mut i)?;
+                    let mut peek = i;
+                    let follows_descriptor = next(&mut peek).is_some_and(|n| word(n, "DESCRIPTOR"));
+                    match &tokens[key_at].token {
+                        Token::Comma if follows_descriptor => {
+                            out.push(tokens[key_at].clone());
+                            break;
+                        }
+                        Token::Word(_) | Token::Period | Token::Comma => keys.push(tokens[key_at].clone()),
+                        _ => return None,
+                    }
+                }
+                break tokens[i.saturating_sub(1)].clone();
             }
             Token::Word(_) | Token::Period => out.push(tokens[at].clone()),
             _ => return None,
         }
-    }
+    };
     // DESCRIPTOR(column)
     if !word(next(&mut i)?, "DESCRIPTOR") || tokens[next(&mut i)?].token != Token::LParen {
         return None;
@@ -265,10 +319,16 @@ fn rewrite_at(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<TokenWithSp
             Token::EOF => return None,
             _ => {}
         }
-        out.push(tokens[at].clone());
         if depth == 0 {
+            // Partition keys of a SESSION go last: SESSION(t, ts, gap, key ...).
+            if !keys.is_empty() {
+                out.push(comma.clone());
+                out.append(&mut keys);
+            }
+            out.push(tokens[at].clone());
             break;
         }
+        out.push(tokens[at].clone());
     }
     // The closing parenthesis of TABLE( ... ).
     if tokens[next(&mut i)?].token != Token::RParen {
@@ -300,6 +360,16 @@ mod tests {
         );
         assert!(hop.contains("unnest(weir_hop_starts(ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND))"), "{hop}");
         assert!(hop.ends_with("AS h) AS h"), "{hop}");
+    }
+
+    #[test]
+    fn session_flink_form_moves_partition_keys_last() {
+        let flink = rewritten(
+            "SELECT * FROM TABLE(SESSION(TABLE clicks PARTITION BY user_id, page, DESCRIPTOR(ts), INTERVAL '5' MINUTE))",
+        );
+        let short = rewritten("SELECT * FROM SESSION(clicks, ts, INTERVAL '5' MINUTE, user_id, page)");
+        assert_eq!(flink, short);
+        assert!(short.contains("OVER (PARTITION BY user_id, page ORDER BY ts) AS window_start"), "{short}");
     }
 
     #[test]
