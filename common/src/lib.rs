@@ -4,6 +4,7 @@
 //!   turns it into a Postgres error response; also the classification of DataFusion errors.
 //! - [`catalog`]: what a relation is ([`RelationDef`], [`RelationKind`]) and the [`CatalogStore`] trait through which
 //!   definitions are made durable.
+//! - [`stream`]: the [`stream::Message`]s that flow between streaming operators (data, watermarks, barriers).
 //! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
 //!
 //! `common` depends on DataFusion (for Arrow types and DataFusion's error type) and on nothing that does I/O:
@@ -11,6 +12,7 @@
 
 pub mod catalog;
 pub mod error;
+pub mod stream;
 pub mod types;
 
 pub use catalog::{CatalogStore, MemoryCatalogStore, RelationDef, RelationKind};

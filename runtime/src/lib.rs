@@ -1,5 +1,20 @@
 //! Weir's runtime: turns a streaming plan into a running dataflow.
 //!
-//! This crate is empty until the streaming core lands (sources with watermarks, window operators, materialized
-//! views). Per DESIGN.md it will hold the operator tasks, the channels between them, watermark and barrier handling,
-//! and the state-store trait with its RocksDB and in-memory implementations. It depends only on `weir-common`.
+//! - [`watermark`]: [`watermark::WatermarkAssigner`], which computes a source's watermark from its rows and splits
+//!   batches so that every downstream operator judges each row against the watermark of the rows before it.
+//!
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, window and updating aggregates,
+//! materialization with consistent snapshots, and the state store. The runtime depends only on `weir-common`.
+
+pub mod watermark;
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the watermark expression failed: {0}")]
+    WatermarkExpr(#[source] datafusion::error::DataFusionError),
+    #[error("event-time column {0} is not a timestamp")]
+    NotATimestamp(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
