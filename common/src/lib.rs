@@ -5,12 +5,14 @@
 //! - [`catalog`]: what a relation is ([`RelationDef`], [`RelationKind`]) and the [`CatalogStore`] trait through which
 //!   definitions are made durable.
 //! - [`stream`]: the [`stream::Message`]s that flow between streaming operators (data, watermarks, barriers).
+//! - [`connector`]: checked `WITH (...)` [`connector::Options`] and the [`connector::SourceReader`] contract.
 //! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
 //!
 //! `common` depends on DataFusion (for Arrow types and DataFusion's error type) and on nothing that does I/O:
 //! no tokio, no RocksDB, no broker clients.
 
 pub mod catalog;
+pub mod connector;
 pub mod error;
 pub mod stream;
 pub mod types;

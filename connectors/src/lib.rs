@@ -1,4 +1,44 @@
-//! Weir's connectors: Kafka, MQTT, generators and files, and the JSON/CSV/Avro formats that decode them into Arrow.
+//! Weir's connectors: where rows come from and go to.
 //!
-//! This crate is empty until the streaming core defines the connector traits in `weir-common`; the built-in
-//! generators and the broker connectors arrive with the issues that need them. It depends only on `weir-common`.
+//! - [`open_source`] checks a source's `WITH (...)` options against its connector and opens a
+//!   [`weir_common::connector::SourceReader`].
+//! - [`datagen`]: rows generated from the declared schema, reproducible from a seed, with a rate, an optional row
+//!   count, and event time that advances with bounded disorder.
+//! - [`nexmark`]: the standard Nexmark person / auction / bid streams, as used by the Flink, RisingWave and Arroyo
+//!   benchmarks.
+//! - [`pacer`]: holds a source to its configured rate.
+//!
+//! Kafka, MQTT and files come with their issues. Connectors depend only on `weir-common` among Weir's crates.
+
+pub mod datagen;
+pub mod nexmark;
+pub mod pacer;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use weir_common::connector::{ConnectorError, Options, SourceReader};
+
+/// The built-in source connectors.
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "nexmark"];
+
+/// Opens a source of `schema` with the `WITH (...)` options (including `connector`). Fails at once on an unknown
+/// connector, an unknown or invalid option, or a column the connector cannot produce.
+pub fn open_source(schema: SchemaRef, options: Vec<(String, String)>) -> Result<Box<dyn SourceReader>, ConnectorError> {
+    let mut options = Options::new(options)?;
+    let connector = options
+        .take("connector")
+        .ok_or_else(|| ConnectorError::MissingOption { connector: "?".into(), key: "connector".into() })?;
+    match connector.to_lowercase().as_str() {
+        "datagen" => Ok(Box::new(datagen::DatagenSource::try_new(schema, options)?)),
+        "nexmark" => Ok(Box::new(nexmark::NexmarkSource::try_new(schema, options)?)),
+        _ => Err(ConnectorError::UnknownConnector { name: connector, known: SOURCE_CONNECTORS.join(", ") }),
+    }
+}
+
+/// A 64-bit mix of `x` (SplitMix64's finalizer): generated values depend only on (seed, row, column), never on how
+/// rows are cut into batches.
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}

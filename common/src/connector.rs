@@ -1,0 +1,130 @@
+//! What the planner and the runtime know of connectors: checked `WITH (...)` options and the source reader contract.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+
+use crate::{ErrorReport, SqlState};
+
+/// Errors of connectors, as the user sees them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("unknown connector \"{name}\"; the connectors are: {known}")]
+    UnknownConnector { name: String, known: String },
+    #[error("unknown option \"{key}\" for connector \"{connector}\"; valid options: {valid}")]
+    UnknownOption { connector: String, key: String, valid: String },
+    #[error("option \"{key}\" is given twice")]
+    DuplicateOption { key: String },
+    #[error("missing option \"{key}\" for connector \"{connector}\"")]
+    MissingOption { connector: String, key: String },
+    #[error("invalid value \"{value}\" for option \"{key}\": {reason}")]
+    InvalidOption { key: String, value: String, reason: String },
+    #[error("column \"{column}\" cannot be produced by connector \"{connector}\": {reason}")]
+    Column { connector: String, column: String, reason: String },
+}
+
+impl From<ConnectorError> for ErrorReport {
+    fn from(err: ConnectorError) -> Self {
+        let code = match err {
+            ConnectorError::UnknownConnector { .. } | ConnectorError::Column { .. } => SqlState::FEATURE_NOT_SUPPORTED,
+            _ => SqlState::INVALID_PARAMETER_VALUE,
+        };
+        ErrorReport::new(code, err.to_string())
+    }
+}
+
+/// The `WITH (...)` options of one statement. Connectors take the options they know; [`Options::finish`] then fails
+/// on anything left over, naming the valid options, so that a typo is an error and not a silent default.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    values: BTreeMap<String, String>,
+}
+
+impl Options {
+    /// Keys are compared in lower case.
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConnectorError> {
+        let mut values = BTreeMap::new();
+        for (key, value) in pairs {
+            let key = key.to_lowercase();
+            if values.insert(key.clone(), value).is_some() {
+                return Err(ConnectorError::DuplicateOption { key });
+            }
+        }
+        Ok(Options { values })
+    }
+
+    pub fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
+    }
+
+    /// Takes an option and parses it; `what` describes a valid value for the error message.
+    pub fn take_parsed<T: FromStr>(&mut self, key: &str, what: &str) -> Result<Option<T>, ConnectorError> {
+        match self.values.remove(key) {
+            None => Ok(None),
+            Some(value) => value.trim().parse().map(Some).map_err(|_| ConnectorError::InvalidOption {
+                key: key.to_string(),
+                value,
+                reason: format!("expected {what}"),
+            }),
+        }
+    }
+
+    /// Takes every option whose key starts with `prefix`, as (rest of the key, value).
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, String)> {
+        let keys: Vec<String> = self.values.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        keys.into_iter().filter_map(|k| self.values.remove(&k).map(|v| (k[prefix.len()..].to_string(), v))).collect()
+    }
+
+    /// Fails if any option was not taken.
+    pub fn finish(self, connector: &str, valid: &[&str]) -> Result<(), ConnectorError> {
+        match self.values.into_keys().next() {
+            None => Ok(()),
+            Some(key) => {
+                Err(ConnectorError::UnknownOption { connector: connector.to_string(), key, valid: valid.join(", ") })
+            }
+        }
+    }
+}
+
+/// Reads one source: batches of rows in the source's schema.
+///
+/// Contract for implementors:
+/// - [`SourceReader::next_batch`] returns the next rows in order, waiting as long as the source's rate or the
+///   upstream system requires; `Ok(None)` means a bounded source is exhausted and will never produce again.
+/// - Every batch has exactly [`SourceReader::schema`]. Rows a connector cannot decode are not errors: they are counted
+///   and set aside by the connector (errors are for a source that cannot go on at all).
+/// - The future may be dropped at an await point (when the source is dropped or the server shuts down); no row
+///   handed out before is lost and none is handed out twice when the reader is polled again.
+#[async_trait]
+pub trait SourceReader: Send + fmt::Debug {
+    fn schema(&self) -> SchemaRef;
+
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftover_options_name_the_valid_ones() {
+        let mut options =
+            Options::new([("Rows".to_string(), "10".to_string()), ("sede".to_string(), "1".to_string())]).unwrap();
+        assert_eq!(options.take_parsed::<u64>("rows", "a number").unwrap(), Some(10));
+        let err = options.finish("datagen", &["rows", "seed"]).unwrap_err();
+        assert_eq!(err.to_string(), "unknown option \"sede\" for connector \"datagen\"; valid options: rows, seed");
+    }
+
+    #[test]
+    fn bad_values_and_duplicates_are_errors() {
+        let mut options = Options::new([("rows".to_string(), "ten".to_string())]).unwrap();
+        let err = options.take_parsed::<u64>("rows", "a whole number").unwrap_err();
+        assert_eq!(err.to_string(), "invalid value \"ten\" for option \"rows\": expected a whole number");
+        let err = Options::new([("a".to_string(), "1".to_string()), ("A".to_string(), "2".to_string())]).unwrap_err();
+        assert_eq!(err, ConnectorError::DuplicateOption { key: "a".into() });
+    }
+}

@@ -1,0 +1,276 @@
+//! `connector = 'nexmark'`: the Nexmark auction benchmark's streams.
+//!
+//! | option | meaning | default |
+//! |---|---|---|
+//! | `nexmark.table` | `bid`, `auction` or `person` | required |
+//! | `nexmark.events` | events of all three kinds to generate, then the source ends | unbounded |
+//! | `nexmark.rate` | events per second, all kinds together; 0 means as fast as possible | 10000 |
+//! | `nexmark.start` | event time of the first event, e.g. `'2024-01-01 00:00:00'` | the wall clock at start |
+//!
+//! Columns are taken by name from the table's fields (bid: `auction, bidder, price, channel, url, date_time, extra`;
+//! auction: `id, item_name, description, initial_bid, reserve, date_time, expires, seller, category, extra`; person:
+//! `id, name, email_address, credit_card, city, state, date_time, extra`); a timestamp column with another name (such
+//! as `ts`) carries `date_time`. Events interleave as the standard generator does (1 person, 3 auctions, 46 bids in
+//! every 50 events), so `nexmark.events` counts what the benchmarks count.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::kernels::cast_utils::string_to_timestamp_nanos;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use nexmark::EventGenerator;
+use nexmark::config::NexmarkConfig;
+use nexmark::event::{Event, EventType};
+use weir_common::connector::{ConnectorError, Options, SourceReader};
+
+use crate::pacer::Pacer;
+
+const NAME: &str = "nexmark";
+const VALID: &[&str] = &["connector", "nexmark.table", "nexmark.events", "nexmark.rate", "nexmark.start"];
+
+/// One field of an event, as Weir reads it.
+#[derive(Debug, Clone, Copy)]
+enum Column {
+    Int(fn(&Event) -> i64),
+    Text(fn(&Event) -> &str),
+    /// Milliseconds since the epoch.
+    Time(fn(&Event) -> i64),
+}
+
+/// A Nexmark source of one table.
+#[derive(Debug)]
+pub struct NexmarkSource {
+    schema: SchemaRef,
+    columns: Vec<Column>,
+    generator: EventGenerator,
+    /// Events of all kinds to generate before ending.
+    events: Option<u64>,
+    pacer: Pacer,
+}
+
+impl NexmarkSource {
+    pub fn try_new(schema: SchemaRef, mut options: Options) -> Result<Self, ConnectorError> {
+        let table = options
+            .take("nexmark.table")
+            .ok_or_else(|| ConnectorError::MissingOption { connector: NAME.into(), key: "nexmark.table".into() })?;
+        let kind = match table.to_lowercase().as_str() {
+            "bid" => EventType::Bid,
+            "auction" => EventType::Auction,
+            "person" => EventType::Person,
+            _ => {
+                return Err(ConnectorError::InvalidOption {
+                    key: "nexmark.table".into(),
+                    value: table,
+                    reason: "expected bid, auction or person".into(),
+                });
+            }
+        };
+        let events = options.take_parsed::<u64>("nexmark.events", "a whole number")?;
+        let rate = options.take_parsed::<u64>("nexmark.rate", "a whole number")?.unwrap_or(10_000);
+        let start = match options.take("nexmark.start") {
+            Some(text) => Some(string_to_timestamp_nanos(&text).map(|ns| ns.div_euclid(1_000_000)).map_err(|_| {
+                ConnectorError::InvalidOption {
+                    key: "nexmark.start".into(),
+                    value: text,
+                    reason: "expected a timestamp such as '2024-01-01 00:00:00'".into(),
+                }
+            })?),
+            None => None,
+        };
+        options.finish(NAME, VALID)?;
+
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| {
+                column(kind, field.name(), field.data_type()).ok_or_else(|| ConnectorError::Column {
+                    connector: NAME.into(),
+                    column: field.name().clone(),
+                    reason: format!("the {} table has {}", table.to_lowercase(), fields_of(kind)),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut config = NexmarkConfig::default();
+        if rate > 0 {
+            let rate = usize::try_from(rate).unwrap_or(usize::MAX);
+            config.first_rate = rate;
+            config.next_rate = rate;
+        }
+        if let Some(start) = start {
+            config.base_time = u64::try_from(start).unwrap_or(0);
+        }
+        let generator = EventGenerator::new(config).with_type_filter(kind);
+        Ok(NexmarkSource { schema, columns, generator, events, pacer: Pacer::new(rate) })
+    }
+}
+
+fn fields_of(kind: EventType) -> &'static str {
+    match kind {
+        EventType::Bid => "auction, bidder, price, channel, url, date_time, extra",
+        EventType::Auction => {
+            "id, item_name, description, initial_bid, reserve, date_time, expires, seller, category, extra"
+        }
+        EventType::Person => "id, name, email_address, credit_card, city, state, date_time, extra",
+    }
+}
+
+fn column(kind: EventType, name: &str, data_type: &DataType) -> Option<Column> {
+    use Column::{Int, Text, Time};
+    let is_time = matches!(data_type, DataType::Timestamp(..));
+    Some(match (kind, name.to_lowercase().as_str()) {
+        (EventType::Bid, "auction") => Int(|e| if let Event::Bid(b) = e { b.auction as i64 } else { 0 }),
+        (EventType::Bid, "bidder") => Int(|e| if let Event::Bid(b) = e { b.bidder as i64 } else { 0 }),
+        (EventType::Bid, "price") => Int(|e| if let Event::Bid(b) = e { b.price as i64 } else { 0 }),
+        (EventType::Bid, "channel") => Text(|e| if let Event::Bid(b) = e { &b.channel } else { "" }),
+        (EventType::Bid, "url") => Text(|e| if let Event::Bid(b) = e { &b.url } else { "" }),
+        (EventType::Bid, "extra") => Text(|e| if let Event::Bid(b) = e { &b.extra } else { "" }),
+        (EventType::Auction, "id") => Int(|e| if let Event::Auction(a) = e { a.id as i64 } else { 0 }),
+        (EventType::Auction, "item_name") => Text(|e| if let Event::Auction(a) = e { &a.item_name } else { "" }),
+        (EventType::Auction, "description") => Text(|e| if let Event::Auction(a) = e { &a.description } else { "" }),
+        (EventType::Auction, "initial_bid") => {
+            Int(|e| if let Event::Auction(a) = e { a.initial_bid as i64 } else { 0 })
+        }
+        (EventType::Auction, "reserve") => Int(|e| if let Event::Auction(a) = e { a.reserve as i64 } else { 0 }),
+        (EventType::Auction, "expires") => Time(|e| if let Event::Auction(a) = e { a.expires as i64 } else { 0 }),
+        (EventType::Auction, "seller") => Int(|e| if let Event::Auction(a) = e { a.seller as i64 } else { 0 }),
+        (EventType::Auction, "category") => Int(|e| if let Event::Auction(a) = e { a.category as i64 } else { 0 }),
+        (EventType::Auction, "extra") => Text(|e| if let Event::Auction(a) = e { &a.extra } else { "" }),
+        (EventType::Person, "id") => Int(|e| if let Event::Person(p) = e { p.id as i64 } else { 0 }),
+        (EventType::Person, "name") => Text(|e| if let Event::Person(p) = e { &p.name } else { "" }),
+        (EventType::Person, "email_address") => Text(|e| if let Event::Person(p) = e { &p.email_address } else { "" }),
+        (EventType::Person, "credit_card") => Text(|e| if let Event::Person(p) = e { &p.credit_card } else { "" }),
+        (EventType::Person, "city") => Text(|e| if let Event::Person(p) = e { &p.city } else { "" }),
+        (EventType::Person, "state") => Text(|e| if let Event::Person(p) = e { &p.state } else { "" }),
+        (EventType::Person, "extra") => Text(|e| if let Event::Person(p) = e { &p.extra } else { "" }),
+        (_, "date_time") => Time(date_time),
+        (_, _) if is_time => Time(date_time),
+        _ => return None,
+    })
+}
+
+fn date_time(event: &Event) -> i64 {
+    match event {
+        Event::Bid(b) => b.date_time as i64,
+        Event::Auction(a) => a.date_time as i64,
+        Event::Person(p) => p.date_time as i64,
+    }
+}
+
+#[async_trait]
+impl SourceReader for NexmarkSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+        let limit = self.pacer.batch_size();
+        let mut events = Vec::with_capacity(limit);
+        let mut last_global = None;
+        while events.len() < limit {
+            let global = self.generator.global_offset();
+            if self.events.is_some_and(|total| global >= total) {
+                break;
+            }
+            last_global = Some(global);
+            match self.generator.next() {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        let Some(last_global) = last_global else { return Ok(None) };
+        self.pacer.wait_for(last_global).await;
+        let columns = self
+            .columns
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(column, field)| {
+                let array: ArrayRef = match column {
+                    Column::Int(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<Int64Array>()),
+                    Column::Text(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<StringArray>()),
+                    Column::Time(get) => {
+                        let millis: ArrayRef = Arc::new(events.iter().map(|e| Some(get(e))).collect::<Int64Array>());
+                        cast(&millis, &DataType::Timestamp(TimeUnit::Millisecond, None))
+                            .map_err(|e| column_error(field.name(), e))?
+                    }
+                };
+                cast(&array, field.data_type()).map_err(|e| column_error(field.name(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(self.schema.clone(), columns).map(Some).map_err(|e| column_error("?", e))
+    }
+}
+
+fn column_error(column: &str, err: impl std::fmt::Display) -> ConnectorError {
+    ConnectorError::Column { connector: NAME.into(), column: column.into(), reason: err.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Field, Int64Type, Schema, TimestampMillisecondType};
+
+    use super::*;
+
+    fn bids() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("auction", DataType::Int64, false),
+            Field::new("bidder", DataType::Int64, false),
+            Field::new("price", DataType::Int64, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        ]))
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> Options {
+        Options::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bids_are_46_of_every_50_events_with_advancing_event_time() {
+        let mut source = NexmarkSource::try_new(
+            bids(),
+            options(&[
+                ("nexmark.table", "bid"),
+                ("nexmark.events", "10000"),
+                ("nexmark.rate", "0"),
+                ("nexmark.start", "2024-01-01 00:00:00"),
+            ]),
+        )
+        .unwrap();
+        let mut rows = 0;
+        let mut first_ts = None;
+        let mut last_ts = 0;
+        while let Some(batch) = source.next_batch().await.unwrap() {
+            rows += batch.num_rows();
+            let prices = batch.column(2).as_primitive::<Int64Type>();
+            assert!(prices.values().iter().all(|p| *p > 0));
+            let ts = batch.column(3).as_primitive::<TimestampMillisecondType>();
+            first_ts.get_or_insert(ts.value(0));
+            last_ts = ts.value(ts.len() - 1);
+        }
+        assert_eq!(rows, 10_000 / 50 * 46);
+        assert_eq!(first_ts, Some(1_704_067_200_000));
+        // 10,000 events at the generator's default 10,000 events per second of event time: about one second.
+        assert!((900..=1_000).contains(&(last_ts - 1_704_067_200_000)), "{last_ts}");
+    }
+
+    #[test]
+    fn unknown_columns_and_options_are_rejected() {
+        let schema = Arc::new(Schema::new(vec![Field::new("colour", DataType::Utf8, false)]));
+        let err = NexmarkSource::try_new(schema, options(&[("nexmark.table", "bid")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "column \"colour\" cannot be produced by connector \"nexmark\": the bid table has auction, bidder, price, \
+             channel, url, date_time, extra"
+        );
+        let err = NexmarkSource::try_new(bids(), options(&[("nexmark.table", "bids")])).unwrap_err();
+        assert!(err.to_string().contains("expected bid, auction or person"), "{err}");
+        let err =
+            NexmarkSource::try_new(bids(), options(&[("nexmark.table", "bid"), ("nexmark.speed", "1")])).unwrap_err();
+        assert!(err.to_string().starts_with("unknown option \"nexmark.speed\""), "{err}");
+        let err = NexmarkSource::try_new(bids(), options(&[])).unwrap_err();
+        assert_eq!(err.to_string(), "missing option \"nexmark.table\" for connector \"nexmark\"");
+    }
+}

@@ -1,0 +1,37 @@
+//! Holding a source to a rate.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Paces rows to `rows_per_second` from the moment the source started (0: as fast as possible).
+#[derive(Debug)]
+pub struct Pacer {
+    rows_per_second: u64,
+    /// When row 0 was due; row `n` is due `n / rate` seconds later, so a slow consumer never makes the source burst.
+    started: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new(rows_per_second: u64) -> Self {
+        Pacer { rows_per_second, started: None }
+    }
+
+    /// How many rows to produce at once: about a tenth of a second's worth, at most 8192.
+    pub fn batch_size(&self) -> usize {
+        match self.rows_per_second {
+            0 => 8192,
+            rate => (rate / 10).clamp(1, 8192) as usize,
+        }
+    }
+
+    /// Waits until row `row` is due.
+    pub async fn wait_for(&mut self, row: u64) {
+        if self.rows_per_second == 0 {
+            return;
+        }
+        let started = *self.started.get_or_insert_with(Instant::now);
+        let due = started + Duration::from_secs_f64(row as f64 / self.rows_per_second as f64);
+        tokio::time::sleep_until(due).await;
+    }
+}
