@@ -4,6 +4,8 @@
 //!   turns it into a Postgres error response; also the classification of DataFusion errors.
 //! - [`catalog`]: what a relation is ([`RelationDef`], [`RelationKind`]) and the [`CatalogStore`] trait through which
 //!   definitions are made durable.
+//! - [`feed`] and [`plan`]: the streaming plan the planner gives the runtime, with DataFusion physical plans over
+//!   [`feed::FeedExec`] leaves for the stateless parts.
 //! - [`stream`]: the [`stream::Message`]s that flow between streaming operators (data, watermarks, barriers).
 //! - [`connector`]: checked `WITH (...)` [`connector::Options`] and the [`connector::SourceReader`] contract.
 //! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
@@ -14,6 +16,8 @@
 pub mod catalog;
 pub mod connector;
 pub mod error;
+pub mod feed;
+pub mod plan;
 pub mod stream;
 pub mod types;
 

@@ -6,6 +6,7 @@
 //! - [`source`]: `CREATE SOURCE`, parsed with sqlparser's pieces for columns and expressions.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
+//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`].
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
@@ -15,6 +16,7 @@ pub mod dialect;
 pub mod names;
 pub mod parse;
 pub mod source;
+pub mod streaming;
 pub mod windows;
 
 pub use dialect::WeirDialect;

@@ -3,6 +3,7 @@
 //! - [`watermark`]: [`watermark::WatermarkAssigner`], which computes a source's watermark from its rows and splits
 //!   batches so that every downstream operator judges each row against the watermark of the rows before it.
 //! - [`operator`]: the [`operator::Operator`] contract between an operator and the runner that drives it.
+//! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow, driven a source batch at a time.
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], event-time window aggregation that emits each
 //!   window once when the watermark closes it, setting late rows aside.
 //!
@@ -10,6 +11,7 @@
 //! materialization with consistent snapshots, and the state store. The runtime depends only on `weir-common`.
 
 pub mod operator;
+pub mod pipeline;
 pub mod watermark;
 pub mod window_aggregate;
 
@@ -20,6 +22,8 @@ pub enum RuntimeError {
     WatermarkExpr(#[source] datafusion::error::DataFusionError),
     #[error("expression failed: {0}")]
     Expr(#[source] datafusion::error::DataFusionError),
+    #[error("source \"{0}\" has no WATERMARK, so its windows would never close")]
+    NeedsWatermark(String),
     #[error("event-time column {0} is not a timestamp")]
     NotATimestamp(String),
 }

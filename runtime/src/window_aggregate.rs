@@ -17,19 +17,13 @@ use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
-use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
 use crate::operator::Operator;
 use crate::{Result, RuntimeError};
 
-/// One aggregate of the query: the function with its input expressions, and the optional `FILTER (WHERE ...)`.
-#[derive(Debug, Clone)]
-pub struct Aggregate {
-    pub function: Arc<AggregateFunctionExpr>,
-    pub filter: Option<Arc<dyn PhysicalExpr>>,
-}
+pub use weir_common::plan::Aggregate;
 
 /// `GROUP BY keys (one of them the window end)` with aggregates, emitting on window close.
 #[derive(Debug)]

@@ -1,0 +1,58 @@
+//! The streaming plan: what the planner hands the runtime for one materialized view.
+//!
+//! ```text
+//!   source rows --Feed--> [below: stateless DataFusion plan] --> (window aggregate) --Feed--> [above] --> view rows
+//! ```
+//!
+//! `below` and `above` are DataFusion physical plans over [`FeedExec`](crate::feed::FeedExec) leaves; the window
+//! aggregate's expressions come from the `AggregateExec` DataFusion planned, so aggregates mean exactly what they mean
+//! in batch queries.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+
+use crate::feed::Feed;
+
+/// One aggregate of a query: the function with its input expressions, and the optional `FILTER (WHERE ...)`.
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    pub function: Arc<AggregateFunctionExpr>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+}
+
+/// A window aggregation: group keys (one of them the window end) and aggregates with their optional filters.
+#[derive(Debug, Clone)]
+pub struct WindowAggregateSpec {
+    /// Schema of the batches the aggregate consumes (the output of `below`).
+    pub input: SchemaRef,
+    pub keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
+    /// Index into `keys` of the window end.
+    pub window_end: usize,
+    pub aggregates: Vec<Aggregate>,
+}
+
+/// One materialized view's dataflow.
+#[derive(Debug, Clone)]
+pub struct StreamingPlan {
+    /// The source relation the view reads.
+    pub source: String,
+    /// Where the source's batches go.
+    pub input: Feed,
+    pub below: Arc<dyn ExecutionPlan>,
+    pub aggregate: Option<WindowAggregateSpec>,
+    /// Where the aggregate's output goes, and the plan over it.
+    pub above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
+    /// Schema of the view's rows.
+    pub schema: SchemaRef,
+}
+
+impl StreamingPlan {
+    /// Whether the view's output only ever appends rows.
+    pub fn append_only(&self) -> bool {
+        // Without an aggregate, rows pass through; a window aggregate here emits each window once, when it closes.
+        true
+    }
+}

@@ -1,0 +1,214 @@
+//! Planning a materialized view's query as a streaming dataflow.
+//!
+//! DataFusion plans the query as usual, with the source's scan replaced by a [`FeedExec`] leaf. The physical plan is
+//! then cut at its aggregation: the stateless part below (filters, projections, window assignment, unnest) and the
+//! stateless part above run as DataFusion plans over feeds, and the `AggregateExec`'s group keys and aggregate
+//! functions become a window aggregate that emits each window when the watermark closes it.
+//!
+//! What cannot run as a stream yet is refused with SQLSTATE 0A000 naming the construct: joins, ORDER BY, LIMIT,
+//! aggregation without a window, several sources.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::datasource::{TableType, provider_as_source};
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, TableScanBuilder};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use weir_common::feed::{Feed, FeedExec};
+use weir_common::plan::{Aggregate, StreamingPlan, WindowAggregateSpec};
+use weir_common::{ErrorReport, SqlState};
+
+/// Plans `query` (a logical plan over `sources`, by name) as a streaming dataflow.
+pub async fn plan_streaming(
+    state: &SessionState,
+    query: &LogicalPlan,
+    sources: &HashMap<String, SchemaRef>,
+) -> Result<StreamingPlan, ErrorReport> {
+    let input = Feed::new();
+    let mut scanned: Vec<String> = Vec::new();
+    let logical = query
+        .clone()
+        .transform_up(|node| {
+            let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
+            let name = scan.table_name.table().to_string();
+            let Some(schema) = sources.get(&name) else {
+                return Err(datafusion::error::DataFusionError::NotImplemented(format!(
+                    "a materialized view over the table \"{name}\"; views read sources"
+                )));
+            };
+            scanned.push(name.clone());
+            let provider = Arc::new(FeedProvider { name: name.clone(), feed: input.clone(), schema: schema.clone() });
+            let replaced = TableScanBuilder::new(scan.table_name.clone(), provider_as_source(provider))
+                .with_projection(scan.projection.clone())
+                .with_filters(scan.filters.clone())
+                .with_fetch(scan.fetch)
+                .build()?;
+            Ok(Transformed::yes(LogicalPlan::TableScan(replaced)))
+        })
+        .map_err(|e| ErrorReport::from_datafusion(&e, ""))?
+        .data;
+    let source = match scanned.as_slice() {
+        [one] => one.clone(),
+        [] => return Err(unsupported("a materialized view that reads no source")),
+        _ => return Err(unsupported("a materialized view that reads more than one source (joins)")),
+    };
+
+    // One partition: the dataflow parallelizes by itself, not inside a batch.
+    let mut state = state.clone();
+    state.config_mut().options_mut().execution.target_partitions = 1;
+    let physical = state.create_physical_plan(&logical).await.map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+    let schema = physical.schema();
+
+    let Some(aggregate) = find_aggregate(&physical)? else {
+        check_stateless(&physical)?;
+        return Ok(StreamingPlan { source, input, below: physical, aggregate: None, above: None, schema });
+    };
+    let (spec, below) = window_aggregate(&aggregate)?;
+    check_stateless(&below)?;
+    let output = Feed::new();
+    let feed: Arc<dyn ExecutionPlan> =
+        Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
+    let above = replace(&physical, &aggregate, &feed)?;
+    check_stateless(&above)?;
+    Ok(StreamingPlan { source, input, below, aggregate: Some(spec), above: Some((output, above)), schema })
+}
+
+/// The topmost aggregation of the plan (the final one of a partial/final pair).
+fn find_aggregate(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>, ErrorReport> {
+    if plan.downcast_ref::<AggregateExec>().is_some() {
+        return Ok(Some(plan.clone()));
+    }
+    for child in plan.children() {
+        if let Some(found) = find_aggregate(child)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// The window aggregate an `AggregateExec` stands for, and the plan that feeds it.
+fn window_aggregate(
+    plan: &Arc<dyn ExecutionPlan>,
+) -> Result<(WindowAggregateSpec, Arc<dyn ExecutionPlan>), ErrorReport> {
+    let Some(mut exec) = plan.downcast_ref::<AggregateExec>() else {
+        return Err(internal("not an aggregation"));
+    };
+    // A final aggregation over a partial one: the partial one holds the expressions over the input rows.
+    if matches!(exec.mode(), AggregateMode::Final | AggregateMode::FinalPartitioned) {
+        let mut input = exec.input();
+        while input.downcast_ref::<AggregateExec>().is_none() {
+            match input.children().first() {
+                Some(child) => input = *child,
+                None => return Err(internal("final aggregation without a partial one")),
+            }
+        }
+        exec = input.downcast_ref::<AggregateExec>().ok_or_else(|| internal("partial aggregation"))?;
+    }
+    if !exec.group_expr().is_single() {
+        return Err(unsupported("GROUPING SETS, CUBE or ROLLUP in a materialized view"));
+    }
+    let keys: Vec<_> = exec.group_expr().expr().to_vec();
+    let input = exec.input().clone();
+    let input_schema = input.schema();
+    let window_end = keys
+        .iter()
+        .position(|(expr, name)| {
+            name == "window_end" && matches!(expr.data_type(&input_schema), Ok(DataType::Timestamp(..)))
+        })
+        .ok_or_else(|| {
+            unsupported("GROUP BY without window_end in a materialized view")
+                .with_hint("Group by a window (window_start, window_end from TUMBLE, HOP, CUMULATE or SESSION).")
+        })?;
+    let aggregates = exec
+        .aggr_expr()
+        .iter()
+        .zip(exec.filter_expr())
+        .map(|(function, filter)| Aggregate { function: function.clone(), filter: filter.clone() })
+        .collect();
+    Ok((WindowAggregateSpec { input: input_schema, keys, window_end, aggregates }, input))
+}
+
+/// Refuses operators that need state or see the whole input.
+fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
+    let name = plan.name();
+    match name {
+        "FeedExec"
+        | "CooperativeExec"
+        | "ProjectionExec"
+        | "FilterExec"
+        | "UnnestExec"
+        | "CoalesceBatchesExec"
+        | "CoalescePartitionsExec" => {}
+        "SortExec" | "SortPreservingMergeExec" => return Err(unsupported("ORDER BY in a materialized view")),
+        "GlobalLimitExec" | "LocalLimitExec" => return Err(unsupported("LIMIT in a materialized view")),
+        "AggregateExec" => return Err(unsupported("more than one level of aggregation in a materialized view")),
+        "BoundedWindowAggExec" | "WindowAggExec" => {
+            return Err(unsupported("OVER (...) window functions in a materialized view"));
+        }
+        other if other.contains("Join") => return Err(unsupported("joins in a materialized view")),
+        other => return Err(unsupported(&format!("{other} in a materialized view"))),
+    }
+    plan.children().into_iter().try_for_each(check_stateless)
+}
+
+/// `plan` with the node `target` replaced by `with`.
+fn replace(
+    plan: &Arc<dyn ExecutionPlan>,
+    target: &Arc<dyn ExecutionPlan>,
+    with: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>, ErrorReport> {
+    if Arc::ptr_eq(plan, target) {
+        return Ok(with.clone());
+    }
+    let children =
+        plan.children().into_iter().map(|child| replace(child, target, with)).collect::<Result<Vec<_>, _>>()?;
+    replace_children_if_necessary(plan.clone(), children).map_err(df)
+}
+
+fn unsupported(what: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"))
+}
+
+fn internal(what: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: streaming plan: {what}"))
+}
+
+fn df(err: datafusion::error::DataFusionError) -> ErrorReport {
+    ErrorReport::from_datafusion(&err, "")
+}
+
+/// A source as DataFusion's planner sees it inside a streaming query: its scan is a feed.
+#[derive(Debug)]
+struct FeedProvider {
+    name: String,
+    feed: Feed,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for FeedProvider {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(FeedExec::new(self.name.clone(), self.feed.clone(), self.schema.clone(), projection.cloned())?))
+    }
+}

@@ -1,0 +1,166 @@
+//! Streaming plans run on generated events give what the same query gives in batch over the same rows.
+//!
+//! These tests join the planner (DataFusion plan cut at the aggregation), the runtime (watermark assigner, window
+//! aggregate, stateless plans over feeds) and the datagen connector, without the server around them.
+
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::catalog::MemTable;
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use weir_common::SqlState;
+use weir_planner::{WeirStatement, parse_sql};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("auction", DataType::Int64, false),
+        Field::new("price", DataType::Int64, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+    ]))
+}
+
+/// 20,000 bids, 5 ms apart, each up to 400 ms out of order.
+async fn generated_bids() -> Vec<RecordBatch> {
+    let options = [
+        ("connector", "datagen"),
+        ("datagen.rows", "20000"),
+        ("datagen.rows.per.second", "0"),
+        ("datagen.start", "2024-01-01 00:00:00"),
+        ("datagen.step.ms", "5"),
+        ("datagen.max.disorder.ms", "400"),
+        ("datagen.seed", "42"),
+        ("fields.auction.min", "1"),
+        ("fields.auction.max", "5"),
+        ("fields.price.min", "1"),
+        ("fields.price.max", "1000"),
+    ];
+    let mut reader =
+        weir_connectors::open_source(schema(), options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+            .unwrap();
+    let mut batches = Vec::new();
+    while let Some(batch) = reader.next_batch().await.unwrap() {
+        batches.push(batch);
+    }
+    batches
+}
+
+async fn context(rows: Vec<RecordBatch>) -> SessionContext {
+    let ctx = SessionContext::new();
+    for udf in weir_planner::windows::window_udfs() {
+        ctx.register_udf(udf);
+    }
+    for udwf in weir_planner::windows::session_udwfs() {
+        ctx.register_udwf(udwf);
+    }
+    ctx.register_table("bids", Arc::new(MemTable::try_new(schema(), vec![rows]).unwrap())).unwrap();
+    ctx
+}
+
+async fn logical(ctx: &SessionContext, sql: &str) -> LogicalPlan {
+    let WeirStatement::Sql(mut stmt) = parse_sql(sql).unwrap().remove(0).statement else { panic!("not SQL") };
+    weir_planner::windows::rewrite_windows(&mut stmt).unwrap();
+    ctx.state().statement_to_plan(DfStatement::Statement(stmt)).await.unwrap()
+}
+
+/// Runs `sql` as a stream over `rows` cut into batches of `chunk` rows, with `WATERMARK FOR ts AS ts - delay`.
+async fn stream(ctx: &SessionContext, sql: &str, rows: &[RecordBatch], chunk: usize, delay: &str) -> Vec<RecordBatch> {
+    let plan = logical(ctx, sql).await;
+    let sources = HashMap::from([("bids".to_string(), schema())]);
+    let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources).await.unwrap();
+    let df_schema = DFSchema::try_from(schema().as_ref().clone()).unwrap();
+    let watermark = ctx.parse_sql_expr(&format!("ts - INTERVAL '{delay}'"), &df_schema).unwrap();
+    let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
+    let mut pipeline =
+        weir_runtime::pipeline::Pipeline::try_new(streaming, Some((2, watermark)), ctx.task_ctx()).unwrap();
+    let all = datafusion::arrow::compute::concat_batches(&schema(), rows).unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < all.num_rows() {
+        let len = chunk.min(all.num_rows() - at);
+        out.extend(pipeline.push(all.slice(at, len)).await.unwrap());
+        at += len;
+    }
+    out.extend(pipeline.end().await.unwrap());
+    assert_eq!(pipeline.late_rows(), 0, "the disorder is within the watermark's bound");
+    out
+}
+
+/// Rows as sorted text lines, so that results are compared as multisets.
+fn lines(batches: &[RecordBatch]) -> Vec<String> {
+    let text = pretty_format_batches(batches).unwrap().to_string();
+    let mut rows: Vec<String> = text.lines().filter(|l| l.starts_with("| ")).skip(1).map(str::to_string).collect();
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tumbling_window_view_equals_the_batch_query() {
+    let rows = generated_bids().await;
+    let ctx = context(rows.clone()).await;
+    let sql = "SELECT auction, window_start, window_end, count(*) AS n, sum(price) AS total, \
+               max(price) FILTER (WHERE price < 500) AS below_500, count(DISTINCT price) AS prices \
+               FROM TUMBLE(bids, ts, INTERVAL '1' SECOND) GROUP BY auction, window_start, window_end";
+    let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
+    let expected = lines(&batch);
+    // 20,000 rows 5 ms apart span 100 s: 100 or 101 windows for each of 5 auctions.
+    assert!((500..=505).contains(&expected.len()), "{}", expected.len());
+    for chunk in [1_000, 333, 8192] {
+        let streamed = stream(&ctx, sql, &rows, chunk, "500 milliseconds").await;
+        assert_eq!(lines(&streamed), expected, "batches of {chunk} rows");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_and_cumulate_views_equal_the_batch_query() {
+    let rows = generated_bids().await;
+    let ctx = context(rows.clone()).await;
+    for sql in [
+        "SELECT window_start, window_end, count(*) AS n, avg(price) AS mean \
+         FROM HOP(bids, ts, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end",
+        "SELECT auction, window_end, sum(price) AS total \
+         FROM CUMULATE(bids, ts, INTERVAL '5' SECOND, INTERVAL '20' SECOND) WHERE price > 100 \
+         GROUP BY auction, window_start, window_end",
+    ] {
+        let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
+        let streamed = stream(&ctx, sql, &rows, 777, "1 second").await;
+        assert_eq!(lines(&streamed), lines(&batch), "{sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_view_passes_every_row_through_once() {
+    let rows = generated_bids().await;
+    let ctx = context(rows.clone()).await;
+    let sql = "SELECT auction, price * 2 AS doubled, window_end FROM TUMBLE(bids, ts, INTERVAL '5' SECOND) \
+               WHERE price > 900";
+    let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
+    let streamed = stream(&ctx, sql, &rows, 500, "0 seconds").await;
+    assert!(lines(&batch).len() > 1000);
+    assert_eq!(lines(&streamed), lines(&batch));
+}
+
+#[tokio::test]
+async fn what_cannot_stream_yet_is_refused_by_name() {
+    let ctx = context(vec![]).await;
+    let sources = HashMap::from([("bids".to_string(), schema())]);
+    for (sql, message) in [
+        ("SELECT auction, count(*) FROM bids GROUP BY auction", "GROUP BY without window_end"),
+        ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
+        ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
+        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "more than one source"),
+    ] {
+        let plan = logical(&ctx, sql).await;
+        let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources).await.unwrap_err();
+        assert_eq!(err.code, SqlState::FEATURE_NOT_SUPPORTED, "{sql}");
+        assert!(err.message.contains(message), "{sql}: {}", err.message);
+    }
+}
