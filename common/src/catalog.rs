@@ -19,6 +19,10 @@ pub const DEFAULT_SCHEMA: &str = "public";
 pub enum RelationKind {
     /// A table: rows come from `INSERT`.
     Table,
+    /// A source: rows come from a connector.
+    Source,
+    /// A materialized view: rows are kept up to date from its query.
+    MaterializedView,
 }
 
 impl RelationKind {
@@ -26,6 +30,8 @@ impl RelationKind {
     pub fn sql_name(&self) -> &'static str {
         match self {
             RelationKind::Table => "table",
+            RelationKind::Source => "source",
+            RelationKind::MaterializedView => "materialized view",
         }
     }
 }

@@ -34,6 +34,14 @@ pub struct WindowAggregateSpec {
     pub aggregates: Vec<Aggregate>,
 }
 
+/// A source's `WATERMARK FOR column AS expr`, compiled.
+#[derive(Debug, Clone)]
+pub struct WatermarkSpec {
+    /// Index of the event-time column in the source's rows.
+    pub column: usize,
+    pub expr: Arc<dyn PhysicalExpr>,
+}
+
 /// One materialized view's dataflow.
 #[derive(Debug, Clone)]
 pub struct StreamingPlan {

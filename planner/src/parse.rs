@@ -4,6 +4,7 @@
 //! means none of them executes.
 
 use datafusion::sql::sqlparser::ast;
+use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 use weir_common::error::char_position;
@@ -22,6 +23,12 @@ pub enum WeirStatement {
     Sql(Box<ast::Statement>),
     /// `CREATE SOURCE`.
     CreateSource(Box<CreateSource>),
+    /// `CREATE MATERIALIZED VIEW ... AS query [EMIT ON WINDOW CLOSE]`; the statement is sqlparser's `CreateView`.
+    CreateMaterializedView { statement: Box<ast::Statement>, emit_on_window_close: bool },
+    /// `DROP SOURCE [IF EXISTS] name [, ...] [CASCADE]`.
+    DropSource { names: Vec<ast::ObjectName>, if_exists: bool, cascade: bool },
+    /// `FLUSH`: returns once every source's input so far is reflected in every view.
+    Flush,
 }
 
 /// One statement of a query string.
@@ -64,6 +71,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             position: char_position(sql, err.location.line, err.location.column),
         })?;
     let tokens = crate::windows::flink_form(tokens);
+    let (tokens, emits) = strip_emit_clauses(tokens);
     let mut parser =
         Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).with_tokens_with_locations(tokens.clone());
     let mut statements = Vec::new();
@@ -82,8 +90,30 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         let start = next.span.start;
         let statement = if source::at_create_source(&parser) {
             source::parse_create_source(&mut parser).map(|s| WeirStatement::CreateSource(Box::new(s)))
+        } else if at_words(&parser, &["DROP", "SOURCE"]) {
+            parse_drop_source(&mut parser)
+        } else if at_words(&parser, &["SHOW", "MATERIALIZED", "VIEWS"]) {
+            for _ in 0..3 {
+                parser.next_token();
+            }
+            let variable = vec![ast::Ident::new("materialized"), ast::Ident::new("views")];
+            Ok(WeirStatement::Sql(Box::new(ast::Statement::ShowVariable { variable })))
+        } else if at_words(&parser, &["FLUSH"]) {
+            parser.next_token();
+            Ok(WeirStatement::Flush)
         } else {
-            parser.parse_statement().map(|s| WeirStatement::Sql(Box::new(s)))
+            parser.parse_statement().map(|s| match s {
+                ast::Statement::CreateView(view) if view.materialized => {
+                    let end = parser.peek_token();
+                    let emit_on_window_close =
+                        emits.contains(&end.span.start) || (end.token == Token::EOF && emits.contains(&EOF_EMIT));
+                    WeirStatement::CreateMaterializedView {
+                        statement: Box::new(ast::Statement::CreateView(view)),
+                        emit_on_window_close,
+                    }
+                }
+                s => WeirStatement::Sql(Box::new(s)),
+            })
         }
         .map_err(|err| convert_error(sql, &tokens, err))?;
         // The statement ends where the next token (`;` or the end of input) starts.
@@ -92,6 +122,54 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         expecting_delimiter = true;
     }
     Ok(statements)
+}
+
+/// Where an `EMIT ON WINDOW CLOSE` ended a statement that the input ends with.
+const EOF_EMIT: Location = Location { line: 0, column: 0 };
+
+/// Removes every `EMIT ON WINDOW CLOSE` that ends a statement (sqlparser does not know the clause), and returns the
+/// location of the `;` after each, or [`EOF_EMIT`] for one at the end of the input.
+fn strip_emit_clauses(tokens: Vec<TokenWithSpan>) -> (Vec<TokenWithSpan>, Vec<Location>) {
+    let significant: Vec<usize> =
+        (0..tokens.len()).filter(|&i| !matches!(tokens[i].token, Token::Whitespace(_))).collect();
+    let mut drop = vec![false; tokens.len()];
+    let mut emits = Vec::new();
+    let is = |i: usize, word: &str| matches!(&tokens[i].token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word));
+    for (n, window) in significant.windows(4).enumerate() {
+        let [e, o, w, c] = [window[0], window[1], window[2], window[3]];
+        if !(is(e, "EMIT") && is(o, "ON") && is(w, "WINDOW") && is(c, "CLOSE")) {
+            continue;
+        }
+        // The tokenizer does not produce the end-of-input token: running out of tokens is the end.
+        match significant.get(n + 4).map(|&after| &tokens[after]) {
+            Some(TokenWithSpan { token: Token::SemiColon, span }) => emits.push(span.start),
+            Some(TokenWithSpan { token: Token::EOF, .. }) | None => emits.push(EOF_EMIT),
+            Some(_) => continue,
+        }
+        for i in [e, o, w, c] {
+            drop[i] = true;
+        }
+    }
+    let kept = tokens.into_iter().zip(drop).filter(|(_, d)| !d).map(|(t, _)| t).collect();
+    (kept, emits)
+}
+
+fn at_words(parser: &Parser, words: &[&str]) -> bool {
+    words.iter().enumerate().all(|(n, word)| {
+        matches!(&parser.peek_nth_token(n).token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
+    })
+}
+
+fn parse_drop_source(parser: &mut Parser) -> Result<WeirStatement, ParserError> {
+    parser.next_token();
+    parser.next_token();
+    let if_exists = parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+    let names = parser.parse_comma_separated(|p| p.parse_object_name(false))?;
+    let cascade = parser.parse_keyword(Keyword::CASCADE);
+    if !cascade {
+        let _ = parser.parse_keyword(Keyword::RESTRICT);
+    }
+    Ok(WeirStatement::DropSource { names, if_exists, cascade })
 }
 
 fn convert_error(sql: &str, tokens: &[TokenWithSpan], err: ParserError) -> ParseError {
@@ -205,6 +283,31 @@ mod tests {
         assert_eq!(err.code, SqlState::SYNTAX_ERROR);
         assert!(err.message.starts_with("unterminated string literal"), "{}", err.message);
         assert_eq!(err.position, Some(8));
+    }
+
+    #[test]
+    fn streaming_statements_parse() {
+        let statements = parse_sql(
+            "CREATE MATERIALIZED VIEW a AS SELECT window_end, count(*) FROM t GROUP BY window_end EMIT ON WINDOW CLOSE; \
+             CREATE MATERIALIZED VIEW b AS SELECT * FROM t; FLUSH; DROP SOURCE IF EXISTS s, u CASCADE; \
+             CREATE MATERIALIZED VIEW c AS SELECT * FROM t EMIT ON WINDOW CLOSE",
+        )
+        .unwrap();
+        let shapes: Vec<String> = statements
+            .iter()
+            .map(|s| match &s.statement {
+                WeirStatement::CreateMaterializedView { emit_on_window_close, .. } => {
+                    format!("mv {emit_on_window_close}")
+                }
+                WeirStatement::Flush => "flush".into(),
+                WeirStatement::DropSource { names, if_exists, cascade } => {
+                    format!("drop {} {if_exists} {cascade}", names.len())
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shapes, ["mv true", "mv false", "flush", "drop 2 true true", "mv true"]);
+        assert!(statements[0].text.ends_with("GROUP BY window_end EMIT ON WINDOW CLOSE"), "{}", statements[0].text);
     }
 
     #[test]

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use datafusion::physical_plan::ExecutionPlan;
 use futures::TryStreamExt;
-use weir_common::plan::StreamingPlan;
+use weir_common::plan::{StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
 use crate::operator::Operator;
@@ -34,12 +34,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `watermark` is the source's event-time column index and `WATERMARK` expression, if it declares one.
-    pub fn try_new(
-        plan: StreamingPlan,
-        watermark: Option<(usize, Arc<dyn PhysicalExpr>)>,
-        task: Arc<TaskContext>,
-    ) -> Result<Self> {
+    /// `watermark` is the source's, if it declares one.
+    pub fn try_new(plan: StreamingPlan, watermark: Option<WatermarkSpec>, task: Arc<TaskContext>) -> Result<Self> {
         let aggregate = match &plan.aggregate {
             Some(spec) => {
                 if watermark.is_none() {
@@ -54,7 +50,7 @@ impl Pipeline {
             }
             None => None,
         };
-        let assigner = watermark.map(|(column, expr)| WatermarkAssigner::new(column, expr));
+        let assigner = watermark.map(|w| WatermarkAssigner::new(w.column, w.expr));
         Ok(Pipeline { plan, assigner, aggregate, task })
     }
 

@@ -13,6 +13,7 @@ use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
 use datafusion::common::DataFusionError;
 use weir_common::catalog::CatalogStoreError;
 use weir_common::{CatalogStore, ErrorReport, RelationDef, RelationKind, SqlState};
+use weir_planner::source::CreateSource;
 
 use crate::error::catalog_report;
 
@@ -21,6 +22,8 @@ use crate::error::catalog_report;
 pub struct Relation {
     pub def: Arc<RelationDef>,
     pub provider: Arc<dyn TableProvider>,
+    /// For a source: its parsed definition (connector options, watermark).
+    pub source: Option<Arc<CreateSource>>,
 }
 
 /// Every user relation, by name. Lookups take a short read lock; DDL is serialized by the engine's DDL lock, so the
@@ -37,7 +40,7 @@ impl Catalog {
         let mut relations = BTreeMap::new();
         for def in store.load()? {
             let provider = empty_table(&def).map_err(|e| CatalogStoreError::Storage(e.to_string()))?;
-            relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider });
+            relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider, source: None });
         }
         Ok(Catalog { store, relations: RwLock::new(relations) })
     }
@@ -53,17 +56,34 @@ impl Catalog {
 
     /// Creates a table. Returns `false` (and changes nothing) when it exists and `if_not_exists` is set.
     pub fn create_table(&self, def: RelationDef, if_not_exists: bool) -> Result<bool, ErrorReport> {
+        let provider = empty_table(&def).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        self.create(def, provider, None, if_not_exists)
+    }
+
+    /// Creates a relation read through `provider`. Returns `false` (and changes nothing) when one of that name exists
+    /// and `if_not_exists` is set.
+    pub fn create(
+        &self,
+        def: RelationDef,
+        provider: Arc<dyn TableProvider>,
+        source: Option<Arc<CreateSource>>,
+        if_not_exists: bool,
+    ) -> Result<bool, ErrorReport> {
         if self.get(&def.name).is_some() {
             if if_not_exists {
                 return Ok(false);
             }
             return Err(catalog_report(CatalogStoreError::AlreadyExists(def.name)));
         }
-        let provider = empty_table(&def).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         self.store.put(&def).map_err(catalog_report)?;
         let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);
-        relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider });
+        relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider, source });
         Ok(true)
+    }
+
+    /// The relations that read `name`.
+    pub fn dependents(&self, name: &str) -> Vec<Relation> {
+        self.list().into_iter().filter(|r| r.def.depends_on.iter().any(|d| d == name)).collect()
     }
 
     /// Drops a relation of the given kind. Returns `false` when it does not exist and `if_exists` is set.
@@ -83,17 +103,16 @@ impl Catalog {
                 )));
         }
         let dependents: Vec<String> = self
-            .list()
+            .dependents(name)
             .into_iter()
-            .filter(|r| r.def.depends_on.iter().any(|d| d == name))
-            .map(|r| r.def.name.clone())
+            .map(|r| format!("{} {} depends on {kind} {name}", r.def.kind, r.def.name))
             .collect();
         if !dependents.is_empty() {
             return Err(ErrorReport::new(
                 SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
                 format!("cannot drop {kind} {name} because other objects depend on it"),
             )
-            .with_detail(format!("{} depend on {kind} {name}", dependents.join(", ")))
+            .with_detail(dependents.join("\n"))
             .with_hint("Use DROP ... CASCADE to drop the dependent objects too."));
         }
         self.store.delete(name).map_err(catalog_report)?;
@@ -138,5 +157,36 @@ impl SchemaProvider for CatalogSchema {
 
     fn table_exist(&self, name: &str) -> bool {
         self.0.read().contains_key(name)
+    }
+}
+
+/// A source as batch queries see it: it has a schema but no rows to scan; its rows flow into materialized views.
+#[derive(Debug)]
+pub struct SourceTable {
+    pub name: String,
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for SourceTable {
+    fn schema(&self) -> datafusion::arrow::datatypes::SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn datafusion::catalog::Session,
+        _projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, DataFusionError> {
+        Err(DataFusionError::NotImplemented(format!(
+            "querying the source \"{}\" directly; create a materialized view over it and query that",
+            self.name
+        )))
     }
 }

@@ -30,6 +30,8 @@ pub struct Engine {
     /// Session state every connection starts from: configuration, functions, the catalog list with `pg_catalog`.
     template: SessionState,
     pub compat: Compat,
+    /// The running materialized views.
+    pub jobs: crate::jobs::Jobs,
     /// Held for the whole of each DDL statement, so that check-then-change sequences do not interleave.
     pub ddl: tokio::sync::Mutex<()>,
     /// Knows every connection's backend key, so a cancel request on a new connection can reach a running query.
@@ -80,6 +82,7 @@ impl Engine {
             catalog,
             template: ctx.state(),
             compat: Compat::new(),
+            jobs: crate::jobs::Jobs::default(),
             ddl: tokio::sync::Mutex::new(()),
             connections: Arc::new(ConnectionManager::new()),
         })

@@ -6,6 +6,8 @@
 //!   DataFusion session with `pg_catalog` and `information_schema`, and the lock that serializes DDL.
 //! - [`session::Session`] is one connection's state (its DataFusion context, parameters); it runs parsed statements:
 //!   Weir's own DDL and session commands directly, queries and DML through DataFusion.
+//! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE MATERIALIZED VIEW`, `DROP`, `FLUSH`), and
+//!   [`jobs`] keeps one task per materialized view running.
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
 //! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
 //!
@@ -18,7 +20,9 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod handler;
+pub mod jobs;
 pub mod session;
+pub mod streaming;
 
 use std::future::Future;
 use std::sync::Arc;

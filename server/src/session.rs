@@ -86,8 +86,8 @@ fn display_name(name: &str) -> &str {
 
 /// One connection's SQL state.
 pub struct Session {
-    engine: Arc<Engine>,
-    ctx: SessionContext,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) ctx: SessionContext,
 }
 
 impl std::fmt::Debug for Session {
@@ -112,7 +112,7 @@ impl Session {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
                 Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
             }
-            WeirStatement::Sql(_) | WeirStatement::CreateSource(_) => None,
+            _ => None,
         };
         Ok(Prepared { statement, plan })
     }
@@ -127,6 +127,7 @@ impl Session {
         }
         let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
         match &**stmt {
+            Statement::ShowVariable { variable } if relation_list(variable).is_some() => Some(show_tables_schema()),
             Statement::ShowVariable { variable } => Some(show_schema(&variable_name(variable))),
             Statement::ShowTables { .. } => Some(show_tables_schema()),
             Statement::ExplainTable { .. } => Some(describe_schema()),
@@ -143,11 +144,19 @@ impl Session {
         params: &mut HashMap<String, String>,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
+        let text = &prepared.statement.text;
         let stmt = match &prepared.statement.statement {
             WeirStatement::Sql(stmt) => stmt,
-            // Parsed and checked, but there is no streaming runtime to run it on yet.
-            WeirStatement::CreateSource(_) => {
-                return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "CREATE SOURCE is not supported yet"));
+            WeirStatement::CreateSource(source) => return self.create_source(source, text, sql).await,
+            WeirStatement::CreateMaterializedView { statement, emit_on_window_close } => {
+                return self.create_materialized_view(statement, *emit_on_window_close, text, sql).await;
+            }
+            WeirStatement::DropSource { names, if_exists, cascade } => {
+                return self.drop_sources(names, *if_exists, *cascade).await;
+            }
+            WeirStatement::Flush => {
+                self.engine.jobs.flush().await;
+                return Ok(Outcome::Command("FLUSH", None));
             }
         };
         if let Some(plan) = &prepared.plan {
@@ -175,6 +184,9 @@ impl Session {
             Statement::Commit { .. } => Ok(Outcome::End("COMMIT")),
             Statement::Rollback { savepoint: None, .. } => Ok(Outcome::End("ROLLBACK")),
             Statement::Set(set) => self.set(set, params),
+            Statement::ShowVariable { variable } if relation_list(variable).is_some() => {
+                self.show_relations(relation_list(variable).unwrap_or(RelationKind::Table))
+            }
             Statement::ShowVariable { variable } => self.show(&variable_name(variable), params),
             Statement::ShowTables { .. } => self.show_tables(),
             Statement::ExplainTable {
@@ -186,6 +198,9 @@ impl Session {
             Statement::Drop { object_type: ObjectType::Table, if_exists, names, cascade, .. } => {
                 self.drop_tables(names, *if_exists, *cascade).await
             }
+            Statement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
+                self.drop_views(names, *if_exists).await
+            }
             Statement::Discard { .. } => Ok(Outcome::Command("DISCARD ALL", None)),
             Statement::Deallocate { .. } => Ok(Outcome::Command("DEALLOCATE", None)),
             stmt if goes_to_datafusion(stmt) => {
@@ -196,7 +211,7 @@ impl Session {
         }
     }
 
-    async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
+    pub(crate) async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
         let mut stmt = self.engine.compat.rewrite(stmt, text);
         weir_planner::windows::rewrite_windows(&mut stmt)?;
         weir_planner::postgres_column_names(&mut stmt);
@@ -390,14 +405,13 @@ impl Session {
     }
 
     fn show_tables(&self) -> Result<Outcome, ErrorReport> {
-        let names: Vec<String> = self
-            .engine
-            .catalog
-            .list()
-            .into_iter()
-            .filter(|r| r.def.kind == RelationKind::Table)
-            .map(|r| r.def.name.clone())
-            .collect();
+        self.show_relations(RelationKind::Table)
+    }
+
+    /// `SHOW TABLES`, `SHOW SOURCES`, `SHOW MATERIALIZED VIEWS`.
+    pub(crate) fn show_relations(&self, kind: RelationKind) -> Result<Outcome, ErrorReport> {
+        let names: Vec<String> =
+            self.engine.catalog.list().into_iter().filter(|r| r.def.kind == kind).map(|r| r.def.name.clone()).collect();
         self.rows(show_tables_schema(), vec![Arc::new(StringArray::from(names))])
     }
 
@@ -420,7 +434,7 @@ impl Session {
         )
     }
 
-    fn rows(&self, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<Outcome, ErrorReport> {
+    pub(crate) fn rows(&self, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<Outcome, ErrorReport> {
         let batch = RecordBatch::try_new(schema, columns)
             .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {e}")))?;
         let df = self.ctx.read_batch(batch).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
@@ -508,15 +522,24 @@ fn describe_schema() -> SchemaRef {
     ]))
 }
 
+/// `SHOW SOURCES` and `SHOW MATERIALIZED VIEWS` list relations of a kind.
+fn relation_list(variable: &[ast::Ident]) -> Option<RelationKind> {
+    match variable_name(variable).as_str() {
+        "sources" => Some(RelationKind::Source),
+        "materialized views" => Some(RelationKind::MaterializedView),
+        _ => None,
+    }
+}
+
 /// Resolves a relation name in the one database and schema Weir serves.
-fn object_name(name: &ObjectName) -> Result<String, ErrorReport> {
+pub(crate) fn object_name(name: &ObjectName) -> Result<String, ErrorReport> {
     let parts: Vec<String> =
         name.0.iter().map(|p| p.as_ident().map(normalize).unwrap_or_else(|| p.to_string())).collect();
     unqualified(&TableReference::from(parts.join(".")))
 }
 
 /// Unquoted identifiers fold to lower case, as in Postgres.
-fn normalize(ident: &ast::Ident) -> String {
+pub(crate) fn normalize(ident: &ast::Ident) -> String {
     match ident.quote_style {
         Some(_) => ident.value.clone(),
         None => ident.value.to_lowercase(),

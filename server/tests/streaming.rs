@@ -18,6 +18,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::SqlState;
+use weir_common::plan::WatermarkSpec;
 use weir_planner::{WeirStatement, parse_sql};
 
 fn schema() -> SchemaRef {
@@ -79,8 +80,12 @@ async fn stream(ctx: &SessionContext, sql: &str, rows: &[RecordBatch], chunk: us
     let df_schema = DFSchema::try_from(schema().as_ref().clone()).unwrap();
     let watermark = ctx.parse_sql_expr(&format!("ts - INTERVAL '{delay}'"), &df_schema).unwrap();
     let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
-    let mut pipeline =
-        weir_runtime::pipeline::Pipeline::try_new(streaming, Some((2, watermark)), ctx.task_ctx()).unwrap();
+    let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(
+        streaming,
+        Some(WatermarkSpec { column: 2, expr: watermark }),
+        ctx.task_ctx(),
+    )
+    .unwrap();
     let all = datafusion::arrow::compute::concat_batches(&schema(), rows).unwrap();
     let mut out = Vec::new();
     let mut at = 0;
