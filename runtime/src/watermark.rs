@@ -199,13 +199,7 @@ mod tests {
     /// is the same.
     #[test]
     fn batching_never_changes_what_downstream_sees() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |bound: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % bound
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1du64);
         for _case in 0..300 {
             let delay = next(20) as i64;
             let len = 1 + next(60) as usize;

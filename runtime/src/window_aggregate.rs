@@ -362,13 +362,7 @@ mod tests {
     /// the same late-row count.
     #[test]
     fn results_match_a_reference_whatever_the_batching() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |bound: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % bound
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15u64);
         for _case in 0..100 {
             // Times and delays on a coarse grid, nudged by a millisecond, so that watermarks often land exactly on a
             // window's last instant.

@@ -197,6 +197,12 @@ fn interval_units(arg: &ColumnarValue, unit: TimeUnit) -> Result<i64> {
     let ColumnarValue::Scalar(scalar) = arg else {
         return plan_err!("window sizes must be constant intervals");
     };
+    scalar_units(scalar, unit)
+}
+
+/// A constant interval (or duration) in units of a timestamp column: months are refused (their length varies), and
+/// the interval must be a whole number of units.
+pub(crate) fn scalar_units(scalar: &ScalarValue, unit: TimeUnit) -> Result<i64> {
     let nanos: i128 = match scalar {
         ScalarValue::IntervalMonthDayNano(Some(v)) => {
             if v.months != 0 {

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use super::functions::scalar_units;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type, TimeUnit};
@@ -126,21 +127,9 @@ fn gap_units(gap: &ArrayRef, unit: TimeUnit) -> Result<i64> {
     if gap.is_empty() || gap.is_null(0) {
         return plan_err!("the session gap must be a non-null interval");
     }
-    let scalar = ScalarValue::try_from_array(gap, 0)?;
-    let nanos = match scalar {
-        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
-            i128::from(v.days) * 86_400_000_000_000 + i128::from(v.nanoseconds)
-        }
-        other => return plan_err!("the session gap must be an interval without months, not {other}"),
-    };
-    let per_unit: i128 = match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    };
-    if nanos <= 0 || nanos % per_unit != 0 {
-        return plan_err!("the session gap must be positive and a whole multiple of the time column's precision");
+    let gap = scalar_units(&ScalarValue::try_from_array(gap, 0)?, unit)?;
+    if gap <= 0 {
+        return plan_err!("the session gap must be positive");
     }
-    i64::try_from(nanos / per_unit).or_else(|_| plan_err!("session gap out of range"))
+    Ok(gap)
 }
