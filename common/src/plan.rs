@@ -56,11 +56,3 @@ pub struct StreamingPlan {
     /// Schema of the view's rows.
     pub schema: SchemaRef,
 }
-
-impl StreamingPlan {
-    /// Whether the view's output only ever appends rows.
-    pub fn append_only(&self) -> bool {
-        // Without an aggregate, rows pass through; a window aggregate here emits each window once, when it closes.
-        true
-    }
-}
