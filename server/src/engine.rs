@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
-use datafusion::catalog::{CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList};
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList, MemorySchemaProvider,
+    SchemaProvider,
+};
 use datafusion::common::ScalarValue;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SessionState;
@@ -19,6 +22,7 @@ use crate::catalog::{Catalog, CatalogSchema};
 use crate::compat::Compat;
 use crate::config::Config;
 use crate::error::{Result, ServerError};
+use crate::system::{SYSTEM_SCHEMA, ViewProgress};
 
 /// The Postgres version Weir reports: clients pick their catalog queries by it.
 pub const PG_VERSION: &str = "16.6";
@@ -31,7 +35,7 @@ pub struct Engine {
     template: SessionState,
     pub compat: Compat,
     /// The running materialized views.
-    pub jobs: crate::jobs::Jobs,
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Held for the whole of each DDL statement, so that check-then-change sequences do not interleave.
     pub ddl: tokio::sync::Mutex<()>,
     /// Knows every connection's backend key, so a cancel request on a new connection can reach a running query.
@@ -59,6 +63,12 @@ impl Engine {
         let weir = Arc::new(MemoryCatalogProvider::new());
         weir.register_schema(DEFAULT_SCHEMA, Arc::new(CatalogSchema(catalog.clone())))
             .map_err(|e| ServerError::Engine(e.to_string()))?;
+        let jobs = Arc::new(crate::jobs::Jobs::default());
+        let system = Arc::new(MemorySchemaProvider::new());
+        system
+            .register_table("view_progress".to_string(), Arc::new(ViewProgress { jobs: jobs.clone() }))
+            .map_err(|e| ServerError::Engine(e.to_string()))?;
+        weir.register_schema(SYSTEM_SCHEMA, system).map_err(|e| ServerError::Engine(e.to_string()))?;
         catalogs.register_catalog(DEFAULT_CATALOG.to_string(), weir);
 
         let state = SessionStateBuilder::new()
@@ -82,7 +92,7 @@ impl Engine {
             catalog,
             template: ctx.state(),
             compat: Compat::new(),
-            jobs: crate::jobs::Jobs::default(),
+            jobs,
             ddl: tokio::sync::Mutex::new(()),
             connections: Arc::new(ConnectionManager::new()),
         })

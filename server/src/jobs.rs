@@ -11,6 +11,7 @@
 //! never sees half a window.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use datafusion::arrow::array::RecordBatch;
@@ -36,6 +37,41 @@ struct Job {
     control: mpsc::Sender<Control>,
     /// The view's task, aborted when the view is dropped or the server stops.
     task: JoinHandle<()>,
+    /// What the task reports of its progress, read by `weir_catalog.view_progress`.
+    progress: Arc<Progress>,
+}
+
+/// A view's progress, written by its task and read by queries.
+#[derive(Debug)]
+pub struct Progress {
+    pub source: String,
+    /// Rows read from the source.
+    pub rows_read: AtomicU64,
+    /// Rows appended to the view.
+    pub rows_written: AtomicU64,
+    /// Rows that arrived after their window had closed, and were left out.
+    pub late_rows: AtomicU64,
+    /// The source's watermark in milliseconds since the epoch; `i64::MIN` before the first row.
+    pub watermark_ms: AtomicI64,
+    /// `running`, `ended` (a bounded source is exhausted) or `failed: <reason>`.
+    pub status: Mutex<String>,
+}
+
+impl Progress {
+    fn new(source: String) -> Self {
+        Progress {
+            source,
+            rows_read: AtomicU64::new(0),
+            rows_written: AtomicU64::new(0),
+            late_rows: AtomicU64::new(0),
+            watermark_ms: AtomicI64::new(i64::MIN),
+            status: Mutex::new("running".to_string()),
+        }
+    }
+
+    fn set_status(&self, status: String) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
 }
 
 /// Every running view, by name.
@@ -46,10 +82,21 @@ pub struct Jobs {
 
 impl Jobs {
     /// Starts keeping `view` (whose rows live in `table`) up to date from `reader` through `pipeline`.
-    pub fn start(&self, view: String, reader: Box<dyn SourceReader>, pipeline: Pipeline, table: Arc<MemTable>) {
+    /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
+    pub fn start(
+        &self,
+        view: String,
+        source: String,
+        reader: Box<dyn SourceReader>,
+        pipeline: Pipeline,
+        table: Arc<MemTable>,
+        ms_per_unit: f64,
+    ) {
         let (control, requests) = mpsc::channel(16);
-        let task = tokio::spawn(run(view.clone(), reader, pipeline, table, requests));
-        let previous = self.lock().insert(view, Job { control, task });
+        let progress = Arc::new(Progress::new(source));
+        let view_task = ViewTask { view: view.clone(), pipeline, table, progress: progress.clone(), ms_per_unit };
+        let task = tokio::spawn(run(view_task, reader, requests));
+        let previous = self.lock().insert(view, Job { control, task, progress });
         if let Some(previous) = previous {
             previous.task.abort();
         }
@@ -79,6 +126,13 @@ impl Jobs {
         }
     }
 
+    /// Every view's progress, by view name.
+    pub fn progress(&self) -> Vec<(String, Arc<Progress>)> {
+        let mut all: Vec<_> = self.lock().iter().map(|(v, j)| (v.clone(), j.progress.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -92,13 +146,17 @@ impl Drop for Jobs {
     }
 }
 
-async fn run(
+/// What a view's task owns.
+#[derive(Debug)]
+struct ViewTask {
     view: String,
-    mut reader: Box<dyn SourceReader>,
-    mut pipeline: Pipeline,
+    pipeline: Pipeline,
     table: Arc<MemTable>,
-    mut requests: mpsc::Receiver<Control>,
-) {
+    progress: Arc<Progress>,
+    ms_per_unit: f64,
+}
+
+async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests: mpsc::Receiver<Control>) {
     let mut reading = true;
     loop {
         tokio::select! {
@@ -109,7 +167,7 @@ async fn run(
                     // Everything the source has ready now (a bounded generator: all of it) goes in first.
                     while reading {
                         match reader.next_batch().now_or_never() {
-                            Some(batch) => reading = step(&view, batch, &mut pipeline, &table).await,
+                            Some(batch) => reading = task.step(batch).await,
                             None => break,
                         }
                     }
@@ -118,38 +176,48 @@ async fn run(
                 None => return,
             },
             batch = reader.next_batch(), if reading => {
-                reading = step(&view, batch, &mut pipeline, &table).await;
+                reading = task.step(batch).await;
             }
         }
     }
 }
 
-/// Processes what the source returned; returns whether to keep reading.
-async fn step(
-    view: &str,
-    batch: Result<Option<RecordBatch>, ConnectorError>,
-    pipeline: &mut Pipeline,
-    table: &MemTable,
-) -> bool {
-    let (produced, more) = match batch {
-        Ok(Some(batch)) => (pipeline.push(batch).await, true),
-        Ok(None) => {
-            info!(%view, "source ended; every window is closed");
-            (pipeline.end().await, false)
+impl ViewTask {
+    /// Processes what the source returned; returns whether to keep reading.
+    async fn step(&mut self, batch: Result<Option<RecordBatch>, ConnectorError>) -> bool {
+        let view = &self.view;
+        let (produced, more) = match batch {
+            Ok(Some(batch)) => {
+                self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                (self.pipeline.push(batch).await, true)
+            }
+            Ok(None) => {
+                info!(%view, "source ended; every window is closed");
+                self.progress.set_status("ended".to_string());
+                (self.pipeline.end().await, false)
+            }
+            Err(err) => {
+                error!(%view, error = %err, "the view's source failed; the view stops here");
+                self.progress.set_status(format!("failed: {err}"));
+                return false;
+            }
+        };
+        self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
+        if let Some(w) = self.pipeline.watermark() {
+            self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
-        Err(err) => {
-            error!(%view, error = %err, "the view's source failed; the view stops here");
-            return false;
-        }
-    };
-    match produced {
-        Ok(rows) => {
-            append(table, rows).await;
-            more
-        }
-        Err(err) => {
-            error!(%view, error = %err, "the view's dataflow failed; the view stops here");
-            false
+        match produced {
+            Ok(rows) => {
+                let written: usize = rows.iter().map(RecordBatch::num_rows).sum();
+                self.progress.rows_written.fetch_add(written as u64, Ordering::Relaxed);
+                append(&self.table, rows).await;
+                more
+            }
+            Err(err) => {
+                error!(%view, error = %err, "the view's dataflow failed; the view stops here");
+                self.progress.set_status(format!("failed: {err}"));
+                false
+            }
         }
     }
 }

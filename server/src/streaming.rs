@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::catalog::MemTable;
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
@@ -135,7 +135,8 @@ impl Session {
             depends_on: vec![source_def.name.clone()],
         };
         self.engine.catalog.create(def, table.clone(), None, false)?;
-        self.engine.jobs.start(name, reader, pipeline, table);
+        let ms_per_unit = watermark_unit_ms(&source_def.schema, &source);
+        self.engine.jobs.start(name, source_def.name.clone(), reader, pipeline, table, ms_per_unit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
@@ -227,6 +228,21 @@ impl Session {
             )),
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
+    }
+}
+
+/// Milliseconds per unit of the source's event-time column (1 for `TIMESTAMP(3)`).
+fn watermark_unit_ms(schema: &SchemaRef, source: &CreateSource) -> f64 {
+    let unit = source
+        .watermark
+        .as_ref()
+        .and_then(|w| schema.field_with_name(&w.column.value.to_lowercase()).ok())
+        .map(|f| f.data_type().clone());
+    match unit {
+        Some(DataType::Timestamp(TimeUnit::Second, _)) => 1_000.0,
+        Some(DataType::Timestamp(TimeUnit::Microsecond, _)) => 0.001,
+        Some(DataType::Timestamp(TimeUnit::Nanosecond, _)) => 0.000_001,
+        _ => 1.0,
     }
 }
 
