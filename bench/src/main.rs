@@ -1,0 +1,140 @@
+//! Weir's benchmark program: Nexmark queries run as streaming dataflows over the in-process generator, on one core.
+//!
+//! `cargo run --release -p weir-bench -- nexmark q0 [--events N]` prints events per second and peak memory. Each run
+//! plans the query exactly as `CREATE MATERIALIZED VIEW` does and drives the view's pipeline on the current thread;
+//! `source` measures the generator alone, the ceiling for every query.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::MemTable;
+use datafusion::common::DFSchema;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use weir_common::plan::WatermarkSpec;
+use weir_planner::WeirStatement;
+use weir_runtime::pipeline::Pipeline;
+
+#[derive(Debug, Parser)]
+#[command(about = "Nexmark queries over Weir's streaming runtime")]
+struct Args {
+    /// Benchmark suite (only `nexmark` for now).
+    suite: String,
+    /// Query: source, q0, q1, q2, tumble.
+    query: String,
+    /// Nexmark events to generate (bids are 46 of every 50).
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+}
+
+fn query_sql(query: &str) -> anyhow::Result<Option<&'static str>> {
+    Ok(Some(match query {
+        "source" => return Ok(None),
+        // Pass-through.
+        "q0" => "SELECT auction, bidder, price, date_time FROM bid",
+        // Currency conversion.
+        "q1" => "SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid",
+        // Selection.
+        "q2" => "SELECT auction, price FROM bid WHERE auction % 123 = 0",
+        // Bids per auction in 10-second tumbling windows, emitted when each window closes.
+        "tumble" => {
+            "SELECT auction, window_start, window_end, count(*) AS bids \
+             FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) GROUP BY auction, window_start, window_end"
+        }
+        other => bail!("unknown query {other}; known: source, q0, q1, q2, tumble"),
+    }))
+}
+
+fn bid_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("auction", DataType::Int64, false),
+        Field::new("bidder", DataType::Int64, false),
+        Field::new("price", DataType::Int64, false),
+        Field::new("channel", DataType::Utf8, false),
+        Field::new("url", DataType::Utf8, false),
+        Field::new("date_time", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        Field::new("extra", DataType::Utf8, false),
+    ]))
+}
+
+/// Peak resident memory of this process, from /proc.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.suite != "nexmark" {
+        bail!("unknown suite {}; known: nexmark", args.suite);
+    }
+    let sql = query_sql(&args.query)?;
+    let schema = bid_schema();
+    let options = [
+        ("connector", "nexmark".to_string()),
+        ("nexmark.table", "bid".to_string()),
+        ("nexmark.events", args.events.to_string()),
+        ("nexmark.rate", "0".to_string()),
+        ("nexmark.start", "2024-01-01 00:00:00".to_string()),
+    ];
+    let mut reader = weir_connectors::open_source(
+        schema.clone(),
+        options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    )?;
+
+    let ctx = SessionContext::new();
+    for udf in weir_planner::windows::window_udfs() {
+        ctx.register_udf(udf);
+    }
+    ctx.register_table("bid", Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?))?;
+    let mut pipeline = match sql {
+        None => None,
+        Some(sql) => {
+            let mut statements = weir_planner::parse_sql(sql).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
+            weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
+            let sources = HashMap::from([("bid".to_string(), schema.clone())]);
+            let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+            let expr = ctx.parse_sql_expr("date_time - INTERVAL '2' SECOND", &df_schema)?;
+            let expr = ctx.create_physical_expr(expr, &df_schema)?;
+            let watermark = WatermarkSpec { column: 5, expr };
+            Some(Pipeline::try_new(plan, Some(watermark), ctx.task_ctx()).context("starting the pipeline")?)
+        }
+    };
+
+    let started = Instant::now();
+    let (mut bids, mut out) = (0u64, 0u64);
+    while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+        bids += batch.num_rows() as u64;
+        if let Some(pipeline) = &mut pipeline {
+            out += pipeline.push(batch).await?.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        }
+    }
+    if let Some(pipeline) = &mut pipeline {
+        out += pipeline.end().await?.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "nexmark {:<7} events {:>11}  bids {:>11}  rows out {:>11}  {:>6.2} s  {:>12.0} events/s/core  {:>12.0} bids/s/core  peak memory {:.0} MiB",
+        args.query,
+        args.events,
+        bids,
+        out,
+        seconds,
+        args.events as f64 / seconds,
+        bids as f64 / seconds,
+        peak_memory_mib().unwrap_or(f64::NAN),
+    );
+    Ok(())
+}
