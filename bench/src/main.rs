@@ -1,6 +1,6 @@
 //! Weir's benchmark program: Nexmark queries run as streaming dataflows over the in-process generator, on one core.
 //!
-//! `cargo run --release -p weir-bench -- nexmark q0 [--events N]` prints events per second and peak memory. Each run
+//! `cargo run --release --bin weir-bench -- nexmark q0 [--events N]` prints events per second and peak memory. Each run
 //! plans the query exactly as `CREATE MATERIALIZED VIEW` does and drives the view's pipeline on the current thread;
 //! `source` measures the generator alone, the ceiling for every query.
 
