@@ -208,12 +208,17 @@ impl Operator for WindowAggregate {
             let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && ends.value(i) == end)).collect();
             for (i, index) in indices.iter_mut().enumerate() {
                 if mask.value(i) {
+                    // Look up by borrowed bytes: only a new group allocates its key.
                     let key = encoded.row(i);
-                    let next = window.keys.len();
-                    *index = *window.groups.entry(key.as_ref().to_vec()).or_insert_with(|| {
-                        window.keys.push(key.as_ref().to_vec());
-                        next
-                    });
+                    *index = match window.groups.get(key.as_ref()) {
+                        Some(group) => *group,
+                        None => {
+                            let group = window.keys.len();
+                            window.keys.push(key.as_ref().to_vec());
+                            window.groups.insert(key.as_ref().to_vec(), group);
+                            group
+                        }
+                    };
                 }
             }
             let total = window.keys.len();

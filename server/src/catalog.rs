@@ -60,6 +60,16 @@ impl Catalog {
         self.create(def, provider, None, if_not_exists)
     }
 
+    /// Checks that `name` is free before the work of creating it: `Ok(false)` when it is taken and `if_not_exists`
+    /// is set (the statement then does nothing), an error when it is taken otherwise.
+    pub fn check_free(&self, name: &str, if_not_exists: bool) -> Result<bool, ErrorReport> {
+        match self.get(name) {
+            None => Ok(true),
+            Some(_) if if_not_exists => Ok(false),
+            Some(_) => Err(catalog_report(CatalogStoreError::AlreadyExists(name.to_string()))),
+        }
+    }
+
     /// Creates a relation read through `provider`. Returns `false` (and changes nothing) when one of that name exists
     /// and `if_not_exists` is set.
     pub fn create(
@@ -69,11 +79,8 @@ impl Catalog {
         source: Option<Arc<CreateSource>>,
         if_not_exists: bool,
     ) -> Result<bool, ErrorReport> {
-        if self.get(&def.name).is_some() {
-            if if_not_exists {
-                return Ok(false);
-            }
-            return Err(catalog_report(CatalogStoreError::AlreadyExists(def.name)));
+        if !self.check_free(&def.name, if_not_exists)? {
+            return Ok(false);
         }
         self.store.put(&def).map_err(catalog_report)?;
         let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);

@@ -32,11 +32,8 @@ impl Session {
     ) -> Result<Outcome, ErrorReport> {
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&source.name)?;
-        if self.engine.catalog.get(&name).is_some() {
-            if source.if_not_exists {
-                return Ok(Outcome::Command("CREATE SOURCE", None));
-            }
-            return Err(ErrorReport::new(SqlState::DUPLICATE_TABLE, format!("relation \"{name}\" already exists")));
+        if !self.engine.catalog.check_free(&name, source.if_not_exists)? {
+            return Ok(Outcome::Command("CREATE SOURCE", None));
         }
         let schema = self.column_schema(&source.name, &source.columns, text, sql).await?;
         self.watermark(&name, source, &schema)?;
@@ -87,11 +84,8 @@ impl Session {
         }
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&view.name)?;
-        if self.engine.catalog.get(&name).is_some() {
-            if view.if_not_exists {
-                return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
-            }
-            return Err(ErrorReport::new(SqlState::DUPLICATE_TABLE, format!("relation \"{name}\" already exists")));
+        if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
+            return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
         let sources: HashMap<String, SchemaRef> = self
