@@ -17,6 +17,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::plan::WatermarkSpec;
 use weir_planner::WeirStatement;
+use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
 
 #[derive(Debug, Parser)]
@@ -102,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
             weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
             let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
             let sources = HashMap::from([("bid".to_string(), schema.clone())]);
-            let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources)
+            let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, true)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
@@ -118,11 +119,13 @@ async fn main() -> anyhow::Result<()> {
     while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow::anyhow!("{e}"))? {
         bids += batch.num_rows() as u64;
         if let Some(pipeline) = &mut pipeline {
-            out += pipeline.push(batch).await?.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+            pipeline.push(batch).await?;
+            out += published_rows(pipeline.publish().await?);
         }
     }
     if let Some(pipeline) = &mut pipeline {
-        out += pipeline.end().await?.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+        pipeline.end().await?;
+        out += published_rows(pipeline.publish().await?);
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -137,4 +140,16 @@ async fn main() -> anyhow::Result<()> {
         peak_memory_mib().unwrap_or(f64::NAN),
     );
     Ok(())
+}
+
+/// Rows in one epoch's changes (an append-only view's new rows).
+fn published_rows(changes: Vec<ViewChange>) -> u64 {
+    changes
+        .iter()
+        .map(|c| match c {
+            ViewChange::Append(rows) | ViewChange::Replace { rows, .. } => {
+                rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
+            }
+        })
+        .sum()
 }

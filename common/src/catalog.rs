@@ -23,6 +23,8 @@ pub enum RelationKind {
     Source,
     /// A materialized view: rows are kept up to date from its query.
     MaterializedView,
+    /// A view: a named query, planned wherever it is used.
+    View,
 }
 
 impl RelationKind {
@@ -32,6 +34,17 @@ impl RelationKind {
             RelationKind::Table => "table",
             RelationKind::Source => "source",
             RelationKind::MaterializedView => "materialized view",
+            RelationKind::View => "view",
+        }
+    }
+
+    /// The command tag of `DROP` for this kind.
+    pub fn drop_tag(&self) -> &'static str {
+        match self {
+            RelationKind::Table => "DROP TABLE",
+            RelationKind::Source => "DROP SOURCE",
+            RelationKind::MaterializedView => "DROP MATERIALIZED VIEW",
+            RelationKind::View => "DROP VIEW",
         }
     }
 }

@@ -23,14 +23,14 @@ pub struct Aggregate {
     pub filter: Option<Arc<dyn PhysicalExpr>>,
 }
 
-/// A window aggregation: group keys (one of them the window end) and aggregates with their optional filters.
+/// An aggregation: group keys (usually one of them the window end) and aggregates with their optional filters.
 #[derive(Debug, Clone)]
 pub struct WindowAggregateSpec {
     /// Schema of the batches the aggregate consumes (the output of `below`).
     pub input: SchemaRef,
     pub keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
-    /// Index into `keys` of the window end.
-    pub window_end: usize,
+    /// Index into `keys` of the window end; `None` for a plain `GROUP BY`, whose groups never close.
+    pub window_end: Option<usize>,
     pub aggregates: Vec<Aggregate>,
 }
 
@@ -55,4 +55,14 @@ pub struct StreamingPlan {
     pub above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
     /// Schema of the view's rows.
     pub schema: SchemaRef,
+    /// `EMIT ON WINDOW CLOSE`: the view is append-only, each window appearing once, final, when it closes. Otherwise
+    /// the view shows open windows too, updated as rows arrive.
+    pub emit_on_window_close: bool,
+}
+
+impl StreamingPlan {
+    /// Whether the view only ever gains rows (so other views and append-only sinks can read it as a stream).
+    pub fn append_only(&self) -> bool {
+        self.aggregate.is_none() || self.emit_on_window_close
+    }
 }

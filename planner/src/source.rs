@@ -1,4 +1,4 @@
-//! Weir's streaming DDL that sqlparser does not know: `CREATE SOURCE`.
+//! Weir's streaming DDL that sqlparser does not know: `CREATE SOURCE`, and `CREATE TABLE` with a watermark.
 //!
 //! ```text
 //! CREATE SOURCE [IF NOT EXISTS] name (
@@ -8,7 +8,12 @@
 //! [INCLUDE item [AS alias] [, ...]]          -- key, partition, offset, timestamp, topic, header 'name'
 //! WITH (key = value [, ...])                   -- keys are identifiers, dotted names or quoted strings
 //! [FORMAT format ENCODE encoding [(key = value [, ...])]]
+//!
+//! CREATE TABLE [IF NOT EXISTS] name (column type [, ...], WATERMARK FOR column AS expr)
 //! ```
+//!
+//! A `CREATE TABLE` without `WATERMARK` is sqlparser's statement; with one it is parsed here, as a table (rows come
+//! from `INSERT`) with the same column list grammar as a source.
 //!
 //! The pieces sqlparser does know (column definitions, the watermark expression) are parsed with its parser, so types
 //! and expressions mean the same here as everywhere else.
@@ -21,6 +26,8 @@ use datafusion::sql::sqlparser::tokenizer::Token;
 /// `CREATE SOURCE`, as written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateSource {
+    /// `CREATE TABLE ... (..., WATERMARK FOR ...)`: a table, which has no connector.
+    pub table: bool,
     pub name: ObjectName,
     pub if_not_exists: bool,
     pub columns: Vec<ColumnDef>,
@@ -58,16 +65,40 @@ pub struct FormatDef {
     pub options: Vec<(String, String)>,
 }
 
-/// Whether the parser stands at `CREATE SOURCE`.
+/// Whether the parser stands at `CREATE SOURCE`, or at a `CREATE TABLE` whose column list declares a watermark.
 pub(crate) fn at_create_source(parser: &Parser) -> bool {
-    is_keyword(&parser.peek_nth_token(0).token, Keyword::CREATE)
-        && is_keyword(&parser.peek_nth_token(1).token, Keyword::SOURCE)
+    if !is_keyword(&parser.peek_nth_token(0).token, Keyword::CREATE) {
+        return false;
+    }
+    let second = parser.peek_nth_token(1).token;
+    if is_keyword(&second, Keyword::SOURCE) {
+        return true;
+    }
+    if !is_keyword(&second, Keyword::TABLE) {
+        return false;
+    }
+    // `WATERMARK` directly inside the column list's parentheses.
+    let mut depth = 0usize;
+    for n in 2.. {
+        match parser.peek_nth_token(n).token {
+            Token::LParen => depth += 1,
+            Token::RParen if depth <= 1 => return false,
+            Token::RParen => depth -= 1,
+            Token::EOF | Token::SemiColon => return false,
+            ref token if depth == 1 && is_word(token, "WATERMARK") => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
-/// Parses `CREATE SOURCE ...`; the parser stands at `CREATE`.
+/// Parses `CREATE SOURCE ...` or `CREATE TABLE ...`; the parser stands at `CREATE`.
 pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, ParserError> {
     parser.expect_keyword(Keyword::CREATE)?;
-    parser.expect_keyword(Keyword::SOURCE)?;
+    let table = parser.parse_keyword(Keyword::TABLE);
+    if !table {
+        parser.expect_keyword(Keyword::SOURCE)?;
+    }
     let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = parser.parse_object_name(false)?;
 
@@ -94,6 +125,19 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
     }
     parser.expect_token(&Token::RParen)?;
 
+    if table {
+        let with = if parser.parse_keyword(Keyword::WITH) { parse_option_list(parser)? } else { vec![] };
+        return Ok(CreateSource {
+            table,
+            name,
+            if_not_exists,
+            columns,
+            watermark,
+            include: vec![],
+            with,
+            format: None,
+        });
+    }
     let mut include = Vec::new();
     if parser.parse_keyword(Keyword::INCLUDE) {
         include = parser.parse_comma_separated(parse_include)?;
@@ -114,7 +158,7 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
     } else {
         None
     };
-    Ok(CreateSource { name, if_not_exists, columns, watermark, include, with, format })
+    Ok(CreateSource { table, name, if_not_exists, columns, watermark, include, with, format })
 }
 
 fn parse_include(parser: &mut Parser) -> Result<IncludeDef, ParserError> {

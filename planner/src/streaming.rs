@@ -1,12 +1,13 @@
 //! Planning a materialized view's query as a streaming dataflow.
 //!
-//! DataFusion plans the query as usual, with the source's scan replaced by a [`FeedExec`] leaf. The physical plan is
-//! then cut at its aggregation: the stateless part below (filters, projections, window assignment, unnest) and the
-//! stateless part above run as DataFusion plans over feeds, and the `AggregateExec`'s group keys and aggregate
-//! functions become a window aggregate that emits each window when the watermark closes it.
+//! Plain views in the query are inlined, then DataFusion plans the query as usual, with the input relation's scan
+//! replaced by a [`FeedExec`] leaf. The physical plan is then cut at its aggregation: the stateless part below
+//! (filters, projections, window assignment, unnest) and the stateless part above run as DataFusion plans over feeds,
+//! and the `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no
+//! key is a `window_end`).
 //!
 //! What cannot run as a stream yet is refused with SQLSTATE 0A000 naming the construct: joins, ORDER BY, LIMIT,
-//! aggregation without a window, several sources.
+//! several inputs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{Expr, LogicalPlan, TableScanBuilder};
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableScanBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
@@ -25,22 +26,23 @@ use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{Aggregate, StreamingPlan, WindowAggregateSpec};
 use weir_common::{ErrorReport, SqlState};
 
-/// Plans `query` (a logical plan over `sources`, by name) as a streaming dataflow.
+/// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
+/// dataflow.
 pub async fn plan_streaming(
     state: &SessionState,
     query: &LogicalPlan,
-    sources: &HashMap<String, SchemaRef>,
+    inputs: &HashMap<String, SchemaRef>,
+    emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
     let input = Feed::new();
     let mut scanned: Vec<String> = Vec::new();
-    let logical = query
-        .clone()
+    let logical = inline_views(query.clone())?
         .transform_up(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
-            let Some(schema) = sources.get(&name) else {
+            let Some(schema) = inputs.get(&name) else {
                 return Err(datafusion::error::DataFusionError::NotImplemented(format!(
-                    "a materialized view over the table \"{name}\"; views read sources"
+                    "a materialized view reading \"{name}\" as a stream"
                 )));
             };
             scanned.push(name.clone());
@@ -56,8 +58,8 @@ pub async fn plan_streaming(
         .data;
     let source = match scanned.as_slice() {
         [one] => one.clone(),
-        [] => return Err(unsupported("a materialized view that reads no source")),
-        _ => return Err(unsupported("a materialized view that reads more than one source (joins)")),
+        [] => return Err(unsupported("a materialized view that reads no relation")),
+        _ => return Err(unsupported("a materialized view that reads more than one relation (joins, UNION)")),
     };
 
     // One partition: the dataflow parallelizes by itself, not inside a batch.
@@ -68,16 +70,60 @@ pub async fn plan_streaming(
 
     let Some(aggregate) = find_aggregate(&physical)? else {
         check_stateless(&physical)?;
-        return Ok(StreamingPlan { source, input, below: physical, aggregate: None, above: None, schema });
+        if emit_on_window_close {
+            return Err(needs_window());
+        }
+        return Ok(StreamingPlan {
+            source,
+            input,
+            below: physical,
+            aggregate: None,
+            above: None,
+            schema,
+            emit_on_window_close,
+        });
     };
     let (spec, below) = window_aggregate(&aggregate)?;
+    if emit_on_window_close && spec.window_end.is_none() {
+        return Err(needs_window());
+    }
     check_stateless(&below)?;
     let output = Feed::new();
     let feed: Arc<dyn ExecutionPlan> =
         Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
     let above = replace(&physical, &aggregate, &feed)?;
     check_stateless(&above)?;
-    Ok(StreamingPlan { source, input, below, aggregate: Some(spec), above: Some((output, above)), schema })
+    Ok(StreamingPlan {
+        source,
+        input,
+        below,
+        aggregate: Some(spec),
+        above: Some((output, above)),
+        schema,
+        emit_on_window_close,
+    })
+}
+
+fn needs_window() -> ErrorReport {
+    unsupported("EMIT ON WINDOW CLOSE without a window aggregation")
+        .with_hint("Group by a window (window_start, window_end from TUMBLE, HOP, CUMULATE or SESSION), or leave out EMIT ON WINDOW CLOSE.")
+}
+
+/// Replaces every scan of a plain view by the view's query, as DataFusion's analyzer would.
+fn inline_views(plan: LogicalPlan) -> Result<LogicalPlan, ErrorReport> {
+    plan.transform_down(|node| {
+        let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
+        let Some(view) = scan.source.get_logical_plan() else { return Ok(Transformed::no(node)) };
+        let view = view.into_owned();
+        let columns: Vec<Expr> = match &scan.projection {
+            Some(indices) => indices.iter().map(|&i| Expr::Column(view.schema().columns()[i].clone())).collect(),
+            None => view.schema().columns().into_iter().map(Expr::Column).collect(),
+        };
+        let inlined = LogicalPlanBuilder::from(view).project(columns)?.alias(scan.table_name.clone())?.build()?;
+        Ok(Transformed::yes(inlined))
+    })
+    .map(|t| t.data)
+    .map_err(|e| ErrorReport::from_datafusion(&e, ""))
 }
 
 /// The topmost aggregation of the plan (the final one of a partial/final pair).
@@ -117,15 +163,9 @@ fn window_aggregate(
     let keys: Vec<_> = exec.group_expr().expr().to_vec();
     let input = exec.input().clone();
     let input_schema = input.schema();
-    let window_end = keys
-        .iter()
-        .position(|(expr, name)| {
-            name == "window_end" && matches!(expr.data_type(&input_schema), Ok(DataType::Timestamp(..)))
-        })
-        .ok_or_else(|| {
-            unsupported("GROUP BY without window_end in a materialized view")
-                .with_hint("Group by a window (window_start, window_end from TUMBLE, HOP, CUMULATE or SESSION).")
-        })?;
+    let window_end = keys.iter().position(|(expr, name)| {
+        name == "window_end" && matches!(expr.data_type(&input_schema), Ok(DataType::Timestamp(..)))
+    });
     let aggregates = exec
         .aggr_expr()
         .iter()

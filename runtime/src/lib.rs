@@ -4,12 +4,16 @@
 //!   batches so that every downstream operator judges each row against the watermark of the rows before it.
 //! - [`operator`]: the [`operator::Operator`] contract between an operator and the runner that drives it.
 //! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow, driven a source batch at a time.
-//! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], event-time window aggregation that emits each
-//!   window once when the watermark closes it, setting late rows aside.
+//! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
+//!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
+//!   aside.
+//! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
+//!   readable as a stream by views over it.
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, window and updating aggregates,
-//! materialization with consistent snapshots, and the state store. The runtime depends only on `weir-common`.
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and the state store. The
+//! runtime depends only on `weir-common`.
 
+pub mod materialize;
 pub mod operator;
 pub mod pipeline;
 pub mod watermark;

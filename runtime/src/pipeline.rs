@@ -1,23 +1,30 @@
 //! One materialized view's dataflow, driven a source batch at a time.
 //!
 //! ```text
-//!   source batch -> WatermarkAssigner -> [below] -> WindowAggregate -> [above] -> view rows
+//!   source batch -> WatermarkAssigner -> [below] -> WindowAggregate -> [above, per window] -> view changes
 //!                          |                               ^
 //!                          +---------- watermarks ---------+
 //! ```
 //!
-//! `below` and `above` are the streaming plan's DataFusion plans, re-executed over their feeds for every batch. The
-//! operators are chained in one call stack (no channels between them), the cheapest form of a linear dataflow.
+//! `below` and `above` are the streaming plan's DataFusion plans, re-executed over their feeds. `above` runs on one
+//! window's rows at a time, so whatever it computes stays inside a window. The operators are chained in one call
+//! stack (no channels between them), the cheapest form of a linear dataflow.
+//!
+//! Changes collect until [`Pipeline::publish`] ends the epoch: it returns the rows appended since the last epoch and,
+//! for views that show open windows, the current rows of every window changed since then.
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
 use futures::TryStreamExt;
+use weir_common::feed::Feed;
 use weir_common::plan::{StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
+use crate::materialize::ViewChange;
 use crate::operator::Operator;
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::WindowAggregate;
@@ -31,6 +38,8 @@ pub struct Pipeline {
     aggregate: Option<WindowAggregate>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
+    /// Changes of the current epoch.
+    pending: Vec<ViewChange>,
 }
 
 impl Pipeline {
@@ -38,7 +47,7 @@ impl Pipeline {
     pub fn try_new(plan: StreamingPlan, watermark: Option<WatermarkSpec>, task: Arc<TaskContext>) -> Result<Self> {
         let aggregate = match &plan.aggregate {
             Some(spec) => {
-                if watermark.is_none() {
+                if watermark.is_none() && plan.emit_on_window_close {
                     return Err(RuntimeError::NeedsWatermark(plan.source.clone()));
                 }
                 Some(WindowAggregate::try_new(
@@ -51,7 +60,12 @@ impl Pipeline {
             None => None,
         };
         let assigner = watermark.map(|w| WatermarkAssigner::new(w.column, w.expr));
-        Ok(Pipeline { plan, assigner, aggregate, task })
+        Ok(Pipeline { plan, assigner, aggregate, task, pending: Vec::new() })
+    }
+
+    /// Schema of the view's rows.
+    pub fn schema(&self) -> SchemaRef {
+        self.plan.schema.clone()
     }
 
     /// The source's watermark so far.
@@ -64,31 +78,41 @@ impl Pipeline {
         self.aggregate.as_ref().map_or(0, WindowAggregate::late_rows)
     }
 
-    /// Processes one batch of source rows; returns the view rows it produced.
-    pub async fn push(&mut self, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+    /// Processes one batch of source rows.
+    pub async fn push(&mut self, batch: RecordBatch) -> Result<()> {
         let messages = match &mut self.assigner {
             Some(assigner) => assigner.process(&batch)?,
             None => vec![Message::Data(batch)],
         };
-        let mut out = Vec::new();
         for message in messages {
             match message {
-                Message::Data(batch) => self.data(batch, &mut out).await?,
-                Message::Watermark(w) => self.watermark_reached(w, &mut out).await?,
+                Message::Data(batch) => self.data(batch).await?,
+                Message::Watermark(w) => self.watermark_reached(w).await?,
                 Message::Barrier(_) | Message::End => {}
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The source has ended: every window closes.
-    pub async fn end(&mut self) -> Result<Vec<RecordBatch>> {
-        let mut out = Vec::new();
-        self.watermark_reached(END_OF_TIME, &mut out).await?;
-        Ok(out)
+    pub async fn end(&mut self) -> Result<()> {
+        self.watermark_reached(END_OF_TIME).await
     }
 
-    async fn data(&mut self, batch: RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
+    /// Ends the epoch: the changes to apply to the view, all at once.
+    pub async fn publish(&mut self) -> Result<Vec<ViewChange>> {
+        if !self.plan.emit_on_window_close
+            && let Some(aggregate) = &mut self.aggregate
+        {
+            for (window, rows) in aggregate.snapshot()? {
+                let rows = above(&self.plan.above, rows, &self.task).await?;
+                self.pending.push(ViewChange::Replace { window, rows });
+            }
+        }
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    async fn data(&mut self, batch: RecordBatch) -> Result<()> {
         self.plan.input.push(batch);
         let rows = run(&self.plan.below, &self.task).await?;
         match &mut self.aggregate {
@@ -98,38 +122,44 @@ impl Pipeline {
                     aggregate.on_data(batch, &mut ignored)?;
                 }
             }
-            None => out.extend(rows),
+            None => self.pending.push(ViewChange::Append(rows)),
         }
         Ok(())
     }
 
-    async fn watermark_reached(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
-        let (Some(aggregate), Some((feed, above))) = (&mut self.aggregate, &self.plan.above) else {
-            return Ok(());
-        };
-        let mut closed = Vec::new();
-        aggregate.on_watermark(watermark, &mut closed)?;
-        if closed.is_empty() {
-            return Ok(());
+    async fn watermark_reached(&mut self, watermark: Watermark) -> Result<()> {
+        let Some(aggregate) = &mut self.aggregate else { return Ok(()) };
+        for (window, rows) in aggregate.close(watermark)? {
+            let rows = above(&self.plan.above, rows, &self.task).await?;
+            self.pending.push(match self.plan.emit_on_window_close {
+                true => ViewChange::Append(rows),
+                false => ViewChange::Replace { window, rows },
+            });
         }
-        for batch in closed {
-            // The feed's schema is the one DataFusion planned for the aggregate's output.
-            let schema = above_input_schema(above);
-            let batch = match schema {
-                Some(schema) => {
-                    RecordBatch::try_new(schema, batch.columns().to_vec()).map_err(|e| RuntimeError::Expr(e.into()))?
-                }
-                None => batch,
-            };
-            feed.push(batch);
-        }
-        out.extend(run(above, &self.task).await?);
         Ok(())
     }
 }
 
+/// Runs the plan above the aggregate over one window's rows.
+async fn above(
+    plan: &Option<(Feed, Arc<dyn ExecutionPlan>)>,
+    rows: RecordBatch,
+    task: &Arc<TaskContext>,
+) -> Result<Vec<RecordBatch>> {
+    let Some((feed, above)) = plan else { return Ok(vec![rows]) };
+    // The feed's schema is the one DataFusion planned for the aggregate's output.
+    let rows = match above_input_schema(above) {
+        Some(schema) => {
+            RecordBatch::try_new(schema, rows.columns().to_vec()).map_err(|e| RuntimeError::Expr(e.into()))?
+        }
+        None => rows,
+    };
+    feed.push(rows);
+    run(above, task).await
+}
+
 /// The schema of the feed leaf of `plan`.
-fn above_input_schema(plan: &Arc<dyn ExecutionPlan>) -> Option<datafusion::arrow::datatypes::SchemaRef> {
+fn above_input_schema(plan: &Arc<dyn ExecutionPlan>) -> Option<SchemaRef> {
     if plan.name() == "FeedExec" {
         return Some(plan.schema());
     }

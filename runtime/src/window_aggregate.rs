@@ -1,14 +1,17 @@
-//! Event-time window aggregation that emits each window once, final, when the watermark closes it.
+//! Window aggregation over event-time windows, and plain `GROUP BY` as the special case of one window that never
+//! closes.
 //!
 //! The input carries the window already assigned (a `window_end` column among the group keys, computed by the
 //! stateless window-assignment functions upstream). State is kept per window end, so closing windows is dropping the
 //! oldest entries of an ordered map, and inside a window per group key, in DataFusion `GroupsAccumulator`s that update
-//! whole batches at a time.
+//! whole batches at a time. Without a window key every row belongs to [`NO_WINDOW`].
 //!
-//! A window `[start, end)` closes when the watermark `W >= end - 1`. A row whose window is already closed when it
-//! arrives is late: it changes nothing, is counted, and is kept for the source's late-data output.
+//! A window `[start, end)` closes when the watermark `W >= end - 1`: [`WindowAggregate::close`] returns its final rows
+//! and drops its state. A row whose window is already closed when it arrives is late: it changes nothing, is counted,
+//! and is kept for the source's late-data output. For views that show open windows, [`WindowAggregate::snapshot`]
+//! evaluates the windows changed since the last call without disturbing their state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
@@ -25,18 +28,24 @@ use crate::{Result, RuntimeError};
 
 pub use weir_common::plan::Aggregate;
 
-/// `GROUP BY keys (one of them the window end)` with aggregates, emitting on window close.
+/// The window of an aggregation without one: it closes only when a bounded input ends.
+pub const NO_WINDOW: i64 = i64::MAX;
+
+/// `GROUP BY keys` (one of them usually the window end) with aggregates.
 #[derive(Debug)]
 pub struct WindowAggregate {
+    input: SchemaRef,
     /// Group key expressions with their output names.
     keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
-    /// Which key is the window end.
-    window_end: usize,
+    /// Which key is the window end; `None` for a plain `GROUP BY`.
+    window_end: Option<usize>,
     aggregates: Vec<Aggregate>,
     output: SchemaRef,
     converter: RowConverter,
     /// Open windows by window end (in the time column's unit).
     windows: BTreeMap<i64, WindowState>,
+    /// Windows changed since the last [`WindowAggregate::snapshot`].
+    dirty: BTreeSet<i64>,
     /// The input watermark so far.
     watermark: Option<Watermark>,
     late: Vec<RecordBatch>,
@@ -49,6 +58,8 @@ struct WindowState {
     /// Row-encoded group keys in group-index order.
     keys: Vec<Vec<u8>>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Whether any row reached the accumulators (a keyless aggregate's window exists before its first row).
+    has_rows: bool,
 }
 
 impl std::fmt::Debug for WindowState {
@@ -57,19 +68,24 @@ impl std::fmt::Debug for WindowState {
     }
 }
 
+fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
+    RuntimeError::Expr(err.into())
+}
+
 impl WindowAggregate {
     /// `input` is the schema of incoming batches; `keys` and the aggregates' expressions are evaluated against it.
     pub fn try_new(
         input: &Schema,
         keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
-        window_end: usize,
+        window_end: Option<usize>,
         aggregates: Vec<Aggregate>,
     ) -> Result<Self> {
         let key_types: Vec<DataType> =
             keys.iter().map(|(expr, _)| expr.data_type(input)).collect::<Result<_, _>>().map_err(RuntimeError::Expr)?;
-        match key_types.get(window_end) {
-            Some(DataType::Timestamp(..)) => {}
-            _ => return Err(RuntimeError::NotATimestamp(format!("group key {window_end}"))),
+        if let Some(window_end) = window_end
+            && !matches!(key_types.get(window_end), Some(DataType::Timestamp(..)))
+        {
+            return Err(RuntimeError::NotATimestamp(format!("group key {window_end}")));
         }
         let mut fields: Vec<Field> = keys
             .iter()
@@ -78,19 +94,26 @@ impl WindowAggregate {
             .collect::<Result<_, datafusion::error::DataFusionError>>()
             .map_err(RuntimeError::Expr)?;
         fields.extend(aggregates.iter().map(|a| a.function.field().as_ref().clone()));
-        let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect())
-            .map_err(|e| RuntimeError::Expr(e.into()))?;
-        Ok(WindowAggregate {
+        let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect()).map_err(arrow_err)?;
+        let mut aggregate = WindowAggregate {
+            input: Arc::new(input.clone()),
             keys,
             window_end,
             aggregates,
             output: Arc::new(Schema::new(fields)),
             converter,
             windows: BTreeMap::new(),
+            dirty: BTreeSet::new(),
             watermark: None,
             late: Vec::new(),
             late_rows: 0,
-        })
+        };
+        // `SELECT count(*) FROM t` has one row before any input, as in a batch query over an empty table.
+        if aggregate.keys.is_empty() && aggregate.window_end.is_none() {
+            aggregate.open_window(NO_WINDOW)?;
+            aggregate.dirty.insert(NO_WINDOW);
+        }
+        Ok(aggregate)
     }
 
     pub fn output_schema(&self) -> SchemaRef {
@@ -112,9 +135,8 @@ impl WindowAggregate {
         self.windows.len()
     }
 
-    fn new_window(&self) -> Result<WindowState> {
-        let accumulators = self
-            .aggregates
+    fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+        self.aggregates
             .iter()
             .map(|a| {
                 if a.function.groups_accumulator_supported() {
@@ -126,22 +148,113 @@ impl WindowAggregate {
                 }
             })
             .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)?;
-        Ok(WindowState { groups: HashMap::new(), keys: Vec::new(), accumulators })
+            .map_err(RuntimeError::Expr)
     }
 
-    fn emit(&mut self, end: i64, out: &mut Vec<RecordBatch>) -> Result<()> {
-        let Some(mut window) = self.windows.remove(&end) else { return Ok(()) };
-        let parser = self.converter.parser();
-        let mut columns = self
-            .converter
-            .convert_rows(window.keys.iter().map(|k| parser.parse(k)))
-            .map_err(|e| RuntimeError::Expr(e.into()))?;
-        for accumulator in &mut window.accumulators {
-            columns.push(accumulator.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
-        }
-        out.push(RecordBatch::try_new(self.output.clone(), columns).map_err(|e| RuntimeError::Expr(e.into()))?);
+    /// Creates the state of window `end`.
+    fn open_window(&mut self, end: i64) -> Result<()> {
+        let window = self.new_window()?;
+        self.windows.insert(end, window);
         Ok(())
+    }
+
+    /// The state of a window without rows. A keyless aggregate has its one group from the start.
+    fn new_window(&self) -> Result<WindowState> {
+        let mut window = WindowState {
+            groups: HashMap::new(),
+            keys: Vec::new(),
+            accumulators: self.new_accumulators()?,
+            has_rows: false,
+        };
+        if self.keys.is_empty() {
+            window.groups.insert(Vec::new(), 0);
+            window.keys.push(Vec::new());
+            let empty = RecordBatch::new_empty(self.input.clone());
+            let inputs = self.aggregate_inputs(&empty)?;
+            for (accumulator, values) in window.accumulators.iter_mut().zip(&inputs) {
+                // An (empty) filter makes accumulators track which groups saw values instead of assuming all did.
+                let none = BooleanArray::from(Vec::<bool>::new());
+                accumulator.update_batch(values, &[], Some(&none), 1).map_err(RuntimeError::Expr)?;
+            }
+        }
+        Ok(window)
+    }
+
+    fn aggregate_inputs(&self, batch: &RecordBatch) -> Result<Vec<Vec<ArrayRef>>> {
+        let rows = batch.num_rows();
+        self.aggregates
+            .iter()
+            .map(|a| {
+                a.function
+                    .expressions()
+                    .iter()
+                    .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()
+            .map_err(RuntimeError::Expr)
+    }
+
+    /// The rows of a window: its group keys and the aggregates' values. With `keep`, the accumulators keep their
+    /// state (their state is taken, merged back, and evaluated from a copy).
+    fn evaluate(&self, window: &mut WindowState, keep: bool) -> Result<RecordBatch> {
+        if keep && !window.has_rows {
+            // Accumulators assume every group they were told of has rows; merging state would take the empty group
+            // for a real one (an average of no rows would read 0/0). A window without rows is evaluated afresh.
+            return self.evaluate(&mut self.new_window()?, false);
+        }
+        let parser = self.converter.parser();
+        let mut columns = if self.keys.is_empty() {
+            Vec::new()
+        } else {
+            self.converter.convert_rows(window.keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
+        };
+        let groups = window.keys.len();
+        let all: Vec<usize> = if keep { (0..groups).collect() } else { Vec::new() };
+        let mut copies = if keep { self.new_accumulators()? } else { Vec::new() };
+        for (i, accumulator) in window.accumulators.iter_mut().enumerate() {
+            let value = if keep {
+                let state = accumulator.state(EmitTo::All).map_err(RuntimeError::Expr)?;
+                accumulator.merge_batch(&state, &all, groups).map_err(RuntimeError::Expr)?;
+                let copy = &mut copies[i];
+                copy.merge_batch(&state, &all, groups).map_err(RuntimeError::Expr)?;
+                copy.evaluate(EmitTo::All)
+            } else {
+                accumulator.evaluate(EmitTo::All)
+            };
+            columns.push(value.map_err(RuntimeError::Expr)?);
+        }
+        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(groups));
+        RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow_err)
+    }
+
+    /// Closes every window the watermark completes; returns their final rows by window end, oldest first.
+    pub fn close(&mut self, watermark: Watermark) -> Result<Vec<(i64, RecordBatch)>> {
+        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+        // Windows with end - 1 <= W, that is end <= W + 1, are complete.
+        let closed: Vec<i64> = self.windows.range(..=watermark.saturating_add(1)).map(|(end, _)| *end).collect();
+        let mut out = Vec::with_capacity(closed.len());
+        for end in closed {
+            self.dirty.remove(&end);
+            if let Some(mut window) = self.windows.remove(&end) {
+                out.push((end, self.evaluate(&mut window, false)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current rows of every open window changed since the last call, by window end.
+    pub fn snapshot(&mut self) -> Result<Vec<(i64, RecordBatch)>> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut out = Vec::with_capacity(dirty.len());
+        for end in dirty {
+            if let Some(mut window) = self.windows.remove(&end) {
+                let rows = self.evaluate(&mut window, true);
+                self.windows.insert(end, window);
+                out.push((end, rows?));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -154,36 +267,34 @@ impl Operator for WindowAggregate {
             .map(|(expr, _)| expr.evaluate(batch).and_then(|v| v.into_array(rows)))
             .collect::<Result<_, _>>()
             .map_err(RuntimeError::Expr)?;
-        let ends = cast(&key_arrays[self.window_end], &DataType::Int64).map_err(|e| RuntimeError::Expr(e.into()))?;
-        let ends = ends.as_primitive::<Int64Type>();
+        let ends = match self.window_end {
+            Some(i) => Some(cast(&key_arrays[i], &DataType::Int64).map_err(arrow_err)?),
+            None => None,
+        };
+        let ends = ends.as_ref().map(|e| e.as_primitive::<Int64Type>());
+        let end_of = |i: usize| ends.map_or(NO_WINDOW, |e| e.value(i));
 
         // Rows whose window is closed (or that have no window) are set aside.
         let watermark = self.watermark;
-        let on_time: BooleanArray =
-            (0..rows).map(|i| Some(ends.is_valid(i) && watermark.is_none_or(|w| ends.value(i) - 1 > w))).collect();
+        let on_time: BooleanArray = (0..rows)
+            .map(|i| Some(ends.is_none_or(|e| e.is_valid(i)) && watermark.is_none_or(|w| end_of(i) - 1 > w)))
+            .collect();
         let late_count = rows - on_time.true_count();
         if late_count > 0 {
-            let late_mask = datafusion::arrow::compute::not(&on_time).map_err(|e| RuntimeError::Expr(e.into()))?;
-            self.late.push(filter_record_batch(batch, &late_mask).map_err(|e| RuntimeError::Expr(e.into()))?);
+            let late_mask = datafusion::arrow::compute::not(&on_time).map_err(arrow_err)?;
+            self.late.push(filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
             self.late_rows += late_count as u64;
         }
         if on_time.true_count() == 0 {
             return Ok(());
         }
 
-        let encoded = self.converter.convert_columns(&key_arrays).map_err(|e| RuntimeError::Expr(e.into()))?;
-        let inputs: Vec<Vec<ArrayRef>> = self
-            .aggregates
-            .iter()
-            .map(|a| {
-                a.function
-                    .expressions()
-                    .iter()
-                    .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)?;
+        let encoded = if self.keys.is_empty() {
+            None
+        } else {
+            Some(self.converter.convert_columns(&key_arrays).map_err(arrow_err)?)
+        };
+        let inputs = self.aggregate_inputs(batch)?;
         let filters: Vec<Option<BooleanArray>> = self
             .aggregates
             .iter()
@@ -195,36 +306,39 @@ impl Operator for WindowAggregate {
             .map_err(RuntimeError::Expr)?;
 
         // One pass per distinct window in the batch: a row of another window is masked out.
-        let mut distinct_ends: Vec<i64> = (0..rows).filter(|&i| on_time.value(i)).map(|i| ends.value(i)).collect();
+        let mut distinct_ends: Vec<i64> = (0..rows).filter(|&i| on_time.value(i)).map(end_of).collect();
         distinct_ends.sort_unstable();
         distinct_ends.dedup();
         for end in distinct_ends {
             if !self.windows.contains_key(&end) {
-                let window = self.new_window()?;
-                self.windows.insert(end, window);
+                self.open_window(end)?;
             }
+            self.dirty.insert(end);
             let Some(window) = self.windows.get_mut(&end) else { continue };
+            window.has_rows = true;
             let mut indices = vec![0usize; rows];
-            let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && ends.value(i) == end)).collect();
-            for (i, index) in indices.iter_mut().enumerate() {
-                if mask.value(i) {
-                    // Look up by borrowed bytes: only a new group allocates its key.
-                    let key = encoded.row(i);
-                    *index = match window.groups.get(key.as_ref()) {
-                        Some(group) => *group,
-                        None => {
-                            let group = window.keys.len();
-                            window.keys.push(key.as_ref().to_vec());
-                            window.groups.insert(key.as_ref().to_vec(), group);
-                            group
-                        }
-                    };
+            let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && end_of(i) == end)).collect();
+            if let Some(encoded) = &encoded {
+                for (i, index) in indices.iter_mut().enumerate() {
+                    if mask.value(i) {
+                        // Look up by borrowed bytes: only a new group allocates its key.
+                        let key = encoded.row(i);
+                        *index = match window.groups.get(key.as_ref()) {
+                            Some(group) => *group,
+                            None => {
+                                let group = window.keys.len();
+                                window.keys.push(key.as_ref().to_vec());
+                                window.groups.insert(key.as_ref().to_vec(), group);
+                                group
+                            }
+                        };
+                    }
                 }
             }
             let total = window.keys.len();
             for ((accumulator, values), filter) in window.accumulators.iter_mut().zip(&inputs).zip(&filters) {
                 let combined = match filter {
-                    Some(f) => and(&mask, f).map_err(|e| RuntimeError::Expr(e.into()))?,
+                    Some(f) => and(&mask, f).map_err(arrow_err)?,
                     None => mask.clone(),
                 };
                 accumulator.update_batch(values, &indices, Some(&combined), total).map_err(RuntimeError::Expr)?;
@@ -234,12 +348,7 @@ impl Operator for WindowAggregate {
     }
 
     fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
-        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
-        // Windows with end - 1 <= W, that is end <= W + 1, are complete.
-        let closed: Vec<i64> = self.windows.range(..=watermark.saturating_add(1)).map(|(end, _)| *end).collect();
-        for end in closed {
-            self.emit(end, out)?;
-        }
+        out.extend(self.close(watermark)?.into_iter().map(|(_, rows)| rows));
         Ok(())
     }
 }
@@ -312,7 +421,7 @@ mod tests {
                 (col("auction", &s).unwrap(), "auction".to_string()),
                 (col("window_end", &s).unwrap(), "window_end".to_string()),
             ],
-            1,
+            Some(1),
             vec![
                 Aggregate { function: Arc::new(count), filter: None },
                 Aggregate { function: Arc::new(sum("total")), filter: None },

@@ -9,21 +9,49 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
-use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::common::DataFusionError;
 use weir_common::catalog::CatalogStoreError;
 use weir_common::{CatalogStore, ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::source::CreateSource;
 
+use weir_runtime::materialize::ViewStore;
+
 use crate::error::catalog_report;
+use crate::relations::StoreTable;
 
 /// A relation as the server holds it.
 #[derive(Debug, Clone)]
 pub struct Relation {
     pub def: Arc<RelationDef>,
     pub provider: Arc<dyn TableProvider>,
-    /// For a source: its parsed definition (connector options, watermark).
+    /// For a source or a table with a watermark: its parsed definition (connector options, watermark).
     pub source: Option<Arc<CreateSource>>,
+    /// For a table or a materialized view: its rows.
+    pub store: Option<Arc<ViewStore>>,
+    /// Whether other views can read it as a stream: sources, tables and views that only ever gain rows.
+    pub append_only: bool,
+}
+
+impl Relation {
+    pub fn new(def: RelationDef, provider: Arc<dyn TableProvider>) -> Self {
+        let append_only = matches!(def.kind, RelationKind::Source | RelationKind::Table);
+        Relation { def: Arc::new(def), provider, source: None, store: None, append_only }
+    }
+
+    /// A relation whose rows live in `store`.
+    pub fn stored(def: RelationDef, store: Arc<ViewStore>, append_only: bool) -> Self {
+        let provider = match def.kind {
+            RelationKind::Table => Arc::new(StoreTable::table_over(store.clone())),
+            _ => Arc::new(StoreTable::view(store.clone())),
+        };
+        Relation { def: Arc::new(def), provider, source: None, store: Some(store), append_only }
+    }
+
+    pub fn with_source(mut self, source: Option<Arc<CreateSource>>) -> Self {
+        self.source = source;
+        self
+    }
 }
 
 /// Every user relation, by name. Lookups take a short read lock; DDL is serialized by the engine's DDL lock, so the
@@ -39,8 +67,9 @@ impl Catalog {
     pub fn open(store: Arc<dyn CatalogStore>) -> Result<Self, CatalogStoreError> {
         let mut relations = BTreeMap::new();
         for def in store.load()? {
-            let provider = empty_table(&def).map_err(|e| CatalogStoreError::Storage(e.to_string()))?;
-            relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider, source: None });
+            let name = def.name.clone();
+            let rows = Arc::new(ViewStore::new(def.schema.clone()));
+            relations.insert(name, Relation::stored(def, rows, true));
         }
         Ok(Catalog { store, relations: RwLock::new(relations) })
     }
@@ -54,10 +83,16 @@ impl Catalog {
         self.read().values().cloned().collect()
     }
 
-    /// Creates a table. Returns `false` (and changes nothing) when it exists and `if_not_exists` is set.
-    pub fn create_table(&self, def: RelationDef, if_not_exists: bool) -> Result<bool, ErrorReport> {
-        let provider = empty_table(&def).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
-        self.create(def, provider, None, if_not_exists)
+    /// Creates a table, with its watermark when it declares one. Returns `false` (and changes nothing) when it exists
+    /// and `if_not_exists` is set.
+    pub fn create_table(
+        &self,
+        def: RelationDef,
+        source: Option<Arc<CreateSource>>,
+        if_not_exists: bool,
+    ) -> Result<bool, ErrorReport> {
+        let rows = Arc::new(ViewStore::new(def.schema.clone()));
+        self.create(Relation::stored(def, rows, true).with_source(source), if_not_exists)
     }
 
     /// Checks that `name` is free before the work of creating it: `Ok(false)` when it is taken and `if_not_exists`
@@ -70,21 +105,15 @@ impl Catalog {
         }
     }
 
-    /// Creates a relation read through `provider`. Returns `false` (and changes nothing) when one of that name exists
-    /// and `if_not_exists` is set.
-    pub fn create(
-        &self,
-        def: RelationDef,
-        provider: Arc<dyn TableProvider>,
-        source: Option<Arc<CreateSource>>,
-        if_not_exists: bool,
-    ) -> Result<bool, ErrorReport> {
-        if !self.check_free(&def.name, if_not_exists)? {
+    /// Creates a relation. Returns `false` (and changes nothing) when one of that name exists and `if_not_exists`
+    /// is set.
+    pub fn create(&self, relation: Relation, if_not_exists: bool) -> Result<bool, ErrorReport> {
+        if !self.check_free(&relation.def.name, if_not_exists)? {
             return Ok(false);
         }
-        self.store.put(&def).map_err(catalog_report)?;
+        self.store.put(&relation.def).map_err(catalog_report)?;
         let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);
-        relations.insert(def.name.clone(), Relation { def: Arc::new(def), provider, source });
+        relations.insert(relation.def.name.clone(), relation);
         Ok(true)
     }
 
@@ -130,10 +159,6 @@ impl Catalog {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Relation>> {
         self.relations.read().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-fn empty_table(def: &RelationDef) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-    Ok(Arc::new(MemTable::try_new(def.schema.clone(), vec![vec![]])?))
 }
 
 /// The catalog as DataFusion's `public` schema.

@@ -1,5 +1,5 @@
-//! Running materialized views: one task per view reads the view's source, drives its pipeline and appends the rows
-//! it produces to the view's table.
+//! Running materialized views: one task per view reads the view's input, drives its pipeline and publishes the
+//! pipeline's changes to the view's store.
 //!
 //! ```text
 //!   Reading --source ends--> Ended (serves FLUSH until dropped)
@@ -7,22 +7,28 @@
 //!      +--source/pipeline error-+  (logged; the view keeps what it has)
 //! ```
 //!
-//! A view's table only ever grows by whole batches, and each batch is a whole set of closed windows, so a reader
-//! never sees half a window.
+//! The task ends an epoch (publishes) every [`EPOCH_INTERVAL`] while rows arrive, before answering a `FLUSH`, and when
+//! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::catalog::MemTable;
-use futures::FutureExt;
 use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 use weir_common::connector::{ConnectorError, SourceReader};
+use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
+
+/// How often a view publishes what it has computed while rows keep arriving. Shorter makes views fresher; each epoch
+/// re-evaluates the open windows that changed in it.
+pub const EPOCH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What a session can ask of a running view.
 #[derive(Debug)]
@@ -47,7 +53,7 @@ pub struct Progress {
     pub source: String,
     /// Rows read from the source.
     pub rows_read: AtomicU64,
-    /// Rows appended to the view.
+    /// Rows in the view as of its last epoch.
     pub rows_written: AtomicU64,
     /// Rows that arrived after their window had closed, and were left out.
     pub late_rows: AtomicU64,
@@ -81,7 +87,7 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Starts keeping `view` (whose rows live in `table`) up to date from `reader` through `pipeline`.
+    /// Starts keeping `view` (whose rows live in `store`) up to date from `reader` through `pipeline`.
     /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
     pub fn start(
         &self,
@@ -89,12 +95,13 @@ impl Jobs {
         source: String,
         reader: Box<dyn SourceReader>,
         pipeline: Pipeline,
-        table: Arc<MemTable>,
+        store: Arc<ViewStore>,
         ms_per_unit: f64,
     ) {
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(source));
-        let view_task = ViewTask { view: view.clone(), pipeline, table, progress: progress.clone(), ms_per_unit };
+        let view_task =
+            ViewTask { view: view.clone(), pipeline, store, progress: progress.clone(), ms_per_unit, dirty: false };
         let task = tokio::spawn(run(view_task, reader, requests));
         let previous = self.lock().insert(view, Job { control, task, progress });
         if let Some(previous) = previous {
@@ -151,13 +158,17 @@ impl Drop for Jobs {
 struct ViewTask {
     view: String,
     pipeline: Pipeline,
-    table: Arc<MemTable>,
+    store: Arc<ViewStore>,
     progress: Arc<Progress>,
     ms_per_unit: f64,
+    /// Whether rows were processed since the last epoch.
+    dirty: bool,
 }
 
 async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests: mpsc::Receiver<Control>) {
     let mut reading = true;
+    let mut epochs = tokio::time::interval(EPOCH_INTERVAL);
+    epochs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             // Requests first: a FLUSH is answered between batches, when everything read so far has been processed.
@@ -171,12 +182,17 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
                             None => break,
                         }
                     }
+                    task.publish().await;
                     let _ = ack.send(());
                 }
                 None => return,
             },
+            _ = epochs.tick(), if task.dirty => task.publish().await,
             batch = reader.next_batch(), if reading => {
                 reading = task.step(batch).await;
+                if !reading {
+                    task.publish().await;
+                }
             }
         }
     }
@@ -186,48 +202,51 @@ impl ViewTask {
     /// Processes what the source returned; returns whether to keep reading.
     async fn step(&mut self, batch: Result<Option<RecordBatch>, ConnectorError>) -> bool {
         let view = &self.view;
-        let (produced, more) = match batch {
+        let (result, more) = match batch {
             Ok(Some(batch)) => {
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                 (self.pipeline.push(batch).await, true)
             }
             Ok(None) => {
-                info!(%view, "source ended; every window is closed");
+                info!(%view, "input ended; every window is closed");
                 self.progress.set_status("ended".to_string());
                 (self.pipeline.end().await, false)
             }
             Err(err) => {
-                error!(%view, error = %err, "the view's source failed; the view stops here");
+                error!(%view, error = %err, "the view's input failed; the view stops here");
                 self.progress.set_status(format!("failed: {err}"));
                 return false;
             }
         };
+        self.dirty = true;
         self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
-        match produced {
-            Ok(rows) => {
-                let written: usize = rows.iter().map(RecordBatch::num_rows).sum();
-                self.progress.rows_written.fetch_add(written as u64, Ordering::Relaxed);
-                append(&self.table, rows).await;
-                more
+        match result {
+            Ok(()) => more,
+            Err(err) => self.fail(err),
+        }
+    }
+
+    /// Ends the epoch: the pipeline's changes go to the view's store at once.
+    async fn publish(&mut self) {
+        self.dirty = false;
+        match self.pipeline.publish().await {
+            Ok(changes) => {
+                self.store.apply(changes);
+                self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);
             }
             Err(err) => {
-                error!(%view, error = %err, "the view's dataflow failed; the view stops here");
-                self.progress.set_status(format!("failed: {err}"));
-                false
+                self.fail(err);
             }
         }
     }
-}
 
-async fn append(table: &MemTable, rows: Vec<RecordBatch>) {
-    let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
-    if rows.is_empty() {
-        return;
-    }
-    if let Some(partition) = table.batches.first() {
-        partition.write().await.extend(rows);
+    fn fail(&self, err: weir_runtime::RuntimeError) -> bool {
+        let view = &self.view;
+        error!(%view, error = %err, "the view's dataflow failed; the view stops here");
+        self.progress.set_status(format!("failed: {err}"));
+        false
     }
 }

@@ -8,6 +8,7 @@
 //!   Weir's own DDL and session commands directly, queries and DML through DataFusion.
 //! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE MATERIALIZED VIEW`, `DROP`, `FLUSH`), and
 //!   [`jobs`] keeps one task per materialized view running.
+//! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
 //! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod handler;
 pub mod jobs;
+pub mod relations;
 pub mod session;
 pub mod streaming;
 pub mod system;

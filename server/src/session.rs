@@ -152,7 +152,7 @@ impl Session {
                 return self.create_materialized_view(statement, *emit_on_window_close, text, sql).await;
             }
             WeirStatement::DropSource { names, if_exists, cascade } => {
-                return self.drop_sources(names, *if_exists, *cascade).await;
+                return self.drop_relations(names, RelationKind::Source, *if_exists, *cascade).await;
             }
             WeirStatement::Flush => {
                 self.engine.jobs.flush().await;
@@ -195,12 +195,11 @@ impl Session {
                 ..
             } => self.describe(table_name),
             Statement::CreateTable(create) => self.create_table(stmt, create.if_not_exists, text, sql).await,
-            Statement::Drop { object_type: ObjectType::Table, if_exists, names, cascade, .. } => {
-                self.drop_tables(names, *if_exists, *cascade).await
+            Statement::Drop { object_type, if_exists, names, cascade, .. } if droppable(object_type).is_some() => {
+                let kind = droppable(object_type).unwrap_or(RelationKind::Table);
+                self.drop_relations(names, kind, *if_exists, *cascade).await
             }
-            Statement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
-                self.drop_views(names, *if_exists).await
-            }
+            Statement::CreateView(view) if !view.materialized => self.create_view(stmt, text, sql).await,
             Statement::Discard { .. } => Ok(Outcome::Command("DISCARD ALL", None)),
             Statement::Deallocate { .. } => Ok(Outcome::Command("DEALLOCATE", None)),
             stmt if goes_to_datafusion(stmt) => {
@@ -289,7 +288,7 @@ impl Session {
             definition: text.to_string(),
             depends_on: vec![],
         };
-        if !self.engine.catalog.create_table(def, if_not_exists)? {
+        if !self.engine.catalog.create_table(def, None, if_not_exists)? {
             return Ok(Outcome::Command("CREATE TABLE", None));
         }
         // CREATE TABLE ... AS SELECT: fill the new table from the query.
@@ -306,21 +305,6 @@ impl Session {
             return Ok(Outcome::Command("SELECT", Some(first_count(&written))));
         }
         Ok(Outcome::Command("CREATE TABLE", None))
-    }
-
-    async fn drop_tables(&self, names: &[ObjectName], if_exists: bool, cascade: bool) -> Result<Outcome, ErrorReport> {
-        if cascade {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                "DROP TABLE ... CASCADE is not supported yet: nothing can depend on a table",
-            ));
-        }
-        let _ddl = self.engine.ddl.lock().await;
-        for name in names {
-            let name = object_name(name)?;
-            self.engine.catalog.drop_relation(&name, RelationKind::Table, if_exists)?;
-        }
-        Ok(Outcome::Command("DROP TABLE", None))
     }
 
     fn set(&self, set: &Set, params: &mut HashMap<String, String>) -> Result<Outcome, ErrorReport> {
@@ -576,4 +560,14 @@ fn first_count(batches: &[RecordBatch]) -> usize {
         .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
         .filter(|a| !a.is_empty())
         .map_or(0, |a| a.value(0) as usize)
+}
+
+/// The relation kind a `DROP` statement removes.
+fn droppable(object_type: &ObjectType) -> Option<RelationKind> {
+    match object_type {
+        ObjectType::Table => Some(RelationKind::Table),
+        ObjectType::View => Some(RelationKind::View),
+        ObjectType::MaterializedView => Some(RelationKind::MaterializedView),
+        _ => None,
+    }
 }

@@ -2,25 +2,29 @@
 //!
 //! `CREATE SOURCE` checks everything that can be checked at once (column types, the watermark, the connector and
 //! its options) and registers the source; nothing is read until a view needs it. `CREATE MATERIALIZED VIEW` plans the
-//! query as a streaming dataflow, opens a reader on its source, and starts the view's task. Each view reads its
-//! source on its own for now (generators give every view the same rows).
+//! query as a streaming dataflow, opens a reader on its input, and starts the view's task. A view reads a source
+//! through its own connector reader (generators give every view the same rows), and a table or an append-only view
+//! through a subscription to its rows: those so far, then every appended batch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
-use datafusion::catalog::MemTable;
+use datafusion::catalog::view::ViewTable;
 use datafusion::common::DFSchema;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
+use weir_common::connector::SourceReader;
 use weir_common::plan::WatermarkSpec;
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::source::CreateSource;
 use weir_runtime::RuntimeError;
+use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 
-use crate::catalog::SourceTable;
+use crate::catalog::{Relation, SourceTable};
 use crate::session::{Outcome, Session, object_name};
 
 impl Session {
@@ -31,12 +35,31 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let _ddl = self.engine.ddl.lock().await;
+        let tag = if source.table { "CREATE TABLE" } else { "CREATE SOURCE" };
         let name = object_name(&source.name)?;
         if !self.engine.catalog.check_free(&name, source.if_not_exists)? {
-            return Ok(Outcome::Command("CREATE SOURCE", None));
+            return Ok(Outcome::Command(tag, None));
         }
         let schema = self.column_schema(&source.name, &source.columns, text, sql).await?;
         self.watermark(&name, source, &schema)?;
+        let kind = if source.table { RelationKind::Table } else { RelationKind::Source };
+        let def = RelationDef {
+            name: name.clone(),
+            kind,
+            schema: schema.clone(),
+            definition: text.to_string(),
+            depends_on: vec![],
+        };
+        if source.table {
+            if let Some((key, _)) = source.with.first() {
+                return Err(ErrorReport::new(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!("option \"{key}\" of a table is not supported; a table's rows come from INSERT"),
+                ));
+            }
+            self.engine.catalog.create_table(def, Some(Arc::new(source.clone())), false)?;
+            return Ok(Outcome::Command(tag, None));
+        }
         if let Some(format) = &source.format {
             return Err(ErrorReport::new(
                 SqlState::INVALID_PARAMETER_VALUE,
@@ -54,16 +77,9 @@ impl Session {
         }
         // Opening a reader checks the connector, its options and the columns; it reads nothing.
         weir_connectors::open_source(schema.clone(), source.with.clone()).map_err(ErrorReport::from)?;
-        let def = RelationDef {
-            name: name.clone(),
-            kind: RelationKind::Source,
-            schema: schema.clone(),
-            definition: text.to_string(),
-            depends_on: vec![],
-        };
         let provider = Arc::new(SourceTable { name, schema });
-        self.engine.catalog.create(def, provider, Some(Arc::new(source.clone())), false)?;
-        Ok(Outcome::Command("CREATE SOURCE", None))
+        self.engine.catalog.create(Relation::new(def, provider).with_source(Some(Arc::new(source.clone()))), false)?;
+        Ok(Outcome::Command(tag, None))
     }
 
     pub(crate) async fn create_materialized_view(
@@ -88,81 +104,132 @@ impl Session {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
-        let sources: HashMap<String, SchemaRef> = self
+        // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
+        let inputs: HashMap<String, SchemaRef> = self
             .engine
             .catalog
             .list()
             .into_iter()
-            .filter(|r| r.def.kind == RelationKind::Source)
+            .filter(|r| r.def.kind != RelationKind::View)
             .map(|r| (r.def.name.clone(), r.def.schema.clone()))
             .collect();
-        let plan = weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &sources).await?;
-        if plan.aggregate.is_some() && !emit_on_window_close {
+        let plan =
+            weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &inputs, emit_on_window_close).await?;
+        let input = self.engine.catalog.get(&plan.source).ok_or_else(|| {
+            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", plan.source))
+        })?;
+        if !input.append_only {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
-                "window aggregations that show open windows are not supported yet",
+                format!(
+                    "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
+                     over it needs an append-only input",
+                    input.def.name
+                ),
             )
-            .with_hint("Add EMIT ON WINDOW CLOSE after the query: each window then appears once, when it closes."));
+            .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
         }
-        let relation = self
-            .engine
-            .catalog
-            .get(&plan.source)
-            .and_then(|r| r.source.clone().map(|s| (r.def.clone(), s)))
-            .ok_or_else(|| {
-                ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("source \"{}\" does not exist", plan.source))
-            })?;
-        let (source_def, source) = relation;
-        let watermark = self.watermark(&source_def.name, &source, &source_def.schema)?;
-        let reader =
-            weir_connectors::open_source(source_def.schema.clone(), source.with.clone()).map_err(ErrorReport::from)?;
-        let schema = plan.schema.clone();
+        let (reader, watermark, ms_per_unit): (Box<dyn SourceReader>, _, _) = match (&input.store, &input.source) {
+            (Some(store), source) => {
+                let watermark = match source {
+                    Some(source) => self.watermark(&input.def.name, source, &input.def.schema)?,
+                    None => None,
+                };
+                let unit = source.as_ref().map_or(1.0, |s| watermark_unit_ms(&input.def.schema, s));
+                (Box::new(store.subscribe()), watermark, unit)
+            }
+            (None, Some(source)) => {
+                let watermark = self.watermark(&input.def.name, source, &input.def.schema)?;
+                let reader = weir_connectors::open_source(input.def.schema.clone(), source.with.clone())
+                    .map_err(ErrorReport::from)?;
+                (reader, watermark, watermark_unit_ms(&input.def.schema, source))
+            }
+            (None, None) => return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input")),
+        };
+        let append_only = plan.append_only();
         let pipeline = Pipeline::try_new(plan, watermark, self.ctx.task_ctx()).map_err(runtime_report)?;
-        let table = Arc::new(
-            MemTable::try_new(schema.clone(), vec![vec![]]).map_err(|e| ErrorReport::from_datafusion(&e, ""))?,
-        );
+        let store = Arc::new(ViewStore::new(pipeline.schema()));
         let def = RelationDef {
             name: name.clone(),
             kind: RelationKind::MaterializedView,
-            schema,
+            schema: pipeline.schema(),
             definition: text.to_string(),
-            depends_on: vec![source_def.name.clone()],
+            depends_on: vec![input.def.name.clone()],
         };
-        self.engine.catalog.create(def, table.clone(), None, false)?;
-        let ms_per_unit = watermark_unit_ms(&source_def.schema, &source);
-        self.engine.jobs.start(name, source_def.name.clone(), reader, pipeline, table, ms_per_unit);
+        self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
+        self.engine.jobs.start(name, input.def.name.clone(), reader, pipeline, store, ms_per_unit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
-    pub(crate) async fn drop_views(&self, names: &[ObjectName], if_exists: bool) -> Result<Outcome, ErrorReport> {
-        let _ddl = self.engine.ddl.lock().await;
-        for name in names {
-            let name = object_name(name)?;
-            if self.engine.catalog.drop_relation(&name, RelationKind::MaterializedView, if_exists)? {
-                self.engine.jobs.stop(&name);
-            }
+    /// `CREATE VIEW`: a named query, planned again wherever it is used (batch queries and materialized views alike).
+    pub(crate) async fn create_view(
+        &self,
+        statement: &Statement,
+        text: &str,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        let Statement::CreateView(view) = statement else {
+            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
+        };
+        if view.or_replace || !view.columns.is_empty() {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "CREATE OR REPLACE VIEW and column names after the view name are not supported yet",
+            ));
         }
-        Ok(Outcome::Command("DROP MATERIALIZED VIEW", None))
+        let _ddl = self.engine.ddl.lock().await;
+        let name = object_name(&view.name)?;
+        if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
+            return Ok(Outcome::Command("CREATE VIEW", None));
+        }
+        let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
+        let mut depends_on = Vec::new();
+        logical
+            .apply(|node| {
+                if let LogicalPlan::TableScan(scan) = node {
+                    depends_on.push(scan.table_name.table().to_string());
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        depends_on.sort();
+        depends_on.dedup();
+        let schema = Arc::new(logical.schema().as_arrow().clone());
+        let provider = Arc::new(ViewTable::new(logical, Some(text.to_string())));
+        let def = RelationDef { name, kind: RelationKind::View, schema, definition: text.to_string(), depends_on };
+        self.engine.catalog.create(Relation::new(def, provider), false)?;
+        Ok(Outcome::Command("CREATE VIEW", None))
     }
 
-    pub(crate) async fn drop_sources(
+    /// `DROP TABLE | SOURCE | VIEW | MATERIALIZED VIEW [IF EXISTS] names [CASCADE]`.
+    pub(crate) async fn drop_relations(
         &self,
         names: &[ObjectName],
+        kind: RelationKind,
         if_exists: bool,
         cascade: bool,
     ) -> Result<Outcome, ErrorReport> {
         let _ddl = self.engine.ddl.lock().await;
         for name in names {
             let name = object_name(name)?;
-            if cascade && self.engine.catalog.get(&name).is_some_and(|r| r.def.kind == RelationKind::Source) {
-                for dependent in self.engine.catalog.dependents(&name) {
-                    self.engine.catalog.drop_relation(&dependent.def.name, dependent.def.kind, true)?;
-                    self.engine.jobs.stop(&dependent.def.name);
-                }
+            if cascade && self.engine.catalog.get(&name).is_some_and(|r| r.def.kind == kind) {
+                self.drop_dependents(&name)?;
             }
-            self.engine.catalog.drop_relation(&name, RelationKind::Source, if_exists)?;
+            if self.engine.catalog.drop_relation(&name, kind, if_exists)? {
+                self.engine.jobs.stop(&name);
+            }
         }
-        Ok(Outcome::Command("DROP SOURCE", None))
+        Ok(Outcome::Command(kind.drop_tag(), None))
+    }
+
+    /// Drops everything that reads `name`, directly or not, dependents first.
+    fn drop_dependents(&self, name: &str) -> Result<(), ErrorReport> {
+        for dependent in self.engine.catalog.dependents(name) {
+            self.drop_dependents(&dependent.def.name)?;
+            self.engine.catalog.drop_relation(&dependent.def.name, dependent.def.kind, true)?;
+            self.engine.jobs.stop(&dependent.def.name);
+        }
+        Ok(())
     }
 
     /// The Arrow schema of a column list, typed exactly as `CREATE TABLE` types it.

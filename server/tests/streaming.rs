@@ -20,6 +20,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::SqlState;
 use weir_common::plan::WatermarkSpec;
 use weir_planner::{WeirStatement, parse_sql};
+use weir_runtime::materialize::ViewStore;
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -72,11 +73,29 @@ async fn logical(ctx: &SessionContext, sql: &str) -> LogicalPlan {
     ctx.state().statement_to_plan(DfStatement::Statement(stmt)).await.unwrap()
 }
 
-/// Runs `sql` as a stream over `rows` cut into batches of `chunk` rows, with `WATERMARK FOR ts AS ts - delay`.
+/// Runs `sql` as a stream over `rows` cut into batches of `chunk` rows, with `WATERMARK FOR ts AS ts - delay`, in
+/// both emit modes, ending an epoch every third batch; returns the view's rows after the input ends, checking that
+/// both modes agree.
 async fn stream(ctx: &SessionContext, sql: &str, rows: &[RecordBatch], chunk: usize, delay: &str) -> Vec<RecordBatch> {
+    let windowed = stream_mode(ctx, sql, rows, chunk, delay, true).await;
+    let updating = stream_mode(ctx, sql, rows, chunk, delay, false).await;
+    assert_eq!(lines(&windowed), lines(&updating), "EMIT ON WINDOW CLOSE and the updating view end equal");
+    windowed
+}
+
+async fn stream_mode(
+    ctx: &SessionContext,
+    sql: &str,
+    rows: &[RecordBatch],
+    chunk: usize,
+    delay: &str,
+    emit_on_window_close: bool,
+) -> Vec<RecordBatch> {
     let plan = logical(ctx, sql).await;
     let sources = HashMap::from([("bids".to_string(), schema())]);
-    let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources).await.unwrap();
+    let streaming =
+        weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, emit_on_window_close).await.unwrap();
+    let store = ViewStore::new(streaming.schema.clone());
     let df_schema = DFSchema::try_from(schema().as_ref().clone()).unwrap();
     let watermark = ctx.parse_sql_expr(&format!("ts - INTERVAL '{delay}'"), &df_schema).unwrap();
     let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
@@ -87,16 +106,21 @@ async fn stream(ctx: &SessionContext, sql: &str, rows: &[RecordBatch], chunk: us
     )
     .unwrap();
     let all = datafusion::arrow::compute::concat_batches(&schema(), rows).unwrap();
-    let mut out = Vec::new();
     let mut at = 0;
+    let mut pushes = 0;
     while at < all.num_rows() {
         let len = chunk.min(all.num_rows() - at);
-        out.extend(pipeline.push(all.slice(at, len)).await.unwrap());
+        pipeline.push(all.slice(at, len)).await.unwrap();
+        pushes += 1;
+        if pushes % 3 == 0 {
+            store.apply(pipeline.publish().await.unwrap());
+        }
         at += len;
     }
-    out.extend(pipeline.end().await.unwrap());
+    pipeline.end().await.unwrap();
+    store.apply(pipeline.publish().await.unwrap());
     assert_eq!(pipeline.late_rows(), 0, "the disorder is within the watermark's bound");
-    out
+    store.snapshot()
 }
 
 /// Rows as sorted text lines, so that results are compared as multisets.
@@ -148,7 +172,7 @@ async fn a_stateless_view_passes_every_row_through_once() {
     let sql = "SELECT auction, price * 2 AS doubled, window_end FROM TUMBLE(bids, ts, INTERVAL '5' SECOND) \
                WHERE price > 900";
     let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
-    let streamed = stream(&ctx, sql, &rows, 500, "0 seconds").await;
+    let streamed = stream_mode(&ctx, sql, &rows, 500, "0 seconds", false).await;
     assert!(lines(&batch).len() > 1000);
     assert_eq!(lines(&streamed), lines(&batch));
 }
@@ -158,14 +182,48 @@ async fn what_cannot_stream_yet_is_refused_by_name() {
     let ctx = context(vec![]).await;
     let sources = HashMap::from([("bids".to_string(), schema())]);
     for (sql, message) in [
-        ("SELECT auction, count(*) FROM bids GROUP BY auction", "GROUP BY without window_end"),
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
-        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "more than one source"),
+        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "more than one relation"),
     ] {
         let plan = logical(&ctx, sql).await;
-        let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources).await.unwrap_err();
+        let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap_err();
         assert_eq!(err.code, SqlState::FEATURE_NOT_SUPPORTED, "{sql}");
         assert!(err.message.contains(message), "{sql}: {}", err.message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch() {
+    let rows = generated_bids().await;
+    let all = datafusion::arrow::compute::concat_batches(&schema(), &rows).unwrap();
+    for sql in [
+        "SELECT auction, count(*) AS n, sum(price) AS total, max(ts) AS last FROM bids GROUP BY auction \
+         HAVING sum(price) > 1000",
+        "SELECT count(*) AS n, avg(price) AS mean, count(DISTINCT auction) AS auctions FROM bids WHERE price > 500",
+        "SELECT auction, window_end, count(*) AS n FROM TUMBLE(bids, ts, INTERVAL '10' SECOND) GROUP BY 1, 2",
+    ] {
+        let ctx = context(rows.clone()).await;
+        let plan = logical(&ctx, sql).await;
+        let sources = HashMap::from([("bids".to_string(), schema())]);
+        let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap();
+        let store = ViewStore::new(streaming.schema.clone());
+        let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(streaming, None, ctx.task_ctx()).unwrap();
+        // Before any input: what the batch query gives over no rows.
+        store.apply(pipeline.publish().await.unwrap());
+        let empty = context(vec![]).await;
+        let expected = empty.execute_logical_plan(logical(&empty, sql).await).await.unwrap().collect().await.unwrap();
+        assert_eq!(lines(&store.snapshot()), lines(&expected), "{sql} over no rows");
+
+        let mut pushed = 0;
+        for prefix in [1, 999, 7_000, all.num_rows()] {
+            pipeline.push(all.slice(pushed, prefix - pushed)).await.unwrap();
+            pushed = prefix;
+            store.apply(pipeline.publish().await.unwrap());
+            let so_far = context(vec![all.slice(0, prefix)]).await;
+            let expected =
+                so_far.execute_logical_plan(logical(&so_far, sql).await).await.unwrap().collect().await.unwrap();
+            assert_eq!(lines(&store.snapshot()), lines(&expected), "{sql} after {prefix} rows");
+        }
     }
 }

@@ -1,0 +1,177 @@
+//! A relation's readable rows: a materialized view's (or a table's) contents, changed a whole epoch at a time.
+//!
+//! The view's task applies each epoch's [`ViewChange`]s in one call, under one lock, so a reader's
+//! [`ViewStore::snapshot`] never sees half an epoch. Rows are kept as Arrow batches in two parts: rows appended for
+//! good (append-only views, tables, windows closed under `EMIT ON WINDOW CLOSE`) and, for views that show open windows,
+//! the current rows of each window by window end, replaced whole when the window changes.
+//!
+//! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
+//! every appended batch, with no gap and no overlap, for views defined over it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Mutex, PoisonError};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use tokio::sync::mpsc;
+use weir_common::connector::{ConnectorError, SourceReader};
+
+/// One change to a relation's rows.
+#[derive(Debug, Clone)]
+pub enum ViewChange {
+    /// Rows added for good.
+    Append(Vec<RecordBatch>),
+    /// The rows of window `window` (by window end; [`crate::window_aggregate::NO_WINDOW`] for a plain aggregation)
+    /// are now `rows`, replacing whatever it had.
+    Replace { window: i64, rows: Vec<RecordBatch> },
+}
+
+/// The published rows of one relation.
+#[derive(Debug)]
+pub struct ViewStore {
+    schema: SchemaRef,
+    contents: Mutex<Contents>,
+}
+
+#[derive(Debug, Default)]
+struct Contents {
+    appended: Vec<RecordBatch>,
+    windows: BTreeMap<i64, Vec<RecordBatch>>,
+    subscribers: Vec<mpsc::UnboundedSender<RecordBatch>>,
+}
+
+impl ViewStore {
+    pub fn new(schema: SchemaRef) -> Self {
+        ViewStore { schema, contents: Mutex::default() }
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Applies one epoch's changes at once. Appended rows also go to every subscriber.
+    pub fn apply(&self, changes: Vec<ViewChange>) {
+        let mut contents = self.lock();
+        for change in changes {
+            match change {
+                ViewChange::Append(batches) => {
+                    for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                        contents.subscribers.retain(|s| s.send(batch.clone()).is_ok());
+                        contents.appended.push(batch);
+                    }
+                }
+                ViewChange::Replace { window, rows } => {
+                    let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
+                    if rows.is_empty() {
+                        contents.windows.remove(&window);
+                    } else {
+                        contents.windows.insert(window, rows);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every row as of the last applied epoch.
+    pub fn snapshot(&self) -> Vec<RecordBatch> {
+        let contents = self.lock();
+        contents.appended.iter().chain(contents.windows.values().flatten()).cloned().collect()
+    }
+
+    /// Number of rows as of the last applied epoch.
+    pub fn row_count(&self) -> usize {
+        let contents = self.lock();
+        contents.appended.iter().chain(contents.windows.values().flatten()).map(RecordBatch::num_rows).sum()
+    }
+
+    /// Reads the appended rows as a stream: those so far, then each batch as it is appended. Never ends while the
+    /// store exists.
+    pub fn subscribe(&self) -> Subscription {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut contents = self.lock();
+        let backlog = contents.appended.iter().cloned().collect();
+        contents.subscribers.push(sender);
+        Subscription { schema: self.schema.clone(), backlog, receiver }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Contents> {
+        self.contents.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The appended rows of a [`ViewStore`], as a source for other views.
+#[derive(Debug)]
+pub struct Subscription {
+    schema: SchemaRef,
+    backlog: VecDeque<RecordBatch>,
+    receiver: mpsc::UnboundedReceiver<RecordBatch>,
+}
+
+#[async_trait]
+impl SourceReader for Subscription {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Ends (`None`) only when the store is gone.
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+        if let Some(batch) = self.backlog.pop_front() {
+            return Ok(Some(batch));
+        }
+        Ok(self.receiver.recv().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))]).unwrap()
+    }
+
+    fn values(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn windows_are_replaced_whole_and_removed_when_empty() {
+        let store = ViewStore::new(batch(&[]).schema());
+        store.apply(vec![
+            ViewChange::Append(vec![batch(&[1])]),
+            ViewChange::Replace { window: 20, rows: vec![batch(&[20, 21])] },
+            ViewChange::Replace { window: 10, rows: vec![batch(&[10])] },
+        ]);
+        assert_eq!(values(&store.snapshot()), vec![1, 10, 20, 21]);
+        store.apply(vec![
+            ViewChange::Replace { window: 20, rows: vec![batch(&[22])] },
+            ViewChange::Replace { window: 10, rows: vec![batch(&[])] },
+        ]);
+        assert_eq!(values(&store.snapshot()), vec![1, 22]);
+        assert_eq!(store.row_count(), 2);
+    }
+
+    #[test]
+    fn a_subscription_sees_every_appended_row_once() {
+        let store = ViewStore::new(batch(&[]).schema());
+        store.apply(vec![ViewChange::Append(vec![batch(&[1, 2])])]);
+        let mut subscription = store.subscribe();
+        store.apply(vec![ViewChange::Append(vec![batch(&[3]), batch(&[])])]);
+        let mut seen = Vec::new();
+        while let Some(Ok(Some(b))) = subscription.next_batch().now_or_never() {
+            seen.push(b);
+        }
+        assert_eq!(values(&seen), vec![1, 2, 3]);
+    }
+}
