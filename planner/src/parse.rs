@@ -8,7 +8,7 @@ use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 use weir_common::error::char_position;
-use weir_common::{ErrorReport, SqlState};
+use weir_common::{ErrorReport, RelationKind, SqlState};
 
 use crate::dialect::WeirDialect;
 use crate::source::{self, CreateSource};
@@ -29,6 +29,8 @@ pub enum WeirStatement {
     DropSource { names: Vec<ast::ObjectName>, if_exists: bool, cascade: bool },
     /// `FLUSH`: returns once every source's input so far is reflected in every view.
     Flush,
+    /// `SHOW CREATE {TABLE | SOURCE | VIEW | MATERIALIZED VIEW} name`.
+    ShowCreate { kind: RelationKind, name: ast::ObjectName },
 }
 
 /// One statement of a query string.
@@ -98,6 +100,11 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             }
             let variable = vec![ast::Ident::new("materialized"), ast::Ident::new("views")];
             Ok(WeirStatement::Sql(Box::new(ast::Statement::ShowVariable { variable })))
+        } else if let Some((kind, words)) = at_show_create(&parser) {
+            for _ in 0..words {
+                parser.next_token();
+            }
+            parser.parse_object_name(false).map(|name| WeirStatement::ShowCreate { kind, name })
         } else if at_words(&parser, &["FLUSH"]) {
             parser.next_token();
             Ok(WeirStatement::Flush)
@@ -152,6 +159,22 @@ fn strip_emit_clauses(tokens: Vec<TokenWithSpan>) -> (Vec<TokenWithSpan>, Vec<Lo
     }
     let kept = tokens.into_iter().zip(drop).filter(|(_, d)| !d).map(|(t, _)| t).collect();
     (kept, emits)
+}
+
+/// The relation kind of a `SHOW CREATE ...` the parser stands at, and how many words name it.
+fn at_show_create(parser: &Parser) -> Option<(RelationKind, usize)> {
+    if !at_words(parser, &["SHOW", "CREATE"]) {
+        return None;
+    }
+    [
+        (&["SHOW", "CREATE", "MATERIALIZED", "VIEW"][..], RelationKind::MaterializedView),
+        (&["SHOW", "CREATE", "SOURCE"][..], RelationKind::Source),
+        (&["SHOW", "CREATE", "TABLE"][..], RelationKind::Table),
+        (&["SHOW", "CREATE", "VIEW"][..], RelationKind::View),
+    ]
+    .into_iter()
+    .find(|(words, _)| at_words(parser, words))
+    .map(|(words, kind)| (kind, words.len()))
 }
 
 fn at_words(parser: &Parser, words: &[&str]) -> bool {

@@ -228,6 +228,16 @@ mod tests {
     }
 
     #[test]
+    fn a_table_with_a_watermark_is_parsed_here_and_one_without_is_left_to_sqlparser() {
+        let t = source("CREATE TABLE t (id INT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)");
+        assert!(t.table);
+        assert_eq!(t.columns.len(), 2);
+        assert_eq!(t.watermark.unwrap().column.value, "ts");
+        let plain = parse_sql("CREATE TABLE t (id INT, note TEXT DEFAULT 'watermark', CHECK (id > 0))").unwrap();
+        assert!(matches!(plain[0].statement, WeirStatement::Sql(_)));
+    }
+
+    #[test]
     fn parses_columns_watermark_options_and_format() {
         let s = source(
             "CREATE SOURCE IF NOT EXISTS readings (

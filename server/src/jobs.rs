@@ -45,6 +45,8 @@ struct Job {
     task: JoinHandle<()>,
     /// What the task reports of its progress, read by `weir_catalog.view_progress`.
     progress: Arc<Progress>,
+    /// Creation order: a view can only read views created before it.
+    sequence: u64,
 }
 
 /// A view's progress, written by its task and read by queries.
@@ -84,6 +86,7 @@ impl Progress {
 #[derive(Debug, Default)]
 pub struct Jobs {
     jobs: Mutex<HashMap<String, Job>>,
+    created: AtomicU64,
 }
 
 impl Jobs {
@@ -103,7 +106,8 @@ impl Jobs {
         let view_task =
             ViewTask { view: view.clone(), pipeline, store, progress: progress.clone(), ms_per_unit, dirty: false };
         let task = tokio::spawn(run(view_task, reader, requests));
-        let previous = self.lock().insert(view, Job { control, task, progress });
+        let sequence = self.created.fetch_add(1, Ordering::Relaxed);
+        let previous = self.lock().insert(view, Job { control, task, progress, sequence });
         if let Some(previous) = previous {
             previous.task.abort();
         }
@@ -116,20 +120,19 @@ impl Jobs {
         }
     }
 
-    /// Returns once every view reflects everything its source had ready: all of a bounded generator, the rows due
-    /// so far of a paced one.
+    /// Returns once every view reflects everything its input had ready: all of a bounded generator, the rows due
+    /// so far of a paced one, every row inserted into a table. Views are flushed in creation order, so a view over
+    /// another view sees what the flush put into that one.
     pub async fn flush(&self) {
-        let controls: Vec<mpsc::Sender<Control>> = self.lock().values().map(|j| j.control.clone()).collect();
-        let mut acks = Vec::with_capacity(controls.len());
-        for control in controls {
+        let mut controls: Vec<(u64, mpsc::Sender<Control>)> =
+            self.lock().values().map(|j| (j.sequence, j.control.clone())).collect();
+        controls.sort_by_key(|(sequence, _)| *sequence);
+        for (_, control) in controls {
             let (ack, done) = oneshot::channel();
             // A view whose task has stopped (after an error) has nothing more to reflect.
             if control.send(Control::Flush(ack)).await.is_ok() {
-                acks.push(done);
+                let _ = done.await;
             }
-        }
-        for done in acks {
-            let _ = done.await;
         }
     }
 

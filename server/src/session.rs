@@ -125,6 +125,9 @@ impl Session {
                 plan => Some(Arc::new(plan.schema().as_arrow().clone())),
             };
         }
+        if let WeirStatement::ShowCreate { .. } = &prepared.statement.statement {
+            return Some(show_create_schema());
+        }
         let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
         match &**stmt {
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => Some(show_tables_schema()),
@@ -158,6 +161,7 @@ impl Session {
                 self.engine.jobs.flush().await;
                 return Ok(Outcome::Command("FLUSH", None));
             }
+            WeirStatement::ShowCreate { kind, name } => return self.show_create(*kind, name),
         };
         if let Some(plan) = &prepared.plan {
             let plan = match bound {
@@ -399,6 +403,22 @@ impl Session {
         self.rows(show_tables_schema(), vec![Arc::new(StringArray::from(names))])
     }
 
+    /// `SHOW CREATE`: the relation's name and the statement that created it, as written.
+    fn show_create(&self, kind: RelationKind, name: &ObjectName) -> Result<Outcome, ErrorReport> {
+        let name = object_name(name)?;
+        let relation =
+            self.engine.catalog.get(&name).filter(|r| r.def.kind == kind).ok_or_else(|| {
+                ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("{kind} \"{name}\" does not exist"))
+            })?;
+        self.rows(
+            show_create_schema(),
+            vec![
+                Arc::new(StringArray::from(vec![relation.def.name.clone()])),
+                Arc::new(StringArray::from(vec![relation.def.definition.clone()])),
+            ],
+        )
+    }
+
     fn describe(&self, table: &ObjectName) -> Result<Outcome, ErrorReport> {
         let name = object_name(table)?;
         let relation = self.engine.catalog.get(&name).ok_or_else(|| {
@@ -570,4 +590,11 @@ fn droppable(object_type: &ObjectType) -> Option<RelationKind> {
         ObjectType::MaterializedView => Some(RelationKind::MaterializedView),
         _ => None,
     }
+}
+
+fn show_create_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("name", DataType::Utf8, false),
+        Field::new("create_sql", DataType::Utf8, false),
+    ]))
 }

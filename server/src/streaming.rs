@@ -24,7 +24,7 @@ use weir_runtime::RuntimeError;
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 
-use crate::catalog::{Relation, SourceTable};
+use crate::catalog::{Catalog, Relation, SourceTable};
 use crate::session::{Outcome, Session, object_name};
 
 impl Session {
@@ -104,6 +104,7 @@ impl Session {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
+        let mut depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
         // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
         let inputs: HashMap<String, SchemaRef> = self
             .engine
@@ -154,7 +155,12 @@ impl Session {
             kind: RelationKind::MaterializedView,
             schema: pipeline.schema(),
             definition: text.to_string(),
-            depends_on: vec![input.def.name.clone()],
+            depends_on: {
+                depends_on.push(input.def.name.clone());
+                depends_on.sort();
+                depends_on.dedup();
+                depends_on
+            },
         };
         self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
         self.engine.jobs.start(name, input.def.name.clone(), reader, pipeline, store, ms_per_unit);
@@ -183,17 +189,7 @@ impl Session {
             return Ok(Outcome::Command("CREATE VIEW", None));
         }
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
-        let mut depends_on = Vec::new();
-        logical
-            .apply(|node| {
-                if let LogicalPlan::TableScan(scan) = node {
-                    depends_on.push(scan.table_name.table().to_string());
-                }
-                Ok(TreeNodeRecursion::Continue)
-            })
-            .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
-        depends_on.sort();
-        depends_on.dedup();
+        let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
         let schema = Arc::new(logical.schema().as_arrow().clone());
         let provider = Arc::new(ViewTable::new(logical, Some(text.to_string())));
         let def = RelationDef { name, kind: RelationKind::View, schema, definition: text.to_string(), depends_on };
@@ -290,6 +286,28 @@ impl Session {
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
     }
+}
+
+/// The relations a query plan reads by name, sorted: the tables, sources and materialized views it scans, and the
+/// plain views it reads through (which DataFusion's planner inlines under an alias of the view's name).
+fn scanned_relations(plan: &LogicalPlan, catalog: &Catalog, sql: &str) -> Result<Vec<String>, ErrorReport> {
+    let mut names = Vec::new();
+    plan.apply(|node| {
+        match node {
+            LogicalPlan::TableScan(scan) => names.push(scan.table_name.table().to_string()),
+            LogicalPlan::SubqueryAlias(alias)
+                if catalog.get(alias.alias.table()).is_some_and(|r| r.def.kind == RelationKind::View) =>
+            {
+                names.push(alias.alias.table().to_string())
+            }
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })
+    .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// Milliseconds per unit of the source's event-time column (1 for `TIMESTAMP(3)`).
