@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reader = weir_connectors::open_source(
         schema.clone(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        None,
     )?;
 
     let ctx = SessionContext::new();

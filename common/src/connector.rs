@@ -25,12 +25,41 @@ pub enum ConnectorError {
     InvalidOption { key: String, value: String, reason: String },
     #[error("column \"{column}\" cannot be produced by connector \"{connector}\": {reason}")]
     Column { connector: String, column: String, reason: String },
+    #[error("connector \"{connector}\" needs FORMAT PLAIN ENCODE {expected}")]
+    Format { connector: String, expected: String },
+    /// The source cannot go on (a file that cannot be read, a broker that refuses the connection for good).
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How the bytes of a record encode a row (`FORMAT PLAIN ENCODE ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoding {
+    /// One JSON object per record; fields by column name, missing fields NULL.
+    Json,
+    /// One CSV line per record, columns in declared order.
+    Csv {
+        delimiter: u8,
+        /// Whether a file starts with a header line to skip.
+        header: bool,
+    },
+}
+
+/// A record a connector could not decode, set aside with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Where the record came from (`file.json:17`, `topic/partition@offset`).
+    pub origin: String,
+    /// The record as text (lossy for bytes that are not UTF-8).
+    pub record: String,
+    pub error: String,
 }
 
 impl From<ConnectorError> for ErrorReport {
     fn from(err: ConnectorError) -> Self {
         let code = match err {
             ConnectorError::UnknownConnector { .. } | ConnectorError::Column { .. } => SqlState::FEATURE_NOT_SUPPORTED,
+            ConnectorError::Io(_) => SqlState::IO_ERROR,
             _ => SqlState::INVALID_PARAMETER_VALUE,
         };
         ErrorReport::new(code, err.to_string())
@@ -104,6 +133,11 @@ pub trait SourceReader: Send + fmt::Debug {
     fn schema(&self) -> SchemaRef;
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError>;
+
+    /// Takes the records set aside since the last call because they could not be decoded.
+    fn take_rejected(&mut self) -> Vec<Rejected> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

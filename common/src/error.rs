@@ -41,6 +41,7 @@ impl SqlState {
     pub const STATEMENT_TOO_COMPLEX: SqlState = SqlState("54001");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    pub const IO_ERROR: SqlState = SqlState("58030");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 
     /// The five-character code.

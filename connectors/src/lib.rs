@@ -6,28 +6,46 @@
 //!   count, and event time that advances with bounded disorder.
 //! - [`nexmark`]: the standard Nexmark person / auction / bid streams, as used by the Flink, RisingWave and Arroyo
 //!   benchmarks.
+//! - [`file`]: JSON lines or CSV from a local file, bounded or followed as it grows.
+//! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
 //!
-//! Kafka, MQTT and files come with their issues. Connectors depend only on `weir-common` among Weir's crates.
+//! Kafka and MQTT come with their issue. Connectors depend only on `weir-common` among Weir's crates.
 
 pub mod datagen;
+pub mod file;
+pub mod format;
 pub mod nexmark;
 pub mod pacer;
 
 use datafusion::arrow::datatypes::SchemaRef;
-use weir_common::connector::{ConnectorError, Options, SourceReader};
+use weir_common::connector::{ConnectorError, Encoding, Options, SourceReader};
 
 /// The built-in source connectors.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "nexmark"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "nexmark"];
 
-/// Opens a source of `schema` with the `WITH (...)` options (including `connector`). Fails at once on an unknown
-/// connector, an unknown or invalid option, or a column the connector cannot produce.
-pub fn open_source(schema: SchemaRef, options: Vec<(String, String)>) -> Result<Box<dyn SourceReader>, ConnectorError> {
+/// Opens a source of `schema` with the `WITH (...)` options (including `connector`) and the `FORMAT ... ENCODE`
+/// encoding, if given. Fails at once on an unknown connector, an unknown or invalid option, a missing or needless
+/// encoding, or a column the connector cannot produce.
+pub fn open_source(
+    schema: SchemaRef,
+    options: Vec<(String, String)>,
+    encoding: Option<Encoding>,
+) -> Result<Box<dyn SourceReader>, ConnectorError> {
     let mut options = Options::new(options)?;
     let connector = options
         .take("connector")
         .ok_or_else(|| ConnectorError::MissingOption { connector: "?".into(), key: "connector".into() })?;
-    match connector.to_lowercase().as_str() {
+    let connector = connector.to_lowercase();
+    if encoding.is_some() && connector != "file" {
+        return Err(ConnectorError::InvalidOption {
+            key: "FORMAT".into(),
+            value: connector,
+            reason: "this connector produces rows itself and takes no FORMAT ... ENCODE".into(),
+        });
+    }
+    match connector.as_str() {
+        "file" => Ok(Box::new(file::FileSource::try_new(schema, options, encoding)?)),
         "datagen" => Ok(Box::new(datagen::DatagenSource::try_new(schema, options)?)),
         "nexmark" => Ok(Box::new(nexmark::NexmarkSource::try_new(schema, options)?)),
         _ => Err(ConnectorError::UnknownConnector { name: connector, known: SOURCE_CONNECTORS.join(", ") }),

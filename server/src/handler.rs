@@ -275,6 +275,29 @@ fn jsonb_binary(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
     RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
 }
 
+/// A float as Postgres prints it (shortest exact digits): `21`, `0.1`, `1e+15`, `1e-05`, `NaN`, `-Infinity`. Postgres
+/// switches to exponent notation below 1e-4 and from 1e15 (float8) or 1e6 (real), `exponent_from`.
+fn postgres_float(value: f64, exponent_from: i32) -> String {
+    if value.is_nan() {
+        return "NaN".to_string();
+    }
+    if value.is_infinite() {
+        return if value > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
+    }
+    // Shortest digits that read back as the same value; for a real, those of the f32.
+    let scientific = if exponent_from == 6 { format!("{:e}", value as f32) } else { format!("{value:e}") };
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((scientific.as_str(), "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if value != 0.0 && (exponent < -4 || exponent >= exponent_from) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exponent.abs())
+    } else if exponent_from == 6 {
+        format!("{}", value as f32)
+    } else {
+        format!("{value}")
+    }
+}
+
 /// Postgres prints timestamps and times with only the fractional digits they need (`00:00:01`, `00:00:01.5`) and
 /// timestamptz with its offset; pgwire's text encoder always prints six digits. Text-format temporal columns are
 /// therefore formatted here, in UTC, and sent as their text.
@@ -329,6 +352,14 @@ fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
                         })
                         .collect(),
                 )
+            }
+            DataType::Float64 => {
+                let values = column.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+                Some(values.iter().map(|v| v.map(|v| postgres_float(v, 15))).collect())
+            }
+            DataType::Float32 => {
+                let values = column.as_primitive::<datafusion::arrow::datatypes::Float32Type>();
+                Some(values.iter().map(|v| v.map(|v| postgres_float(f64::from(v), 6))).collect())
             }
             _ => None,
         };
@@ -532,6 +563,29 @@ mod tests {
     use datafusion::arrow::datatypes::{Field, Schema};
 
     use super::*;
+
+    #[test]
+    fn floats_print_as_postgres_prints_them() {
+        let cases = [
+            (21.0, "21"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (23.833333333333332, "23.833333333333332"),
+            (1e14, "100000000000000"),
+            (1e15, "1e+15"),
+            (1.5e-5, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (0.0, "0"),
+            (f64::NAN, "NaN"),
+            (f64::NEG_INFINITY, "-Infinity"),
+        ];
+        for (value, text) in cases {
+            assert_eq!(postgres_float(value, 15), text, "{value}");
+        }
+        assert_eq!(postgres_float(f64::from(0.1f32), 6), "0.1");
+        assert_eq!(postgres_float(1e6, 6), "1e+06");
+        assert_eq!(postgres_float(123456.0, 6), "123456");
+    }
 
     #[test]
     fn binary_jsonb_gets_its_version_byte() {

@@ -10,7 +10,7 @@
 //! The task ends an epoch (publishes) every [`EPOCH_INTERVAL`] while rows arrive, before answering a `FLUSH`, and when
 //! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -21,14 +21,17 @@ use datafusion::arrow::array::RecordBatch;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{error, info};
-use weir_common::connector::{ConnectorError, SourceReader};
+use tracing::{error, info, warn};
+use weir_common::connector::{ConnectorError, Rejected, SourceReader};
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 
 /// How often a view publishes what it has computed while rows keep arriving. Shorter makes views fresher; each epoch
 /// re-evaluates the open windows that changed in it.
 pub const EPOCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How many malformed records each view keeps for `weir_catalog.dead_letters` (all are counted).
+pub const DEAD_LETTERS_KEPT: usize = 1000;
 
 /// What a session can ask of a running view.
 #[derive(Debug)]
@@ -59,6 +62,10 @@ pub struct Progress {
     pub rows_written: AtomicU64,
     /// Rows that arrived after their window had closed, and were left out.
     pub late_rows: AtomicU64,
+    /// Records the source could not decode, set aside.
+    pub malformed_rows: AtomicU64,
+    /// The last [`DEAD_LETTERS_KEPT`] of those, oldest first.
+    pub dead_letters: Mutex<VecDeque<Rejected>>,
     /// The source's watermark in milliseconds since the epoch; `i64::MIN` before the first row.
     pub watermark_ms: AtomicI64,
     /// `running`, `ended` (a bounded source is exhausted) or `failed: <reason>`.
@@ -72,6 +79,8 @@ impl Progress {
             rows_read: AtomicU64::new(0),
             rows_written: AtomicU64::new(0),
             late_rows: AtomicU64::new(0),
+            malformed_rows: AtomicU64::new(0),
+            dead_letters: Mutex::new(VecDeque::new()),
             watermark_ms: AtomicI64::new(i64::MIN),
             status: Mutex::new("running".to_string()),
         }
@@ -79,6 +88,21 @@ impl Progress {
 
     fn set_status(&self, status: String) {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
+    fn set_aside(&self, rejected: Vec<Rejected>) {
+        if rejected.is_empty() {
+            return;
+        }
+        self.malformed_rows.fetch_add(rejected.len() as u64, Ordering::Relaxed);
+        let mut kept = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
+        for record in rejected {
+            warn!(source = %self.source, origin = %record.origin, error = %record.error, "malformed record set aside");
+            if kept.len() == DEAD_LETTERS_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(record);
+        }
     }
 }
 
@@ -181,7 +205,10 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
                     // Everything the source has ready now (a bounded generator: all of it) goes in first.
                     while reading {
                         match reader.next_batch().now_or_never() {
-                            Some(batch) => reading = task.step(batch).await,
+                            Some(batch) => {
+                                task.progress.set_aside(reader.take_rejected());
+                                reading = task.step(batch).await;
+                            }
                             None => break,
                         }
                     }
@@ -192,6 +219,7 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
             },
             _ = epochs.tick(), if task.dirty => task.publish().await,
             batch = reader.next_batch(), if reading => {
+                task.progress.set_aside(reader.take_rejected());
                 reading = task.step(batch).await;
                 if !reading {
                     task.publish().await;

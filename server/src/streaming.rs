@@ -16,7 +16,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
-use weir_common::connector::SourceReader;
+use weir_common::connector::{Encoding, SourceReader};
 use weir_common::plan::WatermarkSpec;
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::source::CreateSource;
@@ -60,15 +60,6 @@ impl Session {
             self.engine.catalog.create_table(def, Some(Arc::new(source.clone())), false)?;
             return Ok(Outcome::Command(tag, None));
         }
-        if let Some(format) = &source.format {
-            return Err(ErrorReport::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!(
-                    "FORMAT {} ENCODE {} does not apply to this connector: it produces rows itself",
-                    format.format, format.encode
-                ),
-            ));
-        }
         if !source.include.is_empty() {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
@@ -76,7 +67,8 @@ impl Session {
             ));
         }
         // Opening a reader checks the connector, its options and the columns; it reads nothing.
-        weir_connectors::open_source(schema.clone(), source.with.clone()).map_err(ErrorReport::from)?;
+        weir_connectors::open_source(schema.clone(), source.with.clone(), encoding(source)?)
+            .map_err(ErrorReport::from)?;
         let provider = Arc::new(SourceTable { name, schema });
         self.engine.catalog.create(Relation::new(def, provider).with_source(Some(Arc::new(source.clone()))), false)?;
         Ok(Outcome::Command(tag, None))
@@ -141,8 +133,9 @@ impl Session {
             }
             (None, Some(source)) => {
                 let watermark = self.watermark(&input.def.name, source, &input.def.schema)?;
-                let reader = weir_connectors::open_source(input.def.schema.clone(), source.with.clone())
-                    .map_err(ErrorReport::from)?;
+                let reader =
+                    weir_connectors::open_source(input.def.schema.clone(), source.with.clone(), encoding(source)?)
+                        .map_err(ErrorReport::from)?;
                 (reader, watermark, watermark_unit_ms(&input.def.schema, source))
             }
             (None, None) => return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input")),
@@ -308,6 +301,40 @@ fn scanned_relations(plan: &LogicalPlan, catalog: &Catalog, sql: &str) -> Result
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')]` names.
+fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
+    let Some(format) = &source.format else { return Ok(None) };
+    if format.format != "PLAIN" {
+        return Err(ErrorReport::new(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            format!("FORMAT {} is not supported; sources are FORMAT PLAIN", format.format),
+        ));
+    }
+    let mut options = weir_common::connector::Options::new(format.options.clone()).map_err(ErrorReport::from)?;
+    let encoding = match format.encode.as_str() {
+        "JSON" => Encoding::Json,
+        "CSV" => {
+            let delimiter = options.take("delimiter").unwrap_or_else(|| ",".to_string());
+            let [delimiter] = delimiter.as_bytes() else {
+                return Err(ErrorReport::new(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("the CSV delimiter must be one ASCII character, not \"{delimiter}\""),
+                ));
+            };
+            let without_header = options.take_parsed::<bool>("without_header", "true or false")?.unwrap_or(false);
+            Encoding::Csv { delimiter: *delimiter, header: !without_header }
+        }
+        other => {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("ENCODE {other} is not supported; the encodings are JSON and CSV"),
+            ));
+        }
+    };
+    options.finish(&format!("ENCODE {}", format.encode), &["delimiter", "without_header"])?;
+    Ok(Some(encoding))
 }
 
 /// Milliseconds per unit of the source's event-time column (1 for `TIMESTAMP(3)`).

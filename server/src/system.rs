@@ -1,7 +1,10 @@
 //! `weir_catalog`: system relations about the running dataflows.
 //!
 //! - `weir_catalog.view_progress`: one row per materialized view: its source, status, rows read and written, late
-//!   rows (arrived after their window closed, so left out of the view) and the source's current watermark.
+//!   rows (arrived after their window closed, so left out of the view), malformed records (set aside) and the
+//!   source's current watermark.
+//! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
+//!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view), with where they came from and why they were refused.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -36,6 +39,7 @@ impl ViewProgress {
             Field::new("rows_read", DataType::Int64, false),
             Field::new("rows_written", DataType::Int64, false),
             Field::new("late_rows", DataType::Int64, false),
+            Field::new("malformed_rows", DataType::Int64, false),
             Field::new("watermark", DataType::Timestamp(TimeUnit::Millisecond, None), true),
         ]))
     }
@@ -57,6 +61,7 @@ impl ViewProgress {
             count(|p| p.rows_read.load(Ordering::Relaxed) as i64),
             count(|p| p.rows_written.load(Ordering::Relaxed) as i64),
             count(|p| p.late_rows.load(Ordering::Relaxed) as i64),
+            count(|p| p.malformed_rows.load(Ordering::Relaxed) as i64),
             Arc::new(
                 progress
                     .iter()
@@ -70,6 +75,62 @@ impl ViewProgress {
 
 #[async_trait]
 impl TableProvider for ViewProgress {
+    fn schema(&self) -> SchemaRef {
+        Self::schema_ref()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let table = MemTable::try_new(Self::schema_ref(), vec![vec![self.snapshot()?]])?;
+        table.scan(state, projection, filters, limit).await
+    }
+}
+
+/// `weir_catalog.dead_letters`, computed when scanned.
+#[derive(Debug)]
+pub struct DeadLetters {
+    pub jobs: Arc<Jobs>,
+}
+
+impl DeadLetters {
+    fn schema_ref() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("view", DataType::Utf8, false),
+            Field::new("source", DataType::Utf8, false),
+            Field::new("origin", DataType::Utf8, false),
+            Field::new("error", DataType::Utf8, false),
+            Field::new("record", DataType::Utf8, false),
+        ]))
+    }
+
+    fn snapshot(&self) -> Result<RecordBatch> {
+        let mut rows: Vec<[String; 5]> = Vec::new();
+        for (view, progress) in self.jobs.progress() {
+            let kept = progress.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
+            rows.extend(
+                kept.iter().map(|r| {
+                    [view.clone(), progress.source.clone(), r.origin.clone(), r.error.clone(), r.record.clone()]
+                }),
+            );
+        }
+        let columns: Vec<ArrayRef> = (0..5)
+            .map(|i| Arc::new(rows.iter().map(|r| Some(r[i].as_str())).collect::<StringArray>()) as ArrayRef)
+            .collect();
+        Ok(RecordBatch::try_new(Self::schema_ref(), columns)?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for DeadLetters {
     fn schema(&self) -> SchemaRef {
         Self::schema_ref()
     }

@@ -45,9 +45,12 @@ async fn generated_bids() -> Vec<RecordBatch> {
         ("fields.price.min", "1"),
         ("fields.price.max", "1000"),
     ];
-    let mut reader =
-        weir_connectors::open_source(schema(), options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-            .unwrap();
+    let mut reader = weir_connectors::open_source(
+        schema(),
+        options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        None,
+    )
+    .unwrap();
     let mut batches = Vec::new();
     while let Some(batch) = reader.next_batch().await.unwrap() {
         batches.push(batch);

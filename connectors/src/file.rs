@@ -1,0 +1,203 @@
+//! The `file` connector: JSON lines or CSV from a local file, bounded or followed as it grows.
+//!
+//! ```sql
+//! CREATE SOURCE readings (device TEXT, temp DOUBLE PRECISION, ts TIMESTAMP(3),
+//!                         WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+//!   WITH (connector = 'file', path = '/var/log/readings.jsonl', follow = 'true')
+//!   FORMAT PLAIN ENCODE JSON;
+//! ```
+//!
+//! Options: `path` (required), `follow` (`false` by default: the source ends at the end of the file, closing every
+//! window; `true`: it waits for more lines, polling every `poll.interval.ms`, default 100), `batch.rows` (lines per
+//! batch, default 4096). Only whole lines are read; in follow mode a line still being written is read once its newline
+//! arrives. Lines that do not decode are set aside with their line number (see [`crate::format`]).
+//!
+//! Reading is synchronous inside [`SourceReader::next_batch`] (a local file answers in microseconds), so a batch is
+//! ready on the first poll and a cancelled call loses nothing: the position only moves when a batch is returned.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use weir_common::connector::{ConnectorError, Encoding, Options, Rejected, SourceReader};
+
+use crate::format::{Record, RecordDecoder};
+
+const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "batch.rows"];
+
+/// A source reading one file.
+#[derive(Debug)]
+pub struct FileSource {
+    path: String,
+    follow: bool,
+    poll: Duration,
+    batch_rows: usize,
+    decoder: RecordDecoder,
+    skip_header: bool,
+    reader: BufReader<File>,
+    /// Lines read so far (for the origin of rejected records).
+    line: u64,
+    /// The start of a line whose newline has not arrived yet (follow mode).
+    partial: Vec<u8>,
+    rejected: Vec<Rejected>,
+}
+
+impl FileSource {
+    pub fn try_new(
+        schema: SchemaRef,
+        mut options: Options,
+        encoding: Option<Encoding>,
+    ) -> Result<Self, ConnectorError> {
+        let path = options
+            .take("path")
+            .ok_or_else(|| ConnectorError::MissingOption { connector: "file".into(), key: "path".into() })?;
+        let follow = options.take_parsed::<bool>("follow", "true or false")?.unwrap_or(false);
+        let poll =
+            Duration::from_millis(options.take_parsed::<u64>("poll.interval.ms", "milliseconds")?.unwrap_or(100));
+        let batch_rows = options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).max(1);
+        options.finish("file", OPTIONS)?;
+        let encoding = encoding
+            .ok_or_else(|| ConnectorError::Format { connector: "file".into(), expected: "JSON or CSV".into() })?;
+        let skip_header = matches!(encoding, Encoding::Csv { header: true, .. });
+        let decoder = RecordDecoder::try_new(schema, encoding)?;
+        let file = File::open(&path).map_err(|e| ConnectorError::Io(format!("could not open file \"{path}\": {e}")))?;
+        Ok(FileSource {
+            path,
+            follow,
+            poll,
+            batch_rows,
+            decoder,
+            skip_header,
+            reader: BufReader::new(file),
+            line: 0,
+            partial: Vec::new(),
+            rejected: Vec::new(),
+        })
+    }
+
+    /// Reads up to `batch_rows` whole lines; fewer (maybe none) at the end of the file.
+    fn read_lines(&mut self) -> Result<Vec<Record>, ConnectorError> {
+        let mut records = Vec::new();
+        while records.len() < self.batch_rows {
+            let mut bytes = std::mem::take(&mut self.partial);
+            let read = self
+                .reader
+                .read_until(b'\n', &mut bytes)
+                .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.path)))?;
+            let complete = bytes.ends_with(b"\n");
+            if read == 0 && bytes.is_empty() {
+                break;
+            }
+            if !complete && self.follow {
+                // The rest of this line has not been written yet.
+                self.partial = bytes;
+                break;
+            }
+            self.line += 1;
+            if self.line == 1 && self.skip_header {
+                continue;
+            }
+            records.push(Record { origin: format!("{}:{}", self.path, self.line), bytes });
+            if !complete {
+                break;
+            }
+        }
+        Ok(records)
+    }
+}
+
+#[async_trait]
+impl SourceReader for FileSource {
+    fn schema(&self) -> SchemaRef {
+        self.decoder.schema()
+    }
+
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+        loop {
+            let records = self.read_lines()?;
+            if records.is_empty() {
+                if !self.follow {
+                    return Ok(None);
+                }
+                tokio::time::sleep(self.poll).await;
+                continue;
+            }
+            let (batch, rejected) = self.decoder.decode(&records);
+            self.rejected.extend(rejected);
+            if let Some(batch) = batch {
+                return Ok(Some(batch));
+            }
+        }
+    }
+
+    fn take_rejected(&mut self) -> Vec<Rejected> {
+        std::mem::take(&mut self.rejected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)]))
+    }
+
+    fn open(path: &std::path::Path, follow: bool, encoding: Encoding) -> FileSource {
+        let options = Options::new([
+            ("path".to_string(), path.display().to_string()),
+            ("follow".to_string(), follow.to_string()),
+            ("poll.interval.ms".to_string(), "5".to_string()),
+        ])
+        .unwrap();
+        FileSource::try_new(schema(), options, Some(encoding)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_bounded_csv_file_skips_its_header_and_ends() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        write!(file, "id,name\n1,a\nx,b\n3,c").unwrap();
+        let mut source = open(file.path(), false, Encoding::Csv { delimiter: b',', header: true });
+        let batch = source.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 2, "the last line needs no newline when the file is not followed");
+        assert_eq!(source.next_batch().await.unwrap(), None);
+        let rejected = source.take_rejected();
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].origin.ends_with(":3"), "{}", rejected[0].origin);
+    }
+
+    #[tokio::test]
+    async fn a_followed_file_is_read_as_whole_lines_arrive() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        write!(file, "{{\"id\": 1}}\n{{\"id\": 2, \"na").unwrap();
+        file.flush().unwrap();
+        let mut source = open(file.path(), true, Encoding::Json);
+        assert_eq!(source.next_batch().await.unwrap().unwrap().num_rows(), 1);
+        // The second line is incomplete: nothing to read yet.
+        assert!(source.next_batch().now_or_never().is_none());
+        writeln!(file, "me\": \"b\"}}").unwrap();
+        file.flush().unwrap();
+        let batch = tokio::time::timeout(Duration::from_secs(5), source.next_batch()).await.unwrap().unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        assert!(source.take_rejected().is_empty());
+    }
+
+    #[test]
+    fn a_missing_file_and_a_missing_format_are_errors() {
+        let options = Options::new([("path".to_string(), "/nonexistent/weir.json".to_string())]).unwrap();
+        let err = FileSource::try_new(schema(), options, Some(Encoding::Json)).unwrap_err();
+        assert!(err.to_string().starts_with("could not open file \"/nonexistent/weir.json\""), "{err}");
+        let options = Options::new([("path".to_string(), "/tmp".to_string())]).unwrap();
+        let err = FileSource::try_new(schema(), options, None).unwrap_err();
+        assert_eq!(err.to_string(), "connector \"file\" needs FORMAT PLAIN ENCODE JSON or CSV");
+    }
+}

@@ -1,0 +1,186 @@
+//! Decoding records (JSON objects, CSV lines) into Arrow batches of a source's schema.
+//!
+//! Records are decoded a chunk at a time with arrow-json or arrow-csv. A chunk that fails is decoded again record by
+//! record, so one malformed record is set aside as [`Rejected`] (with where it came from and why) while every good
+//! record of the chunk still goes through: nothing is dropped silently and one bad line never stops a source.
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::csv;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json;
+use weir_common::connector::{ConnectorError, Encoding, Rejected};
+
+/// One record to decode, with its origin for the dead-letter output.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub origin: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Decodes records of one encoding into batches of one schema.
+#[derive(Debug)]
+pub struct RecordDecoder {
+    schema: SchemaRef,
+    encoding: Encoding,
+}
+
+impl RecordDecoder {
+    /// Fails when a column's type cannot be decoded from this encoding.
+    pub fn try_new(schema: SchemaRef, encoding: Encoding) -> Result<Self, ConnectorError> {
+        let decoder = RecordDecoder { schema, encoding };
+        decoder.decode_all(&[]).map_err(|e| ConnectorError::Column {
+            connector: "format".into(),
+            column: "?".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(decoder)
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Decodes `records`; the ones that fail are returned as rejected, in order.
+    pub fn decode(&self, records: &[Record]) -> (Option<RecordBatch>, Vec<Rejected>) {
+        let records: Vec<&Record> = records.iter().filter(|r| !r.bytes.trim_ascii().is_empty()).collect();
+        if records.is_empty() {
+            return (None, Vec::new());
+        }
+        let bytes: Vec<&[u8]> = records.iter().map(|r| r.bytes.as_slice()).collect();
+        if let Ok(batch) = self.decode_all(&bytes) {
+            return (Some(batch), Vec::new());
+        }
+        let mut good = Vec::new();
+        let mut rejected = Vec::new();
+        for record in records {
+            match self.decode_all(&[&record.bytes]) {
+                Ok(batch) => good.push(batch),
+                Err(err) => rejected.push(Rejected {
+                    origin: record.origin.clone(),
+                    record: String::from_utf8_lossy(&record.bytes).trim_end().to_string(),
+                    error: err.to_string(),
+                }),
+            }
+        }
+        let batch = match good.as_slice() {
+            [] => None,
+            // Batches of one schema always concatenate.
+            _ => concat_batches(&self.schema, &good).ok(),
+        };
+        (batch, rejected)
+    }
+
+    /// Decodes every record or fails.
+    fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, ArrowError> {
+        let rows = records.len().max(1);
+        let mut batches = Vec::new();
+        match &self.encoding {
+            Encoding::Json => {
+                let mut decoder =
+                    json::ReaderBuilder::new(self.schema.clone()).with_batch_size(rows).build_decoder()?;
+                for record in records {
+                    feed(line(record), |b| decoder.decode(b))?;
+                    feed(b"\n", |b| decoder.decode(b))?;
+                }
+                batches.extend(decoder.flush()?);
+            }
+            Encoding::Csv { delimiter, .. } => {
+                let mut decoder = csv::ReaderBuilder::new(self.schema.clone())
+                    .with_header(false)
+                    .with_delimiter(*delimiter)
+                    .with_batch_size(rows)
+                    .build_decoder();
+                for record in records {
+                    feed(line(record), |b| decoder.decode(b))?;
+                    feed(b"\n", |b| decoder.decode(b))?;
+                }
+                batches.extend(decoder.flush()?);
+            }
+        }
+        if batches.iter().map(RecordBatch::num_rows).sum::<usize>() != records.len() {
+            return Err(ArrowError::ParseError(format!("expected {} records", records.len())));
+        }
+        concat_batches(&self.schema, &batches)
+    }
+}
+
+/// A record without its line ending.
+fn line(record: &[u8]) -> &[u8] {
+    let record = record.strip_suffix(b"\n").unwrap_or(record);
+    record.strip_suffix(b"\r").unwrap_or(record)
+}
+
+/// Gives all of `bytes` to a decoder that may take them in pieces.
+fn feed(mut bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<usize, ArrowError>) -> Result<(), ArrowError> {
+    while !bytes.is_empty() {
+        let used = decode(bytes)?;
+        if used == 0 {
+            return Err(ArrowError::ParseError("the decoder took no input".into()));
+        }
+        bytes = &bytes[used..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new("temp", DataType::Float64, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+        ]))
+    }
+
+    fn records(lines: &[&str]) -> Vec<Record> {
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| Record { origin: format!("test:{}", i + 1), bytes: l.as_bytes().to_vec() })
+            .collect()
+    }
+
+    #[test]
+    fn json_records_decode_and_a_bad_one_is_set_aside_alone() {
+        let decoder = RecordDecoder::try_new(schema(), Encoding::Json).unwrap();
+        let (batch, rejected) = decoder.decode(&records(&[
+            r#"{"device": "d1", "temp": 20.5, "ts": "2024-01-01T00:00:01"}"#,
+            r#"{"device": "d2", "temp": "warm"}"#,
+            r#"not json"#,
+            "",
+            r#"{"temp": 3, "ts": "2024-01-01 00:00:02.5", "extra": true}"#,
+        ]));
+        assert_eq!(
+            pretty_format_batches(&[batch.unwrap()]).unwrap().to_string(),
+            "+--------+------+-------------------------+\n\
+             | device | temp | ts                      |\n\
+             +--------+------+-------------------------+\n\
+             | d1     | 20.5 | 2024-01-01T00:00:01     |\n\
+             |        | 3.0  | 2024-01-01T00:00:02.500 |\n\
+             +--------+------+-------------------------+"
+        );
+        let origins: Vec<&str> = rejected.iter().map(|r| r.origin.as_str()).collect();
+        assert_eq!(origins, ["test:2", "test:3"]);
+        assert_eq!(rejected[1].record, "not json");
+        assert!(!rejected[0].error.is_empty());
+    }
+
+    #[test]
+    fn csv_lines_decode_in_column_order() {
+        let decoder = RecordDecoder::try_new(schema(), Encoding::Csv { delimiter: b';', header: false }).unwrap();
+        let (batch, rejected) =
+            decoder.decode(&records(&["d1;1.5;2024-01-01T00:00:00", "d2;oops;2024-01-01T00:00:00", "d3;;"]));
+        assert_eq!(batch.unwrap().num_rows(), 2);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].origin, "test:2");
+    }
+}
