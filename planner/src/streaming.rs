@@ -19,9 +19,11 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableScanBuilder};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{Aggregate, StreamingPlan, WindowAggregateSpec};
 use weir_common::{ErrorReport, SqlState};
@@ -65,6 +67,13 @@ pub async fn plan_streaming(
     // One partition: the dataflow parallelizes by itself, not inside a batch.
     let mut state = state.clone();
     state.config_mut().options_mut().execution.target_partitions = 1;
+    // The plans are executed again for every batch or window; a dynamic filter learnt in one execution (a TopK's
+    // threshold) would wrongly hold back rows in the next.
+    let optimizer = &mut state.config_mut().options_mut().optimizer;
+    optimizer.enable_dynamic_filter_pushdown = false;
+    optimizer.enable_topk_dynamic_filter_pushdown = false;
+    optimizer.enable_join_dynamic_filter_pushdown = false;
+    optimizer.enable_aggregate_dynamic_filter_pushdown = false;
     let physical = state.create_physical_plan(&logical).await.map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
     let schema = physical.schema();
 
@@ -92,7 +101,7 @@ pub async fn plan_streaming(
     let feed: Arc<dyn ExecutionPlan> =
         Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
     let above = replace(&physical, &aggregate, &feed)?;
-    check_stateless(&above)?;
+    check_above(&above, spec.window_end.is_some())?;
     Ok(StreamingPlan {
         source,
         input,
@@ -126,17 +135,63 @@ fn inline_views(plan: LogicalPlan) -> Result<LogicalPlan, ErrorReport> {
     .map_err(|e| ErrorReport::from_datafusion(&e, ""))
 }
 
-/// The topmost aggregation of the plan (the final one of a partial/final pair).
+/// The aggregation nearest the input (the final one of a partial/final pair): the one that becomes the window
+/// aggregate; any aggregation above it runs per window, over its output.
 fn find_aggregate(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>, ErrorReport> {
-    if plan.downcast_ref::<AggregateExec>().is_some() {
-        return Ok(Some(plan.clone()));
-    }
     for child in plan.children() {
         if let Some(found) = find_aggregate(child)? {
             return Ok(Some(found));
         }
     }
-    Ok(None)
+    match plan.downcast_ref::<AggregateExec>() {
+        Some(exec) if *exec.mode() != AggregateMode::Partial => Ok(Some(plan.clone())),
+        _ => Ok(None),
+    }
+}
+
+/// Checks the plan above the aggregate. It runs on one window's rows at a time (all groups when the aggregate has no
+/// window), so besides row-by-row operators it may sort, rank and aggregate *within* a window: window Top-N
+/// (`ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY ...)`), a second aggregation grouped by the
+/// window, and, over a plain `GROUP BY`, `ORDER BY ... LIMIT`.
+fn check_above(plan: &Arc<dyn ExecutionPlan>, windowed: bool) -> Result<(), ErrorReport> {
+    let by_window = |exprs: Vec<&Arc<dyn PhysicalExpr>>| {
+        exprs.into_iter().any(|e| e.downcast_ref::<Column>().is_some_and(|c| c.name() == "window_end"))
+    };
+    // A sort with a fetch (`SortExec(TopK)`) is an ORDER BY ... LIMIT.
+    let limits = plan.fetch().is_some() || matches!(plan.name(), "GlobalLimitExec" | "LocalLimitExec");
+    match plan.name() {
+        _ if limits && windowed => {
+            return Err(unsupported("LIMIT over windows in a materialized view").with_hint(
+                "Rank within each window instead: ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY ...) <= N.",
+            ));
+        }
+        "BoundedWindowAggExec" | "WindowAggExec" => {
+            let partitioned = if let Some(exec) = plan.downcast_ref::<BoundedWindowAggExec>() {
+                exec.window_expr().iter().all(|w| by_window(w.partition_by().iter().collect()))
+            } else if let Some(exec) = plan.downcast_ref::<WindowAggExec>() {
+                exec.window_expr().iter().all(|w| by_window(w.partition_by().iter().collect()))
+            } else {
+                false
+            };
+            if windowed && !partitioned {
+                return Err(unsupported("OVER (...) across windows in a materialized view")
+                    .with_hint("Partition by the window: OVER (PARTITION BY window_start, window_end ...)."));
+            }
+        }
+        "AggregateExec" => {
+            let grouped = plan
+                .downcast_ref::<AggregateExec>()
+                .is_some_and(|exec| by_window(exec.group_expr().expr().iter().map(|(e, _)| e).collect()));
+            if windowed && !grouped {
+                return Err(unsupported("an aggregation across windows over a windowed aggregation")
+                    .with_hint("Group the outer aggregation by window_end too."));
+            }
+        }
+        _ if limits => {}
+        "SortExec" | "SortPreservingMergeExec" => {}
+        _ => check_row_by_row(plan)?,
+    }
+    plan.children().into_iter().try_for_each(|child| check_above(child, windowed))
 }
 
 /// The window aggregate an `AggregateExec` stands for, and the plan that feeds it.
@@ -177,6 +232,12 @@ fn window_aggregate(
 
 /// Refuses operators that need state or see the whole input.
 fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
+    check_row_by_row(plan)?;
+    plan.children().into_iter().try_for_each(check_stateless)
+}
+
+/// Refuses a node (not its children) that needs state or sees the whole input.
+fn check_row_by_row(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
     let name = plan.name();
     match name {
         "FeedExec"
@@ -195,7 +256,7 @@ fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
         other if other.contains("Join") => return Err(unsupported("joins in a materialized view")),
         other => return Err(unsupported(&format!("{other} in a materialized view"))),
     }
-    plan.children().into_iter().try_for_each(check_stateless)
+    Ok(())
 }
 
 /// `plan` with the node `target` replaced by `with`.
