@@ -29,6 +29,8 @@ pub enum WeirStatement {
     DropSource { names: Vec<ast::ObjectName>, if_exists: bool, cascade: bool },
     /// `FLUSH`: returns once every source's input so far is reflected in every view.
     Flush,
+    /// `EXPLAIN CREATE MATERIALIZED VIEW ...`: the view's streaming dataflow, without creating it.
+    ExplainMaterializedView { statement: Box<ast::Statement>, emit_on_window_close: bool },
     /// `SHOW CREATE {TABLE | SOURCE | VIEW | MATERIALIZED VIEW} name`.
     ShowCreate { kind: RelationKind, name: ast::ObjectName },
 }
@@ -109,17 +111,24 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             parser.next_token();
             Ok(WeirStatement::Flush)
         } else {
-            parser.parse_statement().map(|s| match s {
+            parser.parse_statement().map(|s| {
+                let end = parser.peek_token();
+                let emit_on_window_close =
+                    emits.contains(&end.span.start) || (end.token == Token::EOF && emits.contains(&EOF_EMIT));
+                match s {
+                ast::Statement::Explain { statement, .. }
+                    if matches!(&*statement, ast::Statement::CreateView(view) if view.materialized) =>
+                {
+                    WeirStatement::ExplainMaterializedView { statement, emit_on_window_close }
+                }
                 ast::Statement::CreateView(view) if view.materialized => {
-                    let end = parser.peek_token();
-                    let emit_on_window_close =
-                        emits.contains(&end.span.start) || (end.token == Token::EOF && emits.contains(&EOF_EMIT));
                     WeirStatement::CreateMaterializedView {
                         statement: Box::new(ast::Statement::CreateView(view)),
                         emit_on_window_close,
                     }
                 }
                 s => WeirStatement::Sql(Box::new(s)),
+                }
             })
         }
         .map_err(|err| convert_error(sql, &tokens, err))?;

@@ -128,6 +128,9 @@ impl Session {
         if let WeirStatement::ShowCreate { .. } = &prepared.statement.statement {
             return Some(show_create_schema());
         }
+        if let WeirStatement::ExplainMaterializedView { .. } = &prepared.statement.statement {
+            return Some(Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)])));
+        }
         let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
         match &**stmt {
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => Some(show_tables_schema()),
@@ -162,6 +165,9 @@ impl Session {
                 return Ok(Outcome::Command("FLUSH", None));
             }
             WeirStatement::ShowCreate { kind, name } => return self.show_create(*kind, name),
+            WeirStatement::ExplainMaterializedView { statement, emit_on_window_close } => {
+                return self.explain_materialized_view(statement, *emit_on_window_close, text, sql).await;
+            }
         };
         if let Some(plan) = &prepared.plan {
             let plan = match bound {

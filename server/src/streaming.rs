@@ -9,15 +9,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::array::StringArray;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::view::ViewTable;
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::WatermarkSpec;
+use weir_common::plan::{StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::source::CreateSource;
 use weir_runtime::RuntimeError;
@@ -95,33 +97,7 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
-        let mut depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
-        // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
-        let inputs: HashMap<String, SchemaRef> = self
-            .engine
-            .catalog
-            .list()
-            .into_iter()
-            .filter(|r| r.def.kind != RelationKind::View)
-            .map(|r| (r.def.name.clone(), r.def.schema.clone()))
-            .collect();
-        let plan =
-            weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &inputs, emit_on_window_close).await?;
-        let input = self.engine.catalog.get(&plan.source).ok_or_else(|| {
-            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", plan.source))
-        })?;
-        if !input.append_only {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
-                     over it needs an append-only input",
-                    input.def.name
-                ),
-            )
-            .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
-        }
+        let (plan, input, mut depends_on) = self.plan_view(view, emit_on_window_close, text, sql).await?;
         let (reader, watermark, ms_per_unit): (Box<dyn SourceReader>, _, _) = match (&input.store, &input.source) {
             (Some(store), source) => {
                 let watermark = match source {
@@ -158,6 +134,122 @@ impl Session {
         self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
         self.engine.jobs.start(name, input.def.name.clone(), reader, pipeline, store, ms_per_unit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
+    }
+
+    /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relation it reads as a stream
+    /// and every relation it names.
+    async fn plan_view(
+        &self,
+        view: &ast::CreateView,
+        emit_on_window_close: bool,
+        text: &str,
+        sql: &str,
+    ) -> Result<(StreamingPlan, Relation, Vec<String>), ErrorReport> {
+        let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
+        let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
+        // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
+        let inputs: HashMap<String, SchemaRef> = self
+            .engine
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|r| r.def.kind != RelationKind::View)
+            .map(|r| (r.def.name.clone(), r.def.schema.clone()))
+            .collect();
+        let plan =
+            weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &inputs, emit_on_window_close).await?;
+        let input = self.engine.catalog.get(&plan.source).ok_or_else(|| {
+            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", plan.source))
+        })?;
+        if !input.append_only {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
+                     over it needs an append-only input",
+                    input.def.name
+                ),
+            )
+            .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
+        }
+        if plan.emit_on_window_close && input.source.as_ref().is_none_or(|s| s.watermark.is_none()) {
+            return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
+        }
+        Ok((plan, input, depends_on))
+    }
+
+    /// `EXPLAIN CREATE MATERIALIZED VIEW`: the dataflow the view would run, top (the view) to bottom (its input),
+    /// with whether each operator's output is append-only or updating.
+    pub(crate) async fn explain_materialized_view(
+        &self,
+        statement: &Statement,
+        emit_on_window_close: bool,
+        text: &str,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        let Statement::CreateView(view) = statement else {
+            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
+        };
+        let (plan, input, _) = self.plan_view(view, emit_on_window_close, text, sql).await?;
+        let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
+        let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
+        let mut depth = 1;
+        let add_plan = |lines: &mut Vec<String>, depth: &mut usize, plan: &Arc<dyn ExecutionPlan>| {
+            let text = displayable(plan.as_ref()).indent(false).to_string();
+            let mut deepest = 0;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let own = line.len() - line.trim_start().len();
+                deepest = deepest.max(own / 2);
+                lines.push(format!("{}{}", "  ".repeat(*depth), line));
+            }
+            *depth += deepest + 1;
+        };
+        if let Some(aggregate) = &plan.aggregate {
+            if let Some((_, above)) = &plan.above {
+                let over = if aggregate.window_end.is_some() { "Per window:" } else { "Over all groups:" };
+                lines.push(format!("{}{over}", "  ".repeat(depth)));
+                depth += 1;
+                add_plan(&mut lines, &mut depth, above);
+            }
+            let keys: Vec<&str> = aggregate.keys.iter().map(|(_, name)| name.as_str()).collect();
+            let functions: Vec<String> = aggregate.aggregates.iter().map(|a| a.function.name().to_string()).collect();
+            let window = match aggregate.window_end {
+                Some(_) if plan.emit_on_window_close => "per window, emitted when the watermark closes it",
+                Some(_) => "per window, open windows updated every epoch",
+                None => "no window: groups updated every epoch",
+            };
+            lines.push(format!(
+                "{}WindowAggregate: keys=[{}], aggregates=[{}], {window} [{}]",
+                "  ".repeat(depth),
+                keys.join(", "),
+                functions.join(", "),
+                stream(plan.append_only())
+            ));
+            depth += 1;
+        }
+        add_plan(&mut lines, &mut depth, &plan.below);
+        if let Some(watermark) = input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
+            lines.push(format!(
+                "{}WatermarkAssigner: {} AS {} [append-only]",
+                "  ".repeat(depth),
+                watermark.column,
+                watermark.expr
+            ));
+            depth += 1;
+        }
+        let connector = input
+            .source
+            .as_ref()
+            .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
+            .unwrap_or_default();
+        lines.push(format!(
+            "{}Input: {} {}{connector} [append-only]",
+            "  ".repeat(depth),
+            input.def.kind,
+            input.def.name
+        ));
+        let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
+        self.rows(schema, vec![Arc::new(StringArray::from(lines))])
     }
 
     /// `CREATE VIEW`: a named query, planned again wherever it is used (batch queries and materialized views alike).
