@@ -78,6 +78,11 @@ impl Pipeline {
         self.aggregate.as_ref().map_or(0, WindowAggregate::late_rows)
     }
 
+    /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
+    pub fn take_late(&mut self) -> Vec<RecordBatch> {
+        self.aggregate.as_mut().map(WindowAggregate::take_late).unwrap_or_default()
+    }
+
     /// Processes one batch of source rows.
     pub async fn push(&mut self, batch: RecordBatch) -> Result<()> {
         let messages = match &mut self.assigner {

@@ -22,7 +22,7 @@ use crate::catalog::{Catalog, CatalogSchema};
 use crate::compat::Compat;
 use crate::config::Config;
 use crate::error::{Result, ServerError};
-use crate::system::{DeadLetters, SYSTEM_SCHEMA, ViewProgress};
+use crate::system::{SYSTEM_SCHEMA, SystemRelation};
 
 /// The Postgres version Weir reports: clients pick their catalog queries by it.
 pub const PG_VERSION: &str = "16.6";
@@ -65,12 +65,11 @@ impl Engine {
             .map_err(|e| ServerError::Engine(e.to_string()))?;
         let jobs = Arc::new(crate::jobs::Jobs::default());
         let system = Arc::new(MemorySchemaProvider::new());
-        system
-            .register_table("view_progress".to_string(), Arc::new(ViewProgress { jobs: jobs.clone() }))
-            .map_err(|e| ServerError::Engine(e.to_string()))?;
-        system
-            .register_table("dead_letters".to_string(), Arc::new(DeadLetters { jobs: jobs.clone() }))
-            .map_err(|e| ServerError::Engine(e.to_string()))?;
+        for (name, relation) in SystemRelation::all(&jobs) {
+            system
+                .register_table(name.to_string(), Arc::new(relation))
+                .map_err(|e| ServerError::Engine(e.to_string()))?;
+        }
         weir.register_schema(SYSTEM_SCHEMA, system).map_err(|e| ServerError::Engine(e.to_string()))?;
         catalogs.register_catalog(DEFAULT_CATALOG.to_string(), weir);
 

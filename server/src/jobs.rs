@@ -66,6 +66,8 @@ pub struct Progress {
     pub malformed_rows: AtomicU64,
     /// The last [`DEAD_LETTERS_KEPT`] of those, oldest first.
     pub dead_letters: Mutex<VecDeque<Rejected>>,
+    /// The last [`DEAD_LETTERS_KEPT`] late rows, as text, oldest first.
+    pub late_samples: Mutex<VecDeque<String>>,
     /// The source's watermark in milliseconds since the epoch; `i64::MIN` before the first row.
     pub watermark_ms: AtomicI64,
     /// `running`, `ended` (a bounded source is exhausted) or `failed: <reason>`.
@@ -81,6 +83,7 @@ impl Progress {
             late_rows: AtomicU64::new(0),
             malformed_rows: AtomicU64::new(0),
             dead_letters: Mutex::new(VecDeque::new()),
+            late_samples: Mutex::new(VecDeque::new()),
             watermark_ms: AtomicI64::new(i64::MIN),
             status: Mutex::new("running".to_string()),
         }
@@ -88,6 +91,24 @@ impl Progress {
 
     fn set_status(&self, status: String) {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
+    /// Keeps the latest late rows for `weir_catalog.late_rows`.
+    fn keep_late(&self, late: Vec<RecordBatch>) {
+        if late.is_empty() {
+            return;
+        }
+        let mut kept = self.late_samples.lock().unwrap_or_else(PoisonError::into_inner);
+        for batch in &late {
+            // Only the rows that can still be among the kept ones are formatted.
+            let skip = batch.num_rows().saturating_sub(DEAD_LETTERS_KEPT);
+            for row in skip..batch.num_rows() {
+                if kept.len() == DEAD_LETTERS_KEPT {
+                    kept.pop_front();
+                }
+                kept.push_back(row_text(batch, row));
+            }
+        }
     }
 
     fn set_aside(&self, rejected: Vec<Rejected>) {
@@ -251,6 +272,7 @@ impl ViewTask {
         };
         self.dirty = true;
         self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
+        self.progress.keep_late(self.pipeline.take_late());
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
@@ -280,4 +302,18 @@ impl ViewTask {
         self.progress.set_status(format!("failed: {err}"));
         false
     }
+}
+
+/// One row as `column=value, ...`, values as Arrow displays them.
+fn row_text(batch: &RecordBatch, row: usize) -> String {
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    let options = FormatOptions::default().with_null("NULL");
+    let schema = batch.schema();
+    let fields = schema.fields().iter().zip(batch.columns()).map(|(field, column)| {
+        let value = ArrayFormatter::try_new(column.as_ref(), &options)
+            .map(|f| f.value(row).to_string())
+            .unwrap_or_else(|e| format!("<{e}>"));
+        format!("{}={value}", field.name())
+    });
+    fields.collect::<Vec<_>>().join(", ")
 }

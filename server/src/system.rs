@@ -3,6 +3,8 @@
 //! - `weir_catalog.view_progress`: one row per materialized view: its source, status, rows read and written, late
 //!   rows (arrived after their window closed, so left out of the view), malformed records (set aside) and the
 //!   source's current watermark.
+//! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
+//!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
 //!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view), with where they came from and why they were refused.
 
@@ -23,60 +25,115 @@ use crate::jobs::Jobs;
 /// The schema name of Weir's system relations.
 pub const SYSTEM_SCHEMA: &str = "weir_catalog";
 
-/// `weir_catalog.view_progress`, computed when scanned.
-#[derive(Debug)]
-pub struct ViewProgress {
-    /// The running views whose progress this reports.
-    pub jobs: Arc<Jobs>,
+/// A system relation: a schema and the function that computes its rows from the running views when scanned.
+pub struct SystemRelation {
+    jobs: Arc<Jobs>,
+    schema: SchemaRef,
+    rows: fn(&Jobs, SchemaRef) -> Result<RecordBatch>,
 }
 
-impl ViewProgress {
-    fn schema_ref() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("view", DataType::Utf8, false),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("status", DataType::Utf8, false),
-            Field::new("rows_read", DataType::Int64, false),
-            Field::new("rows_written", DataType::Int64, false),
-            Field::new("late_rows", DataType::Int64, false),
-            Field::new("malformed_rows", DataType::Int64, false),
-            Field::new("watermark", DataType::Timestamp(TimeUnit::Millisecond, None), true),
-        ]))
+impl std::fmt::Debug for SystemRelation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SystemRelation").field("schema", &self.schema).finish_non_exhaustive()
     }
+}
 
-    fn snapshot(&self) -> Result<RecordBatch> {
-        let progress = self.jobs.progress();
-        let count = |f: fn(&crate::jobs::Progress) -> i64| -> ArrayRef {
-            Arc::new(progress.iter().map(|(_, p)| f(p)).collect::<Int64Array>())
+impl SystemRelation {
+    /// Every system relation, by name.
+    pub fn all(jobs: &Arc<Jobs>) -> Vec<(&'static str, SystemRelation)> {
+        let relation = |schema: Vec<Field>, rows| SystemRelation {
+            jobs: jobs.clone(),
+            schema: Arc::new(Schema::new(schema)),
+            rows,
         };
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(progress.iter().map(|(v, _)| Some(v.as_str())).collect::<StringArray>()),
-            Arc::new(progress.iter().map(|(_, p)| Some(p.source.as_str())).collect::<StringArray>()),
-            Arc::new(
-                progress
-                    .iter()
-                    .map(|(_, p)| Some(p.status.lock().unwrap_or_else(PoisonError::into_inner).clone()))
-                    .collect::<StringArray>(),
+        vec![
+            (
+                "view_progress",
+                relation(
+                    vec![
+                        Field::new("view", DataType::Utf8, false),
+                        Field::new("source", DataType::Utf8, false),
+                        Field::new("status", DataType::Utf8, false),
+                        Field::new("rows_read", DataType::Int64, false),
+                        Field::new("rows_written", DataType::Int64, false),
+                        Field::new("late_rows", DataType::Int64, false),
+                        Field::new("malformed_rows", DataType::Int64, false),
+                        Field::new("watermark", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+                    ],
+                    view_progress,
+                ),
             ),
-            count(|p| p.rows_read.load(Ordering::Relaxed) as i64),
-            count(|p| p.rows_written.load(Ordering::Relaxed) as i64),
-            count(|p| p.late_rows.load(Ordering::Relaxed) as i64),
-            count(|p| p.malformed_rows.load(Ordering::Relaxed) as i64),
-            Arc::new(
-                progress
-                    .iter()
-                    .map(|(_, p)| Some(p.watermark_ms.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN))
-                    .collect::<TimestampMillisecondArray>(),
-            ),
-        ];
-        Ok(RecordBatch::try_new(Self::schema_ref(), columns)?)
+            ("late_rows", relation(text_fields(&["view", "source", "row"]), late_rows)),
+            ("dead_letters", relation(text_fields(&["view", "source", "origin", "error", "record"]), dead_letters)),
+        ]
     }
 }
 
+fn text_fields(names: &[&str]) -> Vec<Field> {
+    names.iter().map(|n| Field::new(*n, DataType::Utf8, false)).collect()
+}
+
+fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let progress = jobs.progress();
+    let count = |f: fn(&crate::jobs::Progress) -> i64| -> ArrayRef {
+        Arc::new(progress.iter().map(|(_, p)| f(p)).collect::<Int64Array>())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(progress.iter().map(|(v, _)| Some(v.as_str())).collect::<StringArray>()),
+        Arc::new(progress.iter().map(|(_, p)| Some(p.source.as_str())).collect::<StringArray>()),
+        Arc::new(
+            progress
+                .iter()
+                .map(|(_, p)| Some(p.status.lock().unwrap_or_else(PoisonError::into_inner).clone()))
+                .collect::<StringArray>(),
+        ),
+        count(|p| p.rows_read.load(Ordering::Relaxed) as i64),
+        count(|p| p.rows_written.load(Ordering::Relaxed) as i64),
+        count(|p| p.late_rows.load(Ordering::Relaxed) as i64),
+        count(|p| p.malformed_rows.load(Ordering::Relaxed) as i64),
+        Arc::new(
+            progress
+                .iter()
+                .map(|(_, p)| Some(p.watermark_ms.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN))
+                .collect::<TimestampMillisecondArray>(),
+        ),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn late_rows(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (view, progress) in jobs.progress() {
+        let kept = progress.late_samples.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.extend(kept.iter().map(|row| vec![view.clone(), progress.source.clone(), row.clone()]));
+    }
+    text_batch(schema, &rows)
+}
+
+fn dead_letters(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (view, progress) in jobs.progress() {
+        let kept = progress.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.extend(
+            kept.iter().map(|r| {
+                vec![view.clone(), progress.source.clone(), r.origin.clone(), r.error.clone(), r.record.clone()]
+            }),
+        );
+    }
+    text_batch(schema, &rows)
+}
+
+fn text_batch(schema: SchemaRef, rows: &[Vec<String>]) -> Result<RecordBatch> {
+    let columns: Vec<ArrayRef> = (0..schema.fields().len())
+        .map(|i| Arc::new(rows.iter().map(|r| r.get(i).map(String::as_str)).collect::<StringArray>()) as ArrayRef)
+        .collect();
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
 #[async_trait]
-impl TableProvider for ViewProgress {
+impl TableProvider for SystemRelation {
     fn schema(&self) -> SchemaRef {
-        Self::schema_ref()
+        self.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -90,63 +147,8 @@ impl TableProvider for ViewProgress {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let table = MemTable::try_new(Self::schema_ref(), vec![vec![self.snapshot()?]])?;
-        table.scan(state, projection, filters, limit).await
-    }
-}
-
-/// `weir_catalog.dead_letters`, computed when scanned.
-#[derive(Debug)]
-pub struct DeadLetters {
-    pub jobs: Arc<Jobs>,
-}
-
-impl DeadLetters {
-    fn schema_ref() -> SchemaRef {
-        Arc::new(Schema::new(vec![
-            Field::new("view", DataType::Utf8, false),
-            Field::new("source", DataType::Utf8, false),
-            Field::new("origin", DataType::Utf8, false),
-            Field::new("error", DataType::Utf8, false),
-            Field::new("record", DataType::Utf8, false),
-        ]))
-    }
-
-    fn snapshot(&self) -> Result<RecordBatch> {
-        let mut rows: Vec<[String; 5]> = Vec::new();
-        for (view, progress) in self.jobs.progress() {
-            let kept = progress.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
-            rows.extend(
-                kept.iter().map(|r| {
-                    [view.clone(), progress.source.clone(), r.origin.clone(), r.error.clone(), r.record.clone()]
-                }),
-            );
-        }
-        let columns: Vec<ArrayRef> = (0..5)
-            .map(|i| Arc::new(rows.iter().map(|r| Some(r[i].as_str())).collect::<StringArray>()) as ArrayRef)
-            .collect();
-        Ok(RecordBatch::try_new(Self::schema_ref(), columns)?)
-    }
-}
-
-#[async_trait]
-impl TableProvider for DeadLetters {
-    fn schema(&self) -> SchemaRef {
-        Self::schema_ref()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let table = MemTable::try_new(Self::schema_ref(), vec![vec![self.snapshot()?]])?;
+        let rows = (self.rows)(&self.jobs, self.schema.clone())?;
+        let table = MemTable::try_new(self.schema.clone(), vec![vec![rows]])?;
         table.scan(state, projection, filters, limit).await
     }
 }
