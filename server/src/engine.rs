@@ -81,6 +81,13 @@ impl Engine {
         let ctx = SessionContext::new_with_state(state);
         setup_pg_catalog(&ctx, DEFAULT_CATALOG, EmptyContextProvider)
             .map_err(|e| ServerError::Engine(e.to_string()))?;
+        // Materialized views are relkind 'm' in pg_class.
+        if let Some(weir_catalog) = ctx.catalog(DEFAULT_CATALOG)
+            && let Some(pg_catalog) = weir_catalog.schema("pg_catalog")
+        {
+            let wrapped = Arc::new(crate::catalog::PgCatalogSchema { inner: pg_catalog, catalog: catalog.clone() });
+            weir_catalog.register_schema("pg_catalog", wrapped).map_err(|e| ServerError::Engine(e.to_string()))?;
+        }
         ctx.register_udf(constant_text_udf("version", &version_string()));
         ctx.register_udf(to_regtype_udf());
         for udf in weir_planner::windows::window_udfs() {

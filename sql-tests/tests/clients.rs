@@ -36,9 +36,13 @@ async fn psql_runs_the_quick_start_and_describes_tables() {
 CREATE TABLE t (id INT, name TEXT, ts TIMESTAMP(3));
 INSERT INTO t VALUES (1, 'a', '2024-01-01 00:00:01'), (2, 'b', NULL);
 SELECT name, count(*) FROM t GROUP BY name ORDER BY name;
+CREATE MATERIALIZED VIEW per_name AS SELECT name, count(*) AS n FROM t GROUP BY name;
 \dt
 \d t
 \dn
+\echo ==dm==
+\dm
+\d per_name
 SELEC 1;
 "#;
     let addr = server.addr;
@@ -64,6 +68,14 @@ SELEC 1;
         );
     }
     assert!(stdout.contains("List of schemas"), "\\dn output:\n{stdout}");
+    // The materialized view is listed by \dm (and not by \dt), and \d describes it.
+    let (before_dm, after_dm) = stdout.split_once("==dm==").unwrap();
+    assert!(!before_dm.lines().any(|l| l.contains("per_name")), "\\dt lists the view:\n{before_dm}");
+    assert!(
+        after_dm.lines().any(|l| l.split('|').map(str::trim).take(3).eq(["public", "per_name", "materialized view"])),
+        "\\dm output:\n{after_dm}"
+    );
+    assert!(after_dm.contains("Materialized view \"public.per_name\""), "\\d per_name output:\n{after_dm}");
     // psql renders the error position as a caret under the offending token.
     assert!(stderr.contains("ERROR:  syntax error at or near \"SELEC\""), "stderr:\n{stderr}");
     assert!(stderr.contains("LINE 1: SELEC 1;"), "stderr:\n{stderr}");
