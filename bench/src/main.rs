@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
             let expr = ctx.parse_sql_expr("date_time - INTERVAL '2' SECOND", &df_schema)?;
             let expr = ctx.create_physical_expr(expr, &df_schema)?;
             let watermark = WatermarkSpec { column: 5, expr };
-            Some(Pipeline::try_new(plan, Some(watermark), ctx.task_ctx()).context("starting the pipeline")?)
+            Some(Pipeline::try_new(plan, vec![Some(watermark)], ctx.task_ctx()).context("starting the pipeline")?)
         }
     };
 
@@ -131,12 +131,12 @@ async fn main() -> anyhow::Result<()> {
     while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow::anyhow!("{e}"))? {
         bids += batch.num_rows() as u64;
         if let Some(pipeline) = &mut pipeline {
-            pipeline.push(batch).await?;
+            pipeline.push(0, batch).await?;
             out += published_rows(pipeline.publish().await?);
         }
     }
     if let Some(pipeline) = &mut pipeline {
-        pipeline.end().await?;
+        pipeline.end(0).await?;
         out += published_rows(pipeline.publish().await?);
     }
     let seconds = started.elapsed().as_secs_f64();

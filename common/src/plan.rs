@@ -1,7 +1,7 @@
 //! The streaming plan: what the planner hands the runtime for one materialized view.
 //!
 //! ```text
-//!   source rows --Feed--> [below: stateless DataFusion plan] --> (window aggregate) --Feed--> [above] --> view rows
+//!   input rows --Feeds--> [below: stateless DataFusion plan] --> (window aggregate) --Feed--> [above] --> view rows
 //! ```
 //!
 //! `below` and `above` are DataFusion physical plans over [`FeedExec`](crate::feed::FeedExec) leaves; the window
@@ -42,13 +42,19 @@ pub struct WatermarkSpec {
     pub expr: Arc<dyn PhysicalExpr>,
 }
 
+/// A relation a view reads as a stream, and the feeds of its scans in the plan (a relation scanned twice, as in
+/// `SELECT ... FROM a UNION ALL SELECT ... FROM a`, has two).
+#[derive(Debug, Clone)]
+pub struct StreamInput {
+    pub relation: String,
+    pub feeds: Vec<Feed>,
+}
+
 /// One materialized view's dataflow.
 #[derive(Debug, Clone)]
 pub struct StreamingPlan {
-    /// The source relation the view reads.
-    pub source: String,
-    /// Where the source's batches go.
-    pub input: Feed,
+    /// The relations the view reads, each once, in the order the query names them.
+    pub inputs: Vec<StreamInput>,
     pub below: Arc<dyn ExecutionPlan>,
     pub aggregate: Option<WindowAggregateSpec>,
     /// Where the aggregate's output goes, and the plan over it.

@@ -6,8 +6,9 @@
 //! and the `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no
 //! key is a `window_end`).
 //!
-//! What cannot run as a stream yet is refused with SQLSTATE 0A000 naming the construct: joins, ORDER BY, LIMIT,
-//! several inputs.
+//! Several inputs are fine where the plan combines them row by row (`UNION ALL`); what cannot run as a stream yet is
+//! refused with SQLSTATE 0A000 naming the construct: joins, ORDER BY or LIMIT over a whole stream, ranking across
+//! windows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{Aggregate, StreamingPlan, WindowAggregateSpec};
+use weir_common::plan::{Aggregate, StreamInput, StreamingPlan, WindowAggregateSpec};
 use weir_common::{ErrorReport, SqlState};
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -36,8 +37,7 @@ pub async fn plan_streaming(
     inputs: &HashMap<String, SchemaRef>,
     emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
-    let input = Feed::new();
-    let mut scanned: Vec<String> = Vec::new();
+    let mut streams: Vec<StreamInput> = Vec::new();
     let logical = inline_views(query.clone())?
         .transform_up(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
@@ -47,8 +47,12 @@ pub async fn plan_streaming(
                     "a materialized view reading \"{name}\" as a stream"
                 )));
             };
-            scanned.push(name.clone());
-            let provider = Arc::new(FeedProvider { name: name.clone(), feed: input.clone(), schema: schema.clone() });
+            let feed = Feed::new();
+            match streams.iter_mut().find(|s| s.relation == name) {
+                Some(stream) => stream.feeds.push(feed.clone()),
+                None => streams.push(StreamInput { relation: name.clone(), feeds: vec![feed.clone()] }),
+            }
+            let provider = Arc::new(FeedProvider { name: name.clone(), feed, schema: schema.clone() });
             let replaced = TableScanBuilder::new(scan.table_name.clone(), provider_as_source(provider))
                 .with_projection(scan.projection.clone())
                 .with_filters(scan.filters.clone())
@@ -58,11 +62,9 @@ pub async fn plan_streaming(
         })
         .map_err(|e| ErrorReport::from_datafusion(&e, ""))?
         .data;
-    let source = match scanned.as_slice() {
-        [one] => one.clone(),
-        [] => return Err(unsupported("a materialized view that reads no relation")),
-        _ => return Err(unsupported("a materialized view that reads more than one relation (joins, UNION)")),
-    };
+    if streams.is_empty() {
+        return Err(unsupported("a materialized view that reads no relation"));
+    }
 
     // One partition: the dataflow parallelizes by itself, not inside a batch.
     let mut state = state.clone();
@@ -83,8 +85,7 @@ pub async fn plan_streaming(
             return Err(needs_window());
         }
         return Ok(StreamingPlan {
-            source,
-            input,
+            inputs: streams,
             below: physical,
             aggregate: None,
             above: None,
@@ -103,8 +104,7 @@ pub async fn plan_streaming(
     let above = replace(&physical, &aggregate, &feed)?;
     check_above(&above, spec.window_end.is_some())?;
     Ok(StreamingPlan {
-        source,
-        input,
+        inputs: streams,
         below,
         aggregate: Some(spec),
         above: Some((output, above)),
@@ -245,6 +245,8 @@ fn check_row_by_row(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
         | "ProjectionExec"
         | "FilterExec"
         | "UnnestExec"
+        | "UnionExec"
+        | "InterleaveExec"
         | "CoalesceBatchesExec"
         | "CoalescePartitionsExec" => {}
         "SortExec" | "SortPreservingMergeExec" => return Err(unsupported("ORDER BY in a materialized view")),

@@ -26,10 +26,12 @@ pub enum RuntimeError {
     WatermarkExpr(#[source] datafusion::error::DataFusionError),
     #[error("expression failed: {0}")]
     Expr(#[source] datafusion::error::DataFusionError),
-    #[error("source \"{0}\" has no WATERMARK, so its windows would never close")]
+    #[error("input \"{0}\" has no WATERMARK, so its windows would never close")]
     NeedsWatermark(String),
     #[error("event-time column {0} is not a timestamp")]
     NotATimestamp(String),
+    #[error("internal error: the plan has {0} inputs, not {1}")]
+    Inputs(usize, usize),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,10 +1,14 @@
 //! One materialized view's dataflow, driven a source batch at a time.
 //!
 //! ```text
-//!   source batch -> WatermarkAssigner -> [below] -> WindowAggregate -> [above, per window] -> view changes
-//!                          |                               ^
-//!                          +---------- watermarks ---------+
+//!   input 0 batch -> WatermarkAssigner 0 -+
+//!   input 1 batch -> WatermarkAssigner 1 -+-> [below] -> WindowAggregate -> [above, per window] -> view changes
+//!                          |                                  ^
+//!                          +-- watermarks: minimum over inputs +
 //! ```
+//!
+//! With several inputs (`UNION ALL`) each has its own watermark assigner, and the aggregate sees the minimum of the
+//! inputs' watermarks: a window closes only when every input has passed it.
 //!
 //! `below` and `above` are the streaming plan's DataFusion plans, re-executed over their feeds. `above` runs on one
 //! window's rows at a time, so whatever it computes stays inside a window. The operators are chained in one call
@@ -18,7 +22,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use futures::TryStreamExt;
 use weir_common::feed::Feed;
 use weir_common::plan::{StreamingPlan, WatermarkSpec};
@@ -34,7 +39,12 @@ use crate::{Result, RuntimeError};
 #[derive(Debug)]
 pub struct Pipeline {
     plan: StreamingPlan,
-    assigner: Option<WatermarkAssigner>,
+    /// Per input: its watermark assigner, if it declares a watermark.
+    assigners: Vec<Option<WatermarkAssigner>>,
+    /// Per input: its watermark so far (`END_OF_TIME` once it ended).
+    watermarks: Vec<Option<Watermark>>,
+    /// The watermark passed on: the minimum over inputs.
+    combined: Option<Watermark>,
     aggregate: Option<WindowAggregate>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
@@ -43,12 +53,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `watermark` is the source's, if it declares one.
-    pub fn try_new(plan: StreamingPlan, watermark: Option<WatermarkSpec>, task: Arc<TaskContext>) -> Result<Self> {
+    /// `watermarks` has each input's watermark (in the order of `plan.inputs`), if it declares one.
+    pub fn try_new(
+        plan: StreamingPlan,
+        watermarks: Vec<Option<WatermarkSpec>>,
+        task: Arc<TaskContext>,
+    ) -> Result<Self> {
+        if watermarks.len() != plan.inputs.len() {
+            return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
+        }
         let aggregate = match &plan.aggregate {
             Some(spec) => {
-                if watermark.is_none() && plan.emit_on_window_close {
-                    return Err(RuntimeError::NeedsWatermark(plan.source.clone()));
+                if plan.emit_on_window_close
+                    && let Some(missing) = plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none())
+                {
+                    return Err(RuntimeError::NeedsWatermark(missing.0.relation.clone()));
                 }
                 Some(WindowAggregate::try_new(
                     &spec.input,
@@ -59,8 +78,10 @@ impl Pipeline {
             }
             None => None,
         };
-        let assigner = watermark.map(|w| WatermarkAssigner::new(w.column, w.expr));
-        Ok(Pipeline { plan, assigner, aggregate, task, pending: Vec::new() })
+        let assigners: Vec<_> =
+            watermarks.into_iter().map(|w| w.map(|w| WatermarkAssigner::new(w.column, w.expr))).collect();
+        let watermarks = vec![None; assigners.len()];
+        Ok(Pipeline { plan, assigners, watermarks, combined: None, aggregate, task, pending: Vec::new() })
     }
 
     /// Schema of the view's rows.
@@ -68,9 +89,12 @@ impl Pipeline {
         self.plan.schema.clone()
     }
 
-    /// The source's watermark so far.
+    /// The view's input watermark so far: the minimum over its inputs (before any input ended).
     pub fn watermark(&self) -> Option<Watermark> {
-        self.assigner.as_ref().and_then(WatermarkAssigner::current)
+        self.combined.filter(|w| *w != END_OF_TIME).or_else(|| {
+            // After the end, report the last real watermark of the inputs.
+            self.assigners.iter().filter_map(|a| a.as_ref().and_then(WatermarkAssigner::current)).min()
+        })
     }
 
     /// Rows that arrived after their window closed.
@@ -83,25 +107,43 @@ impl Pipeline {
         self.aggregate.as_mut().map(WindowAggregate::take_late).unwrap_or_default()
     }
 
-    /// Processes one batch of source rows.
-    pub async fn push(&mut self, batch: RecordBatch) -> Result<()> {
-        let messages = match &mut self.assigner {
-            Some(assigner) => assigner.process(&batch)?,
-            None => vec![Message::Data(batch)],
+    /// Processes one batch of rows of input `input`.
+    pub async fn push(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
+        let messages = match self.assigners.get_mut(input) {
+            Some(Some(assigner)) => assigner.process(&batch)?,
+            Some(None) => vec![Message::Data(batch)],
+            None => return Err(RuntimeError::Inputs(self.assigners.len(), input + 1)),
         };
         for message in messages {
             match message {
-                Message::Data(batch) => self.data(batch).await?,
-                Message::Watermark(w) => self.watermark_reached(w).await?,
+                Message::Data(batch) => self.data(input, batch).await?,
+                Message::Watermark(w) => self.input_watermark(input, w).await?,
                 Message::Barrier(_) | Message::End => {}
             }
         }
         Ok(())
     }
 
-    /// The source has ended: every window closes.
-    pub async fn end(&mut self) -> Result<()> {
-        self.watermark_reached(END_OF_TIME).await
+    /// Input `input` has ended; when every input has, every window closes.
+    pub async fn end(&mut self, input: usize) -> Result<()> {
+        self.input_watermark(input, END_OF_TIME).await
+    }
+
+    /// Records an input's watermark and passes on the minimum over inputs when it advances.
+    async fn input_watermark(&mut self, input: usize, watermark: Watermark) -> Result<()> {
+        if let Some(slot) = self.watermarks.get_mut(input) {
+            *slot = Some(slot.map_or(watermark, |w| w.max(watermark)));
+        }
+        let Some(minimum) =
+            self.watermarks.iter().copied().collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min())
+        else {
+            return Ok(());
+        };
+        if self.combined.is_none_or(|c| minimum > c) {
+            self.combined = Some(minimum);
+            self.watermark_reached(minimum).await?;
+        }
+        Ok(())
     }
 
     /// Ends the epoch: the changes to apply to the view, all at once.
@@ -117,8 +159,12 @@ impl Pipeline {
         Ok(std::mem::take(&mut self.pending))
     }
 
-    async fn data(&mut self, batch: RecordBatch) -> Result<()> {
-        self.plan.input.push(batch);
+    async fn data(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
+        if let Some(stream) = self.plan.inputs.get(input) {
+            for feed in &stream.feeds {
+                feed.push(batch.clone());
+            }
+        }
         let rows = run(&self.plan.below, &self.task).await?;
         match &mut self.aggregate {
             Some(aggregate) => {
@@ -160,7 +206,9 @@ async fn above(
         None => rows,
     };
     feed.push(rows);
-    run(above, task).await
+    // A fresh copy of the plan: operators such as a TopK sort keep per-execution state in the plan itself.
+    let above = reset_plan_states(above.clone()).map_err(RuntimeError::Expr)?;
+    run(&above, task).await
 }
 
 /// The schema of the feed leaf of `plan`.
@@ -171,7 +219,12 @@ fn above_input_schema(plan: &Arc<dyn ExecutionPlan>) -> Option<SchemaRef> {
     plan.children().into_iter().find_map(above_input_schema)
 }
 
+/// Executes every output partition of `plan` (a `UNION ALL` has one per branch).
 async fn run(plan: &Arc<dyn ExecutionPlan>, task: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
-    let stream = plan.execute(0, task.clone()).map_err(RuntimeError::Expr)?;
-    stream.try_collect().await.map_err(RuntimeError::Expr)
+    let mut out = Vec::new();
+    for partition in 0..plan.output_partitioning().partition_count() {
+        let stream = plan.execute(partition, task.clone()).map_err(RuntimeError::Expr)?;
+        out.extend(stream.try_collect::<Vec<_>>().await.map_err(RuntimeError::Expr)?);
+    }
+    Ok(out)
 }

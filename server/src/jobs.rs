@@ -135,13 +135,14 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Starts keeping `view` (whose rows live in `store`) up to date from `reader` through `pipeline`.
+    /// Starts keeping `view` (whose rows live in `store`) up to date from `readers` (one per input of the pipeline, in
+    /// order) through `pipeline`. `source` names the inputs for `weir_catalog.view_progress`.
     /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
     pub fn start(
         &self,
         view: String,
         source: String,
-        reader: Box<dyn SourceReader>,
+        readers: Vec<Box<dyn SourceReader>>,
         pipeline: Pipeline,
         store: Arc<ViewStore>,
         ms_per_unit: f64,
@@ -150,7 +151,19 @@ impl Jobs {
         let progress = Arc::new(Progress::new(source));
         let view_task =
             ViewTask { view: view.clone(), pipeline, store, progress: progress.clone(), ms_per_unit, dirty: false };
-        let task = tokio::spawn(run(view_task, reader, requests));
+        let watched = progress.clone();
+        let task = tokio::spawn(async move {
+            // A panic in the dataflow (a bug) ends this view only, and says so in its status.
+            if let Err(panic) = std::panic::AssertUnwindSafe(run(view_task, readers, requests)).catch_unwind().await {
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic");
+                error!(error = %reason, "a view's dataflow panicked; the view stops here");
+                watched.set_status(format!("failed: internal error: {reason}"));
+            }
+        });
         let sequence = self.created.fetch_add(1, Ordering::Relaxed);
         let previous = self.lock().insert(view, Job { control, task, progress, sequence });
         if let Some(previous) = previous {
@@ -213,8 +226,9 @@ struct ViewTask {
     dirty: bool,
 }
 
-async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests: mpsc::Receiver<Control>) {
-    let mut reading = true;
+async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut requests: mpsc::Receiver<Control>) {
+    // Which inputs are still being read.
+    let mut reading = vec![true; readers.len()];
     let mut epochs = tokio::time::interval(EPOCH_INTERVAL);
     epochs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -223,14 +237,16 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
             biased;
             request = requests.recv() => match request {
                 Some(Control::Flush(ack)) => {
-                    // Everything the source has ready now (a bounded generator: all of it) goes in first.
-                    while reading {
-                        match reader.next_batch().now_or_never() {
-                            Some(batch) => {
-                                task.progress.set_aside(reader.take_rejected());
-                                reading = task.step(batch).await;
+                    // Everything the inputs have ready now (a bounded generator: all of it) goes in first.
+                    for input in 0..readers.len() {
+                        while reading[input] {
+                            match readers[input].next_batch().now_or_never() {
+                                Some(batch) => {
+                                    task.progress.set_aside(readers[input].take_rejected());
+                                    task.step(input, batch, &mut reading).await;
+                                }
+                                None => break,
                             }
-                            None => break,
                         }
                     }
                     task.publish().await;
@@ -239,10 +255,10 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
                 None => return,
             },
             _ = epochs.tick(), if task.dirty => task.publish().await,
-            batch = reader.next_batch(), if reading => {
-                task.progress.set_aside(reader.take_rejected());
-                reading = task.step(batch).await;
-                if !reading {
+            (input, batch) = next_batch_of(&mut readers, &reading), if reading.contains(&true) => {
+                task.progress.set_aside(readers[input].take_rejected());
+                task.step(input, batch, &mut reading).await;
+                if !reading.contains(&true) {
                     task.publish().await;
                 }
             }
@@ -250,24 +266,44 @@ async fn run(mut task: ViewTask, mut reader: Box<dyn SourceReader>, mut requests
     }
 }
 
+/// The next batch of whichever input still being read has one first.
+async fn next_batch_of(
+    readers: &mut [Box<dyn SourceReader>],
+    reading: &[bool],
+) -> (usize, Result<Option<RecordBatch>, ConnectorError>) {
+    let pending: Vec<_> = readers
+        .iter_mut()
+        .enumerate()
+        .filter(|(input, _)| reading[*input])
+        .map(|(input, reader)| Box::pin(async move { (input, reader.next_batch().await) }))
+        .collect();
+    // The caller only asks while some input is being read, so `pending` is not empty.
+    let (next, _, _) = futures::future::select_all(pending).await;
+    next
+}
+
 impl ViewTask {
-    /// Processes what the source returned; returns whether to keep reading.
-    async fn step(&mut self, batch: Result<Option<RecordBatch>, ConnectorError>) -> bool {
+    /// Processes what input `input` returned, marking in `reading` the inputs that ended (or, after a failure, all).
+    async fn step(&mut self, input: usize, batch: Result<Option<RecordBatch>, ConnectorError>, reading: &mut [bool]) {
         let view = &self.view;
-        let (result, more) = match batch {
+        let result = match batch {
             Ok(Some(batch)) => {
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                (self.pipeline.push(batch).await, true)
+                self.pipeline.push(input, batch).await
             }
             Ok(None) => {
-                info!(%view, "input ended; every window is closed");
-                self.progress.set_status("ended".to_string());
-                (self.pipeline.end().await, false)
+                reading[input] = false;
+                if !reading.contains(&true) {
+                    info!(%view, "every input ended; every window is closed");
+                    self.progress.set_status("ended".to_string());
+                }
+                self.pipeline.end(input).await
             }
             Err(err) => {
                 error!(%view, error = %err, "the view's input failed; the view stops here");
                 self.progress.set_status(format!("failed: {err}"));
-                return false;
+                reading.fill(false);
+                return;
             }
         };
         self.dirty = true;
@@ -276,9 +312,9 @@ impl ViewTask {
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
-        match result {
-            Ok(()) => more,
-            Err(err) => self.fail(err),
+        if let Err(err) = result {
+            self.fail(err);
+            reading.fill(false);
         }
     }
 
@@ -296,11 +332,10 @@ impl ViewTask {
         }
     }
 
-    fn fail(&self, err: weir_runtime::RuntimeError) -> bool {
+    fn fail(&self, err: weir_runtime::RuntimeError) {
         let view = &self.view;
         error!(%view, error = %err, "the view's dataflow failed; the view stops here");
         self.progress.set_status(format!("failed: {err}"));
-        false
     }
 }
 

@@ -97,54 +97,59 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let (plan, input, mut depends_on) = self.plan_view(view, emit_on_window_close, text, sql).await?;
-        let (reader, watermark, ms_per_unit): (Box<dyn SourceReader>, _, _) = match (&input.store, &input.source) {
-            (Some(store), source) => {
-                let watermark = match source {
-                    Some(source) => self.watermark(&input.def.name, source, &input.def.schema)?,
-                    None => None,
-                };
-                let unit = source.as_ref().map_or(1.0, |s| watermark_unit_ms(&input.def.schema, s));
-                (Box::new(store.subscribe()), watermark, unit)
-            }
-            (None, Some(source)) => {
-                let watermark = self.watermark(&input.def.name, source, &input.def.schema)?;
-                let reader =
+        let (plan, inputs, mut depends_on) = self.plan_view(view, emit_on_window_close, text, sql).await?;
+        let mut readers: Vec<Box<dyn SourceReader>> = Vec::new();
+        let mut watermarks = Vec::new();
+        let mut ms_per_unit = 1.0;
+        for input in &inputs {
+            let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
+                (Some(store), _) => Box::new(store.subscribe()),
+                (None, Some(source)) => {
                     weir_connectors::open_source(input.def.schema.clone(), source.with.clone(), encoding(source)?)
-                        .map_err(ErrorReport::from)?;
-                (reader, watermark, watermark_unit_ms(&input.def.schema, source))
-            }
-            (None, None) => return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input")),
-        };
+                        .map_err(ErrorReport::from)?
+                }
+                (None, None) => {
+                    return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input"));
+                }
+            };
+            let watermark = match &input.source {
+                Some(source) => {
+                    ms_per_unit = watermark_unit_ms(&input.def.schema, source);
+                    self.watermark(&input.def.name, source, &input.def.schema)?
+                }
+                None => None,
+            };
+            readers.push(reader);
+            watermarks.push(watermark);
+            depends_on.push(input.def.name.clone());
+        }
+        depends_on.sort();
+        depends_on.dedup();
         let append_only = plan.append_only();
-        let pipeline = Pipeline::try_new(plan, watermark, self.ctx.task_ctx()).map_err(runtime_report)?;
+        let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
         let store = Arc::new(ViewStore::new(pipeline.schema()));
         let def = RelationDef {
             name: name.clone(),
             kind: RelationKind::MaterializedView,
             schema: pipeline.schema(),
             definition: text.to_string(),
-            depends_on: {
-                depends_on.push(input.def.name.clone());
-                depends_on.sort();
-                depends_on.dedup();
-                depends_on
-            },
+            depends_on,
         };
         self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
-        self.engine.jobs.start(name, input.def.name.clone(), reader, pipeline, store, ms_per_unit);
+        let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
+        self.engine.jobs.start(name, input_names.join(", "), readers, pipeline, store, ms_per_unit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
-    /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relation it reads as a stream
-    /// and every relation it names.
+    /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relations it reads as streams
+    /// (in the order of the plan's inputs) and every relation it names.
     async fn plan_view(
         &self,
         view: &ast::CreateView,
         emit_on_window_close: bool,
         text: &str,
         sql: &str,
-    ) -> Result<(StreamingPlan, Relation, Vec<String>), ErrorReport> {
+    ) -> Result<(StreamingPlan, Vec<Relation>, Vec<String>), ErrorReport> {
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
         let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
         // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
@@ -158,24 +163,32 @@ impl Session {
             .collect();
         let plan =
             weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &inputs, emit_on_window_close).await?;
-        let input = self.engine.catalog.get(&plan.source).ok_or_else(|| {
-            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", plan.source))
-        })?;
-        if !input.append_only {
+        let mut relations = Vec::new();
+        for stream in &plan.inputs {
+            let input = self.engine.catalog.get(&stream.relation).ok_or_else(|| {
+                ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", stream.relation))
+            })?;
+            check_input(&plan, &input)?;
+            relations.push(input);
+        }
+        // Watermarks of several inputs are compared as numbers: they must count the same unit.
+        let units: Vec<u64> = relations
+            .iter()
+            .filter_map(|r| {
+                r.source
+                    .as_ref()
+                    .filter(|s| s.watermark.is_some())
+                    .map(|s| watermark_unit_ms(&r.def.schema, s).to_bits())
+            })
+            .collect();
+        if units.windows(2).any(|pair| pair[0] != pair[1]) {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
-                     over it needs an append-only input",
-                    input.def.name
-                ),
+                "inputs whose event-time columns have different precisions in one materialized view are not supported yet",
             )
-            .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
+            .with_hint("Declare the event-time columns with the same precision, for example TIMESTAMP(3)."));
         }
-        if plan.emit_on_window_close && input.source.as_ref().is_none_or(|s| s.watermark.is_none()) {
-            return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
-        }
-        Ok((plan, input, depends_on))
+        Ok((plan, relations, depends_on))
     }
 
     /// `EXPLAIN CREATE MATERIALIZED VIEW`: the dataflow the view would run, top (the view) to bottom (its input),
@@ -190,7 +203,7 @@ impl Session {
         let Statement::CreateView(view) = statement else {
             return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
         };
-        let (plan, input, _) = self.plan_view(view, emit_on_window_close, text, sql).await?;
+        let (plan, inputs, _) = self.plan_view(view, emit_on_window_close, text, sql).await?;
         let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
         let mut depth = 1;
@@ -228,26 +241,30 @@ impl Session {
             depth += 1;
         }
         add_plan(&mut lines, &mut depth, &plan.below);
-        if let Some(watermark) = input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
+        // Each input feeds the scans named after it (FeedExec: name) above; its watermark assigner sits between.
+        for input in &inputs {
+            let mut depth = depth;
+            if let Some(watermark) = input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
+                lines.push(format!(
+                    "{}WatermarkAssigner: {} AS {} [append-only]",
+                    "  ".repeat(depth),
+                    watermark.column,
+                    watermark.expr
+                ));
+                depth += 1;
+            }
+            let connector = input
+                .source
+                .as_ref()
+                .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
+                .unwrap_or_default();
             lines.push(format!(
-                "{}WatermarkAssigner: {} AS {} [append-only]",
+                "{}Input: {} {}{connector} [append-only]",
                 "  ".repeat(depth),
-                watermark.column,
-                watermark.expr
+                input.def.kind,
+                input.def.name
             ));
-            depth += 1;
         }
-        let connector = input
-            .source
-            .as_ref()
-            .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
-            .unwrap_or_default();
-        lines.push(format!(
-            "{}Input: {} {}{connector} [append-only]",
-            "  ".repeat(depth),
-            input.def.kind,
-            input.def.name
-        ));
         let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
         self.rows(schema, vec![Arc::new(StringArray::from(lines))])
     }
@@ -371,6 +388,25 @@ impl Session {
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
     }
+}
+
+/// Checks that a view can read `input` as a stream.
+fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport> {
+    if !input.append_only {
+        return Err(ErrorReport::new(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            format!(
+                "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
+                 over it needs an append-only input",
+                input.def.name
+            ),
+        )
+        .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
+    }
+    if plan.emit_on_window_close && input.source.as_ref().is_none_or(|s| s.watermark.is_none()) {
+        return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
+    }
+    Ok(())
 }
 
 /// The relations a query plan reads by name, sorted: the tables, sources and materialized views it scans, and the

@@ -104,7 +104,7 @@ async fn stream_mode(
     let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
     let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(
         streaming,
-        Some(WatermarkSpec { column: 2, expr: watermark }),
+        vec![Some(WatermarkSpec { column: 2, expr: watermark })],
         ctx.task_ctx(),
     )
     .unwrap();
@@ -113,14 +113,14 @@ async fn stream_mode(
     let mut pushes = 0;
     while at < all.num_rows() {
         let len = chunk.min(all.num_rows() - at);
-        pipeline.push(all.slice(at, len)).await.unwrap();
+        pipeline.push(0, all.slice(at, len)).await.unwrap();
         pushes += 1;
         if pushes % 3 == 0 {
             store.apply(pipeline.publish().await.unwrap());
         }
         at += len;
     }
-    pipeline.end().await.unwrap();
+    pipeline.end(0).await.unwrap();
     store.apply(pipeline.publish().await.unwrap());
     assert_eq!(pipeline.late_rows(), 0, "the disorder is within the watermark's bound");
     store.snapshot()
@@ -187,7 +187,7 @@ async fn what_cannot_stream_yet_is_refused_by_name() {
     for (sql, message) in [
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
-        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "more than one relation"),
+        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "joins in a materialized view"),
     ] {
         let plan = logical(&ctx, sql).await;
         let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap_err();
@@ -211,7 +211,7 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
         let sources = HashMap::from([("bids".to_string(), schema())]);
         let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap();
         let store = ViewStore::new(streaming.schema.clone());
-        let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(streaming, None, ctx.task_ctx()).unwrap();
+        let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(streaming, vec![None], ctx.task_ctx()).unwrap();
         // Before any input: what the batch query gives over no rows.
         store.apply(pipeline.publish().await.unwrap());
         let empty = context(vec![]).await;
@@ -220,7 +220,7 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
 
         let mut pushed = 0;
         for prefix in [1, 999, 7_000, all.num_rows()] {
-            pipeline.push(all.slice(pushed, prefix - pushed)).await.unwrap();
+            pipeline.push(0, all.slice(pushed, prefix - pushed)).await.unwrap();
             pushed = prefix;
             store.apply(pipeline.publish().await.unwrap());
             let so_far = context(vec![all.slice(0, prefix)]).await;
