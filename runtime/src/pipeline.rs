@@ -43,8 +43,10 @@ pub struct Pipeline {
     assigners: Vec<Option<WatermarkAssigner>>,
     /// Per input: its watermark so far (`END_OF_TIME` once it ended).
     watermarks: Vec<Option<Watermark>>,
-    /// The watermark passed on: the minimum over inputs.
+    /// The watermark passed on: the minimum over inputs that are not idle.
     combined: Option<Watermark>,
+    /// Per input: whether it is idle (left out of the minimum until its next rows).
+    idle: Vec<bool>,
     aggregate: Option<WindowAggregate>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
@@ -81,7 +83,8 @@ impl Pipeline {
         let assigners: Vec<_> =
             watermarks.into_iter().map(|w| w.map(|w| WatermarkAssigner::new(w.column, w.expr))).collect();
         let watermarks = vec![None; assigners.len()];
-        Ok(Pipeline { plan, assigners, watermarks, combined: None, aggregate, task, pending: Vec::new() })
+        let idle = vec![false; assigners.len()];
+        Ok(Pipeline { plan, assigners, watermarks, combined: None, idle, aggregate, task, pending: Vec::new() })
     }
 
     /// Schema of the view's rows.
@@ -107,8 +110,24 @@ impl Pipeline {
         self.aggregate.as_mut().map(WindowAggregate::take_late).unwrap_or_default()
     }
 
+    /// Marks input `input` idle (its source's idle timeout passed without rows): the view's watermark is then the
+    /// minimum over the other inputs, so their windows can close. Its next rows make it active again; rows of windows
+    /// closed meanwhile are late.
+    pub async fn set_idle(&mut self, input: usize) -> Result<()> {
+        if let Some(idle) = self.idle.get_mut(input)
+            && !*idle
+        {
+            *idle = true;
+            self.advance().await?;
+        }
+        Ok(())
+    }
+
     /// Processes one batch of rows of input `input`.
     pub async fn push(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
+        if let Some(idle) = self.idle.get_mut(input) {
+            *idle = false;
+        }
         let messages = match self.assigners.get_mut(input) {
             Some(Some(assigner)) => assigner.process(&batch)?,
             Some(None) => vec![Message::Data(batch)],
@@ -134,9 +153,15 @@ impl Pipeline {
         if let Some(slot) = self.watermarks.get_mut(input) {
             *slot = Some(slot.map_or(watermark, |w| w.max(watermark)));
         }
-        let Some(minimum) =
-            self.watermarks.iter().copied().collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min())
-        else {
+        self.advance().await
+    }
+
+    /// Passes on the minimum watermark over the active inputs when it advances. It waits for every active input's
+    /// first watermark, and does not move while every input is idle.
+    async fn advance(&mut self) -> Result<()> {
+        let active: Vec<Option<Watermark>> =
+            self.watermarks.iter().zip(&self.idle).filter(|(_, idle)| !**idle).map(|(w, _)| *w).collect();
+        let Some(minimum) = active.into_iter().collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min()) else {
             return Ok(());
         };
         if self.combined.is_none_or(|c| minimum > c) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use futures::FutureExt;
@@ -135,22 +135,32 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Starts keeping `view` (whose rows live in `store`) up to date from `readers` (one per input of the pipeline, in
-    /// order) through `pipeline`. `source` names the inputs for `weir_catalog.view_progress`.
+    /// Starts keeping `view` (whose rows live in `store`) up to date from `inputs` (a reader and its idle timeout per
+    /// input of the pipeline, in order) through `pipeline`. `source` names the inputs for `weir_catalog.view_progress`.
     /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
     pub fn start(
         &self,
         view: String,
         source: String,
-        readers: Vec<Box<dyn SourceReader>>,
+        inputs: Vec<(Box<dyn SourceReader>, Option<Duration>)>,
         pipeline: Pipeline,
         store: Arc<ViewStore>,
         ms_per_unit: f64,
     ) {
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(source));
-        let view_task =
-            ViewTask { view: view.clone(), pipeline, store, progress: progress.clone(), ms_per_unit, dirty: false };
+        let (readers, idle_timeouts): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
+        let last_rows = vec![Instant::now(); readers.len()];
+        let view_task = ViewTask {
+            view: view.clone(),
+            pipeline,
+            store,
+            progress: progress.clone(),
+            ms_per_unit,
+            dirty: false,
+            idle_timeouts,
+            last_rows,
+        };
         let watched = progress.clone();
         let task = tokio::spawn(async move {
             // A panic in the dataflow (a bug) ends this view only, and says so in its status.
@@ -224,6 +234,10 @@ struct ViewTask {
     ms_per_unit: f64,
     /// Whether rows were processed since the last epoch.
     dirty: bool,
+    /// Per input: how long it may go without rows before it is left out of the watermark.
+    idle_timeouts: Vec<Option<Duration>>,
+    /// Per input: when it last produced rows.
+    last_rows: Vec<Instant>,
 }
 
 async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut requests: mpsc::Receiver<Control>) {
@@ -254,7 +268,12 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                 }
                 None => return,
             },
-            _ = epochs.tick(), if task.dirty => task.publish().await,
+            _ = epochs.tick() => {
+                task.check_idle(&reading).await;
+                if task.dirty {
+                    task.publish().await;
+                }
+            }
             (input, batch) = next_batch_of(&mut readers, &reading), if reading.contains(&true) => {
                 task.progress.set_aside(readers[input].take_rejected());
                 task.step(input, batch, &mut reading).await;
@@ -288,6 +307,7 @@ impl ViewTask {
         let view = &self.view;
         let result = match batch {
             Ok(Some(batch)) => {
+                self.last_rows[input] = Instant::now();
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
                 self.pipeline.push(input, batch).await
             }
@@ -315,6 +335,19 @@ impl ViewTask {
         if let Err(err) = result {
             self.fail(err);
             reading.fill(false);
+        }
+    }
+
+    /// Leaves out of the watermark every input still being read that has been without rows for its idle timeout.
+    async fn check_idle(&mut self, reading: &[bool]) {
+        for (input, still_reading) in reading.iter().enumerate() {
+            let Some(timeout) = self.idle_timeouts.get(input).copied().flatten() else { continue };
+            if *still_reading && self.last_rows[input].elapsed() >= timeout {
+                match self.pipeline.set_idle(input).await {
+                    Ok(()) => self.dirty = true,
+                    Err(err) => self.fail(err),
+                }
+            }
         }
     }
 

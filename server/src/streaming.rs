@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::arrow::array::StringArray;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -52,8 +53,9 @@ impl Session {
             definition: text.to_string(),
             depends_on: vec![],
         };
+        let (_, connector_options) = idle_timeout(&source.with)?;
         if source.table {
-            if let Some((key, _)) = source.with.first() {
+            if let Some((key, _)) = connector_options.first() {
                 return Err(ErrorReport::new(
                     SqlState::FEATURE_NOT_SUPPORTED,
                     format!("option \"{key}\" of a table is not supported; a table's rows come from INSERT"),
@@ -69,7 +71,7 @@ impl Session {
             ));
         }
         // Opening a reader checks the connector, its options and the columns; it reads nothing.
-        weir_connectors::open_source(schema.clone(), source.with.clone(), encoding(source)?)
+        weir_connectors::open_source(schema.clone(), connector_options, encoding(source)?)
             .map_err(ErrorReport::from)?;
         let provider = Arc::new(SourceTable { name, schema });
         self.engine.catalog.create(Relation::new(def, provider).with_source(Some(Arc::new(source.clone()))), false)?;
@@ -99,13 +101,15 @@ impl Session {
         }
         let (plan, inputs, mut depends_on) = self.plan_view(view, emit_on_window_close, text, sql).await?;
         let mut readers: Vec<Box<dyn SourceReader>> = Vec::new();
+        let mut idle_timeouts = Vec::new();
         let mut watermarks = Vec::new();
         let mut ms_per_unit = 1.0;
         for input in &inputs {
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe()),
                 (None, Some(source)) => {
-                    weir_connectors::open_source(input.def.schema.clone(), source.with.clone(), encoding(source)?)
+                    let (_, options) = idle_timeout(&source.with)?;
+                    weir_connectors::open_source(input.def.schema.clone(), options, encoding(source)?)
                         .map_err(ErrorReport::from)?
                 }
                 (None, None) => {
@@ -120,6 +124,10 @@ impl Session {
                 None => None,
             };
             readers.push(reader);
+            idle_timeouts.push(match &input.source {
+                Some(source) => idle_timeout(&source.with)?.0,
+                None => None,
+            });
             watermarks.push(watermark);
             depends_on.push(input.def.name.clone());
         }
@@ -137,7 +145,8 @@ impl Session {
         };
         self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
-        self.engine.jobs.start(name, input_names.join(", "), readers, pipeline, store, ms_per_unit);
+        let inputs = readers.into_iter().zip(idle_timeouts).collect();
+        self.engine.jobs.start(name, input_names.join(", "), inputs, pipeline, store, ms_per_unit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
@@ -429,6 +438,39 @@ fn scanned_relations(plan: &LogicalPlan, catalog: &Catalog, sql: &str) -> Result
     names.sort();
     names.dedup();
     Ok(names)
+}
+
+/// `WITH (...)` options as written, keys lower-cased.
+type ConnectorOptions = Vec<(String, String)>;
+
+/// The `'watermark.idle.timeout'` option (`'30s'`, `'500ms'`, `'2min'`) and the other options, for the connector.
+/// An input idle that long is left out of the watermark of the views reading it with others (`UNION ALL`).
+fn idle_timeout(options: &[(String, String)]) -> Result<(Option<Duration>, ConnectorOptions), ErrorReport> {
+    let mut timeout = None;
+    let mut rest = Vec::new();
+    for (key, value) in options {
+        if key != "watermark.idle.timeout" {
+            rest.push((key.clone(), value.clone()));
+            continue;
+        }
+        let text = value.trim().to_ascii_lowercase();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let millis = match (number.parse::<u64>(), unit.trim()) {
+            (Ok(n), "ms" | "millisecond" | "milliseconds") => Some(n),
+            (Ok(n), "s" | "sec" | "second" | "seconds") => n.checked_mul(1_000),
+            (Ok(n), "m" | "min" | "minute" | "minutes") => n.checked_mul(60_000),
+            _ => None,
+        };
+        let millis = millis.ok_or_else(|| {
+            ErrorReport::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("invalid value \"{value}\" for option \"watermark.idle.timeout\": expected a duration such as '30s', '500ms' or '2min'"),
+            )
+        })?;
+        timeout = Some(Duration::from_millis(millis));
+    }
+    Ok((timeout, rest))
 }
 
 /// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')]` names.
