@@ -16,10 +16,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, TableScanBuilder};
+use datafusion::functions_aggregate::expr_fn::first_value;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Operator, TableScanBuilder};
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
@@ -38,7 +40,7 @@ pub async fn plan_streaming(
     emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
     let mut streams: Vec<StreamInput> = Vec::new();
-    let logical = inline_views(query.clone())?
+    let logical = rewrite_deduplication(inline_views(query.clone())?)?
         .transform_up(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
@@ -116,6 +118,91 @@ pub async fn plan_streaming(
 fn needs_window() -> ErrorReport {
     unsupported("EMIT ON WINDOW CLOSE without a window aggregation")
         .with_hint("Group by a window (window_start, window_end from TUMBLE, HOP, CUMULATE or SESSION), or leave out EMIT ON WINDOW CLOSE.")
+}
+
+/// Rewrites deduplication, `SELECT ... FROM (SELECT ..., ROW_NUMBER() OVER (PARTITION BY k ORDER BY o) AS rn FROM t)
+/// WHERE rn = 1`, into the aggregation it means: `GROUP BY k` keeping each other column's `first_value(... ORDER BY
+/// o)`, with `rn` the constant 1. As a stream that is a plain `GROUP BY`: one row per key, replaced when a row that
+/// sorts earlier arrives.
+fn rewrite_deduplication(plan: LogicalPlan) -> Result<LogicalPlan, ErrorReport> {
+    plan.transform_up(|node| {
+        let LogicalPlan::Filter(filter) = &node else { return Ok(Transformed::no(node)) };
+        let Some(rank) = first_rank_column(&filter.predicate) else { return Ok(Transformed::no(node)) };
+        let (alias, inner) = match filter.input.as_ref() {
+            LogicalPlan::SubqueryAlias(alias) => (Some(alias.alias.clone()), alias.input.as_ref()),
+            other => (None, other),
+        };
+        let LogicalPlan::Projection(projection) = inner else { return Ok(Transformed::no(node)) };
+        let LogicalPlan::Window(window) = projection.input.as_ref() else { return Ok(Transformed::no(node)) };
+        let [Expr::WindowFunction(function)] = window.window_expr.as_slice() else { return Ok(Transformed::no(node)) };
+        let params = &function.params;
+        if function.fun.name() != "row_number" || params.partition_by.is_empty() || params.order_by.is_empty() {
+            return Ok(Transformed::no(node));
+        }
+        // The row number column, as the projection refers to it; it must be what the filter tests.
+        let input_fields = window.input.schema().fields().len();
+        let (_, number_field) = window.schema.qualified_field(input_fields);
+        let ranked = projection.expr.iter().any(|e| match e {
+            Expr::Alias(alias) => {
+                alias.name == rank && matches!(&*alias.expr, Expr::Column(c) if c.name == *number_field.name())
+            }
+            _ => false,
+        });
+        if !ranked {
+            return Ok(Transformed::no(node));
+        }
+        let keys: Vec<&Expr> = params.partition_by.iter().collect();
+        let kept: Vec<Expr> = window
+            .input
+            .schema()
+            .iter()
+            .filter(|(qualifier, field)| {
+                let column = Expr::Column(datafusion::common::Column::new(qualifier.cloned(), field.name()));
+                !keys.contains(&&column)
+            })
+            .map(|(qualifier, field)| {
+                let column = Expr::Column(datafusion::common::Column::new(qualifier.cloned(), field.name()));
+                first_value(column, params.order_by.clone()).alias_qualified(qualifier.cloned(), field.name())
+            })
+            .collect();
+        let aggregate = LogicalPlanBuilder::from(window.input.as_ref().clone())
+            .aggregate(params.partition_by.clone(), kept)?
+            .build()?;
+        let one = Expr::Literal(ScalarValue::UInt64(Some(1)), None);
+        let exprs = projection
+            .expr
+            .iter()
+            .map(|e| {
+                e.clone()
+                    .transform(|x| match &x {
+                        Expr::Column(c) if c.name == *number_field.name() => Ok(Transformed::yes(one.clone())),
+                        _ => Ok(Transformed::no(x)),
+                    })
+                    .map(|t| t.data)
+            })
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let mut builder = LogicalPlanBuilder::from(aggregate).project(exprs)?;
+        if let Some(alias) = alias {
+            builder = builder.alias(alias)?;
+        }
+        Ok(Transformed::yes(builder.build()?))
+    })
+    .map(|t| t.data)
+    .map_err(|e| ErrorReport::from_datafusion(&e, ""))
+}
+
+/// The column a `WHERE rn = 1` (or `rn <= 1`, `rn < 2`) filter keeps the first rank of.
+fn first_rank_column(predicate: &Expr) -> Option<String> {
+    let Expr::BinaryExpr(binary) = predicate else { return None };
+    let (Expr::Column(column), Expr::Literal(value, _)) = (binary.left.as_ref(), binary.right.as_ref()) else {
+        return None;
+    };
+    let value = value.cast_to(&DataType::Int64).ok()?;
+    let ScalarValue::Int64(Some(n)) = value else { return None };
+    match (binary.op, n) {
+        (Operator::Eq | Operator::LtEq, 1) | (Operator::Lt, 2) => Some(column.name.clone()),
+        _ => None,
+    }
 }
 
 /// Replaces every scan of a plain view by the view's query, as DataFusion's analyzer would.

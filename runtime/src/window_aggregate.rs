@@ -185,9 +185,12 @@ impl WindowAggregate {
         self.aggregates
             .iter()
             .map(|a| {
+                // Order-sensitive aggregates (`first_value(x ORDER BY t)`) take their ordering columns after their
+                // arguments, as in DataFusion's own aggregation.
                 a.function
                     .expressions()
                     .iter()
+                    .chain(a.function.order_bys().iter().map(|o| &o.expr))
                     .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
                     .collect::<Result<Vec<_>, _>>()
             })

@@ -244,7 +244,8 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_equal_batch_queries_for_random_inputs_batchings_and_orders() {
     let queries = [
-        "SELECT auction, window_end, count(*) AS n, sum(price) AS total, min(price) AS low \
+        "SELECT auction, window_end, count(*) AS n, sum(price) AS total, min(price) AS low, \
+                first_value(price ORDER BY ts, price) AS opening, last_value(price ORDER BY ts, price) AS closing \
          FROM TUMBLE(bids, ts, INTERVAL '3' SECOND) GROUP BY auction, window_end",
         "SELECT window_start, window_end, count(DISTINCT auction) AS auctions, avg(price) AS mean \
          FROM HOP(bids, ts, INTERVAL '1' SECOND, INTERVAL '4' SECOND) WHERE price % 3 <> 0 \
