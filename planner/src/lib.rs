@@ -3,10 +3,13 @@
 //! - [`dialect`]: [`WeirDialect`], Postgres syntax plus the streaming additions.
 //! - [`parse`]: splits a query string into [`ParsedStatement`]s, each with its own text and offset, and turns
 //!   parser failures into Postgres-style syntax errors with a character position.
-//! - [`source`]: `CREATE SOURCE`, parsed with sqlparser's pieces for columns and expressions.
+//! - [`source`]: `CREATE SOURCE` and `CREATE TABLE ... (..., WATERMARK FOR ...)`, parsed with sqlparser's pieces for
+//!   columns and expressions.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
-//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`].
+//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views inlined,
+//!   deduplication rewritten into the aggregation it means, the physical plan cut at its aggregation, and what runs
+//!   above it checked to stay inside a window.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate

@@ -6,8 +6,9 @@
 //!   DataFusion session with `pg_catalog` and `information_schema`, and the lock that serializes DDL.
 //! - [`session::Session`] is one connection's state (its DataFusion context, parameters); it runs parsed statements:
 //!   Weir's own DDL and session commands directly, queries and DML through DataFusion.
-//! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE MATERIALIZED VIEW`, `DROP`, `FLUSH`), and
-//!   [`jobs`] keeps one task per materialized view running.
+//! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE TABLE ... WATERMARK`, `CREATE [MATERIALIZED]
+//!   VIEW`, `EXPLAIN CREATE MATERIALIZED VIEW`, `DROP`), and [`jobs`] keeps one task per materialized view running,
+//!   publishing its changes every epoch and answering `FLUSH`.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
