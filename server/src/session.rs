@@ -135,7 +135,7 @@ impl Session {
         match &**stmt {
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => Some(show_tables_schema()),
             Statement::ShowVariable { variable } => Some(show_schema(&variable_name(variable))),
-            Statement::ShowTables { .. } => Some(show_tables_schema()),
+            Statement::ShowTables { .. } | Statement::ShowViews { .. } => Some(show_tables_schema()),
             Statement::ExplainTable { .. } => Some(describe_schema()),
             _ => None,
         }
@@ -199,6 +199,10 @@ impl Session {
             }
             Statement::ShowVariable { variable } => self.show(&variable_name(variable), params),
             Statement::ShowTables { .. } => self.show_tables(),
+            Statement::ShowViews { materialized, .. } => self.show_relations(match materialized {
+                true => RelationKind::MaterializedView,
+                false => RelationKind::View,
+            }),
             Statement::ExplainTable {
                 describe_alias: DescribeAlias::Describe | DescribeAlias::Desc,
                 table_name,
