@@ -114,8 +114,10 @@ async fn main() -> anyhow::Result<()> {
             let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
             weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
             let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
+            // Window aggregations emit each window once, when it closes; the others pass rows through.
+            let windowed = sql.contains("GROUP BY");
             let sources = HashMap::from([("bid".to_string(), schema.clone())]);
-            let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, true)
+            let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, windowed)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
