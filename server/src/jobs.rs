@@ -263,6 +263,7 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                             }
                         }
                     }
+                    task.check_idle(&reading).await;
                     task.publish().await;
                     let _ = ack.send(());
                 }
