@@ -7,7 +7,7 @@
 //!   columns and expressions.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
-//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views inlined,
+//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views expanded,
 //!   deduplication rewritten into the aggregation it means, the physical plan cut at its aggregation, and what runs
 //!   above it checked to stay inside a window.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).

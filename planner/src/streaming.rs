@@ -1,7 +1,7 @@
 //! Planning a materialized view's query as a streaming dataflow.
 //!
-//! Plain views in the query are inlined, then DataFusion plans the query as usual, with the input relation's scan
-//! replaced by a [`FeedExec`] leaf. The physical plan is then cut at its aggregation: the stateless part below
+//! DataFusion's SQL planner has already expanded plain views; the query is planned as usual, with each input
+//! relation's scan replaced by a [`FeedExec`] leaf. The physical plan is then cut at its aggregation: the stateless part below
 //! (filters, projections, window assignment, unnest) and the stateless part above run as DataFusion plans over feeds,
 //! and the `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no
 //! key is a `window_end`).
@@ -40,7 +40,7 @@ pub async fn plan_streaming(
     emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
     let mut streams: Vec<StreamInput> = Vec::new();
-    let logical = rewrite_deduplication(inline_views(query.clone())?)?
+    let logical = rewrite_deduplication(query.clone())?
         .transform_up(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
@@ -203,23 +203,6 @@ fn first_rank_column(predicate: &Expr) -> Option<String> {
         (Operator::Eq | Operator::LtEq, 1) | (Operator::Lt, 2) => Some(column.name.clone()),
         _ => None,
     }
-}
-
-/// Replaces every scan of a plain view by the view's query, as DataFusion's analyzer would.
-fn inline_views(plan: LogicalPlan) -> Result<LogicalPlan, ErrorReport> {
-    plan.transform_down(|node| {
-        let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
-        let Some(view) = scan.source.get_logical_plan() else { return Ok(Transformed::no(node)) };
-        let view = view.into_owned();
-        let columns: Vec<Expr> = match &scan.projection {
-            Some(indices) => indices.iter().map(|&i| Expr::Column(view.schema().columns()[i].clone())).collect(),
-            None => view.schema().columns().into_iter().map(Expr::Column).collect(),
-        };
-        let inlined = LogicalPlanBuilder::from(view).project(columns)?.alias(scan.table_name.clone())?.build()?;
-        Ok(Transformed::yes(inlined))
-    })
-    .map(|t| t.data)
-    .map_err(|e| ErrorReport::from_datafusion(&e, ""))
 }
 
 /// The aggregation nearest the input (the final one of a partial/final pair): the one that becomes the window

@@ -112,15 +112,16 @@ impl Pipeline {
 
     /// Marks input `input` idle (its source's idle timeout passed without rows): the view's watermark is then the
     /// minimum over the other inputs, so their windows can close. Its next rows make it active again; rows of windows
-    /// closed meanwhile are late.
-    pub async fn set_idle(&mut self, input: usize) -> Result<()> {
-        if let Some(idle) = self.idle.get_mut(input)
-            && !*idle
-        {
-            *idle = true;
-            self.advance().await?;
+    /// closed meanwhile are late. Returns whether the input was active until now.
+    pub async fn set_idle(&mut self, input: usize) -> Result<bool> {
+        match self.idle.get_mut(input) {
+            Some(idle) if !*idle => {
+                *idle = true;
+                self.advance().await?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     /// Processes one batch of rows of input `input`.

@@ -58,8 +58,6 @@ struct WindowState {
     /// Row-encoded group keys in group-index order.
     keys: Vec<Vec<u8>>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
-    /// Whether any row reached the accumulators (a keyless aggregate's window exists before its first row).
-    has_rows: bool,
 }
 
 impl std::fmt::Debug for WindowState {
@@ -160,19 +158,16 @@ impl WindowAggregate {
 
     /// The state of a window without rows. A keyless aggregate has its one group from the start.
     fn new_window(&self) -> Result<WindowState> {
-        let mut window = WindowState {
-            groups: HashMap::new(),
-            keys: Vec::new(),
-            accumulators: self.new_accumulators()?,
-            has_rows: false,
-        };
+        let mut window =
+            WindowState { groups: HashMap::new(), keys: Vec::new(), accumulators: self.new_accumulators()? };
         if self.keys.is_empty() {
             window.groups.insert(Vec::new(), 0);
             window.keys.push(Vec::new());
             let empty = RecordBatch::new_empty(self.input.clone());
             let inputs = self.aggregate_inputs(&empty)?;
             for (accumulator, values) in window.accumulators.iter_mut().zip(&inputs) {
-                // An (empty) filter makes accumulators track which groups saw values instead of assuming all did.
+                // An (empty) filter makes accumulators track which groups saw values instead of assuming all did:
+                // otherwise the group would count as having rows, and an average of none would read 0/0, not NULL.
                 let none = BooleanArray::from(Vec::<bool>::new());
                 accumulator.update_batch(values, &[], Some(&none), 1).map_err(RuntimeError::Expr)?;
             }
@@ -201,11 +196,6 @@ impl WindowAggregate {
     /// The rows of a window: its group keys and the aggregates' values. With `keep`, the accumulators keep their
     /// state (their state is taken, merged back, and evaluated from a copy).
     fn evaluate(&self, window: &mut WindowState, keep: bool) -> Result<RecordBatch> {
-        if keep && !window.has_rows {
-            // Accumulators assume every group they were told of has rows; merging state would take the empty group
-            // for a real one (an average of no rows would read 0/0). A window without rows is evaluated afresh.
-            return self.evaluate(&mut self.new_window()?, false);
-        }
         let parser = self.converter.parser();
         let mut columns = if self.keys.is_empty() {
             Vec::new()
@@ -318,7 +308,6 @@ impl Operator for WindowAggregate {
             }
             self.dirty.insert(end);
             let Some(window) = self.windows.get_mut(&end) else { continue };
-            window.has_rows = true;
             let mut indices = vec![0usize; rows];
             let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && end_of(i) == end)).collect();
             if let Some(encoded) = &encoded {

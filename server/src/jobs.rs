@@ -103,10 +103,7 @@ impl Progress {
             // Only the rows that can still be among the kept ones are formatted.
             let skip = batch.num_rows().saturating_sub(DEAD_LETTERS_KEPT);
             for row in skip..batch.num_rows() {
-                if kept.len() == DEAD_LETTERS_KEPT {
-                    kept.pop_front();
-                }
-                kept.push_back(row_text(batch, row));
+                keep_latest(&mut kept, row_text(batch, row));
             }
         }
     }
@@ -119,12 +116,17 @@ impl Progress {
         let mut kept = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
         for record in rejected {
             warn!(source = %self.source, origin = %record.origin, error = %record.error, "malformed record set aside");
-            if kept.len() == DEAD_LETTERS_KEPT {
-                kept.pop_front();
-            }
-            kept.push_back(record);
+            keep_latest(&mut kept, record);
         }
     }
+}
+
+/// Appends `item`, dropping the oldest once [`DEAD_LETTERS_KEPT`] are kept.
+fn keep_latest<T>(kept: &mut VecDeque<T>, item: T) {
+    if kept.len() == DEAD_LETTERS_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(item);
 }
 
 /// Every running view, by name.
@@ -345,7 +347,7 @@ impl ViewTask {
             let Some(timeout) = self.idle_timeouts.get(input).copied().flatten() else { continue };
             if *still_reading && self.last_rows[input].elapsed() >= timeout {
                 match self.pipeline.set_idle(input).await {
-                    Ok(()) => self.dirty = true,
+                    Ok(changed) => self.dirty |= changed,
                     Err(err) => self.fail(err),
                 }
             }

@@ -85,15 +85,7 @@ impl Session {
         text: &str,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        let Statement::CreateView(view) = statement else {
-            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
-        };
-        if !view.columns.is_empty() {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                "column names after the view name are not supported yet; name the columns in the query",
-            ));
-        }
+        let view = view_statement(statement)?;
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&view.name)?;
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
@@ -105,11 +97,14 @@ impl Session {
         let mut watermarks = Vec::new();
         let mut ms_per_unit = 1.0;
         for input in &inputs {
+            let (timeout, connector_options) = match &input.source {
+                Some(source) => idle_timeout(&source.with)?,
+                None => (None, Vec::new()),
+            };
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe()),
                 (None, Some(source)) => {
-                    let (_, options) = idle_timeout(&source.with)?;
-                    weir_connectors::open_source(input.def.schema.clone(), options, encoding(source)?)
+                    weir_connectors::open_source(input.def.schema.clone(), connector_options, encoding(source)?)
                         .map_err(ErrorReport::from)?
                 }
                 (None, None) => {
@@ -124,10 +119,7 @@ impl Session {
                 None => None,
             };
             readers.push(reader);
-            idle_timeouts.push(match &input.source {
-                Some(source) => idle_timeout(&source.with)?.0,
-                None => None,
-            });
+            idle_timeouts.push(timeout);
             watermarks.push(watermark);
             depends_on.push(input.def.name.clone());
         }
@@ -209,9 +201,7 @@ impl Session {
         text: &str,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        let Statement::CreateView(view) = statement else {
-            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
-        };
+        let view = view_statement(statement)?;
         let (plan, inputs, _) = self.plan_view(view, emit_on_window_close, text, sql).await?;
         let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
@@ -285,13 +275,11 @@ impl Session {
         text: &str,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        let Statement::CreateView(view) = statement else {
-            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
-        };
-        if view.or_replace || !view.columns.is_empty() {
+        let view = view_statement(statement)?;
+        if view.or_replace {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
-                "CREATE OR REPLACE VIEW and column names after the view name are not supported yet",
+                "CREATE OR REPLACE VIEW is not supported yet",
             ));
         }
         let _ddl = self.engine.ddl.lock().await;
@@ -397,6 +385,20 @@ impl Session {
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
     }
+}
+
+/// The parts of a `CREATE [MATERIALIZED] VIEW`; a column list after the name is refused.
+fn view_statement(statement: &Statement) -> Result<&ast::CreateView, ErrorReport> {
+    let Statement::CreateView(view) = statement else {
+        return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: not a CREATE VIEW"));
+    };
+    if !view.columns.is_empty() {
+        return Err(ErrorReport::new(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "column names after the view name are not supported yet; name the columns in the query",
+        ));
+    }
+    Ok(view)
 }
 
 /// Checks that a view can read `input` as a stream.
