@@ -19,6 +19,10 @@ use weir_common::plan::WatermarkSpec;
 use weir_planner::WeirStatement;
 use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
+use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
+
+/// The server's epoch interval.
+const EPOCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, Parser)]
 #[command(about = "Nexmark queries over Weir's streaming runtime")]
@@ -128,18 +132,32 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
+    // As in the server: an epoch (publish and checkpoint to the in-memory state store) every 200 ms.
+    let state = MemoryStore::new();
+    let epoch = |pipeline: &mut Pipeline, changes: Vec<ViewChange>| -> anyhow::Result<u64> {
+        let mut batch = WriteBatch::default();
+        pipeline.checkpoint("bench", &mut batch)?;
+        state.write(batch)?;
+        Ok(published_rows(changes))
+    };
     let started = Instant::now();
+    let mut last_epoch = Instant::now();
     let (mut bids, mut out) = (0u64, 0u64);
     while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow::anyhow!("{e}"))? {
         bids += batch.num_rows() as u64;
         if let Some(pipeline) = &mut pipeline {
             pipeline.push(0, batch).await?;
-            out += published_rows(pipeline.publish().await?);
+            if last_epoch.elapsed() >= EPOCH_INTERVAL {
+                last_epoch = Instant::now();
+                let changes = pipeline.publish().await?;
+                out += epoch(pipeline, changes)?;
+            }
         }
     }
     if let Some(pipeline) = &mut pipeline {
         pipeline.end(0).await?;
-        out += published_rows(pipeline.publish().await?);
+        let changes = pipeline.publish().await?;
+        out += epoch(pipeline, changes)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(

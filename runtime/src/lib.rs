@@ -10,12 +10,15 @@
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and the state store. The
+//! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
+//!
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
 //! runtime depends only on `weir-common`.
 
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
+pub mod state;
 pub mod watermark;
 pub mod window_aggregate;
 
@@ -32,6 +35,8 @@ pub enum RuntimeError {
     NotATimestamp(String),
     #[error("internal error: the plan has {0} inputs, not {1}")]
     Inputs(usize, usize),
+    #[error(transparent)]
+    State(#[from] state::StateError),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

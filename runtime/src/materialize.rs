@@ -5,10 +5,13 @@
 //! good (append-only views, tables, windows closed under `EMIT ON WINDOW CLOSE`) and, for views that show open windows,
 //! the current rows of each window by window end, replaced whole when the window changes.
 //!
+//! [`ViewStore::checkpoint`] writes the rows changed since the last checkpoint to a state table (appended batches
+//! under `a | sequence`, window rows under `w | window end`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
+//!
 //! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
 //! every appended batch, with no gap and no overlap, for views defined over it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -16,6 +19,13 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::mpsc;
 use weir_common::connector::{ConnectorError, SourceReader};
+
+use crate::state::{
+    StateError, StateStore, StateTable, WriteBatch, decode_batches, decode_i64, encode_batches, encode_i64,
+};
+
+const APPENDED_TAG: u8 = b'a';
+const WINDOW_TAG: u8 = b'w';
 
 /// One change to a relation's rows.
 #[derive(Debug, Clone)]
@@ -39,6 +49,10 @@ struct Contents {
     appended: Vec<RecordBatch>,
     windows: BTreeMap<i64, Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<RecordBatch>>,
+    /// How many of `appended` the last checkpoint wrote.
+    saved_appends: usize,
+    /// Windows replaced since the last checkpoint.
+    unsaved_windows: BTreeSet<i64>,
 }
 
 impl ViewStore {
@@ -63,6 +77,7 @@ impl ViewStore {
                 }
                 ViewChange::Replace { window, rows } => {
                     let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
+                    contents.unsaved_windows.insert(window);
                     if rows.is_empty() {
                         contents.windows.remove(&window);
                     } else {
@@ -95,9 +110,51 @@ impl ViewStore {
         Subscription { schema: self.schema.clone(), backlog, receiver }
     }
 
+    /// Adds the rows changed since the last checkpoint to `batch`.
+    pub fn checkpoint(&self, table: &StateTable, batch: &mut WriteBatch) -> Result<(), StateError> {
+        let mut contents = self.lock();
+        for (sequence, rows) in contents.appended.iter().enumerate().skip(contents.saved_appends) {
+            batch.put(table.key(&tagged(APPENDED_TAG, sequence as i64)), encode_batches(std::slice::from_ref(rows))?);
+        }
+        contents.saved_appends = contents.appended.len();
+        for window in std::mem::take(&mut contents.unsaved_windows) {
+            let key = table.key(&tagged(WINDOW_TAG, window));
+            match contents.windows.get(&window) {
+                Some(rows) => batch.put(key, encode_batches(rows)?),
+                None => batch.delete(key),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the rows with those last checkpointed to `table`.
+    pub fn restore(&self, table: &StateTable, store: &dyn StateStore) -> Result<(), StateError> {
+        let mut appended = Vec::new();
+        for (_, value) in table.scan_prefix(store, &[APPENDED_TAG])? {
+            appended.extend(decode_batches(&value)?);
+        }
+        let mut windows = BTreeMap::new();
+        for (key, value) in table.scan_prefix(store, &[WINDOW_TAG])? {
+            windows.insert(decode_i64(&key[1..])?, decode_batches(&value)?);
+        }
+        let mut contents = self.lock();
+        contents.saved_appends = appended.len();
+        contents.appended = appended;
+        contents.windows = windows;
+        contents.unsaved_windows.clear();
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Contents> {
         self.contents.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A key of one tag and one number.
+fn tagged(tag: u8, number: i64) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(&encode_i64(number));
+    key
 }
 
 /// The appended rows of a [`ViewStore`], as a source for other views.
@@ -160,6 +217,40 @@ mod tests {
         ]);
         assert_eq!(values(&store.snapshot()), vec![1, 22]);
         assert_eq!(store.row_count(), 2);
+    }
+
+    #[test]
+    fn a_restored_store_has_the_checkpointed_rows() {
+        let store = ViewStore::new(batch(&[]).schema());
+        let state = crate::state::MemoryStore::new();
+        let table = StateTable::new("v");
+        let save = |store: &ViewStore| {
+            let mut writes = WriteBatch::default();
+            store.checkpoint(&table, &mut writes).unwrap();
+            state.write(writes).unwrap();
+        };
+        store.apply(vec![
+            ViewChange::Append(vec![batch(&[1])]),
+            ViewChange::Replace { window: 10, rows: vec![batch(&[10, 11])] },
+            ViewChange::Replace { window: 20, rows: vec![batch(&[20])] },
+        ]);
+        save(&store);
+        store.apply(vec![
+            ViewChange::Append(vec![batch(&[2])]),
+            ViewChange::Replace { window: 10, rows: vec![] },
+            ViewChange::Replace { window: 20, rows: vec![batch(&[21])] },
+        ]);
+        save(&store);
+        // Not checkpointed: lost by a restore.
+        store.apply(vec![ViewChange::Append(vec![batch(&[3])])]);
+
+        let restored = ViewStore::new(batch(&[]).schema());
+        restored.restore(&table, &state).unwrap();
+        assert_eq!(values(&restored.snapshot()), vec![1, 2, 21]);
+        // Checkpoints after a restore only add what is new.
+        restored.apply(vec![ViewChange::Append(vec![batch(&[4])])]);
+        save(&restored);
+        assert_eq!(table.scan_prefix(&state, &[APPENDED_TAG]).unwrap().len(), 3);
     }
 
     #[test]

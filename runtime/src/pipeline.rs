@@ -16,6 +16,11 @@
 //!
 //! Changes collect until [`Pipeline::publish`] ends the epoch: it returns the rows appended since the last epoch and,
 //! for views that show open windows, the current rows of every window changed since then.
+//!
+//! [`Pipeline::checkpoint`] writes the pipeline's state (each input's watermark, the aggregate's groups) to state
+//! tables named after the view; [`Pipeline::restore`] continues from them. The runner checkpoints between batches,
+//! right after a publish, so a restored pipeline replays nothing twice as long as its sources resume from the same
+//! point.
 
 use std::sync::Arc;
 
@@ -31,6 +36,7 @@ use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
 use crate::materialize::ViewChange;
 use crate::operator::Operator;
+use crate::state::{StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::WindowAggregate;
 use crate::{Result, RuntimeError};
@@ -172,6 +178,54 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
+    pub fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
+        let inputs = StateTable::new(&format!("{name}/inputs"));
+        for (input, (watermark, assigner)) in self.watermarks.iter().zip(&self.assigners).enumerate() {
+            let own = assigner.as_ref().and_then(WatermarkAssigner::current);
+            for (tag, value) in [(b'w', *watermark), (b'a', own)] {
+                let key = inputs.key(&input_key(tag, input));
+                match value {
+                    Some(w) => batch.put(key, encode_i64(w).to_vec()),
+                    None => batch.delete(key),
+                }
+            }
+        }
+        if let Some(combined) = self.combined {
+            batch.put(inputs.key(b"combined"), encode_i64(combined).to_vec());
+        }
+        if let Some(aggregate) = &mut self.aggregate {
+            aggregate.checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
+    pub fn forget(name: &str, batch: &mut WriteBatch) {
+        for table in ["inputs", "aggregate"] {
+            StateTable::new(&format!("{name}/{table}")).delete_prefix(batch, &[]);
+        }
+    }
+
+    /// Continues from the state view `name` last checkpointed to `store`.
+    pub fn restore(&mut self, name: &str, store: &dyn StateStore) -> Result<()> {
+        let inputs = StateTable::new(&format!("{name}/inputs"));
+        let read = |key: &[u8]| -> Result<Option<Watermark>> {
+            Ok(store.get(&inputs.key(key))?.map(|v| decode_i64(&v)).transpose()?)
+        };
+        for input in 0..self.watermarks.len() {
+            self.watermarks[input] = read(&input_key(b'w', input))?;
+            if let Some(assigner) = &mut self.assigners[input] {
+                assigner.restore(read(&input_key(b'a', input))?);
+            }
+        }
+        self.combined = read(b"combined")?;
+        if let Some(aggregate) = &mut self.aggregate {
+            aggregate.restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
+        }
+        Ok(())
+    }
+
     /// Ends the epoch: the changes to apply to the view, all at once.
     pub async fn publish(&mut self) -> Result<Vec<ViewChange>> {
         if !self.plan.emit_on_window_close
@@ -215,6 +269,13 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// The key of input `input`'s value `tag`.
+fn input_key(tag: u8, input: usize) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(&(input as u32).to_be_bytes());
+    key
 }
 
 /// Runs the plan above the aggregate over one window's rows.

@@ -45,6 +45,12 @@ impl WatermarkAssigner {
         self.current
     }
 
+    /// Continues from a checkpoint whose watermark was `watermark` (already sent downstream then).
+    pub fn restore(&mut self, watermark: Option<Watermark>) {
+        self.current = watermark;
+        self.emitted = watermark;
+    }
+
     /// Turns one batch into the messages downstream must see: runs of rows, each preceded by the watermark of the
     /// rows before it where a row is at or behind that watermark, and the new watermark after the batch.
     pub fn process(&mut self, batch: &RecordBatch) -> Result<Vec<Message>> {

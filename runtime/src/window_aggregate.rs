@@ -10,6 +10,10 @@
 //! and drops its state. A row whose window is already closed when it arrives is late: it changes nothing, is counted,
 //! and is kept for the source's late-data output. For views that show open windows, [`WindowAggregate::snapshot`]
 //! evaluates the windows changed since the last call without disturbing their state.
+//!
+//! [`WindowAggregate::checkpoint`] writes what changed since the last checkpoint to a [`StateTable`]: each changed
+//! group's accumulator state under `g | window end | group key` (so closed windows go with one range delete), and
+//! the watermark and late-row count. [`WindowAggregate::restore`] rebuilds the accumulators from those entries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
 use crate::operator::Operator;
+use crate::state::{StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
 
 pub use weir_common::plan::Aggregate;
@@ -50,7 +55,18 @@ pub struct WindowAggregate {
     watermark: Option<Watermark>,
     late: Vec<RecordBatch>,
     late_rows: u64,
+    /// Encodes the accumulators' states (every aggregate's state fields, in order) for the state store.
+    state_converter: RowConverter,
+    /// Windows with groups changed since the last checkpoint.
+    unsaved: BTreeSet<i64>,
+    /// The latest window closed since the last checkpoint: its entries and older ones go at the next checkpoint.
+    closed_through: Option<i64>,
 }
+
+/// Key tags inside the aggregate's state table.
+const GROUP_TAG: u8 = b'g';
+const WATERMARK_KEY: &[u8] = b"m/watermark";
+const LATE_ROWS_KEY: &[u8] = b"m/late_rows";
 
 struct WindowState {
     /// Row-encoded group key -> group index.
@@ -58,6 +74,8 @@ struct WindowState {
     /// Row-encoded group keys in group-index order.
     keys: Vec<Vec<u8>>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Per group: changed since the last checkpoint.
+    changed: Vec<bool>,
 }
 
 impl std::fmt::Debug for WindowState {
@@ -93,6 +111,16 @@ impl WindowAggregate {
             .map_err(RuntimeError::Expr)?;
         fields.extend(aggregates.iter().map(|a| a.function.field().as_ref().clone()));
         let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect()).map_err(arrow_err)?;
+        let state_types: Vec<SortField> = aggregates
+            .iter()
+            .map(|a| a.function.state_fields())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RuntimeError::Expr)?
+            .into_iter()
+            .flatten()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let state_converter = RowConverter::new(state_types).map_err(arrow_err)?;
         let mut aggregate = WindowAggregate {
             input: Arc::new(input.clone()),
             keys,
@@ -105,6 +133,9 @@ impl WindowAggregate {
             watermark: None,
             late: Vec::new(),
             late_rows: 0,
+            state_converter,
+            unsaved: BTreeSet::new(),
+            closed_through: None,
         };
         // `SELECT count(*) FROM t` has one row before any input, as in a batch query over an empty table.
         if aggregate.keys.is_empty() && aggregate.window_end.is_none() {
@@ -158,11 +189,16 @@ impl WindowAggregate {
 
     /// The state of a window without rows. A keyless aggregate has its one group from the start.
     fn new_window(&self) -> Result<WindowState> {
-        let mut window =
-            WindowState { groups: HashMap::new(), keys: Vec::new(), accumulators: self.new_accumulators()? };
+        let mut window = WindowState {
+            groups: HashMap::new(),
+            keys: Vec::new(),
+            accumulators: self.new_accumulators()?,
+            changed: Vec::new(),
+        };
         if self.keys.is_empty() {
             window.groups.insert(Vec::new(), 0);
             window.keys.push(Vec::new());
+            window.changed.push(false);
             let empty = RecordBatch::new_empty(self.input.clone());
             let inputs = self.aggregate_inputs(&empty)?;
             for (accumulator, values) in window.accumulators.iter_mut().zip(&inputs) {
@@ -203,19 +239,17 @@ impl WindowAggregate {
             self.converter.convert_rows(window.keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
         };
         let groups = window.keys.len();
-        let all: Vec<usize> = if keep { (0..groups).collect() } else { Vec::new() };
-        let mut copies = if keep { self.new_accumulators()? } else { Vec::new() };
-        for (i, accumulator) in window.accumulators.iter_mut().enumerate() {
-            let value = if keep {
-                let state = accumulator.state(EmitTo::All).map_err(RuntimeError::Expr)?;
-                accumulator.merge_batch(&state, &all, groups).map_err(RuntimeError::Expr)?;
-                let copy = &mut copies[i];
-                copy.merge_batch(&state, &all, groups).map_err(RuntimeError::Expr)?;
-                copy.evaluate(EmitTo::All)
-            } else {
-                accumulator.evaluate(EmitTo::All)
-            };
-            columns.push(value.map_err(RuntimeError::Expr)?);
+        if keep {
+            let all: Vec<usize> = (0..groups).collect();
+            let states = peek_states(window)?;
+            for (mut copy, state) in self.new_accumulators()?.into_iter().zip(&states) {
+                copy.merge_batch(state, &all, groups).map_err(RuntimeError::Expr)?;
+                columns.push(copy.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
+            }
+        } else {
+            for accumulator in &mut window.accumulators {
+                columns.push(accumulator.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
+            }
         }
         let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(groups));
         RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow_err)
@@ -227,8 +261,12 @@ impl WindowAggregate {
         // Windows with end - 1 <= W, that is end <= W + 1, are complete.
         let closed: Vec<i64> = self.windows.range(..=watermark.saturating_add(1)).map(|(end, _)| *end).collect();
         let mut out = Vec::with_capacity(closed.len());
+        if let Some(last) = closed.last() {
+            self.closed_through = Some(self.closed_through.map_or(*last, |c| c.max(*last)));
+        }
         for end in closed {
             self.dirty.remove(&end);
+            self.unsaved.remove(&end);
             if let Some(mut window) = self.windows.remove(&end) {
                 out.push((end, self.evaluate(&mut window, false)?));
             }
@@ -249,6 +287,122 @@ impl WindowAggregate {
         }
         Ok(out)
     }
+}
+
+impl WindowAggregate {
+    /// Adds what changed since the last checkpoint to `batch`: the entries of windows closed since then are deleted,
+    /// and each changed group's state is written.
+    pub fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
+        if let Some(closed) = self.closed_through.take() {
+            table.delete_through(batch, &group_prefix(i64::MIN), &group_prefix(closed));
+        }
+        for end in std::mem::take(&mut self.unsaved) {
+            let Some(window) = self.windows.get_mut(&end) else { continue };
+            let states: Vec<ArrayRef> = peek_states(window)?.into_iter().flatten().collect();
+            let rows = self.state_converter.convert_columns(&states).map_err(arrow_err)?;
+            for (group, changed) in window.changed.iter_mut().enumerate() {
+                if std::mem::take(changed) {
+                    let mut key = group_prefix(end);
+                    key.extend_from_slice(&window.keys[group]);
+                    batch.put(table.key(&key), rows.row(group).as_ref().to_vec());
+                }
+            }
+        }
+        if let Some(watermark) = self.watermark {
+            batch.put(table.key(WATERMARK_KEY), encode_i64(watermark).to_vec());
+        }
+        batch.put(table.key(LATE_ROWS_KEY), self.late_rows.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    /// Replaces this operator's state with the one last checkpointed to `table`. Every restored window counts as
+    /// changed, so the next snapshot shows it.
+    pub fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
+        self.windows.clear();
+        self.dirty.clear();
+        self.unsaved.clear();
+        self.closed_through = None;
+        self.watermark = store.get(&table.key(WATERMARK_KEY))?.map(|v| decode_i64(&v)).transpose()?;
+        self.late_rows = match store.get(&table.key(LATE_ROWS_KEY))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice().try_into().map_err(|_| StateError::Corrupt("late-row count".to_string()))?,
+            ),
+            None => 0,
+        };
+        let entries = table.scan_prefix(store, &[GROUP_TAG])?;
+        let mut start = 0;
+        while start < entries.len() {
+            let end = decode_i64(&entries[start].0[1..])?;
+            let prefix = group_prefix(end);
+            let stop =
+                entries[start..].iter().position(|(k, _)| !k.starts_with(&prefix)).map_or(entries.len(), |n| start + n);
+            self.restore_window(end, &entries[start..stop], prefix.len())?;
+            start = stop;
+        }
+        // A keyless plain aggregate always has its window, rows or not.
+        if self.keys.is_empty() && self.window_end.is_none() && self.windows.is_empty() {
+            self.open_window(NO_WINDOW)?;
+        }
+        self.dirty = self.windows.keys().copied().collect();
+        Ok(())
+    }
+
+    fn restore_window(&mut self, end: i64, entries: &[(Vec<u8>, Vec<u8>)], key_at: usize) -> Result<()> {
+        let mut window = self.new_window()?;
+        let mut indices = Vec::with_capacity(entries.len());
+        for (key, _) in entries {
+            let key = key[key_at..].to_vec();
+            let group = match window.groups.get(&key) {
+                Some(group) => *group,
+                None => {
+                    let group = window.keys.len();
+                    window.keys.push(key.clone());
+                    window.groups.insert(key, group);
+                    group
+                }
+            };
+            indices.push(group);
+        }
+        let total = window.keys.len();
+        window.changed = vec![false; total];
+        let parser = self.state_converter.parser();
+        let states =
+            self.state_converter.convert_rows(entries.iter().map(|(_, v)| parser.parse(v))).map_err(arrow_err)?;
+        let mut at = 0;
+        for (accumulator, aggregate) in window.accumulators.iter_mut().zip(&self.aggregates) {
+            let width = aggregate.function.state_fields().map_err(RuntimeError::Expr)?.len();
+            let state = states.get(at..at + width).ok_or_else(|| StateError::Corrupt("aggregate state".to_string()))?;
+            accumulator.merge_batch(state, &indices, total).map_err(RuntimeError::Expr)?;
+            at += width;
+        }
+        self.windows.insert(end, window);
+        Ok(())
+    }
+}
+
+/// The key prefix of window `end`'s groups.
+fn group_prefix(end: i64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9);
+    key.push(GROUP_TAG);
+    key.extend_from_slice(&encode_i64(end));
+    key
+}
+
+/// Each accumulator's state for every group of `window`, leaving the accumulators as they were: the state is taken
+/// and merged back.
+fn peek_states(window: &mut WindowState) -> Result<Vec<Vec<ArrayRef>>> {
+    let groups = window.keys.len();
+    let all: Vec<usize> = (0..groups).collect();
+    window
+        .accumulators
+        .iter_mut()
+        .map(|accumulator| {
+            let state = accumulator.state(EmitTo::All)?;
+            accumulator.merge_batch(&state, &all, groups)?;
+            Ok(state)
+        })
+        .collect::<Result<_, datafusion::error::DataFusionError>>()
+        .map_err(RuntimeError::Expr)
 }
 
 impl Operator for WindowAggregate {
@@ -307,6 +461,7 @@ impl Operator for WindowAggregate {
                 self.open_window(end)?;
             }
             self.dirty.insert(end);
+            self.unsaved.insert(end);
             let Some(window) = self.windows.get_mut(&end) else { continue };
             let mut indices = vec![0usize; rows];
             let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && end_of(i) == end)).collect();
@@ -328,6 +483,12 @@ impl Operator for WindowAggregate {
                 }
             }
             let total = window.keys.len();
+            window.changed.resize(total, false);
+            for (i, index) in indices.iter().enumerate() {
+                if mask.value(i) {
+                    window.changed[*index] = true;
+                }
+            }
             for ((accumulator, values), filter) in window.accumulators.iter_mut().zip(&inputs).zip(&filters) {
                 let combined = match filter {
                     Some(f) => and(&mask, f).map_err(arrow_err)?,
@@ -465,7 +626,8 @@ mod tests {
 
     /// Property: the assigner feeding the window aggregate gives, for random disordered input cut into random
     /// batches, exactly the per-window counts and sums of the rows that are on time under row-by-row semantics, and
-    /// the same late-row count.
+    /// the same late-row count. Checkpoints at random batch boundaries, some followed by a restart (a fresh operator
+    /// restored from the store), change nothing.
     #[test]
     fn results_match_a_reference_whatever_the_batching() {
         let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15u64);
@@ -512,9 +674,20 @@ mod tests {
             ));
             let mut assigner = WatermarkAssigner::new(2, expr);
             let mut op = operator();
+            let store = crate::state::MemoryStore::new();
+            let table = StateTable::new("view/aggregate");
             let mut out = Vec::new();
             let mut at = 0;
             while at < rows.len() {
+                if next(3) == 0 {
+                    let mut batch = WriteBatch::default();
+                    op.checkpoint(&table, &mut batch).unwrap();
+                    store.write(batch).unwrap();
+                    if next(2) == 0 {
+                        op = operator();
+                        op.restore(&table, &store).unwrap();
+                    }
+                }
                 let end = (at + 1 + next(rows.len() as u64) as usize).min(rows.len());
                 for message in assigner.process(&bids(&rows[at..end])).unwrap() {
                     match message {
@@ -526,6 +699,10 @@ mod tests {
                 at = end;
             }
             op.on_watermark(END_OF_TIME, &mut out).unwrap();
+            let mut batch = WriteBatch::default();
+            op.checkpoint(&table, &mut batch).unwrap();
+            store.write(batch).unwrap();
+            assert_eq!(table.scan_prefix(&store, &[GROUP_TAG]).unwrap(), vec![], "closed windows leave no state");
 
             let mut actual: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
             for batch in &out {

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The task ends an epoch (publishes) every [`EPOCH_INTERVAL`] while rows arrive, before answering a `FLUSH`, and when
-//! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch.
+//! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch. Each epoch
+//! is also a checkpoint: the pipeline's state and the view's rows changed in it go to the state store in one write.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -25,6 +26,7 @@ use tracing::{error, info, warn};
 use weir_common::connector::{ConnectorError, Rejected, SourceReader};
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
+use weir_runtime::state::{StateStore, StateTable, WriteBatch};
 
 /// How often a view publishes what it has computed while rows keep arriving. Shorter makes views fresher; each epoch
 /// re-evaluates the open windows that changed in it.
@@ -68,6 +70,8 @@ pub struct Progress {
     pub dead_letters: Mutex<VecDeque<Rejected>>,
     /// The last [`DEAD_LETTERS_KEPT`] late rows, as text, oldest first.
     pub late_samples: Mutex<VecDeque<String>>,
+    /// Epochs whose state reached the state store.
+    pub checkpoints: AtomicU64,
     /// The source's watermark in milliseconds since the epoch; `i64::MIN` before the first row.
     pub watermark_ms: AtomicI64,
     /// `running`, `ended` (a bounded source is exhausted) or `failed: <reason>`.
@@ -85,6 +89,7 @@ impl Progress {
             dead_letters: Mutex::new(VecDeque::new()),
             late_samples: Mutex::new(VecDeque::new()),
             watermark_ms: AtomicI64::new(i64::MIN),
+            checkpoints: AtomicU64::new(0),
             status: Mutex::new("running".to_string()),
         }
     }
@@ -130,13 +135,24 @@ fn keep_latest<T>(kept: &mut VecDeque<T>, item: T) {
 }
 
 /// Every running view, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Jobs {
     jobs: Mutex<HashMap<String, Job>>,
     created: AtomicU64,
+    /// Where views checkpoint their state.
+    state: Arc<dyn StateStore>,
+}
+
+/// The state table of view `view`'s published rows.
+fn rows_table(view: &str) -> StateTable {
+    StateTable::new(&format!("{view}/rows"))
 }
 
 impl Jobs {
+    pub fn new(state: Arc<dyn StateStore>) -> Self {
+        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state }
+    }
+
     /// Starts keeping `view` (whose rows live in `store`) up to date from `inputs` (a reader and its idle timeout per
     /// input of the pipeline, in order) through `pipeline`. `source` names the inputs for `weir_catalog.view_progress`.
     /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
@@ -159,6 +175,7 @@ impl Jobs {
             store,
             progress: progress.clone(),
             ms_per_unit,
+            state: self.state.clone(),
             dirty: false,
             idle_timeouts,
             last_rows,
@@ -183,10 +200,16 @@ impl Jobs {
         }
     }
 
-    /// Stops the view's task.
+    /// Stops the view's task and forgets its state.
     pub fn stop(&self, view: &str) {
         if let Some(job) = self.lock().remove(view) {
             job.task.abort();
+        }
+        let mut batch = WriteBatch::default();
+        Pipeline::forget(view, &mut batch);
+        rows_table(view).delete_prefix(&mut batch, &[]);
+        if let Err(err) = self.state.write(batch) {
+            warn!(%view, error = %err, "the dropped view's state could not be deleted");
         }
     }
 
@@ -234,6 +257,7 @@ struct ViewTask {
     store: Arc<ViewStore>,
     progress: Arc<Progress>,
     ms_per_unit: f64,
+    state: Arc<dyn StateStore>,
     /// Whether rows were processed since the last epoch.
     dirty: bool,
     /// Per input: how long it may go without rows before it is left out of the watermark.
@@ -364,8 +388,22 @@ impl ViewTask {
             }
             Err(err) => {
                 self.fail(err);
+                return;
             }
         }
+        if let Err(err) = self.checkpoint() {
+            self.fail(err);
+        }
+    }
+
+    /// Writes the state changed in this epoch, the pipeline's and the view rows', in one write.
+    fn checkpoint(&mut self) -> weir_runtime::Result<()> {
+        let mut batch = WriteBatch::default();
+        self.pipeline.checkpoint(&self.view, &mut batch)?;
+        self.store.checkpoint(&rows_table(&self.view), &mut batch)?;
+        self.state.write(batch)?;
+        self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn fail(&self, err: weir_runtime::RuntimeError) {

@@ -59,6 +59,7 @@ impl SystemRelation {
                         Field::new("late_rows", DataType::Int64, false),
                         Field::new("malformed_rows", DataType::Int64, false),
                         Field::new("watermark", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+                        Field::new("checkpoints", DataType::Int64, false),
                     ],
                     view_progress,
                 ),
@@ -97,6 +98,7 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
                 .map(|(_, p)| Some(p.watermark_ms.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN))
                 .collect::<TimestampMillisecondArray>(),
         ),
+        count(|p| p.checkpoints.load(Ordering::Relaxed) as i64),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

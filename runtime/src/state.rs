@@ -1,0 +1,314 @@
+//! The state store: where operators keep their state, written a whole epoch at a time.
+//!
+//! - [`StateStore`]: the contract of a store (ordered byte keys, atomic write batches). [`MemoryStore`] keeps
+//!   everything in memory; a RocksDB store implements the same trait for durability.
+//! - [`StateTable`]: one operator's key space inside a store (a prefix), with the key encodings operators share.
+//! - [`WriteBatch`]: the puts and deletes of one checkpoint, applied all or nothing.
+//!
+//! Operators work on in-memory structures between checkpoints (DataFusion accumulators, Arrow batches) and write what
+//! changed since the last checkpoint when the runner asks. Windowed state is keyed by window end first, so closing
+//! windows is one range delete, and restoring reads each window's entries together.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::Bound;
+use std::sync::{PoisonError, RwLock};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+
+/// Errors of a state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store I/O failed: {0}")]
+    Io(String),
+    #[error("stored state is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// An ordered key-value store for operator state.
+///
+/// Contract for implementors:
+/// - Keys and values are bytes; keys order bytewise (lexicographically), and scans return keys in that order.
+/// - [`StateStore::write`] applies a whole [`WriteBatch`] atomically, in the batch's order: after it returns, every
+///   reader sees all of it; after a failure or a crash, none of it. A later operation in a batch wins over an earlier
+///   one on the same key.
+/// - Reads see every write that returned before them. Only the runner writes, between epochs; reads may come from
+///   any thread.
+pub trait StateStore: Send + Sync + Debug {
+    /// The value of `key`, if any.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+
+    /// Every entry with `start <= key < end`, in key order.
+    fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<Entry>, StateError>;
+
+    /// Applies `batch` atomically.
+    fn write(&self, batch: WriteBatch) -> Result<(), StateError>;
+}
+
+/// One write to a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    /// Deletes every key with `start <= key < end`.
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+/// The writes of one checkpoint, applied together by [`StateStore::write`].
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(WriteOp::Put(key, value));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.ops.push(WriteOp::Delete(key));
+    }
+
+    pub fn delete_range(&mut self, start: Vec<u8>, end: Vec<u8>) {
+        self.ops.push(WriteOp::DeleteRange(start, end));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn into_ops(self) -> Vec<WriteOp> {
+        self.ops
+    }
+}
+
+/// A [`StateStore`] in memory: an ordered map behind a lock. State is lost when the process ends.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    entries: RwLock<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of entries (for tests and progress figures).
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.entries.read().unwrap_or_else(PoisonError::into_inner).get(key).cloned())
+    }
+
+    fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<Entry>, StateError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(entries
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StateError> {
+        // One write lock for the whole batch: readers see all of it or none of it.
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        for op in batch.ops {
+            match op {
+                WriteOp::Put(key, value) => {
+                    entries.insert(key, value);
+                }
+                WriteOp::Delete(key) => {
+                    entries.remove(&key);
+                }
+                WriteOp::DeleteRange(start, end) => {
+                    if start < end {
+                        let doomed: Vec<Vec<u8>> = entries
+                            .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for key in doomed {
+                            entries.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One operator's part of a store: every key starts with the table's prefix.
+#[derive(Debug, Clone)]
+pub struct StateTable {
+    prefix: Vec<u8>,
+}
+
+impl StateTable {
+    /// The table named `name` (for example `"hot/aggregate"`). Names must not be prefixes of one another's
+    /// encodings; the length prefix guarantees that.
+    pub fn new(name: &str) -> Self {
+        let mut prefix = (name.len() as u32).to_be_bytes().to_vec();
+        prefix.extend_from_slice(name.as_bytes());
+        StateTable { prefix }
+    }
+
+    /// The store key of `key` in this table.
+    pub fn key(&self, key: &[u8]) -> Vec<u8> {
+        let mut full = Vec::with_capacity(self.prefix.len() + key.len());
+        full.extend_from_slice(&self.prefix);
+        full.extend_from_slice(key);
+        full
+    }
+
+    /// Every entry of the table, with the table prefix taken off the keys.
+    pub fn scan_all(&self, store: &dyn StateStore) -> Result<Vec<Entry>, StateError> {
+        self.scan_prefix(store, &[])
+    }
+
+    /// The entries whose key (without the table prefix) starts with `prefix`, prefix of the table taken off.
+    pub fn scan_prefix(&self, store: &dyn StateStore, prefix: &[u8]) -> Result<Vec<Entry>, StateError> {
+        let start = self.key(prefix);
+        let end = successor(&start);
+        let skip = self.prefix.len();
+        Ok(store.scan(&start, &end)?.into_iter().map(|(k, v)| (k[skip..].to_vec(), v)).collect())
+    }
+
+    /// Deletes the keys of this table starting with `prefix`.
+    pub fn delete_prefix(&self, batch: &mut WriteBatch, prefix: &[u8]) {
+        let start = self.key(prefix);
+        let end = successor(&start);
+        batch.delete_range(start, end);
+    }
+
+    /// Deletes the keys of this table from `start` (inclusive) to those starting with `last` (inclusive).
+    pub fn delete_through(&self, batch: &mut WriteBatch, start: &[u8], last: &[u8]) {
+        batch.delete_range(self.key(start), successor(&self.key(last)));
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn successor(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xFF bytes. Unreachable for table keys, which start with the table name's length (first byte 0), so an
+    // empty bound (no keys) is safe.
+    prefix.to_vec()
+}
+
+/// An `i64` as 8 bytes that sort like the numbers (sign bit flipped, big-endian).
+pub fn encode_i64(value: i64) -> [u8; 8] {
+    ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// The inverse of [`encode_i64`] for the first 8 bytes of `bytes`.
+pub fn decode_i64(bytes: &[u8]) -> Result<i64, StateError> {
+    let array: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StateError::Corrupt(format!("expected an 8-byte number, found {} bytes", bytes.len())))?;
+    Ok((u64::from_be_bytes(array) ^ (1 << 63)) as i64)
+}
+
+/// Rows as Arrow IPC stream bytes, for state that is a batch of rows (a view's published rows).
+pub fn encode_batches(batches: &[RecordBatch]) -> Result<Vec<u8>, StateError> {
+    let Some(first) = batches.first() else { return Ok(Vec::new()) };
+    let mut bytes = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut bytes, &first.schema()).map_err(|e| StateError::Io(e.to_string()))?;
+    for batch in batches {
+        writer.write(batch).map_err(|e| StateError::Io(e.to_string()))?;
+    }
+    writer.finish().map_err(|e| StateError::Io(e.to_string()))?;
+    drop(writer);
+    Ok(bytes)
+}
+
+/// The inverse of [`encode_batches`].
+pub fn decode_batches(bytes: &[u8]) -> Result<Vec<RecordBatch>, StateError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reader = StreamReader::try_new(bytes, None).map_err(|e| StateError::Corrupt(e.to_string()))?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| StateError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_encode_in_order() {
+        let values = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
+        for pair in values.windows(2) {
+            assert!(encode_i64(pair[0]) < encode_i64(pair[1]), "{} vs {}", pair[0], pair[1]);
+        }
+        for v in values {
+            assert_eq!(decode_i64(&encode_i64(v)).unwrap(), v);
+        }
+        assert!(decode_i64(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn tables_are_separate_and_range_deletes_stay_inside_one() {
+        let store = MemoryStore::new();
+        let a = StateTable::new("a");
+        let ab = StateTable::new("ab");
+        let mut batch = WriteBatch::default();
+        for t in [&a, &ab] {
+            for end in [10i64, 20, 30] {
+                batch.put(t.key(&encode_i64(end)), vec![end as u8]);
+            }
+        }
+        store.write(batch).unwrap();
+        assert_eq!(a.scan_all(&store).unwrap().len(), 3);
+        assert_eq!(ab.scan_all(&store).unwrap().len(), 3);
+
+        // Closing windows up to 20 in table "a" leaves its 30 and all of "ab".
+        let mut batch = WriteBatch::default();
+        a.delete_through(&mut batch, &encode_i64(i64::MIN), &encode_i64(20));
+        store.write(batch).unwrap();
+        let left: Vec<i64> = a.scan_all(&store).unwrap().iter().map(|(k, _)| decode_i64(k).unwrap()).collect();
+        assert_eq!(left, vec![30]);
+        assert_eq!(ab.scan_all(&store).unwrap().len(), 3);
+
+        // A later op in a batch wins over an earlier one.
+        let mut batch = WriteBatch::default();
+        batch.put(a.key(b"k"), b"1".to_vec());
+        batch.delete(a.key(b"k"));
+        batch.put(ab.key(b"k"), b"1".to_vec());
+        batch.put(ab.key(b"k"), b"2".to_vec());
+        store.write(batch).unwrap();
+        assert_eq!(store.get(&a.key(b"k")).unwrap(), None);
+        assert_eq!(store.get(&ab.key(b"k")).unwrap(), Some(b"2".to_vec()));
+    }
+
+    #[test]
+    fn successor_bounds_every_key_with_the_prefix() {
+        assert_eq!(successor(&[1, 2]), vec![1, 3]);
+        assert_eq!(successor(&[1, 0xff]), vec![2]);
+        assert_eq!(StateTable::new("t").key(&[])[0], 0, "table keys never start with 0xFF");
+    }
+}
