@@ -31,7 +31,19 @@ pub struct WindowAggregateSpec {
     pub keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
     /// Index into `keys` of the window end; `None` for a plain `GROUP BY`, whose groups never close.
     pub window_end: Option<usize>,
+    /// Session windows: the rows' own one-row sessions are to be merged into sessions.
+    pub session: Option<SessionSpec>,
     pub aggregates: Vec<Aggregate>,
+}
+
+/// Where the session columns of a session-window aggregation are among its group keys. Each input row carries its
+/// own one-row session: `window_start` is its event time and `window_end` (the spec's) its event time plus the gap.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    /// Index into the keys of `window_start`.
+    pub window_start: usize,
+    /// Indices into the keys of the keys that partition sessions (`PARTITION BY` of `SESSION`).
+    pub partition: Vec<usize>,
 }
 
 /// A source's `WATERMARK FOR column AS expr`, compiled.

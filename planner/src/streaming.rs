@@ -22,13 +22,14 @@ use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::execution::context::SessionState;
 use datafusion::functions_aggregate::expr_fn::first_value;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Operator, TableScanBuilder};
-use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::expressions::{BinaryExpr, Column};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{Aggregate, StreamInput, StreamingPlan, WindowAggregateSpec};
+use weir_common::plan::{Aggregate, SessionSpec, StreamInput, StreamingPlan, WindowAggregateSpec};
 use weir_common::{ErrorReport, SqlState};
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -104,7 +105,15 @@ pub async fn plan_streaming(
     let feed: Arc<dyn ExecutionPlan> =
         Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
     let above = replace(&physical, &aggregate, &feed)?;
-    check_above(&above, spec.window_end.is_some())?;
+    if spec.session.is_some() {
+        // Sessions of different keys close at different times, so nothing above may combine rows across them.
+        check_stateless(&above).map_err(|_| {
+            unsupported("sorting, ranking or aggregating the rows of SESSION windows in a materialized view")
+                .with_hint("Select from the session aggregation as it is, or query the view.")
+        })?;
+    } else {
+        check_above(&above, spec.window_end.is_some())?;
+    }
     Ok(StreamingPlan {
         inputs: streams,
         below,
@@ -286,18 +295,135 @@ fn window_aggregate(
         return Err(unsupported("GROUPING SETS, CUBE or ROLLUP in a materialized view"));
     }
     let keys: Vec<_> = exec.group_expr().expr().to_vec();
-    let input = exec.input().clone();
+    let (input, session_partition) = one_row_sessions(exec.input())?;
     let input_schema = input.schema();
-    let window_end = keys.iter().position(|(expr, name)| {
-        name == "window_end" && matches!(expr.data_type(&input_schema), Ok(DataType::Timestamp(..)))
-    });
+    let window_key = |wanted: &str| {
+        keys.iter().position(|(expr, name)| {
+            name == wanted && matches!(expr.data_type(&input_schema), Ok(DataType::Timestamp(..)))
+        })
+    };
+    let window_end = window_key("window_end");
+    let session = match session_partition {
+        None => None,
+        Some(partition) => {
+            let (Some(window_start), Some(_)) = (window_key("window_start"), window_end) else {
+                return Err(unsupported("aggregating SESSION windows without grouping by window_start and window_end")
+                    .with_hint("GROUP BY window_start, window_end (and the SESSION's partition keys)."));
+            };
+            if keys.iter().any(|(_, name)| name == "window_time") {
+                return Err(unsupported("grouping SESSION windows by window_time")
+                    .with_hint("Group by window_start and window_end; window_time is window_end minus one unit."));
+            }
+            let partition = partition
+                .iter()
+                .map(|column| {
+                    keys.iter()
+                        .position(|(expr, _)| expr.downcast_ref::<Column>().is_some_and(|c| c.name() == column))
+                        .ok_or_else(|| {
+                            unsupported(&format!("a SESSION partitioned by {column} without grouping by it"))
+                                .with_hint(format!("Add {column} to the GROUP BY."))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(SessionSpec { window_start, partition })
+        }
+    };
     let aggregates = exec
         .aggr_expr()
         .iter()
         .zip(exec.filter_expr())
         .map(|(function, filter)| Aggregate { function: function.clone(), filter: filter.clone() })
         .collect();
-    Ok((WindowAggregateSpec { input: input_schema, keys, window_end, aggregates }, input))
+    Ok((WindowAggregateSpec { input: input_schema, keys, window_end, session, aggregates }, input))
+}
+
+/// The column names a SESSION is partitioned by.
+type SessionPartition = Vec<String>;
+
+/// Whether a window function is one of those the SESSION rewrite uses, and which.
+fn session_function(name: &str) -> Option<bool> {
+    if name.starts_with("weir_session_start(") {
+        Some(true)
+    } else if name.starts_with("weir_session_end(") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// `plan` with its session window functions (`weir_session_start/end(ts, gap) OVER (PARTITION BY k ORDER BY ts)`,
+/// which need the whole input) replaced by each row's own one-row session: `window_start = ts`,
+/// `window_end = ts + gap`. The session aggregate merges those into sessions. Returns the partition keys' column
+/// names when there were session functions.
+fn one_row_sessions(
+    plan: &Arc<dyn ExecutionPlan>,
+) -> Result<(Arc<dyn ExecutionPlan>, Option<SessionPartition>), ErrorReport> {
+    let window_exprs = if let Some(exec) = plan.downcast_ref::<BoundedWindowAggExec>() {
+        Some(exec.window_expr().to_vec())
+    } else {
+        plan.downcast_ref::<WindowAggExec>().map(|exec| exec.window_expr().to_vec())
+    };
+    if let Some(window_exprs) = window_exprs
+        && window_exprs.iter().any(|w| session_function(w.name()).is_some())
+    {
+        if window_exprs.iter().any(|w| session_function(w.name()).is_none()) {
+            return Err(unsupported("OVER (...) window functions next to SESSION windows in a materialized view"));
+        }
+        let Some(mut input) = plan.children().first().map(|c| (*c).clone()) else {
+            return Err(internal("window function without input"));
+        };
+        // The sort by event time was only for the window functions.
+        if input.name() == "SortExec"
+            && let Some(child) = input.children().first()
+        {
+            input = (*child).clone();
+        }
+        let mut exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = input
+            .schema()
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (Arc::new(Column::new(f.name(), i)) as Arc<dyn PhysicalExpr>, f.name().clone()))
+            .collect();
+        let output = plan.schema();
+        let mut partition = Vec::new();
+        for (i, window) in window_exprs.iter().enumerate() {
+            let args = window.expressions();
+            let [time, gap] = args.as_slice() else { return Err(internal("session function arguments")) };
+            let value: Arc<dyn PhysicalExpr> = match session_function(window.name()) {
+                Some(true) => time.clone(),
+                _ => Arc::new(BinaryExpr::new(time.clone(), Operator::Plus, gap.clone())),
+            };
+            exprs.push((value, output.field(exprs.len().min(output.fields().len() - 1)).name().clone()));
+            if i == 0 {
+                for key in window.partition_by() {
+                    let Some(column) = key.downcast_ref::<Column>() else {
+                        return Err(unsupported("a SESSION partitioned by an expression")
+                            .with_hint("Partition by columns; compute the expression in a subquery first."));
+                    };
+                    partition.push(column.name().to_string());
+                }
+            }
+        }
+        let projection = ProjectionExec::try_new(exprs, input).map_err(df)?;
+        return Ok((Arc::new(projection), Some(partition)));
+    }
+    let mut found = None;
+    let mut children = Vec::new();
+    for child in plan.children() {
+        let (child, partition) = one_row_sessions(child)?;
+        if partition.is_some() {
+            if found.is_some() {
+                return Err(unsupported("more than one SESSION in a materialized view"));
+            }
+            found = partition;
+        }
+        children.push(child);
+    }
+    if found.is_none() {
+        return Ok((plan.clone(), None));
+    }
+    Ok((replace_children_if_necessary(plan.clone(), children).map_err(df)?, found))
 }
 
 /// Refuses operators that need state or see the whole input.
@@ -323,6 +449,16 @@ fn check_row_by_row(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
         "GlobalLimitExec" | "LocalLimitExec" => return Err(unsupported("LIMIT in a materialized view")),
         "AggregateExec" => return Err(unsupported("more than one level of aggregation in a materialized view")),
         "BoundedWindowAggExec" | "WindowAggExec" => {
+            let sessions = plan
+                .downcast_ref::<BoundedWindowAggExec>()
+                .is_some_and(|e| e.window_expr().iter().any(|w| session_function(w.name()).is_some()))
+                || plan
+                    .downcast_ref::<WindowAggExec>()
+                    .is_some_and(|e| e.window_expr().iter().any(|w| session_function(w.name()).is_some()));
+            if sessions {
+                return Err(unsupported("SESSION windows without an aggregation in a materialized view")
+                    .with_hint("Aggregate the sessions: GROUP BY window_start, window_end (and the partition keys)."));
+            }
             return Err(unsupported("OVER (...) window functions in a materialized view"));
         }
         other if other.contains("Join") => return Err(unsupported("joins in a materialized view")),

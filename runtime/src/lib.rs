@@ -7,6 +7,8 @@
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
 //!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
 //!   aside.
+//! - [`session_aggregate`]: [`session_aggregate::SessionAggregate`], aggregation per session window, merging sessions
+//!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
 //!
@@ -15,9 +17,11 @@
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
 //! runtime depends only on `weir-common`.
 
+mod groups;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
+pub mod session_aggregate;
 pub mod state;
 pub mod watermark;
 pub mod window_aggregate;
@@ -50,4 +54,40 @@ pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
         seed ^= seed << 17;
         seed % bound
     }
+}
+
+/// Feeds `input` through `assigner` into an operator in random batches, checkpointing at random points and sometimes
+/// restarting from the checkpoint with a fresh operator; `on_message` hands each message to the operator. Returns the
+/// last operator, with the store and table of its checkpoints.
+#[cfg(test)]
+pub(crate) fn feed_with_restarts<T, O: state::Checkpointed>(
+    next: &mut impl FnMut(u64) -> u64,
+    input: &[T],
+    batch_of: impl Fn(&[T]) -> datafusion::arrow::array::RecordBatch,
+    assigner: &mut watermark::WatermarkAssigner,
+    new_operator: impl Fn() -> O,
+    mut on_message: impl FnMut(&mut O, weir_common::stream::Message),
+) -> (O, state::MemoryStore, state::StateTable) {
+    use state::StateStore;
+    let mut op = new_operator();
+    let store = state::MemoryStore::new();
+    let table = state::StateTable::new("view/aggregate");
+    let mut at = 0;
+    while at < input.len() {
+        if next(3) == 0 {
+            let mut batch = state::WriteBatch::default();
+            op.checkpoint(&table, &mut batch).unwrap();
+            store.write(batch).unwrap();
+            if next(2) == 0 {
+                op = new_operator();
+                op.restore(&table, &store).unwrap();
+            }
+        }
+        let end = (at + 1 + next(input.len() as u64) as usize).min(input.len());
+        for message in assigner.process(&batch_of(&input[at..end])).unwrap() {
+            on_message(&mut op, message);
+        }
+        at = end;
+    }
+    (op, store, table)
 }

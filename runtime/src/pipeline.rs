@@ -36,9 +36,29 @@ use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
 use crate::materialize::ViewChange;
 use crate::operator::Operator;
-use crate::state::{StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
+use crate::session_aggregate::{SessionAggregate, SessionKeys};
+use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::WindowAggregate;
+
+/// Where a session-window view keeps the rows of its open sessions (closed sessions are appended for good).
+pub const OPEN_SESSIONS: i64 = i64::MIN;
+
+/// The aggregating operator of a pipeline.
+#[derive(Debug)]
+enum Aggregation {
+    Windows(Box<WindowAggregate>),
+    Sessions(Box<SessionAggregate>),
+}
+
+impl Aggregation {
+    fn state(&mut self) -> &mut dyn Checkpointed {
+        match self {
+            Aggregation::Windows(a) => a.as_mut(),
+            Aggregation::Sessions(a) => a.as_mut(),
+        }
+    }
+}
 use crate::{Result, RuntimeError};
 
 /// A running streaming plan.
@@ -53,7 +73,7 @@ pub struct Pipeline {
     combined: Option<Watermark>,
     /// Per input: whether it is idle (left out of the minimum until its next rows).
     idle: Vec<bool>,
-    aggregate: Option<WindowAggregate>,
+    aggregate: Option<Aggregation>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
     /// Changes of the current epoch.
@@ -77,12 +97,24 @@ impl Pipeline {
                 {
                     return Err(RuntimeError::NeedsWatermark(missing.0.relation.clone()));
                 }
-                Some(WindowAggregate::try_new(
-                    &spec.input,
-                    spec.keys.clone(),
-                    spec.window_end,
-                    spec.aggregates.clone(),
-                )?)
+                Some(match (&spec.session, spec.window_end) {
+                    (Some(session), Some(window_end)) => Aggregation::Sessions(Box::new(SessionAggregate::try_new(
+                        &spec.input,
+                        spec.keys.clone(),
+                        SessionKeys {
+                            window_start: session.window_start,
+                            window_end,
+                            partition: session.partition.clone(),
+                        },
+                        spec.aggregates.clone(),
+                    )?)),
+                    _ => Aggregation::Windows(Box::new(WindowAggregate::try_new(
+                        &spec.input,
+                        spec.keys.clone(),
+                        spec.window_end,
+                        spec.aggregates.clone(),
+                    )?)),
+                })
             }
             None => None,
         };
@@ -108,12 +140,20 @@ impl Pipeline {
 
     /// Rows that arrived after their window closed.
     pub fn late_rows(&self) -> u64 {
-        self.aggregate.as_ref().map_or(0, WindowAggregate::late_rows)
+        match &self.aggregate {
+            Some(Aggregation::Windows(a)) => a.late_rows(),
+            Some(Aggregation::Sessions(a)) => a.late_rows(),
+            None => 0,
+        }
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        self.aggregate.as_mut().map(WindowAggregate::take_late).unwrap_or_default()
+        match &mut self.aggregate {
+            Some(Aggregation::Windows(a)) => a.take_late(),
+            Some(Aggregation::Sessions(a)) => a.take_late(),
+            None => Vec::new(),
+        }
     }
 
     /// Marks input `input` idle (its source's idle timeout passed without rows): the view's watermark is then the
@@ -195,7 +235,7 @@ impl Pipeline {
             batch.put(inputs.key(b"combined"), encode_i64(combined).to_vec());
         }
         if let Some(aggregate) = &mut self.aggregate {
-            aggregate.checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
+            aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
         }
         Ok(())
     }
@@ -221,19 +261,31 @@ impl Pipeline {
         }
         self.combined = read(b"combined")?;
         if let Some(aggregate) = &mut self.aggregate {
-            aggregate.restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
+            aggregate.state().restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
         }
         Ok(())
     }
 
     /// Ends the epoch: the changes to apply to the view, all at once.
     pub async fn publish(&mut self) -> Result<Vec<ViewChange>> {
-        if !self.plan.emit_on_window_close
-            && let Some(aggregate) = &mut self.aggregate
-        {
-            for (window, rows) in aggregate.snapshot()? {
-                let rows = above(&self.plan.above, rows, &self.task).await?;
-                self.pending.push(ViewChange::Replace { window, rows });
+        if !self.plan.emit_on_window_close {
+            match &mut self.aggregate {
+                Some(Aggregation::Windows(aggregate)) => {
+                    for (window, rows) in aggregate.snapshot()? {
+                        let rows = above(&self.plan.above, rows, &self.task).await?;
+                        self.pending.push(ViewChange::Replace { window, rows });
+                    }
+                }
+                Some(Aggregation::Sessions(aggregate)) => {
+                    if let Some(open) = aggregate.snapshot()? {
+                        let mut rows = Vec::new();
+                        for batch in open {
+                            rows.extend(above(&self.plan.above, batch, &self.task).await?);
+                        }
+                        self.pending.push(ViewChange::Replace { window: OPEN_SESSIONS, rows });
+                    }
+                }
+                None => {}
             }
         }
         Ok(std::mem::take(&mut self.pending))
@@ -247,10 +299,15 @@ impl Pipeline {
         }
         let rows = run(&self.plan.below, &self.task).await?;
         match &mut self.aggregate {
-            Some(aggregate) => {
+            Some(Aggregation::Windows(aggregate)) => {
                 let mut ignored = Vec::new();
                 for batch in &rows {
                     aggregate.on_data(batch, &mut ignored)?;
+                }
+            }
+            Some(Aggregation::Sessions(aggregate)) => {
+                for batch in &rows {
+                    aggregate.on_data(batch)?;
                 }
             }
             None => self.pending.push(ViewChange::Append(rows)),
@@ -259,13 +316,25 @@ impl Pipeline {
     }
 
     async fn watermark_reached(&mut self, watermark: Watermark) -> Result<()> {
-        let Some(aggregate) = &mut self.aggregate else { return Ok(()) };
-        for (window, rows) in aggregate.close(watermark)? {
-            let rows = above(&self.plan.above, rows, &self.task).await?;
-            self.pending.push(match self.plan.emit_on_window_close {
-                true => ViewChange::Append(rows),
-                false => ViewChange::Replace { window, rows },
-            });
+        match &mut self.aggregate {
+            Some(Aggregation::Windows(aggregate)) => {
+                for (window, rows) in aggregate.close(watermark)? {
+                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    self.pending.push(match self.plan.emit_on_window_close {
+                        true => ViewChange::Append(rows),
+                        false => ViewChange::Replace { window, rows },
+                    });
+                }
+            }
+            // A closed session is final in both emit modes (an open session's rows leave the open block at the
+            // next publish).
+            Some(Aggregation::Sessions(aggregate)) => {
+                for rows in aggregate.close(watermark)? {
+                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    self.pending.push(ViewChange::Append(rows));
+                }
+            }
+            None => {}
         }
         Ok(())
     }

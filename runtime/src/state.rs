@@ -50,6 +50,18 @@ pub trait StateStore: Send + Sync + Debug {
     fn write(&self, batch: WriteBatch) -> Result<(), StateError>;
 }
 
+/// An operator whose state goes through a state table.
+///
+/// Contract for implementors: `checkpoint` adds to the batch everything that changed since the previous checkpoint
+/// (or since `restore`), so that the table then holds the operator's whole state; `restore` replaces the operator's
+/// state with the table's, after which it behaves exactly as the operator that wrote the checkpoint did right after
+/// writing it. Neither may block on anything but the store.
+pub trait Checkpointed {
+    fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> crate::Result<()>;
+
+    fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> crate::Result<()>;
+}
+
 /// One write to a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {

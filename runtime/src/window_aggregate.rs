@@ -4,7 +4,7 @@
 //! The input carries the window already assigned (a `window_end` column among the group keys, computed by the
 //! stateless window-assignment functions upstream). State is kept per window end, so closing windows is dropping the
 //! oldest entries of an ordered map, and inside a window per group key, in DataFusion `GroupsAccumulator`s that update
-//! whole batches at a time. Without a window key every row belongs to [`NO_WINDOW`].
+//! whole batches at a time ([`crate::groups`]). Without a window key every row belongs to [`NO_WINDOW`].
 //!
 //! A window `[start, end)` closes when the watermark `W >= end - 1`: [`WindowAggregate::close`] returns its final rows
 //! and drops its state. A row whose window is already closed when it arrives is late: it changes nothing, is counted,
@@ -15,20 +15,19 @@
 //! group's accumulator state under `g | window end | group key` (so closed windows go with one range delete), and
 //! the watermark and late-row count. [`WindowAggregate::restore`] rebuilds the accumulators from those entries.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::{and, cast, filter_record_batch};
-use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
-use datafusion::physical_expr::GroupsAccumulatorAdapter;
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
+use crate::groups::{Aggregates, Groups, arrow_err, output_fields};
 use crate::operator::Operator;
-use crate::state::{StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
+use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
 
 pub use weir_common::plan::Aggregate;
@@ -36,56 +35,33 @@ pub use weir_common::plan::Aggregate;
 /// The window of an aggregation without one: it closes only when a bounded input ends.
 pub const NO_WINDOW: i64 = i64::MAX;
 
+/// Key tags inside an aggregate's state table.
+pub(crate) const GROUP_TAG: u8 = b'g';
+pub(crate) const WATERMARK_KEY: &[u8] = b"m/watermark";
+pub(crate) const LATE_ROWS_KEY: &[u8] = b"m/late_rows";
+
 /// `GROUP BY keys` (one of them usually the window end) with aggregates.
 #[derive(Debug)]
 pub struct WindowAggregate {
-    input: SchemaRef,
     /// Group key expressions with their output names.
     keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
     /// Which key is the window end; `None` for a plain `GROUP BY`.
     window_end: Option<usize>,
-    aggregates: Vec<Aggregate>,
+    aggregates: Aggregates,
     output: SchemaRef,
     converter: RowConverter,
     /// Open windows by window end (in the time column's unit).
-    windows: BTreeMap<i64, WindowState>,
+    windows: BTreeMap<i64, Groups>,
     /// Windows changed since the last [`WindowAggregate::snapshot`].
     dirty: BTreeSet<i64>,
     /// The input watermark so far.
     watermark: Option<Watermark>,
     late: Vec<RecordBatch>,
     late_rows: u64,
-    /// Encodes the accumulators' states (every aggregate's state fields, in order) for the state store.
-    state_converter: RowConverter,
     /// Windows with groups changed since the last checkpoint.
     unsaved: BTreeSet<i64>,
     /// The latest window closed since the last checkpoint: its entries and older ones go at the next checkpoint.
     closed_through: Option<i64>,
-}
-
-/// Key tags inside the aggregate's state table.
-const GROUP_TAG: u8 = b'g';
-const WATERMARK_KEY: &[u8] = b"m/watermark";
-const LATE_ROWS_KEY: &[u8] = b"m/late_rows";
-
-struct WindowState {
-    /// Row-encoded group key -> group index.
-    groups: HashMap<Vec<u8>, usize>,
-    /// Row-encoded group keys in group-index order.
-    keys: Vec<Vec<u8>>,
-    accumulators: Vec<Box<dyn GroupsAccumulator>>,
-    /// Per group: changed since the last checkpoint.
-    changed: Vec<bool>,
-}
-
-impl std::fmt::Debug for WindowState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WindowState").field("groups", &self.keys.len()).finish_non_exhaustive()
-    }
-}
-
-fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
-    RuntimeError::Expr(err.into())
 }
 
 impl WindowAggregate {
@@ -96,33 +72,16 @@ impl WindowAggregate {
         window_end: Option<usize>,
         aggregates: Vec<Aggregate>,
     ) -> Result<Self> {
-        let key_types: Vec<DataType> =
-            keys.iter().map(|(expr, _)| expr.data_type(input)).collect::<Result<_, _>>().map_err(RuntimeError::Expr)?;
+        let aggregates = Aggregates::try_new(aggregates, Arc::new(input.clone()))?;
+        let fields = output_fields(input, &keys, &aggregates)?;
         if let Some(window_end) = window_end
-            && !matches!(key_types.get(window_end), Some(DataType::Timestamp(..)))
+            && !matches!(fields.get(window_end).map(|f| f.data_type()), Some(DataType::Timestamp(..)))
         {
             return Err(RuntimeError::NotATimestamp(format!("group key {window_end}")));
         }
-        let mut fields: Vec<Field> = keys
-            .iter()
-            .zip(&key_types)
-            .map(|((expr, name), t)| Ok(Field::new(name, t.clone(), expr.nullable(input)?)))
-            .collect::<Result<_, datafusion::error::DataFusionError>>()
-            .map_err(RuntimeError::Expr)?;
-        fields.extend(aggregates.iter().map(|a| a.function.field().as_ref().clone()));
-        let converter = RowConverter::new(key_types.into_iter().map(SortField::new).collect()).map_err(arrow_err)?;
-        let state_types: Vec<SortField> = aggregates
-            .iter()
-            .map(|a| a.function.state_fields())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(RuntimeError::Expr)?
-            .into_iter()
-            .flatten()
-            .map(|f| SortField::new(f.data_type().clone()))
-            .collect();
-        let state_converter = RowConverter::new(state_types).map_err(arrow_err)?;
+        let key_types = fields[..keys.len()].iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let converter = RowConverter::new(key_types).map_err(arrow_err)?;
         let mut aggregate = WindowAggregate {
-            input: Arc::new(input.clone()),
             keys,
             window_end,
             aggregates,
@@ -133,12 +92,11 @@ impl WindowAggregate {
             watermark: None,
             late: Vec::new(),
             late_rows: 0,
-            state_converter,
             unsaved: BTreeSet::new(),
             closed_through: None,
         };
         // `SELECT count(*) FROM t` has one row before any input, as in a batch query over an empty table.
-        if aggregate.keys.is_empty() && aggregate.window_end.is_none() {
+        if aggregate.keyless() {
             aggregate.open_window(NO_WINDOW)?;
             aggregate.dirty.insert(NO_WINDOW);
         }
@@ -164,94 +122,29 @@ impl WindowAggregate {
         self.windows.len()
     }
 
-    fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
-        self.aggregates
-            .iter()
-            .map(|a| {
-                if a.function.groups_accumulator_supported() {
-                    a.function.create_groups_accumulator()
-                } else {
-                    let function = a.function.clone();
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || function.create_accumulator()))
-                        as Box<dyn GroupsAccumulator>)
-                }
-            })
-            .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)
+    /// A plain aggregate without group keys (`SELECT count(*) FROM t`): its one group exists from the start.
+    fn keyless(&self) -> bool {
+        self.keys.is_empty() && self.window_end.is_none()
     }
 
     /// Creates the state of window `end`.
     fn open_window(&mut self, end: i64) -> Result<()> {
-        let window = self.new_window()?;
+        let window = self.aggregates.new_groups(self.keys.is_empty())?;
         self.windows.insert(end, window);
         Ok(())
     }
 
-    /// The state of a window without rows. A keyless aggregate has its one group from the start.
-    fn new_window(&self) -> Result<WindowState> {
-        let mut window = WindowState {
-            groups: HashMap::new(),
-            keys: Vec::new(),
-            accumulators: self.new_accumulators()?,
-            changed: Vec::new(),
-        };
-        if self.keys.is_empty() {
-            window.groups.insert(Vec::new(), 0);
-            window.keys.push(Vec::new());
-            window.changed.push(false);
-            let empty = RecordBatch::new_empty(self.input.clone());
-            let inputs = self.aggregate_inputs(&empty)?;
-            for (accumulator, values) in window.accumulators.iter_mut().zip(&inputs) {
-                // An (empty) filter makes accumulators track which groups saw values instead of assuming all did:
-                // otherwise the group would count as having rows, and an average of none would read 0/0, not NULL.
-                let none = BooleanArray::from(Vec::<bool>::new());
-                accumulator.update_batch(values, &[], Some(&none), 1).map_err(RuntimeError::Expr)?;
-            }
-        }
-        Ok(window)
-    }
-
-    fn aggregate_inputs(&self, batch: &RecordBatch) -> Result<Vec<Vec<ArrayRef>>> {
-        let rows = batch.num_rows();
-        self.aggregates
-            .iter()
-            .map(|a| {
-                // Order-sensitive aggregates (`first_value(x ORDER BY t)`) take their ordering columns after their
-                // arguments, as in DataFusion's own aggregation.
-                a.function
-                    .expressions()
-                    .iter()
-                    .chain(a.function.order_bys().iter().map(|o| &o.expr))
-                    .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)
-    }
-
     /// The rows of a window: its group keys and the aggregates' values. With `keep`, the accumulators keep their
-    /// state (their state is taken, merged back, and evaluated from a copy).
-    fn evaluate(&self, window: &mut WindowState, keep: bool) -> Result<RecordBatch> {
+    /// state.
+    fn evaluate(&self, window: &mut Groups, keep: bool) -> Result<RecordBatch> {
         let parser = self.converter.parser();
         let mut columns = if self.keys.is_empty() {
             Vec::new()
         } else {
             self.converter.convert_rows(window.keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
         };
-        let groups = window.keys.len();
-        if keep {
-            let all: Vec<usize> = (0..groups).collect();
-            let states = peek_states(window)?;
-            for (mut copy, state) in self.new_accumulators()?.into_iter().zip(&states) {
-                copy.merge_batch(state, &all, groups).map_err(RuntimeError::Expr)?;
-                columns.push(copy.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
-            }
-        } else {
-            for accumulator in &mut window.accumulators {
-                columns.push(accumulator.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
-            }
-        }
-        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(groups));
+        columns.extend(self.aggregates.evaluate(window, keep)?);
+        let options = RecordBatchOptions::new().with_row_count(Some(window.len()));
         RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow_err)
     }
 
@@ -260,10 +153,10 @@ impl WindowAggregate {
         self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
         // Windows with end - 1 <= W, that is end <= W + 1, are complete.
         let closed: Vec<i64> = self.windows.range(..=watermark.saturating_add(1)).map(|(end, _)| *end).collect();
-        let mut out = Vec::with_capacity(closed.len());
         if let Some(last) = closed.last() {
             self.closed_through = Some(self.closed_through.map_or(*last, |c| c.max(*last)));
         }
+        let mut out = Vec::with_capacity(closed.len());
         for end in closed {
             self.dirty.remove(&end);
             self.unsaved.remove(&end);
@@ -289,17 +182,16 @@ impl WindowAggregate {
     }
 }
 
-impl WindowAggregate {
+impl Checkpointed for WindowAggregate {
     /// Adds what changed since the last checkpoint to `batch`: the entries of windows closed since then are deleted,
     /// and each changed group's state is written.
-    pub fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
+    fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         if let Some(closed) = self.closed_through.take() {
             table.delete_through(batch, &group_prefix(i64::MIN), &group_prefix(closed));
         }
         for end in std::mem::take(&mut self.unsaved) {
             let Some(window) = self.windows.get_mut(&end) else { continue };
-            let states: Vec<ArrayRef> = peek_states(window)?.into_iter().flatten().collect();
-            let rows = self.state_converter.convert_columns(&states).map_err(arrow_err)?;
+            let rows = self.aggregates.encode_states(window)?;
             for (group, changed) in window.changed.iter_mut().enumerate() {
                 if std::mem::take(changed) {
                     let mut key = group_prefix(end);
@@ -308,27 +200,17 @@ impl WindowAggregate {
                 }
             }
         }
-        if let Some(watermark) = self.watermark {
-            batch.put(table.key(WATERMARK_KEY), encode_i64(watermark).to_vec());
-        }
-        batch.put(table.key(LATE_ROWS_KEY), self.late_rows.to_be_bytes().to_vec());
+        save_progress(table, batch, self.watermark, self.late_rows);
         Ok(())
     }
 
     /// Replaces this operator's state with the one last checkpointed to `table`. Every restored window counts as
     /// changed, so the next snapshot shows it.
-    pub fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
+    fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
         self.windows.clear();
-        self.dirty.clear();
         self.unsaved.clear();
         self.closed_through = None;
-        self.watermark = store.get(&table.key(WATERMARK_KEY))?.map(|v| decode_i64(&v)).transpose()?;
-        self.late_rows = match store.get(&table.key(LATE_ROWS_KEY))? {
-            Some(v) => u64::from_be_bytes(
-                v.as_slice().try_into().map_err(|_| StateError::Corrupt("late-row count".to_string()))?,
-            ),
-            None => 0,
-        };
+        (self.watermark, self.late_rows) = load_progress(table, store)?;
         let entries = table.scan_prefix(store, &[GROUP_TAG])?;
         let mut start = 0;
         while start < entries.len() {
@@ -336,48 +218,40 @@ impl WindowAggregate {
             let prefix = group_prefix(end);
             let stop =
                 entries[start..].iter().position(|(k, _)| !k.starts_with(&prefix)).map_or(entries.len(), |n| start + n);
-            self.restore_window(end, &entries[start..stop], prefix.len())?;
+            let mut window = self.aggregates.new_groups(self.keys.is_empty())?;
+            let groups: Vec<(Vec<u8>, &[u8])> =
+                entries[start..stop].iter().map(|(k, v)| (k[prefix.len()..].to_vec(), v.as_slice())).collect();
+            self.aggregates.merge_encoded(&mut window, &groups)?;
+            window.changed.fill(false);
+            self.windows.insert(end, window);
             start = stop;
         }
-        // A keyless plain aggregate always has its window, rows or not.
-        if self.keys.is_empty() && self.window_end.is_none() && self.windows.is_empty() {
+        if self.keyless() && self.windows.is_empty() {
             self.open_window(NO_WINDOW)?;
         }
         self.dirty = self.windows.keys().copied().collect();
         Ok(())
     }
+}
 
-    fn restore_window(&mut self, end: i64, entries: &[(Vec<u8>, Vec<u8>)], key_at: usize) -> Result<()> {
-        let mut window = self.new_window()?;
-        let mut indices = Vec::with_capacity(entries.len());
-        for (key, _) in entries {
-            let key = key[key_at..].to_vec();
-            let group = match window.groups.get(&key) {
-                Some(group) => *group,
-                None => {
-                    let group = window.keys.len();
-                    window.keys.push(key.clone());
-                    window.groups.insert(key, group);
-                    group
-                }
-            };
-            indices.push(group);
-        }
-        let total = window.keys.len();
-        window.changed = vec![false; total];
-        let parser = self.state_converter.parser();
-        let states =
-            self.state_converter.convert_rows(entries.iter().map(|(_, v)| parser.parse(v))).map_err(arrow_err)?;
-        let mut at = 0;
-        for (accumulator, aggregate) in window.accumulators.iter_mut().zip(&self.aggregates) {
-            let width = aggregate.function.state_fields().map_err(RuntimeError::Expr)?.len();
-            let state = states.get(at..at + width).ok_or_else(|| StateError::Corrupt("aggregate state".to_string()))?;
-            accumulator.merge_batch(state, &indices, total).map_err(RuntimeError::Expr)?;
-            at += width;
-        }
-        self.windows.insert(end, window);
-        Ok(())
+/// Writes an aggregating operator's watermark and late-row count.
+pub(crate) fn save_progress(table: &StateTable, batch: &mut WriteBatch, watermark: Option<Watermark>, late_rows: u64) {
+    if let Some(watermark) = watermark {
+        batch.put(table.key(WATERMARK_KEY), encode_i64(watermark).to_vec());
     }
+    batch.put(table.key(LATE_ROWS_KEY), late_rows.to_be_bytes().to_vec());
+}
+
+/// Reads what [`save_progress`] wrote.
+pub(crate) fn load_progress(table: &StateTable, store: &dyn StateStore) -> Result<(Option<Watermark>, u64)> {
+    let watermark = store.get(&table.key(WATERMARK_KEY))?.map(|v| decode_i64(&v)).transpose()?;
+    let late_rows = match store.get(&table.key(LATE_ROWS_KEY))? {
+        Some(v) => {
+            u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt("late-row count".to_string()))?)
+        }
+        None => 0,
+    };
+    Ok((watermark, late_rows))
 }
 
 /// The key prefix of window `end`'s groups.
@@ -386,23 +260,6 @@ fn group_prefix(end: i64) -> Vec<u8> {
     key.push(GROUP_TAG);
     key.extend_from_slice(&encode_i64(end));
     key
-}
-
-/// Each accumulator's state for every group of `window`, leaving the accumulators as they were: the state is taken
-/// and merged back.
-fn peek_states(window: &mut WindowState) -> Result<Vec<Vec<ArrayRef>>> {
-    let groups = window.keys.len();
-    let all: Vec<usize> = (0..groups).collect();
-    window
-        .accumulators
-        .iter_mut()
-        .map(|accumulator| {
-            let state = accumulator.state(EmitTo::All)?;
-            accumulator.merge_batch(&state, &all, groups)?;
-            Ok(state)
-        })
-        .collect::<Result<_, datafusion::error::DataFusionError>>()
-        .map_err(RuntimeError::Expr)
 }
 
 impl Operator for WindowAggregate {
@@ -426,12 +283,7 @@ impl Operator for WindowAggregate {
         let on_time: BooleanArray = (0..rows)
             .map(|i| Some(ends.is_none_or(|e| e.is_valid(i)) && watermark.is_none_or(|w| end_of(i) - 1 > w)))
             .collect();
-        let late_count = rows - on_time.true_count();
-        if late_count > 0 {
-            let late_mask = datafusion::arrow::compute::not(&on_time).map_err(arrow_err)?;
-            self.late.push(filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
-            self.late_rows += late_count as u64;
-        }
+        self.set_aside(batch, &on_time)?;
         if on_time.true_count() == 0 {
             return Ok(());
         }
@@ -441,16 +293,8 @@ impl Operator for WindowAggregate {
         } else {
             Some(self.converter.convert_columns(&key_arrays).map_err(arrow_err)?)
         };
-        let inputs = self.aggregate_inputs(batch)?;
-        let filters: Vec<Option<BooleanArray>> = self
-            .aggregates
-            .iter()
-            .map(|a| match &a.filter {
-                Some(f) => f.evaluate(batch).and_then(|v| v.into_array(rows)).map(|a| Some(a.as_boolean().clone())),
-                None => Ok(None),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)?;
+        let inputs = self.aggregates.inputs(batch)?;
+        let filters = self.aggregates.filters(batch)?;
 
         // One pass per distinct window in the batch: a row of another window is masked out.
         let mut distinct_ends: Vec<i64> = (0..rows).filter(|&i| on_time.value(i)).map(end_of).collect();
@@ -468,34 +312,11 @@ impl Operator for WindowAggregate {
             if let Some(encoded) = &encoded {
                 for (i, index) in indices.iter_mut().enumerate() {
                     if mask.value(i) {
-                        // Look up by borrowed bytes: only a new group allocates its key.
-                        let key = encoded.row(i);
-                        *index = match window.groups.get(key.as_ref()) {
-                            Some(group) => *group,
-                            None => {
-                                let group = window.keys.len();
-                                window.keys.push(key.as_ref().to_vec());
-                                window.groups.insert(key.as_ref().to_vec(), group);
-                                group
-                            }
-                        };
+                        *index = window.index_of(encoded.row(i).as_ref());
                     }
                 }
             }
-            let total = window.keys.len();
-            window.changed.resize(total, false);
-            for (i, index) in indices.iter().enumerate() {
-                if mask.value(i) {
-                    window.changed[*index] = true;
-                }
-            }
-            for ((accumulator, values), filter) in window.accumulators.iter_mut().zip(&inputs).zip(&filters) {
-                let combined = match filter {
-                    Some(f) => and(&mask, f).map_err(arrow_err)?,
-                    None => mask.clone(),
-                };
-                accumulator.update_batch(values, &indices, Some(&combined), total).map_err(RuntimeError::Expr)?;
-            }
+            window.update(&inputs, &filters, &indices, Some(&mask))?;
         }
         Ok(())
     }
@@ -506,12 +327,25 @@ impl Operator for WindowAggregate {
     }
 }
 
+impl WindowAggregate {
+    /// Keeps and counts the rows `on_time` leaves out.
+    fn set_aside(&mut self, batch: &RecordBatch, on_time: &BooleanArray) -> Result<()> {
+        let late_count = batch.num_rows() - on_time.true_count();
+        if late_count > 0 {
+            let late_mask = datafusion::arrow::compute::not(on_time).map_err(arrow_err)?;
+            self.late.push(filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
+            self.late_rows += late_count as u64;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
-    use datafusion::arrow::datatypes::TimeUnit;
+    use datafusion::arrow::datatypes::{Field, TimeUnit};
     use datafusion::arrow::util::pretty::pretty_format_batches;
     use datafusion::common::ScalarValue;
     use datafusion::functions_aggregate::count::count_udaf;
@@ -673,31 +507,19 @@ mod tests {
                 lit(ScalarValue::DurationMillisecond(Some(delay))),
             ));
             let mut assigner = WatermarkAssigner::new(2, expr);
-            let mut op = operator();
-            let store = crate::state::MemoryStore::new();
-            let table = StateTable::new("view/aggregate");
             let mut out = Vec::new();
-            let mut at = 0;
-            while at < rows.len() {
-                if next(3) == 0 {
-                    let mut batch = WriteBatch::default();
-                    op.checkpoint(&table, &mut batch).unwrap();
-                    store.write(batch).unwrap();
-                    if next(2) == 0 {
-                        op = operator();
-                        op.restore(&table, &store).unwrap();
-                    }
-                }
-                let end = (at + 1 + next(rows.len() as u64) as usize).min(rows.len());
-                for message in assigner.process(&bids(&rows[at..end])).unwrap() {
-                    match message {
-                        Message::Data(b) => op.on_data(&b, &mut out).unwrap(),
-                        Message::Watermark(w) => op.on_watermark(w, &mut out).unwrap(),
-                        _ => {}
-                    }
-                }
-                at = end;
-            }
+            let (mut op, store, table) = crate::feed_with_restarts(
+                &mut next,
+                &rows,
+                bids,
+                &mut assigner,
+                operator,
+                |op, message| match message {
+                    Message::Data(b) => op.on_data(&b, &mut out).unwrap(),
+                    Message::Watermark(w) => op.on_watermark(w, &mut out).unwrap(),
+                    _ => {}
+                },
+            );
             op.on_watermark(END_OF_TIME, &mut out).unwrap();
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();

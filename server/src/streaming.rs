@@ -218,20 +218,37 @@ impl Session {
         };
         if let Some(aggregate) = &plan.aggregate {
             if let Some((_, above)) = &plan.above {
-                let over = if aggregate.window_end.is_some() { "Per window:" } else { "Over all groups:" };
+                let over = match (&aggregate.session, aggregate.window_end) {
+                    (Some(_), _) => "Per batch of session rows:",
+                    (None, Some(_)) => "Per window:",
+                    (None, None) => "Over all groups:",
+                };
                 lines.push(format!("{}{over}", "  ".repeat(depth)));
                 depth += 1;
                 add_plan(&mut lines, &mut depth, above);
             }
             let keys: Vec<&str> = aggregate.keys.iter().map(|(_, name)| name.as_str()).collect();
             let functions: Vec<String> = aggregate.aggregates.iter().map(|a| a.function.name().to_string()).collect();
-            let window = match aggregate.window_end {
-                Some(_) if plan.emit_on_window_close => "per window, emitted when the watermark closes it",
-                Some(_) => "per window, open windows updated every epoch",
-                None => "no window: groups updated every epoch",
+            let window = match (&aggregate.session, aggregate.window_end) {
+                (Some(_), _) if plan.emit_on_window_close => {
+                    "per session, emitted when the watermark closes it".to_string()
+                }
+                (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
+                (None, Some(_)) if plan.emit_on_window_close => {
+                    "per window, emitted when the watermark closes it".to_string()
+                }
+                (None, Some(_)) => "per window, open windows updated every epoch".to_string(),
+                (None, None) => "no window: groups updated every epoch".to_string(),
+            };
+            let operator = match &aggregate.session {
+                Some(session) => {
+                    let partition: Vec<&str> = session.partition.iter().map(|k| keys[*k]).collect();
+                    format!("SessionAggregate: sessions partitioned by [{}], ", partition.join(", "))
+                }
+                None => "WindowAggregate: ".to_string(),
             };
             lines.push(format!(
-                "{}WindowAggregate: keys=[{}], aggregates=[{}], {window} [{}]",
+                "{}{operator}keys=[{}], aggregates=[{}], {window} [{}]",
                 "  ".repeat(depth),
                 keys.join(", "),
                 functions.join(", "),

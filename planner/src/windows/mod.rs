@@ -6,8 +6,10 @@
 //!   per key). Flink's form `TABLE(TUMBLE(TABLE t, DESCRIPTOR(ts), ...))`, and
 //!   `TABLE(SESSION(TABLE t PARTITION BY k, DESCRIPTOR(ts), gap))`, is turned into the short form by [`flink_form`]
 //!   before parsing.
-//! - Legacy group windows (`GROUP BY k, TUMBLE(ts, size)` with `TUMBLE_START`, `TUMBLE_END`, `TUMBLE_ROWTIME`) become
-//!   grouping on the window start.
+//! - Legacy group windows (`GROUP BY k, TUMBLE(ts, size)`, `HOP(ts, slide, size)`, `SESSION(ts, gap)`, with
+//!   `*_START`, `*_END` and `*_ROWTIME`) over a single table become the window table function over that table grouped
+//!   by `window_start, window_end` (sessions kept apart per the other group keys, as Flink's keyed group windows
+//!   are). A tumbling group window over anything else (a join, a subquery) groups on the window start instead.
 //!
 //! [`rewrite_windows`] rewrites both into plain SQL over the [`functions`], which DataFusion plans and runs. Window
 //! assignment stays visible in the plan as those function calls.
@@ -18,8 +20,8 @@ pub mod session;
 use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, ObjectName, SetExpr, Statement, TableFactor,
-    VisitMut, VisitorMut,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, ObjectName, Query, SetExpr, Statement,
+    TableFactor, VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
@@ -41,6 +43,13 @@ struct Rewriter;
 
 impl VisitorMut for Rewriter {
     type Break = ErrorReport;
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<ErrorReport> {
+        match group_window_over_table(query) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(err) => ControlFlow::Break(err),
+        }
+    }
 
     fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<ErrorReport> {
         let TableFactor::Table { name, args: Some(args), alias, .. } = factor else {
@@ -81,11 +90,12 @@ impl VisitorMut for Rewriter {
                     _ => format!("weir_prev_instant({start} + {})", args[1]),
                 }
             }
-            "HOP" | "HOP_START" | "HOP_END" | "SESSION" | "SESSION_START" | "SESSION_END" => {
+            "HOP" | "HOP_START" | "HOP_END" | "HOP_ROWTIME" | "SESSION" | "SESSION_START" | "SESSION_END"
+            | "SESSION_ROWTIME" => {
                 return ControlFlow::Break(
                     ErrorReport::new(
                         SqlState::FEATURE_NOT_SUPPORTED,
-                        format!("{name} as a group window is not supported"),
+                        format!("{name} as a group window over anything but one table is not supported"),
                     )
                     .with_hint("Use the window table function in FROM, e.g. FROM HOP(t, ts, slide, size)."),
                 );
@@ -99,6 +109,89 @@ impl VisitorMut for Rewriter {
             }
             Err(err) => ControlFlow::Break(err),
         }
+    }
+}
+
+/// Rewrites a legacy group window (`... FROM t GROUP BY k, HOP(ts, slide, size)`) over a single table into the window
+/// table function over it, grouped by `window_start, window_end`, with `HOP_START(...)` and the like replaced by the
+/// window columns. Anything else is left alone.
+fn group_window_over_table(query: &mut Query) -> Result<(), ErrorReport> {
+    let SetExpr::Select(select) = query.body.as_mut() else { return Ok(()) };
+    let GroupByExpr::Expressions(group_by, _) = &mut select.group_by else { return Ok(()) };
+    let windows: Vec<(usize, Tvf, Vec<Expr>)> = group_by
+        .iter()
+        .enumerate()
+        .filter_map(|(at, expr)| {
+            let Expr::Function(function) = expr else { return None };
+            let FunctionArguments::List(list) = &function.args else { return None };
+            let args = list.args.iter().filter_map(positional).cloned().collect();
+            window_tvf(&function.name).map(|kind| (at, kind, args))
+        })
+        .collect();
+    let Some((at, kind, args)) = windows.first().cloned() else { return Ok(()) };
+    if windows.len() > 1 {
+        return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "more than one group window is not supported"));
+    }
+    let [from] = select.from.as_slice() else { return Ok(()) };
+    let TableFactor::Table { name, alias, args: None, .. } = &from.relation else { return Ok(()) };
+    if !from.joins.is_empty() || kind == Tvf::Cumulate {
+        return Ok(());
+    }
+    let (function, form, sizes) = match kind {
+        Tvf::Tumble => ("TUMBLE", "(time_column, size [, offset])", 1..=2),
+        Tvf::Hop => ("HOP", "(time_column, slide, size [, offset])", 2..=3),
+        Tvf::Session => ("SESSION", "(time_column, gap)", 1..=1),
+        Tvf::Cumulate => return Ok(()),
+    };
+    if !sizes.contains(&(args.len().saturating_sub(1))) || !is_column(&args[0]) {
+        return Err(usage(function, form));
+    }
+    let others: Vec<Expr> = group_by.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, e)| e.clone()).collect();
+    let mut tvf_args: Vec<String> = std::iter::once(name.to_string()).chain(args.iter().map(Expr::to_string)).collect();
+    if kind == Tvf::Session {
+        // Flink's keyed session group windows: sessions per value of the other group keys.
+        if let Some(key) = others.iter().find(|k| !is_column(k)) {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("a SESSION group window next to the group expression {key} is not supported"),
+            )
+            .with_hint("Group by columns, or compute the expression in a subquery first."));
+        }
+        tvf_args.extend(others.iter().map(Expr::to_string));
+    }
+    let alias_sql = alias.as_ref().map(|a| format!(" AS {}", a.name)).unwrap_or_default();
+    let sql = format!("SELECT * FROM {function}({}){alias_sql}", tvf_args.join(", "));
+    let mut parsed = Parser::new(&WeirDialect).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
+        ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: group window rewrite: {e}: {sql}"))
+    })?;
+    let SetExpr::Select(parsed) = parsed.body.as_mut() else {
+        return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: group window rewrite"));
+    };
+    let relation = parsed.from.remove(0).relation;
+    select.from[0].relation = relation;
+    group_by
+        .splice(at..=at, [Expr::Identifier(Ident::new("window_start")), Expr::Identifier(Ident::new("window_end"))]);
+    let _ = query.visit(&mut WindowColumns(function));
+    Ok(())
+}
+
+/// Replaces `{PREFIX}_START(...)`, `_END(...)` and `_ROWTIME(...)` by the window columns.
+struct WindowColumns(&'static str);
+
+impl VisitorMut for WindowColumns {
+    type Break = ();
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let Expr::Function(function) = expr else { return ControlFlow::Continue(()) };
+        let name = last_part(&function.name).to_ascii_uppercase();
+        let column = match name.strip_prefix(self.0).and_then(|rest| rest.strip_prefix('_')) {
+            Some("START") => "window_start",
+            Some("END") => "window_end",
+            Some("ROWTIME") => "window_time",
+            _ => return ControlFlow::Continue(()),
+        };
+        *expr = Expr::Identifier(Ident::new(column));
+        ControlFlow::Continue(())
     }
 }
 
@@ -373,16 +466,41 @@ mod tests {
     }
 
     #[test]
-    fn legacy_group_windows_group_on_the_window_start() {
+    fn legacy_group_windows_become_window_table_functions() {
         let sql = rewritten(
             "SELECT k, TUMBLE_START(ts, INTERVAL '30' SECOND), TUMBLE_END(ts, INTERVAL '30' SECOND), count(*) \
              FROM t GROUP BY k, TUMBLE(ts, INTERVAL '30' SECOND)",
         );
-        assert_eq!(
-            sql,
-            "SELECT k, weir_tumble_start(ts, INTERVAL '30' SECOND), weir_tumble_start(ts, INTERVAL '30' SECOND) + \
-             INTERVAL '30' SECOND, count(*) FROM t GROUP BY k, weir_tumble_start(ts, INTERVAL '30' SECOND)"
+        let tvf = rewritten(
+            "SELECT k, window_start, window_end, count(*) FROM TUMBLE(t, ts, INTERVAL '30' SECOND) \
+             GROUP BY k, window_start, window_end",
         );
+        assert_eq!(sql, tvf);
+        // Sessions are kept apart per the other group keys.
+        let session = rewritten(
+            "SELECT user_id, SESSION_END(ts, INTERVAL '5' MINUTE) AS e, count(*) FROM clicks AS c \
+             GROUP BY SESSION(ts, INTERVAL '5' MINUTE), user_id",
+        );
+        let tvf = rewritten(
+            "SELECT user_id, window_end AS e, count(*) FROM SESSION(clicks, ts, INTERVAL '5' MINUTE, user_id) AS c \
+             GROUP BY window_start, window_end, user_id",
+        );
+        assert_eq!(session, tvf);
+    }
+
+    #[test]
+    fn a_tumbling_group_window_over_a_join_groups_on_the_window_start() {
+        let sql = rewritten(
+            "SELECT TUMBLE_START(a.ts, INTERVAL '30' SECOND), count(*) FROM a JOIN b ON a.k = b.k \
+             GROUP BY TUMBLE(a.ts, INTERVAL '30' SECOND)",
+        );
+        assert!(sql.contains("GROUP BY weir_tumble_start(a.ts, INTERVAL '30' SECOND)"), "{sql}");
+        let mut statements = parse_sql(
+            "SELECT count(*) FROM a JOIN b ON a.k = b.k GROUP BY HOP(a.ts, INTERVAL '1' SECOND, INTERVAL '2' SECOND)",
+        )
+        .unwrap();
+        let WeirStatement::Sql(mut stmt) = statements.remove(0).statement else { panic!("not SQL") };
+        assert_eq!(rewrite_windows(&mut stmt).unwrap_err().code, SqlState::FEATURE_NOT_SUPPORTED);
     }
 
     #[test]
