@@ -56,19 +56,28 @@ pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
     }
 }
 
-/// Feeds `input` through `assigner` into an operator in random batches, checkpointing at random points and sometimes
-/// restarting from the checkpoint with a fresh operator; `on_message` hands each message to the operator. Returns the
-/// last operator, with the store and table of its checkpoints.
+/// Feeds `input` through a watermark assigner (`WATERMARK FOR ts AS ts - delay` milliseconds, `ts` the third column)
+/// into an operator in random batches, checkpointing at random points and sometimes restarting from the checkpoint
+/// with a fresh operator; `on_message` hands each message to the operator. Returns the last operator, with the store
+/// and table of its checkpoints.
 #[cfg(test)]
 pub(crate) fn feed_with_restarts<T, O: state::Checkpointed>(
     next: &mut impl FnMut(u64) -> u64,
     input: &[T],
     batch_of: impl Fn(&[T]) -> datafusion::arrow::array::RecordBatch,
-    assigner: &mut watermark::WatermarkAssigner,
+    delay: i64,
     new_operator: impl Fn() -> O,
     mut on_message: impl FnMut(&mut O, weir_common::stream::Message),
 ) -> (O, state::MemoryStore, state::StateTable) {
+    use datafusion::common::ScalarValue;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
     use state::StateStore;
+    let expr = std::sync::Arc::new(BinaryExpr::new(
+        std::sync::Arc::new(Column::new("ts", 2)),
+        datafusion::logical_expr::Operator::Minus,
+        lit(ScalarValue::DurationMillisecond(Some(delay))),
+    ));
+    let mut assigner = watermark::WatermarkAssigner::new(2, expr);
     let mut op = new_operator();
     let store = state::MemoryStore::new();
     let table = state::StateTable::new("view/aggregate");

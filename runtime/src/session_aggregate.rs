@@ -513,13 +513,11 @@ mod tests {
     use datafusion::common::ScalarValue;
     use datafusion::functions_aggregate::count::count_udaf;
     use datafusion::functions_aggregate::sum::sum_udaf;
-    use datafusion::logical_expr::Operator as BinaryOp;
     use datafusion::physical_expr::aggregate::AggregateExprBuilder;
-    use datafusion::physical_expr::expressions::{BinaryExpr, col, lit};
+    use datafusion::physical_expr::expressions::{col, lit};
     use weir_common::stream::{END_OF_TIME, Message};
 
     use super::*;
-    use crate::watermark::WatermarkAssigner;
 
     const GAP: i64 = 3_000;
 
@@ -691,26 +689,13 @@ mod tests {
                 }
             }
 
-            let s = schema();
-            let expr = Arc::new(BinaryExpr::new(
-                col("ts", &s).unwrap(),
-                BinaryOp::Minus,
-                lit(ScalarValue::DurationMillisecond(Some(delay))),
-            ));
-            let mut assigner = WatermarkAssigner::new(2, expr);
             let mut closed = Vec::new();
-            let (mut op, store, table) = crate::feed_with_restarts(
-                &mut next,
-                &input,
-                rows,
-                &mut assigner,
-                operator,
-                |op, message| match message {
+            let (mut op, store, table) =
+                crate::feed_with_restarts(&mut next, &input, rows, delay, operator, |op, message| match message {
                     Message::Data(b) => op.on_data(&b).unwrap(),
                     Message::Watermark(w) => closed.extend(op.close(w).unwrap()),
                     _ => {}
-                },
-            );
+                });
             closed.extend(op.close(END_OF_TIME).unwrap());
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();

@@ -356,7 +356,6 @@ mod tests {
     use weir_common::stream::{END_OF_TIME, Message};
 
     use super::*;
-    use crate::watermark::WatermarkAssigner;
 
     const WINDOW: i64 = 10_000;
 
@@ -500,26 +499,13 @@ mod tests {
                 watermark = Some(watermark.map_or(ts - delay, |w| w.max(ts - delay)));
             }
 
-            let s = schema();
-            let expr = Arc::new(BinaryExpr::new(
-                col("ts", &s).unwrap(),
-                BinaryOp::Minus,
-                lit(ScalarValue::DurationMillisecond(Some(delay))),
-            ));
-            let mut assigner = WatermarkAssigner::new(2, expr);
             let mut out = Vec::new();
-            let (mut op, store, table) = crate::feed_with_restarts(
-                &mut next,
-                &rows,
-                bids,
-                &mut assigner,
-                operator,
-                |op, message| match message {
+            let (mut op, store, table) =
+                crate::feed_with_restarts(&mut next, &rows, bids, delay, operator, |op, message| match message {
                     Message::Data(b) => op.on_data(&b, &mut out).unwrap(),
                     Message::Watermark(w) => op.on_watermark(w, &mut out).unwrap(),
                     _ => {}
-                },
-            );
+                });
             op.on_watermark(END_OF_TIME, &mut out).unwrap();
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
