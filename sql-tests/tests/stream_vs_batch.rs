@@ -1,0 +1,165 @@
+//! Property: for random bounded inputs and a range of queries, a materialized view over a file source, once the file
+//! has been read to the end, holds exactly what the same query returns in batch over a table holding the same rows;
+//! and that holds whatever the order of the rows within the watermark bound and however the file is cut into
+//! batches. Everything runs through a real server over the wire.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+use weir_sql_tests::TestServer;
+
+/// The watermark bound of the sources, in milliseconds.
+const BOUND_MS: u64 = 2_000;
+
+/// The queries, over `{src}`: every window kind, plain and keyless aggregation, filters, Top-N, deduplication and a
+/// legacy group window.
+const QUERIES: &[&str] = &[
+    "SELECT device, window_start, window_end, count(*) AS n, sum(reading) AS total, min(reading) AS lo, \
+     max(reading) AS hi, avg(reading) AS mean FROM TUMBLE({src}, ts, INTERVAL '2' SECOND) \
+     GROUP BY device, window_start, window_end",
+    "SELECT device, window_end, count(*) AS n, count(DISTINCT reading) AS d \
+     FROM TABLE(HOP(TABLE {src}, DESCRIPTOR(ts), INTERVAL '1' SECOND, INTERVAL '3' SECOND)) GROUP BY device, window_end",
+    "SELECT device, window_start, window_end, count(*) AS n, sum(reading) AS total \
+     FROM SESSION({src}, ts, INTERVAL '1500' MILLISECOND, device) GROUP BY device, window_start, window_end",
+    "SELECT window_start, window_end, count(*) AS n \
+     FROM CUMULATE({src}, ts, INTERVAL '1' SECOND, INTERVAL '4' SECOND) GROUP BY window_start, window_end",
+    "SELECT device, count(*) AS n, count(DISTINCT reading) AS d, sum(reading) FILTER (WHERE reading > 50) AS big \
+     FROM {src} GROUP BY device",
+    "SELECT device, reading * 2 AS twice, ts FROM {src} WHERE reading % 3 = 0",
+    "SELECT device, window_end, n FROM (SELECT device, window_end, n, \
+     ROW_NUMBER() OVER (PARTITION BY window_start, window_end ORDER BY n DESC, device) AS rn \
+     FROM (SELECT device, window_start, window_end, count(*) AS n FROM TUMBLE({src}, ts, INTERVAL '2' SECOND) \
+     GROUP BY device, window_start, window_end)) WHERE rn <= 2",
+    "SELECT device, TUMBLE_START(ts, INTERVAL '3' SECOND) AS s, count(*) AS n \
+     FROM {src} GROUP BY device, TUMBLE(ts, INTERVAL '3' SECOND)",
+    "SELECT device, reading, ts FROM (SELECT device, reading, ts, \
+     ROW_NUMBER() OVER (PARTITION BY device ORDER BY ts, reading) AS rn FROM {src}) WHERE rn = 1",
+    "SELECT count(*) AS n, sum(reading) AS total FROM {src}",
+];
+
+/// How each variant reads its file: rows per batch.
+const BATCH_ROWS: &[usize] = &[1, 7, 1000];
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// `(device, reading, event time in ms since midnight)`.
+type Row = (&'static str, u64, u64);
+
+fn timestamp(ms: u64) -> String {
+    let (s, ms) = (ms / 1000, ms % 1000);
+    format!("2024-01-01 {:02}:{:02}:{:02}.{ms:03}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// The rows in an order within the watermark bound: sorted by event time plus a random delay below the bound, so
+/// every row is after the watermark of the rows before it (no row is late).
+fn disordered(rows: &[Row], rng: &mut Rng) -> Vec<Row> {
+    let mut keyed: Vec<(u64, usize, Row)> =
+        rows.iter().enumerate().map(|(i, r)| (r.2 + rng.below(BOUND_MS), i, *r)).collect();
+    keyed.sort_unstable();
+    keyed.into_iter().map(|(_, _, r)| r).collect()
+}
+
+async fn rows_of(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let mut rows: Vec<Vec<Option<String>>> = messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect()),
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn execute(client: &Client, sql: &str) {
+    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_equal_batch_queries_whatever_the_order_and_batching() {
+    let server = TestServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let client = &client.client;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut views: BTreeMap<String, (usize, String)> = BTreeMap::new();
+
+    for seed in 0..3 {
+        let mut clock = 0u64;
+        let rows: Vec<Row> = (0..150 + rng.below(250))
+            .map(|_| {
+                clock += rng.below(1_200);
+                (["a", "b", "c", "d"][rng.below(4) as usize], rng.below(100), clock)
+            })
+            .collect();
+
+        // The batch side: a table with the rows in event-time order.
+        let table = format!("t{seed}");
+        execute(client, &format!("CREATE TABLE {table} (device TEXT, reading BIGINT, ts TIMESTAMP(3))")).await;
+        let values: Vec<String> =
+            rows.iter().map(|(d, r, ts)| format!("('{d}', {r}, '{}')", timestamp(*ts))).collect();
+        execute(client, &format!("INSERT INTO {table} VALUES {}", values.join(", "))).await;
+
+        // The streaming side: per variant a file in another order, read in batches of another size.
+        for (variant, batch_rows) in BATCH_ROWS.iter().enumerate() {
+            let mut lines = String::new();
+            for (d, r, ts) in disordered(&rows, &mut rng) {
+                writeln!(lines, r#"{{"device": "{d}", "reading": {r}, "ts": "{}"}}"#, timestamp(ts)).unwrap();
+            }
+            let path = dir.path().join(format!("s{seed}_{variant}.jsonl"));
+            std::fs::write(&path, lines).unwrap();
+            let source = format!("s{seed}_{variant}");
+            execute(
+                client,
+                &format!(
+                    "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3), \
+                     WATERMARK FOR ts AS ts - INTERVAL '{BOUND_MS}' MILLISECOND) \
+                     WITH (connector = 'file', path = '{}', 'batch.rows' = '{batch_rows}') FORMAT PLAIN ENCODE JSON",
+                    path.display()
+                ),
+            )
+            .await;
+            for (q, query) in QUERIES.iter().enumerate() {
+                let view = format!("v{seed}_{variant}_{q}");
+                execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {}", query.replace("{src}", &source)))
+                    .await;
+                views.insert(view, (q, table.clone()));
+            }
+        }
+    }
+
+    // Every file is read to its end: each view's input ended (watermark +infinity), so every window is closed.
+    execute(client, "FLUSH").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE status <> 'ended'").await;
+        if running.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "views still running: {running:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        execute(client, "FLUSH").await;
+    }
+    let late = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE late_rows > 0").await;
+    assert!(late.is_empty(), "no row is late within the bound, yet: {late:?}");
+
+    for (view, (q, table)) in &views {
+        let streamed = rows_of(client, &format!("SELECT * FROM {view}")).await;
+        let batch = rows_of(client, &QUERIES[*q].replace("{src}", table)).await;
+        assert!(!batch.is_empty(), "query {q} returns rows");
+        assert_eq!(streamed, batch, "view {view} differs from its query in batch:\n{}", QUERIES[*q]);
+    }
+    server.stop().await.unwrap();
+}
