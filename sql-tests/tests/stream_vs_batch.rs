@@ -108,8 +108,7 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
         // The batch side: a table with the rows in event-time order.
         let table = format!("t{seed}");
         execute(client, &format!("CREATE TABLE {table} (device TEXT, reading BIGINT, ts TIMESTAMP(3))")).await;
-        let values: Vec<String> =
-            rows.iter().map(|(d, r, ts)| format!("('{d}', {r}, '{}')", timestamp(*ts))).collect();
+        let values: Vec<String> = rows.iter().map(|(d, r, ts)| format!("('{d}', {r}, '{}')", timestamp(*ts))).collect();
         execute(client, &format!("INSERT INTO {table} VALUES {}", values.join(", "))).await;
 
         // The streaming side: per variant a file in another order, read in batches of another size.
