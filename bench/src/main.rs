@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
             let expr = ctx.parse_sql_expr("date_time - INTERVAL '2' SECOND", &df_schema)?;
+            let expr = weir_planner::source::intervals_as_durations(expr, TimeUnit::Millisecond);
             let expr = ctx.create_physical_expr(expr, &df_schema)?;
             let watermark = WatermarkSpec { column: 5, expr };
             Some(Pipeline::try_new(plan, vec![Some(watermark)], ctx.task_ctx()).context("starting the pipeline")?)

@@ -16,6 +16,7 @@ pub mod datagen;
 pub mod file;
 pub mod format;
 pub mod nexmark;
+mod nexmark_bids;
 pub mod pacer;
 
 use datafusion::arrow::datatypes::SchemaRef;

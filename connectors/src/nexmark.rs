@@ -16,15 +16,16 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::compute::kernels::cast_utils::string_to_timestamp_nanos;
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use nexmark::EventGenerator;
 use nexmark::config::NexmarkConfig;
 use nexmark::event::{Event, EventType};
 use weir_common::connector::{ConnectorError, Options, SourceReader};
 
+use crate::nexmark_bids::{BidColumn, BidGenerator};
 use crate::pacer::Pacer;
 
 const NAME: &str = "nexmark";
@@ -39,12 +40,18 @@ enum Column {
     Time(fn(&Event) -> i64),
 }
 
+/// Where a table's rows come from: bids straight into columns, persons and auctions through the standard generator.
+#[derive(Debug)]
+enum Generator {
+    Bids(BidGenerator, Vec<BidColumn>),
+    Events(EventGenerator, Vec<Column>),
+}
+
 /// A Nexmark source of one table.
 #[derive(Debug)]
 pub struct NexmarkSource {
     schema: SchemaRef,
-    columns: Vec<Column>,
-    generator: EventGenerator,
+    generator: Generator,
     /// Events of all kinds to generate before ending.
     events: Option<u64>,
     pacer: Pacer,
@@ -105,9 +112,32 @@ impl NexmarkSource {
         if let Some(start) = start {
             config.base_time = u64::try_from(start).unwrap_or(0);
         }
-        let generator = EventGenerator::new(config).with_type_filter(kind);
-        Ok(NexmarkSource { schema, columns, generator, events, pacer: Pacer::new(rate), ready: None })
+        let generator = match bid_columns(&schema).filter(|_| kind == EventType::Bid) {
+            Some(bid_columns) => Generator::Bids(BidGenerator::new(config), bid_columns),
+            None => Generator::Events(EventGenerator::new(config).with_type_filter(kind), columns),
+        };
+        Ok(NexmarkSource { schema, generator, events, pacer: Pacer::new(rate), ready: None })
     }
+}
+
+/// The bid columns of `schema`, if all are bid columns.
+fn bid_columns(schema: &SchemaRef) -> Option<Vec<BidColumn>> {
+    schema
+        .fields()
+        .iter()
+        .map(|field| {
+            Some(match field.name().to_lowercase().as_str() {
+                "auction" => BidColumn::Auction,
+                "bidder" => BidColumn::Bidder,
+                "price" => BidColumn::Price,
+                "channel" => BidColumn::Channel,
+                "url" => BidColumn::Url,
+                "extra" => BidColumn::Extra,
+                _ if matches!(field.data_type(), DataType::Timestamp(..)) => BidColumn::DateTime,
+                _ => return None,
+            })
+        })
+        .collect()
 }
 
 fn fields_of(kind: EventType) -> &'static str {
@@ -182,38 +212,56 @@ impl NexmarkSource {
     /// The next batch of events and the global offset of its last one; `None` once the source is exhausted.
     fn generate(&mut self) -> Result<Option<(RecordBatch, u64)>, ConnectorError> {
         let limit = self.pacer.batch_size();
-        let mut events = Vec::with_capacity(limit);
-        let mut last_global = None;
-        while events.len() < limit {
-            let global = self.generator.global_offset();
-            if self.events.is_some_and(|total| global >= total) {
-                break;
+        let (arrays, last_global) = match &mut self.generator {
+            Generator::Bids(generator, columns) => {
+                // Bids up to the event limit, counted among events of all kinds.
+                let mut count = 0;
+                let mut probe = generator.global_offset();
+                let mut last_global = None;
+                while count < limit && self.events.is_none_or(|total| probe < total) {
+                    last_global = Some(probe);
+                    count += 1;
+                    probe = generator.global_offset_at(count as u64);
+                }
+                let Some(last_global) = last_global else { return Ok(None) };
+                (generator.generate(count, columns), last_global)
             }
-            last_global = Some(global);
-            match self.generator.next() {
-                Some(event) => events.push(event),
-                None => break,
-            }
-        }
-        let Some(last_global) = last_global else { return Ok(None) };
-        let columns = self
-            .columns
-            .iter()
-            .zip(self.schema.fields())
-            .map(|(column, field)| {
-                let array: ArrayRef = match column {
-                    Column::Int(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<Int64Array>()),
-                    Column::Text(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<StringArray>()),
-                    Column::Time(get) => {
-                        let millis: ArrayRef = Arc::new(events.iter().map(|e| Some(get(e))).collect::<Int64Array>());
-                        cast(&millis, &DataType::Timestamp(TimeUnit::Millisecond, None))
-                            .map_err(|e| column_error(field.name(), e))?
+            Generator::Events(generator, columns) => {
+                let mut events = Vec::with_capacity(limit);
+                let mut last_global = None;
+                while events.len() < limit {
+                    let global = generator.global_offset();
+                    if self.events.is_some_and(|total| global >= total) {
+                        break;
                     }
-                };
-                cast(&array, field.data_type()).map_err(|e| column_error(field.name(), e))
-            })
+                    last_global = Some(global);
+                    match generator.next() {
+                        Some(event) => events.push(event),
+                        None => break,
+                    }
+                }
+                let Some(last_global) = last_global else { return Ok(None) };
+                let arrays = columns
+                    .iter()
+                    .map(|column| -> ArrayRef {
+                        match column {
+                            Column::Int(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<Int64Array>()),
+                            Column::Text(get) => Arc::new(events.iter().map(|e| Some(get(e))).collect::<StringArray>()),
+                            Column::Time(get) => {
+                                Arc::new(events.iter().map(|e| Some(get(e))).collect::<TimestampMillisecondArray>())
+                            }
+                        }
+                    })
+                    .collect();
+                (arrays, last_global)
+            }
+        };
+        let arrays = arrays
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(array, field)| cast(&array, field.data_type()).map_err(|e| column_error(field.name(), e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let batch = RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| column_error("?", e))?;
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| column_error("?", e))?;
         Ok(Some((batch, last_global)))
     }
 }
@@ -225,7 +273,7 @@ fn column_error(column: &str, err: impl std::fmt::Display) -> ConnectorError {
 #[cfg(test)]
 mod tests {
     use datafusion::arrow::array::AsArray;
-    use datafusion::arrow::datatypes::{Field, Int64Type, Schema, TimestampMillisecondType};
+    use datafusion::arrow::datatypes::{Field, Int64Type, Schema, TimeUnit, TimestampMillisecondType};
 
     use super::*;
 

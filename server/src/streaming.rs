@@ -388,9 +388,13 @@ impl Session {
         }
         let df_schema =
             DFSchema::try_from(schema.as_ref().clone()).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        let DataType::Timestamp(unit, _) = schema.field(index).data_type() else {
+            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: event-time column type"));
+        };
         let expr = self
             .ctx
             .parse_sql_expr(&watermark.expr.to_string(), &df_schema)
+            .map(|e| weir_planner::source::intervals_as_durations(e, *unit))
             .and_then(|e| self.ctx.create_physical_expr(e, &df_schema))
             .map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         match expr.data_type(schema) {
