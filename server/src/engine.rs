@@ -90,6 +90,7 @@ impl Engine {
         }
         ctx.register_udf(constant_text_udf("version", &version_string()));
         ctx.register_udf(to_regtype_udf());
+        ctx.register_udf(datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf());
         for udf in weir_planner::windows::window_udfs() {
             ctx.register_udf(udf);
         }
@@ -130,6 +131,60 @@ fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
         Volatility::Stable,
         Arc::new(move |_args: &[ColumnarValue]| Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(value.clone()))))),
     )
+}
+
+/// `pg_sleep(seconds)`: waits, without holding a thread, then returns NULL (Postgres's `void`). Scripts use it to let
+/// a paced source run for a while.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PgSleep {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl PgSleep {
+    fn new() -> Self {
+        PgSleep { signature: datafusion::logical_expr::Signature::exact(vec![DataType::Float64], Volatility::Volatile) }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for PgSleep {
+    fn name(&self) -> &str {
+        "pg_sleep"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Null)
+    }
+
+    fn invoke_with_args(
+        &self,
+        _args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        datafusion::common::internal_err!("pg_sleep runs asynchronously")
+    }
+}
+
+#[async_trait::async_trait]
+impl datafusion::logical_expr::async_udf::AsyncScalarUDFImpl for PgSleep {
+    async fn invoke_async_with_args(
+        &self,
+        args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        use datafusion::arrow::array::{Array, AsArray, NullArray};
+        use datafusion::arrow::datatypes::Float64Type;
+        let rows = args.number_rows;
+        let seconds = ColumnarValue::values_to_arrays(&args.args)?;
+        let seconds = seconds[0].as_primitive::<Float64Type>();
+        // Postgres sleeps once per row it evaluates; a NULL or negative duration does not sleep.
+        let total: f64 = (0..seconds.len()).filter(|i| seconds.is_valid(*i)).map(|i| seconds.value(i).max(0.0)).sum();
+        if total.is_finite() && total > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(total.min(86_400.0))).await;
+        }
+        Ok(ColumnarValue::Array(Arc::new(NullArray::new(rows))))
+    }
 }
 
 /// `to_regtype(name)`: the oid of a type given by name, or NULL. psycopg's type lookups call it.
