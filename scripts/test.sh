@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
-# Installs what the tests need (psql, Python's psycopg) when it is missing. Builds the dev profile only.
+# Installs what the tests need (psql, Python's psycopg, the Mosquitto MQTT broker) when it is missing. Builds the dev
+# profile only. Tests that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 if ! command -v psql >/dev/null 2>&1; then
   echo "== installing the psql client"
   apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null
+fi
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing the Mosquitto MQTT broker"
+  apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
+  # The tests start their own brokers; the packaged service is not needed.
+  (systemctl disable --now mosquitto || service mosquitto stop) >/dev/null 2>&1 || true
 fi
 if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "== installing psycopg"

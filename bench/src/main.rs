@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         schema.clone(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         None,
+        &[],
     )?;
 
     let ctx = SessionContext::new();

@@ -128,6 +128,10 @@ impl Options {
 ///   and set aside by the connector (errors are for a source that cannot go on at all).
 /// - The future may be dropped at an await point (when the source is dropped or the server shuts down); no row
 ///   handed out before is lost and none is handed out twice when the reader is polled again.
+/// - [`SourceReader::commit`] is called once every row handed out so far is safely inside Weir; a source whose
+///   upstream redelivers what was not acknowledged (MQTT QoS 1, Kafka consumer groups) acknowledges up to there.
+/// - An upstream that cannot be reached is not an error either: the reader retries by itself and says what is wrong
+///   in [`SourceReader::health`] until it recovers.
 #[async_trait]
 pub trait SourceReader: Send + fmt::Debug {
     fn schema(&self) -> SchemaRef;
@@ -138,6 +142,25 @@ pub trait SourceReader: Send + fmt::Debug {
     fn take_rejected(&mut self) -> Vec<Rejected> {
         Vec::new()
     }
+
+    /// Acknowledges every row handed out so far.
+    fn commit(&mut self) {}
+
+    /// What keeps the source from reading right now (`broker unreachable: ...; retrying`), if anything.
+    fn health(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A column filled from the connector's metadata instead of the record (`INCLUDE topic AS t`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataColumn {
+    /// `topic`, `partition`, `offset`, `timestamp`, `key` or `header`.
+    pub item: String,
+    /// The header name of `header 'name'`.
+    pub argument: Option<String>,
+    /// The column's position in the source's schema.
+    pub column: usize,
 }
 
 #[cfg(test)]

@@ -44,19 +44,31 @@ impl RecordDecoder {
 
     /// Decodes `records`; the ones that fail are returned as rejected, in order.
     pub fn decode(&self, records: &[Record]) -> (Option<RecordBatch>, Vec<Rejected>) {
-        let records: Vec<&Record> = records.iter().filter(|r| !r.bytes.trim_ascii().is_empty()).collect();
+        let (batch, rejected, _) = self.decode_indexed(records);
+        (batch, rejected)
+    }
+
+    /// As [`RecordDecoder::decode`], also returning which records (by index) the batch's rows come from, in order.
+    /// Empty records are skipped.
+    pub fn decode_indexed(&self, records: &[Record]) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
+        let records: Vec<(usize, &Record)> =
+            records.iter().enumerate().filter(|(_, r)| !r.bytes.trim_ascii().is_empty()).collect();
         if records.is_empty() {
-            return (None, Vec::new());
+            return (None, Vec::new(), Vec::new());
         }
-        let bytes: Vec<&[u8]> = records.iter().map(|r| r.bytes.as_slice()).collect();
+        let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| r.bytes.as_slice()).collect();
         if let Ok(batch) = self.decode_all(&bytes) {
-            return (Some(batch), Vec::new());
+            return (Some(batch), Vec::new(), records.iter().map(|(i, _)| *i).collect());
         }
         let mut good = Vec::new();
+        let mut accepted = Vec::new();
         let mut rejected = Vec::new();
-        for record in records {
+        for (index, record) in records {
             match self.decode_all(&[&record.bytes]) {
-                Ok(batch) => good.push(batch),
+                Ok(batch) => {
+                    good.push(batch);
+                    accepted.push(index);
+                }
                 Err(err) => rejected.push(Rejected {
                     origin: record.origin.clone(),
                     record: String::from_utf8_lossy(&record.bytes).trim_end().to_string(),
@@ -69,7 +81,7 @@ impl RecordDecoder {
             // Batches of one schema always concatenate.
             _ => concat_batches(&self.schema, &good).ok(),
         };
-        (batch, rejected)
+        (batch, rejected, accepted)
     }
 
     /// Decodes every record or fails.

@@ -7,45 +7,62 @@
 //! - [`nexmark`]: the standard Nexmark person / auction / bid streams, as used by the Flink, RisingWave and Arroyo
 //!   benchmarks.
 //! - [`file`]: JSON lines or CSV from a local file, bounded or followed as it grows.
+//! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column.
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
 //!
-//! Kafka and MQTT come with their issue. Connectors depend only on `weir-common` among Weir's crates.
+//! Kafka comes next. Connectors depend only on `weir-common` among Weir's crates.
 
 pub mod datagen;
 pub mod file;
 pub mod format;
+pub mod mqtt;
 pub mod nexmark;
 mod nexmark_bids;
 pub mod pacer;
 
 use datafusion::arrow::datatypes::SchemaRef;
-use weir_common::connector::{ConnectorError, Encoding, Options, SourceReader};
+use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, SourceReader};
 
 /// The built-in source connectors.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "nexmark"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "mqtt", "nexmark"];
+
+/// The connectors whose records are bytes to decode with `FORMAT ... ENCODE ...`.
+const DECODING_CONNECTORS: &[&str] = &["file", "mqtt"];
 
 /// Opens a source of `schema` with the `WITH (...)` options (including `connector`) and the `FORMAT ... ENCODE`
 /// encoding, if given. Fails at once on an unknown connector, an unknown or invalid option, a missing or needless
-/// encoding, or a column the connector cannot produce.
+/// encoding, or a column the connector cannot produce. `metadata` lists the columns of `schema` that `INCLUDE` fills
+/// from the connector's metadata.
 pub fn open_source(
     schema: SchemaRef,
     options: Vec<(String, String)>,
     encoding: Option<Encoding>,
+    metadata: &[MetadataColumn],
 ) -> Result<Box<dyn SourceReader>, ConnectorError> {
     let mut options = Options::new(options)?;
     let connector = options
         .take("connector")
         .ok_or_else(|| ConnectorError::MissingOption { connector: "?".into(), key: "connector".into() })?;
     let connector = connector.to_lowercase();
-    if encoding.is_some() && connector != "file" {
+    if encoding.is_some() && !DECODING_CONNECTORS.contains(&connector.as_str()) {
         return Err(ConnectorError::InvalidOption {
             key: "FORMAT".into(),
             value: connector,
             reason: "this connector produces rows itself and takes no FORMAT ... ENCODE".into(),
         });
     }
+    if let Some(column) = metadata.first()
+        && connector != "mqtt"
+    {
+        return Err(ConnectorError::Column {
+            connector,
+            column: schema.field(column.column).name().clone(),
+            reason: format!("INCLUDE {} is not available from this connector", column.item),
+        });
+    }
     match connector.as_str() {
+        "mqtt" => Ok(Box::new(mqtt::MqttSource::try_new(schema, options, encoding, metadata)?)),
         "file" => Ok(Box::new(file::FileSource::try_new(schema, options, encoding)?)),
         "datagen" => Ok(Box::new(datagen::DatagenSource::try_new(schema, options)?)),
         "nexmark" => Ok(Box::new(nexmark::NexmarkSource::try_new(schema, options)?)),
@@ -60,4 +77,21 @@ pub(crate) fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The column `INCLUDE item [AS alias]` adds to a source of `connector`, or why there is none.
+pub fn metadata_field(
+    connector: &str,
+    item: &str,
+    alias: Option<&str>,
+) -> Result<datafusion::arrow::datatypes::Field, ConnectorError> {
+    use datafusion::arrow::datatypes::{DataType, Field};
+    match (connector.to_lowercase().as_str(), item) {
+        ("mqtt", "topic") => Ok(Field::new(alias.unwrap_or("topic"), DataType::Utf8, false)),
+        (connector, item) => Err(ConnectorError::Column {
+            connector: connector.to_string(),
+            column: alias.unwrap_or(item).to_string(),
+            reason: format!("INCLUDE {item} is not available from this connector"),
+        }),
+    }
 }

@@ -90,7 +90,9 @@ impl Engine {
         }
         ctx.register_udf(constant_text_udf("version", &version_string()));
         ctx.register_udf(to_regtype_udf());
-        ctx.register_udf(datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf());
+        ctx.register_udf(
+            datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf(),
+        );
         for udf in weir_planner::windows::window_udfs() {
             ctx.register_udf(udf);
         }

@@ -284,6 +284,7 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                                 Some(batch) => {
                                     task.progress.set_aside(readers[input].take_rejected());
                                     task.step(input, batch, &mut reading).await;
+                                    readers[input].commit();
                                 }
                                 None => break,
                             }
@@ -296,6 +297,7 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                 None => return,
             },
             _ = epochs.tick() => {
+                task.report_health(&readers);
                 task.check_idle(&reading).await;
                 if task.dirty {
                     task.publish().await;
@@ -304,6 +306,7 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
             (input, batch) = next_batch_of(&mut readers, &reading), if reading.contains(&true) => {
                 task.progress.set_aside(readers[input].take_rejected());
                 task.step(input, batch, &mut reading).await;
+                readers[input].commit();
                 if !reading.contains(&true) {
                     task.publish().await;
                 }
@@ -363,6 +366,19 @@ impl ViewTask {
             self.fail(err);
             reading.fill(false);
         }
+    }
+
+    /// Shows in the view's status what keeps an input from reading (an unreachable broker), while it lasts.
+    fn report_health(&self, readers: &[Box<dyn SourceReader>]) {
+        let problems: Vec<String> = readers.iter().filter_map(|r| r.health()).collect();
+        let mut status = self.progress.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if !(status.as_str() == "running" || status.starts_with("retrying: ")) {
+            return;
+        }
+        *status = match problems.is_empty() {
+            true => "running".to_string(),
+            false => format!("retrying: {}", problems.join("; ")),
+        };
     }
 
     /// Leaves out of the watermark every input still being read that has been without rows for its idle timeout.

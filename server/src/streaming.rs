@@ -44,6 +44,7 @@ impl Session {
             return Ok(Outcome::Command(tag, None));
         }
         let schema = self.column_schema(&source.name, &source.columns, text, sql).await?;
+        let schema = with_metadata_columns(schema, source)?;
         self.watermark(&name, source, &schema)?;
         let kind = if source.table { RelationKind::Table } else { RelationKind::Source };
         let def = RelationDef {
@@ -64,14 +65,8 @@ impl Session {
             self.engine.catalog.create_table(def, Some(Arc::new(source.clone())), false)?;
             return Ok(Outcome::Command(tag, None));
         }
-        if !source.include.is_empty() {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                "INCLUDE is not supported by this connector",
-            ));
-        }
         // Opening a reader checks the connector, its options and the columns; it reads nothing.
-        weir_connectors::open_source(schema.clone(), connector_options, encoding(source)?)
+        weir_connectors::open_source(schema.clone(), connector_options, encoding(source)?, &metadata_columns(source))
             .map_err(ErrorReport::from)?;
         let provider = Arc::new(SourceTable { name, schema });
         self.engine.catalog.create(Relation::new(def, provider).with_source(Some(Arc::new(source.clone()))), false)?;
@@ -103,10 +98,13 @@ impl Session {
             };
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe()),
-                (None, Some(source)) => {
-                    weir_connectors::open_source(input.def.schema.clone(), connector_options, encoding(source)?)
-                        .map_err(ErrorReport::from)?
-                }
+                (None, Some(source)) => weir_connectors::open_source(
+                    input.def.schema.clone(),
+                    connector_options,
+                    encoding(source)?,
+                    &metadata_columns(source),
+                )
+                .map_err(ErrorReport::from)?,
                 (None, None) => {
                     return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input"));
                 }
@@ -554,4 +552,42 @@ fn runtime_report(err: RuntimeError) -> ErrorReport {
         .with_hint("Declare one in the source: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND."),
         other => ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {other}")),
     }
+}
+
+/// The declared columns followed by the `INCLUDE` columns of `source`.
+fn with_metadata_columns(schema: SchemaRef, source: &CreateSource) -> Result<SchemaRef, ErrorReport> {
+    if source.include.is_empty() {
+        return Ok(schema);
+    }
+    let connector = source.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| v.as_str()).unwrap_or_default();
+    let mut fields: Vec<datafusion::arrow::datatypes::Field> =
+        schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for include in &source.include {
+        let alias = include.alias.as_ref().map(|a| a.value.to_lowercase());
+        let field =
+            weir_connectors::metadata_field(connector, &include.item, alias.as_deref()).map_err(ErrorReport::from)?;
+        if fields.iter().any(|f| f.name() == field.name()) {
+            return Err(ErrorReport::new(
+                SqlState::DUPLICATE_COLUMN,
+                format!("column \"{}\" specified more than once", field.name()),
+            )
+            .with_hint("Name the included column with INCLUDE ... AS name."));
+        }
+        fields.push(field);
+    }
+    Ok(Arc::new(datafusion::arrow::datatypes::Schema::new(fields)))
+}
+
+/// Which columns of `source`'s schema its `INCLUDE` items fill: they follow the declared columns, in order.
+fn metadata_columns(source: &CreateSource) -> Vec<weir_common::connector::MetadataColumn> {
+    source
+        .include
+        .iter()
+        .enumerate()
+        .map(|(i, include)| weir_common::connector::MetadataColumn {
+            item: include.item.clone(),
+            argument: include.argument.clone(),
+            column: source.columns.len() + i,
+        })
+        .collect()
 }
