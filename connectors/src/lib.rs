@@ -7,15 +7,17 @@
 //! - [`nexmark`]: the standard Nexmark person / auction / bid streams, as used by the Flink, RisingWave and Arroyo
 //!   benchmarks.
 //! - [`file`]: JSON lines or CSV from a local file, bounded or followed as it grows.
+//! - [`kafka`]: records of every partition of a Kafka topic, with record metadata as optional columns.
 //! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column.
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
 //!
-//! Kafka comes next. Connectors depend only on `weir-common` among Weir's crates.
+//! Sinks come next. Connectors depend only on `weir-common` among Weir's crates.
 
 pub mod datagen;
 pub mod file;
 pub mod format;
+pub mod kafka;
 pub mod mqtt;
 pub mod nexmark;
 mod nexmark_bids;
@@ -25,10 +27,10 @@ use datafusion::arrow::datatypes::SchemaRef;
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, SourceReader};
 
 /// The built-in source connectors.
-pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "mqtt", "nexmark"];
+pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "kafka", "mqtt", "nexmark"];
 
 /// The connectors whose records are bytes to decode with `FORMAT ... ENCODE ...`.
-const DECODING_CONNECTORS: &[&str] = &["file", "mqtt"];
+const DECODING_CONNECTORS: &[&str] = &["file", "kafka", "mqtt"];
 
 /// Opens a source of `schema` with the `WITH (...)` options (including `connector`) and the `FORMAT ... ENCODE`
 /// encoding, if given. Fails at once on an unknown connector, an unknown or invalid option, a missing or needless
@@ -53,7 +55,7 @@ pub fn open_source(
         });
     }
     if let Some(column) = metadata.first()
-        && connector != "mqtt"
+        && !["mqtt", "kafka"].contains(&connector.as_str())
     {
         return Err(ConnectorError::Column {
             connector,
@@ -63,6 +65,7 @@ pub fn open_source(
     }
     match connector.as_str() {
         "mqtt" => Ok(Box::new(mqtt::MqttSource::try_new(schema, options, encoding, metadata)?)),
+        "kafka" => Ok(Box::new(kafka::KafkaSource::try_new(schema, options, encoding, metadata)?)),
         "file" => Ok(Box::new(file::FileSource::try_new(schema, options, encoding)?)),
         "datagen" => Ok(Box::new(datagen::DatagenSource::try_new(schema, options)?)),
         "nexmark" => Ok(Box::new(nexmark::NexmarkSource::try_new(schema, options)?)),
@@ -83,15 +86,18 @@ pub(crate) fn mix(mut x: u64) -> u64 {
 pub fn metadata_field(
     connector: &str,
     item: &str,
+    argument: Option<&str>,
     alias: Option<&str>,
 ) -> Result<datafusion::arrow::datatypes::Field, ConnectorError> {
     use datafusion::arrow::datatypes::{DataType, Field};
-    match (connector.to_lowercase().as_str(), item) {
-        ("mqtt", "topic") => Ok(Field::new(alias.unwrap_or("topic"), DataType::Utf8, false)),
-        (connector, item) => Err(ConnectorError::Column {
-            connector: connector.to_string(),
-            column: alias.unwrap_or(item).to_string(),
-            reason: format!("INCLUDE {item} is not available from this connector"),
-        }),
-    }
+    let field = match connector.to_lowercase().as_str() {
+        "mqtt" if item == "topic" => Some(Field::new(alias.unwrap_or("topic"), DataType::Utf8, false)),
+        "kafka" => kafka::metadata_field(item, argument, alias),
+        _ => None,
+    };
+    field.ok_or_else(|| ConnectorError::Column {
+        connector: connector.to_string(),
+        column: alias.unwrap_or(item).to_string(),
+        reason: format!("INCLUDE {item} is not available from this connector"),
+    })
 }

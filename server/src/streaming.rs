@@ -565,7 +565,8 @@ fn with_metadata_columns(schema: SchemaRef, source: &CreateSource) -> Result<Sch
     for include in &source.include {
         let alias = include.alias.as_ref().map(|a| a.value.to_lowercase());
         let field =
-            weir_connectors::metadata_field(connector, &include.item, alias.as_deref()).map_err(ErrorReport::from)?;
+            weir_connectors::metadata_field(connector, &include.item, include.argument.as_deref(), alias.as_deref())
+                .map_err(ErrorReport::from)?;
         if fields.iter().any(|f| f.name() == field.name()) {
             return Err(ErrorReport::new(
                 SqlState::DUPLICATE_COLUMN,

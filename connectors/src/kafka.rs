@@ -1,0 +1,460 @@
+//! `connector = 'kafka'`: records of one Kafka topic, every partition, one row per record, decoded with the
+//! source's `FORMAT PLAIN ENCODE JSON | CSV`.
+//!
+//! | option | meaning | default |
+//! |---|---|---|
+//! | `topic` | the topic | required |
+//! | `properties.bootstrap.server` | `host:port[,host:port...]` | required |
+//! | `scan.startup.mode` | `earliest`, `latest`, `timestamp` or `group-offsets` | `earliest` |
+//! | `scan.startup.timestamp.millis` | with `timestamp`: start at the first record at or after this time | |
+//! | `properties.group.id` | consumer group; with `group-offsets`, start where the group left off and commit | random |
+//! | `properties.*` | any other librdkafka setting, passed through (`properties.security.protocol`, ...) | |
+//! | `batch.linger.ms` | how long to gather records into one batch after the first arrives | `5` |
+//!
+//! `INCLUDE key | partition | offset | timestamp | header 'name' [AS column]` adds record metadata as columns: key and
+//! header values as `bytea`, partition `integer`, offset `bigint`, timestamp `timestamptz`.
+//!
+//! The consumer is created on the first read. It assigns itself every partition of the topic (or, with
+//! `group-offsets`, joins the group), so partitions are read in parallel by librdkafka. When the broker cannot be
+//! reached or the topic does not exist, it retries with a backoff from 100 ms to 5 s and says why through
+//! [`SourceReader::health`]. The offsets of the rows handed out are tracked per partition ([`KafkaSource::offsets`]),
+//! and committed to the group in [`SourceReader::commit`] under `group-offsets`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, TimestampMillisecondArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{info, warn};
+use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader};
+
+use crate::format::{Record, RecordDecoder};
+
+const NAME: &str = "kafka";
+const MAX_BATCH: usize = 8192;
+
+/// Where reading starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Startup {
+    Earliest,
+    Latest,
+    Timestamp(i64),
+    GroupOffsets,
+}
+
+/// A metadata column and what fills it.
+#[derive(Debug, Clone)]
+enum Meta {
+    Key,
+    Partition,
+    Offset,
+    Timestamp,
+    Header(String),
+}
+
+/// A source reading one Kafka topic.
+pub struct KafkaSource {
+    schema: SchemaRef,
+    decoder: RecordDecoder,
+    /// Metadata columns by position in the schema.
+    metadata: Vec<(usize, Meta)>,
+    topic: String,
+    config: ClientConfig,
+    startup: Startup,
+    linger: Duration,
+    consumer: Option<Arc<StreamConsumer>>,
+    /// Why the source cannot read right now.
+    problem: Option<String>,
+    backoff: Duration,
+    rejected: Vec<Rejected>,
+    /// Per partition: the offset after the last record handed out.
+    offsets: BTreeMap<i32, i64>,
+    /// Whether offsets changed since the last commit.
+    uncommitted: bool,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topic", &self.topic)
+            .field("startup", &self.startup)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The column an `INCLUDE` item of a Kafka source adds.
+pub(crate) fn metadata_field(item: &str, argument: Option<&str>, alias: Option<&str>) -> Option<Field> {
+    let data_type = match item {
+        "key" | "header" => DataType::Binary,
+        "partition" => DataType::Int32,
+        "offset" => DataType::Int64,
+        "timestamp" => DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())),
+        _ => return None,
+    };
+    let name = match (alias, argument) {
+        (Some(alias), _) => alias.to_string(),
+        (None, Some(header)) => format!("kafka_header_{header}"),
+        (None, None) => format!("kafka_{item}"),
+    };
+    Some(Field::new(name, data_type, true))
+}
+
+impl KafkaSource {
+    pub fn try_new(
+        schema: SchemaRef,
+        mut options: Options,
+        encoding: Option<Encoding>,
+        metadata: &[MetadataColumn],
+    ) -> Result<Self, ConnectorError> {
+        let topic = options.take("topic").ok_or_else(|| missing("topic"))?;
+        let servers = options
+            .take("properties.bootstrap.server")
+            .or_else(|| options.take("properties.bootstrap.servers"))
+            .ok_or_else(|| missing("properties.bootstrap.server"))?;
+        let startup = match options.take("scan.startup.mode").map(|m| m.to_lowercase()).as_deref() {
+            None | Some("earliest") => Startup::Earliest,
+            Some("latest") => Startup::Latest,
+            Some("group-offsets") | Some("group_offsets") => Startup::GroupOffsets,
+            Some("timestamp") => {
+                let millis = options
+                    .take_parsed::<i64>("scan.startup.timestamp.millis", "milliseconds since 1970-01-01")?
+                    .ok_or_else(|| missing("scan.startup.timestamp.millis"))?;
+                Startup::Timestamp(millis)
+            }
+            Some(other) => {
+                return Err(invalid("scan.startup.mode", other, "earliest, latest, timestamp or group-offsets"));
+            }
+        };
+        let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &servers)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", if startup == Startup::Latest { "latest" } else { "earliest" })
+            .set("group.id", format!("weir-{:016x}", rand::random::<u64>()));
+        for (key, value) in options.take_prefixed("properties.") {
+            config.set(key, value);
+        }
+        if startup == Startup::GroupOffsets && !options_has_group(&config) {
+            return Err(invalid("scan.startup.mode", "group-offsets", "needs properties.group.id"));
+        }
+        // librdkafka checks the settings when a client is made; making one connects to nothing yet.
+        let _checked: BaseConsumer = config.create().map_err(|e| ConnectorError::InvalidOption {
+            key: "properties.*".into(),
+            value: servers.clone(),
+            reason: e.to_string(),
+        })?;
+        options.finish(NAME, VALID)?;
+
+        let mut columns = Vec::new();
+        for column in metadata {
+            let meta = match (column.item.as_str(), &column.argument) {
+                ("key", _) => Meta::Key,
+                ("partition", _) => Meta::Partition,
+                ("offset", _) => Meta::Offset,
+                ("timestamp", _) => Meta::Timestamp,
+                ("header", Some(name)) => Meta::Header(name.clone()),
+                (other, _) => {
+                    return Err(ConnectorError::Column {
+                        connector: NAME.into(),
+                        column: schema.field(column.column).name().clone(),
+                        reason: format!("INCLUDE {other} is not available from Kafka"),
+                    });
+                }
+            };
+            columns.push((column.column, meta));
+        }
+        let encoding = encoding.ok_or_else(|| ConnectorError::Format {
+            connector: NAME.into(),
+            expected: "JSON or CSV (the format of the record values)".into(),
+        })?;
+        let payload_fields: Vec<Field> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !columns.iter().any(|(c, _)| c == i))
+            .map(|(_, f)| f.as_ref().clone())
+            .collect();
+        let decoder = RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?;
+        Ok(KafkaSource {
+            schema,
+            decoder,
+            metadata: columns,
+            topic,
+            config,
+            startup,
+            linger: Duration::from_millis(linger),
+            consumer: None,
+            problem: None,
+            backoff: Duration::from_millis(100),
+            rejected: Vec::new(),
+            offsets: BTreeMap::new(),
+            uncommitted: false,
+        })
+    }
+
+    /// Per partition, the offset after the last record handed out: where a restart from a checkpoint resumes.
+    pub fn offsets(&self) -> &BTreeMap<i32, i64> {
+        &self.offsets
+    }
+
+    /// Makes the consumer and assigns it the topic's partitions (or joins the group).
+    async fn connect(&self) -> Result<Arc<StreamConsumer>, String> {
+        let consumer: Arc<StreamConsumer> =
+            Arc::new(self.config.create().map_err(|e| format!("creating the Kafka consumer: {e}"))?);
+        if self.startup == Startup::GroupOffsets {
+            consumer.subscribe(&[&self.topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
+            return Ok(consumer);
+        }
+        let topic = self.topic.clone();
+        let startup = self.startup.clone();
+        let probe = consumer.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let metadata = probe
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map_err(|e| format!("Kafka broker unreachable: {e}"))?;
+            let partitions: Vec<i32> = match metadata.topics().iter().find(|t| t.name() == topic) {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    t.partitions().iter().map(|p| p.id()).collect()
+                }
+                _ => return Err(format!("Kafka topic \"{topic}\" does not exist")),
+            };
+            let mut assignment = TopicPartitionList::new();
+            for partition in &partitions {
+                let offset = match startup {
+                    Startup::Latest => Offset::End,
+                    Startup::Timestamp(millis) => Offset::Offset(millis),
+                    _ => Offset::Beginning,
+                };
+                assignment.add_partition_offset(&topic, *partition, offset).map_err(|e| e.to_string())?;
+            }
+            if let Startup::Timestamp(_) = startup {
+                assignment = probe
+                    .offsets_for_times(assignment, Duration::from_secs(10))
+                    .map_err(|e| format!("looking up offsets by time: {e}"))?;
+            }
+            probe.assign(&assignment).map_err(|e| format!("assigning partitions: {e}"))?;
+            info!(%topic, partitions = partitions.len(), "reading every partition of the Kafka topic");
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("connecting to Kafka: {e}"))??;
+        Ok(consumer)
+    }
+
+    /// Decodes records into one batch of the source's schema (`None` when none decodes).
+    fn decode(&mut self, messages: &[OwnedMessage]) -> Result<Option<RecordBatch>, ConnectorError> {
+        let records: Vec<Record> = messages
+            .iter()
+            .map(|m| Record {
+                origin: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
+                bytes: m.payload().unwrap_or_default().to_vec(),
+            })
+            .collect();
+        let (batch, rejected, accepted) = self.decoder.decode_indexed(&records);
+        self.rejected.extend(rejected);
+        let Some(batch) = batch else { return Ok(None) };
+        let mut columns: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];
+        for (at, meta) in &self.metadata {
+            let kept = accepted.iter().map(|i| &messages[*i]);
+            let array: ArrayRef = match meta {
+                Meta::Key => Arc::new(kept.map(|m| m.key()).collect::<BinaryArray>()),
+                Meta::Partition => Arc::new(kept.map(|m| Some(m.partition())).collect::<Int32Array>()),
+                Meta::Offset => Arc::new(kept.map(|m| Some(m.offset())).collect::<Int64Array>()),
+                Meta::Timestamp => {
+                    let millis: TimestampMillisecondArray = kept.map(|m| m.timestamp().to_millis()).collect();
+                    cast(&millis, self.schema.field(*at).data_type())
+                        .map_err(|e| ConnectorError::Io(format!("kafka: record timestamps: {e}")))?
+                }
+                Meta::Header(name) => Arc::new(
+                    kept.map(|m| {
+                        m.headers()
+                            .and_then(|h| h.iter().find(|header| header.key == name).and_then(|header| header.value))
+                    })
+                    .collect::<BinaryArray>(),
+                ),
+            };
+            columns[*at] = Some(array);
+        }
+        let mut decoded = batch.columns().iter();
+        let columns: Vec<ArrayRef> = columns
+            .into_iter()
+            .map(|c| c.or_else(|| decoded.next().cloned()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ConnectorError::Io("kafka: building a batch".into()))?;
+        RecordBatch::try_new(self.schema.clone(), columns)
+            .map(Some)
+            .map_err(|e| ConnectorError::Io(format!("kafka: building a batch: {e}")))
+    }
+}
+
+const VALID: &[&str] = &[
+    "connector",
+    "topic",
+    "properties.bootstrap.server",
+    "properties.*",
+    "scan.startup.mode",
+    "scan.startup.timestamp.millis",
+    "batch.linger.ms",
+];
+
+fn options_has_group(config: &ClientConfig) -> bool {
+    config.get("group.id").is_some_and(|g| !g.starts_with("weir-"))
+}
+
+#[async_trait]
+impl SourceReader for KafkaSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Waits for a record, then gathers those arriving within the linger time. Never ends.
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+        loop {
+            let consumer = match &self.consumer {
+                Some(consumer) => consumer.clone(),
+                None => match self.connect().await {
+                    Ok(consumer) => {
+                        self.problem = None;
+                        self.backoff = Duration::from_millis(100);
+                        self.consumer = Some(consumer.clone());
+                        consumer
+                    }
+                    Err(problem) => {
+                        warn!(topic = %self.topic, %problem, "Kafka source cannot read yet; retrying in {:?}", self.backoff);
+                        self.problem = Some(format!("{problem}; retrying"));
+                        tokio::time::sleep(self.backoff).await;
+                        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            let first = match consumer.recv().await {
+                Ok(message) => message.detach(),
+                Err(err) => {
+                    self.problem = Some(format!("Kafka: {err}; retrying"));
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            self.problem = None;
+            let mut messages = vec![first];
+            let deadline = tokio::time::Instant::now() + self.linger;
+            while messages.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(message)) => messages.push(message.detach()),
+                    _ => break,
+                }
+            }
+            for message in &messages {
+                self.offsets.insert(message.partition(), message.offset() + 1);
+            }
+            self.uncommitted = true;
+            if let Some(batch) = self.decode(&messages)? {
+                return Ok(Some(batch));
+            }
+        }
+    }
+
+    fn take_rejected(&mut self) -> Vec<Rejected> {
+        std::mem::take(&mut self.rejected)
+    }
+
+    fn commit(&mut self) {
+        if self.startup != Startup::GroupOffsets || !self.uncommitted {
+            return;
+        }
+        let Some(consumer) = &self.consumer else { return };
+        let mut positions = TopicPartitionList::new();
+        for (partition, offset) in &self.offsets {
+            if positions.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset)).is_err() {
+                return;
+            }
+        }
+        match consumer.commit(&positions, CommitMode::Async) {
+            Ok(()) => self.uncommitted = false,
+            Err(err) => warn!(topic = %self.topic, error = %err, "committing Kafka offsets failed; will retry"),
+        }
+    }
+
+    fn health(&self) -> Option<String> {
+        self.problem.clone()
+    }
+}
+
+fn missing(key: &str) -> ConnectorError {
+    ConnectorError::MissingOption { connector: NAME.into(), key: key.into() }
+}
+
+fn invalid(key: &str, value: &str, reason: &str) -> ConnectorError {
+    ConnectorError::InvalidOption { key: key.into(), value: value.into(), reason: reason.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: &[(&str, &str)]) -> Options {
+        Options::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true), Field::new("p", DataType::Int32, true)]))
+    }
+
+    #[test]
+    fn bad_options_are_clear_errors() {
+        let partition = [MetadataColumn { item: "partition".into(), argument: None, column: 1 }];
+        let open = |pairs: &[(&str, &str)]| {
+            KafkaSource::try_new(schema(), options(pairs), Some(Encoding::Json), &partition).map(|_| ())
+        };
+        let servers = ("properties.bootstrap.server", "127.0.0.1:9092");
+        assert!(open(&[servers, ("topic", "t")]).is_ok());
+        assert_eq!(open(&[servers]).unwrap_err(), missing("topic"));
+        assert_eq!(open(&[("topic", "t")]).unwrap_err(), missing("properties.bootstrap.server"));
+        assert!(
+            open(&[servers, ("topic", "t"), ("scan.startup.mode", "first")])
+                .unwrap_err()
+                .to_string()
+                .contains("earliest")
+        );
+        assert_eq!(
+            open(&[servers, ("topic", "t"), ("scan.startup.mode", "timestamp")]).unwrap_err(),
+            missing("scan.startup.timestamp.millis")
+        );
+        assert!(
+            open(&[servers, ("topic", "t"), ("scan.startup.mode", "group-offsets")])
+                .unwrap_err()
+                .to_string()
+                .contains("group.id")
+        );
+        // librdkafka's own settings pass through, and it judges them.
+        assert!(open(&[servers, ("topic", "t"), ("properties.fetch.max.bytes", "1048576")]).is_ok());
+        assert!(open(&[servers, ("topic", "t"), ("properties.no.such.setting", "1")]).is_err());
+        let err = open(&[servers, ("topic", "t"), ("scan.mode", "earliest")]).unwrap_err().to_string();
+        assert!(err.contains("unknown option \"scan.mode\"") && err.contains("scan.startup.mode"), "{err}");
+    }
+
+    #[test]
+    fn metadata_columns_have_their_types() {
+        assert_eq!(metadata_field("partition", None, None).unwrap().data_type(), &DataType::Int32);
+        assert_eq!(metadata_field("offset", None, Some("o")).unwrap().name(), "o");
+        assert_eq!(metadata_field("header", Some("trace"), None).unwrap().name(), "kafka_header_trace");
+        assert_eq!(metadata_field("key", None, None).unwrap().name(), "kafka_key");
+        assert!(matches!(
+            metadata_field("timestamp", None, None).unwrap().data_type(),
+            DataType::Timestamp(_, Some(_))
+        ));
+        assert!(metadata_field("topic", None, None).is_none());
+    }
+}
