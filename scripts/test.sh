@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
-# Installs what the tests need (psql, Python's psycopg, the Mosquitto MQTT broker) when it is missing. Builds the dev
-# profile only. Tests that need a broker start their own on a free loopback port and stop it after.
+# Installs what the tests need (psql, Python's psycopg, the Mosquitto MQTT broker, the tansu Kafka-compatible broker, a
+# C toolchain for librdkafka) when it is missing. Builds the dev profile only. Tests that need a broker start their own
+# on a free loopback port and stop it after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,18 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
   # The tests start their own brokers; the packaged service is not needed.
   (systemctl disable --now mosquitto || service mosquitto stop) >/dev/null 2>&1 || true
+fi
+if ! command -v make >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
+  echo "== installing a C toolchain (librdkafka is built from source)"
+  apt-get update -qq && apt-get install -y -qq build-essential >/dev/null
+fi
+# tansu speaks the Kafka protocol with in-memory storage; installed once (a release build of several minutes) and kept
+# with the cargo cache.
+export WEIR_TANSU="${WEIR_TANSU:-$HOME/.cache/weir/tools/bin/tansu}"
+if [ ! -x "$WEIR_TANSU" ]; then
+  echo "== installing the tansu Kafka-compatible broker (once)"
+  cargo install tansu --locked --features dynostore --root "$HOME/.cache/weir/tools" \
+    --target-dir "$HOME/.cache/weir/tansu-target"
 fi
 if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "== installing psycopg"

@@ -1,0 +1,178 @@
+//! The Kafka source against a real Kafka-compatible broker (tansu, in-memory storage) that the test starts on a free
+//! loopback port: a three-partition topic written by a real producer, record metadata as columns, a malformed record
+//! in the dead-letter relation, and a missing topic reported in the view's status.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_postgres::{Client, SimpleQueryMessage};
+use weir_sql_tests::TestServer;
+
+/// The tansu binary: `WEIR_TANSU`, or where the test command installs it.
+fn tansu() -> PathBuf {
+    std::env::var_os("WEIR_TANSU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/weir/tools/bin/tansu"))
+}
+
+/// A broker on `port`, stopped when dropped.
+struct Broker {
+    child: Child,
+    url: String,
+}
+
+impl Broker {
+    fn start(port: u16) -> Broker {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu must be installed (the test command installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Broker { child, url }
+    }
+
+    fn create_topic(&self, name: &str, partitions: u32) {
+        let status = Command::new(tansu())
+            .args(["topic", "create", name, "--partitions", &partitions.to_string(), "--broker", &self.url])
+            .stdout(Stdio::null())
+            .status()
+            .expect("running tansu topic create");
+        assert!(status.success(), "creating topic {name}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `sql` (after a FLUSH) until it returns `expected`.
+async fn eventually(client: &Client, sql: &str, expected: &[&[&str]]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        client.batch_execute("FLUSH").await.expect("FLUSH");
+        let got = rows(client, sql).await;
+        let same = got.len() == expected.len() && got.iter().zip(expected).all(|(g, e)| g.iter().eq(e.iter()));
+        if same {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sql}\n  got {got:?}\n  expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let broker = Broker::start(port);
+    broker.create_topic("payments", 3);
+    let bootstrap = format!("127.0.0.1:{port}");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("a producer");
+    let records: [(i32, &str, &str); 5] = [
+        (0, "c1", r#"{"customer_id": "c1", "amount": 10, "ts": "2024-01-01 00:00:01"}"#),
+        (1, "c2", r#"{"customer_id": "c2", "amount": 5, "ts": "2024-01-01 00:00:02"}"#),
+        (2, "c1", r#"{"customer_id": "c1", "amount": 7, "ts": "2024-01-01 00:00:03"}"#),
+        (1, "c3", r#"{"customer_id": "c3", "amount": "lots"}"#),
+        (1, "c2", r#"{"customer_id": "c2", "amount": 1, "ts": "2024-01-01 00:00:04"}"#),
+    ];
+    for (partition, key, value) in records {
+        let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some(key) });
+        let record = FutureRecord::to("payments").partition(partition).key(key).payload(value).headers(headers);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing a record");
+    }
+
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE payments (customer_id TEXT, amount BIGINT, ts TIMESTAMP(3), \
+               WATERMARK FOR ts AS ts - INTERVAL '15' SECOND) \
+             INCLUDE partition, offset, key AS k, header 'trace' AS trace, timestamp AS kafka_ts \
+             WITH (connector = 'kafka', topic = 'payments', 'properties.bootstrap.server' = '{bootstrap}', \
+                   'scan.startup.mode' = 'earliest') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW spend AS \
+               SELECT customer_id, count(*) AS n, sum(amount) AS total FROM payments GROUP BY customer_id; \
+             CREATE MATERIALIZED VIEW placed AS \
+               SELECT customer_id, kafka_partition, kafka_offset, CAST(k AS TEXT) AS k, CAST(trace AS TEXT) AS trace, \
+                      kafka_ts IS NOT NULL AS stamped \
+               FROM payments;"
+        ))
+        .await
+        .unwrap();
+
+    eventually(
+        client,
+        "SELECT customer_id, n, total FROM spend ORDER BY customer_id",
+        &[&["c1", "2", "17"], &["c2", "2", "6"]],
+    )
+    .await;
+    eventually(
+        client,
+        "SELECT customer_id, kafka_partition, kafka_offset, k, trace, stamped FROM placed \
+         ORDER BY kafka_partition, kafka_offset",
+        &[
+            &["c1", "0", "0", "c1", "c1", "t"],
+            &["c2", "1", "0", "c2", "c2", "t"],
+            &["c2", "1", "2", "c2", "c2", "t"],
+            &["c1", "2", "0", "c1", "c1", "t"],
+        ],
+    )
+    .await;
+    // The malformed record is set aside by each view reading the source, with where it was.
+    eventually(client, "SELECT DISTINCT origin FROM weir_catalog.dead_letters", &[&["payments/1@1"]]).await;
+
+    // A missing topic is reported in the status and retried, not an error that stops the view.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE nowhere (v BIGINT) \
+             WITH (connector = 'kafka', topic = 'nowhere', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW nothing AS SELECT count(*) AS n FROM nowhere;"
+        ))
+        .await
+        .unwrap();
+    eventually(
+        client,
+        "SELECT status FROM weir_catalog.view_progress WHERE view = 'nothing'",
+        &[&["retrying: Kafka topic \"nowhere\" does not exist; retrying"]],
+    )
+    .await;
+    server.stop().await.unwrap();
+}
