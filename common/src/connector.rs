@@ -146,6 +146,17 @@ pub trait SourceReader: Send + fmt::Debug {
     /// Acknowledges every row handed out so far.
     fn commit(&mut self) {}
 
+    /// The split (a Kafka partition) the last batch came from. A source read in splits hands out each batch from one
+    /// split, and each split has its own watermark.
+    fn last_split(&self) -> usize {
+        0
+    }
+
+    /// How many splits the source has (as far as it knows yet); the watermark waits for each one that is not idle.
+    fn split_count(&self) -> usize {
+        1
+    }
+
     /// What keeps the source from reading right now (`broker unreachable: ...; retrying`), if anything.
     fn health(&self) -> Option<String> {
         None

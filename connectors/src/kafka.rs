@@ -17,7 +17,9 @@
 //! The consumer is created on the first read. It assigns itself every partition of the topic (or, with
 //! `group-offsets`, joins the group), so partitions are read in parallel by librdkafka. When the broker cannot be
 //! reached or the topic does not exist, it retries with a backoff from 100 ms to 5 s and says why through
-//! [`SourceReader::health`]. The offsets of the rows handed out are tracked per partition ([`KafkaSource::offsets`]),
+//! [`SourceReader::health`]. Each batch holds records of one partition, and each partition is a split with its own
+//! watermark: the source's watermark is the minimum over partitions not idle past `'watermark.idle.timeout'`. The
+//! offsets of the rows handed out are tracked per partition ([`KafkaSource::offsets`]),
 //! and committed to the group in [`SourceReader::commit`] under `group-offsets`.
 
 use std::collections::BTreeMap;
@@ -78,6 +80,15 @@ pub struct KafkaSource {
     offsets: BTreeMap<i32, i64>,
     /// Whether offsets changed since the last commit.
     uncommitted: bool,
+    /// Records of the batch being gathered, and when gathering ends; kept here so a cancelled read loses nothing.
+    gathering: Vec<OwnedMessage>,
+    deadline: Option<tokio::time::Instant>,
+    /// Decoded batches not yet handed out, one per partition, with their partition.
+    ready: std::collections::VecDeque<(i32, RecordBatch)>,
+    /// The partition of the last batch handed out.
+    last_partition: i32,
+    /// How many partitions the topic has, once known.
+    partitions: usize,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -199,6 +210,11 @@ impl KafkaSource {
             rejected: Vec::new(),
             offsets: BTreeMap::new(),
             uncommitted: false,
+            gathering: Vec::new(),
+            deadline: None,
+            ready: std::collections::VecDeque::new(),
+            last_partition: 0,
+            partitions: 0,
         })
     }
 
@@ -208,17 +224,17 @@ impl KafkaSource {
     }
 
     /// Makes the consumer and assigns it the topic's partitions (or joins the group).
-    async fn connect(&self) -> Result<Arc<StreamConsumer>, String> {
+    async fn connect(&self) -> Result<(Arc<StreamConsumer>, usize), String> {
         let consumer: Arc<StreamConsumer> =
             Arc::new(self.config.create().map_err(|e| format!("creating the Kafka consumer: {e}"))?);
         if self.startup == Startup::GroupOffsets {
             consumer.subscribe(&[&self.topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
-            return Ok(consumer);
+            return Ok((consumer, 0));
         }
         let topic = self.topic.clone();
         let startup = self.startup.clone();
         let probe = consumer.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let partitions = tokio::task::spawn_blocking(move || -> Result<usize, String> {
             let metadata = probe
                 .fetch_metadata(Some(&topic), Duration::from_secs(5))
                 .map_err(|e| format!("Kafka broker unreachable: {e}"))?;
@@ -244,11 +260,11 @@ impl KafkaSource {
             }
             probe.assign(&assignment).map_err(|e| format!("assigning partitions: {e}"))?;
             info!(%topic, partitions = partitions.len(), "reading every partition of the Kafka topic");
-            Ok(())
+            Ok(partitions.len())
         })
         .await
         .map_err(|e| format!("connecting to Kafka: {e}"))??;
-        Ok(consumer)
+        Ok((consumer, partitions))
     }
 
     /// Decodes records into one batch of the source's schema (`None` when none decodes).
@@ -317,16 +333,22 @@ impl SourceReader for KafkaSource {
         self.schema.clone()
     }
 
-    /// Waits for a record, then gathers those arriving within the linger time. Never ends.
+    /// Waits for a record, then gathers those arriving within the linger time, and hands them out one partition at
+    /// a time. Never ends.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
+            if let Some((partition, batch)) = self.ready.pop_front() {
+                self.last_partition = partition;
+                return Ok(Some(batch));
+            }
             let consumer = match &self.consumer {
                 Some(consumer) => consumer.clone(),
                 None => match self.connect().await {
-                    Ok(consumer) => {
+                    Ok((consumer, partitions)) => {
                         self.problem = None;
                         self.backoff = Duration::from_millis(100);
                         self.consumer = Some(consumer.clone());
+                        self.partitions = partitions;
                         consumer
                     }
                     Err(problem) => {
@@ -338,30 +360,40 @@ impl SourceReader for KafkaSource {
                     }
                 },
             };
-            let first = match consumer.recv().await {
-                Ok(message) => message.detach(),
-                Err(err) => {
-                    self.problem = Some(format!("Kafka: {err}; retrying"));
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-                    continue;
+            if self.gathering.is_empty() {
+                match consumer.recv().await {
+                    Ok(message) => self.gathering.push(message.detach()),
+                    Err(err) => {
+                        self.problem = Some(format!("Kafka: {err}; retrying"));
+                        tokio::time::sleep(self.backoff).await;
+                        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
                 }
-            };
-            self.problem = None;
-            let mut messages = vec![first];
-            let deadline = tokio::time::Instant::now() + self.linger;
-            while messages.len() < MAX_BATCH {
+                self.problem = None;
+                self.deadline = Some(tokio::time::Instant::now() + self.linger);
+            }
+            let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
+            while self.gathering.len() < MAX_BATCH {
                 match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Ok(message)) => messages.push(message.detach()),
+                    Ok(Ok(message)) => self.gathering.push(message.detach()),
                     _ => break,
                 }
             }
+            let messages = std::mem::take(&mut self.gathering);
             for message in &messages {
                 self.offsets.insert(message.partition(), message.offset() + 1);
             }
             self.uncommitted = true;
-            if let Some(batch) = self.decode(&messages)? {
-                return Ok(Some(batch));
+            // One batch per partition, each partition's records in order.
+            let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+            for message in messages {
+                by_partition.entry(message.partition()).or_default().push(message);
+            }
+            for (partition, messages) in by_partition {
+                if let Some(batch) = self.decode(&messages)? {
+                    self.ready.push_back((partition, batch));
+                }
             }
         }
     }
@@ -389,6 +421,14 @@ impl SourceReader for KafkaSource {
 
     fn health(&self) -> Option<String> {
         self.problem.clone()
+    }
+
+    fn last_split(&self) -> usize {
+        usize::try_from(self.last_partition).unwrap_or_default()
+    }
+
+    fn split_count(&self) -> usize {
+        self.partitions.max(1)
     }
 }
 

@@ -80,6 +80,10 @@ pub struct MqttSource {
     rejected: Vec<Rejected>,
     /// QoS 1 messages handed out and not yet acknowledged.
     unacknowledged: Vec<Publish>,
+    /// Messages of the batch being gathered, and when gathering ends. Kept here, not in `next_batch`, so a read
+    /// cancelled while gathering loses nothing.
+    gathering: Vec<Publish>,
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// The running connection: the task polling the broker, and what it received.
@@ -189,6 +193,8 @@ impl MqttSource {
             connection: None,
             rejected: Vec::new(),
             unacknowledged: Vec::new(),
+            gathering: Vec::new(),
+            deadline: None,
         })
     }
 
@@ -223,27 +229,31 @@ impl SourceReader for MqttSource {
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
             let connection = self.connection.get_or_insert_with(|| connect(&self.settings));
-            let Some(first) = connection.messages.recv().await else {
-                return Err(ConnectorError::Io("mqtt: the connection task stopped".into()));
-            };
-            let mut messages = vec![first];
-            let deadline = tokio::time::Instant::now() + self.linger;
-            while messages.len() < MAX_BATCH {
-                while messages.len() < MAX_BATCH
+            if self.gathering.is_empty() {
+                let Some(first) = connection.messages.recv().await else {
+                    return Err(ConnectorError::Io("mqtt: the connection task stopped".into()));
+                };
+                self.gathering.push(first);
+                self.deadline = Some(tokio::time::Instant::now() + self.linger);
+            }
+            let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
+            while self.gathering.len() < MAX_BATCH {
+                while self.gathering.len() < MAX_BATCH
                     && let Ok(message) = connection.messages.try_recv()
                 {
-                    messages.push(message);
+                    self.gathering.push(message);
                 }
                 let now = tokio::time::Instant::now();
-                if messages.len() >= MAX_BATCH || now >= deadline {
+                if self.gathering.len() >= MAX_BATCH || now >= deadline {
                     break;
                 }
                 let wait = (deadline - now).min(Duration::from_millis(1));
                 match tokio::time::timeout(wait, connection.messages.recv()).await {
-                    Ok(Some(message)) => messages.push(message),
+                    Ok(Some(message)) => self.gathering.push(message),
                     _ => break,
                 }
             }
+            let messages = std::mem::take(&mut self.gathering);
             let batch = self.decode(&messages)?;
             self.unacknowledged.extend(messages.into_iter().filter(|m| m.qos != QoS::AtMostOnce));
             if batch.is_some() {

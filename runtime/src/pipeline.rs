@@ -61,18 +61,63 @@ impl Aggregation {
 }
 use crate::{Result, RuntimeError};
 
+/// One input of a pipeline, read in splits (a Kafka topic's partitions; one split for most sources), each with its
+/// own watermark assigner.
+#[derive(Debug)]
+struct Input {
+    spec: Option<WatermarkSpec>,
+    splits: Vec<Split>,
+    /// The input ended: its watermark is `END_OF_TIME`.
+    ended: bool,
+}
+
+#[derive(Debug)]
+struct Split {
+    assigner: Option<WatermarkAssigner>,
+    /// The split's watermark so far.
+    watermark: Option<Watermark>,
+    /// Left out of the input's watermark until its next rows.
+    idle: bool,
+}
+
+impl Input {
+    fn new(spec: Option<WatermarkSpec>) -> Self {
+        let mut input = Input { spec, splits: Vec::new(), ended: false };
+        input.split(0);
+        input
+    }
+
+    /// Split `split`, created (with those before it) if new.
+    fn split(&mut self, split: usize) -> &mut Split {
+        while self.splits.len() <= split {
+            let assigner = self.spec.as_ref().map(|w| WatermarkAssigner::new(w.column, w.expr.clone()));
+            self.splits.push(Split { assigner, watermark: None, idle: false });
+        }
+        &mut self.splits[split]
+    }
+
+    /// Whether the input counts for the view's watermark: it ended, or some split is not idle.
+    fn active(&self) -> bool {
+        self.ended || self.splits.iter().any(|s| !s.idle)
+    }
+
+    /// The minimum over the splits that are not idle, once each has a watermark.
+    fn watermark(&self) -> Option<Watermark> {
+        if self.ended {
+            return Some(END_OF_TIME);
+        }
+        let active: Option<Vec<Watermark>> = self.splits.iter().filter(|s| !s.idle).map(|s| s.watermark).collect();
+        active.and_then(|w| w.into_iter().min())
+    }
+}
+
 /// A running streaming plan.
 #[derive(Debug)]
 pub struct Pipeline {
     plan: StreamingPlan,
-    /// Per input: its watermark assigner, if it declares a watermark.
-    assigners: Vec<Option<WatermarkAssigner>>,
-    /// Per input: its watermark so far (`END_OF_TIME` once it ended).
-    watermarks: Vec<Option<Watermark>>,
+    inputs: Vec<Input>,
     /// The watermark passed on: the minimum over inputs that are not idle.
     combined: Option<Watermark>,
-    /// Per input: whether it is idle (left out of the minimum until its next rows).
-    idle: Vec<bool>,
     aggregate: Option<Aggregation>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
@@ -118,11 +163,8 @@ impl Pipeline {
             }
             None => None,
         };
-        let assigners: Vec<_> =
-            watermarks.into_iter().map(|w| w.map(|w| WatermarkAssigner::new(w.column, w.expr))).collect();
-        let watermarks = vec![None; assigners.len()];
-        let idle = vec![false; assigners.len()];
-        Ok(Pipeline { plan, assigners, watermarks, combined: None, idle, aggregate, task, pending: Vec::new() })
+        let inputs = watermarks.into_iter().map(Input::new).collect();
+        Ok(Pipeline { plan, inputs, combined: None, aggregate, task, pending: Vec::new() })
     }
 
     /// Schema of the view's rows.
@@ -134,7 +176,11 @@ impl Pipeline {
     pub fn watermark(&self) -> Option<Watermark> {
         self.combined.filter(|w| *w != END_OF_TIME).or_else(|| {
             // After the end, report the last real watermark of the inputs.
-            self.assigners.iter().filter_map(|a| a.as_ref().and_then(WatermarkAssigner::current)).min()
+            self.inputs
+                .iter()
+                .flat_map(|i| &i.splits)
+                .filter_map(|s| s.assigner.as_ref().and_then(WatermarkAssigner::current))
+                .min()
         })
     }
 
@@ -156,34 +202,52 @@ impl Pipeline {
         }
     }
 
-    /// Marks input `input` idle (its source's idle timeout passed without rows): the view's watermark is then the
-    /// minimum over the other inputs, so their windows can close. Its next rows make it active again; rows of windows
-    /// closed meanwhile are late. Returns whether the input was active until now.
-    pub async fn set_idle(&mut self, input: usize) -> Result<bool> {
-        match self.idle.get_mut(input) {
-            Some(idle) if !*idle => {
-                *idle = true;
-                self.advance().await?;
-                Ok(true)
-            }
-            _ => Ok(false),
+    /// Marks split `split` of input `input` idle (its source's idle timeout passed without rows from it): the view's
+    /// watermark is then the minimum over the other splits and inputs, so their windows can close. Its next rows make
+    /// it active again; rows of windows closed meanwhile are late. Returns whether the split was active until now.
+    pub async fn set_idle(&mut self, input: usize, split: usize) -> Result<bool> {
+        let Some(state) = self.inputs.get_mut(input) else { return Ok(false) };
+        let split = state.split(split);
+        if split.idle {
+            return Ok(false);
+        }
+        split.idle = true;
+        self.advance().await?;
+        Ok(true)
+    }
+
+    /// Tells the pipeline input `input` has `count` splits (a Kafka topic's partitions, once known): the input's
+    /// watermark waits for each of them, until it is idle.
+    pub fn set_splits(&mut self, input: usize, count: usize) {
+        if let Some(state) = self.inputs.get_mut(input)
+            && count > 0
+        {
+            state.split(count - 1);
         }
     }
 
-    /// Processes one batch of rows of input `input`.
+    /// Processes one batch of rows of input `input` (of its only split).
     pub async fn push(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
-        if let Some(idle) = self.idle.get_mut(input) {
-            *idle = false;
-        }
-        let messages = match self.assigners.get_mut(input) {
-            Some(Some(assigner)) => assigner.process(&batch)?,
-            Some(None) => vec![Message::Data(batch)],
-            None => return Err(RuntimeError::Inputs(self.assigners.len(), input + 1)),
+        self.push_split(input, 0, batch).await
+    }
+
+    /// Processes one batch of rows of split `split` of input `input`.
+    pub async fn push_split(&mut self, input: usize, split: usize, batch: RecordBatch) -> Result<()> {
+        let count = self.inputs.len();
+        let state = self.inputs.get_mut(input).ok_or(RuntimeError::Inputs(count, input + 1))?.split(split);
+        state.idle = false;
+        let messages = match &mut state.assigner {
+            Some(assigner) => assigner.process(&batch)?,
+            None => vec![Message::Data(batch)],
         };
         for message in messages {
             match message {
                 Message::Data(batch) => self.data(input, batch).await?,
-                Message::Watermark(w) => self.input_watermark(input, w).await?,
+                Message::Watermark(w) => {
+                    let state = self.inputs[input].split(split);
+                    state.watermark = Some(state.watermark.map_or(w, |old| old.max(w)));
+                    self.advance().await?;
+                }
                 Message::Barrier(_) | Message::End => {}
             }
         }
@@ -192,13 +256,8 @@ impl Pipeline {
 
     /// Input `input` has ended; when every input has, every window closes.
     pub async fn end(&mut self, input: usize) -> Result<()> {
-        self.input_watermark(input, END_OF_TIME).await
-    }
-
-    /// Records an input's watermark and passes on the minimum over inputs when it advances.
-    async fn input_watermark(&mut self, input: usize, watermark: Watermark) -> Result<()> {
-        if let Some(slot) = self.watermarks.get_mut(input) {
-            *slot = Some(slot.map_or(watermark, |w| w.max(watermark)));
+        if let Some(state) = self.inputs.get_mut(input) {
+            state.ended = true;
         }
         self.advance().await
     }
@@ -206,9 +265,8 @@ impl Pipeline {
     /// Passes on the minimum watermark over the active inputs when it advances. It waits for every active input's
     /// first watermark, and does not move while every input is idle.
     async fn advance(&mut self) -> Result<()> {
-        let active: Vec<Option<Watermark>> =
-            self.watermarks.iter().zip(&self.idle).filter(|(_, idle)| !**idle).map(|(w, _)| *w).collect();
-        let Some(minimum) = active.into_iter().collect::<Option<Vec<_>>>().and_then(|w| w.into_iter().min()) else {
+        let active: Option<Vec<Watermark>> = self.inputs.iter().filter(|i| i.active()).map(Input::watermark).collect();
+        let Some(minimum) = active.and_then(|w| w.into_iter().min()) else {
             return Ok(());
         };
         if self.combined.is_none_or(|c| minimum > c) {
@@ -221,13 +279,15 @@ impl Pipeline {
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
     pub fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
         let inputs = StateTable::new(&format!("{name}/inputs"));
-        for (input, (watermark, assigner)) in self.watermarks.iter().zip(&self.assigners).enumerate() {
-            let own = assigner.as_ref().and_then(WatermarkAssigner::current);
-            for (tag, value) in [(b'w', *watermark), (b'a', own)] {
-                let key = inputs.key(&input_key(tag, input));
-                match value {
-                    Some(w) => batch.put(key, encode_i64(w).to_vec()),
-                    None => batch.delete(key),
+        for (input, state) in self.inputs.iter().enumerate() {
+            for (split, state) in state.splits.iter().enumerate() {
+                let own = state.assigner.as_ref().and_then(WatermarkAssigner::current);
+                for (tag, value) in [(b'w', state.watermark), (b'a', own)] {
+                    let key = inputs.key(&split_key(tag, input, split));
+                    match value {
+                        Some(w) => batch.put(key, encode_i64(w).to_vec()),
+                        None => batch.delete(key),
+                    }
                 }
             }
         }
@@ -253,10 +313,23 @@ impl Pipeline {
         let read = |key: &[u8]| -> Result<Option<Watermark>> {
             Ok(store.get(&inputs.key(key))?.map(|v| decode_i64(&v)).transpose()?)
         };
-        for input in 0..self.watermarks.len() {
-            self.watermarks[input] = read(&input_key(b'w', input))?;
-            if let Some(assigner) = &mut self.assigners[input] {
-                assigner.restore(read(&input_key(b'a', input))?);
+        for (key, value) in inputs.scan_prefix(store, b"w")?.into_iter().chain(inputs.scan_prefix(store, b"a")?) {
+            let number = |at: usize| {
+                key.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).map(|n| n as usize)
+            };
+            let (Some(input), Some(split)) = (number(1), number(5)) else {
+                return Err(crate::state::StateError::Corrupt("input watermark key".to_string()).into());
+            };
+            let watermark = decode_i64(&value)?;
+            let Some(state) = self.inputs.get_mut(input) else { continue };
+            let state = state.split(split);
+            match key[0] {
+                b'w' => state.watermark = Some(watermark),
+                _ => {
+                    if let Some(assigner) = &mut state.assigner {
+                        assigner.restore(Some(watermark));
+                    }
+                }
             }
         }
         self.combined = read(b"combined")?;
@@ -340,10 +413,11 @@ impl Pipeline {
     }
 }
 
-/// The key of input `input`'s value `tag`.
-fn input_key(tag: u8, input: usize) -> Vec<u8> {
+/// The key of value `tag` of split `split` of input `input`.
+fn split_key(tag: u8, input: usize, split: usize) -> Vec<u8> {
     let mut key = vec![tag];
     key.extend_from_slice(&(input as u32).to_be_bytes());
+    key.extend_from_slice(&(split as u32).to_be_bytes());
     key
 }
 

@@ -168,7 +168,7 @@ impl Jobs {
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(source));
         let (readers, idle_timeouts): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
-        let last_rows = vec![Instant::now(); readers.len()];
+        let last_rows = vec![vec![Instant::now()]; readers.len()];
         let view_task = ViewTask {
             view: view.clone(),
             pipeline,
@@ -262,8 +262,8 @@ struct ViewTask {
     dirty: bool,
     /// Per input: how long it may go without rows before it is left out of the watermark.
     idle_timeouts: Vec<Option<Duration>>,
-    /// Per input: when it last produced rows.
-    last_rows: Vec<Instant>,
+    /// Per input and split: when it last produced rows.
+    last_rows: Vec<Vec<Instant>>,
 }
 
 async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut requests: mpsc::Receiver<Control>) {
@@ -283,7 +283,8 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                             match readers[input].next_batch().now_or_never() {
                                 Some(batch) => {
                                     task.progress.set_aside(readers[input].take_rejected());
-                                    task.step(input, batch, &mut reading).await;
+                                    let split = (readers[input].last_split(), readers[input].split_count());
+                                    task.step(input, split, batch, &mut reading).await;
                                     readers[input].commit();
                                 }
                                 None => break,
@@ -305,7 +306,8 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
             }
             (input, batch) = next_batch_of(&mut readers, &reading), if reading.contains(&true) => {
                 task.progress.set_aside(readers[input].take_rejected());
-                task.step(input, batch, &mut reading).await;
+                let split = (readers[input].last_split(), readers[input].split_count());
+                task.step(input, split, batch, &mut reading).await;
                 readers[input].commit();
                 if !reading.contains(&true) {
                     task.publish().await;
@@ -333,13 +335,27 @@ async fn next_batch_of(
 
 impl ViewTask {
     /// Processes what input `input` returned, marking in `reading` the inputs that ended (or, after a failure, all).
-    async fn step(&mut self, input: usize, batch: Result<Option<RecordBatch>, ConnectorError>, reading: &mut [bool]) {
+    /// `split` is the split the batch came from and how many splits the input has.
+    async fn step(
+        &mut self,
+        input: usize,
+        (split, splits): (usize, usize),
+        batch: Result<Option<RecordBatch>, ConnectorError>,
+        reading: &mut [bool],
+    ) {
         let view = &self.view;
+        // Splits discovered now (a Kafka topic's partitions, once connected) count as active from now on.
+        self.pipeline.set_splits(input, splits.max(split + 1));
+        if let Some(seen) = self.last_rows.get_mut(input) {
+            seen.resize(seen.len().max(splits).max(split + 1), Instant::now());
+        }
         let result = match batch {
             Ok(Some(batch)) => {
-                self.last_rows[input] = Instant::now();
+                if let Some(seen) = self.last_rows.get_mut(input) {
+                    seen[split] = Instant::now();
+                }
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                self.pipeline.push(input, batch).await
+                self.pipeline.push_split(input, split, batch).await
             }
             Ok(None) => {
                 reading[input] = false;
@@ -385,8 +401,17 @@ impl ViewTask {
     async fn check_idle(&mut self, reading: &[bool]) {
         for (input, still_reading) in reading.iter().enumerate() {
             let Some(timeout) = self.idle_timeouts.get(input).copied().flatten() else { continue };
-            if *still_reading && self.last_rows[input].elapsed() >= timeout {
-                match self.pipeline.set_idle(input).await {
+            if !*still_reading {
+                continue;
+            }
+            let quiet: Vec<usize> = self.last_rows[input]
+                .iter()
+                .enumerate()
+                .filter(|(_, seen)| seen.elapsed() >= timeout)
+                .map(|(split, _)| split)
+                .collect();
+            for split in quiet {
+                match self.pipeline.set_idle(input, split).await {
                     Ok(changed) => self.dirty |= changed,
                     Err(err) => self.fail(err),
                 }

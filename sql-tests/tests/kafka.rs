@@ -91,18 +91,23 @@ async fn eventually(client: &Client, sql: &str, expected: &[&[&str]]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
+/// A broker on a free port with `topic` of `partitions` partitions, its bootstrap address, and a producer.
+fn broker_with_topic(topic: &str, partitions: u32) -> (Broker, String, FutureProducer) {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let broker = Broker::start(port);
-    broker.create_topic("payments", 3);
+    broker.create_topic(topic, partitions);
     let bootstrap = format!("127.0.0.1:{port}");
-
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("message.timeout.ms", "10000")
         .create()
         .expect("a producer");
+    (broker, bootstrap, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
+    let (_broker, bootstrap, producer) = broker_with_topic("payments", 3);
     let records: [(i32, &str, &str); 5] = [
         (0, "c1", r#"{"customer_id": "c1", "amount": 10, "ts": "2024-01-01 00:00:01"}"#),
         (1, "c2", r#"{"customer_id": "c2", "amount": 5, "ts": "2024-01-01 00:00:02"}"#),
@@ -174,5 +179,58 @@ async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
         &[&["retrying: Kafka topic \"nowhere\" does not exist; retrying"]],
     )
     .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partition_has_its_own_watermark_and_an_idle_one_is_left_out() {
+    let (_broker, bootstrap, producer) = broker_with_topic("readings", 3);
+    let produce = |partition: i32, seconds: u32| {
+        let producer = producer.clone();
+        async move {
+            let value = format!(r#"{{"ts": "2024-01-01 00:00:{seconds:02}"}}"#);
+            let record = FutureRecord::<(), _>::to("readings").partition(partition).payload(&value);
+            producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing");
+        }
+    };
+    // Partition 0 runs ahead to 60 s; partition 1 is at 5 s; partition 2 never gets a record.
+    produce(0, 1).await;
+    produce(0, 60).await;
+    produce(1, 5).await;
+
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    let source = |name: &str, idle: &str| {
+        format!(
+            "CREATE SOURCE {name} (ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) \
+             WITH (connector = 'kafka', topic = 'readings', 'properties.bootstrap.server' = '{bootstrap}'{idle}) \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW {name}_windows AS SELECT window_end, count(*) AS n \
+               FROM TUMBLE({name}, ts, INTERVAL '10' SECOND) GROUP BY window_end EMIT ON WINDOW CLOSE;"
+        )
+    };
+    client.batch_execute(&source("patient", ", 'watermark.idle.timeout' = '1s'")).await.unwrap();
+    client.batch_execute(&source("waiting", "")).await.unwrap();
+    eventually(client, "SELECT rows_read FROM weir_catalog.view_progress ORDER BY view", &[&["3"], &["3"]]).await;
+
+    // Partition 1 reaches 30 s (watermark 29 s). With partition 2 idle, the source's watermark is min(59 s, 29 s):
+    // [0 s, 10 s) closes with partition 0's 1 s and partition 1's 5 s; the 5 s row is not late even though
+    // partition 0 had gone to 60 s before it.
+    produce(1, 30).await;
+    eventually(
+        client,
+        "SELECT window_end, n FROM patient_windows ORDER BY window_end",
+        &[&["2024-01-01 00:00:10", "2"]],
+    )
+    .await;
+    eventually(
+        client,
+        "SELECT view, rows_read, late_rows FROM weir_catalog.view_progress ORDER BY view",
+        &[&["patient_windows", "4", "0"], &["waiting_windows", "4", "0"]],
+    )
+    .await;
+    // Without an idle timeout the empty partition holds every window open.
+    assert_eq!(rows(client, "SELECT count(*) FROM waiting_windows").await, [["0"]]);
     server.stop().await.unwrap();
 }
