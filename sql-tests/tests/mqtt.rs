@@ -118,15 +118,23 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
         ))
         .await
         .unwrap();
-    // The subscription is made on the view's first read; give it a moment before publishing.
-    eventually(client, "SELECT status FROM weir_catalog.view_progress", &[&["running"]]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
     let mqtt = publisher(port).await;
     let publish = |topic: &'static str, payload: &'static str| {
         let mqtt = mqtt.clone();
         async move { mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap() }
     };
+    // The subscription is made on the view's first read, and a broker drops what nobody subscribes to: publish a
+    // warm-up message until one arrives.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        publish("plant/warmup/telemetry", r#"{"device": "w", "temp": 0, "ts": "2024-01-01 00:00:00"}"#).await;
+        client.batch_execute("FLUSH").await.unwrap();
+        if !rows(client, "SELECT n FROM per_topic WHERE source_topic = 'plant/warmup/telemetry'").await.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never subscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     publish("plant/a/telemetry", r#"{"device": "a1", "temp": 20.5, "ts": "2024-01-01 00:00:01"}"#).await;
     publish("plant/a/telemetry", r#"{"device": "a2", "temp": 22.0, "ts": "2024-01-01 00:00:02"}"#).await;
     publish("plant/b/telemetry", r#"{"device": "b1", "temp": 19.0, "ts": "2024-01-01 00:00:03"}"#).await;
@@ -137,7 +145,8 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
 
     eventually(
         client,
-        "SELECT source_topic, n, hottest FROM per_topic ORDER BY source_topic",
+        "SELECT source_topic, n, hottest FROM per_topic WHERE source_topic <> 'plant/warmup/telemetry' \
+         ORDER BY source_topic",
         &[&["plant/a/telemetry", "2", "22"], &["plant/b/telemetry", "1", "19"]],
     )
     .await;
@@ -147,7 +156,7 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
         &[&["mqtt:plant/c/telemetry", r#"{"device": "c1", "temp":"#]],
     )
     .await;
-    eventually(client, "SELECT rows_read, malformed_rows FROM weir_catalog.view_progress", &[&["3", "1"]]).await;
+    eventually(client, "SELECT malformed_rows FROM weir_catalog.view_progress", &[&["1"]]).await;
 
     // The broker goes away: the view says so and keeps its rows; when the broker is back, reading resumes.
     drop(broker);
@@ -160,7 +169,7 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
         assert!(Instant::now() < deadline, "the view's status never reported the broker: {status:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(rows(client, "SELECT count(*) FROM per_topic").await, [["2"]]);
+    assert_eq!(rows(client, "SELECT count(*) FROM per_topic").await, [["3"]]);
     let _broker = Broker::start(dir.path(), port);
     eventually(client, "SELECT status FROM weir_catalog.view_progress", &[&["running"]]).await;
     // The publisher reconnects by itself too; publish until the message gets through (QoS 1 while connected).
