@@ -3,7 +3,8 @@
 //! - [`watermark`]: [`watermark::WatermarkAssigner`], which computes a source's watermark from its rows and splits
 //!   batches so that every downstream operator judges each row against the watermark of the rows before it.
 //! - [`operator`]: the [`operator::Operator`] contract between an operator and the runner that drives it.
-//! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow, driven a source batch at a time.
+//! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow, driven a source batch at a time, with a
+//!   watermark assigner per input split (a Kafka partition).
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
 //!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
 //!   aside.
@@ -11,7 +12,6 @@
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
-//!
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //!
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The

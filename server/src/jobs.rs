@@ -397,7 +397,8 @@ impl ViewTask {
         };
     }
 
-    /// Leaves out of the watermark every input still being read that has been without rows for its idle timeout.
+    /// Leaves out of the watermark every split of an input still being read that has been without rows for the
+    /// input's idle timeout.
     async fn check_idle(&mut self, reading: &[bool]) {
         for (input, still_reading) in reading.iter().enumerate() {
             let Some(timeout) = self.idle_timeouts.get(input).copied().flatten() else { continue };
