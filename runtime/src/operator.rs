@@ -14,7 +14,7 @@ use crate::Result;
 /// - [`Operator::on_data`] is called with each input batch in order and appends output batches to `out`. It must not
 ///   block or do I/O. State lives in memory between checkpoints; a stateful operator also offers
 ///   `checkpoint` / `restore` methods writing to and reading from its [`crate::state::StateTable`] what changed since
-///   the last checkpoint (see [`crate::window_aggregate::WindowAggregate::checkpoint`]).
+///   the last checkpoint (the [`crate::state::Checkpointed`] trait).
 /// - [`Operator::on_watermark`] is called when the merged input watermark advances (never with a smaller value than
 ///   before). Results that the watermark finalizes (closed windows) are appended to `out`; they precede the
 ///   watermark downstream.

@@ -4,16 +4,16 @@
 //! The input carries the window already assigned (a `window_end` column among the group keys, computed by the
 //! stateless window-assignment functions upstream). State is kept per window end, so closing windows is dropping the
 //! oldest entries of an ordered map, and inside a window per group key, in DataFusion `GroupsAccumulator`s that update
-//! whole batches at a time ([`crate::groups`]). Without a window key every row belongs to [`NO_WINDOW`].
+//! whole batches at a time (the `groups` module). Without a window key every row belongs to [`NO_WINDOW`].
 //!
 //! A window `[start, end)` closes when the watermark `W >= end - 1`: [`WindowAggregate::close`] returns its final rows
 //! and drops its state. A row whose window is already closed when it arrives is late: it changes nothing, is counted,
 //! and is kept for the source's late-data output. For views that show open windows, [`WindowAggregate::snapshot`]
 //! evaluates the windows changed since the last call without disturbing their state.
 //!
-//! [`WindowAggregate::checkpoint`] writes what changed since the last checkpoint to a [`StateTable`]: each changed
+//! Its [`Checkpointed::checkpoint`] writes what changed since the last checkpoint to a [`StateTable`]: each changed
 //! group's accumulator state under `g | window end | group key` (so closed windows go with one range delete), and
-//! the watermark and late-row count. [`WindowAggregate::restore`] rebuilds the accumulators from those entries.
+//! the watermark and late-row count. [`Checkpointed::restore`] rebuilds the accumulators from those entries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
