@@ -32,6 +32,18 @@ pub enum ConnectorError {
     Io(String),
 }
 
+impl ConnectorError {
+    /// A required option is missing.
+    pub fn missing(connector: &str, key: &str) -> Self {
+        ConnectorError::MissingOption { connector: connector.into(), key: key.into() }
+    }
+
+    /// An option's value cannot work, and why.
+    pub fn invalid(key: &str, value: &str, reason: &str) -> Self {
+        ConnectorError::InvalidOption { key: key.into(), value: value.into(), reason: reason.into() }
+    }
+}
+
 /// How the bytes of a record encode a row (`FORMAT PLAIN ENCODE ...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encoding {
@@ -74,6 +86,11 @@ pub struct Options {
 }
 
 impl Options {
+    /// Options from `key = value` pairs of text.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Self, ConnectorError> {
+        Self::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
     /// Keys are compared in lower case.
     pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConnectorError> {
         let mut values = BTreeMap::new();

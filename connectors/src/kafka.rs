@@ -124,11 +124,11 @@ impl KafkaSource {
         encoding: Option<Encoding>,
         metadata: &[MetadataColumn],
     ) -> Result<Self, ConnectorError> {
-        let topic = options.take("topic").ok_or_else(|| missing("topic"))?;
+        let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
         let servers = options
             .take("properties.bootstrap.server")
             .or_else(|| options.take("properties.bootstrap.servers"))
-            .ok_or_else(|| missing("properties.bootstrap.server"))?;
+            .ok_or_else(|| ConnectorError::missing(NAME, "properties.bootstrap.server"))?;
         let startup = match options.take("scan.startup.mode").map(|m| m.to_lowercase()).as_deref() {
             None | Some("earliest") => Startup::Earliest,
             Some("latest") => Startup::Latest,
@@ -136,11 +136,15 @@ impl KafkaSource {
             Some("timestamp") => {
                 let millis = options
                     .take_parsed::<i64>("scan.startup.timestamp.millis", "milliseconds since 1970-01-01")?
-                    .ok_or_else(|| missing("scan.startup.timestamp.millis"))?;
+                    .ok_or_else(|| ConnectorError::missing(NAME, "scan.startup.timestamp.millis"))?;
                 Startup::Timestamp(millis)
             }
             Some(other) => {
-                return Err(invalid("scan.startup.mode", other, "earliest, latest, timestamp or group-offsets"));
+                return Err(ConnectorError::invalid(
+                    "scan.startup.mode",
+                    other,
+                    "earliest, latest, timestamp or group-offsets",
+                ));
             }
         };
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
@@ -156,7 +160,7 @@ impl KafkaSource {
             config.set(key, value);
         }
         if startup == Startup::GroupOffsets && !options_has_group(&config) {
-            return Err(invalid("scan.startup.mode", "group-offsets", "needs properties.group.id"));
+            return Err(ConnectorError::invalid("scan.startup.mode", "group-offsets", "needs properties.group.id"));
         }
         // librdkafka checks the settings when a client is made; making one connects to nothing yet.
         let _checked: BaseConsumer = config.create().map_err(|e| ConnectorError::InvalidOption {
@@ -432,21 +436,9 @@ impl SourceReader for KafkaSource {
     }
 }
 
-fn missing(key: &str) -> ConnectorError {
-    ConnectorError::MissingOption { connector: NAME.into(), key: key.into() }
-}
-
-fn invalid(key: &str, value: &str, reason: &str) -> ConnectorError {
-    ConnectorError::InvalidOption { key: key.into(), value: value.into(), reason: reason.into() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn options(pairs: &[(&str, &str)]) -> Options {
-        Options::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
-    }
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true), Field::new("p", DataType::Int32, true)]))
@@ -456,12 +448,13 @@ mod tests {
     fn bad_options_are_clear_errors() {
         let partition = [MetadataColumn { item: "partition".into(), argument: None, column: 1 }];
         let open = |pairs: &[(&str, &str)]| {
-            KafkaSource::try_new(schema(), options(pairs), Some(Encoding::Json), &partition).map(|_| ())
+            KafkaSource::try_new(schema(), Options::from_pairs(pairs).unwrap(), Some(Encoding::Json), &partition)
+                .map(|_| ())
         };
         let servers = ("properties.bootstrap.server", "127.0.0.1:9092");
         assert!(open(&[servers, ("topic", "t")]).is_ok());
-        assert_eq!(open(&[servers]).unwrap_err(), missing("topic"));
-        assert_eq!(open(&[("topic", "t")]).unwrap_err(), missing("properties.bootstrap.server"));
+        assert_eq!(open(&[servers]).unwrap_err(), ConnectorError::missing(NAME, "topic"));
+        assert_eq!(open(&[("topic", "t")]).unwrap_err(), ConnectorError::missing(NAME, "properties.bootstrap.server"));
         assert!(
             open(&[servers, ("topic", "t"), ("scan.startup.mode", "first")])
                 .unwrap_err()
@@ -470,7 +463,7 @@ mod tests {
         );
         assert_eq!(
             open(&[servers, ("topic", "t"), ("scan.startup.mode", "timestamp")]).unwrap_err(),
-            missing("scan.startup.timestamp.millis")
+            ConnectorError::missing(NAME, "scan.startup.timestamp.millis")
         );
         assert!(
             open(&[servers, ("topic", "t"), ("scan.startup.mode", "group-offsets")])

@@ -109,39 +109,43 @@ impl MqttSource {
         encoding: Option<Encoding>,
         metadata: &[MetadataColumn],
     ) -> Result<Self, ConnectorError> {
-        let url = options.take("url").ok_or_else(|| missing("url"))?;
+        let url = options.take("url").ok_or_else(|| ConnectorError::missing(NAME, "url"))?;
         let (host, port) = parse_url(&url)?;
-        let topic = options.take("topic").ok_or_else(|| missing("topic"))?;
+        let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
         let filters: Vec<String> = topic.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect();
         if let Some(bad) = filters.iter().find(|f| !valid_filter(f)) {
-            return Err(invalid(
+            return Err(ConnectorError::invalid(
                 "topic",
                 bad,
                 "a topic filter whose + and # wildcards stand alone between slashes, # last",
             ));
         }
         if filters.is_empty() {
-            return Err(invalid("topic", &topic, "at least one topic filter"));
+            return Err(ConnectorError::invalid("topic", &topic, "at least one topic filter"));
         }
         let qos = match options.take("qos").as_deref().map(str::trim) {
             None | Some("1") => QoS::AtLeastOnce,
             Some("0") => QoS::AtMostOnce,
-            Some(other) => return Err(invalid("qos", other, "0 or 1 (QoS 2 is not supported)")),
+            Some(other) => return Err(ConnectorError::invalid("qos", other, "0 or 1 (QoS 2 is not supported)")),
         };
         let client_id = options.take("client.id");
         let clean_session = options.take_parsed::<bool>("clean.session", "true or false")?.unwrap_or(true);
         if !clean_session && client_id.is_none() {
-            return Err(invalid("clean.session", "false", "a persistent session needs a fixed client.id"));
+            return Err(ConnectorError::invalid(
+                "clean.session",
+                "false",
+                "a persistent session needs a fixed client.id",
+            ));
         }
         let client_id = client_id.unwrap_or_else(|| format!("weir-{:016x}", rand::random::<u64>()));
         let credentials = match (options.take("username"), options.take("password")) {
             (Some(user), password) => Some((user, password.unwrap_or_default())),
-            (None, Some(_)) => return Err(invalid("password", "***", "a password needs a username")),
+            (None, Some(_)) => return Err(ConnectorError::invalid("password", "***", "a password needs a username")),
             (None, None) => None,
         };
         let keep_alive = options.take_parsed::<u64>("keep.alive.s", "a whole number of seconds")?.unwrap_or(30);
         if keep_alive < 5 {
-            return Err(invalid("keep.alive.s", &keep_alive.to_string(), "at least 5 seconds"));
+            return Err(ConnectorError::invalid("keep.alive.s", &keep_alive.to_string(), "at least 5 seconds"));
         }
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
         options.finish(NAME, VALID)?;
@@ -348,20 +352,22 @@ fn parse_url(url: &str) -> Result<(String, u16), ConnectorError> {
     match scheme.to_ascii_lowercase().as_str() {
         "mqtt" | "tcp" => {}
         "mqtts" | "ssl" | "tls" => {
-            return Err(invalid("url", url, "TLS connections are not supported yet; use mqtt://"));
+            return Err(ConnectorError::invalid("url", url, "TLS connections are not supported yet; use mqtt://"));
         }
-        _ => return Err(invalid("url", url, "mqtt://host[:port]")),
+        _ => return Err(ConnectorError::invalid("url", url, "mqtt://host[:port]")),
     }
     let authority = rest.split('/').next().unwrap_or_default();
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) => {
-            let port = port.parse::<u16>().map_err(|_| invalid("url", url, "a port number from 1 to 65535"))?;
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| ConnectorError::invalid("url", url, "a port number from 1 to 65535"))?;
             (host, port)
         }
         None => (authority, 1883),
     };
     if host.is_empty() || port == 0 {
-        return Err(invalid("url", url, "mqtt://host[:port]"));
+        return Err(ConnectorError::invalid("url", url, "mqtt://host[:port]"));
     }
     Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
@@ -376,21 +382,9 @@ fn valid_filter(filter: &str) -> bool {
     })
 }
 
-fn missing(key: &str) -> ConnectorError {
-    ConnectorError::MissingOption { connector: NAME.into(), key: key.into() }
-}
-
-fn invalid(key: &str, value: &str, reason: &str) -> ConnectorError {
-    ConnectorError::InvalidOption { key: key.into(), value: value.into(), reason: reason.into() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn options(pairs: &[(&str, &str)]) -> Options {
-        Options::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
-    }
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -418,11 +412,12 @@ mod tests {
     #[test]
     fn bad_options_are_clear_errors() {
         let open = |pairs: &[(&str, &str)]| {
-            MqttSource::try_new(schema(), options(pairs), Some(Encoding::Json), &topic_column()).map(|_| ())
+            MqttSource::try_new(schema(), Options::from_pairs(pairs).unwrap(), Some(Encoding::Json), &topic_column())
+                .map(|_| ())
         };
         let url = ("url", "mqtt://127.0.0.1:1883");
         assert!(open(&[url, ("topic", "a/+")]).is_ok());
-        assert_eq!(open(&[url]).unwrap_err(), missing("topic"));
+        assert_eq!(open(&[url]).unwrap_err(), ConnectorError::missing(NAME, "topic"));
         assert!(open(&[url, ("topic", "a/#/b")]).unwrap_err().to_string().contains("topic filter"));
         assert!(open(&[url, ("topic", "a"), ("qos", "2")]).unwrap_err().to_string().contains("QoS 2"));
         assert!(
@@ -430,7 +425,8 @@ mod tests {
         );
         let err = open(&[url, ("topic", "a"), ("qos_", "1")]).unwrap_err().to_string();
         assert!(err.contains("unknown option \"qos_\"") && err.contains("clean.session"), "{err}");
-        let no_format = MqttSource::try_new(schema(), options(&[url, ("topic", "a")]), None, &topic_column());
+        let no_format =
+            MqttSource::try_new(schema(), Options::from_pairs(&[url, ("topic", "a")]).unwrap(), None, &topic_column());
         assert!(matches!(no_format, Err(ConnectorError::Format { .. })));
     }
 
@@ -438,7 +434,7 @@ mod tests {
     fn payloads_decode_with_their_topic_and_bad_ones_are_set_aside() {
         let mut source = MqttSource::try_new(
             schema(),
-            options(&[("url", "mqtt://127.0.0.1"), ("topic", "plant/+/telemetry")]),
+            Options::from_pairs(&[("url", "mqtt://127.0.0.1"), ("topic", "plant/+/telemetry")]).unwrap(),
             Some(Encoding::Json),
             &topic_column(),
         )

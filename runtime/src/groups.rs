@@ -1,6 +1,6 @@
-//! What the aggregating operators share: a set of groups with their DataFusion accumulators ([`Groups`]), and the
+//! What the aggregating operators share: a set of groups with their DataFusion accumulators ([`Groups`]), the
 //! query's aggregates that evaluate inputs into them, read results out of them and encode their state for the state
-//! store ([`Aggregates`]).
+//! store ([`Aggregates`]), and the input watermark with the late rows set aside ([`Progress`]).
 //!
 //! A group is identified by its row-encoded key (Arrow's row format); its index is its position in the
 //! accumulators. The operators decide what a set of groups is: one window, one session.
@@ -15,8 +15,9 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
 use weir_common::plan::Aggregate;
+use weir_common::stream::Watermark;
 
-use crate::state::StateError;
+use crate::state::{StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
 
 pub(crate) fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
@@ -277,4 +278,62 @@ pub(crate) fn output_fields(
         .map_err(RuntimeError::Expr)?;
     fields.extend(aggregates.fields());
     Ok(fields)
+}
+
+const WATERMARK_KEY: &[u8] = b"m/watermark";
+const LATE_ROWS_KEY: &[u8] = b"m/late_rows";
+
+/// An aggregating operator's input watermark and the rows it set aside as late.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// The input watermark so far.
+    pub(crate) watermark: Option<Watermark>,
+    late: Vec<RecordBatch>,
+    late_rows: u64,
+}
+
+impl Progress {
+    /// Moves the watermark on (never back).
+    pub(crate) fn advance(&mut self, watermark: Watermark) {
+        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+    }
+
+    /// Keeps and counts the rows of `batch` that `on_time` leaves out.
+    pub(crate) fn set_aside(&mut self, batch: &RecordBatch, on_time: &BooleanArray) -> Result<()> {
+        let late_count = batch.num_rows() - on_time.true_count();
+        if late_count > 0 {
+            let late_mask = datafusion::arrow::compute::not(on_time).map_err(arrow_err)?;
+            self.late.push(datafusion::arrow::compute::filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
+            self.late_rows += late_count as u64;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+
+    pub(crate) fn take_late(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.late)
+    }
+
+    /// Writes the watermark and the late-row count (the late rows themselves have gone to the late-data output).
+    pub(crate) fn checkpoint(&self, table: &StateTable, batch: &mut WriteBatch) {
+        if let Some(watermark) = self.watermark {
+            batch.put(table.key(WATERMARK_KEY), encode_i64(watermark).to_vec());
+        }
+        batch.put(table.key(LATE_ROWS_KEY), self.late_rows.to_be_bytes().to_vec());
+    }
+
+    /// Reads what [`Progress::checkpoint`] wrote.
+    pub(crate) fn restore(table: &StateTable, store: &dyn StateStore) -> Result<Self> {
+        let watermark = store.get(&table.key(WATERMARK_KEY))?.map(|v| decode_i64(&v)).transpose()?;
+        let late_rows = match store.get(&table.key(LATE_ROWS_KEY))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice().try_into().map_err(|_| StateError::Corrupt("late-row count".to_string()))?,
+            ),
+            None => 0,
+        };
+        Ok(Progress { watermark, late: Vec::new(), late_rows })
+    }
 }

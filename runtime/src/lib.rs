@@ -56,6 +56,30 @@ pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
     }
 }
 
+/// `len` random rows `(key in 0..3, value in 0..100, event time)` along a clock advancing by `step` each row: most
+/// lag the clock by up to `delay`, one in `late_odds` by `late_min` plus up to `late_spread` (often late).
+#[cfg(test)]
+pub(crate) fn disordered_rows(
+    next: &mut impl FnMut(u64) -> u64,
+    len: usize,
+    mut step: impl FnMut(&mut dyn FnMut(u64) -> u64) -> i64,
+    delay: i64,
+    (late_odds, late_min, late_spread): (u64, i64, u64),
+) -> Vec<(i64, i64, i64)> {
+    let mut clock = 0i64;
+    (0..len)
+        .map(|_| {
+            clock += step(next);
+            let ts = if next(late_odds) == 0 {
+                clock - late_min - next(late_spread) as i64
+            } else {
+                clock - next(delay as u64 + 1) as i64
+            };
+            (next(3) as i64, next(100) as i64, ts)
+        })
+        .collect()
+}
+
 /// Feeds `input` through a watermark assigner (`WATERMARK FOR ts AS ts - delay` milliseconds, `ts` the third column)
 /// into an operator in random batches, checkpointing at random points and sometimes restarting from the checkpoint
 /// with a fresh operator; `on_message` hands each message to the operator. Returns the last operator, with the store
@@ -99,4 +123,42 @@ pub(crate) fn feed_with_restarts<T, O: state::Checkpointed>(
         at = end;
     }
     (op, store, table)
+}
+
+/// `count(*) AS n` and `sum(column) AS alias [FILTER (WHERE filter)]` over `schema`, for operator tests.
+#[cfg(test)]
+pub(crate) mod test_aggregates {
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::SchemaRef;
+    use datafusion::common::ScalarValue;
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::{col, lit};
+    use datafusion::physical_plan::PhysicalExpr;
+    use weir_common::plan::Aggregate;
+
+    pub(crate) fn count(schema: &SchemaRef) -> Aggregate {
+        let function = AggregateExprBuilder::new(count_udaf(), vec![lit(ScalarValue::Int64(Some(1)))])
+            .schema(schema.clone())
+            .alias("n")
+            .build()
+            .unwrap();
+        Aggregate { function: Arc::new(function), filter: None }
+    }
+
+    pub(crate) fn sum(
+        schema: &SchemaRef,
+        column: &str,
+        alias: &str,
+        filter: Option<Arc<dyn PhysicalExpr>>,
+    ) -> Aggregate {
+        let function = AggregateExprBuilder::new(sum_udaf(), vec![col(column, schema).unwrap()])
+            .schema(schema.clone())
+            .alias(alias)
+            .build()
+            .unwrap();
+        Aggregate { function: Arc::new(function), filter }
+    }
 }

@@ -25,16 +25,15 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, RecordBatchOptions, UInt32Array,
 };
-use datafusion::arrow::compute::{cast, filter_record_batch, take};
+use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::plan::Aggregate;
 use weir_common::stream::Watermark;
 
-use crate::groups::{Aggregates, Groups, arrow_err, output_fields};
+use crate::groups::{Aggregates, Groups, Progress, arrow_err, output_fields};
 use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
-use crate::window_aggregate::{load_progress, save_progress};
 use crate::{Result, RuntimeError};
 
 const SESSION_TAG: u8 = b's';
@@ -86,9 +85,7 @@ pub struct SessionAggregate {
     /// The session gap (a row's `window_end - window_start`), once a row has shown it.
     gap: Option<i64>,
     next_id: u64,
-    watermark: Option<Watermark>,
-    late: Vec<RecordBatch>,
-    late_rows: u64,
+    progress: Progress,
     /// Whether open sessions changed since the last snapshot.
     dirty: bool,
     /// Partition keys whose sessions changed since the last checkpoint.
@@ -130,9 +127,7 @@ impl SessionAggregate {
             closed_until: HashMap::new(),
             gap: None,
             next_id: 0,
-            watermark: None,
-            late: Vec::new(),
-            late_rows: 0,
+            progress: Progress::default(),
             dirty: false,
             unsaved: HashSet::new(),
         })
@@ -143,11 +138,11 @@ impl SessionAggregate {
     }
 
     pub fn late_rows(&self) -> u64 {
-        self.late_rows
+        self.progress.late_rows()
     }
 
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.late)
+        self.progress.take_late()
     }
 
     /// Number of sessions still open.
@@ -175,7 +170,7 @@ impl SessionAggregate {
 
         // A row without an event time, whose own session is already closed, or that reaches back into a closed
         // session of its key, is set aside.
-        let watermark = self.watermark;
+        let watermark = self.progress.watermark;
         let on_time: BooleanArray = (0..rows)
             .map(|i| {
                 Some(
@@ -186,12 +181,7 @@ impl SessionAggregate {
                 )
             })
             .collect();
-        let late_count = rows - on_time.true_count();
-        if late_count > 0 {
-            let late_mask = datafusion::arrow::compute::not(&on_time).map_err(arrow_err)?;
-            self.late.push(filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
-            self.late_rows += late_count as u64;
-        }
+        self.progress.set_aside(batch, &on_time)?;
         if on_time.true_count() == 0 {
             return Ok(());
         }
@@ -341,7 +331,7 @@ impl SessionAggregate {
 
     /// Closes every session the watermark completes; returns their final rows, earliest end first.
     pub fn close(&mut self, watermark: Watermark) -> Result<Vec<RecordBatch>> {
-        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+        self.progress.advance(watermark);
         let closed: Vec<(i64, u64)> =
             self.by_end.iter().copied().take_while(|(end, _)| end.saturating_sub(1) <= watermark).collect();
         let mut out = Vec::with_capacity(closed.len());
@@ -432,7 +422,7 @@ impl Checkpointed for SessionAggregate {
                 session.groups.changed.fill(false);
             }
         }
-        save_progress(table, batch, self.watermark, self.late_rows);
+        self.progress.checkpoint(table, batch);
         if let Some(gap) = self.gap {
             batch.put(table.key(GAP_KEY), encode_i64(gap).to_vec());
         }
@@ -445,7 +435,7 @@ impl Checkpointed for SessionAggregate {
         self.by_partition.clear();
         self.by_end.clear();
         self.unsaved.clear();
-        (self.watermark, self.late_rows) = load_progress(table, store)?;
+        self.progress = Progress::restore(table, store)?;
         self.gap = store.get(&table.key(GAP_KEY))?.map(|v| decode_i64(&v)).transpose()?;
         self.closed_until.clear();
         for (key, value) in table.scan_prefix(store, &[CLOSED_TAG])? {
@@ -510,11 +500,7 @@ mod tests {
 
     use datafusion::arrow::array::TimestampMillisecondArray;
     use datafusion::arrow::datatypes::{Field, TimeUnit};
-    use datafusion::common::ScalarValue;
-    use datafusion::functions_aggregate::count::count_udaf;
-    use datafusion::functions_aggregate::sum::sum_udaf;
-    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
-    use datafusion::physical_expr::expressions::{col, lit};
+    use datafusion::physical_expr::expressions::col;
     use weir_common::stream::{END_OF_TIME, Message};
 
     use super::*;
@@ -551,28 +537,11 @@ mod tests {
     /// `SELECT device, window_start, window_end, count(*), sum(value) FROM SESSION(t, ts, GAP, device) GROUP BY
     /// device, window_start, window_end`.
     fn operator() -> SessionAggregate {
+        use crate::test_aggregates::{count, sum};
         let s = schema();
-        let count = AggregateExprBuilder::new(count_udaf(), vec![lit(ScalarValue::Int64(Some(1)))])
-            .schema(s.clone())
-            .alias("n")
-            .build()
-            .unwrap();
-        let sum = AggregateExprBuilder::new(sum_udaf(), vec![col("value", &s).unwrap()])
-            .schema(s.clone())
-            .alias("total")
-            .build()
-            .unwrap();
         let keys = ["device", "window_start", "window_end"].map(|k| (col(k, &s).unwrap(), k.to_string())).to_vec();
-        SessionAggregate::try_new(
-            &s,
-            keys,
-            SessionKeys { window_start: 1, window_end: 2, partition: vec![0] },
-            vec![
-                Aggregate { function: Arc::new(count), filter: None },
-                Aggregate { function: Arc::new(sum), filter: None },
-            ],
-        )
-        .unwrap()
+        let sessions = SessionKeys { window_start: 1, window_end: 2, partition: vec![0] };
+        SessionAggregate::try_new(&s, keys, sessions, vec![count(&s), sum(&s, "value", "total", None)]).unwrap()
     }
 
     type Sessions = BTreeMap<(i64, i64, i64), (i64, i64)>;
@@ -628,18 +597,7 @@ mod tests {
         for _case in 0..100 {
             let delay = next(4) as i64 * 1_000 + [0, 1, 999][next(3) as usize];
             let len = 1 + next(150) as usize;
-            let mut clock = 0i64;
-            let input: Vec<(i64, i64, i64)> = (0..len)
-                .map(|_| {
-                    clock += next(2_500) as i64;
-                    let ts = if next(10) == 0 {
-                        clock - 4_000 - next(6_000) as i64
-                    } else {
-                        clock - next(delay as u64 + 1) as i64
-                    };
-                    (next(3) as i64, next(100) as i64, ts)
-                })
-                .collect();
+            let input = crate::disordered_rows(&mut next, len, |next| next(2_500) as i64, delay, (10, 4_000, 6_000));
 
             // Reference, by brute force: a row-by-row watermark closing sessions (kept as intervals, merged when a
             // row overlaps them); a row is late when its own session is closed or it overlaps a closed session.

@@ -19,15 +19,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions};
-use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
-use crate::groups::{Aggregates, Groups, arrow_err, output_fields};
+use crate::groups::{Aggregates, Groups, Progress, arrow_err, output_fields};
 use crate::operator::Operator;
-use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
+use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
 
 pub use weir_common::plan::Aggregate;
@@ -35,10 +35,8 @@ pub use weir_common::plan::Aggregate;
 /// The window of an aggregation without one: it closes only when a bounded input ends.
 pub const NO_WINDOW: i64 = i64::MAX;
 
-/// Key tags inside an aggregate's state table.
-pub(crate) const GROUP_TAG: u8 = b'g';
-pub(crate) const WATERMARK_KEY: &[u8] = b"m/watermark";
-pub(crate) const LATE_ROWS_KEY: &[u8] = b"m/late_rows";
+/// The key tag of groups inside the aggregate's state table.
+const GROUP_TAG: u8 = b'g';
 
 /// `GROUP BY keys` (one of them usually the window end) with aggregates.
 #[derive(Debug)]
@@ -54,10 +52,7 @@ pub struct WindowAggregate {
     windows: BTreeMap<i64, Groups>,
     /// Windows changed since the last [`WindowAggregate::snapshot`].
     dirty: BTreeSet<i64>,
-    /// The input watermark so far.
-    watermark: Option<Watermark>,
-    late: Vec<RecordBatch>,
-    late_rows: u64,
+    progress: Progress,
     /// Windows with groups changed since the last checkpoint.
     unsaved: BTreeSet<i64>,
     /// The latest window closed since the last checkpoint: its entries and older ones go at the next checkpoint.
@@ -89,9 +84,7 @@ impl WindowAggregate {
             converter,
             windows: BTreeMap::new(),
             dirty: BTreeSet::new(),
-            watermark: None,
-            late: Vec::new(),
-            late_rows: 0,
+            progress: Progress::default(),
             unsaved: BTreeSet::new(),
             closed_through: None,
         };
@@ -109,12 +102,12 @@ impl WindowAggregate {
 
     /// Rows that arrived after their window closed.
     pub fn late_rows(&self) -> u64 {
-        self.late_rows
+        self.progress.late_rows()
     }
 
     /// Takes the late rows collected so far (in input schema).
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.late)
+        self.progress.take_late()
     }
 
     /// Number of windows still open.
@@ -150,7 +143,7 @@ impl WindowAggregate {
 
     /// Closes every window the watermark completes; returns their final rows by window end, oldest first.
     pub fn close(&mut self, watermark: Watermark) -> Result<Vec<(i64, RecordBatch)>> {
-        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+        self.progress.advance(watermark);
         // Windows with end - 1 <= W, that is end <= W + 1, are complete.
         let closed: Vec<i64> = self.windows.range(..=watermark.saturating_add(1)).map(|(end, _)| *end).collect();
         if let Some(last) = closed.last() {
@@ -200,7 +193,7 @@ impl Checkpointed for WindowAggregate {
                 }
             }
         }
-        save_progress(table, batch, self.watermark, self.late_rows);
+        self.progress.checkpoint(table, batch);
         Ok(())
     }
 
@@ -210,7 +203,7 @@ impl Checkpointed for WindowAggregate {
         self.windows.clear();
         self.unsaved.clear();
         self.closed_through = None;
-        (self.watermark, self.late_rows) = load_progress(table, store)?;
+        self.progress = Progress::restore(table, store)?;
         let entries = table.scan_prefix(store, &[GROUP_TAG])?;
         let mut start = 0;
         while start < entries.len() {
@@ -232,26 +225,6 @@ impl Checkpointed for WindowAggregate {
         self.dirty = self.windows.keys().copied().collect();
         Ok(())
     }
-}
-
-/// Writes an aggregating operator's watermark and late-row count.
-pub(crate) fn save_progress(table: &StateTable, batch: &mut WriteBatch, watermark: Option<Watermark>, late_rows: u64) {
-    if let Some(watermark) = watermark {
-        batch.put(table.key(WATERMARK_KEY), encode_i64(watermark).to_vec());
-    }
-    batch.put(table.key(LATE_ROWS_KEY), late_rows.to_be_bytes().to_vec());
-}
-
-/// Reads what [`save_progress`] wrote.
-pub(crate) fn load_progress(table: &StateTable, store: &dyn StateStore) -> Result<(Option<Watermark>, u64)> {
-    let watermark = store.get(&table.key(WATERMARK_KEY))?.map(|v| decode_i64(&v)).transpose()?;
-    let late_rows = match store.get(&table.key(LATE_ROWS_KEY))? {
-        Some(v) => {
-            u64::from_be_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt("late-row count".to_string()))?)
-        }
-        None => 0,
-    };
-    Ok((watermark, late_rows))
 }
 
 /// The key prefix of window `end`'s groups.
@@ -279,11 +252,11 @@ impl Operator for WindowAggregate {
         let end_of = |i: usize| ends.map_or(NO_WINDOW, |e| e.value(i));
 
         // Rows whose window is closed (or that have no window) are set aside.
-        let watermark = self.watermark;
+        let watermark = self.progress.watermark;
         let on_time: BooleanArray = (0..rows)
             .map(|i| Some(ends.is_none_or(|e| e.is_valid(i)) && watermark.is_none_or(|w| end_of(i) - 1 > w)))
             .collect();
-        self.set_aside(batch, &on_time)?;
+        self.progress.set_aside(batch, &on_time)?;
         if on_time.true_count() == 0 {
             return Ok(());
         }
@@ -327,19 +300,6 @@ impl Operator for WindowAggregate {
     }
 }
 
-impl WindowAggregate {
-    /// Keeps and counts the rows `on_time` leaves out.
-    fn set_aside(&mut self, batch: &RecordBatch, on_time: &BooleanArray) -> Result<()> {
-        let late_count = batch.num_rows() - on_time.true_count();
-        if late_count > 0 {
-            let late_mask = datafusion::arrow::compute::not(on_time).map_err(arrow_err)?;
-            self.late.push(filter_record_batch(batch, &late_mask).map_err(arrow_err)?);
-            self.late_rows += late_count as u64;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -348,10 +308,7 @@ mod tests {
     use datafusion::arrow::datatypes::{Field, TimeUnit};
     use datafusion::arrow::util::pretty::pretty_format_batches;
     use datafusion::common::ScalarValue;
-    use datafusion::functions_aggregate::count::count_udaf;
-    use datafusion::functions_aggregate::sum::sum_udaf;
     use datafusion::logical_expr::Operator as BinaryOp;
-    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
     use datafusion::physical_expr::expressions::{BinaryExpr, col, lit};
     use weir_common::stream::{END_OF_TIME, Message};
 
@@ -386,35 +343,13 @@ mod tests {
     /// `SELECT auction, window_end, count(*) AS n, sum(price) AS total, sum(price) FILTER (WHERE price > 15) AS big
     ///  ... GROUP BY auction, window_end`.
     fn operator() -> WindowAggregate {
+        use crate::test_aggregates::{count, sum};
         let s = schema();
-        let count = AggregateExprBuilder::new(count_udaf(), vec![lit(ScalarValue::Int64(Some(1)))])
-            .schema(s.clone())
-            .alias("n")
-            .build()
-            .unwrap();
-        let sum = |alias: &str| {
-            AggregateExprBuilder::new(sum_udaf(), vec![col("price", &s).unwrap()])
-                .schema(s.clone())
-                .alias(alias)
-                .build()
-                .unwrap()
-        };
         let big: Arc<dyn PhysicalExpr> =
             Arc::new(BinaryExpr::new(col("price", &s).unwrap(), BinaryOp::Gt, lit(ScalarValue::Int64(Some(15)))));
-        WindowAggregate::try_new(
-            &s,
-            vec![
-                (col("auction", &s).unwrap(), "auction".to_string()),
-                (col("window_end", &s).unwrap(), "window_end".to_string()),
-            ],
-            Some(1),
-            vec![
-                Aggregate { function: Arc::new(count), filter: None },
-                Aggregate { function: Arc::new(sum("total")), filter: None },
-                Aggregate { function: Arc::new(sum("big")), filter: Some(big) },
-            ],
-        )
-        .unwrap()
+        let keys = ["auction", "window_end"].map(|k| (col(k, &s).unwrap(), k.to_string())).to_vec();
+        let aggregates = vec![count(&s), sum(&s, "price", "total", None), sum(&s, "price", "big", Some(big))];
+        WindowAggregate::try_new(&s, keys, Some(1), aggregates).unwrap()
     }
 
     #[test]
@@ -470,18 +405,13 @@ mod tests {
             let nudge = |n: u64| [0i64, 1, 999][n as usize % 3];
             let delay = next(4) as i64 * 1_000 + nudge(next(3));
             let len = 1 + next(200) as usize;
-            let mut clock = 0i64;
-            let rows: Vec<(i64, i64, i64)> = (0..len)
-                .map(|_| {
-                    clock += next(3) as i64 * 1_000 + nudge(next(3));
-                    let ts = if next(8) == 0 {
-                        clock - 5_000 - next(10_000) as i64
-                    } else {
-                        clock - next(delay as u64 + 1) as i64
-                    };
-                    (next(3) as i64, next(100) as i64, ts)
-                })
-                .collect();
+            let rows = crate::disordered_rows(
+                &mut next,
+                len,
+                |next| next(3) as i64 * 1_000 + nudge(next(3)),
+                delay,
+                (8, 5_000, 10_000),
+            );
 
             // Reference: row-by-row watermark, a row is late when its window closed before it arrived.
             let mut watermark: Option<i64> = None;

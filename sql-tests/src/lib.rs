@@ -7,6 +7,7 @@
 //!   the code, the text and the position with one regex; `statement error (42601)` pins the code alone. Trailing
 //!   whitespace of each value is dropped (multi-line values such as plans end in a newline).
 //! - [`run_file`] runs one file against a fresh server, or with `complete` rewrites its expected results.
+//! - [`query_rows`] and [`eventually`] help Rust tests read results as text and wait for a view to catch up.
 //!
 //! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
 
@@ -198,4 +199,35 @@ pub async fn run_file(path: &Path, complete: bool) -> anyhow::Result<()> {
     drop(runner);
     server.stop().await?;
     outcome
+}
+
+/// The rows `sql` returns, each value as Postgres text (`NULL` for null). Panics on an error, naming the statement.
+pub async fn query_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs `FLUSH` and `sql` until `sql` returns `expected`, for up to 30 seconds; panics with what it got otherwise.
+pub async fn eventually(client: &tokio_postgres::Client, sql: &str, expected: &[&[&str]]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        client.batch_execute("FLUSH").await.unwrap_or_else(|e| panic!("FLUSH: {e}"));
+        let got = query_rows(client, sql).await;
+        let same = got.len() == expected.len() && got.iter().zip(expected).all(|(g, e)| g.iter().eq(e.iter()));
+        if same {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{sql}\n  got {got:?}\n  expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

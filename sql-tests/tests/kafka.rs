@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_postgres::{Client, SimpleQueryMessage};
-use weir_sql_tests::TestServer;
+use weir_sql_tests::{TestServer, eventually, query_rows as rows};
 
 /// The tansu binary: `WEIR_TANSU`, or where the test command installs it.
 fn tansu() -> PathBuf {
@@ -58,36 +57,6 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => {
-                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Polls `sql` (after a FLUSH) until it returns `expected`.
-async fn eventually(client: &Client, sql: &str, expected: &[&[&str]]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        client.batch_execute("FLUSH").await.expect("FLUSH");
-        let got = rows(client, sql).await;
-        let same = got.len() == expected.len() && got.iter().zip(expected).all(|(g, e)| g.iter().eq(e.iter()));
-        if same {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{sql}\n  got {got:?}\n  expected {expected:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use tokio_postgres::{Client, SimpleQueryMessage};
-use weir_sql_tests::TestServer;
+use weir_sql_tests::{TestServer, eventually, query_rows as rows};
 
 /// A Mosquitto broker on `port`, stopped when dropped.
 struct Broker {
@@ -65,36 +64,6 @@ async fn publisher(port: u16) -> AsyncClient {
         }
     });
     client
-}
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => {
-                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Polls `sql` (after a FLUSH) until it returns `expected`.
-async fn eventually(client: &Client, sql: &str, expected: &[&[&str]]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        client.batch_execute("FLUSH").await.expect("FLUSH");
-        let got = rows(client, sql).await;
-        if got.iter().map(|r| r.iter().map(String::as_str).collect::<Vec<_>>()).eq(expected.iter().map(|r| r.to_vec()))
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{sql}\n  got {got:?}\n  expected {expected:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
