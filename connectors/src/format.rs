@@ -44,19 +44,24 @@ impl RecordDecoder {
 
     /// Decodes `records`; the ones that fail are returned as rejected, in order.
     pub fn decode(&self, records: &[Record]) -> (Option<RecordBatch>, Vec<Rejected>) {
-        let (batch, rejected, _) = self.decode_indexed(records);
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.bytes.as_slice()).collect();
+        let (batch, rejected, _) = self.decode_indexed(&payloads, |i| records[i].origin.clone());
         (batch, rejected)
     }
 
-    /// As [`RecordDecoder::decode`], also returning which records (by index) the batch's rows come from, in order.
-    /// Empty records are skipped.
-    pub fn decode_indexed(&self, records: &[Record]) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
-        let records: Vec<(usize, &Record)> =
-            records.iter().enumerate().filter(|(_, r)| !r.bytes.trim_ascii().is_empty()).collect();
+    /// Decodes `payloads`, also returning which (by index) the batch's rows come from, in order. Empty payloads are
+    /// skipped. `origin` names a payload for the dead-letter output; it is called only for those that fail.
+    pub fn decode_indexed(
+        &self,
+        payloads: &[&[u8]],
+        origin: impl Fn(usize) -> String,
+    ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
+        let records: Vec<(usize, &[u8])> =
+            payloads.iter().copied().enumerate().filter(|(_, r)| !r.trim_ascii().is_empty()).collect();
         if records.is_empty() {
             return (None, Vec::new(), Vec::new());
         }
-        let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| r.bytes.as_slice()).collect();
+        let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
         if let Ok(batch) = self.decode_all(&bytes) {
             return (Some(batch), Vec::new(), records.iter().map(|(i, _)| *i).collect());
         }
@@ -64,14 +69,14 @@ impl RecordDecoder {
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
         for (index, record) in records {
-            match self.decode_all(&[&record.bytes]) {
+            match self.decode_all(&[record]) {
                 Ok(batch) => {
                     good.push(batch);
                     accepted.push(index);
                 }
                 Err(err) => rejected.push(Rejected {
-                    origin: record.origin.clone(),
-                    record: String::from_utf8_lossy(&record.bytes).trim_end().to_string(),
+                    origin: origin(index),
+                    record: String::from_utf8_lossy(record).trim_end().to_string(),
                     error: err.to_string(),
                 }),
             }

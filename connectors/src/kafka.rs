@@ -37,7 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader};
 
-use crate::format::{Record, RecordDecoder};
+use crate::format::RecordDecoder;
 
 const NAME: &str = "kafka";
 const MAX_BATCH: usize = 8192;
@@ -273,14 +273,11 @@ impl KafkaSource {
 
     /// Decodes records into one batch of the source's schema (`None` when none decodes).
     fn decode(&mut self, messages: &[OwnedMessage]) -> Result<Option<RecordBatch>, ConnectorError> {
-        let records: Vec<Record> = messages
-            .iter()
-            .map(|m| Record {
-                origin: format!("{}/{}@{}", m.topic(), m.partition(), m.offset()),
-                bytes: m.payload().unwrap_or_default().to_vec(),
-            })
-            .collect();
-        let (batch, rejected, accepted) = self.decoder.decode_indexed(&records);
+        let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload().unwrap_or_default()).collect();
+        let (batch, rejected, accepted) = self.decoder.decode_indexed(&payloads, |i| {
+            let m = &messages[i];
+            format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
+        });
         self.rejected.extend(rejected);
         let Some(batch) = batch else { return Ok(None) };
         let mut columns: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];

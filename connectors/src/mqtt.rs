@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader};
 
-use crate::format::{Record, RecordDecoder};
+use crate::format::RecordDecoder;
 
 const NAME: &str = "mqtt";
 const VALID: &[&str] = &[
@@ -204,11 +204,9 @@ impl MqttSource {
 
     /// Decodes messages into one batch of the source's schema (`None` when none decodes).
     fn decode(&mut self, messages: &[Publish]) -> Result<Option<RecordBatch>, ConnectorError> {
-        let records: Vec<Record> = messages
-            .iter()
-            .map(|m| Record { origin: format!("mqtt:{}", m.topic), bytes: m.payload.to_vec() })
-            .collect();
-        let (batch, rejected, accepted) = self.decoder.decode_indexed(&records);
+        let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_ref()).collect();
+        let (batch, rejected, accepted) =
+            self.decoder.decode_indexed(&payloads, |i| format!("mqtt:{}", messages[i].topic));
         self.rejected.extend(rejected);
         let Some(batch) = batch else { return Ok(None) };
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();

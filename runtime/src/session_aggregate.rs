@@ -238,7 +238,15 @@ impl SessionAggregate {
     /// Puts a row's one-row session `[start, end)` of `partition` into the open sessions: a new session, or the one
     /// it overlaps extended, or all those it overlaps merged into one. Returns the session's id.
     fn place(&mut self, partition: &[u8], start: i64, end: i64, merged: &mut HashMap<u64, u64>) -> Result<u64> {
-        let open = self.by_partition.entry(partition.to_vec()).or_default();
+        // Look up by borrowed bytes: only a new partition key allocates.
+        if !self.by_partition.contains_key(partition) {
+            self.by_partition.insert(partition.to_vec(), BTreeMap::new());
+        }
+        let Some(open) = self.by_partition.get_mut(partition) else {
+            return Err(RuntimeError::Expr(datafusion::error::DataFusionError::Internal(
+                "a partition's sessions disappeared".to_string(),
+            )));
+        };
         // Sessions overlapping [start, end): they start before `end` and end after `start`. Sessions do not overlap
         // each other, so going back from the last one starting before `end`, the first that ends at or before
         // `start` ends the search.
