@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -177,6 +178,21 @@ pub trait SourceReader: Send + fmt::Debug {
     /// What keeps the source from reading right now (`broker unreachable: ...; retrying`), if anything.
     fn health(&self) -> Option<String> {
         None
+    }
+}
+
+/// What keeps a connector from working right now (`broker unreachable: ...; retrying`), shared between the task that
+/// talks to the external system and whoever reports status.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<Mutex<Option<String>>>);
+
+impl Health {
+    pub fn set(&self, problem: Option<String>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 

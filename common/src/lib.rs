@@ -8,6 +8,8 @@
 //!   [`feed::FeedExec`] leaves for the stateless parts.
 //! - [`stream`]: the [`stream::Message`]s that flow between streaming operators (data, watermarks, barriers).
 //! - [`connector`]: checked `WITH (...)` [`connector::Options`] and the [`connector::SourceReader`] contract.
+//! - [`sink`]: the [`sink::RowChange`]s a sink receives, the [`sink::SinkMessage`]s it sends and the
+//!   [`sink::SinkWriter`] contract.
 //! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
 //!
 //! `common` depends on DataFusion (for Arrow types and DataFusion's error type) and on nothing that does I/O:
@@ -18,6 +20,7 @@ pub mod connector;
 pub mod error;
 pub mod feed;
 pub mod plan;
+pub mod sink;
 pub mod stream;
 pub mod types;
 

@@ -125,10 +125,7 @@ impl KafkaSource {
         metadata: &[MetadataColumn],
     ) -> Result<Self, ConnectorError> {
         let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
-        let servers = options
-            .take("properties.bootstrap.server")
-            .or_else(|| options.take("properties.bootstrap.servers"))
-            .ok_or_else(|| ConnectorError::missing(NAME, "properties.bootstrap.server"))?;
+        let servers = take_servers(&mut options)?;
         let startup = match options.take("scan.startup.mode").map(|m| m.to_lowercase()).as_deref() {
             None | Some("earliest") => Startup::Earliest,
             Some("latest") => Startup::Latest,
@@ -323,6 +320,14 @@ const VALID: &[&str] = &[
     "scan.startup.timestamp.millis",
     "batch.linger.ms",
 ];
+
+/// The `properties.bootstrap.server` option (also spelt `servers`, as librdkafka does).
+pub(crate) fn take_servers(options: &mut Options) -> Result<String, ConnectorError> {
+    options
+        .take("properties.bootstrap.server")
+        .or_else(|| options.take("properties.bootstrap.servers"))
+        .ok_or_else(|| ConnectorError::missing(NAME, "properties.bootstrap.server"))
+}
 
 fn options_has_group(config: &ClientConfig) -> bool {
     config.get("group.id").is_some_and(|g| !g.starts_with("weir-"))

@@ -11,17 +11,23 @@
 //! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column.
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
+//! - [`sink`]: [`sink::open_sink`] checks a sink's options and pairs a [`sink::SinkEncoder`] (a view's changes as
+//!   JSON messages: `FORMAT PLAIN`, `UPSERT` or `DEBEZIUM`) with a connector's
+//!   [`weir_common::sink::SinkWriter`]: [`kafka_sink`] or [`mqtt_sink`].
 //!
-//! Sinks come next. Connectors depend only on `weir-common` among Weir's crates.
+//! Connectors depend only on `weir-common` among Weir's crates.
 
 pub mod datagen;
 pub mod file;
 pub mod format;
 pub mod kafka;
+pub mod kafka_sink;
 pub mod mqtt;
+pub mod mqtt_sink;
 pub mod nexmark;
 mod nexmark_bids;
 pub mod pacer;
+pub mod sink;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, SourceReader};

@@ -22,7 +22,7 @@
 //! broker's in-flight window (Mosquitto's `max_inflight_messages`) bounds how many unacknowledged messages it sends.
 //! A payload that does not decode is set aside with its topic as origin.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,7 +32,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader};
+use weir_common::connector::{ConnectorError, Encoding, Health, MetadataColumn, Options, Rejected, SourceReader};
 
 use crate::format::RecordDecoder;
 
@@ -57,14 +57,74 @@ const BUFFERED: usize = 8192;
 /// How to reach the broker and what to subscribe to.
 #[derive(Debug, Clone)]
 struct Settings {
-    host: String,
-    port: u16,
+    broker: Broker,
     filters: Vec<String>,
     qos: QoS,
+}
+
+/// How to reach an MQTT broker: the options sources and sinks share (`url`, `client.id`, `clean.session`,
+/// `username`, `password`, `keep.alive.s`).
+#[derive(Debug, Clone)]
+pub(crate) struct Broker {
+    host: String,
+    port: u16,
     client_id: String,
     clean_session: bool,
     credentials: Option<(String, String)>,
     keep_alive: Duration,
+}
+
+impl Broker {
+    /// Takes the broker's options.
+    pub(crate) fn take(options: &mut Options, connector: &str) -> Result<Self, ConnectorError> {
+        let url = options.take("url").ok_or_else(|| ConnectorError::missing(connector, "url"))?;
+        let (host, port) = parse_url(&url)?;
+        let client_id = options.take("client.id");
+        let clean_session = options.take_parsed::<bool>("clean.session", "true or false")?.unwrap_or(true);
+        if !clean_session && client_id.is_none() {
+            return Err(ConnectorError::invalid(
+                "clean.session",
+                "false",
+                "a persistent session needs a fixed client.id",
+            ));
+        }
+        let client_id = client_id.unwrap_or_else(|| format!("weir-{:016x}", rand::random::<u64>()));
+        let credentials = match (options.take("username"), options.take("password")) {
+            (Some(user), password) => Some((user, password.unwrap_or_default())),
+            (None, Some(_)) => return Err(ConnectorError::invalid("password", "***", "a password needs a username")),
+            (None, None) => None,
+        };
+        let keep_alive = options.take_parsed::<u64>("keep.alive.s", "a whole number of seconds")?.unwrap_or(30);
+        if keep_alive < 5 {
+            return Err(ConnectorError::invalid("keep.alive.s", &keep_alive.to_string(), "at least 5 seconds"));
+        }
+        Ok(Broker { host, port, client_id, clean_session, credentials, keep_alive: Duration::from_secs(keep_alive) })
+    }
+
+    /// The client's options for this broker.
+    pub(crate) fn client_options(&self) -> MqttOptions {
+        let mut options = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        options.set_keep_alive(self.keep_alive);
+        options.set_clean_session(self.clean_session);
+        options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user.clone(), password.clone());
+        }
+        options
+    }
+
+    pub(crate) fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// The `qos` option: `0` or `1`, by default `1`.
+pub(crate) fn take_qos(options: &mut Options) -> Result<QoS, ConnectorError> {
+    match options.take("qos").as_deref().map(str::trim) {
+        None | Some("1") => Ok(QoS::AtLeastOnce),
+        Some("0") => Ok(QoS::AtMostOnce),
+        Some(other) => Err(ConnectorError::invalid("qos", other, "0 or 1 (QoS 2 is not supported)")),
+    }
 }
 
 /// A source reading one or more MQTT topic filters.
@@ -89,17 +149,9 @@ pub struct MqttSource {
 /// The running connection: the task polling the broker, and what it received.
 #[derive(Debug)]
 struct Connection {
-    client: AsyncClient,
+    client: Client,
     messages: mpsc::Receiver<Publish>,
-    health: Arc<Mutex<Option<String>>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        let _ = self.client.try_disconnect();
-        self.task.abort();
-    }
+    health: Health,
 }
 
 impl MqttSource {
@@ -109,8 +161,7 @@ impl MqttSource {
         encoding: Option<Encoding>,
         metadata: &[MetadataColumn],
     ) -> Result<Self, ConnectorError> {
-        let url = options.take("url").ok_or_else(|| ConnectorError::missing(NAME, "url"))?;
-        let (host, port) = parse_url(&url)?;
+        let broker = Broker::take(&mut options, NAME)?;
         let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
         let filters: Vec<String> = topic.split(',').map(|f| f.trim().to_string()).filter(|f| !f.is_empty()).collect();
         if let Some(bad) = filters.iter().find(|f| !valid_filter(f)) {
@@ -123,30 +174,7 @@ impl MqttSource {
         if filters.is_empty() {
             return Err(ConnectorError::invalid("topic", &topic, "at least one topic filter"));
         }
-        let qos = match options.take("qos").as_deref().map(str::trim) {
-            None | Some("1") => QoS::AtLeastOnce,
-            Some("0") => QoS::AtMostOnce,
-            Some(other) => return Err(ConnectorError::invalid("qos", other, "0 or 1 (QoS 2 is not supported)")),
-        };
-        let client_id = options.take("client.id");
-        let clean_session = options.take_parsed::<bool>("clean.session", "true or false")?.unwrap_or(true);
-        if !clean_session && client_id.is_none() {
-            return Err(ConnectorError::invalid(
-                "clean.session",
-                "false",
-                "a persistent session needs a fixed client.id",
-            ));
-        }
-        let client_id = client_id.unwrap_or_else(|| format!("weir-{:016x}", rand::random::<u64>()));
-        let credentials = match (options.take("username"), options.take("password")) {
-            (Some(user), password) => Some((user, password.unwrap_or_default())),
-            (None, Some(_)) => return Err(ConnectorError::invalid("password", "***", "a password needs a username")),
-            (None, None) => None,
-        };
-        let keep_alive = options.take_parsed::<u64>("keep.alive.s", "a whole number of seconds")?.unwrap_or(30);
-        if keep_alive < 5 {
-            return Err(ConnectorError::invalid("keep.alive.s", &keep_alive.to_string(), "at least 5 seconds"));
-        }
+        let qos = take_qos(&mut options)?;
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
         options.finish(NAME, VALID)?;
 
@@ -178,16 +206,7 @@ impl MqttSource {
             .map(|(_, f)| f.as_ref().clone())
             .collect();
         let decoder = RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?;
-        let settings = Settings {
-            host,
-            port,
-            filters,
-            qos,
-            client_id,
-            clean_session,
-            credentials,
-            keep_alive: Duration::from_secs(keep_alive),
-        };
+        let settings = Settings { broker, filters, qos };
         Ok(MqttSource {
             schema,
             decoder,
@@ -271,72 +290,76 @@ impl SourceReader for MqttSource {
     fn commit(&mut self) {
         let Some(connection) = &self.connection else { return };
         // Acknowledgements that do not fit the request queue now are tried again at the next commit.
-        self.unacknowledged.retain(|message| connection.client.try_ack(message).is_err());
+        self.unacknowledged.retain(|message| connection.client.client.try_ack(message).is_err());
     }
 
     fn health(&self) -> Option<String> {
-        let connection = self.connection.as_ref()?;
-        connection.health.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.connection.as_ref()?.health.get()
     }
 }
 
 /// Starts the task that keeps the connection to the broker.
 fn connect(settings: &Settings) -> Connection {
-    let mut options = MqttOptions::new(settings.client_id.clone(), settings.host.clone(), settings.port);
-    options.set_keep_alive(settings.keep_alive);
-    options.set_clean_session(settings.clean_session);
+    let mut options = settings.broker.client_options();
     options.set_manual_acks(true);
-    options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
-    if let Some((user, password)) = &settings.credentials {
-        options.set_credentials(user.clone(), password.clone());
-    }
-    let (client, eventloop) = AsyncClient::new(options, 1024);
     let (sender, messages) = mpsc::channel(BUFFERED);
-    let health = Arc::new(Mutex::new(None));
-    let task = tokio::spawn(poll(eventloop, client.clone(), settings.clone(), sender, health.clone()));
-    Connection { client, messages, health, task }
+    let health = Health::default();
+    let subscriber = Subscriber { settings: settings.clone(), messages: sender };
+    let client = Client::start(options, settings.broker.address(), health.clone(), subscriber);
+    Connection { client, messages, health }
 }
 
-/// Polls the broker for ever: subscribes at every connect, passes messages on, and retries with a backoff when the
-/// connection fails.
-async fn poll(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    settings: Settings,
-    messages: mpsc::Sender<Publish>,
-    health: Arc<Mutex<Option<String>>>,
-) {
-    let broker = format!("{}:{}", settings.host, settings.port);
-    let set_health = |problem: Option<String>| *health.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+/// An MQTT client whose connection a task of its own keeps polling; disconnected and stopped when dropped.
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) client: AsyncClient,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+        self.task.abort();
+    }
+}
+
+/// What a connection's task does with what the broker sends.
+#[async_trait]
+pub(crate) trait Events: Send + 'static {
+    /// At every (re)connect.
+    async fn connected(&mut self, client: &AsyncClient, health: &Health);
+    /// Every other event; `false` stops the task.
+    async fn event(&mut self, event: Event, health: &Health) -> bool;
+}
+
+impl Client {
+    /// Starts polling the broker for ever, passing events to `events`; when the connection fails, retries with a
+    /// backoff from 100 ms to 5 s and says why in `health` meanwhile.
+    pub(crate) fn start(options: MqttOptions, broker: String, health: Health, events: impl Events) -> Client {
+        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let task = tokio::spawn(poll(eventloop, client.clone(), broker, health, events));
+        Client { client, task }
+    }
+}
+
+async fn poll(mut eventloop: EventLoop, client: AsyncClient, broker: String, health: Health, mut events: impl Events) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(%broker, "connected to the MQTT broker");
                 backoff = Duration::from_millis(100);
-                set_health(None);
-                let topics = settings.filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), settings.qos));
-                if let Err(err) = client.try_subscribe_many(topics) {
-                    set_health(Some(format!("subscribing to {}: {err}", settings.filters.join(", "))));
-                }
+                health.set(None);
+                events.connected(&client, &health).await;
             }
-            Ok(Event::Incoming(Packet::Publish(message))) => {
-                if messages.send(message).await.is_err() {
+            Ok(event) => {
+                if !events.event(event, &health).await {
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                    let problem = format!("the broker refused the subscription to {}", settings.filters.join(", "));
-                    warn!(%broker, "{problem}");
-                    set_health(Some(problem));
-                }
-            }
-            Ok(_) => {}
             Err(err) => {
-                let problem = format!("MQTT broker {broker} unreachable: {err}; retrying");
                 warn!(%broker, error = %err, "MQTT connection failed; retrying in {backoff:?}");
-                set_health(Some(problem));
+                health.set(Some(format!("MQTT broker {broker} unreachable: {err}; retrying")));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -344,8 +367,41 @@ async fn poll(
     }
 }
 
+/// A source's connection: subscribes at every connect and passes messages on.
+struct Subscriber {
+    settings: Settings,
+    messages: mpsc::Sender<Publish>,
+}
+
+#[async_trait]
+impl Events for Subscriber {
+    async fn connected(&mut self, client: &AsyncClient, health: &Health) {
+        let filters = &self.settings.filters;
+        let topics = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), self.settings.qos));
+        if let Err(err) = client.try_subscribe_many(topics) {
+            health.set(Some(format!("subscribing to {}: {err}", filters.join(", "))));
+        }
+    }
+
+    async fn event(&mut self, event: Event, health: &Health) -> bool {
+        match event {
+            Event::Incoming(Packet::Publish(message)) => self.messages.send(message).await.is_ok(),
+            Event::Incoming(Packet::SubAck(ack)) => {
+                if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                    let problem =
+                        format!("the broker refused the subscription to {}", self.settings.filters.join(", "));
+                    warn!(broker = %self.settings.broker.address(), "{problem}");
+                    health.set(Some(problem));
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
 /// `mqtt://host[:port]` or `tcp://host[:port]`.
-fn parse_url(url: &str) -> Result<(String, u16), ConnectorError> {
+pub(crate) fn parse_url(url: &str) -> Result<(String, u16), ConnectorError> {
     let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
     match scheme.to_ascii_lowercase().as_str() {
         "mqtt" | "tcp" => {}

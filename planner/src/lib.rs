@@ -5,6 +5,7 @@
 //!   parser failures into Postgres-style syntax errors with a character position.
 //! - [`source`]: `CREATE SOURCE` and `CREATE TABLE ... (..., WATERMARK FOR ...)`, parsed with sqlparser's pieces for
 //!   columns and expressions.
+//! - [`sink`]: `CREATE SINK ... {FROM relation | AS query} WITH (...) [FORMAT ... ENCODE JSON (...)]`.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
 //! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views expanded,
@@ -18,6 +19,7 @@
 pub mod dialect;
 pub mod names;
 pub mod parse;
+pub mod sink;
 pub mod source;
 pub mod streaming;
 pub mod windows;

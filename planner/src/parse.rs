@@ -11,6 +11,7 @@ use weir_common::error::char_position;
 use weir_common::{ErrorReport, RelationKind, SqlState};
 
 use crate::dialect::WeirDialect;
+use crate::sink::{self, CreateSink};
 use crate::source::{self, CreateSource};
 
 /// Deep enough for generated SQL from BI tools, shallow enough to stay far from the stack limit.
@@ -27,6 +28,12 @@ pub enum WeirStatement {
     CreateMaterializedView { statement: Box<ast::Statement>, emit_on_window_close: bool },
     /// `DROP SOURCE [IF EXISTS] name [, ...] [CASCADE]`.
     DropSource { names: Vec<ast::ObjectName>, if_exists: bool, cascade: bool },
+    /// `CREATE SINK`.
+    CreateSink(Box<CreateSink>),
+    /// `DROP SINK [IF EXISTS] name [, ...]`.
+    DropSink { names: Vec<ast::ObjectName>, if_exists: bool },
+    /// `SHOW SINKS`.
+    ShowSinks,
     /// `FLUSH`: returns once every source's input so far is reflected in every view.
     Flush,
     /// `EXPLAIN CREATE MATERIALIZED VIEW ...`: the view's streaming dataflow, without creating it.
@@ -94,8 +101,21 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         let start = next.span.start;
         let statement = if source::at_create_source(&parser) {
             source::parse_create_source(&mut parser).map(|s| WeirStatement::CreateSource(Box::new(s)))
+        } else if sink::at_create_sink(&parser) {
+            sink::parse_create_sink(&mut parser).map(|s| WeirStatement::CreateSink(Box::new(s)))
         } else if at_words(&parser, &["DROP", "SOURCE"]) {
             parse_drop_source(&mut parser)
+        } else if at_words(&parser, &["DROP", "SINK"]) {
+            parser.next_token();
+            parser.next_token();
+            let if_exists = parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            parser
+                .parse_comma_separated(|p| p.parse_object_name(false))
+                .map(|names| WeirStatement::DropSink { names, if_exists })
+        } else if at_words(&parser, &["SHOW", "SINKS"]) {
+            parser.next_token();
+            parser.next_token();
+            Ok(WeirStatement::ShowSinks)
         } else if at_words(&parser, &["SHOW", "MATERIALIZED", "VIEWS"]) {
             for _ in 0..3 {
                 parser.next_token();

@@ -146,19 +146,23 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
         return parser.expected("WITH (connector = '...', ...)", parser.peek_token());
     }
     let with = parse_option_list(parser)?;
-    let format = if parser.parse_keyword(Keyword::FORMAT) {
-        let format = parse_word(parser, "a format such as PLAIN, UPSERT or DEBEZIUM")?;
-        if !is_word(&parser.peek_token().token, "ENCODE") {
-            return parser.expected("ENCODE", parser.peek_token());
-        }
-        parser.next_token();
-        let encode = parse_word(parser, "an encoding such as JSON, CSV or AVRO")?;
-        let options = if parser.peek_token().token == Token::LParen { parse_option_list(parser)? } else { vec![] };
-        Some(FormatDef { format: format.to_uppercase(), encode: encode.to_uppercase(), options })
-    } else {
-        None
-    };
+    let format = parse_format(parser)?;
     Ok(CreateSource { table, name, if_not_exists, columns, watermark, include, with, format })
+}
+
+/// An optional `FORMAT format ENCODE encoding [(options)]`.
+pub(crate) fn parse_format(parser: &mut Parser) -> Result<Option<FormatDef>, ParserError> {
+    if !parser.parse_keyword(Keyword::FORMAT) {
+        return Ok(None);
+    }
+    let format = parse_word(parser, "a format such as PLAIN, UPSERT or DEBEZIUM")?;
+    if !is_word(&parser.peek_token().token, "ENCODE") {
+        return parser.expected("ENCODE", parser.peek_token());
+    }
+    parser.next_token();
+    let encode = parse_word(parser, "an encoding such as JSON, CSV or AVRO")?;
+    let options = if parser.peek_token().token == Token::LParen { parse_option_list(parser)? } else { vec![] };
+    Ok(Some(FormatDef { format: format.to_uppercase(), encode: encode.to_uppercase(), options }))
 }
 
 /// The watermark expression `expr` with each interval literal of whole units and no days or months (`INTERVAL '2'
@@ -209,7 +213,7 @@ fn parse_include(parser: &mut Parser) -> Result<IncludeDef, ParserError> {
 }
 
 /// `(key = value, ...)`. Keys may be identifiers, dotted identifiers (`nexmark.table`) or quoted strings.
-fn parse_option_list(parser: &mut Parser) -> Result<Vec<(String, String)>, ParserError> {
+pub(crate) fn parse_option_list(parser: &mut Parser) -> Result<Vec<(String, String)>, ParserError> {
     parser.expect_token(&Token::LParen)?;
     if parser.consume_token(&Token::RParen) {
         return Ok(vec![]);

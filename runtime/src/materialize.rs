@@ -9,7 +9,8 @@
 //! under `a | sequence`, window rows under `w | window end`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
 //!
 //! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
-//! every appended batch, with no gap and no overlap, for views defined over it.
+//! every appended batch, with no gap and no overlap, for views defined over it. [`ViewStore::subscribe_changes`]
+//! hands out every change the same way, windows replaced with their rows before and after, for sinks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
@@ -19,6 +20,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::mpsc;
 use weir_common::connector::{ConnectorError, SourceReader};
+use weir_common::sink::RowChange;
 
 use crate::state::{
     StateError, StateStore, StateTable, WriteBatch, decode_batches, decode_i64, encode_batches, encode_i64,
@@ -42,6 +44,8 @@ pub enum ViewChange {
 pub struct ViewStore {
     schema: SchemaRef,
     contents: Mutex<Contents>,
+    /// Whether appended rows are kept (a view's rows) or only passed to subscribers (a sink's query).
+    keep_appended: bool,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +53,8 @@ struct Contents {
     appended: Vec<RecordBatch>,
     windows: BTreeMap<i64, Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<RecordBatch>>,
+    /// Sinks: each epoch's changes.
+    change_subscribers: Vec<mpsc::UnboundedSender<Vec<RowChange>>>,
     /// How many of `appended` the last checkpoint wrote.
     saved_appends: usize,
     /// Windows replaced since the last checkpoint.
@@ -57,35 +63,70 @@ struct Contents {
 
 impl ViewStore {
     pub fn new(schema: SchemaRef) -> Self {
-        ViewStore { schema, contents: Mutex::default() }
+        ViewStore { schema, contents: Mutex::default(), keep_appended: true }
+    }
+
+    /// A store that passes appended rows to its subscribers without keeping them: the rows of a sink's query,
+    /// which nothing reads but the sink. Windows are kept, to tell the sink what changed in each.
+    pub fn passing(schema: SchemaRef) -> Self {
+        ViewStore { schema, contents: Mutex::default(), keep_appended: false }
     }
 
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
 
-    /// Applies one epoch's changes at once. Appended rows also go to every subscriber.
+    /// Applies one epoch's changes at once. Appended rows also go to every subscriber, and the epoch's changes to
+    /// every change subscriber, in one message.
     pub fn apply(&self, changes: Vec<ViewChange>) {
         let mut contents = self.lock();
+        let mut row_changes = Vec::new();
+        let tell_sinks = !contents.change_subscribers.is_empty();
         for change in changes {
             match change {
                 ViewChange::Append(batches) => {
                     for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
                         contents.subscribers.retain(|s| s.send(batch.clone()).is_ok());
-                        contents.appended.push(batch);
+                        if tell_sinks {
+                            row_changes.push(RowChange::Insert(batch.clone()));
+                        }
+                        if self.keep_appended {
+                            contents.appended.push(batch);
+                        }
                     }
                 }
                 ViewChange::Replace { window, rows } => {
                     let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
                     contents.unsaved_windows.insert(window);
-                    if rows.is_empty() {
-                        contents.windows.remove(&window);
-                    } else {
-                        contents.windows.insert(window, rows);
+                    let before = match rows.is_empty() {
+                        true => contents.windows.remove(&window),
+                        false => contents.windows.insert(window, rows.clone()),
+                    };
+                    if tell_sinks {
+                        row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after: rows });
                     }
                 }
             }
         }
+        if !row_changes.is_empty() {
+            contents.change_subscribers.retain(|s| s.send(row_changes.clone()).is_ok());
+        }
+    }
+
+    /// Reads the rows as changes, for a sink: first every row so far (appended rows as inserts, each window as
+    /// replacing nothing), then each epoch's changes. Ends when the store is gone.
+    pub fn subscribe_changes(&self) -> mpsc::UnboundedReceiver<Vec<RowChange>> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut contents = self.lock();
+        let mut snapshot: Vec<RowChange> = contents.appended.iter().cloned().map(RowChange::Insert).collect();
+        snapshot.extend(
+            contents.windows.values().map(|rows| RowChange::Replace { before: Vec::new(), after: rows.clone() }),
+        );
+        if !snapshot.is_empty() {
+            let _ = sender.send(snapshot);
+        }
+        contents.change_subscribers.push(sender);
+        receiver
     }
 
     /// Every row as of the last applied epoch.
@@ -251,6 +292,37 @@ mod tests {
         restored.apply(vec![ViewChange::Append(vec![batch(&[4])])]);
         save(&restored);
         assert_eq!(table.scan_prefix(&state, &[APPENDED_TAG]).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn change_subscribers_see_the_rows_so_far_then_each_epoch_with_the_rows_replaced() {
+        let store = ViewStore::passing(batch(&[]).schema());
+        store.apply(vec![
+            ViewChange::Append(vec![batch(&[1])]),
+            ViewChange::Replace { window: 10, rows: vec![batch(&[10])] },
+        ]);
+        let mut changes = store.subscribe_changes();
+        store.apply(vec![
+            ViewChange::Append(vec![batch(&[2])]),
+            ViewChange::Replace { window: 10, rows: vec![batch(&[11])] },
+            ViewChange::Replace { window: 20, rows: vec![batch(&[20])] },
+        ]);
+        store.apply(vec![ViewChange::Replace { window: 20, rows: vec![] }]);
+        let describe = |changes: Vec<RowChange>| -> Vec<String> {
+            changes
+                .into_iter()
+                .map(|c| match c {
+                    RowChange::Insert(b) => format!("+{:?}", values(&[b])),
+                    RowChange::Replace { before, after } => format!("{:?}->{:?}", values(&before), values(&after)),
+                })
+                .collect()
+        };
+        // A passing store keeps no appended rows: the snapshot has only the window.
+        assert_eq!(describe(changes.try_recv().unwrap()), ["[]->[10]"]);
+        assert_eq!(describe(changes.try_recv().unwrap()), ["+[2]", "[10]->[11]", "[]->[20]"]);
+        assert_eq!(describe(changes.try_recv().unwrap()), ["[20]->[]"]);
+        assert!(changes.try_recv().is_err());
+        assert_eq!(values(&store.snapshot()), vec![11]);
     }
 
     #[test]

@@ -35,6 +35,22 @@ pub const EPOCH_INTERVAL: Duration = Duration::from_millis(200);
 /// How many malformed records each view keeps for `weir_catalog.dead_letters` (all are counted).
 pub const DEAD_LETTERS_KEPT: usize = 1000;
 
+/// A streaming query ready to run: its pipeline and a reader per input.
+#[derive(Debug)]
+pub struct Dataflow {
+    pub pipeline: Pipeline,
+    /// A reader and its idle timeout per input of the pipeline, in order.
+    pub inputs: Vec<(Box<dyn SourceReader>, Option<Duration>)>,
+    /// The inputs' names, for `weir_catalog.view_progress`.
+    pub input_names: String,
+    /// Every relation the query names.
+    pub depends_on: Vec<String>,
+    /// Whether the query's rows never change once published.
+    pub append_only: bool,
+    /// Converts the inputs' event time to milliseconds, for reporting.
+    pub ms_per_unit: f64,
+}
+
 /// What a session can ask of a running view.
 #[derive(Debug)]
 enum Control {
@@ -141,6 +157,8 @@ pub struct Jobs {
     created: AtomicU64,
     /// Where views checkpoint their state.
     state: Arc<dyn StateStore>,
+    /// The running sinks.
+    pub sinks: crate::sinks::Sinks,
 }
 
 /// The state table of view `view`'s published rows.
@@ -150,23 +168,14 @@ fn rows_table(view: &str) -> StateTable {
 
 impl Jobs {
     pub fn new(state: Arc<dyn StateStore>) -> Self {
-        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state }
+        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks: Default::default() }
     }
 
-    /// Starts keeping `view` (whose rows live in `store`) up to date from `inputs` (a reader and its idle timeout per
-    /// input of the pipeline, in order) through `pipeline`. `source` names the inputs for `weir_catalog.view_progress`.
-    /// `ms_per_unit` converts the source's event time to milliseconds for reporting.
-    pub fn start(
-        &self,
-        view: String,
-        source: String,
-        inputs: Vec<(Box<dyn SourceReader>, Option<Duration>)>,
-        pipeline: Pipeline,
-        store: Arc<ViewStore>,
-        ms_per_unit: f64,
-    ) {
+    /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`.
+    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>) {
+        let Dataflow { pipeline, inputs, input_names, ms_per_unit, .. } = dataflow;
         let (control, requests) = mpsc::channel(16);
-        let progress = Arc::new(Progress::new(source));
+        let progress = Arc::new(Progress::new(input_names));
         let (readers, idle_timeouts): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
         let last_rows = vec![vec![Instant::now()]; readers.len()];
         let view_task = ViewTask {

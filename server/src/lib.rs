@@ -9,6 +9,7 @@
 //! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE TABLE ... WATERMARK`, `CREATE [MATERIALIZED]
 //!   VIEW`, `EXPLAIN CREATE MATERIALIZED VIEW`, `DROP`), and [`jobs`] keeps one task per materialized view running,
 //!   publishing its changes every epoch and answering `FLUSH`.
+//! - [`sinks`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS` and one task per sink delivering its input's changes.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
@@ -26,6 +27,7 @@ pub mod handler;
 pub mod jobs;
 pub mod relations;
 pub mod session;
+pub mod sinks;
 pub mod streaming;
 pub mod system;
 

@@ -128,6 +128,9 @@ impl Session {
         if let WeirStatement::ShowCreate { .. } = &prepared.statement.statement {
             return Some(show_create_schema());
         }
+        if let WeirStatement::ShowSinks = &prepared.statement.statement {
+            return Some(show_tables_schema());
+        }
         if let WeirStatement::ExplainMaterializedView { .. } = &prepared.statement.statement {
             return Some(Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)])));
         }
@@ -160,6 +163,9 @@ impl Session {
             WeirStatement::DropSource { names, if_exists, cascade } => {
                 return self.drop_relations(names, RelationKind::Source, *if_exists, *cascade).await;
             }
+            WeirStatement::CreateSink(sink) => return self.create_sink(sink, text, sql).await,
+            WeirStatement::DropSink { names, if_exists } => return self.drop_sinks(names, *if_exists).await,
+            WeirStatement::ShowSinks => return self.show_sinks(),
             WeirStatement::Flush => {
                 self.engine.jobs.flush().await;
                 return Ok(Outcome::Command("FLUSH", None));
@@ -524,7 +530,7 @@ fn show_schema(name: &str) -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new(name.replace(' ', "_"), DataType::Utf8, false)]))
 }
 
-fn show_tables_schema() -> SchemaRef {
+pub(crate) fn show_tables_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]))
 }
 

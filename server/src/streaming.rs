@@ -28,6 +28,7 @@ use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 
 use crate::catalog::{Catalog, Relation, SourceTable};
+use crate::jobs::Dataflow;
 use crate::session::{Outcome, Session, object_name};
 
 impl Session {
@@ -86,7 +87,29 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let (plan, inputs, mut depends_on) = self.plan_view(view, emit_on_window_close, text, sql).await?;
+        let dataflow = self.build_dataflow(&view.query, emit_on_window_close, text, sql).await?;
+        let store = Arc::new(ViewStore::new(dataflow.pipeline.schema()));
+        let def = RelationDef {
+            name: name.clone(),
+            kind: RelationKind::MaterializedView,
+            schema: dataflow.pipeline.schema(),
+            definition: text.to_string(),
+            depends_on: dataflow.depends_on.clone(),
+        };
+        self.engine.catalog.create(Relation::stored(def, store.clone(), dataflow.append_only), false)?;
+        self.engine.jobs.start(name, dataflow, store);
+        Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
+    }
+
+    /// Plans `query` as a streaming dataflow and opens a reader on each of its inputs; nothing runs yet.
+    pub(crate) async fn build_dataflow(
+        &self,
+        query: &ast::Query,
+        emit_on_window_close: bool,
+        text: &str,
+        sql: &str,
+    ) -> Result<Dataflow, ErrorReport> {
+        let (plan, inputs, mut depends_on) = self.plan_view(query, emit_on_window_close, text, sql).await?;
         let mut readers: Vec<Box<dyn SourceReader>> = Vec::new();
         let mut idle_timeouts = Vec::new();
         let mut watermarks = Vec::new();
@@ -125,31 +148,27 @@ impl Session {
         depends_on.dedup();
         let append_only = plan.append_only();
         let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
-        let store = Arc::new(ViewStore::new(pipeline.schema()));
-        let def = RelationDef {
-            name: name.clone(),
-            kind: RelationKind::MaterializedView,
-            schema: pipeline.schema(),
-            definition: text.to_string(),
-            depends_on,
-        };
-        self.engine.catalog.create(Relation::stored(def, store.clone(), append_only), false)?;
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
-        let inputs = readers.into_iter().zip(idle_timeouts).collect();
-        self.engine.jobs.start(name, input_names.join(", "), inputs, pipeline, store, ms_per_unit);
-        Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
+        Ok(Dataflow {
+            pipeline,
+            inputs: readers.into_iter().zip(idle_timeouts).collect(),
+            input_names: input_names.join(", "),
+            depends_on,
+            append_only,
+            ms_per_unit,
+        })
     }
 
     /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relations it reads as streams
     /// (in the order of the plan's inputs) and every relation it names.
     async fn plan_view(
         &self,
-        view: &ast::CreateView,
+        query: &ast::Query,
         emit_on_window_close: bool,
         text: &str,
         sql: &str,
     ) -> Result<(StreamingPlan, Vec<Relation>, Vec<String>), ErrorReport> {
-        let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
+        let logical = self.plan(Statement::Query(Box::new(query.clone())), text, sql).await?;
         let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
         // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
         let inputs: HashMap<String, SchemaRef> = self
@@ -200,7 +219,7 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
-        let (plan, inputs, _) = self.plan_view(view, emit_on_window_close, text, sql).await?;
+        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, text, sql).await?;
         let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
         let mut depth = 1;
@@ -322,8 +341,11 @@ impl Session {
         let _ddl = self.engine.ddl.lock().await;
         for name in names {
             let name = object_name(name)?;
-            if cascade && self.engine.catalog.get(&name).is_some_and(|r| r.def.kind == kind) {
-                self.drop_dependents(&name)?;
+            if self.engine.catalog.get(&name).is_some_and(|r| r.def.kind == kind) {
+                if cascade {
+                    self.drop_dependents(&name)?;
+                }
+                self.check_sinks_reading(&name, kind, cascade)?;
             }
             if self.engine.catalog.drop_relation(&name, kind, if_exists)? {
                 self.engine.jobs.stop(&name);
@@ -336,6 +358,7 @@ impl Session {
     fn drop_dependents(&self, name: &str) -> Result<(), ErrorReport> {
         for dependent in self.engine.catalog.dependents(name) {
             self.drop_dependents(&dependent.def.name)?;
+            self.check_sinks_reading(&dependent.def.name, dependent.def.kind, true)?;
             self.engine.catalog.drop_relation(&dependent.def.name, dependent.def.kind, true)?;
             self.engine.jobs.stop(&dependent.def.name);
         }

@@ -3,6 +3,8 @@
 //! - `weir_catalog.view_progress`: one row per materialized view: its source, status, rows read and written, late
 //!   rows (arrived after their window closed, so left out of the view), malformed records (set aside) and the
 //!   source's current watermark.
+//! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
+//!   <why>` while a broker is away), messages and bytes delivered, failed writes (retried) and the last delivery.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
 //!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
@@ -21,6 +23,7 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::jobs::Jobs;
+use crate::sinks::SinkProgress;
 
 /// The schema name of Weir's system relations.
 pub const SYSTEM_SCHEMA: &str = "weir_catalog";
@@ -64,6 +67,23 @@ impl SystemRelation {
                     view_progress,
                 ),
             ),
+            (
+                "sink_progress",
+                relation(
+                    vec![
+                        Field::new("sink", DataType::Utf8, false),
+                        Field::new("input", DataType::Utf8, false),
+                        Field::new("connector", DataType::Utf8, false),
+                        Field::new("format", DataType::Utf8, false),
+                        Field::new("status", DataType::Utf8, false),
+                        Field::new("messages", DataType::Int64, false),
+                        Field::new("bytes", DataType::Int64, false),
+                        Field::new("failed_writes", DataType::Int64, false),
+                        Field::new("last_delivery", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+                    ],
+                    sink_progress,
+                ),
+            ),
             ("late_rows", relation(text_fields(&["view", "source", "row"]), late_rows)),
             ("dead_letters", relation(text_fields(&["view", "source", "origin", "error", "record"]), dead_letters)),
         ]
@@ -99,6 +119,33 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
                 .collect::<TimestampMillisecondArray>(),
         ),
         count(|p| p.checkpoints.load(Ordering::Relaxed) as i64),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn sink_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let progress = jobs.sinks.progress();
+    let text = |f: &dyn Fn(&SinkProgress) -> String| -> ArrayRef {
+        Arc::new(progress.iter().map(|(_, p)| Some(f(p))).collect::<StringArray>())
+    };
+    let count = |f: fn(&SinkProgress) -> &std::sync::atomic::AtomicU64| -> ArrayRef {
+        Arc::new(progress.iter().map(|(_, p)| f(p).load(Ordering::Relaxed) as i64).collect::<Int64Array>())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(progress.iter().map(|(s, _)| Some(s.as_str())).collect::<StringArray>()),
+        text(&|p| p.input.clone()),
+        text(&|p| p.connector.clone()),
+        text(&|p| p.format.to_string()),
+        text(&|p| p.status()),
+        count(|p| &p.messages),
+        count(|p| &p.bytes),
+        count(|p| &p.failed_writes),
+        Arc::new(
+            progress
+                .iter()
+                .map(|(_, p)| Some(p.last_delivery_ms.load(Ordering::Relaxed)).filter(|t| *t != i64::MIN))
+                .collect::<TimestampMillisecondArray>(),
+        ),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

@@ -1,0 +1,140 @@
+//! `CREATE SINK ... WITH (connector = 'mqtt', ...)`: each message published to an MQTT broker (v3.1.1).
+//!
+//! | option | meaning | default |
+//! |---|---|---|
+//! | `url` | `mqtt://host[:port]` (or `tcp://`) | required |
+//! | `topic` | the topic; `{column}` is replaced by the row's value (`plant/{device}/alerts`) | required |
+//! | `qos` | `0` (at most once) or `1` (at least once: a write ends when the broker has acknowledged every message) | `1` |
+//! | `retain` | publish retained messages, so a new subscriber gets the latest per topic | `false` |
+//! | `client.id`, `clean.session`, `username`, `password`, `keep.alive.s` | as for the MQTT source | |
+//!
+//! A deleted row (`FORMAT UPSERT`) is an empty message on the row's topic, which with `retain = 'true'` clears the
+//! retained message. The connection is made on the first write by a task that keeps polling the broker and
+//! reconnects with a backoff from 100 ms to 5 s; unacknowledged QoS 1 messages are sent again after a reconnect.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::Notify;
+use weir_common::connector::{ConnectorError, Health, Options};
+use weir_common::sink::{SinkMessage, SinkWriter};
+
+use crate::mqtt::{Broker, Client, Events, take_qos};
+
+const NAME: &str = "mqtt";
+const VALID: &[&str] = &[
+    "connector",
+    "url",
+    "topic",
+    "qos",
+    "retain",
+    "client.id",
+    "clean.session",
+    "username",
+    "password",
+    "keep.alive.s",
+];
+/// How long a write waits for the broker's acknowledgements before it fails (and is tried again).
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A sink publishing to one MQTT broker.
+#[derive(Debug)]
+pub struct MqttSink {
+    broker: Broker,
+    qos: QoS,
+    retain: bool,
+    health: Health,
+    connection: Option<Connection>,
+}
+
+/// The running connection: the task polling the broker, and how many publications it has seen acknowledged.
+#[derive(Debug)]
+struct Connection {
+    client: Client,
+    acknowledged: Arc<AtomicU64>,
+    acknowledgement: Arc<Notify>,
+}
+
+/// Counts the broker's acknowledgements.
+struct Acknowledgements {
+    acknowledged: Arc<AtomicU64>,
+    acknowledgement: Arc<Notify>,
+}
+
+#[async_trait]
+impl Events for Acknowledgements {
+    async fn connected(&mut self, _: &AsyncClient, _: &Health) {}
+
+    async fn event(&mut self, event: Event, _: &Health) -> bool {
+        if let Event::Incoming(Packet::PubAck(_)) = event {
+            self.acknowledged.fetch_add(1, Ordering::AcqRel);
+            self.acknowledgement.notify_waiters();
+        }
+        true
+    }
+}
+
+impl MqttSink {
+    /// The sink and its topic template.
+    pub fn try_new(mut options: Options) -> Result<(Self, String), ConnectorError> {
+        let broker = Broker::take(&mut options, NAME)?;
+        let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
+        let qos = take_qos(&mut options)?;
+        let retain = options.take_parsed::<bool>("retain", "true or false")?.unwrap_or(false);
+        options.finish(NAME, VALID)?;
+        Ok((MqttSink { broker, qos, retain, health: Health::default(), connection: None }, topic))
+    }
+
+    fn connect(&self) -> Connection {
+        let mut options = self.broker.client_options();
+        options.set_inflight(256);
+        let acknowledged = Arc::new(AtomicU64::new(0));
+        let acknowledgement = Arc::new(Notify::new());
+        let events = Acknowledgements { acknowledged: acknowledged.clone(), acknowledgement: acknowledgement.clone() };
+        let client = Client::start(options, self.broker.address(), self.health.clone(), events);
+        Connection { client, acknowledged, acknowledgement }
+    }
+}
+
+#[async_trait]
+impl SinkWriter for MqttSink {
+    async fn write(&mut self, messages: &[SinkMessage]) -> Result<(), ConnectorError> {
+        if self.connection.is_none() {
+            self.connection = Some(self.connect());
+        }
+        let Some(connection) = &self.connection else { return Ok(()) };
+        let target = connection.acknowledged.load(Ordering::Acquire)
+            + if self.qos == QoS::AtLeastOnce { messages.len() as u64 } else { 0 };
+        let deadline = tokio::time::Instant::now() + DELIVERY_TIMEOUT;
+        let timed_out = || {
+            ConnectorError::Io(format!(
+                "mqtt: the broker {} did not take the messages within {DELIVERY_TIMEOUT:?}",
+                self.broker.address()
+            ))
+        };
+        for message in messages {
+            let topic = message.topic.clone().unwrap_or_default();
+            let payload = message.payload.clone().unwrap_or_default();
+            // The request queue fills while the broker is away.
+            tokio::time::timeout_at(deadline, connection.client.client.publish(topic, self.qos, self.retain, payload))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| ConnectorError::Io(format!("mqtt: publishing: {e}")))?;
+        }
+        loop {
+            // Created before the check, so an acknowledgement between the check and the wait is not missed.
+            let acknowledged = connection.acknowledgement.notified();
+            if connection.acknowledged.load(Ordering::Acquire) >= target {
+                return Ok(());
+            }
+            tokio::time::timeout_at(deadline, acknowledged).await.map_err(|_| timed_out())?;
+        }
+    }
+
+    fn health(&self) -> Health {
+        self.health.clone()
+    }
+}

@@ -1,0 +1,355 @@
+//! Sinks: `CREATE SINK`, `DROP SINK`, `SHOW SINKS`, and one task per sink that reads its input's changes, encodes
+//! them and delivers them.
+//!
+//! A sink `FROM` a materialized view or a table reads the relation's rows so far and then every epoch's changes
+//! ([`ViewStore::subscribe_changes`]). A sink `AS query` (or `FROM` a source or a plain view) runs the query as a
+//! dataflow of its own, named `sink <name>` in `weir_catalog.view_progress`, whose rows are passed to the sink and
+//! not kept. Delivery is at least once: a failed write is retried, after a backoff from 100 ms to 5 s, until it
+//! succeeds, and the sink's status says why meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use datafusion::arrow::array::StringArray;
+use datafusion::sql::sqlparser::ast::{self, ObjectName};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+use weir_common::sink::{RowChange, SinkFormat};
+use weir_common::{ErrorReport, RelationKind, SqlState};
+use weir_connectors::sink::Sink;
+use weir_planner::sink::{CreateSink, SinkInput};
+use weir_runtime::materialize::ViewStore;
+
+use crate::session::{Outcome, Session, object_name};
+
+/// A sink's progress, written by its task and read by `weir_catalog.sink_progress`.
+#[derive(Debug)]
+pub struct SinkProgress {
+    /// What the sink reads: a relation's name, or `sink <name>` for its own query.
+    pub input: String,
+    pub connector: String,
+    pub format: SinkFormat,
+    /// Messages delivered.
+    pub messages: AtomicU64,
+    /// Payload and key bytes delivered.
+    pub bytes: AtomicU64,
+    /// Writes that failed and were retried.
+    pub failed_writes: AtomicU64,
+    /// When the last write was delivered, in milliseconds since the epoch; `i64::MIN` before the first.
+    pub last_delivery_ms: AtomicI64,
+    /// `running`, `retrying: <reason>`, `ended` (the input is gone) or `failed: <reason>`.
+    pub status: Mutex<String>,
+}
+
+impl SinkProgress {
+    fn set_status(&self, status: String) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
+    pub fn status(&self) -> String {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[derive(Debug)]
+struct SinkJob {
+    task: JoinHandle<()>,
+    progress: Arc<SinkProgress>,
+    /// The relations the sink reads, directly or through its query; dropping one needs `CASCADE`.
+    depends_on: Vec<String>,
+    /// The dataflow of a sink `AS query`, stopped with the sink.
+    dataflow: Option<String>,
+}
+
+/// Every running sink, by name.
+#[derive(Debug, Default)]
+pub struct Sinks {
+    sinks: Mutex<BTreeMap<String, SinkJob>>,
+}
+
+impl Sinks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SinkJob>> {
+        self.sinks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// The sinks that read `relation`.
+    pub fn reading(&self, relation: &str) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, job)| job.depends_on.iter().any(|d| d == relation))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Every sink's progress, by name.
+    pub fn progress(&self) -> Vec<(String, Arc<SinkProgress>)> {
+        self.lock().iter().map(|(name, job)| (name.clone(), job.progress.clone())).collect()
+    }
+
+    fn start(
+        &self,
+        name: String,
+        changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
+        sink: Sink,
+        progress: Arc<SinkProgress>,
+        depends_on: Vec<String>,
+        dataflow: Option<String>,
+    ) {
+        let task = tokio::spawn(run(name.clone(), changes, sink, progress.clone()));
+        let job = SinkJob { task, progress, depends_on, dataflow };
+        if let Some(previous) = self.lock().insert(name, job) {
+            previous.task.abort();
+        }
+    }
+
+    /// Stops the sink; returns the name of its own dataflow, if it has one, for the caller to stop.
+    fn stop(&self, name: &str) -> Option<Option<String>> {
+        let job = self.lock().remove(name)?;
+        job.task.abort();
+        Some(job.dataflow)
+    }
+}
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        for job in self.lock().values() {
+            job.task.abort();
+        }
+    }
+}
+
+/// The name of a sink's own dataflow.
+fn dataflow_name(sink: &str) -> String {
+    format!("sink {sink}")
+}
+
+impl Session {
+    /// `CREATE SINK`: checks the input, the format and the connector's options, then starts delivering.
+    pub(crate) async fn create_sink(&self, sink: &CreateSink, text: &str, sql: &str) -> Result<Outcome, ErrorReport> {
+        let _ddl = self.engine.ddl.lock().await;
+        let name = object_name(&sink.name)?;
+        let sinks = &self.engine.jobs.sinks;
+        if sinks.exists(&name) {
+            if sink.if_not_exists {
+                return Ok(Outcome::Command("CREATE SINK", None));
+            }
+            return Err(ErrorReport::new(SqlState::DUPLICATE_OBJECT, format!("sink \"{name}\" already exists")));
+        }
+        let (format, format_options) = match &sink.format {
+            None => (SinkFormat::Plain, Vec::new()),
+            Some(def) => {
+                let format = SinkFormat::parse(&def.format).ok_or_else(|| {
+                    ErrorReport::new(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        format!("unknown sink format \"{}\"; the formats are PLAIN, UPSERT and DEBEZIUM", def.format),
+                    )
+                })?;
+                if def.encode != "JSON" {
+                    return Err(ErrorReport::new(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        format!("sinks encode JSON; ENCODE {} is not supported for sinks yet", def.encode),
+                    ));
+                }
+                (format, def.options.clone())
+            }
+        };
+        // What the sink reads: a relation's rows, or a query's run as a dataflow of the sink's own.
+        let stored = match &sink.input {
+            SinkInput::Relation(relation) => {
+                let relation_name = object_name(relation)?;
+                let relation = self.engine.catalog.get(&relation_name).ok_or_else(|| {
+                    ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{relation_name}\" does not exist"))
+                })?;
+                relation.store.clone().map(|store| (relation_name, store, relation.append_only))
+            }
+            SinkInput::Query(_) => None,
+        };
+        let (input, store, append_only, depends_on, dataflow) = match stored {
+            Some((relation, store, append_only)) => (relation.clone(), store, append_only, vec![relation], None),
+            None => {
+                let query = match &sink.input {
+                    SinkInput::Query(query) => query.as_ref().clone(),
+                    SinkInput::Relation(relation) => select_all(relation)?,
+                };
+                let dataflow = self.build_dataflow(&query, false, text, sql).await?;
+                let store = Arc::new(ViewStore::passing(dataflow.pipeline.schema()));
+                (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
+            }
+        };
+        if format == SinkFormat::Plain && !append_only {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "sink \"{name}\" reads \"{input}\", whose rows change as windows fill, and FORMAT PLAIN can only \
+                     write rows that never change"
+                ),
+            )
+            .with_hint(
+                "Use FORMAT UPSERT or FORMAT DEBEZIUM with a primary_key, or give the view EMIT ON WINDOW CLOSE so \
+                 each window's rows appear once, final.",
+            ));
+        }
+        let connector = sink.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| v.to_lowercase());
+        let opened = weir_connectors::sink::open_sink(store.schema(), sink.with.clone(), format, format_options)
+            .map_err(ErrorReport::from)?;
+        let progress = Arc::new(SinkProgress {
+            input,
+            connector: connector.unwrap_or_default(),
+            format,
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            last_delivery_ms: AtomicI64::new(i64::MIN),
+            status: Mutex::new("running".to_string()),
+        });
+        // Subscribed before the dataflow starts, so the sink sees its first rows.
+        let changes = store.subscribe_changes();
+        let dataflow_job = dataflow.map(|dataflow| {
+            let job = dataflow_name(&name);
+            self.engine.jobs.start(job.clone(), dataflow, store.clone());
+            job
+        });
+        sinks.start(name, changes, opened, progress, depends_on, dataflow_job);
+        Ok(Outcome::Command("CREATE SINK", None))
+    }
+
+    /// `DROP SINK [IF EXISTS] names`.
+    pub(crate) async fn drop_sinks(&self, names: &[ObjectName], if_exists: bool) -> Result<Outcome, ErrorReport> {
+        let _ddl = self.engine.ddl.lock().await;
+        for name in names {
+            let name = object_name(name)?;
+            if !self.engine.jobs.sinks.exists(&name) && !if_exists {
+                return Err(ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("sink \"{name}\" does not exist")));
+            }
+            self.drop_sink(&name);
+        }
+        Ok(Outcome::Command("DROP SINK", None))
+    }
+
+    /// Stops a sink and its own dataflow.
+    pub(crate) fn drop_sink(&self, name: &str) {
+        if let Some(Some(dataflow)) = self.engine.jobs.sinks.stop(name) {
+            self.engine.jobs.stop(&dataflow);
+        }
+    }
+
+    /// `SHOW SINKS`: every sink's name.
+    pub(crate) fn show_sinks(&self) -> Result<Outcome, ErrorReport> {
+        let names: Vec<String> = self.engine.jobs.sinks.progress().into_iter().map(|(name, _)| name).collect();
+        self.rows(crate::session::show_tables_schema(), vec![Arc::new(StringArray::from(names))])
+    }
+
+    /// Refuses to drop `relation` while sinks read it, unless `cascade`, which drops them.
+    pub(crate) fn check_sinks_reading(
+        &self,
+        relation: &str,
+        kind: RelationKind,
+        cascade: bool,
+    ) -> Result<(), ErrorReport> {
+        let readers = self.engine.jobs.sinks.reading(relation);
+        if readers.is_empty() {
+            return Ok(());
+        }
+        if cascade {
+            for sink in readers {
+                self.drop_sink(&sink);
+            }
+            return Ok(());
+        }
+        let detail: Vec<String> = readers.iter().map(|s| format!("sink {s} depends on {kind} {relation}")).collect();
+        Err(ErrorReport::new(
+            SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
+            format!("cannot drop {kind} {relation} because other objects depend on it"),
+        )
+        .with_detail(detail.join("\n"))
+        .with_hint("Use DROP ... CASCADE to drop the dependent objects too."))
+    }
+}
+
+/// `SELECT * FROM relation`.
+fn select_all(relation: &ObjectName) -> Result<ast::Query, ErrorReport> {
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    let sql = format!("SELECT * FROM {relation}");
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&sql)
+        .and_then(|mut parser| parser.parse_query())
+        .map(|query| *query)
+        .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
+}
+
+/// The sink's task: encodes each epoch's changes and delivers them, retrying failed writes.
+async fn run(
+    name: String,
+    mut changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
+    mut sink: Sink,
+    progress: Arc<SinkProgress>,
+) {
+    let health = sink.writer.health();
+    while let Some(mut epoch) = changes.recv().await {
+        // A sink that fell behind catches up in bigger writes.
+        while epoch.len() < 1024
+            && let Ok(more) = changes.try_recv()
+        {
+            epoch.extend(more);
+        }
+        let messages = match sink.encoder.encode(&epoch) {
+            Ok(messages) => messages,
+            Err(err) => {
+                error!(sink = %name, error = %err, "the sink cannot encode its input; it stops here");
+                progress.set_status(format!("failed: {err}"));
+                return;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let bytes: usize =
+            messages.iter().map(|m| m.key.as_ref().map_or(0, Vec::len) + m.payload.as_ref().map_or(0, Vec::len)).sum();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let write = sink.writer.write(&messages);
+            tokio::pin!(write);
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            ticks.tick().await;
+            // While the write waits, the writer's health shows in the sink's status.
+            let result = loop {
+                tokio::select! {
+                    result = &mut write => break result,
+                    _ = ticks.tick() => if let Some(problem) = health.get() {
+                        progress.set_status(format!("retrying: {problem}"));
+                    },
+                }
+            };
+            match result {
+                Ok(()) => {
+                    progress.messages.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                    progress.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    progress.last_delivery_ms.store(now_ms(), Ordering::Relaxed);
+                    progress.set_status("running".to_string());
+                    break;
+                }
+                Err(err) => {
+                    warn!(sink = %name, error = %err, "the sink's write failed; retrying in {backoff:?}");
+                    progress.failed_writes.fetch_add(1, Ordering::Relaxed);
+                    progress.set_status(format!("retrying: {err}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    info!(sink = %name, "the sink's input is gone; the sink ends");
+    progress.set_status("ended".to_string());
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
