@@ -377,6 +377,34 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_rfc_3339_and_decimals_numbers() {
+        use datafusion::arrow::array::{Decimal128Array, TimestampMicrosecondArray};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "at",
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, Some("+00:00".into())),
+                false,
+            ),
+            Field::new("naive", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None), false),
+            Field::new("amount", DataType::Decimal128(12, 2), false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampMicrosecondArray::from(vec![1_704_067_230_000_000]).with_timezone("+00:00")),
+                Arc::new(datafusion::arrow::array::TimestampMillisecondArray::from(vec![1_704_067_230_500])),
+                Arc::new(Decimal128Array::from(vec![1875]).with_precision_and_scale(12, 2).unwrap()),
+            ],
+        )
+        .unwrap();
+        let rows = json_rows(&batch, &[0, 1, 2]).unwrap();
+        assert_eq!(
+            String::from_utf8(rows[0].clone()).unwrap(),
+            r#"{"at":"2024-01-01T00:00:30Z","naive":"2024-01-01T00:00:30.500","amount":18.75}"#
+        );
+    }
+
+    #[test]
     fn plain_refuses_rows_that_change() {
         let change = RowChange::Replace { before: vec![batch(&[("a", Some(1))])], after: vec![] };
         assert!(encoder(SinkFormat::Plain, &[], None).encode(&[change]).is_err());

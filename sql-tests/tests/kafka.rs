@@ -1,6 +1,7 @@
 //! The Kafka source against a real Kafka-compatible broker (tansu, in-memory storage) that the test starts on a free
 //! loopback port: a three-partition topic written by a real producer, record metadata as columns, a malformed record
-//! in the dead-letter relation, and a missing topic reported in the view's status.
+//! in the dead-letter relation, a missing topic reported in the view's status, per-partition watermarks, and sinks
+//! written in each format and read back with a real consumer.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -201,5 +202,168 @@ async fn each_partition_has_its_own_watermark_and_an_idle_one_is_left_out() {
     .await;
     // Without an idle timeout the empty partition holds every window open.
     assert_eq!(rows(client, "SELECT count(*) FROM waiting_windows").await, [["0"]]);
+    server.stop().await.unwrap();
+}
+
+/// Every message of `topic` from the start, read by a real consumer until `enough` says so (or 30 s pass), as
+/// (key, payload) text; `None` for a tombstone's payload.
+async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    enough: impl Fn(&[(String, Option<String>)]) -> bool,
+) -> Vec<(String, Option<String>)> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("reader-{topic}-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    consumer.subscribe(&[topic]).expect("subscribing");
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !enough(&messages) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{topic}: not all messages arrived; got {messages:?}");
+        if let Ok(Ok(message)) = tokio::time::timeout(left.min(Duration::from_secs(1)), consumer.recv()).await {
+            let text = |bytes: Option<&[u8]>| bytes.map(|b| String::from_utf8_lossy(b).into_owned());
+            messages.push((text(message.key()).unwrap_or_default(), text(message.payload())));
+        }
+    }
+    messages
+}
+
+/// The last payload of each key.
+fn latest(messages: &[(String, Option<String>)]) -> std::collections::BTreeMap<String, Option<String>> {
+    messages.iter().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_write_a_windowed_view_as_upserts_and_debezium_changes_and_a_query_as_plain_rows() {
+    let (broker, bootstrap, producer) = broker_with_topic("payments", 3);
+    for topic in ["spend-30s", "spend-cdc", "big-payments"] {
+        broker.create_topic(topic, 1);
+    }
+    let produce = |partition: i32, value: &'static str| {
+        let producer = producer.clone();
+        async move {
+            let record = FutureRecord::<(), _>::to("payments").partition(partition).payload(value);
+            producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing");
+        }
+    };
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    // The issue's example, as a user would paste it.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE payments (customer_id TEXT, amount NUMERIC(12,2), vendor_id TEXT, ts TIMESTAMPTZ, \
+                                     WATERMARK FOR ts AS ts - INTERVAL '15' SECOND) \
+               INCLUDE partition, offset, timestamp AS kafka_ts \
+               WITH (connector = 'kafka', topic = 'payments', 'properties.bootstrap.server' = '{bootstrap}', \
+                     'scan.startup.mode' = 'earliest') \
+               FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW spend_30s AS \
+               SELECT customer_id, window_end, sum(amount) AS total \
+               FROM TUMBLE(payments, ts, INTERVAL '30' SECOND) GROUP BY customer_id, window_end; \
+             CREATE SINK spend_out FROM spend_30s \
+               WITH (connector = 'kafka', topic = 'spend-30s', 'properties.bootstrap.server' = '{bootstrap}') \
+               FORMAT UPSERT ENCODE JSON (primary_key = 'customer_id, window_end'); \
+             CREATE SINK spend_cdc FROM spend_30s \
+               WITH (connector = 'kafka', topic = 'spend-cdc', 'properties.bootstrap.server' = '{bootstrap}') \
+               FORMAT DEBEZIUM ENCODE JSON (primary_key = 'customer_id, window_end'); \
+             CREATE SINK big AS SELECT customer_id, amount FROM payments WHERE amount > 7 \
+               WITH (connector = 'kafka', topic = 'big-payments', 'properties.bootstrap.server' = '{bootstrap}');"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows(client, "SHOW SINKS").await, [["big"], ["spend_cdc"], ["spend_out"]]);
+    // An updating view cannot be written as plain rows.
+    let err = client
+        .batch_execute(&format!(
+            "CREATE SINK plain_spend FROM spend_30s \
+             WITH (connector = 'kafka', topic = 'x', 'properties.bootstrap.server' = '{bootstrap}')"
+        ))
+        .await
+        .unwrap_err();
+    let err = err.as_db_error().expect("a database error");
+    assert_eq!(err.code().code(), "0A000");
+    assert!(err.message().contains("FORMAT PLAIN can only write rows that never change"), "{}", err.message());
+
+    produce(0, r#"{"customer_id": "c1", "amount": 10.50, "vendor_id": "v1", "ts": "2024-01-01T00:00:01Z"}"#).await;
+    produce(1, r#"{"customer_id": "c2", "amount": 5.00, "vendor_id": "v2", "ts": "2024-01-01T00:00:05Z"}"#).await;
+    produce(0, r#"{"customer_id": "c1", "amount": 7.25, "vendor_id": "v1", "ts": "2024-01-01T00:00:12Z"}"#).await;
+    produce(2, r#"{"customer_id": "c1", "amount": 3.00, "vendor_id": "v3", "ts": "2024-01-01T00:00:40Z"}"#).await;
+    eventually(
+        client,
+        "SELECT customer_id, window_end, total FROM spend_30s ORDER BY window_end, customer_id",
+        &[
+            &["c1", "2024-01-01 00:00:30+00", "17.75"],
+            &["c2", "2024-01-01 00:00:30+00", "5.00"],
+            &["c1", "2024-01-01 00:01:00+00", "3.00"],
+        ],
+    )
+    .await;
+    // Within the watermark bound (watermark 25 s): the first window changes again.
+    produce(1, r#"{"customer_id": "c1", "amount": 1.00, "vendor_id": "v4", "ts": "2024-01-01T00:00:20Z"}"#).await;
+
+    let c1_first = r#"{"customer_id":"c1","window_end":"2024-01-01T00:00:30Z"}"#;
+    let c2_first = r#"{"customer_id":"c2","window_end":"2024-01-01T00:00:30Z"}"#;
+    let c1_second = r#"{"customer_id":"c1","window_end":"2024-01-01T00:01:00Z"}"#;
+    let upserts = read_topic(&bootstrap, "spend-30s", |m| {
+        latest(m).get(c1_first).is_some_and(|v| v.as_deref().is_some_and(|v| v.contains("18.75")))
+    })
+    .await;
+    let expected: std::collections::BTreeMap<String, Option<String>> = [
+        (c1_first, r#"{"customer_id":"c1","window_end":"2024-01-01T00:00:30Z","total":18.75}"#),
+        (c2_first, r#"{"customer_id":"c2","window_end":"2024-01-01T00:00:30Z","total":5.00}"#),
+        (c1_second, r#"{"customer_id":"c1","window_end":"2024-01-01T00:01:00Z","total":3.00}"#),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+    .collect();
+    assert_eq!(latest(&upserts), expected, "all messages: {upserts:?}");
+
+    // Debezium: the first message of a key creates it; the last one updates 17.75 to 18.75.
+    let changes = read_topic(&bootstrap, "spend-cdc", |m| {
+        m.iter().any(|(k, v)| k == c1_first && v.as_deref().is_some_and(|v| v.contains("\"total\":18.75")))
+    })
+    .await;
+    let of_c1: Vec<&str> = changes.iter().filter(|(k, _)| k == c1_first).filter_map(|(_, v)| v.as_deref()).collect();
+    assert!(of_c1[0].starts_with(r#"{"before":null,"after":{"customer_id":"c1""#), "{of_c1:?}");
+    assert!(of_c1[0].contains(r#""op":"c""#), "{of_c1:?}");
+    let last = of_c1[of_c1.len() - 1];
+    assert!(
+        last.starts_with(
+            r#"{"before":{"customer_id":"c1","window_end":"2024-01-01T00:00:30Z","total":17.75},"after":{"customer_id":"c1","window_end":"2024-01-01T00:00:30Z","total":18.75},"op":"u","ts_ms":"#
+        ),
+        "{last}"
+    );
+
+    // The plain sink of a query: one message per matching row, without a key.
+    let big = read_topic(&bootstrap, "big-payments", |m| m.len() >= 2).await;
+    let mut payloads: Vec<String> = big.iter().filter_map(|(_, v)| v.clone()).collect();
+    payloads.sort();
+    assert_eq!(payloads, [r#"{"customer_id":"c1","amount":10.50}"#, r#"{"customer_id":"c1","amount":7.25}"#]);
+    assert!(big.iter().all(|(k, _)| k.is_empty()));
+
+    eventually(
+        client,
+        "SELECT sink, input, connector, format, status, messages >= 3 FROM weir_catalog.sink_progress ORDER BY sink",
+        &[
+            &["big", "sink big", "kafka", "PLAIN", "running", "f"],
+            &["spend_cdc", "spend_30s", "kafka", "DEBEZIUM", "running", "t"],
+            &["spend_out", "spend_30s", "kafka", "UPSERT", "running", "t"],
+        ],
+    )
+    .await;
+    // The view cannot go while sinks read it; dropping the sinks first works.
+    let err = client.batch_execute("DROP MATERIALIZED VIEW spend_30s").await.unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("2BP01"));
+    client.batch_execute("DROP SINK spend_out, spend_cdc; DROP SINK big; DROP SINK IF EXISTS big").await.unwrap();
+    assert!(rows(client, "SHOW SINKS").await.is_empty());
+    client.batch_execute("DROP MATERIALIZED VIEW spend_30s").await.unwrap();
     server.stop().await.unwrap();
 }

@@ -1,6 +1,7 @@
 //! The MQTT source against a real Mosquitto broker that the test starts on a free loopback port: wildcard
-//! subscriptions with the topic as a column, a malformed payload landing in the dead-letter relation, and the broker
-//! stopped and started again while Weir keeps running.
+//! subscriptions with the topic as a column, a malformed payload landing in the dead-letter relation, the broker
+//! stopped and started again while Weir keeps running, and sinks publishing to topics named by row values (plain and
+//! retained upserts), read back by a real subscriber.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -153,5 +154,137 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
         assert!(Instant::now() < deadline, "no row after the broker came back");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    server.stop().await.unwrap();
+}
+
+/// A client subscribed to `filter`; every (topic, payload) it receives goes to the channel.
+async fn subscriber(port: u16, filter: &str) -> tokio::sync::mpsc::UnboundedReceiver<(String, String)> {
+    use rumqttc::{Event, Packet};
+    let mut options =
+        MqttOptions::new(format!("test-subscriber-{}", filter.replace(['/', '#', '+'], "")), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed, acknowledged) = tokio::sync::oneshot::channel();
+    let mut subscribed = Some(subscribed);
+    tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(subscribed) = subscribed.take() {
+                        let _ = subscribed.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(message))) => {
+                    let payload = String::from_utf8_lossy(&message.payload).into_owned();
+                    if sender.send((message.topic, payload)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), acknowledged).await.expect("subscribed in time").unwrap();
+    received
+}
+
+/// Receives until `enough` holds for what was received (or 20 s pass).
+async fn receive_until(
+    received: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    got: &mut Vec<(String, String)>,
+    enough: impl Fn(&[(String, String)]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !enough(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "not all messages arrived; got {got:?}");
+        if let Ok(Some(message)) = tokio::time::timeout(left, received.recv()).await {
+            got.push(message);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_publish_rows_to_topics_named_by_their_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE readings (device TEXT, temp DOUBLE PRECISION) \
+             WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'plant/+/telemetry') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW hot AS SELECT device, temp FROM readings WHERE temp > 30; \
+             CREATE MATERIALIZED VIEW hottest AS SELECT device, max(temp) AS hottest FROM readings GROUP BY device; \
+             CREATE SINK alerts FROM hot \
+               WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'alerts/{{device}}', qos = '1'); \
+             CREATE SINK hottest_out FROM hottest \
+               WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'hottest/{{device}}', \
+                     retain = 'true') \
+               FORMAT UPSERT ENCODE JSON (primary_key = 'device');"
+        ))
+        .await
+        .unwrap();
+    let mut alerts = subscriber(port, "alerts/#").await;
+    let mqtt = publisher(port).await;
+    let publish = |payload: &'static str| {
+        let mqtt = mqtt.clone();
+        async move { mqtt.publish("plant/x/telemetry", QoS::AtLeastOnce, false, payload).await.unwrap() }
+    };
+    // The source subscribes on its first read: publish a warm-up reading until one arrives.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows(client, "SELECT hottest FROM hottest WHERE device = 'w'").await.is_empty() {
+        assert!(Instant::now() < deadline, "the source never subscribed");
+        publish(r#"{"device": "w", "temp": 0}"#).await;
+        client.batch_execute("FLUSH").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish(r#"{"device": "a1", "temp": 20.5}"#).await;
+    publish(r#"{"device": "a1", "temp": 35}"#).await;
+    publish(r#"{"device": "b1", "temp": 31}"#).await;
+    publish(r#"{"device": "b1", "temp": 33.5}"#).await;
+
+    // Append-only rows: one message each, on the topic of its device.
+    let mut got = Vec::new();
+    receive_until(&mut alerts, &mut got, |got| got.len() >= 3).await;
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("alerts/a1".to_string(), r#"{"device":"a1","temp":35.0}"#.to_string()),
+            ("alerts/b1".to_string(), r#"{"device":"b1","temp":31.0}"#.to_string()),
+            ("alerts/b1".to_string(), r#"{"device":"b1","temp":33.5}"#.to_string()),
+        ]
+    );
+    // Upserts are retained: a client subscribing now gets each device's latest row (and then any later change, until
+    // the sink has delivered everything).
+    eventually(client, "SELECT count(*) FROM hottest", &[&["3"]]).await;
+    let mut retained = subscriber(port, "hottest/#").await;
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("hottest/a1", r#"{"device":"a1","hottest":35.0}"#),
+        ("hottest/b1", r#"{"device":"b1","hottest":33.5}"#),
+        ("hottest/w", r#"{"device":"w","hottest":0.0}"#),
+    ]
+    .into_iter()
+    .map(|(topic, payload)| (topic.to_string(), payload.to_string()))
+    .collect();
+    let mut got = Vec::new();
+    receive_until(&mut retained, &mut got, |got| {
+        got.iter().cloned().collect::<std::collections::BTreeMap<_, _>>() == expected
+    })
+    .await;
+    eventually(
+        client,
+        "SELECT sink, status FROM weir_catalog.sink_progress",
+        &[&["alerts", "running"], &["hottest_out", "running"]],
+    )
+    .await;
     server.stop().await.unwrap();
 }
