@@ -179,6 +179,21 @@ pub trait SourceReader: Send + fmt::Debug {
     fn health(&self) -> Option<String> {
         None
     }
+
+    /// What the source has read so far, for `weir_catalog.view_progress`.
+    fn stats(&self) -> SourceStats {
+        SourceStats::default()
+    }
+}
+
+/// What a source reports of its reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Bytes of the records read (keys and payloads); `None` for a source that makes rows rather than reading bytes.
+    pub bytes: Option<u64>,
+    /// How many records the upstream holds that the source has not read yet (Kafka's consumer lag over every
+    /// partition), when known.
+    pub lag: Option<i64>,
 }
 
 /// What keeps a connector from working right now (`broker unreachable: ...; retrying`), shared between the task that

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use weir_common::connector::{ConnectorError, Encoding, Options, Rejected, SourceReader};
+use weir_common::connector::{ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats};
 
 use crate::format::{Record, RecordDecoder};
 
@@ -43,6 +43,8 @@ pub struct FileSource {
     /// The start of a line whose newline has not arrived yet (follow mode).
     partial: Vec<u8>,
     rejected: Vec<Rejected>,
+    /// Bytes of the records read.
+    bytes: u64,
 }
 
 impl FileSource {
@@ -75,6 +77,7 @@ impl FileSource {
             line: 0,
             partial: Vec::new(),
             rejected: Vec::new(),
+            bytes: 0,
         })
     }
 
@@ -125,6 +128,7 @@ impl SourceReader for FileSource {
                 tokio::time::sleep(self.poll).await;
                 continue;
             }
+            self.bytes += records.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
             let (batch, rejected) = self.decoder.decode(&records);
             self.rejected.extend(rejected);
             if let Some(batch) = batch {
@@ -135,6 +139,10 @@ impl SourceReader for FileSource {
 
     fn take_rejected(&mut self) -> Vec<Rejected> {
         std::mem::take(&mut self.rejected)
+    }
+
+    fn stats(&self) -> SourceStats {
+        SourceStats { bytes: Some(self.bytes), lag: None }
     }
 }
 

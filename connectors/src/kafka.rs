@@ -23,7 +23,7 @@
 //! and committed to the group in [`SourceReader::commit`] under `group-offsets`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,11 +31,11 @@ use datafusion::arrow::array::{ArrayRef, BinaryArray, Int32Array, Int64Array, Re
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{info, warn};
-use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader};
+use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader, SourceStats};
 
 use crate::format::RecordDecoder;
 
@@ -71,7 +71,11 @@ pub struct KafkaSource {
     config: ClientConfig,
     startup: Startup,
     linger: Duration,
-    consumer: Option<Arc<StreamConsumer>>,
+    consumer: Option<Arc<StreamConsumer<Offsets>>>,
+    /// Per partition: the broker's low and high watermark offsets, from librdkafka's statistics.
+    broker_offsets: Arc<Mutex<BTreeMap<i32, (i64, i64)>>>,
+    /// Bytes of the records read (keys and values).
+    bytes: u64,
     /// Why the source cannot read right now.
     problem: Option<String>,
     backoff: Duration,
@@ -152,7 +156,8 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", if startup == Startup::Latest { "latest" } else { "earliest" })
-            .set("group.id", format!("weir-{:016x}", rand::random::<u64>()));
+            .set("group.id", format!("weir-{:016x}", rand::random::<u64>()))
+            .set("statistics.interval.ms", "1000");
         for (key, value) in options.take_prefixed("properties.") {
             config.set(key, value);
         }
@@ -206,6 +211,8 @@ impl KafkaSource {
             startup,
             linger: Duration::from_millis(linger),
             consumer: None,
+            broker_offsets: Arc::default(),
+            bytes: 0,
             problem: None,
             backoff: Duration::from_millis(100),
             rejected: Vec::new(),
@@ -225,9 +232,11 @@ impl KafkaSource {
     }
 
     /// Makes the consumer and assigns it the topic's partitions (or joins the group).
-    async fn connect(&self) -> Result<(Arc<StreamConsumer>, usize), String> {
-        let consumer: Arc<StreamConsumer> =
-            Arc::new(self.config.create().map_err(|e| format!("creating the Kafka consumer: {e}"))?);
+    async fn connect(&self) -> Result<(Arc<StreamConsumer<Offsets>>, usize), String> {
+        let context = Offsets { topic: self.topic.clone(), offsets: self.broker_offsets.clone() };
+        let consumer: Arc<StreamConsumer<Offsets>> = Arc::new(
+            self.config.create_with_context(context).map_err(|e| format!("creating the Kafka consumer: {e}"))?,
+        );
         if self.startup == Startup::GroupOffsets {
             consumer.subscribe(&[&self.topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
             return Ok((consumer, 0));
@@ -271,6 +280,9 @@ impl KafkaSource {
     /// Decodes records into one batch of the source's schema (`None` when none decodes).
     fn decode(&mut self, messages: &[OwnedMessage]) -> Result<Option<RecordBatch>, ConnectorError> {
         let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload().unwrap_or_default()).collect();
+        self.bytes +=
+            messages.iter().map(|m| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)).sum::<usize>()
+                as u64;
         let (batch, rejected, accepted) = self.decoder.decode_indexed(&payloads, |i| {
             let m = &messages[i];
             format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
@@ -328,6 +340,27 @@ pub(crate) fn take_servers(options: &mut Options) -> Result<String, ConnectorErr
         .or_else(|| options.take("properties.bootstrap.servers"))
         .ok_or_else(|| ConnectorError::missing(NAME, "properties.bootstrap.server"))
 }
+
+/// Keeps the broker's offsets of each partition of the topic from librdkafka's statistics (every second), for the
+/// consumer lag.
+struct Offsets {
+    topic: String,
+    offsets: Arc<Mutex<BTreeMap<i32, (i64, i64)>>>,
+}
+
+impl ClientContext for Offsets {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        let mut offsets = self.offsets.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, partition) in &topic.partitions {
+            if *id >= 0 && partition.hi_offset >= 0 {
+                offsets.insert(*id, (partition.lo_offset.max(0), partition.hi_offset));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Offsets {}
 
 fn options_has_group(config: &ClientConfig) -> bool {
     config.get("group.id").is_some_and(|g| !g.starts_with("weir-"))
@@ -406,6 +439,19 @@ impl SourceReader for KafkaSource {
 
     fn take_rejected(&mut self) -> Vec<Rejected> {
         std::mem::take(&mut self.rejected)
+    }
+
+    /// The consumer lag is, per partition, the broker's high watermark less the offset after the last record handed
+    /// out (or the low watermark, before any); known once librdkafka has reported statistics.
+    fn stats(&self) -> SourceStats {
+        let offsets = self.broker_offsets.lock().unwrap_or_else(PoisonError::into_inner);
+        let lag = (!offsets.is_empty()).then(|| {
+            offsets
+                .iter()
+                .map(|(partition, (low, high))| (high - self.offsets.get(partition).copied().unwrap_or(*low)).max(0))
+                .sum()
+        });
+        SourceStats { bytes: Some(self.bytes), lag }
     }
 
     fn commit(&mut self) {

@@ -32,7 +32,9 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use weir_common::connector::{ConnectorError, Encoding, Health, MetadataColumn, Options, Rejected, SourceReader};
+use weir_common::connector::{
+    ConnectorError, Encoding, Health, MetadataColumn, Options, Rejected, SourceReader, SourceStats,
+};
 
 use crate::format::RecordDecoder;
 
@@ -144,6 +146,8 @@ pub struct MqttSource {
     /// cancelled while gathering loses nothing.
     gathering: Vec<Publish>,
     deadline: Option<tokio::time::Instant>,
+    /// Bytes of the payloads read.
+    bytes: u64,
 }
 
 /// The running connection: the task polling the broker, and what it received.
@@ -218,12 +222,14 @@ impl MqttSource {
             unacknowledged: Vec::new(),
             gathering: Vec::new(),
             deadline: None,
+            bytes: 0,
         })
     }
 
     /// Decodes messages into one batch of the source's schema (`None` when none decodes).
     fn decode(&mut self, messages: &[Publish]) -> Result<Option<RecordBatch>, ConnectorError> {
         let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_ref()).collect();
+        self.bytes += payloads.iter().map(|p| p.len() as u64).sum::<u64>();
         let (batch, rejected, accepted) =
             self.decoder.decode_indexed(&payloads, |i| format!("mqtt:{}", messages[i].topic));
         self.rejected.extend(rejected);
@@ -295,6 +301,10 @@ impl SourceReader for MqttSource {
 
     fn health(&self) -> Option<String> {
         self.connection.as_ref()?.health.get()
+    }
+
+    fn stats(&self) -> SourceStats {
+        SourceStats { bytes: Some(self.bytes), lag: None }
     }
 }
 

@@ -184,6 +184,11 @@ impl Pipeline {
         })
     }
 
+    /// The latest event time any input has seen, in the event-time unit.
+    pub fn newest_event(&self) -> Option<i64> {
+        self.inputs.iter().flat_map(|i| &i.splits).filter_map(|s| s.assigner.as_ref()?.newest()).max()
+    }
+
     /// Rows that arrived after their window closed.
     pub fn late_rows(&self) -> u64 {
         match &self.aggregate {

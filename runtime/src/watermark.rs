@@ -33,11 +33,18 @@ pub struct WatermarkAssigner {
     current: Option<Watermark>,
     /// The last watermark sent downstream, so it is never repeated or sent backwards.
     emitted: Option<Watermark>,
+    /// The latest event time seen, for reporting.
+    newest: Option<i64>,
 }
 
 impl WatermarkAssigner {
     pub fn new(time_column: usize, expr: Arc<dyn PhysicalExpr>) -> Self {
-        WatermarkAssigner { time_column, expr, current: None, emitted: None }
+        WatermarkAssigner { time_column, expr, current: None, emitted: None, newest: None }
+    }
+
+    /// The latest event time seen since the assigner was made (in the event-time column's unit).
+    pub fn newest(&self) -> Option<i64> {
+        self.newest
     }
 
     /// The watermark of the rows seen so far.
@@ -66,6 +73,9 @@ impl WatermarkAssigner {
         let mut out = Vec::new();
         let mut start = 0;
         for row in 0..batch.num_rows() {
+            if times.is_valid(row) {
+                self.newest = Some(self.newest.map_or(times.value(row), |n| n.max(times.value(row))));
+            }
             if let (Some(current), false) = (self.current, times.is_null(row))
                 && times.value(row) <= current
                 && self.emitted.is_none_or(|e| e < current)

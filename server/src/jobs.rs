@@ -23,7 +23,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-use weir_common::connector::{ConnectorError, Rejected, SourceReader};
+use weir_common::connector::{ConnectorError, Rejected, SourceReader, SourceStats};
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
@@ -92,7 +92,18 @@ pub struct Progress {
     pub watermark_ms: AtomicI64,
     /// `running`, `ended` (a bounded source is exhausted) or `failed: <reason>`.
     pub status: Mutex<String>,
+    /// Bytes the inputs read; `-1` for inputs that make rows rather than read bytes.
+    pub bytes_read: AtomicI64,
+    /// Rows read per second over the last [`RATE_WINDOW`], as `f64` bits.
+    pub rows_per_second: AtomicU64,
+    /// The latest event time read, in milliseconds since the epoch; `i64::MIN` before the first.
+    pub newest_event_ms: AtomicI64,
+    /// Records the upstream holds that the inputs have not read (Kafka's consumer lag); `i64::MIN` when unknown.
+    pub consumer_lag: AtomicI64,
 }
+
+/// The span `rows_per_second` is measured over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 impl Progress {
     fn new(source: String) -> Self {
@@ -107,6 +118,10 @@ impl Progress {
             watermark_ms: AtomicI64::new(i64::MIN),
             checkpoints: AtomicU64::new(0),
             status: Mutex::new("running".to_string()),
+            bytes_read: AtomicI64::new(-1),
+            rows_per_second: AtomicU64::new(0f64.to_bits()),
+            newest_event_ms: AtomicI64::new(i64::MIN),
+            consumer_lag: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -188,6 +203,7 @@ impl Jobs {
             dirty: false,
             idle_timeouts,
             last_rows,
+            rate_samples: VecDeque::new(),
         };
         let watched = progress.clone();
         let task = tokio::spawn(async move {
@@ -273,6 +289,8 @@ struct ViewTask {
     idle_timeouts: Vec<Option<Duration>>,
     /// Per input and split: when it last produced rows.
     last_rows: Vec<Vec<Instant>>,
+    /// Rows read so far at moments of the last [`RATE_WINDOW`], oldest first.
+    rate_samples: VecDeque<(Instant, u64)>,
 }
 
 async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut requests: mpsc::Receiver<Control>) {
@@ -307,7 +325,7 @@ async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut re
                 None => return,
             },
             _ = epochs.tick() => {
-                task.report_health(&readers);
+                task.report(&readers);
                 task.check_idle(&reading).await;
                 if task.dirty {
                     task.publish().await;
@@ -387,10 +405,35 @@ impl ViewTask {
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
+        if let Some(newest) = self.pipeline.newest_event() {
+            self.progress.newest_event_ms.store((newest as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
+        }
         if let Err(err) = result {
             self.fail(err);
             reading.fill(false);
         }
+    }
+
+    /// Reports what the inputs say of their reading (bytes, consumer lag) and the rate rows arrive at, and shows in
+    /// the view's status what keeps an input from reading (an unreachable broker), while it lasts.
+    fn report(&mut self, readers: &[Box<dyn SourceReader>]) {
+        let stats: Vec<SourceStats> = readers.iter().map(|r| r.stats()).collect();
+        let bytes = stats.iter().filter_map(|s| s.bytes).fold(None, |sum: Option<u64>, b| Some(sum.unwrap_or(0) + b));
+        self.progress.bytes_read.store(bytes.map_or(-1, |b| b as i64), Ordering::Relaxed);
+        let lag = stats.iter().filter_map(|s| s.lag).fold(None, |sum: Option<i64>, l| Some(sum.unwrap_or(0) + l));
+        self.progress.consumer_lag.store(lag.unwrap_or(i64::MIN), Ordering::Relaxed);
+        let now = Instant::now();
+        let rows = self.progress.rows_read.load(Ordering::Relaxed);
+        self.rate_samples.push_back((now, rows));
+        while self.rate_samples.len() > 2 && self.rate_samples.front().is_some_and(|(t, _)| now - *t > RATE_WINDOW) {
+            self.rate_samples.pop_front();
+        }
+        if let Some((since, then)) = self.rate_samples.front() {
+            let seconds = (now - *since).as_secs_f64();
+            let rate = if seconds > 0.0 { (rows - then) as f64 / seconds } else { 0.0 };
+            self.progress.rows_per_second.store(rate.to_bits(), Ordering::Relaxed);
+        }
+        self.report_health(readers);
     }
 
     /// Shows in the view's status what keeps an input from reading (an unreachable broker), while it lasts.

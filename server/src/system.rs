@@ -1,8 +1,9 @@
 //! `weir_catalog`: system relations about the running dataflows.
 //!
 //! - `weir_catalog.view_progress`: one row per materialized view: its source, status, rows read and written, late
-//!   rows (arrived after their window closed, so left out of the view), malformed records (set aside) and the
-//!   source's current watermark.
+//!   rows (arrived after their window closed, so left out of the view), malformed records (set aside), the source's
+//!   current watermark, checkpoints, bytes read, rows per second (over the last 5 s), the newest event time and how
+//!   far the watermark trails it, and the consumer lag (records a Kafka topic holds that the view has not read).
 //! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
 //!   <why>` while a broker is away), messages and bytes delivered, failed writes (retried) and the last delivery.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
@@ -14,7 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::array::{
+    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, Session, TableProvider};
 use datafusion::datasource::TableType;
@@ -63,6 +66,11 @@ impl SystemRelation {
                         Field::new("malformed_rows", DataType::Int64, false),
                         Field::new("watermark", DataType::Timestamp(TimeUnit::Millisecond, None), true),
                         Field::new("checkpoints", DataType::Int64, false),
+                        Field::new("bytes_read", DataType::Int64, true),
+                        Field::new("rows_per_second", DataType::Float64, false),
+                        Field::new("newest_event", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+                        Field::new("watermark_lag_ms", DataType::Int64, true),
+                        Field::new("consumer_lag", DataType::Int64, true),
                     ],
                     view_progress,
                 ),
@@ -99,6 +107,9 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
     let count = |f: fn(&crate::jobs::Progress) -> i64| -> ArrayRef {
         Arc::new(progress.iter().map(|(_, p)| f(p)).collect::<Int64Array>())
     };
+    let optional = |f: &dyn Fn(&crate::jobs::Progress) -> Option<i64>| -> ArrayRef {
+        Arc::new(progress.iter().map(|(_, p)| f(p)).collect::<Int64Array>())
+    };
     let columns: Vec<ArrayRef> = vec![
         Arc::new(progress.iter().map(|(v, _)| Some(v.as_str())).collect::<StringArray>()),
         Arc::new(progress.iter().map(|(_, p)| Some(p.source.as_str())).collect::<StringArray>()),
@@ -119,6 +130,25 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
                 .collect::<TimestampMillisecondArray>(),
         ),
         count(|p| p.checkpoints.load(Ordering::Relaxed) as i64),
+        optional(&|p| Some(p.bytes_read.load(Ordering::Relaxed)).filter(|b| *b >= 0)),
+        Arc::new(
+            progress
+                .iter()
+                .map(|(_, p)| f64::from_bits(p.rows_per_second.load(Ordering::Relaxed)))
+                .collect::<Float64Array>(),
+        ),
+        Arc::new(
+            progress
+                .iter()
+                .map(|(_, p)| Some(p.newest_event_ms.load(Ordering::Relaxed)).filter(|t| *t != i64::MIN))
+                .collect::<TimestampMillisecondArray>(),
+        ),
+        optional(&|p| {
+            let (newest, watermark) =
+                (p.newest_event_ms.load(Ordering::Relaxed), p.watermark_ms.load(Ordering::Relaxed));
+            (newest != i64::MIN && watermark != i64::MIN).then(|| newest.saturating_sub(watermark))
+        }),
+        optional(&|p| Some(p.consumer_lag.load(Ordering::Relaxed)).filter(|l| *l != i64::MIN)),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

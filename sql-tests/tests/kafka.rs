@@ -132,6 +132,17 @@ async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
     .await;
     // The malformed record is set aside by each view reading the source, with where it was.
     eventually(client, "SELECT DISTINCT origin FROM weir_catalog.dead_letters", &[&["payments/1@1"]]).await;
+    // Progress: bytes read (keys and values), the newest event (4 s), the watermark behind it by 18 s (the minimum
+    // over partitions: partition 0's newest is 1 s, less the 15 s bound), and (once librdkafka reports the broker's
+    // offsets) no records left unread.
+    let bytes: usize = records.iter().map(|(_, key, value)| key.len() + value.len()).sum();
+    eventually(
+        client,
+        "SELECT bytes_read, newest_event, watermark_lag_ms, consumer_lag \
+         FROM weir_catalog.view_progress WHERE view = 'spend'",
+        &[&[&bytes.to_string(), "2024-01-01 00:00:04", "18000", "0"]],
+    )
+    .await;
 
     // A missing topic is reported in the status and retried, not an error that stops the view.
     client
