@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -120,6 +121,18 @@ impl Options {
         }
     }
 
+    /// Takes a duration option (`'30s'`, `'500ms'`, `'2min'`, `'1h'`).
+    pub fn take_duration(&mut self, key: &str) -> Result<Option<Duration>, ConnectorError> {
+        match self.values.remove(key) {
+            None => Ok(None),
+            Some(value) => parse_duration(&value).map(Some).ok_or_else(|| ConnectorError::InvalidOption {
+                key: key.to_string(),
+                value,
+                reason: DURATION_EXPECTED.into(),
+            }),
+        }
+    }
+
     /// Takes every option whose key starts with `prefix`, as (rest of the key, value).
     pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, String)> {
         let keys: Vec<String> = self.values.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
@@ -135,6 +148,25 @@ impl Options {
             }
         }
     }
+}
+
+/// What [`parse_duration`] accepts, for error messages.
+pub const DURATION_EXPECTED: &str = "expected a duration such as '30s', '500ms', '2min' or '1h'";
+
+/// A duration written as a whole number and a unit: `500ms`, `30s`, `2min`, `1h` (and the units' long names).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim().to_ascii_lowercase();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n = number.parse::<u64>().ok()?;
+    let millis = match unit.trim() {
+        "ms" | "millisecond" | "milliseconds" => Some(n),
+        "s" | "sec" | "second" | "seconds" => n.checked_mul(1_000),
+        "m" | "min" | "minute" | "minutes" => n.checked_mul(60_000),
+        "h" | "hour" | "hours" => n.checked_mul(3_600_000),
+        _ => None,
+    };
+    millis.map(Duration::from_millis)
 }
 
 /// Reads one source: batches of rows in the source's schema.
@@ -194,6 +226,8 @@ pub struct SourceStats {
     /// How many records the upstream holds that the source has not read yet (Kafka's consumer lag over every
     /// partition), when known.
     pub lag: Option<i64>,
+    /// Rows dropped because their `dedup.key` had been read already.
+    pub duplicates: u64,
 }
 
 /// What keeps a connector from working right now (`broker unreachable: ...; retrying`), shared between the task that

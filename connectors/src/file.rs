@@ -142,7 +142,7 @@ impl SourceReader for FileSource {
     }
 
     fn stats(&self) -> SourceStats {
-        SourceStats { bytes: Some(self.bytes), lag: None }
+        SourceStats { bytes: Some(self.bytes), ..SourceStats::default() }
     }
 }
 

@@ -451,7 +451,7 @@ impl SourceReader for KafkaSource {
                 .map(|(partition, (low, high))| (high - self.offsets.get(partition).copied().unwrap_or(*low)).max(0))
                 .sum()
         });
-        SourceStats { bytes: Some(self.bytes), lag }
+        SourceStats { bytes: Some(self.bytes), lag, ..SourceStats::default() }
     }
 
     fn commit(&mut self) {

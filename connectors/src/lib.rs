@@ -9,6 +9,7 @@
 //! - [`file`]: JSON lines or CSV from a local file, bounded or followed as it grows.
 //! - [`kafka`]: records of every partition of a Kafka topic, with record metadata as optional columns.
 //! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column.
+//! - [`dedup`]: `dedup.key`, dropping rows whose key was read already (the duplicates at-least-once delivery allows).
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
 //! - [`sink`]: [`sink::open_sink`] checks a sink's options and pairs a [`sink::SinkEncoder`] (a view's changes as
@@ -18,6 +19,7 @@
 //! Connectors depend only on `weir-common` among Weir's crates.
 
 pub mod datagen;
+pub mod dedup;
 pub mod file;
 pub mod format;
 pub mod kafka;
@@ -69,14 +71,23 @@ pub fn open_source(
             reason: format!("INCLUDE {} is not available from this connector", column.item),
         });
     }
-    match connector.as_str() {
-        "mqtt" => Ok(Box::new(mqtt::MqttSource::try_new(schema, options, encoding, metadata)?)),
-        "kafka" => Ok(Box::new(kafka::KafkaSource::try_new(schema, options, encoding, metadata)?)),
-        "file" => Ok(Box::new(file::FileSource::try_new(schema, options, encoding)?)),
-        "datagen" => Ok(Box::new(datagen::DatagenSource::try_new(schema, options)?)),
-        "nexmark" => Ok(Box::new(nexmark::NexmarkSource::try_new(schema, options)?)),
-        _ => Err(ConnectorError::UnknownConnector { name: connector, known: SOURCE_CONNECTORS.join(", ") }),
-    }
+    // De-duplication wraps any source of decoded records.
+    let dedup_options = options.take_prefixed("dedup.").into_iter().map(|(k, v)| (format!("dedup.{k}"), v));
+    let mut dedup = Options::new(dedup_options)?;
+    let source: Box<dyn SourceReader> = match connector.as_str() {
+        "mqtt" => Box::new(mqtt::MqttSource::try_new(schema, options, encoding, metadata)?),
+        "kafka" => Box::new(kafka::KafkaSource::try_new(schema, options, encoding, metadata)?),
+        "file" => Box::new(file::FileSource::try_new(schema, options, encoding)?),
+        "datagen" | "nexmark" if dedup.take("dedup.key").is_some() => {
+            return Err(ConnectorError::invalid("dedup.key", &connector, "generated rows have no duplicates"));
+        }
+        "datagen" => Box::new(datagen::DatagenSource::try_new(schema, options)?),
+        "nexmark" => Box::new(nexmark::NexmarkSource::try_new(schema, options)?),
+        _ => return Err(ConnectorError::UnknownConnector { name: connector, known: SOURCE_CONNECTORS.join(", ") }),
+    };
+    let source = dedup::Deduplicating::wrap(source, &mut dedup)?;
+    dedup.finish(&connector, &["dedup.key", "dedup.retention"])?;
+    Ok(source)
 }
 
 /// A 64-bit mix of `x` (SplitMix64's finalizer): generated values depend only on (seed, row, column), never on how

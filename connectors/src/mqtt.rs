@@ -304,7 +304,7 @@ impl SourceReader for MqttSource {
     }
 
     fn stats(&self) -> SourceStats {
-        SourceStats { bytes: Some(self.bytes), lag: None }
+        SourceStats { bytes: Some(self.bytes), ..SourceStats::default() }
     }
 }
 

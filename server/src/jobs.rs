@@ -100,6 +100,8 @@ pub struct Progress {
     pub newest_event_ms: AtomicI64,
     /// Records the upstream holds that the inputs have not read (Kafka's consumer lag); `i64::MIN` when unknown.
     pub consumer_lag: AtomicI64,
+    /// Rows dropped because their `dedup.key` had been read already.
+    pub duplicates: AtomicU64,
 }
 
 /// The span `rows_per_second` is measured over.
@@ -122,6 +124,7 @@ impl Progress {
             rows_per_second: AtomicU64::new(0f64.to_bits()),
             newest_event_ms: AtomicI64::new(i64::MIN),
             consumer_lag: AtomicI64::new(i64::MIN),
+            duplicates: AtomicU64::new(0),
         }
     }
 
@@ -422,6 +425,7 @@ impl ViewTask {
         self.progress.bytes_read.store(bytes.map_or(-1, |b| b as i64), Ordering::Relaxed);
         let lag = stats.iter().filter_map(|s| s.lag).fold(None, |sum: Option<i64>, l| Some(sum.unwrap_or(0) + l));
         self.progress.consumer_lag.store(lag.unwrap_or(i64::MIN), Ordering::Relaxed);
+        self.progress.duplicates.store(stats.iter().map(|s| s.duplicates).sum(), Ordering::Relaxed);
         let now = Instant::now();
         let rows = self.progress.rows_read.load(Ordering::Relaxed);
         self.rate_samples.push_back((now, rows));

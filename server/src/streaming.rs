@@ -497,22 +497,16 @@ fn idle_timeout(options: &[(String, String)]) -> Result<(Option<Duration>, Conne
             rest.push((key.clone(), value.clone()));
             continue;
         }
-        let text = value.trim().to_ascii_lowercase();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let millis = match (number.parse::<u64>(), unit.trim()) {
-            (Ok(n), "ms" | "millisecond" | "milliseconds") => Some(n),
-            (Ok(n), "s" | "sec" | "second" | "seconds") => n.checked_mul(1_000),
-            (Ok(n), "m" | "min" | "minute" | "minutes") => n.checked_mul(60_000),
-            _ => None,
-        };
-        let millis = millis.ok_or_else(|| {
+        let duration = weir_common::connector::parse_duration(value).ok_or_else(|| {
             ErrorReport::new(
                 SqlState::INVALID_PARAMETER_VALUE,
-                format!("invalid value \"{value}\" for option \"watermark.idle.timeout\": expected a duration such as '30s', '500ms' or '2min'"),
+                format!(
+                    "invalid value \"{value}\" for option \"watermark.idle.timeout\": {}",
+                    weir_common::connector::DURATION_EXPECTED
+                ),
             )
         })?;
-        timeout = Some(Duration::from_millis(millis));
+        timeout = Some(duration);
     }
     Ok((timeout, rest))
 }

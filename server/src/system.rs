@@ -3,7 +3,8 @@
 //! - `weir_catalog.view_progress`: one row per materialized view: its source, status, rows read and written, late
 //!   rows (arrived after their window closed, so left out of the view), malformed records (set aside), the source's
 //!   current watermark, checkpoints, bytes read, rows per second (over the last 5 s), the newest event time and how
-//!   far the watermark trails it, and the consumer lag (records a Kafka topic holds that the view has not read).
+//!   far the watermark trails it, the consumer lag (records a Kafka topic holds that the view has not read), and the
+//!   rows dropped as duplicates of a `dedup.key` already read.
 //! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
 //!   <why>` while a broker is away), messages and bytes delivered, failed writes (retried) and the last delivery.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
@@ -71,6 +72,7 @@ impl SystemRelation {
                         Field::new("newest_event", DataType::Timestamp(TimeUnit::Millisecond, None), true),
                         Field::new("watermark_lag_ms", DataType::Int64, true),
                         Field::new("consumer_lag", DataType::Int64, true),
+                        Field::new("duplicates", DataType::Int64, false),
                     ],
                     view_progress,
                 ),
@@ -149,6 +151,7 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
             (newest != i64::MIN && watermark != i64::MIN).then(|| newest.saturating_sub(watermark))
         }),
         optional(&|p| Some(p.consumer_lag.load(Ordering::Relaxed)).filter(|l| *l != i64::MIN)),
+        count(|p| p.duplicates.load(Ordering::Relaxed) as i64),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }
