@@ -63,7 +63,8 @@ impl Engine {
         let weir = Arc::new(MemoryCatalogProvider::new());
         weir.register_schema(DEFAULT_SCHEMA, Arc::new(CatalogSchema(catalog.clone())))
             .map_err(|e| ServerError::Engine(e.to_string()))?;
-        let jobs = Arc::new(crate::jobs::Jobs::new(Arc::new(weir_runtime::state::MemoryStore::new())));
+        let jobs =
+            Arc::new(crate::jobs::Jobs::new(Arc::new(weir_runtime::state::MemoryStore::new()), config.epoch_interval));
         let system = Arc::new(MemorySchemaProvider::new());
         for (name, relation) in SystemRelation::all(&jobs) {
             system

@@ -7,7 +7,7 @@
 //!      +--source/pipeline error-+  (logged; the view keeps what it has)
 //! ```
 //!
-//! The task ends an epoch (publishes) every [`EPOCH_INTERVAL`] while rows arrive, before answering a `FLUSH`, and when
+//! The task ends an epoch (publishes) every epoch interval ([`crate::Config::epoch_interval`]) while rows arrive, before answering a `FLUSH`, and when
 //! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch. Each epoch
 //! is also a checkpoint: the pipeline's state and the view's rows changed in it go to the state store in one write.
 
@@ -27,10 +27,6 @@ use weir_common::connector::{ConnectorError, Rejected, SourceReader, SourceStats
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
-
-/// How often a view publishes what it has computed while rows keep arriving. Shorter makes views fresher; each epoch
-/// re-evaluates the open windows that changed in it.
-pub const EPOCH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How many malformed records each view keeps for `weir_catalog.dead_letters` (all are counted).
 pub const DEAD_LETTERS_KEPT: usize = 1000;
@@ -177,6 +173,8 @@ pub struct Jobs {
     state: Arc<dyn StateStore>,
     /// The running sinks.
     pub sinks: crate::sinks::Sinks,
+    /// How often views publish.
+    epoch_interval: Duration,
 }
 
 /// The state table of view `view`'s published rows.
@@ -185,8 +183,9 @@ fn rows_table(view: &str) -> StateTable {
 }
 
 impl Jobs {
-    pub fn new(state: Arc<dyn StateStore>) -> Self {
-        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks: Default::default() }
+    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration) -> Self {
+        let sinks = Default::default();
+        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval }
     }
 
     /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`.
@@ -209,9 +208,11 @@ impl Jobs {
             rate_samples: VecDeque::new(),
         };
         let watched = progress.clone();
+        let epoch_interval = self.epoch_interval;
         let task = tokio::spawn(async move {
             // A panic in the dataflow (a bug) ends this view only, and says so in its status.
-            if let Err(panic) = std::panic::AssertUnwindSafe(run(view_task, readers, requests)).catch_unwind().await {
+            let running = run(view_task, readers, requests, epoch_interval);
+            if let Err(panic) = std::panic::AssertUnwindSafe(running).catch_unwind().await {
                 let reason = panic
                     .downcast_ref::<String>()
                     .map(String::as_str)
@@ -296,10 +297,15 @@ struct ViewTask {
     rate_samples: VecDeque<(Instant, u64)>,
 }
 
-async fn run(mut task: ViewTask, mut readers: Vec<Box<dyn SourceReader>>, mut requests: mpsc::Receiver<Control>) {
+async fn run(
+    mut task: ViewTask,
+    mut readers: Vec<Box<dyn SourceReader>>,
+    mut requests: mpsc::Receiver<Control>,
+    epoch_interval: Duration,
+) {
     // Which inputs are still being read.
     let mut reading = vec![true; readers.len()];
-    let mut epochs = tokio::time::interval(EPOCH_INTERVAL);
+    let mut epochs = tokio::time::interval(epoch_interval);
     epochs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -16,6 +16,10 @@ struct Flags {
     /// Directory for Weir's data.
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "./weir-data")]
     data_dir: PathBuf,
+    /// How often materialized views publish new results, in milliseconds: the longest a new row waits before a
+    /// SELECT sees it.
+    #[arg(long, env = "WEIR_EPOCH_INTERVAL_MS", default_value_t = 200)]
+    epoch_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -29,7 +33,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let listener =
         TcpListener::bind(&flags.listen).await.with_context(|| format!("cannot listen on {}", flags.listen))?;
-    weir_server::run(weir_server::Config::new(flags.data_dir), listener, shutdown_signal()).await?;
+    let config = weir_server::Config::new(flags.data_dir)
+        .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)));
+    weir_server::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -1,0 +1,117 @@
+//! A view's dataflow driven by hand, as the server's view task drives it: the query planned exactly as `CREATE
+//! MATERIALIZED VIEW` plans it, and an epoch (publish, then checkpoint to the in-memory state store) every epoch
+//! interval.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::MemTable;
+use datafusion::common::DFSchema;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use weir_common::plan::WatermarkSpec;
+use weir_planner::WeirStatement;
+use weir_runtime::materialize::ViewChange;
+use weir_runtime::pipeline::Pipeline;
+use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
+
+/// The server's epoch interval.
+const EPOCH_INTERVAL: std::time::Duration = weir_server::config::DEFAULT_EPOCH_INTERVAL;
+
+/// Plans `sql` over the relation `table` of `schema` as a view's pipeline, with the watermark `watermark` over the
+/// event-time column `time_column`; `emit_on_window_close` as the view clause.
+pub(crate) async fn plan_pipeline(
+    table: &str,
+    schema: SchemaRef,
+    sql: &str,
+    time_column: usize,
+    watermark: &str,
+    emit_on_window_close: bool,
+) -> anyhow::Result<Pipeline> {
+    let ctx = SessionContext::new();
+    for udf in weir_planner::windows::window_udfs() {
+        ctx.register_udf(udf);
+    }
+    ctx.register_table(table, Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?))?;
+    let mut statements = weir_planner::parse_sql(sql).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
+    weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
+    let sources = HashMap::from([(table.to_string(), schema.clone())]);
+    let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, emit_on_window_close)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    let DataType::Timestamp(unit, _) = schema.field(time_column).data_type() else { bail!("not an event-time column") };
+    let expr = ctx.parse_sql_expr(watermark, &df_schema)?;
+    let expr = weir_planner::source::intervals_as_durations(expr, *unit);
+    let expr = ctx.create_physical_expr(expr, &df_schema)?;
+    let watermark = WatermarkSpec { column: time_column, expr };
+    Pipeline::try_new(plan, vec![Some(watermark)], ctx.task_ctx()).context("starting the pipeline")
+}
+
+/// Pushes batches through a pipeline and ends an epoch every epoch interval.
+pub(crate) struct Driver {
+    pipeline: Pipeline,
+    state: MemoryStore,
+    last_epoch: Instant,
+    /// Rows the view published so far.
+    pub(crate) published: u64,
+}
+
+impl Driver {
+    pub(crate) fn new(pipeline: Pipeline) -> Self {
+        Driver { pipeline, state: MemoryStore::new(), last_epoch: Instant::now(), published: 0 }
+    }
+
+    pub(crate) async fn push(&mut self, batch: RecordBatch) -> anyhow::Result<()> {
+        self.push_split((0, 1), batch).await
+    }
+
+    /// Pushes a batch of split `split` of `splits` (a Kafka partition).
+    pub(crate) async fn push_split(
+        &mut self,
+        (split, splits): (usize, usize),
+        batch: RecordBatch,
+    ) -> anyhow::Result<()> {
+        self.pipeline.set_splits(0, splits.max(split + 1));
+        self.pipeline.push_split(0, split, batch).await?;
+        if self.last_epoch.elapsed() >= EPOCH_INTERVAL {
+            self.last_epoch = Instant::now();
+            self.epoch().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the input, publishes the rest; returns the rows published in all.
+    pub(crate) async fn finish(&mut self) -> anyhow::Result<u64> {
+        self.pipeline.end(0).await?;
+        self.epoch().await?;
+        Ok(self.published)
+    }
+
+    async fn epoch(&mut self) -> anyhow::Result<()> {
+        let changes = self.pipeline.publish().await?;
+        let mut batch = WriteBatch::default();
+        self.pipeline.checkpoint("bench", &mut batch)?;
+        self.state.write(batch)?;
+        self.published += published_rows(changes);
+        Ok(())
+    }
+}
+
+/// Rows in one epoch's changes.
+fn published_rows(changes: Vec<ViewChange>) -> u64 {
+    changes
+        .iter()
+        .map(|c| match c {
+            ViewChange::Append(rows) | ViewChange::Replace { rows, .. } => {
+                rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
+            }
+        })
+        .sum()
+}
