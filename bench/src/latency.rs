@@ -47,8 +47,9 @@ pub(crate) async fn mqtt(rate: u64, seconds: u64, epoch_ms: u64) -> anyhow::Resu
         }
     });
     let latest = async || -> anyhow::Result<i64> {
-        let row = client.query_one("SELECT seq FROM latest", &[]).await?;
-        Ok(row.get::<_, Option<i64>>(0).unwrap_or(-1))
+        // No row until the view has read something.
+        let rows = client.query("SELECT seq FROM latest", &[]).await?;
+        Ok(rows.first().and_then(|row| row.get::<_, Option<i64>>(0)).unwrap_or(-1))
     };
     // The source subscribes on its first read: publish message 0 until the view has it.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -4,10 +4,12 @@
 //! record, so one malformed record is set aside as [`Rejected`] (with where it came from and why) while every good
 //! record of the chunk still goes through: nothing is dropped silently and one bad line never stops a source.
 
+use std::sync::Arc;
+
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::csv;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json;
 use weir_common::connector::{ConnectorError, Encoding, Rejected};
@@ -20,16 +22,29 @@ pub struct Record {
 }
 
 /// Decodes records of one encoding into batches of one schema.
+///
+/// A timestamp column is decoded at millisecond precision and then cast to its declared type: a number in it is
+/// milliseconds since 1970 (as devices and Kafka producers write them), a string is ISO 8601 / RFC 3339, with or
+/// without an offset (none means UTC), read to the millisecond.
 #[derive(Debug)]
 pub struct RecordDecoder {
     schema: SchemaRef,
+    /// `schema` with every timestamp column in milliseconds.
+    decoded: SchemaRef,
     encoding: Encoding,
 }
 
 impl RecordDecoder {
     /// Fails when a column's type cannot be decoded from this encoding.
     pub fn try_new(schema: SchemaRef, encoding: Encoding) -> Result<Self, ConnectorError> {
-        let decoder = RecordDecoder { schema, encoding };
+        let fields = schema.fields().iter().map(|field| match field.data_type() {
+            DataType::Timestamp(_, zone) => {
+                field.as_ref().clone().with_data_type(DataType::Timestamp(TimeUnit::Millisecond, zone.clone()))
+            }
+            _ => field.as_ref().clone(),
+        });
+        let decoded = Arc::new(Schema::new_with_metadata(fields.collect::<Vec<_>>(), schema.metadata().clone()));
+        let decoder = RecordDecoder { schema, decoded, encoding };
         decoder.decode_all(&[]).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
@@ -91,12 +106,30 @@ impl RecordDecoder {
 
     /// Decodes every record or fails.
     fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, ArrowError> {
+        let batch = self.decode_millis(records)?;
+        if self.decoded == self.schema {
+            return Ok(batch);
+        }
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(column, field)| match column.data_type() == field.data_type() {
+                true => Ok(column.clone()),
+                false => cast(column, field.data_type()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(self.schema.clone(), columns)
+    }
+
+    /// Decodes every record into the millisecond schema, or fails.
+    fn decode_millis(&self, records: &[&[u8]]) -> Result<RecordBatch, ArrowError> {
         let rows = records.len().max(1);
         let mut batches = Vec::new();
         match &self.encoding {
             Encoding::Json => {
                 let mut decoder =
-                    json::ReaderBuilder::new(self.schema.clone()).with_batch_size(rows).build_decoder()?;
+                    json::ReaderBuilder::new(self.decoded.clone()).with_batch_size(rows).build_decoder()?;
                 for record in records {
                     feed(line(record), |b| decoder.decode(b))?;
                     feed(b"\n", |b| decoder.decode(b))?;
@@ -104,7 +137,7 @@ impl RecordDecoder {
                 batches.extend(decoder.flush()?);
             }
             Encoding::Csv { delimiter, .. } => {
-                let mut decoder = csv::ReaderBuilder::new(self.schema.clone())
+                let mut decoder = csv::ReaderBuilder::new(self.decoded.clone())
                     .with_header(false)
                     .with_delimiter(*delimiter)
                     .with_batch_size(rows)
@@ -119,7 +152,7 @@ impl RecordDecoder {
         if batches.iter().map(RecordBatch::num_rows).sum::<usize>() != records.len() {
             return Err(ArrowError::ParseError(format!("expected {} records", records.len())));
         }
-        concat_batches(&self.schema, &batches)
+        concat_batches(&self.decoded, &batches)
     }
 }
 
@@ -143,9 +176,7 @@ fn feed(mut bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<usize, ArrowEr
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::datatypes::Field;
     use datafusion::arrow::util::pretty::pretty_format_batches;
 
     use super::*;
@@ -199,5 +230,35 @@ mod tests {
         assert_eq!(batch.unwrap().num_rows(), 2);
         assert_eq!(rejected.len(), 1);
         assert_eq!(rejected[0].origin, "test:2");
+    }
+
+    #[test]
+    fn timestamps_are_epoch_milliseconds_or_iso_8601_and_objects_are_structs() {
+        let location = DataType::Struct(
+            vec![Field::new("lat", DataType::Float64, true), Field::new("lon", DataType::Float64, true)].into(),
+        );
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, Some("+00:00".into())), true),
+            Field::new("at", location, true),
+        ]));
+        let decoder = RecordDecoder::try_new(schema, Encoding::Json).unwrap();
+        let (batch, rejected) = decoder.decode(&records(&[
+            r#"{"ts": 1704067200123, "at": {"lat": 1.5, "lon": 2.5}}"#,
+            r#"{"ts": "2024-01-01T01:00:00.5+01:00", "at": {"lat": 3.5}}"#,
+            r#"{"ts": "2024-01-01 00:00:01"}"#,
+        ]));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        // 1704067200123 ms is 2024-01-01 00:00:00.123 UTC; 01:00:00.5+01:00 is 00:00:00.5 UTC; no offset means UTC.
+        assert_eq!(
+            pretty_format_batches(&[batch.unwrap()]).unwrap().to_string(),
+            "\
++--------------------------+----------------------+
+| ts                       | at                   |
++--------------------------+----------------------+
+| 2024-01-01T00:00:00.123Z | {lat: 1.5, lon: 2.5} |
+| 2024-01-01T00:00:00.500Z | {lat: 3.5, lon: }    |
+| 2024-01-01T00:00:01Z     |                      |
++--------------------------+----------------------+"
+        );
     }
 }

@@ -10,7 +10,7 @@ use datafusion::sql::sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 
-/// Postgres syntax plus `MATCH_RECOGNIZE`.
+/// Postgres syntax plus `MATCH_RECOGNIZE` and `STRUCT<...>` types.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WeirDialect;
 
@@ -22,6 +22,11 @@ impl Dialect for WeirDialect {
     }
 
     fn supports_match_recognize(&self) -> bool {
+        true
+    }
+
+    /// `STRUCT<name type, ...>` column types, for sources whose JSON records nest objects.
+    fn supports_struct_literal(&self) -> bool {
         true
     }
 
