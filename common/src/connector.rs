@@ -57,6 +57,13 @@ pub enum Encoding {
         /// Whether a file starts with a header line to skip.
         header: bool,
     },
+    /// One Avro datum per record, written with `schema` (Avro's JSON schema); fields by column name.
+    Avro {
+        schema: String,
+        /// Whether each record starts with the Confluent wire format's magic byte and schema id (which is not
+        /// looked up: `schema` is the writer's schema).
+        confluent: bool,
+    },
 }
 
 /// A record a connector could not decode, set aside with the reason.

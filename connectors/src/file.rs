@@ -62,6 +62,7 @@ impl FileSource {
         let batch_rows = options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).max(1);
         options.finish("file", OPTIONS)?;
         let encoding = encoding
+            .filter(|e| !matches!(e, Encoding::Avro { .. }))
             .ok_or_else(|| ConnectorError::Format { connector: "file".into(), expected: "JSON or CSV".into() })?;
         let skip_header = matches!(encoding, Encoding::Csv { header: true, .. });
         let decoder = RecordDecoder::try_new(schema, encoding)?;

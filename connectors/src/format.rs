@@ -1,4 +1,4 @@
-//! Decoding records (JSON objects, CSV lines) into Arrow batches of a source's schema.
+//! Decoding records (JSON objects, CSV lines, Avro datums) into Arrow batches of a source's schema.
 //!
 //! Records are decoded a chunk at a time with arrow-json or arrow-csv. A chunk that fails is decoded again record by
 //! record, so one malformed record is set aside as [`Rejected`] (with where it came from and why) while every good
@@ -13,6 +13,8 @@ use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json;
 use weir_common::connector::{ConnectorError, Encoding, Rejected};
+
+use crate::avro::AvroDecoder;
 
 /// One record to decode, with its origin for the dead-letter output.
 #[derive(Debug, Clone)]
@@ -32,6 +34,8 @@ pub struct RecordDecoder {
     /// `schema` with every timestamp column in milliseconds.
     decoded: SchemaRef,
     encoding: Encoding,
+    /// The Avro decoder, for `ENCODE AVRO`.
+    avro: Option<AvroDecoder>,
 }
 
 impl RecordDecoder {
@@ -44,7 +48,13 @@ impl RecordDecoder {
             _ => field.as_ref().clone(),
         });
         let decoded = Arc::new(Schema::new_with_metadata(fields.collect::<Vec<_>>(), schema.metadata().clone()));
-        let decoder = RecordDecoder { schema, decoded, encoding };
+        let avro = match &encoding {
+            Encoding::Avro { schema, confluent } => Some(AvroDecoder::try_new(schema, *confluent).map_err(|e| {
+                ConnectorError::InvalidOption { key: "schema".into(), value: schema.clone(), reason: e.to_string() }
+            })?),
+            _ => None,
+        };
+        let decoder = RecordDecoder { schema, decoded, encoding, avro };
         decoder.decode_all(&[]).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
@@ -136,6 +146,10 @@ impl RecordDecoder {
                 }
                 batches.extend(decoder.flush()?);
             }
+            Encoding::Avro { .. } => match &self.avro {
+                Some(avro) if !records.is_empty() => batches.push(avro.decode(records, &self.decoded)?),
+                _ => {}
+            },
             Encoding::Csv { delimiter, .. } => {
                 let mut decoder = csv::ReaderBuilder::new(self.decoded.clone())
                     .with_header(false)

@@ -2,6 +2,7 @@
 //!
 //! - [`open_source`] checks a source's `WITH (...)` options against its connector and opens a
 //!   [`weir_common::connector::SourceReader`].
+//! - [`avro`]: Avro datums (bare or in the Confluent wire format) into Arrow batches, with arrow-rs' Avro reader.
 //! - [`datagen`]: rows generated from the declared schema, reproducible from a seed, with a rate, an optional row
 //!   count, and event time that advances with bounded disorder.
 //! - [`nexmark`]: the standard Nexmark person / auction / bid streams, as used by the Flink, RisingWave and Arroyo
@@ -18,6 +19,7 @@
 //!
 //! Connectors depend only on `weir-common` among Weir's crates.
 
+pub mod avro;
 pub mod datagen;
 pub mod dedup;
 pub mod file;

@@ -511,7 +511,8 @@ fn idle_timeout(options: &[(String, String)]) -> Result<(Option<Duration>, Conne
     Ok((timeout, rest))
 }
 
-/// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')]` names.
+/// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')] | AVRO (schema = '...'
+/// | schema.file = 'path' [, confluent = 'true'])` names.
 fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
     let Some(format) = &source.format else { return Ok(None) };
     if format.format != "PLAIN" {
@@ -534,14 +535,35 @@ fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
             let without_header = options.take_parsed::<bool>("without_header", "true or false")?.unwrap_or(false);
             Encoding::Csv { delimiter: *delimiter, header: !without_header }
         }
+        "AVRO" => {
+            let schema = match (options.take("schema"), options.take("schema.file")) {
+                (Some(schema), None) => schema,
+                (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+                    ErrorReport::new(SqlState::IO_ERROR, format!("could not read the Avro schema file \"{path}\": {e}"))
+                })?,
+                _ => {
+                    return Err(ErrorReport::new(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        "ENCODE AVRO needs the writer's schema: schema = '{...}' or schema.file = 'path'",
+                    ));
+                }
+            };
+            let confluent = options.take_parsed::<bool>("confluent", "true or false")?.unwrap_or(false);
+            Encoding::Avro { schema, confluent }
+        }
         other => {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
-                format!("ENCODE {other} is not supported; the encodings are JSON and CSV"),
+                format!("ENCODE {other} is not supported; the encodings are JSON, CSV and AVRO"),
             ));
         }
     };
-    options.finish(&format!("ENCODE {}", format.encode), &["delimiter", "without_header"])?;
+    let valid: &[&str] = match encoding {
+        Encoding::Csv { .. } => &["delimiter", "without_header"],
+        Encoding::Avro { .. } => &["schema", "schema.file", "confluent"],
+        Encoding::Json => &[],
+    };
+    options.finish(&format!("ENCODE {}", format.encode), valid)?;
     Ok(Some(encoding))
 }
 

@@ -378,3 +378,94 @@ async fn sinks_write_a_windowed_view_as_upserts_and_debezium_changes_and_a_query
     client.batch_execute("DROP MATERIALIZED VIEW spend_30s").await.unwrap();
     server.stop().await.unwrap();
 }
+
+/// Avro's binary encoding: a `long` is zigzag then base-128 varint; a string its length then its bytes.
+fn avro_payment(customer: &str, cents: i64, ts_millis: i64) -> Vec<u8> {
+    fn long(out: &mut Vec<u8>, value: i64) {
+        let mut n = ((value << 1) ^ (value >> 63)) as u64;
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let mut out = Vec::new();
+    long(&mut out, customer.len() as i64);
+    out.extend_from_slice(customer.as_bytes());
+    long(&mut out, cents);
+    long(&mut out, ts_millis);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_records_decode_with_the_declared_schema_bare_or_confluent_framed() {
+    let (broker, bootstrap, producer) = broker_with_topic("avro-payments", 1);
+    broker.create_topic("avro-framed", 1);
+    let schema = r#"{"type": "record", "name": "Payment", "fields": [
+             {"name": "customer_id", "type": "string"},
+             {"name": "cents", "type": "long"},
+             {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let schema_file = dir.path().join("payment.avsc");
+    std::fs::write(&schema_file, schema).unwrap();
+    // 1704067201000 ms is 2024-01-01 00:00:01 UTC. The third record is cut short.
+    let records: Vec<Vec<u8>> = vec![
+        avro_payment("c1", 1050, 1_704_067_201_000),
+        avro_payment("c2", 500, 1_704_067_202_000),
+        vec![0x04, b'c'],
+        avro_payment("c1", 725, 1_704_067_203_000),
+    ];
+    for record in &records {
+        // Bare datums on one topic; the Confluent wire format (a zero byte and a schema id first) on the other.
+        let framed = [&[0u8, 0, 0, 0, 7][..], record].concat();
+        for (topic, payload) in [("avro-payments", record.as_slice()), ("avro-framed", framed.as_slice())] {
+            let record = FutureRecord::<(), _>::to(topic).payload(payload);
+            producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing");
+        }
+    }
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE payments (customer_id TEXT, cents BIGINT, ts TIMESTAMPTZ) \
+             WITH (connector = 'kafka', topic = 'avro-payments', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT PLAIN ENCODE AVRO (schema.file = '{}'); \
+             CREATE SOURCE framed (customer_id TEXT, cents BIGINT, ts TIMESTAMPTZ) \
+             WITH (connector = 'kafka', topic = 'avro-framed', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT PLAIN ENCODE AVRO (schema = '{schema}', confluent = 'true'); \
+             CREATE MATERIALIZED VIEW spend AS \
+               SELECT customer_id, sum(cents) AS cents, max(ts) AS last FROM payments GROUP BY customer_id; \
+             CREATE MATERIALIZED VIEW spend_framed AS \
+               SELECT customer_id, sum(cents) AS cents, max(ts) AS last FROM framed GROUP BY customer_id;",
+            schema_file.display()
+        ))
+        .await
+        .unwrap();
+    for view in ["spend", "spend_framed"] {
+        eventually(
+            client,
+            &format!("SELECT customer_id, cents, last FROM {view} ORDER BY customer_id"),
+            &[&["c1", "1775", "2024-01-01 00:00:03+00"], &["c2", "500", "2024-01-01 00:00:02+00"]],
+        )
+        .await;
+    }
+    // The short record is set aside by each, with where it was; the rest went through.
+    eventually(
+        client,
+        "SELECT view, origin FROM weir_catalog.dead_letters ORDER BY view",
+        &[&["spend", "avro-payments/0@2"], &["spend_framed", "avro-framed/0@2"]],
+    )
+    .await;
+    // A schema that is not Avro is refused at once.
+    let err = client
+        .batch_execute(&format!(
+            "CREATE SOURCE broken (a BIGINT) \
+             WITH (connector = 'kafka', topic = 'avro-framed', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT PLAIN ENCODE AVRO (schema = '{{\"type\": \"record\"')"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("22023"), "{err:?}");
+    server.stop().await.unwrap();
+}
