@@ -78,9 +78,9 @@ impl AvroDecoder {
 
 /// Avro's binary encoding of the values tests need, to write datums by hand.
 #[cfg(test)]
-pub(crate) mod encode {
+mod encode {
     /// A `long` (or `int`, or a union branch index): zigzag, then base-128 varint.
-    pub fn long(out: &mut Vec<u8>, value: i64) {
+    pub(super) fn long(out: &mut Vec<u8>, value: i64) {
         let mut n = ((value << 1) ^ (value >> 63)) as u64;
         while n >= 0x80 {
             out.push((n as u8 & 0x7f) | 0x80);
@@ -89,12 +89,12 @@ pub(crate) mod encode {
         out.push(n as u8);
     }
 
-    pub fn string(out: &mut Vec<u8>, value: &str) {
+    pub(super) fn string(out: &mut Vec<u8>, value: &str) {
         long(out, value.len() as i64);
         out.extend_from_slice(value.as_bytes());
     }
 
-    pub fn double(out: &mut Vec<u8>, value: f64) {
+    pub(super) fn double(out: &mut Vec<u8>, value: f64) {
         out.extend_from_slice(&value.to_le_bytes());
     }
 }

@@ -9,7 +9,8 @@
 //!   benchmarks.
 //! - [`file`]: JSON lines or CSV from a local file, bounded or followed as it grows.
 //! - [`kafka`]: records of every partition of a Kafka topic, with record metadata as optional columns.
-//! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column.
+//! - [`mqtt`]: messages of MQTT topic filters, with the topic as an optional column; `mqtt_client` is the client
+//!   MQTT sources and sinks share (protocol 3.1.1 or 5, TCP or TLS, reconnecting with a backoff).
 //! - [`dedup`]: `dedup.key`, dropping rows whose key was read already (the duplicates at-least-once delivery allows).
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
@@ -27,6 +28,7 @@ pub mod format;
 pub mod kafka;
 pub mod kafka_sink;
 pub mod mqtt;
+mod mqtt_client;
 pub mod mqtt_sink;
 pub mod nexmark;
 mod nexmark_bids;

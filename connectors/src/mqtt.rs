@@ -1,15 +1,12 @@
-//! `connector = 'mqtt'`: messages from an MQTT broker (v3.1.1), one row per message, decoded with the source's
-//! `FORMAT PLAIN ENCODE JSON | CSV`.
+//! `connector = 'mqtt'`: messages from an MQTT broker (v3.1.1 or 5, plain or TLS), one row per message, decoded with
+//! the source's `FORMAT PLAIN ENCODE JSON | CSV | AVRO`.
 //!
 //! | option | meaning | default |
 //! |---|---|---|
-//! | `url` | `mqtt://host[:port]` (or `tcp://`) | required |
+//! | `url`, `version`, `client.id`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker ([`crate::mqtt_client`]) | |
 //! | `topic` | topic filter, `+` and `#` wildcards allowed; several separated by commas | required |
 //! | `qos` | `0` (at most once) or `1` (at least once) | `1` |
-//! | `client.id` | the client identifier | `weir-` and a random suffix |
 //! | `clean.session` | `false` keeps the subscription and undelivered QoS 1 messages while Weir is away (needs `client.id`) | `true` |
-//! | `username`, `password` | credentials | none |
-//! | `keep.alive.s` | seconds between pings | `30` |
 //! | `batch.linger.ms` | how long to gather messages into one batch after the first arrives | `5` |
 //!
 //! `INCLUDE topic [AS name]` adds the concrete topic of each message as a column (devices are often named in the
@@ -28,29 +25,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode};
+use rumqttc::QoS;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::warn;
 use weir_common::connector::{
     ConnectorError, Encoding, Health, MetadataColumn, Options, Rejected, SourceReader, SourceStats,
 };
 
 use crate::format::RecordDecoder;
+use crate::mqtt_client::{BROKER_OPTIONS, Broker, BrokerEvent, Client, Events, Handle, Received};
 
 const NAME: &str = "mqtt";
-const VALID: &[&str] = &[
-    "connector",
-    "url",
-    "topic",
-    "qos",
-    "client.id",
-    "clean.session",
-    "username",
-    "password",
-    "keep.alive.s",
-    "batch.linger.ms",
-];
+const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "qos", "batch.linger.ms"];
 /// Most messages in one batch.
 const MAX_BATCH: usize = 4096;
 /// Messages received but not yet read, per source.
@@ -62,62 +48,6 @@ struct Settings {
     broker: Broker,
     filters: Vec<String>,
     qos: QoS,
-}
-
-/// How to reach an MQTT broker: the options sources and sinks share (`url`, `client.id`, `clean.session`,
-/// `username`, `password`, `keep.alive.s`).
-#[derive(Debug, Clone)]
-pub(crate) struct Broker {
-    host: String,
-    port: u16,
-    client_id: String,
-    clean_session: bool,
-    credentials: Option<(String, String)>,
-    keep_alive: Duration,
-}
-
-impl Broker {
-    /// Takes the broker's options.
-    pub(crate) fn take(options: &mut Options, connector: &str) -> Result<Self, ConnectorError> {
-        let url = options.take("url").ok_or_else(|| ConnectorError::missing(connector, "url"))?;
-        let (host, port) = parse_url(&url)?;
-        let client_id = options.take("client.id");
-        let clean_session = options.take_parsed::<bool>("clean.session", "true or false")?.unwrap_or(true);
-        if !clean_session && client_id.is_none() {
-            return Err(ConnectorError::invalid(
-                "clean.session",
-                "false",
-                "a persistent session needs a fixed client.id",
-            ));
-        }
-        let client_id = client_id.unwrap_or_else(|| format!("weir-{:016x}", rand::random::<u64>()));
-        let credentials = match (options.take("username"), options.take("password")) {
-            (Some(user), password) => Some((user, password.unwrap_or_default())),
-            (None, Some(_)) => return Err(ConnectorError::invalid("password", "***", "a password needs a username")),
-            (None, None) => None,
-        };
-        let keep_alive = options.take_parsed::<u64>("keep.alive.s", "a whole number of seconds")?.unwrap_or(30);
-        if keep_alive < 5 {
-            return Err(ConnectorError::invalid("keep.alive.s", &keep_alive.to_string(), "at least 5 seconds"));
-        }
-        Ok(Broker { host, port, client_id, clean_session, credentials, keep_alive: Duration::from_secs(keep_alive) })
-    }
-
-    /// The client's options for this broker.
-    pub(crate) fn client_options(&self) -> MqttOptions {
-        let mut options = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
-        options.set_keep_alive(self.keep_alive);
-        options.set_clean_session(self.clean_session);
-        options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
-        if let Some((user, password)) = &self.credentials {
-            options.set_credentials(user.clone(), password.clone());
-        }
-        options
-    }
-
-    pub(crate) fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
 }
 
 /// The `qos` option: `0` or `1`, by default `1`.
@@ -141,10 +71,10 @@ pub struct MqttSource {
     connection: Option<Connection>,
     rejected: Vec<Rejected>,
     /// QoS 1 messages handed out and not yet acknowledged.
-    unacknowledged: Vec<Publish>,
+    unacknowledged: Vec<Received>,
     /// Messages of the batch being gathered, and when gathering ends. Kept here, not in `next_batch`, so a read
     /// cancelled while gathering loses nothing.
-    gathering: Vec<Publish>,
+    gathering: Vec<Received>,
     deadline: Option<tokio::time::Instant>,
     /// Bytes of the payloads read.
     bytes: u64,
@@ -154,7 +84,7 @@ pub struct MqttSource {
 #[derive(Debug)]
 struct Connection {
     client: Client,
-    messages: mpsc::Receiver<Publish>,
+    messages: mpsc::Receiver<Received>,
     health: Health,
 }
 
@@ -180,7 +110,7 @@ impl MqttSource {
         }
         let qos = take_qos(&mut options)?;
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
-        options.finish(NAME, VALID)?;
+        options.finish(NAME, &[SOURCE_OPTIONS, BROKER_OPTIONS].concat())?;
 
         let mut topic_column = None;
         for column in metadata {
@@ -227,7 +157,7 @@ impl MqttSource {
     }
 
     /// Decodes messages into one batch of the source's schema (`None` when none decodes).
-    fn decode(&mut self, messages: &[Publish]) -> Result<Option<RecordBatch>, ConnectorError> {
+    fn decode(&mut self, messages: &[Received]) -> Result<Option<RecordBatch>, ConnectorError> {
         let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_ref()).collect();
         self.bytes += payloads.iter().map(|p| p.len() as u64).sum::<u64>();
         let (batch, rejected, accepted) =
@@ -296,7 +226,7 @@ impl SourceReader for MqttSource {
     fn commit(&mut self) {
         let Some(connection) = &self.connection else { return };
         // Acknowledgements that do not fit the request queue now are tried again at the next commit.
-        self.unacknowledged.retain(|message| connection.client.client.try_ack(message).is_err());
+        self.unacknowledged.retain(|message| connection.client.handle.try_ack(message).is_err());
     }
 
     fn health(&self) -> Option<String> {
@@ -310,130 +240,40 @@ impl SourceReader for MqttSource {
 
 /// Starts the task that keeps the connection to the broker.
 fn connect(settings: &Settings) -> Connection {
-    let mut options = settings.broker.client_options();
-    options.set_manual_acks(true);
     let (sender, messages) = mpsc::channel(BUFFERED);
     let health = Health::default();
     let subscriber = Subscriber { settings: settings.clone(), messages: sender };
-    let client = Client::start(options, settings.broker.address(), health.clone(), subscriber);
+    let client = settings.broker.connect(health.clone(), true, 100, subscriber);
     Connection { client, messages, health }
-}
-
-/// An MQTT client whose connection a task of its own keeps polling; disconnected and stopped when dropped.
-#[derive(Debug)]
-pub(crate) struct Client {
-    pub(crate) client: AsyncClient,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.client.try_disconnect();
-        self.task.abort();
-    }
-}
-
-/// What a connection's task does with what the broker sends.
-#[async_trait]
-pub(crate) trait Events: Send + 'static {
-    /// At every (re)connect.
-    async fn connected(&mut self, client: &AsyncClient, health: &Health);
-    /// Every other event; `false` stops the task.
-    async fn event(&mut self, event: Event, health: &Health) -> bool;
-}
-
-impl Client {
-    /// Starts polling the broker for ever, passing events to `events`; when the connection fails, retries with a
-    /// backoff from 100 ms to 5 s and says why in `health` meanwhile.
-    pub(crate) fn start(options: MqttOptions, broker: String, health: Health, events: impl Events) -> Client {
-        let (client, eventloop) = AsyncClient::new(options, 1024);
-        let task = tokio::spawn(poll(eventloop, client.clone(), broker, health, events));
-        Client { client, task }
-    }
-}
-
-async fn poll(mut eventloop: EventLoop, client: AsyncClient, broker: String, health: Health, mut events: impl Events) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                info!(%broker, "connected to the MQTT broker");
-                backoff = Duration::from_millis(100);
-                health.set(None);
-                events.connected(&client, &health).await;
-            }
-            Ok(event) => {
-                if !events.event(event, &health).await {
-                    return;
-                }
-            }
-            Err(err) => {
-                warn!(%broker, error = %err, "MQTT connection failed; retrying in {backoff:?}");
-                health.set(Some(format!("MQTT broker {broker} unreachable: {err}; retrying")));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// A source's connection: subscribes at every connect and passes messages on.
 struct Subscriber {
     settings: Settings,
-    messages: mpsc::Sender<Publish>,
+    messages: mpsc::Sender<Received>,
 }
 
 #[async_trait]
 impl Events for Subscriber {
-    async fn connected(&mut self, client: &AsyncClient, health: &Health) {
+    async fn connected(&mut self, client: &Handle, health: &Health) {
         let filters = &self.settings.filters;
-        let topics = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), self.settings.qos));
-        if let Err(err) = client.try_subscribe_many(topics) {
+        if let Err(err) = client.try_subscribe(filters, self.settings.qos) {
             health.set(Some(format!("subscribing to {}: {err}", filters.join(", "))));
         }
     }
 
-    async fn event(&mut self, event: Event, health: &Health) -> bool {
+    async fn event(&mut self, event: BrokerEvent, health: &Health) -> bool {
         match event {
-            Event::Incoming(Packet::Publish(message)) => self.messages.send(message).await.is_ok(),
-            Event::Incoming(Packet::SubAck(ack)) => {
-                if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
-                    let problem =
-                        format!("the broker refused the subscription to {}", self.settings.filters.join(", "));
-                    warn!(broker = %self.settings.broker.address(), "{problem}");
-                    health.set(Some(problem));
-                }
+            BrokerEvent::Message(message) => self.messages.send(message).await.is_ok(),
+            BrokerEvent::SubscriptionRefused => {
+                let problem = format!("the broker refused the subscription to {}", self.settings.filters.join(", "));
+                warn!(broker = %self.settings.broker.address(), "{problem}");
+                health.set(Some(problem));
                 true
             }
             _ => true,
         }
     }
-}
-
-/// `mqtt://host[:port]` or `tcp://host[:port]`.
-pub(crate) fn parse_url(url: &str) -> Result<(String, u16), ConnectorError> {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("mqtt", url));
-    match scheme.to_ascii_lowercase().as_str() {
-        "mqtt" | "tcp" => {}
-        "mqtts" | "ssl" | "tls" => {
-            return Err(ConnectorError::invalid("url", url, "TLS connections are not supported yet; use mqtt://"));
-        }
-        _ => return Err(ConnectorError::invalid("url", url, "mqtt://host[:port]")),
-    }
-    let authority = rest.split('/').next().unwrap_or_default();
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| ConnectorError::invalid("url", url, "a port number from 1 to 65535"))?;
-            (host, port)
-        }
-        None => (authority, 1883),
-    };
-    if host.is_empty() || port == 0 {
-        return Err(ConnectorError::invalid("url", url, "mqtt://host[:port]"));
-    }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
 /// An MQTT topic filter: `+` and `#` fill a whole level, `#` only the last.
@@ -463,12 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_and_filters_are_checked() {
-        assert_eq!(parse_url("mqtt://127.0.0.1:1884").unwrap(), ("127.0.0.1".to_string(), 1884));
-        assert_eq!(parse_url("tcp://broker").unwrap(), ("broker".to_string(), 1883));
-        assert!(parse_url("mqtts://broker").unwrap_err().to_string().contains("TLS"));
-        assert!(parse_url("http://broker").is_err());
-        assert!(parse_url("mqtt://broker:notaport").is_err());
+    fn filters_are_checked() {
         assert!(valid_filter("plant/+/telemetry") && valid_filter("plant/#") && valid_filter("#"));
         assert!(!valid_filter("plant/#/x") && !valid_filter("plant/a+") && !valid_filter("pl#"));
     }
@@ -503,7 +338,7 @@ mod tests {
             &topic_column(),
         )
         .unwrap();
-        let message = |topic: &str, payload: &str| Publish::new(topic, QoS::AtLeastOnce, payload.as_bytes().to_vec());
+        let message = |topic: &str, payload: &str| Received::new(topic, QoS::AtLeastOnce, payload);
         let batch = source
             .decode(&[
                 message("plant/a/telemetry", r#"{"device": "a", "temp": 20.5}"#),

@@ -1,4 +1,5 @@
-//! `CREATE SINK ... WITH (connector = 'mqtt', ...)`: each message published to an MQTT broker (v3.1.1).
+//! `CREATE SINK ... WITH (connector = 'mqtt', ...)`: each message published to an MQTT broker (v3.1.1 or 5, plain or
+//! TLS).
 //!
 //! | option | meaning | default |
 //! |---|---|---|
@@ -6,7 +7,7 @@
 //! | `topic` | the topic; `{column}` is replaced by the row's value (`plant/{device}/alerts`) | required |
 //! | `qos` | `0` (at most once) or `1` (at least once: a write ends when the broker has acknowledged every message) | `1` |
 //! | `retain` | publish retained messages, so a new subscriber gets the latest per topic | `false` |
-//! | `client.id`, `clean.session`, `username`, `password`, `keep.alive.s` | as for the MQTT source | |
+//! | `version`, `client.id`, `clean.session`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker ([`crate::mqtt_client`]) | |
 //!
 //! A deleted row (`FORMAT UPSERT`) is an empty message on the row's topic, which with `retain = 'true'` clears the
 //! retained message. The connection is made on the first write by a task that keeps polling the broker and
@@ -17,26 +18,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::QoS;
 use tokio::sync::Notify;
 use weir_common::connector::{ConnectorError, Health, Options};
 use weir_common::sink::{SinkMessage, SinkWriter};
 
-use crate::mqtt::{Broker, Client, Events, take_qos};
+use crate::mqtt::take_qos;
+use crate::mqtt_client::{BROKER_OPTIONS, Broker, BrokerEvent, Client, Events, Handle};
 
 const NAME: &str = "mqtt";
-const VALID: &[&str] = &[
-    "connector",
-    "url",
-    "topic",
-    "qos",
-    "retain",
-    "client.id",
-    "clean.session",
-    "username",
-    "password",
-    "keep.alive.s",
-];
+const SINK_OPTIONS: &[&str] = &["connector", "topic", "qos", "retain"];
 /// How long a write waits for the broker's acknowledgements before it fails (and is tried again).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -66,10 +57,10 @@ struct Acknowledgements {
 
 #[async_trait]
 impl Events for Acknowledgements {
-    async fn connected(&mut self, _: &AsyncClient, _: &Health) {}
+    async fn connected(&mut self, _: &Handle, _: &Health) {}
 
-    async fn event(&mut self, event: Event, _: &Health) -> bool {
-        if let Event::Incoming(Packet::PubAck(_)) = event {
+    async fn event(&mut self, event: BrokerEvent, _: &Health) -> bool {
+        if let BrokerEvent::Acknowledged = event {
             self.acknowledged.fetch_add(1, Ordering::AcqRel);
             self.acknowledgement.notify_waiters();
         }
@@ -84,17 +75,15 @@ impl MqttSink {
         let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
         let qos = take_qos(&mut options)?;
         let retain = options.take_parsed::<bool>("retain", "true or false")?.unwrap_or(false);
-        options.finish(NAME, VALID)?;
+        options.finish(NAME, &[SINK_OPTIONS, BROKER_OPTIONS].concat())?;
         Ok((MqttSink { broker, qos, retain, health: Health::default(), connection: None }, topic))
     }
 
     fn connect(&self) -> Connection {
-        let mut options = self.broker.client_options();
-        options.set_inflight(256);
         let acknowledged = Arc::new(AtomicU64::new(0));
         let acknowledgement = Arc::new(Notify::new());
         let events = Acknowledgements { acknowledged: acknowledged.clone(), acknowledgement: acknowledgement.clone() };
-        let client = Client::start(options, self.broker.address(), self.health.clone(), events);
+        let client = self.broker.connect(self.health.clone(), false, 256, events);
         Connection { client, acknowledged, acknowledgement }
     }
 }
@@ -119,7 +108,7 @@ impl SinkWriter for MqttSink {
             let topic = message.topic.clone().unwrap_or_default();
             let payload = message.payload.clone().unwrap_or_default();
             // The request queue fills while the broker is away.
-            tokio::time::timeout_at(deadline, connection.client.client.publish(topic, self.qos, self.retain, payload))
+            tokio::time::timeout_at(deadline, connection.client.handle.publish(topic, self.qos, self.retain, payload))
                 .await
                 .map_err(|_| timed_out())?
                 .map_err(|e| ConnectorError::Io(format!("mqtt: publishing: {e}")))?;
