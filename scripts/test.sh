@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
 # Installs what the tests need (psql, Python's psycopg, the Mosquitto MQTT broker, the tansu Kafka-compatible broker, a
-# C toolchain for librdkafka) when it is missing. Builds the dev profile only. Tests that need a broker start their own
-# on a free loopback port and stop it after.
+# C toolchain for librdkafka, openssl for test certificates) when it is missing. Builds the dev profile only. Tests
+# that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,10 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
   # The tests start their own brokers; the packaged service is not needed.
   (systemctl disable --now mosquitto || service mosquitto stop) >/dev/null 2>&1 || true
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "== installing openssl (the MQTT TLS test makes its certificates)"
+  apt-get update -qq && apt-get install -y -qq openssl >/dev/null
 fi
 if ! command -v make >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
   echo "== installing a C toolchain (librdkafka is built from source)"

@@ -18,9 +18,14 @@ struct Broker {
 
 impl Broker {
     fn start(dir: &Path, port: u16) -> Broker {
+        Broker::start_with(dir, port, "")
+    }
+
+    /// A broker listening on `port`, with more configuration lines after.
+    fn start_with(dir: &Path, port: u16, more: &str) -> Broker {
         let config = dir.join("mosquitto.conf");
-        std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n"))
-            .expect("writing the broker's configuration");
+        let text = format!("allow_anonymous true\nmax_inflight_messages 0\nlistener {port} 127.0.0.1\n{more}");
+        std::fs::write(&config, text).expect("writing the broker's configuration");
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -349,5 +354,119 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
     // Two duplicates after the warm-up for sure, and one per warm-up publication the broker passed on after the
     // first (how many of those arrived depends on when the subscription was made).
     eventually(client, "SELECT duplicates >= 2 FROM weir_catalog.view_progress", &[&["t"]]).await;
+    server.stop().await.unwrap();
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 it signed, made with the openssl tool in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl must be installed (the test command installs it)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weir-test-ca"],
+        ]
+        .concat(),
+    );
+    openssl(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("writing san.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // Mosquitto started as root reads them as its own user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("opening the directory");
+    for file in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).expect("opening a file");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_and_sinks_speak_mqtt_5_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (plain, secure) = (free_port(), free_port());
+    // One broker, two listeners: plain for the test's clients, TLS for Weir.
+    let _broker = Broker::start_with(
+        dir.path(),
+        plain,
+        &format!(
+            "listener {secure} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\n",
+            dir.path().display()
+        ),
+    );
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    let tls =
+        format!("url = 'mqtts://127.0.0.1:{secure}', version = '5', 'tls.ca' = '{}/ca.pem'", dir.path().display());
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE readings (device TEXT, temp DOUBLE PRECISION) \
+             WITH (connector = 'mqtt', {tls}, topic = 'secure/+') FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW seen AS SELECT device, count(*) AS n FROM readings GROUP BY device; \
+             CREATE MATERIALIZED VIEW hot AS SELECT device, temp FROM readings WHERE temp > 30; \
+             CREATE SINK echo FROM hot WITH (connector = 'mqtt', {tls}, topic = 'echo/{{device}}');"
+        ))
+        .await
+        .unwrap();
+    let mut echoes = subscriber(plain, "echo/#").await;
+    let mqtt = publisher(plain).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows(client, "SELECT n FROM seen WHERE device = 'w'").await.is_empty() {
+        assert!(Instant::now() < deadline, "the source never subscribed over TLS");
+        mqtt.publish("secure/w", QoS::AtLeastOnce, false, r#"{"device": "w", "temp": 0}"#).await.unwrap();
+        client.batch_execute("FLUSH").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mqtt.publish("secure/a", QoS::AtLeastOnce, false, r#"{"device": "a", "temp": 31.5}"#).await.unwrap();
+    let mut got = Vec::new();
+    receive_until(&mut echoes, &mut got, |got| !got.is_empty()).await;
+    assert_eq!(got, [("echo/a".to_string(), r#"{"device":"a","temp":31.5}"#.to_string())]);
+
+    // Without the CA the broker's certificate is not trusted: the view says so and keeps retrying.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE untrusted (device TEXT) \
+             WITH (connector = 'mqtt', url = 'mqtts://127.0.0.1:{secure}', topic = 'secure/+') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW nothing AS SELECT count(*) AS n FROM untrusted;"
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = rows(client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'nothing'").await;
+        if status.first().is_some_and(|s| s[0].starts_with("retrying: MQTT broker") && s[0].contains("certificate")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the untrusted broker was not reported: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     server.stop().await.unwrap();
 }
