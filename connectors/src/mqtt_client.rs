@@ -411,7 +411,7 @@ async fn poll(mut eventloop: EventLoop, handle: Handle, broker: String, health: 
             }
             Err(err) => {
                 warn!(%broker, error = %err, "MQTT connection failed; retrying in {backoff:?}");
-                health.set(Some(format!("MQTT broker {broker} unreachable: {err}; retrying")));
+                health.set(Some(format!("MQTT broker {broker}: {err}; retrying")));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

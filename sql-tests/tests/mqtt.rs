@@ -241,6 +241,14 @@ async fn sinks_publish_rows_to_topics_named_by_their_columns() {
         ))
         .await
         .unwrap();
+    // A sink whose broker is not there says so in its status, and keeps retrying.
+    client
+        .batch_execute(&format!(
+            "CREATE SINK nowhere FROM hot WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{}', topic = 'x')",
+            free_port()
+        ))
+        .await
+        .unwrap();
     let mut alerts = subscriber(port, "alerts/#").await;
     let mqtt = publisher(port).await;
     let publish = |payload: &'static str| {
@@ -291,10 +299,20 @@ async fn sinks_publish_rows_to_topics_named_by_their_columns() {
     .await;
     eventually(
         client,
-        "SELECT sink, status FROM weir_catalog.sink_progress",
+        "SELECT sink, status FROM weir_catalog.sink_progress WHERE sink <> 'nowhere'",
         &[&["alerts", "running"], &["hottest_out", "running"]],
     )
     .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status =
+            rows(client, "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'nowhere'").await;
+        if status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:") && status[0][1] == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the missing broker was not reported: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     server.stop().await.unwrap();
 }
 
@@ -328,6 +346,16 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
         ))
         .await
         .unwrap();
+    // The same meters as CSV lines on another topic.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE meters_csv (meter TEXT, seq BIGINT, kwh DOUBLE PRECISION) \
+             WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'csv/+') \
+             FORMAT PLAIN ENCODE CSV (delimiter = ';'); \
+             CREATE MATERIALIZED VIEW usage_csv AS SELECT meter, sum(kwh) AS kwh FROM meters_csv GROUP BY meter;"
+        ))
+        .await
+        .unwrap();
     let mqtt = publisher(port).await;
     let publish = |payload: &'static str| {
         let mqtt = mqtt.clone();
@@ -351,9 +379,12 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
         &[&["m1", "2", "3.5"], &["m2", "1", "4"]],
     )
     .await;
+    mqtt.publish("csv/m3", QoS::AtLeastOnce, false, "m3;1;2.5").await.unwrap();
+    mqtt.publish("csv/m3", QoS::AtLeastOnce, false, "m3;2;0.25").await.unwrap();
+    eventually(client, "SELECT meter, kwh FROM usage_csv", &[&["m3", "2.75"]]).await;
     // Two duplicates after the warm-up for sure, and one per warm-up publication the broker passed on after the
     // first (how many of those arrived depends on when the subscription was made).
-    eventually(client, "SELECT duplicates >= 2 FROM weir_catalog.view_progress", &[&["t"]]).await;
+    eventually(client, "SELECT duplicates >= 2 FROM weir_catalog.view_progress WHERE view = 'usage'", &[&["t"]]).await;
     server.stop().await.unwrap();
 }
 
