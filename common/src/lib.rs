@@ -8,6 +8,7 @@
 //!   [`feed::FeedExec`] leaves for the stateless parts.
 //! - [`stream`]: the [`stream::Message`]s that flow between streaming operators (data, watermarks, barriers).
 //! - [`connector`]: checked `WITH (...)` [`connector::Options`] and the [`connector::SourceReader`] contract.
+//! - [`pattern`]: `MATCH_RECOGNIZE` row patterns and the reference matcher that defines their preference rules.
 //! - [`sink`]: the [`sink::RowChange`]s a sink receives, the [`sink::SinkMessage`]s it sends and the
 //!   [`sink::SinkWriter`] contract.
 //! - [`types`]: Postgres names for Arrow types, as shown by `DESCRIBE` and the catalog tables.
@@ -19,6 +20,7 @@ pub mod catalog;
 pub mod connector;
 pub mod error;
 pub mod feed;
+pub mod pattern;
 pub mod plan;
 pub mod sink;
 pub mod stream;
