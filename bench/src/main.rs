@@ -78,6 +78,17 @@ fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
+/// CPU seconds (user and system) this thread (`thread-self`) or process (`self`) has used, from /proc.
+pub(crate) fn cpu_seconds(of: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{of}/stat")) else { return f64::NAN };
+    // Fields after the command (which may hold spaces) start after its closing parenthesis; utime and stime are the
+    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let Some((_, rest)) = stat.rsplit_once(')') else { return f64::NAN };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Peak resident memory of this process, from /proc.
 pub(crate) fn peak_memory_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -197,19 +197,17 @@ impl Search<'_> {
         done: &mut dyn FnMut(&[Classified]) -> bool,
     ) -> bool {
         let Pattern::Repeat { inner, min, max, greedy } = pattern else { return false };
-        let again =
-            |search: &mut Self, matched: &mut Vec<Classified>, done: &mut dyn FnMut(&[Classified]) -> bool| {
-                if max.is_some_and(|max| count >= max) {
-                    return false;
-                }
-                let mut next = vec![Frame::Node(inner.as_ref()), Frame::Repeat { pattern, done: count + 1, from: at }];
-                next.extend_from_slice(rest);
-                search.step(&next, at, matched, done)
-            };
-        let stop =
-            |search: &mut Self, matched: &mut Vec<Classified>, done: &mut dyn FnMut(&[Classified]) -> bool| {
-                count >= *min && search.step(rest, at, matched, done)
-            };
+        let again = |search: &mut Self, matched: &mut Vec<Classified>, done: &mut dyn FnMut(&[Classified]) -> bool| {
+            if max.is_some_and(|max| count >= max) {
+                return false;
+            }
+            let mut next = vec![Frame::Node(inner.as_ref()), Frame::Repeat { pattern, done: count + 1, from: at }];
+            next.extend_from_slice(rest);
+            search.step(&next, at, matched, done)
+        };
+        let stop = |search: &mut Self, matched: &mut Vec<Classified>, done: &mut dyn FnMut(&[Classified]) -> bool| {
+            count >= *min && search.step(rest, at, matched, done)
+        };
         match greedy {
             true => again(self, matched, done) || stop(self, matched, done),
             false => stop(self, matched, done) || again(self, matched, done),

@@ -23,6 +23,7 @@
 //! and committed to the group in [`SourceReader::commit`] under `group-offsets`.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,9 +31,10 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, TimestampMillisecondArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{info, warn};
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader, SourceStats};
@@ -61,12 +63,68 @@ enum Meta {
     Header(String),
 }
 
+/// Records fetched for the next batches: their bytes (values, keys, wanted headers) in one buffer, so gathering a
+/// record allocates nothing of its own.
+#[derive(Debug, Default)]
+struct Gathered {
+    bytes: Vec<u8>,
+    records: Vec<GatheredRecord>,
+}
+
+#[derive(Debug)]
+struct GatheredRecord {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    payload: Range<usize>,
+    key: Option<Range<usize>>,
+    /// The value of each header an `INCLUDE header` asks for, in the order asked.
+    headers: Vec<Option<Range<usize>>>,
+}
+
+impl Gathered {
+    /// Copies a record in; returns its size in bytes (key and value).
+    fn push(&mut self, message: &impl Message, header_names: &[String]) -> u64 {
+        let mut copy = |bytes: &[u8]| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(bytes);
+            start..self.bytes.len()
+        };
+        let payload = copy(message.payload().unwrap_or_default());
+        let key = message.key().map(&mut copy);
+        let headers = header_names
+            .iter()
+            .map(|name| {
+                let headers = message.headers()?;
+                let value = headers.iter().find(|header| header.key == name)?.value?;
+                Some(copy(value))
+            })
+            .collect();
+        let size = (payload.len() + key.as_ref().map_or(0, |k| k.len())) as u64;
+        self.records.push(GatheredRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            payload,
+            key,
+            headers,
+        });
+        size
+    }
+
+    fn slice(&self, range: Range<usize>) -> &[u8] {
+        &self.bytes[range]
+    }
+}
+
 /// A source reading one Kafka topic.
 pub struct KafkaSource {
     schema: SchemaRef,
     decoder: RecordDecoder,
     /// Metadata columns by position in the schema.
     metadata: Vec<(usize, Meta)>,
+    /// The headers `INCLUDE header` asks for, in the order of `metadata`.
+    header_names: Vec<String>,
     topic: String,
     config: ClientConfig,
     startup: Startup,
@@ -85,7 +143,7 @@ pub struct KafkaSource {
     /// Whether offsets changed since the last commit.
     uncommitted: bool,
     /// Records of the batch being gathered, and when gathering ends; kept here so a cancelled read loses nothing.
-    gathering: Vec<OwnedMessage>,
+    gathering: Gathered,
     deadline: Option<tokio::time::Instant>,
     /// Decoded batches not yet handed out, one per partition, with their partition.
     ready: std::collections::VecDeque<(i32, RecordBatch)>,
@@ -205,6 +263,13 @@ impl KafkaSource {
         Ok(KafkaSource {
             schema,
             decoder,
+            header_names: columns
+                .iter()
+                .filter_map(|(_, meta)| match meta {
+                    Meta::Header(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .collect(),
             metadata: columns,
             topic,
             config,
@@ -218,7 +283,7 @@ impl KafkaSource {
             rejected: Vec::new(),
             offsets: BTreeMap::new(),
             uncommitted: false,
-            gathering: Vec::new(),
+            gathering: Gathered::default(),
             deadline: None,
             ready: std::collections::VecDeque::new(),
             last_partition: 0,
@@ -277,37 +342,35 @@ impl KafkaSource {
         Ok((consumer, partitions))
     }
 
-    /// Decodes records into one batch of the source's schema (`None` when none decodes).
-    fn decode(&mut self, messages: &[OwnedMessage]) -> Result<Option<RecordBatch>, ConnectorError> {
-        let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload().unwrap_or_default()).collect();
-        self.bytes +=
-            messages.iter().map(|m| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)).sum::<usize>()
-                as u64;
+    /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes).
+    fn decode(&mut self, gathered: &Gathered, records: &[usize]) -> Result<Option<RecordBatch>, ConnectorError> {
+        let payloads: Vec<&[u8]> =
+            records.iter().map(|r| gathered.slice(gathered.records[*r].payload.clone())).collect();
         let (batch, rejected, accepted) = self.decoder.decode_indexed(&payloads, |i| {
-            let m = &messages[i];
-            format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
+            let record = &gathered.records[records[i]];
+            format!("{}/{}@{}", self.topic, record.partition, record.offset)
         });
         self.rejected.extend(rejected);
         let Some(batch) = batch else { return Ok(None) };
         let mut columns: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];
+        let mut header = 0;
         for (at, meta) in &self.metadata {
-            let kept = accepted.iter().map(|i| &messages[*i]);
+            let kept = accepted.iter().map(|i| &gathered.records[records[*i]]);
             let array: ArrayRef = match meta {
-                Meta::Key => Arc::new(kept.map(|m| m.key()).collect::<BinaryArray>()),
-                Meta::Partition => Arc::new(kept.map(|m| Some(m.partition())).collect::<Int32Array>()),
-                Meta::Offset => Arc::new(kept.map(|m| Some(m.offset())).collect::<Int64Array>()),
+                Meta::Key => Arc::new(kept.map(|r| r.key.clone().map(|k| gathered.slice(k))).collect::<BinaryArray>()),
+                Meta::Partition => Arc::new(kept.map(|r| Some(r.partition)).collect::<Int32Array>()),
+                Meta::Offset => Arc::new(kept.map(|r| Some(r.offset)).collect::<Int64Array>()),
                 Meta::Timestamp => {
-                    let millis: TimestampMillisecondArray = kept.map(|m| m.timestamp().to_millis()).collect();
+                    let millis: TimestampMillisecondArray = kept.map(|r| r.timestamp).collect();
                     cast(&millis, self.schema.field(*at).data_type())
                         .map_err(|e| ConnectorError::Io(format!("kafka: record timestamps: {e}")))?
                 }
-                Meta::Header(name) => Arc::new(
-                    kept.map(|m| {
-                        m.headers()
-                            .and_then(|h| h.iter().find(|header| header.key == name).and_then(|header| header.value))
-                    })
-                    .collect::<BinaryArray>(),
-                ),
+                Meta::Header(_) => {
+                    let which = header;
+                    header += 1;
+                    let values = kept.map(|r| r.headers.get(which).cloned().flatten().map(|h| gathered.slice(h)));
+                    Arc::new(values.collect::<BinaryArray>())
+                }
             };
             columns[*at] = Some(array);
         }
@@ -399,9 +462,9 @@ impl SourceReader for KafkaSource {
                     }
                 },
             };
-            if self.gathering.is_empty() {
+            if self.gathering.records.is_empty() {
                 match consumer.recv().await {
-                    Ok(message) => self.gathering.push(message.detach()),
+                    Ok(message) => self.bytes += self.gathering.push(&message, &self.header_names),
                     Err(err) => {
                         self.problem = Some(format!("Kafka: {err}; retrying"));
                         tokio::time::sleep(self.backoff).await;
@@ -413,24 +476,32 @@ impl SourceReader for KafkaSource {
                 self.deadline = Some(tokio::time::Instant::now() + self.linger);
             }
             let deadline = self.deadline.unwrap_or_else(tokio::time::Instant::now);
-            while self.gathering.len() < MAX_BATCH {
-                match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Ok(message)) => self.gathering.push(message.detach()),
-                    _ => break,
+            while self.gathering.records.len() < MAX_BATCH {
+                // Records already fetched are taken without a timer each; the linger only applies to waiting.
+                let message = match consumer.recv().now_or_never() {
+                    Some(received) => received,
+                    None => match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                        Ok(received) => received,
+                        Err(_) => break,
+                    },
+                };
+                match message {
+                    Ok(message) => self.bytes += self.gathering.push(&message, &self.header_names),
+                    Err(_) => break,
                 }
             }
-            let messages = std::mem::take(&mut self.gathering);
-            for message in &messages {
-                self.offsets.insert(message.partition(), message.offset() + 1);
+            let gathered = std::mem::take(&mut self.gathering);
+            for record in &gathered.records {
+                self.offsets.insert(record.partition, record.offset + 1);
             }
             self.uncommitted = true;
             // One batch per partition, each partition's records in order.
-            let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
-            for message in messages {
-                by_partition.entry(message.partition()).or_default().push(message);
+            let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+            for (index, record) in gathered.records.iter().enumerate() {
+                by_partition.entry(record.partition).or_default().push(index);
             }
-            for (partition, messages) in by_partition {
-                if let Some(batch) = self.decode(&messages)? {
+            for (partition, records) in by_partition {
+                if let Some(batch) = self.decode(&gathered, &records)? {
                     self.ready.push_back((partition, batch));
                 }
             }

@@ -7,10 +7,10 @@
 //! not kept. Delivery is at least once: a failed write is retried, after a backoff from 100 ms to 5 s, until it
 //! succeeds, and the sink's status says why meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::StringArray;
 use datafusion::sql::sqlparser::ast::{self, ObjectName};
@@ -23,6 +23,7 @@ use weir_connectors::sink::Sink;
 use weir_planner::sink::{CreateSink, SinkInput};
 use weir_runtime::materialize::ViewStore;
 
+use crate::jobs::RATE_WINDOW;
 use crate::session::{Outcome, Session, object_name};
 
 /// A sink's progress, written by its task and read by `weir_catalog.sink_progress`.
@@ -42,6 +43,8 @@ pub struct SinkProgress {
     pub last_delivery_ms: AtomicI64,
     /// `running`, `retrying: <reason>`, `ended` (the input is gone) or `failed: <reason>`.
     pub status: Mutex<String>,
+    /// When each write of the last [`RATE_WINDOW`] was delivered, and its messages.
+    deliveries: Mutex<VecDeque<(Instant, u64)>>,
 }
 
 impl SinkProgress {
@@ -51,6 +54,28 @@ impl SinkProgress {
 
     pub fn status(&self) -> String {
         self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Messages delivered per second over the last [`RATE_WINDOW`].
+    pub fn messages_per_second(&self) -> f64 {
+        let mut deliveries = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        while deliveries.front().is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW) {
+            deliveries.pop_front();
+        }
+        deliveries.iter().map(|(_, messages)| *messages).sum::<u64>() as f64 / RATE_WINDOW.as_secs_f64()
+    }
+
+    fn delivered(&self, messages: u64, bytes: u64) {
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.last_delivery_ms.store(now_ms(), Ordering::Relaxed);
+        let mut deliveries = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
+        deliveries.push_back((Instant::now(), messages));
+        let now = Instant::now();
+        while deliveries.front().is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW) {
+            deliveries.pop_front();
+        }
     }
 }
 
@@ -208,6 +233,7 @@ impl Session {
             failed_writes: AtomicU64::new(0),
             last_delivery_ms: AtomicI64::new(i64::MIN),
             status: Mutex::new("running".to_string()),
+            deliveries: Mutex::default(),
         });
         // Subscribed before the dataflow starts, so the sink sees its first rows.
         let changes = store.subscribe_changes();
@@ -330,9 +356,7 @@ async fn run(
             };
             match result {
                 Ok(()) => {
-                    progress.messages.fetch_add(messages.len() as u64, Ordering::Relaxed);
-                    progress.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                    progress.last_delivery_ms.store(now_ms(), Ordering::Relaxed);
+                    progress.delivered(messages.len() as u64, bytes as u64);
                     progress.set_status("running".to_string());
                     break;
                 }
@@ -352,4 +376,32 @@ async fn run(
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_counts_the_messages_of_the_last_five_seconds() {
+        let progress = SinkProgress {
+            input: "v".into(),
+            connector: "kafka".into(),
+            format: SinkFormat::Plain,
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            last_delivery_ms: AtomicI64::new(i64::MIN),
+            status: Mutex::new("running".into()),
+            deliveries: Mutex::default(),
+        };
+        assert_eq!(progress.messages_per_second(), 0.0);
+        progress.delivered(6, 100);
+        progress.delivered(4, 50);
+        assert_eq!(progress.messages_per_second(), 10.0 / RATE_WINDOW.as_secs_f64());
+        assert_eq!(progress.bytes.load(Ordering::Relaxed), 150);
+        // A delivery older than the window no longer counts.
+        progress.deliveries.lock().unwrap().push_front((Instant::now() - RATE_WINDOW * 2, 1000));
+        assert_eq!(progress.messages_per_second(), 2.0);
+    }
 }

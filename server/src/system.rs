@@ -6,7 +6,8 @@
 //!   far the watermark trails it, the consumer lag (records a Kafka topic holds that the view has not read), and the
 //!   rows dropped as duplicates of a `dedup.key` already read.
 //! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
-//!   <why>` while a broker is away), messages and bytes delivered, failed writes (retried) and the last delivery.
+//!   <why>` while a broker is away), messages and bytes delivered, messages per second (over the last 5 s), failed
+//!   writes (retried) and the last delivery.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
 //!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
@@ -88,6 +89,7 @@ impl SystemRelation {
                         Field::new("status", DataType::Utf8, false),
                         Field::new("messages", DataType::Int64, false),
                         Field::new("bytes", DataType::Int64, false),
+                        Field::new("messages_per_second", DataType::Float64, false),
                         Field::new("failed_writes", DataType::Int64, false),
                         Field::new("last_delivery", DataType::Timestamp(TimeUnit::Millisecond, None), true),
                     ],
@@ -172,6 +174,7 @@ fn sink_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
         text(&|p| p.status()),
         count(|p| &p.messages),
         count(|p| &p.bytes),
+        Arc::new(progress.iter().map(|(_, p)| p.messages_per_second()).collect::<Float64Array>()),
         count(|p| &p.failed_writes),
         Arc::new(
             progress
