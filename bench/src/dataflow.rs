@@ -19,9 +19,6 @@ use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
 
-/// The server's epoch interval.
-const EPOCH_INTERVAL: std::time::Duration = weir_server::config::DEFAULT_EPOCH_INTERVAL;
-
 /// Plans `sql` over the relation `table` of `schema` as a view's pipeline, with the watermark `watermark` over the
 /// event-time column `time_column`; `emit_on_window_close` as the view clause.
 pub(crate) async fn plan_pipeline(
@@ -57,6 +54,7 @@ pub(crate) async fn plan_pipeline(
 /// Pushes batches through a pipeline and ends an epoch every epoch interval.
 pub(crate) struct Driver {
     pipeline: Pipeline,
+    epoch_interval: std::time::Duration,
     state: MemoryStore,
     last_epoch: Instant,
     /// Rows the view published so far.
@@ -64,8 +62,13 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
+    /// Drives `pipeline` with the server's default epoch interval.
     pub(crate) fn new(pipeline: Pipeline) -> Self {
-        Driver { pipeline, state: MemoryStore::new(), last_epoch: Instant::now(), published: 0 }
+        Driver::with_epoch_interval(pipeline, weir_server::config::DEFAULT_EPOCH_INTERVAL)
+    }
+
+    pub(crate) fn with_epoch_interval(pipeline: Pipeline, epoch_interval: std::time::Duration) -> Self {
+        Driver { pipeline, epoch_interval, state: MemoryStore::new(), last_epoch: Instant::now(), published: 0 }
     }
 
     pub(crate) async fn push(&mut self, batch: RecordBatch) -> anyhow::Result<()> {
@@ -80,7 +83,7 @@ impl Driver {
     ) -> anyhow::Result<()> {
         self.pipeline.set_splits(0, splits.max(split + 1));
         self.pipeline.push_split(0, split, batch).await?;
-        if self.last_epoch.elapsed() >= EPOCH_INTERVAL {
+        if self.last_epoch.elapsed() >= self.epoch_interval {
             self.last_epoch = Instant::now();
             self.epoch().await?;
         }

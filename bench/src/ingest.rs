@@ -138,9 +138,16 @@ pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> 
         ("properties.bootstrap.server", bootstrap),
         ("scan.startup.mode", "earliest".to_string()),
     ];
+    // Extra consumer settings to try (`WEIR_BENCH_KAFKA=key=value,key=value`), passed as `properties.*`.
+    let extra: Vec<(String, String)> = std::env::var("WEIR_BENCH_KAFKA")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (format!("properties.{k}"), v.to_string()))
+        .collect();
     let mut reader = weir_connectors::open_source(
         schema(),
-        options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        options.iter().map(|(k, v)| (k.to_string(), v.clone())).chain(extra).collect(),
         Some(Encoding::Json),
         &[],
     )?;
@@ -150,15 +157,15 @@ pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `messages` published at QoS 1 by four clients on another thread while the source reads them.
-pub(crate) async fn mqtt(messages: u64) -> anyhow::Result<()> {
+/// `messages` published at `qos` by four clients on another thread while the source reads them (subscribed at `qos`).
+pub(crate) async fn mqtt(messages: u64, qos: u8) -> anyhow::Result<()> {
     let broker = brokers::mosquitto()?;
     let port = broker.port;
     let options = [
         ("connector", "mqtt".to_string()),
         ("url", format!("mqtt://127.0.0.1:{port}")),
         ("topic", "bench/+".to_string()),
-        ("qos", "1".to_string()),
+        ("qos", qos.to_string()),
     ];
     let mut reader = weir_connectors::open_source(
         schema(),
@@ -169,20 +176,21 @@ pub(crate) async fn mqtt(messages: u64) -> anyhow::Result<()> {
     // The first read connects and subscribes; the publishers start once the subscription has had time to land.
     let _ = tokio::time::timeout(Duration::from_millis(500), reader.next_batch()).await;
     let bytes: u64 = (0..messages).map(|i| message(i).len() as u64).sum();
-    let publishers = std::thread::spawn(move || publish(port, messages));
+    let publishers = std::thread::spawn(move || publish(port, messages, qos));
     // The MQTT client, decoding and the view all run on this thread; the publishers run on another.
     let drained = drain(reader.as_mut(), messages, view().await?, "thread-self").await?;
     match publishers.join() {
         Ok(result) => result?,
         Err(_) => bail!("a publisher panicked"),
     }
-    report("mqtt", messages, bytes, drained);
+    report(if qos == 0 { "mqtt0" } else { "mqtt1" }, messages, bytes, drained);
     Ok(())
 }
 
-/// Publishes messages `0..messages` at QoS 1 from four clients, each on its own topic.
-fn publish(port: u16, messages: u64) -> anyhow::Result<()> {
-    use rumqttc::{AsyncClient, MqttOptions, QoS};
+/// Publishes messages `0..messages` at `qos` from four clients, each on its own topic.
+fn publish(port: u16, messages: u64, qos: u8) -> anyhow::Result<()> {
+    let qos = if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
+    use rumqttc::{AsyncClient, MqttOptions};
     const CLIENTS: u64 = 4;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async move {
@@ -195,7 +203,7 @@ fn publish(port: u16, messages: u64) -> anyhow::Result<()> {
             let poll = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
             tasks.push(tokio::spawn(async move {
                 for i in (client..messages).step_by(CLIENTS as usize) {
-                    mqtt.publish(format!("bench/{client}"), QoS::AtLeastOnce, false, message(i)).await?;
+                    mqtt.publish(format!("bench/{client}"), qos, false, message(i)).await?;
                 }
                 // Let the last acknowledgements arrive before the connection goes.
                 tokio::time::sleep(Duration::from_secs(2)).await;

@@ -5,7 +5,7 @@
 //!   does and drives the view's pipeline on the current thread; `source` measures the generator alone.
 //! - `weir-bench kafka [--messages N]`: small JSON records read from a real Kafka-compatible broker (tansu, started
 //!   by the program) into a 10-second TUMBLE view, the view's pipeline on one core.
-//! - `weir-bench mqtt [--messages N]`: the same over a real Mosquitto broker (started by the program).
+//! - `weir-bench mqtt [--messages N] [--qos 0|1]`: the same over a real Mosquitto broker (started by the program).
 //! - `weir-bench mqtt-latency [--rate R] [--seconds S] [--epoch-ms E]`: messages published to Mosquitto at a steady
 //!   rate into a Weir server (in this process, as the `weir` binary runs it), and the time from each publication to
 //!   a SELECT over the wire seeing its row: p50, p99, max.
@@ -34,6 +34,9 @@ enum Suite {
         /// Nexmark events to generate (bids are 46 of every 50).
         #[arg(long, default_value_t = 10_000_000)]
         events: u64,
+        /// The epoch interval in milliseconds (the server's default unless given).
+        #[arg(long)]
+        epoch_ms: Option<u64>,
     },
     /// Kafka JSON ingest into a 10-second TUMBLE view.
     Kafka {
@@ -47,6 +50,9 @@ enum Suite {
     Mqtt {
         #[arg(long, default_value_t = 1_000_000)]
         messages: u64,
+        /// QoS of the publications and the subscription: 0 or 1.
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
     },
     /// Latency from an MQTT publication to a SELECT seeing its row.
     MqttLatency {
@@ -63,9 +69,12 @@ enum Suite {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().suite {
-        Suite::Nexmark { query, events } => current_thread()?.block_on(nexmark::run(&query, events)),
+        Suite::Nexmark { query, events, epoch_ms } => {
+            let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, std::time::Duration::from_millis);
+            current_thread()?.block_on(nexmark::run(&query, events, epoch))
+        }
         Suite::Kafka { messages, partitions } => current_thread()?.block_on(ingest::kafka(messages, partitions)),
-        Suite::Mqtt { messages } => current_thread()?.block_on(ingest::mqtt(messages)),
+        Suite::Mqtt { messages, qos } => current_thread()?.block_on(ingest::mqtt(messages, qos)),
         Suite::MqttLatency { rate, seconds, epoch_ms } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

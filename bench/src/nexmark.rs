@@ -50,7 +50,7 @@ fn bid_schema() -> SchemaRef {
 }
 
 /// Runs one Nexmark query over `events` generated events.
-pub(crate) async fn run(query: &str, events: u64) -> anyhow::Result<()> {
+pub(crate) async fn run(query: &str, events: u64, epoch_interval: std::time::Duration) -> anyhow::Result<()> {
     let sql = query_sql(query)?;
     let schema = bid_schema();
     let options = [
@@ -73,7 +73,8 @@ pub(crate) async fn run(query: &str, events: u64) -> anyhow::Result<()> {
             // Window aggregations emit each window once, when it closes; the others pass rows through.
             let windowed = sql.contains("GROUP BY");
             let watermark = "date_time - INTERVAL '2' SECOND";
-            Some(Driver::new(plan_pipeline("bid", schema.clone(), sql, 5, watermark, windowed).await?))
+            let pipeline = plan_pipeline("bid", schema.clone(), sql, 5, watermark, windowed).await?;
+            Some(Driver::with_epoch_interval(pipeline, epoch_interval))
         }
     };
     let started = Instant::now();

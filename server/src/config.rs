@@ -15,7 +15,7 @@ pub struct Config {
 }
 
 /// The epoch interval unless configured.
-pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_millis(200);
+pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_millis(50);
 
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {

@@ -18,7 +18,7 @@ struct Flags {
     data_dir: PathBuf,
     /// How often materialized views publish new results, in milliseconds: the longest a new row waits before a
     /// SELECT sees it.
-    #[arg(long, env = "WEIR_EPOCH_INTERVAL_MS", default_value_t = 200)]
+    #[arg(long, env = "WEIR_EPOCH_INTERVAL_MS", default_value_t = weir_server::config::DEFAULT_EPOCH_INTERVAL.as_millis() as u64)]
     epoch_interval_ms: u64,
 }
 
