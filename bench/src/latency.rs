@@ -13,12 +13,12 @@ use tokio_postgres::NoTls;
 use crate::brokers;
 
 /// Publishes `rate` messages per second for `seconds` and reports the latency percentiles.
-pub(crate) async fn mqtt(rate: u64, seconds: u64, epoch_ms: u64) -> anyhow::Result<()> {
+pub(crate) async fn mqtt(rate: u64, seconds: u64, epoch: Duration) -> anyhow::Result<()> {
     let broker = brokers::mosquitto()?;
     let data = std::env::temp_dir().join(format!("weir-bench-latency-{}", std::process::id()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let config = weir_server::Config::new(&data).with_epoch_interval(Duration::from_millis(epoch_ms.max(1)));
+    let config = weir_server::Config::new(&data).with_epoch_interval(epoch.max(Duration::from_millis(1)));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(weir_server::run(config, listener, async move {
         let _ = stopped.await;
@@ -115,8 +115,9 @@ pub(crate) async fn mqtt(rate: u64, seconds: u64, epoch_ms: u64) -> anyhow::Resu
     latencies.sort();
     let percentile = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
     println!(
-        "mqtt-latency rate {rate}/s  {seconds} s  epoch {epoch_ms} ms  messages {}  polls {polls}  \
+        "mqtt-latency rate {rate}/s  {seconds} s  epoch {} ms  messages {}  polls {polls}  \
          p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        epoch.as_millis(),
         latencies.len(),
         percentile(0.5),
         percentile(0.99),

@@ -16,6 +16,8 @@ mod ingest;
 mod latency;
 mod nexmark;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -61,24 +63,27 @@ enum Suite {
         rate: u64,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
-        /// The server's epoch interval in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        epoch_ms: u64,
+        /// The server's epoch interval in milliseconds (its default unless given).
+        #[arg(long)]
+        epoch_ms: Option<u64>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().suite {
         Suite::Nexmark { query, events, epoch_ms } => {
-            let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, std::time::Duration::from_millis);
+            let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
             current_thread()?.block_on(nexmark::run(&query, events, epoch))
         }
         Suite::Kafka { messages, partitions } => current_thread()?.block_on(ingest::kafka(messages, partitions)),
         Suite::Mqtt { messages, qos } => current_thread()?.block_on(ingest::mqtt(messages, qos)),
-        Suite::MqttLatency { rate, seconds, epoch_ms } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(latency::mqtt(rate, seconds, epoch_ms)),
+        Suite::MqttLatency { rate, seconds, epoch_ms } => {
+            let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(latency::mqtt(rate, seconds, epoch))
+        }
     }
 }
 
