@@ -212,8 +212,8 @@ impl Session {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!(
-                    "sink \"{name}\" reads \"{input}\", whose rows change as windows fill, and FORMAT PLAIN can only \
-                     write rows that never change"
+                    "sink \"{name}\" reads \"{input}\", whose rows change as new rows arrive, and FORMAT PLAIN can \
+                     only write rows that never change"
                 ),
             )
             .with_hint(
