@@ -2,8 +2,9 @@
 //!
 //! A [`Pattern`] is a regular expression over pattern variables (by index into the `DEFINE` list). Alternatives are
 //! preferred left to right; a greedy quantifier prefers more iterations, a reluctant one fewer; `PERMUTE(A, B)` is the
-//! alternation of every order of its arguments, in lexicographic order of their positions. [`Pattern::reference_match`]
-//! is the obviously-correct backtracking matcher these rules define, against which faster matchers are tested.
+//! alternation of every order of its arguments, in lexicographic order of their positions; an iteration of a quantified
+//! part that matches no row ends the repetition. [`Pattern::reference_match`] is the obviously-correct backtracking
+//! matcher these rules define, against which faster matchers are tested.
 
 use std::fmt;
 
@@ -175,10 +176,10 @@ impl Search<'_> {
             }
             Frame::Node(pattern @ Pattern::Repeat { .. }) => self.repeat(pattern, 0, at, rest, matched, done),
             Frame::Repeat { pattern, done: count, from } => {
-                // An iteration that matched no row cannot be followed by another (it would loop for ever).
+                // An iteration that matched no row ends the repetition: another would match no row again (nothing
+                // it could look at has changed), so the iterations still required are met and more would loop.
                 if at == from {
-                    let Pattern::Repeat { min, .. } = pattern else { return false };
-                    return count >= *min && self.step(rest, at, matched, done);
+                    return self.step(rest, at, matched, done);
                 }
                 self.repeat(pattern, count, at, rest, matched, done)
             }

@@ -12,6 +12,8 @@
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
+//! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
+//!   order (not yet wired into views).
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //!
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
@@ -21,6 +23,7 @@ mod groups;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
+pub mod row_pattern;
 pub mod session_aggregate;
 pub mod state;
 pub mod watermark;
