@@ -5,6 +5,7 @@
 //!   parser failures into Postgres-style syntax errors with a character position.
 //! - [`source`]: `CREATE SOURCE` and `CREATE TABLE ... (..., WATERMARK FOR ...)`, parsed with sqlparser's pieces for
 //!   columns and expressions.
+//! - [`row_pattern`]: `MATCH_RECOGNIZE`'s `PATTERN (...)` with reluctant quantifiers (not yet wired into queries).
 //! - [`sink`]: `CREATE SINK ... {FROM relation | AS query} WITH (...) [FORMAT ... ENCODE JSON (...)]`.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
@@ -19,6 +20,7 @@
 pub mod dialect;
 pub mod names;
 pub mod parse;
+pub mod row_pattern;
 pub mod sink;
 pub mod source;
 pub mod streaming;
