@@ -119,6 +119,9 @@ impl Session {
                 Some(source) => idle_timeout(&source.with)?,
                 None => (None, Vec::new()),
             };
+            if input.source.is_some() {
+                self.check_one_session(&input.def.name, &connector_options)?;
+            }
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe()),
                 (None, Some(source)) => weir_connectors::open_source(
@@ -157,6 +160,33 @@ impl Session {
             append_only,
             ms_per_unit,
         })
+    }
+
+    /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
+    /// one, since a broker keeps one session per client id and two connections with it take it from each other.
+    fn check_one_session(&self, source: &str, options: &[(String, String)]) -> Result<(), ErrorReport> {
+        let option = |key: &str| options.iter().find(|(k, _)| k == key).map(|(_, v)| v.to_lowercase());
+        if option("connector").as_deref() != Some("mqtt") || option("client.id").is_none() {
+            return Ok(());
+        }
+        let views =
+            self.engine.catalog.dependents(source).into_iter().filter(|r| r.def.kind == RelationKind::MaterializedView);
+        let readers: Vec<String> =
+            views.map(|r| r.def.name.clone()).chain(self.engine.jobs.sinks.reading(source)).collect();
+        match readers.first() {
+            None => Ok(()),
+            Some(reader) => Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "MQTT source \"{source}\" has a fixed client.id and \"{reader}\" already reads it; a second \
+                     reader would take the broker session from the first"
+                ),
+            )
+            .with_hint(
+                "Read it in one materialized view that only filters or projects (append-only), and build the other \
+                 views on that view; or drop client.id so that each view connects with its own.",
+            )),
+        }
     }
 
     /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relations it reads as streams

@@ -324,6 +324,25 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
     let server = TestServer::start().await.unwrap();
     let connection = server.connect().await.unwrap();
     let client = &connection.client;
+    // A fixed client id is one broker session: a second view reading the source is refused, not left to fight
+    // over the session.
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE fixed (meter TEXT) \
+             WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'fixed/+', 'client.id' = 'weir-fixed') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW fixed_all AS SELECT meter FROM fixed;"
+        ))
+        .await
+        .unwrap();
+    let err =
+        client.batch_execute("CREATE MATERIALIZED VIEW fixed_count AS SELECT count(*) FROM fixed").await.unwrap_err();
+    let err = err.as_db_error().expect("a database error");
+    assert_eq!(err.code().code(), "0A000");
+    assert!(err.message().contains("\"fixed_all\" already reads it"), "{}", err.message());
+    // Views over the one view that reads it are fine.
+    client.batch_execute("CREATE MATERIALIZED VIEW fixed_count AS SELECT count(*) FROM fixed_all").await.unwrap();
+    client.batch_execute("DROP MATERIALIZED VIEW fixed_count, fixed_all; DROP SOURCE fixed").await.unwrap();
     // Unknown dedup options and key columns are refused at once.
     let err = client
         .batch_execute(&format!(
