@@ -11,6 +11,7 @@ use weir_common::error::char_position;
 use weir_common::{ErrorReport, RelationKind, SqlState};
 
 use crate::dialect::WeirDialect;
+use crate::row_pattern::RowPatternClause;
 use crate::sink::{self, CreateSink};
 use crate::source::{self, CreateSource};
 
@@ -48,6 +49,8 @@ pub struct ParsedStatement {
     pub statement: WeirStatement,
     /// The statement as the user wrote it, without the trailing semicolon.
     pub text: String,
+    /// The `MATCH_RECOGNIZE` patterns of the statement, parsed by Weir; the statement names each by its placeholder.
+    pub row_patterns: Vec<RowPatternClause>,
 }
 
 /// A syntax error, with the position Postgres would report.
@@ -83,6 +86,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         })?;
     let tokens = crate::windows::flink_form(tokens);
     let (tokens, emits) = strip_emit_clauses(tokens);
+    let (tokens, mut row_patterns) = crate::row_pattern::extract_row_patterns(sql, tokens)?;
     let mut parser =
         Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).with_tokens_with_locations(tokens.clone());
     let mut statements = Vec::new();
@@ -154,7 +158,16 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         .map_err(|err| convert_error(sql, &tokens, err))?;
         // The statement ends where the next token (`;` or the end of input) starts.
         let end = parser.peek_token().span.start;
-        statements.push(ParsedStatement { statement, text: slice(sql, start, end).trim_end().to_string() });
+        // The patterns inside this statement (the end of input is at line 0).
+        let (inside, after): (Vec<_>, Vec<_>) = std::mem::take(&mut row_patterns)
+            .into_iter()
+            .partition(|p| p.location >= start && (p.location < end || end.line == 0));
+        row_patterns = after;
+        statements.push(ParsedStatement {
+            statement,
+            text: slice(sql, start, end).trim_end().to_string(),
+            row_patterns: inside,
+        });
         expecting_delimiter = true;
     }
     Ok(statements)
@@ -276,10 +289,15 @@ fn parse_location(text: &str) -> Option<Location> {
 }
 
 /// The text from `start` up to `end` (exclusive); `end` outside `sql` (the end-of-input token) means the end.
-fn slice(sql: &str, start: Location, end: Location) -> &str {
+pub(crate) fn slice(sql: &str, start: Location, end: Location) -> &str {
     let from = byte_offset(sql, start).unwrap_or(sql.len());
     let to = byte_offset(sql, end).unwrap_or(sql.len());
     sql.get(from..to.max(from)).unwrap_or("")
+}
+
+/// The 0-based character offset of `location` in `sql`.
+pub(crate) fn char_offset(sql: &str, location: Location) -> Option<usize> {
+    char_position(sql, location.line, location.column).map(|p| p - 1)
 }
 
 fn byte_offset(sql: &str, location: Location) -> Option<usize> {

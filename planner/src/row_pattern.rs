@@ -11,13 +11,137 @@
 //!
 //! Variables are identifiers (case-insensitive unless double-quoted), numbered in order of first appearance.
 
+use datafusion::sql::sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan};
+use weir_common::SqlState;
 use weir_common::pattern::Pattern;
+
+use crate::parse::ParseError;
 
 /// A parsed `PATTERN`: the pattern over variable numbers, and the variables' names by number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowPattern {
     pub pattern: Pattern,
     pub variables: Vec<String>,
+}
+
+/// One `MATCH_RECOGNIZE`'s pattern and time bound, taken out of the statement by [`extract_row_patterns`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowPatternClause {
+    /// The name that stands for the pattern in the statement sqlparser parses: `PATTERN (__weir_pattern_N)`.
+    pub placeholder: String,
+    pub pattern: RowPattern,
+    /// The `WITHIN` bound as written (`INTERVAL '10' MINUTE`).
+    pub within: Option<String>,
+    /// Where `PATTERN` starts in the query string.
+    pub location: Location,
+}
+
+/// Takes the body of every `PATTERN (...)` of a `MATCH_RECOGNIZE` out of `tokens`, parsed by Weir, leaving a
+/// placeholder variable sqlparser accepts, and the `WITHIN interval` after it (which sqlparser does not know).
+pub(crate) fn extract_row_patterns(
+    sql: &str,
+    tokens: Vec<TokenWithSpan>,
+) -> Result<(Vec<TokenWithSpan>, Vec<RowPatternClause>), ParseError> {
+    let is_word = |token: &Token, word: &str| matches!(token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word));
+    let significant = |tokens: &[TokenWithSpan], from: usize| {
+        (from..tokens.len()).find(|&i| !matches!(tokens[i].token, Token::Whitespace(_)))
+    };
+    let mut tokens = tokens;
+    let mut clauses = Vec::new();
+    let mut inside_match_recognize = false;
+    let mut i = 0;
+    while i < tokens.len() {
+        if is_word(&tokens[i].token, "MATCH_RECOGNIZE") {
+            inside_match_recognize = true;
+        }
+        let opening = match significant(&tokens, i + 1) {
+            Some(next) if inside_match_recognize && is_word(&tokens[i].token, "PATTERN") => next,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if tokens[opening].token != Token::LParen {
+            i += 1;
+            continue;
+        }
+        inside_match_recognize = false;
+        // The parenthesis that closes the pattern, before the clauses that follow it.
+        let mut depth = 0;
+        let closing = (opening..tokens.len()).find(|&j| {
+            match &tokens[j].token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                token if ["WITHIN", "SUBSET", "DEFINE"].iter().any(|w| is_word(token, w)) => return true,
+                _ => {}
+            }
+            depth == 0
+        });
+        let Some(closing) = closing.filter(|&j| tokens[j].token == Token::RParen) else {
+            let message = "the parentheses of the row pattern do not match";
+            return Err(syntax_error(sql, tokens[opening].span.start, message));
+        };
+        let text = crate::parse::slice(sql, tokens[opening].span.end, tokens[closing].span.start);
+        let pattern = parse_row_pattern(text).map_err(|err| {
+            let start = crate::parse::char_offset(sql, tokens[opening].span.end).unwrap_or(0);
+            let offset = text[..err.offset.min(text.len())].chars().count();
+            ParseError {
+                code: SqlState::SYNTAX_ERROR,
+                message: format!("syntax error in the row pattern: {}", err.message),
+                detail: None,
+                position: Some(start + offset + 1),
+            }
+        })?;
+        if pattern.pattern.matches_only_empty() {
+            return Err(syntax_error(
+                sql,
+                tokens[opening].span.end,
+                "the row pattern can only match empty input; it needs at least one pattern variable",
+            ));
+        }
+        let placeholder = format!("__weir_pattern_{}", clauses.len());
+        let span = Span::new(tokens[opening].span.end, tokens[closing].span.start);
+        // `WITHIN interval` runs up to `SUBSET` or `DEFINE`.
+        let mut within = None;
+        let mut end = closing + 1;
+        if let Some(word) = significant(&tokens, closing + 1).filter(|&w| is_word(&tokens[w].token, "WITHIN")) {
+            let Some(stop) = (word + 1..tokens.len())
+                .find(|&j| is_word(&tokens[j].token, "DEFINE") || is_word(&tokens[j].token, "SUBSET"))
+            else {
+                return Err(syntax_error(sql, tokens[word].span.end, "WITHIN must be followed by SUBSET or DEFINE"));
+            };
+            let bound = crate::parse::slice(sql, tokens[word].span.end, tokens[stop].span.start).trim().to_string();
+            if bound.is_empty() {
+                return Err(syntax_error(sql, tokens[word].span.end, "WITHIN needs an interval"));
+            }
+            within = Some(bound);
+            end = stop;
+        }
+        clauses.push(RowPatternClause {
+            placeholder: placeholder.clone(),
+            pattern,
+            within,
+            location: tokens[i].span.start,
+        });
+        let replacement = [
+            TokenWithSpan::new(Token::LParen, tokens[opening].span),
+            TokenWithSpan::new(Token::make_word(&placeholder, None), span),
+            TokenWithSpan::new(Token::RParen, tokens[closing].span),
+            TokenWithSpan::new(Token::Whitespace(datafusion::sql::sqlparser::tokenizer::Whitespace::Space), span),
+        ];
+        tokens.splice(opening..end, replacement);
+        i = opening + 4;
+    }
+    Ok((tokens, clauses))
+}
+
+fn syntax_error(sql: &str, at: Location, message: &str) -> ParseError {
+    ParseError {
+        code: SqlState::SYNTAX_ERROR,
+        message: message.to_string(),
+        detail: None,
+        position: crate::parse::char_offset(sql, at).map(|p| p + 1),
+    }
 }
 
 /// A syntax error in a pattern, with the character offset (from 0) in the pattern text.
@@ -130,6 +254,7 @@ impl PatternParser<'_> {
 
     /// `{n}`, `{n,}`, `{,m}`, `{n,m}`, each optionally reluctant.
     fn braces(&mut self, primary: Pattern) -> Result<Pattern, PatternSyntaxError> {
+        let opening = self.offset();
         self.at += 1;
         let min = self.number()?;
         let (min, max) = if self.eat(',') {
@@ -144,8 +269,11 @@ impl PatternParser<'_> {
         if !self.eat('}') {
             return self.error("expected } to end the quantifier");
         }
-        if max.is_some_and(|max| max < min) {
-            return self.error(format!("the quantifier {{{min},{}}} allows fewer than its minimum", max.unwrap_or(0)));
+        if let Some(max) = max.filter(|max| *max < min) {
+            return Err(PatternSyntaxError {
+                message: format!("the quantifier {{{min},{max}}} allows fewer than its minimum"),
+                offset: opening,
+            });
         }
         let greedy = !self.reluctant();
         Ok(Pattern::Repeat { inner: Box::new(primary), min, max, greedy })
@@ -285,5 +413,53 @@ mod tests {
         assert!(parse_row_pattern("+A").is_err());
         assert!(parse_row_pattern("A {- B").is_err());
         assert!(parse_row_pattern("A B)").is_err());
+    }
+}
+
+#[cfg(test)]
+mod extraction_tests {
+    use crate::parse::{WeirStatement, parse_sql};
+
+    const FRAUD: &str = "SELECT * FROM payments MATCH_RECOGNIZE (
+  PARTITION BY customer_id ORDER BY ts
+  MEASURES FIRST(H.ts) AS first_ts, LAST(H.ts) AS last_ts, SUM(H.amount) AS total,
+           B.vendor_id AS new_vendor, MATCH_NUMBER() AS n
+  ONE ROW PER MATCH
+  AFTER MATCH SKIP PAST LAST ROW
+  PATTERN (H{3} B+?) WITHIN INTERVAL '10' MINUTE
+  DEFINE H AS H.amount > 500,
+         B AS B.vendor_id <> LAST(H.vendor_id)
+) AS m";
+
+    #[test]
+    fn the_fraud_example_parses_with_its_pattern_and_bound() {
+        let parsed = parse_sql(FRAUD).unwrap().remove(0);
+        let clause = &parsed.row_patterns[0];
+        assert_eq!(clause.pattern.pattern.to_string(), "v0{3} v1+?");
+        assert_eq!(clause.pattern.variables, ["h", "b"]);
+        assert_eq!(clause.within.as_deref(), Some("INTERVAL '10' MINUTE"));
+        let WeirStatement::Sql(statement) = parsed.statement else { panic!("not a query") };
+        let text = statement.to_string();
+        assert!(text.contains("PATTERN (__weir_pattern_0)"), "{text}");
+        assert!(text.contains("DEFINE H AS H.amount > 500"), "{text}");
+        // The statement's text is still what the user wrote.
+        assert!(parsed.text.contains("B+?) WITHIN INTERVAL '10' MINUTE"));
+    }
+
+    #[test]
+    fn pattern_errors_point_into_the_pattern() {
+        let sql = "SELECT * FROM t MATCH_RECOGNIZE (ORDER BY ts PATTERN (A (B) DEFINE A AS true)";
+        let err = parse_sql(sql).unwrap_err();
+        assert_eq!(err.code, weir_common::SqlState::SYNTAX_ERROR);
+        assert_eq!(err.message, "the parentheses of the row pattern do not match");
+        assert_eq!(err.position, Some(sql.find("(A (B)").unwrap() + 1));
+        let sql = "SELECT * FROM t MATCH_RECOGNIZE (ORDER BY ts PATTERN (A B{3,1}) DEFINE A AS true)";
+        let err = parse_sql(sql).unwrap_err();
+        assert!(err.message.contains("fewer than its minimum"), "{}", err.message);
+        // Points at the quantifier's "{" (positions count from 1).
+        assert_eq!(err.position, Some(sql.find("{3,1}").unwrap() + 1));
+        let err =
+            parse_sql("SELECT * FROM t MATCH_RECOGNIZE (ORDER BY ts PATTERN (^ $) DEFINE A AS true)").unwrap_err();
+        assert!(err.message.contains("only match empty input"), "{}", err.message);
     }
 }

@@ -108,6 +108,7 @@ impl Session {
 
     /// Parses and plans a statement for the extended protocol. `sql` is the whole text the client sent.
     pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
+        refuse_row_patterns(&statement, sql)?;
         let plan = match &statement.statement {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
                 Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
@@ -154,6 +155,7 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let text = &prepared.statement.text;
+        refuse_row_patterns(&prepared.statement, sql)?;
         let stmt = match &prepared.statement.statement {
             WeirStatement::Sql(stmt) => stmt,
             WeirStatement::CreateSource(source) => return self.create_source(source, text, sql).await,
@@ -460,6 +462,14 @@ impl Session {
         let df = self.ctx.read_batch(batch).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         Ok(Outcome::Rows(df))
     }
+}
+
+/// `MATCH_RECOGNIZE` parses (its pattern by Weir) but does not run yet: say so plainly, pointing at it.
+fn refuse_row_patterns(statement: &ParsedStatement, sql: &str) -> Result<(), ErrorReport> {
+    let Some(clause) = statement.row_patterns.first() else { return Ok(()) };
+    let position = weir_common::error::char_position(sql, clause.location.line, clause.location.column);
+    Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "MATCH_RECOGNIZE is not supported yet")
+        .with_position(position))
 }
 
 /// Statements DataFusion plans and runs.
