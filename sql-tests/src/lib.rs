@@ -6,7 +6,8 @@
 //!   results are compared in Postgres' text format. Errors read `SQLSTATE: message (position N)`, so a test can pin
 //!   the code, the text and the position with one regex; `statement error (42601)` pins the code alone. Trailing
 //!   whitespace of each value is dropped (multi-line values such as plans end in a newline).
-//! - [`run_file`] runs one file against a fresh server, or with `complete` rewrites its expected results.
+//! - [`run_file`] runs one file against a fresh server, or with `complete` rewrites its expected results;
+//!   [`run_file_with`] also gives it values for `${NAME}` (the broker tests run `broker-slt/` so, with addresses).
 //! - [`query_rows`] and [`eventually`] help Rust tests read results as text and wait for a view to catch up.
 //!
 //! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
@@ -170,6 +171,12 @@ impl sqllogictest::AsyncDB for WeirConnection {
 /// Runs one sqllogictest file against a fresh server. With `complete`, rewrites the file's expected results with what
 /// the server returns instead of checking them.
 pub async fn run_file(path: &Path, complete: bool) -> anyhow::Result<()> {
+    run_file_with(path, complete, &[]).await
+}
+
+/// Runs one sqllogictest file as [`run_file`] does, with `vars` for its `${NAME}` substitutions (after `control
+/// substitution on`): the broker tests pass their brokers' addresses this way.
+pub async fn run_file_with(path: &Path, complete: bool, vars: &[(&str, &str)]) -> anyhow::Result<()> {
     let server = TestServer::start().await?;
     let conninfo = server.conninfo();
     let mut runner = Runner::new(move || {
@@ -182,6 +189,9 @@ pub async fn run_file(path: &Path, complete: bool) -> anyhow::Result<()> {
             })
         }
     });
+    for (name, value) in vars {
+        runner.set_var(name.to_string(), value.to_string());
+    }
     let outcome = if complete {
         runner
             .update_test_file(

@@ -520,3 +520,13 @@ async fn sources_and_sinks_speak_mqtt_5_over_tls() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mqtt_slt_file_runs_against_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker-slt/mqtt.slt");
+    let url = format!("mqtt://127.0.0.1:{port}");
+    weir_sql_tests::run_file_with(&file, false, &[("MQTT_URL", &url)]).await.unwrap();
+}
