@@ -371,6 +371,27 @@ async fn sinks_write_a_windowed_view_as_upserts_and_debezium_changes_and_a_query
         ],
     )
     .await;
+    // A sink whose broker cannot be reached says so in its status while it retries, and delivers nothing.
+    let nowhere = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    client
+        .batch_execute(&format!(
+            "CREATE SINK stranded FROM spend_30s \
+             WITH (connector = 'kafka', topic = 'spend-30s', 'properties.bootstrap.server' = '127.0.0.1:{nowhere}') \
+             FORMAT UPSERT ENCODE JSON (primary_key = 'customer_id, window_end')"
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status =
+            rows(client, "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'stranded'").await;
+        if status[0][0].starts_with("retrying: Kafka") && status[0][1] == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the unreachable broker was not reported: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.batch_execute("DROP SINK stranded").await.unwrap();
     // The view cannot go while sinks read it; dropping the sinks first works.
     let err = client.batch_execute("DROP MATERIALIZED VIEW spend_30s").await.unwrap_err();
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("2BP01"));
