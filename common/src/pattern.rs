@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use datafusion::common::ScalarValue;
+
 /// A row pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pattern {
@@ -96,6 +98,101 @@ impl Pattern {
         });
         found
     }
+}
+
+/// An expression of `DEFINE` or `MEASURES`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MatchExpr {
+    Literal(ScalarValue),
+    /// A column of the current row, or (with a variable) of that variable's last row.
+    Column {
+        variable: Option<usize>,
+        column: usize,
+    },
+    Binary {
+        left: Box<MatchExpr>,
+        op: BinaryOp,
+        right: Box<MatchExpr>,
+    },
+    Not(Box<MatchExpr>),
+    Negate(Box<MatchExpr>),
+    IsNull {
+        expr: Box<MatchExpr>,
+        negated: bool,
+    },
+    /// `PREV(expr, n)` / `NEXT(expr, n)`: `expr` at the row `offset` rows before (negative: after) the current one.
+    Shift {
+        expr: Box<MatchExpr>,
+        offset: i64,
+    },
+    /// `FIRST(v.col, n)` / `LAST(v.col, n)`: the column at the `n`-th row of the variable (all rows without one) from
+    /// the start or the end of the match.
+    Navigate {
+        variable: Option<usize>,
+        column: usize,
+        from_end: bool,
+        offset: usize,
+    },
+    /// An aggregate over the rows of a variable (all rows without one); `column` none counts rows.
+    Aggregate {
+        function: Aggregate,
+        variable: Option<usize>,
+        column: Option<usize>,
+    },
+    MatchNumber,
+    Classifier,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Plus,
+    Minus,
+    Multiply,
+    Divide,
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+    And,
+    Or,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aggregate {
+    Sum,
+    Count,
+    Avg,
+    Min,
+    Max,
+}
+
+/// Where to start looking for the next match after one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipTo {
+    PastLastRow,
+    NextRow,
+    /// The first / last row of a variable in the match.
+    First(usize),
+    Last(usize),
+}
+
+/// A compiled `MATCH_RECOGNIZE` (`ONE ROW PER MATCH`): columns by position in its input.
+#[derive(Debug, Clone)]
+pub struct MatchRecognize {
+    pub partition_by: Vec<usize>,
+    /// Columns and whether each is descending.
+    pub order_by: Vec<(usize, bool)>,
+    pub pattern: Pattern,
+    pub variables: Vec<String>,
+    /// Per variable, its condition; none means every row qualifies.
+    pub defines: Vec<Option<MatchExpr>>,
+    pub measures: Vec<(String, MatchExpr)>,
+    pub skip: SkipTo,
+    /// `WITHIN`: every row of a match lies within this many units of the first `ORDER BY` column (a timestamp) of
+    /// the match's first row.
+    pub within: Option<i64>,
 }
 
 /// A matched row: its index, its variable, and whether it was inside `{- -}`.

@@ -109,6 +109,14 @@ fn type_name(data_type: &DataType) -> String {
     .to_string()
 }
 
+/// An identifier as Postgres folds it: lower case unless quoted.
+pub fn normalize_ident(ident: &datafusion::sql::sqlparser::ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,11 @@
 //!
 //! Variables are identifiers (case-insensitive unless double-quoted), numbered in order of first appearance.
 
+use datafusion::common::ScalarValue;
+use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan};
-use weir_common::SqlState;
-use weir_common::pattern::Pattern;
+use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, MatchRecognize, Pattern, SkipTo};
+use weir_common::{ErrorReport, SqlState};
 
 use crate::parse::ParseError;
 
@@ -462,4 +464,324 @@ mod extraction_tests {
             parse_sql("SELECT * FROM t MATCH_RECOGNIZE (ORDER BY ts PATTERN (^ $) DEFINE A AS true)").unwrap_err();
         assert!(err.message.contains("only match empty input"), "{}", err.message);
     }
+}
+
+/// The parts of a `MATCH_RECOGNIZE` table factor, as sqlparser gives them.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchRecognizeAst<'a> {
+    pub partition_by: &'a [ast::Expr],
+    pub order_by: &'a [ast::OrderByExpr],
+    pub measures: &'a [ast::Measure],
+    pub rows_per_match: Option<&'a ast::RowsPerMatch>,
+    pub after_match_skip: Option<&'a ast::AfterMatchSkip>,
+    pub symbols: &'a [ast::SymbolDefinition],
+}
+
+/// Compiles a `MATCH_RECOGNIZE` over an input of `schema` (columns by name) with its pattern `clause`.
+pub fn compile_match_recognize(
+    parts: MatchRecognizeAst<'_>,
+    clause: &RowPatternClause,
+    schema: &datafusion::arrow::datatypes::Schema,
+) -> Result<MatchRecognize, ErrorReport> {
+    let unsupported =
+        |what: &str| ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"));
+    if matches!(parts.rows_per_match, Some(ast::RowsPerMatch::AllRows(_))) {
+        return Err(unsupported("ALL ROWS PER MATCH"));
+    }
+    let compiler = ExprCompiler { schema, variables: &clause.pattern.variables };
+    let column = |expr: &ast::Expr| match expr {
+        ast::Expr::Identifier(ident) => compiler.column(ident),
+        other => Err(unsupported(&format!("partitioning or ordering by the expression {other}"))),
+    };
+    let partition_by = parts.partition_by.iter().map(column).collect::<Result<Vec<_>, _>>()?;
+    let order_by = parts
+        .order_by
+        .iter()
+        .map(|o| Ok((column(&o.expr)?, o.options.asc == Some(false))))
+        .collect::<Result<Vec<_>, ErrorReport>>()?;
+    let mut defines = vec![None; clause.pattern.variables.len()];
+    for symbol in parts.symbols {
+        let name = crate::names::normalize_ident(&symbol.symbol);
+        let Some(variable) = clause.pattern.variables.iter().position(|v| *v == name) else {
+            return Err(ErrorReport::new(
+                SqlState::UNDEFINED_OBJECT,
+                format!("DEFINE names \"{name}\", which the PATTERN does not use"),
+            ));
+        };
+        defines[variable] = Some(compiler.expr(&symbol.definition)?);
+    }
+    let measures = parts
+        .measures
+        .iter()
+        .map(|m| Ok((crate::names::normalize_ident(&m.alias), compiler.expr(&m.expr)?)))
+        .collect::<Result<Vec<_>, ErrorReport>>()?;
+    let skip = match parts.after_match_skip {
+        None | Some(ast::AfterMatchSkip::PastLastRow) => SkipTo::PastLastRow,
+        Some(ast::AfterMatchSkip::ToNextRow) => SkipTo::NextRow,
+        Some(ast::AfterMatchSkip::ToFirst(v)) => SkipTo::First(compiler.variable(v)?),
+        Some(ast::AfterMatchSkip::ToLast(v)) => SkipTo::Last(compiler.variable(v)?),
+    };
+    let within = match &clause.within {
+        None => None,
+        Some(text) => {
+            let time = order_by.first().map(|(c, _)| schema.field(*c).data_type());
+            let Some(datafusion::arrow::datatypes::DataType::Timestamp(unit, _)) = time else {
+                return Err(ErrorReport::new(
+                    SqlState::DATATYPE_MISMATCH,
+                    "WITHIN needs a timestamp as the first ORDER BY column of MATCH_RECOGNIZE",
+                ));
+            };
+            Some(within_units(text, *unit)?)
+        }
+    };
+    Ok(MatchRecognize {
+        partition_by,
+        order_by,
+        pattern: clause.pattern.pattern.clone(),
+        variables: clause.pattern.variables.clone(),
+        defines,
+        measures,
+        skip,
+        within,
+    })
+}
+
+/// `INTERVAL '10' MINUTE` (or `INTERVAL '10 minutes'`) in units of a timestamp column.
+fn within_units(text: &str, unit: datafusion::arrow::datatypes::TimeUnit) -> Result<i64, ErrorReport> {
+    use datafusion::arrow::datatypes::TimeUnit;
+    let bad = || {
+        ErrorReport::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("WITHIN {text}: expected an interval such as INTERVAL '10' MINUTE"),
+        )
+    };
+    let expr = datafusion::sql::sqlparser::parser::Parser::new(&crate::WeirDialect)
+        .try_with_sql(text)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|_| bad())?;
+    let ast::Expr::Interval(interval) = expr else { return Err(bad()) };
+    let ast::Expr::Value(value) = interval.value.as_ref() else { return Err(bad()) };
+    let ast::Value::SingleQuotedString(amount) = &value.value else { return Err(bad()) };
+    // `'10' MINUTE`, or `'10 minutes'` with the unit inside the string.
+    let (number, word) = match &interval.leading_field {
+        Some(field) => (amount.trim().to_string(), field.to_string()),
+        None => {
+            let mut parts = amount.split_whitespace();
+            (parts.next().unwrap_or_default().to_string(), parts.next().unwrap_or("second").to_string())
+        }
+    };
+    let seconds: f64 = number.parse().map_err(|_| bad())?;
+    let per_unit = match word.to_lowercase().trim_end_matches('s') {
+        "second" => 1.0,
+        "minute" => 60.0,
+        "hour" => 3600.0,
+        "day" => 86400.0,
+        _ => return Err(bad()),
+    };
+    let scale = match unit {
+        TimeUnit::Second => 1.0,
+        TimeUnit::Millisecond => 1e3,
+        TimeUnit::Microsecond => 1e6,
+        TimeUnit::Nanosecond => 1e9,
+    };
+    Ok((seconds * per_unit * scale) as i64)
+}
+
+/// Turns `DEFINE` and `MEASURES` expressions into [`MatchExpr`]s.
+struct ExprCompiler<'a> {
+    schema: &'a datafusion::arrow::datatypes::Schema,
+    variables: &'a [String],
+}
+
+impl ExprCompiler<'_> {
+    fn column(&self, ident: &ast::Ident) -> Result<usize, ErrorReport> {
+        let name = crate::names::normalize_ident(ident);
+        self.schema
+            .index_of(&name)
+            .map_err(|_| ErrorReport::new(SqlState::UNDEFINED_COLUMN, format!("column \"{name}\" does not exist")))
+    }
+
+    fn variable(&self, ident: &ast::Ident) -> Result<usize, ErrorReport> {
+        let name = crate::names::normalize_ident(ident);
+        self.variables.iter().position(|v| *v == name).ok_or_else(|| {
+            ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("pattern variable \"{name}\" is not in the PATTERN"))
+        })
+    }
+
+    /// A column reference: `col` or `variable.col`.
+    fn reference(&self, expr: &ast::Expr) -> Result<(Option<usize>, usize), ErrorReport> {
+        match expr {
+            ast::Expr::Identifier(ident) => Ok((None, self.column(ident)?)),
+            ast::Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
+                Ok((Some(self.variable(&parts[0])?), self.column(&parts[1])?))
+            }
+            other => Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("expected a column or variable.column, not {other}"),
+            )),
+        }
+    }
+
+    fn expr(&self, expr: &ast::Expr) -> Result<MatchExpr, ErrorReport> {
+        use ast::{BinaryOperator as B, Expr as E};
+        Ok(match expr {
+            E::Identifier(_) | E::CompoundIdentifier(_) => {
+                let (variable, column) = self.reference(expr)?;
+                MatchExpr::Column { variable, column }
+            }
+            E::Nested(inner) => self.expr(inner)?,
+            E::Value(value) => MatchExpr::Literal(literal(&value.value)?),
+            E::UnaryOp { op: ast::UnaryOperator::Not, expr } => MatchExpr::Not(Box::new(self.expr(expr)?)),
+            E::UnaryOp { op: ast::UnaryOperator::Minus, expr } => MatchExpr::Negate(Box::new(self.expr(expr)?)),
+            E::IsNull(inner) => MatchExpr::IsNull { expr: Box::new(self.expr(inner)?), negated: false },
+            E::IsNotNull(inner) => MatchExpr::IsNull { expr: Box::new(self.expr(inner)?), negated: true },
+            E::BinaryOp { left, op, right } => {
+                let op = match op {
+                    B::Plus => BinaryOp::Plus,
+                    B::Minus => BinaryOp::Minus,
+                    B::Multiply => BinaryOp::Multiply,
+                    B::Divide => BinaryOp::Divide,
+                    B::Eq => BinaryOp::Eq,
+                    B::NotEq => BinaryOp::NotEq,
+                    B::Lt => BinaryOp::Lt,
+                    B::LtEq => BinaryOp::LtEq,
+                    B::Gt => BinaryOp::Gt,
+                    B::GtEq => BinaryOp::GtEq,
+                    B::And => BinaryOp::And,
+                    B::Or => BinaryOp::Or,
+                    other => {
+                        return Err(ErrorReport::new(
+                            SqlState::FEATURE_NOT_SUPPORTED,
+                            format!("the operator {other} is not supported in MATCH_RECOGNIZE yet"),
+                        ));
+                    }
+                };
+                MatchExpr::Binary { left: Box::new(self.expr(left)?), op, right: Box::new(self.expr(right)?) }
+            }
+            E::Function(function) => self.function(function)?,
+            other => {
+                return Err(ErrorReport::new(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!("the expression {other} is not supported in MATCH_RECOGNIZE yet"),
+                ));
+            }
+        })
+    }
+
+    fn function(&self, function: &ast::Function) -> Result<MatchExpr, ErrorReport> {
+        let name = function.name.to_string().to_uppercase();
+        let args: Vec<&ast::FunctionArgExpr> = match &function.args {
+            ast::FunctionArguments::List(list) => list
+                .args
+                .iter()
+                .map(|arg| match arg {
+                    ast::FunctionArg::Unnamed(arg) => arg,
+                    ast::FunctionArg::Named { arg, .. } | ast::FunctionArg::ExprNamed { arg, .. } => arg,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let expr_arg = |n: usize| match args.get(n) {
+            Some(ast::FunctionArgExpr::Expr(expr)) => Ok(Some(expr)),
+            None => Ok(None),
+            Some(other) => {
+                Err(ErrorReport::new(SqlState::SYNTAX_ERROR, format!("{name} does not take {other} as an argument")))
+            }
+        };
+        let offset = |n: usize| -> Result<usize, ErrorReport> {
+            match expr_arg(n)? {
+                None => Ok(1),
+                Some(ast::Expr::Value(v)) => match &v.value {
+                    ast::Value::Number(n, _) => n.parse::<usize>().map_err(|_| bad_offset(&name)),
+                    _ => Err(bad_offset(&name)),
+                },
+                Some(_) => Err(bad_offset(&name)),
+            }
+        };
+        let first = || {
+            expr_arg(0)?.ok_or_else(|| ErrorReport::new(SqlState::SYNTAX_ERROR, format!("{name} needs an argument")))
+        };
+        Ok(match name.as_str() {
+            "PREV" | "NEXT" => {
+                let steps = offset(1)? as i64;
+                MatchExpr::Shift {
+                    expr: Box::new(self.expr(first()?)?),
+                    offset: if name == "PREV" { steps } else { -steps },
+                }
+            }
+            "FIRST" | "LAST" => {
+                let (variable, column) = self.reference(first()?)?;
+                let offset = match args.len() {
+                    1 => 0,
+                    _ => offset(1)?,
+                };
+                MatchExpr::Navigate { variable, column, from_end: name == "LAST", offset }
+            }
+            "SUM" | "COUNT" | "AVG" | "MIN" | "MAX" => {
+                let function = match name.as_str() {
+                    "SUM" => Aggregate::Sum,
+                    "COUNT" => Aggregate::Count,
+                    "AVG" => Aggregate::Avg,
+                    "MIN" => Aggregate::Min,
+                    _ => Aggregate::Max,
+                };
+                match args.first() {
+                    Some(ast::FunctionArgExpr::Wildcard) if function == Aggregate::Count => {
+                        MatchExpr::Aggregate { function, variable: None, column: None }
+                    }
+                    Some(ast::FunctionArgExpr::QualifiedWildcard(name)) if function == Aggregate::Count => {
+                        let variable = match name.0.as_slice() {
+                            [part] => match part.as_ident() {
+                                Some(ident) => self.variable(ident)?,
+                                None => return Err(bad_argument(&format!("{name}.*"))),
+                            },
+                            _ => return Err(bad_argument(&format!("{name}.*"))),
+                        };
+                        MatchExpr::Aggregate { function, variable: Some(variable), column: None }
+                    }
+                    _ => {
+                        let (variable, column) = self.reference(first()?)?;
+                        MatchExpr::Aggregate { function, variable, column: Some(column) }
+                    }
+                }
+            }
+            "MATCH_NUMBER" => MatchExpr::MatchNumber,
+            "CLASSIFIER" => MatchExpr::Classifier,
+            _ => {
+                return Err(ErrorReport::new(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!("the function {name} is not supported in MATCH_RECOGNIZE yet"),
+                ));
+            }
+        })
+    }
+}
+
+fn bad_offset(function: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::SYNTAX_ERROR, format!("the offset of {function} must be a whole number"))
+}
+
+fn bad_argument(what: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::SYNTAX_ERROR, format!("unexpected argument {what}"))
+}
+
+/// A literal of a condition or measure.
+fn literal(value: &ast::Value) -> Result<ScalarValue, ErrorReport> {
+    Ok(match value {
+        ast::Value::Number(n, _) => match n.parse::<i64>() {
+            Ok(i) => ScalarValue::Int64(Some(i)),
+            Err(_) => ScalarValue::Float64(Some(n.parse::<f64>().map_err(|_| {
+                ErrorReport::new(SqlState::INVALID_TEXT_REPRESENTATION, format!("invalid number {n}"))
+            })?)),
+        },
+        ast::Value::SingleQuotedString(s) => ScalarValue::Utf8(Some(s.clone())),
+        ast::Value::Boolean(b) => ScalarValue::Boolean(Some(*b)),
+        ast::Value::Null => ScalarValue::Null,
+        other => {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("the literal {other} is not supported in MATCH_RECOGNIZE yet"),
+            ));
+        }
+    })
 }

@@ -12,6 +12,7 @@
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
+//! - [`match_recognize`]: `MATCH_RECOGNIZE ... ONE ROW PER MATCH` over rows at rest (a SELECT over a table or view).
 //! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
 //!   order (not yet wired into views).
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
@@ -20,6 +21,7 @@
 //! runtime depends only on `weir-common`.
 
 mod groups;
+pub mod match_recognize;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;

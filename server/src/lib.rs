@@ -10,6 +10,7 @@
 //!   VIEW`, `EXPLAIN CREATE MATERIALIZED VIEW`, `DROP`), and [`jobs`] keeps one task per materialized view running,
 //!   publishing its changes every epoch and answering `FLUSH`.
 //! - [`sinks`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS` and one task per sink delivering its input's changes.
+//! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod handler;
 pub mod jobs;
+pub mod match_recognize;
 pub mod relations;
 pub mod session;
 pub mod sinks;

@@ -155,7 +155,9 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let text = &prepared.statement.text;
-        refuse_row_patterns(&prepared.statement, sql)?;
+        if !prepared.statement.row_patterns.is_empty() {
+            return self.execute_match_recognize(&prepared.statement, sql).await;
+        }
         let stmt = match &prepared.statement.statement {
             WeirStatement::Sql(stmt) => stmt,
             WeirStatement::CreateSource(source) => return self.create_source(source, text, sql).await,
@@ -464,12 +466,13 @@ impl Session {
     }
 }
 
-/// `MATCH_RECOGNIZE` parses (its pattern by Weir) but does not run yet: say so plainly, pointing at it.
+/// `MATCH_RECOGNIZE` runs through the simple query protocol for now (it is computed when the query runs, which the
+/// extended protocol plans ahead of): say so plainly, pointing at it.
 fn refuse_row_patterns(statement: &ParsedStatement, sql: &str) -> Result<(), ErrorReport> {
     let Some(clause) = statement.row_patterns.first() else { return Ok(()) };
     let position = weir_common::error::char_position(sql, clause.location.line, clause.location.column);
-    Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "MATCH_RECOGNIZE is not supported yet")
-        .with_position(position))
+    let message = "MATCH_RECOGNIZE in prepared statements (the extended query protocol) is not supported yet";
+    Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, message).with_position(position))
 }
 
 /// Statements DataFusion plans and runs.
@@ -570,10 +573,7 @@ pub(crate) fn object_name(name: &ObjectName) -> Result<String, ErrorReport> {
 
 /// Unquoted identifiers fold to lower case, as in Postgres.
 pub(crate) fn normalize(ident: &ast::Ident) -> String {
-    match ident.quote_style {
-        Some(_) => ident.value.clone(),
-        None => ident.value.to_lowercase(),
-    }
+    weir_planner::names::normalize_ident(ident)
 }
 
 fn unqualified(reference: &TableReference) -> Result<String, ErrorReport> {

@@ -1,0 +1,180 @@
+//! `MATCH_RECOGNIZE` in batch queries: each `MATCH_RECOGNIZE` table factor of a SELECT is computed first (its input
+//! read through DataFusion, matched by the runtime) into a table of its own for this one query, and the query is then
+//! planned by DataFusion over those tables.
+//!
+//! The tables live in a schema made for the query (`weir.mr_<n>`), dropped once the query is planned (the plan
+//! holds the tables it reads). Over streams (in a materialized view) it is refused for now.
+
+use std::sync::Arc;
+
+use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
+use datafusion::sql::sqlparser::ast::{
+    MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
+};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use weir_common::catalog::DEFAULT_CATALOG;
+use weir_common::{ErrorReport, SqlState};
+use weir_planner::row_pattern::{MatchRecognizeAst, RowPatternClause, compile_match_recognize};
+use weir_planner::{ParsedStatement, WeirStatement};
+use weir_runtime::match_recognize::RunMatchRecognize;
+
+use crate::session::{Outcome, Session};
+
+/// Numbers the per-query schemas.
+static QUERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Session {
+    /// Runs a statement with `MATCH_RECOGNIZE` (simple protocol).
+    pub(crate) async fn execute_match_recognize(
+        &self,
+        statement: &ParsedStatement,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
+        let WeirStatement::Sql(boxed) = &statement.statement else { return Err(over_streams()) };
+        let Statement::Query(query) = boxed.as_ref() else { return Err(over_streams()) };
+        let mut query = query.as_ref().clone();
+        let schema_name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let schema = Arc::new(MemorySchemaProvider::new());
+        let catalog = self
+            .ctx
+            .catalog(DEFAULT_CATALOG)
+            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: no catalog"))?;
+        catalog.register_schema(&schema_name, schema.clone()).map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        let mut resolver = Resolver {
+            session: self,
+            clauses: &statement.row_patterns,
+            schema,
+            schema_name: &schema_name,
+            sql,
+            text: &statement.text,
+            tables: 0,
+        };
+        let planned = match resolver.query(&mut query).await {
+            Ok(()) => self.plan(Statement::Query(Box::new(query.clone())), &statement.text, sql).await,
+            Err(err) => Err(err),
+        };
+        // The plan holds the tables it reads: the schema can go now.
+        let _ = catalog.deregister_schema(&schema_name, true);
+        let plan = planned?;
+        let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        Ok(Outcome::Rows(df))
+    }
+}
+
+fn over_streams() -> ErrorReport {
+    ErrorReport::new(
+        SqlState::FEATURE_NOT_SUPPORTED,
+        "MATCH_RECOGNIZE over streams (in a materialized view) is not supported yet; it runs in SELECT queries",
+    )
+}
+
+/// Replaces every `MATCH_RECOGNIZE` of a query by the table of its result.
+struct Resolver<'a> {
+    session: &'a Session,
+    clauses: &'a [RowPatternClause],
+    schema: Arc<MemorySchemaProvider>,
+    schema_name: &'a str,
+    sql: &'a str,
+    text: &'a str,
+    tables: usize,
+}
+
+impl Resolver<'_> {
+    async fn query(&mut self, query: &mut Query) -> Result<(), ErrorReport> {
+        Box::pin(self.set_expr(&mut query.body)).await
+    }
+
+    async fn set_expr(&mut self, body: &mut SetExpr) -> Result<(), ErrorReport> {
+        match body {
+            SetExpr::Select(select) => {
+                for from in &mut select.from {
+                    Box::pin(self.factor(&mut from.relation)).await?;
+                    for join in &mut from.joins {
+                        Box::pin(self.factor(&mut join.relation)).await?;
+                    }
+                }
+                Ok(())
+            }
+            SetExpr::Query(query) => Box::pin(self.query(query)).await,
+            SetExpr::SetOperation { left, right, .. } => {
+                Box::pin(self.set_expr(left)).await?;
+                Box::pin(self.set_expr(right)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn factor(&mut self, factor: &mut TableFactor) -> Result<(), ErrorReport> {
+        match factor {
+            TableFactor::Derived { subquery, .. } => Box::pin(self.query(subquery)).await,
+            TableFactor::MatchRecognize {
+                table,
+                partition_by,
+                order_by,
+                measures,
+                rows_per_match,
+                after_match_skip,
+                pattern,
+                symbols,
+                alias,
+            } => {
+                let MatchRecognizePattern::Symbol(MatchRecognizeSymbol::Named(placeholder)) = pattern else {
+                    return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unparsed row pattern"));
+                };
+                let clause =
+                    self.clauses.iter().find(|c| c.placeholder == placeholder.value).ok_or_else(|| {
+                        ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unknown row pattern")
+                    })?;
+                // The input, read in full.
+                let input = parse_query(&format!("SELECT * FROM {table}"))?;
+                let plan = self.session.plan(Statement::Query(Box::new(input)), self.text, self.sql).await?;
+                let input_schema = Arc::new(plan.schema().as_arrow().clone());
+                let df = self
+                    .session
+                    .ctx
+                    .execute_logical_plan(plan)
+                    .await
+                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                let batches = df.collect().await.map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                let parts = MatchRecognizeAst {
+                    partition_by,
+                    order_by,
+                    measures,
+                    rows_per_match: rows_per_match.as_ref(),
+                    after_match_skip: after_match_skip.as_ref(),
+                    symbols,
+                };
+                let spec = compile_match_recognize(parts, clause, &input_schema)?;
+                let result = spec
+                    .run(&input_schema, &batches)
+                    .map_err(|e| ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}")))?;
+                let name = format!("matches_{}", self.tables);
+                self.tables += 1;
+                let table = MemTable::try_new(result.schema(), vec![vec![result]])
+                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                self.schema
+                    .register_table(name.clone(), Arc::new(table))
+                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                let alias = alias.as_ref().map(|a| format!(" AS {a}")).unwrap_or_default();
+                let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema_name))?;
+                let SetExpr::Select(select) = *replacement.body else {
+                    return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"));
+                };
+                if let Some(from) = select.from.into_iter().next() {
+                    *factor = from.relation;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_query(sql: &str) -> Result<Query, ErrorReport> {
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut parser| parser.parse_query())
+        .map(|query| *query)
+        .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
+}
