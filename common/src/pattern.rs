@@ -178,7 +178,7 @@ pub enum SkipTo {
     Last(usize),
 }
 
-/// A compiled `MATCH_RECOGNIZE` (`ONE ROW PER MATCH`): columns by position in its input.
+/// A compiled `MATCH_RECOGNIZE`: columns by position in its input.
 #[derive(Debug, Clone)]
 pub struct MatchRecognize {
     pub partition_by: Vec<usize>,
@@ -193,6 +193,21 @@ pub struct MatchRecognize {
     /// `WITHIN`: every row of a match lies within this many units of the first `ORDER BY` column (a timestamp) of
     /// the match's first row.
     pub within: Option<i64>,
+    pub rows_per_match: RowsPerMatch,
+}
+
+/// `ONE ROW PER MATCH` (measures over the whole match) or `ALL ROWS PER MATCH` (each matched row, measures over the
+/// match up to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowsPerMatch {
+    One,
+    All {
+        /// `SHOW EMPTY MATCHES` (the default): an empty match is a row (its start row, measures over no rows);
+        /// `OMIT EMPTY MATCHES`: nothing.
+        show_empty: bool,
+        /// `WITH UNMATCHED ROWS`: every row no match covers is a row too, with NULL measures.
+        unmatched: bool,
+    },
 }
 
 /// A matched row: its index, its variable, and whether it was inside `{- -}`.

@@ -14,7 +14,7 @@
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan};
-use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, MatchRecognize, Pattern, SkipTo};
+use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, MatchRecognize, Pattern, RowsPerMatch, SkipTo};
 use weir_common::{ErrorReport, SqlState};
 
 use crate::parse::ParseError;
@@ -485,9 +485,13 @@ pub fn compile_match_recognize(
 ) -> Result<MatchRecognize, ErrorReport> {
     let unsupported =
         |what: &str| ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"));
-    if matches!(parts.rows_per_match, Some(ast::RowsPerMatch::AllRows(_))) {
-        return Err(unsupported("ALL ROWS PER MATCH"));
-    }
+    let rows_per_match = match parts.rows_per_match {
+        None | Some(ast::RowsPerMatch::OneRow) => RowsPerMatch::One,
+        Some(ast::RowsPerMatch::AllRows(mode)) => RowsPerMatch::All {
+            show_empty: !matches!(mode, Some(ast::EmptyMatchesMode::Omit)),
+            unmatched: matches!(mode, Some(ast::EmptyMatchesMode::WithUnmatched)),
+        },
+    };
     let compiler = ExprCompiler { schema, variables: &clause.pattern.variables };
     let column = |expr: &ast::Expr| match expr {
         ast::Expr::Identifier(ident) => compiler.column(ident),
@@ -543,6 +547,7 @@ pub fn compile_match_recognize(
         measures,
         skip,
         within,
+        rows_per_match,
     })
 }
 

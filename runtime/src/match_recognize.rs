@@ -1,5 +1,6 @@
 //! `MATCH_RECOGNIZE` over rows at rest (a SELECT over a table or a view): partition, order, match each partition a row
-//! at a time with [`crate::row_pattern::Program`], and compute one row of measures per match.
+//! at a time with [`crate::row_pattern::Program`], and compute the measures: one row per match, or one per matched
+//! row (with the measures over the match up to it).
 //!
 //! `DEFINE` conditions and `MEASURES` are [`MatchExpr`]s, evaluated against the match so far: in a condition the
 //! row being tried counts as a row of the variable being defined (running semantics); a measure sees the whole
@@ -13,7 +14,7 @@ use datafusion::arrow::compute::{SortColumn, lexsort_to_indices, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
-use weir_common::pattern::{Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, SkipTo};
+use weir_common::pattern::{Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo};
 
 use crate::row_pattern::{PatternError, Program};
 
@@ -312,8 +313,8 @@ impl Runner<'_> {
         self.output(schema, &input, &output_rows, measures)
     }
 
-    /// Matches one partition, adding a row per match: the partition's first input row (for the partition columns)
-    /// and the measures.
+    /// Matches one partition, adding its output rows: the input row each stands for (the partition's first for ONE
+    /// ROW PER MATCH) and the measures.
     fn partition(
         &self,
         columns: &[ArrayRef],
@@ -355,15 +356,52 @@ impl Runner<'_> {
             if let Some(err) = failure.take() {
                 return Err(err);
             }
-            match found.filter(|m| !m.is_empty()) {
-                None => at += 1,
+            let all = match self.rows_per_match {
+                RowsPerMatch::One => None,
+                RowsPerMatch::All { show_empty, unmatched } => Some((show_empty, unmatched)),
+            };
+            match found {
+                None => {
+                    if let Some((_, true)) = all {
+                        // An unmatched row, with NULL measures.
+                        output_rows.push(rows[at]);
+                        measures.iter_mut().for_each(|values| values.push(ScalarValue::Null));
+                    }
+                    at += 1;
+                }
+                Some(matched) if matched.is_empty() => {
+                    // An empty match: a row for where it starts, measures over no rows (unless omitted).
+                    if all.is_none_or(|(show_empty, _)| show_empty) {
+                        let none = Matched { rows: &[], current: at, current_variable: None };
+                        for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
+                            values.push(context.evaluate(measure, &none, 0)?);
+                        }
+                        output_rows.push(if all.is_some() { rows[at] } else { rows[0] });
+                    } else if let Some((_, true)) = all {
+                        output_rows.push(rows[at]);
+                        measures.iter_mut().for_each(|values| values.push(ScalarValue::Null));
+                    }
+                    context.match_number += 1;
+                    at += 1;
+                }
                 Some(matched) => {
                     let last = matched[matched.len() - 1].row;
-                    let whole = Matched { rows: &matched, current: last, current_variable: None };
-                    for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
-                        values.push(context.evaluate(measure, &whole, 0)?);
+                    if all.is_some() {
+                        // Each row of the match (but the excluded), its measures over the match up to it.
+                        for (n, row) in matched.iter().enumerate().filter(|(_, c)| !c.excluded) {
+                            let upto = Matched { rows: &matched[..=n], current: row.row, current_variable: None };
+                            for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
+                                values.push(context.evaluate(measure, &upto, 0)?);
+                            }
+                            output_rows.push(rows[row.row]);
+                        }
+                    } else {
+                        let whole = Matched { rows: &matched, current: last, current_variable: None };
+                        for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
+                            values.push(context.evaluate(measure, &whole, 0)?);
+                        }
+                        output_rows.push(rows[0]);
                     }
-                    output_rows.push(rows[0]);
                     context.match_number += 1;
                     let first_of = |v: usize| matched.iter().find(|c| c.variable == v).map(|c| c.row);
                     let last_of = |v: usize| matched.iter().rev().find(|c| c.variable == v).map(|c| c.row);
@@ -395,7 +433,18 @@ impl Runner<'_> {
         let indices = datafusion::arrow::array::UInt64Array::from_iter_values(output_rows.iter().map(|r| *r as u64));
         let mut fields: Vec<Field> = Vec::new();
         let mut columns: Vec<ArrayRef> = Vec::new();
-        for c in &self.partition_by {
+        // ONE ROW PER MATCH: the partition columns, then the measures. ALL ROWS PER MATCH: the partition and order
+        // columns, the measures, then the other input columns.
+        let (leading, trailing): (Vec<usize>, Vec<usize>) = match self.rows_per_match {
+            RowsPerMatch::One => (self.partition_by.clone(), Vec::new()),
+            RowsPerMatch::All { .. } => {
+                let mut leading = self.partition_by.clone();
+                leading.extend(self.order_by.iter().map(|(c, _)| *c).filter(|c| !self.partition_by.contains(c)));
+                let trailing = (0..schema.fields().len()).filter(|c| !leading.contains(c)).collect();
+                (leading, trailing)
+            }
+        };
+        for c in &leading {
             fields.push(schema.field(*c).as_ref().clone());
             columns.push(take(input.column(*c), &indices, None)?);
         }
@@ -411,6 +460,10 @@ impl Runner<'_> {
             };
             fields.push(Field::new(name, array.data_type().clone(), true));
             columns.push(array);
+        }
+        for c in &trailing {
+            fields.push(schema.field(*c).as_ref().clone().with_nullable(true));
+            columns.push(take(input.column(*c), &indices, None)?);
         }
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
     }
