@@ -328,21 +328,23 @@ impl Search<'_> {
     }
 }
 
-impl fmt::Display for Pattern {
-    /// The pattern in `PATTERN (...)` syntax, variables as `v0`, `v1`, ...
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Pattern {
+    /// The pattern in `PATTERN (...)` syntax, with the variables' names (by number).
+    pub fn render(&self, names: &[String]) -> String {
+        let name = |v: usize| names.get(v).cloned().unwrap_or_else(|| format!("v{v}"));
+        self.render_with(&name)
+    }
+
+    fn render_with(&self, name: &dyn Fn(usize) -> String) -> String {
+        let join = |parts: &[Pattern], separator: &str| {
+            parts.iter().map(|p| p.render_with(name)).collect::<Vec<_>>().join(separator)
+        };
         match self {
-            Pattern::Var(v) => write!(f, "v{v}"),
-            Pattern::Start => f.write_str("^"),
-            Pattern::End => f.write_str("$"),
-            Pattern::Concat(parts) => {
-                let parts: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
-                write!(f, "{}", parts.join(" "))
-            }
-            Pattern::Alt(parts) => {
-                let parts: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
-                write!(f, "({})", parts.join(" | "))
-            }
+            Pattern::Var(v) => name(*v),
+            Pattern::Start => "^".to_string(),
+            Pattern::End => "$".to_string(),
+            Pattern::Concat(parts) => join(parts, " "),
+            Pattern::Alt(parts) => format!("({})", join(parts, " | ")),
             Pattern::Repeat { inner, min, max, greedy } => {
                 let quantifier = match (min, max) {
                     (0, None) => "*".to_string(),
@@ -353,13 +355,21 @@ impl fmt::Display for Pattern {
                     (n, Some(m)) => format!("{{{n},{m}}}"),
                 };
                 let lazy = if *greedy { "" } else { "?" };
+                let inner_text = inner.render_with(name);
                 match inner.as_ref() {
-                    Pattern::Var(_) | Pattern::Alt(_) => write!(f, "{inner}{quantifier}{lazy}"),
-                    _ => write!(f, "({inner}){quantifier}{lazy}"),
+                    Pattern::Var(_) | Pattern::Alt(_) => format!("{inner_text}{quantifier}{lazy}"),
+                    _ => format!("({inner_text}){quantifier}{lazy}"),
                 }
             }
-            Pattern::Exclude(inner) => write!(f, "{{- {inner} -}}"),
+            Pattern::Exclude(inner) => format!("{{- {} -}}", inner.render_with(name)),
         }
+    }
+}
+
+impl fmt::Display for Pattern {
+    /// The pattern in `PATTERN (...)` syntax, variables as `v0`, `v1`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render_with(&|v| format!("v{v}")))
     }
 }
 

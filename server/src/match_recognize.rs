@@ -3,10 +3,13 @@
 //! planned by DataFusion over those tables.
 //!
 //! The tables live in a schema made for the query (`weir.mr_<n>`), dropped once the query is planned (the plan
-//! holds the tables it reads). Over streams (in a materialized view) it is refused for now.
+//! holds the tables it reads). `EXPLAIN` shows each `MATCH_RECOGNIZE` compiled (its pattern, conditions, measures and
+//! input plan) without running it. Over streams (in a materialized view) it is refused for now.
 
 use std::sync::Arc;
 
+use datafusion::arrow::array::StringArray;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::sql::sqlparser::ast::{
     MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
@@ -14,6 +17,7 @@ use datafusion::sql::sqlparser::ast::{
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use weir_common::catalog::DEFAULT_CATALOG;
+use weir_common::pattern::{RowsPerMatch, SkipTo};
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::row_pattern::{MatchRecognizeAst, RowPatternClause, compile_match_recognize};
 use weir_planner::{ParsedStatement, WeirStatement};
@@ -32,7 +36,14 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let WeirStatement::Sql(boxed) = &statement.statement else { return Err(over_streams()) };
-        let Statement::Query(query) = boxed.as_ref() else { return Err(over_streams()) };
+        let (query, explain) = match boxed.as_ref() {
+            Statement::Query(query) => (query, false),
+            Statement::Explain { statement: inner, .. } => match inner.as_ref() {
+                Statement::Query(query) => (query, true),
+                _ => return Err(over_streams()),
+            },
+            _ => return Err(over_streams()),
+        };
         let mut query = query.as_ref().clone();
         let schema_name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let schema = Arc::new(MemorySchemaProvider::new());
@@ -49,8 +60,16 @@ impl Session {
             sql,
             text: &statement.text,
             tables: 0,
+            explained: explain.then(Vec::new),
         };
-        let planned = match resolver.query(&mut query).await {
+        let resolved = resolver.query(&mut query).await;
+        if let Some(lines) = resolver.explained.take() {
+            let _ = catalog.deregister_schema(&schema_name, true);
+            resolved?;
+            let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
+            return self.rows(schema, vec![Arc::new(StringArray::from(lines))]);
+        }
+        let planned = match resolved {
             Ok(()) => self.plan(Statement::Query(Box::new(query.clone())), &statement.text, sql).await,
             Err(err) => Err(err),
         };
@@ -78,6 +97,8 @@ struct Resolver<'a> {
     sql: &'a str,
     text: &'a str,
     tables: usize,
+    /// For `EXPLAIN`: the lines describing each `MATCH_RECOGNIZE`, which is then compiled but not run.
+    explained: Option<Vec<String>>,
 }
 
 impl Resolver<'_> {
@@ -130,6 +151,56 @@ impl Resolver<'_> {
                 let input = parse_query(&format!("SELECT * FROM {table}"))?;
                 let plan = self.session.plan(Statement::Query(Box::new(input)), self.text, self.sql).await?;
                 let input_schema = Arc::new(plan.schema().as_arrow().clone());
+                if let Some(lines) = &mut self.explained {
+                    let parts = MatchRecognizeAst {
+                        partition_by,
+                        order_by,
+                        measures,
+                        rows_per_match: rows_per_match.as_ref(),
+                        after_match_skip: after_match_skip.as_ref(),
+                        symbols,
+                    };
+                    let spec = compile_match_recognize(parts, clause, &input_schema)?;
+                    let name = |c: &usize| input_schema.field(*c).name().clone();
+                    let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
+                    lines.push(format!("MatchRecognize{alias}"));
+                    lines.push(format!(
+                        "  partition by [{}], order by [{}]",
+                        spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
+                        spec.order_by
+                            .iter()
+                            .map(|(c, descending)| format!("{} {}", name(c), if *descending { "DESC" } else { "ASC" }))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                    let within = clause.within.as_ref().map(|w| format!(" WITHIN {w}")).unwrap_or_default();
+                    lines.push(format!("  pattern: {}{within}", spec.pattern.render(&spec.variables)));
+                    for symbol in symbols.iter() {
+                        lines.push(format!("  define {} AS {}", symbol.symbol, symbol.definition));
+                    }
+                    for measure in measures.iter() {
+                        lines.push(format!("  measure {} AS {}", measure.alias, measure.expr));
+                    }
+                    let rows = match spec.rows_per_match {
+                        RowsPerMatch::One => "one row per match".to_string(),
+                        RowsPerMatch::All { show_empty, unmatched } => format!(
+                            "all rows per match{}{}",
+                            if show_empty { "" } else { ", omit empty matches" },
+                            if unmatched { ", with unmatched rows" } else { "" }
+                        ),
+                    };
+                    let variable = |v: usize| spec.variables.get(v).cloned().unwrap_or_default();
+                    let skip = match spec.skip {
+                        SkipTo::PastLastRow => "past last row".to_string(),
+                        SkipTo::NextRow => "to next row".to_string(),
+                        SkipTo::First(v) => format!("to first {}", variable(v)),
+                        SkipTo::Last(v) => format!("to last {}", variable(v)),
+                    };
+                    lines.push(format!("  {rows}, after match skip {skip}"));
+                    lines.push("  input:".to_string());
+                    lines.extend(plan.display_indent().to_string().lines().map(|l| format!("    {l}")));
+                    return Ok(());
+                }
                 let df = self
                     .session
                     .ctx
@@ -156,7 +227,7 @@ impl Resolver<'_> {
                 self.schema
                     .register_table(name.clone(), Arc::new(table))
                     .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let alias = alias.as_ref().map(|a| format!(" AS {a}")).unwrap_or_default();
+                let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
                 let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema_name))?;
                 let SetExpr::Select(select) = *replacement.body else {
                     return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"));
