@@ -151,16 +151,16 @@ impl Resolver<'_> {
                 let input = parse_query(&format!("SELECT * FROM {table}"))?;
                 let plan = self.session.plan(Statement::Query(Box::new(input)), self.text, self.sql).await?;
                 let input_schema = Arc::new(plan.schema().as_arrow().clone());
+                let parts = MatchRecognizeAst {
+                    partition_by,
+                    order_by,
+                    measures,
+                    rows_per_match: rows_per_match.as_ref(),
+                    after_match_skip: after_match_skip.as_ref(),
+                    symbols,
+                };
+                let spec = compile_match_recognize(parts, clause, &input_schema)?;
                 if let Some(lines) = &mut self.explained {
-                    let parts = MatchRecognizeAst {
-                        partition_by,
-                        order_by,
-                        measures,
-                        rows_per_match: rows_per_match.as_ref(),
-                        after_match_skip: after_match_skip.as_ref(),
-                        symbols,
-                    };
-                    let spec = compile_match_recognize(parts, clause, &input_schema)?;
                     let name = |c: &usize| input_schema.field(*c).name().clone();
                     let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
                     lines.push(format!("MatchRecognize{alias}"));
@@ -208,15 +208,6 @@ impl Resolver<'_> {
                     .await
                     .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
                 let batches = df.collect().await.map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let parts = MatchRecognizeAst {
-                    partition_by,
-                    order_by,
-                    measures,
-                    rows_per_match: rows_per_match.as_ref(),
-                    after_match_skip: after_match_skip.as_ref(),
-                    symbols,
-                };
-                let spec = compile_match_recognize(parts, clause, &input_schema)?;
                 let result = spec
                     .run(&input_schema, &batches)
                     .map_err(|e| ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}")))?;
