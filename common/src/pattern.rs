@@ -104,7 +104,8 @@ impl Pattern {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MatchExpr {
     Literal(ScalarValue),
-    /// A column of the current row, or (with a variable) of that variable's last row.
+    /// A column of the current row, or (with a variable) of that variable's last row. Variables are numbered as the
+    /// pattern's, then the `SUBSET`s.
     Column {
         variable: Option<usize>,
         column: usize,
@@ -194,6 +195,8 @@ pub struct MatchRecognize {
     /// the match's first row.
     pub within: Option<i64>,
     pub rows_per_match: RowsPerMatch,
+    /// `SUBSET`s, numbered after the pattern's variables: the variables each unites.
+    pub subsets: Vec<Vec<usize>>,
 }
 
 /// `ONE ROW PER MATCH` (measures over the whole match) or `ALL ROWS PER MATCH` (each matched row, measures over the

@@ -34,6 +34,8 @@ pub struct RowPatternClause {
     pub pattern: RowPattern,
     /// The `WITHIN` bound as written (`INTERVAL '10' MINUTE`).
     pub within: Option<String>,
+    /// `SUBSET name = (variable, ...)`, names normalized.
+    pub subsets: Vec<(String, Vec<String>)>,
     /// Where `PATTERN` starts in the query string.
     pub location: Location,
 }
@@ -119,10 +121,22 @@ pub(crate) fn extract_row_patterns(
             within = Some(bound);
             end = stop;
         }
+        // `SUBSET u = (a, b), ...` runs up to `DEFINE`.
+        let mut subsets = Vec::new();
+        if let Some(word) = significant(&tokens, end).filter(|&w| is_word(&tokens[w].token, "SUBSET")) {
+            let Some(stop) = (word + 1..tokens.len()).find(|&j| is_word(&tokens[j].token, "DEFINE")) else {
+                return Err(syntax_error(sql, tokens[word].span.end, "SUBSET must be followed by DEFINE"));
+            };
+            let text = crate::parse::slice(sql, tokens[word].span.end, tokens[stop].span.start);
+            subsets = parse_subsets(text)
+                .ok_or_else(|| syntax_error(sql, tokens[word].span.end, "expected SUBSET name = (variable, ...)"))?;
+            end = stop;
+        }
         clauses.push(RowPatternClause {
             placeholder: placeholder.clone(),
             pattern,
             within,
+            subsets,
             location: tokens[i].span.start,
         });
         let replacement = [
@@ -135,6 +149,32 @@ pub(crate) fn extract_row_patterns(
         i = opening + 4;
     }
     Ok((tokens, clauses))
+}
+
+/// `u = (a, b), v = (c)`; `None` when it is not that shape.
+fn parse_subsets(text: &str) -> Option<Vec<(String, Vec<String>)>> {
+    let name = |word: &str| {
+        let word = word.trim();
+        match word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+            Some(quoted) => quoted.to_string(),
+            None => word.to_lowercase(),
+        }
+    };
+    let mut subsets = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let (subset, after) = rest.split_once('=')?;
+        let after = after.trim_start().strip_prefix('(')?;
+        let (members, after) = after.split_once(')')?;
+        let members: Vec<String> = members.split(',').map(name).filter(|m| !m.is_empty()).collect();
+        if name(subset).is_empty() || members.is_empty() {
+            return None;
+        }
+        subsets.push((name(subset), members));
+        rest = after.trim_start();
+        rest = rest.strip_prefix(',').map_or(rest, str::trim_start);
+    }
+    Some(subsets)
 }
 
 fn syntax_error(sql: &str, at: Location, message: &str) -> ParseError {
@@ -492,7 +532,23 @@ pub fn compile_match_recognize(
             unmatched: matches!(mode, Some(ast::EmptyMatchesMode::WithUnmatched)),
         },
     };
-    let compiler = ExprCompiler { schema, variables: &clause.pattern.variables };
+    let compiler = ExprCompiler { schema, variables: &clause.pattern.variables, subsets: &clause.subsets };
+    let variables = &clause.pattern.variables;
+    let subsets = clause
+        .subsets
+        .iter()
+        .map(|(subset, members)| {
+            let member = |m: &String| {
+                variables.iter().position(|v| v == m).ok_or_else(|| {
+                    ErrorReport::new(
+                        SqlState::UNDEFINED_OBJECT,
+                        format!("SUBSET {subset} names \"{m}\", which the PATTERN does not use"),
+                    )
+                })
+            };
+            members.iter().map(member).collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let column = |expr: &ast::Expr| match expr {
         ast::Expr::Identifier(ident) => compiler.column(ident),
         other => Err(unsupported(&format!("partitioning or ordering by the expression {other}"))),
@@ -548,6 +604,7 @@ pub fn compile_match_recognize(
         skip,
         within,
         rows_per_match,
+        subsets,
     })
 }
 
@@ -596,6 +653,7 @@ fn within_units(text: &str, unit: datafusion::arrow::datatypes::TimeUnit) -> Res
 struct ExprCompiler<'a> {
     schema: &'a datafusion::arrow::datatypes::Schema,
     variables: &'a [String],
+    subsets: &'a [(String, Vec<String>)],
 }
 
 impl ExprCompiler<'_> {
@@ -606,9 +664,11 @@ impl ExprCompiler<'_> {
             .map_err(|_| ErrorReport::new(SqlState::UNDEFINED_COLUMN, format!("column \"{name}\" does not exist")))
     }
 
+    /// A pattern variable's number, or a `SUBSET`'s (after the pattern's).
     fn variable(&self, ident: &ast::Ident) -> Result<usize, ErrorReport> {
         let name = crate::names::normalize_ident(ident);
-        self.variables.iter().position(|v| *v == name).ok_or_else(|| {
+        let subset = || self.subsets.iter().position(|(s, _)| *s == name).map(|i| self.variables.len() + i);
+        self.variables.iter().position(|v| *v == name).or_else(subset).ok_or_else(|| {
             ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("pattern variable \"{name}\" is not in the PATTERN"))
         })
     }

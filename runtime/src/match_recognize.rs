@@ -37,6 +37,8 @@ struct Context<'a> {
     /// Rows of the partition, in order: indexes into `columns`.
     rows: &'a [usize],
     variables: &'a [String],
+    /// The members of each `SUBSET`.
+    subsets: &'a [Vec<usize>],
     match_number: i64,
 }
 
@@ -48,13 +50,12 @@ struct Matched<'m> {
 }
 
 impl Matched<'_> {
-    /// Positions (in the partition) of the rows of `variable` (all without one), in order, the current one included
-    /// when it is counted as that variable.
-    fn rows_of(&self, variable: Option<usize>) -> Vec<usize> {
-        let mut rows: Vec<usize> =
-            self.rows.iter().filter(|c| variable.is_none_or(|v| c.variable == v)).map(|c| c.row).collect();
+    /// Positions (in the partition) of the rows whose variable is in `member`, in order, the current one included
+    /// when it is counted as such a variable.
+    fn rows_of(&self, member: impl Fn(usize) -> bool) -> Vec<usize> {
+        let mut rows: Vec<usize> = self.rows.iter().filter(|c| member(c.variable)).map(|c| c.row).collect();
         if let Some(current) = self.current_variable
-            && variable.is_none_or(|v| v == current)
+            && member(current)
             && rows.last() != Some(&self.current)
         {
             rows.push(self.current);
@@ -64,6 +65,16 @@ impl Matched<'_> {
 }
 
 impl Context<'_> {
+    /// Whether a row of pattern variable `of` belongs to `variable`: that variable, a `SUBSET` (numbered after the
+    /// pattern's variables) holding it, or (none) any.
+    fn member(&self, variable: Option<usize>) -> impl Fn(usize) -> bool + '_ {
+        move |of: usize| match variable {
+            None => true,
+            Some(v) if v < self.variables.len() => v == of,
+            Some(v) => self.subsets.get(v - self.variables.len()).is_some_and(|members| members.contains(&of)),
+        }
+    }
+
     fn value(&self, position: usize, column: usize) -> Result<ScalarValue, MatchError> {
         Ok(ScalarValue::try_from_array(&self.columns[column], self.rows[position])?)
     }
@@ -75,8 +86,8 @@ impl Context<'_> {
             MatchExpr::Column { variable, column } => {
                 let position = match variable {
                     None => Some(matched.current),
-                    Some(v) if Some(*v) == matched.current_variable => Some(matched.current),
-                    Some(v) => matched.rows_of(Some(*v)).last().copied(),
+                    // The variable's last row: the current one when it is counted as that variable.
+                    Some(_) => matched.rows_of(self.member(*variable)).last().copied(),
                 };
                 let shifted =
                     position.and_then(|p| p.checked_add_signed(-shift as isize)).filter(|p| *p < self.rows.len());
@@ -87,7 +98,7 @@ impl Context<'_> {
             }
             MatchExpr::Shift { expr, offset } => self.evaluate(expr, matched, shift + offset)?,
             MatchExpr::Navigate { variable, column, from_end, offset } => {
-                let rows = matched.rows_of(*variable);
+                let rows = matched.rows_of(self.member(*variable));
                 let index = match from_end {
                     true => rows.len().checked_sub(offset + 1),
                     false => Some(*offset).filter(|o| *o < rows.len()),
@@ -98,7 +109,7 @@ impl Context<'_> {
                 }
             }
             MatchExpr::Aggregate { function, variable, column } => {
-                let rows = matched.rows_of(*variable);
+                let rows = matched.rows_of(self.member(*variable));
                 let Some(column) = column else {
                     return Ok(ScalarValue::Int64(Some(rows.len() as i64)));
                 };
@@ -323,7 +334,8 @@ impl Runner<'_> {
         output_rows: &mut Vec<usize>,
         measures: &mut [Vec<ScalarValue>],
     ) -> Result<(), MatchError> {
-        let mut context = Context { columns, rows, variables: &self.variables, match_number: 1 };
+        let mut context =
+            Context { columns, rows, variables: &self.variables, subsets: &self.subsets, match_number: 1 };
         let mut failure = None;
         let mut at = 0;
         while at < rows.len() {
@@ -403,8 +415,10 @@ impl Runner<'_> {
                         output_rows.push(rows[0]);
                     }
                     context.match_number += 1;
-                    let first_of = |v: usize| matched.iter().find(|c| c.variable == v).map(|c| c.row);
-                    let last_of = |v: usize| matched.iter().rev().find(|c| c.variable == v).map(|c| c.row);
+                    let first_of =
+                        |v: usize| matched.iter().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
+                    let last_of =
+                        |v: usize| matched.iter().rev().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
                     let next = match self.skip {
                         SkipTo::PastLastRow => last + 1,
                         SkipTo::NextRow => at + 1,
