@@ -227,9 +227,10 @@ pub async fn query_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<S
         .collect()
 }
 
-/// Runs `FLUSH` and `sql` until `sql` returns `expected`, for up to 30 seconds; panics with what it got otherwise.
+/// Runs `FLUSH` and `sql` until `sql` returns `expected`, for up to 60 seconds (the whole suite runs at once, on two
+/// cores); panics with what it got otherwise.
 pub async fn eventually(client: &tokio_postgres::Client, sql: &str, expected: &[&[&str]]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         client.batch_execute("FLUSH").await.unwrap_or_else(|e| panic!("FLUSH: {e}"));
         let got = query_rows(client, sql).await;
