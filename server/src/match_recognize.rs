@@ -28,13 +28,54 @@ use crate::session::{Outcome, Session};
 /// Numbers the per-query schemas.
 static QUERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A `MATCH_RECOGNIZE` query resolved: the plan over its results, or for `EXPLAIN` the lines describing it.
+enum Resolved {
+    Plan(datafusion::logical_expr::LogicalPlan),
+    Explain(Vec<String>),
+}
+
 impl Session {
-    /// Runs a statement with `MATCH_RECOGNIZE` (simple protocol).
+    /// Runs a statement with `MATCH_RECOGNIZE`, computing its matches now.
+    /// `bound` are the parameters of a prepared statement's execution.
     pub(crate) async fn execute_match_recognize(
         &self,
         statement: &ParsedStatement,
+        bound: Option<datafusion::common::ParamValues>,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
+        match self.resolve_match_recognize(statement, sql).await? {
+            Resolved::Plan(plan) => {
+                let plan = match bound {
+                    Some(values) => {
+                        plan.replace_params_with_values(&values).map_err(|e| ErrorReport::from_datafusion(&e, sql))?
+                    }
+                    None => plan,
+                };
+                let df =
+                    self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+                Ok(Outcome::Rows(df))
+            }
+            Resolved::Explain(lines) => {
+                let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
+                self.rows(schema, vec![Arc::new(StringArray::from(lines))])
+            }
+        }
+    }
+
+    /// The plan of a `MATCH_RECOGNIZE` query for the extended protocol, which describes the rows before running:
+    /// computed now for their shape; executing the statement computes the matches again, so they are current.
+    pub(crate) async fn plan_match_recognize(
+        &self,
+        statement: &ParsedStatement,
+        sql: &str,
+    ) -> Result<Option<datafusion::logical_expr::LogicalPlan>, ErrorReport> {
+        Ok(match self.resolve_match_recognize(statement, sql).await? {
+            Resolved::Plan(plan) => Some(plan),
+            Resolved::Explain(_) => None,
+        })
+    }
+
+    async fn resolve_match_recognize(&self, statement: &ParsedStatement, sql: &str) -> Result<Resolved, ErrorReport> {
         let WeirStatement::Sql(boxed) = &statement.statement else { return Err(over_streams()) };
         let (query, explain) = match boxed.as_ref() {
             Statement::Query(query) => (query, false),
@@ -66,8 +107,7 @@ impl Session {
         if let Some(lines) = resolver.explained.take() {
             let _ = catalog.deregister_schema(&schema_name, true);
             resolved?;
-            let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
-            return self.rows(schema, vec![Arc::new(StringArray::from(lines))]);
+            return Ok(Resolved::Explain(lines));
         }
         let planned = match resolved {
             Ok(()) => self.plan(Statement::Query(Box::new(query.clone())), &statement.text, sql).await,
@@ -75,9 +115,7 @@ impl Session {
         };
         // The plan holds the tables it reads: the schema can go now.
         let _ = catalog.deregister_schema(&schema_name, true);
-        let plan = planned?;
-        let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
-        Ok(Outcome::Rows(df))
+        Ok(Resolved::Plan(planned?))
     }
 }
 

@@ -108,7 +108,10 @@ impl Session {
 
     /// Parses and plans a statement for the extended protocol. `sql` is the whole text the client sent.
     pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
-        refuse_row_patterns(&statement, sql)?;
+        if !statement.row_patterns.is_empty() {
+            let plan = self.plan_match_recognize(&statement, sql).await?;
+            return Ok(Prepared { statement, plan });
+        }
         let plan = match &statement.statement {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
                 Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
@@ -156,7 +159,7 @@ impl Session {
     ) -> Result<Outcome, ErrorReport> {
         let text = &prepared.statement.text;
         if !prepared.statement.row_patterns.is_empty() {
-            return self.execute_match_recognize(&prepared.statement, sql).await;
+            return self.execute_match_recognize(&prepared.statement, bound, sql).await;
         }
         let stmt = match &prepared.statement.statement {
             WeirStatement::Sql(stmt) => stmt,
@@ -464,15 +467,6 @@ impl Session {
         let df = self.ctx.read_batch(batch).map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         Ok(Outcome::Rows(df))
     }
-}
-
-/// `MATCH_RECOGNIZE` runs through the simple query protocol for now (it is computed when the query runs, which the
-/// extended protocol plans ahead of): say so plainly, pointing at it.
-fn refuse_row_patterns(statement: &ParsedStatement, sql: &str) -> Result<(), ErrorReport> {
-    let Some(clause) = statement.row_patterns.first() else { return Ok(()) };
-    let position = weir_common::error::char_position(sql, clause.location.line, clause.location.column);
-    let message = "MATCH_RECOGNIZE in prepared statements (the extended query protocol) is not supported yet";
-    Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, message).with_position(position))
 }
 
 /// Statements DataFusion plans and runs.

@@ -60,6 +60,23 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", au
     bcur.execute("SELECT doc FROM docs WHERE id = %s", (1,))
     assert bcur.fetchone() == ({"a": [1, 2]},)
 
+    # MATCH_RECOGNIZE through the extended protocol: 10, 8, 9 is one V (down to 8, up to 9); a row added later is
+    # seen by the next execution.
+    cur.execute("CREATE TABLE ticks (t INT, price INT)")
+    cur.execute("INSERT INTO ticks VALUES (1, 10), (2, 8), (3, 9)")
+    v_shape = (
+        "SELECT bottom, top, rows FROM ticks MATCH_RECOGNIZE (ORDER BY t "
+        "MEASURES LAST(DOWN.price) AS bottom, LAST(UP.price) AS top, COUNT(*) AS rows "
+        "PATTERN (STRT DOWN+ UP+) DEFINE DOWN AS price < PREV(price), UP AS price > PREV(price))"
+    )
+    cur.execute(v_shape + " WHERE rows >= %s", (3,))
+    assert cur.fetchall() == [(8, 9, 3)]
+    cur.execute("INSERT INTO ticks VALUES (4, 12)")
+    cur.execute(v_shape + " WHERE rows >= %s", (4,))
+    assert cur.fetchall() == [(8, 12, 4)]
+    cur.execute(v_shape + " WHERE rows > %s", (4,))
+    assert cur.fetchall() == []
+
     # Type lookups and session parameters that psycopg relies on.
     info = psycopg.types.TypeInfo.fetch(conn, "int4")
     assert info is not None and info.oid == 23, info
