@@ -6,7 +6,8 @@
 //! - [`source`]: `CREATE SOURCE` and `CREATE TABLE ... (..., WATERMARK FOR ...)`, parsed with sqlparser's pieces for
 //!   columns and expressions.
 //! - [`row_pattern`]: `MATCH_RECOGNIZE`'s `PATTERN (...)` (reluctant quantifiers included) and `WITHIN`, parsed by
-//!   Weir and taken out of the statement before sqlparser sees it (matching does not run in queries yet).
+//!   Weir and taken out of the statement before sqlparser sees it; `compile_match_recognize` turns the clause into the
+//!   runtime's spec (conditions and measures as expressions over the match).
 //! - [`sink`]: `CREATE SINK ... {FROM relation | AS query} WITH (...) [FORMAT ... ENCODE JSON (...)]`.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.

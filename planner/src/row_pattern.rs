@@ -26,7 +26,7 @@ pub struct RowPattern {
     pub variables: Vec<String>,
 }
 
-/// One `MATCH_RECOGNIZE`'s pattern and time bound, taken out of the statement by [`extract_row_patterns`].
+/// One `MATCH_RECOGNIZE`'s pattern, time bound and subsets, taken out of the statement before sqlparser parses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowPatternClause {
     /// The name that stands for the pattern in the statement sqlparser parses: `PATTERN (__weir_pattern_N)`.

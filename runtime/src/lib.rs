@@ -12,9 +12,10 @@
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
-//! - [`match_recognize`]: `MATCH_RECOGNIZE ... ONE ROW PER MATCH` over rows at rest (a SELECT over a table or view).
+//! - [`match_recognize`]: `MATCH_RECOGNIZE` over rows at rest (a SELECT over a table or view), one row per match or
+//!   all rows per match.
 //! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
-//!   order (not yet wired into views).
+//!   order (used by [`match_recognize`]; not yet by views over streams).
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //!
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
