@@ -3,7 +3,7 @@
 //!
 //! | option | meaning | default |
 //! |---|---|---|
-//! | `url`, `version`, `client.id`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker ([`crate::mqtt_client`]) | |
+//! | `url`, `version`, `client.id`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker (see `mqtt_client`) | |
 //! | `topic` | topic filter, `+` and `#` wildcards allowed; several separated by commas | required |
 //! | `qos` | `0` (at most once) or `1` (at least once) | `1` |
 //! | `clean.session` | `false` keeps the subscription and undelivered QoS 1 messages while Weir is away (needs `client.id`) | `true` |

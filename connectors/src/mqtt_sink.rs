@@ -7,7 +7,7 @@
 //! | `topic` | the topic; `{column}` is replaced by the row's value (`plant/{device}/alerts`) | required |
 //! | `qos` | `0` (at most once) or `1` (at least once: a write ends when the broker has acknowledged every message) | `1` |
 //! | `retain` | publish retained messages, so a new subscriber gets the latest per topic | `false` |
-//! | `version`, `client.id`, `clean.session`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker ([`crate::mqtt_client`]) | |
+//! | `version`, `client.id`, `clean.session`, `username`, `password`, `keep.alive.s`, `tls.*` | the broker (see `mqtt_client`) | |
 //!
 //! A deleted row (`FORMAT UPSERT`) is an empty message on the row's topic, which with `retain = 'true'` clears the
 //! retained message. The connection is made on the first write by a task that keeps polling the broker and
