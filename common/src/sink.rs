@@ -7,6 +7,11 @@ use datafusion::arrow::array::RecordBatch;
 
 use crate::connector::ConnectorError;
 
+/// Milliseconds since 1970 now (0 if the clock is before then), as sinks stamp what they deliver.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// One change to a view's rows, as a sink sees it.
 #[derive(Debug, Clone)]
 pub enum RowChange {

@@ -21,27 +21,32 @@ const ID: u32 = 0;
 /// Decodes Avro records into batches of one schema.
 #[derive(Debug, Clone)]
 pub struct AvroDecoder {
-    schema: String,
+    /// The writer schema, parsed once, stored under [`ID`].
+    store: SchemaStore,
     confluent: bool,
 }
 
 impl AvroDecoder {
     /// Fails when `schema` is not an Avro record schema arrow-rs can decode.
     pub fn try_new(schema: &str, confluent: bool) -> Result<Self, ArrowError> {
-        let decoder = AvroDecoder { schema: schema.to_string(), confluent };
-        decoder.builder()?.build_decoder()?;
+        let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+        store.set(Fingerprint::Id(ID), AvroSchema::new(schema.to_string()))?;
+        let decoder = AvroDecoder { store, confluent };
+        decoder.builder(1).build_decoder()?;
         Ok(decoder)
     }
 
-    fn builder(&self) -> Result<ReaderBuilder, ArrowError> {
-        let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
-        store.set(Fingerprint::Id(ID), AvroSchema::new(self.schema.clone()))?;
-        Ok(ReaderBuilder::new().with_writer_schema_store(store).with_active_fingerprint(Fingerprint::Id(ID)))
+    fn builder(&self, batch_size: usize) -> ReaderBuilder {
+        ReaderBuilder::new()
+            .with_writer_schema_store(self.store.clone())
+            .with_active_fingerprint(Fingerprint::Id(ID))
+            .with_batch_size(batch_size)
     }
 
     /// Decodes every record into a batch of `into` (columns by name), or fails.
     pub fn decode(&self, records: &[&[u8]], into: &SchemaRef) -> Result<RecordBatch, ArrowError> {
-        let mut decoder = self.builder()?.with_batch_size(records.len().max(1)).build_decoder()?;
+        let mut decoder = self.builder(records.len().max(1)).build_decoder()?;
+        // Every datum is framed with the id its schema is stored under: the prefix, then the datum, fed in turn.
         let prefix = [0u8, 0, 0, 0, 0];
         for record in records {
             let datum = match self.confluent {
@@ -49,13 +54,12 @@ impl AvroDecoder {
                 true => return Err(ArrowError::ParseError("not in the Confluent wire format".into())),
                 false => record,
             };
-            // Every datum is framed with the id its schema is stored under.
-            let framed = [&prefix[..], datum].concat();
-            let used = decoder.decode(&framed)?;
-            if used != framed.len() {
+            let framed = decoder.decode(&prefix)?;
+            let used = decoder.decode(datum)?;
+            if framed != prefix.len() || used != datum.len() {
                 return Err(ArrowError::ParseError(format!(
                     "the Avro datum has {} bytes the schema does not account for",
-                    framed.len() - used
+                    datum.len().saturating_sub(used)
                 )));
             }
         }

@@ -49,7 +49,7 @@ impl Deduplicating {
     /// De-duplicates `inner` on the comma-separated columns `key`, remembering keys for `retention`.
     pub fn try_new(inner: Box<dyn SourceReader>, key: &str, retention: Duration) -> Result<Self, ConnectorError> {
         let schema = inner.schema();
-        let columns = key_columns(&schema, key)?;
+        let columns = crate::columns_by_name(&schema, key, "dedup.key")?;
         let fields = columns.iter().map(|c| SortField::new(schema.field(*c).data_type().clone())).collect();
         let converter = RowConverter::new(fields)
             .map_err(|e| ConnectorError::invalid("dedup.key", key, &format!("cannot compare these columns: {e}")))?;
@@ -97,20 +97,6 @@ impl Deduplicating {
         self.dropped += (batch.num_rows() - kept) as u64;
         filter_record_batch(&batch, &keep).map_err(|e| ConnectorError::Io(format!("dedup.key: {e}")))
     }
-}
-
-/// The positions of the comma-separated columns `list` in `schema`.
-fn key_columns(schema: &SchemaRef, list: &str) -> Result<Vec<usize>, ConnectorError> {
-    let columns = list
-        .split(',')
-        .map(|name| {
-            let name = name.trim();
-            schema.index_of(name).or_else(|_| schema.index_of(&name.to_lowercase())).map_err(|_| {
-                ConnectorError::invalid("dedup.key", list, &format!("the source has no column \"{name}\""))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(columns)
 }
 
 #[async_trait]

@@ -94,6 +94,13 @@ pub fn open_source(
     Ok(source)
 }
 
+/// Whether a source with these `WITH (...)` options holds a session only one reader may have at a time (an MQTT
+/// source with a fixed `client.id`: the broker keeps one session per client id).
+pub fn single_session(options: &[(String, String)]) -> bool {
+    let option = |key: &str| options.iter().find(|(k, _)| k == key).map(|(_, v)| v.to_lowercase());
+    option("connector").as_deref() == Some("mqtt") && option("client.id").is_some()
+}
+
 /// A 64-bit mix of `x` (SplitMix64's finalizer): generated values depend only on (seed, row, column), never on how
 /// rows are cut into batches.
 pub(crate) fn mix(mut x: u64) -> u64 {
@@ -121,4 +128,25 @@ pub fn metadata_field(
         column: alias.unwrap_or(item).to_string(),
         reason: format!("INCLUDE {item} is not available from this connector"),
     })
+}
+
+/// The positions of the comma-separated column names `list` (the value of option `option`) in `schema`, matched
+/// as written or in lower case; at least one.
+pub(crate) fn columns_by_name(schema: &SchemaRef, list: &str, option: &str) -> Result<Vec<usize>, ConnectorError> {
+    let mut columns = Vec::new();
+    for name in list.split(',').map(str::trim) {
+        let index = schema.index_of(name).or_else(|_| schema.index_of(&name.to_lowercase())).map_err(|_| {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            ConnectorError::invalid(
+                option,
+                list,
+                &format!("no column \"{name}\"; the columns are {}", names.join(", ")),
+            )
+        })?;
+        columns.push(index);
+    }
+    if columns.is_empty() {
+        return Err(ConnectorError::invalid(option, list, "at least one column"));
+    }
+    Ok(columns)
 }

@@ -46,7 +46,7 @@ pub fn open_sink(
     let key = format_options.take("primary_key").or_else(|| options.take("primary_key"));
     format_options.finish("FORMAT ... ENCODE JSON", &["primary_key"])?;
     let key_columns = match &key {
-        Some(list) => column_list(&schema, list, "primary_key")?,
+        Some(list) => crate::columns_by_name(&schema, list, "primary_key")?,
         None if format == SinkFormat::Plain => Vec::new(),
         None => {
             return Err(ConnectorError::missing(&format!("FORMAT {format}"), "primary_key"));
@@ -61,26 +61,6 @@ pub fn open_sink(
         _ => return Err(ConnectorError::UnknownConnector { name: connector, known: SINK_CONNECTORS.join(", ") }),
     };
     Ok(Sink { encoder: SinkEncoder { schema, format, key_columns, topic }, writer })
-}
-
-/// The positions of the comma-separated column names `list` in `schema`.
-fn column_list(schema: &SchemaRef, list: &str, option: &str) -> Result<Vec<usize>, ConnectorError> {
-    let mut columns = Vec::new();
-    for name in list.split(',').map(str::trim) {
-        let index = schema.index_of(name).or_else(|_| schema.index_of(&name.to_lowercase())).map_err(|_| {
-            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            ConnectorError::invalid(
-                option,
-                list,
-                &format!("no column \"{name}\"; the columns are {}", names.join(", ")),
-            )
-        })?;
-        columns.push(index);
-    }
-    if columns.is_empty() {
-        return Err(ConnectorError::invalid(option, list, "at least one column"));
-    }
-    Ok(columns)
 }
 
 /// A topic with `{column}` placeholders filled from each row (`plant/{device}/alerts`).
@@ -106,7 +86,7 @@ impl TopicTemplate {
             if open > 0 {
                 parts.push(TopicPart::Text(rest[..open].to_string()));
             }
-            let column = column_list(schema, &rest[open + 1..open + close], "topic")?;
+            let column = crate::columns_by_name(schema, &rest[open + 1..open + close], "topic")?;
             parts.extend(column.into_iter().map(TopicPart::Column));
             rest = &rest[open + close + 1..];
         }
@@ -225,7 +205,9 @@ impl SinkEncoder {
                 envelope.extend_from_slice(before.map_or(&b"null"[..], |r| &r.value));
                 envelope.extend_from_slice(b",\"after\":");
                 envelope.extend_from_slice(after.map_or(&b"null"[..], |r| &r.value));
-                envelope.extend_from_slice(format!(",\"op\":\"{op}\",\"ts_ms\":{}}}", now_ms()).as_bytes());
+                envelope.extend_from_slice(
+                    format!(",\"op\":\"{op}\",\"ts_ms\":{}}}", weir_common::sink::unix_millis()).as_bytes(),
+                );
                 Some(envelope)
             }
         };
@@ -272,10 +254,6 @@ fn json_rows(batch: &RecordBatch, columns: &[usize]) -> Result<Vec<Vec<u8>>, Con
 
 fn encode_error(err: datafusion::arrow::error::ArrowError) -> ConnectorError {
     ConnectorError::Io(format!("encoding rows as JSON: {err}"))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ impl SinkProgress {
     fn delivered(&self, messages: u64, bytes: u64) {
         self.messages.fetch_add(messages, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.last_delivery_ms.store(now_ms(), Ordering::Relaxed);
+        self.last_delivery_ms.store(weir_common::sink::unix_millis(), Ordering::Relaxed);
         let mut deliveries = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
         deliveries.push_back((Instant::now(), messages));
         let now = Instant::now();
@@ -372,10 +372,6 @@ async fn run(
     }
     info!(sink = %name, "the sink's input is gone; the sink ends");
     progress.set_status("ended".to_string());
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

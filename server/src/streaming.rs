@@ -165,8 +165,7 @@ impl Session {
     /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
     /// one, since a broker keeps one session per client id and two connections with it take it from each other.
     fn check_one_session(&self, source: &str, options: &[(String, String)]) -> Result<(), ErrorReport> {
-        let option = |key: &str| options.iter().find(|(k, _)| k == key).map(|(_, v)| v.to_lowercase());
-        if option("connector").as_deref() != Some("mqtt") || option("client.id").is_none() {
+        if !weir_connectors::single_session(options) {
             return Ok(());
         }
         let views =

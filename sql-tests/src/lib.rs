@@ -8,7 +8,8 @@
 //!   whitespace of each value is dropped (multi-line values such as plans end in a newline).
 //! - [`run_file`] runs one file against a fresh server, or with `complete` rewrites its expected results;
 //!   [`run_file_with`] also gives it values for `${NAME}` (the broker tests run `broker-slt/` so, with addresses).
-//! - [`query_rows`] and [`eventually`] help Rust tests read results as text and wait for a view to catch up.
+//! - [`query_rows`], [`eventually`] and [`wait_for`] help Rust tests read results as text and wait for a view or a
+//!   status to catch up.
 //!
 //! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
 
@@ -239,6 +240,20 @@ pub async fn eventually(client: &tokio_postgres::Client, sql: &str, expected: &[
             return;
         }
         assert!(std::time::Instant::now() < deadline, "{sql}\n  got {got:?}\n  expected {expected:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `sql` until `done` holds for its rows, for up to 20 seconds (no `FLUSH`: for statuses that change by
+/// themselves, such as a broker's going away); panics naming `what` and the last rows otherwise.
+pub async fn wait_for(client: &tokio_postgres::Client, sql: &str, what: &str, done: impl Fn(&[Vec<String>]) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = query_rows(client, sql).await;
+        if done(&got) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {got:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

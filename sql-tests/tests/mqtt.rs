@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use weir_sql_tests::{TestServer, eventually, query_rows as rows};
+use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for};
 
 /// A Mosquitto broker on `port`, stopped when dropped.
 struct Broker {
@@ -138,15 +138,13 @@ async fn mqtt_messages_become_rows_through_wildcards_bad_payloads_and_a_broker_r
 
     // The broker goes away: the view says so and keeps its rows; when the broker is back, reading resumes.
     drop(broker);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = rows(client, "SELECT status FROM weir_catalog.view_progress").await;
-        if status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the view's status never reported the broker: {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        client,
+        "SELECT status FROM weir_catalog.view_progress",
+        "the view's status never reported the broker",
+        |status| status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:"),
+    )
+    .await;
     assert_eq!(rows(client, "SELECT count(*) FROM per_topic").await, [["3"]]);
     let _broker = Broker::start(dir.path(), port);
     eventually(client, "SELECT status FROM weir_catalog.view_progress", &[&["running"]]).await;
@@ -303,16 +301,13 @@ async fn sinks_publish_rows_to_topics_named_by_their_columns() {
         &[&["alerts", "running"], &["hottest_out", "running"]],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status =
-            rows(client, "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'nowhere'").await;
-        if status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:") && status[0][1] == "0" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the missing broker was not reported: {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        client,
+        "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'nowhere'",
+        "the missing broker was not reported",
+        |status| status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:") && status[0][1] == "0",
+    )
+    .await;
     server.stop().await.unwrap();
 }
 
@@ -509,15 +504,15 @@ async fn sources_and_sinks_speak_mqtt_5_over_tls() {
         ))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = rows(client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'nothing'").await;
-        if status.first().is_some_and(|s| s[0].starts_with("retrying: MQTT broker") && s[0].contains("certificate")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the untrusted broker was not reported: {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        client,
+        "SELECT status FROM weir_catalog.view_progress WHERE view = 'nothing'",
+        "the untrusted broker was not reported",
+        |status| {
+            status.first().is_some_and(|s| s[0].starts_with("retrying: MQTT broker") && s[0].contains("certificate"))
+        },
+    )
+    .await;
     server.stop().await.unwrap();
 }
 
