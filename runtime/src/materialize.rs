@@ -98,12 +98,14 @@ impl ViewStore {
                 ViewChange::Replace { window, rows } => {
                     let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
                     contents.unsaved_windows.insert(window);
+                    // The rows are copied (their batches shared) only when a sink is told of them.
+                    let after = tell_sinks.then(|| rows.clone());
                     let before = match rows.is_empty() {
                         true => contents.windows.remove(&window),
-                        false => contents.windows.insert(window, rows.clone()),
+                        false => contents.windows.insert(window, rows),
                     };
-                    if tell_sinks {
-                        row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after: rows });
+                    if let Some(after) = after {
+                        row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after });
                     }
                 }
             }

@@ -48,6 +48,20 @@ pub struct SinkProgress {
 }
 
 impl SinkProgress {
+    fn new(input: String, connector: String, format: SinkFormat) -> Self {
+        SinkProgress {
+            input,
+            connector,
+            format,
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failed_writes: AtomicU64::new(0),
+            last_delivery_ms: AtomicI64::new(i64::MIN),
+            status: Mutex::new("running".to_string()),
+            deliveries: Mutex::default(),
+        }
+    }
+
     fn set_status(&self, status: String) {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
     }
@@ -224,17 +238,7 @@ impl Session {
         let connector = sink.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| v.to_lowercase());
         let opened = weir_connectors::sink::open_sink(store.schema(), sink.with.clone(), format, format_options)
             .map_err(ErrorReport::from)?;
-        let progress = Arc::new(SinkProgress {
-            input,
-            connector: connector.unwrap_or_default(),
-            format,
-            messages: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            failed_writes: AtomicU64::new(0),
-            last_delivery_ms: AtomicI64::new(i64::MIN),
-            status: Mutex::new("running".to_string()),
-            deliveries: Mutex::default(),
-        });
+        let progress = Arc::new(SinkProgress::new(input, connector.unwrap_or_default(), format));
         // Subscribed before the dataflow starts, so the sink sees its first rows.
         let changes = store.subscribe_changes();
         let dataflow_job = dataflow.map(|dataflow| {
@@ -380,17 +384,7 @@ mod tests {
 
     #[test]
     fn the_rate_counts_the_messages_of_the_last_five_seconds() {
-        let progress = SinkProgress {
-            input: "v".into(),
-            connector: "kafka".into(),
-            format: SinkFormat::Plain,
-            messages: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            failed_writes: AtomicU64::new(0),
-            last_delivery_ms: AtomicI64::new(i64::MIN),
-            status: Mutex::new("running".into()),
-            deliveries: Mutex::default(),
-        };
+        let progress = SinkProgress::new("v".into(), "kafka".into(), SinkFormat::Plain);
         assert_eq!(progress.messages_per_second(), 0.0);
         progress.delivered(6, 100);
         progress.delivered(4, 50);
