@@ -53,6 +53,23 @@ pub struct Program {
     registers: usize,
 }
 
+/// A match attempt under way: the partial matches alive, in preference order, and the best match so far.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    threads: Vec<Thread>,
+    best: Option<Vec<Classified>>,
+    /// The position of the row the threads wait for.
+    at: usize,
+}
+
+impl Attempt {
+    /// The first row of the attempt's partial matches still kept (for dropping the rows before it).
+    pub fn first_row(&self) -> Option<usize> {
+        let firsts = self.threads.iter().filter_map(|t| t.matched.first().map(|c| c.row));
+        firsts.chain(self.best.iter().filter_map(|m| m.first().map(|c| c.row))).min()
+    }
+}
+
 /// One partial match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Thread {
@@ -169,42 +186,108 @@ impl Program {
         start: usize,
         accepts: &mut dyn FnMut(usize, usize, &[Classified]) -> bool,
     ) -> Result<Option<Vec<Classified>>, PatternError> {
+        let mut attempt = self.begin(start, rows, false)?;
+        match self.advance(&mut attempt, rows, true, accepts)? {
+            Some(decided) => Ok(decided),
+            None => Ok(attempt.best),
+        }
+    }
+
+    /// Begins a match attempt at row `start`, with `rows` rows known so far (`ended`: all there will be).
+    pub fn begin(&self, start: usize, rows: usize, ended: bool) -> Result<Attempt, PatternError> {
         let mut threads = Vec::new();
         let first = Thread { pc: 0, registers: vec![usize::MAX; self.registers], excluded: 0, matched: Vec::new() };
-        self.add(&mut threads, first, start, rows)?;
-        let mut best = None;
-        let mut at = start;
-        while !threads.is_empty() {
-            let mut next = Vec::new();
-            for thread in threads {
-                match self.instructions[thread.pc] {
-                    Instruction::Match => {
-                        // Every thread after this one is less preferred: drop them.
-                        best = Some(thread.matched);
-                        break;
+        self.add(&mut threads, first, start, rows, ended)?;
+        Ok(Attempt { threads, best: None, at: start })
+    }
+
+    /// Runs `attempt` over the rows known so far: `rows` of them, and `ended` when no more will come. Returns the
+    /// decision (the preferred match, or none) once no thread preferred to the best match so far is alive; `None`
+    /// while some such thread waits for a row not known yet.
+    pub fn advance(
+        &self,
+        attempt: &mut Attempt,
+        rows: usize,
+        ended: bool,
+        accepts: &mut dyn FnMut(usize, usize, &[Classified]) -> bool,
+    ) -> Result<Option<Option<Vec<Classified>>>, PatternError> {
+        loop {
+            let at = attempt.at;
+            if ended && at == rows && attempt.threads.iter().any(|t| self.instructions[t.pc] == Instruction::End) {
+                // The end of the partition came: threads waiting for it go on.
+                let mut resolved = Vec::new();
+                for mut thread in std::mem::take(&mut attempt.threads) {
+                    match self.instructions[thread.pc] {
+                        Instruction::End => {
+                            thread.pc += 1;
+                            self.add(&mut resolved, thread, at, rows, ended)?;
+                        }
+                        _ if resolved.contains(&thread) => {}
+                        _ => resolved.push(thread),
                     }
-                    Instruction::Row(variable) if at < rows && accepts(variable, at, &thread.matched) => {
+                }
+                attempt.threads = resolved;
+            }
+            // A thread that has matched is preferred to every thread after it: those are dropped.
+            if let Some(first) = attempt.threads.iter().position(|t| self.instructions[t.pc] == Instruction::Match) {
+                attempt.best = Some(attempt.threads.swap_remove(first).matched);
+                attempt.threads.truncate(first);
+            }
+            if attempt.threads.is_empty() {
+                return Ok(Some(attempt.best.take()));
+            }
+            if at >= rows {
+                if ended {
+                    // No row left for the threads waiting for one.
+                    attempt.threads.clear();
+                    continue;
+                }
+                return Ok(None);
+            }
+            let mut next = Vec::new();
+            for thread in std::mem::take(&mut attempt.threads) {
+                match self.instructions[thread.pc] {
+                    Instruction::Row(variable) if accepts(variable, at, &thread.matched) => {
                         let mut thread = thread;
                         let excluded = thread.excluded > 0;
                         thread.matched.push(Classified { row: at, variable, excluded });
                         thread.pc += 1;
-                        self.add(&mut next, thread, at + 1, rows)?;
+                        self.add(&mut next, thread, at + 1, rows, ended)?;
                     }
+                    // A row not accepted, or one where the end of the partition was awaited.
                     _ => {}
                 }
             }
-            threads = next;
-            at += 1;
+            attempt.threads = next;
+            attempt.at = at + 1;
         }
-        Ok(best)
+    }
+
+    /// Drops the threads of `attempt` that wait for a row and for which `expired` holds of the rows they matched
+    /// (`WITHIN` passed for them); [`Program::advance`] then decides the attempt if no preferred thread is left.
+    pub fn expire(&self, attempt: &mut Attempt, expired: &mut dyn FnMut(&[Classified]) -> bool) {
+        attempt.threads.retain(|t| !matches!(self.instructions[t.pc], Instruction::Row(_)) || !expired(&t.matched));
     }
 
     /// Follows `thread` through the instructions that consume no row, at row `at`, adding every thread that waits
     /// for a row (or has matched) to `threads` in preference order.
-    fn add(&self, threads: &mut Vec<Thread>, mut thread: Thread, at: usize, rows: usize) -> Result<(), PatternError> {
+    /// A thread at `$` before the partition ended waits there.
+    fn add(
+        &self,
+        threads: &mut Vec<Thread>,
+        mut thread: Thread,
+        at: usize,
+        rows: usize,
+        ended: bool,
+    ) -> Result<(), PatternError> {
         loop {
+            let waits = |instruction| match instruction {
+                Instruction::Row(_) | Instruction::Match => true,
+                Instruction::End => at == rows && !ended,
+                _ => false,
+            };
             match self.instructions[thread.pc] {
-                Instruction::Row(_) | Instruction::Match => {
+                instruction if waits(instruction) => {
                     // The same thread reached twice (by equal paths) has the same future: keep the preferred one.
                     if !threads.contains(&thread) {
                         if threads.len() >= MAX_THREADS {
@@ -218,13 +301,13 @@ impl Program {
                     let mut other = thread.clone();
                     other.pc = second;
                     thread.pc = first;
-                    self.add(threads, thread, at, rows)?;
+                    self.add(threads, thread, at, rows, ended)?;
                     thread = other;
                 }
                 Instruction::Jump(target) => thread.pc = target,
                 Instruction::Start if at == 0 => thread.pc += 1,
-                Instruction::End if at == rows => thread.pc += 1,
-                Instruction::Start | Instruction::End => return Ok(()),
+                Instruction::End if at == rows && ended => thread.pc += 1,
+                Instruction::Start | Instruction::End | Instruction::Row(_) | Instruction::Match => return Ok(()),
                 Instruction::Mark(register) => {
                     thread.registers[register] = at;
                     thread.pc += 1;
@@ -317,6 +400,55 @@ mod tests {
                 assert_eq!(
                     got, expected,
                     "case {case}: pattern {pattern}, rows {holds:?} values {values:?}, start {start}"
+                );
+            }
+        }
+    }
+
+    /// Fed a few rows at a time, with the threads `WITHIN` rules out dropped as the rows' time passes, the program
+    /// decides the same matches as the reference over all the rows: a stream finds what a batch query finds.
+    #[test]
+    fn rows_fed_a_few_at_a_time_with_expiry_give_the_reference_match() {
+        let mut random = Random(4242);
+        for case in 0..3000 {
+            let pattern = pattern(&mut random, 3);
+            let rows = 1 + random.below(9) as usize;
+            let holds: Vec<[bool; 3]> =
+                (0..rows).map(|_| [random.below(3) > 0, random.below(2) == 0, random.below(3) > 0]).collect();
+            // A row's time is its position; WITHIN allows `within` time units from a match's first row.
+            let within = match random.below(3) {
+                0 => None,
+                _ => Some(random.below(4) as usize),
+            };
+            let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
+                holds[row][variable] && within.is_none_or(|w| matched.first().is_none_or(|f| row - f.row <= w))
+            };
+            let program = Program::compile(&pattern).unwrap();
+            for start in 0..rows {
+                let expected = pattern.reference_match(rows, start, &mut accepts);
+                let mut known = start + 1 + random.below((rows - start) as u64) as usize;
+                let mut attempt = program.begin(start, known, false).unwrap();
+                let got = loop {
+                    if let Some(decided) = program.advance(&mut attempt, known, false, &mut accepts).unwrap() {
+                        break decided;
+                    }
+                    if let Some(w) = within {
+                        // Rows to come are later than the last known one.
+                        program.expire(&mut attempt, &mut |matched| {
+                            matched.first().is_some_and(|f| known - 1 - f.row >= w)
+                        });
+                    }
+                    if known == rows {
+                        break program
+                            .advance(&mut attempt, rows, true, &mut accepts)
+                            .unwrap()
+                            .expect("decided at the end");
+                    }
+                    known = (known + 1 + random.below(3) as usize).min(rows);
+                };
+                assert_eq!(
+                    got, expected,
+                    "case {case}: pattern {pattern}, rows {holds:?}, within {within:?}, start {start}"
                 );
             }
         }
