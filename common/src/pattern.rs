@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use datafusion::arrow::datatypes::{DataType, Schema};
 use datafusion::common::ScalarValue;
 
 /// A row pattern.
@@ -142,6 +143,81 @@ pub enum MatchExpr {
     },
     MatchNumber,
     Classifier,
+}
+
+impl MatchExpr {
+    /// The type of the expression's values over rows of `input`: what a measure's column is declared as, whatever
+    /// rows it meets (a measure that is NULL on every match still has its type).
+    pub fn data_type(&self, input: &Schema) -> DataType {
+        let column = |c: &usize| input.fields().get(*c).map(|f| f.data_type().clone()).unwrap_or(DataType::Null);
+        match self {
+            MatchExpr::Literal(value) => value.data_type(),
+            MatchExpr::Column { column: c, .. } | MatchExpr::Navigate { column: c, .. } => column(c),
+            MatchExpr::Shift { expr, .. } | MatchExpr::Negate(expr) => expr.data_type(input),
+            MatchExpr::Not(_) | MatchExpr::IsNull { .. } => DataType::Boolean,
+            MatchExpr::Binary { left, op, right } => match op {
+                BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide => {
+                    common_type(&left.data_type(input), &right.data_type(input))
+                }
+                _ => DataType::Boolean,
+            },
+            MatchExpr::Aggregate { function, column: c, .. } => match (function, c) {
+                (Aggregate::Count, _) | (_, None) => DataType::Int64,
+                (Aggregate::Avg, _) => DataType::Float64,
+                (_, Some(c)) => column(c),
+            },
+            MatchExpr::MatchNumber => DataType::Int64,
+            MatchExpr::Classifier => DataType::Utf8,
+        }
+    }
+
+    /// The most rows before the current one the expression looks at (`PREV(x, 2)`: 2): what matching on a stream
+    /// keeps of the rows before a match.
+    pub fn lookback(&self) -> usize {
+        self.shifts().0
+    }
+
+    /// Whether the expression looks at rows after the current one (`NEXT`).
+    pub fn looks_ahead(&self) -> bool {
+        self.shifts().1
+    }
+
+    /// The largest backward shift and whether any shift is forward.
+    fn shifts(&self) -> (usize, bool) {
+        match self {
+            MatchExpr::Shift { expr, offset } => {
+                let (back, ahead) = expr.shifts();
+                let total = *offset + back as i64;
+                (total.max(0) as usize, ahead || *offset < 0)
+            }
+            MatchExpr::Binary { left, right, .. } => {
+                let (l, r) = (left.shifts(), right.shifts());
+                (l.0.max(r.0), l.1 || r.1)
+            }
+            MatchExpr::Not(inner) | MatchExpr::Negate(inner) | MatchExpr::IsNull { expr: inner, .. } => inner.shifts(),
+            _ => (0, false),
+        }
+    }
+}
+
+/// The type two operands of arithmetic are brought to, as matching evaluates them: equal types stay, integers widen
+/// to `Int64`, other numbers to `Float64`, strings to `Utf8`; otherwise a timestamp's type, else the right one's.
+pub fn common_type(left: &DataType, right: &DataType) -> DataType {
+    if left == right {
+        left.clone()
+    } else if left.is_integer() && right.is_integer() {
+        DataType::Int64
+    } else if left.is_numeric() && right.is_numeric() {
+        DataType::Float64
+    } else if matches!(left, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+        && matches!(right, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    {
+        DataType::Utf8
+    } else if matches!(left, DataType::Timestamp(..)) {
+        left.clone()
+    } else {
+        right.clone()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

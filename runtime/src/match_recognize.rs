@@ -7,16 +7,19 @@
 //! match with its last row as the current one (final semantics). A column qualified by a variable means that
 //! variable's last row (the current row for the variable being defined); unqualified, the current row.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
-use datafusion::arrow::compute::{SortColumn, lexsort_to_indices, take};
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, new_empty_array, new_null_array};
+use datafusion::arrow::compute::{SortColumn, interleave, lexsort_to_indices};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
-use weir_common::pattern::{Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo};
+use weir_common::pattern::{
+    Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo, common_type,
+};
 
-use crate::row_pattern::{PatternError, Program};
+use crate::row_pattern::{Attempt, PatternError, Program};
 
 /// Errors of matching.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +34,166 @@ pub enum MatchError {
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
 
-/// The rows of one partition and what is known while matching in it.
+/// A row of a [`RowStore`]: its chunk's number (high 32 bits) and its index in the chunk.
+pub type RowId = u64;
+
+/// The rows matching reads, in chunks (batches of the input's schema) numbered in order, each kept while a partition
+/// holds one of its rows.
+#[derive(Debug, Default)]
+pub struct RowStore {
+    /// Chunks from number `first` on; `None` once no partition holds a row of it.
+    chunks: VecDeque<Option<Chunk>>,
+    first: u64,
+}
+
+#[derive(Debug)]
+struct Chunk {
+    batch: RecordBatch,
+    /// How many of its rows partitions hold.
+    held: usize,
+}
+
+impl RowStore {
+    /// Adds a chunk, each of whose rows a partition will hold; returns the id of its first row.
+    pub fn push(&mut self, batch: RecordBatch) -> RowId {
+        let number = self.first + self.chunks.len() as u64;
+        self.chunks.push_back(Some(Chunk { held: batch.num_rows(), batch }));
+        number << 32
+    }
+
+    fn chunk(&self, id: RowId) -> Option<&Chunk> {
+        let number = (id >> 32).checked_sub(self.first)?;
+        self.chunks.get(number as usize)?.as_ref()
+    }
+
+    /// The batch holding row `id`, and the row's index in it.
+    pub fn locate(&self, id: RowId) -> Option<(&RecordBatch, usize)> {
+        Some((&self.chunk(id)?.batch, (id & 0xffff_ffff) as usize))
+    }
+
+    fn value(&self, id: RowId, column: usize) -> Result<ScalarValue, MatchError> {
+        let (batch, row) = self.locate(id).ok_or_else(|| MatchError::Evaluation("a row no longer kept".into()))?;
+        Ok(ScalarValue::try_from_array(batch.column(column), row)?)
+    }
+
+    /// A partition lets go of row `id`; a chunk no row of which is held is dropped.
+    pub fn release(&mut self, id: RowId) {
+        let Some(number) = (id >> 32).checked_sub(self.first) else { return };
+        if let Some(slot) = self.chunks.get_mut(number as usize)
+            && let Some(chunk) = slot
+        {
+            chunk.held -= 1;
+            if chunk.held == 0 {
+                *slot = None;
+            }
+        }
+        while let Some(None) = self.chunks.front() {
+            self.chunks.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Rows kept, over all chunks.
+    pub fn rows(&self) -> usize {
+        self.chunks.iter().flatten().map(|c| c.batch.num_rows()).sum()
+    }
+
+    /// The rows `ids`, as one batch of `schema`'s columns `columns`.
+    fn take(&self, schema: &SchemaRef, ids: &[RowId], columns: &[usize]) -> Result<Vec<ArrayRef>, MatchError> {
+        let mut chunks: Vec<u64> = ids.iter().map(|id| id >> 32).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        let batches: Vec<&RecordBatch> = chunks
+            .iter()
+            .map(|n| self.locate(n << 32).map(|(b, _)| b))
+            .collect::<Option<_>>()
+            .ok_or_else(|| MatchError::Evaluation("a row no longer kept".into()))?;
+        let indices: Vec<(usize, usize)> = ids
+            .iter()
+            .map(|id| (chunks.binary_search(&(id >> 32)).unwrap_or(0), (id & 0xffff_ffff) as usize))
+            .collect();
+        columns
+            .iter()
+            .map(|c| {
+                if batches.is_empty() {
+                    return Ok(new_null_array(schema.field(*c).data_type(), 0));
+                }
+                let arrays: Vec<&dyn Array> = batches.iter().map(|b| b.column(*c).as_ref()).collect();
+                Ok(interleave(&arrays, &indices)?)
+            })
+            .collect()
+    }
+}
+
+/// One partition's rows (from the first any match may still look at) and how far matching got in it. Positions
+/// count the partition's rows from its first ever.
+#[derive(Debug)]
+pub struct PartitionMatch {
+    /// The position of `rows[0]`.
+    base: usize,
+    rows: VecDeque<RowId>,
+    /// Where the next match attempt starts.
+    next: usize,
+    attempt: Option<Attempt>,
+    match_number: i64,
+}
+
+impl Default for PartitionMatch {
+    fn default() -> Self {
+        PartitionMatch { base: 0, rows: VecDeque::new(), next: 0, attempt: None, match_number: 1 }
+    }
+}
+
+impl PartitionMatch {
+    /// Appends rows, in order.
+    pub fn extend(&mut self, ids: impl IntoIterator<Item = RowId>) {
+        self.rows.extend(ids);
+    }
+
+    /// Whether nothing is held: no rows and no attempt under way.
+    pub fn is_idle(&self) -> bool {
+        self.rows.is_empty() && self.attempt.is_none()
+    }
+
+    /// The rows held, in order.
+    pub fn held(&self) -> impl Iterator<Item = RowId> + '_ {
+        self.rows.iter().copied()
+    }
+
+    /// What a checkpoint keeps besides the rows: the positions and the next match number.
+    pub fn positions(&self) -> [i64; 3] {
+        [self.base as i64, self.next as i64, self.match_number]
+    }
+
+    /// A partition restored from [`PartitionMatch::positions`] and its rows; its attempt is found again by matching.
+    pub fn restored(positions: [i64; 3], rows: impl IntoIterator<Item = RowId>) -> Self {
+        let [base, next, match_number] = positions.map(|p| p.max(0));
+        PartitionMatch {
+            base: base as usize,
+            rows: rows.into_iter().collect(),
+            next: next as usize,
+            attempt: None,
+            match_number,
+        }
+    }
+
+    /// Lets go of the rows before position `keep`.
+    fn trim(&mut self, keep: usize, store: &mut RowStore) {
+        while self.base < keep
+            && let Some(id) = self.rows.pop_front()
+        {
+            store.release(id);
+            self.base += 1;
+        }
+    }
+}
+
+/// What is known while matching in one partition.
 struct Context<'a> {
-    columns: &'a [ArrayRef],
-    /// Rows of the partition, in order: indexes into `columns`.
-    rows: &'a [usize],
+    store: &'a RowStore,
+    /// The partition's rows, the first at position `base`.
+    rows: &'a VecDeque<RowId>,
+    base: usize,
     variables: &'a [String],
     /// The members of each `SUBSET`.
     subsets: &'a [Vec<usize>],
@@ -76,7 +234,10 @@ impl Context<'_> {
     }
 
     fn value(&self, position: usize, column: usize) -> Result<ScalarValue, MatchError> {
-        Ok(ScalarValue::try_from_array(&self.columns[column], self.rows[position])?)
+        match position.checked_sub(self.base).and_then(|p| self.rows.get(p)) {
+            Some(id) => self.store.value(*id, column),
+            None => Ok(ScalarValue::Null),
+        }
     }
 
     fn evaluate(&self, expr: &MatchExpr, matched: &Matched<'_>, shift: i64) -> Result<ScalarValue, MatchError> {
@@ -89,8 +250,9 @@ impl Context<'_> {
                     // The variable's last row: the current one when it is counted as that variable.
                     Some(_) => matched.rows_of(self.member(*variable)).last().copied(),
                 };
-                let shifted =
-                    position.and_then(|p| p.checked_add_signed(-shift as isize)).filter(|p| *p < self.rows.len());
+                let shifted = position
+                    .and_then(|p| p.checked_add_signed(-shift as isize))
+                    .filter(|p| *p >= self.base && *p - self.base < self.rows.len());
                 match shifted {
                     Some(p) => self.value(p, *column)?,
                     None => return null(),
@@ -191,26 +353,13 @@ fn binary(left: ScalarValue, op: BinaryOp, right: ScalarValue) -> Result<ScalarV
     })
 }
 
-/// Two values of one type: numbers widened to the wider of the two (integers to `Int64`, anything with a float or
-/// decimal to `Float64`), so literals compare with columns.
+/// Two values of one type ([`common_type`]), so literals compare with columns.
 fn coerce(left: ScalarValue, right: ScalarValue) -> Result<(ScalarValue, ScalarValue), MatchError> {
     let (l, r) = (left.data_type(), right.data_type());
     if l == r {
         return Ok((left, right));
     }
-    let target = if l.is_integer() && r.is_integer() {
-        DataType::Int64
-    } else if l.is_numeric() && r.is_numeric() {
-        DataType::Float64
-    } else if matches!(l, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-        && matches!(r, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-    {
-        DataType::Utf8
-    } else if matches!(l, DataType::Timestamp(..)) {
-        l.clone()
-    } else {
-        r.clone()
-    };
+    let target = common_type(&l, &r);
     Ok((left.cast_to(&target)?, right.cast_to(&target)?))
 }
 
@@ -252,106 +401,178 @@ fn aggregate(function: Aggregate, values: Vec<ScalarValue>) -> Result<ScalarValu
     Ok(result)
 }
 
-/// Runs a compiled `MATCH_RECOGNIZE`.
-pub trait RunMatchRecognize {
-    /// One row per match over all of `batches`: the partition columns, then the measures.
-    fn run(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError>;
+/// Output rows of matching, before they become a batch: the input row each stands for, and its measures.
+#[derive(Debug, Default)]
+pub struct Output {
+    rows: Vec<RowId>,
+    measures: Vec<Vec<ScalarValue>>,
 }
 
-impl RunMatchRecognize for MatchRecognize {
-    fn run(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError> {
-        run(self, schema, batches)
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn push(&mut self, row: RowId, measures: impl IntoIterator<Item = ScalarValue>) {
+        self.rows.push(row);
+        for (column, value) in measures.into_iter().enumerate() {
+            if self.measures.len() <= column {
+                self.measures.resize_with(column + 1, Vec::new);
+            }
+            self.measures[column].push(value);
+        }
     }
 }
 
-fn run(spec: &MatchRecognize, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError> {
-    Runner { spec }.run(schema, batches)
+/// A compiled `MATCH_RECOGNIZE` ready to run over rows of one input schema, all at once ([`Matcher::run`]) or a
+/// partition at a time as rows arrive ([`Matcher::run_partition`]).
+#[derive(Debug)]
+pub struct Matcher {
+    spec: MatchRecognize,
+    program: Program,
+    input: SchemaRef,
+    output: SchemaRef,
+    /// Input columns first in the output (the partition columns; for ALL ROWS PER MATCH the order columns too),
+    /// then the measures, then `trailing`.
+    leading: Vec<usize>,
+    trailing: Vec<usize>,
+    /// How many rows before a match its expressions may look at (`PREV`).
+    lookback: usize,
 }
 
-struct Runner<'s> {
-    spec: &'s MatchRecognize,
-}
-
-impl std::ops::Deref for Runner<'_> {
+impl std::ops::Deref for Matcher {
     type Target = MatchRecognize;
     fn deref(&self) -> &MatchRecognize {
-        self.spec
+        &self.spec
     }
 }
 
-impl Runner<'_> {
-    fn run(&self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError> {
-        let program = Program::compile(&self.pattern)?;
-        let input = datafusion::arrow::compute::concat_batches(schema, batches)?;
+impl Matcher {
+    pub fn try_new(spec: MatchRecognize, input: SchemaRef) -> Result<Self, MatchError> {
+        let program = Program::compile(&spec.pattern)?;
+        // ONE ROW PER MATCH: the partition columns, then the measures. ALL ROWS PER MATCH: the partition and order
+        // columns, the measures, then the other input columns.
+        let (leading, trailing): (Vec<usize>, Vec<usize>) = match spec.rows_per_match {
+            RowsPerMatch::One => (spec.partition_by.clone(), Vec::new()),
+            RowsPerMatch::All { .. } => {
+                let mut leading = spec.partition_by.clone();
+                leading.extend(spec.order_by.iter().map(|(c, _)| *c).filter(|c| !spec.partition_by.contains(c)));
+                let trailing = (0..input.fields().len()).filter(|c| !leading.contains(c)).collect();
+                (leading, trailing)
+            }
+        };
+        let mut fields: Vec<Field> = leading.iter().map(|c| input.field(*c).as_ref().clone()).collect();
+        fields.extend(spec.measures.iter().map(|(name, expr)| Field::new(name, expr.data_type(&input), true)));
+        fields.extend(trailing.iter().map(|c| input.field(*c).as_ref().clone().with_nullable(true)));
+        let lookback = spec
+            .defines
+            .iter()
+            .flatten()
+            .chain(spec.measures.iter().map(|(_, m)| m))
+            .map(MatchExpr::lookback)
+            .max()
+            .unwrap_or(0);
+        Ok(Matcher { spec, program, input, output: Arc::new(Schema::new(fields)), leading, trailing, lookback })
+    }
+
+    /// The schema of the output rows.
+    pub fn schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    /// Matches all of `batches` (rows of the input schema).
+    pub fn run(&self, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError> {
+        let input = datafusion::arrow::compute::concat_batches(&self.input, batches)?;
+        let mut store = RowStore::default();
+        let first = store.push(input.clone());
+        let mut out = Output::default();
+        for rows in self.partitions(&input)? {
+            let mut partition = PartitionMatch::default();
+            partition.extend(rows.into_iter().map(|r| first + r as RowId));
+            self.run_partition(&store, &mut partition, true, None, &mut out)?;
+        }
+        self.output(&store, out)
+    }
+
+    /// The rows of `batch` grouped by partition (in order of the partition keys), each partition's rows in the
+    /// `ORDER BY` order.
+    pub fn partitions(&self, batch: &RecordBatch) -> Result<Vec<Vec<usize>>, MatchError> {
         let sort: Vec<SortColumn> = self
             .partition_by
             .iter()
             .map(|c| (*c, false))
             .chain(self.order_by.iter().copied())
             .map(|(c, descending)| SortColumn {
-                values: input.column(c).clone(),
+                values: batch.column(c).clone(),
                 options: Some(datafusion::arrow::compute::SortOptions { descending, nulls_first: !descending }),
             })
             .collect();
         let order: Vec<usize> = match sort.is_empty() {
-            true => (0..input.num_rows()).collect(),
+            true => (0..batch.num_rows()).collect(),
             false => lexsort_to_indices(&sort, None)?.values().iter().map(|i| *i as usize).collect(),
         };
-        let keys = match self.partition_by.is_empty() {
-            true => None,
-            false => {
-                let fields = self.partition_by.iter().map(|c| SortField::new(schema.field(*c).data_type().clone()));
-                let converter = RowConverter::new(fields.collect())?;
-                let columns: Vec<ArrayRef> = self.partition_by.iter().map(|c| input.column(*c).clone()).collect();
-                Some(converter.convert_columns(&columns)?)
-            }
-        };
-        let mut output_rows: Vec<usize> = Vec::new();
-        let mut measures: Vec<Vec<ScalarValue>> = vec![Vec::new(); self.measures.len()];
-        let mut start = 0;
-        while start < order.len() {
-            let mut end = start + 1;
-            if let Some(keys) = &keys {
-                while end < order.len() && keys.row(order[end]) == keys.row(order[start]) {
-                    end += 1;
-                }
-            } else {
-                end = order.len();
-            }
-            self.partition(input.columns(), &order[start..end], &program, &mut output_rows, &mut measures)?;
-            start = end;
+        if self.partition_by.is_empty() {
+            return Ok(if order.is_empty() { Vec::new() } else { vec![order] });
         }
-        self.output(schema, &input, &output_rows, measures)
+        let keys = self.partition_keys(batch)?;
+        let mut partitions: Vec<Vec<usize>> = Vec::new();
+        for row in order {
+            match partitions.last_mut() {
+                Some(current) if keys.row(current[0]) == keys.row(row) => current.push(row),
+                _ => partitions.push(vec![row]),
+            }
+        }
+        Ok(partitions)
     }
 
-    /// Matches one partition, adding its output rows: the input row each stands for (the partition's first for ONE
-    /// ROW PER MATCH) and the measures.
-    fn partition(
+    /// The partition key of each row of `batch`, comparable as bytes.
+    pub fn partition_keys(&self, batch: &RecordBatch) -> Result<datafusion::arrow::row::Rows, MatchError> {
+        let fields = self.partition_by.iter().map(|c| SortField::new(self.input.field(*c).data_type().clone()));
+        let converter = RowConverter::new(fields.collect())?;
+        let columns: Vec<ArrayRef> = self.partition_by.iter().map(|c| batch.column(*c).clone()).collect();
+        Ok(converter.convert_columns(&columns)?)
+    }
+
+    /// Matches in one partition as far as its rows known so far allow, adding the output rows of every match decided
+    /// to `out`. `ended`: the partition has no more rows to come. `watermark`: no rows at or before this time are to
+    /// come, so partial matches `WITHIN` rules out are dropped.
+    pub fn run_partition(
         &self,
-        columns: &[ArrayRef],
-        rows: &[usize],
-        program: &Program,
-        output_rows: &mut Vec<usize>,
-        measures: &mut [Vec<ScalarValue>],
+        store: &RowStore,
+        partition: &mut PartitionMatch,
+        ended: bool,
+        watermark: Option<i64>,
+        out: &mut Output,
     ) -> Result<(), MatchError> {
-        let mut context =
-            Context { columns, rows, variables: &self.variables, subsets: &self.subsets, match_number: 1 };
-        let mut failure = None;
-        let mut at = 0;
-        while at < rows.len() {
+        let all = match self.rows_per_match {
+            RowsPerMatch::One => None,
+            RowsPerMatch::All { show_empty, unmatched } => Some((show_empty, unmatched)),
+        };
+        let nulls = || self.measures.iter().map(|_| ScalarValue::Null);
+        loop {
+            let known = partition.base + partition.rows.len();
+            let mut attempt = match partition.attempt.take() {
+                Some(attempt) => attempt,
+                None if partition.next < known => self.program.begin(partition.next, known, ended)?,
+                None => return Ok(()),
+            };
+            let context = Context {
+                store,
+                rows: &partition.rows,
+                base: partition.base,
+                variables: &self.variables,
+                subsets: &self.subsets,
+                match_number: partition.match_number,
+            };
+            let time = self.order_by.first().map(|(c, _)| *c);
+            let time_at = |position: usize| time.and_then(|t| time_of(&context.value(position, t).ok()?));
+            let mut failure = None;
             let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
                 if let (Some(within), Some(first)) = (self.within, matched.first())
-                    && let Some((time, _)) = self.order_by.first()
+                    && let (Some(start), Some(now)) = (time_at(first.row), time_at(row))
+                    && now - start > within
                 {
-                    let at = |position: usize| match context.value(position, *time) {
-                        Ok(value) => time_of(&value),
-                        Err(_) => None,
-                    };
-                    if let (Some(start), Some(now)) = (at(first.row), at(row))
-                        && now - start > within
-                    {
-                        return false;
-                    }
+                    return false;
                 }
                 let Some(condition) = &self.defines[variable] else { return true };
                 let tried = Matched { rows: matched, current: row, current_variable: Some(variable) };
@@ -364,37 +585,45 @@ impl Runner<'_> {
                     }
                 }
             };
-            let found = program.match_at(rows.len(), at, &mut accepts)?;
+            let mut decided = self.program.advance(&mut attempt, known, ended, &mut accepts)?;
+            if decided.is_none()
+                && let (Some(within), Some(watermark)) = (self.within, watermark)
+            {
+                // Rows to come are later than the watermark: a partial match begun `within` or longer before it
+                // can take none of them.
+                self.program.expire(&mut attempt, &mut |matched| {
+                    matched.first().and_then(|f| time_at(f.row)).is_some_and(|start| watermark - start >= within)
+                });
+                decided = self.program.advance(&mut attempt, known, ended, &mut accepts)?;
+            }
             if let Some(err) = failure.take() {
                 return Err(err);
             }
-            let all = match self.rows_per_match {
-                RowsPerMatch::One => None,
-                RowsPerMatch::All { show_empty, unmatched } => Some((show_empty, unmatched)),
+            let Some(found) = decided else {
+                partition.attempt = Some(attempt);
+                return Ok(());
             };
+            let at = partition.next;
+            let id = |position: usize| partition.rows[position - partition.base];
             match found {
                 None => {
                     if let Some((_, true)) = all {
                         // An unmatched row, with NULL measures.
-                        output_rows.push(rows[at]);
-                        measures.iter_mut().for_each(|values| values.push(ScalarValue::Null));
+                        out.push(id(at), nulls());
                     }
-                    at += 1;
+                    partition.next = at + 1;
                 }
                 Some(matched) if matched.is_empty() => {
                     // An empty match: a row for where it starts, measures over no rows (unless omitted).
                     if all.is_none_or(|(show_empty, _)| show_empty) {
                         let none = Matched { rows: &[], current: at, current_variable: None };
-                        for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
-                            values.push(context.evaluate(measure, &none, 0)?);
-                        }
-                        output_rows.push(if all.is_some() { rows[at] } else { rows[0] });
+                        let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &none, 0));
+                        out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
                     } else if let Some((_, true)) = all {
-                        output_rows.push(rows[at]);
-                        measures.iter_mut().for_each(|values| values.push(ScalarValue::Null));
+                        out.push(id(at), nulls());
                     }
-                    context.match_number += 1;
-                    at += 1;
+                    partition.match_number += 1;
+                    partition.next = at + 1;
                 }
                 Some(matched) => {
                     let last = matched[matched.len() - 1].row;
@@ -402,19 +631,15 @@ impl Runner<'_> {
                         // Each row of the match (but the excluded), its measures over the match up to it.
                         for (n, row) in matched.iter().enumerate().filter(|(_, c)| !c.excluded) {
                             let upto = Matched { rows: &matched[..=n], current: row.row, current_variable: None };
-                            for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
-                                values.push(context.evaluate(measure, &upto, 0)?);
-                            }
-                            output_rows.push(rows[row.row]);
+                            let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &upto, 0));
+                            out.push(id(row.row), measures.collect::<Result<Vec<_>, _>>()?);
                         }
                     } else {
                         let whole = Matched { rows: &matched, current: last, current_variable: None };
-                        for (values, (_, measure)) in measures.iter_mut().zip(&self.measures) {
-                            values.push(context.evaluate(measure, &whole, 0)?);
-                        }
-                        output_rows.push(rows[0]);
+                        let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &whole, 0));
+                        out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
                     }
-                    context.match_number += 1;
+                    partition.match_number += 1;
                     let first_of =
                         |v: usize| matched.iter().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
                     let last_of =
@@ -430,55 +655,41 @@ impl Runner<'_> {
                             "AFTER MATCH SKIP would start the next match where this one started".into(),
                         ));
                     }
-                    at = next;
+                    partition.next = next;
                 }
             }
         }
-        Ok(())
     }
 
-    fn output(
-        &self,
-        schema: &SchemaRef,
-        input: &RecordBatch,
-        output_rows: &[usize],
-        measures: Vec<Vec<ScalarValue>>,
-    ) -> Result<RecordBatch, MatchError> {
-        let indices = datafusion::arrow::array::UInt64Array::from_iter_values(output_rows.iter().map(|r| *r as u64));
-        let mut fields: Vec<Field> = Vec::new();
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        // ONE ROW PER MATCH: the partition columns, then the measures. ALL ROWS PER MATCH: the partition and order
-        // columns, the measures, then the other input columns.
-        let (leading, trailing): (Vec<usize>, Vec<usize>) = match self.rows_per_match {
-            RowsPerMatch::One => (self.partition_by.clone(), Vec::new()),
-            RowsPerMatch::All { .. } => {
-                let mut leading = self.partition_by.clone();
-                leading.extend(self.order_by.iter().map(|(c, _)| *c).filter(|c| !self.partition_by.contains(c)));
-                let trailing = (0..schema.fields().len()).filter(|c| !leading.contains(c)).collect();
-                (leading, trailing)
-            }
-        };
-        for c in &leading {
-            fields.push(schema.field(*c).as_ref().clone());
-            columns.push(take(input.column(*c), &indices, None)?);
-        }
-        for ((name, _), values) in self.measures.iter().zip(measures) {
-            let data_type = values.iter().find(|v| !v.is_null()).map(ScalarValue::data_type).unwrap_or(DataType::Null);
+    /// Lets go of the rows of `partition` no match to come can look at.
+    pub fn trim(&self, partition: &mut PartitionMatch, store: &mut RowStore) {
+        let keep = partition.next.saturating_sub(self.lookback);
+        partition.trim(keep, store);
+    }
+
+    /// The output rows as a batch of [`Matcher::schema`].
+    pub fn output(&self, store: &RowStore, out: Output) -> Result<RecordBatch, MatchError> {
+        let Output { rows, mut measures } = out;
+        measures.resize_with(self.measures.len(), Vec::new);
+        let mut columns = store.take(&self.input, &rows, &self.leading)?;
+        for (values, field) in measures.into_iter().zip(&self.output.fields()[self.leading.len()..]) {
+            let data_type = field.data_type();
             let array = match data_type {
-                _ if values.is_empty() => new_null_array(&DataType::Null, 0),
-                DataType::Null => new_null_array(&DataType::Null, values.len()),
-                ref t => {
-                    let values = values.into_iter().map(|v| if v.is_null() { ScalarValue::try_from(t) } else { Ok(v) });
+                _ if values.is_empty() => new_empty_array(data_type),
+                DataType::Null => new_null_array(data_type, values.len()),
+                _ => {
+                    let values = values.into_iter().map(|v| match v.is_null() {
+                        true => ScalarValue::try_from(data_type),
+                        false if v.data_type() == *data_type => Ok(v),
+                        false => v.cast_to(data_type),
+                    });
                     ScalarValue::iter_to_array(values.collect::<Result<Vec<_>, _>>()?)?
                 }
             };
-            fields.push(Field::new(name, array.data_type().clone(), true));
             columns.push(array);
         }
-        for c in &trailing {
-            fields.push(schema.field(*c).as_ref().clone().with_nullable(true));
-            columns.push(take(input.column(*c), &indices, None)?);
-        }
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+        columns.extend(store.take(&self.input, &rows, &self.trailing)?);
+        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len()));
+        Ok(RecordBatch::try_new_with_options(self.output.clone(), columns, &options)?)
     }
 }

@@ -21,7 +21,7 @@ use weir_common::pattern::{RowsPerMatch, SkipTo};
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::row_pattern::{MatchRecognizeAst, RowPatternClause, compile_match_recognize};
 use weir_planner::{ParsedStatement, WeirStatement};
-use weir_runtime::match_recognize::RunMatchRecognize;
+use weir_runtime::match_recognize::Matcher;
 
 use crate::session::{Outcome, Session};
 
@@ -246,8 +246,8 @@ impl Resolver<'_> {
                     .await
                     .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
                 let batches = df.collect().await.map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let result = spec
-                    .run(&input_schema, &batches)
+                let result = Matcher::try_new(spec, input_schema.clone())
+                    .and_then(|matcher| matcher.run(&batches))
                     .map_err(|e| ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}")))?;
                 let name = format!("matches_{}", self.tables);
                 self.tables += 1;
