@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   input rows --Feeds--> [below: stateless DataFusion plan] --> (window aggregate) --Feed--> [above] --> view rows
+//!                                                                 (or MATCH_RECOGNIZE)
 //! ```
 //!
 //! `below` and `above` are DataFusion physical plans over [`FeedExec`](crate::feed::FeedExec) leaves; the window
@@ -15,6 +16,7 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 
 use crate::feed::Feed;
+use crate::pattern::MatchRecognize;
 
 /// One aggregate of a query: the function with its input expressions, and the optional `FILTER (WHERE ...)`.
 #[derive(Debug, Clone)]
@@ -46,6 +48,14 @@ pub struct SessionSpec {
     pub partition: Vec<usize>,
 }
 
+/// A `MATCH_RECOGNIZE` in a view: the compiled clause over rows of `input`, whose first `ORDER BY` column is the
+/// event time the watermark bounds.
+#[derive(Debug, Clone)]
+pub struct MatchRecognizeStage {
+    pub input: SchemaRef,
+    pub spec: MatchRecognize,
+}
+
 /// A source's `WATERMARK FOR column AS expr`, compiled.
 #[derive(Debug, Clone)]
 pub struct WatermarkSpec {
@@ -69,7 +79,9 @@ pub struct StreamingPlan {
     pub inputs: Vec<StreamInput>,
     pub below: Arc<dyn ExecutionPlan>,
     pub aggregate: Option<WindowAggregateSpec>,
-    /// Where the aggregate's output goes, and the plan over it.
+    /// A `MATCH_RECOGNIZE` over the rows of `below` (a view has it or an aggregate, not both).
+    pub match_recognize: Option<MatchRecognizeStage>,
+    /// Where the aggregate's (or the matcher's) output goes, and the plan over it.
     pub above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
     /// Schema of the view's rows.
     pub schema: SchemaRef,

@@ -12,10 +12,12 @@
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
 //!   readable as a stream by views over it.
-//! - [`match_recognize`]: `MATCH_RECOGNIZE` over rows at rest (a SELECT over a table or view), one row per match or
-//!   all rows per match.
+//! - [`match_recognize`]: [`match_recognize::Matcher`], `MATCH_RECOGNIZE` partition by partition (rows, measures, one
+//!   row or all rows per match), over rows at rest (a SELECT) or a partition's rows as they come.
+//! - [`match_stream`]: [`match_stream::MatchStream`], `MATCH_RECOGNIZE` in a view: rows held until the watermark
+//!   passes them, matched in event-time order, matches emitted as soon as they are decided.
 //! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
-//!   order (used by [`match_recognize`]; not yet by views over streams).
+//!   order, resumable as rows arrive.
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //!
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
@@ -23,6 +25,7 @@
 
 mod groups;
 pub mod match_recognize;
+pub mod match_stream;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
@@ -45,6 +48,8 @@ pub enum RuntimeError {
     NotATimestamp(String),
     #[error("internal error: the plan has {0} inputs, not {1}")]
     Inputs(usize, usize),
+    #[error("MATCH_RECOGNIZE failed: {0}")]
+    Match(String),
     #[error(transparent)]
     State(#[from] state::StateError),
 }

@@ -93,13 +93,13 @@ impl RowStore {
         }
     }
 
-    /// Rows kept, over all chunks.
+    /// Rows partitions hold, over all chunks.
     pub fn rows(&self) -> usize {
-        self.chunks.iter().flatten().map(|c| c.batch.num_rows()).sum()
+        self.chunks.iter().flatten().map(|c| c.held).sum()
     }
 
     /// The rows `ids`, as one batch of `schema`'s columns `columns`.
-    fn take(&self, schema: &SchemaRef, ids: &[RowId], columns: &[usize]) -> Result<Vec<ArrayRef>, MatchError> {
+    pub fn take(&self, schema: &SchemaRef, ids: &[RowId], columns: &[usize]) -> Result<Vec<ArrayRef>, MatchError> {
         let mut chunks: Vec<u64> = ids.iter().map(|id| id >> 32).collect();
         chunks.sort_unstable();
         chunks.dedup();
@@ -150,9 +150,9 @@ impl PartitionMatch {
         self.rows.extend(ids);
     }
 
-    /// Whether nothing is held: no rows and no attempt under way.
-    pub fn is_idle(&self) -> bool {
-        self.rows.is_empty() && self.attempt.is_none()
+    /// Whether a match attempt is under way, waiting for rows (or for time to rule its partial matches out).
+    pub fn waiting(&self) -> bool {
+        self.attempt.is_some()
     }
 
     /// The rows held, in order.
@@ -661,9 +661,12 @@ impl Matcher {
         }
     }
 
-    /// Lets go of the rows of `partition` no match to come can look at.
-    pub fn trim(&self, partition: &mut PartitionMatch, store: &mut RowStore) {
-        let keep = partition.next.saturating_sub(self.lookback);
+    /// Lets go of the rows of `partition` no match to come can look at (all of them once it `ended`).
+    pub fn trim(&self, partition: &mut PartitionMatch, store: &mut RowStore, ended: bool) {
+        let keep = match ended {
+            true => partition.base + partition.rows.len(),
+            false => partition.next.saturating_sub(self.lookback),
+        };
         partition.trim(keep, store);
     }
 

@@ -34,6 +34,7 @@ use weir_common::feed::Feed;
 use weir_common::plan::{StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
+use crate::match_stream::MatchStream;
 use crate::materialize::ViewChange;
 use crate::operator::Operator;
 use crate::session_aggregate::{SessionAggregate, SessionKeys};
@@ -49,6 +50,7 @@ pub const OPEN_SESSIONS: i64 = i64::MIN;
 enum Aggregation {
     Windows(Box<WindowAggregate>),
     Sessions(Box<SessionAggregate>),
+    Matches(Box<MatchStream>),
 }
 
 impl Aggregation {
@@ -56,6 +58,7 @@ impl Aggregation {
         match self {
             Aggregation::Windows(a) => a.as_mut(),
             Aggregation::Sessions(a) => a.as_mut(),
+            Aggregation::Matches(m) => m.as_mut(),
         }
     }
 }
@@ -161,7 +164,15 @@ impl Pipeline {
                     )?)),
                 })
             }
-            None => None,
+            None => match &plan.match_recognize {
+                Some(stage) => {
+                    if let Some(missing) = plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none()) {
+                        return Err(RuntimeError::NeedsWatermark(missing.0.relation.clone()));
+                    }
+                    Some(Aggregation::Matches(Box::new(MatchStream::try_new(stage.spec.clone(), stage.input.clone())?)))
+                }
+                None => None,
+            },
         };
         let inputs = watermarks.into_iter().map(Input::new).collect();
         Ok(Pipeline { plan, inputs, combined: None, aggregate, task, pending: Vec::new() })
@@ -194,6 +205,7 @@ impl Pipeline {
         match &self.aggregate {
             Some(Aggregation::Windows(a)) => a.late_rows(),
             Some(Aggregation::Sessions(a)) => a.late_rows(),
+            Some(Aggregation::Matches(m)) => m.late_rows(),
             None => 0,
         }
     }
@@ -203,6 +215,7 @@ impl Pipeline {
         match &mut self.aggregate {
             Some(Aggregation::Windows(a)) => a.take_late(),
             Some(Aggregation::Sessions(a)) => a.take_late(),
+            Some(Aggregation::Matches(m)) => m.take_late(),
             None => Vec::new(),
         }
     }
@@ -354,6 +367,7 @@ impl Pipeline {
                         self.pending.push(ViewChange::Replace { window, rows });
                     }
                 }
+                Some(Aggregation::Matches(_)) => {}
                 Some(Aggregation::Sessions(aggregate)) => {
                     if let Some(open) = aggregate.snapshot()? {
                         let mut rows = Vec::new();
@@ -388,6 +402,11 @@ impl Pipeline {
                     aggregate.on_data(batch)?;
                 }
             }
+            Some(Aggregation::Matches(matches)) => {
+                for batch in &rows {
+                    matches.on_data(batch)?;
+                }
+            }
             None => self.pending.push(ViewChange::Append(rows)),
         }
         Ok(())
@@ -408,6 +427,13 @@ impl Pipeline {
             // next publish).
             Some(Aggregation::Sessions(aggregate)) => {
                 for rows in aggregate.close(watermark)? {
+                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    self.pending.push(ViewChange::Append(rows));
+                }
+            }
+            // Matches are final once decided.
+            Some(Aggregation::Matches(matches)) => {
+                if let Some(rows) = matches.advance(watermark)? {
                     let rows = above(&self.plan.above, rows, &self.task).await?;
                     self.pending.push(ViewChange::Append(rows));
                 }

@@ -1,0 +1,389 @@
+//! `MATCH_RECOGNIZE` over a stream, driven by the watermark.
+//!
+//! ```text
+//!   rows --> late? --yes--> set aside, counted
+//!             | no
+//!             v
+//!         pending (later than the watermark) --watermark W--> rows at or before W, sorted by partition and time
+//!                                                                  |
+//!                         per partition: rows kept, match attempt <+  --> matches decided --> output rows
+//! ```
+//!
+//! A row is held until the watermark passes it, then released to its partition in `ORDER BY` order, so the matches
+//! never depend on the order rows arrived in (within the watermark's bound on disorder). A row at or before the
+//! watermark when it arrives is late: the rows around it were already matched. Each partition runs its attempt as
+//! far as its rows allow ([`Matcher::run_partition`]): a match is emitted as soon as no preferred partial match is
+//! alive, and `WITHIN` drops partial matches the watermark has put out of reach, so a partition keeps only the rows
+//! of its undecided attempt (and the few before it `PREV` looks at). When the input ends (watermark
+//! [`END_OF_TIME`]), every partition ends too and its last attempts are decided, as a batch query would.
+//!
+//! A checkpoint writes the watermark, the rows pending and each changed partition's rows with its positions; a
+//! restored partition finds its attempt again by matching its rows (matching is deterministic).
+
+use std::collections::{HashMap, HashSet};
+
+use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use weir_common::pattern::MatchRecognize;
+use weir_common::stream::{END_OF_TIME, Watermark};
+
+use crate::groups::{Progress, arrow_err};
+use crate::match_recognize::{MatchError, Matcher, Output, PartitionMatch, RowId, RowStore};
+use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_batches, encode_batches};
+use crate::{Result, RuntimeError};
+
+const PENDING_KEY: &[u8] = b"q";
+const PARTITION_TAG: u8 = b'p';
+
+/// The `MATCH_RECOGNIZE` operator of a view.
+#[derive(Debug)]
+pub struct MatchStream {
+    matcher: Matcher,
+    input: SchemaRef,
+    /// The event-time column: the first `ORDER BY` column.
+    time: usize,
+    progress: Progress,
+    /// Rows later than the watermark, waiting for it.
+    pending: Vec<RecordBatch>,
+    store: RowStore,
+    partitions: HashMap<Vec<u8>, PartitionMatch>,
+    /// Partitions changed since the last checkpoint.
+    unsaved: HashSet<Vec<u8>>,
+}
+
+impl MatchStream {
+    pub fn try_new(spec: MatchRecognize, input: SchemaRef) -> Result<Self> {
+        let time = match spec.order_by.first() {
+            Some((column, false)) if matches!(input.field(*column).data_type(), DataType::Timestamp(..)) => *column,
+            _ => return Err(RuntimeError::NotATimestamp("the first ORDER BY column of MATCH_RECOGNIZE".into())),
+        };
+        let matcher = Matcher::try_new(spec, input.clone()).map_err(matching)?;
+        Ok(MatchStream {
+            matcher,
+            input,
+            time,
+            progress: Progress::default(),
+            pending: Vec::new(),
+            store: RowStore::default(),
+            partitions: HashMap::new(),
+            unsaved: HashSet::new(),
+        })
+    }
+
+    /// The schema of the output rows.
+    pub fn schema(&self) -> SchemaRef {
+        self.matcher.schema()
+    }
+
+    /// Rows that arrived at or before the watermark (or without an event time).
+    pub fn late_rows(&self) -> u64 {
+        self.progress.late_rows()
+    }
+
+    /// Takes the late rows set aside since the last call.
+    pub fn take_late(&mut self) -> Vec<RecordBatch> {
+        self.progress.take_late()
+    }
+
+    /// Rows held: waiting for the watermark, and kept by partitions for their undecided matches.
+    pub fn rows_held(&self) -> usize {
+        self.pending.iter().map(RecordBatch::num_rows).sum::<usize>() + self.store.rows()
+    }
+
+    /// Takes a batch of input rows: the late ones are set aside, the others wait for the watermark.
+    pub fn on_data(&mut self, batch: &RecordBatch) -> Result<()> {
+        let watermark = self.progress.watermark;
+        let on_time = self.times(batch, |t| watermark.is_none_or(|w| t > w))?;
+        self.progress.set_aside(batch, &on_time)?;
+        match on_time.true_count() {
+            0 => {}
+            n if n == batch.num_rows() => self.pending.push(batch.clone()),
+            _ => self.pending.push(filter_record_batch(batch, &on_time).map_err(arrow_err)?),
+        }
+        Ok(())
+    }
+
+    /// Whether each row's event time holds `test` (a row without one: no).
+    fn times(&self, batch: &RecordBatch, test: impl Fn(i64) -> bool) -> Result<BooleanArray> {
+        let times = cast(batch.column(self.time), &DataType::Int64).map_err(arrow_err)?;
+        Ok(times.as_primitive::<Int64Type>().iter().map(|t| Some(t.is_some_and(&test))).collect())
+    }
+
+    /// The watermark moved to `watermark`: the rows it passed are matched, and the rows of the matches decided are
+    /// returned.
+    pub fn advance(&mut self, watermark: Watermark) -> Result<Option<RecordBatch>> {
+        if self.progress.watermark.is_some_and(|w| w >= watermark) {
+            return Ok(None);
+        }
+        self.progress.advance(watermark);
+        let mut released = Vec::new();
+        let mut kept = Vec::new();
+        for batch in std::mem::take(&mut self.pending) {
+            let passed = self.times(&batch, |t| t <= watermark)?;
+            match passed.true_count() {
+                0 => kept.push(batch),
+                n if n == batch.num_rows() => released.push(batch),
+                _ => {
+                    released.push(filter_record_batch(&batch, &passed).map_err(arrow_err)?);
+                    let later = datafusion::arrow::compute::not(&passed).map_err(arrow_err)?;
+                    kept.push(filter_record_batch(&batch, &later).map_err(arrow_err)?);
+                }
+            }
+        }
+        self.pending = kept;
+        let mut touched = HashSet::new();
+        if !released.is_empty() {
+            let batch = concat_batches(&self.input, &released).map_err(arrow_err)?;
+            let groups = self.matcher.partitions(&batch).map_err(matching)?;
+            let keys = self.matcher.partition_keys(&batch).map_err(matching)?;
+            let first = self.store.push(batch);
+            for rows in groups {
+                let key = keys.row(rows[0]).as_ref().to_vec();
+                self.partitions.entry(key.clone()).or_default().extend(rows.iter().map(|r| first + *r as RowId));
+                touched.insert(key);
+            }
+        }
+        let ended = watermark == END_OF_TIME;
+        let mut out = Output::default();
+        let mut ran = Vec::new();
+        for (key, partition) in &mut self.partitions {
+            if ended || touched.contains(key) || partition.waiting() {
+                self.matcher
+                    .run_partition(&self.store, partition, ended, Some(watermark), &mut out)
+                    .map_err(matching)?;
+                ran.push(key.clone());
+            }
+        }
+        let output = match out.is_empty() {
+            true => None,
+            false => Some(self.matcher.output(&self.store, out).map_err(matching)?),
+        };
+        for key in ran {
+            if let Some(partition) = self.partitions.get_mut(&key) {
+                self.matcher.trim(partition, &mut self.store, ended);
+            }
+            self.unsaved.insert(key);
+        }
+        Ok(output)
+    }
+}
+
+fn matching(err: MatchError) -> RuntimeError {
+    RuntimeError::Match(err.to_string())
+}
+
+impl Checkpointed for MatchStream {
+    fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
+        self.progress.checkpoint(table, batch);
+        batch.put(table.key(PENDING_KEY), encode_batches(&self.pending)?);
+        let all: Vec<usize> = (0..self.input.fields().len()).collect();
+        for key in std::mem::take(&mut self.unsaved) {
+            let Some(partition) = self.partitions.get(&key) else { continue };
+            let ids: Vec<RowId> = partition.held().collect();
+            let rows = self.store.take(&self.input, &ids, &all).map_err(matching)?;
+            let rows = RecordBatch::try_new(self.input.clone(), rows).map_err(arrow_err)?;
+            let mut value: Vec<u8> = partition.positions().iter().flat_map(|p| p.to_be_bytes()).collect();
+            value.extend(encode_batches(&[rows])?);
+            batch.put(table.key(&partition_key(&key)), value);
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
+        self.progress = Progress::restore(table, store)?;
+        self.pending = match store.get(&table.key(PENDING_KEY))? {
+            Some(bytes) => decode_batches(&bytes)?,
+            None => Vec::new(),
+        };
+        self.store = RowStore::default();
+        self.partitions.clear();
+        self.unsaved.clear();
+        let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
+        for (key, value) in table.scan_prefix(store, &[PARTITION_TAG])? {
+            let positions: Vec<i64> = (0..3)
+                .map(|i| value.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes))
+                .collect::<Option<_>>()
+                .ok_or_else(corrupt)?;
+            let mut ids = Vec::new();
+            for rows in decode_batches(&value[24..])? {
+                let first = self.store.push(rows.clone());
+                ids.extend((0..rows.num_rows()).map(|r| first + r as RowId));
+            }
+            let mut partition = PartitionMatch::restored([positions[0], positions[1], positions[2]], ids);
+            // Matching the rows again finds the attempt under way; its decided matches were emitted before.
+            let mut ignored = Output::default();
+            self.matcher
+                .run_partition(&self.store, &mut partition, false, self.progress.watermark, &mut ignored)
+                .map_err(matching)?;
+            self.partitions.insert(key[1..].to_vec(), partition);
+        }
+        Ok(())
+    }
+}
+
+fn partition_key(key: &[u8]) -> Vec<u8> {
+    let mut full = vec![PARTITION_TAG];
+    full.extend_from_slice(key);
+    full
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{Field, Schema, TimeUnit};
+    use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+    use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, Pattern, RowsPerMatch, SkipTo};
+    use weir_common::stream::Message;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Int64, false),
+            Field::new("value", DataType::Int64, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        ]))
+    }
+
+    fn batch(rows: &[(i64, i64, i64)]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// `PATTERN (A B+ C) DEFINE B AS value > PREV(value), C AS value < PREV(value)` per key, ordered by time (then
+    /// value, so that the order has no ties but between equal rows).
+    fn rising_then_falling(rows_per_match: RowsPerMatch, skip: SkipTo, within: Option<i64>) -> MatchRecognize {
+        let value = |variable: Option<usize>| MatchExpr::Column { variable, column: 1 };
+        let compared = |variable: usize, op: BinaryOp| MatchExpr::Binary {
+            left: Box::new(value(Some(variable))),
+            op,
+            right: Box::new(MatchExpr::Shift { expr: Box::new(value(Some(variable))), offset: 1 }),
+        };
+        MatchRecognize {
+            partition_by: vec![0],
+            order_by: vec![(2, false), (1, false)],
+            pattern: Pattern::Concat(vec![
+                Pattern::Var(0),
+                Pattern::Repeat { inner: Box::new(Pattern::Var(1)), min: 1, max: None, greedy: true },
+                Pattern::Var(2),
+            ]),
+            variables: vec!["a".into(), "b".into(), "c".into()],
+            defines: vec![None, Some(compared(1, BinaryOp::Gt)), Some(compared(2, BinaryOp::Lt))],
+            measures: vec![
+                ("start".into(), MatchExpr::Navigate { variable: Some(0), column: 2, from_end: false, offset: 0 }),
+                ("peak".into(), MatchExpr::Aggregate { function: Aggregate::Max, variable: Some(1), column: Some(1) }),
+                ("rows".into(), MatchExpr::Aggregate { function: Aggregate::Count, variable: None, column: None }),
+                ("n".into(), MatchExpr::MatchNumber),
+                ("class".into(), MatchExpr::Classifier),
+            ],
+            skip,
+            within,
+            rows_per_match,
+            subsets: Vec::new(),
+        }
+    }
+
+    /// Each row of `batches` as text, sorted.
+    fn rows_of(batches: &[RecordBatch]) -> Vec<String> {
+        let mut rows = Vec::new();
+        for batch in batches {
+            let formatters: Vec<ArrayFormatter> = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()).unwrap())
+                .collect();
+            for row in 0..batch.num_rows() {
+                rows.push(formatters.iter().map(|f| f.value(row).to_string()).collect::<Vec<_>>().join("|"));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Property: over random disordered rows cut into random batches, with checkpoints and restarts at random
+    /// points, the stream's matches are exactly a batch query's over the rows on time (row-by-row semantics: a row
+    /// is late when its time is at or before the watermark of the rows before it), and the late rows are counted.
+    #[test]
+    fn a_stream_matches_what_a_batch_query_matches_over_the_rows_on_time() {
+        let mut next = crate::test_rng(0x5eed_1234_abcd_ef01);
+        let mut matched = 0;
+        for case in 0..150 {
+            let delay = next(4) as i64 * 1_000;
+            let len = 1 + next(120) as usize;
+            let rows = crate::disordered_rows(&mut next, len, |next| next(3) as i64 * 500, delay, (8, 3_000, 6_000));
+            let rows_per_match = match next(3) {
+                0 => RowsPerMatch::One,
+                1 => RowsPerMatch::All { show_empty: true, unmatched: false },
+                _ => RowsPerMatch::All { show_empty: true, unmatched: true },
+            };
+            let skip = if next(2) == 0 { SkipTo::PastLastRow } else { SkipTo::NextRow };
+            let within = (next(2) == 0).then(|| 1_000 + next(4) as i64 * 1_000);
+            let spec = rising_then_falling(rows_per_match, skip, within);
+
+            let mut watermark: Option<i64> = None;
+            let mut on_time = Vec::new();
+            let mut late = 0u64;
+            for &(key, value, ts) in &rows {
+                match watermark.is_some_and(|w| ts <= w) {
+                    true => late += 1,
+                    false => on_time.push((key, value, ts)),
+                }
+                watermark = Some(watermark.map_or(ts - delay, |w| w.max(ts - delay)));
+            }
+            let expected = Matcher::try_new(spec.clone(), schema()).unwrap().run(&[batch(&on_time)]).unwrap();
+
+            let mut out = Vec::new();
+            let new_operator = || MatchStream::try_new(spec.clone(), schema()).unwrap();
+            let (mut op, _, _) =
+                crate::feed_with_restarts(&mut next, &rows, batch, delay, new_operator, |op, message| match message {
+                    Message::Data(b) => op.on_data(&b).unwrap(),
+                    Message::Watermark(w) => out.extend(op.advance(w).unwrap()),
+                    _ => {}
+                });
+            out.extend(op.advance(END_OF_TIME).unwrap());
+            matched += expected.num_rows();
+            assert_eq!(rows_of(&out), rows_of(&[expected]), "case {case}: {rows:?} delay {delay} {spec:?}");
+            assert_eq!(op.late_rows(), late, "case {case}");
+            assert_eq!(op.rows_held(), 0, "case {case}: the end decides every match and lets every row go");
+        }
+        assert!(matched > 1_000, "the cases match often enough to say something ({matched} rows)");
+    }
+
+    /// A partial match the watermark puts out of `WITHIN`'s reach is dropped at once, with its rows: a rising run
+    /// that never falls holds only the row `PREV` may look at once the watermark is past it.
+    #[test]
+    fn within_lets_a_partial_match_go_when_the_watermark_passes_it() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, Some(2_000));
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        op.on_data(&batch(&[(1, 1, 0), (1, 2, 1_000), (1, 3, 2_000)])).unwrap();
+        // Watermark 2 s: the attempt from 0 s (A B B) can take no row later than 2 s, so it ends unmatched; the one
+        // from 1 s (A B) waits for a falling row. It may look at the row before it: all 3 are held.
+        assert_eq!(op.advance(2_000).unwrap(), None);
+        assert_eq!(op.rows_held(), 3);
+        // Watermark 3.999 s ends the attempt from 1 s; the one from 2 s (A) waits, holding it and the row before.
+        assert_eq!(op.advance(3_999).unwrap(), None);
+        assert_eq!(op.rows_held(), 2);
+        // Watermark 4 s ends it too: no attempt is under way; the last row is kept for PREV.
+        assert_eq!(op.advance(4_000).unwrap(), None);
+        assert_eq!(op.rows_held(), 1);
+        // A falling row at 5 s comes too late for the run: it starts an attempt of its own, which watermark 10 s
+        // ends unmatched too.
+        op.on_data(&batch(&[(1, 1, 5_000)])).unwrap();
+        assert_eq!(op.advance(10_000).unwrap(), None);
+        assert_eq!(op.rows_held(), 1);
+        assert_eq!(op.late_rows(), 0);
+        // A row at the watermark is late.
+        op.on_data(&batch(&[(1, 0, 10_000)])).unwrap();
+        assert_eq!(op.late_rows(), 1);
+    }
+}
