@@ -40,6 +40,7 @@ impl SqlState {
     pub const AMBIGUOUS_COLUMN: SqlState = SqlState("42702");
     pub const DATATYPE_MISMATCH: SqlState = SqlState("42804");
     pub const WRONG_OBJECT_TYPE: SqlState = SqlState("42809");
+    pub const WINDOWING_ERROR: SqlState = SqlState("42P20");
     pub const INVALID_SCHEMA_NAME: SqlState = SqlState("3F000");
     pub const STATEMENT_TOO_COMPLEX: SqlState = SqlState("54001");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");

@@ -29,7 +29,7 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{Aggregate, SessionSpec, StreamInput, StreamingPlan, WindowAggregateSpec};
+use weir_common::plan::{Aggregate, MatchRecognizeStage, SessionSpec, StreamInput, StreamingPlan, WindowAggregateSpec};
 use weir_common::{ErrorReport, SqlState};
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -123,6 +123,47 @@ pub async fn plan_streaming(
         above: Some((output, above)),
         schema,
         emit_on_window_close,
+    })
+}
+
+/// Plans a view whose query has a `MATCH_RECOGNIZE` as a streaming dataflow: `input` (the clause's input, over the
+/// relations a view can read as streams) runs below the matcher, `outer` (the query over the matches, read from
+/// table `matches`) above it. Both must be stateless: aggregating the matches is a view over this one.
+pub async fn plan_match_recognize(
+    state: &SessionState,
+    input: LogicalPlan,
+    stage: MatchRecognizeStage,
+    outer: &LogicalPlan,
+    inputs: &HashMap<String, SchemaRef>,
+    (matches, schema): (&str, SchemaRef),
+    emit_on_window_close: bool,
+) -> Result<StreamingPlan, ErrorReport> {
+    if emit_on_window_close {
+        return Err(unsupported("EMIT ON WINDOW CLOSE with MATCH_RECOGNIZE")
+            .with_hint("Leave it out: a match appears once, final, as soon as it is decided."));
+    }
+    let below = plan_streaming(state, &input, inputs, false).await?;
+    if below.aggregate.is_some() {
+        return Err(unsupported("MATCH_RECOGNIZE over an aggregation in the same materialized view")
+            .with_hint("Match over the rows of a source or table; aggregate the matches in a view over this one."));
+    }
+    let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), schema)]), false).await?;
+    if over.aggregate.is_some() {
+        return Err(unsupported("aggregating the matches of MATCH_RECOGNIZE in the same materialized view")
+            .with_hint("Create the MATCH_RECOGNIZE view first, then a view aggregating its rows."));
+    }
+    let feed = match over.inputs.as_slice() {
+        [only] if only.feeds.len() == 1 => only.feeds[0].clone(),
+        _ => return Err(unsupported("reading the matches of MATCH_RECOGNIZE twice in one materialized view")),
+    };
+    Ok(StreamingPlan {
+        inputs: below.inputs,
+        below: below.below,
+        aggregate: None,
+        match_recognize: Some(stage),
+        above: Some((feed, over.below)),
+        schema: over.schema,
+        emit_on_window_close: false,
     })
 }
 

@@ -4,12 +4,16 @@
 //!
 //! The tables live in a schema made for the query (`weir.mr_<n>`), dropped once the query is planned (the plan
 //! holds the tables it reads). `EXPLAIN` shows each `MATCH_RECOGNIZE` compiled (its pattern, conditions, measures and
-//! input plan) without running it. Over streams (in a materialized view) it is refused for now.
+//! input plan) without running it.
+//!
+//! In a materialized view (or a sink's query) the `MATCH_RECOGNIZE` is planned, not run: its input becomes the
+//! dataflow below the runtime's matcher, and the rest of the query the plan above it, over the matches' rows
+//! ([`Session::plan_view_match`]).
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::StringArray;
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::sql::sqlparser::ast::{
     MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
@@ -18,6 +22,7 @@ use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use weir_common::catalog::DEFAULT_CATALOG;
 use weir_common::pattern::{RowsPerMatch, SkipTo};
+use weir_common::plan::MatchRecognizeStage;
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::row_pattern::{MatchRecognizeAst, RowPatternClause, compile_match_recognize};
 use weir_planner::{ParsedStatement, WeirStatement};
@@ -86,13 +91,7 @@ impl Session {
             _ => return Err(over_streams()),
         };
         let mut query = query.as_ref().clone();
-        let schema_name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let schema = Arc::new(MemorySchemaProvider::new());
-        let catalog = self
-            .ctx
-            .catalog(DEFAULT_CATALOG)
-            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: no catalog"))?;
-        catalog.register_schema(&schema_name, schema.clone()).map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        let (catalog, schema_name, schema) = self.query_schema(sql)?;
         let mut resolver = Resolver {
             session: self,
             clauses: &statement.row_patterns,
@@ -102,6 +101,7 @@ impl Session {
             text: &statement.text,
             tables: 0,
             explained: explain.then(Vec::new),
+            streaming: None,
         };
         let resolved = resolver.query(&mut query).await;
         if let Some(lines) = resolver.explained.take() {
@@ -119,10 +119,78 @@ impl Session {
     }
 }
 
+impl Session {
+    /// A schema of this query's own (`weir.mr_<n>`) for the tables standing for its `MATCH_RECOGNIZE`s.
+    fn query_schema(
+        &self,
+        sql: &str,
+    ) -> Result<(Arc<dyn datafusion::catalog::CatalogProvider>, String, Arc<MemorySchemaProvider>), ErrorReport> {
+        let schema_name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let schema = Arc::new(MemorySchemaProvider::new());
+        let catalog = self
+            .ctx
+            .catalog(DEFAULT_CATALOG)
+            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: no catalog"))?;
+        catalog.register_schema(&schema_name, schema.clone()).map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        Ok((catalog, schema_name, schema))
+    }
+
+    /// A view's query with its `MATCH_RECOGNIZE` replaced by a table of the matches' rows, planned over that table;
+    /// and the `MATCH_RECOGNIZE` itself, its input planned, not run.
+    pub(crate) async fn plan_view_match(
+        &self,
+        query: &Query,
+        clauses: &[RowPatternClause],
+        text: &str,
+        sql: &str,
+    ) -> Result<(datafusion::logical_expr::LogicalPlan, StreamingMatch), ErrorReport> {
+        let mut query = query.clone();
+        let (catalog, schema_name, schema) = self.query_schema(sql)?;
+        let mut resolver = Resolver {
+            session: self,
+            clauses,
+            schema,
+            schema_name: &schema_name,
+            sql,
+            text,
+            tables: 0,
+            explained: None,
+            streaming: Some(Vec::new()),
+        };
+        let resolved = resolver.query(&mut query).await;
+        let mut found = resolver.streaming.take().unwrap_or_default();
+        let planned = match resolved {
+            Ok(()) => self.plan(Statement::Query(Box::new(query)), text, sql).await,
+            Err(err) => Err(err),
+        };
+        let _ = catalog.deregister_schema(&schema_name, true);
+        let planned = planned?;
+        let (Some(found), true) = (found.pop(), found.is_empty()) else {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "a materialized view with more than one MATCH_RECOGNIZE (or one inside an expression) is not \
+                 supported yet",
+            )
+            .with_hint("Create a view for each MATCH_RECOGNIZE and combine the views."));
+        };
+        let spec = &found.stage.spec;
+        if spec.defines.iter().flatten().chain(spec.measures.iter().map(|(_, m)| m)).any(|e| e.looks_ahead()) {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                "NEXT() in a MATCH_RECOGNIZE over a stream is not supported: the next row is not known when a row \
+                 is matched",
+            )
+            .with_hint("Compare with the row before instead: PREV()."));
+        }
+        Ok((planned, found))
+    }
+}
+
 fn over_streams() -> ErrorReport {
     ErrorReport::new(
         SqlState::FEATURE_NOT_SUPPORTED,
-        "MATCH_RECOGNIZE over streams (in a materialized view) is not supported yet; it runs in SELECT queries",
+        "MATCH_RECOGNIZE in this statement is not supported yet; it runs in SELECT queries, materialized views and \
+         sinks",
     )
 }
 
@@ -137,6 +205,17 @@ struct Resolver<'a> {
     tables: usize,
     /// For `EXPLAIN`: the lines describing each `MATCH_RECOGNIZE`, which is then compiled but not run.
     explained: Option<Vec<String>>,
+    /// In a view: the `MATCH_RECOGNIZE` found (at most one), planned but not run.
+    streaming: Option<Vec<StreamingMatch>>,
+}
+
+/// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows: the plan of its input,
+/// the compiled clause, and the table's name.
+pub(crate) struct StreamingMatch {
+    pub input: datafusion::logical_expr::LogicalPlan,
+    pub stage: MatchRecognizeStage,
+    pub table: String,
+    pub schema: SchemaRef,
 }
 
 impl Resolver<'_> {
@@ -198,6 +277,20 @@ impl Resolver<'_> {
                     symbols,
                 };
                 let spec = compile_match_recognize(parts, clause, &input_schema)?;
+                let alias_text = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
+                if let Some(found) = &mut self.streaming {
+                    let matcher = Matcher::try_new(spec.clone(), input_schema.clone())
+                        .map_err(|e| ErrorReport::new(SqlState::SYNTAX_ERROR, format!("MATCH_RECOGNIZE: {e}")))?;
+                    let table = format!("__weir_matches_{}", self.tables);
+                    self.tables += 1;
+                    let schema = matcher.schema();
+                    let empty = MemTable::try_new(schema.clone(), vec![vec![]])
+                        .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                    let stage = MatchRecognizeStage { input: input_schema, spec };
+                    found.push(StreamingMatch { input: plan, stage, table: table.clone(), schema });
+                    *factor = self.register(&table, Arc::new(empty), alias_text)?;
+                    return Ok(());
+                }
                 if let Some(lines) = &mut self.explained {
                     let name = |c: &usize| input_schema.field(*c).name().clone();
                     let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
@@ -253,21 +346,31 @@ impl Resolver<'_> {
                 self.tables += 1;
                 let table = MemTable::try_new(result.schema(), vec![vec![result]])
                     .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                self.schema
-                    .register_table(name.clone(), Arc::new(table))
-                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
-                let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema_name))?;
-                let SetExpr::Select(select) = *replacement.body else {
-                    return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"));
-                };
-                if let Some(from) = select.from.into_iter().next() {
-                    *factor = from.relation;
-                }
+                *factor = self.register(&name, Arc::new(table), alias_text)?;
                 Ok(())
             }
             _ => Ok(()),
         }
+    }
+
+    /// Registers `table` as `name` in the query's schema; returns the table factor that reads it (under `alias`).
+    fn register(
+        &self,
+        name: &str,
+        table: Arc<dyn datafusion::catalog::TableProvider>,
+        alias: String,
+    ) -> Result<TableFactor, ErrorReport> {
+        self.schema.register_table(name.to_string(), table).map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+        let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema_name))?;
+        let SetExpr::Select(select) = *replacement.body else {
+            return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"));
+        };
+        select
+            .from
+            .into_iter()
+            .next()
+            .map(|from| from.relation)
+            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"))
     }
 }
 
@@ -277,4 +380,30 @@ fn parse_query(sql: &str) -> Result<Query, ErrorReport> {
         .and_then(|mut parser| parser.parse_query())
         .map(|query| *query)
         .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
+}
+
+/// One line describing a view's `MATCH_RECOGNIZE` for `EXPLAIN CREATE MATERIALIZED VIEW`.
+pub(crate) fn describe(stage: &MatchRecognizeStage) -> String {
+    let spec = &stage.spec;
+    let name = |c: &usize| stage.input.field(*c).name().clone();
+    let order: Vec<String> =
+        spec.order_by.iter().map(|(c, d)| format!("{}{}", name(c), if *d { " DESC" } else { "" })).collect();
+    let unit = match spec.order_by.first().map(|(c, _)| stage.input.field(*c).data_type()) {
+        Some(DataType::Timestamp(TimeUnit::Second, _)) => "s",
+        Some(DataType::Timestamp(TimeUnit::Millisecond, _)) => "ms",
+        Some(DataType::Timestamp(TimeUnit::Microsecond, _)) => "us",
+        _ => "ns",
+    };
+    let within = spec.within.map(|w| format!(" within {w} {unit}")).unwrap_or_default();
+    let rows = match spec.rows_per_match {
+        RowsPerMatch::One => "one row per match",
+        RowsPerMatch::All { .. } => "all rows per match",
+    };
+    format!(
+        "MatchRecognize: partition by [{}], order by [{}], pattern {}{within}, {rows}, rows held until the watermark \
+         passes them, matches emitted when decided",
+        spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
+        order.join(", "),
+        spec.pattern.render(&spec.variables),
+    )
 }

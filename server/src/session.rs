@@ -108,7 +108,7 @@ impl Session {
 
     /// Parses and plans a statement for the extended protocol. `sql` is the whole text the client sent.
     pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
-        if !statement.row_patterns.is_empty() {
+        if !statement.row_patterns.is_empty() && matches!(statement.statement, WeirStatement::Sql(_)) {
             let plan = self.plan_match_recognize(&statement, sql).await?;
             return Ok(Prepared { statement, plan });
         }
@@ -158,19 +158,20 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let text = &prepared.statement.text;
-        if !prepared.statement.row_patterns.is_empty() {
+        let row_patterns = &prepared.statement.row_patterns;
+        if !row_patterns.is_empty() && matches!(prepared.statement.statement, WeirStatement::Sql(_)) {
             return self.execute_match_recognize(&prepared.statement, bound, sql).await;
         }
         let stmt = match &prepared.statement.statement {
             WeirStatement::Sql(stmt) => stmt,
             WeirStatement::CreateSource(source) => return self.create_source(source, text, sql).await,
             WeirStatement::CreateMaterializedView { statement, emit_on_window_close } => {
-                return self.create_materialized_view(statement, *emit_on_window_close, text, sql).await;
+                return self.create_materialized_view(statement, *emit_on_window_close, row_patterns, text, sql).await;
             }
             WeirStatement::DropSource { names, if_exists, cascade } => {
                 return self.drop_relations(names, RelationKind::Source, *if_exists, *cascade).await;
             }
-            WeirStatement::CreateSink(sink) => return self.create_sink(sink, text, sql).await,
+            WeirStatement::CreateSink(sink) => return self.create_sink(sink, row_patterns, text, sql).await,
             WeirStatement::DropSink { names, if_exists } => return self.drop_sinks(names, *if_exists).await,
             WeirStatement::ShowSinks => return self.show_sinks(),
             WeirStatement::Flush => {
@@ -179,7 +180,7 @@ impl Session {
             }
             WeirStatement::ShowCreate { kind, name } => return self.show_create(*kind, name),
             WeirStatement::ExplainMaterializedView { statement, emit_on_window_close } => {
-                return self.explain_materialized_view(statement, *emit_on_window_close, text, sql).await;
+                return self.explain_materialized_view(statement, *emit_on_window_close, row_patterns, text, sql).await;
             }
         };
         if let Some(plan) = &prepared.plan {

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use weir_common::sink::{RowChange, SinkFormat};
 use weir_common::{ErrorReport, RelationKind, SqlState};
 use weir_connectors::sink::Sink;
+use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::sink::{CreateSink, SinkInput};
 use weir_runtime::materialize::ViewStore;
 
@@ -171,7 +172,14 @@ fn dataflow_name(sink: &str) -> String {
 
 impl Session {
     /// `CREATE SINK`: checks the input, the format and the connector's options, then starts delivering.
-    pub(crate) async fn create_sink(&self, sink: &CreateSink, text: &str, sql: &str) -> Result<Outcome, ErrorReport> {
+    /// `CREATE SINK`; `row_patterns` are the `MATCH_RECOGNIZE` patterns of its query.
+    pub(crate) async fn create_sink(
+        &self,
+        sink: &CreateSink,
+        row_patterns: &[RowPatternClause],
+        text: &str,
+        sql: &str,
+    ) -> Result<Outcome, ErrorReport> {
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&sink.name)?;
         let sinks = &self.engine.jobs.sinks;
@@ -217,7 +225,7 @@ impl Session {
                     SinkInput::Query(query) => query.as_ref().clone(),
                     SinkInput::Relation(relation) => select_all(relation)?,
                 };
-                let dataflow = self.build_dataflow(&query, false, text, sql).await?;
+                let dataflow = self.build_dataflow(&query, false, row_patterns, text, sql).await?;
                 let store = Arc::new(ViewStore::passing(dataflow.pipeline.schema()));
                 (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
             }

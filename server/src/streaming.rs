@@ -20,8 +20,9 @@ use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::{StreamingPlan, WatermarkSpec};
+use weir_common::plan::{MatchRecognizeStage, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
+use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::source::CreateSource;
 use weir_runtime::RuntimeError;
 use weir_runtime::materialize::ViewStore;
@@ -78,6 +79,7 @@ impl Session {
         &self,
         statement: &Statement,
         emit_on_window_close: bool,
+        row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
@@ -87,7 +89,7 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let dataflow = self.build_dataflow(&view.query, emit_on_window_close, text, sql).await?;
+        let dataflow = self.build_dataflow(&view.query, emit_on_window_close, row_patterns, text, sql).await?;
         let store = Arc::new(ViewStore::new(dataflow.pipeline.schema()));
         let def = RelationDef {
             name: name.clone(),
@@ -101,15 +103,18 @@ impl Session {
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
-    /// Plans `query` as a streaming dataflow and opens a reader on each of its inputs; nothing runs yet.
+    /// Plans `query` (with `row_patterns`, its `MATCH_RECOGNIZE` patterns) as a streaming dataflow and opens a
+    /// reader on each of its inputs; nothing runs yet.
     pub(crate) async fn build_dataflow(
         &self,
         query: &ast::Query,
         emit_on_window_close: bool,
+        row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
     ) -> Result<Dataflow, ErrorReport> {
-        let (plan, inputs, mut depends_on) = self.plan_view(query, emit_on_window_close, text, sql).await?;
+        let (plan, inputs, mut depends_on) =
+            self.plan_view(query, emit_on_window_close, row_patterns, text, sql).await?;
         let mut readers: Vec<Box<dyn SourceReader>> = Vec::new();
         let mut idle_timeouts = Vec::new();
         let mut watermarks = Vec::new();
@@ -194,11 +199,24 @@ impl Session {
         &self,
         query: &ast::Query,
         emit_on_window_close: bool,
+        row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
     ) -> Result<(StreamingPlan, Vec<Relation>, Vec<String>), ErrorReport> {
-        let logical = self.plan(Statement::Query(Box::new(query.clone())), text, sql).await?;
-        let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
+        let (logical, matching) = match row_patterns.is_empty() {
+            true => (self.plan(Statement::Query(Box::new(query.clone())), text, sql).await?, None),
+            false => {
+                let (outer, matching) = self.plan_view_match(query, row_patterns, text, sql).await?;
+                (outer, Some(matching))
+            }
+        };
+        let mut depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
+        if let Some(matching) = &matching {
+            depends_on.retain(|name| *name != matching.table);
+            depends_on.extend(scanned_relations(&matching.input, &self.engine.catalog, sql)?);
+            depends_on.sort();
+            depends_on.dedup();
+        }
         // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
         let inputs: HashMap<String, SchemaRef> = self
             .engine
@@ -208,14 +226,31 @@ impl Session {
             .filter(|r| r.def.kind != RelationKind::View)
             .map(|r| (r.def.name.clone(), r.def.schema.clone()))
             .collect();
-        let plan =
-            weir_planner::streaming::plan_streaming(&self.ctx.state(), &logical, &inputs, emit_on_window_close).await?;
+        let state = self.ctx.state();
+        let plan = match matching {
+            None => weir_planner::streaming::plan_streaming(&state, &logical, &inputs, emit_on_window_close).await?,
+            Some(matching) => {
+                weir_planner::streaming::plan_match_recognize(
+                    &state,
+                    matching.input,
+                    matching.stage,
+                    &logical,
+                    &inputs,
+                    (&matching.table, matching.schema),
+                    emit_on_window_close,
+                )
+                .await?
+            }
+        };
         let mut relations = Vec::new();
         for stream in &plan.inputs {
             let input = self.engine.catalog.get(&stream.relation).ok_or_else(|| {
                 ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", stream.relation))
             })?;
             check_input(&plan, &input)?;
+            if let Some(stage) = &plan.match_recognize {
+                check_event_time(stage, &input)?;
+            }
             relations.push(input);
         }
         // Watermarks of several inputs are compared as numbers: they must count the same unit.
@@ -244,11 +279,12 @@ impl Session {
         &self,
         statement: &Statement,
         emit_on_window_close: bool,
+        row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
-        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, text, sql).await?;
+        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, row_patterns, text, sql).await?;
         let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
         let mut depth = 1;
@@ -300,6 +336,14 @@ impl Session {
                 functions.join(", "),
                 stream(plan.append_only())
             ));
+            depth += 1;
+        } else if let Some(stage) = &plan.match_recognize {
+            if let Some((_, above)) = &plan.above {
+                lines.push(format!("{}Per batch of matches:", "  ".repeat(depth)));
+                depth += 1;
+                add_plan(&mut lines, &mut depth, above);
+            }
+            lines.push(format!("{}{} [append-only]", "  ".repeat(depth), crate::match_recognize::describe(stage)));
             depth += 1;
         }
         add_plan(&mut lines, &mut depth, &plan.below);
@@ -489,6 +533,43 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
         return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
     }
     Ok(())
+}
+
+/// Checks that a `MATCH_RECOGNIZE` reading `input` as a stream orders its rows by the event time `input`'s watermark
+/// bounds, first and ascending: rows are matched in that order as the watermark passes them.
+fn check_event_time(stage: &MatchRecognizeStage, input: &Relation) -> Result<(), ErrorReport> {
+    let order = stage.spec.order_by.first().map(|(c, descending)| (stage.input.field(*c), *descending));
+    let watermark = input.source.as_ref().and_then(|s| s.watermark.as_ref());
+    let Some(watermark) = watermark else {
+        let message = match input.def.kind {
+            RelationKind::MaterializedView => format!(
+                "MATCH_RECOGNIZE over materialized view \"{}\" is not supported yet: a view passes on no watermark",
+                input.def.name
+            ),
+            _ => format!(
+                "MATCH_RECOGNIZE over \"{}\" needs a watermark: rows are matched in event-time order as the \
+                 watermark passes them",
+                input.def.name
+            ),
+        };
+        return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, message).with_hint(
+            "Declare one on the source or table: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND (the longest delay \
+             expected).",
+        ));
+    };
+    let column = &watermark.column.value;
+    match order {
+        Some((field, false)) if field.name().eq_ignore_ascii_case(column) => Ok(()),
+        _ => Err(ErrorReport::new(
+            SqlState::WINDOWING_ERROR,
+            format!(
+                "MATCH_RECOGNIZE over a stream must ORDER BY its event time first, ascending: \"{column}\" of \"{}\" \
+                 (where its watermark is declared)",
+                input.def.name
+            ),
+        )
+        .with_hint(format!("ORDER BY {column}, then any other columns."))),
+    }
 }
 
 /// The relations a query plan reads by name, sorted: the tables, sources and materialized views it scans, and the
