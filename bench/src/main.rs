@@ -3,6 +3,8 @@
 //! - `weir-bench nexmark q0 [--events N]`: Nexmark queries run as streaming dataflows over the in-process generator,
 //!   on one core: events per second and peak memory. Each run plans the query exactly as `CREATE MATERIALIZED VIEW`
 //!   does and drives the view's pipeline on the current thread; `source` measures the generator alone.
+//! - `weir-bench match-recognize [--rows N] [--devices D]`: `MATCH_RECOGNIZE` with `PATTERN (A B+ C)` per device
+//!   over generated readings with bounded disorder, planned as a view is: rows per second on one core, peak memory.
 //! - `weir-bench kafka [--messages N]`: small JSON records read from a real Kafka-compatible broker (tansu, started
 //!   by the program) into a 10-second TUMBLE view, the view's pipeline on one core.
 //! - `weir-bench mqtt [--messages N] [--qos 0|1]`: the same over a real Mosquitto broker (started by the program).
@@ -15,6 +17,7 @@ mod dataflow;
 mod ingest;
 mod latency;
 mod nexmark;
+mod patterns;
 
 use std::time::Duration;
 
@@ -36,6 +39,20 @@ enum Suite {
         /// Nexmark events to generate (bids are 46 of every 50).
         #[arg(long, default_value_t = 10_000_000)]
         events: u64,
+        /// The epoch interval in milliseconds (the server's default unless given).
+        #[arg(long)]
+        epoch_ms: Option<u64>,
+    },
+    /// MATCH_RECOGNIZE `PATTERN (A B+ C)` per device over generated readings.
+    MatchRecognize {
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: u64,
+        /// Devices (partitions).
+        #[arg(long, default_value_t = 1_000)]
+        devices: u64,
+        /// How far back (ms) a reading may be shifted in event time; the watermark allows 1 s.
+        #[arg(long, default_value_t = 500)]
+        disorder_ms: u64,
         /// The epoch interval in milliseconds (the server's default unless given).
         #[arg(long)]
         epoch_ms: Option<u64>,
@@ -74,6 +91,10 @@ fn main() -> anyhow::Result<()> {
         Suite::Nexmark { query, events, epoch_ms } => {
             let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
             current_thread()?.block_on(nexmark::run(&query, events, epoch))
+        }
+        Suite::MatchRecognize { rows, devices, disorder_ms, epoch_ms } => {
+            let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
+            current_thread()?.block_on(patterns::run(rows, devices, disorder_ms, epoch))
         }
         Suite::Kafka { messages, partitions } => current_thread()?.block_on(ingest::kafka(messages, partitions)),
         Suite::Mqtt { messages, qos } => current_thread()?.block_on(ingest::mqtt(messages, qos)),

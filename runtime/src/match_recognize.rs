@@ -10,9 +10,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, new_empty_array, new_null_array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array, new_null_array};
 use datafusion::arrow::compute::{SortColumn, interleave, lexsort_to_indices};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
+    TimestampNanosecondType, TimestampSecondType,
+};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
 use weir_common::pattern::{
@@ -74,6 +77,28 @@ impl RowStore {
     fn value(&self, id: RowId, column: usize) -> Result<ScalarValue, MatchError> {
         let (batch, row) = self.locate(id).ok_or_else(|| MatchError::Evaluation("a row no longer kept".into()))?;
         Ok(ScalarValue::try_from_array(batch.column(column), row)?)
+    }
+
+    /// The value of timestamp column `column` at row `id`, in its unit.
+    fn time(&self, id: RowId, column: usize) -> Option<i64> {
+        let (batch, row) = self.locate(id)?;
+        let array = batch.column(column);
+        if array.is_null(row) {
+            return None;
+        }
+        match array.data_type() {
+            DataType::Timestamp(TimeUnit::Second, _) => Some(array.as_primitive::<TimestampSecondType>().value(row)),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                Some(array.as_primitive::<TimestampMillisecondType>().value(row))
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                Some(array.as_primitive::<TimestampMicrosecondType>().value(row))
+            }
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+                Some(array.as_primitive::<TimestampNanosecondType>().value(row))
+            }
+            _ => None,
+        }
     }
 
     /// A partition lets go of row `id`; a chunk no row of which is held is dropped.
@@ -210,15 +235,13 @@ struct Matched<'m> {
 impl Matched<'_> {
     /// Positions (in the partition) of the rows whose variable is in `member`, in order, the current one included
     /// when it is counted as such a variable.
-    fn rows_of(&self, member: impl Fn(usize) -> bool) -> Vec<usize> {
-        let mut rows: Vec<usize> = self.rows.iter().filter(|c| member(c.variable)).map(|c| c.row).collect();
-        if let Some(current) = self.current_variable
-            && member(current)
-            && rows.last() != Some(&self.current)
-        {
-            rows.push(self.current);
-        }
-        rows
+    fn rows_of<'s>(&'s self, member: impl Fn(usize) -> bool + 's) -> impl DoubleEndedIterator<Item = usize> + 's {
+        // The row being tried comes after every matched row.
+        let current = self
+            .current_variable
+            .filter(|v| member(*v) && self.rows.last().is_none_or(|last| last.row != self.current))
+            .map(|_| self.current);
+        self.rows.iter().filter(move |c| member(c.variable)).map(|c| c.row).chain(current)
     }
 }
 
@@ -248,7 +271,7 @@ impl Context<'_> {
                 let position = match variable {
                     None => Some(matched.current),
                     // The variable's last row: the current one when it is counted as that variable.
-                    Some(_) => matched.rows_of(self.member(*variable)).last().copied(),
+                    Some(_) => matched.rows_of(self.member(*variable)).next_back(),
                 };
                 let shifted = position
                     .and_then(|p| p.checked_add_signed(-shift as isize))
@@ -260,22 +283,22 @@ impl Context<'_> {
             }
             MatchExpr::Shift { expr, offset } => self.evaluate(expr, matched, shift + offset)?,
             MatchExpr::Navigate { variable, column, from_end, offset } => {
-                let rows = matched.rows_of(self.member(*variable));
-                let index = match from_end {
-                    true => rows.len().checked_sub(offset + 1),
-                    false => Some(*offset).filter(|o| *o < rows.len()),
+                let mut rows = matched.rows_of(self.member(*variable));
+                let row = match from_end {
+                    true => rows.nth_back(*offset),
+                    false => rows.nth(*offset),
                 };
-                match index {
-                    Some(i) => self.value(rows[i], *column)?,
+                match row {
+                    Some(row) => self.value(row, *column)?,
                     None => return null(),
                 }
             }
             MatchExpr::Aggregate { function, variable, column } => {
                 let rows = matched.rows_of(self.member(*variable));
                 let Some(column) = column else {
-                    return Ok(ScalarValue::Int64(Some(rows.len() as i64)));
+                    return Ok(ScalarValue::Int64(Some(rows.count() as i64)));
                 };
-                let values = rows.iter().map(|r| self.value(*r, *column)).collect::<Result<Vec<_>, _>>()?;
+                let values = rows.map(|r| self.value(r, *column)).collect::<Result<Vec<_>, _>>()?;
                 let values: Vec<ScalarValue> = values.into_iter().filter(|v| !v.is_null()).collect();
                 aggregate(*function, values)?
             }
@@ -361,17 +384,6 @@ fn coerce(left: ScalarValue, right: ScalarValue) -> Result<(ScalarValue, ScalarV
     }
     let target = common_type(&l, &r);
     Ok((left.cast_to(&target)?, right.cast_to(&target)?))
-}
-
-/// A timestamp's value in its unit.
-fn time_of(value: &ScalarValue) -> Option<i64> {
-    match value {
-        ScalarValue::TimestampSecond(v, _)
-        | ScalarValue::TimestampMillisecond(v, _)
-        | ScalarValue::TimestampMicrosecond(v, _)
-        | ScalarValue::TimestampNanosecond(v, _) => *v,
-        _ => None,
-    }
 }
 
 fn aggregate(function: Aggregate, values: Vec<ScalarValue>) -> Result<ScalarValue, MatchError> {
@@ -565,7 +577,10 @@ impl Matcher {
                 match_number: partition.match_number,
             };
             let time = self.order_by.first().map(|(c, _)| *c);
-            let time_at = |position: usize| time.and_then(|t| time_of(&context.value(position, t).ok()?));
+            let time_at = |position: usize| {
+                let id = position.checked_sub(partition.base).and_then(|p| partition.rows.get(p))?;
+                store.time(*id, time?)
+            };
             let mut failure = None;
             let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
                 if let (Some(within), Some(first)) = (self.within, matched.first())

@@ -60,6 +60,8 @@ pub struct Attempt {
     best: Option<Vec<Classified>>,
     /// The position of the row the threads wait for.
     at: usize,
+    /// An empty list, its allocation kept for the next step's threads.
+    spare: Vec<Thread>,
 }
 
 impl Attempt {
@@ -198,7 +200,7 @@ impl Program {
         let mut threads = Vec::new();
         let first = Thread { pc: 0, registers: vec![usize::MAX; self.registers], excluded: 0, matched: Vec::new() };
         self.add(&mut threads, first, start, rows, ended)?;
-        Ok(Attempt { threads, best: None, at: start })
+        Ok(Attempt { threads, best: None, at: start, spare: Vec::new() })
     }
 
     /// Runs `attempt` over the rows known so far: `rows` of them, and `ended` when no more will come. Returns the
@@ -244,8 +246,8 @@ impl Program {
                 }
                 return Ok(None);
             }
-            let mut next = Vec::new();
-            for thread in std::mem::take(&mut attempt.threads) {
+            let mut next = std::mem::take(&mut attempt.spare);
+            for thread in attempt.threads.drain(..) {
                 match self.instructions[thread.pc] {
                     Instruction::Row(variable) if accepts(variable, at, &thread.matched) => {
                         let mut thread = thread;
@@ -258,7 +260,7 @@ impl Program {
                     _ => {}
                 }
             }
-            attempt.threads = next;
+            attempt.spare = std::mem::replace(&mut attempt.threads, next);
             attempt.at = at + 1;
         }
     }

@@ -22,6 +22,7 @@ use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
 use weir_common::plan::{MatchRecognizeStage, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
+use weir_planner::WeirStatement;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::source::CreateSource;
 use weir_runtime::RuntimeError;
@@ -165,6 +166,22 @@ impl Session {
             append_only,
             ms_per_unit,
         })
+    }
+
+    /// Plans the query `sql` as a materialized view's dataflow would run it, with readers on its inputs, but starts
+    /// nothing: for programs that drive a pipeline themselves (the benchmarks).
+    pub async fn plan_dataflow(&self, sql: &str) -> Result<Dataflow, ErrorReport> {
+        let mut statements = weir_planner::parse_sql(sql)?;
+        let (Some(statement), true) = (statements.pop(), statements.is_empty()) else {
+            return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected one query"));
+        };
+        let WeirStatement::Sql(query) = &statement.statement else {
+            return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected a query"));
+        };
+        let Statement::Query(query) = query.as_ref() else {
+            return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected a query"));
+        };
+        self.build_dataflow(query, false, &statement.row_patterns, &statement.text, sql).await
     }
 
     /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
