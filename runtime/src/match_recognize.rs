@@ -161,11 +161,13 @@ pub struct PartitionMatch {
     next: usize,
     attempt: Option<Attempt>,
     match_number: i64,
+    /// When the watermark may next put partial matches of the attempt out of `WITHIN`'s reach, as last noted.
+    pub(crate) deadline: Option<i64>,
 }
 
 impl Default for PartitionMatch {
     fn default() -> Self {
-        PartitionMatch { base: 0, rows: VecDeque::new(), next: 0, attempt: None, match_number: 1 }
+        PartitionMatch { base: 0, rows: VecDeque::new(), next: 0, attempt: None, match_number: 1, deadline: None }
     }
 }
 
@@ -199,6 +201,7 @@ impl PartitionMatch {
             next: next as usize,
             attempt: None,
             match_number,
+            deadline: None,
         }
     }
 
@@ -674,6 +677,15 @@ impl Matcher {
                 }
             }
         }
+    }
+
+    /// When the watermark reaching it may decide `partition`'s attempt under way by `WITHIN`: the earliest first row
+    /// of its partial matches plus the bound.
+    pub fn deadline(&self, partition: &PartitionMatch, store: &RowStore) -> Option<i64> {
+        let within = self.within?;
+        let first = partition.attempt.as_ref()?.first_row()?;
+        let id = partition.rows.get(first.checked_sub(partition.base)?)?;
+        Some(store.time(*id, self.order_by.first()?.0)?.saturating_add(within))
     }
 
     /// Lets go of the rows of `partition` no match to come can look at (all of them once it `ended`).

@@ -20,11 +20,13 @@
 //! A checkpoint writes the watermark, the rows pending and each changed partition's rows with its positions; a
 //! restored partition finds its attempt again by matching its rows (matching is deterministic).
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
 use weir_common::pattern::MatchRecognize;
 use weir_common::stream::{END_OF_TIME, Watermark};
 
@@ -48,8 +50,13 @@ pub struct MatchStream {
     pending: Vec<RecordBatch>,
     store: RowStore,
     partitions: HashMap<Vec<u8>, PartitionMatch>,
+    /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first (an entry whose time is not
+    /// the partition's [`PartitionMatch::deadline`] any more is stale).
+    deadlines: BinaryHeap<Reverse<(Watermark, Vec<u8>)>>,
     /// Partitions changed since the last checkpoint.
     unsaved: HashSet<Vec<u8>>,
+    /// Encodes rows for checkpoints.
+    rows: RowConverter,
 }
 
 impl MatchStream {
@@ -59,6 +66,8 @@ impl MatchStream {
             _ => return Err(RuntimeError::NotATimestamp("the first ORDER BY column of MATCH_RECOGNIZE".into())),
         };
         let matcher = Matcher::try_new(spec, input.clone()).map_err(matching)?;
+        let fields = input.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let rows = RowConverter::new(fields).map_err(arrow_err)?;
         Ok(MatchStream {
             matcher,
             input,
@@ -67,7 +76,9 @@ impl MatchStream {
             pending: Vec::new(),
             store: RowStore::default(),
             partitions: HashMap::new(),
+            deadlines: BinaryHeap::new(),
             unsaved: HashSet::new(),
+            rows,
         })
     }
 
@@ -132,7 +143,7 @@ impl MatchStream {
             }
         }
         self.pending = kept;
-        let mut touched = HashSet::new();
+        let mut touched = Vec::new();
         if !released.is_empty() {
             let batch = concat_batches(&self.input, &released).map_err(arrow_err)?;
             let groups = self.matcher.partitions(&batch).map_err(matching)?;
@@ -141,31 +152,62 @@ impl MatchStream {
             for rows in groups {
                 let key = keys.row(rows[0]).as_ref().to_vec();
                 self.partitions.entry(key.clone()).or_default().extend(rows.iter().map(|r| first + *r as RowId));
-                touched.insert(key);
+                touched.push(key);
             }
         }
         let ended = watermark == END_OF_TIME;
+        // The partitions to run: those with new rows, and those whose partial matches the watermark may have put
+        // out of WITHIN's reach (all of them at the end).
+        let mut due = touched;
+        while let Some(Reverse((deadline, _))) = self.deadlines.peek()
+            && *deadline <= watermark
+        {
+            if let Some(Reverse((deadline, key))) = self.deadlines.pop()
+                && self.partitions.get(&key).is_some_and(|p| p.deadline == Some(deadline))
+            {
+                due.push(key);
+            }
+        }
+        if ended {
+            due = self.partitions.keys().cloned().collect();
+        }
+        due.sort_unstable();
+        due.dedup();
         let mut out = Output::default();
-        let mut ran = Vec::new();
-        for (key, partition) in &mut self.partitions {
-            if ended || touched.contains(key) || partition.waiting() {
+        for key in &due {
+            if let Some(partition) = self.partitions.get_mut(key) {
                 self.matcher
                     .run_partition(&self.store, partition, ended, Some(watermark), &mut out)
                     .map_err(matching)?;
-                ran.push(key.clone());
             }
         }
         let output = match out.is_empty() {
             true => None,
             false => Some(self.matcher.output(&self.store, out).map_err(matching)?),
         };
-        for key in ran {
+        for key in due {
             if let Some(partition) = self.partitions.get_mut(&key) {
                 self.matcher.trim(partition, &mut self.store, ended);
+                self.schedule(&key);
             }
             self.unsaved.insert(key);
         }
         Ok(output)
+    }
+}
+
+impl MatchStream {
+    /// Notes when partition `key`'s attempt under way may next lose partial matches to `WITHIN` (when the
+    /// watermark reaches the earliest one's first row plus the bound), unless that is noted already.
+    fn schedule(&mut self, key: &[u8]) {
+        let Some(partition) = self.partitions.get_mut(key) else { return };
+        let deadline = self.matcher.deadline(partition, &self.store);
+        if deadline != partition.deadline {
+            partition.deadline = deadline;
+            if let Some(deadline) = deadline {
+                self.deadlines.push(Reverse((deadline, key.to_vec())));
+            }
+        }
     }
 }
 
@@ -174,18 +216,34 @@ fn matching(err: MatchError) -> RuntimeError {
 }
 
 impl Checkpointed for MatchStream {
+    /// Each changed partition is one entry: its positions, then its rows in Arrow's row format (each prefixed by its
+    /// length), all converted at once.
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
         batch.put(table.key(PENDING_KEY), encode_batches(&self.pending)?);
+        let keys: Vec<Vec<u8>> = std::mem::take(&mut self.unsaved).into_iter().collect();
+        let mut ids: Vec<RowId> = Vec::new();
+        let mut ends = Vec::with_capacity(keys.len());
+        for key in &keys {
+            if let Some(partition) = self.partitions.get(key) {
+                ids.extend(partition.held());
+            }
+            ends.push(ids.len());
+        }
         let all: Vec<usize> = (0..self.input.fields().len()).collect();
-        for key in std::mem::take(&mut self.unsaved) {
-            let Some(partition) = self.partitions.get(&key) else { continue };
-            let ids: Vec<RowId> = partition.held().collect();
-            let rows = self.store.take(&self.input, &ids, &all).map_err(matching)?;
-            let rows = RecordBatch::try_new(self.input.clone(), rows).map_err(arrow_err)?;
+        let columns = self.store.take(&self.input, &ids, &all).map_err(matching)?;
+        let rows = self.rows.convert_columns(&columns).map_err(arrow_err)?;
+        let mut start = 0;
+        for (key, end) in keys.iter().zip(ends) {
+            let Some(partition) = self.partitions.get(key) else { continue };
             let mut value: Vec<u8> = partition.positions().iter().flat_map(|p| p.to_be_bytes()).collect();
-            value.extend(encode_batches(&[rows])?);
-            batch.put(table.key(&partition_key(&key)), value);
+            for row in start..end {
+                let bytes = rows.row(row);
+                value.extend_from_slice(&(bytes.as_ref().len() as u32).to_be_bytes());
+                value.extend_from_slice(bytes.as_ref());
+            }
+            start = end;
+            batch.put(table.key(&partition_key(key)), value);
         }
         Ok(())
     }
@@ -198,25 +256,45 @@ impl Checkpointed for MatchStream {
         };
         self.store = RowStore::default();
         self.partitions.clear();
+        self.deadlines.clear();
         self.unsaved.clear();
         let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
-        for (key, value) in table.scan_prefix(store, &[PARTITION_TAG])? {
-            let positions: Vec<i64> = (0..3)
-                .map(|i| value.get(i * 8..i * 8 + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes))
-                .collect::<Option<_>>()
-                .ok_or_else(corrupt)?;
-            let mut ids = Vec::new();
-            for rows in decode_batches(&value[24..])? {
-                let first = self.store.push(rows.clone());
-                ids.extend((0..rows.num_rows()).map(|r| first + r as RowId));
+        let entries = table.scan_prefix(store, &[PARTITION_TAG])?;
+        // Every partition's rows into one chunk.
+        let parser = self.rows.parser();
+        let mut rows = Vec::new();
+        let mut partitions = Vec::with_capacity(entries.len());
+        for (key, value) in &entries {
+            let number = |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes);
+            let (Some(base), Some(next), Some(match_number)) = (number(0), number(8), number(16)) else {
+                return Err(corrupt().into());
+            };
+            let first = rows.len();
+            let mut at = 24;
+            while at < value.len() {
+                let length = value.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                let row = length.and_then(|n| value.get(at + 4..at + 4 + n as usize)).ok_or_else(corrupt)?;
+                rows.push(parser.parse(row));
+                at += 4 + row.len();
             }
-            let mut partition = PartitionMatch::restored([positions[0], positions[1], positions[2]], ids);
+            partitions.push((key[1..].to_vec(), [base, next, match_number], first..rows.len()));
+        }
+        let columns = self.rows.convert_rows(rows).map_err(arrow_err)?;
+        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(
+            partitions.last().map_or(0, |(_, _, range)| range.end),
+        ));
+        let chunk = RecordBatch::try_new_with_options(self.input.clone(), columns, &options).map_err(arrow_err)?;
+        let first = self.store.push(chunk);
+        for (key, positions, range) in partitions {
+            let ids = range.map(|r| first + r as RowId);
+            let mut partition = PartitionMatch::restored(positions, ids);
             // Matching the rows again finds the attempt under way; its decided matches were emitted before.
             let mut ignored = Output::default();
             self.matcher
                 .run_partition(&self.store, &mut partition, false, self.progress.watermark, &mut ignored)
                 .map_err(matching)?;
-            self.partitions.insert(key[1..].to_vec(), partition);
+            self.partitions.insert(key.clone(), partition);
+            self.schedule(&key);
         }
         Ok(())
     }
