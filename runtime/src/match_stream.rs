@@ -21,7 +21,7 @@
 //! restored partition finds its attempt again by matching its rows (matching is deterministic).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 
 use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
@@ -49,12 +49,16 @@ pub struct MatchStream {
     /// Rows later than the watermark, waiting for it.
     pending: Vec<RecordBatch>,
     store: RowStore,
-    partitions: HashMap<Vec<u8>, PartitionMatch>,
+    /// Each partition key's number: its place in `partitions`.
+    numbers: HashMap<Vec<u8>, usize>,
+    /// The partitions, with their keys.
+    partitions: Vec<(Vec<u8>, PartitionMatch)>,
     /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first (an entry whose time is not
     /// the partition's [`PartitionMatch::deadline`] any more is stale).
-    deadlines: BinaryHeap<Reverse<(Watermark, Vec<u8>)>>,
-    /// Partitions changed since the last checkpoint.
-    unsaved: HashSet<Vec<u8>>,
+    deadlines: BinaryHeap<Reverse<(Watermark, usize)>>,
+    /// Partitions changed since the last checkpoint, and whether each is among them.
+    unsaved: Vec<usize>,
+    changed: Vec<bool>,
     /// Encodes rows for checkpoints.
     rows: RowConverter,
 }
@@ -75,9 +79,11 @@ impl MatchStream {
             progress: Progress::default(),
             pending: Vec::new(),
             store: RowStore::default(),
-            partitions: HashMap::new(),
+            numbers: HashMap::new(),
+            partitions: Vec::new(),
             deadlines: BinaryHeap::new(),
-            unsaved: HashSet::new(),
+            unsaved: Vec::new(),
+            changed: Vec::new(),
             rows,
         })
     }
@@ -150,9 +156,9 @@ impl MatchStream {
             let keys = self.matcher.partition_keys(&batch).map_err(matching)?;
             let first = self.store.push(batch);
             for rows in groups {
-                let key = keys.row(rows[0]).as_ref().to_vec();
-                self.partitions.entry(key.clone()).or_default().extend(rows.iter().map(|r| first + *r as RowId));
-                touched.push(key);
+                let number = self.number(keys.row(rows[0]).as_ref());
+                self.partitions[number].1.extend(rows.iter().map(|r| first + *r as RowId));
+                touched.push(number);
             }
         }
         let ended = watermark == END_OF_TIME;
@@ -162,35 +168,32 @@ impl MatchStream {
         while let Some(Reverse((deadline, _))) = self.deadlines.peek()
             && *deadline <= watermark
         {
-            if let Some(Reverse((deadline, key))) = self.deadlines.pop()
-                && self.partitions.get(&key).is_some_and(|p| p.deadline == Some(deadline))
+            if let Some(Reverse((deadline, number))) = self.deadlines.pop()
+                && self.partitions[number].1.deadline == Some(deadline)
             {
-                due.push(key);
+                due.push(number);
             }
         }
         if ended {
-            due = self.partitions.keys().cloned().collect();
+            due = (0..self.partitions.len()).collect();
         }
         due.sort_unstable();
         due.dedup();
         let mut out = Output::default();
-        for key in &due {
-            if let Some(partition) = self.partitions.get_mut(key) {
-                self.matcher
-                    .run_partition(&self.store, partition, ended, Some(watermark), &mut out)
-                    .map_err(matching)?;
-            }
+        for number in &due {
+            let partition = &mut self.partitions[*number].1;
+            self.matcher.run_partition(&self.store, partition, ended, Some(watermark), &mut out).map_err(matching)?;
         }
         let output = match out.is_empty() {
             true => None,
             false => Some(self.matcher.output(&self.store, out).map_err(matching)?),
         };
-        for key in due {
-            if let Some(partition) = self.partitions.get_mut(&key) {
-                self.matcher.trim(partition, &mut self.store, ended);
-                self.schedule(&key);
+        for number in due {
+            self.matcher.trim(&mut self.partitions[number].1, &mut self.store, ended);
+            self.schedule(number);
+            if !std::mem::replace(&mut self.changed[number], true) {
+                self.unsaved.push(number);
             }
-            self.unsaved.insert(key);
         }
         Ok(output)
     }
@@ -199,15 +202,27 @@ impl MatchStream {
 impl MatchStream {
     /// Notes when partition `key`'s attempt under way may next lose partial matches to `WITHIN` (when the
     /// watermark reaches the earliest one's first row plus the bound), unless that is noted already.
-    fn schedule(&mut self, key: &[u8]) {
-        let Some(partition) = self.partitions.get_mut(key) else { return };
+    fn schedule(&mut self, number: usize) {
+        let partition = &mut self.partitions[number].1;
         let deadline = self.matcher.deadline(partition, &self.store);
         if deadline != partition.deadline {
             partition.deadline = deadline;
             if let Some(deadline) = deadline {
-                self.deadlines.push(Reverse((deadline, key.to_vec())));
+                self.deadlines.push(Reverse((deadline, number)));
             }
         }
+    }
+
+    /// The number of the partition with key `key`, a new partition if none has it yet.
+    fn number(&mut self, key: &[u8]) -> usize {
+        if let Some(number) = self.numbers.get(key) {
+            return *number;
+        }
+        let number = self.partitions.len();
+        self.numbers.insert(key.to_vec(), number);
+        self.partitions.push((key.to_vec(), PartitionMatch::default()));
+        self.changed.push(false);
+        number
     }
 }
 
@@ -221,21 +236,20 @@ impl Checkpointed for MatchStream {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
         batch.put(table.key(PENDING_KEY), encode_batches(&self.pending)?);
-        let keys: Vec<Vec<u8>> = std::mem::take(&mut self.unsaved).into_iter().collect();
+        let numbers = std::mem::take(&mut self.unsaved);
         let mut ids: Vec<RowId> = Vec::new();
-        let mut ends = Vec::with_capacity(keys.len());
-        for key in &keys {
-            if let Some(partition) = self.partitions.get(key) {
-                ids.extend(partition.held());
-            }
+        let mut ends = Vec::with_capacity(numbers.len());
+        for number in &numbers {
+            self.changed[*number] = false;
+            ids.extend(self.partitions[*number].1.held());
             ends.push(ids.len());
         }
         let all: Vec<usize> = (0..self.input.fields().len()).collect();
         let columns = self.store.take(&self.input, &ids, &all).map_err(matching)?;
         let rows = self.rows.convert_columns(&columns).map_err(arrow_err)?;
         let mut start = 0;
-        for (key, end) in keys.iter().zip(ends) {
-            let Some(partition) = self.partitions.get(key) else { continue };
+        for (number, end) in numbers.into_iter().zip(ends) {
+            let (key, partition) = &self.partitions[number];
             let mut value: Vec<u8> = partition.positions().iter().flat_map(|p| p.to_be_bytes()).collect();
             for row in start..end {
                 let bytes = rows.row(row);
@@ -255,9 +269,11 @@ impl Checkpointed for MatchStream {
             None => Vec::new(),
         };
         self.store = RowStore::default();
+        self.numbers.clear();
         self.partitions.clear();
         self.deadlines.clear();
         self.unsaved.clear();
+        self.changed.clear();
         let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
         let entries = table.scan_prefix(store, &[PARTITION_TAG])?;
         // Every partition's rows into one chunk.
@@ -280,9 +296,8 @@ impl Checkpointed for MatchStream {
             partitions.push((key[1..].to_vec(), [base, next, match_number], first..rows.len()));
         }
         let columns = self.rows.convert_rows(rows).map_err(arrow_err)?;
-        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(
-            partitions.last().map_or(0, |(_, _, range)| range.end),
-        ));
+        let options = datafusion::arrow::array::RecordBatchOptions::new()
+            .with_row_count(Some(partitions.last().map_or(0, |(_, _, range)| range.end)));
         let chunk = RecordBatch::try_new_with_options(self.input.clone(), columns, &options).map_err(arrow_err)?;
         let first = self.store.push(chunk);
         for (key, positions, range) in partitions {
@@ -293,8 +308,9 @@ impl Checkpointed for MatchStream {
             self.matcher
                 .run_partition(&self.store, &mut partition, false, self.progress.watermark, &mut ignored)
                 .map_err(matching)?;
-            self.partitions.insert(key.clone(), partition);
-            self.schedule(&key);
+            let number = self.number(&key);
+            self.partitions[number].1 = partition;
+            self.schedule(number);
         }
         Ok(())
     }
