@@ -46,6 +46,8 @@ pub struct FeedExec {
     name: String,
     feed: Feed,
     projection: Option<Vec<usize>>,
+    /// The schema of the pushed batches, and of the output (projected).
+    input: SchemaRef,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
 }
@@ -53,6 +55,7 @@ pub struct FeedExec {
 impl FeedExec {
     /// `name` says what feeds it (a source, an aggregate) in EXPLAIN; `schema` is that of the pushed batches.
     pub fn new(name: impl Into<String>, feed: Feed, schema: SchemaRef, projection: Option<Vec<usize>>) -> Result<Self> {
+        let input = schema.clone();
         let schema = match &projection {
             Some(indices) => Arc::new(schema.project(indices)?),
             None => schema,
@@ -64,7 +67,12 @@ impl FeedExec {
             // Each execution reads only what was pushed: bounded, which lets DataFusion plan aggregations over it.
             Boundedness::Bounded,
         ));
-        Ok(FeedExec { name: name.into(), feed, projection, schema, properties })
+        Ok(FeedExec { name: name.into(), feed, projection, input, schema, properties })
+    }
+
+    /// The schema of the batches pushed to the feed (before any projection).
+    pub fn input_schema(&self) -> SchemaRef {
+        self.input.clone()
     }
 }
 

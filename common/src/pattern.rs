@@ -143,6 +143,8 @@ pub enum MatchExpr {
     },
     MatchNumber,
     Classifier,
+    /// `FINAL f(...)`: over the whole match, even in a row of `ALL ROWS PER MATCH` before its last.
+    Final(Box<MatchExpr>),
 }
 
 impl MatchExpr {
@@ -153,7 +155,7 @@ impl MatchExpr {
         match self {
             MatchExpr::Literal(value) => value.data_type(),
             MatchExpr::Column { column: c, .. } | MatchExpr::Navigate { column: c, .. } => column(c),
-            MatchExpr::Shift { expr, .. } | MatchExpr::Negate(expr) => expr.data_type(input),
+            MatchExpr::Shift { expr, .. } | MatchExpr::Negate(expr) | MatchExpr::Final(expr) => expr.data_type(input),
             MatchExpr::Not(_) | MatchExpr::IsNull { .. } => DataType::Boolean,
             MatchExpr::Binary { left, op, right } => match op {
                 BinaryOp::Plus | BinaryOp::Minus | BinaryOp::Multiply | BinaryOp::Divide => {
@@ -182,6 +184,19 @@ impl MatchExpr {
         self.shifts().1
     }
 
+    /// Whether the expression has a `FINAL` part.
+    pub fn uses_final(&self) -> bool {
+        match self {
+            MatchExpr::Final(_) => true,
+            MatchExpr::Binary { left, right, .. } => left.uses_final() || right.uses_final(),
+            MatchExpr::Not(inner)
+            | MatchExpr::Negate(inner)
+            | MatchExpr::IsNull { expr: inner, .. }
+            | MatchExpr::Shift { expr: inner, .. } => inner.uses_final(),
+            _ => false,
+        }
+    }
+
     /// The largest backward shift and whether any shift is forward.
     fn shifts(&self) -> (usize, bool) {
         match self {
@@ -194,7 +209,10 @@ impl MatchExpr {
                 let (l, r) = (left.shifts(), right.shifts());
                 (l.0.max(r.0), l.1 || r.1)
             }
-            MatchExpr::Not(inner) | MatchExpr::Negate(inner) | MatchExpr::IsNull { expr: inner, .. } => inner.shifts(),
+            MatchExpr::Not(inner)
+            | MatchExpr::Negate(inner)
+            | MatchExpr::IsNull { expr: inner, .. }
+            | MatchExpr::Final(inner) => inner.shifts(),
             _ => (0, false),
         }
     }

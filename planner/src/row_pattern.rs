@@ -148,7 +148,38 @@ pub(crate) fn extract_row_patterns(
         tokens.splice(opening..end, replacement);
         i = opening + 4;
     }
+    if !clauses.is_empty() {
+        mark_semantics(&mut tokens);
+    }
     Ok((tokens, clauses))
+}
+
+/// The prefix that marks a function call written after `FINAL` (`FINAL LAST(x)` reaches sqlparser as
+/// `weir_final_last(x)`); `RUNNING`, the default, is dropped.
+const FINAL_PREFIX: &str = "WEIR_FINAL_";
+
+/// Takes `RUNNING` and `FINAL` (which sqlparser does not know) off the function calls they qualify in a statement
+/// with `MATCH_RECOGNIZE`, marking the calls `FINAL` qualifies.
+fn mark_semantics(tokens: &mut [TokenWithSpan]) {
+    let word = |token: &Token| match token {
+        Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_uppercase()),
+        _ => None,
+    };
+    let next = |tokens: &[TokenWithSpan], from: usize| {
+        (from..tokens.len()).find(|&i| !matches!(tokens[i].token, Token::Whitespace(_)))
+    };
+    for i in 0..tokens.len() {
+        let Some(qualifier) = word(&tokens[i].token).filter(|w| w == "RUNNING" || w == "FINAL") else { continue };
+        let Some(function) = next(tokens, i + 1) else { continue };
+        let Some(name) = word(&tokens[function].token) else { continue };
+        if !next(tokens, function + 1).is_some_and(|open| tokens[open].token == Token::LParen) {
+            continue;
+        }
+        tokens[i].token = Token::Whitespace(datafusion::sql::sqlparser::tokenizer::Whitespace::Space);
+        if qualifier == "FINAL" {
+            tokens[function].token = Token::make_word(&format!("{FINAL_PREFIX}{name}"), None);
+        }
+    }
 }
 
 /// `u = (a, b), v = (c)`; `None` when it is not that shape.
@@ -568,7 +599,14 @@ pub fn compile_match_recognize(
                 format!("DEFINE names \"{name}\", which the PATTERN does not use"),
             ));
         };
-        defines[variable] = Some(compiler.expr(&symbol.definition)?);
+        let condition = compiler.expr(&symbol.definition)?;
+        if condition.uses_final() {
+            return Err(ErrorReport::new(
+                SqlState::SYNTAX_ERROR,
+                format!("FINAL in DEFINE (of \"{name}\"): a condition sees the match only up to the row it tests"),
+            ));
+        }
+        defines[variable] = Some(condition);
     }
     let measures = parts
         .measures
@@ -735,6 +773,17 @@ impl ExprCompiler<'_> {
 
     fn function(&self, function: &ast::Function) -> Result<MatchExpr, ErrorReport> {
         let name = function.name.to_string().to_uppercase();
+        if let Some(name) = name.strip_prefix(FINAL_PREFIX) {
+            if !matches!(name, "FIRST" | "LAST" | "SUM" | "COUNT" | "AVG" | "MIN" | "MAX") {
+                return Err(ErrorReport::new(
+                    SqlState::SYNTAX_ERROR,
+                    format!("FINAL qualifies FIRST, LAST and aggregates, not {name}"),
+                ));
+            }
+            let mut inner = function.clone();
+            inner.name = ast::ObjectName::from(vec![ast::Ident::new(name)]);
+            return Ok(MatchExpr::Final(Box::new(self.function(&inner)?)));
+        }
         let args: Vec<&ast::FunctionArgExpr> = match &function.args {
             ast::FunctionArguments::List(list) => list
                 .args

@@ -233,6 +233,8 @@ struct Matched<'m> {
     rows: &'m [Classified],
     current: usize,
     current_variable: Option<usize>,
+    /// The whole match, for `FINAL` (in a condition: the rows so far).
+    whole: &'m [Classified],
 }
 
 impl Matched<'_> {
@@ -306,6 +308,11 @@ impl Context<'_> {
                 aggregate(*function, values)?
             }
             MatchExpr::MatchNumber => ScalarValue::Int64(Some(self.match_number)),
+            MatchExpr::Final(inner) => {
+                let current = matched.whole.last().map_or(matched.current, |c| c.row);
+                let whole = Matched { rows: matched.whole, current, current_variable: None, whole: matched.whole };
+                self.evaluate(inner, &whole, shift)?
+            }
             MatchExpr::Classifier => {
                 let variable = matched.current_variable.or_else(|| matched.rows.last().map(|c| c.variable));
                 ScalarValue::Utf8(variable.map(|v| self.variables[v].to_uppercase()))
@@ -593,7 +600,7 @@ impl Matcher {
                     return false;
                 }
                 let Some(condition) = &self.defines[variable] else { return true };
-                let tried = Matched { rows: matched, current: row, current_variable: Some(variable) };
+                let tried = Matched { rows: matched, current: row, current_variable: Some(variable), whole: matched };
                 match context.evaluate(condition, &tried, 0) {
                     Ok(ScalarValue::Boolean(Some(true))) => true,
                     Ok(_) => false,
@@ -634,7 +641,7 @@ impl Matcher {
                 Some(matched) if matched.is_empty() => {
                     // An empty match: a row for where it starts, measures over no rows (unless omitted).
                     if all.is_none_or(|(show_empty, _)| show_empty) {
-                        let none = Matched { rows: &[], current: at, current_variable: None };
+                        let none = Matched { rows: &[], current: at, current_variable: None, whole: &[] };
                         let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &none, 0));
                         out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
                     } else if let Some((_, true)) = all {
@@ -648,12 +655,17 @@ impl Matcher {
                     if all.is_some() {
                         // Each row of the match (but the excluded), its measures over the match up to it.
                         for (n, row) in matched.iter().enumerate().filter(|(_, c)| !c.excluded) {
-                            let upto = Matched { rows: &matched[..=n], current: row.row, current_variable: None };
+                            let upto = Matched {
+                                rows: &matched[..=n],
+                                current: row.row,
+                                current_variable: None,
+                                whole: &matched,
+                            };
                             let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &upto, 0));
                             out.push(id(row.row), measures.collect::<Result<Vec<_>, _>>()?);
                         }
                     } else {
-                        let whole = Matched { rows: &matched, current: last, current_variable: None };
+                        let whole = Matched { rows: &matched, current: last, current_variable: None, whole: &matched };
                         let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &whole, 0));
                         out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
                     }

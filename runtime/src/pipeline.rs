@@ -30,7 +30,7 @@ use datafusion::execution::TaskContext;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use futures::TryStreamExt;
-use weir_common::feed::Feed;
+use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
@@ -472,10 +472,10 @@ async fn above(
     run(&above, task).await
 }
 
-/// The schema of the feed leaf of `plan`.
+/// The schema of the batches the feed leaf of `plan` takes.
 fn above_input_schema(plan: &Arc<dyn ExecutionPlan>) -> Option<SchemaRef> {
-    if plan.name() == "FeedExec" {
-        return Some(plan.schema());
+    if let Some(feed) = plan.downcast_ref::<FeedExec>() {
+        return Some(feed.input_schema());
     }
     plan.children().into_iter().find_map(above_input_schema)
 }
