@@ -31,12 +31,16 @@ pub struct Relation {
     pub store: Option<Arc<ViewStore>>,
     /// Whether other views can read it as a stream: sources, tables and views that only ever gain rows.
     pub append_only: bool,
+    /// For a materialized view whose rows arrive in the order of a timestamp column (each window emitted once, when
+    /// it closes, so by `window_end`): that column. Views reading it take the column less one unit as their
+    /// watermark.
+    pub ordered_by: Option<String>,
 }
 
 impl Relation {
     pub fn new(def: RelationDef, provider: Arc<dyn TableProvider>) -> Self {
         let append_only = matches!(def.kind, RelationKind::Source | RelationKind::Table);
-        Relation { def: Arc::new(def), provider, source: None, store: None, append_only }
+        Relation { def: Arc::new(def), provider, source: None, store: None, append_only, ordered_by: None }
     }
 
     /// A relation whose rows live in `store`.
@@ -45,12 +49,24 @@ impl Relation {
             RelationKind::Table => Arc::new(StoreTable::table_over(store.clone())),
             _ => Arc::new(StoreTable::view(store.clone())),
         };
-        Relation { def: Arc::new(def), provider, source: None, store: Some(store), append_only }
+        Relation { def: Arc::new(def), provider, source: None, store: Some(store), append_only, ordered_by: None }
     }
 
     pub fn with_source(mut self, source: Option<Arc<CreateSource>>) -> Self {
         self.source = source;
         self
+    }
+
+    pub fn with_ordered_by(mut self, column: Option<String>) -> Self {
+        self.ordered_by = column;
+        self
+    }
+
+    /// The column the relation's watermark bounds: a source's or table's `WATERMARK FOR` column, or the column a
+    /// view's rows arrive in order of.
+    pub fn event_time(&self) -> Option<String> {
+        let declared = self.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.column.value.to_lowercase());
+        declared.or_else(|| self.ordered_by.clone())
     }
 }
 

@@ -13,9 +13,10 @@ use std::time::Duration;
 use datafusion::arrow::array::StringArray;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::view::ViewTable;
-use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::logical_expr::{DdlStatement, LogicalPlan};
+use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::logical_expr::{DdlStatement, LogicalPlan, Operator};
+use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
@@ -99,7 +100,9 @@ impl Session {
             definition: text.to_string(),
             depends_on: dataflow.depends_on.clone(),
         };
-        self.engine.catalog.create(Relation::stored(def, store.clone(), dataflow.append_only), false)?;
+        let relation =
+            Relation::stored(def, store.clone(), dataflow.append_only).with_ordered_by(dataflow.ordered_by.clone());
+        self.engine.catalog.create(relation, false)?;
         self.engine.jobs.start(name, dataflow, store);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
@@ -141,12 +144,13 @@ impl Session {
                     return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input"));
                 }
             };
-            let watermark = match &input.source {
-                Some(source) => {
-                    ms_per_unit = watermark_unit_ms(&input.def.schema, source);
-                    self.watermark(&input.def.name, source, &input.def.schema)?
-                }
-                None => None,
+            if let Some(column) = input.event_time() {
+                ms_per_unit = unit_ms(&input.def.schema, &column);
+            }
+            let watermark = match (&input.source, &input.ordered_by) {
+                (Some(source), _) => self.watermark(&input.def.name, source, &input.def.schema)?,
+                (None, Some(column)) => Some(ordered_watermark(&input.def.schema, column)?),
+                (None, None) => None,
             };
             readers.push(reader);
             idle_timeouts.push(timeout);
@@ -156,6 +160,14 @@ impl Session {
         depends_on.sort();
         depends_on.dedup();
         let append_only = plan.append_only();
+        // A view emitting each window once, when it closes, emits its rows in order of their window_end.
+        let ordered_by = plan
+            .aggregate
+            .as_ref()
+            .filter(|a| plan.emit_on_window_close && a.window_end.is_some())
+            .and_then(|_| plan.schema.field_with_name("window_end").ok())
+            .filter(|f| matches!(f.data_type(), DataType::Timestamp(..)))
+            .map(|f| f.name().clone());
         let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
         Ok(Dataflow {
@@ -165,6 +177,7 @@ impl Session {
             depends_on,
             append_only,
             ms_per_unit,
+            ordered_by,
         })
     }
 
@@ -273,12 +286,7 @@ impl Session {
         // Watermarks of several inputs are compared as numbers: they must count the same unit.
         let units: Vec<u64> = relations
             .iter()
-            .filter_map(|r| {
-                r.source
-                    .as_ref()
-                    .filter(|s| s.watermark.is_some())
-                    .map(|s| watermark_unit_ms(&r.def.schema, s).to_bits())
-            })
+            .filter_map(|r| r.event_time().map(|column| unit_ms(&r.def.schema, &column).to_bits()))
             .collect();
         if units.windows(2).any(|pair| pair[0] != pair[1]) {
             return Err(ErrorReport::new(
@@ -367,13 +375,13 @@ impl Session {
         // Each input feeds the scans named after it (FeedExec: name) above; its watermark assigner sits between.
         for input in &inputs {
             let mut depth = depth;
-            if let Some(watermark) = input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
-                lines.push(format!(
-                    "{}WatermarkAssigner: {} AS {} [append-only]",
-                    "  ".repeat(depth),
-                    watermark.column,
-                    watermark.expr
-                ));
+            let watermark = match (input.source.as_ref().and_then(|s| s.watermark.as_ref()), &input.ordered_by) {
+                (Some(watermark), _) => Some(format!("{} AS {}", watermark.column, watermark.expr)),
+                (None, Some(column)) => Some(format!("{column} AS {column} - 1 unit (rows arrive in its order)")),
+                (None, None) => None,
+            };
+            if let Some(watermark) = watermark {
+                lines.push(format!("{}WatermarkAssigner: {watermark} [append-only]", "  ".repeat(depth)));
                 depth += 1;
             }
             let connector = input
@@ -546,7 +554,7 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
         )
         .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
     }
-    if plan.emit_on_window_close && input.source.as_ref().is_none_or(|s| s.watermark.is_none()) {
+    if plan.emit_on_window_close && input.event_time().is_none() {
         return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
     }
     Ok(())
@@ -556,32 +564,40 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
 /// bounds, first and ascending: rows are matched in that order as the watermark passes them.
 fn check_event_time(stage: &MatchRecognizeStage, input: &Relation) -> Result<(), ErrorReport> {
     let order = stage.spec.order_by.first().map(|(c, descending)| (stage.input.field(*c), *descending));
-    let watermark = input.source.as_ref().and_then(|s| s.watermark.as_ref());
-    let Some(watermark) = watermark else {
-        let message = match input.def.kind {
-            RelationKind::MaterializedView => format!(
-                "MATCH_RECOGNIZE over materialized view \"{}\" is not supported yet: a view passes on no watermark",
-                input.def.name
+    let Some(column) = input.event_time() else {
+        let error = match input.def.kind {
+            RelationKind::MaterializedView => ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "MATCH_RECOGNIZE over materialized view \"{}\" needs its rows in event-time order, and only a \
+                     view that emits each window once, when it closes, has them in order (of window_end)",
+                    input.def.name
+                ),
+            )
+            .with_hint(
+                "Match over a windowed view with EMIT ON WINDOW CLOSE, ordered by window_end; or over its source.",
             ),
-            _ => format!(
-                "MATCH_RECOGNIZE over \"{}\" needs a watermark: rows are matched in event-time order as the \
-                 watermark passes them",
-                input.def.name
+            _ => ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "MATCH_RECOGNIZE over \"{}\" needs a watermark: rows are matched in event-time order as the \
+                     watermark passes them",
+                    input.def.name
+                ),
+            )
+            .with_hint(
+                "Declare one on the source or table: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND (the longest \
+                 delay expected).",
             ),
         };
-        return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, message).with_hint(
-            "Declare one on the source or table: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND (the longest delay \
-             expected).",
-        ));
+        return Err(error);
     };
-    let column = &watermark.column.value;
     match order {
-        Some((field, false)) if field.name().eq_ignore_ascii_case(column) => Ok(()),
+        Some((field, false)) if field.name().eq_ignore_ascii_case(&column) => Ok(()),
         _ => Err(ErrorReport::new(
             SqlState::WINDOWING_ERROR,
             format!(
-                "MATCH_RECOGNIZE over a stream must ORDER BY its event time first, ascending: \"{column}\" of \"{}\" \
-                 (where its watermark is declared)",
+                "MATCH_RECOGNIZE over a stream must ORDER BY its event time first, ascending: \"{column}\" of \"{}\"",
                 input.def.name
             ),
         )
@@ -694,13 +710,25 @@ fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
     Ok(Some(encoding))
 }
 
-/// Milliseconds per unit of the source's event-time column (1 for `TIMESTAMP(3)`).
-fn watermark_unit_ms(schema: &SchemaRef, source: &CreateSource) -> f64 {
-    let unit = source
-        .watermark
-        .as_ref()
-        .and_then(|w| schema.field_with_name(&w.column.value.to_lowercase()).ok())
-        .map(|f| f.data_type().clone());
+/// The watermark of a view's rows that arrive in order of timestamp `column`: the column less one unit (rows of the
+/// same time may still come).
+fn ordered_watermark(schema: &SchemaRef, column: &str) -> Result<WatermarkSpec, ErrorReport> {
+    let internal = || ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: ordering column {column}"));
+    let index = schema.index_of(column).map_err(|_| internal())?;
+    let one = match schema.field(index).data_type() {
+        DataType::Timestamp(TimeUnit::Second, _) => ScalarValue::DurationSecond(Some(1)),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => ScalarValue::DurationMillisecond(Some(1)),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => ScalarValue::DurationMicrosecond(Some(1)),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => ScalarValue::DurationNanosecond(Some(1)),
+        _ => return Err(internal()),
+    };
+    let expr = BinaryExpr::new(Arc::new(Column::new(column, index)), Operator::Minus, lit(one));
+    Ok(WatermarkSpec { column: index, expr: Arc::new(expr) })
+}
+
+/// Milliseconds per unit of timestamp column `column` (1 for `TIMESTAMP(3)`).
+fn unit_ms(schema: &SchemaRef, column: &str) -> f64 {
+    let unit = schema.field_with_name(column).ok().map(|f| f.data_type().clone());
     match unit {
         Some(DataType::Timestamp(TimeUnit::Second, _)) => 1_000.0,
         Some(DataType::Timestamp(TimeUnit::Microsecond, _)) => 0.001,
