@@ -288,10 +288,16 @@ pub struct MatchRecognize {
     /// `WITHIN`: every row of a match lies within this many units of the first `ORDER BY` column (a timestamp) of
     /// the match's first row.
     pub within: Option<i64>,
+    /// `WITHIN ... EMIT TIMEOUTS`: a match attempt that `WITHIN` cut off, leaving no match, is an output row too, its
+    /// measures over the partial match, with [`TIMED_OUT`] true.
+    pub emit_timeouts: bool,
     pub rows_per_match: RowsPerMatch,
     /// `SUBSET`s, numbered after the pattern's variables: the variables each unites.
     pub subsets: Vec<Vec<usize>>,
 }
+
+/// The column `EMIT TIMEOUTS` adds after the measures: whether the row is a partial match `WITHIN` cut off.
+pub const TIMED_OUT: &str = "timed_out";
 
 /// `ONE ROW PER MATCH` (measures over the whole match) or `ALL ROWS PER MATCH` (each matched row, measures over the
 /// match up to it).

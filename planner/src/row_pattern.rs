@@ -14,7 +14,7 @@
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan};
-use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, MatchRecognize, Pattern, RowsPerMatch, SkipTo};
+use weir_common::pattern::{Aggregate, BinaryOp, MatchExpr, MatchRecognize, Pattern, RowsPerMatch, SkipTo, TIMED_OUT};
 use weir_common::{ErrorReport, SqlState};
 
 use crate::parse::ParseError;
@@ -34,6 +34,8 @@ pub struct RowPatternClause {
     pub pattern: RowPattern,
     /// The `WITHIN` bound as written (`INTERVAL '10' MINUTE`).
     pub within: Option<String>,
+    /// `WITHIN ... EMIT TIMEOUTS` (Weir's): partial matches `WITHIN` cuts off are output rows too.
+    pub emit_timeouts: bool,
     /// `SUBSET name = (variable, ...)`, names normalized.
     pub subsets: Vec<(String, Vec<String>)>,
     /// Where `PATTERN` starts in the query string.
@@ -107,6 +109,7 @@ pub(crate) fn extract_row_patterns(
         let span = Span::new(tokens[opening].span.end, tokens[closing].span.start);
         // `WITHIN interval` runs up to `SUBSET` or `DEFINE`.
         let mut within = None;
+        let mut emit_timeouts = false;
         let mut end = closing + 1;
         if let Some(word) = significant(&tokens, closing + 1).filter(|&w| is_word(&tokens[w].token, "WITHIN")) {
             let Some(stop) = (word + 1..tokens.len())
@@ -114,7 +117,15 @@ pub(crate) fn extract_row_patterns(
             else {
                 return Err(syntax_error(sql, tokens[word].span.end, "WITHIN must be followed by SUBSET or DEFINE"));
             };
-            let bound = crate::parse::slice(sql, tokens[word].span.end, tokens[stop].span.start).trim().to_string();
+            let mut bound = crate::parse::slice(sql, tokens[word].span.end, tokens[stop].span.start).trim().to_string();
+            let words: Vec<&str> = bound.split_whitespace().collect();
+            if let [.., emit, timeouts] = words.as_slice()
+                && emit.eq_ignore_ascii_case("EMIT")
+                && timeouts.eq_ignore_ascii_case("TIMEOUTS")
+            {
+                emit_timeouts = true;
+                bound = words[..words.len() - 2].join(" ");
+            }
             if bound.is_empty() {
                 return Err(syntax_error(sql, tokens[word].span.end, "WITHIN needs an interval"));
             }
@@ -136,6 +147,7 @@ pub(crate) fn extract_row_patterns(
             placeholder: placeholder.clone(),
             pattern,
             within,
+            emit_timeouts,
             subsets,
             location: tokens[i].span.start,
         });
@@ -632,6 +644,20 @@ pub fn compile_match_recognize(
             Some(within_units(text, *unit)?)
         }
     };
+    if clause.emit_timeouts {
+        if rows_per_match != RowsPerMatch::One {
+            return Err(ErrorReport::new(
+                SqlState::SYNTAX_ERROR,
+                "EMIT TIMEOUTS needs ONE ROW PER MATCH: a timed-out partial match is one row",
+            ));
+        }
+        if measures.iter().any(|(name, _)| name == TIMED_OUT) {
+            return Err(ErrorReport::new(
+                SqlState::DUPLICATE_COLUMN,
+                format!("with EMIT TIMEOUTS the output has a column \"{TIMED_OUT}\"; name the measure otherwise"),
+            ));
+        }
+    }
     Ok(MatchRecognize {
         partition_by,
         order_by,
@@ -641,6 +667,7 @@ pub fn compile_match_recognize(
         measures,
         skip,
         within,
+        emit_timeouts: clause.emit_timeouts,
         rows_per_match,
         subsets,
     })

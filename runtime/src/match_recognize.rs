@@ -19,7 +19,7 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::ScalarValue;
 use weir_common::pattern::{
-    Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo, common_type,
+    Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo, TIMED_OUT, common_type,
 };
 
 use crate::row_pattern::{Attempt, PatternError, Program};
@@ -163,11 +163,21 @@ pub struct PartitionMatch {
     match_number: i64,
     /// When the watermark may next put partial matches of the attempt out of `WITHIN`'s reach, as last noted.
     pub(crate) deadline: Option<i64>,
+    /// The most preferred partial match of the attempt that `WITHIN` cut off (for `EMIT TIMEOUTS`).
+    timed_out: Option<Vec<Classified>>,
 }
 
 impl Default for PartitionMatch {
     fn default() -> Self {
-        PartitionMatch { base: 0, rows: VecDeque::new(), next: 0, attempt: None, match_number: 1, deadline: None }
+        PartitionMatch {
+            base: 0,
+            rows: VecDeque::new(),
+            next: 0,
+            attempt: None,
+            match_number: 1,
+            deadline: None,
+            timed_out: None,
+        }
     }
 }
 
@@ -202,6 +212,7 @@ impl PartitionMatch {
             attempt: None,
             match_number,
             deadline: None,
+            timed_out: None,
         }
     }
 
@@ -225,7 +236,8 @@ struct Context<'a> {
     variables: &'a [String],
     /// The members of each `SUBSET`.
     subsets: &'a [Vec<usize>],
-    match_number: i64,
+    /// `MATCH_NUMBER()`: none for a timed-out partial match.
+    match_number: Option<i64>,
 }
 
 /// The match being evaluated: its rows so far, and the current row (position in the partition) with its variable.
@@ -307,7 +319,7 @@ impl Context<'_> {
                 let values: Vec<ScalarValue> = values.into_iter().filter(|v| !v.is_null()).collect();
                 aggregate(*function, values)?
             }
-            MatchExpr::MatchNumber => ScalarValue::Int64(Some(self.match_number)),
+            MatchExpr::MatchNumber => ScalarValue::Int64(self.match_number),
             MatchExpr::Final(inner) => {
                 let current = matched.whole.last().map_or(matched.current, |c| c.row);
                 let whole = Matched { rows: matched.whole, current, current_variable: None, whole: matched.whole };
@@ -428,6 +440,8 @@ fn aggregate(function: Aggregate, values: Vec<ScalarValue>) -> Result<ScalarValu
 pub struct Output {
     rows: Vec<RowId>,
     measures: Vec<Vec<ScalarValue>>,
+    /// Per row, whether it is a partial match `WITHIN` cut off.
+    timed_out: Vec<bool>,
 }
 
 impl Output {
@@ -437,6 +451,7 @@ impl Output {
 
     fn push(&mut self, row: RowId, measures: impl IntoIterator<Item = ScalarValue>) {
         self.rows.push(row);
+        self.timed_out.push(false);
         for (column, value) in measures.into_iter().enumerate() {
             if self.measures.len() <= column {
                 self.measures.resize_with(column + 1, Vec::new);
@@ -485,6 +500,9 @@ impl Matcher {
         };
         let mut fields: Vec<Field> = leading.iter().map(|c| input.field(*c).as_ref().clone()).collect();
         fields.extend(spec.measures.iter().map(|(name, expr)| Field::new(name, expr.data_type(&input), true)));
+        if spec.emit_timeouts {
+            fields.push(Field::new(TIMED_OUT, DataType::Boolean, false));
+        }
         fields.extend(trailing.iter().map(|c| input.field(*c).as_ref().clone().with_nullable(true)));
         let lookback = spec
             .defines
@@ -584,7 +602,7 @@ impl Matcher {
                 base: partition.base,
                 variables: &self.variables,
                 subsets: &self.subsets,
-                match_number: partition.match_number,
+                match_number: Some(partition.match_number),
             };
             let time = self.order_by.first().map(|(c, _)| *c);
             let time_at = |position: usize| {
@@ -592,11 +610,17 @@ impl Matcher {
                 store.time(*id, time?)
             };
             let mut failure = None;
+            // The most preferred partial match a row beyond WITHIN cut off (threads try rows in preference order).
+            let cut_by_row = std::cell::RefCell::new(None);
             let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
                 if let (Some(within), Some(first)) = (self.within, matched.first())
                     && let (Some(start), Some(now)) = (time_at(first.row), time_at(row))
                     && now - start > within
                 {
+                    let mut cut = cut_by_row.borrow_mut();
+                    if self.emit_timeouts && cut.is_none() {
+                        *cut = Some(matched.to_vec());
+                    }
                     return false;
                 }
                 let Some(condition) = &self.defines[variable] else { return true };
@@ -611,14 +635,20 @@ impl Matcher {
                 }
             };
             let mut decided = self.program.advance(&mut attempt, known, ended, &mut accepts)?;
+            if self.emit_timeouts && partition.timed_out.is_none() {
+                partition.timed_out = cut_by_row.borrow_mut().take();
+            }
             if decided.is_none()
                 && let (Some(within), Some(watermark)) = (self.within, watermark)
             {
                 // Rows to come are later than the watermark: a partial match begun `within` or longer before it
                 // can take none of them.
-                self.program.expire(&mut attempt, &mut |matched| {
+                let cut = self.program.expire(&mut attempt, &mut |matched| {
                     matched.first().and_then(|f| time_at(f.row)).is_some_and(|start| watermark - start >= within)
                 });
+                if self.emit_timeouts && partition.timed_out.is_none() {
+                    partition.timed_out = cut;
+                }
                 decided = self.program.advance(&mut attempt, known, ended, &mut accepts)?;
             }
             if let Some(err) = failure.take() {
@@ -630,7 +660,21 @@ impl Matcher {
             };
             let at = partition.next;
             let id = |position: usize| partition.rows[position - partition.base];
+            let timed_out = partition.timed_out.take();
             match found {
+                None if timed_out.is_some() => {
+                    // The attempt found no match because WITHIN cut it off: its preferred partial match.
+                    let partial = timed_out.unwrap_or_default();
+                    let current = partial.last().map_or(at, |c| c.row);
+                    let cut = Matched { rows: &partial, current, current_variable: None, whole: &partial };
+                    let context = Context { match_number: None, ..context };
+                    let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &cut, 0));
+                    out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
+                    if let Some(flag) = out.timed_out.last_mut() {
+                        *flag = true;
+                    }
+                    partition.next = at + 1;
+                }
                 None => {
                     if let Some((_, true)) = all {
                         // An unmatched row, with NULL measures.
@@ -711,7 +755,7 @@ impl Matcher {
 
     /// The output rows as a batch of [`Matcher::schema`].
     pub fn output(&self, store: &RowStore, out: Output) -> Result<RecordBatch, MatchError> {
-        let Output { rows, mut measures } = out;
+        let Output { rows, mut measures, timed_out } = out;
         measures.resize_with(self.measures.len(), Vec::new);
         let mut columns = store.take(&self.input, &rows, &self.leading)?;
         for (values, field) in measures.into_iter().zip(&self.output.fields()[self.leading.len()..]) {
@@ -729,6 +773,9 @@ impl Matcher {
                 }
             };
             columns.push(array);
+        }
+        if self.emit_timeouts {
+            columns.push(Arc::new(datafusion::arrow::array::BooleanArray::from(timed_out)));
         }
         columns.extend(store.take(&self.input, &rows, &self.trailing)?);
         let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len()));

@@ -382,6 +382,7 @@ mod tests {
             ],
             skip,
             within,
+            emit_timeouts: false,
             rows_per_match,
             subsets: Vec::new(),
         }

@@ -267,8 +267,21 @@ impl Program {
 
     /// Drops the threads of `attempt` that wait for a row and for which `expired` holds of the rows they matched
     /// (`WITHIN` passed for them); [`Program::advance`] then decides the attempt if no preferred thread is left.
-    pub fn expire(&self, attempt: &mut Attempt, expired: &mut dyn FnMut(&[Classified]) -> bool) {
-        attempt.threads.retain(|t| !matches!(self.instructions[t.pc], Instruction::Row(_)) || !expired(&t.matched));
+    /// Returns the rows of the most preferred thread dropped.
+    pub fn expire(
+        &self,
+        attempt: &mut Attempt,
+        expired: &mut dyn FnMut(&[Classified]) -> bool,
+    ) -> Option<Vec<Classified>> {
+        let mut preferred = None;
+        attempt.threads.retain(|t| {
+            let dropped = matches!(self.instructions[t.pc], Instruction::Row(_)) && expired(&t.matched);
+            if dropped && preferred.is_none() {
+                preferred = Some(t.matched.clone());
+            }
+            !dropped
+        });
+        preferred
     }
 
     /// Follows `thread` through the instructions that consume no row, at row `at`, adding every thread that waits

@@ -332,6 +332,13 @@ impl Resolver<'_> {
                     lines.extend(plan.display_indent().to_string().lines().map(|l| format!("    {l}")));
                     return Ok(());
                 }
+                if spec.emit_timeouts {
+                    return Err(ErrorReport::new(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "EMIT TIMEOUTS is for materialized views over streams: a partial match times out when the \
+                         watermark passes its WITHIN bound",
+                    ));
+                }
                 let df = self
                     .session
                     .ctx
@@ -395,13 +402,14 @@ pub(crate) fn describe(stage: &MatchRecognizeStage) -> String {
         _ => "ns",
     };
     let within = spec.within.map(|w| format!(" within {w} {unit}")).unwrap_or_default();
+    let timeouts = if spec.emit_timeouts { ", timed-out partial matches emitted" } else { "" };
     let rows = match spec.rows_per_match {
         RowsPerMatch::One => "one row per match",
         RowsPerMatch::All { .. } => "all rows per match",
     };
     format!(
-        "MatchRecognize: partition by [{}], order by [{}], pattern {}{within}, {rows}, rows held until the watermark \
-         passes them, matches emitted when decided",
+        "MatchRecognize: partition by [{}], order by [{}], pattern {}{within}, {rows}{timeouts}, rows held until the \
+         watermark passes them, matches emitted when decided",
         spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
         order.join(", "),
         spec.pattern.render(&spec.variables),
