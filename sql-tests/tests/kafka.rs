@@ -491,7 +491,9 @@ async fn avro_records_decode_with_the_declared_schema_bare_or_confluent_framed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_slt_file_runs_against_the_broker() {
-    let (_broker, bootstrap, _producer) = broker_with_topic("slt-orders", 2);
+    let (broker, bootstrap, _producer) = broker_with_topic("slt-orders", 2);
+    broker.create_topic("slt-payments", 1);
+    broker.create_topic("slt-fraud", 1);
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker-slt/kafka.slt");
     weir_sql_tests::run_file_with(&file, false, &[("KAFKA_BOOTSTRAP", &bootstrap)]).await.unwrap();
 }
