@@ -184,6 +184,20 @@ impl MatchExpr {
         self.shifts().1
     }
 
+    /// Whether the expression has an aggregate part.
+    pub fn has_aggregate(&self) -> bool {
+        match self {
+            MatchExpr::Aggregate { .. } => true,
+            MatchExpr::Binary { left, right, .. } => left.has_aggregate() || right.has_aggregate(),
+            MatchExpr::Not(inner)
+            | MatchExpr::Negate(inner)
+            | MatchExpr::IsNull { expr: inner, .. }
+            | MatchExpr::Shift { expr: inner, .. }
+            | MatchExpr::Final(inner) => inner.has_aggregate(),
+            _ => false,
+        }
+    }
+
     /// Whether the expression has a `FINAL` part.
     pub fn uses_final(&self) -> bool {
         match self {

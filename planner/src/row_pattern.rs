@@ -845,10 +845,14 @@ impl ExprCompiler<'_> {
         Ok(match name.as_str() {
             "PREV" | "NEXT" => {
                 let steps = offset(1)? as i64;
-                MatchExpr::Shift {
-                    expr: Box::new(self.expr(first()?)?),
-                    offset: if name == "PREV" { steps } else { -steps },
+                let expr = self.expr(first()?)?;
+                if expr.has_aggregate() {
+                    return Err(ErrorReport::new(
+                        SqlState::GROUPING_ERROR,
+                        format!("{name} looks at one row: its argument cannot hold an aggregate"),
+                    ));
                 }
+                MatchExpr::Shift { expr: Box::new(expr), offset: if name == "PREV" { steps } else { -steps } }
             }
             "FIRST" | "LAST" => {
                 let (variable, column) = self.reference(first()?)?;
@@ -881,7 +885,19 @@ impl ExprCompiler<'_> {
                         MatchExpr::Aggregate { function, variable: Some(variable), column: None }
                     }
                     _ => {
-                        let (variable, column) = self.reference(first()?)?;
+                        let argument = first()?;
+                        if let ast::Expr::Function(inner) = argument
+                            && matches!(
+                                inner.name.to_string().to_uppercase().as_str(),
+                                "SUM" | "COUNT" | "AVG" | "MIN" | "MAX"
+                            )
+                        {
+                            return Err(ErrorReport::new(
+                                SqlState::GROUPING_ERROR,
+                                format!("aggregate function calls cannot be nested: {inner} inside {name}"),
+                            ));
+                        }
+                        let (variable, column) = self.reference(argument)?;
                         MatchExpr::Aggregate { function, variable, column: Some(column) }
                     }
                 }
