@@ -184,7 +184,7 @@ fn mark_semantics(tokens: &mut [TokenWithSpan]) {
         let Some(qualifier) = word(&tokens[i].token).filter(|w| w == "RUNNING" || w == "FINAL") else { continue };
         let Some(function) = next(tokens, i + 1) else { continue };
         let Some(name) = word(&tokens[function].token) else { continue };
-        if !next(tokens, function + 1).is_some_and(|open| tokens[open].token == Token::LParen) {
+        if next(tokens, function + 1).is_none_or(|open| tokens[open].token != Token::LParen) {
             continue;
         }
         tokens[i].token = Token::Whitespace(datafusion::sql::sqlparser::tokenizer::Whitespace::Space);

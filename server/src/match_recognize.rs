@@ -91,50 +91,47 @@ impl Session {
             _ => return Err(over_streams()),
         };
         let mut query = query.as_ref().clone();
-        let (catalog, schema_name, schema) = self.query_schema(sql)?;
-        let mut resolver = Resolver {
-            session: self,
-            clauses: &statement.row_patterns,
-            schema,
-            schema_name: &schema_name,
-            sql,
-            text: &statement.text,
-            tables: 0,
-            explained: explain.then(Vec::new),
-            streaming: None,
-        };
+        let tables = QuerySchema::new(self, sql)?;
+        let mut resolver = Resolver::new(self, &statement.row_patterns, &tables, &statement.text, sql);
+        resolver.explained = explain.then(Vec::new);
         let resolved = resolver.query(&mut query).await;
         if let Some(lines) = resolver.explained.take() {
-            let _ = catalog.deregister_schema(&schema_name, true);
             resolved?;
             return Ok(Resolved::Explain(lines));
         }
-        let planned = match resolved {
-            Ok(()) => self.plan(Statement::Query(Box::new(query.clone())), &statement.text, sql).await,
-            Err(err) => Err(err),
-        };
-        // The plan holds the tables it reads: the schema can go now.
-        let _ = catalog.deregister_schema(&schema_name, true);
-        Ok(Resolved::Plan(planned?))
+        resolved?;
+        Ok(Resolved::Plan(self.plan(Statement::Query(Box::new(query)), &statement.text, sql).await?))
+    }
+}
+
+/// A schema of one query's own (`weir.mr_<n>`) for the tables standing for its `MATCH_RECOGNIZE`s. It leaves the
+/// catalog when dropped, once the query is planned (the plan holds the tables it reads).
+struct QuerySchema {
+    catalog: Arc<dyn datafusion::catalog::CatalogProvider>,
+    name: String,
+    schema: Arc<MemorySchemaProvider>,
+}
+
+impl QuerySchema {
+    fn new(session: &Session, sql: &str) -> Result<Self, ErrorReport> {
+        let name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let schema = Arc::new(MemorySchemaProvider::new());
+        let catalog = session
+            .ctx
+            .catalog(DEFAULT_CATALOG)
+            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: no catalog"))?;
+        catalog.register_schema(&name, schema.clone()).map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
+        Ok(QuerySchema { catalog, name, schema })
+    }
+}
+
+impl Drop for QuerySchema {
+    fn drop(&mut self) {
+        let _ = self.catalog.deregister_schema(&self.name, true);
     }
 }
 
 impl Session {
-    /// A schema of this query's own (`weir.mr_<n>`) for the tables standing for its `MATCH_RECOGNIZE`s.
-    fn query_schema(
-        &self,
-        sql: &str,
-    ) -> Result<(Arc<dyn datafusion::catalog::CatalogProvider>, String, Arc<MemorySchemaProvider>), ErrorReport> {
-        let schema_name = format!("mr_{}", QUERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let schema = Arc::new(MemorySchemaProvider::new());
-        let catalog = self
-            .ctx
-            .catalog(DEFAULT_CATALOG)
-            .ok_or_else(|| ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: no catalog"))?;
-        catalog.register_schema(&schema_name, schema.clone()).map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
-        Ok((catalog, schema_name, schema))
-    }
-
     /// A view's query with its `MATCH_RECOGNIZE` replaced by a table of the matches' rows, planned over that table;
     /// and the `MATCH_RECOGNIZE` itself, its input planned, not run.
     pub(crate) async fn plan_view_match(
@@ -145,26 +142,12 @@ impl Session {
         sql: &str,
     ) -> Result<(datafusion::logical_expr::LogicalPlan, StreamingMatch), ErrorReport> {
         let mut query = query.clone();
-        let (catalog, schema_name, schema) = self.query_schema(sql)?;
-        let mut resolver = Resolver {
-            session: self,
-            clauses,
-            schema,
-            schema_name: &schema_name,
-            sql,
-            text,
-            tables: 0,
-            explained: None,
-            streaming: Some(Vec::new()),
-        };
-        let resolved = resolver.query(&mut query).await;
+        let tables = QuerySchema::new(self, sql)?;
+        let mut resolver = Resolver::new(self, clauses, &tables, text, sql);
+        resolver.streaming = Some(Vec::new());
+        resolver.query(&mut query).await?;
         let mut found = resolver.streaming.take().unwrap_or_default();
-        let planned = match resolved {
-            Ok(()) => self.plan(Statement::Query(Box::new(query)), text, sql).await,
-            Err(err) => Err(err),
-        };
-        let _ = catalog.deregister_schema(&schema_name, true);
-        let planned = planned?;
+        let planned = self.plan(Statement::Query(Box::new(query)), text, sql).await?;
         let (Some(found), true) = (found.pop(), found.is_empty()) else {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
@@ -198,8 +181,7 @@ fn over_streams() -> ErrorReport {
 struct Resolver<'a> {
     session: &'a Session,
     clauses: &'a [RowPatternClause],
-    schema: Arc<MemorySchemaProvider>,
-    schema_name: &'a str,
+    schema: &'a QuerySchema,
     sql: &'a str,
     text: &'a str,
     tables: usize,
@@ -207,6 +189,19 @@ struct Resolver<'a> {
     explained: Option<Vec<String>>,
     /// In a view: the `MATCH_RECOGNIZE` found (at most one), planned but not run.
     streaming: Option<Vec<StreamingMatch>>,
+}
+
+impl<'a> Resolver<'a> {
+    /// A resolver that runs each `MATCH_RECOGNIZE` (set `explained` or `streaming` for the other modes).
+    fn new(
+        session: &'a Session,
+        clauses: &'a [RowPatternClause],
+        schema: &'a QuerySchema,
+        text: &'a str,
+        sql: &'a str,
+    ) -> Self {
+        Resolver { session, clauses, schema, sql, text, tables: 0, explained: None, streaming: None }
+    }
 }
 
 /// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows: the plan of its input,
@@ -367,8 +362,9 @@ impl Resolver<'_> {
         table: Arc<dyn datafusion::catalog::TableProvider>,
         alias: String,
     ) -> Result<TableFactor, ErrorReport> {
-        self.schema.register_table(name.to_string(), table).map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-        let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema_name))?;
+        let registered = self.schema.schema.register_table(name.to_string(), table);
+        registered.map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+        let replacement = parse_query(&format!("SELECT * FROM {}.{name}{alias}", self.schema.name))?;
         let SetExpr::Select(select) = *replacement.body else {
             return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: replacement"));
         };
