@@ -4,8 +4,8 @@
 //! The view is planned by a Weir session exactly as `CREATE MATERIALIZED VIEW` plans it (over a table with a
 //! watermark), and its pipeline driven on this thread with an epoch every epoch interval. The readings come from a
 //! small deterministic generator: device `i % devices`, a value that moves by -3..=+3 from the device's last
-//! (so rises and falls alternate in runs), event time advancing one millisecond per row, each row shifted back by up to
-//! `disorder` milliseconds.
+//! (so rises and falls alternate in runs), every device reading once per second of event time, each row shifted back
+//! by up to `disorder` milliseconds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,7 +69,9 @@ impl Readings {
             devices.push(device as i64);
             values.push(*value);
             let shift = self.next_random() % (self.disorder + 1);
-            times.push(1_704_067_200_000 + self.row.saturating_sub(shift) as i64);
+            // Each device reads once per event-time second.
+            let at = (self.row * 1_000 / self.devices).saturating_sub(shift);
+            times.push(1_704_067_200_000 + at as i64);
             self.row += 1;
         }
         Ok(RecordBatch::try_new(

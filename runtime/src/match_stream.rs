@@ -21,12 +21,13 @@
 //! restored partition finds its attempt again by matching its rows (matching is deterministic).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::HashMap;
 use weir_common::pattern::MatchRecognize;
 use weir_common::stream::{END_OF_TIME, Watermark};
 
