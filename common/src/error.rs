@@ -42,6 +42,7 @@ impl SqlState {
     pub const WRONG_OBJECT_TYPE: SqlState = SqlState("42809");
     pub const WINDOWING_ERROR: SqlState = SqlState("42P20");
     pub const GROUPING_ERROR: SqlState = SqlState("42803");
+    pub const INDETERMINATE_DATATYPE: SqlState = SqlState("42P18");
     pub const INVALID_SCHEMA_NAME: SqlState = SqlState("3F000");
     pub const STATEMENT_TOO_COMPLEX: SqlState = SqlState("54001");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");

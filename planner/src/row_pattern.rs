@@ -11,6 +11,9 @@
 //!
 //! Variables are identifiers (case-insensitive unless double-quoted), numbered in order of first appearance.
 
+use std::cell::RefCell;
+
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast;
 use datafusion::sql::sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan};
@@ -560,12 +563,18 @@ pub struct MatchRecognizeAst<'a> {
     pub symbols: &'a [ast::SymbolDefinition],
 }
 
-/// Compiles a `MATCH_RECOGNIZE` over an input of `schema` (columns by name) with its pattern `clause`.
+/// A prepared statement's parameter inside `MATCH_RECOGNIZE` (`$1` is number 1) and the type its use gives it.
+pub type PatternParameter = (usize, DataType);
+
+/// Compiles a `MATCH_RECOGNIZE` over an input of `schema` (columns by name) with its pattern `clause`. A parameter
+/// (`H.amount > $1`) takes its value from `values` (`$1` first) when they are known, and is NULL otherwise (a
+/// prepared statement described before it is bound); each is returned with the type its use gives it.
 pub fn compile_match_recognize(
     parts: MatchRecognizeAst<'_>,
     clause: &RowPatternClause,
     schema: &datafusion::arrow::datatypes::Schema,
-) -> Result<MatchRecognize, ErrorReport> {
+    values: Option<&[ScalarValue]>,
+) -> Result<(MatchRecognize, Vec<PatternParameter>), ErrorReport> {
     let unsupported =
         |what: &str| ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"));
     let rows_per_match = match parts.rows_per_match {
@@ -575,7 +584,13 @@ pub fn compile_match_recognize(
             unmatched: matches!(mode, Some(ast::EmptyMatchesMode::WithUnmatched)),
         },
     };
-    let compiler = ExprCompiler { schema, variables: &clause.pattern.variables, subsets: &clause.subsets };
+    let compiler = ExprCompiler {
+        schema,
+        variables: &clause.pattern.variables,
+        subsets: &clause.subsets,
+        values,
+        parameters: RefCell::new(Vec::new()),
+    };
     let variables = &clause.pattern.variables;
     let subsets = clause
         .subsets
@@ -658,7 +673,7 @@ pub fn compile_match_recognize(
             ));
         }
     }
-    Ok(MatchRecognize {
+    let spec = MatchRecognize {
         partition_by,
         order_by,
         pattern: clause.pattern.pattern.clone(),
@@ -670,7 +685,8 @@ pub fn compile_match_recognize(
         emit_timeouts: clause.emit_timeouts,
         rows_per_match,
         subsets,
-    })
+    };
+    Ok((spec, compiler.parameters.into_inner()))
 }
 
 /// `INTERVAL '10' MINUTE` (or `INTERVAL '10 minutes'`) in units of a timestamp column.
@@ -719,9 +735,28 @@ struct ExprCompiler<'a> {
     schema: &'a datafusion::arrow::datatypes::Schema,
     variables: &'a [String],
     subsets: &'a [(String, Vec<String>)],
+    /// The parameters' values, when bound.
+    values: Option<&'a [ScalarValue]>,
+    /// The parameters met, with their types.
+    parameters: RefCell<Vec<PatternParameter>>,
 }
 
 impl ExprCompiler<'_> {
+    /// Parameter `name` (`$1`) of type `data_type`: its value if bound, a NULL of the type otherwise.
+    fn parameter(&self, name: &str, data_type: DataType) -> Result<MatchExpr, ErrorReport> {
+        let number = name.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()).filter(|n| *n > 0);
+        let Some(number) = number else { return Err(untyped_parameter(name)) };
+        let bound = self.values.and_then(|values| values.get(number - 1));
+        let value = match bound {
+            Some(value) if value.is_null() => ScalarValue::try_from(&data_type),
+            Some(value) => value.cast_to(&data_type),
+            None => ScalarValue::try_from(&data_type),
+        }
+        .map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        self.parameters.borrow_mut().push((number, data_type));
+        Ok(MatchExpr::Literal(value))
+    }
+
     fn column(&self, ident: &ast::Ident) -> Result<usize, ErrorReport> {
         let name = crate::names::normalize_ident(ident);
         self.schema
@@ -760,6 +795,10 @@ impl ExprCompiler<'_> {
                 MatchExpr::Column { variable, column }
             }
             E::Nested(inner) => self.expr(inner)?,
+            E::Value(ast::ValueWithSpan { value: ast::Value::Placeholder(name), .. }) => {
+                // Alone, a parameter has no type to take.
+                return Err(untyped_parameter(name));
+            }
             E::Value(value) => MatchExpr::Literal(literal(&value.value)?),
             E::UnaryOp { op: ast::UnaryOperator::Not, expr } => MatchExpr::Not(Box::new(self.expr(expr)?)),
             E::UnaryOp { op: ast::UnaryOperator::Minus, expr } => MatchExpr::Negate(Box::new(self.expr(expr)?)),
@@ -786,7 +825,24 @@ impl ExprCompiler<'_> {
                         ));
                     }
                 };
-                MatchExpr::Binary { left: Box::new(self.expr(left)?), op, right: Box::new(self.expr(right)?) }
+                // A parameter takes the type of the other side (a boolean beside AND or OR).
+                let typed = |other: &MatchExpr| match op {
+                    BinaryOp::And | BinaryOp::Or => DataType::Boolean,
+                    _ => other.data_type(self.schema),
+                };
+                let (left, right) = match (placeholder(left), placeholder(right)) {
+                    (Some(name), None) => {
+                        let right = self.expr(right)?;
+                        (self.parameter(name, typed(&right))?, right)
+                    }
+                    (None, Some(name)) => {
+                        let left = self.expr(left)?;
+                        let parameter = self.parameter(name, typed(&left))?;
+                        (left, parameter)
+                    }
+                    _ => (self.expr(left)?, self.expr(right)?),
+                };
+                MatchExpr::Binary { left: Box::new(left), op, right: Box::new(right) }
             }
             E::Function(function) => self.function(function)?,
             other => {
@@ -912,6 +968,22 @@ impl ExprCompiler<'_> {
             }
         })
     }
+}
+
+/// The placeholder name of `expr` if it is a parameter (`$1`).
+fn placeholder(expr: &ast::Expr) -> Option<&str> {
+    match expr {
+        ast::Expr::Value(ast::ValueWithSpan { value: ast::Value::Placeholder(name), .. }) => Some(name),
+        _ => None,
+    }
+}
+
+fn untyped_parameter(name: &str) -> ErrorReport {
+    ErrorReport::new(
+        SqlState::INDETERMINATE_DATATYPE,
+        format!("could not determine the data type of parameter {name} in MATCH_RECOGNIZE"),
+    )
+    .with_hint("Compare the parameter with a column or an expression of a known type.")
 }
 
 fn bad_offset(function: &str) -> ErrorReport {

@@ -429,7 +429,7 @@ impl SimpleQueryHandler for Handler {
                 responses.push(Response::Error(Box::new(to_error_info(in_failed_transaction()))));
                 break;
             }
-            let prepared = Prepared { statement, plan: None };
+            let prepared = Prepared { statement, plan: None, pattern_parameters: Vec::new() };
             let outcome = self.run(&session, &prepared, None, client.metadata_mut(), query).await;
             let response = match outcome {
                 Ok(outcome) => respond(client, outcome, &Format::UnifiedText, index + 1 == count, status, query).await,
@@ -500,7 +500,7 @@ impl QueryParser for Handler {
     }
 }
 
-/// The DataFusion types of `$1..$n`, in order.
+/// The DataFusion types of `$1..$n`, in order: those the plan uses, and those inside `MATCH_RECOGNIZE` clauses.
 fn parameter_types(prepared: &Prepared) -> PgWireResult<Vec<Option<DataType>>> {
     let Some(plan) = &prepared.plan else {
         return Ok(vec![]);
@@ -512,6 +512,12 @@ fn parameter_types(prepared: &Prepared) -> PgWireResult<Vec<Option<DataType>>> {
         .into_iter()
         .filter_map(|(id, t)| id.trim_start_matches('$').parse::<usize>().ok().map(|n| (n, t)))
         .collect();
+    for (n, t) in &prepared.pattern_parameters {
+        if !ordered.iter().any(|(m, known)| m == n && known.is_some()) {
+            ordered.retain(|(m, _)| m != n);
+            ordered.push((*n, Some(t.clone())));
+        }
+    }
     ordered.sort_by_key(|(n, _)| *n);
     let count = ordered.last().map_or(0, |(n, _)| *n);
     let mut result = vec![None; count];

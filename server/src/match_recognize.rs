@@ -15,6 +15,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::StringArray;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
+use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast::{
     MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
 };
@@ -24,7 +25,7 @@ use weir_common::catalog::DEFAULT_CATALOG;
 use weir_common::pattern::{RowsPerMatch, SkipTo};
 use weir_common::plan::MatchRecognizeStage;
 use weir_common::{ErrorReport, SqlState};
-use weir_planner::row_pattern::{MatchRecognizeAst, RowPatternClause, compile_match_recognize};
+use weir_planner::row_pattern::{MatchRecognizeAst, PatternParameter, RowPatternClause, compile_match_recognize};
 use weir_planner::{ParsedStatement, WeirStatement};
 use weir_runtime::match_recognize::Matcher;
 
@@ -33,9 +34,10 @@ use crate::session::{Outcome, Session};
 /// Numbers the per-query schemas.
 static QUERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A `MATCH_RECOGNIZE` query resolved: the plan over its results, or for `EXPLAIN` the lines describing it.
+/// A `MATCH_RECOGNIZE` query resolved: the plan over its results (with the parameters the `MATCH_RECOGNIZE` clauses
+/// use), or for `EXPLAIN` the lines describing it.
 enum Resolved {
-    Plan(datafusion::logical_expr::LogicalPlan),
+    Plan(datafusion::logical_expr::LogicalPlan, Vec<PatternParameter>),
     Explain(Vec<String>),
 }
 
@@ -48,8 +50,8 @@ impl Session {
         bound: Option<datafusion::common::ParamValues>,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        match self.resolve_match_recognize(statement, sql).await? {
-            Resolved::Plan(plan) => {
+        match self.resolve_match_recognize(statement, bound.as_ref(), sql).await? {
+            Resolved::Plan(plan, _) => {
                 let plan = match bound {
                     Some(values) => {
                         plan.replace_params_with_values(&values).map_err(|e| ErrorReport::from_datafusion(&e, sql))?
@@ -68,19 +70,25 @@ impl Session {
     }
 
     /// The plan of a `MATCH_RECOGNIZE` query for the extended protocol, which describes the rows before running:
-    /// computed now for their shape; executing the statement computes the matches again, so they are current.
+    /// computed now for their shape (parameters inside the clauses NULL); executing the statement computes the
+    /// matches again with the bound parameters, so they are current. Also the parameters the clauses use.
     pub(crate) async fn plan_match_recognize(
         &self,
         statement: &ParsedStatement,
         sql: &str,
-    ) -> Result<Option<datafusion::logical_expr::LogicalPlan>, ErrorReport> {
-        Ok(match self.resolve_match_recognize(statement, sql).await? {
-            Resolved::Plan(plan) => Some(plan),
-            Resolved::Explain(_) => None,
+    ) -> Result<(Option<datafusion::logical_expr::LogicalPlan>, Vec<PatternParameter>), ErrorReport> {
+        Ok(match self.resolve_match_recognize(statement, None, sql).await? {
+            Resolved::Plan(plan, parameters) => (Some(plan), parameters),
+            Resolved::Explain(_) => (None, Vec::new()),
         })
     }
 
-    async fn resolve_match_recognize(&self, statement: &ParsedStatement, sql: &str) -> Result<Resolved, ErrorReport> {
+    async fn resolve_match_recognize(
+        &self,
+        statement: &ParsedStatement,
+        bound: Option<&datafusion::common::ParamValues>,
+        sql: &str,
+    ) -> Result<Resolved, ErrorReport> {
         let WeirStatement::Sql(boxed) = &statement.statement else { return Err(over_streams()) };
         let (query, explain) = match boxed.as_ref() {
             Statement::Query(query) => (query, false),
@@ -94,13 +102,21 @@ impl Session {
         let tables = QuerySchema::new(self, sql)?;
         let mut resolver = Resolver::new(self, &statement.row_patterns, &tables, &statement.text, sql);
         resolver.explained = explain.then(Vec::new);
+        resolver.values = match bound {
+            Some(datafusion::common::ParamValues::List(values)) => {
+                Some(values.iter().map(|v| v.value.clone()).collect())
+            }
+            _ => None,
+        };
         let resolved = resolver.query(&mut query).await;
         if let Some(lines) = resolver.explained.take() {
             resolved?;
             return Ok(Resolved::Explain(lines));
         }
         resolved?;
-        Ok(Resolved::Plan(self.plan(Statement::Query(Box::new(query)), &statement.text, sql).await?))
+        let parameters = std::mem::take(&mut resolver.parameters);
+        let plan = self.plan(Statement::Query(Box::new(query)), &statement.text, sql).await?;
+        Ok(Resolved::Plan(plan, parameters))
     }
 }
 
@@ -189,6 +205,10 @@ struct Resolver<'a> {
     explained: Option<Vec<String>>,
     /// In a view: the `MATCH_RECOGNIZE` found (at most one), planned but not run.
     streaming: Option<Vec<StreamingMatch>>,
+    /// A prepared statement's bound parameters, `$1` first.
+    values: Option<Vec<ScalarValue>>,
+    /// The parameters the clauses use.
+    parameters: Vec<PatternParameter>,
 }
 
 impl<'a> Resolver<'a> {
@@ -200,7 +220,18 @@ impl<'a> Resolver<'a> {
         text: &'a str,
         sql: &'a str,
     ) -> Self {
-        Resolver { session, clauses, schema, sql, text, tables: 0, explained: None, streaming: None }
+        Resolver {
+            session,
+            clauses,
+            schema,
+            sql,
+            text,
+            tables: 0,
+            explained: None,
+            streaming: None,
+            values: None,
+            parameters: Vec::new(),
+        }
     }
 }
 
@@ -271,7 +302,14 @@ impl Resolver<'_> {
                     after_match_skip: after_match_skip.as_ref(),
                     symbols,
                 };
-                let spec = compile_match_recognize(parts, clause, &input_schema)?;
+                let (spec, parameters) = compile_match_recognize(parts, clause, &input_schema, self.values.as_deref())?;
+                if self.streaming.is_some() && !parameters.is_empty() {
+                    return Err(ErrorReport::new(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "parameters in the MATCH_RECOGNIZE of a materialized view are not supported",
+                    ));
+                }
+                self.parameters.extend(parameters);
                 let alias_text = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
                 if let Some(found) = &mut self.streaming {
                     let matcher = Matcher::try_new(spec.clone(), input_schema.clone())

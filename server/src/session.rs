@@ -44,6 +44,8 @@ pub enum Outcome {
 pub struct Prepared {
     pub statement: ParsedStatement,
     pub plan: Option<LogicalPlan>,
+    /// Parameters used inside `MATCH_RECOGNIZE` clauses (which the plan does not show), with their types.
+    pub pattern_parameters: Vec<weir_planner::row_pattern::PatternParameter>,
 }
 
 /// Parameters whose changes Postgres reports to the client, and their values at connection start.
@@ -109,8 +111,8 @@ impl Session {
     /// Parses and plans a statement for the extended protocol. `sql` is the whole text the client sent.
     pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
         if !statement.row_patterns.is_empty() && matches!(statement.statement, WeirStatement::Sql(_)) {
-            let plan = self.plan_match_recognize(&statement, sql).await?;
-            return Ok(Prepared { statement, plan });
+            let (plan, pattern_parameters) = self.plan_match_recognize(&statement, sql).await?;
+            return Ok(Prepared { statement, plan, pattern_parameters });
         }
         let plan = match &statement.statement {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
@@ -118,7 +120,7 @@ impl Session {
             }
             _ => None,
         };
-        Ok(Prepared { statement, plan })
+        Ok(Prepared { statement, plan, pattern_parameters: Vec::new() })
     }
 
     /// The schema of the rows a prepared statement returns, or `None` for a command.

@@ -76,6 +76,22 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", au
     assert cur.fetchall() == [(8, 12, 4)]
     cur.execute(v_shape + " WHERE rows > %s", (4,))
     assert cur.fetchall() == []
+    # Parameters inside the clause: a drop of at least $1 (ticks 10, 8, 9, 12: the drop 10 -> 8 is 2), and one
+    # used in the clause and the outer query alike.
+    drops = (
+        "SELECT bottom FROM ticks MATCH_RECOGNIZE (ORDER BY t MEASURES LAST(DOWN.price) AS bottom "
+        "PATTERN (STRT DOWN) DEFINE DOWN AS PREV(price) - price >= %s)"
+    )
+    cur.execute(drops, (2,))
+    assert cur.fetchall() == [(8,)]
+    cur.execute(drops, (3,))
+    assert cur.fetchall() == []
+    cur.execute(
+        "SELECT high FROM ticks MATCH_RECOGNIZE (ORDER BY t MEASURES LAST(UP.price) AS high "
+        "PATTERN (UP) DEFINE UP AS price > %(p)s) WHERE high < %(p)s + 3",
+        {"p": 9},
+    )
+    assert cur.fetchall() == [(10,)]
 
     # Type lookups and session parameters that psycopg relies on.
     info = psycopg.types.TypeInfo.fetch(conn, "int4")
