@@ -17,14 +17,17 @@
 //! of its undecided attempt (and the few before it `PREV` looks at). When the input ends (watermark
 //! [`END_OF_TIME`]), every partition ends too and its last attempts are decided, as a batch query would.
 //!
-//! A checkpoint writes the watermark, the rows pending and each changed partition's rows with its positions; a
+//! A checkpoint writes the watermark, each batch of pending rows once (as it arrived; deleted once released: a
+//! restored one drops what the restored watermark released) and each changed partition's rows with its positions; a
 //! restored partition finds its attempt again by matching its rows (matching is deterministic).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
+use datafusion::arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch};
+use datafusion::arrow::compute::{
+    cast, concat_batches, filter, filter_record_batch, sort_to_indices, take, take_record_batch,
+};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::HashMap;
@@ -36,7 +39,7 @@ use crate::match_recognize::{MatchError, Matcher, Output, PartitionMatch, RowId,
 use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_batches, encode_batches};
 use crate::{Result, RuntimeError};
 
-const PENDING_KEY: &[u8] = b"q";
+const PENDING_TAG: u8 = b'q';
 const PARTITION_TAG: u8 = b'p';
 
 /// The `MATCH_RECOGNIZE` operator of a view.
@@ -48,7 +51,12 @@ pub struct MatchStream {
     time: usize,
     progress: Progress,
     /// Rows later than the watermark, waiting for it.
-    pending: Vec<RecordBatch>,
+    pending: Vec<Pending>,
+    /// The number of the next batch of pending rows.
+    next_pending: u64,
+    /// Pending batches added and released since the last checkpoint, by number.
+    pending_added: Vec<(u64, RecordBatch)>,
+    pending_released: Vec<u64>,
     store: RowStore,
     /// Each partition key's number: its place in `partitions`.
     numbers: HashMap<Vec<u8>, usize>,
@@ -79,6 +87,9 @@ impl MatchStream {
             time,
             progress: Progress::default(),
             pending: Vec::new(),
+            next_pending: 0,
+            pending_added: Vec::new(),
+            pending_released: Vec::new(),
             store: RowStore::default(),
             numbers: HashMap::new(),
             partitions: Vec::new(),
@@ -106,26 +117,38 @@ impl MatchStream {
 
     /// Rows held: waiting for the watermark, and kept by partitions for their undecided matches.
     pub fn rows_held(&self) -> usize {
-        self.pending.iter().map(RecordBatch::num_rows).sum::<usize>() + self.store.rows()
+        self.pending.iter().map(|p| p.rows.num_rows()).sum::<usize>() + self.store.rows()
     }
 
-    /// Takes a batch of input rows: the late ones are set aside, the others wait for the watermark.
+    /// Takes a batch of input rows: the late ones are set aside, the others wait for the watermark, sorted by event
+    /// time (so that the watermark releases a prefix of them).
     pub fn on_data(&mut self, batch: &RecordBatch) -> Result<()> {
         let watermark = self.progress.watermark;
-        let on_time = self.times(batch, |t| watermark.is_none_or(|w| t > w))?;
+        let times = event_times(batch, self.time)?;
+        let on_time: BooleanArray =
+            times.iter().map(|t| Some(t.is_some_and(|t| watermark.is_none_or(|w| t > w)))).collect();
         self.progress.set_aside(batch, &on_time)?;
-        match on_time.true_count() {
-            0 => {}
-            n if n == batch.num_rows() => self.pending.push(batch.clone()),
-            _ => self.pending.push(filter_record_batch(batch, &on_time).map_err(arrow_err)?),
-        }
+        let (rows, times) = match on_time.true_count() {
+            0 => return Ok(()),
+            n if n == batch.num_rows() => (batch.clone(), times),
+            _ => {
+                let times = filter(&times, &on_time).map_err(arrow_err)?.as_primitive::<Int64Type>().clone();
+                (filter_record_batch(batch, &on_time).map_err(arrow_err)?, times)
+            }
+        };
+        let (rows, times) = match times.values().windows(2).all(|w| w[0] <= w[1]) {
+            true => (rows, times),
+            false => {
+                let order = sort_to_indices(&times, None, None).map_err(arrow_err)?;
+                let times = take(&times, &order, None).map_err(arrow_err)?.as_primitive::<Int64Type>().clone();
+                (take_record_batch(&rows, &order).map_err(arrow_err)?, times)
+            }
+        };
+        let number = self.next_pending;
+        self.next_pending += 1;
+        self.pending_added.push((number, rows.clone()));
+        self.pending.push(Pending { number, rows, times });
         Ok(())
-    }
-
-    /// Whether each row's event time holds `test` (a row without one: no).
-    fn times(&self, batch: &RecordBatch, test: impl Fn(i64) -> bool) -> Result<BooleanArray> {
-        let times = cast(batch.column(self.time), &DataType::Int64).map_err(arrow_err)?;
-        Ok(times.as_primitive::<Int64Type>().iter().map(|t| Some(t.is_some_and(&test))).collect())
     }
 
     /// The watermark moved to `watermark`: the rows it passed are matched, and the rows of the matches decided are
@@ -136,20 +159,18 @@ impl MatchStream {
         }
         self.progress.advance(watermark);
         let mut released = Vec::new();
-        let mut kept = Vec::new();
-        for batch in std::mem::take(&mut self.pending) {
-            let passed = self.times(&batch, |t| t <= watermark)?;
-            match passed.true_count() {
-                0 => kept.push(batch),
-                n if n == batch.num_rows() => released.push(batch),
-                _ => {
-                    released.push(filter_record_batch(&batch, &passed).map_err(arrow_err)?);
-                    let later = datafusion::arrow::compute::not(&passed).map_err(arrow_err)?;
-                    kept.push(filter_record_batch(&batch, &later).map_err(arrow_err)?);
-                }
+        self.pending.retain_mut(|pending| {
+            let passed = pending.passed(watermark);
+            if passed > 0 {
+                released.push(pending.rows.slice(0, passed));
             }
-        }
-        self.pending = kept;
+            if passed == pending.rows.num_rows() {
+                self.pending_released.push(pending.number);
+                return false;
+            }
+            pending.skip(passed);
+            true
+        });
         let mut touched = Vec::new();
         if !released.is_empty() {
             let batch = concat_batches(&self.input, &released).map_err(arrow_err)?;
@@ -198,9 +219,7 @@ impl MatchStream {
         }
         Ok(output)
     }
-}
 
-impl MatchStream {
     /// Notes when partition `key`'s attempt under way may next lose partial matches to `WITHIN` (when the
     /// watermark reaches the earliest one's first row plus the bound), unless that is noted already.
     fn schedule(&mut self, number: usize) {
@@ -236,7 +255,14 @@ impl Checkpointed for MatchStream {
     /// length), all converted at once.
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
-        batch.put(table.key(PENDING_KEY), encode_batches(&self.pending)?);
+        // Each pending batch is written once, as it arrived, and deleted once released; a restored one drops the
+        // rows the restored watermark has released.
+        for (number, rows) in std::mem::take(&mut self.pending_added) {
+            batch.put(table.key(&pending_key(number)), encode_batches(&[rows])?);
+        }
+        for number in std::mem::take(&mut self.pending_released) {
+            batch.delete(table.key(&pending_key(number)));
+        }
         let numbers = std::mem::take(&mut self.unsaved);
         let mut ids: Vec<RowId> = Vec::new();
         let mut ends = Vec::with_capacity(numbers.len());
@@ -265,10 +291,26 @@ impl Checkpointed for MatchStream {
 
     fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
         self.progress = Progress::restore(table, store)?;
-        self.pending = match store.get(&table.key(PENDING_KEY))? {
-            Some(bytes) => decode_batches(&bytes)?,
-            None => Vec::new(),
-        };
+        self.pending.clear();
+        self.pending_added.clear();
+        self.pending_released.clear();
+        self.next_pending = 0;
+        for (key, value) in table.scan_prefix(store, &[PENDING_TAG])? {
+            let number = key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let number = number.ok_or_else(|| StateError::Corrupt("pending rows".to_string()))?;
+            self.next_pending = self.next_pending.max(number + 1);
+            for rows in decode_batches(&value)? {
+                let times = event_times(&rows, self.time)?;
+                let mut pending = Pending { number, rows, times };
+                let passed = self.progress.watermark.map_or(0, |w| pending.passed(w));
+                if passed == pending.rows.num_rows() {
+                    self.pending_released.push(number);
+                    continue;
+                }
+                pending.skip(passed);
+                self.pending.push(pending);
+            }
+        }
         self.store = RowStore::default();
         self.numbers.clear();
         self.partitions.clear();
@@ -315,6 +357,42 @@ impl Checkpointed for MatchStream {
         }
         Ok(())
     }
+}
+
+/// Rows waiting for the watermark: what is left of one input batch's rows on time, sorted by event time.
+#[derive(Debug)]
+struct Pending {
+    /// Its number (its key in the state table).
+    number: u64,
+    rows: RecordBatch,
+    /// The rows' event times.
+    times: Int64Array,
+}
+
+impl Pending {
+    /// How many rows (a prefix) are at or before `watermark`.
+    fn passed(&self, watermark: Watermark) -> usize {
+        self.times.values().partition_point(|t| *t <= watermark)
+    }
+
+    /// Drops the first `rows` rows.
+    fn skip(&mut self, rows: usize) {
+        let left = self.rows.num_rows() - rows;
+        self.rows = self.rows.slice(rows, left);
+        self.times = self.times.slice(rows, left);
+    }
+}
+
+/// The event times of `batch` (column `time`) as numbers in their unit.
+fn event_times(batch: &RecordBatch, time: usize) -> Result<Int64Array> {
+    let times = cast(batch.column(time), &DataType::Int64).map_err(arrow_err)?;
+    Ok(times.as_primitive::<Int64Type>().clone())
+}
+
+fn pending_key(number: u64) -> Vec<u8> {
+    let mut key = vec![PENDING_TAG];
+    key.extend_from_slice(&number.to_be_bytes());
+    key
 }
 
 fn partition_key(key: &[u8]) -> Vec<u8> {
@@ -440,7 +518,7 @@ mod tests {
 
             let mut out = Vec::new();
             let new_operator = || MatchStream::try_new(spec.clone(), schema()).unwrap();
-            let (mut op, _, _) =
+            let (mut op, store, table) =
                 crate::feed_with_restarts(&mut next, &rows, batch, delay, new_operator, |op, message| match message {
                     Message::Data(b) => op.on_data(&b).unwrap(),
                     Message::Watermark(w) => out.extend(op.advance(w).unwrap()),
@@ -451,6 +529,14 @@ mod tests {
             assert_eq!(rows_of(&out), rows_of(&[expected]), "case {case}: {rows:?} delay {delay} {spec:?}");
             assert_eq!(op.late_rows(), late, "case {case}");
             assert_eq!(op.rows_held(), 0, "case {case}: the end decides every match and lets every row go");
+            let mut batch = WriteBatch::default();
+            op.checkpoint(&table, &mut batch).unwrap();
+            store.write(batch).unwrap();
+            assert_eq!(
+                table.scan_prefix(&store, &[PENDING_TAG]).unwrap(),
+                vec![],
+                "case {case}: released rows leave no state"
+            );
         }
         assert!(matched > 1_000, "the cases match often enough to say something ({matched} rows)");
     }
