@@ -555,6 +555,19 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
         .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
     }
     if plan.emit_on_window_close && input.event_time().is_none() {
+        if input.def.kind == RelationKind::MaterializedView {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "EMIT ON WINDOW CLOSE needs a watermark, and materialized view \"{}\" passes none on: only a \
+                     view that emits each window once, when it closes, has its rows in event-time order",
+                    input.def.name
+                ),
+            )
+            .with_hint(
+                "Leave out EMIT ON WINDOW CLOSE (the windows then show their rows so far), or window the source.",
+            ));
+        }
         return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
     }
     Ok(())
