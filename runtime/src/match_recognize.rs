@@ -449,6 +449,14 @@ impl Output {
         self.rows.is_empty()
     }
 
+    /// A row of a partial match `WITHIN` cut off.
+    fn push_timeout(&mut self, row: RowId, measures: Vec<ScalarValue>) {
+        self.push(row, measures);
+        if let Some(flag) = self.timed_out.last_mut() {
+            *flag = true;
+        }
+    }
+
     fn push(&mut self, row: RowId, measures: impl IntoIterator<Item = ScalarValue>) {
         self.rows.push(row);
         self.timed_out.push(false);
@@ -584,11 +592,6 @@ impl Matcher {
         watermark: Option<i64>,
         out: &mut Output,
     ) -> Result<(), MatchError> {
-        let all = match self.rows_per_match {
-            RowsPerMatch::One => None,
-            RowsPerMatch::All { show_empty, unmatched } => Some((show_empty, unmatched)),
-        };
-        let nulls = || self.measures.iter().map(|_| ScalarValue::Null);
         loop {
             let known = partition.base + partition.rows.len();
             let mut attempt = match partition.attempt.take() {
@@ -659,80 +662,82 @@ impl Matcher {
                 return Ok(());
             };
             let at = partition.next;
-            let id = |position: usize| partition.rows[position - partition.base];
             let timed_out = partition.timed_out.take();
-            match found {
-                None if timed_out.is_some() => {
-                    // The attempt found no match because WITHIN cut it off: its preferred partial match.
-                    let partial = timed_out.unwrap_or_default();
+            let (next, counted) = self.decide(&context, at, found, timed_out, out)?;
+            partition.match_number += i64::from(counted);
+            partition.next = next;
+        }
+    }
+
+    /// Adds the output rows of the attempt from position `at` that found `found` (the preferred match, or none; and
+    /// the partial match `WITHIN` cut off, if any). Returns where the next attempt starts and whether a match (empty
+    /// or not) was counted.
+    fn decide(
+        &self,
+        context: &Context<'_>,
+        at: usize,
+        found: Option<Vec<Classified>>,
+        timed_out: Option<Vec<Classified>>,
+        out: &mut Output,
+    ) -> Result<(usize, bool), MatchError> {
+        let all = match self.rows_per_match {
+            RowsPerMatch::One => None,
+            RowsPerMatch::All { show_empty, unmatched } => Some((show_empty, unmatched)),
+        };
+        let id = |position: usize| context.rows[position - context.base];
+        let nulls = || self.measures.iter().map(|_| ScalarValue::Null);
+        let measures = |context: &Context<'_>, matched: &Matched<'_>| {
+            self.measures.iter().map(|(_, m)| context.evaluate(m, matched, 0)).collect::<Result<Vec<_>, _>>()
+        };
+        let Some(matched) = found else {
+            match timed_out {
+                // The attempt found no match because WITHIN cut it off: its preferred partial match.
+                Some(partial) => {
                     let current = partial.last().map_or(at, |c| c.row);
                     let cut = Matched { rows: &partial, current, current_variable: None, whole: &partial };
-                    let context = Context { match_number: None, ..context };
-                    let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &cut, 0));
-                    out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
-                    if let Some(flag) = out.timed_out.last_mut() {
-                        *flag = true;
-                    }
-                    partition.next = at + 1;
+                    let context = Context { match_number: None, ..*context };
+                    out.push_timeout(id(at), measures(&context, &cut)?);
                 }
-                None => {
-                    if let Some((_, true)) = all {
-                        // An unmatched row, with NULL measures.
-                        out.push(id(at), nulls());
-                    }
-                    partition.next = at + 1;
-                }
-                Some(matched) if matched.is_empty() => {
-                    // An empty match: a row for where it starts, measures over no rows (unless omitted).
-                    if all.is_none_or(|(show_empty, _)| show_empty) {
-                        let none = Matched { rows: &[], current: at, current_variable: None, whole: &[] };
-                        let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &none, 0));
-                        out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
-                    } else if let Some((_, true)) = all {
-                        out.push(id(at), nulls());
-                    }
-                    partition.match_number += 1;
-                    partition.next = at + 1;
-                }
-                Some(matched) => {
-                    let last = matched[matched.len() - 1].row;
-                    if all.is_some() {
-                        // Each row of the match (but the excluded), its measures over the match up to it.
-                        for (n, row) in matched.iter().enumerate().filter(|(_, c)| !c.excluded) {
-                            let upto = Matched {
-                                rows: &matched[..=n],
-                                current: row.row,
-                                current_variable: None,
-                                whole: &matched,
-                            };
-                            let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &upto, 0));
-                            out.push(id(row.row), measures.collect::<Result<Vec<_>, _>>()?);
-                        }
-                    } else {
-                        let whole = Matched { rows: &matched, current: last, current_variable: None, whole: &matched };
-                        let measures = self.measures.iter().map(|(_, m)| context.evaluate(m, &whole, 0));
-                        out.push(id(at), measures.collect::<Result<Vec<_>, _>>()?);
-                    }
-                    partition.match_number += 1;
-                    let first_of =
-                        |v: usize| matched.iter().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
-                    let last_of =
-                        |v: usize| matched.iter().rev().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
-                    let next = match self.skip {
-                        SkipTo::PastLastRow => last + 1,
-                        SkipTo::NextRow => at + 1,
-                        SkipTo::First(v) => first_of(v).unwrap_or(last + 1),
-                        SkipTo::Last(v) => last_of(v).unwrap_or(last + 1),
-                    };
-                    if next <= at {
-                        return Err(MatchError::Evaluation(
-                            "AFTER MATCH SKIP would start the next match where this one started".into(),
-                        ));
-                    }
-                    partition.next = next;
-                }
+                // An unmatched row, with NULL measures.
+                None if matches!(all, Some((_, true))) => out.push(id(at), nulls()),
+                None => {}
             }
+            return Ok((at + 1, false));
+        };
+        let Some(last) = matched.last().map(|c| c.row) else {
+            // An empty match: a row for where it starts, measures over no rows (unless omitted).
+            if all.is_none_or(|(show_empty, _)| show_empty) {
+                let none = Matched { rows: &[], current: at, current_variable: None, whole: &[] };
+                out.push(id(at), measures(context, &none)?);
+            } else if let Some((_, true)) = all {
+                out.push(id(at), nulls());
+            }
+            return Ok((at + 1, true));
+        };
+        if all.is_some() {
+            // Each row of the match (but the excluded), its measures over the match up to it.
+            for (n, row) in matched.iter().enumerate().filter(|(_, c)| !c.excluded) {
+                let upto = Matched { rows: &matched[..=n], current: row.row, current_variable: None, whole: &matched };
+                out.push(id(row.row), measures(context, &upto)?);
+            }
+        } else {
+            let whole = Matched { rows: &matched, current: last, current_variable: None, whole: &matched };
+            out.push(id(at), measures(context, &whole)?);
         }
+        let first_of = |v: usize| matched.iter().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
+        let last_of = |v: usize| matched.iter().rev().find(|c| context.member(Some(v))(c.variable)).map(|c| c.row);
+        let next = match self.skip {
+            SkipTo::PastLastRow => last + 1,
+            SkipTo::NextRow => at + 1,
+            SkipTo::First(v) => first_of(v).unwrap_or(last + 1),
+            SkipTo::Last(v) => last_of(v).unwrap_or(last + 1),
+        };
+        if next <= at {
+            return Err(MatchError::Evaluation(
+                "AFTER MATCH SKIP would start the next match where this one started".into(),
+            ));
+        }
+        Ok((next, true))
     }
 
     /// When the watermark reaching it may decide `partition`'s attempt under way by `WITHIN`: the earliest first row
