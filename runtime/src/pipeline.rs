@@ -3,21 +3,23 @@
 //! ```text
 //!   input 0 batch -> WatermarkAssigner 0 -+
 //!   input 1 batch -> WatermarkAssigner 1 -+-> [below] -> WindowAggregate -> [above, per window] -> view changes
-//!                          |                                  ^
-//!                          +-- watermarks: minimum over inputs +
+//!                          |                      (or SessionAggregate,  ^
+//!                          |                       or MatchStream)       |
+//!                          +-- watermarks: minimum over inputs ----------+
 //! ```
 //!
 //! With several inputs (`UNION ALL`) each has its own watermark assigner, and the aggregate sees the minimum of the
 //! inputs' watermarks: a window closes only when every input has passed it.
 //!
 //! `below` and `above` are the streaming plan's DataFusion plans, re-executed over their feeds. `above` runs on one
-//! window's rows at a time, so whatever it computes stays inside a window. The operators are chained in one call
+//! window's rows at a time (or one batch of decided matches), so whatever it computes stays inside a window. The operators are chained in one call
 //! stack (no channels between them), the cheapest form of a linear dataflow.
 //!
 //! Changes collect until [`Pipeline::publish`] ends the epoch: it returns the rows appended since the last epoch and,
 //! for views that show open windows, the current rows of every window changed since then.
 //!
-//! [`Pipeline::checkpoint`] writes the pipeline's state (each input's watermark, the aggregate's groups) to state
+//! [`Pipeline::checkpoint`] writes the pipeline's state (each input's watermark, the aggregate's groups or the
+//! matcher's held rows) to state
 //! tables named after the view; [`Pipeline::restore`] continues from them. The runner checkpoints between batches,
 //! right after a publish, so a restored pipeline replays nothing twice as long as its sources resume from the same
 //! point.
