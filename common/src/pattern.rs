@@ -299,8 +299,8 @@ pub struct MatchRecognize {
     pub defines: Vec<Option<MatchExpr>>,
     pub measures: Vec<(String, MatchExpr)>,
     pub skip: SkipTo,
-    /// `WITHIN`: every row of a match lies within this many units of the first `ORDER BY` column (a timestamp) of
-    /// the match's first row.
+    /// `WITHIN`: every row of a match lies less than this many units (of the first `ORDER BY` column, a timestamp)
+    /// after the match's first row, as in Flink.
     pub within: Option<i64>,
     /// `WITHIN ... EMIT TIMEOUTS`: a match attempt that `WITHIN` cut off, leaving no match, is an output row too, its
     /// measures over the partial match, with [`TIMED_OUT`] true.

@@ -618,7 +618,7 @@ impl Matcher {
             let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
                 if let (Some(within), Some(first)) = (self.within, matched.first())
                     && let (Some(start), Some(now)) = (time_at(first.row), time_at(row))
-                    && now - start > within
+                    && now - start >= within
                 {
                     let mut cut = cut_by_row.borrow_mut();
                     if self.emit_timeouts && cut.is_none() {
@@ -644,10 +644,10 @@ impl Matcher {
             if decided.is_none()
                 && let (Some(within), Some(watermark)) = (self.within, watermark)
             {
-                // Rows to come are later than the watermark: a partial match begun `within` or longer before it
-                // can take none of them.
+                // Rows to come are later than the watermark (a unit at least): a partial match begun `within` less
+                // a unit or longer before it can take none of them.
                 let cut = self.program.expire(&mut attempt, &mut |matched| {
-                    matched.first().and_then(|f| time_at(f.row)).is_some_and(|start| watermark - start >= within)
+                    matched.first().and_then(|f| time_at(f.row)).is_some_and(|start| watermark - start >= within - 1)
                 });
                 if self.emit_timeouts && partition.timed_out.is_none() {
                     partition.timed_out = cut;
@@ -741,12 +741,12 @@ impl Matcher {
     }
 
     /// When the watermark reaching it may decide `partition`'s attempt under way by `WITHIN`: the earliest first row
-    /// of its partial matches plus the bound.
+    /// of its partial matches plus the bound, less a unit.
     pub fn deadline(&self, partition: &PartitionMatch, store: &RowStore) -> Option<i64> {
         let within = self.within?;
         let first = partition.attempt.as_ref()?.first_row()?;
         let id = partition.rows.get(first.checked_sub(partition.base)?)?;
-        Some(store.time(*id, self.order_by.first()?.0)?.saturating_add(within))
+        Some(store.time(*id, self.order_by.first()?.0)?.saturating_add(within - 1))
     }
 
     /// Lets go of the rows of `partition` no match to come can look at (all of them once it `ended`).

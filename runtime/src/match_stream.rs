@@ -548,15 +548,17 @@ mod tests {
         let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, Some(2_000));
         let mut op = MatchStream::try_new(spec, schema()).unwrap();
         op.on_data(&batch(&[(1, 1, 0), (1, 2, 1_000), (1, 3, 2_000)])).unwrap();
-        // Watermark 2 s: the attempt from 0 s (A B B) can take no row later than 2 s, so it ends unmatched; the one
-        // from 1 s (A B) waits for a falling row. It may look at the row before it: all 3 are held.
+        // Watermark 2 s: the attempt from 0 s (A B) cannot take the row at 2 s (a match lasts less than 2 s), so
+        // it ends unmatched; the one from 1 s (A B) waits for a falling row. It may look at the row before it: all 3
+        // are held.
         assert_eq!(op.advance(2_000).unwrap(), None);
         assert_eq!(op.rows_held(), 3);
-        // Watermark 3.999 s ends the attempt from 1 s; the one from 2 s (A) waits, holding it and the row before.
-        assert_eq!(op.advance(3_999).unwrap(), None);
+        // Watermark 3.998 s ends the attempt from 1 s (a row at 3.999 s or later is 2 s after it or more); the one
+        // from 2 s (A) could still take a row at 3.999 s: it waits, holding its row and the one before.
+        assert_eq!(op.advance(3_998).unwrap(), None);
         assert_eq!(op.rows_held(), 2);
-        // Watermark 4 s ends it too: no attempt is under way; the last row is kept for PREV.
-        assert_eq!(op.advance(4_000).unwrap(), None);
+        // Watermark 3.999 s ends it too: no attempt is under way; the last row is kept for PREV.
+        assert_eq!(op.advance(3_999).unwrap(), None);
         assert_eq!(op.rows_held(), 1);
         // A falling row at 5 s comes too late for the run: it starts an attempt of its own, which watermark 10 s
         // ends unmatched too.
