@@ -45,6 +45,14 @@ pub struct RowPatternClause {
     pub location: Location,
 }
 
+impl RowPatternClause {
+    /// The 1-based character position of the clause's `PATTERN` in the query string `sql`: where an error about the
+    /// clause that has no better place points.
+    pub fn position(&self, sql: &str) -> Option<usize> {
+        crate::parse::char_offset(sql, self.location).map(|p| p + 1)
+    }
+}
+
 /// Takes the body of every `PATTERN (...)` of a `MATCH_RECOGNIZE` out of `tokens`, parsed by Weir, leaving a
 /// placeholder variable sqlparser accepts, and the `WITHIN interval` after it (which sqlparser does not know).
 pub(crate) fn extract_row_patterns(

@@ -302,7 +302,11 @@ impl Resolver<'_> {
                     after_match_skip: after_match_skip.as_ref(),
                     symbols,
                 };
-                let (spec, parameters) = compile_match_recognize(parts, clause, &input_schema, self.values.as_deref())?;
+                let (spec, parameters) = compile_match_recognize(parts, clause, &input_schema, self.values.as_deref())
+                    .map_err(|e| match e.position {
+                        Some(_) => e,
+                        None => e.with_position(clause.position(self.sql)),
+                    })?;
                 if self.streaming.is_some() && !parameters.is_empty() {
                     return Err(ErrorReport::new(
                         SqlState::FEATURE_NOT_SUPPORTED,
