@@ -212,6 +212,14 @@ impl Pipeline {
         }
     }
 
+    /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches); `None` without one.
+    pub fn held_rows(&self) -> Option<u64> {
+        match &self.aggregate {
+            Some(Aggregation::Matches(m)) => Some(m.rows_held() as u64),
+            _ => None,
+        }
+    }
+
     /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
         match &mut self.aggregate {

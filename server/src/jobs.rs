@@ -100,6 +100,8 @@ pub struct Progress {
     pub consumer_lag: AtomicI64,
     /// Rows dropped because their `dedup.key` had been read already.
     pub duplicates: AtomicU64,
+    /// Rows a `MATCH_RECOGNIZE` view holds (waiting for the watermark or in undecided matches); `-1` for other views.
+    pub held_rows: AtomicI64,
 }
 
 /// The span `rows_per_second` is measured over.
@@ -123,6 +125,7 @@ impl Progress {
             newest_event_ms: AtomicI64::new(i64::MIN),
             consumer_lag: AtomicI64::new(i64::MIN),
             duplicates: AtomicU64::new(0),
+            held_rows: AtomicI64::new(-1),
         }
     }
 
@@ -412,6 +415,7 @@ impl ViewTask {
         };
         self.dirty = true;
         self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
+        self.progress.held_rows.store(self.pipeline.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
         self.progress.keep_late(self.pipeline.take_late());
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
