@@ -181,6 +181,11 @@ pub(crate) fn extract_row_patterns(
 /// `weir_final_last(x)`); `RUNNING`, the default, is dropped.
 const FINAL_PREFIX: &str = "WEIR_FINAL_";
 
+/// `text` (an expression as sqlparser prints it) with its `FINAL` marks written as `FINAL` again.
+pub fn unmark_semantics(text: &str) -> String {
+    text.replace(FINAL_PREFIX, "FINAL ")
+}
+
 /// Takes `RUNNING` and `FINAL` (which sqlparser does not know) off the function calls they qualify in a statement
 /// with `MATCH_RECOGNIZE`, marking the calls `FINAL` qualifies.
 fn mark_semantics(tokens: &mut [TokenWithSpan]) {

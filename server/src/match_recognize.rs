@@ -347,7 +347,8 @@ impl Resolver<'_> {
                         lines.push(format!("  define {} AS {}", symbol.symbol, symbol.definition));
                     }
                     for measure in measures.iter() {
-                        lines.push(format!("  measure {} AS {}", measure.alias, measure.expr));
+                        let expr = weir_planner::row_pattern::unmark_semantics(&measure.expr.to_string());
+                        lines.push(format!("  measure {} AS {expr}", measure.alias));
                     }
                     let rows = match spec.rows_per_match {
                         RowsPerMatch::One => "one row per match".to_string(),
