@@ -184,6 +184,16 @@ impl MatchExpr {
         self.shifts().1
     }
 
+    /// Whether the expression is the time of one of the match's rows: `FIRST`/`LAST` (possibly `FINAL`) of the
+    /// event-time column `time` (what `MATCH_ROWTIME()` is).
+    pub fn is_row_time(&self, time: usize) -> bool {
+        match self {
+            MatchExpr::Navigate { column, .. } => *column == time,
+            MatchExpr::Final(inner) => inner.is_row_time(time),
+            _ => false,
+        }
+    }
+
     /// Whether the expression has an aggregate part.
     pub fn has_aggregate(&self) -> bool {
         match self {

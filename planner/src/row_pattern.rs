@@ -603,6 +603,7 @@ pub fn compile_match_recognize(
         subsets: &clause.subsets,
         values,
         parameters: RefCell::new(Vec::new()),
+        time: std::cell::Cell::new(None),
     };
     let variables = &clause.pattern.variables;
     let subsets = clause
@@ -630,6 +631,9 @@ pub fn compile_match_recognize(
         .iter()
         .map(|o| Ok((column(&o.expr)?, o.options.asc == Some(false))))
         .collect::<Result<Vec<_>, ErrorReport>>()?;
+    let time =
+        order_by.first().map(|(c, _)| *c).filter(|c| matches!(schema.field(*c).data_type(), DataType::Timestamp(..)));
+    compiler.time.set(time);
     let mut defines = vec![None; clause.pattern.variables.len()];
     for symbol in parts.symbols {
         let name = crate::names::normalize_ident(&symbol.symbol);
@@ -752,6 +756,8 @@ struct ExprCompiler<'a> {
     values: Option<&'a [ScalarValue]>,
     /// The parameters met, with their types.
     parameters: RefCell<Vec<PatternParameter>>,
+    /// The event-time column (the first `ORDER BY` column, a timestamp), once known.
+    time: std::cell::Cell<Option<usize>>,
 }
 
 impl ExprCompiler<'_> {
@@ -972,6 +978,16 @@ impl ExprCompiler<'_> {
                 }
             }
             "MATCH_NUMBER" => MatchExpr::MatchNumber,
+            // The time of the match's last row (so far): LAST of the event-time column.
+            "MATCH_ROWTIME" => match self.time.get() {
+                Some(column) => MatchExpr::Navigate { variable: None, column, from_end: true, offset: 0 },
+                None => {
+                    return Err(ErrorReport::new(
+                        SqlState::DATATYPE_MISMATCH,
+                        "MATCH_ROWTIME() needs a timestamp as the first ORDER BY column of MATCH_RECOGNIZE",
+                    ));
+                }
+            },
             "CLASSIFIER" => MatchExpr::Classifier,
             _ => {
                 return Err(ErrorReport::new(

@@ -128,6 +128,8 @@ pub struct Pipeline {
     task: Arc<TaskContext>,
     /// Changes of the current epoch.
     pending: Vec<ViewChange>,
+    /// The view's column each epoch's matches are sorted by (see [`Pipeline::sort_matches_by`]).
+    sort_matches_by: Option<usize>,
 }
 
 impl Pipeline {
@@ -177,7 +179,14 @@ impl Pipeline {
             },
         };
         let inputs = watermarks.into_iter().map(Input::new).collect();
-        Ok(Pipeline { plan, inputs, combined: None, aggregate, task, pending: Vec::new() })
+        Ok(Pipeline { plan, inputs, combined: None, aggregate, task, pending: Vec::new(), sort_matches_by: None })
+    }
+
+    /// Sorts the matches decided at each watermark by the view's column `column` (a row time of each match), so that
+    /// views reading this one as a stream see them in its order within each step: matches decided later start less
+    /// than `WITHIN` before this step's watermark, so that column less the bound is their watermark.
+    pub fn sort_matches_by(&mut self, column: usize) {
+        self.sort_matches_by = Some(column);
     }
 
     /// Schema of the view's rows.
@@ -444,7 +453,10 @@ impl Pipeline {
             // Matches are final once decided.
             Some(Aggregation::Matches(matches)) => {
                 if let Some(rows) = matches.advance(watermark)? {
-                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    let mut rows = above(&self.plan.above, rows, &self.task).await?;
+                    if let Some(column) = self.sort_matches_by {
+                        rows = sorted_by(&self.plan.schema, rows, column)?;
+                    }
                     self.pending.push(ViewChange::Append(rows));
                 }
             }
@@ -452,6 +464,14 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// `batches` as one batch sorted by column `column`.
+fn sorted_by(schema: &SchemaRef, batches: Vec<RecordBatch>, column: usize) -> Result<Vec<RecordBatch>> {
+    let arrow = |e: datafusion::arrow::error::ArrowError| RuntimeError::Expr(e.into());
+    let batch = datafusion::arrow::compute::concat_batches(schema, &batches).map_err(arrow)?;
+    let order = datafusion::arrow::compute::sort_to_indices(batch.column(column), None, None).map_err(arrow)?;
+    Ok(vec![datafusion::arrow::compute::take_record_batch(&batch, &order).map_err(arrow)?])
 }
 
 /// The key of value `tag` of split `split` of input `input`.

@@ -31,10 +31,12 @@ pub struct Relation {
     pub store: Option<Arc<ViewStore>>,
     /// Whether other views can read it as a stream: sources, tables and views that only ever gain rows.
     pub append_only: bool,
-    /// For a materialized view whose rows arrive in the order of a timestamp column (each window emitted once, when
-    /// it closes, so by `window_end`): that column. Views reading it take the column less one unit as their
-    /// watermark.
-    pub ordered_by: Option<String>,
+    /// For a materialized view whose rows arrive in the order of a timestamp column, give or take a bound: that
+    /// column and the bound, in the column's units. Each window emitted once, when it closes, comes in `window_end`
+    /// order (a bound of 1: windows ending together); a match of `MATCH_RECOGNIZE ... WITHIN w` comes less than `w`
+    /// after the row times (`MATCH_ROWTIME()`) of those before it. Views reading it take the column less the bound
+    /// as their watermark.
+    pub ordered_by: Option<(String, i64)>,
 }
 
 impl Relation {
@@ -57,8 +59,8 @@ impl Relation {
         self
     }
 
-    pub fn with_ordered_by(mut self, column: Option<String>) -> Self {
-        self.ordered_by = column;
+    pub fn with_ordered_by(mut self, ordered_by: Option<(String, i64)>) -> Self {
+        self.ordered_by = ordered_by;
         self
     }
 
@@ -66,7 +68,7 @@ impl Relation {
     /// view's rows arrive in order of.
     pub fn event_time(&self) -> Option<String> {
         let declared = self.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.column.value.to_lowercase());
-        declared.or_else(|| self.ordered_by.clone())
+        declared.or_else(|| self.ordered_by.as_ref().map(|(column, _)| column.clone()))
     }
 }
 

@@ -45,8 +45,8 @@ pub struct Dataflow {
     pub append_only: bool,
     /// Converts the inputs' event time to milliseconds, for reporting.
     pub ms_per_unit: f64,
-    /// The timestamp column the output rows arrive in order of, if any (see `Relation::ordered_by`).
-    pub ordered_by: Option<String>,
+    /// The timestamp column the output rows arrive in order of, give or take a bound (see `Relation::ordered_by`).
+    pub ordered_by: Option<(String, i64)>,
 }
 
 /// What a session can ask of a running view.

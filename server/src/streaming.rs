@@ -149,7 +149,7 @@ impl Session {
             }
             let watermark = match (&input.source, &input.ordered_by) {
                 (Some(source), _) => self.watermark(&input.def.name, source, &input.def.schema)?,
-                (None, Some(column)) => Some(ordered_watermark(&input.def.schema, column)?),
+                (None, Some((column, bound))) => Some(ordered_watermark(&input.def.schema, column, *bound)?),
                 (None, None) => None,
             };
             readers.push(reader);
@@ -160,15 +160,15 @@ impl Session {
         depends_on.sort();
         depends_on.dedup();
         let append_only = plan.append_only();
-        // A view emitting each window once, when it closes, emits its rows in order of their window_end.
-        let ordered_by = plan
-            .aggregate
-            .as_ref()
-            .filter(|a| plan.emit_on_window_close && a.window_end.is_some())
-            .and_then(|_| plan.schema.field_with_name("window_end").ok())
-            .filter(|f| matches!(f.data_type(), DataType::Timestamp(..)))
-            .map(|f| f.name().clone());
-        let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
+        let ordered_by = ordered_by(&plan);
+        let sort_by = match (&plan.match_recognize, &ordered_by) {
+            (Some(_), Some((column, _))) => plan.schema.index_of(column).ok(),
+            _ => None,
+        };
+        let mut pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
+        if let Some(column) = sort_by {
+            pipeline.sort_matches_by(column);
+        }
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
         Ok(Dataflow {
             pipeline,
@@ -377,7 +377,9 @@ impl Session {
             let mut depth = depth;
             let watermark = match (input.source.as_ref().and_then(|s| s.watermark.as_ref()), &input.ordered_by) {
                 (Some(watermark), _) => Some(format!("{} AS {}", watermark.column, watermark.expr)),
-                (None, Some(column)) => Some(format!("{column} AS {column} - 1 unit (rows arrive in its order)")),
+                (None, Some((column, bound))) => Some(format!(
+                    "{column} AS {column} - {bound} unit(s) (rows arrive in its order, give or take that)"
+                )),
                 (None, None) => None,
             };
             if let Some(watermark) = watermark {
@@ -556,15 +558,7 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
     }
     if plan.emit_on_window_close && input.event_time().is_none() {
         if input.def.kind == RelationKind::MaterializedView {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "EMIT ON WINDOW CLOSE needs a watermark, and materialized view \"{}\" passes none on: only a \
-                     view that emits each window once, when it closes, has its rows in event-time order",
-                    input.def.name
-                ),
-            )
-            .with_hint(
+            return Err(no_view_watermark("EMIT ON WINDOW CLOSE", &input.def.name).with_hint(
                 "Leave out EMIT ON WINDOW CLOSE (the windows then show their rows so far), or window the source.",
             ));
         }
@@ -573,23 +567,26 @@ fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport
     Ok(())
 }
 
+/// `what` needs a watermark and materialized view `view` passes none on.
+fn no_view_watermark(what: &str, view: &str) -> ErrorReport {
+    ErrorReport::new(
+        SqlState::FEATURE_NOT_SUPPORTED,
+        format!(
+            "{what} needs a watermark, and materialized view \"{view}\" passes none on: only a view emitting each \
+             window once, when it closes (by window_end), or a MATCH_RECOGNIZE view with WITHIN and a \
+             MATCH_ROWTIME() measure has its rows in event-time order"
+        ),
+    )
+}
+
 /// Checks that a `MATCH_RECOGNIZE` reading `input` as a stream orders its rows by the event time `input`'s watermark
 /// bounds, first and ascending: rows are matched in that order as the watermark passes them.
 fn check_event_time(stage: &MatchRecognizeStage, input: &Relation) -> Result<(), ErrorReport> {
     let order = stage.spec.order_by.first().map(|(c, descending)| (stage.input.field(*c), *descending));
     let Some(column) = input.event_time() else {
         let error = match input.def.kind {
-            RelationKind::MaterializedView => ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "MATCH_RECOGNIZE over materialized view \"{}\" needs its rows in event-time order, and only a \
-                     view that emits each window once, when it closes, has them in order (of window_end)",
-                    input.def.name
-                ),
-            )
-            .with_hint(
-                "Match over a windowed view with EMIT ON WINDOW CLOSE, ordered by window_end; or over its source.",
-            ),
+            RelationKind::MaterializedView => no_view_watermark("MATCH_RECOGNIZE", &input.def.name)
+                .with_hint("Match over its source, or over a view that passes a watermark on."),
             _ => ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,
                 format!(
@@ -723,19 +720,37 @@ fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
     Ok(Some(encoding))
 }
 
-/// The watermark of a view's rows that arrive in order of timestamp `column`: the column less one unit (rows of the
-/// same time may still come).
-fn ordered_watermark(schema: &SchemaRef, column: &str) -> Result<WatermarkSpec, ErrorReport> {
+/// The timestamp column a view's rows arrive in order of, give or take a bound (see `Relation::ordered_by`): a view
+/// emitting each window once, when it closes, by `window_end` (bound 1); a `MATCH_RECOGNIZE ... WITHIN w` view by a
+/// measure that is a row time of the match (`MATCH_ROWTIME()`, `FIRST`/`LAST` of the event time), bound `w`. The
+/// column is found in the view's rows by name.
+fn ordered_by(plan: &StreamingPlan) -> Option<(String, i64)> {
+    let (column, bound) = match (&plan.aggregate, &plan.match_recognize) {
+        (Some(aggregate), _) if plan.emit_on_window_close && aggregate.window_end.is_some() => ("window_end", 1),
+        (None, Some(stage)) => {
+            let (time, _) = stage.spec.order_by.first()?;
+            let (name, _) = stage.spec.measures.iter().find(|(_, m)| m.is_row_time(*time))?;
+            (name.as_str(), stage.spec.within?)
+        }
+        _ => return None,
+    };
+    let field = plan.schema.field_with_name(column).ok()?;
+    matches!(field.data_type(), DataType::Timestamp(..)).then(|| (field.name().clone(), bound))
+}
+
+/// The watermark of a view's rows that arrive in order of timestamp `column` give or take `bound` units: the column
+/// less the bound.
+fn ordered_watermark(schema: &SchemaRef, column: &str, bound: i64) -> Result<WatermarkSpec, ErrorReport> {
     let internal = || ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: ordering column {column}"));
     let index = schema.index_of(column).map_err(|_| internal())?;
-    let one = match schema.field(index).data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => ScalarValue::DurationSecond(Some(1)),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => ScalarValue::DurationMillisecond(Some(1)),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => ScalarValue::DurationMicrosecond(Some(1)),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => ScalarValue::DurationNanosecond(Some(1)),
+    let bound = match schema.field(index).data_type() {
+        DataType::Timestamp(TimeUnit::Second, _) => ScalarValue::DurationSecond(Some(bound)),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => ScalarValue::DurationMillisecond(Some(bound)),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => ScalarValue::DurationMicrosecond(Some(bound)),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => ScalarValue::DurationNanosecond(Some(bound)),
         _ => return Err(internal()),
     };
-    let expr = BinaryExpr::new(Arc::new(Column::new(column, index)), Operator::Minus, lit(one));
+    let expr = BinaryExpr::new(Arc::new(Column::new(column, index)), Operator::Minus, lit(bound));
     Ok(WatermarkSpec { column: index, expr: Arc::new(expr) })
 }
 
