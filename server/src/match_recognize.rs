@@ -17,12 +17,12 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit}
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast::{
-    MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
+    self, MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use weir_common::catalog::DEFAULT_CATALOG;
-use weir_common::pattern::{RowsPerMatch, SkipTo};
+use weir_common::pattern::{MatchRecognize, RowsPerMatch, SkipTo};
 use weir_common::plan::MatchRecognizeStage;
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::row_pattern::{MatchRecognizeAst, PatternParameter, RowPatternClause, compile_match_recognize};
@@ -329,43 +329,9 @@ impl Resolver<'_> {
                     return Ok(());
                 }
                 if let Some(lines) = &mut self.explained {
-                    let name = |c: &usize| input_schema.field(*c).name().clone();
                     let alias = alias.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
                     lines.push(format!("MatchRecognize{alias}"));
-                    lines.push(format!(
-                        "  partition by [{}], order by [{}]",
-                        spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
-                        spec.order_by
-                            .iter()
-                            .map(|(c, descending)| format!("{} {}", name(c), if *descending { "DESC" } else { "ASC" }))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                    let within = clause.within.as_ref().map(|w| format!(" WITHIN {w}")).unwrap_or_default();
-                    lines.push(format!("  pattern: {}{within}", spec.pattern.render(&spec.variables)));
-                    for symbol in symbols.iter() {
-                        lines.push(format!("  define {} AS {}", symbol.symbol, symbol.definition));
-                    }
-                    for measure in measures.iter() {
-                        let expr = weir_planner::row_pattern::unmark_semantics(&measure.expr.to_string());
-                        lines.push(format!("  measure {} AS {expr}", measure.alias));
-                    }
-                    let rows = match spec.rows_per_match {
-                        RowsPerMatch::One => "one row per match".to_string(),
-                        RowsPerMatch::All { show_empty, unmatched } => format!(
-                            "all rows per match{}{}",
-                            if show_empty { "" } else { ", omit empty matches" },
-                            if unmatched { ", with unmatched rows" } else { "" }
-                        ),
-                    };
-                    let variable = |v: usize| spec.variables.get(v).cloned().unwrap_or_default();
-                    let skip = match spec.skip {
-                        SkipTo::PastLastRow => "past last row".to_string(),
-                        SkipTo::NextRow => "to next row".to_string(),
-                        SkipTo::First(v) => format!("to first {}", variable(v)),
-                        SkipTo::Last(v) => format!("to last {}", variable(v)),
-                    };
-                    lines.push(format!("  {rows}, after match skip {skip}"));
+                    lines.extend(explain(&spec, &input_schema, clause.within.as_deref(), symbols, measures));
                     lines.push("  input:".to_string());
                     lines.extend(plan.display_indent().to_string().lines().map(|l| format!("    {l}")));
                     return Ok(());
@@ -428,6 +394,57 @@ fn parse_query(sql: &str) -> Result<Query, ErrorReport> {
         .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
 }
 
+/// The lines describing a `MATCH_RECOGNIZE` of a SELECT for `EXPLAIN`: partitioning and order, the compiled
+/// pattern, the conditions and measures as written, rows per match and the skip.
+fn explain(
+    spec: &MatchRecognize,
+    input: &Schema,
+    within: Option<&str>,
+    symbols: &[ast::SymbolDefinition],
+    measures: &[ast::Measure],
+) -> Vec<String> {
+    let name = |c: &usize| input.field(*c).name().clone();
+    let order =
+        spec.order_by.iter().map(|(c, descending)| format!("{} {}", name(c), if *descending { "DESC" } else { "ASC" }));
+    let mut lines = vec![format!(
+        "  partition by [{}], order by [{}]",
+        spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
+        order.collect::<Vec<_>>().join(", ")
+    )];
+    let within = within.map(|w| format!(" WITHIN {w}")).unwrap_or_default();
+    lines.push(format!("  pattern: {}{within}", spec.pattern.render(&spec.variables)));
+    for symbol in symbols {
+        lines.push(format!("  define {} AS {}", symbol.symbol, symbol.definition));
+    }
+    for measure in measures {
+        let expr = weir_planner::row_pattern::unmark_semantics(&measure.expr.to_string());
+        lines.push(format!("  measure {} AS {expr}", measure.alias));
+    }
+    lines.push(format!("  {}, after match skip {}", rows_per_match(spec), skip(spec)));
+    lines
+}
+
+fn rows_per_match(spec: &MatchRecognize) -> String {
+    match spec.rows_per_match {
+        RowsPerMatch::One => "one row per match".to_string(),
+        RowsPerMatch::All { show_empty, unmatched } => format!(
+            "all rows per match{}{}",
+            if show_empty { "" } else { ", omit empty matches" },
+            if unmatched { ", with unmatched rows" } else { "" }
+        ),
+    }
+}
+
+fn skip(spec: &MatchRecognize) -> String {
+    let variable = |v: usize| spec.variables.get(v).cloned().unwrap_or_default();
+    match spec.skip {
+        SkipTo::PastLastRow => "past last row".to_string(),
+        SkipTo::NextRow => "to next row".to_string(),
+        SkipTo::First(v) => format!("to first {}", variable(v)),
+        SkipTo::Last(v) => format!("to last {}", variable(v)),
+    }
+}
+
 /// One line describing a view's `MATCH_RECOGNIZE` for `EXPLAIN CREATE MATERIALIZED VIEW`.
 pub(crate) fn describe(stage: &MatchRecognizeStage) -> String {
     let spec = &stage.spec;
@@ -442,15 +459,12 @@ pub(crate) fn describe(stage: &MatchRecognizeStage) -> String {
     };
     let within = spec.within.map(|w| format!(" within {w} {unit}")).unwrap_or_default();
     let timeouts = if spec.emit_timeouts { ", timed-out partial matches emitted" } else { "" };
-    let rows = match spec.rows_per_match {
-        RowsPerMatch::One => "one row per match",
-        RowsPerMatch::All { .. } => "all rows per match",
-    };
     format!(
-        "MatchRecognize: partition by [{}], order by [{}], pattern {}{within}, {rows}{timeouts}, rows held until the \
+        "MatchRecognize: partition by [{}], order by [{}], pattern {}{within}, {}{timeouts}, rows held until the \
          watermark passes them, matches emitted when decided",
         spec.partition_by.iter().map(name).collect::<Vec<_>>().join(", "),
         order.join(", "),
         spec.pattern.render(&spec.variables),
+        rows_per_match(spec),
     )
 }
