@@ -179,8 +179,9 @@ impl MatchExpr {
         self.shifts().0
     }
 
-    /// Whether the expression looks at rows after the current one (`NEXT`).
-    pub fn looks_ahead(&self) -> bool {
+    /// The most rows after the current one the expression looks at (`NEXT(x, 2)`: 2): how many rows matching on a
+    /// stream waits for before it tries a row.
+    pub fn lookahead(&self) -> usize {
         self.shifts().1
     }
 
@@ -221,23 +222,26 @@ impl MatchExpr {
         }
     }
 
-    /// The largest backward shift and whether any shift is forward.
-    fn shifts(&self) -> (usize, bool) {
+    /// The largest backward and forward shifts.
+    fn shifts(&self) -> (usize, usize) {
         match self {
             MatchExpr::Shift { expr, offset } => {
+                // The inner expression looks from `ahead` rows after to `back` rows before; this shifts that by
+                // `offset` rows back.
                 let (back, ahead) = expr.shifts();
-                let total = *offset + back as i64;
-                (total.max(0) as usize, ahead || *offset < 0)
+                let back = (*offset + back as i64).max(0) as usize;
+                let ahead = (ahead as i64 - *offset).max(0) as usize;
+                (back, ahead)
             }
             MatchExpr::Binary { left, right, .. } => {
                 let (l, r) = (left.shifts(), right.shifts());
-                (l.0.max(r.0), l.1 || r.1)
+                (l.0.max(r.0), l.1.max(r.1))
             }
             MatchExpr::Not(inner)
             | MatchExpr::Negate(inner)
             | MatchExpr::IsNull { expr: inner, .. }
             | MatchExpr::Final(inner) => inner.shifts(),
-            _ => (0, false),
+            _ => (0, 0),
         }
     }
 }

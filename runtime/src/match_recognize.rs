@@ -483,6 +483,8 @@ pub struct Matcher {
     trailing: Vec<usize>,
     /// How many rows before a match its expressions may look at (`PREV`).
     lookback: usize,
+    /// How many rows after the current one its expressions may look at (`NEXT`): a row is tried once they are known.
+    lookahead: usize,
 }
 
 impl std::ops::Deref for Matcher {
@@ -512,15 +514,11 @@ impl Matcher {
             fields.push(Field::new(TIMED_OUT, DataType::Boolean, false));
         }
         fields.extend(trailing.iter().map(|c| input.field(*c).as_ref().clone().with_nullable(true)));
-        let lookback = spec
-            .defines
-            .iter()
-            .flatten()
-            .chain(spec.measures.iter().map(|(_, m)| m))
-            .map(MatchExpr::lookback)
-            .max()
-            .unwrap_or(0);
-        Ok(Matcher { spec, program, input, output: Arc::new(Schema::new(fields)), leading, trailing, lookback })
+        let expressions = || spec.defines.iter().flatten().chain(spec.measures.iter().map(|(_, m)| m));
+        let lookback = expressions().map(MatchExpr::lookback).max().unwrap_or(0);
+        let lookahead = expressions().map(MatchExpr::lookahead).max().unwrap_or(0);
+        let output = Arc::new(Schema::new(fields));
+        Ok(Matcher { spec, program, input, output, leading, trailing, lookback, lookahead })
     }
 
     /// The schema of the output rows.
@@ -593,7 +591,9 @@ impl Matcher {
         out: &mut Output,
     ) -> Result<(), MatchError> {
         loop {
-            let known = partition.base + partition.rows.len();
+            // The rows matching may try: those whose following rows `NEXT` looks at are known (all, at the end).
+            let held = partition.base + partition.rows.len();
+            let known = if ended { held } else { held.saturating_sub(self.lookahead) };
             let mut attempt = match partition.attempt.take() {
                 Some(attempt) => attempt,
                 None if partition.next < known => self.program.begin(partition.next, known, ended)?,
@@ -644,10 +644,12 @@ impl Matcher {
             if decided.is_none()
                 && let (Some(within), Some(watermark)) = (self.within, watermark)
             {
-                // Rows to come are later than the watermark (a unit at least): a partial match begun `within` less
-                // a unit or longer before it can take none of them.
+                // Rows still to try are no earlier than the first one held back for `NEXT`, or else later than the
+                // watermark (a unit at least): a partial match begun `within` or longer before that can take none.
+                let next_time = if known < held { time_at(known) } else { Some(watermark.saturating_add(1)) };
                 let cut = self.program.expire(&mut attempt, &mut |matched| {
-                    matched.first().and_then(|f| time_at(f.row)).is_some_and(|start| watermark - start >= within - 1)
+                    let start = matched.first().and_then(|f| time_at(f.row));
+                    start.zip(next_time).is_some_and(|(start, next)| next - start >= within)
                 });
                 if self.emit_timeouts && partition.timed_out.is_none() {
                     partition.timed_out = cut;

@@ -435,13 +435,42 @@ mod tests {
 
     /// `PATTERN (A B+ C) DEFINE B AS value > PREV(value), C AS value < PREV(value)` per key, ordered by time (then
     /// value, so that the order has no ties but between equal rows).
-    fn rising_then_falling(rows_per_match: RowsPerMatch, skip: SkipTo, within: Option<i64>) -> MatchRecognize {
+    /// With `lookahead`, C must also be the bottom (`NEXT(C.v) IS NULL OR NEXT(C.v) >= C.v`) and a measure is the
+    /// value after it: matching waits for the row after each row it tries.
+    fn rising_then_falling(
+        rows_per_match: RowsPerMatch,
+        skip: SkipTo,
+        within: Option<i64>,
+        lookahead: bool,
+    ) -> MatchRecognize {
         let value = |variable: Option<usize>| MatchExpr::Column { variable, column: 1 };
         let compared = |variable: usize, op: BinaryOp| MatchExpr::Binary {
             left: Box::new(value(Some(variable))),
             op,
             right: Box::new(MatchExpr::Shift { expr: Box::new(value(Some(variable))), offset: 1 }),
         };
+        let next = || MatchExpr::Shift { expr: Box::new(value(Some(2))), offset: -1 };
+        let mut fall = compared(2, BinaryOp::Lt);
+        let mut measures = vec![
+            ("start".into(), MatchExpr::Navigate { variable: Some(0), column: 2, from_end: false, offset: 0 }),
+            ("peak".into(), MatchExpr::Aggregate { function: Aggregate::Max, variable: Some(1), column: Some(1) }),
+            ("rows".into(), MatchExpr::Aggregate { function: Aggregate::Count, variable: None, column: None }),
+            ("n".into(), MatchExpr::MatchNumber),
+            ("class".into(), MatchExpr::Classifier),
+        ];
+        if lookahead {
+            let bottom = MatchExpr::Binary {
+                left: Box::new(MatchExpr::IsNull { expr: Box::new(next()), negated: false }),
+                op: BinaryOp::Or,
+                right: Box::new(MatchExpr::Binary {
+                    left: Box::new(next()),
+                    op: BinaryOp::GtEq,
+                    right: Box::new(value(Some(2))),
+                }),
+            };
+            fall = MatchExpr::Binary { left: Box::new(fall), op: BinaryOp::And, right: Box::new(bottom) };
+            measures.push(("after".into(), next()));
+        }
         MatchRecognize {
             partition_by: vec![0],
             order_by: vec![(2, false), (1, false)],
@@ -451,14 +480,8 @@ mod tests {
                 Pattern::Var(2),
             ]),
             variables: vec!["a".into(), "b".into(), "c".into()],
-            defines: vec![None, Some(compared(1, BinaryOp::Gt)), Some(compared(2, BinaryOp::Lt))],
-            measures: vec![
-                ("start".into(), MatchExpr::Navigate { variable: Some(0), column: 2, from_end: false, offset: 0 }),
-                ("peak".into(), MatchExpr::Aggregate { function: Aggregate::Max, variable: Some(1), column: Some(1) }),
-                ("rows".into(), MatchExpr::Aggregate { function: Aggregate::Count, variable: None, column: None }),
-                ("n".into(), MatchExpr::MatchNumber),
-                ("class".into(), MatchExpr::Classifier),
-            ],
+            defines: vec![None, Some(compared(1, BinaryOp::Gt)), Some(fall)],
+            measures,
             skip,
             within,
             emit_timeouts: false,
@@ -502,7 +525,7 @@ mod tests {
             };
             let skip = if next(2) == 0 { SkipTo::PastLastRow } else { SkipTo::NextRow };
             let within = (next(2) == 0).then(|| 1_000 + next(4) as i64 * 1_000);
-            let spec = rising_then_falling(rows_per_match, skip, within);
+            let spec = rising_then_falling(rows_per_match, skip, within, next(3) == 0);
 
             let mut watermark: Option<i64> = None;
             let mut on_time = Vec::new();
@@ -545,7 +568,7 @@ mod tests {
     /// that never falls holds only the row `PREV` may look at once the watermark is past it.
     #[test]
     fn within_lets_a_partial_match_go_when_the_watermark_passes_it() {
-        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, Some(2_000));
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, Some(2_000), false);
         let mut op = MatchStream::try_new(spec, schema()).unwrap();
         op.on_data(&batch(&[(1, 1, 0), (1, 2, 1_000), (1, 3, 2_000)])).unwrap();
         // Watermark 2 s: the attempt from 0 s (A B) cannot take the row at 2 s (a match lasts less than 2 s), so

@@ -172,15 +172,6 @@ impl Session {
             )
             .with_hint("Create a view for each MATCH_RECOGNIZE and combine the views."));
         };
-        let spec = &found.stage.spec;
-        if spec.defines.iter().flatten().chain(spec.measures.iter().map(|(_, m)| m)).any(|e| e.looks_ahead()) {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                "NEXT() in a MATCH_RECOGNIZE over a stream is not supported: the next row is not known when a row \
-                 is matched",
-            )
-            .with_hint("Compare with the row before instead: PREV()."));
-        }
         Ok((planned, found))
     }
 }
