@@ -647,11 +647,16 @@ impl Matcher {
                 // Rows still to try are no earlier than the first one held back for `NEXT`, or else later than the
                 // watermark (a unit at least): a partial match begun `within` or longer before that can take none.
                 let next_time = if known < held { time_at(known) } else { Some(watermark.saturating_add(1)) };
-                let cut = self.program.expire(&mut attempt, &mut |matched| {
-                    let start = matched.first().and_then(|f| time_at(f.row));
-                    start.zip(next_time).is_some_and(|(start, next)| next - start >= within)
-                });
-                if self.emit_timeouts && partition.timed_out.is_none() {
+                let keep = self.emit_timeouts && partition.timed_out.is_none();
+                let cut = self.program.expire(
+                    &mut attempt,
+                    &mut |matched| {
+                        let start = matched.first().and_then(|f| time_at(f.row));
+                        start.zip(next_time).is_some_and(|(start, next)| next - start >= within)
+                    },
+                    keep,
+                );
+                if keep {
                     partition.timed_out = cut;
                 }
                 decided = self.program.advance(&mut attempt, known, ended, &mut accepts)?;

@@ -390,15 +390,19 @@ fn event_times(batch: &RecordBatch, time: usize) -> Result<Int64Array> {
 }
 
 fn pending_key(number: u64) -> Vec<u8> {
-    let mut key = vec![PENDING_TAG];
-    key.extend_from_slice(&number.to_be_bytes());
-    key
+    tagged(PENDING_TAG, &number.to_be_bytes())
 }
 
 fn partition_key(key: &[u8]) -> Vec<u8> {
-    let mut full = vec![PARTITION_TAG];
-    full.extend_from_slice(key);
-    full
+    tagged(PARTITION_TAG, key)
+}
+
+/// A state-table key: `tag`, then `rest`.
+fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + rest.len());
+    key.push(tag);
+    key.extend_from_slice(rest);
+    key
 }
 
 #[cfg(test)]

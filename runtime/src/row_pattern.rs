@@ -267,16 +267,17 @@ impl Program {
 
     /// Drops the threads of `attempt` that wait for a row and for which `expired` holds of the rows they matched
     /// (`WITHIN` passed for them); [`Program::advance`] then decides the attempt if no preferred thread is left.
-    /// Returns the rows of the most preferred thread dropped.
+    /// Returns the rows of the most preferred thread dropped, when `keep` asks for them.
     pub fn expire(
         &self,
         attempt: &mut Attempt,
         expired: &mut dyn FnMut(&[Classified]) -> bool,
+        keep: bool,
     ) -> Option<Vec<Classified>> {
         let mut preferred = None;
         attempt.threads.retain(|t| {
             let dropped = matches!(self.instructions[t.pc], Instruction::Row(_)) && expired(&t.matched);
-            if dropped && preferred.is_none() {
+            if dropped && keep && preferred.is_none() {
                 preferred = Some(t.matched.clone());
             }
             !dropped
@@ -449,9 +450,11 @@ mod tests {
                     }
                     if let Some(w) = within {
                         // Rows to come are later than the last known one.
-                        program.expire(&mut attempt, &mut |matched| {
-                            matched.first().is_some_and(|f| known - 1 - f.row >= w)
-                        });
+                        program.expire(
+                            &mut attempt,
+                            &mut |matched| matched.first().is_some_and(|f| known - 1 - f.row >= w),
+                            false,
+                        );
                     }
                     if known == rows {
                         break program

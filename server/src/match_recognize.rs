@@ -12,8 +12,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::StringArray;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast::{
@@ -62,10 +61,7 @@ impl Session {
                     self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
                 Ok(Outcome::Rows(df))
             }
-            Resolved::Explain(lines) => {
-                let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
-                self.rows(schema, vec![Arc::new(StringArray::from(lines))])
-            }
+            Resolved::Explain(lines) => self.plan_lines(lines),
         }
     }
 

@@ -138,7 +138,7 @@ impl Session {
             return Some(show_tables_schema());
         }
         if let WeirStatement::ExplainMaterializedView { .. } = &prepared.statement.statement {
-            return Some(Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)])));
+            return Some(query_plan_schema());
         }
         let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
         match &**stmt {
@@ -464,6 +464,11 @@ impl Session {
         )
     }
 
+    /// The rows of an `EXPLAIN` Weir writes itself: one line each.
+    pub(crate) fn plan_lines(&self, lines: Vec<String>) -> Result<Outcome, ErrorReport> {
+        self.rows(query_plan_schema(), vec![Arc::new(datafusion::arrow::array::StringArray::from(lines))])
+    }
+
     pub(crate) fn rows(&self, schema: SchemaRef, columns: Vec<ArrayRef>) -> Result<Outcome, ErrorReport> {
         let batch = RecordBatch::try_new(schema, columns)
             .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {e}")))?;
@@ -620,4 +625,9 @@ fn show_create_schema() -> SchemaRef {
         Field::new("name", DataType::Utf8, false),
         Field::new("create_sql", DataType::Utf8, false),
     ]))
+}
+
+/// The schema of `EXPLAIN`'s rows, as Postgres names its column.
+fn query_plan_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]))
 }

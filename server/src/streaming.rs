@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::array::StringArray;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::catalog::view::ViewTable;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DFSchema, ScalarValue};
@@ -398,8 +397,7 @@ impl Session {
                 input.def.name
             ));
         }
-        let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
-        self.rows(schema, vec![Arc::new(StringArray::from(lines))])
+        self.plan_lines(lines)
     }
 
     /// `CREATE VIEW`: a named query, planned again wherever it is used (batch queries and materialized views alike).
