@@ -244,6 +244,18 @@ pub async fn eventually(client: &tokio_postgres::Client, sql: &str, expected: &[
     }
 }
 
+/// Waits until sink `sink` reports that its broker is away: a status starting with `retrying: {broker}`, nothing
+/// delivered.
+pub async fn wait_for_sink_retrying(client: &tokio_postgres::Client, sink: &str, broker: &str) {
+    let sql = format!("SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = '{sink}'");
+    let prefix = format!("retrying: {broker}");
+    let what = format!("sink {sink} did not report its unreachable broker");
+    wait_for(client, &sql, &what, |status| {
+        status.first().is_some_and(|row| row[0].starts_with(&prefix) && row[1] == "0")
+    })
+    .await;
+}
+
 /// Runs `sql` until `done` holds for its rows, for up to 20 seconds (no `FLUSH`: for statuses that change by
 /// themselves, such as a broker's going away); panics naming `what` and the last rows otherwise.
 pub async fn wait_for(client: &tokio_postgres::Client, sql: &str, what: &str, done: impl Fn(&[Vec<String>]) -> bool) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for};
+use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for_sink_retrying};
 
 /// The tansu binary: `WEIR_TANSU`, or where the test command installs it.
 fn tansu() -> PathBuf {
@@ -381,13 +381,7 @@ async fn sinks_write_a_windowed_view_as_upserts_and_debezium_changes_and_a_query
         ))
         .await
         .unwrap();
-    wait_for(
-        client,
-        "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'stranded'",
-        "the unreachable broker was not reported",
-        |status| status[0][0].starts_with("retrying: Kafka") && status[0][1] == "0",
-    )
-    .await;
+    wait_for_sink_retrying(client, "stranded", "Kafka").await;
     client.batch_execute("DROP SINK stranded").await.unwrap();
     // The view cannot go while sinks read it; dropping the sinks first works.
     let err = client.batch_execute("DROP MATERIALIZED VIEW spend_30s").await.unwrap_err();

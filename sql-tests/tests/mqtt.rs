@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
-use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for};
+use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for, wait_for_sink_retrying};
 
 /// A Mosquitto broker on `port`, stopped when dropped.
 struct Broker {
@@ -301,13 +301,7 @@ async fn sinks_publish_rows_to_topics_named_by_their_columns() {
         &[&["alerts", "running"], &["hottest_out", "running"]],
     )
     .await;
-    wait_for(
-        client,
-        "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'nowhere'",
-        "the missing broker was not reported",
-        |status| status[0][0].starts_with("retrying: MQTT broker 127.0.0.1:") && status[0][1] == "0",
-    )
-    .await;
+    wait_for_sink_retrying(client, "nowhere", "MQTT broker 127.0.0.1:").await;
     server.stop().await.unwrap();
 }
 
