@@ -44,7 +44,14 @@ impl SqlState {
     pub const GROUPING_ERROR: SqlState = SqlState("42803");
     pub const INDETERMINATE_DATATYPE: SqlState = SqlState("42P18");
     pub const INVALID_SCHEMA_NAME: SqlState = SqlState("3F000");
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const STATEMENT_TOO_COMPLEX: SqlState = SqlState("54001");
+    pub const TOO_MANY_COLUMNS: SqlState = SqlState("54011");
+    pub const TOO_MANY_ARGUMENTS: SqlState = SqlState("54023");
+    pub const OUT_OF_MEMORY: SqlState = SqlState("53200");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
+    pub const UNDEFINED_PARAMETER: SqlState = SqlState("42P02");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     pub const IO_ERROR: SqlState = SqlState("58030");
@@ -152,9 +159,9 @@ fn classify(err: &DataFusionError) -> ErrorReport {
         DataFusionError::ExecutionJoin(err) => {
             ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: query task failed: {err}"))
         }
-        DataFusionError::ResourcesExhausted(msg) => {
-            ErrorReport::new(SqlState("53000"), format!("insufficient resources: {msg}"))
-        }
+        DataFusionError::ResourcesExhausted(msg) => ErrorReport::new(SqlState::OUT_OF_MEMORY, "out of memory")
+            .with_detail(first_line(msg))
+            .with_hint("The statement needs more memory than one statement may hold (weir --query-memory-limit)."),
         DataFusionError::Internal(msg) => ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {msg}")),
         other => classify_message(&other.message()),
     }

@@ -18,6 +18,11 @@ use crate::source::{self, CreateSource};
 /// Deep enough for generated SQL from BI tools, shallow enough to stay far from the stack limit.
 const RECURSION_LIMIT: usize = 200;
 
+/// How deep a statement's expressions may nest (operators chained, groups nested; see [`check_depth`]). Planning and
+/// evaluation walk expressions recursively; this bound is what the server's statement and dataflow threads are
+/// sized for (`weir_server::exec::STACK_BYTES`), with room to spare in a debug build.
+pub const MAX_EXPRESSION_DEPTH: usize = 1_000;
+
 /// A statement Weir knows how to run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeirStatement {
@@ -84,6 +89,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             detail: None,
             position: char_position(sql, err.location.line, err.location.column),
         })?;
+    check_depth(sql, &tokens)?;
     let tokens = crate::windows::flink_form(tokens);
     let (tokens, emits) = strip_emit_clauses(tokens);
     let (tokens, mut row_patterns) = crate::row_pattern::extract_row_patterns(sql, tokens)?;
@@ -163,6 +169,12 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             .into_iter()
             .partition(|p| p.location >= start && (p.location < end || end.line == 0));
         row_patterns = after;
+        if let WeirStatement::Sql(inner)
+        | WeirStatement::CreateMaterializedView { statement: inner, .. }
+        | WeirStatement::ExplainMaterializedView { statement: inner, .. } = &statement
+        {
+            check_width(inner)?;
+        }
         statements.push(ParsedStatement {
             statement,
             text: slice(sql, start, end).trim_end().to_string(),
@@ -171,6 +183,180 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
         expecting_delimiter = true;
     }
     Ok(statements)
+}
+
+/// Refuses a statement whose expressions would nest deeper than [`MAX_EXPRESSION_DEPTH`], before anything builds
+/// them: sqlparser builds a chain of operators (`1+1+...`, `a AND b AND ...`, `x::int::int...`) in a loop, so its
+/// recursion limit does not see it, while every later pass over the tree recurses once per operator.
+///
+/// The bound is taken over the tokens, an over-estimate that needs no tree: within a parenthesized (or bracketed)
+/// group, each comma-separated part counts its operators plus the deepest group inside it, and a group counts one
+/// more than its deepest part.
+fn check_depth(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
+    /// One open group: the operators of its current part, the deepest group inside that part, its deepest part.
+    #[derive(Default)]
+    struct Group {
+        operators: usize,
+        inner: usize,
+        deepest: usize,
+    }
+    let mut groups = vec![Group::default()];
+    for token in tokens {
+        let depth = match &token.token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                groups.push(Group::default());
+                groups.len() - 1
+            }
+            Token::RParen | Token::RBracket | Token::RBrace if groups.len() > 1 => {
+                let closed = groups.pop().unwrap_or_default();
+                let depth = closed.deepest.max(closed.operators + closed.inner) + 1;
+                groups.last_mut().map_or(0, |g| {
+                    g.inner = g.inner.max(depth);
+                    g.operators + g.inner
+                })
+            }
+            Token::Comma | Token::SemiColon => {
+                if let Some(g) = groups.last_mut() {
+                    g.deepest = g.deepest.max(g.operators + g.inner);
+                    g.operators = 0;
+                    g.inner = 0;
+                }
+                0
+            }
+            Token::Placeholder(name) => {
+                // `$` alone is a pattern's end anchor; `$name` is not a number.
+                let digits = name.strip_prefix('$').filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                if digits.is_some_and(|n| n.parse::<u64>().map_or(true, |n| n == 0 || n > MAX_PARAMETER)) {
+                    return Err(ParseError {
+                        code: SqlState::UNDEFINED_PARAMETER,
+                        message: format!("there is no parameter {name}"),
+                        detail: Some(format!("Parameters are numbered from $1 to ${MAX_PARAMETER}.")),
+                        position: char_position(sql, token.span.start.line, token.span.start.column),
+                    });
+                }
+                0
+            }
+            token if is_operator(token) => groups.last_mut().map_or(0, |g| {
+                g.operators += 1;
+                g.operators + g.inner
+            }),
+            _ => 0,
+        };
+        if depth > MAX_EXPRESSION_DEPTH || groups.len() > MAX_EXPRESSION_DEPTH {
+            return Err(ParseError {
+                code: SqlState::STATEMENT_TOO_COMPLEX,
+                message: "statement is too complex".into(),
+                detail: Some(format!("Its expressions nest more than {MAX_EXPRESSION_DEPTH} levels deep here.")),
+                position: char_position(sql, token.span.start.line, token.span.start.column),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a token joins expressions (and so deepens the tree a chain of them builds).
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => {
+            word.quote_style.is_none()
+                && matches!(
+                    word.keyword,
+                    Keyword::AND
+                        | Keyword::OR
+                        | Keyword::NOT
+                        | Keyword::IS
+                        | Keyword::LIKE
+                        | Keyword::ILIKE
+                        | Keyword::IN
+                        | Keyword::BETWEEN
+                        | Keyword::COLLATE
+                        | Keyword::AT
+                        | Keyword::SIMILAR
+                        | Keyword::XOR
+                        | Keyword::OVERLAPS
+                        | Keyword::DIV
+                )
+        }
+        Token::EOF
+        | Token::Number(..)
+        | Token::Char(_)
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedByteStringLiteral(_)
+        | Token::TripleDoubleQuotedByteStringLiteral(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_)
+        | Token::TripleSingleQuotedRawStringLiteral(_)
+        | Token::TripleDoubleQuotedRawStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::QuoteDelimitedStringLiteral(_)
+        | Token::NationalQuoteDelimitedStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_)
+        | Token::Comma
+        | Token::Whitespace(_)
+        | Token::LParen
+        | Token::RParen
+        | Token::Period
+        | Token::Colon
+        | Token::SemiColon
+        | Token::Backslash
+        | Token::LBracket
+        | Token::RBracket
+        | Token::LBrace
+        | Token::RBrace
+        | Token::Placeholder(_) => false,
+        _ => true,
+    }
+}
+
+/// Postgres' bound on the entries of a select list (`54011`).
+pub const MAX_SELECT_ITEMS: usize = 1664;
+/// Postgres' bound on a table's columns (`54011`).
+pub const MAX_TABLE_COLUMNS: usize = 1600;
+/// The highest parameter number, `$65535`: the protocol counts parameters in 16 bits.
+pub const MAX_PARAMETER: u64 = 65_535;
+
+/// Refuses what Postgres refuses by size: select lists and tables too wide. (Planning time grows with the square of a
+/// select list's width.)
+fn check_width(statement: &ast::Statement) -> Result<(), ParseError> {
+    use ast::{Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct Width;
+    impl Visitor for Width {
+        type Break = ParseError;
+        fn pre_visit_query(&mut self, query: &ast::Query) -> ControlFlow<ParseError> {
+            if let ast::SetExpr::Select(select) = query.body.as_ref()
+                && select.projection.len() > MAX_SELECT_ITEMS
+            {
+                return ControlFlow::Break(too_wide(format!(
+                    "target lists can have at most {MAX_SELECT_ITEMS} entries"
+                )));
+            }
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_statement(&mut self, statement: &ast::Statement) -> ControlFlow<ParseError> {
+            if let ast::Statement::CreateTable(create) = statement
+                && create.columns.len() > MAX_TABLE_COLUMNS
+            {
+                return ControlFlow::Break(too_wide(format!("tables can have at most {MAX_TABLE_COLUMNS} columns")));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    fn too_wide(message: String) -> ParseError {
+        ParseError { code: SqlState::TOO_MANY_COLUMNS, message, detail: None, position: None }
+    }
+    match statement.visit(&mut Width) {
+        ControlFlow::Break(err) => Err(err),
+        ControlFlow::Continue(()) => Ok(()),
+    }
 }
 
 /// Where an `EMIT ON WINDOW CLOSE` ended a statement that the input ends with.
@@ -378,6 +564,44 @@ mod tests {
             .collect();
         assert_eq!(shapes, ["mv true", "mv false", "flush", "drop 2 true true", "mv true"]);
         assert!(statements[0].text.ends_with("GROUP BY window_end EMIT ON WINDOW CLOSE"), "{}", statements[0].text);
+    }
+
+    #[test]
+    fn statements_nested_too_deep_are_54001_before_anything_builds_them() {
+        let chain = |op: &str, n: usize| format!("SELECT {}", vec!["1"; n].join(op));
+        assert!(parse_sql(&chain("+", MAX_EXPRESSION_DEPTH - 10)).is_ok());
+        for sql in [
+            chain("+", MAX_EXPRESSION_DEPTH + 10),
+            chain(" AND ", 100_000),
+            chain(" || ", 100_000),
+            format!("SELECT 1{}", "::int".repeat(10_000)),
+            format!(
+                "SELECT * FROM t MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts PATTERN ({}A{}) DEFINE A AS true)",
+                "(".repeat(10_000),
+                ")".repeat(10_000)
+            ),
+        ] {
+            let err = parse_sql(&sql).unwrap_err();
+            assert_eq!(err.code, SqlState::STATEMENT_TOO_COMPLEX, "{}", &sql[..40]);
+            assert_eq!(err.message, "statement is too complex");
+            assert!(err.position.is_some());
+        }
+        // Wide is fine: a thousand columns of short expressions, an IN list of 100,000 values.
+        let wide: Vec<String> = (0..MAX_SELECT_ITEMS).map(|i| format!("a + {i} AS c{i}")).collect();
+        assert!(parse_sql(&format!("SELECT {} FROM t", wide.join(", "))).is_ok());
+        let list: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+        assert!(parse_sql(&format!("SELECT 1 WHERE x IN ({})", list.join(","))).is_ok());
+        let err = parse_sql("SELECT 1 WHERE x = $2000000000").unwrap_err();
+        assert_eq!((err.code, err.position), (SqlState::UNDEFINED_PARAMETER, Some(20)));
+        assert!(parse_sql("SELECT $65535").is_ok());
+        let wide: Vec<String> = (0..=MAX_SELECT_ITEMS).map(|i| i.to_string()).collect();
+        assert_eq!(parse_sql(&format!("SELECT {}", wide.join(","))).unwrap_err().code, SqlState::TOO_MANY_COLUMNS);
+        // Depth adds up across groups: 20 groups of 100 operators each.
+        let mut nested = String::from("1");
+        for _ in 0..20 {
+            nested = format!("({}+{nested})", vec!["1"; 100].join("+"));
+        }
+        assert_eq!(parse_sql(&format!("SELECT {nested}")).unwrap_err().code, SqlState::STATEMENT_TOO_COMPLEX);
     }
 
     #[test]

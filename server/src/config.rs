@@ -12,18 +12,62 @@ pub struct Config {
     /// waits before a SELECT sees it. Shorter makes views fresher; each epoch re-evaluates the open windows that
     /// changed in it and writes a checkpoint.
     pub epoch_interval: Duration,
+    /// What one client may cost the server.
+    pub limits: Limits,
 }
 
 /// The epoch interval unless configured.
 pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Bounds that keep one client's statements from taking the server from the others. Each is a flag of `weir`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The `statement_timeout` of sessions that do not set one; zero for none (Postgres' default).
+    pub statement_timeout: Duration,
+    /// Memory one statement's sorts, aggregations and joins may hold (DataFusion's memory pool, per connection).
+    pub query_memory_bytes: usize,
+    /// The largest protocol message a client may send (a query string, a Bind with its parameters).
+    pub max_message_bytes: usize,
+    /// Connections served at once; the next one is refused with `53300`.
+    pub max_connections: usize,
+    /// Directories `file` sources may read under (canonical paths); none by default, so no file can be read.
+    pub allowed_file_dirs: Vec<PathBuf>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            statement_timeout: Duration::ZERO,
+            query_memory_bytes: default_query_memory(),
+            max_message_bytes: 64 * 1024 * 1024,
+            max_connections: 100,
+            allowed_file_dirs: Vec::new(),
+        }
+    }
+}
+
+/// A quarter of the machine's memory (read from `/proc/meminfo`), or 1 GiB where that cannot be read.
+pub fn default_query_memory() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        info.lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+    });
+    total_kib.map_or(1024 * 1024 * 1024, |kib| kib.saturating_mul(1024) / 4)
+}
+
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Config { data_dir: data_dir.into(), epoch_interval: DEFAULT_EPOCH_INTERVAL }
+        Config { data_dir: data_dir.into(), epoch_interval: DEFAULT_EPOCH_INTERVAL, limits: Limits::default() }
     }
 
     pub fn with_epoch_interval(mut self, epoch_interval: Duration) -> Self {
         self.epoch_interval = epoch_interval;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 }

@@ -14,13 +14,12 @@ use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf}
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_pg_catalog::setup_pg_catalog;
-use pgwire::api::ConnectionManager;
 use weir_common::MemoryCatalogStore;
 use weir_common::catalog::{DEFAULT_CATALOG, DEFAULT_SCHEMA};
 
 use crate::catalog::{Catalog, CatalogSchema};
 use crate::compat::Compat;
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::error::{Result, ServerError};
 use crate::system::{SYSTEM_SCHEMA, SystemRelation};
 
@@ -38,8 +37,12 @@ pub struct Engine {
     pub jobs: Arc<crate::jobs::Jobs>,
     /// Held for the whole of each DDL statement, so that check-then-change sequences do not interleave.
     pub ddl: tokio::sync::Mutex<()>,
-    /// Knows every connection's backend key, so a cancel request on a new connection can reach a running query.
-    pub connections: Arc<ConnectionManager>,
+    /// Knows every connection's backend key, so a cancel request on a new connection can reach a running statement.
+    pub cancels: Arc<crate::handler::CancelKeys>,
+    /// The threads statements run on.
+    pub workers: crate::exec::Workers,
+    /// What one client may cost the server.
+    pub limits: Limits,
 }
 
 impl Engine {
@@ -63,8 +66,12 @@ impl Engine {
         let weir = Arc::new(MemoryCatalogProvider::new());
         weir.register_schema(DEFAULT_SCHEMA, Arc::new(CatalogSchema(catalog.clone())))
             .map_err(|e| ServerError::Engine(e.to_string()))?;
-        let jobs =
-            Arc::new(crate::jobs::Jobs::new(Arc::new(weir_runtime::state::MemoryStore::new()), config.epoch_interval));
+        let dataflow = crate::exec::DataflowRuntime::new().map_err(|e| ServerError::Engine(e.to_string()))?;
+        let jobs = Arc::new(crate::jobs::Jobs::new(
+            Arc::new(weir_runtime::state::MemoryStore::new()),
+            config.epoch_interval,
+            dataflow,
+        ));
         let system = Arc::new(MemorySchemaProvider::new());
         for (name, relation) in SystemRelation::all(&jobs) {
             system
@@ -107,13 +114,29 @@ impl Engine {
             compat: Compat::new(),
             jobs,
             ddl: tokio::sync::Mutex::new(()),
-            connections: Arc::new(ConnectionManager::new()),
+            cancels: Arc::default(),
+            workers: crate::exec::Workers::default(),
+            limits: config.limits.clone(),
         })
     }
 
-    /// A fresh DataFusion context for one connection, with `current_user` answering `user`.
+    /// A fresh DataFusion context for one connection, with `current_user` answering `user`, and a memory pool of its
+    /// own: a statement whose sorts, aggregations or joins need more than [`Limits::query_memory_bytes`] fails
+    /// (`53200`) or spills, and takes nothing from other connections.
     pub fn new_context(&self, user: &str) -> SessionContext {
-        let ctx = SessionContext::new_with_state(self.template.clone());
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.query_memory_bytes, 1.0)
+            .build_arc();
+        let state = match runtime {
+            Ok(runtime) => {
+                SessionStateBuilder::new_from_existing(self.template.clone()).with_runtime_env(runtime).build()
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot make a connection's memory pool; it shares the server's");
+                self.template.clone()
+            }
+        };
+        let ctx = SessionContext::new_with_state(state);
         ctx.register_udf(constant_text_udf("session_user", user));
         ctx.register_udf(constant_text_udf("current_user", user));
         ctx

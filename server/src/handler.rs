@@ -4,32 +4,34 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::prelude::DataFrame;
-use futures::{FutureExt, Sink, SinkExt, StreamExt, stream};
+use futures::{Sink, SinkExt, StreamExt, stream};
 use pgwire::api::auth::noop::NoopStartupHandler;
-use pgwire::api::cancel::DefaultCancelHandler;
-use pgwire::api::portal::{Format, Portal};
+use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
-use pgwire::api::store::PortalStore;
-use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::api::store::{Entry, PortalStore};
+use pgwire::api::{ClientInfo, ClientPortalStore, ErrorHandler, PgWireConnectionState, PgWireServerHandlers, Type};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
-use pgwire::messages::response::TransactionStatus;
+use pgwire::messages::extendedquery::Execute;
+use pgwire::messages::response::{EmptyQueryResponse, TransactionStatus};
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::types::format::FormatOptions;
+use tokio::sync::oneshot;
 use tracing::{debug, error};
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::{ParsedStatement, WeirStatement, parse_sql};
 
 use crate::engine::Engine;
 use crate::error::{to_error_info, to_pgwire};
+use crate::exec::{RowItem, RowStream, StatementToken, cancellable};
 use crate::session::{Outcome, Prepared, Session, initial_parameters};
 
 /// The handlers of one connection. pgwire asks for each handler by type; all of them share [`Handler`].
@@ -37,16 +39,17 @@ use crate::session::{Outcome, Prepared, Session, initial_parameters};
 pub struct ConnectionHandlers {
     handler: Arc<Handler>,
     startup: Arc<Startup>,
-    cancel: Arc<DefaultCancelHandler>,
+    cancel: Arc<CancelByKey>,
 }
 
 impl ConnectionHandlers {
     pub fn new(engine: Arc<Engine>) -> Self {
-        let connections = engine.connections.clone();
+        let running = Arc::new(Running::default());
+        let cancels = engine.cancels.clone();
         ConnectionHandlers {
-            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()) }),
-            startup: Arc::new(Startup { connections: connections.clone() }),
-            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()), running: running.clone() }),
+            startup: Arc::new(Startup { cancels: cancels.clone(), running, key: OnceLock::new() }),
+            cancel: Arc::new(CancelByKey { cancels }),
         }
     }
 }
@@ -73,18 +76,77 @@ impl PgWireServerHandlers for ConnectionHandlers {
     }
 }
 
+/// The statement a connection runs now (or ran last), so that a `CancelRequest` can stop it.
+#[derive(Debug, Default)]
+pub struct Running {
+    token: Mutex<Option<Arc<StatementToken>>>,
+}
+
+impl Running {
+    /// A token for the statement about to run; a cancel from now on reaches it.
+    fn start(&self) -> Arc<StatementToken> {
+        let token = Arc::new(StatementToken::default());
+        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
+        token
+    }
+
+    fn cancel(&self) {
+        if let Some(token) = self.token.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            token.cancel();
+        }
+    }
+}
+
+/// Every connection's [`Running`], by the process id and secret key its client was given at startup.
+#[derive(Debug, Default)]
+pub struct CancelKeys {
+    keys: Mutex<HashMap<(i32, bytes::Bytes), Weak<Running>>>,
+}
+
+impl CancelKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, bytes::Bytes), Weak<Running>>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Answers a `CancelRequest` (which arrives on a connection of its own) by cancelling the statement of the
+/// connection with that key. A wrong key is ignored, as Postgres does.
+#[derive(Debug)]
+struct CancelByKey {
+    cancels: Arc<CancelKeys>,
+}
+
+#[async_trait]
+impl pgwire::api::cancel::CancelHandler for CancelByKey {
+    async fn on_cancel_request(&self, request: pgwire::messages::cancel::CancelRequest) {
+        let key = (request.pid, request.secret_key.to_bytes());
+        let running = self.cancels.lock().get(&key).and_then(Weak::upgrade);
+        if let Some(running) = running {
+            debug!(pid = request.pid, "cancel request");
+            running.cancel();
+        }
+    }
+}
+
 /// Accepts every user (authentication comes with the security issue) and registers the connection for cancels.
 #[derive(Debug)]
 struct Startup {
-    connections: Arc<ConnectionManager>,
+    cancels: Arc<CancelKeys>,
+    running: Arc<Running>,
+    /// This connection's cancel key, forgotten when the connection ends.
+    key: OnceLock<(i32, bytes::Bytes)>,
+}
+
+impl Drop for Startup {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.get() {
+            self.cancels.lock().remove(key);
+        }
+    }
 }
 
 #[async_trait]
 impl NoopStartupHandler for Startup {
-    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
-        Some(self.connections.clone())
-    }
-
     async fn post_startup<C>(
         &self,
         client: &mut C,
@@ -95,6 +157,10 @@ impl NoopStartupHandler for Startup {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        let (pid, secret) = client.pid_and_secret_key();
+        let key = (pid, secret.to_bytes());
+        self.cancels.lock().insert(key.clone(), Arc::downgrade(&self.running));
+        let _ = self.key.set(key);
         for (name, value) in initial_parameters(client.metadata()) {
             client.feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(name, value))).await?;
         }
@@ -117,6 +183,8 @@ pub struct Handler {
     engine: Arc<Engine>,
     /// Created on the first query, once the startup message has told us the user; shared with the query parser.
     session: Arc<OnceLock<Arc<Session>>>,
+    /// The statement running now, for cancel requests.
+    running: Arc<Running>,
 }
 
 impl Handler {
@@ -129,29 +197,58 @@ impl Handler {
             .clone()
     }
 
-    /// Runs one statement, turning a panic into an internal error so that it never reaches the client as a dropped
-    /// connection.
+    /// Runs one statement on a statement worker (see [`crate::exec`]) until it ends, is cancelled or times out. A
+    /// query's rows are computed on the worker too and reach the connection through a bounded channel, so a client
+    /// that reads slowly holds the worker back instead of making the server buffer.
     async fn run(
         &self,
-        session: &Session,
-        prepared: &Prepared,
+        session: &Arc<Session>,
+        prepared: Prepared,
         bound: Option<datafusion::common::ParamValues>,
         params: &mut HashMap<String, String>,
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
-        match AssertUnwindSafe(session.execute(prepared, bound, params, sql)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                error!(statement = %prepared.statement.text, panic = %what, "statement panicked");
-                Err(ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {what}")))
+        let token = self.running.start();
+        let timeout = statement_timeout(params, self.engine.limits.statement_timeout)?;
+        let started = Instant::now();
+        let session = session.clone();
+        let mut owned = params.clone();
+        let sql = sql.to_string();
+        let (done, result) = oneshot::channel();
+        self.engine.workers.spawn(async move {
+            let work = session.execute(&prepared, bound, &mut owned, &sql);
+            match cancellable(work, &token, timeout).await {
+                Ok(Outcome::Rows(df)) => {
+                    let (rows, batches) = crate::exec::row_channel(df.schema().as_arrow().clone());
+                    if done.send(Ok((Outcome::Stream(rows), owned))).is_ok() {
+                        let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+                        crate::exec::pump(df, batches, &token, left, &sql).await;
+                    }
+                }
+                other => {
+                    let _ = done.send(other.map(|outcome| (outcome, owned)));
+                }
             }
-        }
+        });
+        let (outcome, changed) = result.await.unwrap_or_else(|_| {
+            Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: the statement's worker stopped"))
+        })?;
+        *params = changed;
+        Ok(outcome)
     }
+}
+
+/// The session's `statement_timeout`: Postgres' forms (`0` for none, milliseconds, or a number with a unit).
+/// `default` is the server's (`--statement-timeout`), for sessions that did not set theirs.
+fn statement_timeout(params: &HashMap<String, String>, default: Duration) -> Result<Option<Duration>, ErrorReport> {
+    let Some(value) = params.get("statement_timeout") else { return Ok(Some(default).filter(|t| !t.is_zero())) };
+    let timeout = crate::session::parse_duration_setting(value).ok_or_else(|| {
+        ErrorReport::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("invalid value for parameter \"statement_timeout\": \"{value}\""),
+        )
+    })?;
+    Ok(Some(timeout).filter(|t| !t.is_zero()))
 }
 
 /// The error every statement but `COMMIT`/`ROLLBACK` gets inside a failed transaction block.
@@ -175,7 +272,6 @@ async fn respond<C>(
     format: &Format,
     lazy: bool,
     status: TransactionStatus,
-    sql: &str,
 ) -> PgWireResult<Response>
 where
     C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
@@ -183,9 +279,13 @@ where
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     Ok(match outcome {
-        Outcome::Rows(df) => {
+        Outcome::Stream(rows) => {
             let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-            Response::Query(encode(df, format, options, lazy, sql).await?)
+            Response::Query(encode(rows, format, options, lazy).await?)
+        }
+        // Statement workers turn every `Rows` into a `Stream`.
+        Outcome::Rows(_) => {
+            return Err(to_pgwire(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: rows not streamed")));
         }
         Outcome::Command(tag, rows) => {
             let mut tag = Tag::new(tag);
@@ -206,27 +306,35 @@ where
 }
 
 async fn encode(
-    df: DataFrame,
+    rows: RowStream,
     format: &Format,
     options: Arc<FormatOptions>,
     lazy: bool,
-    sql: &str,
 ) -> PgWireResult<QueryResponse> {
-    let schema = df.schema().as_arrow().clone();
-    let fields = Arc::new(pg_fields(&schema, format, Some(options))?);
-    let sql = sql.to_string();
-    let to_pg = move |e: datafusion::error::DataFusionError| to_pgwire(ErrorReport::from_datafusion(&e, &sql));
+    let fields = Arc::new(pg_fields(&rows.schema, format, Some(options))?);
+    let batches = futures::stream::unfold(Some(rows.batches), |receiver| async move {
+        let mut receiver = receiver?;
+        match receiver.recv().await {
+            Some(RowItem::Batch(batch)) => Some((Ok(batch), Some(receiver))),
+            Some(RowItem::Error(report)) => Some((Err(to_pgwire(report)), None)),
+            Some(RowItem::End) => None,
+            None => {
+                let report = ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: the query stopped early");
+                Some((Err(to_pgwire(report)), None))
+            }
+        }
+    });
     let rows = if lazy {
-        let batches = df.execute_stream().await.map_err(&to_pg)?;
         let fields = fields.clone();
-        batches
-            .map(move |batch| rows_of(fields.clone(), batch.map_err(&to_pg).map(|b| for_wire(&fields, b))))
+        batches.map(move |batch| rows_of(fields.clone(), batch.map(|b| for_wire(&fields, b)))).flatten().boxed()
+    } else {
+        // An error fails the statement here, so that the statements after it do not run.
+        let collected: Vec<RecordBatch> = batches.collect::<Vec<_>>().await.into_iter().collect::<PgWireResult<_>>()?;
+        let fields = fields.clone();
+        stream::iter(collected)
+            .map(move |batch| rows_of(fields.clone(), Ok(for_wire(&fields, batch))))
             .flatten()
             .boxed()
-    } else {
-        let batches = df.collect().await.map_err(&to_pg)?;
-        let fields = fields.clone();
-        stream::iter(batches).map(move |batch| rows_of(fields.clone(), Ok(for_wire(&fields, batch)))).flatten().boxed()
     };
     Ok(QueryResponse::new(fields, rows))
 }
@@ -420,7 +528,9 @@ impl SimpleQueryHandler for Handler {
     {
         debug!(query, "simple query");
         let session = self.session(client);
-        let statements = parse_sql(query).map_err(|e| to_pgwire(e.into()))?;
+        let text = query.to_string();
+        let statements = self.engine.workers.run(async move { parse_sql(&text).map_err(ErrorReport::from) }).await;
+        let statements = statements.map_err(to_pgwire)?;
         let count = statements.len();
         let mut responses = Vec::with_capacity(count);
         let mut status = client.transaction_status();
@@ -430,9 +540,9 @@ impl SimpleQueryHandler for Handler {
                 break;
             }
             let prepared = Prepared { statement, plan: None, pattern_parameters: Vec::new() };
-            let outcome = self.run(&session, &prepared, None, client.metadata_mut(), query).await;
+            let outcome = self.run(&session, prepared, None, client.metadata_mut(), query).await;
             let response = match outcome {
-                Ok(outcome) => respond(client, outcome, &Format::UnifiedText, index + 1 == count, status, query).await,
+                Ok(outcome) => respond(client, outcome, &Format::UnifiedText, index + 1 == count, status).await,
                 Err(report) => Err(to_pgwire(report)),
             };
             match response {
@@ -464,19 +574,25 @@ impl QueryParser for Handler {
         C: ClientInfo + Unpin + Send + Sync,
     {
         debug!(sql, "parse");
-        let mut statements = parse_sql(sql).map_err(|e| to_pgwire(e.into()))?;
-        if statements.len() > 1 {
-            return Err(to_pgwire(ErrorReport::new(
-                SqlState::SYNTAX_ERROR,
-                "cannot insert multiple commands into a prepared statement",
-            )));
-        }
-        let Some(statement) = statements.pop() else {
-            return Ok(None);
-        };
         let session = self.session(client);
-        let prepared = session.prepare(statement, sql).await.map_err(to_pgwire)?;
-        Ok(Some(prepared))
+        let timeout = statement_timeout(client.metadata(), self.engine.limits.statement_timeout).map_err(to_pgwire)?;
+        let token = self.running.start();
+        let text = sql.to_string();
+        // Parsing and planning run on a statement worker, under the statement's timeout, as executing does.
+        let prepare = async move {
+            let mut statements = parse_sql(&text)?;
+            if statements.len() > 1 {
+                return Err(ErrorReport::new(
+                    SqlState::SYNTAX_ERROR,
+                    "cannot insert multiple commands into a prepared statement",
+                ));
+            }
+            match statements.pop() {
+                Some(statement) => session.prepare(statement, &text).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        self.engine.workers.run(async move { cancellable(prepare, &token, timeout).await }).await.map_err(to_pgwire)
     }
 
     fn get_parameter_types(&self, prepared: &Prepared) -> PgWireResult<Vec<Type>> {
@@ -534,7 +650,78 @@ impl ExtendedQueryHandler for Handler {
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         // The handler is its own parser; pgwire only needs a shared reference.
-        Arc::new(Handler { engine: self.engine.clone(), session: self.session.clone() })
+        Arc::new(Handler { engine: self.engine.clone(), session: self.session.clone(), running: self.running.clone() })
+    }
+
+    /// pgwire's default collects the rows of each `Execute` (all of them without a row limit, and with room for the
+    /// limit reserved up front) before sending the first; Weir sends them as the statement's worker computes them (a
+    /// slow reader holds the worker back, see [`Handler::run`]), and a row limit only decides where the portal
+    /// suspends.
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(pgwire::api::DEFAULT_NAME);
+        let portal = match client.portal_store().get_portal(name) {
+            Some(Entry::Value(portal)) => portal,
+            // A missing or empty portal: pgwire's answers.
+            _ => return self._on_execute(client, message).await,
+        };
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return self._on_execute(client, message).await;
+        }
+        // Postgres reads zero and negative limits as "all rows".
+        let max_rows = usize::try_from(message.max_rows).unwrap_or(0);
+        let state = portal.state();
+        let mut state = state.lock().await;
+        let resumed = std::mem::take(&mut *state);
+        if let PortalExecutionState::Suspended(mut rows) = resumed {
+            client.set_state(PgWireConnectionState::QueryInProgress);
+            let suspended = pgwire::api::query::send_partial_query_response(client, &mut rows, max_rows).await?;
+            *state = if suspended { PortalExecutionState::Suspended(rows) } else { PortalExecutionState::Finished };
+            client.set_state(PgWireConnectionState::ReadyForQuery);
+            return Ok(());
+        }
+        if let PortalExecutionState::Finished = resumed {
+            *state = PortalExecutionState::Finished;
+            client.send(PgWireBackendMessage::CommandComplete(Tag::new("SELECT").with_rows(0).into())).await?;
+            return Ok(());
+        }
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let mut status = client.transaction_status();
+        match ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows).await? {
+            Response::Query(mut rows) => {
+                let suspended = pgwire::api::query::send_partial_query_response(client, &mut rows, max_rows).await?;
+                *state = if suspended { PortalExecutionState::Suspended(rows) } else { PortalExecutionState::Finished };
+            }
+            Response::EmptyQuery => {
+                client.feed(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new())).await?;
+            }
+            Response::Execution(tag) => pgwire::api::query::send_execution_response(client, tag).await?,
+            Response::TransactionStart(tag) => {
+                pgwire::api::query::send_execution_response(client, tag).await?;
+                status = status.to_in_transaction_state();
+            }
+            Response::TransactionEnd(tag) => {
+                pgwire::api::query::send_execution_response(client, tag).await?;
+                status = status.to_idle_state();
+                client.portal_store().rm_portal(pgwire::api::DEFAULT_NAME);
+            }
+            Response::Error(err) => {
+                client.send(PgWireBackendMessage::ErrorResponse((*err).into())).await?;
+                status = status.to_error_state();
+            }
+            Response::CopyIn(_) | Response::CopyOut(_) | Response::CopyBoth(_) => {
+                let report = ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "COPY is not supported");
+                return Err(to_pgwire(report));
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        Ok(())
     }
 
     async fn do_query<C>(&self, client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
@@ -558,8 +745,9 @@ impl ExtendedQueryHandler for Handler {
             Some(arrow_pg::datatypes::df::deserialize_parameters(portal, &refs)?)
         };
         let sql = prepared.statement.text.clone();
-        let outcome = self.run(&session, prepared, bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)?;
-        respond(client, outcome, &portal.result_column_format, true, status, &sql).await
+        let outcome =
+            self.run(&session, prepared.clone(), bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)?;
+        respond(client, outcome, &portal.result_column_format, true, status).await
     }
 }
 

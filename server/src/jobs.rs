@@ -180,6 +180,8 @@ pub struct Jobs {
     pub sinks: crate::sinks::Sinks,
     /// How often views publish.
     epoch_interval: Duration,
+    /// Where view and sink tasks run: never on the threads that serve connections.
+    dataflow: crate::exec::DataflowRuntime,
 }
 
 /// The state table of view `view`'s published rows.
@@ -188,9 +190,14 @@ fn rows_table(view: &str) -> StateTable {
 }
 
 impl Jobs {
-    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration) -> Self {
+    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration, dataflow: crate::exec::DataflowRuntime) -> Self {
         let sinks = Default::default();
-        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval }
+        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval, dataflow }
+    }
+
+    /// The runtime view and sink tasks run on.
+    pub fn dataflow(&self) -> tokio::runtime::Handle {
+        self.dataflow.handle()
     }
 
     /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`.
@@ -214,7 +221,7 @@ impl Jobs {
         };
         let watched = progress.clone();
         let epoch_interval = self.epoch_interval;
-        let task = tokio::spawn(async move {
+        let task = self.dataflow.handle().spawn(async move {
             // A panic in the dataflow (a bug) ends this view only, and says so in its status.
             let running = run(view_task, readers, requests, epoch_interval);
             if let Err(panic) = std::panic::AssertUnwindSafe(running).catch_unwind().await {

@@ -1,7 +1,10 @@
 //! The Weir server: what a Postgres client talks to.
 //!
 //! - [`run`] accepts connections on a listener until `shutdown` resolves; each connection gets its own
-//!   [`handler::ConnectionHandlers`] (the pgwire protocol state machine lives in `pgwire`).
+//!   [`handler::ConnectionHandlers`] (the pgwire protocol state machine lives in `pgwire`), behind the [`wire`]
+//!   guard that checks every client message before pgwire decodes it.
+//! - [`exec`] is where work runs: statements on worker threads of their own, views and sinks on the dataflow
+//!   runtime, never on the threads that serve connections; and how a statement is cancelled.
 //! - [`engine::Engine`] is the state shared by all connections: the live [`catalog::Catalog`] of relations, the template
 //!   DataFusion session with `pg_catalog` and `information_schema`, and the lock that serializes DDL.
 //! - [`session::Session`] is one connection's state (its DataFusion context, parameters); it runs parsed statements:
@@ -24,6 +27,7 @@ pub mod compat;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod exec;
 pub mod handler;
 pub mod jobs;
 pub mod match_recognize;
@@ -32,6 +36,7 @@ pub mod session;
 pub mod sinks;
 pub mod streaming;
 pub mod system;
+pub mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -59,10 +64,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) if connections.len() >= config.limits.max_connections => {
+                    warn!(%peer, limit = config.limits.max_connections, "refusing a connection: too many clients");
+                    connections.spawn(refuse(socket));
+                }
                 Ok((socket, peer)) => {
+                    let _ = socket.set_nodelay(true);
                     let handlers = handler::ConnectionHandlers::new(engine.clone());
+                    let max_message = config.limits.max_message_bytes;
                     connections.spawn(async move {
-                        if let Err(err) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        if let Err(err) = wire::serve(socket, max_message, handlers).await {
                             // A broken connection only ends its own session.
                             warn!(%peer, error = %err, "connection ended with an error");
                         }
@@ -80,4 +91,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     info!(open_connections = connections.len(), "shutting down");
     connections.shutdown().await;
     Ok(())
+}
+
+/// Tells a client over the connection limit so, as Postgres does (`FATAL 53300`), and closes its connection.
+async fn refuse(mut socket: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let response = wire::fatal_response("53300", "sorry, too many clients already");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&response)).await;
+    let _ = socket.shutdown().await;
 }

@@ -28,6 +28,8 @@ use crate::engine::{Engine, PG_VERSION};
 pub enum Outcome {
     /// Rows, still to be computed as the client reads them.
     Rows(DataFrame),
+    /// Rows being computed on the statement's worker (what [`crate::handler`] turns `Rows` into).
+    Stream(crate::exec::RowStream),
     /// A command without rows, with its tag (`CREATE TABLE`, `INSERT 0 3`, ...): the tag text and the row count.
     Command(&'static str, Option<usize>),
     /// `BEGIN` / `START TRANSACTION`.
@@ -369,6 +371,16 @@ impl Session {
                 self.set_datafusion_option("datafusion.execution.time_zone", &value)?;
                 value
             }
+            "statement_timeout" => {
+                if parse_duration_setting(&value).is_none() {
+                    return Err(ErrorReport::new(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        format!("invalid value for parameter \"statement_timeout\": \"{value}\""),
+                    )
+                    .with_hint("Valid units for this parameter are \"ms\", \"s\", \"min\", \"h\", and \"d\"."));
+                }
+                value
+            }
             // DataFusion's own options (for example `datafusion.explain.logical_plan_only`) go to this session's engine.
             option if option.starts_with("datafusion.") => {
                 self.set_datafusion_option(option, &value)?;
@@ -497,6 +509,27 @@ fn unsupported_text(text: &str) -> ErrorReport {
     // Name the statement by its leading words, as Postgres' "... is not supported" messages do.
     let words: Vec<&str> = text.split_whitespace().take(2).collect();
     ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", words.join(" ").to_uppercase()))
+}
+
+/// A duration setting as Postgres reads one: a number of milliseconds, or a number with a unit (`ms`, `s`, `min`,
+/// `h`, `d`), with or without a space between. `None` when it is none of those or out of range.
+pub fn parse_duration_setting(value: &str) -> Option<std::time::Duration> {
+    let value = value.trim();
+    let split = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let ms_per_unit = match unit.trim() {
+        "" | "ms" => 1.0,
+        "s" => 1_000.0,
+        "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
+        _ => return None,
+    };
+    let ms = number * ms_per_unit;
+    // Postgres' bound for the setting: INT_MAX milliseconds.
+    (ms.is_finite() && (0.0..=f64::from(i32::MAX)).contains(&ms))
+        .then(|| std::time::Duration::from_millis(ms.round() as u64))
 }
 
 /// A parameter's value: what the session set, else what the client sent at startup, else the default.

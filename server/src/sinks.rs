@@ -133,8 +133,10 @@ impl Sinks {
         self.lock().iter().map(|(name, job)| (name.clone(), job.progress.clone())).collect()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
+        runtime: &tokio::runtime::Handle,
         name: String,
         changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
         sink: Sink,
@@ -142,7 +144,7 @@ impl Sinks {
         depends_on: Vec<String>,
         dataflow: Option<String>,
     ) {
-        let task = tokio::spawn(run(name.clone(), changes, sink, progress.clone()));
+        let task = runtime.spawn(run(name.clone(), changes, sink, progress.clone()));
         let job = SinkJob { task, progress, depends_on, dataflow };
         if let Some(previous) = self.lock().insert(name, job) {
             previous.task.abort();
@@ -254,7 +256,7 @@ impl Session {
             self.engine.jobs.start(job.clone(), dataflow, store.clone());
             job
         });
-        sinks.start(name, changes, opened, progress, depends_on, dataflow_job);
+        sinks.start(&self.engine.jobs.dataflow(), name, changes, opened, progress, depends_on, dataflow_job);
         Ok(Outcome::Command("CREATE SINK", None))
     }
 

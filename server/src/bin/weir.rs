@@ -20,6 +20,21 @@ struct Flags {
     /// SELECT sees it.
     #[arg(long, env = "WEIR_EPOCH_INTERVAL_MS", default_value_t = weir_server::config::DEFAULT_EPOCH_INTERVAL.as_millis() as u64)]
     epoch_interval_ms: u64,
+    /// The statement_timeout of sessions that do not set one, in milliseconds; 0 for none.
+    #[arg(long, env = "WEIR_STATEMENT_TIMEOUT_MS", default_value_t = 0)]
+    statement_timeout_ms: u64,
+    /// Memory one statement's sorts, aggregations and joins may hold, in bytes [default: a quarter of RAM].
+    #[arg(long, env = "WEIR_QUERY_MEMORY_LIMIT")]
+    query_memory_limit: Option<usize>,
+    /// The largest message a client may send, in bytes.
+    #[arg(long, env = "WEIR_MAX_MESSAGE_BYTES", default_value_t = weir_server::config::Limits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Connections served at once; more are refused with SQLSTATE 53300.
+    #[arg(long, env = "WEIR_MAX_CONNECTIONS", default_value_t = weir_server::config::Limits::default().max_connections)]
+    max_connections: usize,
+    /// A directory `file` sources may read under (repeat the flag for more); none by default.
+    #[arg(long = "allow-file-dir", env = "WEIR_ALLOW_FILE_DIRS", value_delimiter = ',')]
+    allow_file_dirs: Vec<PathBuf>,
 }
 
 #[tokio::main]
@@ -33,8 +48,23 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let listener =
         TcpListener::bind(&flags.listen).await.with_context(|| format!("cannot listen on {}", flags.listen))?;
+    let mut allowed_file_dirs = Vec::new();
+    for dir in &flags.allow_file_dirs {
+        let canonical =
+            dir.canonicalize().with_context(|| format!("--allow-file-dir {}: cannot open it", dir.display()))?;
+        allowed_file_dirs.push(canonical);
+    }
+    let defaults = weir_server::config::Limits::default();
+    let limits = weir_server::config::Limits {
+        statement_timeout: std::time::Duration::from_millis(flags.statement_timeout_ms),
+        query_memory_bytes: flags.query_memory_limit.unwrap_or(defaults.query_memory_bytes),
+        max_message_bytes: flags.max_message_bytes.max(1024),
+        max_connections: flags.max_connections.max(1),
+        allowed_file_dirs,
+    };
     let config = weir_server::Config::new(flags.data_dir)
-        .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)));
+        .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)))
+        .with_limits(limits);
     weir_server::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }
