@@ -144,8 +144,23 @@ pub fn char_position(sql: &str, line: u64, column: u64) -> Option<usize> {
     None
 }
 
+/// A value a function would build is larger than Weir allows (`54000`, as Postgres' "requested length too large").
+/// Raised inside DataFusion as `DataFusionError::External`, so that the server classifies it by its type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValueTooLarge {
+    /// The primary message, as Postgres words it.
+    pub message: String,
+    /// Which function, and how large its value would have been.
+    pub detail: String,
+}
+
 fn classify(err: &DataFusionError) -> ErrorReport {
     match err {
+        DataFusionError::External(inner) if let Some(too_large) = inner.downcast_ref::<ValueTooLarge>() => {
+            ErrorReport::new(SqlState::PROGRAM_LIMIT_EXCEEDED, too_large.message.clone())
+                .with_detail(too_large.detail.clone())
+        }
         DataFusionError::SchemaError(schema_err, _) => classify_schema_error(schema_err),
         DataFusionError::ArrowError(arrow_err, _) => classify_arrow_error(arrow_err),
         DataFusionError::NotImplemented(msg) => {

@@ -90,6 +90,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             position: char_position(sql, err.location.line, err.location.column),
         })?;
     check_depth(sql, &tokens)?;
+    check_numeric_types(sql, &tokens)?;
     let tokens = crate::windows::flink_form(tokens);
     let (tokens, emits) = strip_emit_clauses(tokens);
     let (tokens, mut row_patterns) = crate::row_pattern::extract_row_patterns(sql, tokens)?;
@@ -250,6 +251,50 @@ fn check_depth(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
                 position: char_position(sql, token.span.start.line, token.span.start.column),
             });
         }
+    }
+    Ok(())
+}
+
+/// Refuses `NUMERIC(p, s)` / `DECIMAL(p, s)` outside Postgres' ranges (`1 <= p <= 1000`, `0 <= s <= p`; `22023`)
+/// before the numbers reach a planner that would take them modulo 256.
+fn check_numeric_types(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
+    let significant: Vec<&TokenWithSpan> =
+        tokens.iter().filter(|t| !matches!(t.token, Token::Whitespace(_))).collect();
+    for (at, token) in significant.iter().enumerate() {
+        let Token::Word(word) = &token.token else { continue };
+        if word.quote_style.is_some() || !matches!(word.keyword, Keyword::NUMERIC | Keyword::DECIMAL | Keyword::DEC) {
+            continue;
+        }
+        if !matches!(significant.get(at + 1).map(|t| &t.token), Some(Token::LParen)) {
+            continue;
+        }
+        // `(p)`, `(p, s)` or `(p, -s)`.
+        let number = |i: usize| match significant.get(i).map(|t| &t.token) {
+            Some(Token::Number(n, _)) => Some(n.parse::<i128>().unwrap_or(i128::MAX)),
+            _ => None,
+        };
+        let Some(precision) = number(at + 2) else { continue };
+        let scale = match significant.get(at + 3).map(|t| &t.token) {
+            Some(Token::Comma) => match significant.get(at + 4).map(|t| &t.token) {
+                Some(Token::Minus) => number(at + 5).map(|s| -s),
+                _ => number(at + 4),
+            },
+            _ => Some(0),
+        };
+        let name = word.value.to_uppercase();
+        let message = if !(1..=1000).contains(&precision) {
+            format!("{name} precision {precision} must be between 1 and 1000")
+        } else if let Some(scale) = scale.filter(|s| !(0..=precision).contains(s)) {
+            format!("{name} scale {scale} must be between 0 and precision {precision}")
+        } else {
+            continue;
+        };
+        return Err(ParseError {
+            code: SqlState::INVALID_PARAMETER_VALUE,
+            message,
+            detail: None,
+            position: char_position(sql, token.span.start.line, token.span.start.column),
+        });
     }
     Ok(())
 }
@@ -596,6 +641,11 @@ mod tests {
         assert!(parse_sql("SELECT $65535").is_ok());
         let wide: Vec<String> = (0..=MAX_SELECT_ITEMS).map(|i| i.to_string()).collect();
         assert_eq!(parse_sql(&format!("SELECT {}", wide.join(","))).unwrap_err().code, SqlState::TOO_MANY_COLUMNS);
+        for sql in ["SELECT -0.5::numeric(4,4294967295)", "CREATE TABLE t (d DECIMAL(4, 4294967295))",
+                    "SELECT 1::decimal(0)", "SELECT 1::numeric(1001, 2)", "SELECT 1::numeric(5, 6)"] {
+            assert_eq!(parse_sql(sql).unwrap_err().code, SqlState::INVALID_PARAMETER_VALUE, "{sql}");
+        }
+        assert!(parse_sql("SELECT 1.5::numeric(10, 2), CAST(1 AS DECIMAL(38))").is_ok());
         // Depth adds up across groups: 20 groups of 100 operators each.
         let mut nested = String::from("1");
         for _ in 0..20 {

@@ -8,7 +8,7 @@ use datafusion::catalog::{
     SchemaProvider,
 };
 use datafusion::common::ScalarValue;
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::{FunctionRegistry, SessionStateBuilder};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -101,6 +101,12 @@ impl Engine {
         ctx.register_udf(
             datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf(),
         );
+        // Built-ins that could build values too large to allocate check their arguments first.
+        for name in weir_planner::bounded::BOUNDED_FUNCTIONS {
+            if let Some(udf) = ctx.udf(name).ok().and_then(weir_planner::bounded::bounded) {
+                ctx.register_udf(udf);
+            }
+        }
         for udf in weir_planner::windows::window_udfs() {
             ctx.register_udf(udf);
         }

@@ -396,6 +396,7 @@ impl Session {
     }
 
     fn set_datafusion_option(&self, key: &str, value: &str) -> Result<(), ErrorReport> {
+        check_option_bound(key, value)?;
         let state = self.ctx.state_ref();
         let mut state = state.write();
         state.config_mut().options_mut().set(key, value).map_err(|e| {
@@ -509,6 +510,32 @@ fn unsupported_text(text: &str) -> ErrorReport {
     // Name the statement by its leading words, as Postgres' "... is not supported" messages do.
     let words: Vec<&str> = text.split_whitespace().take(2).collect();
     ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", words.join(" ").to_uppercase()))
+}
+
+/// DataFusion options whose value sizes what every statement of the session allocates or spawns, with the largest
+/// value a session may set.
+const BOUNDED_OPTIONS: &[(&str, u64)] = &[
+    ("datafusion.execution.batch_size", 1 << 20),
+    ("datafusion.execution.target_partitions", 1024),
+    ("datafusion.execution.planning_concurrency", 1024),
+    ("datafusion.execution.meta_fetch_concurrency", 1024),
+    ("datafusion.execution.minimum_parallel_output_files", 1024),
+    ("datafusion.optimizer.max_passes", 100),
+    ("datafusion.sql_parser.recursion_limit", 200),
+];
+
+/// Refuses a value of a [`BOUNDED_OPTIONS`] option beyond its bound (`22023`).
+fn check_option_bound(key: &str, value: &str) -> Result<(), ErrorReport> {
+    let Some((_, max)) = BOUNDED_OPTIONS.iter().find(|(name, _)| name.eq_ignore_ascii_case(key)) else {
+        return Ok(());
+    };
+    match value.trim().parse::<u64>() {
+        Ok(n) if n <= *max => Ok(()),
+        _ => Err(ErrorReport::new(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("{value} is outside the valid range for parameter \"{key}\" (0 .. {max})"),
+        )),
+    }
 }
 
 /// A duration setting as Postgres reads one: a number of milliseconds, or a number with a unit (`ms`, `s`, `min`,

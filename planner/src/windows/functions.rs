@@ -16,9 +16,10 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, ListArray};
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, TimeUnit};
-use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
+use datafusion::common::{DataFusionError, Result, ScalarValue, exec_err, plan_err};
+use datafusion::arrow::datatypes::FieldRef;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature, Volatility,
 };
 
 /// Which window assignment a [`WindowFunction`] computes.
@@ -102,6 +103,28 @@ impl ScalarUDFImpl for WindowFunction {
         })
     }
 
+    /// The return type, and for HOP and CUMULATE with constant lengths (as they always are in SQL) the bound on
+    /// windows per row, checked when the query is planned.
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let types: Vec<DataType> = args.arg_fields.iter().map(|f| f.data_type().clone()).collect();
+        let data_type = self.return_type(&types)?;
+        if let (WindowKind::HopStarts | WindowKind::CumulateEnds, Some(DataType::Timestamp(unit, _))) =
+            (self.kind, types.first())
+        {
+            let lengths: Option<Vec<i64>> = args
+                .scalar_arguments
+                .iter()
+                .skip(1)
+                .take(2)
+                .map(|arg| arg.and_then(|v| scalar_units(v, *unit).ok()))
+                .collect();
+            if let Some([step, size]) = lengths.as_deref() {
+                windows_per_row(self.kind, *step, *size)?;
+            }
+        }
+        Ok(Arc::new(Field::new(self.name(), data_type, true)))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let DataType::Timestamp(unit, _) = args.arg_fields[0].data_type().clone() else {
             return exec_err!("{} needs a timestamp column", self.kind.name());
@@ -120,6 +143,7 @@ impl ScalarUDFImpl for WindowFunction {
             }
             WindowKind::HopStarts => {
                 let (slide, size) = (positive(lengths[0], "slide")?, positive(lengths[1], "size")?);
+                windows_per_row(self.kind, slide, size)?;
                 return list(ts, &ts_type, |v, out| hop_starts(v, slide, size, offset, out));
             }
             WindowKind::CumulateEnds => {
@@ -127,6 +151,7 @@ impl ScalarUDFImpl for WindowFunction {
                 if size % step != 0 {
                     return plan_err!("CUMULATE needs a size that is a whole multiple of its step");
                 }
+                windows_per_row(self.kind, step, size)?;
                 return list(ts, &ts_type, |v, out| cumulate_ends(v, step, size, offset, out));
             }
         };
@@ -183,6 +208,27 @@ fn list(
     let field = Arc::new(Field::new("item", ts_type.clone(), true));
     let array = ListArray::try_new(field, OffsetBuffer::new(offsets.into()), values, ts.nulls().cloned())?;
     Ok(ColumnarValue::Array(Arc::new(array)))
+}
+
+/// The most windows one row may fall in: each is a copy of the row to aggregate.
+pub const MAX_WINDOWS_PER_ROW: i64 = 10_000;
+
+/// Refuses a HOP or CUMULATE whose size holds more than [`MAX_WINDOWS_PER_ROW`] slides or steps (`54000`).
+fn windows_per_row(kind: WindowKind, step: i64, size: i64) -> Result<()> {
+    if step <= 0 || size <= 0 || size / step <= MAX_WINDOWS_PER_ROW {
+        return Ok(());
+    }
+    let (name, what) = match kind {
+        WindowKind::CumulateEnds => ("CUMULATE", "step"),
+        _ => ("HOP", "slide"),
+    };
+    Err(DataFusionError::External(Box::new(weir_common::error::ValueTooLarge {
+        message: format!("{name} would put each row in {} windows", size / step),
+        detail: format!(
+            "At most {MAX_WINDOWS_PER_ROW} windows per row (size / {what}) are allowed: use a larger {what} or a \
+             smaller size."
+        ),
+    })))
 }
 
 fn positive(length: i64, what: &str) -> Result<i64> {
@@ -246,6 +292,16 @@ mod tests {
         assert_eq!(tumble_start(-1, 10, 0), -10);
         assert_eq!(tumble_start(12, 10, 3), 3);
         assert_eq!(tumble_start(13, 10, 3), 13);
+    }
+
+    #[test]
+    fn more_windows_per_row_than_the_bound_are_refused() {
+        assert!(windows_per_row(WindowKind::HopStarts, 1, MAX_WINDOWS_PER_ROW).is_ok());
+        // A 1 ms slide over 30 days.
+        let err = windows_per_row(WindowKind::HopStarts, 1, 30 * 86_400_000).unwrap_err();
+        let report = weir_common::ErrorReport::from_datafusion(&err, "");
+        assert_eq!(report.code, weir_common::SqlState::PROGRAM_LIMIT_EXCEEDED);
+        assert_eq!(report.message, "HOP would put each row in 2592000000 windows");
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! Functions whose result can be far larger than their arguments (`repeat('x', 2147483647)`), refused before they
+//! build it.
+//!
+//! A value too large to allocate aborts the process, whoever asked for it. [`bounded`] wraps each such built-in
+//! function so that, before the built-in runs, the size of what it would build is worked out from its arguments and
+//! checked against [`MAX_VALUE_BYTES`] per value and [`MAX_BATCH_BYTES`] per batch; a call beyond either fails the
+//! statement with `54000` (as Postgres' "requested length too large"). Everything else (name, signature, types,
+//! simplification) is the built-in's, so plans and results are unchanged. Constant arguments are checked when the
+//! planner folds constants, so `SELECT repeat('x', 2147483647)` fails before it runs.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{DataType, FieldRef};
+use datafusion::common::{DataFusionError, Result, ScalarValue};
+use weir_common::error::ValueTooLarge;
+use datafusion::logical_expr::{
+    ColumnarValue, Documentation, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+};
+
+/// The largest value one function call may build (Postgres allows 1 GB per field).
+pub const MAX_VALUE_BYTES: u64 = 256 * 1024 * 1024;
+/// The most one function may build for one batch of rows (an Arrow string array holds at most 2 GiB).
+pub const MAX_BATCH_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// How a guarded function's output size follows from its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Growth {
+    /// `repeat(text, n)`: the text's bytes times `n`.
+    Repeat,
+    /// `lpad`/`rpad(text, n [, fill])`: `n` characters of up to four bytes.
+    Pad,
+    /// `array_repeat(element, n)`, `array_resize(array, n [, fill])`: `n` elements.
+    Elements,
+    /// `range`/`generate_series(start, stop [, step])` as a scalar: the list of every step.
+    Series,
+    /// `replace(text, from, to)`: each occurrence of `from` may become `to`.
+    Replace,
+}
+
+/// The guarded wrapper of `udf` when its name is one of the functions that can grow; `None` otherwise.
+pub fn bounded(udf: Arc<ScalarUDF>) -> Option<ScalarUDF> {
+    let growth = match udf.name() {
+        "repeat" => Growth::Repeat,
+        "lpad" | "rpad" => Growth::Pad,
+        "array_repeat" | "array_resize" => Growth::Elements,
+        "range" | "generate_series" => Growth::Series,
+        "replace" => Growth::Replace,
+        _ => return None,
+    };
+    Some(ScalarUDF::new_from_impl(Bounded { inner: udf, growth }))
+}
+
+/// The names of the functions [`bounded`] wraps.
+pub const BOUNDED_FUNCTIONS: &[&str] =
+    &["repeat", "lpad", "rpad", "array_repeat", "array_resize", "range", "generate_series", "replace"];
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Bounded {
+    inner: Arc<ScalarUDF>,
+    growth: Growth,
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        check(self.name(), self.growth, &args.args, args.number_rows)?;
+        self.inner.invoke_with_args(args)
+    }
+}
+
+/// Fails when the call would build more than the bounds allow.
+fn check(name: &str, growth: Growth, args: &[ColumnarValue], rows: usize) -> Result<()> {
+    let arrays = ColumnarValue::values_to_arrays(args)?;
+    let rows = arrays.first().map_or(rows, |a| a.len());
+    let mut total: u64 = 0;
+    for row in 0..rows {
+        let bytes = match growth {
+            Growth::Repeat => byte_len(&arrays, 0, row).saturating_mul(count(&arrays, 1, row)),
+            Growth::Pad => count(&arrays, 1, row).saturating_mul(4),
+            Growth::Elements => count(&arrays, 1, row).saturating_mul(element_bytes(&arrays, row)),
+            Growth::Series => series_len(&arrays, row).saturating_mul(8),
+            Growth::Replace => {
+                let text = byte_len(&arrays, 0, row);
+                let from = byte_len(&arrays, 1, row).max(1);
+                let to = byte_len(&arrays, 2, row);
+                text.saturating_add((text / from).saturating_mul(to))
+            }
+        };
+        if bytes > MAX_VALUE_BYTES {
+            return Err(too_large(name, format!("one value would take {bytes} bytes; at most {MAX_VALUE_BYTES} are allowed")));
+        }
+        total = total.saturating_add(bytes);
+        if total > MAX_BATCH_BYTES {
+            return Err(too_large(name, format!("its results would take more than {MAX_BATCH_BYTES} bytes at once")));
+        }
+    }
+    Ok(())
+}
+
+fn too_large(name: &str, detail: String) -> DataFusionError {
+    let message = "requested length too large".to_string();
+    DataFusionError::External(Box::new(ValueTooLarge { message, detail: format!("{name}(): {detail}") }))
+}
+
+/// The byte length of argument `arg` at `row` (strings and binaries; 0 for anything else or NULL).
+fn byte_len(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> u64 {
+    let Some(array) = arrays.get(arg) else { return 0 };
+    if array.is_null(row) {
+        return 0;
+    }
+    let len = match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().value(row).len(),
+        DataType::LargeUtf8 => array.as_string::<i64>().value(row).len(),
+        DataType::Utf8View => array.as_string_view().value(row).len(),
+        DataType::Binary => array.as_binary::<i32>().value(row).len(),
+        DataType::LargeBinary => array.as_binary::<i64>().value(row).len(),
+        DataType::BinaryView => array.as_binary_view().value(row).len(),
+        _ => 0,
+    };
+    len as u64
+}
+
+/// Argument `arg` at `row` as a count: integers as they are, negatives and NULL as 0.
+fn count(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> u64 {
+    integer(arrays, arg, row).map_or(0, |n| u64::try_from(n).unwrap_or(0))
+}
+
+fn integer(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> Option<i64> {
+    let array = arrays.get(arg)?;
+    if array.is_null(row) {
+        return None;
+    }
+    match ScalarValue::try_from_array(array, row).ok()? {
+        ScalarValue::Int8(v) => v.map(i64::from),
+        ScalarValue::Int16(v) => v.map(i64::from),
+        ScalarValue::Int32(v) => v.map(i64::from),
+        ScalarValue::Int64(v) => v,
+        ScalarValue::UInt8(v) => v.map(i64::from),
+        ScalarValue::UInt16(v) => v.map(i64::from),
+        ScalarValue::UInt32(v) => v.map(i64::from),
+        ScalarValue::UInt64(v) => v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+        _ => None,
+    }
+}
+
+/// What one element of `array_repeat`'s first argument (or an element of `array_resize`'s list) takes.
+fn element_bytes(arrays: &[Arc<dyn Array>], row: usize) -> u64 {
+    let Some(array) = arrays.first() else { return 8 };
+    match array.data_type() {
+        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => {
+            let bytes = array.slice(row, 1).get_array_memory_size() as u64;
+            let elements = ScalarValue::try_from_array(array, row).ok().and_then(|v| match v {
+                ScalarValue::List(list) => Some(list.value_length(0).max(1) as u64),
+                _ => None,
+            });
+            match elements {
+                // array_resize: the list's own element size.
+                Some(n) if arrays.len() <= 3 && n > 0 => (bytes / n).max(8),
+                _ => bytes.max(8),
+            }
+        }
+        _ => byte_len(arrays, 0, row).max(8),
+    }
+}
+
+/// How many values `range(start, stop, step)` lists.
+fn series_len(arrays: &[Arc<dyn Array>], row: usize) -> u64 {
+    let (start, stop, step) = match arrays.len() {
+        1 => (Some(0), integer(arrays, 0, row), Some(1)),
+        2 => (integer(arrays, 0, row), integer(arrays, 1, row), Some(1)),
+        _ => (integer(arrays, 0, row), integer(arrays, 1, row), integer(arrays, 2, row)),
+    };
+    let (Some(start), Some(stop), Some(step)) = (start, stop, step) else { return 0 };
+    if step == 0 {
+        return 0;
+    }
+    let span = i128::from(stop) - i128::from(start);
+    let steps = span / i128::from(step);
+    u64::try_from(steps.max(0)).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::execution::FunctionRegistry;
+    use datafusion::prelude::SessionContext;
+
+    use super::*;
+
+    async fn run(ctx: &SessionContext, sql: &str) -> Result<String> {
+        let batches = ctx.sql(sql).await?.collect().await?;
+        Ok(datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+    }
+
+    fn guarded() -> SessionContext {
+        let ctx = SessionContext::new();
+        for name in BOUNDED_FUNCTIONS {
+            let udf = ctx.udf(name).unwrap();
+            ctx.register_udf(bounded(udf).unwrap());
+        }
+        ctx
+    }
+
+    #[tokio::test]
+    async fn huge_results_are_refused_and_small_ones_unchanged() {
+        let ctx = guarded();
+        for sql in [
+            "SELECT repeat('x', 2147483647)",
+            "SELECT lpad('x', 2147483647)",
+            "SELECT rpad('x', 2147483647, 'ab')",
+            "SELECT cardinality(array_repeat(1, 2147483647))",
+            "SELECT cardinality(range(0, 9000000000000))",
+            "SELECT length(replace(repeat('a', 100000), 'a', repeat('b', 100000)))",
+        ] {
+            let err = run(&ctx, sql).await.unwrap_err();
+            let report = weir_common::ErrorReport::from_datafusion(&err, sql);
+            assert_eq!(report.code, weir_common::SqlState::PROGRAM_LIMIT_EXCEEDED, "{sql}: {err}");
+            assert_eq!(report.message, "requested length too large");
+        }
+        // Per batch: 10,000 rows of 200 KB each.
+        let err = run(&ctx, "SELECT length(repeat('x', 200000 + v)) FROM generate_series(1, 10000) AS t(v)").await;
+        assert!(err.is_err());
+        let ok = run(&ctx, "SELECT repeat('ab', 3) AS r, lpad('7', 3, '0') AS l, cardinality(array_repeat(1, 4)) AS n, \
+                            cardinality(range(1, 11)) AS s, replace('aXa', 'a', 'bb') AS p").await.unwrap();
+        assert!(ok.contains("| ababab | 007 | 4 | 10 | bbXbb |"), "{ok}");
+    }
+}
