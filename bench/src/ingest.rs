@@ -150,6 +150,7 @@ pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> 
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).chain(extra).collect(),
         Some(Encoding::Json),
         &[],
+        &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
     // librdkafka fetches and queues records on threads of its own: count the whole process (the producer is done).
     let drained = drain(reader.as_mut(), messages, view().await?, "self").await?;
@@ -172,6 +173,7 @@ pub(crate) async fn mqtt(messages: u64, qos: u8) -> anyhow::Result<()> {
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         Some(Encoding::Json),
         &[],
+        &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
     // The first read connects and subscribes; the publishers start once the subscription has had time to land.
     let _ = tokio::time::timeout(Duration::from_millis(500), reader.next_batch()).await;

@@ -65,6 +65,7 @@ pub(crate) async fn run(query: &str, events: u64, epoch_interval: std::time::Dur
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         None,
         &[],
+        &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
 
     let mut driver = match sql {

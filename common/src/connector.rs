@@ -32,6 +32,10 @@ pub enum ConnectorError {
     /// The source cannot go on (a file that cannot be read, a broker that refuses the connection for good).
     #[error("{0}")]
     Io(String),
+    /// The operator does not allow this option's value on this server (a file outside `--allow-file-dir`, a
+    /// librdkafka setting that loads code).
+    #[error("option \"{key}\" is not allowed: {reason}")]
+    NotAllowed { key: String, reason: String, hint: &'static str },
 }
 
 impl ConnectorError {
@@ -76,14 +80,107 @@ pub struct Rejected {
     pub error: String,
 }
 
-impl From<ConnectorError> for ErrorReport {
-    fn from(err: ConnectorError) -> Self {
-        let code = match err {
+impl ConnectorError {
+    /// The SQLSTATE a client gets for this error.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
             ConnectorError::UnknownConnector { .. } | ConnectorError::Column { .. } => SqlState::FEATURE_NOT_SUPPORTED,
             ConnectorError::Io(_) => SqlState::IO_ERROR,
-            _ => SqlState::INVALID_PARAMETER_VALUE,
+            ConnectorError::NotAllowed { .. } => SqlState::INSUFFICIENT_PRIVILEGE,
+            ConnectorError::UnknownOption { .. }
+            | ConnectorError::DuplicateOption { .. }
+            | ConnectorError::MissingOption { .. }
+            | ConnectorError::InvalidOption { .. }
+            | ConnectorError::Format { .. } => SqlState::INVALID_PARAMETER_VALUE,
+        }
+    }
+}
+
+/// `path` made absolute against the working directory, with `.` and `..` resolved by their spelling.
+fn lexically_absolute(path: &str) -> std::path::PathBuf {
+    use std::path::Component;
+    let joined = std::env::current_dir().unwrap_or_default().join(path);
+    let mut out = std::path::PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// How much of a rejected record is kept for `weir_catalog.dead_letters` (every record is counted).
+pub const DEAD_LETTER_PREFIX_BYTES: usize = 4096;
+
+impl Rejected {
+    /// A record set aside, keeping at most [`DEAD_LETTER_PREFIX_BYTES`] of it (as text, and saying how long it was).
+    pub fn new(origin: String, bytes: &[u8], error: String) -> Self {
+        let record = match bytes.len() > DEAD_LETTER_PREFIX_BYTES {
+            true => format!(
+                "{}... ({} bytes in all)",
+                String::from_utf8_lossy(&bytes[..DEAD_LETTER_PREFIX_BYTES]),
+                bytes.len()
+            ),
+            false => String::from_utf8_lossy(bytes).trim_end().to_string(),
         };
-        ErrorReport::new(code, err.to_string())
+        Rejected { origin, record, error }
+    }
+}
+
+impl From<ConnectorError> for ErrorReport {
+    fn from(err: ConnectorError) -> Self {
+        let report = ErrorReport::new(err.sqlstate(), err.to_string());
+        match &err {
+            ConnectorError::NotAllowed { hint, .. } => report.with_hint(*hint),
+            _ => report,
+        }
+    }
+}
+
+/// What the server's operator lets connectors reach on the server's own machine. Options that read local files
+/// (`path`, TLS certificates, schema files) must name a regular file under one of `allowed_dirs`; nothing else on the
+/// machine is readable through a connector.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorPolicy {
+    /// Canonical directories whose files connectors may read. Empty: none.
+    pub allowed_dirs: Vec<std::path::PathBuf>,
+    /// Any local file may be read (tests and benchmarks, which make their files where they like).
+    pub unrestricted: bool,
+}
+
+impl ConnectorPolicy {
+    /// A policy that lets connectors read any file (not for a server others connect to).
+    pub fn unrestricted() -> Self {
+        ConnectorPolicy { allowed_dirs: Vec::new(), unrestricted: true }
+    }
+
+    /// The file that option `key` names, as a canonical path, if it is a regular file the operator allows. FIFOs and
+    /// devices are refused whatever the policy: reading one can block for ever or never end.
+    pub fn check_file(&self, key: &str, path: &str) -> Result<std::path::PathBuf, ConnectorError> {
+        // A path that does not resolve is judged by its spelling, so that whether a file exists outside the allowed
+        // directories cannot be learnt from the error.
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| lexically_absolute(path));
+        if !self.unrestricted && !self.allowed_dirs.iter().any(|dir| canonical.starts_with(dir)) {
+            let reason = match self.allowed_dirs.is_empty() {
+                true => "this server lets no source read local files".to_string(),
+                false => format!(
+                    "\"{path}\" is outside the directories sources may read ({})",
+                    self.allowed_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            let hint = "The server's operator decides which directories sources may read (weir --allow-file-dir DIR).";
+            return Err(ConnectorError::NotAllowed { key: key.to_string(), reason, hint });
+        }
+        let metadata = std::fs::metadata(&canonical)
+            .map_err(|e| ConnectorError::Io(format!("could not open file \"{path}\": {e}")))?;
+        if !metadata.is_file() {
+            return Err(ConnectorError::invalid(key, path, "not a regular file"));
+        }
+        Ok(canonical)
     }
 }
 

@@ -70,7 +70,14 @@ pub struct DatagenSource {
     step_ms: i64,
     max_disorder_ms: u64,
     pacer: Pacer,
+    /// The most rows in one batch, so that long generated text stays within [`MAX_BATCH_TEXT_BYTES`].
+    max_batch_rows: u64,
 }
+
+/// The longest random text a column may be generated with (`fields.<col>.length`).
+pub const MAX_TEXT_LENGTH: usize = 1024 * 1024;
+/// The most generated text in one batch.
+const MAX_BATCH_TEXT_BYTES: usize = 16 * 1024 * 1024;
 
 impl DatagenSource {
     pub fn try_new(schema: SchemaRef, mut options: Options) -> Result<Self, ConnectorError> {
@@ -143,7 +150,18 @@ impl DatagenSource {
                         let values: Vec<String> = list.split(',').map(|v| v.trim().to_string()).collect();
                         Generator::Choice { values }
                     }
-                    None => Generator::Text { length: parse("length", take("length"))?.unwrap_or(8).max(0) as usize },
+                    None => {
+                        let length = parse("length", take("length"))?.unwrap_or(8);
+                        let length =
+                            usize::try_from(length).ok().filter(|l| *l <= MAX_TEXT_LENGTH).ok_or_else(|| {
+                                ConnectorError::invalid(
+                                    &format!("fields.{name}.length"),
+                                    &length.to_string(),
+                                    &format!("a length from 0 to {MAX_TEXT_LENGTH}"),
+                                )
+                            })?;
+                        Generator::Text { length }
+                    }
                 },
                 DataType::Boolean => Generator::Bool,
                 DataType::Timestamp(..) => Generator::EventTime,
@@ -164,8 +182,12 @@ impl DatagenSource {
             });
         }
         options.finish(NAME, VALID)?;
+        let text_bytes: usize =
+            generators.iter().map(|g| if let Generator::Text { length } = g { *length } else { 0 }).sum();
+        let max_batch_rows = (MAX_BATCH_TEXT_BYTES / text_bytes.max(1)).max(1) as u64;
         Ok(DatagenSource {
             schema,
+            max_batch_rows,
             generators,
             seed,
             rows,
@@ -173,7 +195,7 @@ impl DatagenSource {
             start_ms,
             step_ms,
             max_disorder_ms,
-            pacer: Pacer::new(rate),
+            pacer: Pacer::new(rate).endless(rows.is_none()),
         })
     }
 
@@ -189,11 +211,16 @@ impl DatagenSource {
                 let value = |row: u64| mix(self.seed ^ mix(row) ^ mix(column as u64 + 1).rotate_left(17));
                 let array: ArrayRef = match generator {
                     Generator::Random { min, max } => {
-                        let span = (max - min) as u64 + 1;
-                        Arc::new(rows.clone().map(|r| min + (value(r) % span) as i64).collect::<Int64Array>())
+                        // In i128: the span of i64::MIN..=i64::MAX does not fit an i64.
+                        let span = (i128::from(*max) - i128::from(*min) + 1) as u128;
+                        Arc::new(
+                            rows.clone()
+                                .map(|r| (i128::from(*min) + (u128::from(value(r)) % span) as i128) as i64)
+                                .collect::<Int64Array>(),
+                        )
                     }
                     Generator::Sequence { start } => {
-                        Arc::new(rows.clone().map(|r| start + r as i64).collect::<Int64Array>())
+                        Arc::new(rows.clone().map(|r| start.wrapping_add(r as i64)).collect::<Int64Array>())
                     }
                     Generator::Float { min, max } => Arc::new(
                         rows.clone()
@@ -229,7 +256,9 @@ impl DatagenSource {
                             } else {
                                 (mix(self.seed ^ mix(r) ^ 0x7469_6d65) % (self.max_disorder_ms + 1)) as i64
                             };
-                            self.start_ms + r as i64 * self.step_ms - disorder
+                            self.start_ms
+                                .saturating_add((r as i64).saturating_mul(self.step_ms))
+                                .saturating_sub(disorder)
                         });
                         let millis: ArrayRef = Arc::new(ms.collect::<Int64Array>());
                         let millis = cast(&millis, &DataType::Timestamp(TimeUnit::Millisecond, None))
@@ -256,7 +285,8 @@ impl SourceReader for DatagenSource {
     }
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
-        let mut count = self.pacer.batch_size() as u64;
+        // Long generated text makes for smaller batches.
+        let mut count = (self.pacer.batch_size() as u64).min(self.max_batch_rows);
         if let Some(total) = self.rows {
             count = count.min(total.saturating_sub(self.next_row));
         }
@@ -313,6 +343,35 @@ mod tests {
             out.push(batch);
         }
         out
+    }
+
+    #[tokio::test]
+    async fn absurd_options_are_refused_or_kept_in_bounds() {
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8, false)]));
+        let open = |pairs: &[(&str, &str)]| {
+            DatagenSource::try_new(
+                schema.clone(),
+                Options::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap(),
+            )
+        };
+        let err = open(&[("fields.s.length", "100000000000")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid value \"100000000000\" for option \"fields.s.length\": a length from 0 to 1048576"
+        );
+        // The longest text allowed comes in batches of at most 16 MiB.
+        let mut long = open(&[("fields.s.length", "1048576"), ("datagen.rows.per.second", "0")]).unwrap();
+        let batch = long.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 16);
+        // Extremes of the integer generators wrap or saturate instead of overflowing.
+        let mut s = source(&[
+            ("fields.value.min", "-2147483648"),
+            ("fields.value.max", "2147483647"),
+            ("fields.id.start", "9223372036854775807"),
+            ("datagen.step.ms", "9223372036854775807"),
+        ])
+        .unwrap();
+        assert!(s.next_batch().await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -26,7 +26,10 @@ use weir_common::connector::{ConnectorError, Encoding, Options, Rejected, Source
 
 use crate::format::{Record, RecordDecoder};
 
-const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "batch.rows"];
+const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "batch.rows", "max.record.bytes"];
+
+/// The longest line read as a record unless `max.record.bytes` says otherwise; a longer one is set aside.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
 /// A source reading one file.
 #[derive(Debug)]
@@ -40,8 +43,12 @@ pub struct FileSource {
     reader: BufReader<File>,
     /// Lines read so far (for the origin of rejected records).
     line: u64,
-    /// The start of a line whose newline has not arrived yet (follow mode).
+    /// The start of a line whose newline has not arrived yet (follow mode), at most `max_record + 1` bytes of it.
     partial: Vec<u8>,
+    /// How long that line is so far, all of it.
+    partial_len: usize,
+    /// The longest line taken as a record.
+    max_record: usize,
     rejected: Vec<Rejected>,
     /// Bytes of the records read.
     bytes: u64,
@@ -59,7 +66,10 @@ impl FileSource {
         let follow = options.take_parsed::<bool>("follow", "true or false")?.unwrap_or(false);
         let poll =
             Duration::from_millis(options.take_parsed::<u64>("poll.interval.ms", "milliseconds")?.unwrap_or(100));
-        let batch_rows = options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).max(1);
+        let batch_rows =
+            options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).clamp(1, 1 << 20);
+        let max_record =
+            options.take_parsed::<usize>("max.record.bytes", "a number of bytes")?.unwrap_or(DEFAULT_MAX_RECORD_BYTES);
         options.finish("file", OPTIONS)?;
         let encoding = encoding
             .filter(|e| !matches!(e, Encoding::Avro { .. }))
@@ -77,6 +87,8 @@ impl FileSource {
             reader: BufReader::new(file),
             line: 0,
             partial: Vec::new(),
+            partial_len: 0,
+            max_record,
             rejected: Vec::new(),
             bytes: 0,
         })
@@ -87,29 +99,63 @@ impl FileSource {
         let mut records = Vec::new();
         while records.len() < self.batch_rows {
             let mut bytes = std::mem::take(&mut self.partial);
-            let read = self
-                .reader
-                .read_until(b'\n', &mut bytes)
+            let mut len = std::mem::take(&mut self.partial_len);
+            let complete = read_line(&mut self.reader, &mut bytes, &mut len, self.max_record + 1)
                 .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.path)))?;
-            let complete = bytes.ends_with(b"\n");
-            if read == 0 && bytes.is_empty() {
+            if len == 0 {
                 break;
             }
             if !complete && self.follow {
                 // The rest of this line has not been written yet.
                 self.partial = bytes;
+                self.partial_len = len;
                 break;
             }
             self.line += 1;
             if self.line == 1 && self.skip_header {
                 continue;
             }
-            records.push(Record { origin: format!("{}:{}", self.path, self.line), bytes });
+            let origin = format!("{}:{}", self.path, self.line);
+            let record_len = len - usize::from(complete);
+            if record_len > self.max_record {
+                let error =
+                    format!("the line is {record_len} bytes long, more than max.record.bytes ({})", self.max_record);
+                let kept = &bytes[..bytes.len().min(weir_common::connector::DEAD_LETTER_PREFIX_BYTES)];
+                self.rejected.push(Rejected::new(origin, kept, error));
+                if !complete {
+                    break;
+                }
+                continue;
+            }
+            records.push(Record { origin, bytes });
             if !complete {
                 break;
             }
         }
         Ok(records)
+    }
+}
+
+/// Reads on to the end of the current line, appending to `line` at most up to `keep` bytes of it and counting all
+/// of them in `len`; whether the newline was reached. A line without end costs no more memory than `keep`.
+fn read_line(reader: &mut BufReader<File>, line: &mut Vec<u8>, len: &mut usize, keep: usize) -> std::io::Result<bool> {
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(false);
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(at) => (&available[..=at], true),
+            None => (available, false),
+        };
+        let room = keep.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let taken = chunk.len();
+        *len += taken;
+        reader.consume(taken);
+        if done {
+            return Ok(true);
+        }
     }
 }
 
@@ -198,6 +244,26 @@ mod tests {
         let batch = tokio::time::timeout(Duration::from_secs(5), source.next_batch()).await.unwrap().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 1);
         assert!(source.take_rejected().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_bound_is_set_aside_with_its_length() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let long = "x".repeat(10_000);
+        write!(file, "{{\"id\": 1}}\n{{\"name\": \"{long}\"}}\n{{\"id\": 3}}\n").unwrap();
+        let options = Options::new([
+            ("path".to_string(), file.path().display().to_string()),
+            ("max.record.bytes".to_string(), "100".to_string()),
+        ])
+        .unwrap();
+        let mut source = FileSource::try_new(schema(), options, Some(Encoding::Json)).unwrap();
+        let batch = source.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 2, "the lines around the long one are read");
+        let rejected = source.take_rejected();
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].origin.ends_with(":2"));
+        assert_eq!(rejected[0].error, "the line is 10012 bytes long, more than max.record.bytes (100)");
+        assert!(rejected[0].record.len() <= 101, "only a prefix is kept");
     }
 
     #[test]

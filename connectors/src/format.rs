@@ -99,11 +99,7 @@ impl RecordDecoder {
                     good.push(batch);
                     accepted.push(index);
                 }
-                Err(err) => rejected.push(Rejected {
-                    origin: origin(index),
-                    record: String::from_utf8_lossy(record).trim_end().to_string(),
-                    error: err.to_string(),
-                }),
+                Err(err) => rejected.push(Rejected::new(origin(index), record, err.to_string())),
             }
         }
         let batch = match good.as_slice() {

@@ -14,6 +14,8 @@
 //! - [`dedup`]: `dedup.key`, dropping rows whose key was read already (the duplicates at-least-once delivery allows).
 //! - [`format`]: decoding JSON and CSV records into Arrow batches, setting malformed records aside.
 //! - [`pacer`]: holds a source to its configured rate.
+//! - `policy`: options that reach the server's machine (local files, librdkafka settings that load code), checked
+//!   against the operator's [`weir_common::connector::ConnectorPolicy`] before any connector sees them.
 //! - [`sink`]: [`sink::open_sink`] checks a sink's options and pairs a [`sink::SinkEncoder`] (a view's changes as
 //!   JSON messages: `FORMAT PLAIN`, `UPSERT` or `DEBEZIUM`) with a connector's
 //!   [`weir_common::sink::SinkWriter`]: [`kafka_sink`] or [`mqtt_sink`].
@@ -33,10 +35,11 @@ pub mod mqtt_sink;
 pub mod nexmark;
 mod nexmark_bids;
 pub mod pacer;
+mod policy;
 pub mod sink;
 
 use datafusion::arrow::datatypes::SchemaRef;
-use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, SourceReader};
+use weir_common::connector::{ConnectorError, ConnectorPolicy, Encoding, MetadataColumn, Options, SourceReader};
 
 /// The built-in source connectors.
 pub const SOURCE_CONNECTORS: &[&str] = &["datagen", "file", "kafka", "mqtt", "nexmark"];
@@ -48,12 +51,17 @@ const DECODING_CONNECTORS: &[&str] = &["file", "kafka", "mqtt"];
 /// encoding, if given. Fails at once on an unknown connector, an unknown or invalid option, a missing or needless
 /// encoding, or a column the connector cannot produce. `metadata` lists the columns of `schema` that `INCLUDE` fills
 /// from the connector's metadata.
+/// Options naming local files must satisfy `policy`.
 pub fn open_source(
     schema: SchemaRef,
     options: Vec<(String, String)>,
     encoding: Option<Encoding>,
     metadata: &[MetadataColumn],
+    policy: &ConnectorPolicy,
 ) -> Result<Box<dyn SourceReader>, ConnectorError> {
+    let connector_name =
+        options.iter().find(|(k, _)| k.eq_ignore_ascii_case("connector")).map(|(_, v)| v.to_lowercase());
+    policy::apply(connector_name.as_deref().unwrap_or_default(), &options, policy)?;
     let mut options = Options::new(options)?;
     let connector = options
         .take("connector")

@@ -116,7 +116,7 @@ impl NexmarkSource {
             Some(bid_columns) => Generator::Bids(BidGenerator::new(config), bid_columns),
             None => Generator::Events(EventGenerator::new(config).with_type_filter(kind), columns),
         };
-        Ok(NexmarkSource { schema, generator, events, pacer: Pacer::new(rate), ready: None })
+        Ok(NexmarkSource { schema, generator, events, pacer: Pacer::new(rate).endless(events.is_none()), ready: None })
     }
 }
 

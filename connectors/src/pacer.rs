@@ -10,11 +10,20 @@ pub struct Pacer {
     rows_per_second: u64,
     /// When row 0 was due; row `n` is due `n / rate` seconds later, so a slow consumer never makes the source burst.
     started: Option<Instant>,
+    /// The source never ends.
+    endless: bool,
 }
 
 impl Pacer {
     pub fn new(rows_per_second: u64) -> Self {
-        Pacer { rows_per_second, started: None }
+        Pacer { rows_per_second, started: None, endless: false }
+    }
+
+    /// Marks the source as one that never ends: at full speed it then yields before each batch, so that a reader
+    /// asking for what is ready at once (`FLUSH`) gets a batch at a time instead of an endless stream.
+    pub fn endless(mut self, endless: bool) -> Self {
+        self.endless = endless;
+        self
     }
 
     /// How many rows to produce at once: about a tenth of a second's worth, at most 8192.
@@ -28,6 +37,9 @@ impl Pacer {
     /// Waits until row `row` is due.
     pub async fn wait_for(&mut self, row: u64) {
         if self.rows_per_second == 0 {
+            if self.endless {
+                tokio::task::yield_now().await;
+            }
             return;
         }
         let started = *self.started.get_or_insert_with(Instant::now);

@@ -36,7 +36,11 @@ pub fn open_sink(
     options: Vec<(String, String)>,
     format: SinkFormat,
     format_options: Vec<(String, String)>,
+    policy: &weir_common::connector::ConnectorPolicy,
 ) -> Result<Sink, ConnectorError> {
+    let connector_name =
+        options.iter().find(|(k, _)| k.eq_ignore_ascii_case("connector")).map(|(_, v)| v.to_lowercase());
+    crate::policy::apply(connector_name.as_deref().unwrap_or_default(), &options, policy)?;
     let mut options = Options::new(options)?;
     let mut format_options = Options::new(format_options)?;
     let connector = options.take("connector").ok_or_else(|| ConnectorError::missing("?", "connector"))?;

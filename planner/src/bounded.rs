@@ -13,10 +13,10 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{DataType, FieldRef};
 use datafusion::common::{DataFusionError, Result, ScalarValue};
-use weir_common::error::ValueTooLarge;
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
+use weir_common::error::ValueTooLarge;
 
 /// The largest value one function call may build (Postgres allows 1 GB per field).
 pub const MAX_VALUE_BYTES: u64 = 256 * 1024 * 1024;
@@ -115,7 +115,10 @@ fn check(name: &str, growth: Growth, args: &[ColumnarValue], rows: usize) -> Res
             }
         };
         if bytes > MAX_VALUE_BYTES {
-            return Err(too_large(name, format!("one value would take {bytes} bytes; at most {MAX_VALUE_BYTES} are allowed")));
+            return Err(too_large(
+                name,
+                format!("one value would take {bytes} bytes; at most {MAX_VALUE_BYTES} are allowed"),
+            ));
         }
         total = total.saturating_add(bytes);
         if total > MAX_BATCH_BYTES {
@@ -247,8 +250,13 @@ mod tests {
         // Per batch: 10,000 rows of 200 KB each.
         let err = run(&ctx, "SELECT length(repeat('x', 200000 + v)) FROM generate_series(1, 10000) AS t(v)").await;
         assert!(err.is_err());
-        let ok = run(&ctx, "SELECT repeat('ab', 3) AS r, lpad('7', 3, '0') AS l, cardinality(array_repeat(1, 4)) AS n, \
-                            cardinality(range(1, 11)) AS s, replace('aXa', 'a', 'bb') AS p").await.unwrap();
+        let ok = run(
+            &ctx,
+            "SELECT repeat('ab', 3) AS r, lpad('7', 3, '0') AS l, cardinality(array_repeat(1, 4)) AS n, \
+                            cardinality(range(1, 11)) AS s, replace('aXa', 'a', 'bb') AS p",
+        )
+        .await
+        .unwrap();
         assert!(ok.contains("| ababab | 007 | 4 | 10 | bbXbb |"), "{ok}");
     }
 }

@@ -258,8 +258,7 @@ fn check_depth(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
 /// Refuses `NUMERIC(p, s)` / `DECIMAL(p, s)` outside Postgres' ranges (`1 <= p <= 1000`, `0 <= s <= p`; `22023`)
 /// before the numbers reach a planner that would take them modulo 256.
 fn check_numeric_types(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
-    let significant: Vec<&TokenWithSpan> =
-        tokens.iter().filter(|t| !matches!(t.token, Token::Whitespace(_))).collect();
+    let significant: Vec<&TokenWithSpan> = tokens.iter().filter(|t| !matches!(t.token, Token::Whitespace(_))).collect();
     for (at, token) in significant.iter().enumerate() {
         let Token::Word(word) = &token.token else { continue };
         if word.quote_style.is_some() || !matches!(word.keyword, Keyword::NUMERIC | Keyword::DECIMAL | Keyword::DEC) {
@@ -641,8 +640,13 @@ mod tests {
         assert!(parse_sql("SELECT $65535").is_ok());
         let wide: Vec<String> = (0..=MAX_SELECT_ITEMS).map(|i| i.to_string()).collect();
         assert_eq!(parse_sql(&format!("SELECT {}", wide.join(","))).unwrap_err().code, SqlState::TOO_MANY_COLUMNS);
-        for sql in ["SELECT -0.5::numeric(4,4294967295)", "CREATE TABLE t (d DECIMAL(4, 4294967295))",
-                    "SELECT 1::decimal(0)", "SELECT 1::numeric(1001, 2)", "SELECT 1::numeric(5, 6)"] {
+        for sql in [
+            "SELECT -0.5::numeric(4,4294967295)",
+            "CREATE TABLE t (d DECIMAL(4, 4294967295))",
+            "SELECT 1::decimal(0)",
+            "SELECT 1::numeric(1001, 2)",
+            "SELECT 1::numeric(5, 6)",
+        ] {
             assert_eq!(parse_sql(sql).unwrap_err().code, SqlState::INVALID_PARAMETER_VALUE, "{sql}");
         }
         assert!(parse_sql("SELECT 1.5::numeric(10, 2), CAST(1 AS DECIMAL(38))").is_ok());

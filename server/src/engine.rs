@@ -8,8 +8,8 @@ use datafusion::catalog::{
     SchemaProvider,
 };
 use datafusion::common::ScalarValue;
-use datafusion::execution::{FunctionRegistry, SessionStateBuilder};
 use datafusion::execution::context::SessionState;
+use datafusion::execution::{FunctionRegistry, SessionStateBuilder};
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
@@ -43,6 +43,8 @@ pub struct Engine {
     pub workers: crate::exec::Workers,
     /// What one client may cost the server.
     pub limits: Limits,
+    /// What connectors may reach on this machine (`--allow-file-dir`).
+    pub policy: weir_common::connector::ConnectorPolicy,
 }
 
 impl Engine {
@@ -123,6 +125,10 @@ impl Engine {
             cancels: Arc::default(),
             workers: crate::exec::Workers::default(),
             limits: config.limits.clone(),
+            policy: weir_common::connector::ConnectorPolicy {
+                allowed_dirs: config.limits.allowed_file_dirs.clone(),
+                unrestricted: false,
+            },
         })
     }
 

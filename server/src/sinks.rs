@@ -246,8 +246,14 @@ impl Session {
             ));
         }
         let connector = sink.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| v.to_lowercase());
-        let opened = weir_connectors::sink::open_sink(store.schema(), sink.with.clone(), format, format_options)
-            .map_err(ErrorReport::from)?;
+        let opened = weir_connectors::sink::open_sink(
+            store.schema(),
+            sink.with.clone(),
+            format,
+            format_options,
+            &self.engine.policy,
+        )
+        .map_err(ErrorReport::from)?;
         let progress = Arc::new(SinkProgress::new(input, connector.unwrap_or_default(), format));
         // Subscribed before the dataflow starts, so the sink sees its first rows.
         let changes = store.subscribe_changes();

@@ -69,8 +69,15 @@ impl Session {
             return Ok(Outcome::Command(tag, None));
         }
         // Opening a reader checks the connector, its options and the columns; it reads nothing.
-        weir_connectors::open_source(schema.clone(), connector_options, encoding(source)?, &metadata_columns(source))
-            .map_err(ErrorReport::from)?;
+        let policy = &self.engine.policy;
+        weir_connectors::open_source(
+            schema.clone(),
+            connector_options,
+            encoding(source, policy)?,
+            &metadata_columns(source),
+            policy,
+        )
+        .map_err(ErrorReport::from)?;
         let provider = Arc::new(SourceTable { name, schema });
         self.engine.catalog.create(Relation::new(def, provider).with_source(Some(Arc::new(source.clone()))), false)?;
         Ok(Outcome::Command(tag, None))
@@ -135,8 +142,9 @@ impl Session {
                 (None, Some(source)) => weir_connectors::open_source(
                     input.def.schema.clone(),
                     connector_options,
-                    encoding(source)?,
+                    encoding(source, &self.engine.policy)?,
                     &metadata_columns(source),
+                    &self.engine.policy,
                 )
                 .map_err(ErrorReport::from)?,
                 (None, None) => {
@@ -662,9 +670,37 @@ fn idle_timeout(options: &[(String, String)]) -> Result<(Option<Duration>, Conne
     Ok((timeout, rest))
 }
 
+/// The largest Avro schema file read.
+const MAX_SCHEMA_FILE_BYTES: u64 = 1024 * 1024;
+
+/// An Avro schema file, if the operator lets sources read it and it is not absurdly long.
+fn read_schema_file(path: &str, policy: &weir_common::connector::ConnectorPolicy) -> Result<String, ErrorReport> {
+    use std::io::Read;
+    let canonical = policy.check_file("schema.file", path).map_err(ErrorReport::from)?;
+    let unreadable = |e: std::io::Error| {
+        ErrorReport::new(SqlState::IO_ERROR, format!("could not read the Avro schema file \"{path}\": {e}"))
+    };
+    let mut text = String::new();
+    std::fs::File::open(canonical)
+        .map_err(unreadable)?
+        .take(MAX_SCHEMA_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(unreadable)?;
+    if text.len() as u64 > MAX_SCHEMA_FILE_BYTES {
+        return Err(ErrorReport::new(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            format!("the Avro schema file \"{path}\" is longer than {MAX_SCHEMA_FILE_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
 /// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')] | AVRO (schema = '...'
 /// | schema.file = 'path' [, confluent = 'true'])` names.
-fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
+fn encoding(
+    source: &CreateSource,
+    policy: &weir_common::connector::ConnectorPolicy,
+) -> Result<Option<Encoding>, ErrorReport> {
     let Some(format) = &source.format else { return Ok(None) };
     if format.format != "PLAIN" {
         return Err(ErrorReport::new(
@@ -689,9 +725,7 @@ fn encoding(source: &CreateSource) -> Result<Option<Encoding>, ErrorReport> {
         "AVRO" => {
             let schema = match (options.take("schema"), options.take("schema.file")) {
                 (Some(schema), None) => schema,
-                (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
-                    ErrorReport::new(SqlState::IO_ERROR, format!("could not read the Avro schema file \"{path}\": {e}"))
-                })?,
+                (None, Some(path)) => read_schema_file(&path, policy)?,
                 _ => {
                     return Err(ErrorReport::new(
                         SqlState::INVALID_PARAMETER_VALUE,

@@ -56,6 +56,7 @@ async fn seeded_bids(seed: u64) -> Vec<RecordBatch> {
         options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         None,
         &[],
+        &weir_common::connector::ConnectorPolicy::unrestricted(),
     )
     .unwrap();
     let mut batches = Vec::new();

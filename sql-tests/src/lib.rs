@@ -43,7 +43,12 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = weir_server::Config::new(data.path().join("data"));
+        // Sources may read the corpus' data files and the files tests write to the temporary directory.
+        let mut limits = weir_server::config::Limits::default();
+        for dir in [Path::new(env!("CARGO_MANIFEST_DIR")).join("data"), std::env::temp_dir()] {
+            limits.allowed_file_dirs.push(dir.canonicalize().with_context(|| format!("{}", dir.display()))?);
+        }
+        let config = weir_server::Config::new(data.path().join("data")).with_limits(limits);
         let task = tokio::spawn(weir_server::run(config, listener, async move {
             let _ = stopped.await;
         }));
