@@ -188,8 +188,8 @@ fn startup() -> Vec<u8> {
 /// Sends `bytes` after a startup message and returns what the server sends back until it closes the connection or
 /// goes quiet for a second.
 async fn exchange(server: &TestServer, bytes: &[u8]) -> Vec<u8> {
-    let mut socket = TcpStream::connect(server.addr).await.unwrap();
-    socket.write_all(&startup()).await.unwrap();
+    let mut socket = TcpStream::connect(server.addr).await.expect("the server accepts connections");
+    socket.write_all(&startup()).await.expect("the startup message is sent");
     let _ = socket.write_all(bytes).await;
     // Nothing more comes: the server answers what it has, then ends the connection.
     let _ = socket.shutdown().await;
