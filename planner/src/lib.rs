@@ -16,12 +16,14 @@
 //!   above it checked to stay inside a window.
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
 //!   refuse a value too large to build (`54000`) instead of aborting the process.
+//! - [`checked`]: integer `+`, `-` and `*` that raise `22003` on overflow, as Postgres' do.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
 //! with the streaming core. The planner never links the runtime or the connectors.
 
 pub mod bounded;
+pub mod checked;
 pub mod dialect;
 pub mod names;
 pub mod parse;

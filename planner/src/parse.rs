@@ -16,7 +16,7 @@ use crate::sink::{self, CreateSink};
 use crate::source::{self, CreateSource};
 
 /// Deep enough for generated SQL from BI tools, shallow enough to stay far from the stack limit.
-const RECURSION_LIMIT: usize = 200;
+pub(crate) const RECURSION_LIMIT: usize = 200;
 
 /// How deep a statement's expressions may nest (operators chained, groups nested; see [`check_depth`]). Planning and
 /// evaluation walk expressions recursively; this bound is what the server's statement and dataflow threads are

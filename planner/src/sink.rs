@@ -52,7 +52,7 @@ pub(crate) fn parse_create_sink(parser: &mut Parser) -> Result<CreateSink, Parse
     let input = if parser.parse_keyword(Keyword::FROM) {
         SinkInput::Relation(parser.parse_object_name(false)?)
     } else if parser.parse_keyword(Keyword::AS) {
-        SinkInput::Query(parser.parse_query()?)
+        SinkInput::Query(parse_sink_query(parser)?)
     } else {
         return parser.expected("FROM relation or AS query", parser.peek_token());
     };
@@ -62,6 +62,40 @@ pub(crate) fn parse_create_sink(parser: &mut Parser) -> Result<CreateSink, Parse
     let with = parse_option_list(parser)?;
     let format = parse_format(parser)?;
     Ok(CreateSink { name, if_not_exists, input, with, format })
+}
+
+/// The query of `CREATE SINK ... AS query WITH (...)`. It is parsed from the tokens before the sink's own `WITH (`
+/// (the last one outside parentheses), since sqlparser would read `FROM t WITH (...)` as table hints.
+fn parse_sink_query(parser: &mut Parser) -> Result<Box<Query>, ParserError> {
+    let mut depth = 0usize;
+    let mut sink_with = None;
+    let mut n = 0;
+    loop {
+        match &parser.peek_nth_token(n).token {
+            Token::EOF => break,
+            Token::SemiColon if depth == 0 => break,
+            Token::LParen => depth += 1,
+            Token::RParen => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth == 0 && w.keyword == Keyword::WITH => {
+                if parser.peek_nth_token(n + 1).token == Token::LParen {
+                    sink_with = Some(n);
+                }
+            }
+            _ => {}
+        }
+        n += 1;
+    }
+    let Some(end) = sink_with else { return parser.parse_query() };
+    let tokens: Vec<_> = (0..end).map(|_| parser.next_token()).collect();
+    let mut query = Parser::new(&crate::dialect::WeirDialect)
+        .with_recursion_limit(crate::parse::RECURSION_LIMIT)
+        .with_tokens_with_locations(tokens);
+    let parsed = query.parse_query()?;
+    let rest = query.peek_token();
+    if rest.token != Token::EOF {
+        return query.expected("WITH (connector = '...', ...)", rest);
+    }
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -93,6 +127,18 @@ mod tests {
         assert!(query.if_not_exists && query.format.is_none());
         let SinkInput::Query(query) = query.input else { panic!("not a query") };
         assert_eq!(query.to_string(), "SELECT * FROM readings WHERE temp > 30");
+
+        // Without a WHERE, the sink's WITH is not the table's hints; a CTE and a parenthesized WITH inside stay.
+        let bare = sink("CREATE SINK s AS SELECT * FROM t WITH (connector = 'kafka', topic = 'x')");
+        assert_eq!(bare.with[0], ("connector".to_string(), "kafka".to_string()));
+        let SinkInput::Query(query) = bare.input else { panic!("not a query") };
+        assert_eq!(query.to_string(), "SELECT * FROM t");
+        let cte = sink(
+            "CREATE SINK s AS WITH x AS (SELECT * FROM t) SELECT * FROM x WITH (connector = 'mqtt') FORMAT PLAIN ENCODE JSON",
+        );
+        let SinkInput::Query(query) = cte.input else { panic!("not a query") };
+        assert_eq!(query.to_string(), "WITH x AS (SELECT * FROM t) SELECT * FROM x");
+        assert!(cte.format.is_some());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Engine {
             .with_catalog_list(catalogs)
             .with_default_features()
             .build();
-        let ctx = SessionContext::new_with_state(state);
+        let mut ctx = SessionContext::new_with_state(state);
         setup_pg_catalog(&ctx, DEFAULT_CATALOG, EmptyContextProvider)
             .map_err(|e| ServerError::Engine(e.to_string()))?;
         // Materialized views are relkind 'm' in pg_class.
@@ -103,6 +103,9 @@ impl Engine {
         ctx.register_udf(
             datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf(),
         );
+        // Integer overflow is an error, as in Postgres.
+        ctx.register_expr_planner(Arc::new(weir_planner::checked::CheckedArithmetic))
+            .map_err(|e| ServerError::Engine(e.to_string()))?;
         // Built-ins that could build values too large to allocate check their arguments first.
         for name in weir_planner::bounded::BOUNDED_FUNCTIONS {
             if let Some(udf) = ctx.udf(name).ok().and_then(weir_planner::bounded::bounded) {

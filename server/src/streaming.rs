@@ -521,8 +521,11 @@ impl Session {
         let expr = self
             .ctx
             .parse_sql_expr(&watermark.expr.to_string(), &df_schema)
-            .map(|e| weir_planner::source::intervals_as_durations(e, *unit))
-            .and_then(|e| self.ctx.create_physical_expr(e, &df_schema))
+            .map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
+        deterministic_watermark(&expr)?;
+        let expr = self
+            .ctx
+            .create_physical_expr(weir_planner::source::intervals_as_durations(expr, *unit), &df_schema)
             .map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         match expr.data_type(schema) {
             Ok(DataType::Timestamp(..)) => Ok(Some(WatermarkSpec { column: index, expr })),
@@ -532,6 +535,32 @@ impl Session {
             )),
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
+    }
+}
+
+/// A watermark is a function of the row alone: replaying the same rows must give the same watermarks. A function
+/// that is not immutable (`now()`, `random()`) is refused when the source is created (`42P17`, as Postgres refuses
+/// such functions in index expressions).
+fn deterministic_watermark(expr: &datafusion::logical_expr::Expr) -> Result<(), ErrorReport> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Volatility};
+    let mut offending = None;
+    let _ = expr.apply(|node| {
+        if let Expr::ScalarFunction(function) = node
+            && function.func.signature().volatility != Volatility::Immutable
+        {
+            offending = Some(function.func.name().to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    match offending {
+        Some(name) => Err(ErrorReport::new(
+            SqlState::INVALID_OBJECT_DEFINITION,
+            format!("the WATERMARK expression must be deterministic, and {name}() is not"),
+        )
+        .with_hint("A watermark is computed from each row's own columns, such as ts - INTERVAL '5' SECOND.")),
+        None => Ok(()),
     }
 }
 

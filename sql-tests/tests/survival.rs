@@ -90,6 +90,9 @@ fn corpus() -> Vec<(&'static str, String)> {
             "CREATE SOURCE huge (s TEXT) WITH (connector = 'datagen', 'fields.s.length' = '100000000000')".into(),
         ),
         ("42P02", "SELECT $2000000000".into()),
+        ("22003", "SELECT 9223372036854775807 + 1".into()),
+        ("22003", "SELECT amount * 9223372036854775807 FROM pay".into()),
+        ("42P17", "CREATE TABLE clock (ts TIMESTAMP(3), WATERMARK FOR ts AS now())".into()),
     ]
 }
 
