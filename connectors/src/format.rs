@@ -36,6 +36,16 @@ pub struct RecordDecoder {
     encoding: Encoding,
     /// The Avro decoder, for `ENCODE AVRO`.
     avro: Option<AvroDecoder>,
+    /// Longer records are set aside undecoded (`max.record.bytes`).
+    max_record: usize,
+}
+
+/// The longest record decoded unless a source's `max.record.bytes` says otherwise.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
+
+/// The `max.record.bytes` option of a source.
+pub(crate) fn take_max_record(options: &mut weir_common::connector::Options) -> Result<usize, ConnectorError> {
+    Ok(options.take_parsed::<usize>("max.record.bytes", "a number of bytes")?.unwrap_or(DEFAULT_MAX_RECORD_BYTES))
 }
 
 impl RecordDecoder {
@@ -54,7 +64,7 @@ impl RecordDecoder {
             })?),
             _ => None,
         };
-        let decoder = RecordDecoder { schema, decoded, encoding, avro };
+        let decoder = RecordDecoder { schema, decoded, encoding, avro, max_record: DEFAULT_MAX_RECORD_BYTES };
         decoder.decode_all(&[]).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
@@ -65,6 +75,12 @@ impl RecordDecoder {
 
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()
+    }
+
+    /// Sets aside, undecoded, every record longer than `bytes`.
+    pub fn with_max_record(mut self, bytes: usize) -> Self {
+        self.max_record = bytes;
+        self
     }
 
     /// Decodes `records`; the ones that fail are returned as rejected, in order.
@@ -81,11 +97,39 @@ impl RecordDecoder {
         payloads: &[&[u8]],
         origin: impl Fn(usize) -> String,
     ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
-        let records: Vec<(usize, &[u8])> =
-            payloads.iter().copied().enumerate().filter(|(_, r)| !r.trim_ascii().is_empty()).collect();
+        let mut oversized = Vec::new();
+        let records: Vec<(usize, &[u8])> = payloads
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, r)| {
+                if r.len() <= self.max_record {
+                    return true;
+                }
+                let error =
+                    format!("the record is {} bytes long, more than max.record.bytes ({})", r.len(), self.max_record);
+                oversized.push(Rejected::new(
+                    origin(*i),
+                    &r[..weir_common::connector::DEAD_LETTER_PREFIX_BYTES],
+                    error,
+                ));
+                false
+            })
+            .filter(|(_, r)| !r.trim_ascii().is_empty())
+            .collect();
         if records.is_empty() {
-            return (None, Vec::new(), Vec::new());
+            return (None, oversized, Vec::new());
         }
+        let (batch, mut rejected, accepted) = self.decode_records(records, &origin);
+        rejected.extend(oversized);
+        (batch, rejected, accepted)
+    }
+
+    fn decode_records(
+        &self,
+        records: Vec<(usize, &[u8])>,
+        origin: &impl Fn(usize) -> String,
+    ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
         let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
         if let Ok(batch) = self.decode_all(&bytes) {
             return (Some(batch), Vec::new(), records.iter().map(|(i, _)| *i).collect());

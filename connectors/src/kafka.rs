@@ -207,6 +207,7 @@ impl KafkaSource {
             }
         };
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
+        let max_record = crate::format::take_max_record(&mut options)?;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &servers)
@@ -259,7 +260,8 @@ impl KafkaSource {
             .filter(|(i, _)| !columns.iter().any(|(c, _)| c == i))
             .map(|(_, f)| f.as_ref().clone())
             .collect();
-        let decoder = RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?;
+        let decoder =
+            RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?.with_max_record(max_record);
         Ok(KafkaSource {
             schema,
             decoder,
@@ -394,6 +396,7 @@ const VALID: &[&str] = &[
     "scan.startup.mode",
     "scan.startup.timestamp.millis",
     "batch.linger.ms",
+    "max.record.bytes",
 ];
 
 /// The `properties.bootstrap.server` option (also spelt `servers`, as librdkafka does).

@@ -17,7 +17,8 @@
 //! the problem through [`SourceReader::health`]. QoS 1 messages are acknowledged only in [`SourceReader::commit`],
 //! once the rows they became are inside Weir, so a message Weir has not taken is redelivered (at least once). The
 //! broker's in-flight window (Mosquitto's `max_inflight_messages`) bounds how many unacknowledged messages it sends.
-//! A payload that does not decode is set aside with its topic as origin.
+//! A payload that does not decode, or is longer than `max.record.bytes` (4 MiB by default), is set aside with its topic
+//! as origin, and acknowledged like any other message once set aside.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,7 @@ use crate::format::RecordDecoder;
 use crate::mqtt_client::{BROKER_OPTIONS, Broker, BrokerEvent, Client, Events, Handle, Received};
 
 const NAME: &str = "mqtt";
-const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "qos", "batch.linger.ms"];
+const SOURCE_OPTIONS: &[&str] = &["connector", "topic", "qos", "batch.linger.ms", "max.record.bytes"];
 /// Most messages in one batch.
 const MAX_BATCH: usize = 4096;
 /// Messages received but not yet read, per source.
@@ -110,6 +111,7 @@ impl MqttSource {
         }
         let qos = take_qos(&mut options)?;
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
+        let max_record = crate::format::take_max_record(&mut options)?;
         options.finish(NAME, &[SOURCE_OPTIONS, BROKER_OPTIONS].concat())?;
 
         let mut topic_column = None;
@@ -139,7 +141,8 @@ impl MqttSource {
             .filter(|(i, _)| Some(*i) != topic_column)
             .map(|(_, f)| f.as_ref().clone())
             .collect();
-        let decoder = RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?;
+        let decoder =
+            RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?.with_max_record(max_record);
         let settings = Settings { broker, filters, qos };
         Ok(MqttSource {
             schema,
@@ -215,6 +218,12 @@ impl SourceReader for MqttSource {
             self.unacknowledged.extend(messages.into_iter().filter(|m| m.qos != QoS::AtMostOnce));
             if batch.is_some() {
                 return Ok(batch);
+            }
+            // Nothing decoded: the messages are handled all the same (set aside). An empty batch lets the reader
+            // take them into the dead letters and acknowledge them (`commit`), so the broker's in-flight window
+            // never fills with messages that will never decode.
+            if !self.rejected.is_empty() {
+                return Ok(Some(RecordBatch::new_empty(self.schema.clone())));
             }
         }
     }

@@ -27,6 +27,11 @@ use tracing::{info, warn};
 use weir_common::connector::{ConnectorError, Health, Options};
 
 /// The options [`Broker::take`] takes.
+/// The largest packet accepted from the broker: MQTT's own limit, so that a message longer than a source's
+/// `max.record.bytes` arrives and is set aside (counted, a prefix kept, acknowledged) instead of breaking the
+/// connection (and being redelivered for ever) or being dropped by the broker unseen.
+const MAX_INCOMING_PACKET: usize = 268_435_460;
+
 pub(crate) const BROKER_OPTIONS: &[&str] = &[
     "url",
     "version",
@@ -114,7 +119,7 @@ impl Broker {
                 options.set_clean_session(self.clean_session);
                 options.set_manual_acks(manual_acks);
                 options.set_inflight(inflight);
-                options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+                options.set_max_packet_size(MAX_INCOMING_PACKET, 16 * 1024 * 1024);
                 options.set_transport(transport);
                 if let Some((user, password)) = &self.credentials {
                     options.set_credentials(user.clone(), password.clone());
@@ -132,7 +137,7 @@ impl Broker {
                 }
                 options.set_manual_acks(manual_acks);
                 options.set_outgoing_inflight_upper_limit(inflight);
-                options.set_max_packet_size(Some(16 * 1024 * 1024));
+                options.set_max_packet_size(Some(MAX_INCOMING_PACKET as u32));
                 options.set_transport(transport);
                 if let Some((user, password)) = &self.credentials {
                     options.set_credentials(user.clone(), password.clone());

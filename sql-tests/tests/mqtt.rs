@@ -519,3 +519,72 @@ async fn the_mqtt_slt_file_runs_against_the_broker() {
     let url = format!("mqtt://127.0.0.1:{port}");
     weir_sql_tests::run_file_with(&file, false, &[("MQTT_URL", &url)]).await.unwrap();
 }
+
+/// Mosquitto's default in-flight window (20 unacknowledged QoS 1 messages per client) is what a source that never
+/// acknowledged malformed messages used to fill, after which nothing more arrived. Here 40 malformed messages and one
+/// longer than the source's `max.record.bytes` are set aside (and acknowledged), and the good ones after them arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_messages_are_set_aside_without_wedging_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Broker::start_with(dir.path(), port, "max_inflight_messages 20\nmessage_size_limit 0\n");
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE events (id BIGINT) \
+             WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'events', qos = '1', \
+                   'max.record.bytes' = '1048576') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW ids AS SELECT count(*) FILTER (WHERE id > 0) AS n, max(id) AS last FROM events;"
+        ))
+        .await
+        .unwrap();
+    let mut options = MqttOptions::new(format!("test-big-publisher-{port}"), "127.0.0.1", port);
+    options.set_max_packet_size(32 * 1024 * 1024, 32 * 1024 * 1024);
+    let (mqtt, mut eventloop) = AsyncClient::new(options, 200);
+    tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        mqtt.publish("events", QoS::AtLeastOnce, false, r#"{"id": 0}"#).await.unwrap();
+        client.batch_execute("FLUSH").await.unwrap();
+        if rows(client, "SELECT last FROM ids").await == [["0"]] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never subscribed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..40 {
+        mqtt.publish("events", QoS::AtLeastOnce, false, format!("not json {i}")).await.unwrap();
+    }
+    let big = format!(r#"{{"id": 7, "pad": "{}"}}"#, "x".repeat(5 * 1024 * 1024));
+    mqtt.publish("events", QoS::AtLeastOnce, false, big).await.unwrap();
+    for id in 1..=3 {
+        mqtt.publish("events", QoS::AtLeastOnce, false, format!(r#"{{"id": {id}}}"#)).await.unwrap();
+    }
+    wait_for(client, "SELECT n, last FROM ids", "the good messages after the bad ones", |got| {
+        client_rows_are(got, &["3", "3"])
+    })
+    .await;
+    let progress = rows(client, "SELECT malformed_rows FROM weir_catalog.view_progress WHERE view = 'ids'").await;
+    assert_eq!(progress, [["41"]]);
+    let oversized = rows(
+        client,
+        "SELECT error, length(record) FROM weir_catalog.dead_letters WHERE view = 'ids' AND error LIKE '%max.record.bytes%'",
+    )
+    .await;
+    assert_eq!(oversized.len(), 1, "{oversized:?}");
+    assert!(oversized[0][0].starts_with("the record is 5242900 bytes long"), "{}", oversized[0][0]);
+    assert!(oversized[0][1].parse::<usize>().unwrap() < 5000, "only a prefix is kept");
+}
+
+fn client_rows_are(got: &[Vec<String>], expected: &[&str]) -> bool {
+    got.len() == 1 && got[0].iter().map(String::as_str).eq(expected.iter().copied())
+}
