@@ -22,6 +22,21 @@ pub enum RowChange {
     Replace { before: Vec<RecordBatch>, after: Vec<RecordBatch> },
 }
 
+impl RowChange {
+    /// The rows the change carries, before and after.
+    pub fn rows(&self) -> usize {
+        match self {
+            RowChange::Insert(batch) => batch.num_rows(),
+            RowChange::Replace { before, after } => before.iter().chain(after).map(|b| b.num_rows()).sum(),
+        }
+    }
+}
+
+/// The rows of every change in `changes`.
+pub fn change_rows(changes: &[RowChange]) -> usize {
+    changes.iter().map(RowChange::rows).sum()
+}
+
 /// How a sink writes changes out (`FORMAT ... ENCODE JSON`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkFormat {
@@ -83,6 +98,14 @@ pub struct SinkMessage {
 #[async_trait]
 pub trait SinkWriter: Send + fmt::Debug {
     async fn write(&mut self, messages: &[SinkMessage]) -> Result<(), ConnectorError>;
+
+    /// Why the external system could never take `message` (an MQTT topic with a wildcard, a record longer than the
+    /// broker accepts), or `None` when it could. Called before every write; a message refused here goes to the
+    /// sink's dead letters instead of being written, so that one bad row neither blocks the sink nor makes it
+    /// write the rows around it again and again.
+    fn check(&self, _message: &SinkMessage) -> Option<String> {
+        None
+    }
 
     /// A handle on what keeps the sink from delivering right now, readable while a write is under way.
     fn health(&self) -> crate::connector::Health;

@@ -49,6 +49,8 @@ pub struct KafkaSink {
     topic: String,
     producer: FutureProducer<HealthContext>,
     health: Health,
+    /// The producer's `message.max.bytes`: a longer message could never be sent.
+    max_message: usize,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -68,16 +70,28 @@ impl KafkaSink {
             config.set(key, value);
         }
         options.finish(NAME, VALID)?;
+        let max_message = config.get("message.max.bytes").and_then(|v| v.trim().parse().ok()).unwrap_or(1_000_000);
         let health = Health::default();
         let producer = config.create_with_context(HealthContext { health: health.clone() }).map_err(|e| {
             ConnectorError::InvalidOption { key: "properties.*".into(), value: servers.clone(), reason: e.to_string() }
         })?;
-        Ok(KafkaSink { topic, producer, health })
+        Ok(KafkaSink { topic, producer, health, max_message })
     }
 }
 
 #[async_trait]
 impl SinkWriter for KafkaSink {
+    fn check(&self, message: &SinkMessage) -> Option<String> {
+        // The record's overhead (headers, lengths) is a few dozen bytes; keep clear of the limit.
+        let size = message.payload.as_ref().map_or(0, Vec::len) + message.key.as_ref().map_or(0, Vec::len) + 512;
+        (size > self.max_message).then(|| {
+            format!(
+                "the message is about {size} bytes, more than the producer's message.max.bytes ({})",
+                self.max_message
+            )
+        })
+    }
+
     async fn write(&mut self, messages: &[SinkMessage]) -> Result<(), ConnectorError> {
         let mut pending: std::collections::VecDeque<DeliveryFuture> = std::collections::VecDeque::new();
         let mut failure = None;

@@ -126,4 +126,28 @@ impl SinkWriter for MqttSink {
     fn health(&self) -> Health {
         self.health.clone()
     }
+
+    /// MQTT's rules for a topic a message is published to: not empty, no wildcards, no NUL, at most 65,535 bytes.
+    fn check(&self, message: &SinkMessage) -> Option<String> {
+        let topic = message.topic.as_deref().unwrap_or_default();
+        if topic.is_empty() {
+            return Some("the topic is empty".into());
+        }
+        if topic.contains(['+', '#', '\0']) {
+            return Some(format!(
+                "the topic \"{topic}\" holds a wildcard (+ or #) or a NUL, which a message cannot be published to"
+            ));
+        }
+        if topic.len() > usize::from(u16::MAX) {
+            return Some(format!("the topic is {} bytes long; MQTT allows 65535", topic.len()));
+        }
+        let payload = message.payload.as_ref().map_or(0, Vec::len);
+        if payload > MAX_PAYLOAD {
+            return Some(format!("the message is {payload} bytes long; this sink sends at most {MAX_PAYLOAD}"));
+        }
+        None
+    }
 }
+
+/// The largest payload published: what the outgoing packet size allows, less room for the topic.
+const MAX_PAYLOAD: usize = 16 * 1024 * 1024 - 65_536 - 16;

@@ -76,10 +76,10 @@ fn parse_sink_query(parser: &mut Parser) -> Result<Box<Query>, ParserError> {
             Token::SemiColon if depth == 0 => break,
             Token::LParen => depth += 1,
             Token::RParen => depth = depth.saturating_sub(1),
-            Token::Word(w) if depth == 0 && w.keyword == Keyword::WITH => {
-                if parser.peek_nth_token(n + 1).token == Token::LParen {
-                    sink_with = Some(n);
-                }
+            Token::Word(w)
+                if depth == 0 && w.keyword == Keyword::WITH && parser.peek_nth_token(n + 1).token == Token::LParen =>
+            {
+                sink_with = Some(n);
             }
             _ => {}
         }

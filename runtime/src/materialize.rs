@@ -13,7 +13,8 @@
 //! hands out every change the same way, windows replaced with their rows before and after, for sinks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -54,11 +55,19 @@ struct Contents {
     windows: BTreeMap<i64, Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<RecordBatch>>,
     /// Sinks: each epoch's changes.
-    change_subscribers: Vec<mpsc::UnboundedSender<Vec<RowChange>>>,
+    change_subscribers: Vec<(mpsc::UnboundedSender<Vec<RowChange>>, Arc<AtomicUsize>)>,
     /// How many of `appended` the last checkpoint wrote.
     saved_appends: usize,
     /// Windows replaced since the last checkpoint.
     unsaved_windows: BTreeSet<i64>,
+}
+
+/// A sink's view of a store's changes: the changes, and the count of rows sent and not yet handled, which the sink
+/// lowers as it delivers (or sets aside) them.
+#[derive(Debug)]
+pub struct ChangeFeed {
+    pub changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
+    pub pending: Arc<AtomicUsize>,
 }
 
 impl ViewStore {
@@ -111,24 +120,37 @@ impl ViewStore {
             }
         }
         if !row_changes.is_empty() {
-            contents.change_subscribers.retain(|s| s.send(row_changes.clone()).is_ok());
+            let rows = weir_common::sink::change_rows(&row_changes);
+            contents.change_subscribers.retain(|(sender, pending)| {
+                pending.fetch_add(rows, Ordering::AcqRel);
+                sender.send(row_changes.clone()).is_ok()
+            });
         }
+    }
+
+    /// The most rows any sink has been sent and not yet handled: the view's task stops reading its input while this
+    /// is beyond its bound, so a sink that cannot deliver holds back its view instead of buffering without end.
+    pub fn sink_backlog(&self) -> usize {
+        let contents = self.lock();
+        contents.change_subscribers.iter().map(|(_, pending)| pending.load(Ordering::Acquire)).max().unwrap_or(0)
     }
 
     /// Reads the rows as changes, for a sink: first every row so far (appended rows as inserts, each window as
     /// replacing nothing), then each epoch's changes. Ends when the store is gone.
-    pub fn subscribe_changes(&self) -> mpsc::UnboundedReceiver<Vec<RowChange>> {
-        let (sender, receiver) = mpsc::unbounded_channel();
+    pub fn subscribe_changes(&self) -> ChangeFeed {
+        let (sender, changes) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
         let mut contents = self.lock();
         let mut snapshot: Vec<RowChange> = contents.appended.iter().cloned().map(RowChange::Insert).collect();
         snapshot.extend(
             contents.windows.values().map(|rows| RowChange::Replace { before: Vec::new(), after: rows.clone() }),
         );
         if !snapshot.is_empty() {
+            pending.fetch_add(weir_common::sink::change_rows(&snapshot), Ordering::AcqRel);
             let _ = sender.send(snapshot);
         }
-        contents.change_subscribers.push(sender);
-        receiver
+        contents.change_subscribers.push((sender, pending.clone()));
+        ChangeFeed { changes, pending }
     }
 
     /// Every row as of the last applied epoch.
@@ -303,7 +325,7 @@ mod tests {
             ViewChange::Append(vec![batch(&[1])]),
             ViewChange::Replace { window: 10, rows: vec![batch(&[10])] },
         ]);
-        let mut changes = store.subscribe_changes();
+        let mut changes = store.subscribe_changes().changes;
         store.apply(vec![
             ViewChange::Append(vec![batch(&[2])]),
             ViewChange::Replace { window: 10, rows: vec![batch(&[11])] },

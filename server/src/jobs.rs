@@ -352,7 +352,9 @@ async fn run(
                     task.publish().await;
                 }
             }
-            (input, batch) = next_batch_of(&mut readers, &reading), if reading.contains(&true) => {
+            // While a sink of this view cannot keep up, the inputs wait (and the brokers keep what is unread).
+            (input, batch) = next_batch_of(&mut readers, &reading),
+                if reading.contains(&true) && task.store.sink_backlog() <= crate::sinks::MAX_SINK_BACKLOG_ROWS => {
                 task.progress.set_aside(readers[input].take_rejected());
                 let split = (readers[input].last_split(), readers[input].split_count());
                 task.step(input, split, batch, &mut reading).await;

@@ -14,15 +14,14 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::StringArray;
 use datafusion::sql::sqlparser::ast::{self, ObjectName};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
-use weir_common::sink::{RowChange, SinkFormat};
+use weir_common::sink::SinkFormat;
 use weir_common::{ErrorReport, RelationKind, SqlState};
 use weir_connectors::sink::Sink;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::sink::{CreateSink, SinkInput};
-use weir_runtime::materialize::ViewStore;
+use weir_runtime::materialize::{ChangeFeed, ViewStore};
 
 use crate::jobs::RATE_WINDOW;
 use crate::session::{Outcome, Session, object_name};
@@ -46,7 +45,14 @@ pub struct SinkProgress {
     pub status: Mutex<String>,
     /// When each write of the last [`RATE_WINDOW`] was delivered, and its messages.
     deliveries: Mutex<VecDeque<(Instant, u64)>>,
+    /// Messages the external system could never take (see `SinkWriter::check`), set aside.
+    pub rejected: AtomicU64,
+    /// The last [`crate::jobs::DEAD_LETTERS_KEPT`] of those: destination, reason, and a prefix of the message.
+    pub dead_letters: Mutex<VecDeque<(String, String, String)>>,
 }
+
+/// Rows a sink may have been sent and not yet delivered before its input is held back.
+pub const MAX_SINK_BACKLOG_ROWS: usize = 100_000;
 
 impl SinkProgress {
     fn new(input: String, connector: String, format: SinkFormat) -> Self {
@@ -60,6 +66,8 @@ impl SinkProgress {
             last_delivery_ms: AtomicI64::new(i64::MIN),
             status: Mutex::new("running".to_string()),
             deliveries: Mutex::default(),
+            rejected: AtomicU64::new(0),
+            dead_letters: Mutex::default(),
         }
     }
 
@@ -79,6 +87,22 @@ impl SinkProgress {
             deliveries.pop_front();
         }
         deliveries.iter().map(|(_, messages)| *messages).sum::<u64>() as f64 / RATE_WINDOW.as_secs_f64()
+    }
+
+    /// Keeps a message the external system refused for good.
+    fn set_aside(&self, message: &weir_common::sink::SinkMessage, reason: String) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let payload = message.payload.as_deref().unwrap_or_default();
+        let kept = &payload[..payload.len().min(weir_common::connector::DEAD_LETTER_PREFIX_BYTES)];
+        let mut text = String::from_utf8_lossy(kept).into_owned();
+        if kept.len() < payload.len() {
+            text.push_str(&format!("... ({} bytes in all)", payload.len()));
+        }
+        let mut dead_letters = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
+        if dead_letters.len() == crate::jobs::DEAD_LETTERS_KEPT {
+            dead_letters.pop_front();
+        }
+        dead_letters.push_back((message.topic.clone().unwrap_or_default(), reason, text));
     }
 
     fn delivered(&self, messages: u64, bytes: u64) {
@@ -138,7 +162,7 @@ impl Sinks {
         &self,
         runtime: &tokio::runtime::Handle,
         name: String,
-        changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
+        changes: ChangeFeed,
         sink: Sink,
         progress: Arc<SinkProgress>,
         depends_on: Vec<String>,
@@ -164,6 +188,18 @@ impl Drop for Sinks {
         for job in self.lock().values() {
             job.task.abort();
         }
+    }
+}
+
+/// Lowers a sink's pending count by an epoch's rows when the epoch is done with.
+struct Handled<'a> {
+    pending: &'a std::sync::atomic::AtomicUsize,
+    rows: usize,
+}
+
+impl Drop for Handled<'_> {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(self.rows.min(self.pending.load(Ordering::Acquire)), Ordering::AcqRel);
     }
 }
 
@@ -332,12 +368,8 @@ fn select_all(relation: &ObjectName) -> Result<ast::Query, ErrorReport> {
 }
 
 /// The sink's task: encodes each epoch's changes and delivers them, retrying failed writes.
-async fn run(
-    name: String,
-    mut changes: mpsc::UnboundedReceiver<Vec<RowChange>>,
-    mut sink: Sink,
-    progress: Arc<SinkProgress>,
-) {
+async fn run(name: String, feed: ChangeFeed, mut sink: Sink, progress: Arc<SinkProgress>) {
+    let ChangeFeed { mut changes, pending } = feed;
     let health = sink.writer.health();
     while let Some(mut epoch) = changes.recv().await {
         // A sink that fell behind catches up in bigger writes.
@@ -346,6 +378,9 @@ async fn run(
         {
             epoch.extend(more);
         }
+        let rows = weir_common::sink::change_rows(&epoch);
+        // However this epoch ends (delivered, set aside), its rows no longer hold the view back.
+        let _handled = Handled { pending: &pending, rows };
         let messages = match sink.encoder.encode(&epoch) {
             Ok(messages) => messages,
             Err(err) => {
@@ -354,6 +389,15 @@ async fn run(
                 return;
             }
         };
+        // A message the external system could never take is set aside, not retried for ever.
+        let (messages, refused): (Vec<_>, Vec<_>) =
+            messages.into_iter().map(|m| (sink.writer.check(&m), m)).partition(|(reason, _)| reason.is_none());
+        for (reason, message) in refused {
+            let reason = reason.unwrap_or_default();
+            warn!(sink = %name, error = %reason, "a message the sink can never deliver is set aside");
+            progress.set_aside(&message, reason);
+        }
+        let messages: Vec<_> = messages.into_iter().map(|(_, m)| m).collect();
         if messages.is_empty() {
             continue;
         }
@@ -383,7 +427,11 @@ async fn run(
                 Err(err) => {
                     warn!(sink = %name, error = %err, "the sink's write failed; retrying in {backoff:?}");
                     progress.failed_writes.fetch_add(1, Ordering::Relaxed);
-                    progress.set_status(format!("retrying: {err}"));
+                    let backlog = pending.load(Ordering::Acquire);
+                    progress.set_status(match backlog > MAX_SINK_BACKLOG_ROWS {
+                        true => format!("retrying: {err}; {backlog} rows waiting, so its input is held back"),
+                        false => format!("retrying: {err}"),
+                    });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

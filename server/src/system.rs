@@ -100,6 +100,7 @@ impl SystemRelation {
             ),
             ("late_rows", relation(text_fields(&["view", "source", "row"]), late_rows)),
             ("dead_letters", relation(text_fields(&["view", "source", "origin", "error", "record"]), dead_letters)),
+            ("sink_dead_letters", relation(text_fields(&["sink", "topic", "error", "message"]), sink_dead_letters)),
         ]
     }
 }
@@ -194,6 +195,19 @@ fn late_rows(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
     for (view, progress) in jobs.progress() {
         let kept = progress.late_samples.lock().unwrap_or_else(PoisonError::into_inner);
         rows.extend(kept.iter().map(|row| vec![view.clone(), progress.source.clone(), row.clone()]));
+    }
+    text_batch(schema, &rows)
+}
+
+/// Messages a sink set aside because the external system could never take them.
+fn sink_dead_letters(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for (sink, progress) in jobs.sinks.progress() {
+        let kept = progress.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.extend(
+            kept.iter()
+                .map(|(topic, error, message)| vec![sink.clone(), topic.clone(), error.clone(), message.clone()]),
+        );
     }
     text_batch(schema, &rows)
 }

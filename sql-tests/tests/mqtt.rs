@@ -588,3 +588,47 @@ async fn malformed_and_oversized_messages_are_set_aside_without_wedging_the_sour
 fn client_rows_are(got: &[Vec<String>], expected: &[&str]) -> bool {
     got.len() == 1 && got[0].iter().map(String::as_str).eq(expected.iter().copied())
 }
+
+/// A row whose topic the broker could never take (a wildcard from a column value) goes to
+/// `weir_catalog.sink_dead_letters`; the rows around it are delivered, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_row_with_an_invalid_topic_is_set_aside_and_the_others_go_out_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = Broker::start(dir.path(), port);
+    let mut received = subscriber(port, "out/#").await;
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE alerts (device TEXT, level INT); \
+             CREATE SINK alert_out FROM alerts \
+               WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'out/{{device}}', qos = '1'); \
+             INSERT INTO alerts VALUES ('a', 1), ('b/#', 2), ('c', 3);"
+        ))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, received.recv()).await {
+            Ok(Some(message)) => got.push(message),
+            _ => panic!("the valid rows were not delivered: {got:?}"),
+        }
+    }
+    // Nothing more comes: the valid rows are not written again.
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_secs(2), received.recv()).await {
+        panic!("a message was delivered twice or the bad one went out: {extra:?} after {got:?}");
+    }
+    got.sort();
+    assert_eq!(got[0].0, "out/a");
+    assert_eq!(got[1].0, "out/c");
+    let dead = rows(client, "SELECT sink, topic, error FROM weir_catalog.sink_dead_letters").await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0][..2], ["alert_out".to_string(), "out/b/#".to_string()]);
+    assert!(dead[0][2].contains("wildcard"), "{}", dead[0][2]);
+    let status = rows(client, "SELECT status, messages FROM weir_catalog.sink_progress WHERE sink = 'alert_out'").await;
+    assert_eq!(status, [["running", "2"]]);
+}

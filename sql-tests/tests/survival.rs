@@ -335,3 +335,36 @@ async fn busy_statements_do_not_freeze_other_clients_and_can_be_cancelled() {
     assert_eq!(err.code().map(|c| c.code()), Some("22023"));
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_whose_broker_is_away_holds_its_input_back() {
+    let server = TestServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    client
+        .client
+        .batch_execute(
+            "CREATE SOURCE flood (id BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)
+               WITH (connector = 'datagen', 'datagen.rows.per.second' = '0');
+             CREATE SINK nowhere AS SELECT id FROM flood
+               WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:1', topic = 'flood', qos = '1');",
+        )
+        .await
+        .unwrap();
+    let read = || async {
+        let rows =
+            query_rows(&client.client, "SELECT rows_read FROM weir_catalog.view_progress WHERE view = 'sink nowhere'")
+                .await;
+        rows[0][0].parse::<u64>().unwrap()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = read().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = read().await;
+    // The sink holds at most its backlog (100,000 rows, plus the batches in flight); its input then waits.
+    assert!(second < 150_000, "{second} rows read for a sink that delivered nothing");
+    assert!(second - first < 20_000, "the input kept being read: {first} then {second}");
+    let status =
+        query_rows(&client.client, "SELECT status FROM weir_catalog.sink_progress WHERE sink = 'nowhere'").await;
+    assert!(status[0][0].starts_with("retrying: "), "{status:?}");
+    server.stop().await.unwrap();
+}
