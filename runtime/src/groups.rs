@@ -42,6 +42,13 @@ impl std::fmt::Debug for Groups {
 }
 
 impl Groups {
+    /// About how many bytes the groups hold: keys, the index over them, and the accumulators' own estimates.
+    pub(crate) fn memory(&self) -> usize {
+        let keys: usize = self.keys.iter().map(|k| k.len() + std::mem::size_of::<Vec<u8>>()).sum();
+        let accumulators: usize = self.accumulators.iter().map(|a| a.size()).sum();
+        keys * 2 + accumulators + self.changed.len()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
     }

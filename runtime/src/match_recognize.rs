@@ -57,6 +57,11 @@ struct Chunk {
 }
 
 impl RowStore {
+    /// The bytes of the row chunks still held.
+    pub fn memory(&self) -> usize {
+        self.chunks.iter().flatten().map(|c| c.batch.get_array_memory_size()).sum()
+    }
+
     /// Adds a chunk, each of whose rows a partition will hold; returns the id of its first row.
     pub fn push(&mut self, batch: RecordBatch) -> RowId {
         let number = self.first + self.chunks.len() as u64;

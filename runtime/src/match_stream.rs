@@ -73,6 +73,12 @@ pub struct MatchStream {
 }
 
 impl MatchStream {
+    /// About how many bytes the operator holds: rows waiting for the watermark and rows partial matches hold.
+    pub fn memory(&self) -> usize {
+        let pending: usize = self.pending.iter().map(|p| p.rows.get_array_memory_size()).sum();
+        pending + self.store.memory() + self.numbers.keys().map(|k| k.len() + 64).sum::<usize>()
+    }
+
     pub fn try_new(spec: MatchRecognize, input: SchemaRef) -> Result<Self> {
         let time = match spec.order_by.first() {
             Some((column, false)) if matches!(input.field(*column).data_type(), DataType::Timestamp(..)) => *column,

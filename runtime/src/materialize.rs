@@ -153,6 +153,12 @@ impl ViewStore {
         ChangeFeed { changes, pending }
     }
 
+    /// The bytes of the rows the view holds (appended rows kept for readers, and every window's).
+    pub fn memory(&self) -> usize {
+        let contents = self.lock();
+        contents.appended.iter().chain(contents.windows.values().flatten()).map(|b| b.get_array_memory_size()).sum()
+    }
+
     /// Every row as of the last applied epoch.
     pub fn snapshot(&self) -> Vec<RecordBatch> {
         let contents = self.lock();

@@ -230,6 +230,16 @@ impl Pipeline {
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
+    /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched).
+    pub fn state_bytes(&self) -> usize {
+        match &self.aggregate {
+            Some(Aggregation::Windows(a)) => a.memory(),
+            Some(Aggregation::Sessions(a)) => a.memory(),
+            Some(Aggregation::Matches(m)) => m.memory(),
+            None => 0,
+        }
+    }
+
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
         match &mut self.aggregate {
             Some(Aggregation::Windows(a)) => a.take_late(),

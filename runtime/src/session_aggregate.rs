@@ -93,6 +93,13 @@ pub struct SessionAggregate {
 }
 
 impl SessionAggregate {
+    /// About how many bytes the open sessions hold.
+    pub fn memory(&self) -> usize {
+        let sessions: usize = self.sessions.values().map(|s| s.groups.memory() + s.partition.len() + 64).sum();
+        let partitions: usize = self.by_partition.keys().chain(self.closed_until.keys()).map(|k| k.len() + 64).sum();
+        sessions + partitions + self.by_end.len() * 16
+    }
+
     pub fn try_new(
         input: &Schema,
         keys: Vec<(Arc<dyn PhysicalExpr>, String)>,

@@ -60,6 +60,11 @@ pub struct WindowAggregate {
 }
 
 impl WindowAggregate {
+    /// About how many bytes the open windows hold.
+    pub fn memory(&self) -> usize {
+        self.windows.values().map(Groups::memory).sum()
+    }
+
     /// `input` is the schema of incoming batches; `keys` and the aggregates' expressions are evaluated against it.
     pub fn try_new(
         input: &Schema,

@@ -26,6 +26,9 @@ pub struct Limits {
     pub statement_timeout: Duration,
     /// Memory one statement's sorts, aggregations and joins may hold (DataFusion's memory pool, per connection).
     pub query_memory_bytes: usize,
+    /// Memory one materialized view's state (open windows, sessions, rows waiting to be matched, its rows) may
+    /// hold; a view beyond it fails, with the reason in its status, and the others keep running.
+    pub view_memory_bytes: usize,
     /// The largest protocol message a client may send (a query string, a Bind with its parameters).
     pub max_message_bytes: usize,
     /// Connections served at once; the next one is refused with `53300`.
@@ -39,6 +42,7 @@ impl Default for Limits {
         Limits {
             statement_timeout: Duration::ZERO,
             query_memory_bytes: default_query_memory(),
+            view_memory_bytes: default_query_memory(),
             max_message_bytes: 64 * 1024 * 1024,
             max_connections: 100,
             allowed_file_dirs: Vec::new(),

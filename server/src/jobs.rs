@@ -102,6 +102,8 @@ pub struct Progress {
     pub duplicates: AtomicU64,
     /// Rows a `MATCH_RECOGNIZE` view holds (waiting for the watermark or in undecided matches); `-1` for other views.
     pub held_rows: AtomicI64,
+    /// About how many bytes the view's state holds (its operators' and its rows), as of its last epoch.
+    pub state_bytes: AtomicU64,
 }
 
 /// The span `rows_per_second` is measured over.
@@ -126,6 +128,7 @@ impl Progress {
             consumer_lag: AtomicI64::new(i64::MIN),
             duplicates: AtomicU64::new(0),
             held_rows: AtomicI64::new(-1),
+            state_bytes: AtomicU64::new(0),
         }
     }
 
@@ -182,6 +185,8 @@ pub struct Jobs {
     epoch_interval: Duration,
     /// Where view and sink tasks run: never on the threads that serve connections.
     dataflow: crate::exec::DataflowRuntime,
+    /// The most memory one view's state may hold.
+    view_memory_bytes: usize,
 }
 
 /// The state table of view `view`'s published rows.
@@ -190,9 +195,22 @@ fn rows_table(view: &str) -> StateTable {
 }
 
 impl Jobs {
-    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration, dataflow: crate::exec::DataflowRuntime) -> Self {
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        epoch_interval: Duration,
+        dataflow: crate::exec::DataflowRuntime,
+        view_memory_bytes: usize,
+    ) -> Self {
         let sinks = Default::default();
-        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval, dataflow }
+        Jobs {
+            jobs: Mutex::default(),
+            created: AtomicU64::new(0),
+            state,
+            sinks,
+            epoch_interval,
+            dataflow,
+            view_memory_bytes,
+        }
     }
 
     /// The runtime view and sink tasks run on.
@@ -218,6 +236,7 @@ impl Jobs {
             idle_timeouts,
             last_rows,
             rate_samples: VecDeque::new(),
+            memory_limit: self.view_memory_bytes,
         };
         let watched = progress.clone();
         let epoch_interval = self.epoch_interval;
@@ -307,6 +326,8 @@ struct ViewTask {
     last_rows: Vec<Vec<Instant>>,
     /// Rows read so far at moments of the last [`RATE_WINDOW`], oldest first.
     rate_samples: VecDeque<(Instant, u64)>,
+    /// The most bytes the view's state may hold.
+    memory_limit: usize,
 }
 
 async fn run(
@@ -341,6 +362,9 @@ async fn run(
                     }
                     task.check_idle(&reading).await;
                     task.publish().await;
+                    if task.over_memory() {
+                        reading.fill(false);
+                    }
                     let _ = ack.send(());
                 }
                 None => return,
@@ -350,6 +374,9 @@ async fn run(
                 task.check_idle(&reading).await;
                 if task.dirty {
                     task.publish().await;
+                    if task.over_memory() {
+                        reading.fill(false);
+                    }
                 }
             }
             // While a sink of this view cannot keep up, the inputs wait (and the brokers keep what is unread).
@@ -504,6 +531,8 @@ impl ViewTask {
             Ok(changes) => {
                 self.store.apply(changes);
                 self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);
+                let bytes = self.pipeline.state_bytes() + self.store.memory();
+                self.progress.state_bytes.store(bytes as u64, Ordering::Relaxed);
             }
             Err(err) => {
                 self.fail(err);
@@ -523,6 +552,24 @@ impl ViewTask {
         self.state.write(batch)?;
         self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether the view's state has grown past its limit; if so the view fails (it reads nothing more and keeps the
+    /// rows it has, readable), says why in its status, and the server's other views are untouched.
+    fn over_memory(&self) -> bool {
+        let bytes = self.progress.state_bytes.load(Ordering::Relaxed) as usize;
+        if bytes <= self.memory_limit {
+            return false;
+        }
+        let view = &self.view;
+        let reason = format!(
+            "failed: the view's state takes {bytes} bytes, more than a view may hold ({} bytes, weir \
+             --view-memory-limit)",
+            self.memory_limit
+        );
+        error!(%view, bytes, limit = self.memory_limit, "a view's state outgrew its limit; the view stops here");
+        self.progress.set_status(reason);
+        true
     }
 
     fn fail(&self, err: weir_runtime::RuntimeError) {

@@ -5,7 +5,10 @@
 //!   current watermark, checkpoints, bytes read, rows per second (over the last 5 s), the newest event time and how
 //!   far the watermark trails it, the consumer lag (records a Kafka topic holds that the view has not read), and the
 //!   rows dropped as duplicates of a `dedup.key` already read; for a `MATCH_RECOGNIZE` view, the rows it holds
-//!   (waiting for the watermark, or in matches not decided yet: what `WITHIN` bounds).
+//!   (waiting for the watermark, or in matches not decided yet: what `WITHIN` bounds); and about how many bytes its
+//!   state holds (`state_bytes`: open windows, sessions, rows waiting to be matched, and its rows), which
+//!   `--view-memory-limit` bounds.
+//! - `weir_catalog.sink_dead_letters`: messages sinks set aside because the external system could never take them.
 //! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
 //!   <why>` while a broker is away), messages and bytes delivered, messages per second (over the last 5 s), failed
 //!   writes (retried) and the last delivery.
@@ -76,6 +79,7 @@ impl SystemRelation {
                         Field::new("consumer_lag", DataType::Int64, true),
                         Field::new("duplicates", DataType::Int64, false),
                         Field::new("held_rows", DataType::Int64, true),
+                        Field::new("state_bytes", DataType::Int64, false),
                     ],
                     view_progress,
                 ),
@@ -158,6 +162,7 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
         optional(&|p| Some(p.consumer_lag.load(Ordering::Relaxed)).filter(|l| *l != i64::MIN)),
         count(|p| p.duplicates.load(Ordering::Relaxed) as i64),
         optional(&|p| Some(p.held_rows.load(Ordering::Relaxed)).filter(|h| *h >= 0)),
+        count(|p| p.state_bytes.load(Ordering::Relaxed) as i64),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

@@ -44,6 +44,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose limits `adjust` changes first.
+    pub async fn start_with(adjust: impl FnOnce(&mut weir_server::config::Limits)) -> anyhow::Result<Self> {
         let data = tempfile::tempdir().context("creating a data directory")?;
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
         let addr = listener.local_addr()?;
@@ -53,6 +58,7 @@ impl TestServer {
         for dir in [Path::new(env!("CARGO_MANIFEST_DIR")).join("data"), std::env::temp_dir()] {
             limits.allowed_file_dirs.push(dir.canonicalize().with_context(|| format!("{}", dir.display()))?);
         }
+        adjust(&mut limits);
         let config = weir_server::Config::new(data.path().join("data")).with_limits(limits);
         let task = tokio::spawn(weir_server::run(config, listener, async move {
             let _ = stopped.await;

@@ -369,3 +369,42 @@ async fn a_sink_whose_broker_is_away_holds_its_input_back() {
     assert!(status[0][0].starts_with("retrying: "), "{status:?}");
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_whose_state_outgrows_its_limit_fails_alone() {
+    let server = TestServer::start_with(|limits| limits.view_memory_bytes = 2 * 1024 * 1024).await.unwrap();
+    let client = server.connect().await.unwrap();
+    client
+        .client
+        .batch_execute(
+            "CREATE SOURCE ids (id BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)
+               WITH (connector = 'datagen', 'datagen.rows.per.second' = '20000', 'fields.id.kind' = 'sequence');
+             CREATE MATERIALIZED VIEW per_id AS SELECT id, count(*) AS n FROM ids GROUP BY id;
+             CREATE MATERIALIZED VIEW total AS SELECT count(*) AS n FROM ids;",
+        )
+        .await
+        .unwrap();
+    // Every id is a new group: per_id's state grows by every row until it passes 2 MiB.
+    weir_sql_tests::wait_for(
+        &client.client,
+        "SELECT status FROM weir_catalog.view_progress WHERE view = 'per_id'",
+        "per_id fails once its state passes the limit",
+        |rows| rows.first().is_some_and(|r| r[0].starts_with("failed: the view's state takes")),
+    )
+    .await;
+    let status =
+        query_rows(&client.client, "SELECT status, state_bytes FROM weir_catalog.view_progress WHERE view = 'per_id'")
+            .await;
+    assert!(status[0][0].ends_with("(2097152 bytes, weir --view-memory-limit)"), "{status:?}");
+    assert!(status[0][1].parse::<u64>().unwrap() > 2 * 1024 * 1024);
+    // It keeps what it had, readable; the other view carries on.
+    assert!(!query_rows(&client.client, "SELECT n FROM per_id LIMIT 1").await.is_empty());
+    let before: i64 = query_rows(&client.client, "SELECT n FROM total").await[0][0].parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.client.batch_execute("FLUSH").await.unwrap();
+    let after: i64 = query_rows(&client.client, "SELECT n FROM total").await[0][0].parse().unwrap();
+    assert!(after > before, "the other view stopped too: {before} then {after}");
+    let total = query_rows(&client.client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'total'").await;
+    assert_eq!(total, [["running"]]);
+    server.stop().await.unwrap();
+}

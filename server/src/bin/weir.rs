@@ -26,6 +26,9 @@ struct Flags {
     /// Memory one statement's sorts, aggregations and joins may hold, in bytes [default: a quarter of RAM].
     #[arg(long, env = "WEIR_QUERY_MEMORY_LIMIT")]
     query_memory_limit: Option<usize>,
+    /// Memory one materialized view's state may hold, in bytes [default: a quarter of RAM].
+    #[arg(long, env = "WEIR_VIEW_MEMORY_LIMIT")]
+    view_memory_limit: Option<usize>,
     /// The largest message a client may send, in bytes.
     #[arg(long, env = "WEIR_MAX_MESSAGE_BYTES", default_value_t = weir_server::config::Limits::default().max_message_bytes)]
     max_message_bytes: usize,
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = weir_server::config::Limits {
         statement_timeout: std::time::Duration::from_millis(flags.statement_timeout_ms),
         query_memory_bytes: flags.query_memory_limit.unwrap_or(defaults.query_memory_bytes),
+        view_memory_bytes: flags.view_memory_limit.unwrap_or(defaults.view_memory_bytes),
         max_message_bytes: flags.max_message_bytes.max(1024),
         max_connections: flags.max_connections.max(1),
         allowed_file_dirs,
