@@ -82,6 +82,38 @@ SELEC 1;
     server.stop().await.unwrap();
 }
 
+/// psql's Ctrl-C (SIGINT) sends a CancelRequest: the running statement ends with 57014 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_ctrl_c_and_statement_timeout_cancel_the_statement() {
+    let server = TestServer::start().await.unwrap();
+    let addr = server.addr;
+    let started = std::time::Instant::now();
+    let output = tokio::task::spawn_blocking(move || {
+        let child = Command::new("psql")
+            .args(["-X", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "weir", "-d", "weir"])
+            .args(["-c", "SELECT pg_sleep(30)"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql must be installed");
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        child.wait_with_output().expect("psql ends")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("canceling statement due to user request"), "stderr:\n{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+
+    let (_, stderr, _) = tokio::task::spawn_blocking(move || {
+        psql(addr, "SET statement_timeout = '200ms';\nSELECT pg_sleep(30);\nSELECT 1;\n")
+    })
+    .await
+    .unwrap();
+    assert!(stderr.contains("ERROR:  canceling statement due to statement timeout"), "stderr:\n{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_uses_server_side_parameters() {
     let server = TestServer::start().await.unwrap();

@@ -105,4 +105,26 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir") as
         assert cur.fetchone() == (3,)
     conn.commit()
 
+# Cancel and statement_timeout: the statement ends with 57014 and the session stays usable.
+import threading
+import time
+
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", autocommit=True) as conn:
+    started = time.monotonic()
+    threading.Timer(0.5, conn.cancel).start()
+    try:
+        conn.execute("SELECT pg_sleep(30)")
+        raise AssertionError("the cancelled statement returned")
+    except errors.QueryCanceled as e:
+        assert e.sqlstate == "57014", e.sqlstate
+    assert time.monotonic() - started < 10, time.monotonic() - started
+    assert conn.execute("SELECT 7").fetchone() == (7,)
+    conn.execute("SET statement_timeout = 300")
+    try:
+        conn.execute("SELECT count(*) FROM generate_series(1, 100000000000) AS t(v) WHERE v > %s", (0,))
+        raise AssertionError("the statement outlived its timeout")
+    except errors.QueryCanceled as e:
+        assert "statement timeout" in str(e), str(e)
+    assert conn.execute("SELECT %s::int", (8,)).fetchone() == (8,)
+
 print("psycopg ok")
