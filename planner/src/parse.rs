@@ -319,6 +319,11 @@ fn is_operator(token: &Token) -> bool {
                         | Keyword::XOR
                         | Keyword::OVERLAPS
                         | Keyword::DIV
+                        // Set operations and joins chain into trees as deep as the chain is long.
+                        | Keyword::UNION
+                        | Keyword::INTERSECT
+                        | Keyword::EXCEPT
+                        | Keyword::JOIN
                 )
         }
         Token::EOF
@@ -376,12 +381,22 @@ fn check_width(statement: &ast::Statement) -> Result<(), ParseError> {
     impl Visitor for Width {
         type Break = ParseError;
         fn pre_visit_query(&mut self, query: &ast::Query) -> ControlFlow<ParseError> {
-            if let ast::SetExpr::Select(select) = query.body.as_ref()
-                && select.projection.len() > MAX_SELECT_ITEMS
-            {
-                return ControlFlow::Break(too_wide(format!(
-                    "target lists can have at most {MAX_SELECT_ITEMS} entries"
-                )));
+            if let ast::SetExpr::Select(select) = query.body.as_ref() {
+                if select.projection.len() > MAX_SELECT_ITEMS {
+                    return ControlFlow::Break(too_wide(format!(
+                        "target lists can have at most {MAX_SELECT_ITEMS} entries"
+                    )));
+                }
+                // Each relation of a FROM list is a join, planned as a tree as deep as the list is long.
+                let relations: usize = select.from.iter().map(|t| 1 + t.joins.len()).sum();
+                if relations > MAX_EXPRESSION_DEPTH {
+                    return ControlFlow::Break(ParseError {
+                        code: SqlState::STATEMENT_TOO_COMPLEX,
+                        message: "statement is too complex".into(),
+                        detail: Some(format!("Its FROM lists more than {MAX_EXPRESSION_DEPTH} relations.")),
+                        position: None,
+                    });
+                }
             }
             ControlFlow::Continue(())
         }
@@ -656,6 +671,27 @@ mod tests {
             nested = format!("({}+{nested})", vec!["1"; 100].join("+"));
         }
         assert_eq!(parse_sql(&format!("SELECT {nested}")).unwrap_err().code, SqlState::STATEMENT_TOO_COMPLEX);
+    }
+
+    #[test]
+    fn long_runs_of_whitespace_parse_quickly() {
+        let gap = "\n                       ".repeat(3000);
+        let sql = format!(
+            "CREATE SOURCE tracker (tag TEXT, at TIMESTAMPTZ,{gap} WATERMARK FOR at AS at - INTERVAL '1' SECOND) \
+             WITH (connector = 'file', path = 'data/tracker.jsonl') FORMAT PLAIN ENCODE JSON"
+        );
+        let started = std::time::Instant::now();
+        assert!(parse_sql(&sql).is_ok());
+        let select = format!("SELECT 1,{gap} 2 FROM t WHERE a = 1{gap} AND b = 2");
+        for deep in [
+            format!("SELECT 1 {}", " UNION ALL SELECT 1".repeat(MAX_EXPRESSION_DEPTH + 1)),
+            format!("SELECT 1 FROM t {}", " JOIN t USING (a)".repeat(MAX_EXPRESSION_DEPTH + 1)),
+            format!("SELECT 1 FROM t{}", ", t".repeat(MAX_EXPRESSION_DEPTH + 1)),
+        ] {
+            assert_eq!(parse_sql(&deep).unwrap_err().code, SqlState::STATEMENT_TOO_COMPLEX);
+        }
+        assert!(parse_sql(&select).is_ok());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
     }
 
     #[test]

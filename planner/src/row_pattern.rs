@@ -71,12 +71,11 @@ pub(crate) fn extract_row_patterns(
         if is_word(&tokens[i].token, "MATCH_RECOGNIZE") {
             inside_match_recognize = true;
         }
-        let opening = match significant(&tokens, i + 1) {
-            Some(next) if inside_match_recognize && is_word(&tokens[i].token, "PATTERN") => next,
-            _ => {
-                i += 1;
-                continue;
-            }
+        // Looked at only after `PATTERN`: looking ahead at every token is quadratic in a run of whitespace.
+        let at_pattern = inside_match_recognize && is_word(&tokens[i].token, "PATTERN");
+        let Some(opening) = at_pattern.then(|| significant(&tokens, i + 1)).flatten() else {
+            i += 1;
+            continue;
         };
         if tokens[opening].token != Token::LParen {
             i += 1;

@@ -34,6 +34,8 @@ pub struct Report {
     pub errors: usize,
     pub internal_errors: Vec<String>,
     pub hangs: Vec<String>,
+    /// Statements that took more than five seconds to answer, with their seconds.
+    pub slow: Vec<(u64, String)>,
     pub crashes: usize,
     pub exchanges: usize,
     pub panics: usize,
@@ -168,7 +170,12 @@ pub async fn run(corpus: &[String], statements: usize, exchanges: usize, seed: u
         }
         report.statements += 1;
         let cancel = client.cancel_token();
-        match tokio::time::timeout(Duration::from_secs(30), client.simple_query(&sql)).await {
+        let asked = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(30), client.simple_query(&sql)).await;
+        if asked.elapsed() > Duration::from_secs(5) {
+            report.slow.push((asked.elapsed().as_secs(), sql.chars().take(300).collect()));
+        }
+        match answer {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
                 report.errors += 1;

@@ -338,6 +338,10 @@ pub fn flink_form(tokens: Vec<TokenWithSpan>) -> Vec<TokenWithSpan> {
 }
 
 fn rewrite_at(tokens: &[TokenWithSpan], start: usize) -> Option<(Vec<TokenWithSpan>, usize)> {
+    // The shape starts at a word; starting elsewhere (a run of whitespace) would look ahead in vain at every token.
+    if !matches!(tokens.get(start)?.token, Token::Word(_)) {
+        return None;
+    }
     let mut i = start;
     let next = |i: &mut usize| -> Option<usize> {
         while matches!(tokens.get(*i)?.token, Token::Whitespace(_)) {

@@ -31,6 +31,9 @@ async fn main() -> anyhow::Result<()> {
         report.panics,
         report.internal_errors.len()
     );
+    for (seconds, sql) in &report.slow {
+        println!("  slow ({seconds} s): {sql}");
+    }
     for finding in report.hangs.iter().map(|h| format!("hang: {h}")).chain(report.internal_errors.iter().cloned()) {
         println!("  {finding}");
     }
