@@ -218,8 +218,9 @@ impl Jobs {
         self.dataflow.handle()
     }
 
-    /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`.
-    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>) {
+    /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`; `statement` created it (and
+    /// is named in the log if the dataflow ever fails).
+    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>, statement: &str) {
         let Dataflow { pipeline, inputs, input_names, ms_per_unit, .. } = dataflow;
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(input_names));
@@ -227,6 +228,7 @@ impl Jobs {
         let last_rows = vec![vec![Instant::now()]; readers.len()];
         let view_task = ViewTask {
             view: view.clone(),
+            statement: statement.to_string(),
             pipeline,
             store,
             progress: progress.clone(),
@@ -239,6 +241,7 @@ impl Jobs {
             memory_limit: self.view_memory_bytes,
         };
         let watched = progress.clone();
+        let (name, statement) = (view.clone(), statement.to_string());
         let epoch_interval = self.epoch_interval;
         let task = self.dataflow.handle().spawn(async move {
             // A panic in the dataflow (a bug) ends this view only, and says so in its status.
@@ -249,7 +252,7 @@ impl Jobs {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("panic");
-                error!(error = %reason, "a view's dataflow panicked; the view stops here");
+                error!(view = %name, %statement, error = %reason, "a view's dataflow panicked; the view stops here");
                 watched.set_status(format!("failed: internal error: {reason}"));
             }
         });
@@ -313,6 +316,8 @@ impl Drop for Jobs {
 #[derive(Debug)]
 struct ViewTask {
     view: String,
+    /// The statement that created the view, for the log when the view fails.
+    statement: String,
     pipeline: Pipeline,
     store: Arc<ViewStore>,
     progress: Arc<Progress>,
@@ -573,8 +578,8 @@ impl ViewTask {
     }
 
     fn fail(&self, err: weir_runtime::RuntimeError) {
-        let view = &self.view;
-        error!(%view, error = %err, "the view's dataflow failed; the view stops here");
+        let (view, statement) = (&self.view, &self.statement);
+        error!(%view, %statement, error = %err, "the view's dataflow failed; the view stops here");
         self.progress.set_status(format!("failed: {err}"));
     }
 }

@@ -295,7 +295,7 @@ impl Session {
         let changes = store.subscribe_changes();
         let dataflow_job = dataflow.map(|dataflow| {
             let job = dataflow_name(&name);
-            self.engine.jobs.start(job.clone(), dataflow, store.clone());
+            self.engine.jobs.start(job.clone(), dataflow, store.clone(), text);
             job
         });
         sinks.start(&self.engine.jobs.dataflow(), name, changes, opened, progress, depends_on, dataflow_job);

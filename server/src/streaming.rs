@@ -109,7 +109,7 @@ impl Session {
         let relation =
             Relation::stored(def, store.clone(), dataflow.append_only).with_ordered_by(dataflow.ordered_by.clone());
         self.engine.catalog.create(relation, false)?;
-        self.engine.jobs.start(name, dataflow, store);
+        self.engine.jobs.start(name, dataflow, store, text);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
