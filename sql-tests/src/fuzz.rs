@@ -27,6 +27,11 @@ pub fn count_panics() {
     }));
 }
 
+/// How many panics [`count_panics`] has counted.
+pub fn panics() -> usize {
+    PANICS.load(Ordering::SeqCst)
+}
+
 /// What a round found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -44,10 +49,10 @@ pub struct Report {
 
 /// A deterministic stream of numbers (splitmix64).
 #[derive(Debug)]
-struct Random(u64);
+pub struct Random(pub u64);
 
 impl Random {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -55,8 +60,8 @@ impl Random {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -228,19 +233,26 @@ async fn connect(server: &TestServer) -> anyhow::Result<tokio_postgres::Client> 
     Ok(client)
 }
 
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+/// A frontend message: type byte, length, body.
+pub fn message(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![kind];
     out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
     out.extend_from_slice(body);
     out
 }
 
+/// A protocol 3.0 startup message for user and database `weir`.
+pub fn startup() -> Vec<u8> {
+    let body = b"user\0weir\0database\0weir\0\0";
+    let mut out = ((body.len() + 8) as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&196_608i32.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 /// A startup message and a prepared-statement exchange, with one to three bits flipped after the startup.
 fn flipped_exchange(random: &mut Random) -> Vec<u8> {
-    let body = b"user\0weir\0database\0weir\0\0";
-    let mut startup = ((body.len() + 8) as i32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&196_608i32.to_be_bytes());
-    startup.extend_from_slice(body);
+    let mut startup = startup();
     let mut flow = message(b'P', b"s1\0SELECT $1::int + 1, repeat('x', $1)\0\0\x01\0\0\0\x17");
     flow.extend(message(b'B', b"p1\0s1\0\0\x01\0\x01\0\x01\0\0\0\x04\0\0\0\x29\0\x01\0\0"));
     flow.extend(message(b'D', b"Pp1\0"));

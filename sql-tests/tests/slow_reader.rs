@@ -6,22 +6,8 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use weir_sql_tests::fuzz::{message, startup};
 use weir_sql_tests::{TestServer, query_rows};
-
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![kind];
-    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-fn startup() -> Vec<u8> {
-    let body = b"user\0weir\0database\0weir\0\0";
-    let mut out = ((body.len() + 8) as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&196_608i32.to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
 
 /// The process's resident memory, in bytes.
 fn resident_bytes() -> u64 {

@@ -3,24 +3,13 @@
 //! server must still answer `SELECT 1` on a new connection; a view created first must still be updating at the end,
 //! and nothing may have panicked anywhere in the process. New findings go here.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
+use weir_sql_tests::fuzz::{message, startup};
 use weir_sql_tests::{TestServer, query_rows};
-
-/// Panics anywhere in the test process (the server runs inside it).
-static PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn count_panics() {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        PANICS.fetch_add(1, Ordering::SeqCst);
-        previous(info);
-    }));
-}
 
 fn chain(op: &str, term: &str, n: usize) -> String {
     vec![term; n].join(op)
@@ -107,7 +96,7 @@ async fn alive(server: &TestServer, after: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_survives_the_corpus() {
-    count_panics();
+    weir_sql_tests::fuzz::count_panics();
     let server = TestServer::start().await.unwrap();
     let admin = server.connect().await.unwrap();
     admin
@@ -168,24 +157,8 @@ async fn the_server_survives_the_corpus() {
     let status =
         query_rows(&client.client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'tick_count'").await;
     assert_eq!(status, [["running"]]);
-    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+    assert_eq!(weir_sql_tests::fuzz::panics(), 0, "something panicked");
     server.stop().await.unwrap();
-}
-
-/// A frontend message: type byte, length, body.
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![kind];
-    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-fn startup() -> Vec<u8> {
-    let body = b"user\0weir\0database\0weir\0\0";
-    let mut out = ((body.len() + 8) as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&196_608i32.to_be_bytes());
-    out.extend_from_slice(body);
-    out
 }
 
 /// Sends `bytes` after a startup message and returns what the server sends back until it closes the connection or
@@ -226,18 +199,9 @@ fn error_codes(received: &[u8]) -> Vec<String> {
     codes
 }
 
-/// A deterministic stream of pseudo-random numbers (splitmix64).
-fn next_random(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_wire_messages_close_only_their_connection() {
-    count_panics();
+    weir_sql_tests::fuzz::count_panics();
     let server = TestServer::start().await.unwrap();
 
     // A second statement after the Query's NUL is a protocol violation, not a second statement.
@@ -270,13 +234,13 @@ async fn malformed_wire_messages_close_only_their_connection() {
     exchange_bytes.extend(message(b'E', b"p1\0\0\0\0\0"));
     exchange_bytes.extend(message(b'C', b"Ss1\0"));
     exchange_bytes.extend(message(b'S', b""));
-    let mut seed = 12_345u64;
+    let mut random = weir_sql_tests::fuzz::Random(12_345);
     let (mut refused, mut answered) = (0, 0);
     for _ in 0..300 {
         let mut mutated = exchange_bytes.clone();
-        for _ in 0..=(next_random(&mut seed) % 3) {
-            let at = (next_random(&mut seed) as usize) % mutated.len();
-            mutated[at] ^= 1 << (next_random(&mut seed) % 8);
+        for _ in 0..=random.below(3) {
+            let at = random.below(mutated.len());
+            mutated[at] ^= 1 << random.below(8);
         }
         let received = exchange(&server, &mutated).await;
         let codes = error_codes(&received);
@@ -289,7 +253,7 @@ async fn malformed_wire_messages_close_only_their_connection() {
     // The mutations reach both outcomes: refused by the guard, and answered (a flip in a value, not the framing).
     assert!(refused > 50 && answered > 10, "{refused} refused, {answered} answered");
     alive(&server, "300 byte-flipped exchanges").await;
-    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+    assert_eq!(weir_sql_tests::fuzz::panics(), 0, "something panicked");
     server.stop().await.unwrap();
 }
 
