@@ -95,14 +95,8 @@ async fn guard(tcp: TcpStream, server: UnixStream, max_message: usize) -> io::Re
         let mut chunk = vec![0u8; 64 * 1024];
         let mut replies_open = true;
         loop {
-            while frames.between_messages()
-                && let Some(reply) = pending.pop_front()
-            {
-                client_write.write_all(&reply.bytes).await?;
-                if reply.last {
-                    let _ = client_write.shutdown().await;
-                    return Ok(());
-                }
+            if send_replies(&mut client_write, &mut pending, &frames).await? {
+                return Ok(());
             }
             tokio::select! {
                 reply = replies_due.recv(), if replies_open => match reply {
@@ -129,14 +123,8 @@ async fn guard(tcp: TcpStream, server: UnixStream, max_message: usize) -> io::Re
                         client_write.write_all(&data[..take]).await?;
                         frames.wrote(&data[..take]);
                         data = &data[take..];
-                        while frames.between_messages()
-                            && let Some(reply) = pending.pop_front()
-                        {
-                            client_write.write_all(&reply.bytes).await?;
-                            if reply.last {
-                                let _ = client_write.shutdown().await;
-                                return Ok(());
-                            }
+                        if send_replies(&mut client_write, &mut pending, &frames).await? {
+                            return Ok(());
                         }
                     }
                 }
@@ -153,6 +141,25 @@ async fn guard(tcp: TcpStream, server: UnixStream, max_message: usize) -> io::Re
             downstream.await
         }
     }
+}
+
+/// Writes the replies that wait, if the server is between two messages; whether the connection is to end (a reply
+/// was the last), in which case the client's side is shut.
+async fn send_replies(
+    client: &mut tokio::net::tcp::OwnedWriteHalf,
+    pending: &mut VecDeque<Reply>,
+    frames: &OutgoingFrames,
+) -> io::Result<bool> {
+    while frames.between_messages()
+        && let Some(reply) = pending.pop_front()
+    {
+        client.write_all(&reply.bytes).await?;
+        if reply.last {
+            let _ = client.shutdown().await;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// What to do with the next whole message from the client.
