@@ -73,7 +73,6 @@ impl Engine {
             Arc::new(weir_runtime::state::MemoryStore::new()),
             config.epoch_interval,
             dataflow,
-            config.limits.view_memory_bytes,
         ));
         let system = Arc::new(MemorySchemaProvider::new());
         for (name, relation) in SystemRelation::all(&jobs) {

@@ -185,8 +185,6 @@ pub struct Jobs {
     epoch_interval: Duration,
     /// Where view and sink tasks run: never on the threads that serve connections.
     dataflow: crate::exec::DataflowRuntime,
-    /// The most memory one view's state may hold.
-    view_memory_bytes: usize,
 }
 
 /// The state table of view `view`'s published rows.
@@ -195,22 +193,9 @@ fn rows_table(view: &str) -> StateTable {
 }
 
 impl Jobs {
-    pub fn new(
-        state: Arc<dyn StateStore>,
-        epoch_interval: Duration,
-        dataflow: crate::exec::DataflowRuntime,
-        view_memory_bytes: usize,
-    ) -> Self {
+    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration, dataflow: crate::exec::DataflowRuntime) -> Self {
         let sinks = Default::default();
-        Jobs {
-            jobs: Mutex::default(),
-            created: AtomicU64::new(0),
-            state,
-            sinks,
-            epoch_interval,
-            dataflow,
-            view_memory_bytes,
-        }
+        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval, dataflow }
     }
 
     /// The runtime view and sink tasks run on.
@@ -220,7 +205,8 @@ impl Jobs {
 
     /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`; `statement` created it (and
     /// is named in the log if the dataflow ever fails).
-    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>, statement: &str) {
+    /// Its state may hold `memory_limit` bytes.
+    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>, statement: &str, memory_limit: usize) {
         let Dataflow { pipeline, inputs, input_names, ms_per_unit, .. } = dataflow;
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(input_names));
@@ -238,7 +224,7 @@ impl Jobs {
             idle_timeouts,
             last_rows,
             rate_samples: VecDeque::new(),
-            memory_limit: self.view_memory_bytes,
+            memory_limit,
         };
         let watched = progress.clone();
         let (name, statement) = (view.clone(), statement.to_string());
@@ -568,8 +554,8 @@ impl ViewTask {
         }
         let view = &self.view;
         let reason = format!(
-            "failed: the view's state takes {bytes} bytes, more than a view may hold ({} bytes, weir \
-             --view-memory-limit)",
+            "failed: the view's state takes {bytes} bytes, more than it may hold ({} bytes: its memory_limit, or \
+             weir --view-memory-limit)",
             self.memory_limit
         );
         error!(%view, bytes, limit = self.memory_limit, "a view's state outgrew its limit; the view stops here");

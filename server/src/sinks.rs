@@ -295,7 +295,8 @@ impl Session {
         let changes = store.subscribe_changes();
         let dataflow_job = dataflow.map(|dataflow| {
             let job = dataflow_name(&name);
-            self.engine.jobs.start(job.clone(), dataflow, store.clone(), text);
+            let limit = self.engine.limits.view_memory_bytes;
+            self.engine.jobs.start(job.clone(), dataflow, store.clone(), text, limit);
             job
         });
         sinks.start(&self.engine.jobs.dataflow(), name, changes, opened, progress, depends_on, dataflow_job);

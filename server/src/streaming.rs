@@ -92,6 +92,7 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
+        let memory_limit = view_memory_limit(&view.options)?.unwrap_or(self.engine.limits.view_memory_bytes);
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&view.name)?;
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
@@ -109,7 +110,7 @@ impl Session {
         let relation =
             Relation::stored(def, store.clone(), dataflow.append_only).with_ordered_by(dataflow.ordered_by.clone());
         self.engine.catalog.create(relation, false)?;
-        self.engine.jobs.start(name, dataflow, store, text);
+        self.engine.jobs.start(name, dataflow, store, text, memory_limit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 
@@ -536,6 +537,61 @@ impl Session {
             Err(e) => Err(ErrorReport::from_datafusion(&e, "")),
         }
     }
+}
+
+/// A materialized view's `WITH (memory_limit = '64MB')`: the most its state may hold, instead of the server's
+/// `--view-memory-limit`. Sizes are bytes or a number with `kB`, `MB`, `GB` or `TB` (powers of 1024, as Postgres
+/// reads memory settings). Any other option is an error.
+fn view_memory_limit(options: &ast::CreateTableOptions) -> Result<Option<usize>, ErrorReport> {
+    let pairs = match options {
+        ast::CreateTableOptions::None => return Ok(None),
+        ast::CreateTableOptions::With(pairs) => pairs,
+        _ => return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "a materialized view's options go in WITH (...)")),
+    };
+    let mut limit = None;
+    for option in pairs {
+        let ast::SqlOption::KeyValue { key, value } = option else {
+            return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, format!("invalid option: {option}")));
+        };
+        if !key.value.eq_ignore_ascii_case("memory_limit") {
+            return Err(ErrorReport::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("unrecognized materialized view option \"{}\"; the options are: memory_limit", key.value),
+            ));
+        }
+        let text = match value {
+            ast::Expr::Value(v) => match &v.value {
+                ast::Value::SingleQuotedString(s) => s.clone(),
+                other => other.to_string(),
+            },
+            other => other.to_string(),
+        };
+        limit = Some(parse_memory_size(&text).ok_or_else(|| {
+            ErrorReport::new(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("invalid value for option \"memory_limit\": \"{text}\""),
+            )
+            .with_hint("Valid units for this option are \"B\", \"kB\", \"MB\", \"GB\", and \"TB\".")
+        })?);
+    }
+    Ok(limit)
+}
+
+/// A memory size: bytes, or a number with `B`, `kB`, `MB`, `GB` or `TB`.
+fn parse_memory_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().ok()?;
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        "TB" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(factor)
 }
 
 /// A watermark is a function of the row alone: replaying the same rows must give the same watermarks. A function

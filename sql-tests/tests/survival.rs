@@ -344,6 +344,8 @@ async fn a_view_whose_state_outgrows_its_limit_fails_alone() {
             "CREATE SOURCE ids (id BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts)
                WITH (connector = 'datagen', 'datagen.rows.per.second' = '20000', 'fields.id.kind' = 'sequence');
              CREATE MATERIALIZED VIEW per_id AS SELECT id, count(*) AS n FROM ids GROUP BY id;
+             CREATE MATERIALIZED VIEW per_id_small WITH (memory_limit = '1MB') AS
+               SELECT id, count(*) AS n FROM ids GROUP BY id;
              CREATE MATERIALIZED VIEW total AS SELECT count(*) AS n FROM ids;",
         )
         .await
@@ -359,7 +361,23 @@ async fn a_view_whose_state_outgrows_its_limit_fails_alone() {
     let status =
         query_rows(&client.client, "SELECT status, state_bytes FROM weir_catalog.view_progress WHERE view = 'per_id'")
             .await;
-    assert!(status[0][0].ends_with("(2097152 bytes, weir --view-memory-limit)"), "{status:?}");
+    assert!(status[0][0].ends_with("(2097152 bytes: its memory_limit, or weir --view-memory-limit)"), "{status:?}");
+    // A view's own memory_limit is its bound instead of the server's.
+    let small =
+        query_rows(&client.client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'per_id_small'").await;
+    assert!(small[0][0].contains("(1048576 bytes: its memory_limit"), "{small:?}");
+    let err = client
+        .client
+        .batch_execute("CREATE MATERIALIZED VIEW bad WITH (memory_limt = '1MB') AS SELECT id FROM ids")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    let err = client
+        .client
+        .batch_execute("CREATE MATERIALIZED VIEW bad WITH (memory_limit = 'lots') AS SELECT id FROM ids")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
     assert!(status[0][1].parse::<u64>().unwrap() > 2 * 1024 * 1024);
     // It keeps what it had, readable; the other view carries on.
     assert!(!query_rows(&client.client, "SELECT n FROM per_id LIMIT 1").await.is_empty());
