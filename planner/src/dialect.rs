@@ -93,8 +93,11 @@ impl Dialect for WeirDialect {
     fn supports_named_fn_args_with_colon_operator(&self) -> bool {
         PG.supports_named_fn_args_with_colon_operator()
     }
+    /// Not Postgres': with it, sqlparser parses each function argument as a whole expression to look for `=>` and
+    /// then again, so parsing time doubles with each level of nested calls (`abs(abs(abs(...)))`). Named arguments
+    /// (`name => value`) still parse; only `json_object('label': 'value')`-style expression names do not.
     fn supports_named_fn_args_with_expr_name(&self) -> bool {
-        PG.supports_named_fn_args_with_expr_name()
+        false
     }
     fn supports_empty_projections(&self) -> bool {
         PG.supports_empty_projections()

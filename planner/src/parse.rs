@@ -110,7 +110,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             return Err(syntax_error_at(sql, &next, None));
         }
         let start = next.span.start;
-        let statement = if source::at_create_source(&parser) {
+        let statement = if source::at_create_source(&parser, &tokens) {
             source::parse_create_source(&mut parser).map(|s| WeirStatement::CreateSource(Box::new(s)))
         } else if sink::at_create_sink(&parser) {
             sink::parse_create_sink(&mut parser).map(|s| WeirStatement::CreateSink(Box::new(s)))
@@ -683,6 +683,11 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(parse_sql(&sql).is_ok());
         let select = format!("SELECT 1,{gap} 2 FROM t WHERE a = 1{gap} AND b = 2");
+        // Nested calls parse in time linear in their depth.
+        let nested = format!("SELECT {}1{}", "abs(".repeat(150), ")".repeat(150));
+        assert!(parse_sql(&nested).is_ok());
+        let columns: Vec<String> = (0..1500).map(|i| format!("c{i} INT")).collect();
+        assert!(parse_sql(&format!("CREATE TABLE wide ({})", columns.join(",\n    "))).is_ok());
         for deep in [
             format!("SELECT 1 {}", " UNION ALL SELECT 1".repeat(MAX_EXPRESSION_DEPTH + 1)),
             format!("SELECT 1 FROM t {}", " JOIN t USING (a)".repeat(MAX_EXPRESSION_DEPTH + 1)),

@@ -21,7 +21,7 @@
 use datafusion::sql::sqlparser::ast::{ColumnDef, Expr, Ident, ObjectName, Value};
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
-use datafusion::sql::sqlparser::tokenizer::Token;
+use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
 
 /// `CREATE SOURCE`, as written.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,7 @@ pub struct FormatDef {
 }
 
 /// Whether the parser stands at `CREATE SOURCE`, or at a `CREATE TABLE` whose column list declares a watermark.
-pub(crate) fn at_create_source(parser: &Parser) -> bool {
+pub(crate) fn at_create_source(parser: &Parser, tokens: &[TokenWithSpan]) -> bool {
     if !is_keyword(&parser.peek_nth_token(0).token, Keyword::CREATE) {
         return false;
     }
@@ -77,10 +77,11 @@ pub(crate) fn at_create_source(parser: &Parser) -> bool {
     if !is_keyword(&second, Keyword::TABLE) {
         return false;
     }
-    // `WATERMARK` directly inside the column list's parentheses.
+    // `WATERMARK` directly inside the column list's parentheses, looked for in one pass over the tokens (peeking
+    // at the n-th token from the parser each time would be quadratic in the statement's length).
     let mut depth = 0usize;
-    for n in 2.. {
-        match parser.peek_nth_token(n).token {
+    for token in tokens.iter().skip(parser.index()) {
+        match token.token {
             Token::LParen => depth += 1,
             Token::RParen if depth <= 1 => return false,
             Token::RParen => depth -= 1,
