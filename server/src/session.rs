@@ -410,6 +410,13 @@ impl Session {
             "server_version" => PG_VERSION.to_string(),
             "server_version_num" => "160006".to_string(),
             "transaction isolation level" => parameter(params, "transaction_isolation").unwrap_or_default(),
+            // The server's default (`--statement-timeout-ms`) until the session sets its own.
+            "statement_timeout" if !params.contains_key("statement_timeout") => {
+                match self.engine.limits.statement_timeout.as_millis() {
+                    0 => "0".to_string(),
+                    ms => format!("{ms}ms"),
+                }
+            }
             "all" => return self.show_all(params),
             name => parameter(params, name).ok_or_else(|| {
                 ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("unrecognized configuration parameter \"{name}\""))

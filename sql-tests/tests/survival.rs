@@ -289,7 +289,9 @@ async fn busy_statements_do_not_freeze_other_clients_and_can_be_cancelled() {
 
     // statement_timeout, set by the session.
     let client = server.connect().await.unwrap();
+    assert_eq!(query_rows(&client.client, "SHOW statement_timeout").await, [["0"]]);
     client.client.batch_execute("SET statement_timeout = '200ms'").await.unwrap();
+    assert_eq!(query_rows(&client.client, "SHOW statement_timeout").await, [["200ms"]]);
     let started = Instant::now();
     let err = client.client.batch_execute("SELECT pg_sleep(20)").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
@@ -331,6 +333,18 @@ async fn a_sink_whose_broker_is_away_holds_its_input_back() {
     let status =
         query_rows(&client.client, "SELECT status FROM weir_catalog.sink_progress WHERE sink = 'nowhere'").await;
     assert!(status[0][0].starts_with("retrying: "), "{status:?}");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_statement_timeout_applies_until_a_session_sets_its_own() {
+    let server = TestServer::start_with(|limits| limits.statement_timeout = Duration::from_millis(300)).await.unwrap();
+    let client = server.connect().await.unwrap();
+    assert_eq!(query_rows(&client.client, "SHOW statement_timeout").await, [["300ms"]]);
+    let err = client.client.batch_execute("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"));
+    client.client.batch_execute("SET statement_timeout = 0").await.unwrap();
+    client.client.batch_execute("SELECT pg_sleep(0.5)").await.unwrap();
     server.stop().await.unwrap();
 }
 
