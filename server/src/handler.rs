@@ -328,8 +328,24 @@ async fn encode(
         let fields = fields.clone();
         batches.map(move |batch| rows_of(fields.clone(), batch.map(|b| for_wire(&fields, b)))).flatten().boxed()
     } else {
-        // An error fails the statement here, so that the statements after it do not run.
-        let collected: Vec<RecordBatch> = batches.collect::<Vec<_>>().await.into_iter().collect::<PgWireResult<_>>()?;
+        // An error fails the statement here, so that the statements after it do not run. What is held is bounded.
+        let mut collected: Vec<RecordBatch> = Vec::new();
+        let mut held = 0usize;
+        let mut batches = std::pin::pin!(batches);
+        while let Some(batch) = batches.next().await {
+            let batch = batch?;
+            held += batch.get_array_memory_size();
+            if held > MAX_HELD_RESULT_BYTES {
+                return Err(to_pgwire(
+                    ErrorReport::new(
+                        SqlState::PROGRAM_LIMIT_EXCEEDED,
+                        format!("the result is larger than {MAX_HELD_RESULT_BYTES} bytes, the most held for a statement followed by others in one query string"),
+                    )
+                    .with_hint("Send the statement on its own: its rows are then streamed as the client reads them."),
+                ));
+            }
+            collected.push(batch);
+        }
         let fields = fields.clone();
         stream::iter(collected)
             .map(move |batch| rows_of(fields.clone(), Ok(for_wire(&fields, batch))))
@@ -338,6 +354,10 @@ async fn encode(
     };
     Ok(QueryResponse::new(fields, rows))
 }
+
+/// The most a statement's result is held for while later statements of its query string wait (a statement alone, or
+/// the last, streams its rows instead).
+const MAX_HELD_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
 /// The wire description of a result schema: arrow-pg's mapping, plus json/jsonb for columns marked as such.
 fn pg_fields(
