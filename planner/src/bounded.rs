@@ -10,9 +10,10 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::{DataType, FieldRef};
-use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type};
+use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
@@ -30,8 +31,10 @@ enum Growth {
     Repeat,
     /// `lpad`/`rpad(text, n [, fill])`: `n` characters of up to four bytes.
     Pad,
-    /// `array_repeat(element, n)`, `array_resize(array, n [, fill])`: `n` elements.
-    Elements,
+    /// `array_repeat(element, n)`: `n` copies of the element.
+    RepeatElement,
+    /// `array_resize(array, n [, fill])`: `n` items of the list.
+    ResizeList,
     /// `range`/`generate_series(start, stop [, step])` as a scalar: the list of every step.
     Series,
     /// `replace(text, from, to)`: each occurrence of `from` may become `to`.
@@ -43,7 +46,8 @@ pub fn bounded(udf: Arc<ScalarUDF>) -> Option<ScalarUDF> {
     let growth = match udf.name() {
         "repeat" => Growth::Repeat,
         "lpad" | "rpad" => Growth::Pad,
-        "array_repeat" | "array_resize" => Growth::Elements,
+        "array_repeat" => Growth::RepeatElement,
+        "array_resize" => Growth::ResizeList,
         "range" | "generate_series" => Growth::Series,
         "replace" => Growth::Replace,
         _ => return None,
@@ -96,17 +100,32 @@ impl ScalarUDFImpl for Bounded {
     }
 }
 
-/// Fails when the call would build more than the bounds allow.
+/// Fails when the call would build more than the bounds allow. The arguments are read column-wise, once per call:
+/// counts cast to `Int64` once, no value built per row.
 fn check(name: &str, growth: Growth, args: &[ColumnarValue], rows: usize) -> Result<()> {
     let arrays = ColumnarValue::values_to_arrays(args)?;
     let rows = arrays.first().map_or(rows, |a| a.len());
+    let integers: Vec<Option<ArrayRef>> = arrays.iter().map(|a| cast(a, &DataType::Int64).ok()).collect();
+    let integer = |arg: usize, row: usize| -> Option<i64> {
+        let array = integers.get(arg)?.as_ref()?.as_primitive::<Int64Type>();
+        array.is_valid(row).then(|| array.value(row))
+    };
+    let count = |arg: usize, row: usize| integer(arg, row).map_or(0, |n| u64::try_from(n).unwrap_or(0));
     let mut total: u64 = 0;
     for row in 0..rows {
         let bytes = match growth {
-            Growth::Repeat => byte_len(&arrays, 0, row).saturating_mul(count(&arrays, 1, row)),
-            Growth::Pad => count(&arrays, 1, row).saturating_mul(4),
-            Growth::Elements => count(&arrays, 1, row).saturating_mul(element_bytes(&arrays, row)),
-            Growth::Series => series_len(&arrays, row).saturating_mul(8),
+            Growth::Repeat => byte_len(&arrays, 0, row).saturating_mul(count(1, row)),
+            Growth::Pad => count(1, row).saturating_mul(4),
+            Growth::RepeatElement => count(1, row).saturating_mul(value_bytes(&arrays[0], row)),
+            Growth::ResizeList => count(1, row).saturating_mul(item_bytes(&arrays[0])),
+            Growth::Series => {
+                let (start, stop, step) = match arrays.len() {
+                    1 => (Some(0), integer(0, row), Some(1)),
+                    2 => (integer(0, row), integer(1, row), Some(1)),
+                    _ => (integer(0, row), integer(1, row), integer(2, row)),
+                };
+                series_len(start, stop, step).saturating_mul(8)
+            }
             Growth::Replace => {
                 let text = byte_len(&arrays, 0, row);
                 let from = byte_len(&arrays, 1, row).max(1);
@@ -134,7 +153,7 @@ fn too_large(name: &str, detail: String) -> DataFusionError {
 }
 
 /// The byte length of argument `arg` at `row` (strings and binaries; 0 for anything else or NULL).
-fn byte_len(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> u64 {
+fn byte_len(arrays: &[ArrayRef], arg: usize, row: usize) -> u64 {
     let Some(array) = arrays.get(arg) else { return 0 };
     if array.is_null(row) {
         return 0;
@@ -151,62 +170,35 @@ fn byte_len(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> u64 {
     len as u64
 }
 
-/// Argument `arg` at `row` as a count: integers as they are, negatives and NULL as 0.
-fn count(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> u64 {
-    integer(arrays, arg, row).map_or(0, |n| u64::try_from(n).unwrap_or(0))
+/// What one copy of `array_repeat`'s element at `row` takes: a list's items, a string's bytes, or a value's width.
+fn value_bytes(array: &ArrayRef, row: usize) -> u64 {
+    let items = match array.data_type() {
+        DataType::List(_) => array.as_list::<i32>().value_length(row) as u64,
+        DataType::LargeList(_) => array.as_list::<i64>().value_length(row) as u64,
+        DataType::FixedSizeList(_, size) => *size as u64,
+        _ => return byte_len(std::slice::from_ref(array), 0, row).max(8),
+    };
+    items.saturating_mul(item_bytes(array))
 }
 
-fn integer(arrays: &[Arc<dyn Array>], arg: usize, row: usize) -> Option<i64> {
-    let array = arrays.get(arg)?;
-    if array.is_null(row) {
-        return None;
-    }
-    match ScalarValue::try_from_array(array, row).ok()? {
-        ScalarValue::Int8(v) => v.map(i64::from),
-        ScalarValue::Int16(v) => v.map(i64::from),
-        ScalarValue::Int32(v) => v.map(i64::from),
-        ScalarValue::Int64(v) => v,
-        ScalarValue::UInt8(v) => v.map(i64::from),
-        ScalarValue::UInt16(v) => v.map(i64::from),
-        ScalarValue::UInt32(v) => v.map(i64::from),
-        ScalarValue::UInt64(v) => v.map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
-        _ => None,
-    }
-}
-
-/// What one element of `array_repeat`'s first argument (or an element of `array_resize`'s list) takes.
-fn element_bytes(arrays: &[Arc<dyn Array>], row: usize) -> u64 {
-    let Some(array) = arrays.first() else { return 8 };
-    match array.data_type() {
-        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..) => {
-            let bytes = array.slice(row, 1).get_array_memory_size() as u64;
-            let elements = ScalarValue::try_from_array(array, row).ok().and_then(|v| match v {
-                ScalarValue::List(list) => Some(list.value_length(0).max(1) as u64),
-                _ => None,
-            });
-            match elements {
-                // array_resize: the list's own element size.
-                Some(n) if arrays.len() <= 3 && n > 0 => (bytes / n).max(8),
-                _ => bytes.max(8),
-            }
-        }
-        _ => byte_len(arrays, 0, row).max(8),
-    }
+/// About what one item of a list column takes (its values' memory over their number); 8 for anything else.
+fn item_bytes(array: &ArrayRef) -> u64 {
+    let values = match array.data_type() {
+        DataType::List(_) => array.as_list::<i32>().values().clone(),
+        DataType::LargeList(_) => array.as_list::<i64>().values().clone(),
+        DataType::FixedSizeList(..) => array.as_fixed_size_list().values().clone(),
+        _ => return 8,
+    };
+    (values.get_array_memory_size() as u64 / values.len().max(1) as u64).max(8)
 }
 
 /// How many values `range(start, stop, step)` lists.
-fn series_len(arrays: &[Arc<dyn Array>], row: usize) -> u64 {
-    let (start, stop, step) = match arrays.len() {
-        1 => (Some(0), integer(arrays, 0, row), Some(1)),
-        2 => (integer(arrays, 0, row), integer(arrays, 1, row), Some(1)),
-        _ => (integer(arrays, 0, row), integer(arrays, 1, row), integer(arrays, 2, row)),
-    };
+fn series_len(start: Option<i64>, stop: Option<i64>, step: Option<i64>) -> u64 {
     let (Some(start), Some(stop), Some(step)) = (start, stop, step) else { return 0 };
     if step == 0 {
         return 0;
     }
-    let span = i128::from(stop) - i128::from(start);
-    let steps = span / i128::from(step);
+    let steps = (i128::from(stop) - i128::from(start)) / i128::from(step);
     u64::try_from(steps.max(0)).unwrap_or(u64::MAX)
 }
 

@@ -69,9 +69,7 @@ impl Workers {
             };
             let _ = done.send(outcome);
         }));
-        result.await.unwrap_or_else(|_| {
-            Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: the statement's worker stopped"))
-        })
+        result.await.unwrap_or_else(|_| Err(worker_stopped()))
     }
 
     /// Runs `job` on a statement worker. A panic inside it is logged and ends the job only.
@@ -131,6 +129,11 @@ fn worker(jobs: Receiver<Job>, queue: Sender<Job>, idle: Arc<Mutex<Vec<Sender<Jo
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
         };
     }
+}
+
+/// What a statement gets when its worker went away without answering (a bug: workers catch panics).
+pub fn worker_stopped() -> ErrorReport {
+    ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: the statement's worker stopped")
 }
 
 /// The text of a panic's payload.

@@ -230,9 +230,7 @@ impl Handler {
                 }
             }
         });
-        let (outcome, changed) = result.await.unwrap_or_else(|_| {
-            Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: the statement's worker stopped"))
-        })?;
+        let (outcome, changed) = result.await.unwrap_or_else(|_| Err(crate::exec::worker_stopped()))?;
         *params = changed;
         Ok(outcome)
     }

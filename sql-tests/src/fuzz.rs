@@ -250,6 +250,14 @@ pub fn startup() -> Vec<u8> {
     out
 }
 
+/// Flips one to three random bits of `bytes`.
+pub fn flip_bits(bytes: &mut [u8], random: &mut Random) {
+    for _ in 0..=random.below(3) {
+        let at = random.below(bytes.len());
+        bytes[at] ^= 1 << random.below(8);
+    }
+}
+
 /// A startup message and a prepared-statement exchange, with one to three bits flipped after the startup.
 fn flipped_exchange(random: &mut Random) -> Vec<u8> {
     let mut startup = startup();
@@ -260,10 +268,7 @@ fn flipped_exchange(random: &mut Random) -> Vec<u8> {
     flow.extend(message(b'E', b"p1\0\0\0\0\0"));
     flow.extend(message(b'C', b"Ss1\0"));
     flow.extend(message(b'S', b""));
-    for _ in 0..=random.below(3) {
-        let at = random.below(flow.len());
-        flow[at] ^= 1 << random.below(8);
-    }
+    flip_bits(&mut flow, random);
     startup.extend(flow);
     startup
 }

@@ -240,10 +240,7 @@ async fn malformed_wire_messages_close_only_their_connection() {
     let (mut refused, mut answered) = (0, 0);
     for _ in 0..300 {
         let mut mutated = exchange_bytes.clone();
-        for _ in 0..=random.below(3) {
-            let at = random.below(mutated.len());
-            mutated[at] ^= 1 << random.below(8);
-        }
+        weir_sql_tests::fuzz::flip_bits(&mut mutated, &mut random);
         let received = exchange(&server, &mutated).await;
         let codes = error_codes(&received);
         for code in &codes {
