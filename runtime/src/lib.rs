@@ -19,9 +19,10 @@
 //! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
 //!   order, resumable as rows arrive.
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
+//! - [`rocks`]: [`rocks::RocksStore`], the durable state store (RocksDB on disk).
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, joins, and a durable store. The
-//! runtime depends only on `weir-common`.
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, and joins. The runtime depends only
+//! on `weir-common` (and RocksDB).
 
 mod groups;
 pub mod match_recognize;
@@ -29,6 +30,7 @@ pub mod match_stream;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
+pub mod rocks;
 pub mod row_pattern;
 pub mod session_aggregate;
 pub mod state;

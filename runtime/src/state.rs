@@ -1,7 +1,7 @@
 //! The state store: where operators keep their state, written a whole epoch at a time.
 //!
 //! - [`StateStore`]: the contract of a store (ordered byte keys, atomic write batches). [`MemoryStore`] keeps
-//!   everything in memory; a RocksDB store implements the same trait for durability.
+//!   everything in memory (for unit tests); [`crate::rocks::RocksStore`] implements the same trait on disk.
 //! - [`StateTable`]: one operator's key space inside a store (a prefix), with the key encodings operators share.
 //! - [`WriteBatch`]: the puts and deletes of one checkpoint, applied all or nothing.
 //!
@@ -48,6 +48,11 @@ pub trait StateStore: Send + Sync + Debug {
 
     /// Applies `batch` atomically.
     fn write(&self, batch: WriteBatch) -> Result<(), StateError>;
+
+    /// About how many bytes the store takes on disk; `None` for a store that keeps nothing there.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// An operator whose state goes through a state table.
@@ -284,37 +289,8 @@ mod tests {
     }
 
     #[test]
-    fn tables_are_separate_and_range_deletes_stay_inside_one() {
-        let store = MemoryStore::new();
-        let a = StateTable::new("a");
-        let ab = StateTable::new("ab");
-        let mut batch = WriteBatch::default();
-        for t in [&a, &ab] {
-            for end in [10i64, 20, 30] {
-                batch.put(t.key(&encode_i64(end)), vec![end as u8]);
-            }
-        }
-        store.write(batch).unwrap();
-        assert_eq!(a.scan_all(&store).unwrap().len(), 3);
-        assert_eq!(ab.scan_all(&store).unwrap().len(), 3);
-
-        // Closing windows up to 20 in table "a" leaves its 30 and all of "ab".
-        let mut batch = WriteBatch::default();
-        a.delete_through(&mut batch, &encode_i64(i64::MIN), &encode_i64(20));
-        store.write(batch).unwrap();
-        let left: Vec<i64> = a.scan_all(&store).unwrap().iter().map(|(k, _)| decode_i64(k).unwrap()).collect();
-        assert_eq!(left, vec![30]);
-        assert_eq!(ab.scan_all(&store).unwrap().len(), 3);
-
-        // A later op in a batch wins over an earlier one.
-        let mut batch = WriteBatch::default();
-        batch.put(a.key(b"k"), b"1".to_vec());
-        batch.delete(a.key(b"k"));
-        batch.put(ab.key(b"k"), b"1".to_vec());
-        batch.put(ab.key(b"k"), b"2".to_vec());
-        store.write(batch).unwrap();
-        assert_eq!(store.get(&a.key(b"k")).unwrap(), None);
-        assert_eq!(store.get(&ab.key(b"k")).unwrap(), Some(b"2".to_vec()));
+    fn the_memory_store_keeps_the_contract() {
+        check_store_contract(&MemoryStore::new());
     }
 
     #[test]
@@ -323,4 +299,52 @@ mod tests {
         assert_eq!(successor(&[1, 0xff]), vec![2]);
         assert_eq!(StateTable::new("t").key(&[])[0], 0, "table keys never start with 0xFF");
     }
+}
+
+/// The [`StateStore`] contract as a test every store runs: tables are separate, range deletes stay inside one, a
+/// later write in a batch wins, scans are ordered and bounded.
+#[cfg(test)]
+pub(crate) fn check_store_contract(store: &dyn StateStore) {
+    let a = StateTable::new("a");
+    let ab = StateTable::new("ab");
+    let mut batch = WriteBatch::default();
+    for t in [&a, &ab] {
+        for end in [10i64, 20, 30] {
+            batch.put(t.key(&encode_i64(end)), vec![end as u8]);
+        }
+    }
+    store.write(batch).unwrap();
+    assert_eq!(a.scan_all(store).unwrap().len(), 3);
+    assert_eq!(ab.scan_all(store).unwrap().len(), 3);
+
+    // Closing windows up to 20 in table "a" leaves its 30 and all of "ab".
+    let mut batch = WriteBatch::default();
+    a.delete_through(&mut batch, &encode_i64(i64::MIN), &encode_i64(20));
+    store.write(batch).unwrap();
+    let left: Vec<i64> = a.scan_all(store).unwrap().iter().map(|(k, _)| decode_i64(k).unwrap()).collect();
+    assert_eq!(left, vec![30]);
+    assert_eq!(ab.scan_all(store).unwrap().len(), 3);
+
+    // A later op in a batch wins over an earlier one.
+    let mut batch = WriteBatch::default();
+    batch.put(a.key(b"k"), b"1".to_vec());
+    batch.delete(a.key(b"k"));
+    batch.put(ab.key(b"k"), b"1".to_vec());
+    batch.put(ab.key(b"k"), b"2".to_vec());
+    store.write(batch).unwrap();
+    assert_eq!(store.get(&a.key(b"k")).unwrap(), None);
+    assert_eq!(store.get(&ab.key(b"k")).unwrap(), Some(b"2".to_vec()));
+
+    // Scans are ordered, bounded on both sides, and empty for an empty range.
+    let mut batch = WriteBatch::default();
+    for key in [[0u8, 3], [0, 1], [0, 2], [0, 0xff], [1, 0]] {
+        batch.put(key.to_vec(), key.to_vec());
+    }
+    store.write(batch).unwrap();
+    let keys: Vec<Vec<u8>> = store.scan(&[0, 1], &[0, 0xff]).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec![vec![0, 1], vec![0, 2], vec![0, 3]]);
+    assert!(store.scan(&[0, 3], &[0, 3]).unwrap().is_empty());
+    assert!(store.scan(&[0, 3], &[0, 1]).unwrap().is_empty());
+    assert_eq!(store.get(&[0, 0xff]).unwrap(), Some(vec![0, 0xff]));
+    assert_eq!(store.get(&[0, 4]).unwrap(), None);
 }
