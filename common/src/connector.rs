@@ -282,8 +282,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 ///   and set aside by the connector (errors are for a source that cannot go on at all).
 /// - The future may be dropped at an await point (when the source is dropped or the server shuts down); no row
 ///   handed out before is lost and none is handed out twice when the reader is polled again.
-/// - [`SourceReader::commit`] is called once every row handed out so far is safely inside Weir; a source whose
-///   upstream redelivers what was not acknowledged (MQTT QoS 1, Kafka consumer groups) acknowledges up to there.
+/// - [`SourceReader::commit`] is called once every row handed out so far is safely inside Weir: in a checkpoint that
+///   has reached the state store. A source whose upstream redelivers what was not acknowledged (MQTT QoS 1, Kafka
+///   consumer groups) acknowledges up to there, and no further.
+/// - A source that can be read again from a point (a file, a Kafka partition, a generator) tells where it is with
+///   [`SourceReader::position`]: bytes that, given to [`SourceReader::seek`] of a new reader of the same source
+///   before its first read, make it continue exactly after the last row handed out, with the same rows. A checkpoint
+///   stores the position with the state computed from the rows before it.
 /// - An upstream that cannot be reached is not an error either: the reader retries by itself and says what is wrong
 ///   in [`SourceReader::health`] until it recovers.
 #[async_trait]
@@ -299,6 +304,24 @@ pub trait SourceReader: Send + fmt::Debug {
 
     /// Acknowledges every row handed out so far.
     fn commit(&mut self) {}
+
+    /// Whether rows handed out wait for [`SourceReader::commit`] before the upstream sends more (MQTT's in-flight
+    /// window): the runner then checkpoints soon instead of at its interval.
+    fn wants_commit(&self) -> bool {
+        false
+    }
+
+    /// Where the reader is, right after the last row handed out; `None` for a source that cannot be read again
+    /// (MQTT: its broker redelivers what was not acknowledged instead).
+    fn position(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Continues from `position`, which [`SourceReader::position`] of an earlier reader of the same source gave.
+    /// Called before the first read.
+    fn seek(&mut self, _position: &[u8]) -> Result<(), ConnectorError> {
+        Err(ConnectorError::Io("this source cannot resume from a checkpoint".to_string()))
+    }
 
     /// The split (a Kafka partition) the last batch came from. A source read in splits hands out each batch from one
     /// split, and each split has its own watermark.
@@ -320,6 +343,22 @@ pub trait SourceReader: Send + fmt::Debug {
     fn stats(&self) -> SourceStats {
         SourceStats::default()
     }
+}
+
+/// Numbers as a source position: each as 8 big-endian bytes.
+pub fn encode_position(numbers: &[i64]) -> Vec<u8> {
+    numbers.iter().flat_map(|n| n.to_be_bytes()).collect()
+}
+
+/// The inverse of [`encode_position`]; an error names the source when the bytes are not `count` numbers.
+pub fn decode_position(bytes: &[u8], count: Option<usize>, source: &str) -> Result<Vec<i64>, ConnectorError> {
+    if bytes.len() % 8 != 0 || count.is_some_and(|c| c * 8 != bytes.len()) {
+        return Err(ConnectorError::Io(format!(
+            "the checkpointed position of {source} is damaged ({} bytes)",
+            bytes.len()
+        )));
+    }
+    Ok(bytes.chunks_exact(8).map(|c| i64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 /// What a source reports of its reading.

@@ -22,7 +22,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use weir_common::connector::{ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats};
+use weir_common::connector::{
+    ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats, decode_position, encode_position,
+};
 
 use crate::format::{Record, RecordDecoder};
 
@@ -52,6 +54,8 @@ pub struct FileSource {
     rejected: Vec<Rejected>,
     /// Bytes of the records read.
     bytes: u64,
+    /// Bytes of the file consumed so far (the partial line's included).
+    offset: u64,
 }
 
 impl FileSource {
@@ -91,6 +95,7 @@ impl FileSource {
             max_record,
             rejected: Vec::new(),
             bytes: 0,
+            offset: 0,
         })
     }
 
@@ -100,8 +105,10 @@ impl FileSource {
         while records.len() < self.batch_rows {
             let mut bytes = std::mem::take(&mut self.partial);
             let mut len = std::mem::take(&mut self.partial_len);
+            let before = len;
             let complete = read_line(&mut self.reader, &mut bytes, &mut len, self.max_record + 1)
                 .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.path)))?;
+            self.offset += (len - before) as u64;
             if len == 0 {
                 break;
             }
@@ -191,6 +198,22 @@ impl SourceReader for FileSource {
     fn stats(&self) -> SourceStats {
         SourceStats { bytes: Some(self.bytes), ..SourceStats::default() }
     }
+
+    /// The byte offset after the last whole line handed out, and that line's number.
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(encode_position(&[(self.offset - self.partial_len as u64) as i64, self.line as i64]))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
+        use std::io::Seek;
+        let numbers = decode_position(position, Some(2), &format!("file \"{}\"", self.path))?;
+        let (offset, line) = (numbers[0].max(0) as u64, numbers[1].max(0) as u64);
+        self.reader.seek(std::io::SeekFrom::Start(offset)).map_err(|e| {
+            ConnectorError::Io(format!("could not resume file \"{}\" at byte {offset}: {e}", self.path))
+        })?;
+        (self.offset, self.line, self.partial, self.partial_len) = (offset, line, Vec::new(), 0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -274,5 +297,42 @@ mod tests {
         let options = Options::new([("path".to_string(), "/tmp".to_string())]).unwrap();
         let err = FileSource::try_new(schema(), options, None).unwrap_err();
         assert_eq!(err.to_string(), "connector \"file\" needs FORMAT PLAIN ENCODE JSON or CSV");
+    }
+
+    #[tokio::test]
+    async fn a_reader_resumes_after_the_last_line_handed_out() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        write!(file, "id,name\n1,a\n2,b\n3,").unwrap();
+        let open_one_row = |path: &std::path::Path| {
+            let options = Options::new([
+                ("path".to_string(), path.display().to_string()),
+                ("follow".to_string(), "true".to_string()),
+                ("poll.interval.ms".to_string(), "5".to_string()),
+                ("batch.rows".to_string(), "1".to_string()),
+            ])
+            .unwrap();
+            FileSource::try_new(schema(), options, Some(Encoding::Csv { delimiter: b',', header: true })).unwrap()
+        };
+        let ids = |batch: RecordBatch| -> Vec<i64> {
+            batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap().values().to_vec()
+        };
+        let mut first = open_one_row(file.path());
+        assert_eq!(ids(first.next_batch().await.unwrap().unwrap()), [1]);
+        let after_one = first.position().unwrap();
+        assert_eq!(ids(first.next_batch().await.unwrap().unwrap()), [2]);
+        // The partial line "3," is read but not handed out: the position stops before it.
+        assert!(first.next_batch().now_or_never().is_none());
+        let after_two = first.position().unwrap();
+
+        let mut again = open_one_row(file.path());
+        again.seek(&after_one).unwrap();
+        assert_eq!(ids(again.next_batch().await.unwrap().unwrap()), [2]);
+        write!(file, "c\n4,d\n").unwrap();
+        let mut resumed = open_one_row(file.path());
+        resumed.seek(&after_two).unwrap();
+        assert_eq!(ids(resumed.next_batch().await.unwrap().unwrap()), [3]);
+        assert_eq!(ids(resumed.next_batch().await.unwrap().unwrap()), [4]);
+        // A position that is not one is an error, not a silent start from the beginning.
+        assert!(resumed.seek(&[1, 2, 3]).unwrap_err().to_string().contains("damaged"));
     }
 }

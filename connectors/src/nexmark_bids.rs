@@ -52,6 +52,17 @@ impl BidGenerator {
         BidGenerator { cfg, inter_event_delay, proportion_denominator, offset: 0 }
     }
 
+    /// Bids generated so far, and the event time of event 0.
+    pub(crate) fn position(&self) -> (u64, u64) {
+        (self.offset, self.cfg.base_time)
+    }
+
+    /// Continues after `offset` bids, event times counted from `base_time`.
+    pub(crate) fn seek(&mut self, offset: u64, base_time: u64) {
+        self.offset = offset;
+        self.cfg.base_time = base_time;
+    }
+
     /// The offset, among events of all kinds, of the next bid.
     pub(crate) fn global_offset(&self) -> u64 {
         self.global_offset_at(0)

@@ -26,6 +26,15 @@ impl Pacer {
         self
     }
 
+    /// Continues a source that stopped at row `row`: that row is due now, later rows at the rate from here.
+    pub fn resume_at(&mut self, row: u64) {
+        if self.rows_per_second > 0 {
+            let behind = Duration::from_secs_f64(row as f64 / self.rows_per_second as f64);
+            let now = Instant::now();
+            self.started = Some(now.checked_sub(behind).unwrap_or(now));
+        }
+    }
+
     /// How many rows to produce at once: about a tenth of a second's worth, at most 8192.
     pub fn batch_size(&self) -> usize {
         match self.rows_per_second {
