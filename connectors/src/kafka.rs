@@ -145,8 +145,10 @@ pub struct KafkaSource {
     /// Records of the batch being gathered, and when gathering ends; kept here so a cancelled read loses nothing.
     gathering: Gathered,
     deadline: Option<tokio::time::Instant>,
-    /// Decoded batches not yet handed out, one per partition, with their partition.
-    ready: std::collections::VecDeque<(i32, RecordBatch)>,
+    /// Decoded batches not yet handed out, one per partition, with their partition and the offset after them.
+    ready: std::collections::VecDeque<(i32, RecordBatch, i64)>,
+    /// Per partition, where to start reading instead of `scan.startup.mode` (from a checkpoint).
+    resume: BTreeMap<i32, i64>,
     /// The partition of the last batch handed out.
     last_partition: i32,
     /// How many partitions the topic has, once known.
@@ -288,6 +290,7 @@ impl KafkaSource {
             gathering: Gathered::default(),
             deadline: None,
             ready: std::collections::VecDeque::new(),
+            resume: BTreeMap::new(),
             last_partition: 0,
             partitions: 0,
         })
@@ -304,12 +307,14 @@ impl KafkaSource {
         let consumer: Arc<StreamConsumer<Offsets>> = Arc::new(
             self.config.create_with_context(context).map_err(|e| format!("creating the Kafka consumer: {e}"))?,
         );
-        if self.startup == Startup::GroupOffsets {
+        // Resuming from a checkpoint, the checkpoint's offsets count, not the group's (which may lag behind them).
+        if self.startup == Startup::GroupOffsets && self.resume.is_empty() {
             consumer.subscribe(&[&self.topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
             return Ok((consumer, 0));
         }
         let topic = self.topic.clone();
         let startup = self.startup.clone();
+        let resume = self.resume.clone();
         let probe = consumer.clone();
         let partitions = tokio::task::spawn_blocking(move || -> Result<usize, String> {
             let metadata = probe
@@ -323,14 +328,17 @@ impl KafkaSource {
             };
             let mut assignment = TopicPartitionList::new();
             for partition in &partitions {
-                let offset = match startup {
-                    Startup::Latest => Offset::End,
-                    Startup::Timestamp(millis) => Offset::Offset(millis),
-                    _ => Offset::Beginning,
+                let offset = match (resume.get(partition), &startup) {
+                    (Some(offset), _) => Offset::Offset(*offset),
+                    // A partition the checkpoint does not know is new since: read all of it.
+                    (None, _) if !resume.is_empty() => Offset::Beginning,
+                    (None, Startup::Latest) => Offset::End,
+                    (None, Startup::Timestamp(millis)) => Offset::Offset(*millis),
+                    (None, _) => Offset::Beginning,
                 };
                 assignment.add_partition_offset(&topic, *partition, offset).map_err(|e| e.to_string())?;
             }
-            if let Startup::Timestamp(_) = startup {
+            if let (Startup::Timestamp(_), true) = (&startup, resume.is_empty()) {
                 assignment = probe
                     .offsets_for_times(assignment, Duration::from_secs(10))
                     .map_err(|e| format!("looking up offsets by time: {e}"))?;
@@ -442,8 +450,10 @@ impl SourceReader for KafkaSource {
     /// a time. Never ends.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
-            if let Some((partition, batch)) = self.ready.pop_front() {
+            if let Some((partition, batch, next)) = self.ready.pop_front() {
                 self.last_partition = partition;
+                self.offsets.insert(partition, next);
+                self.uncommitted = true;
                 return Ok(Some(batch));
             }
             let consumer = match &self.consumer {
@@ -494,18 +504,20 @@ impl SourceReader for KafkaSource {
                 }
             }
             let gathered = std::mem::take(&mut self.gathering);
-            for record in &gathered.records {
-                self.offsets.insert(record.partition, record.offset + 1);
-            }
-            self.uncommitted = true;
             // One batch per partition, each partition's records in order.
             let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
             for (index, record) in gathered.records.iter().enumerate() {
                 by_partition.entry(record.partition).or_default().push(index);
             }
             for (partition, records) in by_partition {
-                if let Some(batch) = self.decode(&gathered, &records)? {
-                    self.ready.push_back((partition, batch));
+                let next = records.last().map_or(0, |last| gathered.records[*last].offset + 1);
+                match self.decode(&gathered, &records)? {
+                    Some(batch) => self.ready.push_back((partition, batch, next)),
+                    // Every record was set aside: handed out as dead letters.
+                    None => {
+                        self.offsets.insert(partition, next);
+                        self.uncommitted = true;
+                    }
                 }
             }
         }
@@ -547,6 +559,20 @@ impl SourceReader for KafkaSource {
 
     fn health(&self) -> Option<String> {
         self.problem.clone()
+    }
+
+    /// Per partition, the offset after the last record handed out.
+    fn position(&self) -> Option<Vec<u8>> {
+        let numbers: Vec<i64> = self.offsets.iter().flat_map(|(p, o)| [i64::from(*p), *o]).collect();
+        Some(weir_common::connector::encode_position(&numbers))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
+        let numbers = weir_common::connector::decode_position(position, None, &format!("Kafka topic {}", self.topic))?;
+        let pairs = numbers.chunks_exact(2).map(|pair| (i32::try_from(pair[0]).unwrap_or(0), pair[1]));
+        self.resume = pairs.collect();
+        self.offsets = self.resume.clone();
+        Ok(())
     }
 
     fn last_split(&self) -> usize {

@@ -238,6 +238,11 @@ impl SourceReader for MqttSource {
         self.unacknowledged.retain(|message| connection.client.handle.try_ack(message).is_err());
     }
 
+    /// The broker sends only so many QoS 1 messages before they are acknowledged.
+    fn wants_commit(&self) -> bool {
+        !self.unacknowledged.is_empty()
+    }
+
     fn health(&self) -> Option<String> {
         self.connection.as_ref()?.health.get()
     }

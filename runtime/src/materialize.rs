@@ -9,7 +9,10 @@
 //! under `a | sequence`, window rows under `w | window end`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
 //!
 //! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
-//! every appended batch, with no gap and no overlap, for views defined over it. [`ViewStore::subscribe_changes`]
+//! every appended batch, with no gap and no overlap, for views defined over it. Stream readers only get rows that
+//! are durable: a view's appended rows once [`ViewStore::committed`] says the checkpoint holding them is written, a
+//! table's as [`ViewStore::append_durably`] writes them. So a reader's position (rows read) never runs ahead of what
+//! the relation gets back after a crash. [`ViewStore::subscribe_changes`]
 //! hands out every change the same way, windows replaced with their rows before and after, for sinks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -58,6 +61,8 @@ struct Contents {
     change_subscribers: Vec<(mpsc::UnboundedSender<Vec<RowChange>>, Arc<AtomicUsize>)>,
     /// How many of `appended` the last checkpoint wrote.
     saved_appends: usize,
+    /// How many of `appended` stream readers have been given (those a written checkpoint holds).
+    released: usize,
     /// Windows replaced since the last checkpoint.
     unsaved_windows: BTreeSet<i64>,
 }
@@ -95,12 +100,13 @@ impl ViewStore {
             match change {
                 ViewChange::Append(batches) => {
                     for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                        contents.subscribers.retain(|s| s.send(batch.clone()).is_ok());
                         if tell_sinks {
                             row_changes.push(RowChange::Insert(batch.clone()));
                         }
-                        if self.keep_appended {
-                            contents.appended.push(batch);
+                        match self.keep_appended {
+                            true => contents.appended.push(batch),
+                            // Nothing to hold back for: a passing store's rows go to its readers at once.
+                            false => contents.subscribers.retain(|s| s.send(batch.clone()).is_ok()),
                         }
                     }
                 }
@@ -171,14 +177,56 @@ impl ViewStore {
         contents.appended.iter().chain(contents.windows.values().flatten()).map(RecordBatch::num_rows).sum()
     }
 
-    /// Reads the appended rows as a stream: those so far, then each batch as it is appended. Never ends while the
-    /// store exists.
+    /// Reads the appended rows as a stream: those so far, then each batch as it is appended and durable. Never ends
+    /// while the store exists.
     pub fn subscribe(&self) -> Subscription {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut contents = self.lock();
-        let backlog = contents.appended.iter().cloned().collect();
+        let backlog = contents.appended[..contents.released].iter().cloned().collect();
         contents.subscribers.push(sender);
-        Subscription { schema: self.schema.clone(), backlog, receiver }
+        Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0 }
+    }
+
+    /// The checkpoint [`ViewStore::checkpoint`] last added to a write batch is written: stream readers get the rows
+    /// it holds.
+    pub fn committed(&self) {
+        let mut contents = self.lock();
+        let Contents { appended, subscribers, released, saved_appends, .. } = &mut *contents;
+        for batch in &appended[*released..*saved_appends] {
+            subscribers.retain(|s| s.send(batch.clone()).is_ok());
+        }
+        *released = *saved_appends;
+    }
+
+    /// Appends `batches` (a table's `INSERT`) once `write` has made them durable: `write` gets them, with anything
+    /// else not yet saved, in `table`'s keys. Until `write` returns nobody sees them; if it fails, nobody ever does.
+    /// Appends are serialized: one at a time per store.
+    pub fn append_durably(
+        &self,
+        batches: Vec<RecordBatch>,
+        table: &StateTable,
+        write: impl FnOnce(WriteBatch) -> Result<(), StateError>,
+    ) -> Result<(), StateError> {
+        let mut contents = self.lock();
+        let mut writes = WriteBatch::default();
+        let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
+        for (sequence, rows) in (contents.saved_appends..).zip(&batches) {
+            writes.put(table.key(&tagged(APPENDED_TAG, sequence as i64)), encode_batches(std::slice::from_ref(rows))?);
+        }
+        write(writes)?;
+        let row_changes: Vec<RowChange> = batches.iter().cloned().map(RowChange::Insert).collect();
+        contents.appended.extend(batches);
+        contents.saved_appends = contents.appended.len();
+        drop(contents);
+        self.committed();
+        if !row_changes.is_empty() {
+            let rows = weir_common::sink::change_rows(&row_changes);
+            self.lock().change_subscribers.retain(|(sender, pending)| {
+                pending.fetch_add(rows, Ordering::AcqRel);
+                sender.send(row_changes.clone()).is_ok()
+            });
+        }
+        Ok(())
     }
 
     /// Adds the rows changed since the last checkpoint to `batch`.
@@ -210,6 +258,7 @@ impl ViewStore {
         }
         let mut contents = self.lock();
         contents.saved_appends = appended.len();
+        contents.released = appended.len();
         contents.appended = appended;
         contents.windows = windows;
         contents.unsaved_windows.clear();
@@ -228,12 +277,15 @@ fn tagged(tag: u8, number: i64) -> Vec<u8> {
     key
 }
 
-/// The appended rows of a [`ViewStore`], as a source for other views.
+/// The appended rows of a [`ViewStore`], as a source for other views. Its position is the number of rows read.
 #[derive(Debug)]
 pub struct Subscription {
     schema: SchemaRef,
     backlog: VecDeque<RecordBatch>,
     receiver: mpsc::UnboundedReceiver<RecordBatch>,
+    rows_read: u64,
+    /// Rows still to pass over before handing any out (after a seek).
+    skip: u64,
 }
 
 #[async_trait]
@@ -244,10 +296,33 @@ impl SourceReader for Subscription {
 
     /// Ends (`None`) only when the store is gone.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
-        if let Some(batch) = self.backlog.pop_front() {
-            return Ok(Some(batch));
+        loop {
+            let batch = match self.backlog.pop_front() {
+                Some(batch) => batch,
+                None => match self.receiver.recv().await {
+                    Some(batch) => batch,
+                    None => return Ok(None),
+                },
+            };
+            let skipped = self.skip.min(batch.num_rows() as u64);
+            self.skip -= skipped;
+            let batch = batch.slice(skipped as usize, batch.num_rows() - skipped as usize);
+            if batch.num_rows() > 0 {
+                self.rows_read += batch.num_rows() as u64;
+                return Ok(Some(batch));
+            }
         }
-        Ok(self.receiver.recv().await)
+    }
+
+    fn position(&self) -> Option<Vec<u8>> {
+        Some(weir_common::connector::encode_position(&[self.rows_read as i64]))
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
+        let numbers = weir_common::connector::decode_position(position, Some(1), "a relation read as a stream")?;
+        self.skip = numbers[0].max(0) as u64;
+        self.rows_read = self.skip;
+        Ok(())
     }
 }
 
@@ -355,16 +430,71 @@ mod tests {
         assert_eq!(values(&store.snapshot()), vec![11]);
     }
 
-    #[test]
-    fn a_subscription_sees_every_appended_row_once() {
-        let store = ViewStore::new(batch(&[]).schema());
-        store.apply(vec![ViewChange::Append(vec![batch(&[1, 2])])]);
-        let mut subscription = store.subscribe();
-        store.apply(vec![ViewChange::Append(vec![batch(&[3]), batch(&[])])]);
+    /// Applies `changes` and checkpoints them, as a view's task does.
+    fn apply_and_commit(store: &ViewStore, changes: Vec<ViewChange>) {
+        store.apply(changes);
+        store.checkpoint(&StateTable::new("v"), &mut WriteBatch::default()).unwrap();
+        store.committed();
+    }
+
+    fn drain(subscription: &mut Subscription) -> Vec<i64> {
         let mut seen = Vec::new();
         while let Some(Ok(Some(b))) = subscription.next_batch().now_or_never() {
             seen.push(b);
         }
-        assert_eq!(values(&seen), vec![1, 2, 3]);
+        values(&seen)
+    }
+
+    #[test]
+    fn a_subscription_sees_every_appended_row_once_when_durable() {
+        let store = ViewStore::new(batch(&[]).schema());
+        apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[1, 2])])]);
+        // Applied but in no written checkpoint yet: held back from stream readers.
+        store.apply(vec![ViewChange::Append(vec![batch(&[3]), batch(&[])])]);
+        let mut subscription = store.subscribe();
+        assert_eq!(drain(&mut subscription), vec![1, 2]);
+        store.checkpoint(&StateTable::new("v"), &mut WriteBatch::default()).unwrap();
+        assert_eq!(drain(&mut subscription), Vec::<i64>::new());
+        store.committed();
+        assert_eq!(drain(&mut subscription), vec![3]);
+        assert_eq!(values(&store.snapshot()), vec![1, 2, 3], "queries see rows at once");
+    }
+
+    #[test]
+    fn a_subscription_resumes_after_the_rows_it_had_read() {
+        let store = ViewStore::new(batch(&[]).schema());
+        apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[1, 2, 3]), batch(&[4])])]);
+        let mut first = store.subscribe();
+        assert_eq!(values(&[first.next_batch().now_or_never().unwrap().unwrap().unwrap()]), vec![1, 2, 3]);
+        let position = first.position().unwrap();
+        let mut again = store.subscribe();
+        again.seek(&encode_position_of(2)).unwrap();
+        assert_eq!(drain(&mut again), vec![3, 4], "a position inside a batch");
+        assert_eq!(again.position().unwrap(), encode_position_of(4));
+        let mut resumed = store.subscribe();
+        resumed.seek(&position).unwrap();
+        assert_eq!(resumed.position().unwrap(), position, "before reading, the position is the one sought");
+        apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[5])])]);
+        assert_eq!(drain(&mut resumed), vec![4, 5]);
+    }
+
+    fn encode_position_of(rows: i64) -> Vec<u8> {
+        weir_common::connector::encode_position(&[rows])
+    }
+
+    #[test]
+    fn a_durable_append_is_seen_only_once_written() {
+        let store = ViewStore::new(batch(&[]).schema());
+        let table = StateTable::new("t");
+        let state = crate::state::MemoryStore::new();
+        let mut subscription = store.subscribe();
+        let err = store.append_durably(vec![batch(&[1])], &table, |_| Err(StateError::Io("disk full".into())));
+        assert!(err.is_err());
+        assert_eq!(store.row_count(), 0, "a failed write leaves nothing");
+        store.append_durably(vec![batch(&[2]), batch(&[3])], &table, |w| state.write(w)).unwrap();
+        assert_eq!(drain(&mut subscription), vec![2, 3]);
+        let restored = ViewStore::new(batch(&[]).schema());
+        restored.restore(&table, &state).unwrap();
+        assert_eq!(values(&restored.snapshot()), vec![2, 3]);
     }
 }
