@@ -1,8 +1,8 @@
 //! What a relation is, and the seam through which relation definitions become durable.
 //!
 //! The server keeps the live catalog (definitions plus the handles that read and write data); every change to a
-//! definition goes through a [`CatalogStore`] first, so that a durable store can later replay the catalog after a
-//! restart. [`MemoryCatalogStore`] is the store used until the RocksDB state store lands.
+//! definition goes through a [`CatalogStore`] first, which keeps the creating statements so that a restart can run
+//! them again. The server's store lives in its state store on disk; [`MemoryCatalogStore`] is for tests.
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
@@ -68,6 +68,62 @@ pub struct RelationDef {
     pub depends_on: Vec<String>,
 }
 
+/// What a stored definition defines: a relation, or a sink (whose names are their own namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    Relation(RelationKind),
+    Sink,
+}
+
+impl ObjectKind {
+    /// One byte per kind, for storage.
+    pub fn code(&self) -> u8 {
+        match self {
+            ObjectKind::Relation(RelationKind::Table) => 0,
+            ObjectKind::Relation(RelationKind::Source) => 1,
+            ObjectKind::Relation(RelationKind::MaterializedView) => 2,
+            ObjectKind::Relation(RelationKind::View) => 3,
+            ObjectKind::Sink => 4,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => ObjectKind::Relation(RelationKind::Table),
+            1 => ObjectKind::Relation(RelationKind::Source),
+            2 => ObjectKind::Relation(RelationKind::MaterializedView),
+            3 => ObjectKind::Relation(RelationKind::View),
+            4 => ObjectKind::Sink,
+            _ => return None,
+        })
+    }
+
+    /// Whether `self` and `other` share a namespace.
+    pub fn same_namespace(&self, other: &ObjectKind) -> bool {
+        matches!(self, ObjectKind::Sink) == matches!(other, ObjectKind::Sink)
+    }
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ObjectKind::Relation(kind) => kind.fmt(f),
+            ObjectKind::Sink => f.write_str("sink"),
+        }
+    }
+}
+
+/// A definition as stored: the statement that created the object. A restart runs the statements again, in `id`
+/// order, so that every object comes back as it was created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    /// Unique for ever in one store, increasing with creation: it also names the object's state.
+    pub id: u64,
+    pub kind: ObjectKind,
+    pub name: String,
+    pub statement: String,
+}
+
 /// Errors of a [`CatalogStore`].
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogStoreError {
@@ -79,79 +135,87 @@ pub enum CatalogStoreError {
     Storage(String),
 }
 
-/// Durable storage of relation definitions.
+/// Durable storage of definitions.
 ///
 /// Contract for implementors:
-/// - `put` stores a new definition and fails with [`CatalogStoreError::AlreadyExists`] if the name is taken; when it
-///   returns `Ok`, the definition survives a crash.
+/// - `put` stores a new definition and returns its id; when it returns `Ok`, the definition survives a crash. The
+///   same kind, name and statement again (a restart replaying it) returns the stored id and changes nothing; another
+///   statement under a stored name replaces it with a new id (the object failed to come back and is created anew).
 /// - `delete` removes a definition and fails with [`CatalogStoreError::NotFound`] if there is none.
-/// - `load` returns every stored definition in creation order, so that dependencies come before dependents.
+/// - `load` returns every stored definition in id (creation) order, so that dependencies come before dependents.
 /// - Calls may come from any session task concurrently; each call is atomic on its own. The server serializes DDL,
 ///   so implementations need no multi-call transactions.
 pub trait CatalogStore: Send + Sync + fmt::Debug {
-    fn put(&self, def: &RelationDef) -> Result<(), CatalogStoreError>;
-    fn delete(&self, name: &str) -> Result<(), CatalogStoreError>;
-    fn load(&self) -> Result<Vec<RelationDef>, CatalogStoreError>;
+    fn put(&self, kind: ObjectKind, name: &str, statement: &str) -> Result<u64, CatalogStoreError>;
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<(), CatalogStoreError>;
+    fn load(&self) -> Result<Vec<StoredObject>, CatalogStoreError>;
 }
 
 /// A [`CatalogStore`] that keeps definitions in memory: nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemoryCatalogStore {
-    /// Definitions in creation order.
-    defs: Mutex<Vec<RelationDef>>,
+    /// Definitions in id order.
+    objects: Mutex<Vec<StoredObject>>,
 }
 
 impl CatalogStore for MemoryCatalogStore {
-    fn put(&self, def: &RelationDef) -> Result<(), CatalogStoreError> {
-        let mut defs = self.defs.lock().unwrap_or_else(PoisonError::into_inner);
-        if defs.iter().any(|d| d.name == def.name) {
-            return Err(CatalogStoreError::AlreadyExists(def.name.clone()));
+    fn put(&self, kind: ObjectKind, name: &str, statement: &str) -> Result<u64, CatalogStoreError> {
+        let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = objects.iter().position(|o| o.name == name && o.kind.same_namespace(&kind)) {
+            if objects[at].kind == kind && objects[at].statement == statement {
+                return Ok(objects[at].id);
+            }
+            objects.remove(at);
         }
-        defs.push(def.clone());
+        let id = objects.iter().map(|o| o.id + 1).max().unwrap_or(1);
+        objects.push(StoredObject { id, kind, name: name.to_string(), statement: statement.to_string() });
+        Ok(id)
+    }
+
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<(), CatalogStoreError> {
+        let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = objects
+            .iter()
+            .position(|o| o.name == name && o.kind.same_namespace(&kind))
+            .ok_or_else(|| CatalogStoreError::NotFound(name.to_string()))?;
+        objects.remove(at);
         Ok(())
     }
 
-    fn delete(&self, name: &str) -> Result<(), CatalogStoreError> {
-        let mut defs = self.defs.lock().unwrap_or_else(PoisonError::into_inner);
-        let index =
-            defs.iter().position(|d| d.name == name).ok_or_else(|| CatalogStoreError::NotFound(name.to_string()))?;
-        defs.remove(index);
-        Ok(())
+    fn load(&self) -> Result<Vec<StoredObject>, CatalogStoreError> {
+        Ok(self.objects.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
+}
 
-    fn load(&self) -> Result<Vec<RelationDef>, CatalogStoreError> {
-        Ok(self.defs.lock().unwrap_or_else(PoisonError::into_inner).clone())
+/// The [`CatalogStore`] contract as a test every store runs (it panics where the store breaks it).
+#[doc(hidden)]
+pub fn check_catalog_contract(store: &dyn CatalogStore) {
+    let table = ObjectKind::Relation(RelationKind::Table);
+    let b = store.put(table, "b", "CREATE TABLE b (id INT)").unwrap();
+    let a = store.put(table, "a", "CREATE TABLE a (id INT)").unwrap();
+    assert!(a > b);
+    assert_eq!(store.put(table, "a", "CREATE TABLE a (id INT)").unwrap(), a, "a replay changes nothing");
+    let sink = store.put(ObjectKind::Sink, "a", "CREATE SINK a FROM a WITH (...)").unwrap();
+    let names: Vec<_> = store.load().unwrap().into_iter().map(|d| (d.id, d.name)).collect();
+    assert_eq!(names, [(b, "b".to_string()), (a, "a".to_string()), (sink, "a".to_string())]);
+    store.delete(table, "b").unwrap();
+    assert!(matches!(store.delete(table, "b"), Err(CatalogStoreError::NotFound(_))));
+    let replaced = store.put(table, "a", "CREATE TABLE a (id BIGINT)").unwrap();
+    assert!(replaced > sink, "a new statement under a stored name is a new object");
+    let left: Vec<_> = store.load().unwrap().into_iter().map(|d| (d.kind, d.statement)).collect();
+    assert_eq!(left[0], (ObjectKind::Sink, "CREATE SINK a FROM a WITH (...)".to_string()));
+    assert_eq!(left[1], (table, "CREATE TABLE a (id BIGINT)".to_string()));
+    for code in 0..5 {
+        assert_eq!(ObjectKind::from_code(code).map(|k| k.code()), Some(code));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
-
     use super::*;
 
-    fn def(name: &str) -> RelationDef {
-        RelationDef {
-            name: name.into(),
-            kind: RelationKind::Table,
-            schema: Arc::new(Schema::new(vec![Field::new("id", DataType::Int32, true)])),
-            definition: format!("CREATE TABLE {name} (id INT)"),
-            depends_on: vec![],
-        }
-    }
-
     #[test]
-    fn memory_store_keeps_creation_order_and_rejects_duplicates() {
-        let store = MemoryCatalogStore::default();
-        store.put(&def("b")).unwrap();
-        store.put(&def("a")).unwrap();
-        assert!(matches!(store.put(&def("a")), Err(CatalogStoreError::AlreadyExists(n)) if n == "a"));
-        let names: Vec<_> = store.load().unwrap().into_iter().map(|d| d.name).collect();
-        assert_eq!(names, ["b", "a"]);
-        store.delete("b").unwrap();
-        assert!(matches!(store.delete("b"), Err(CatalogStoreError::NotFound(_))));
-        assert_eq!(store.load().unwrap().len(), 1);
+    fn the_memory_store_keeps_the_contract() {
+        check_catalog_contract(&MemoryCatalogStore::default());
     }
 }

@@ -187,6 +187,11 @@ impl ViewStore {
         Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0 }
     }
 
+    /// Whether views read the rows as a stream (so each epoch's rows should become durable soon).
+    pub fn has_stream_readers(&self) -> bool {
+        !self.lock().subscribers.is_empty()
+    }
+
     /// The checkpoint [`ViewStore::checkpoint`] last added to a write batch is written: stream readers get the rows
     /// it holds.
     pub fn committed(&self) {

@@ -106,6 +106,23 @@ impl WriteBatch {
     pub fn into_ops(self) -> Vec<WriteOp> {
         self.ops
     }
+
+    /// The bytes of keys and values the batch writes.
+    pub fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put(k, v) => k.len() + v.len(),
+                WriteOp::Delete(k) => k.len(),
+                WriteOp::DeleteRange(a, b) => a.len() + b.len(),
+            })
+            .sum()
+    }
+
+    /// Appends `later`'s writes after this batch's (a failed checkpoint's writes, then the next one's).
+    pub fn extend(&mut self, later: WriteBatch) {
+        self.ops.extend(later.ops);
+    }
 }
 
 /// A [`StateStore`] in memory: an ordered map behind a lock. State is lost when the process ends.

@@ -1,6 +1,10 @@
 //! The live catalog: every relation's definition and the handle that reads and writes its rows.
 //!
-//! Definitions go through the [`CatalogStore`] before they become visible, so a durable store sees every change.
+//! Definitions go through the [`CatalogStore`] before they become visible: [`StateCatalogStore`] keeps each creating
+//! statement in the state store on disk, and a restart runs them again in creation order ([`crate::recovery`]).
+//! Each object's id, given by the store, names its state (`r<id>/...`), so that an object dropped and created again
+//! never meets the state of the one before. A table's rows are written to the store by every `INSERT` before it
+//! returns.
 //! DataFusion reads the catalog through [`CatalogSchema`], registered as the `public` schema of the `weir` catalog;
 //! `pg_catalog` and `information_schema` are derived from the same registration, so psql and drivers see exactly
 //! what queries see.
@@ -12,8 +16,9 @@ use async_trait::async_trait;
 use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
 use datafusion::common::DataFusionError;
 use weir_common::catalog::CatalogStoreError;
-use weir_common::{CatalogStore, ErrorReport, RelationDef, RelationKind, SqlState};
+use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationDef, RelationKind, SqlState, StoredObject};
 use weir_planner::source::CreateSource;
+use weir_runtime::state::{StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 
 use weir_runtime::materialize::ViewStore;
 
@@ -23,6 +28,8 @@ use crate::relations::StoreTable;
 /// A relation as the server holds it.
 #[derive(Debug, Clone)]
 pub struct Relation {
+    /// The id the catalog store gave it (0 until created); its state lives under [`state_key`] of it.
+    pub id: u64,
     pub def: Arc<RelationDef>,
     pub provider: Arc<dyn TableProvider>,
     /// For a source or a table with a watermark: its parsed definition (connector options, watermark).
@@ -42,16 +49,21 @@ pub struct Relation {
 impl Relation {
     pub fn new(def: RelationDef, provider: Arc<dyn TableProvider>) -> Self {
         let append_only = matches!(def.kind, RelationKind::Source | RelationKind::Table);
-        Relation { def: Arc::new(def), provider, source: None, store: None, append_only, ordered_by: None }
+        Relation { id: 0, def: Arc::new(def), provider, source: None, store: None, append_only, ordered_by: None }
     }
 
-    /// A relation whose rows live in `store`.
+    /// A materialized view whose rows live in `store`.
     pub fn stored(def: RelationDef, store: Arc<ViewStore>, append_only: bool) -> Self {
-        let provider = match def.kind {
-            RelationKind::Table => Arc::new(StoreTable::table_over(store.clone())),
-            _ => Arc::new(StoreTable::view(store.clone())),
-        };
-        Relation { def: Arc::new(def), provider, source: None, store: Some(store), append_only, ordered_by: None }
+        let provider = Arc::new(StoreTable::view(store.clone()));
+        Relation {
+            id: 0,
+            def: Arc::new(def),
+            provider,
+            source: None,
+            store: Some(store),
+            append_only,
+            ordered_by: None,
+        }
     }
 
     pub fn with_source(mut self, source: Option<Arc<CreateSource>>) -> Self {
@@ -72,24 +84,41 @@ impl Relation {
     }
 }
 
+/// The prefix of the state tables of the object with id `id`.
+pub fn state_key(id: u64) -> String {
+    format!("r{id}")
+}
+
+/// The state table of a table's rows or a view's published rows.
+pub fn rows_table(id: u64) -> StateTable {
+    StateTable::new(&format!("{}/rows", state_key(id)))
+}
+
 /// Every user relation, by name. Lookups take a short read lock; DDL is serialized by the engine's DDL lock, so the
 /// write lock here is only held for the map update.
 #[derive(Debug)]
 pub struct Catalog {
-    store: Arc<dyn CatalogStore>,
+    store: Arc<StateCatalogStore>,
+    /// Where tables' rows and the catalog live.
+    state: Arc<dyn StateStore>,
     relations: RwLock<BTreeMap<String, Relation>>,
 }
 
 impl Catalog {
-    /// Opens the catalog over `store`. Tables are in memory for now, so stored table definitions come back empty.
-    pub fn open(store: Arc<dyn CatalogStore>) -> Result<Self, CatalogStoreError> {
-        let mut relations = BTreeMap::new();
-        for def in store.load()? {
-            let name = def.name.clone();
-            let rows = Arc::new(ViewStore::new(def.schema.clone()));
-            relations.insert(name, Relation::stored(def, rows, true));
-        }
-        Ok(Catalog { store, relations: RwLock::new(relations) })
+    /// Opens the catalog kept in `state`. It starts empty: [`crate::recovery`] runs the stored statements again.
+    pub fn open(state: Arc<dyn StateStore>) -> Result<Self, StateError> {
+        let store = Arc::new(StateCatalogStore::open(state.clone())?);
+        Ok(Catalog { store, state, relations: RwLock::default() })
+    }
+
+    /// The stored definitions.
+    pub fn store(&self) -> &Arc<StateCatalogStore> {
+        &self.store
+    }
+
+    /// The state store everything is kept in.
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
     }
 
     pub fn get(&self, name: &str) -> Option<Relation> {
@@ -101,16 +130,29 @@ impl Catalog {
         self.read().values().cloned().collect()
     }
 
-    /// Creates a table, with its watermark when it declares one. Returns `false` (and changes nothing) when it exists
-    /// and `if_not_exists` is set.
+    /// Creates a table, with its watermark when it declares one, and its rows as last written if it is coming back
+    /// after a restart. Returns `None` (and changes nothing) when it exists and `if_not_exists` is set.
     pub fn create_table(
         &self,
         def: RelationDef,
         source: Option<Arc<CreateSource>>,
         if_not_exists: bool,
-    ) -> Result<bool, ErrorReport> {
+    ) -> Result<Option<u64>, ErrorReport> {
+        if !self.check_free(&def.name, if_not_exists)? {
+            return Ok(None);
+        }
+        let id = self
+            .store
+            .put(ObjectKind::Relation(RelationKind::Table), &def.name, &def.definition)
+            .map_err(catalog_report)?;
         let rows = Arc::new(ViewStore::new(def.schema.clone()));
-        self.create(Relation::stored(def, rows, true).with_source(source), if_not_exists)
+        rows.restore(&rows_table(id), self.state.as_ref()).map_err(state_report)?;
+        let provider = Arc::new(StoreTable::table_over(rows.clone(), self.state.clone(), rows_table(id)));
+        let mut relation = Relation::new(def, provider).with_source(source);
+        relation.store = Some(rows);
+        relation.id = id;
+        self.insert(relation);
+        Ok(Some(id))
     }
 
     /// Checks that `name` is free before the work of creating it: `Ok(false)` when it is taken and `if_not_exists`
@@ -123,16 +165,27 @@ impl Catalog {
         }
     }
 
-    /// Creates a relation. Returns `false` (and changes nothing) when one of that name exists and `if_not_exists`
-    /// is set.
-    pub fn create(&self, relation: Relation, if_not_exists: bool) -> Result<bool, ErrorReport> {
+    /// Creates a relation and returns its id. Returns `None` (and changes nothing) when one of that name exists and
+    /// `if_not_exists` is set.
+    pub fn create(&self, mut relation: Relation, if_not_exists: bool) -> Result<Option<u64>, ErrorReport> {
         if !self.check_free(&relation.def.name, if_not_exists)? {
-            return Ok(false);
+            return Ok(None);
         }
-        self.store.put(&relation.def).map_err(catalog_report)?;
+        let kind = ObjectKind::Relation(relation.def.kind);
+        relation.id = self.store.put(kind, &relation.def.name, &relation.def.definition).map_err(catalog_report)?;
+        let id = relation.id;
+        self.insert(relation);
+        Ok(Some(id))
+    }
+
+    /// Whether the object with id `id` was stored before this start (it is coming back, not new).
+    pub fn recovered(&self, id: u64) -> bool {
+        id <= self.store.loaded_up_to
+    }
+
+    fn insert(&self, relation: Relation) {
         let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);
         relations.insert(relation.def.name.clone(), relation);
-        Ok(true)
     }
 
     /// The relations that read `name`.
@@ -169,13 +222,113 @@ impl Catalog {
             .with_detail(dependents.join("\n"))
             .with_hint("Use DROP ... CASCADE to drop the dependent objects too."));
         }
-        self.store.delete(name).map_err(catalog_report)?;
+        self.store.delete(ObjectKind::Relation(kind), name).map_err(catalog_report)?;
+        if kind == RelationKind::Table {
+            let mut batch = WriteBatch::default();
+            rows_table(relation.id).delete_prefix(&mut batch, &[]);
+            if let Err(err) = self.state.write(batch) {
+                tracing::warn!(table = %name, error = %err, "the dropped table's rows could not be deleted");
+            }
+        }
         self.relations.write().unwrap_or_else(PoisonError::into_inner).remove(name);
         Ok(true)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Relation>> {
         self.relations.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The failure of the state store as a client sees it.
+pub fn state_report(err: StateError) -> ErrorReport {
+    ErrorReport::new(SqlState::IO_ERROR, err.to_string())
+}
+
+/// The [`CatalogStore`] in the state store: under table `catalog`, each definition at its id (kind, name, statement).
+/// Definitions are also kept in memory, read once at start.
+#[derive(Debug)]
+pub struct StateCatalogStore {
+    state: Arc<dyn StateStore>,
+    objects: std::sync::Mutex<Vec<StoredObject>>,
+    /// The highest id stored before this start.
+    loaded_up_to: u64,
+    /// The next id to give; kept in the store, so that no id is ever given twice.
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl StateCatalogStore {
+    fn table() -> StateTable {
+        StateTable::new("catalog")
+    }
+
+    /// Reads every stored definition; a definition that cannot be read is an error naming it.
+    pub fn open(state: Arc<dyn StateStore>) -> Result<Self, StateError> {
+        let mut objects = Vec::new();
+        for (key, value) in Self::table().scan_all(state.as_ref())? {
+            let id = decode_i64(&key)? as u64;
+            let damaged = || StateError::Corrupt(format!("the stored definition {id} of the catalog"));
+            let (&code, rest) = value.split_first().ok_or_else(damaged)?;
+            let kind = ObjectKind::from_code(code).ok_or_else(damaged)?;
+            let length = rest.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).ok_or_else(damaged)?;
+            let name = rest.get(4..4 + length as usize).ok_or_else(damaged)?;
+            let statement = &rest[4 + length as usize..];
+            let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).map_err(|_| damaged());
+            objects.push(StoredObject { id, kind, name: text(name)?, statement: text(statement)? });
+        }
+        let loaded_up_to = objects.iter().map(|o| o.id).max().unwrap_or(0);
+        let next = state.get(&Self::next_key())?.map(|v| decode_i64(&v)).transpose()?.unwrap_or(1) as u64;
+        let next_id = std::sync::atomic::AtomicU64::new(next.max(loaded_up_to + 1));
+        Ok(StateCatalogStore { state, objects: std::sync::Mutex::new(objects), loaded_up_to, next_id })
+    }
+
+    fn next_key() -> Vec<u8> {
+        StateTable::new("catalog-next-id").key(&[])
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), CatalogStoreError> {
+        self.state.write(batch).map_err(|e| CatalogStoreError::Storage(e.to_string()))
+    }
+}
+
+impl CatalogStore for StateCatalogStore {
+    fn put(&self, kind: ObjectKind, name: &str, statement: &str) -> Result<u64, CatalogStoreError> {
+        let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        if let Some(at) = objects.iter().position(|o| o.name == name && o.kind.same_namespace(&kind)) {
+            if objects[at].kind == kind && objects[at].statement == statement {
+                return Ok(objects[at].id);
+            }
+            batch.delete(Self::table().key(&encode_i64(objects[at].id as i64)));
+        }
+        let id = self.next_id.load(std::sync::atomic::Ordering::Acquire);
+        batch.put(Self::next_key(), encode_i64(id as i64 + 1).to_vec());
+        let mut value = vec![kind.code()];
+        value.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        value.extend_from_slice(name.as_bytes());
+        value.extend_from_slice(statement.as_bytes());
+        batch.put(Self::table().key(&encode_i64(id as i64)), value);
+        self.write(batch)?;
+        self.next_id.store(id + 1, std::sync::atomic::Ordering::Release);
+        objects.retain(|o| !(o.name == name && o.kind.same_namespace(&kind)));
+        objects.push(StoredObject { id, kind, name: name.to_string(), statement: statement.to_string() });
+        Ok(id)
+    }
+
+    fn delete(&self, kind: ObjectKind, name: &str) -> Result<(), CatalogStoreError> {
+        let mut objects = self.objects.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = objects
+            .iter()
+            .position(|o| o.name == name && o.kind.same_namespace(&kind))
+            .ok_or_else(|| CatalogStoreError::NotFound(name.to_string()))?;
+        let mut batch = WriteBatch::default();
+        batch.delete(Self::table().key(&encode_i64(objects[at].id as i64)));
+        self.write(batch)?;
+        objects.remove(at);
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Vec<StoredObject>, CatalogStoreError> {
+        Ok(self.objects.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 }
 
@@ -326,5 +479,21 @@ impl TableProvider for PgClass {
             })
             .collect::<Result<Vec<_>, _>>()?;
         MemTable::try_new(schema, vec![batches])?.scan(state, projection, filters, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_in_the_state_store_keeps_the_contract_and_survives_a_reopen() {
+        let state: Arc<dyn StateStore> = Arc::new(weir_runtime::state::MemoryStore::new());
+        let store = StateCatalogStore::open(state.clone()).unwrap();
+        weir_common::catalog::check_catalog_contract(&store);
+        let before = store.load().unwrap();
+        let reopened = StateCatalogStore::open(state).unwrap();
+        assert_eq!(reopened.load().unwrap(), before);
+        assert_eq!(reopened.loaded_up_to, before.iter().map(|o| o.id).max().unwrap());
     }
 }

@@ -10,11 +10,17 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How often each materialized view publishes what it has computed while rows arrive: the longest a new row
     /// waits before a SELECT sees it. Shorter makes views fresher; each epoch re-evaluates the open windows that
-    /// changed in it and writes a checkpoint.
+    /// changed in it.
     pub epoch_interval: Duration,
+    /// How often each materialized view writes a checkpoint while nothing else asks for one (see `jobs`): the most
+    /// work a crash makes a view do again.
+    pub checkpoint_interval: Duration,
     /// What one client may cost the server.
     pub limits: Limits,
 }
+
+/// The checkpoint interval unless configured.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The epoch interval unless configured.
 pub const DEFAULT_EPOCH_INTERVAL: Duration = Duration::from_millis(50);
@@ -62,7 +68,17 @@ pub fn default_query_memory() -> usize {
 
 impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Config { data_dir: data_dir.into(), epoch_interval: DEFAULT_EPOCH_INTERVAL, limits: Limits::default() }
+        Config {
+            data_dir: data_dir.into(),
+            epoch_interval: DEFAULT_EPOCH_INTERVAL,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn with_checkpoint_interval(mut self, checkpoint_interval: Duration) -> Self {
+        self.checkpoint_interval = checkpoint_interval;
+        self
     }
 
     pub fn with_epoch_interval(mut self, epoch_interval: Duration) -> Self {

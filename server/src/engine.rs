@@ -14,7 +14,6 @@ use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf}
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_pg_catalog::setup_pg_catalog;
-use weir_common::MemoryCatalogStore;
 use weir_common::catalog::{DEFAULT_CATALOG, DEFAULT_SCHEMA};
 
 use crate::catalog::{Catalog, CatalogSchema};
@@ -51,7 +50,9 @@ impl Engine {
     pub fn new(config: &Config) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        let catalog = Arc::new(Catalog::open(Arc::new(MemoryCatalogStore::default()))?);
+        let state: Arc<dyn weir_runtime::state::StateStore> =
+            Arc::new(weir_runtime::rocks::RocksStore::open(&config.data_dir.join("state"))?);
+        let catalog = Arc::new(Catalog::open(state.clone())?);
 
         let mut session_config = SessionConfig::new()
             .with_information_schema(true)
@@ -69,11 +70,7 @@ impl Engine {
         weir.register_schema(DEFAULT_SCHEMA, Arc::new(CatalogSchema(catalog.clone())))
             .map_err(|e| ServerError::Engine(e.to_string()))?;
         let dataflow = crate::exec::DataflowRuntime::new().map_err(|e| ServerError::Engine(e.to_string()))?;
-        let jobs = Arc::new(crate::jobs::Jobs::new(
-            Arc::new(weir_runtime::state::MemoryStore::new()),
-            config.epoch_interval,
-            dataflow,
-        ));
+        let jobs = Arc::new(crate::jobs::Jobs::new(state, config.epoch_interval, config.checkpoint_interval, dataflow));
         let system = Arc::new(MemorySchemaProvider::new());
         for (name, relation) in SystemRelation::all(&jobs) {
             system

@@ -15,6 +15,9 @@ pub enum ServerError {
     Engine(String),
     #[error(transparent)]
     Catalog(#[from] CatalogStoreError),
+    /// The state store cannot be opened or read (the message says where and what to do).
+    #[error("{0}")]
+    State(#[from] weir_runtime::state::StateError),
 }
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;
@@ -41,6 +44,6 @@ pub fn catalog_report(err: CatalogStoreError) -> ErrorReport {
         CatalogStoreError::NotFound(name) => {
             ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist"))
         }
-        CatalogStoreError::Storage(msg) => ErrorReport::new(SqlState::INTERNAL_ERROR, msg),
+        CatalogStoreError::Storage(msg) => ErrorReport::new(SqlState::IO_ERROR, msg),
     }
 }

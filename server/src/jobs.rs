@@ -7,9 +7,19 @@
 //!      +--source/pipeline error-+  (logged; the view keeps what it has)
 //! ```
 //!
-//! The task ends an epoch (publishes) every epoch interval ([`crate::Config::epoch_interval`]) while rows arrive, before answering a `FLUSH`, and when
-//! the input ends. Each epoch's changes reach the store at once, so a reader never sees half an epoch. Each epoch
-//! is also a checkpoint: the pipeline's state and the view's rows changed in it go to the state store in one write.
+//! The task ends an epoch (publishes) every epoch interval ([`crate::Config::epoch_interval`]) while rows arrive,
+//! before answering a `FLUSH`, and when the input ends. Each epoch's changes reach the view's store at once, so a
+//! reader never sees half an epoch.
+//!
+//! A checkpoint follows an epoch every checkpoint interval ([`crate::Config::checkpoint_interval`]), at every epoch
+//! while other views read this one as a stream or a source waits for acknowledgements (MQTT), at `FLUSH` and at
+//! shutdown. It writes in one atomic write the pipeline's state changed since the last one, the view's rows changed,
+//! and the checkpoint's record: its number, each input's position (a file's offset, Kafka's offsets, a generator's
+//! row) and the view's counts. Only then do stream readers get the new rows and sources acknowledge theirs. When a
+//! view starts again after a restart, it restores the last checkpoint and each input seeks to its position, so it
+//! continues exactly where the checkpoint was: what it had published after the checkpoint is computed again.
+//! A checkpoint that cannot be written (a full disk) leaves the view running, says so in its status and the log, and
+//! is tried again with the next one's writes added.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -27,6 +37,8 @@ use weir_common::connector::{ConnectorError, Rejected, SourceReader, SourceStats
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
+
+use crate::catalog::{rows_table, state_key};
 
 /// How many malformed records each view keeps for `weir_catalog.dead_letters` (all are counted).
 pub const DEAD_LETTERS_KEPT: usize = 1000;
@@ -52,8 +64,10 @@ pub struct Dataflow {
 /// What a session can ask of a running view.
 #[derive(Debug)]
 enum Control {
-    /// Answer once everything read from the source so far is in the view.
+    /// Answer once everything read from the source so far is in the view (and in a checkpoint).
     Flush(oneshot::Sender<()>),
+    /// Answer once everything processed so far is in a checkpoint (the server is stopping).
+    Checkpoint(oneshot::Sender<()>),
 }
 
 #[derive(Debug)]
@@ -66,6 +80,8 @@ struct Job {
     progress: Arc<Progress>,
     /// Creation order: a view can only read views created before it.
     sequence: u64,
+    /// The prefix of its state tables.
+    state_key: String,
 }
 
 /// A view's progress, written by its task and read by queries.
@@ -104,6 +120,8 @@ pub struct Progress {
     pub held_rows: AtomicI64,
     /// About how many bytes the view's state holds (its operators' and its rows), as of its last epoch.
     pub state_bytes: AtomicU64,
+    /// The checkpoint the view continued from at start; `-1` for none.
+    restored_epoch: AtomicI64,
 }
 
 /// The span `rows_per_second` is measured over.
@@ -129,11 +147,21 @@ impl Progress {
             duplicates: AtomicU64::new(0),
             held_rows: AtomicI64::new(-1),
             state_bytes: AtomicU64::new(0),
+            restored_epoch: AtomicI64::new(-1),
         }
+    }
+
+    /// The checkpoint the view continued from when it started, if any.
+    pub fn restored_epoch(&self) -> Option<u64> {
+        u64::try_from(self.restored_epoch.load(Ordering::Relaxed)).ok()
     }
 
     fn set_status(&self, status: String) {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
+    pub fn status(&self) -> String {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Keeps the latest late rows for `weir_catalog.late_rows`.
@@ -172,6 +200,21 @@ fn keep_latest<T>(kept: &mut VecDeque<T>, item: T) {
     kept.push_back(item);
 }
 
+/// One checkpoint written, for `weir_catalog.checkpoints`.
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub view: String,
+    pub epoch: u64,
+    /// When it was written, in milliseconds since 1970.
+    pub at_ms: i64,
+    pub duration: Duration,
+    /// Bytes of keys and values written.
+    pub bytes: u64,
+}
+
+/// How many checkpoints `weir_catalog.checkpoints` keeps.
+pub const CHECKPOINTS_KEPT: usize = 200;
+
 /// Every running view, by name.
 #[derive(Debug)]
 pub struct Jobs {
@@ -183,19 +226,40 @@ pub struct Jobs {
     pub sinks: crate::sinks::Sinks,
     /// How often views publish.
     epoch_interval: Duration,
+    /// How often views checkpoint while nothing else asks them to.
+    checkpoint_interval: Duration,
     /// Where view and sink tasks run: never on the threads that serve connections.
     dataflow: crate::exec::DataflowRuntime,
-}
-
-/// The state table of view `view`'s published rows.
-fn rows_table(view: &str) -> StateTable {
-    StateTable::new(&format!("{view}/rows"))
+    /// The latest checkpoints, oldest first.
+    pub checkpoints: Arc<Mutex<VecDeque<CheckpointRecord>>>,
+    /// What the last start brought back, for `weir_catalog.recovery`.
+    pub recovery: Mutex<Vec<crate::recovery::Recovered>>,
 }
 
 impl Jobs {
-    pub fn new(state: Arc<dyn StateStore>, epoch_interval: Duration, dataflow: crate::exec::DataflowRuntime) -> Self {
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        epoch_interval: Duration,
+        checkpoint_interval: Duration,
+        dataflow: crate::exec::DataflowRuntime,
+    ) -> Self {
         let sinks = Default::default();
-        Jobs { jobs: Mutex::default(), created: AtomicU64::new(0), state, sinks, epoch_interval, dataflow }
+        Jobs {
+            jobs: Mutex::default(),
+            created: AtomicU64::new(0),
+            state,
+            sinks,
+            epoch_interval,
+            checkpoint_interval,
+            dataflow,
+            checkpoints: Arc::default(),
+            recovery: Mutex::default(),
+        }
+    }
+
+    /// The state store views checkpoint to.
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
     }
 
     /// The runtime view and sink tasks run on.
@@ -203,16 +267,26 @@ impl Jobs {
         self.dataflow.handle()
     }
 
-    /// Starts keeping `view` (whose rows live in `store`) up to date through `dataflow`; `statement` created it (and
-    /// is named in the log if the dataflow ever fails).
-    /// Its state may hold `memory_limit` bytes.
-    pub fn start(&self, view: String, dataflow: Dataflow, store: Arc<ViewStore>, statement: &str, memory_limit: usize) {
+    /// Starts keeping `view` (whose rows live in `store`, whose state is under the id `id`) up to date through
+    /// `dataflow`; `statement` created it (and is named in the log if the dataflow ever fails). Its state may hold
+    /// `memory_limit` bytes. A view with a checkpoint (coming back after a restart) continues from it; returns
+    /// the checkpoint's number then.
+    pub fn start(
+        &self,
+        view: String,
+        id: u64,
+        dataflow: Dataflow,
+        store: Arc<ViewStore>,
+        statement: &str,
+        memory_limit: usize,
+    ) -> Result<Option<u64>, String> {
         let Dataflow { pipeline, inputs, input_names, ms_per_unit, .. } = dataflow;
         let (control, requests) = mpsc::channel(16);
         let progress = Arc::new(Progress::new(input_names));
-        let (readers, idle_timeouts): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
+        let (mut readers, idle_timeouts): (Vec<_>, Vec<_>) = inputs.into_iter().unzip();
         let last_rows = vec![vec![Instant::now()]; readers.len()];
-        let view_task = ViewTask {
+        let key = state_key(id);
+        let mut view_task = ViewTask {
             view: view.clone(),
             statement: statement.to_string(),
             pipeline,
@@ -225,7 +299,24 @@ impl Jobs {
             last_rows,
             rate_samples: VecDeque::new(),
             memory_limit,
+            rows: rows_table(id),
+            meta: StateTable::new(&format!("{key}/checkpoint")),
+            state_key: key.clone(),
+            epoch: 0,
+            checkpoint_interval: self.checkpoint_interval,
+            last_checkpoint: Instant::now(),
+            unwritten: None,
+            history: self.checkpoints.clone(),
+            frozen: false,
         };
+        let restored = view_task.restore(&mut readers).map_err(|err| {
+            error!(%view, %statement, error = %err, "the view's checkpoint cannot be restored; the view stops here");
+            let reason = format!("cannot restore the view's checkpoint: {err}");
+            progress.set_status(format!("failed: {reason}"));
+            reason
+        });
+        view_task.frozen = restored.is_err();
+        let readers = if restored.is_ok() { readers } else { Vec::new() };
         let watched = progress.clone();
         let (name, statement) = (view.clone(), statement.to_string());
         let epoch_interval = self.epoch_interval;
@@ -243,22 +334,40 @@ impl Jobs {
             }
         });
         let sequence = self.created.fetch_add(1, Ordering::Relaxed);
-        let previous = self.lock().insert(view, Job { control, task, progress, sequence });
+        let previous = self.lock().insert(view, Job { control, task, progress, sequence, state_key: key });
         if let Some(previous) = previous {
             previous.task.abort();
         }
+        restored
     }
 
     /// Stops the view's task and forgets its state.
     pub fn stop(&self, view: &str) {
-        if let Some(job) = self.lock().remove(view) {
-            job.task.abort();
-        }
+        let Some(job) = self.lock().remove(view) else { return };
+        job.task.abort();
         let mut batch = WriteBatch::default();
-        Pipeline::forget(view, &mut batch);
-        rows_table(view).delete_prefix(&mut batch, &[]);
+        Pipeline::forget(&job.state_key, &mut batch);
+        for table in ["rows", "checkpoint"] {
+            StateTable::new(&format!("{}/{table}", job.state_key)).delete_prefix(&mut batch, &[]);
+        }
         if let Err(err) = self.state.write(batch) {
             warn!(%view, error = %err, "the dropped view's state could not be deleted");
+        }
+    }
+
+    /// Has every view checkpoint what it has processed, then stops them (the server is stopping): a restart then
+    /// replays nothing.
+    pub async fn shutdown(&self) {
+        let controls: Vec<(String, mpsc::Sender<Control>)> =
+            self.lock().iter().map(|(v, j)| (v.clone(), j.control.clone())).collect();
+        for (view, control) in controls {
+            let (ack, done) = oneshot::channel();
+            if control.send(Control::Checkpoint(ack)).await.is_ok() && done.await.is_err() {
+                warn!(%view, "the view stopped before its last checkpoint");
+            }
+        }
+        for job in self.lock().values() {
+            job.task.abort();
         }
     }
 
@@ -319,6 +428,22 @@ struct ViewTask {
     rate_samples: VecDeque<(Instant, u64)>,
     /// The most bytes the view's state may hold.
     memory_limit: usize,
+    /// Where the view's rows are checkpointed.
+    rows: StateTable,
+    /// Where each checkpoint's record goes (its number, the inputs' positions, the counts).
+    meta: StateTable,
+    /// The prefix of the pipeline's state tables.
+    state_key: String,
+    /// The last checkpoint's number.
+    epoch: u64,
+    checkpoint_interval: Duration,
+    last_checkpoint: Instant,
+    /// The writes of a checkpoint that could not be written, to go first in the next one.
+    unwritten: Option<WriteBatch>,
+    /// The latest checkpoints of every view.
+    history: Arc<Mutex<VecDeque<CheckpointRecord>>>,
+    /// The checkpoint could not be restored: the view neither reads nor writes one (which would replace it).
+    frozen: bool,
 }
 
 async fn run(
@@ -345,17 +470,20 @@ async fn run(
                                     task.progress.set_aside(readers[input].take_rejected());
                                     let split = (readers[input].last_split(), readers[input].split_count());
                                     task.step(input, split, batch, &mut reading).await;
-                                    readers[input].commit();
                                 }
                                 None => break,
                             }
                         }
                     }
                     task.check_idle(&reading).await;
-                    task.publish().await;
+                    task.publish(&mut readers, true).await;
                     if task.over_memory() {
                         reading.fill(false);
                     }
+                    let _ = ack.send(());
+                }
+                Some(Control::Checkpoint(ack)) => {
+                    task.publish(&mut readers, true).await;
                     let _ = ack.send(());
                 }
                 None => return,
@@ -363,8 +491,8 @@ async fn run(
             _ = epochs.tick() => {
                 task.report(&readers);
                 task.check_idle(&reading).await;
-                if task.dirty {
-                    task.publish().await;
+                if task.dirty || task.unwritten.is_some() {
+                    task.publish(&mut readers, false).await;
                     if task.over_memory() {
                         reading.fill(false);
                     }
@@ -376,9 +504,8 @@ async fn run(
                 task.progress.set_aside(readers[input].take_rejected());
                 let split = (readers[input].last_split(), readers[input].split_count());
                 task.step(input, split, batch, &mut reading).await;
-                readers[input].commit();
                 if !reading.contains(&true) {
-                    task.publish().await;
+                    task.publish(&mut readers, true).await;
                 }
             }
         }
@@ -515,9 +642,13 @@ impl ViewTask {
         }
     }
 
-    /// Ends the epoch: the pipeline's changes go to the view's store at once.
-    async fn publish(&mut self) {
+    /// Ends the epoch: the pipeline's changes go to the view's store at once. Checkpoints when `force`d, when the
+    /// interval has passed, or when readers wait for it.
+    async fn publish(&mut self, readers: &mut [Box<dyn SourceReader>], force: bool) {
         self.dirty = false;
+        if self.frozen {
+            return;
+        }
         match self.pipeline.publish().await {
             Ok(changes) => {
                 self.store.apply(changes);
@@ -530,19 +661,84 @@ impl ViewTask {
                 return;
             }
         }
-        if let Err(err) = self.checkpoint() {
+        let due = force
+            || self.unwritten.is_some()
+            || self.last_checkpoint.elapsed() >= self.checkpoint_interval
+            || self.store.has_stream_readers()
+            || readers.iter().any(|r| r.wants_commit());
+        if due && let Err(err) = self.checkpoint(readers) {
             self.fail(err);
         }
     }
 
-    /// Writes the state changed in this epoch, the pipeline's and the view rows', in one write.
-    fn checkpoint(&mut self) -> weir_runtime::Result<()> {
-        let mut batch = WriteBatch::default();
-        self.pipeline.checkpoint(&self.view, &mut batch)?;
-        self.store.checkpoint(&rows_table(&self.view), &mut batch)?;
-        self.state.write(batch)?;
+    /// Writes, in one write, the state changed since the last checkpoint (the pipeline's and the view rows') with
+    /// the checkpoint's record; then lets stream readers see the rows and the inputs acknowledge theirs.
+    fn checkpoint(&mut self, readers: &mut [Box<dyn SourceReader>]) -> weir_runtime::Result<()> {
+        let started = Instant::now();
+        let mut batch = self.unwritten.take().unwrap_or_default();
+        let mut changes = WriteBatch::default();
+        self.pipeline.checkpoint(&self.state_key, &mut changes)?;
+        self.store.checkpoint(&self.rows, &mut changes)?;
+        batch.extend(changes);
+        let epoch = self.epoch + 1;
+        let record = CheckpointMeta {
+            epoch,
+            rows_read: self.progress.rows_read.load(Ordering::Relaxed),
+            malformed_rows: self.progress.malformed_rows.load(Ordering::Relaxed),
+            positions: readers.iter().map(|r| r.position()).collect(),
+        };
+        batch.put(self.meta.key(&[]), record.encode());
+        let bytes = batch.bytes() as u64;
+        if let Err(err) = self.state.write(batch.clone()) {
+            let view = &self.view;
+            error!(%view, error = %err, "the view's checkpoint could not be written; it is tried again with the next");
+            self.progress.set_status(format!("retrying: checkpoint failed: {err}"));
+            self.unwritten = Some(batch);
+            return Ok(());
+        }
+        if self.progress.status().starts_with("retrying: checkpoint failed") {
+            self.progress.set_status("running".to_string());
+        }
+        self.epoch = epoch;
+        self.last_checkpoint = Instant::now();
+        self.store.committed();
+        for reader in readers.iter_mut() {
+            reader.commit();
+        }
         self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        if history.len() == CHECKPOINTS_KEPT {
+            history.pop_front();
+        }
+        history.push_back(CheckpointRecord {
+            view: self.view.clone(),
+            epoch,
+            at_ms: weir_common::sink::unix_millis(),
+            duration: started.elapsed(),
+            bytes,
+        });
         Ok(())
+    }
+
+    /// Continues from the view's last checkpoint, if it has one: the pipeline's state, the view's rows, the counts,
+    /// and each input at its position. Returns the checkpoint's number.
+    fn restore(&mut self, readers: &mut [Box<dyn SourceReader>]) -> Result<Option<u64>, String> {
+        let Some(bytes) = self.state.get(&self.meta.key(&[])).map_err(|e| e.to_string())? else { return Ok(None) };
+        let record = CheckpointMeta::decode(&bytes).ok_or("its record is damaged")?;
+        self.pipeline.restore(&self.state_key, self.state.as_ref()).map_err(|e| e.to_string())?;
+        self.store.restore(&self.rows, self.state.as_ref()).map_err(|e| e.to_string())?;
+        for (input, (reader, position)) in readers.iter_mut().zip(&record.positions).enumerate() {
+            if let Some(position) = position {
+                reader.seek(position).map_err(|e| format!("input {}: {e}", input + 1))?;
+            }
+        }
+        self.epoch = record.epoch;
+        self.progress.rows_read.store(record.rows_read, Ordering::Relaxed);
+        self.progress.malformed_rows.store(record.malformed_rows, Ordering::Relaxed);
+        self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);
+        self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
+        self.progress.restored_epoch.store(record.epoch as i64, Ordering::Relaxed);
+        Ok(Some(record.epoch))
     }
 
     /// Whether the view's state has grown past its limit; if so the view fails (it reads nothing more and keeps the
@@ -567,6 +763,57 @@ impl ViewTask {
         let (view, statement) = (&self.view, &self.statement);
         error!(%view, %statement, error = %err, "the view's dataflow failed; the view stops here");
         self.progress.set_status(format!("failed: {err}"));
+    }
+}
+
+/// A checkpoint's record: its number, the view's counts, and each input's position.
+#[derive(Debug, PartialEq)]
+struct CheckpointMeta {
+    epoch: u64,
+    rows_read: u64,
+    malformed_rows: u64,
+    positions: Vec<Option<Vec<u8>>>,
+}
+
+impl CheckpointMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for number in [self.epoch, self.rows_read, self.malformed_rows, self.positions.len() as u64] {
+            bytes.extend_from_slice(&number.to_be_bytes());
+        }
+        for position in &self.positions {
+            match position {
+                Some(position) => {
+                    bytes.extend_from_slice(&(position.len() as u64).to_be_bytes());
+                    bytes.extend_from_slice(position);
+                }
+                None => bytes.extend_from_slice(&u64::MAX.to_be_bytes()),
+            }
+        }
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut rest = bytes;
+        let number = |rest: &mut &[u8]| -> Option<u64> {
+            let (head, tail) = rest.split_at_checked(8)?;
+            *rest = tail;
+            Some(u64::from_be_bytes(head.try_into().ok()?))
+        };
+        let (epoch, rows_read) = (number(&mut rest)?, number(&mut rest)?);
+        let (malformed_rows, inputs) = (number(&mut rest)?, number(&mut rest)?);
+        let mut positions = Vec::new();
+        for _ in 0..inputs.min(1 << 16) {
+            let length = number(&mut rest)?;
+            if length == u64::MAX {
+                positions.push(None);
+                continue;
+            }
+            let (position, tail) = rest.split_at_checked(usize::try_from(length).ok()?)?;
+            positions.push(Some(position.to_vec()));
+            rest = tail;
+        }
+        Some(CheckpointMeta { epoch, rows_read, malformed_rows, positions })
     }
 }
 

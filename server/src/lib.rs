@@ -15,6 +15,8 @@
 //! - [`sinks`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS` and one task per sink delivering its input's changes.
 //! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
+//! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
+//!   last checkpoint.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
 //! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
@@ -31,6 +33,7 @@ pub mod exec;
 pub mod handler;
 pub mod jobs;
 pub mod match_recognize;
+pub mod recovery;
 pub mod relations;
 pub mod session;
 pub mod sinks;
@@ -54,6 +57,7 @@ pub use error::ServerError;
 /// Tests call this in-process with an ephemeral listener; the `weir` binary calls it with the configured address.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let engine = Arc::new(Engine::new(&config)?);
+    recovery::recover(&engine).await?;
     let local = listener.local_addr().map_err(ServerError::Io)?;
     info!(listen = %local, data_dir = %config.data_dir.display(), "weir is ready for connections");
 
@@ -90,6 +94,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     }
     info!(open_connections = connections.len(), "shutting down");
     connections.shutdown().await;
+    // Every view writes what it has processed, so a restart replays nothing.
+    engine.jobs.shutdown().await;
+    info!("every view is checkpointed; stopped");
     Ok(())
 }
 

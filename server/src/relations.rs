@@ -1,8 +1,9 @@
 //! Table providers over [`ViewStore`]s: how batch queries read materialized views and tables, and how `INSERT`
 //! writes a table.
 //!
-//! A scan reads the store's last published snapshot, so a query never sees half of a view's epoch. `INSERT` appends
-//! the statement's rows to a table's store in one step, which also hands them to every view reading the table.
+//! A scan reads the store's last published snapshot, so a query never sees half of a view's epoch. `INSERT` writes
+//! the statement's rows to the state store, then appends them to the table's store in one step, which also hands
+//! them to every view reading the table.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,22 +21,25 @@ use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::TryStreamExt;
-use weir_runtime::materialize::{ViewChange, ViewStore};
+use weir_runtime::materialize::ViewStore;
+use weir_runtime::state::{StateStore, StateTable};
 
-/// A relation whose rows live in a [`ViewStore`]: a table (`writable`) or a materialized view.
+/// A relation whose rows live in a [`ViewStore`]: a table (writable, its rows kept in a state table) or a
+/// materialized view.
 #[derive(Debug)]
 pub struct StoreTable {
     pub store: Arc<ViewStore>,
-    writable: bool,
+    /// For a table: where `INSERT` writes its rows before they count.
+    durable: Option<(Arc<dyn StateStore>, StateTable)>,
 }
 
 impl StoreTable {
-    pub fn table_over(store: Arc<ViewStore>) -> Self {
-        StoreTable { store, writable: true }
+    pub fn table_over(store: Arc<ViewStore>, state: Arc<dyn StateStore>, rows: StateTable) -> Self {
+        StoreTable { store, durable: Some((state, rows)) }
     }
 
     pub fn view(store: Arc<ViewStore>) -> Self {
-        StoreTable { store, writable: false }
+        StoreTable { store, durable: None }
     }
 }
 
@@ -66,16 +70,17 @@ impl TableProvider for StoreTable {
         input: Arc<dyn ExecutionPlan>,
         insert_op: InsertOp,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        if !self.writable {
+        let Some((state, rows)) = &self.durable else {
             return Err(DataFusionError::NotImplemented(
                 "INSERT into a materialized view; its rows come from its query".to_string(),
             ));
-        }
+        };
         if insert_op != InsertOp::Append {
             return Err(DataFusionError::NotImplemented(format!("{insert_op} on a table")));
         }
         self.schema().logically_equivalent_names_and_types(&input.schema())?;
-        let sink = StoreSink { store: self.store.clone(), schema: self.schema() };
+        let sink =
+            StoreSink { store: self.store.clone(), schema: self.schema(), state: state.clone(), rows: rows.clone() };
         Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
     }
 }
@@ -85,6 +90,8 @@ impl TableProvider for StoreTable {
 struct StoreSink {
     store: Arc<ViewStore>,
     schema: SchemaRef,
+    state: Arc<dyn StateStore>,
+    rows: StateTable,
 }
 
 impl DisplayAs for StoreSink {
@@ -107,7 +114,10 @@ impl DataSink for StoreSink {
             .into_iter()
             .map(|b| datafusion::arrow::array::RecordBatch::try_new(self.schema.clone(), b.columns().to_vec()))
             .collect::<Result<Vec<_>, _>>()?;
-        self.store.apply(vec![ViewChange::Append(batches)]);
+        // Durable before anyone sees them: a crash after the INSERT returns keeps them, one before loses all of them.
+        self.store
+            .append_durably(batches, &self.rows, |writes| self.state.write(writes))
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(rows)
     }
 }

@@ -320,11 +320,12 @@ impl Session {
             definition: text.to_string(),
             depends_on: vec![],
         };
-        if !self.engine.catalog.create_table(def, None, if_not_exists)? {
+        let Some(id) = self.engine.catalog.create_table(def, None, if_not_exists)? else {
             return Ok(Outcome::Command("CREATE TABLE", None));
-        }
-        // CREATE TABLE ... AS SELECT: fill the new table from the query.
-        if !matches!(create.input.as_ref(), LogicalPlan::EmptyRelation(_)) {
+        };
+        // CREATE TABLE ... AS SELECT: fill the new table from the query (a table coming back after a restart has
+        // its rows already).
+        if !matches!(create.input.as_ref(), LogicalPlan::EmptyRelation(_)) && !self.engine.catalog.recovered(id) {
             let df = self
                 .ctx
                 .execute_logical_plan(create.input.as_ref().clone())

@@ -5,7 +5,10 @@
 //! ([`ViewStore::subscribe_changes`]). A sink `AS query` (or `FROM` a source or a plain view) runs the query as a
 //! dataflow of its own, named `sink <name>` in `weir_catalog.view_progress`, whose rows are passed to the sink and
 //! not kept. Delivery is at least once: a failed write is retried, after a backoff from 100 ms to 5 s, until it
-//! succeeds, and the sink's status says why meanwhile.
+//! succeeds, and the sink's status says why meanwhile. A sink's statement is stored with the catalog, so it comes
+//! back after a restart; it then sends its input's rows again from its last checkpoint (a sink `AS query`: the rows
+//! after it, and the open windows' rows) or from the start (a sink `FROM` a relation: every row), so a restart can
+//! deliver a row twice.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -17,7 +20,7 @@ use datafusion::sql::sqlparser::ast::{self, ObjectName};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weir_common::sink::SinkFormat;
-use weir_common::{ErrorReport, RelationKind, SqlState};
+use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationKind, SqlState};
 use weir_connectors::sink::Sink;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::sink::{CreateSink, SinkInput};
@@ -291,12 +294,14 @@ impl Session {
         )
         .map_err(ErrorReport::from)?;
         let progress = Arc::new(SinkProgress::new(input, connector.unwrap_or_default(), format));
+        let id =
+            self.engine.catalog.store().put(ObjectKind::Sink, &name, text).map_err(crate::error::catalog_report)?;
         // Subscribed before the dataflow starts, so the sink sees its first rows.
         let changes = store.subscribe_changes();
         let dataflow_job = dataflow.map(|dataflow| {
             let job = dataflow_name(&name);
             let limit = self.engine.limits.view_memory_bytes;
-            self.engine.jobs.start(job.clone(), dataflow, store.clone(), text, limit);
+            let _ = self.engine.jobs.start(job.clone(), id, dataflow, store.clone(), text, limit);
             job
         });
         sinks.start(&self.engine.jobs.dataflow(), name, changes, opened, progress, depends_on, dataflow_job);
@@ -316,8 +321,11 @@ impl Session {
         Ok(Outcome::Command("DROP SINK", None))
     }
 
-    /// Stops a sink and its own dataflow.
+    /// Stops a sink and its own dataflow, and forgets it.
     pub(crate) fn drop_sink(&self, name: &str) {
+        if let Err(err) = self.engine.catalog.store().delete(ObjectKind::Sink, name) {
+            warn!(sink = %name, error = %err, "the dropped sink's definition could not be deleted");
+        }
         if let Some(Some(dataflow)) = self.engine.jobs.sinks.stop(name) {
             self.engine.jobs.stop(&dataflow);
         }

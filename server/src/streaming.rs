@@ -109,8 +109,9 @@ impl Session {
         };
         let relation =
             Relation::stored(def, store.clone(), dataflow.append_only).with_ordered_by(dataflow.ordered_by.clone());
-        self.engine.catalog.create(relation, false)?;
-        self.engine.jobs.start(name, dataflow, store, text, memory_limit);
+        let id = self.engine.catalog.create(relation, false)?.unwrap_or_default();
+        // A failure to restore is the view's status, not the statement's: the view exists, and says why it stopped.
+        let _ = self.engine.jobs.start(name, id, dataflow, store, text, memory_limit);
         Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None))
     }
 

@@ -12,6 +12,10 @@
 //! - `weir_catalog.sink_progress`: one row per sink: what it reads, its connector and format, status (`retrying:
 //!   <why>` while a broker is away), messages and bytes delivered, messages per second (over the last 5 s), failed
 //!   writes (retried) and the last delivery.
+//! - `weir_catalog.checkpoints`: the latest checkpoints (the last [`crate::jobs::CHECKPOINTS_KEPT`]): which view,
+//!   its number, when it was written, how long the write took and how many bytes it wrote.
+//! - `weir_catalog.recovery`: what the last start brought back, object by object in creation order: a table's rows,
+//!   the checkpoint a view continued from, or why an object could not come back, and how long each took.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
 //!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
@@ -102,11 +106,61 @@ impl SystemRelation {
                     sink_progress,
                 ),
             ),
+            (
+                "checkpoints",
+                relation(
+                    vec![
+                        Field::new("view", DataType::Utf8, false),
+                        Field::new("epoch", DataType::Int64, false),
+                        Field::new("written", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+                        Field::new("duration_ms", DataType::Float64, false),
+                        Field::new("bytes", DataType::Int64, false),
+                    ],
+                    checkpoints,
+                ),
+            ),
+            (
+                "recovery",
+                relation(
+                    vec![
+                        Field::new("object", DataType::Utf8, false),
+                        Field::new("kind", DataType::Utf8, false),
+                        Field::new("outcome", DataType::Utf8, false),
+                        Field::new("duration_ms", DataType::Float64, false),
+                    ],
+                    recovery,
+                ),
+            ),
             ("late_rows", relation(text_fields(&["view", "source", "row"]), late_rows)),
             ("dead_letters", relation(text_fields(&["view", "source", "origin", "error", "record"]), dead_letters)),
             ("sink_dead_letters", relation(text_fields(&["sink", "topic", "error", "message"]), sink_dead_letters)),
         ]
     }
+}
+
+/// The latest checkpoints of every view (and sink dataflow), oldest first.
+fn checkpoints(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let kept: Vec<_> = jobs.checkpoints.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(kept.iter().map(|c| Some(c.view.as_str())).collect::<StringArray>()),
+        Arc::new(kept.iter().map(|c| Some(c.epoch as i64)).collect::<Int64Array>()),
+        Arc::new(kept.iter().map(|c| Some(c.at_ms)).collect::<TimestampMillisecondArray>()),
+        Arc::new(kept.iter().map(|c| Some(c.duration.as_secs_f64() * 1000.0)).collect::<Float64Array>()),
+        Arc::new(kept.iter().map(|c| Some(c.bytes as i64)).collect::<Int64Array>()),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// What the last start brought back, in creation order.
+fn recovery(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let recovered = jobs.recovery.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(recovered.iter().map(|r| Some(r.name.clone())).collect::<StringArray>()),
+        Arc::new(recovered.iter().map(|r| Some(r.kind.to_string())).collect::<StringArray>()),
+        Arc::new(recovered.iter().map(|r| Some(r.outcome.clone())).collect::<StringArray>()),
+        Arc::new(recovered.iter().map(|r| Some(r.duration.as_secs_f64() * 1000.0)).collect::<Float64Array>()),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 fn text_fields(names: &[&str]) -> Vec<Field> {

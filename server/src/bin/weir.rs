@@ -13,13 +13,16 @@ struct Flags {
     /// Address to accept Postgres connections on.
     #[arg(long, env = "WEIR_LISTEN", default_value = "127.0.0.1:5454")]
     listen: String,
-    /// Directory for Weir's data.
+    /// Directory for Weir's data: the catalog, tables' rows and views' checkpoints (RocksDB, under state/).
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "./weir-data")]
     data_dir: PathBuf,
     /// How often materialized views publish new results, in milliseconds: the longest a new row waits before a
     /// SELECT sees it.
     #[arg(long, env = "WEIR_EPOCH_INTERVAL_MS", default_value_t = weir_server::config::DEFAULT_EPOCH_INTERVAL.as_millis() as u64)]
     epoch_interval_ms: u64,
+    /// How often each materialized view writes a checkpoint, in milliseconds: the most work a crash makes it redo.
+    #[arg(long, env = "WEIR_CHECKPOINT_INTERVAL_MS", default_value_t = weir_server::config::DEFAULT_CHECKPOINT_INTERVAL.as_millis() as u64)]
+    checkpoint_interval_ms: u64,
     /// The statement_timeout of sessions that do not set one, in milliseconds; 0 for none.
     #[arg(long, env = "WEIR_STATEMENT_TIMEOUT_MS", default_value_t = 0)]
     statement_timeout_ms: u64,
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = weir_server::Config::new(flags.data_dir)
         .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)))
+        .with_checkpoint_interval(std::time::Duration::from_millis(flags.checkpoint_interval_ms))
         .with_limits(limits);
     weir_server::run(config, listener, shutdown_signal()).await?;
     Ok(())
