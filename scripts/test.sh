@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
-# Installs what the tests need (psql, Python's psycopg, the Mosquitto MQTT broker, the tansu Kafka-compatible broker, a
-# C toolchain for librdkafka, openssl for test certificates) when it is missing. Builds the dev profile only. Tests
+# Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg, the Mosquitto
+# MQTT broker, the tansu Kafka-compatible broker, a C toolchain for librdkafka, openssl for test certificates) when it
+# is missing. Builds the dev profile only. Tests
 # that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+bash scripts/install-rocksdb.sh
 if ! command -v psql >/dev/null 2>&1; then
   echo "== installing the psql client"
   apt-get update -qq && apt-get install -y -qq postgresql-client >/dev/null
@@ -45,6 +47,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build --bin weir (the crash test runs the real binary)"
+cargo build --bin weir
 echo "== cargo test"
 cargo test --workspace
 echo "== all tests passed"

@@ -189,6 +189,7 @@ impl CatalogStore for MemoryCatalogStore {
 
 /// The [`CatalogStore`] contract as a test every store runs (it panics where the store breaks it).
 #[doc(hidden)]
+#[allow(clippy::unwrap_used)] // a test: a store that fails is a failed test
 pub fn check_catalog_contract(store: &dyn CatalogStore) {
     let table = ObjectKind::Relation(RelationKind::Table);
     let b = store.put(table, "b", "CREATE TABLE b (id INT)").unwrap();

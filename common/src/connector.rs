@@ -352,7 +352,7 @@ pub fn encode_position(numbers: &[i64]) -> Vec<u8> {
 
 /// The inverse of [`encode_position`]; an error names the source when the bytes are not `count` numbers.
 pub fn decode_position(bytes: &[u8], count: Option<usize>, source: &str) -> Result<Vec<i64>, ConnectorError> {
-    if bytes.len() % 8 != 0 || count.is_some_and(|c| c * 8 != bytes.len()) {
+    if !bytes.len().is_multiple_of(8) || count.is_some_and(|c| c * 8 != bytes.len()) {
         return Err(ConnectorError::Io(format!(
             "the checkpointed position of {source} is damaged ({} bytes)",
             bytes.len()

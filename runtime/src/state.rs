@@ -289,35 +289,6 @@ pub fn decode_batches(bytes: &[u8]) -> Result<Vec<RecordBatch>, StateError> {
     reader.collect::<Result<Vec<_>, _>>().map_err(|e| StateError::Corrupt(e.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_encode_in_order() {
-        let values = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
-        for pair in values.windows(2) {
-            assert!(encode_i64(pair[0]) < encode_i64(pair[1]), "{} vs {}", pair[0], pair[1]);
-        }
-        for v in values {
-            assert_eq!(decode_i64(&encode_i64(v)).unwrap(), v);
-        }
-        assert!(decode_i64(&[1, 2]).is_err());
-    }
-
-    #[test]
-    fn the_memory_store_keeps_the_contract() {
-        check_store_contract(&MemoryStore::new());
-    }
-
-    #[test]
-    fn successor_bounds_every_key_with_the_prefix() {
-        assert_eq!(successor(&[1, 2]), vec![1, 3]);
-        assert_eq!(successor(&[1, 0xff]), vec![2]);
-        assert_eq!(StateTable::new("t").key(&[])[0], 0, "table keys never start with 0xFF");
-    }
-}
-
 /// The [`StateStore`] contract as a test every store runs: tables are separate, range deletes stay inside one, a
 /// later write in a batch wins, scans are ordered and bounded.
 #[cfg(test)]
@@ -365,3 +336,33 @@ pub(crate) fn check_store_contract(store: &dyn StateStore) {
     assert_eq!(store.get(&[0, 0xff]).unwrap(), Some(vec![0, 0xff]));
     assert_eq!(store.get(&[0, 4]).unwrap(), None);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_encode_in_order() {
+        let values = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
+        for pair in values.windows(2) {
+            assert!(encode_i64(pair[0]) < encode_i64(pair[1]), "{} vs {}", pair[0], pair[1]);
+        }
+        for v in values {
+            assert_eq!(decode_i64(&encode_i64(v)).unwrap(), v);
+        }
+        assert!(decode_i64(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn the_memory_store_keeps_the_contract() {
+        check_store_contract(&MemoryStore::new());
+    }
+
+    #[test]
+    fn successor_bounds_every_key_with_the_prefix() {
+        assert_eq!(successor(&[1, 2]), vec![1, 3]);
+        assert_eq!(successor(&[1, 0xff]), vec![2]);
+        assert_eq!(StateTable::new("t").key(&[])[0], 0, "table keys never start with 0xFF");
+    }
+}
+

@@ -11,11 +11,14 @@
 //! - [`query_rows`], [`eventually`] and [`wait_for`] help Rust tests read results as text and wait for a view or a
 //!   status to catch up.
 //!
+//! - [`crash`] kills the real `weir` binary at seeded moments while it ingests and compares every view with a run
+//!   that never crashed (`tests/crash.rs`, and the `weir-crash` program for many kill points).
 //! - [`fuzz`] mutates the corpus' statements and the extended protocol's messages and counts crashes, hangs,
 //!   panics and internal errors (the `weir-fuzz` program, and a short round in `tests/fuzz.rs`).
 //!
 //! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
 
+pub mod crash;
 pub mod fuzz;
 
 use std::fmt;
