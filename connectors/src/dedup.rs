@@ -124,6 +124,70 @@ impl SourceReader for Deduplicating {
         self.inner.commit()
     }
 
+    fn wants_commit(&self) -> bool {
+        self.inner.wants_commit()
+    }
+
+    /// The keys remembered (with how long ago each was read) and the duplicates dropped, after the inner source's
+    /// position: a resumed source drops the duplicates a broker redelivers after a crash.
+    fn position(&self) -> Option<Vec<u8>> {
+        let now = Instant::now();
+        let inner = self.inner.position();
+        let mut bytes = Vec::new();
+        let mut number = |bytes: &mut Vec<u8>, n: u64| bytes.extend_from_slice(&n.to_be_bytes());
+        match &inner {
+            Some(position) => {
+                number(&mut bytes, position.len() as u64);
+                bytes.extend_from_slice(position);
+            }
+            None => number(&mut bytes, u64::MAX),
+        }
+        number(&mut bytes, self.dropped);
+        number(&mut bytes, self.order.len() as u64);
+        for (read, key) in &self.order {
+            number(&mut bytes, now.duration_since(*read).as_millis() as u64);
+            number(&mut bytes, key.len() as u64);
+            bytes.extend_from_slice(key);
+        }
+        Some(bytes)
+    }
+
+    fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
+        let damaged = || ConnectorError::Io("the checkpointed keys of dedup.key are damaged".to_string());
+        let mut rest = position;
+        let mut number = |rest: &mut &[u8]| -> Result<u64, ConnectorError> {
+            let (head, tail) = rest.split_at_checked(8).ok_or_else(damaged)?;
+            *rest = tail;
+            Ok(u64::from_be_bytes(head.try_into().map_err(|_| damaged())?))
+        };
+        let mut take = |rest: &mut &[u8], length: u64| -> Result<Vec<u8>, ConnectorError> {
+            let (head, tail) =
+                rest.split_at_checked(usize::try_from(length).map_err(|_| damaged())?).ok_or_else(damaged)?;
+            *rest = tail;
+            Ok(head.to_vec())
+        };
+        let inner = match number(&mut rest)? {
+            u64::MAX => None,
+            length => Some(take(&mut rest, length)?),
+        };
+        self.dropped = number(&mut rest)?;
+        let now = Instant::now();
+        let (mut seen, mut order) = (HashMap::new(), VecDeque::new());
+        for _ in 0..number(&mut rest)? {
+            let age = Duration::from_millis(number(&mut rest)?);
+            let length = number(&mut rest)?;
+            let key: Box<[u8]> = take(&mut rest, length)?.into();
+            let read = now.checked_sub(age).unwrap_or(now);
+            seen.insert(key.clone(), read);
+            order.push_back((read, key));
+        }
+        (self.seen, self.order) = (seen, order);
+        match inner {
+            Some(inner) => self.inner.seek(&inner),
+            None => Ok(()),
+        }
+    }
+
     fn last_split(&self) -> usize {
         self.inner.last_split()
     }
@@ -195,6 +259,32 @@ mod tests {
         // The second batch is all duplicates and is skipped whole.
         assert_eq!(values, [10, 20, 30, 40]);
         assert_eq!(source.stats().duplicates, 3);
+    }
+
+    #[test]
+    fn a_resumed_source_remembers_the_keys_it_had_read() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("device", DataType::Utf8, true),
+            Field::new("seq", DataType::Int64, true),
+            Field::new("value", DataType::Int64, true),
+        ]));
+        let first = [batch(&schema, &[("a", 1, 10), ("a", 1, 11)])];
+        let inner = Box::new(Batches(first.into_iter().collect(), schema.clone()));
+        let mut options = Options::from_pairs(&[("dedup.key", "device, seq")]).unwrap();
+        let mut source = Deduplicating::wrap(inner, &mut options).unwrap();
+        assert_eq!(source.next_batch().now_or_never().unwrap().unwrap().unwrap().num_rows(), 1);
+        let position = source.position().unwrap();
+
+        // After a crash the broker redelivers (a, 1) with (a, 2) that was never read.
+        let redelivered = [batch(&schema, &[("a", 1, 10), ("a", 2, 20)])];
+        let inner = Box::new(Batches(redelivered.into_iter().collect(), schema.clone()));
+        let mut options = Options::from_pairs(&[("dedup.key", "device, seq")]).unwrap();
+        let mut resumed = Deduplicating::wrap(inner, &mut options).unwrap();
+        resumed.seek(&position).unwrap();
+        let batch = resumed.next_batch().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(batch.column(2).as_any().downcast_ref::<Int64Array>().unwrap().values(), &[20]);
+        assert_eq!(resumed.stats().duplicates, 2, "the count goes on from the checkpoint's");
+        assert!(resumed.seek(&position[..position.len() - 1]).is_err());
     }
 
     #[test]

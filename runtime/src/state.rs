@@ -365,4 +365,3 @@ mod tests {
         assert_eq!(StateTable::new("t").key(&[])[0], 0, "table keys never start with 0xFF");
     }
 }
-

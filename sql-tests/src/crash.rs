@@ -73,13 +73,16 @@ fn timestamp(ms: u64) -> String {
 }
 
 /// A `weir` process on a data directory.
-struct Weir {
+#[derive(Debug)]
+pub struct Weir {
     child: Child,
     port: u16,
 }
 
 impl Weir {
-    async fn start(binary: &Path, data: &Path, files: &Path, log: &Path) -> anyhow::Result<Self> {
+    /// Starts `binary` on `data` (letting file sources read `files`), its log appended to `log`, and waits until it
+    /// accepts connections.
+    pub async fn start(binary: &Path, data: &Path, files: &Path, log: &Path) -> anyhow::Result<Self> {
         let port = free_port()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(binary)
@@ -105,14 +108,15 @@ impl Weir {
         Ok(weir)
     }
 
-    async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+    pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
         let conninfo = format!("host=127.0.0.1 port={} user=weir dbname=weir", self.port);
         let (client, connection) = tokio_postgres::connect(&conninfo, NoTls).await?;
         tokio::spawn(connection);
         Ok(client)
     }
 
-    fn kill(mut self) {
+    /// SIGKILL, and waits for the process to end.
+    pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -492,3 +492,54 @@ async fn the_kafka_slt_file_runs_against_the_broker() {
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker-slt/kafka.slt");
     weir_sql_tests::run_file_with(&file, false, &[("KAFKA_BOOTSTRAP", &bootstrap)]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_transactions() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let (_broker, bootstrap, _producer) = broker_with_topic("tx", 1);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("transactional.id", "weir-probe")
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(10)).unwrap();
+    eprintln!("init ok");
+    producer.begin_transaction().unwrap();
+    producer.send(BaseRecord::<str, str>::to("tx").payload("committed")).map_err(|(e, _)| e).unwrap();
+    // group offsets in the transaction
+    let group_consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "weir-sink-probe").create().unwrap();
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset("tx", 0, Offset::Offset(42)).unwrap();
+    let r = producer.send_offsets_to_transaction(
+        &offsets,
+        &group_consumer.group_metadata().unwrap(),
+        Duration::from_secs(10),
+    );
+    eprintln!("send_offsets: {r:?}");
+    producer.commit_transaction(Duration::from_secs(10)).unwrap();
+    eprintln!("commit ok");
+    producer.begin_transaction().unwrap();
+    producer.send(BaseRecord::<str, str>::to("tx").payload("aborted")).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    producer.abort_transaction(Duration::from_secs(10)).unwrap();
+    eprintln!("abort ok");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "reader")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["tx"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            eprintln!("read: {:?}", m.payload().map(String::from_utf8_lossy));
+        }
+    }
+    let committed = group_consumer.committed_offsets(offsets.clone(), Duration::from_secs(5));
+    eprintln!("committed: {committed:?}");
+}

@@ -396,6 +396,78 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_loses_nothing_and_counts_nothing_twice_when_weir_is_killed() {
+    use weir_sql_tests::crash::{Weir, weir_binary};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Messages for the session while Weir is away are all kept.
+    let _broker = Broker::start_with(dir.path(), port, "max_queued_messages 0\n");
+    let (binary, data, log) = (weir_binary().unwrap(), dir.path().join("weir-data"), dir.path().join("weir.log"));
+    let weir = Weir::start(&binary, &data, dir.path(), &log).await.unwrap();
+    weir.connect()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "CREATE SOURCE meters (meter TEXT, seq BIGINT, kwh DOUBLE PRECISION) \
+             WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'meters/+', qos = '1', \
+                   'clean.session' = 'false', 'client.id' = 'weir-meters', 'dedup.key' = 'meter, seq') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW usage AS SELECT count(*) AS readings, sum(kwh) AS kwh FROM meters;"
+        ))
+        .await
+        .unwrap();
+    let mqtt = publisher(port).await;
+    // Reading 0 until the source has subscribed (and the broker keeps the session from then on).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        mqtt.publish("meters/m0", QoS::AtLeastOnce, false, r#"{"meter": "m0", "seq": 0, "kwh": 1}"#).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let client = weir.connect().await.unwrap();
+        client.batch_execute("FLUSH").await.unwrap();
+        if rows(&client, "SELECT readings FROM usage").await.first().is_some_and(|r| r[0] != "0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never subscribed");
+    }
+    // 3,000 readings of four meters at about 3,000 a second; Weir is killed a third of the way in and comes back
+    // while they keep coming.
+    const READINGS: u64 = 3000;
+    let sender = mqtt.clone();
+    let publishing = tokio::spawn(async move {
+        for seq in 1..=READINGS {
+            let meter = format!("m{}", seq % 4 + 1);
+            let payload = format!(r#"{{"meter": "{meter}", "seq": {seq}, "kwh": 1}}"#);
+            sender.publish(format!("meters/{meter}"), QoS::AtLeastOnce, false, payload).await.unwrap();
+            if seq % 30 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    weir.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let weir = Weir::start(&binary, &data, dir.path(), &log).await.unwrap();
+    publishing.await.unwrap();
+    let client = weir.connect().await.unwrap();
+    // Readings 0 to 3,000, each once: the ones acknowledged before the kill are in the view's checkpoint, the
+    // others the broker sends again, and those sent twice are dropped by their key.
+    let expected = (READINGS + 1).to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        client.batch_execute("FLUSH").await.unwrap();
+        let got = rows(&client, "SELECT readings, kwh FROM usage").await;
+        if got == [vec![expected.clone(), expected.clone()]] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expected {expected} readings once each, got {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restored = rows(&client, "SELECT outcome FROM weir_catalog.recovery WHERE object = 'usage'").await;
+    assert!(restored[0][0].starts_with("restored checkpoint"), "{restored:?}");
+    weir.kill();
+}
+
 /// A certificate authority and a server certificate for 127.0.0.1 it signed, made with the openssl tool in `dir`:
 /// `ca.pem`, `server.pem`, `server.key`.
 fn certificates(dir: &Path) {
