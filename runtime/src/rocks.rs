@@ -6,6 +6,7 @@
 //! snapshot between their bounds.
 
 use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use rocksdb::{DB, Direction, IteratorMode, Options, ReadOptions, WriteOptions};
 
@@ -13,7 +14,8 @@ use crate::state::{Entry, StateError, StateStore, WriteBatch, WriteOp};
 
 /// A [`StateStore`] in a RocksDB database on disk.
 pub struct RocksStore {
-    db: DB,
+    /// `None` once closed.
+    db: RwLock<Option<DB>>,
     path: PathBuf,
     /// Whether each write waits for the disk (off only for benchmarks that measure the rest).
     sync: bool,
@@ -48,7 +50,7 @@ impl RocksStore {
             };
             StateError::Io(format!("cannot open the state store at {}: {text}; {advice}", path.display()))
         })?;
-        Ok(RocksStore { db, path: path.to_path_buf(), sync: true })
+        Ok(RocksStore { db: RwLock::new(Some(db)), path: path.to_path_buf(), sync: true })
     }
 
     /// Writes return before the disk has them (a crash of the machine, not of the process, may lose the last ones).
@@ -65,11 +67,22 @@ impl RocksStore {
     fn io(&self, what: &str, err: rocksdb::Error) -> StateError {
         StateError::Io(format!("{what} in the state store at {} failed: {err}", self.path.display()))
     }
+
+    /// The open database, or an error once the store is closed.
+    fn db(&self) -> Result<(RwLockReadGuard<'_, Option<DB>>,), StateError> {
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match guard.is_some() {
+            true => Ok((guard,)),
+            false => Err(StateError::Io(format!("the state store at {} is closed", self.path.display()))),
+        }
+    }
 }
 
 impl StateStore for RocksStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        self.db.get(key).map_err(|e| self.io("a read", e))
+        let (guard,) = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(None) };
+        db.get(key).map_err(|e| self.io("a read", e))
     }
 
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<Entry>, StateError> {
@@ -79,7 +92,9 @@ impl StateStore for RocksStore {
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(end.to_vec());
         let mut entries = Vec::new();
-        for item in self.db.iterator_opt(IteratorMode::From(start, Direction::Forward), options) {
+        let (guard,) = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(entries) };
+        for item in db.iterator_opt(IteratorMode::From(start, Direction::Forward), options) {
             let (key, value) = item.map_err(|e| self.io("a scan", e))?;
             entries.push((key.into_vec(), value.into_vec()));
         }
@@ -101,12 +116,24 @@ impl StateStore for RocksStore {
         }
         let mut options = WriteOptions::default();
         options.set_sync(self.sync);
-        self.db.write_opt(writes, &options).map_err(|e| self.io("a write", e))
+        let (guard,) = self.db()?;
+        let Some(db) = guard.as_ref() else { return Ok(()) };
+        db.write_opt(writes, &options).map_err(|e| self.io("a write", e))
     }
 
     fn disk_bytes(&self) -> Option<u64> {
-        let live = |property: &str| self.db.property_int_value(property).ok().flatten();
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = guard.as_ref()?;
+        let live = |property: &str| db.property_int_value(property).ok().flatten();
         Some(live("rocksdb.total-sst-files-size")? + live("rocksdb.cur-size-all-mem-tables").unwrap_or(0))
+    }
+
+    /// Closes the database (flushing its memtables): later calls fail, and another process may open it.
+    fn close(&self) {
+        let db = self.db.write().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(db) = db {
+            let _ = db.flush();
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub trait StateStore: Send + Sync + Debug {
     fn disk_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// Releases the store (the server is stopping): later calls fail. A store on disk can then be opened again.
+    fn close(&self) {}
 }
 
 /// An operator whose state goes through a state table.

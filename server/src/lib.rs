@@ -96,6 +96,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     connections.shutdown().await;
     // Every view writes what it has processed, so a restart replays nothing.
     engine.jobs.shutdown().await;
+    engine.catalog.state().close();
     info!("every view is checkpointed; stopped");
     Ok(())
 }

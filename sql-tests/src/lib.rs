@@ -41,8 +41,8 @@ pub struct TestServer {
     /// Resolving it makes `run` return.
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), weir_server::ServerError>>,
-    /// Kept so the data directory lives as long as the server.
-    _data: tempfile::TempDir,
+    /// Kept so the data directory lives as long as the server (none when the caller owns the directory).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -53,6 +53,18 @@ impl TestServer {
     /// A server whose limits `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut weir_server::config::Limits)) -> anyhow::Result<Self> {
         let data = tempfile::tempdir().context("creating a data directory")?;
+        let mut server = Self::start_on(&data.path().join("data"), adjust, |config| config).await?;
+        server._data = Some(data);
+        Ok(server)
+    }
+
+    /// A server on the data directory `data` (which outlives it: a test can start another on it), with its limits
+    /// and then its configuration changed by `adjust` and `configure`.
+    pub async fn start_on(
+        data: &Path,
+        adjust: impl FnOnce(&mut weir_server::config::Limits),
+        configure: impl FnOnce(weir_server::Config) -> weir_server::Config,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -62,11 +74,24 @@ impl TestServer {
             limits.allowed_file_dirs.push(dir.canonicalize().with_context(|| format!("{}", dir.display()))?);
         }
         adjust(&mut limits);
-        let config = weir_server::Config::new(data.path().join("data")).with_limits(limits);
+        let config = configure(weir_server::Config::new(data).with_limits(limits));
         let task = tokio::spawn(weir_server::run(config, listener, async move {
             let _ = stopped.await;
         }));
-        Ok(TestServer { addr, stop: Some(stop), task, _data: data })
+        // A server that cannot start (its store is locked or damaged) says so here rather than at the first query;
+        // one that started answers a client's startup (the port takes connections before that).
+        let conninfo = format!("host={} port={} user=weir dbname=weir connect_timeout=5", addr.ip(), addr.port());
+        for _ in 0..250 {
+            if task.is_finished() || WeirConnection::connect(&conninfo).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if task.is_finished() {
+            task.await.context("the server task")?.context("starting the server")?;
+            anyhow::bail!("the server stopped at once");
+        }
+        Ok(TestServer { addr, stop: Some(stop), task, _data: None })
     }
 
     /// A `host=... port=... user=weir dbname=weir` connection string.
