@@ -134,7 +134,7 @@ impl SourceReader for Deduplicating {
         let now = Instant::now();
         let inner = self.inner.position();
         let mut bytes = Vec::new();
-        let mut number = |bytes: &mut Vec<u8>, n: u64| bytes.extend_from_slice(&n.to_be_bytes());
+        let number = |bytes: &mut Vec<u8>, n: u64| bytes.extend_from_slice(&n.to_be_bytes());
         match &inner {
             Some(position) => {
                 number(&mut bytes, position.len() as u64);
@@ -155,12 +155,12 @@ impl SourceReader for Deduplicating {
     fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
         let damaged = || ConnectorError::Io("the checkpointed keys of dedup.key are damaged".to_string());
         let mut rest = position;
-        let mut number = |rest: &mut &[u8]| -> Result<u64, ConnectorError> {
+        let number = |rest: &mut &[u8]| -> Result<u64, ConnectorError> {
             let (head, tail) = rest.split_at_checked(8).ok_or_else(damaged)?;
             *rest = tail;
             Ok(u64::from_be_bytes(head.try_into().map_err(|_| damaged())?))
         };
-        let mut take = |rest: &mut &[u8], length: u64| -> Result<Vec<u8>, ConnectorError> {
+        let take = |rest: &mut &[u8], length: u64| -> Result<Vec<u8>, ConnectorError> {
             let (head, tail) =
                 rest.split_at_checked(usize::try_from(length).map_err(|_| damaged())?).ok_or_else(damaged)?;
             *rest = tail;

@@ -2,8 +2,9 @@
 //! same data directory, and compared with a run that never crashed.
 //!
 //! One scenario ([`SCRIPT`]): a paced `datagen` source with disorder (some rows late), a bounded CSV `file` source,
-//! a table with rows inserted, and views over them: a TUMBLE window aggregation with `EMIT ON WINDOW CLOSE`, an
-//! updating `GROUP BY`, a `MATCH_RECOGNIZE` with `WITHIN`, a view over the file and one over the table. A reference
+//! a table with rows inserted, a Kafka topic of three partitions (on a real tansu broker, records produced before
+//! each run), and views over them: a TUMBLE window aggregation with `EMIT ON WINDOW CLOSE`, an updating `GROUP BY`,
+//! a `MATCH_RECOGNIZE` with `WITHIN`, a view over the file, one over the table and one over the Kafka topic. A reference
 //! run reads everything to the end; each crash run is killed once at a seeded moment during ingest (after the DDL
 //! returned), restarted, and read to the end. Every view's rows, in a fixed order, and the window view's late-row
 //! count must be identical to the reference: nothing missing, nothing counted twice.
@@ -46,7 +47,17 @@ CREATE MATERIALIZED VIEW rises AS
 CREATE MATERIALIZED VIEW line_totals AS
   SELECT id % 7 AS bucket, count(*) AS n, sum(amount) AS total FROM lines GROUP BY id % 7;
 CREATE MATERIALIZED VIEW order_totals AS SELECT count(*) AS n, sum(amount) AS total FROM orders;
+CREATE SOURCE events (id BIGINT, device TEXT, amount BIGINT, ts TIMESTAMP(3),
+                      WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+  WITH (connector = 'kafka', topic = '${TOPIC}', 'properties.bootstrap.server' = '${KAFKA}',
+        'scan.startup.mode' = 'earliest')
+  FORMAT PLAIN ENCODE JSON;
+CREATE MATERIALIZED VIEW event_totals AS
+  SELECT device, count(*) AS n, sum(amount) AS total, min(id) AS first, max(id) AS last FROM events GROUP BY device;
 ";
+
+/// Records in the Kafka topic of each run.
+pub const KAFKA_RECORDS: u64 = 30_000;
 
 /// The queries compared between runs.
 pub const CHECKS: &[&str] = &[
@@ -55,6 +66,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT * FROM rises ORDER BY device, first_id",
     "SELECT * FROM line_totals ORDER BY bucket",
     "SELECT * FROM order_totals",
+    "SELECT * FROM event_totals ORDER BY device",
     "SELECT view, late_rows FROM weir_catalog.view_progress ORDER BY view",
 ];
 
@@ -149,7 +161,9 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
             bail!("view {} failed: {}", failed[0], failed[1]);
         }
         let ended = statuses.iter().filter(|r| r[1] == "ended").count();
-        if ended == 4 {
+        // The Kafka view never ends: it is done once it has read every record.
+        let kafka = rows(&client, "SELECT sum(n) FROM event_totals").await?;
+        if ended == 4 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
             break;
         }
         if Instant::now() > deadline {
@@ -173,6 +187,38 @@ pub struct Report {
     pub differences: Vec<String>,
 }
 
+/// Produces [`KAFKA_RECORDS`] records, the same for every run, into a new topic `topic` of three partitions.
+async fn produce(kafka: &crate::brokers::Tansu, topic: &str) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    kafka.create_topic(topic, 3)?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("message.timeout.ms", "30000")
+        .set("linger.ms", "5")
+        .create()?;
+    let mut pending = Vec::new();
+    for id in 0..KAFKA_RECORDS {
+        let payload = format!(
+            r#"{{"id": {id}, "device": "d{}", "amount": {}, "ts": "{}"}}"#,
+            id % 5,
+            id * 13 % 100,
+            timestamp(id * 3)
+        );
+        let partition = (id % 3) as i32;
+        let record = FutureRecord::<(), String>::to(topic).partition(partition).payload(&payload);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        if pending.len() == 1000 {
+            for delivery in pending.drain(..) {
+                delivery.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
 /// Runs the scenario once without a crash and then `kills` times with a kill at a moment drawn from `seed`; the
 /// data directories live under `work`.
 pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow::Result<Report> {
@@ -180,9 +226,17 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
     std::fs::create_dir_all(&files)?;
     let file = files.join("lines.csv");
     write_lines(&file, 20_000)?;
-    let script = SCRIPT.replace("${FILE}", &file.display().to_string());
+    let kafka = crate::brokers::Tansu::start(free_port()?)?;
+    let script_for = |topic: &str| {
+        SCRIPT
+            .replace("${FILE}", &file.display().to_string())
+            .replace("${TOPIC}", topic)
+            .replace("${KAFKA}", &kafka.bootstrap)
+    };
     let log = work.join("weir.log");
 
+    produce(&kafka, "events-reference").await?;
+    let script = script_for("events-reference");
     let reference_dir = work.join("reference");
     let weir = Weir::start(binary, &reference_dir, &files, &log).await?;
     weir.connect().await?.batch_execute(&script).await.context("the scenario's DDL")?;
@@ -204,6 +258,9 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
         draw ^= draw << 17;
         // The generator's 40,000 rows take 4 s to arrive: kill within them.
         let kill_after = Duration::from_millis(draw % 4_000);
+        let topic = format!("events-{run}");
+        produce(&kafka, &topic).await?;
+        let script = script_for(&topic);
         let dir = work.join(format!("crash-{run}"));
         let weir = Weir::start(binary, &dir, &files, &log).await?;
         weir.connect().await?.batch_execute(&script).await.context("the scenario's DDL")?;

@@ -18,6 +18,7 @@
 //!
 //! The test target `tests/slt.rs` runs every file; `WEIR_SLT_COMPLETE=1` switches it to filling in results.
 
+pub mod brokers;
 pub mod crash;
 pub mod fuzz;
 

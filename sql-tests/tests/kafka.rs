@@ -4,69 +4,20 @@
 //! written in each format and read back with a real consumer.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use weir_sql_tests::brokers::Tansu;
 use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for_sink_retrying};
 
-/// The tansu binary: `WEIR_TANSU`, or where the test command installs it.
-fn tansu() -> PathBuf {
-    std::env::var_os("WEIR_TANSU")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/weir/tools/bin/tansu"))
-}
-
-/// A broker on `port`, stopped when dropped.
-struct Broker {
-    child: Child,
-    url: String,
-}
-
-impl Broker {
-    fn start(port: u16) -> Broker {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu must be installed (the test command installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Broker { child, url }
-    }
-
-    fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu())
-            .args(["topic", "create", name, "--partitions", &partitions.to_string(), "--broker", &self.url])
-            .stdout(Stdio::null())
-            .status()
-            .expect("running tansu topic create");
-        assert!(status.success(), "creating topic {name}");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A broker on a free port with `topic` of `partitions` partitions, its bootstrap address, and a producer.
-fn broker_with_topic(topic: &str, partitions: u32) -> (Broker, String, FutureProducer) {
+fn broker_with_topic(topic: &str, partitions: u32) -> (Tansu, String, FutureProducer) {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let broker = Broker::start(port);
-    broker.create_topic(topic, partitions);
-    let bootstrap = format!("127.0.0.1:{port}");
+    let broker = Tansu::start(port).unwrap();
+    broker.create_topic(topic, partitions).unwrap();
+    let bootstrap = broker.bootstrap.clone();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("message.timeout.ms", "10000")
@@ -256,7 +207,7 @@ fn latest(messages: &[(String, Option<String>)]) -> std::collections::BTreeMap<S
 async fn sinks_write_a_windowed_view_as_upserts_and_debezium_changes_and_a_query_as_plain_rows() {
     let (broker, bootstrap, producer) = broker_with_topic("payments", 3);
     for topic in ["spend-30s", "spend-cdc", "big-payments"] {
-        broker.create_topic(topic, 1);
+        broker.create_topic(topic, 1).unwrap();
     }
     let produce = |partition: i32, value: &'static str| {
         let producer = producer.clone();
@@ -413,7 +364,7 @@ fn avro_payment(customer: &str, cents: i64, ts_millis: i64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn avro_records_decode_with_the_declared_schema_bare_or_confluent_framed() {
     let (broker, bootstrap, producer) = broker_with_topic("avro-payments", 1);
-    broker.create_topic("avro-framed", 1);
+    broker.create_topic("avro-framed", 1).unwrap();
     let schema = r#"{"type": "record", "name": "Payment", "fields": [
              {"name": "customer_id", "type": "string"},
              {"name": "cents", "type": "long"},
@@ -486,60 +437,9 @@ async fn avro_records_decode_with_the_declared_schema_bare_or_confluent_framed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kafka_slt_file_runs_against_the_broker() {
     let (broker, bootstrap, _producer) = broker_with_topic("slt-orders", 2);
-    broker.create_topic("slt-payments", 1);
-    broker.create_topic("slt-fraud", 1);
-    broker.create_topic("slt-fraud-direct", 1);
+    broker.create_topic("slt-payments", 1).unwrap();
+    broker.create_topic("slt-fraud", 1).unwrap();
+    broker.create_topic("slt-fraud-direct", 1).unwrap();
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker-slt/kafka.slt");
     weir_sql_tests::run_file_with(&file, false, &[("KAFKA_BOOTSTRAP", &bootstrap)]).await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probe_transactions() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    let (_broker, bootstrap, _producer) = broker_with_topic("tx", 1);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("transactional.id", "weir-probe")
-        .create()
-        .unwrap();
-    producer.init_transactions(Duration::from_secs(10)).unwrap();
-    eprintln!("init ok");
-    producer.begin_transaction().unwrap();
-    producer.send(BaseRecord::<str, str>::to("tx").payload("committed")).map_err(|(e, _)| e).unwrap();
-    // group offsets in the transaction
-    let group_consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "weir-sink-probe").create().unwrap();
-    let mut offsets = TopicPartitionList::new();
-    offsets.add_partition_offset("tx", 0, Offset::Offset(42)).unwrap();
-    let r = producer.send_offsets_to_transaction(
-        &offsets,
-        &group_consumer.group_metadata().unwrap(),
-        Duration::from_secs(10),
-    );
-    eprintln!("send_offsets: {r:?}");
-    producer.commit_transaction(Duration::from_secs(10)).unwrap();
-    eprintln!("commit ok");
-    producer.begin_transaction().unwrap();
-    producer.send(BaseRecord::<str, str>::to("tx").payload("aborted")).map_err(|(e, _)| e).unwrap();
-    producer.flush(Duration::from_secs(10)).unwrap();
-    producer.abort_transaction(Duration::from_secs(10)).unwrap();
-    eprintln!("abort ok");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", "reader")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["tx"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            eprintln!("read: {:?}", m.payload().map(String::from_utf8_lossy));
-        }
-    }
-    let committed = group_consumer.committed_offsets(offsets.clone(), Duration::from_secs(5));
-    eprintln!("committed: {committed:?}");
 }
