@@ -1,6 +1,7 @@
 //! A view's dataflow driven by hand, as the server's view task drives it: the query planned exactly as `CREATE
-//! MATERIALIZED VIEW` plans it, and an epoch (publish, then checkpoint to the in-memory state store) every epoch
-//! interval.
+//! MATERIALIZED VIEW` plans it, and an epoch (publish) every epoch interval. By default each epoch checkpoints to the
+//! in-memory state store; with `--state-dir` the checkpoints go to RocksDB on disk (synced, as the server writes
+//! them) every `--checkpoint-ms`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,10 @@ use weir_planner::WeirStatement;
 use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
+
+/// Where benchmarks checkpoint: `None` for the in-memory store at every epoch, or a directory for RocksDB stores and
+/// the interval between checkpoints (set once, from the command line).
+pub(crate) static DURABLE: std::sync::OnceLock<(std::path::PathBuf, std::time::Duration)> = std::sync::OnceLock::new();
 
 /// Plans `sql` over the relation `table` of `schema` as a view's pipeline, with the watermark `watermark` over the
 /// event-time column `time_column`; `emit_on_window_close` as the view clause.
@@ -55,7 +60,10 @@ pub(crate) async fn plan_pipeline(
 pub(crate) struct Driver {
     pipeline: Pipeline,
     epoch_interval: std::time::Duration,
-    state: MemoryStore,
+    state: Box<dyn StateStore>,
+    /// `None`: every epoch.
+    checkpoint_interval: Option<std::time::Duration>,
+    last_checkpoint: Instant,
     last_epoch: Instant,
     /// Rows the view published so far.
     pub(crate) published: u64,
@@ -68,7 +76,26 @@ impl Driver {
     }
 
     pub(crate) fn with_epoch_interval(pipeline: Pipeline, epoch_interval: std::time::Duration) -> Self {
-        Driver { pipeline, epoch_interval, state: MemoryStore::new(), last_epoch: Instant::now(), published: 0 }
+        let (state, checkpoint_interval): (Box<dyn StateStore>, _) = match DURABLE.get() {
+            None => (Box::new(MemoryStore::new()), None),
+            Some((dir, interval)) => {
+                let path = dir.join(format!("bench-{}-{}", std::process::id(), rand_suffix()));
+                match weir_runtime::rocks::RocksStore::open(&path) {
+                    Ok(store) => (Box::new(store), Some(*interval)),
+                    Err(err) => panic!("{err}"),
+                }
+            }
+        };
+        let now = Instant::now();
+        Driver {
+            pipeline,
+            epoch_interval,
+            state,
+            checkpoint_interval,
+            last_checkpoint: now,
+            last_epoch: now,
+            published: 0,
+        }
     }
 
     pub(crate) async fn push(&mut self, batch: RecordBatch) -> anyhow::Result<()> {
@@ -93,18 +120,28 @@ impl Driver {
     /// Ends the input, publishes the rest; returns the rows published in all.
     pub(crate) async fn finish(&mut self) -> anyhow::Result<u64> {
         self.pipeline.end(0).await?;
+        self.last_checkpoint = Instant::now() - self.checkpoint_interval.unwrap_or_default();
         self.epoch().await?;
         Ok(self.published)
     }
 
     async fn epoch(&mut self) -> anyhow::Result<()> {
         let changes = self.pipeline.publish().await?;
-        let mut batch = WriteBatch::default();
-        self.pipeline.checkpoint("bench", &mut batch)?;
-        self.state.write(batch)?;
         self.published += published_rows(changes);
+        if self.checkpoint_interval.is_none_or(|interval| self.last_checkpoint.elapsed() >= interval) {
+            let mut batch = WriteBatch::default();
+            self.pipeline.checkpoint("bench", &mut batch)?;
+            self.state.write(batch)?;
+            self.last_checkpoint = Instant::now();
+        }
         Ok(())
     }
+}
+
+/// A number telling apart the stores of one process.
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Rows in one epoch's changes.

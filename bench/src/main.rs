@@ -11,6 +11,11 @@
 //! - `weir-bench mqtt-latency [--rate R] [--seconds S] [--epoch-ms E]`: messages published to Mosquitto at a steady
 //!   rate into a Weir server (in this process, as the `weir` binary runs it), and the time from each publication to
 //!   a SELECT over the wire seeing its row: p50, p99, max.
+//! - `weir-bench recovery [--groups N]`: a `GROUP BY` view holding N groups checkpointed to RocksDB, then restored
+//!   as a restart restores it: the checkpoint's size and time, and the restore's time.
+//!
+//! `--state-dir DIR` (before the suite) puts the dataflow suites' checkpoints in RocksDB under DIR, synced, every
+//! `--checkpoint-ms` (1000), as the server does; without it they checkpoint to memory at every epoch.
 
 mod brokers;
 mod dataflow;
@@ -18,6 +23,7 @@ mod ingest;
 mod latency;
 mod nexmark;
 mod patterns;
+mod recovery;
 
 use std::time::Duration;
 
@@ -26,6 +32,12 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(about = "Weir's benchmarks")]
 struct Args {
+    /// Checkpoint to RocksDB stores under this directory instead of to memory.
+    #[arg(long, global = true)]
+    state_dir: Option<std::path::PathBuf>,
+    /// With --state-dir: milliseconds between checkpoints.
+    #[arg(long, global = true, default_value_t = 1000)]
+    checkpoint_ms: u64,
     #[command(subcommand)]
     suite: Suite,
 }
@@ -84,10 +96,24 @@ enum Suite {
         #[arg(long)]
         epoch_ms: Option<u64>,
     },
+    /// Checkpoint and restore a view holding many groups, in RocksDB.
+    Recovery {
+        #[arg(long, default_value_t = 1_000_000)]
+        groups: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    match Args::parse().suite {
+    let args = Args::parse();
+    if let Some(dir) = &args.state_dir {
+        std::fs::create_dir_all(dir)?;
+        let _ = dataflow::DURABLE.set((dir.clone(), Duration::from_millis(args.checkpoint_ms)));
+    }
+    match args.suite {
+        Suite::Recovery { groups } => {
+            let dir = args.state_dir.clone().unwrap_or_else(std::env::temp_dir);
+            current_thread()?.block_on(recovery::run(groups, &dir))
+        }
         Suite::Nexmark { query, events, epoch_ms } => {
             let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
             current_thread()?.block_on(nexmark::run(&query, events, epoch))

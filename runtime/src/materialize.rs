@@ -63,6 +63,8 @@ struct Contents {
     saved_appends: usize,
     /// How many of `appended` stream readers have been given (those a written checkpoint holds).
     released: usize,
+    /// Appended rows the last restore brought back.
+    restored_rows: usize,
     /// Windows replaced since the last checkpoint.
     unsaved_windows: BTreeSet<i64>,
 }
@@ -187,6 +189,11 @@ impl ViewStore {
         Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0 }
     }
 
+    /// How many appended rows the last [`ViewStore::restore`] brought back (0 for a store never restored).
+    pub fn restored_rows(&self) -> usize {
+        self.lock().restored_rows
+    }
+
     /// Whether views read the rows as a stream (so each epoch's rows should become durable soon).
     pub fn has_stream_readers(&self) -> bool {
         !self.lock().subscribers.is_empty()
@@ -264,6 +271,7 @@ impl ViewStore {
         let mut contents = self.lock();
         contents.saved_appends = appended.len();
         contents.released = appended.len();
+        contents.restored_rows = appended.iter().map(RecordBatch::num_rows).sum();
         contents.appended = appended;
         contents.windows = windows;
         contents.unsaved_windows.clear();

@@ -6,9 +6,9 @@
 //! dataflow of its own, named `sink <name>` in `weir_catalog.view_progress`, whose rows are passed to the sink and
 //! not kept. Delivery is at least once: a failed write is retried, after a backoff from 100 ms to 5 s, until it
 //! succeeds, and the sink's status says why meanwhile. A sink's statement is stored with the catalog, so it comes
-//! back after a restart; it then sends its input's rows again from its last checkpoint (a sink `AS query`: the rows
-//! after it, and the open windows' rows) or from the start (a sink `FROM` a relation: every row), so a restart can
-//! deliver a row twice.
+//! back after a restart. It records how many inserted rows it has delivered; coming back, it passes over that many
+//! of the rows its input restored, and sends the rest: what its input computes again after its last checkpoint, and
+//! the open windows' rows (upserts). So a restart can deliver a row twice, never lose one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -19,12 +19,14 @@ use datafusion::arrow::array::StringArray;
 use datafusion::sql::sqlparser::ast::{self, ObjectName};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
+use weir_common::sink::RowChange;
 use weir_common::sink::SinkFormat;
 use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationKind, SqlState};
 use weir_connectors::sink::Sink;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::sink::{CreateSink, SinkInput};
 use weir_runtime::materialize::{ChangeFeed, ViewStore};
+use weir_runtime::state::{StateStore, StateTable, WriteBatch};
 
 use crate::jobs::RATE_WINDOW;
 use crate::session::{Outcome, Session, object_name};
@@ -129,6 +131,8 @@ struct SinkJob {
     depends_on: Vec<String>,
     /// The dataflow of a sink `AS query`, stopped with the sink.
     dataflow: Option<String>,
+    /// Where its progress is kept, deleted with the sink.
+    progress_key: Vec<u8>,
 }
 
 /// Every running sink, by name.
@@ -165,24 +169,26 @@ impl Sinks {
         &self,
         runtime: &tokio::runtime::Handle,
         name: String,
-        changes: ChangeFeed,
+        (changes, durable): (ChangeFeed, Durable),
         sink: Sink,
         progress: Arc<SinkProgress>,
         depends_on: Vec<String>,
         dataflow: Option<String>,
     ) {
-        let task = runtime.spawn(run(name.clone(), changes, sink, progress.clone()));
-        let job = SinkJob { task, progress, depends_on, dataflow };
+        let progress_key = durable.key.clone();
+        let task = runtime.spawn(run(name.clone(), changes, durable, sink, progress.clone()));
+        let job = SinkJob { task, progress, depends_on, dataflow, progress_key };
         if let Some(previous) = self.lock().insert(name, job) {
             previous.task.abort();
         }
     }
 
-    /// Stops the sink; returns the name of its own dataflow, if it has one, for the caller to stop.
-    fn stop(&self, name: &str) -> Option<Option<String>> {
+    /// Stops the sink; returns the name of its own dataflow, if it has one, for the caller to stop, and the key of
+    /// its progress.
+    fn stop(&self, name: &str) -> Option<(Option<String>, Vec<u8>)> {
         let job = self.lock().remove(name)?;
         job.task.abort();
-        Some(job.dataflow)
+        Some((job.dataflow, job.progress_key))
     }
 }
 
@@ -296,15 +302,24 @@ impl Session {
         let progress = Arc::new(SinkProgress::new(input, connector.unwrap_or_default(), format));
         let id =
             self.engine.catalog.store().put(ObjectKind::Sink, &name, text).map_err(crate::error::catalog_report)?;
-        // Subscribed before the dataflow starts, so the sink sees its first rows.
+        // Subscribed before the dataflow starts, so the sink sees its first rows. Coming back after a restart, a sink
+        // passes over the relation's restored rows it had delivered.
         let changes = store.subscribe_changes();
+        let progress_key = StateTable::new(&format!("{}/delivered", crate::catalog::state_key(id))).key(&[]);
+        let state = self.engine.catalog.state().clone();
+        let delivered = match state.get(&progress_key) {
+            Ok(value) => value.and_then(|v| v.get(..8).and_then(|b| b.try_into().ok())).map_or(0, u64::from_be_bytes),
+            Err(err) => return Err(crate::catalog::state_report(err)),
+        };
+        let skip = delivered.min(store.restored_rows() as u64);
+        let durable = Durable { state, key: progress_key, delivered, skip };
         let dataflow_job = dataflow.map(|dataflow| {
             let job = dataflow_name(&name);
             let limit = self.engine.limits.view_memory_bytes;
             let _ = self.engine.jobs.start(job.clone(), id, dataflow, store.clone(), text, limit);
             job
         });
-        sinks.start(&self.engine.jobs.dataflow(), name, changes, opened, progress, depends_on, dataflow_job);
+        sinks.start(&self.engine.jobs.dataflow(), name, (changes, durable), opened, progress, depends_on, dataflow_job);
         Ok(Outcome::Command("CREATE SINK", None))
     }
 
@@ -326,8 +341,14 @@ impl Session {
         if let Err(err) = self.engine.catalog.store().delete(ObjectKind::Sink, name) {
             warn!(sink = %name, error = %err, "the dropped sink's definition could not be deleted");
         }
-        if let Some(Some(dataflow)) = self.engine.jobs.sinks.stop(name) {
+        let Some((dataflow, progress_key)) = self.engine.jobs.sinks.stop(name) else { return };
+        if let Some(dataflow) = dataflow {
             self.engine.jobs.stop(&dataflow);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete(progress_key);
+        if let Err(err) = self.engine.catalog.state().write(batch) {
+            warn!(sink = %name, error = %err, "the dropped sink's progress could not be deleted");
         }
     }
 
@@ -376,8 +397,59 @@ fn select_all(relation: &ObjectName) -> Result<ast::Query, ErrorReport> {
         .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
 }
 
+/// What a sink keeps in the state store: how many inserted rows it has delivered, so that after a restart it does
+/// not send again the rows of its input that came back from the store.
+#[derive(Debug)]
+pub(crate) struct Durable {
+    state: Arc<dyn StateStore>,
+    key: Vec<u8>,
+    /// Inserted rows delivered so far.
+    delivered: u64,
+    /// Inserted rows still to pass over (delivered before a restart).
+    skip: u64,
+}
+
+impl Durable {
+    /// Takes the rows to pass over off the front of `epoch`'s inserts.
+    fn pass_over(&mut self, epoch: Vec<RowChange>) -> Vec<RowChange> {
+        if self.skip == 0 {
+            return epoch;
+        }
+        let mut kept = Vec::with_capacity(epoch.len());
+        for change in epoch {
+            match change {
+                RowChange::Insert(batch) if self.skip > 0 => {
+                    let skipped = self.skip.min(batch.num_rows() as u64) as usize;
+                    self.skip -= skipped as u64;
+                    if skipped < batch.num_rows() {
+                        kept.push(RowChange::Insert(batch.slice(skipped, batch.num_rows() - skipped)));
+                    }
+                }
+                other => kept.push(other),
+            }
+        }
+        kept
+    }
+
+    /// Records that `epoch`'s inserts are delivered.
+    fn delivered(&mut self, epoch: &[RowChange]) {
+        let inserted: usize =
+            epoch.iter().map(|c| if let RowChange::Insert(batch) = c { batch.num_rows() } else { 0 }).sum();
+        if inserted == 0 {
+            return;
+        }
+        self.delivered += inserted as u64;
+        let mut batch = WriteBatch::default();
+        batch.put(self.key.clone(), self.delivered.to_be_bytes().to_vec());
+        if let Err(err) = self.state.write(batch) {
+            // Only a restart is affected: it sends these rows again.
+            warn!(error = %err, "a sink's progress could not be written");
+        }
+    }
+}
+
 /// The sink's task: encodes each epoch's changes and delivers them, retrying failed writes.
-async fn run(name: String, feed: ChangeFeed, mut sink: Sink, progress: Arc<SinkProgress>) {
+async fn run(name: String, feed: ChangeFeed, mut durable: Durable, mut sink: Sink, progress: Arc<SinkProgress>) {
     let ChangeFeed { mut changes, pending } = feed;
     let health = sink.writer.health();
     while let Some(mut epoch) = changes.recv().await {
@@ -387,9 +459,10 @@ async fn run(name: String, feed: ChangeFeed, mut sink: Sink, progress: Arc<SinkP
         {
             epoch.extend(more);
         }
-        let rows = weir_common::sink::change_rows(&epoch);
+        let rows_sent = weir_common::sink::change_rows(&epoch);
+        let epoch = durable.pass_over(epoch);
         // However this epoch ends (delivered, set aside), its rows no longer hold the view back.
-        let _handled = Handled { pending: &pending, rows };
+        let _handled = Handled { pending: &pending, rows: rows_sent };
         let messages = match sink.encoder.encode(&epoch) {
             Ok(messages) => messages,
             Err(err) => {
@@ -408,6 +481,7 @@ async fn run(name: String, feed: ChangeFeed, mut sink: Sink, progress: Arc<SinkP
         }
         let messages: Vec<_> = messages.into_iter().map(|(_, m)| m).collect();
         if messages.is_empty() {
+            durable.delivered(&epoch);
             continue;
         }
         let bytes: usize =
@@ -431,6 +505,7 @@ async fn run(name: String, feed: ChangeFeed, mut sink: Sink, progress: Arc<SinkP
                 Ok(()) => {
                     progress.delivered(messages.len() as u64, bytes as u64);
                     progress.set_status("running".to_string());
+                    durable.delivered(&epoch);
                     break;
                 }
                 Err(err) => {
