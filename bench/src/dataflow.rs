@@ -131,7 +131,7 @@ impl Driver {
         if self.checkpoint_interval.is_none_or(|interval| self.last_checkpoint.elapsed() >= interval) {
             let mut batch = WriteBatch::default();
             self.pipeline.checkpoint("bench", &mut batch)?;
-            self.state.write(batch)?;
+            self.state.write(&batch)?;
             self.last_checkpoint = Instant::now();
         }
         Ok(())

@@ -51,7 +51,7 @@ pub(crate) async fn run(groups: u64, dir: &Path) -> anyhow::Result<()> {
     view.checkpoint("bench", &mut batch)?;
     store.checkpoint(&rows, &mut batch)?;
     let bytes = batch.bytes();
-    state.write(batch)?;
+    state.write(&batch)?;
     let written = writing.elapsed();
     state.close();
     drop((view, store, state));

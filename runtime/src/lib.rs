@@ -123,7 +123,7 @@ pub(crate) fn feed_with_restarts<T, O: state::Checkpointed>(
         if next(3) == 0 {
             let mut batch = state::WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
-            store.write(batch).unwrap();
+            store.write(&batch).unwrap();
             if next(2) == 0 {
                 op = new_operator();
                 op.restore(&table, &store).unwrap();

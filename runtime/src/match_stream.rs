@@ -564,7 +564,7 @@ mod tests {
             assert_eq!(op.rows_held(), 0, "case {case}: the end decides every match and lets every row go");
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
-            store.write(batch).unwrap();
+            store.write(&batch).unwrap();
             assert_eq!(
                 table.scan_prefix(&store, &[PENDING_TAG]).unwrap(),
                 vec![],

@@ -386,7 +386,7 @@ mod tests {
         let save = |store: &ViewStore| {
             let mut writes = WriteBatch::default();
             store.checkpoint(&table, &mut writes).unwrap();
-            state.write(writes).unwrap();
+            state.write(&writes).unwrap();
         };
         store.apply(vec![
             ViewChange::Append(vec![batch(&[1])]),
@@ -504,7 +504,7 @@ mod tests {
         let err = store.append_durably(vec![batch(&[1])], &table, |_| Err(StateError::Io("disk full".into())));
         assert!(err.is_err());
         assert_eq!(store.row_count(), 0, "a failed write leaves nothing");
-        store.append_durably(vec![batch(&[2]), batch(&[3])], &table, |w| state.write(w)).unwrap();
+        store.append_durably(vec![batch(&[2]), batch(&[3])], &table, |w| state.write(&w)).unwrap();
         assert_eq!(drain(&mut subscription), vec![2, 3]);
         let restored = ViewStore::new(batch(&[]).schema());
         restored.restore(&table, &state).unwrap();

@@ -101,9 +101,9 @@ impl StateStore for RocksStore {
         Ok(entries)
     }
 
-    fn write(&self, batch: WriteBatch) -> Result<(), StateError> {
+    fn write(&self, batch: &WriteBatch) -> Result<(), StateError> {
         let mut writes = rocksdb::WriteBatch::default();
-        for op in batch.into_ops() {
+        for op in batch.ops() {
             match op {
                 WriteOp::Put(key, value) => writes.put(key, value),
                 WriteOp::Delete(key) => writes.delete(key),
@@ -158,7 +158,7 @@ mod tests {
             let mut batch = WriteBatch::default();
             batch.put(table.key(b"a"), b"1".to_vec());
             batch.put(table.key(b"b"), b"2".to_vec());
-            store.write(batch).unwrap();
+            store.write(&batch).unwrap();
             let err = RocksStore::open(&path).unwrap_err().to_string();
             assert!(err.contains("another weir process"), "{err}");
         }
@@ -202,8 +202,8 @@ mod tests {
                     _ => batch.delete_range(key(next(35)), key(next(35))),
                 }
             }
-            rocks.write(batch.clone()).unwrap();
-            memory.write(batch).unwrap();
+            rocks.write(&batch).unwrap();
+            memory.write(&batch).unwrap();
             let (a, b) = (key(next(35)), key(next(35)));
             assert_eq!(rocks.scan(&a, &b).unwrap(), memory.scan(&a, &b).unwrap());
             assert_eq!(rocks.get(&a).unwrap(), memory.get(&a).unwrap());

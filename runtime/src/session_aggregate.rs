@@ -672,7 +672,7 @@ mod tests {
             closed.extend(op.close(END_OF_TIME).unwrap());
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
-            store.write(batch).unwrap();
+            store.write(&batch).unwrap();
             assert_eq!(table.scan_prefix(&store, &[SESSION_TAG]).unwrap(), vec![], "closed sessions leave no state");
 
             let mut actual = Sessions::new();

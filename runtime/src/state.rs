@@ -47,7 +47,7 @@ pub trait StateStore: Send + Sync + Debug {
     fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<Entry>, StateError>;
 
     /// Applies `batch` atomically.
-    fn write(&self, batch: WriteBatch) -> Result<(), StateError>;
+    fn write(&self, batch: &WriteBatch) -> Result<(), StateError>;
 
     /// About how many bytes the store takes on disk; `None` for a store that keeps nothing there.
     fn disk_bytes(&self) -> Option<u64> {
@@ -106,8 +106,8 @@ impl WriteBatch {
         self.ops.len()
     }
 
-    pub fn into_ops(self) -> Vec<WriteOp> {
-        self.ops
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
     }
 
     /// The bytes of keys and values the batch writes.
@@ -165,16 +165,16 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
-    fn write(&self, batch: WriteBatch) -> Result<(), StateError> {
+    fn write(&self, batch: &WriteBatch) -> Result<(), StateError> {
         // One write lock for the whole batch: readers see all of it or none of it.
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        for op in batch.ops {
+        for op in &batch.ops {
             match op {
                 WriteOp::Put(key, value) => {
-                    entries.insert(key, value);
+                    entries.insert(key.clone(), value.clone());
                 }
                 WriteOp::Delete(key) => {
-                    entries.remove(&key);
+                    entries.remove(key);
                 }
                 WriteOp::DeleteRange(start, end) => {
                     if start < end {
@@ -304,14 +304,14 @@ pub(crate) fn check_store_contract(store: &dyn StateStore) {
             batch.put(t.key(&encode_i64(end)), vec![end as u8]);
         }
     }
-    store.write(batch).unwrap();
+    store.write(&batch).unwrap();
     assert_eq!(a.scan_all(store).unwrap().len(), 3);
     assert_eq!(ab.scan_all(store).unwrap().len(), 3);
 
     // Closing windows up to 20 in table "a" leaves its 30 and all of "ab".
     let mut batch = WriteBatch::default();
     a.delete_through(&mut batch, &encode_i64(i64::MIN), &encode_i64(20));
-    store.write(batch).unwrap();
+    store.write(&batch).unwrap();
     let left: Vec<i64> = a.scan_all(store).unwrap().iter().map(|(k, _)| decode_i64(k).unwrap()).collect();
     assert_eq!(left, vec![30]);
     assert_eq!(ab.scan_all(store).unwrap().len(), 3);
@@ -322,7 +322,7 @@ pub(crate) fn check_store_contract(store: &dyn StateStore) {
     batch.delete(a.key(b"k"));
     batch.put(ab.key(b"k"), b"1".to_vec());
     batch.put(ab.key(b"k"), b"2".to_vec());
-    store.write(batch).unwrap();
+    store.write(&batch).unwrap();
     assert_eq!(store.get(&a.key(b"k")).unwrap(), None);
     assert_eq!(store.get(&ab.key(b"k")).unwrap(), Some(b"2".to_vec()));
 
@@ -331,7 +331,7 @@ pub(crate) fn check_store_contract(store: &dyn StateStore) {
     for key in [[0u8, 3], [0, 1], [0, 2], [0, 0xff], [1, 0]] {
         batch.put(key.to_vec(), key.to_vec());
     }
-    store.write(batch).unwrap();
+    store.write(&batch).unwrap();
     let keys: Vec<Vec<u8>> = store.scan(&[0, 1], &[0, 0xff]).unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, vec![vec![0, 1], vec![0, 2], vec![0, 3]]);
     assert!(store.scan(&[0, 3], &[0, 3]).unwrap().is_empty());

@@ -444,7 +444,7 @@ mod tests {
             op.on_watermark(END_OF_TIME, &mut out).unwrap();
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
-            store.write(batch).unwrap();
+            store.write(&batch).unwrap();
             assert_eq!(table.scan_prefix(&store, &[GROUP_TAG]).unwrap(), vec![], "closed windows leave no state");
 
             let mut actual: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();

@@ -226,7 +226,7 @@ impl Catalog {
         if kind == RelationKind::Table {
             let mut batch = WriteBatch::default();
             rows_table(relation.id).delete_prefix(&mut batch, &[]);
-            if let Err(err) = self.state.write(batch) {
+            if let Err(err) = self.state.write(&batch) {
                 tracing::warn!(table = %name, error = %err, "the dropped table's rows could not be deleted");
             }
         }
@@ -286,7 +286,7 @@ impl StateCatalogStore {
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), CatalogStoreError> {
-        self.state.write(batch).map_err(|e| CatalogStoreError::Storage(e.to_string()))
+        self.state.write(&batch).map_err(|e| CatalogStoreError::Storage(e.to_string()))
     }
 }
 

@@ -350,7 +350,7 @@ impl Jobs {
         for table in ["rows", "checkpoint"] {
             StateTable::new(&format!("{}/{table}", job.state_key)).delete_prefix(&mut batch, &[]);
         }
-        if let Err(err) = self.state.write(batch) {
+        if let Err(err) = self.state.write(&batch) {
             warn!(%view, error = %err, "the dropped view's state could not be deleted");
         }
     }
@@ -689,7 +689,7 @@ impl ViewTask {
         };
         batch.put(self.meta.key(&[]), record.encode());
         let bytes = batch.bytes() as u64;
-        if let Err(err) = self.state.write(batch.clone()) {
+        if let Err(err) = self.state.write(&batch) {
             let view = &self.view;
             error!(%view, error = %err, "the view's checkpoint could not be written; it is tried again with the next");
             self.progress.set_status(format!("retrying: checkpoint failed: {err}"));

@@ -116,7 +116,7 @@ impl DataSink for StoreSink {
             .collect::<Result<Vec<_>, _>>()?;
         // Durable before anyone sees them: a crash after the INSERT returns keeps them, one before loses all of them.
         self.store
-            .append_durably(batches, &self.rows, |writes| self.state.write(writes))
+            .append_durably(batches, &self.rows, |writes| self.state.write(&writes))
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         Ok(rows)
     }

@@ -347,7 +347,7 @@ impl Session {
         }
         let mut batch = WriteBatch::default();
         batch.delete(progress_key);
-        if let Err(err) = self.engine.catalog.state().write(batch) {
+        if let Err(err) = self.engine.catalog.state().write(&batch) {
             warn!(sink = %name, error = %err, "the dropped sink's progress could not be deleted");
         }
     }
@@ -441,7 +441,7 @@ impl Durable {
         self.delivered += inserted as u64;
         let mut batch = WriteBatch::default();
         batch.put(self.key.clone(), self.delivered.to_be_bytes().to_vec());
-        if let Err(err) = self.state.write(batch) {
+        if let Err(err) = self.state.write(&batch) {
             // Only a restart is affected: it sends these rows again.
             warn!(error = %err, "a sink's progress could not be written");
         }
