@@ -15,10 +15,10 @@ async fn server_on(data: &Path) -> anyhow::Result<TestServer> {
 
 /// The ids whose state (`r<id>/...` tables) the store at `data` holds.
 fn state_ids(data: &Path) -> Vec<u64> {
-    let store = weir_runtime::rocks::RocksStore::open(&data.join("state")).unwrap();
+    let store = weir_runtime::rocks::RocksStore::open(&data.join("state")).expect("the stopped server's store");
     let mut ids: Vec<u64> = store
         .scan(&[0], &[0xff])
-        .unwrap()
+        .expect("a scan of the whole store")
         .iter()
         .filter_map(|(key, _)| {
             let length = u32::from_be_bytes(key.get(..4)?.try_into().ok()?) as usize;

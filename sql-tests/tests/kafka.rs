@@ -15,8 +15,8 @@ use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for_sink_r
 /// A broker on a free port with `topic` of `partitions` partitions, its bootstrap address, and a producer.
 fn broker_with_topic(topic: &str, partitions: u32) -> (Tansu, String, FutureProducer) {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let broker = Tansu::start(port).unwrap();
-    broker.create_topic(topic, partitions).unwrap();
+    let broker = Tansu::start(port).expect("a tansu broker");
+    broker.create_topic(topic, partitions).expect("the topic");
     let bootstrap = broker.bootstrap.clone();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
