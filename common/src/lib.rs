@@ -26,5 +26,5 @@ pub mod sink;
 pub mod stream;
 pub mod types;
 
-pub use catalog::{CatalogStore, MemoryCatalogStore, ObjectKind, RelationDef, RelationKind, StoredObject};
+pub use catalog::{CatalogStore, ObjectKind, RelationDef, RelationKind, StoredObject};
 pub use error::{ErrorReport, SqlState};
