@@ -830,3 +830,23 @@ fn row_text(batch: &RecordBatch, row: usize) -> String {
     });
     fields.collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CheckpointMeta;
+
+    #[test]
+    fn a_checkpoint_record_reads_back_and_a_damaged_one_is_refused() {
+        let record = CheckpointMeta {
+            epoch: 7,
+            rows_read: 1_000_000,
+            malformed_rows: 3,
+            positions: vec![Some(vec![1, 2, 3]), None, Some(Vec::new())],
+        };
+        let bytes = record.encode();
+        assert_eq!(CheckpointMeta::decode(&bytes), Some(record));
+        for cut in [0, 8, 31, bytes.len() - 1] {
+            assert_eq!(CheckpointMeta::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+    }
+}

@@ -285,6 +285,47 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
     Ok(report)
 }
 
+/// Kills `weir` at a moment drawn from `seed` while a client creates 300 tables one statement at a time, restarts
+/// it, and checks that the tables that came back are exactly the first k of them for some k, each with its row: a
+/// DDL statement is all or nothing, and statements stay in their order. Returns k.
+pub async fn kill_during_ddl(binary: &Path, work: &Path, seed: u64) -> anyhow::Result<usize> {
+    let data = work.join(format!("ddl-{seed}"));
+    let log = work.join("weir-ddl.log");
+    let weir = Weir::start(binary, &data, work, &log).await?;
+    let client = weir.connect().await?;
+    let creating = tokio::spawn(async move {
+        for table in 0..300 {
+            let statement = format!("CREATE TABLE t{table} (id INT); INSERT INTO t{table} VALUES ({table})");
+            if client.batch_execute(&statement).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50 + seed * 7919 % 1500)).await;
+    weir.kill();
+    let _ = creating.await;
+    let weir = Weir::start(binary, &data, work, &log).await?;
+    let client = weir.connect().await?;
+    let names = rows(&client, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'").await?;
+    let mut numbers: Vec<usize> =
+        names.iter().map(|r| r[0].trim_start_matches('t').parse()).collect::<Result<_, _>>()?;
+    numbers.sort_unstable();
+    let count = numbers.len();
+    if numbers != (0..count).collect::<Vec<_>>() {
+        bail!("the tables that came back are not the first {count}: {numbers:?}");
+    }
+    // Every table but perhaps the last has its row (the kill may fall between a table's CREATE and its INSERT).
+    for table in 0..count.saturating_sub(1) {
+        let got = rows(&client, &format!("SELECT id FROM t{table}")).await?;
+        if got != [[table.to_string()]] {
+            bail!("table t{table} came back with {got:?}");
+        }
+    }
+    weir.kill();
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(count)
+}
+
 /// The `weir` binary next to the running program (cargo puts test programs in `target/<profile>/deps`).
 pub fn weir_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
