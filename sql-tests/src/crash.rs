@@ -167,7 +167,8 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the views did not end within 120 s: {statuses:?}");
+            let read = rows(&client, "SELECT view, rows_read FROM weir_catalog.view_progress").await?;
+            bail!("the views did not end within 120 s: {statuses:?}; Kafka rows counted: {kafka:?}; read: {read:?}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -267,7 +268,7 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
         tokio::time::sleep(kill_after).await;
         weir.kill();
         let weir = Weir::start(binary, &dir, &files, &log).await?;
-        let got = results(&weir).await?;
+        let got = results(&weir).await.with_context(|| format!("run {run}, killed after {kill_after:?}"))?;
         weir.kill();
         let _ = std::fs::remove_dir_all(&dir);
         report.runs += 1;

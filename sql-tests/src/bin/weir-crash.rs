@@ -5,19 +5,23 @@
 async fn main() -> anyhow::Result<()> {
     let mut kills = 100;
     let mut seed = 1;
+    let mut kept = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))?;
         match arg.as_str() {
             "--kills" => kills = value.parse()?,
             "--seed" => seed = value.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: weir-crash [--kills N] [--seed S]"),
+            "--work" => kept = Some(std::path::PathBuf::from(value)),
+            other => anyhow::bail!("unknown argument {other}; usage: weir-crash [--kills N] [--seed S] [--work DIR]"),
         }
     }
     let binary = weir_sql_tests::crash::weir_binary()?;
-    let work = tempfile::tempdir()?;
+    let temporary = tempfile::tempdir()?;
+    let work = kept.unwrap_or_else(|| temporary.path().to_path_buf());
+    std::fs::create_dir_all(&work)?;
     let started = std::time::Instant::now();
-    let report = weir_sql_tests::crash::run(&binary, work.path(), kills, seed).await?;
+    let report = weir_sql_tests::crash::run(&binary, &work, kills, seed).await?;
     println!(
         "{} of {} crash runs identical to the run without a crash ({:.0} s)",
         report.identical,
