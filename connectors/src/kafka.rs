@@ -36,7 +36,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader, SourceStats};
 
 use crate::format::RecordDecoder;
@@ -149,6 +149,8 @@ pub struct KafkaSource {
     ready: std::collections::VecDeque<(i32, RecordBatch, i64)>,
     /// Per partition, where to start reading instead of `scan.startup.mode` (from a checkpoint).
     resume: BTreeMap<i32, i64>,
+    /// The partitions resumed from a checkpoint whose first record has not come yet, and its offset.
+    resumed_at: BTreeMap<i32, i64>,
     /// The partition of the last batch handed out.
     last_partition: i32,
     /// How many partitions the topic has, once known.
@@ -291,6 +293,7 @@ impl KafkaSource {
             deadline: None,
             ready: std::collections::VecDeque::new(),
             resume: BTreeMap::new(),
+            resumed_at: BTreeMap::new(),
             last_partition: 0,
             partitions: 0,
         })
@@ -504,6 +507,16 @@ impl SourceReader for KafkaSource {
                 }
             }
             let gathered = std::mem::take(&mut self.gathering);
+            // The first record of a partition resumed from a checkpoint should be the one the checkpoint left off at.
+            for record in &gathered.records {
+                if let Some(resumed) = self.resumed_at.remove(&record.partition)
+                    && record.offset > resumed
+                {
+                    error!(topic = %self.topic, partition = record.partition, checkpoint = resumed, first = record.offset,
+                           "the broker resumed the partition after the checkpoint's offset: the records in between \
+                            are skipped (a broker that cannot fetch from inside a record batch)");
+                }
+            }
             // One batch per partition, each partition's records in order.
             let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
             for (index, record) in gathered.records.iter().enumerate() {
@@ -572,6 +585,7 @@ impl SourceReader for KafkaSource {
         let pairs = numbers.chunks_exact(2).map(|pair| (i32::try_from(pair[0]).unwrap_or(0), pair[1]));
         self.resume = pairs.collect();
         self.offsets = self.resume.clone();
+        self.resumed_at = self.resume.clone();
         Ok(())
     }
 
