@@ -13,7 +13,7 @@
 //! (`--kills 100`) and prints how many were identical.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -300,7 +300,9 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
             Ok(got) => got,
             Err(err) => {
                 let held = topic_records(&kafka, &topic).unwrap_or(0);
-                return Err(err.context(format!("run {run}, killed after {kill_after:?}; the topic holds {held} records")));
+                return Err(
+                    err.context(format!("run {run}, killed after {kill_after:?}; the topic holds {held} records"))
+                );
             }
         };
         weir.kill();
