@@ -149,6 +149,8 @@ pub struct KafkaSource {
     ready: std::collections::VecDeque<(i32, RecordBatch, i64)>,
     /// Per partition, where to start reading instead of `scan.startup.mode` (from a checkpoint).
     resume: BTreeMap<i32, i64>,
+    /// The connection being made, kept across cancelled reads.
+    connecting: Option<Connecting>,
     /// The partitions resumed from a checkpoint whose first record has not come yet, and its offset.
     resumed_at: BTreeMap<i32, i64>,
     /// The partition of the last batch handed out.
@@ -156,6 +158,10 @@ pub struct KafkaSource {
     /// How many partitions the topic has, once known.
     partitions: usize,
 }
+
+/// A connection to the broker being made: the consumer and how many partitions it reads.
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Arc<StreamConsumer<Offsets>>, usize), String>> + Send>>;
 
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -293,6 +299,7 @@ impl KafkaSource {
             deadline: None,
             ready: std::collections::VecDeque::new(),
             resume: BTreeMap::new(),
+            connecting: None,
             resumed_at: BTreeMap::new(),
             last_partition: 0,
             partitions: 0,
@@ -304,55 +311,59 @@ impl KafkaSource {
         &self.offsets
     }
 
-    /// Makes the consumer and assigns it the topic's partitions (or joins the group).
-    async fn connect(&self) -> Result<(Arc<StreamConsumer<Offsets>>, usize), String> {
+    /// Makes the consumer and assigns it the topic's partitions (or joins the group). The future owns what it needs,
+    /// so a read cancelled while it runs (a view's task wakes up every epoch) leaves it to go on at the next read
+    /// instead of starting over.
+    fn connect(&self) -> Connecting {
         let context = Offsets { topic: self.topic.clone(), offsets: self.broker_offsets.clone() };
-        let consumer: Arc<StreamConsumer<Offsets>> = Arc::new(
-            self.config.create_with_context(context).map_err(|e| format!("creating the Kafka consumer: {e}"))?,
-        );
-        // Resuming from a checkpoint, the checkpoint's offsets count, not the group's (which may lag behind them).
-        if self.startup == Startup::GroupOffsets && self.resume.is_empty() {
-            consumer.subscribe(&[&self.topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
-            return Ok((consumer, 0));
-        }
+        let config = self.config.clone();
         let topic = self.topic.clone();
         let startup = self.startup.clone();
         let resume = self.resume.clone();
-        let probe = consumer.clone();
-        let partitions = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-            let metadata = probe
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .map_err(|e| format!("Kafka broker unreachable: {e}"))?;
-            let partitions: Vec<i32> = match metadata.topics().iter().find(|t| t.name() == topic) {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    t.partitions().iter().map(|p| p.id()).collect()
-                }
-                _ => return Err(format!("Kafka topic \"{topic}\" does not exist")),
-            };
-            let mut assignment = TopicPartitionList::new();
-            for partition in &partitions {
-                let offset = match (resume.get(partition), &startup) {
-                    (Some(offset), _) => Offset::Offset(*offset),
-                    // A partition the checkpoint does not know is new since: read all of it.
-                    (None, _) if !resume.is_empty() => Offset::Beginning,
-                    (None, Startup::Latest) => Offset::End,
-                    (None, Startup::Timestamp(millis)) => Offset::Offset(*millis),
-                    (None, _) => Offset::Beginning,
+        Box::pin(async move {
+            let consumer: Arc<StreamConsumer<Offsets>> =
+                Arc::new(config.create_with_context(context).map_err(|e| format!("creating the Kafka consumer: {e}"))?);
+            // Resuming from a checkpoint, the checkpoint's offsets count, not the group's (which may lag behind them).
+            if startup == Startup::GroupOffsets && resume.is_empty() {
+                consumer.subscribe(&[&topic]).map_err(|e| format!("joining the consumer group: {e}"))?;
+                return Ok((consumer, 0));
+            }
+            let probe = consumer.clone();
+            let partitions = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+                let metadata = probe
+                    .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                    .map_err(|e| format!("Kafka broker unreachable: {e}"))?;
+                let partitions: Vec<i32> = match metadata.topics().iter().find(|t| t.name() == topic) {
+                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                        t.partitions().iter().map(|p| p.id()).collect()
+                    }
+                    _ => return Err(format!("Kafka topic \"{topic}\" does not exist")),
                 };
-                assignment.add_partition_offset(&topic, *partition, offset).map_err(|e| e.to_string())?;
-            }
-            if let (Startup::Timestamp(_), true) = (&startup, resume.is_empty()) {
-                assignment = probe
-                    .offsets_for_times(assignment, Duration::from_secs(10))
-                    .map_err(|e| format!("looking up offsets by time: {e}"))?;
-            }
-            probe.assign(&assignment).map_err(|e| format!("assigning partitions: {e}"))?;
-            info!(%topic, partitions = partitions.len(), "reading every partition of the Kafka topic");
-            Ok(partitions.len())
+                let mut assignment = TopicPartitionList::new();
+                for partition in &partitions {
+                    let offset = match (resume.get(partition), &startup) {
+                        (Some(offset), _) => Offset::Offset(*offset),
+                        // A partition the checkpoint does not know is new since: read all of it.
+                        (None, _) if !resume.is_empty() => Offset::Beginning,
+                        (None, Startup::Latest) => Offset::End,
+                        (None, Startup::Timestamp(millis)) => Offset::Offset(*millis),
+                        (None, _) => Offset::Beginning,
+                    };
+                    assignment.add_partition_offset(&topic, *partition, offset).map_err(|e| e.to_string())?;
+                }
+                if let (Startup::Timestamp(_), true) = (&startup, resume.is_empty()) {
+                    assignment = probe
+                        .offsets_for_times(assignment, Duration::from_secs(10))
+                        .map_err(|e| format!("looking up offsets by time: {e}"))?;
+                }
+                probe.assign(&assignment).map_err(|e| format!("assigning partitions: {e}"))?;
+                info!(%topic, partitions = partitions.len(), "reading every partition of the Kafka topic");
+                Ok(partitions.len())
+            })
+            .await
+            .map_err(|e| format!("connecting to Kafka: {e}"))??;
+            Ok((consumer, partitions))
         })
-        .await
-        .map_err(|e| format!("connecting to Kafka: {e}"))??;
-        Ok((consumer, partitions))
     }
 
     /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes).
@@ -461,7 +472,17 @@ impl SourceReader for KafkaSource {
             }
             let consumer = match &self.consumer {
                 Some(consumer) => consumer.clone(),
-                None => match self.connect().await {
+                None => match {
+                    if self.connecting.is_none() {
+                        self.connecting = Some(self.connect());
+                    }
+                    let connected = match &mut self.connecting {
+                        Some(connecting) => connecting.await,
+                        None => continue,
+                    };
+                    self.connecting = None;
+                    connected
+                } {
                     Ok((consumer, partitions)) => {
                         self.problem = None;
                         self.backoff = Duration::from_millis(100);
