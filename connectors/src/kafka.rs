@@ -472,32 +472,30 @@ impl SourceReader for KafkaSource {
             }
             let consumer = match &self.consumer {
                 Some(consumer) => consumer.clone(),
-                None => match {
+                None => {
                     if self.connecting.is_none() {
                         self.connecting = Some(self.connect());
                     }
-                    let connected = match &mut self.connecting {
-                        Some(connecting) => connecting.await,
-                        None => continue,
-                    };
+                    let Some(connecting) = &mut self.connecting else { continue };
+                    let connected = connecting.await;
                     self.connecting = None;
-                    connected
-                } {
-                    Ok((consumer, partitions)) => {
-                        self.problem = None;
-                        self.backoff = Duration::from_millis(100);
-                        self.consumer = Some(consumer.clone());
-                        self.partitions = partitions;
-                        consumer
+                    match connected {
+                        Ok((consumer, partitions)) => {
+                            self.problem = None;
+                            self.backoff = Duration::from_millis(100);
+                            self.consumer = Some(consumer.clone());
+                            self.partitions = partitions;
+                            consumer
+                        }
+                        Err(problem) => {
+                            warn!(topic = %self.topic, %problem, "Kafka source cannot read yet; retrying in {:?}", self.backoff);
+                            self.problem = Some(format!("{problem}; retrying"));
+                            tokio::time::sleep(self.backoff).await;
+                            self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
                     }
-                    Err(problem) => {
-                        warn!(topic = %self.topic, %problem, "Kafka source cannot read yet; retrying in {:?}", self.backoff);
-                        self.problem = Some(format!("{problem}; retrying"));
-                        tokio::time::sleep(self.backoff).await;
-                        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                },
+                }
             };
             if self.gathering.records.is_empty() {
                 match consumer.recv().await {
