@@ -194,7 +194,12 @@ impl Progress {
 
 /// Appends `item`, dropping the oldest once [`DEAD_LETTERS_KEPT`] are kept.
 fn keep_latest<T>(kept: &mut VecDeque<T>, item: T) {
-    if kept.len() == DEAD_LETTERS_KEPT {
+    keep_last(kept, item, DEAD_LETTERS_KEPT);
+}
+
+/// Appends `item`, dropping the oldest once `limit` are kept.
+fn keep_last<T>(kept: &mut VecDeque<T>, item: T, limit: usize) {
+    if kept.len() >= limit {
         kept.pop_front();
     }
     kept.push_back(item);
@@ -707,16 +712,14 @@ impl ViewTask {
         }
         self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
         let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
-        if history.len() == CHECKPOINTS_KEPT {
-            history.pop_front();
-        }
-        history.push_back(CheckpointRecord {
+        let written = CheckpointRecord {
             view: self.view.clone(),
             epoch,
             at_ms: weir_common::sink::unix_millis(),
             duration: started.elapsed(),
             bytes,
-        });
+        };
+        keep_last(&mut history, written, CHECKPOINTS_KEPT);
         Ok(())
     }
 
