@@ -89,15 +89,29 @@ async fn psql_ctrl_c_and_statement_timeout_cancel_the_statement() {
     let addr = server.addr;
     let started = std::time::Instant::now();
     let output = tokio::task::spawn_blocking(move || {
-        let child = Command::new("psql")
+        use std::io::BufRead;
+        // psql installs its SIGINT handler only once connected (a SIGINT before that ends psql
+        // silently), so the signal waits for the `\echo` that runs right after connecting. A
+        // signal that lands between the two commands only sets psql's flag, so it is repeated
+        // until psql ends.
+        let mut child = Command::new("psql")
             .args(["-X", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "weir", "-d", "weir"])
-            .args(["-c", "SELECT pg_sleep(30)"])
+            .args(["-c", "\\echo connected", "-c", "SELECT pg_sleep(30)"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("psql must be installed");
-        std::thread::sleep(std::time::Duration::from_millis(700));
-        let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("psql prints");
+        assert_eq!(line.trim(), "connected");
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if child.try_wait().expect("psql runs").is_some() {
+                break;
+            }
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+        }
         child.wait_with_output().expect("psql ends")
     })
     .await
