@@ -16,6 +16,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::plan::WatermarkSpec;
 use weir_planner::WeirStatement;
+use weir_planner::streaming::Readable;
 use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
@@ -43,7 +44,8 @@ pub(crate) async fn plan_pipeline(
     let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
     weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
     let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
-    let sources = HashMap::from([(table.to_string(), schema.clone())]);
+    let readable = Readable { schema: schema.clone(), event_time: Some(time_column) };
+    let sources = HashMap::from([(table.to_string(), readable)]);
     let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, emit_on_window_close)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;

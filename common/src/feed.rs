@@ -35,6 +35,11 @@ impl Feed {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner).push(batch);
     }
 
+    /// Whether `other` is this feed (a clone of it), not just an equal one.
+    pub fn same(&self, other: &Feed) -> bool {
+        Arc::ptr_eq(&self.slot, &other.slot)
+    }
+
     fn take(&self) -> Vec<RecordBatch> {
         std::mem::take(&mut *self.slot.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -68,6 +73,16 @@ impl FeedExec {
             Boundedness::Bounded,
         ));
         Ok(FeedExec { name: name.into(), feed, projection, input, schema, properties })
+    }
+
+    /// The feed this leaf reads.
+    pub fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
+    /// The columns of the pushed batches it produces, if not all.
+    pub fn projection(&self) -> Option<&[usize]> {
+        self.projection.as_deref()
     }
 
     /// The schema of the batches pushed to the feed (before any projection).

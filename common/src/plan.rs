@@ -1,18 +1,23 @@
 //! The streaming plan: what the planner hands the runtime for one materialized view.
 //!
 //! ```text
-//!   input rows --Feeds--> [below: stateless DataFusion plan] --> (window aggregate) --Feed--> [above] --> view rows
-//!                                                                 (or MATCH_RECOGNIZE)
+//!   Scan(reads) -> Stateless ---+
+//!                               +-> Join -> Stateless -> Aggregate [+ plan per window] -> view rows
+//!   Scan(zones) -> Stateless ---+                        (or MATCH_RECOGNIZE [+ plan over matches])
 //! ```
 //!
-//! `below` and `above` are DataFusion physical plans over [`FeedExec`](crate::feed::FeedExec) leaves; the window
-//! aggregate's expressions come from the `AggregateExec` DataFusion planned, so aggregates mean exactly what they mean
-//! in batch queries.
+//! A plan is a tree of [`PlanNode`]s: scans of the relations read, stateless DataFusion plans over
+//! [`FeedExec`](crate::feed::FeedExec) leaves (one feed per input of the node), joins, and at most one aggregation or
+//! `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
+//! columns its output watermark bounds. The aggregate's and the join's expressions come from the physical plan
+//! DataFusion made of the query, so they mean exactly what they mean in batch queries.
 
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::JoinType;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_plan::joins::utils::JoinFilter;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 
 use crate::feed::Feed;
@@ -64,25 +69,91 @@ pub struct WatermarkSpec {
     pub expr: Arc<dyn PhysicalExpr>,
 }
 
-/// A relation a view reads as a stream, and the feeds of its scans in the plan (a relation scanned twice, as in
-/// `SELECT ... FROM a UNION ALL SELECT ... FROM a`, has two).
+/// A relation a view reads as a stream. Its rows enter the plan at its [`NodeOperator::Scan`] nodes (a relation
+/// scanned twice, as in a self-join, has two).
 #[derive(Debug, Clone)]
 pub struct StreamInput {
     pub relation: String,
-    pub feeds: Vec<Feed>,
 }
 
-/// One materialized view's dataflow.
+/// A node's place in [`StreamingPlan::nodes`].
+pub type NodeId = usize;
+
+/// What a node of the plan does.
+#[derive(Debug, Clone)]
+pub enum NodeOperator {
+    /// The rows of input `input` (an index into [`StreamingPlan::inputs`]), as read.
+    Scan { input: usize },
+    /// A stateless DataFusion plan (filters, projections, window assignment, unnest, `UNION ALL`): each input of the
+    /// node pushes its batches into its feed (`feeds[i]` for input `i`), and the plan runs over what was pushed.
+    Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
+    /// A join of two streams whose state the watermarks bound (see [`JoinSpec`]).
+    Join(Box<JoinSpec>),
+    /// The aggregation of a view, and the plan over its output (per window). Always the plan's root.
+    Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)> },
+    /// A `MATCH_RECOGNIZE`, and the plan over its matches. Always the plan's root.
+    MatchRecognize { stage: MatchRecognizeStage, above: Option<(Feed, Arc<dyn ExecutionPlan>)> },
+}
+
+/// One operator of a streaming plan, and the three facts about its output that the nodes above it rely on.
+#[derive(Debug, Clone)]
+pub struct PlanNode {
+    pub operator: NodeOperator,
+    /// The nodes whose output this one reads, in the order of its inputs.
+    pub inputs: Vec<NodeId>,
+    /// Schema of the node's output rows.
+    pub schema: SchemaRef,
+    /// Whether the output only ever gains rows (no retractions, no replaced windows).
+    pub append_only: bool,
+    /// The columns the node's output watermark `W` bounds, each with an offset: every later row has
+    /// `column > W + offset` (or is late). A source's event-time column has offset 0.
+    pub watermark: Vec<(usize, i64)>,
+}
+
+/// Which input of a join a row came from.
+pub const LEFT: usize = 0;
+pub const RIGHT: usize = 1;
+
+/// A bound a join condition puts on the *other* side's event time in terms of a row of this side: a row of this
+/// side can only match rows of the other side whose column `time` is at most `row[column] + plus`. Column `time`
+/// of the other side is bounded by that side's watermark with `time_offset`, so once the other side's watermark
+/// `W` reaches `row[column] + plus - time_offset`, no later row can match this one: the row leaves the join's state
+/// (an outer row is then emitted padded with NULLs). Times are counts of the event-time unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBound {
+    /// The column of this side's rows.
+    pub column: usize,
+    pub plus: i64,
+    /// The other side's bounded column, and its watermark offset.
+    pub time: usize,
+    pub time_offset: i64,
+}
+
+/// A join of two streams: equi-keys, a residual filter, and the time bounds that let its state go. Both sides need
+/// at least one bound (an interval join, or a window join on `window_end`).
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    pub join_type: JoinType,
+    /// Pairs of key expressions over the left and the right rows.
+    pub on: Vec<(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)>,
+    /// The residual condition over pairs of rows (DataFusion's, with its column mapping).
+    pub filter: Option<JoinFilter>,
+    /// Whether NULL keys match each other (`IS NOT DISTINCT FROM`).
+    pub nulls_equal: bool,
+    /// The columns of the joined row (left then right; one side for semi and anti joins) kept in the output.
+    pub projection: Option<Vec<usize>>,
+    /// `bounds[LEFT]` bound the right side's times in terms of a left row, and the other way round.
+    pub bounds: [Vec<TimeBound>; 2],
+}
+
+/// One materialized view's dataflow: a tree of operator nodes from the inputs' scans up to the root, whose output is
+/// the view's rows.
 #[derive(Debug, Clone)]
 pub struct StreamingPlan {
     /// The relations the view reads, each once, in the order the query names them.
     pub inputs: Vec<StreamInput>,
-    pub below: Arc<dyn ExecutionPlan>,
-    pub aggregate: Option<WindowAggregateSpec>,
-    /// A `MATCH_RECOGNIZE` over the rows of `below` (a view has it or an aggregate, not both).
-    pub match_recognize: Option<MatchRecognizeStage>,
-    /// Where the aggregate's (or the matcher's) output goes, and the plan over it.
-    pub above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
+    /// The operators; each node's inputs come before it.
+    pub nodes: Vec<PlanNode>,
     /// Schema of the view's rows.
     pub schema: SchemaRef,
     /// `EMIT ON WINDOW CLOSE`: the view is append-only, each window appearing once, final, when it closes. Otherwise
@@ -91,8 +162,42 @@ pub struct StreamingPlan {
 }
 
 impl StreamingPlan {
+    /// The node whose output is the view's rows.
+    pub fn root(&self) -> NodeId {
+        self.nodes.len().saturating_sub(1)
+    }
+
+    /// The view's aggregation, if it has one.
+    pub fn aggregate(&self) -> Option<&WindowAggregateSpec> {
+        match &self.nodes.last()?.operator {
+            NodeOperator::Aggregate { spec, .. } => Some(spec),
+            _ => None,
+        }
+    }
+
+    /// The view's `MATCH_RECOGNIZE`, if it has one.
+    pub fn match_recognize(&self) -> Option<&MatchRecognizeStage> {
+        match &self.nodes.last()?.operator {
+            NodeOperator::MatchRecognize { stage, .. } => Some(stage),
+            _ => None,
+        }
+    }
+
     /// Whether the view only ever gains rows (so other views and append-only sinks can read it as a stream).
     pub fn append_only(&self) -> bool {
-        self.aggregate.is_none() || self.emit_on_window_close
+        self.nodes.last().is_some_and(|n| n.append_only)
+    }
+
+    /// The node reading each node's output and at which of its inputs; `None` for the root.
+    pub fn parents(&self) -> Vec<Option<(NodeId, usize)>> {
+        let mut parents = vec![None; self.nodes.len()];
+        for (id, node) in self.nodes.iter().enumerate() {
+            for (port, input) in node.inputs.iter().enumerate() {
+                if let Some(parent) = parents.get_mut(*input) {
+                    *parent = Some((id, port));
+                }
+            }
+        }
+        parents
     }
 }

@@ -14,6 +14,8 @@
 //! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views expanded,
 //!   deduplication rewritten into the aggregation it means, the physical plan cut at its aggregation, and what runs
 //!   above it checked to stay inside a window.
+//! - [`graph`]: the physical plan below the aggregation cut into plan nodes (scans, stateless DataFusion plans,
+//!   joins), each node's output watermark worked out, and a join's time bounds read from its condition.
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
 //!   refuse a value too large to build (`54000`) instead of aborting the process.
 //! - [`checked`]: integer `+`, `-` and `*` that raise `22003` on overflow, as Postgres' do.
@@ -25,6 +27,7 @@
 pub mod bounded;
 pub mod checked;
 pub mod dialect;
+pub mod graph;
 pub mod names;
 pub mod parse;
 pub mod row_pattern;

@@ -29,33 +29,55 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{Aggregate, MatchRecognizeStage, SessionSpec, StreamInput, StreamingPlan, WindowAggregateSpec};
+use weir_common::plan::{
+    Aggregate, MatchRecognizeStage, NodeOperator, PlanNode, SessionSpec, StreamInput, StreamingPlan,
+    WindowAggregateSpec,
+};
+
+use crate::graph::{Bounds, GraphBuilder, plan_bounds, watermark_of};
 use weir_common::{ErrorReport, SqlState};
+
+/// A relation a view can read as a stream, as the planner sees it: its rows' schema and the column its watermark
+/// bounds, if it has one.
+#[derive(Debug, Clone)]
+pub struct Readable {
+    pub schema: SchemaRef,
+    pub event_time: Option<usize>,
+}
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
 /// dataflow.
 pub async fn plan_streaming(
     state: &SessionState,
     query: &LogicalPlan,
-    inputs: &HashMap<String, SchemaRef>,
+    inputs: &HashMap<String, Readable>,
     emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
     let mut streams: Vec<StreamInput> = Vec::new();
+    let mut scans: Vec<(Feed, usize, Bounds)> = Vec::new();
     let logical = rewrite_deduplication(query.clone())?
         .transform_up(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
-            let Some(schema) = inputs.get(&name) else {
+            let Some(readable) = inputs.get(&name) else {
                 return Err(datafusion::error::DataFusionError::NotImplemented(format!(
                     "a materialized view reading \"{name}\" as a stream"
                 )));
             };
             let feed = Feed::new();
-            match streams.iter_mut().find(|s| s.relation == name) {
-                Some(stream) => stream.feeds.push(feed.clone()),
-                None => streams.push(StreamInput { relation: name.clone(), feeds: vec![feed.clone()] }),
+            let input = match streams.iter().position(|s| s.relation == name) {
+                Some(input) => input,
+                None => {
+                    streams.push(StreamInput { relation: name.clone() });
+                    streams.len() - 1
+                }
+            };
+            let mut bounds = vec![None; readable.schema.fields().len()];
+            if let Some(slot) = readable.event_time.and_then(|c| bounds.get_mut(c)) {
+                *slot = Some(0);
             }
-            let provider = Arc::new(FeedProvider { name: name.clone(), feed, schema: schema.clone() });
+            scans.push((feed.clone(), input, bounds));
+            let provider = Arc::new(FeedProvider { name: name.clone(), feed, schema: readable.schema.clone() });
             let replaced = TableScanBuilder::new(scan.table_name.clone(), provider_as_source(provider))
                 .with_projection(scan.projection.clone())
                 .with_filters(scan.filters.clone())
@@ -81,27 +103,20 @@ pub async fn plan_streaming(
     optimizer.enable_aggregate_dynamic_filter_pushdown = false;
     let physical = state.create_physical_plan(&logical).await.map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
     let schema = physical.schema();
+    let mut graph = GraphBuilder::new(scans);
 
     let Some(aggregate) = find_aggregate(&physical)? else {
-        check_stateless(&physical)?;
         if emit_on_window_close {
             return Err(needs_window());
         }
-        return Ok(StreamingPlan {
-            inputs: streams,
-            below: physical,
-            aggregate: None,
-            match_recognize: None,
-            above: None,
-            schema,
-            emit_on_window_close,
-        });
+        graph.cut(&physical)?;
+        return Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close });
     };
     let (spec, below) = window_aggregate(&aggregate)?;
     if emit_on_window_close && spec.window_end.is_none() {
         return Err(needs_window());
     }
-    check_stateless(&below)?;
+    let below = graph.cut(&below)?;
     let output = Feed::new();
     let feed: Arc<dyn ExecutionPlan> =
         Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
@@ -115,15 +130,20 @@ pub async fn plan_streaming(
     } else {
         check_above(&above, spec.window_end.is_some())?;
     }
-    Ok(StreamingPlan {
-        inputs: streams,
-        below,
-        aggregate: Some(spec),
-        match_recognize: None,
-        above: Some((output, above)),
-        schema,
-        emit_on_window_close,
-    })
+    // Emitted when they close, windows ending at or before `W + 1` are out: later ones end after it.
+    let mut aggregated = vec![None; aggregate.schema().fields().len()];
+    if let (true, Some(end), None) = (emit_on_window_close, spec.window_end, &spec.session) {
+        aggregated[end] = Some(1);
+    }
+    let bounds = plan_bounds(&above, &[(output.clone(), aggregated)]);
+    graph.add(PlanNode {
+        operator: NodeOperator::Aggregate { spec, above: Some((output, above)) },
+        inputs: vec![below],
+        schema: schema.clone(),
+        append_only: emit_on_window_close,
+        watermark: watermark_of(&bounds),
+    });
+    Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close })
 }
 
 /// Plans a view whose query has a `MATCH_RECOGNIZE` as a streaming dataflow: `input` (the clause's input, over the
@@ -134,7 +154,7 @@ pub async fn plan_match_recognize(
     input: LogicalPlan,
     stage: MatchRecognizeStage,
     outer: &LogicalPlan,
-    inputs: &HashMap<String, SchemaRef>,
+    inputs: &HashMap<String, Readable>,
     (matches, schema): (&str, SchemaRef),
     emit_on_window_close: bool,
 ) -> Result<StreamingPlan, ErrorReport> {
@@ -142,29 +162,34 @@ pub async fn plan_match_recognize(
         return Err(unsupported("EMIT ON WINDOW CLOSE with MATCH_RECOGNIZE")
             .with_hint("Leave it out: a match appears once, final, as soon as it is decided."));
     }
-    let below = plan_streaming(state, &input, inputs, false).await?;
-    if below.aggregate.is_some() {
+    let mut below = plan_streaming(state, &input, inputs, false).await?;
+    if below.aggregate().is_some() {
         return Err(unsupported("MATCH_RECOGNIZE over an aggregation in the same materialized view")
             .with_hint("Match over the rows of a source or table; aggregate the matches in a view over this one."));
     }
-    let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), schema)]), false).await?;
-    if over.aggregate.is_some() {
+    let readable = Readable { schema, event_time: None };
+    let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), readable)]), false).await?;
+    if over.aggregate().is_some() {
         return Err(unsupported("aggregating the matches of MATCH_RECOGNIZE in the same materialized view")
             .with_hint("Create the MATCH_RECOGNIZE view first, then a view aggregating its rows."));
     }
-    let feed = match over.inputs.as_slice() {
-        [only] if only.feeds.len() == 1 => only.feeds[0].clone(),
+    let above = match over.nodes.as_slice() {
+        [scan, PlanNode { operator: NodeOperator::Stateless { plan, feeds }, .. }]
+            if matches!(scan.operator, NodeOperator::Scan { .. }) && feeds.len() == 1 =>
+        {
+            (feeds[0].clone(), plan.clone())
+        }
         _ => return Err(unsupported("reading the matches of MATCH_RECOGNIZE twice in one materialized view")),
     };
-    Ok(StreamingPlan {
-        inputs: below.inputs,
-        below: below.below,
-        aggregate: None,
-        match_recognize: Some(stage),
-        above: Some((feed, over.below)),
-        schema: over.schema,
-        emit_on_window_close: false,
-    })
+    let input = below.root();
+    below.nodes.push(PlanNode {
+        operator: NodeOperator::MatchRecognize { stage, above: Some(above) },
+        inputs: vec![input],
+        schema: over.schema.clone(),
+        append_only: true,
+        watermark: vec![],
+    });
+    Ok(StreamingPlan { inputs: below.inputs, nodes: below.nodes, schema: over.schema, emit_on_window_close: false })
 }
 
 fn needs_window() -> ErrorReport {
@@ -470,7 +495,7 @@ fn one_row_sessions(
 }
 
 /// Refuses operators that need state or see the whole input.
-fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
+pub(crate) fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
     check_row_by_row(plan)?;
     plan.children().into_iter().try_for_each(check_stateless)
 }

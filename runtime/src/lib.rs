@@ -3,8 +3,10 @@
 //! - [`watermark`]: [`watermark::WatermarkAssigner`], which computes a source's watermark from its rows and splits
 //!   batches so that every downstream operator judges each row against the watermark of the rows before it.
 //! - [`operator`]: the [`operator::Operator`] contract between an operator and the runner that drives it.
-//! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow, driven a source batch at a time, with a
-//!   watermark assigner per input split (a Kafka partition).
+//! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow (a tree of plan nodes), driven a source
+//!   batch at a time, with a watermark assigner per input split (a Kafka partition).
+//! - [`join`]: [`join::IntervalJoin`], the join of two streams whose state the watermarks bound (interval and window
+//!   joins, inner, outer, semi and anti).
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
 //!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
 //!   aside.
@@ -21,10 +23,11 @@
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //! - [`rocks`]: [`rocks::RocksStore`], the durable state store (RocksDB on disk).
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, and joins. The runtime depends only
-//! on `weir-common` (and RocksDB).
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views, and
+//! joins without time bounds (with retractions). The runtime depends only on `weir-common` (and RocksDB).
 
 mod groups;
+pub mod join;
 pub mod match_recognize;
 pub mod match_stream;
 pub mod materialize;
@@ -52,6 +55,8 @@ pub enum RuntimeError {
     Inputs(usize, usize),
     #[error("MATCH_RECOGNIZE failed: {0}")]
     Match(String),
+    #[error("internal error: join: {0}")]
+    Join(String),
     #[error(transparent)]
     State(#[from] state::StateError),
 }

@@ -1,28 +1,29 @@
 //! One materialized view's dataflow, driven a source batch at a time.
 //!
 //! ```text
-//!   input 0 batch -> WatermarkAssigner 0 -+
-//!   input 1 batch -> WatermarkAssigner 1 -+-> [below] -> WindowAggregate -> [above, per window] -> view changes
-//!                          |                      (or SessionAggregate,  ^
-//!                          |                       or MatchStream)       |
-//!                          +-- watermarks: minimum over inputs ----------+
+//!   input 0 batch -> WatermarkAssigner 0 -> Scan -> Stateless -+
+//!                                                               +-> Join -> Stateless -> Aggregate -> [above] -> view
+//!   input 1 batch -> WatermarkAssigner 1 -> Scan -> Stateless -+          (or MATCH_RECOGNIZE, or nothing)
 //! ```
 //!
-//! With several inputs (`UNION ALL`) each has its own watermark assigner, and the aggregate sees the minimum of the
-//! inputs' watermarks: a window closes only when every input has passed it.
+//! The plan is a tree of nodes (see [`weir_common::plan`]); a batch read from an input enters at the input's scans and
+//! moves up the path to the root, each node turning what it gets into what it passes on, all in one call stack (no
+//! channels between them: the cheapest form of a linear dataflow). Watermarks move up the same paths, after the
+//! batches: each input's watermark is the minimum over its splits (idle splits left out); a stateless node passes on
+//! the minimum over its inputs (idle inputs left out), a join the minimum of its two inputs' (it keeps each for its
+//! state), and the aggregation at the root closes windows with its input's.
 //!
-//! `below` and `above` are the streaming plan's DataFusion plans, re-executed over their feeds. `above` runs on one
-//! window's rows at a time (or one batch of decided matches), so whatever it computes stays inside a window. The operators are chained in one call
-//! stack (no channels between them), the cheapest form of a linear dataflow.
+//! The plans of stateless nodes are DataFusion plans re-executed over their feeds. `above` (of the aggregation or
+//! the matcher at the root) runs on one window's rows at a time (or one batch of decided matches), so whatever it
+//! computes stays inside a window.
 //!
 //! Changes collect until [`Pipeline::publish`] ends the epoch: it returns the rows appended since the last epoch and,
 //! for views that show open windows, the current rows of every window changed since then.
 //!
 //! [`Pipeline::checkpoint`] writes the pipeline's state (each input's watermark, the aggregate's groups or the
-//! matcher's held rows) to state
-//! tables named after the view; [`Pipeline::restore`] continues from them. The runner checkpoints between batches,
-//! right after a publish, so a restored pipeline replays nothing twice as long as its sources resume from the same
-//! point.
+//! matcher's held rows, each join's kept rows) to state tables named after the view; [`Pipeline::restore`]
+//! continues from them. The runner checkpoints between batches, right after a publish, so a restored pipeline
+//! replays nothing twice as long as its sources resume from the same point.
 
 use std::sync::Arc;
 
@@ -33,9 +34,10 @@ use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use futures::TryStreamExt;
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{StreamingPlan, WatermarkSpec};
+use weir_common::plan::{NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
+use crate::join::IntervalJoin;
 use crate::match_stream::MatchStream;
 use crate::materialize::ViewChange;
 use crate::operator::Operator;
@@ -116,20 +118,60 @@ impl Input {
     }
 }
 
+/// What a node's input last said of its watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Unknown,
+    /// The input is idle: left out of minimums until it says more.
+    Idle,
+    At(Watermark),
+}
+
+/// A node of the running plan.
+#[derive(Debug)]
+enum Running {
+    Scan,
+    Stateless {
+        plan: Arc<dyn ExecutionPlan>,
+        feeds: Vec<Feed>,
+    },
+    Join(Box<IntervalJoin>),
+    /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
+    Root,
+}
+
+#[derive(Debug)]
+struct Node {
+    running: Running,
+    /// The node reading this one's output, and at which of its inputs.
+    parent: Option<(NodeId, usize)>,
+    /// What each input last said of its watermark.
+    ports: Vec<Port>,
+    /// What this node last said of its output's.
+    said: Port,
+}
+
 /// A running streaming plan.
 #[derive(Debug)]
 pub struct Pipeline {
     plan: StreamingPlan,
     inputs: Vec<Input>,
-    /// The watermark passed on: the minimum over inputs that are not idle.
+    nodes: Vec<Node>,
+    /// The scan nodes of each input.
+    scans: Vec<Vec<NodeId>>,
+    /// The root's input watermark (the view's watermark, as reported and used by the aggregation).
     combined: Option<Watermark>,
     aggregate: Option<Aggregation>,
+    /// The plan over the aggregation's (or the matcher's) output.
+    above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
     /// Changes of the current epoch.
     pending: Vec<ViewChange>,
     /// The view's column each epoch's matches are sorted by (see [`Pipeline::sort_matches_by`]).
     sort_matches_by: Option<usize>,
+    /// Restored from a checkpoint, and the restored watermarks not yet passed up the plan.
+    restored: bool,
 }
 
 impl Pipeline {
@@ -142,44 +184,95 @@ impl Pipeline {
         if watermarks.len() != plan.inputs.len() {
             return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
         }
-        let aggregate = match &plan.aggregate {
-            Some(spec) => {
-                if plan.emit_on_window_close
-                    && let Some(missing) = plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none())
-                {
-                    return Err(RuntimeError::NeedsWatermark(missing.0.relation.clone()));
+        let missing =
+            || plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none()).map(|(i, _)| i.relation.clone());
+        let parents = plan.parents();
+        let mut nodes = Vec::with_capacity(plan.nodes.len());
+        let mut scans = vec![Vec::new(); plan.inputs.len()];
+        let mut aggregate = None;
+        let mut above = None;
+        for (id, node) in plan.nodes.iter().enumerate() {
+            let running = match &node.operator {
+                NodeOperator::Scan { input } => {
+                    scans.get_mut(*input).ok_or(RuntimeError::Inputs(plan.inputs.len(), input + 1))?.push(id);
+                    Running::Scan
                 }
-                Some(match (&spec.session, spec.window_end) {
-                    (Some(session), Some(window_end)) => Aggregation::Sessions(Box::new(SessionAggregate::try_new(
-                        &spec.input,
-                        spec.keys.clone(),
-                        SessionKeys {
-                            window_start: session.window_start,
-                            window_end,
-                            partition: session.partition.clone(),
-                        },
-                        spec.aggregates.clone(),
-                    )?)),
-                    _ => Aggregation::Windows(Box::new(WindowAggregate::try_new(
-                        &spec.input,
-                        spec.keys.clone(),
-                        spec.window_end,
-                        spec.aggregates.clone(),
-                    )?)),
-                })
-            }
-            None => match &plan.match_recognize {
-                Some(stage) => {
-                    if let Some(missing) = plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none()) {
-                        return Err(RuntimeError::NeedsWatermark(missing.0.relation.clone()));
+                NodeOperator::Stateless { plan, feeds } => {
+                    Running::Stateless { plan: plan.clone(), feeds: feeds.clone() }
+                }
+                NodeOperator::Join(spec) => {
+                    let schema =
+                        |i: usize| node.inputs.get(i).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
+                    let (Some(left), Some(right)) = (schema(0), schema(1)) else {
+                        return Err(RuntimeError::Join("a join without two inputs".to_string()));
+                    };
+                    if let Some(relation) = missing() {
+                        return Err(RuntimeError::NeedsWatermark(relation));
                     }
-                    Some(Aggregation::Matches(Box::new(MatchStream::try_new(stage.spec.clone(), stage.input.clone())?)))
+                    Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
                 }
-                None => None,
-            },
-        };
+                NodeOperator::Aggregate { spec, above: over } => {
+                    if plan.emit_on_window_close
+                        && let Some(relation) = missing()
+                    {
+                        return Err(RuntimeError::NeedsWatermark(relation));
+                    }
+                    above = over.clone();
+                    aggregate = Some(match (&spec.session, spec.window_end) {
+                        (Some(session), Some(window_end)) => {
+                            Aggregation::Sessions(Box::new(SessionAggregate::try_new(
+                                &spec.input,
+                                spec.keys.clone(),
+                                SessionKeys {
+                                    window_start: session.window_start,
+                                    window_end,
+                                    partition: session.partition.clone(),
+                                },
+                                spec.aggregates.clone(),
+                            )?))
+                        }
+                        _ => Aggregation::Windows(Box::new(WindowAggregate::try_new(
+                            &spec.input,
+                            spec.keys.clone(),
+                            spec.window_end,
+                            spec.aggregates.clone(),
+                        )?)),
+                    });
+                    Running::Root
+                }
+                NodeOperator::MatchRecognize { stage, above: over } => {
+                    if let Some(relation) = missing() {
+                        return Err(RuntimeError::NeedsWatermark(relation));
+                    }
+                    above = over.clone();
+                    aggregate = Some(Aggregation::Matches(Box::new(MatchStream::try_new(
+                        stage.spec.clone(),
+                        stage.input.clone(),
+                    )?)));
+                    Running::Root
+                }
+            };
+            nodes.push(Node {
+                running,
+                parent: parents.get(id).copied().flatten(),
+                ports: vec![Port::Unknown; node.inputs.len()],
+                said: Port::Unknown,
+            });
+        }
         let inputs = watermarks.into_iter().map(Input::new).collect();
-        Ok(Pipeline { plan, inputs, combined: None, aggregate, task, pending: Vec::new(), sort_matches_by: None })
+        Ok(Pipeline {
+            plan,
+            inputs,
+            nodes,
+            scans,
+            combined: None,
+            aggregate,
+            above,
+            task,
+            pending: Vec::new(),
+            sort_matches_by: None,
+            restored: false,
+        })
     }
 
     /// Sorts the matches decided at each watermark by the view's column `column` (a row time of each match), so that
@@ -211,14 +304,23 @@ impl Pipeline {
         self.inputs.iter().flat_map(|i| &i.splits).filter_map(|s| s.assigner.as_ref()?.newest()).max()
     }
 
-    /// Rows that arrived after their window closed.
+    /// Rows that arrived after their window closed (or, at a join, after their side's watermark).
     pub fn late_rows(&self) -> u64 {
-        match &self.aggregate {
-            Some(Aggregation::Windows(a)) => a.late_rows(),
-            Some(Aggregation::Sessions(a)) => a.late_rows(),
-            Some(Aggregation::Matches(m)) => m.late_rows(),
-            None => 0,
-        }
+        let joins: u64 = self.joins().map(|j| j.late_rows()).sum();
+        joins
+            + match &self.aggregate {
+                Some(Aggregation::Windows(a)) => a.late_rows(),
+                Some(Aggregation::Sessions(a)) => a.late_rows(),
+                Some(Aggregation::Matches(m)) => m.late_rows(),
+                None => 0,
+            }
+    }
+
+    fn joins(&self) -> impl Iterator<Item = &IntervalJoin> {
+        self.nodes.iter().filter_map(|n| match &n.running {
+            Running::Join(join) => Some(join.as_ref()),
+            _ => None,
+        })
     }
 
     /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches); `None` without one.
@@ -232,34 +334,44 @@ impl Pipeline {
     /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
     /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched).
     pub fn state_bytes(&self) -> usize {
-        match &self.aggregate {
-            Some(Aggregation::Windows(a)) => a.memory(),
-            Some(Aggregation::Sessions(a)) => a.memory(),
-            Some(Aggregation::Matches(m)) => m.memory(),
-            None => 0,
-        }
+        let joins: usize = self.joins().map(IntervalJoin::memory).sum();
+        joins
+            + match &self.aggregate {
+                Some(Aggregation::Windows(a)) => a.memory(),
+                Some(Aggregation::Sessions(a)) => a.memory(),
+                Some(Aggregation::Matches(m)) => m.memory(),
+                None => 0,
+            }
     }
 
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        match &mut self.aggregate {
+        let mut late: Vec<RecordBatch> = Vec::new();
+        for node in &mut self.nodes {
+            if let Running::Join(join) = &mut node.running {
+                late.extend(join.take_late());
+            }
+        }
+        late.extend(match &mut self.aggregate {
             Some(Aggregation::Windows(a)) => a.take_late(),
             Some(Aggregation::Sessions(a)) => a.take_late(),
             Some(Aggregation::Matches(m)) => m.take_late(),
             None => Vec::new(),
-        }
+        });
+        late
     }
 
     /// Marks split `split` of input `input` idle (its source's idle timeout passed without rows from it): the view's
     /// watermark is then the minimum over the other splits and inputs, so their windows can close. Its next rows make
     /// it active again; rows of windows closed meanwhile are late. Returns whether the split was active until now.
     pub async fn set_idle(&mut self, input: usize, split: usize) -> Result<bool> {
+        self.resume().await?;
         let Some(state) = self.inputs.get_mut(input) else { return Ok(false) };
         let split = state.split(split);
         if split.idle {
             return Ok(false);
         }
         split.idle = true;
-        self.advance().await?;
+        self.input_changed(input).await?;
         Ok(true)
     }
 
@@ -280,20 +392,24 @@ impl Pipeline {
 
     /// Processes one batch of rows of split `split` of input `input`.
     pub async fn push_split(&mut self, input: usize, split: usize, batch: RecordBatch) -> Result<()> {
+        self.resume().await?;
         let count = self.inputs.len();
         let state = self.inputs.get_mut(input).ok_or(RuntimeError::Inputs(count, input + 1))?.split(split);
-        state.idle = false;
+        let woke = std::mem::replace(&mut state.idle, false);
         let messages = match &mut state.assigner {
             Some(assigner) => assigner.process(&batch)?,
             None => vec![Message::Data(batch)],
         };
+        if woke {
+            self.input_changed(input).await?;
+        }
         for message in messages {
             match message {
                 Message::Data(batch) => self.data(input, batch).await?,
                 Message::Watermark(w) => {
                     let state = self.inputs[input].split(split);
                     state.watermark = Some(state.watermark.map_or(w, |old| old.max(w)));
-                    self.advance().await?;
+                    self.input_changed(input).await?;
                 }
                 Message::Barrier(_) | Message::End => {}
             }
@@ -303,24 +419,97 @@ impl Pipeline {
 
     /// Input `input` has ended; when every input has, every window closes.
     pub async fn end(&mut self, input: usize) -> Result<()> {
+        self.resume().await?;
         if let Some(state) = self.inputs.get_mut(input) {
             state.ended = true;
         }
-        self.advance().await
+        self.input_changed(input).await
     }
 
-    /// Passes on the minimum watermark over the active inputs when it advances. It waits for every active input's
-    /// first watermark, and does not move while every input is idle.
-    async fn advance(&mut self) -> Result<()> {
-        let active: Option<Vec<Watermark>> = self.inputs.iter().filter(|i| i.active()).map(Input::watermark).collect();
-        let Some(minimum) = active.and_then(|w| w.into_iter().min()) else {
-            return Ok(());
+    /// Passes input `input`'s watermark (or its idleness) up from its scans.
+    async fn input_changed(&mut self, input: usize) -> Result<()> {
+        let Some(state) = self.inputs.get(input) else { return Ok(()) };
+        let port = match (state.active(), state.watermark()) {
+            (false, _) => Port::Idle,
+            (true, Some(w)) => Port::At(w),
+            (true, None) => return Ok(()),
         };
-        if self.combined.is_none_or(|c| minimum > c) {
-            self.combined = Some(minimum);
-            self.watermark_reached(minimum).await?;
+        for scan in self.scans.get(input).cloned().unwrap_or_default() {
+            self.nodes[scan].said = port;
+            self.flow(scan, Vec::new(), Some(port)).await?;
         }
         Ok(())
+    }
+
+    /// Moves `batches` and then `watermark`, the output of node `from`, up to the root.
+    async fn flow(&mut self, from: NodeId, mut batches: Vec<RecordBatch>, mut watermark: Option<Port>) -> Result<()> {
+        let mut at = from;
+        loop {
+            let Some((node, port)) = self.nodes[at].parent else {
+                // The root's output is the view's (unless an aggregation at the root made it).
+                if !batches.is_empty() {
+                    self.pending.push(ViewChange::Append(batches));
+                }
+                if let Some(Port::At(w)) = watermark {
+                    self.combined = Some(w);
+                }
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            let mut said = None;
+            let state = &mut self.nodes[node];
+            if let Some(w) = watermark {
+                state.ports[port] = w;
+            }
+            match &mut state.running {
+                Running::Scan => return Err(RuntimeError::Join("a scan reads another node".to_string())),
+                Running::Stateless { plan, feeds } => {
+                    if !batches.is_empty() {
+                        let feed = feeds.get(port).ok_or_else(|| RuntimeError::Join("a missing feed".to_string()))?;
+                        for batch in batches {
+                            feed.push(batch);
+                        }
+                        out = run(plan, &self.task).await?;
+                    }
+                    if watermark.is_some() {
+                        said = merged(&state.ports);
+                    }
+                }
+                Running::Join(join) => {
+                    for batch in &batches {
+                        join.on_data(port, batch, &mut out)?;
+                    }
+                    if let Some(Port::At(w)) = watermark {
+                        join.on_watermark(port, w, &mut out)?;
+                    }
+                    said = join.watermark().map(Port::At);
+                }
+                Running::Root => {
+                    let merged = if watermark.is_some() { merged(&state.ports) } else { None };
+                    self.aggregate_data(batches)?;
+                    if let Some(Port::At(w)) = merged
+                        && self.combined.is_none_or(|c| w > c)
+                    {
+                        self.combined = Some(w);
+                        self.watermark_reached(w).await?;
+                    }
+                    return Ok(());
+                }
+            }
+            let state = &mut self.nodes[node];
+            watermark = match said {
+                Some(port) if port != state.said => {
+                    state.said = port;
+                    Some(port)
+                }
+                _ => None,
+            };
+            batches = out;
+            at = node;
+            if batches.is_empty() && watermark.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
@@ -344,12 +533,18 @@ impl Pipeline {
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
         }
+        let joins = StateTable::new(&format!("{name}/joins"));
+        for (id, node) in self.nodes.iter_mut().enumerate() {
+            if let Running::Join(join) = &mut node.running {
+                join.checkpoint(&joins.part(&(id as u32).to_be_bytes()), batch)?;
+            }
+        }
         Ok(())
     }
 
     /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
     pub fn forget(name: &str, batch: &mut WriteBatch) {
-        for table in ["inputs", "aggregate"] {
+        for table in ["inputs", "aggregate", "joins"] {
             StateTable::new(&format!("{name}/{table}")).delete_prefix(batch, &[]);
         }
     }
@@ -380,8 +575,27 @@ impl Pipeline {
             }
         }
         self.combined = read(b"combined")?;
+        self.restored = true;
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
+        }
+        let joins = StateTable::new(&format!("{name}/joins"));
+        for (id, node) in self.nodes.iter_mut().enumerate() {
+            if let Running::Join(join) = &mut node.running {
+                join.restore(&joins.part(&(id as u32).to_be_bytes()), store)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Passes the restored inputs' watermarks up the plan again before anything else, so that every node knows them
+    /// (the operators restored theirs and ignore what they have seen).
+    async fn resume(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.restored) {
+            return Ok(());
+        }
+        for input in 0..self.inputs.len() {
+            self.input_changed(input).await?;
         }
         Ok(())
     }
@@ -392,7 +606,7 @@ impl Pipeline {
             match &mut self.aggregate {
                 Some(Aggregation::Windows(aggregate)) => {
                     for (window, rows) in aggregate.snapshot()? {
-                        let rows = above(&self.plan.above, rows, &self.task).await?;
+                        let rows = above(&self.above, rows, &self.task).await?;
                         self.pending.push(ViewChange::Replace { window, rows });
                     }
                 }
@@ -401,7 +615,7 @@ impl Pipeline {
                     if let Some(open) = aggregate.snapshot()? {
                         let mut rows = Vec::new();
                         for batch in open {
-                            rows.extend(above(&self.plan.above, batch, &self.task).await?);
+                            rows.extend(above(&self.above, batch, &self.task).await?);
                         }
                         self.pending.push(ViewChange::Replace { window: OPEN_SESSIONS, rows });
                     }
@@ -413,17 +627,19 @@ impl Pipeline {
     }
 
     async fn data(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
-        if let Some(stream) = self.plan.inputs.get(input) {
-            for feed in &stream.feeds {
-                feed.push(batch.clone());
-            }
+        for scan in self.scans.get(input).cloned().unwrap_or_default() {
+            self.flow(scan, vec![batch.clone()], None).await?;
         }
-        let rows = run(&self.plan.below, &self.task).await?;
+        Ok(())
+    }
+
+    /// Rows reaching the aggregation (or the matcher) at the root.
+    fn aggregate_data(&mut self, rows: Vec<RecordBatch>) -> Result<()> {
         match &mut self.aggregate {
             Some(Aggregation::Windows(aggregate)) => {
                 let mut ignored = Vec::new();
                 for batch in &rows {
-                    aggregate.on_data(batch, &mut ignored)?;
+                    aggregate.on_data(0, batch, &mut ignored)?;
                 }
             }
             Some(Aggregation::Sessions(aggregate)) => {
@@ -445,7 +661,7 @@ impl Pipeline {
         match &mut self.aggregate {
             Some(Aggregation::Windows(aggregate)) => {
                 for (window, rows) in aggregate.close(watermark)? {
-                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    let rows = above(&self.above, rows, &self.task).await?;
                     self.pending.push(match self.plan.emit_on_window_close {
                         true => ViewChange::Append(rows),
                         false => ViewChange::Replace { window, rows },
@@ -456,14 +672,14 @@ impl Pipeline {
             // next publish).
             Some(Aggregation::Sessions(aggregate)) => {
                 for rows in aggregate.close(watermark)? {
-                    let rows = above(&self.plan.above, rows, &self.task).await?;
+                    let rows = above(&self.above, rows, &self.task).await?;
                     self.pending.push(ViewChange::Append(rows));
                 }
             }
             // Matches are final once decided.
             Some(Aggregation::Matches(matches)) => {
                 if let Some(rows) = matches.advance(watermark)? {
-                    let mut rows = above(&self.plan.above, rows, &self.task).await?;
+                    let mut rows = above(&self.above, rows, &self.task).await?;
                     if let Some(column) = self.sort_matches_by {
                         rows = sorted_by(&self.plan.schema, rows, column)?;
                     }
@@ -528,4 +744,17 @@ async fn run(plan: &Arc<dyn ExecutionPlan>, task: &Arc<TaskContext>) -> Result<V
         out.extend(stream.try_collect::<Vec<_>>().await.map_err(RuntimeError::Expr)?);
     }
     Ok(out)
+}
+
+/// The minimum over the inputs that are not idle, once each has said something; idle when all are.
+fn merged(ports: &[Port]) -> Option<Port> {
+    let mut minimum: Option<Watermark> = None;
+    for port in ports {
+        match port {
+            Port::Unknown => return None,
+            Port::Idle => {}
+            Port::At(w) => minimum = Some(minimum.map_or(*w, |m| m.min(*w))),
+        }
+    }
+    Some(minimum.map_or(Port::Idle, Port::At))
 }

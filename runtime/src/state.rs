@@ -208,6 +208,12 @@ impl StateTable {
         StateTable { prefix }
     }
 
+    /// The part of this table whose keys start with `part`, as a table of its own (deleting this table's keys
+    /// deletes it too).
+    pub fn part(&self, part: &[u8]) -> StateTable {
+        StateTable { prefix: self.key(part) }
+    }
+
     /// The store key of `key` in this table.
     pub fn key(&self, key: &[u8]) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.prefix.len() + key.len());

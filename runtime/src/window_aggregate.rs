@@ -241,7 +241,7 @@ fn group_prefix(end: i64) -> Vec<u8> {
 }
 
 impl Operator for WindowAggregate {
-    fn on_data(&mut self, batch: &RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
+    fn on_data(&mut self, _input: usize, batch: &RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
         let rows = batch.num_rows();
         let key_arrays: Vec<ArrayRef> = self
             .keys
@@ -299,7 +299,7 @@ impl Operator for WindowAggregate {
         Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+    fn on_watermark(&mut self, _input: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
         out.extend(self.close(watermark)?.into_iter().map(|(_, rows)| rows));
         Ok(())
     }
@@ -362,10 +362,10 @@ mod tests {
         let mut op = operator();
         let mut out = Vec::new();
         // Windows [0, 10 s) and [10 s, 20 s); 9.999 s is the last instant of the first.
-        op.on_data(&bids(&[(1, 10, 500), (1, 20, 9_999), (2, 30, 10_000), (1, 40, 12_000)]), &mut out).unwrap();
-        op.on_watermark(9_998, &mut out).unwrap();
+        op.on_data(0, &bids(&[(1, 10, 500), (1, 20, 9_999), (2, 30, 10_000), (1, 40, 12_000)]), &mut out).unwrap();
+        op.on_watermark(0, 9_998, &mut out).unwrap();
         assert!(out.is_empty(), "W = 9.998 s leaves [0, 10 s) open");
-        op.on_watermark(9_999, &mut out).unwrap();
+        op.on_watermark(0, 9_999, &mut out).unwrap();
         assert_eq!(
             pretty_format_batches(&out).unwrap().to_string(),
             "+---------+---------------------+---+-------+-----+\n\
@@ -378,11 +378,11 @@ mod tests {
 
         // A row for the closed window is late; one for the open window still counts.
         out.clear();
-        op.on_data(&bids(&[(1, 99, 9_000), (2, 5, 19_999)]), &mut out).unwrap();
+        op.on_data(0, &bids(&[(1, 99, 9_000), (2, 5, 19_999)]), &mut out).unwrap();
         assert_eq!(op.late_rows(), 1);
         let late = op.take_late();
         assert_eq!(late.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
-        op.on_watermark(END_OF_TIME, &mut out).unwrap();
+        op.on_watermark(0, END_OF_TIME, &mut out).unwrap();
         let mut text = pretty_format_batches(&out).unwrap().to_string();
         text = text.lines().collect::<Vec<_>>().join("\n");
         assert_eq!(
@@ -437,11 +437,11 @@ mod tests {
             let mut out = Vec::new();
             let (mut op, store, table) =
                 crate::feed_with_restarts(&mut next, &rows, bids, delay, operator, |op, message| match message {
-                    Message::Data(b) => op.on_data(&b, &mut out).unwrap(),
-                    Message::Watermark(w) => op.on_watermark(w, &mut out).unwrap(),
+                    Message::Data(b) => op.on_data(0, &b, &mut out).unwrap(),
+                    Message::Watermark(w) => op.on_watermark(0, w, &mut out).unwrap(),
                     _ => {}
                 });
-            op.on_watermark(END_OF_TIME, &mut out).unwrap();
+            op.on_watermark(0, END_OF_TIME, &mut out).unwrap();
             let mut batch = WriteBatch::default();
             op.checkpoint(&table, &mut batch).unwrap();
             store.write(&batch).unwrap();

@@ -20,11 +20,12 @@ use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::{MatchRecognizeStage, StreamingPlan, WatermarkSpec};
+use weir_common::plan::{MatchRecognizeStage, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::WeirStatement;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::source::CreateSource;
+use weir_planner::streaming::Readable;
 use weir_runtime::RuntimeError;
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
@@ -170,7 +171,7 @@ impl Session {
         depends_on.dedup();
         let append_only = plan.append_only();
         let ordered_by = ordered_by(&plan);
-        let sort_by = match (&plan.match_recognize, &ordered_by) {
+        let sort_by = match (plan.match_recognize(), &ordered_by) {
             (Some(_), Some((column, _))) => plan.schema.index_of(column).ok(),
             _ => None,
         };
@@ -257,13 +258,16 @@ impl Session {
             depends_on.dedup();
         }
         // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
-        let inputs: HashMap<String, SchemaRef> = self
+        let inputs: HashMap<String, Readable> = self
             .engine
             .catalog
             .list()
             .into_iter()
             .filter(|r| r.def.kind != RelationKind::View)
-            .map(|r| (r.def.name.clone(), r.def.schema.clone()))
+            .map(|r| {
+                let event_time = r.event_time().and_then(|column| r.def.schema.index_of(&column).ok());
+                (r.def.name.clone(), Readable { schema: r.def.schema.clone(), event_time })
+            })
             .collect();
         let state = self.ctx.state();
         let plan = match matching {
@@ -287,7 +291,7 @@ impl Session {
                 ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", stream.relation))
             })?;
             check_input(&plan, &input)?;
-            if let Some(stage) = &plan.match_recognize {
+            if let Some(stage) = plan.match_recognize() {
                 check_event_time(stage, &input)?;
             }
             relations.push(input);
@@ -319,94 +323,8 @@ impl Session {
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
         let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, row_patterns, text, sql).await?;
-        let stream = |append_only: bool| if append_only { "append-only" } else { "updating" };
-        let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, stream(plan.append_only()))];
-        let mut depth = 1;
-        let add_plan = |lines: &mut Vec<String>, depth: &mut usize, plan: &Arc<dyn ExecutionPlan>| {
-            let text = displayable(plan.as_ref()).indent(false).to_string();
-            let mut deepest = 0;
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                let own = line.len() - line.trim_start().len();
-                deepest = deepest.max(own / 2);
-                lines.push(format!("{}{}", "  ".repeat(*depth), line));
-            }
-            *depth += deepest + 1;
-        };
-        if let Some(aggregate) = &plan.aggregate {
-            if let Some((_, above)) = &plan.above {
-                let over = match (&aggregate.session, aggregate.window_end) {
-                    (Some(_), _) => "Per batch of session rows:",
-                    (None, Some(_)) => "Per window:",
-                    (None, None) => "Over all groups:",
-                };
-                lines.push(format!("{}{over}", "  ".repeat(depth)));
-                depth += 1;
-                add_plan(&mut lines, &mut depth, above);
-            }
-            let keys: Vec<&str> = aggregate.keys.iter().map(|(_, name)| name.as_str()).collect();
-            let functions: Vec<String> = aggregate.aggregates.iter().map(|a| a.function.name().to_string()).collect();
-            let window = match (&aggregate.session, aggregate.window_end) {
-                (Some(_), _) if plan.emit_on_window_close => {
-                    "per session, emitted when the watermark closes it".to_string()
-                }
-                (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
-                (None, Some(_)) if plan.emit_on_window_close => {
-                    "per window, emitted when the watermark closes it".to_string()
-                }
-                (None, Some(_)) => "per window, open windows updated every epoch".to_string(),
-                (None, None) => "no window: groups updated every epoch".to_string(),
-            };
-            let operator = match &aggregate.session {
-                Some(session) => {
-                    let partition: Vec<&str> = session.partition.iter().map(|k| keys[*k]).collect();
-                    format!("SessionAggregate: sessions partitioned by [{}], ", partition.join(", "))
-                }
-                None => "WindowAggregate: ".to_string(),
-            };
-            lines.push(format!(
-                "{}{operator}keys=[{}], aggregates=[{}], {window} [{}]",
-                "  ".repeat(depth),
-                keys.join(", "),
-                functions.join(", "),
-                stream(plan.append_only())
-            ));
-            depth += 1;
-        } else if let Some(stage) = &plan.match_recognize {
-            if let Some((_, above)) = &plan.above {
-                lines.push(format!("{}Per batch of matches:", "  ".repeat(depth)));
-                depth += 1;
-                add_plan(&mut lines, &mut depth, above);
-            }
-            lines.push(format!("{}{} [append-only]", "  ".repeat(depth), crate::match_recognize::describe(stage)));
-            depth += 1;
-        }
-        add_plan(&mut lines, &mut depth, &plan.below);
-        // Each input feeds the scans named after it (FeedExec: name) above; its watermark assigner sits between.
-        for input in &inputs {
-            let mut depth = depth;
-            let watermark = match (input.source.as_ref().and_then(|s| s.watermark.as_ref()), &input.ordered_by) {
-                (Some(watermark), _) => Some(format!("{} AS {}", watermark.column, watermark.expr)),
-                (None, Some((column, bound))) => Some(format!(
-                    "{column} AS {column} - {bound} unit(s) (rows arrive in its order, give or take that)"
-                )),
-                (None, None) => None,
-            };
-            if let Some(watermark) = watermark {
-                lines.push(format!("{}WatermarkAssigner: {watermark} [append-only]", "  ".repeat(depth)));
-                depth += 1;
-            }
-            let connector = input
-                .source
-                .as_ref()
-                .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
-                .unwrap_or_default();
-            lines.push(format!(
-                "{}Input: {} {}{connector} [append-only]",
-                "  ".repeat(depth),
-                input.def.kind,
-                input.def.name
-            ));
-        }
+        let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, facts(&plan, plan.root()))];
+        explain_node(&plan, plan.root(), 1, &inputs, &mut lines);
         self.plan_lines(lines)
     }
 
@@ -843,7 +761,7 @@ fn encoding(
 /// measure that is a row time of the match (`MATCH_ROWTIME()`, `FIRST`/`LAST` of the event time), bound `w`. The
 /// column is found in the view's rows by name.
 fn ordered_by(plan: &StreamingPlan) -> Option<(String, i64)> {
-    let (column, bound) = match (&plan.aggregate, &plan.match_recognize) {
+    let (column, bound) = match (plan.aggregate(), plan.match_recognize()) {
         (Some(aggregate), _) if plan.emit_on_window_close && aggregate.window_end.is_some() => ("window_end", 1),
         (None, Some(stage)) => {
             let (time, _) = stage.spec.order_by.first()?;
@@ -931,4 +849,161 @@ fn metadata_columns(source: &CreateSource) -> Vec<weir_common::connector::Metada
             column: source.columns.len() + i,
         })
         .collect()
+}
+
+/// The facts of node `id`'s output for EXPLAIN: append-only or updating, and the columns its watermark bounds.
+fn facts(plan: &StreamingPlan, id: NodeId) -> String {
+    let Some(node) = plan.nodes.get(id) else { return String::new() };
+    let stream = if node.append_only { "append-only" } else { "updating" };
+    if node.watermark.is_empty() {
+        return stream.to_string();
+    }
+    let columns: Vec<String> = node
+        .watermark
+        .iter()
+        .map(|(column, offset)| {
+            let name = node.schema.fields().get(*column).map(|f| f.name().as_str()).unwrap_or("?");
+            match offset {
+                0 => format!("{name} > W"),
+                o if *o > 0 => format!("{name} > W + {o}"),
+                o => format!("{name} > W - {}", o.unsigned_abs()),
+            }
+        })
+        .collect();
+    format!("{stream}; later rows have {}", columns.join(", "))
+}
+
+/// Adds the lines of DataFusion plan `plan` at `depth`; returns the depth below its deepest line.
+fn plan_lines(lines: &mut Vec<String>, depth: usize, plan: &Arc<dyn ExecutionPlan>) -> usize {
+    let text = displayable(plan.as_ref()).indent(false).to_string();
+    let mut deepest = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let own = line.len() - line.trim_start().len();
+        deepest = deepest.max(own / 2);
+        lines.push(format!("{}{}", "  ".repeat(depth), line));
+    }
+    depth + deepest + 1
+}
+
+/// EXPLAIN's lines of node `id` and the nodes below it, at `depth`.
+fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relation], lines: &mut Vec<String>) {
+    let Some(node) = plan.nodes.get(id) else { return };
+    let pad = |depth: usize| "  ".repeat(depth);
+    let mut below = depth;
+    match &node.operator {
+        NodeOperator::Aggregate { spec: aggregate, above } => {
+            if let Some((_, above)) = above {
+                let over = match (&aggregate.session, aggregate.window_end) {
+                    (Some(_), _) => "Per batch of session rows:",
+                    (None, Some(_)) => "Per window:",
+                    (None, None) => "Over all groups:",
+                };
+                lines.push(format!("{}{over}", pad(below)));
+                below = plan_lines(lines, below + 1, above);
+            }
+            let keys: Vec<&str> = aggregate.keys.iter().map(|(_, name)| name.as_str()).collect();
+            let functions: Vec<String> = aggregate.aggregates.iter().map(|a| a.function.name().to_string()).collect();
+            let window = match (&aggregate.session, aggregate.window_end) {
+                (Some(_), _) if plan.emit_on_window_close => {
+                    "per session, emitted when the watermark closes it".to_string()
+                }
+                (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
+                (None, Some(_)) if plan.emit_on_window_close => {
+                    "per window, emitted when the watermark closes it".to_string()
+                }
+                (None, Some(_)) => "per window, open windows updated every epoch".to_string(),
+                (None, None) => "no window: groups updated every epoch".to_string(),
+            };
+            let operator = match &aggregate.session {
+                Some(session) => {
+                    let partition: Vec<&str> = session.partition.iter().map(|k| keys[*k]).collect();
+                    format!("SessionAggregate: sessions partitioned by [{}], ", partition.join(", "))
+                }
+                None => "WindowAggregate: ".to_string(),
+            };
+            lines.push(format!(
+                "{}{operator}keys=[{}], aggregates=[{}], {window} [{}]",
+                pad(below),
+                keys.join(", "),
+                functions.join(", "),
+                facts(plan, id)
+            ));
+            below += 1;
+        }
+        NodeOperator::MatchRecognize { stage, above } => {
+            if let Some((_, above)) = above {
+                lines.push(format!("{}Per batch of matches:", pad(below)));
+                below = plan_lines(lines, below + 1, above);
+            }
+            lines.push(format!("{}{} [{}]", pad(below), crate::match_recognize::describe(stage), facts(plan, id)));
+            below += 1;
+        }
+        NodeOperator::Stateless { plan: stateless, .. } => {
+            lines.push(format!("{}Stateless [{}]", pad(below), facts(plan, id)));
+            below = plan_lines(lines, below + 1, stateless);
+        }
+        NodeOperator::Join(spec) => {
+            lines.push(format!("{}{} [{}]", pad(below), describe_join(plan, node, spec), facts(plan, id)));
+            below += 1;
+        }
+        NodeOperator::Scan { input } => {
+            let Some(input) = inputs.get(*input) else { return };
+            let watermark = match (input.source.as_ref().and_then(|s| s.watermark.as_ref()), &input.ordered_by) {
+                (Some(watermark), _) => Some(format!("{} AS {}", watermark.column, watermark.expr)),
+                (None, Some((column, bound))) => Some(format!(
+                    "{column} AS {column} - {bound} unit(s) (rows arrive in its order, give or take that)"
+                )),
+                (None, None) => None,
+            };
+            if let Some(watermark) = watermark {
+                lines.push(format!("{}WatermarkAssigner: {watermark} [append-only]", pad(below)));
+                below += 1;
+            }
+            let connector = input
+                .source
+                .as_ref()
+                .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
+                .unwrap_or_default();
+            lines.push(format!("{}Input: {} {}{connector} [append-only]", pad(below), input.def.kind, input.def.name));
+        }
+    }
+    for child in &node.inputs {
+        explain_node(plan, *child, below, inputs, lines);
+    }
+}
+
+/// A join's line in EXPLAIN: its type, keys and filter, and how long each side's rows are kept.
+fn describe_join(
+    plan: &StreamingPlan,
+    node: &weir_common::plan::PlanNode,
+    spec: &weir_common::plan::JoinSpec,
+) -> String {
+    let side_schema = |side: usize| node.inputs.get(side).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
+    let name = |side: usize, column: usize| {
+        side_schema(side)
+            .and_then(|s| s.fields().get(column).map(|f| f.name().clone()))
+            .unwrap_or_else(|| format!("#{column}"))
+    };
+    let on: Vec<String> = spec.on.iter().map(|(l, r)| format!("({l}, {r})")).collect();
+    let filter = spec.filter.as_ref().map(|f| format!(", filter={}", f.expression())).unwrap_or_default();
+    let kept: Vec<String> = [0, 1]
+        .iter()
+        .map(|side| {
+            let (this, other) = if *side == 0 { ("left", "right") } else { ("right", "left") };
+            let bounds: Vec<String> = spec.bounds[*side]
+                .iter()
+                .map(|b| {
+                    let shift = b.plus - b.time_offset;
+                    let column = name(*side, b.column);
+                    match shift {
+                        0 => column,
+                        s if s > 0 => format!("{column} + {s}"),
+                        s => format!("{column} - {}", s.unsigned_abs()),
+                    }
+                })
+                .collect();
+            format!("{this} rows kept until the {other} watermark reaches {}", bounds.join(" or "))
+        })
+        .collect();
+    format!("IntervalJoin: type={}, on=[{}]{filter}; {}", spec.join_type, on.join(", "), kept.join("; "))
 }

@@ -103,7 +103,7 @@ async fn stream_mode(
     emit_on_window_close: bool,
 ) -> Vec<RecordBatch> {
     let plan = logical(ctx, sql).await;
-    let sources = HashMap::from([("bids".to_string(), schema())]);
+    let sources = HashMap::from([("bids".to_string(), readable())]);
     let streaming =
         weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, emit_on_window_close).await.unwrap();
     let store = ViewStore::new(streaming.schema.clone());
@@ -191,11 +191,11 @@ async fn a_stateless_view_passes_every_row_through_once() {
 #[tokio::test]
 async fn what_cannot_stream_yet_is_refused_by_name() {
     let ctx = context(vec![]).await;
-    let sources = HashMap::from([("bids".to_string(), schema())]);
+    let sources = HashMap::from([("bids".to_string(), readable())]);
     for (sql, message) in [
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
-        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "joins in a materialized view"),
+        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "a join of two streams without a time bound"),
     ] {
         let plan = logical(&ctx, sql).await;
         let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap_err();
@@ -216,7 +216,7 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
     ] {
         let ctx = context(rows.clone()).await;
         let plan = logical(&ctx, sql).await;
-        let sources = HashMap::from([("bids".to_string(), schema())]);
+        let sources = HashMap::from([("bids".to_string(), readable())]);
         let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap();
         let store = ViewStore::new(streaming.schema.clone());
         let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(streaming, vec![None], ctx.task_ctx()).unwrap();
@@ -298,4 +298,11 @@ fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
         seed ^= seed << 17;
         seed % bound
     }
+}
+
+/// The bids table as a view reads it: its event time is `ts`.
+fn readable() -> weir_planner::streaming::Readable {
+    let schema = schema();
+    let event_time = schema.index_of("ts").ok();
+    weir_planner::streaming::Readable { schema, event_time }
 }

@@ -1,0 +1,407 @@
+//! Cutting a physical plan into the nodes of a streaming plan, and the watermark each node's output carries.
+//!
+//! - [`GraphBuilder::cut`] turns the stateless part of a physical plan with its joins into [`PlanNode`]s: every
+//!   join becomes a join node, every maximal stateless region a stateless node whose feeds are fed by the scans and
+//!   joins below it.
+//! - Watermark bounds: a node's output watermark `W` bounds some of its columns with an offset (a later row has
+//!   `column > W + offset`). A source's event-time column has offset 0; a projection passes bounds through columns,
+//!   `+`/`-` of a constant, `weir_tumble_start` (a window starts less than its size before the row) and
+//!   `weir_prev_instant`; a filter keeps them; `UNION ALL` keeps the smallest offset of each column; anything else
+//!   bounds nothing (which is safe: a join then refuses what it cannot bound).
+//! - [`join_spec`]: a join's keys and residual filter, and the time bounds its condition puts on each side.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::common::{JoinSide, JoinType, NullEquality, ScalarValue};
+use datafusion::logical_expr::Operator;
+use datafusion::physical_expr::ScalarFunctionExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
+use datafusion::physical_expr::utils::split_conjunction;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::joins::utils::JoinFilter;
+use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use weir_common::feed::{Feed, FeedExec};
+use weir_common::plan::{JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, TimeBound};
+use weir_common::{ErrorReport, SqlState};
+
+/// Per column of a node's output: the offset its watermark bound has, if the watermark bounds it.
+pub type Bounds = Vec<Option<i64>>;
+
+/// Collects the nodes of a plan, inputs first.
+#[derive(Debug, Default)]
+pub struct GraphBuilder {
+    pub nodes: Vec<PlanNode>,
+    /// The scans' feeds: the feed of the source leaf, the input it reads, and that input's bounds.
+    scans: Vec<(Feed, usize, Bounds)>,
+}
+
+impl GraphBuilder {
+    /// A builder whose source leaves are `scans`: each source `FeedExec`'s feed, the input (an index into the plan's
+    /// inputs) it reads, and the bounds of that input's rows.
+    pub fn new(scans: Vec<(Feed, usize, Bounds)>) -> Self {
+        GraphBuilder { nodes: Vec::new(), scans }
+    }
+
+    /// Adds `node` and returns its id.
+    pub fn add(&mut self, node: PlanNode) -> NodeId {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// The bounds of node `id`'s output, per column.
+    pub fn bounds(&self, id: NodeId) -> Bounds {
+        let node = &self.nodes[id];
+        let mut bounds = vec![None; node.schema.fields().len()];
+        for (column, offset) in &node.watermark {
+            if let Some(slot) = bounds.get_mut(*column) {
+                *slot = Some(*offset);
+            }
+        }
+        bounds
+    }
+
+    /// Turns `plan` (stateless operators and joins over source leaves) into nodes; returns the node whose output is
+    /// `plan`'s.
+    pub fn cut(&mut self, plan: &Arc<dyn ExecutionPlan>) -> Result<NodeId, ErrorReport> {
+        if is_join(plan) {
+            return self.join(plan);
+        }
+        let mut ports: Vec<(Feed, NodeId)> = Vec::new();
+        let plan = self.replace_leaves(plan, &mut ports)?;
+        crate::streaming::check_stateless(&plan)?;
+        let port_bounds: Vec<(Feed, Bounds)> =
+            ports.iter().map(|(feed, id)| (feed.clone(), self.bounds(*id))).collect();
+        let bounds = plan_bounds(&plan, &port_bounds);
+        let append_only = ports.iter().all(|(_, id)| self.nodes[*id].append_only);
+        let (feeds, inputs) = ports.into_iter().unzip();
+        Ok(self.add(PlanNode {
+            schema: plan.schema(),
+            operator: NodeOperator::Stateless { plan, feeds },
+            inputs,
+            append_only,
+            watermark: watermark_of(&bounds),
+        }))
+    }
+
+    /// `plan` with each join below it replaced by a feed its node fills, and each source leaf given a scan node;
+    /// `ports` gets every feed with the node filling it.
+    fn replace_leaves(
+        &mut self,
+        plan: &Arc<dyn ExecutionPlan>,
+        ports: &mut Vec<(Feed, NodeId)>,
+    ) -> Result<Arc<dyn ExecutionPlan>, ErrorReport> {
+        if let Some(leaf) = plan.downcast_ref::<FeedExec>() {
+            let Some((feed, input, bounds)) = self.scans.iter().find(|(f, ..)| f.same(leaf.feed())).cloned() else {
+                return Err(internal("a feed that no input fills"));
+            };
+            let id = self.add(PlanNode {
+                operator: NodeOperator::Scan { input },
+                inputs: vec![],
+                schema: leaf.input_schema(),
+                append_only: true,
+                watermark: watermark_of(&bounds),
+            });
+            ports.push((feed, id));
+            return Ok(plan.clone());
+        }
+        if is_join(plan) {
+            let id = self.join(plan)?;
+            let feed = Feed::new();
+            ports.push((feed.clone(), id));
+            return Ok(Arc::new(FeedExec::new("join", feed, plan.schema(), None).map_err(df)?));
+        }
+        let children = plan
+            .children()
+            .into_iter()
+            .map(|child| self.replace_leaves(child, ports))
+            .collect::<Result<Vec<_>, _>>()?;
+        replace_children_if_necessary(plan.clone(), children).map_err(df)
+    }
+
+    fn join(&mut self, plan: &Arc<dyn ExecutionPlan>) -> Result<NodeId, ErrorReport> {
+        let children = plan.children();
+        let [left, right] = children.as_slice() else { return Err(internal("a join without two inputs")) };
+        let left = self.cut(left)?;
+        let right = self.cut(right)?;
+        for side in [left, right] {
+            if !self.nodes[side].append_only {
+                return Err(unsupported("a join of an updating stream"));
+            }
+        }
+        let sides = [self.bounds(left), self.bounds(right)];
+        let spec = join_spec(plan, &sides)?;
+        let bounds = join_output_bounds(&spec, &sides, self.nodes[left].schema.fields().len());
+        Ok(self.add(PlanNode {
+            schema: plan.schema(),
+            operator: NodeOperator::Join(Box::new(spec)),
+            inputs: vec![left, right],
+            append_only: true,
+            watermark: watermark_of(&bounds),
+        }))
+    }
+}
+
+/// The bounded columns of `bounds`, with their offsets.
+pub fn watermark_of(bounds: &Bounds) -> Vec<(usize, i64)> {
+    bounds.iter().enumerate().filter_map(|(i, b)| b.map(|b| (i, b))).collect()
+}
+
+fn is_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.name().contains("Join")
+}
+
+/// The bounds of a stateless plan's output, given those of the batches pushed into each of its feeds.
+pub fn plan_bounds(plan: &Arc<dyn ExecutionPlan>, ports: &[(Feed, Bounds)]) -> Bounds {
+    let width = plan.schema().fields().len();
+    if let Some(leaf) = plan.downcast_ref::<FeedExec>() {
+        let Some((_, bounds)) = ports.iter().find(|(f, _)| f.same(leaf.feed())) else { return vec![None; width] };
+        return match leaf.projection() {
+            Some(indices) => indices.iter().map(|i| bounds.get(*i).copied().flatten()).collect(),
+            None => bounds.clone(),
+        };
+    }
+    let children = plan.children();
+    let child = |i: usize| children.get(i).map(|c| plan_bounds(c, ports));
+    if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+        let Some(input) = child(0) else { return vec![None; width] };
+        let schema = projection.input().schema();
+        return projection.expr().iter().map(|e| expr_bound(&e.expr, &input, &schema)).collect();
+    }
+    if let Some(filter) = plan.downcast_ref::<FilterExec>() {
+        let Some(input) = child(0) else { return vec![None; width] };
+        return match filter.projection() {
+            Some(indices) => indices.iter().map(|i| input.get(*i).copied().flatten()).collect(),
+            None => input,
+        };
+    }
+    match plan.name() {
+        "CooperativeExec" | "CoalesceBatchesExec" | "RepartitionExec" => child(0).unwrap_or(vec![None; width]),
+        _ if plan.downcast_ref::<CoalescePartitionsExec>().is_some() => child(0).unwrap_or(vec![None; width]),
+        "UnionExec" | "InterleaveExec" => {
+            let all: Vec<Bounds> = (0..children.len()).filter_map(child).collect();
+            (0..width)
+                .map(|c| {
+                    let each: Option<Vec<i64>> = all.iter().map(|b| b.get(c).copied().flatten()).collect();
+                    each.and_then(|e| e.into_iter().min())
+                })
+                .collect()
+        }
+        _ => vec![None; width],
+    }
+}
+
+/// The offset of `expr`'s bound, given its input columns' bounds.
+fn expr_bound(expr: &Arc<dyn PhysicalExpr>, input: &Bounds, schema: &SchemaRef) -> Option<i64> {
+    if let Some(column) = expr.downcast_ref::<Column>() {
+        return input.get(column.index()).copied().flatten();
+    }
+    if let Some(cast) = expr.downcast_ref::<CastExpr>() {
+        let from = cast.expr().data_type(schema).ok()?;
+        return (&from == cast.cast_type()).then(|| expr_bound(cast.expr(), input, schema)).flatten();
+    }
+    let unit = time_unit(expr, schema)?;
+    if let Some(binary) = expr.downcast_ref::<BinaryExpr>() {
+        return match binary.op() {
+            Operator::Plus => match (constant(binary.right(), unit), constant(binary.left(), unit)) {
+                (Some(k), _) => expr_bound(binary.left(), input, schema)?.checked_add(k),
+                (None, Some(k)) => expr_bound(binary.right(), input, schema)?.checked_add(k),
+                _ => None,
+            },
+            Operator::Minus => expr_bound(binary.left(), input, schema)?.checked_sub(constant(binary.right(), unit)?),
+            _ => None,
+        };
+    }
+    let function = expr.downcast_ref::<ScalarFunctionExpr>()?;
+    let args = function.args();
+    match function.fun().name() {
+        // A tumbling window starts less than its size before each of its rows.
+        "weir_tumble_start" => expr_bound(args.first()?, input, schema)?.checked_sub(constant(args.get(1)?, unit)? - 1),
+        "weir_prev_instant" => expr_bound(args.first()?, input, schema)?.checked_sub(1),
+        _ => None,
+    }
+}
+
+/// The unit of a timestamp expression.
+fn time_unit(expr: &Arc<dyn PhysicalExpr>, schema: &SchemaRef) -> Option<TimeUnit> {
+    match expr.data_type(schema).ok()? {
+        DataType::Timestamp(unit, _) => Some(unit),
+        _ => None,
+    }
+}
+
+/// A constant duration (an interval without months, or a duration), in `unit`s, if exact.
+fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i64> {
+    let literal = expr.downcast_ref::<Literal>()?;
+    let nanos: i128 = match literal.value() {
+        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
+            i128::from(v.days) * 86_400_000_000_000 + i128::from(v.nanoseconds)
+        }
+        ScalarValue::IntervalDayTime(Some(v)) => {
+            i128::from(v.days) * 86_400_000_000_000 + i128::from(v.milliseconds) * 1_000_000
+        }
+        ScalarValue::DurationSecond(Some(v)) => i128::from(*v) * 1_000_000_000,
+        ScalarValue::DurationMillisecond(Some(v)) => i128::from(*v) * 1_000_000,
+        ScalarValue::DurationMicrosecond(Some(v)) => i128::from(*v) * 1_000,
+        ScalarValue::DurationNanosecond(Some(v)) => i128::from(*v),
+        _ => return None,
+    };
+    let per_unit: i128 = match unit {
+        TimeUnit::Second => 1_000_000_000,
+        TimeUnit::Millisecond => 1_000_000,
+        TimeUnit::Microsecond => 1_000,
+        TimeUnit::Nanosecond => 1,
+    };
+    (nanos % per_unit == 0).then(|| i64::try_from(nanos / per_unit).ok()).flatten()
+}
+
+/// A join's keys, residual filter and time bounds, from DataFusion's physical join; `sides` are the bounds of its
+/// left and right inputs.
+pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<JoinSpec, ErrorReport> {
+    let (join_type, on, filter, nulls_equal, projection) = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        (
+            *join.join_type(),
+            join.on().to_vec(),
+            join.filter().cloned(),
+            join.null_equality() == NullEquality::NullEqualsNull,
+            join.projection.as_ref().map(|p| p.to_vec()),
+        )
+    } else if let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() {
+        (*join.join_type(), vec![], join.filter().cloned(), false, join.projection().as_ref().map(|p| p.to_vec()))
+    } else if plan.name() == "CrossJoinExec" {
+        return Err(no_time_bound().with_hint(
+            "Join on a condition that bounds the two sides' event times, such as \
+             b.ts BETWEEN a.ts AND a.ts + INTERVAL '10' MINUTE.",
+        ));
+    } else {
+        return Err(unsupported(&format!("{} in a materialized view", plan.name())));
+    };
+    if matches!(join_type, JoinType::LeftMark | JoinType::RightMark) {
+        return Err(unsupported("this form of subquery in a materialized view"));
+    }
+    let mut bounds: [Vec<TimeBound>; 2] = [Vec::new(), Vec::new()];
+    let schemas = [plan.children()[0].schema(), plan.children()[1].schema()];
+    // Equal keys that both sides' watermarks bound (a window join on window_end) bound each side by the other.
+    for (left, right) in &on {
+        let (Some(l), Some(r)) = (left.downcast_ref::<Column>(), right.downcast_ref::<Column>()) else { continue };
+        let (Some(Some(dl)), Some(Some(dr))) = (sides[LEFT].get(l.index()), sides[RIGHT].get(r.index())) else {
+            continue;
+        };
+        bounds[LEFT].push(TimeBound { column: l.index(), plus: 0, time: r.index(), time_offset: *dr });
+        bounds[RIGHT].push(TimeBound { column: r.index(), plus: 0, time: l.index(), time_offset: *dl });
+    }
+    if let Some(filter) = &filter {
+        filter_bounds(filter, sides, &schemas, &mut bounds);
+    }
+    if bounds.iter().any(Vec::is_empty) {
+        return Err(no_time_bound());
+    }
+    Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds })
+}
+
+/// Adds the time bounds that the conjuncts of `filter` comparing the two sides' times put on each side.
+fn filter_bounds(filter: &JoinFilter, sides: &[Bounds; 2], schemas: &[SchemaRef; 2], bounds: &mut [Vec<TimeBound>; 2]) {
+    // A term `column + k` of one side.
+    let term = |expr: &Arc<dyn PhysicalExpr>| -> Option<(usize, usize, i64)> {
+        let (expr, k) = match expr.downcast_ref::<BinaryExpr>() {
+            Some(binary) if matches!(binary.op(), Operator::Plus | Operator::Minus) => {
+                let column = binary.left();
+                let unit = time_unit(column, filter.schema())?;
+                let k = constant(binary.right(), unit)?;
+                (column, if *binary.op() == Operator::Plus { k } else { k.checked_neg()? })
+            }
+            _ => (expr, 0),
+        };
+        let column = expr.downcast_ref::<Column>()?;
+        let index = filter.column_indices().get(column.index())?;
+        let side = match index.side {
+            JoinSide::Left => LEFT,
+            JoinSide::Right => RIGHT,
+            JoinSide::None => return None,
+        };
+        let field = schemas[side].fields().get(index.index)?;
+        matches!(field.data_type(), DataType::Timestamp(..)).then_some((side, index.index, k))
+    };
+    for conjunct in split_conjunction(filter.expression()) {
+        let Some(binary) = conjunct.downcast_ref::<BinaryExpr>() else { continue };
+        let (Some(a), Some(b)) = (term(binary.left()), term(binary.right())) else { continue };
+        if a.0 == b.0 {
+            continue;
+        }
+        // Each `x + kx <= y + ky` (strictly: `<`) bounds x's side's time by a row of y's side: x <= y + (ky - kx).
+        let mut at_most = |(xs, x, kx): (usize, usize, i64), (ys, y, ky): (usize, usize, i64), strict: bool| {
+            let Some(Some(time_offset)) = sides[xs].get(x) else { return };
+            let Some(plus) = ky.checked_sub(kx).and_then(|p| p.checked_sub(i64::from(strict))) else { return };
+            bounds[ys].push(TimeBound { column: y, plus, time: x, time_offset: *time_offset });
+        };
+        match binary.op() {
+            Operator::LtEq => at_most(a, b, false),
+            Operator::Lt => at_most(a, b, true),
+            Operator::GtEq => at_most(b, a, false),
+            Operator::Gt => at_most(b, a, true),
+            Operator::Eq => {
+                at_most(a, b, false);
+                at_most(b, a, false);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The bounds of a join's output, relative to the minimum of its inputs' watermarks. A side's column keeps a bound
+/// when the side's watermark bounds it and a time bound of that side is on it: a later output row then either
+/// holds a later row of that side, or a kept one, which the other side's watermark has not passed yet.
+fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2], left_width: usize) -> Bounds {
+    let side_bounds = |side: usize| -> Bounds {
+        sides[side]
+            .iter()
+            .enumerate()
+            .map(|(column, own)| {
+                let own = (*own)?;
+                let kept = spec.bounds[side]
+                    .iter()
+                    .filter(|b| b.column == column)
+                    .filter_map(|b| b.time_offset.checked_sub(b.plus))
+                    .min()?;
+                Some(own.min(kept))
+            })
+            .collect()
+    };
+    let joined: Bounds = match spec.join_type {
+        JoinType::LeftSemi | JoinType::LeftAnti => side_bounds(LEFT),
+        JoinType::RightSemi | JoinType::RightAnti => side_bounds(RIGHT),
+        _ => {
+            let mut all = side_bounds(LEFT);
+            debug_assert_eq!(all.len(), left_width);
+            all.extend(side_bounds(RIGHT));
+            all
+        }
+    };
+    match &spec.projection {
+        Some(indices) => indices.iter().map(|i| joined.get(*i).copied().flatten()).collect(),
+        None => joined,
+    }
+}
+
+fn no_time_bound() -> ErrorReport {
+    unsupported("a join of two streams without a time bound on each side").with_hint(
+        "Bound the event times of both sides in the condition (an interval join: b.ts BETWEEN a.ts - INTERVAL '1' \
+         MINUTE AND a.ts + INTERVAL '10' MINUTE), or join two windowed streams on window_start and window_end.",
+    )
+}
+
+fn unsupported(what: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"))
+}
+
+fn internal(what: &str) -> ErrorReport {
+    ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: streaming plan: {what}"))
+}
+
+fn df(err: datafusion::error::DataFusionError) -> ErrorReport {
+    ErrorReport::from_datafusion(&err, "")
+}

@@ -1,0 +1,559 @@
+//! The join of two streams whose state the watermarks bound: interval joins and window joins.
+//!
+//! Each side keeps its rows (the batches as they arrived, with a flag per row) indexed by join key. A new row is
+//! probed against the other side's kept rows with the same key, the residual filter decides each candidate pair, and
+//! the row is kept in turn. The planner's [`TimeBound`]s say when a kept row can no longer match: once the other
+//! side's watermark reaches the row's deadline, the row leaves the state; an outer (or anti) join emits it then,
+//! padded with NULLs, if it never matched. Emitted rows precede the watermark that released them, and the join's
+//! output watermark is the minimum of its inputs'.
+//!
+//! A row whose own side's watermark has passed its time (late) is counted and set aside, never joined: a later row
+//! of the other side could have found its partners gone, so joining it would make results depend on timing.
+//!
+//! ```text
+//!   left rows --probe right's index--> pairs --filter--> output
+//!        \--kept (index by key, deadline)     right watermark passes a left deadline --> left row leaves
+//! ```
+//!
+//! Checkpoints write each kept batch once, as it arrived, and its row flags (alive, matched) whenever they change;
+//! a batch whose rows have all left is deleted.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_null_array};
+use datafusion::arrow::compute::{cast, filter_record_batch, interleave, take};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{JoinSide, JoinType};
+use weir_common::plan::{JoinSpec, LEFT, RIGHT};
+use weir_common::stream::Watermark;
+
+use crate::operator::Operator;
+use crate::state::{
+    Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_batches, decode_i64, encode_batches,
+    encode_i64,
+};
+use crate::{Result, RuntimeError};
+
+/// A kept row: its batch and its place in it.
+type RowRef = (u64, u32);
+
+/// Per-row flags of a kept batch.
+const ALIVE: u8 = 1;
+const MATCHED: u8 = 2;
+
+#[derive(Debug)]
+struct Slot {
+    rows: RecordBatch,
+    /// The join key of each row, `None` when it can match nothing (a NULL key).
+    keys: Vec<Option<Box<[u8]>>>,
+    flags: Vec<u8>,
+    live: usize,
+    /// Whether the rows themselves were written to a checkpoint.
+    saved: bool,
+}
+
+/// One side's kept rows.
+#[derive(Debug, Default)]
+struct Side {
+    slots: BTreeMap<u64, Slot>,
+    next: u64,
+    index: HashMap<Box<[u8]>, Vec<RowRef>>,
+    /// Kept rows by deadline: a row leaves when the other side's watermark reaches it.
+    deadlines: BTreeSet<(i64, u64, u32)>,
+    /// Slots whose flags changed since the last checkpoint (or that were deleted).
+    dirty: BTreeSet<u64>,
+    bytes: usize,
+}
+
+/// A join of two append-only streams with a time bound on each side (see the module doc).
+#[derive(Debug)]
+pub struct IntervalJoin {
+    spec: JoinSpec,
+    inputs: [SchemaRef; 2],
+    output: SchemaRef,
+    sides: [Side; 2],
+    watermarks: [Option<Watermark>; 2],
+    /// Whether the watermarks changed since the last checkpoint.
+    watermarks_dirty: bool,
+    converter: RowConverter,
+    late_rows: u64,
+    late: Vec<RecordBatch>,
+}
+
+fn arrow(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
+    RuntimeError::Expr(err.into())
+}
+
+impl IntervalJoin {
+    /// A join of rows of `left` and `right` producing rows of `output` (the plan node's schema).
+    pub fn try_new(spec: JoinSpec, left: SchemaRef, right: SchemaRef, output: SchemaRef) -> Result<Self> {
+        let fields = spec
+            .on
+            .iter()
+            .map(|(l, _)| l.data_type(&left).map(SortField::new))
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(RuntimeError::Expr)?;
+        let converter = RowConverter::new(fields).map_err(arrow)?;
+        Ok(IntervalJoin {
+            spec,
+            inputs: [left, right],
+            output,
+            sides: [Side::default(), Side::default()],
+            watermarks: [None, None],
+            watermarks_dirty: false,
+            converter,
+            late_rows: 0,
+            late: Vec::new(),
+        })
+    }
+
+    pub fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+
+    pub fn take_late(&mut self) -> Vec<RecordBatch> {
+        std::mem::take(&mut self.late)
+    }
+
+    /// About how many bytes the kept rows take.
+    pub fn memory(&self) -> usize {
+        self.sides.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Rows kept on each side.
+    pub fn kept_rows(&self) -> [usize; 2] {
+        [0, 1].map(|s| self.sides[s].slots.values().map(|slot| slot.live).sum())
+    }
+
+    /// The output watermark: the minimum of the inputs'.
+    pub fn watermark(&self) -> Option<Watermark> {
+        Some(self.watermarks[LEFT]?.min(self.watermarks[RIGHT]?))
+    }
+
+    /// Processes rows of input `side`.
+    pub fn on_side_data(&mut self, side: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
+        let batch = self.drop_late(side, batch)?;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let slot = self.keep(side, batch)?;
+        self.probe(side, slot, out)?;
+        // Rows the other side's watermark has already passed leave at once.
+        if let Some(w) = self.watermarks[1 - side] {
+            self.expire(side, w, out)?;
+        }
+        Ok(())
+    }
+
+    /// The watermark of input `side` advanced to `watermark`: rows of the other side it releases leave.
+    pub fn on_side_watermark(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if self.watermarks[side].is_some_and(|w| w >= watermark) {
+            return Ok(());
+        }
+        self.watermarks[side] = Some(watermark);
+        self.watermarks_dirty = true;
+        self.expire(1 - side, watermark, out)
+    }
+
+    /// `batch` without the rows whose own side's watermark has passed their time (set aside as late).
+    fn drop_late(&mut self, side: usize, batch: &RecordBatch) -> Result<RecordBatch> {
+        let Some(watermark) = self.watermarks[side] else { return Ok(batch.clone()) };
+        // The other side's bounds are on this side's times.
+        let mut late = vec![false; batch.num_rows()];
+        for bound in &self.spec.bounds[1 - side] {
+            let times = times(batch, bound.time)?;
+            let limit = watermark.saturating_add(bound.time_offset);
+            for (row, time) in times.iter().enumerate() {
+                if time.is_some_and(|t| t <= limit) {
+                    late[row] = true;
+                }
+            }
+        }
+        if !late.contains(&true) {
+            return Ok(batch.clone());
+        }
+        let late = BooleanArray::from(late);
+        let kept = datafusion::arrow::compute::not(&late).map_err(arrow)?;
+        let late_rows = filter_record_batch(batch, &late).map_err(arrow)?;
+        self.late_rows += late_rows.num_rows() as u64;
+        self.late.push(late_rows);
+        filter_record_batch(batch, &kept).map_err(arrow)
+    }
+
+    /// The join keys of `batch`'s rows on `side`.
+    fn keys(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<Box<[u8]>>>> {
+        if self.spec.on.is_empty() {
+            return Ok(vec![Some(Box::from(&[][..])); batch.num_rows()]);
+        }
+        let columns = self
+            .spec
+            .on
+            .iter()
+            .map(|pair| {
+                let expr = if side == LEFT { &pair.0 } else { &pair.1 };
+                expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows()))
+            })
+            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()
+            .map_err(RuntimeError::Expr)?;
+        let rows = self.converter.convert_columns(&columns).map_err(arrow)?;
+        Ok((0..batch.num_rows())
+            .map(|row| {
+                let null = columns.iter().any(|c| c.is_null(row));
+                (!null || self.spec.nulls_equal).then(|| Box::from(rows.row(row).as_ref()))
+            })
+            .collect())
+    }
+
+    /// The deadlines of `batch`'s rows on `side`: the other side's watermark at which each leaves.
+    fn deadlines(&self, side: usize, batch: &RecordBatch) -> Result<Vec<i64>> {
+        let mut deadlines = vec![i64::MAX; batch.num_rows()];
+        for bound in &self.spec.bounds[side] {
+            for (row, time) in times(batch, bound.column)?.iter().enumerate() {
+                let deadline = match time {
+                    Some(t) => t.saturating_add(bound.plus).saturating_sub(bound.time_offset),
+                    None => i64::MIN,
+                };
+                deadlines[row] = deadlines[row].min(deadline);
+            }
+        }
+        Ok(deadlines)
+    }
+
+    /// Keeps `batch` on `side`; returns its slot.
+    fn keep(&mut self, side: usize, batch: RecordBatch) -> Result<u64> {
+        let keys = self.keys(side, &batch)?;
+        let deadlines = self.deadlines(side, &batch)?;
+        let flags = vec![ALIVE; batch.num_rows()];
+        Ok(self.insert(side, batch, keys, flags, &deadlines, false))
+    }
+
+    fn insert(
+        &mut self,
+        side: usize,
+        rows: RecordBatch,
+        keys: Vec<Option<Box<[u8]>>>,
+        flags: Vec<u8>,
+        deadlines: &[i64],
+        saved: bool,
+    ) -> u64 {
+        let state = &mut self.sides[side];
+        let number = state.next;
+        state.next += 1;
+        let mut live = 0;
+        for (row, key) in keys.iter().enumerate() {
+            if flags[row] & ALIVE == 0 {
+                continue;
+            }
+            live += 1;
+            if let Some(key) = key {
+                state.index.entry(key.clone()).or_default().push((number, row as u32));
+            }
+            state.deadlines.insert((deadlines[row], number, row as u32));
+        }
+        state.bytes += rows.get_array_memory_size();
+        state.slots.insert(number, Slot { rows, keys, flags, live, saved });
+        state.dirty.insert(number);
+        number
+    }
+
+    /// Joins the rows of slot `slot` of `side` with the other side's kept rows.
+    fn probe(&mut self, side: usize, slot: u64, out: &mut Vec<RecordBatch>) -> Result<()> {
+        let other = 1 - side;
+        let mut pairs: Vec<(RowRef, RowRef)> = Vec::new();
+        let probe = &self.sides[side].slots[&slot];
+        for (row, key) in probe.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if let Some(matches) = self.sides[other].index.get(key) {
+                pairs.extend(matches.iter().map(|m| ((slot, row as u32), *m)));
+            }
+        }
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        // Order each pair (left, right).
+        let pairs: Vec<(RowRef, RowRef)> = pairs
+            .into_iter()
+            .map(|(mine, theirs)| if side == LEFT { (mine, theirs) } else { (theirs, mine) })
+            .collect();
+        let pairs = self.filtered(pairs)?;
+        match self.spec.join_type {
+            JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full => {
+                for (l, r) in &pairs {
+                    self.mark(LEFT, *l);
+                    self.mark(RIGHT, *r);
+                }
+                if !pairs.is_empty() {
+                    let lefts: Vec<RowRef> = pairs.iter().map(|p| p.0).collect();
+                    let rights: Vec<RowRef> = pairs.iter().map(|p| p.1).collect();
+                    let mut columns = self.gather(LEFT, &lefts)?;
+                    columns.extend(self.gather(RIGHT, &rights)?);
+                    out.push(self.output(columns)?);
+                }
+            }
+            JoinType::LeftSemi | JoinType::RightSemi | JoinType::LeftAnti | JoinType::RightAnti => {
+                let kept =
+                    if matches!(self.spec.join_type, JoinType::LeftSemi | JoinType::LeftAnti) { LEFT } else { RIGHT };
+                let mut first: Vec<RowRef> = Vec::new();
+                for pair in &pairs {
+                    let row = if kept == LEFT { pair.0 } else { pair.1 };
+                    if self.mark(kept, row) {
+                        first.push(row);
+                    }
+                }
+                if matches!(self.spec.join_type, JoinType::LeftSemi | JoinType::RightSemi) && !first.is_empty() {
+                    let columns = self.gather(kept, &first)?;
+                    out.push(self.output(columns)?);
+                }
+            }
+            other => return Err(RuntimeError::Join(format!("join type {other} in a stream"))),
+        }
+        Ok(())
+    }
+
+    /// The pairs the residual filter keeps.
+    fn filtered(&self, pairs: Vec<(RowRef, RowRef)>) -> Result<Vec<(RowRef, RowRef)>> {
+        let Some(filter) = &self.spec.filter else { return Ok(pairs) };
+        let lefts: Vec<RowRef> = pairs.iter().map(|p| p.0).collect();
+        let rights: Vec<RowRef> = pairs.iter().map(|p| p.1).collect();
+        let mut columns = Vec::with_capacity(filter.column_indices().len());
+        for index in filter.column_indices() {
+            let (side, refs) = match index.side {
+                JoinSide::Left => (LEFT, &lefts),
+                _ => (RIGHT, &rights),
+            };
+            columns.push(self.gather_column(side, index.index, refs)?);
+        }
+        let batch = RecordBatch::try_new(filter.schema().clone(), columns).map_err(arrow)?;
+        let verdict = filter
+            .expression()
+            .evaluate(&batch)
+            .and_then(|v| v.into_array(batch.num_rows()))
+            .map_err(RuntimeError::Expr)?;
+        let verdict = verdict
+            .as_boolean_opt()
+            .ok_or_else(|| RuntimeError::Join("the join filter is not a boolean".to_string()))?;
+        Ok(pairs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| verdict.is_valid(*i) && verdict.value(*i))
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Marks a kept row matched; returns whether it was not yet.
+    fn mark(&mut self, side: usize, (slot, row): RowRef) -> bool {
+        let state = &mut self.sides[side];
+        let Some(kept) = state.slots.get_mut(&slot) else { return false };
+        let flag = &mut kept.flags[row as usize];
+        if *flag & MATCHED != 0 {
+            return false;
+        }
+        *flag |= MATCHED;
+        state.dirty.insert(slot);
+        true
+    }
+
+    /// Column `column` of the kept rows `refs` of `side`.
+    fn gather_column(&self, side: usize, column: usize, refs: &[RowRef]) -> Result<ArrayRef> {
+        let slots = &self.sides[side].slots;
+        let mut order: Vec<u64> = refs.iter().map(|r| r.0).collect();
+        order.sort_unstable();
+        order.dedup();
+        let missing = || RuntimeError::Join("a joined row is gone".to_string());
+        if let [only] = order.as_slice() {
+            let rows = &slots.get(only).ok_or_else(missing)?.rows;
+            let indices = UInt32Array::from_iter_values(refs.iter().map(|r| r.1));
+            return take(rows.column(column).as_ref(), &indices, None).map_err(arrow);
+        }
+        let arrays: Vec<&dyn Array> = order
+            .iter()
+            .map(|s| slots.get(s).map(|slot| slot.rows.column(column).as_ref()).ok_or_else(missing))
+            .collect::<Result<_>>()?;
+        let indices: Vec<(usize, usize)> =
+            refs.iter().map(|(s, r)| (order.binary_search(s).unwrap_or_default(), *r as usize)).collect();
+        interleave(&arrays, &indices).map_err(arrow)
+    }
+
+    fn gather(&self, side: usize, refs: &[RowRef]) -> Result<Vec<ArrayRef>> {
+        (0..self.inputs[side].fields().len()).map(|c| self.gather_column(side, c, refs)).collect()
+    }
+
+    /// The output batch of joined `columns` (left then right, or one side's), projected.
+    fn output(&self, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
+        let columns = match &self.spec.projection {
+            Some(indices) => indices.iter().map(|i| columns[*i].clone()).collect(),
+            None => columns,
+        };
+        RecordBatch::try_new(self.output.clone(), columns).map_err(arrow)
+    }
+
+    /// Releases the rows of `side` whose deadline `watermark` (the other side's) has reached, emitting the unmatched
+    /// ones of an outer or anti join.
+    fn expire(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        let emits = match (self.spec.join_type, side) {
+            (JoinType::Full, _) => true,
+            (JoinType::Left | JoinType::LeftAnti, LEFT) => true,
+            (JoinType::Right | JoinType::RightAnti, RIGHT) => true,
+            _ => false,
+        };
+        let state = &mut self.sides[side];
+        let mut unmatched: Vec<RowRef> = Vec::new();
+        let mut emptied = Vec::new();
+        while let Some(&(deadline, slot, row)) = state.deadlines.first() {
+            if deadline > watermark {
+                break;
+            }
+            state.deadlines.pop_first();
+            let Some(kept) = state.slots.get_mut(&slot) else { continue };
+            let flag = &mut kept.flags[row as usize];
+            if *flag & ALIVE == 0 {
+                continue;
+            }
+            *flag &= !ALIVE;
+            if emits && *flag & MATCHED == 0 {
+                unmatched.push((slot, row));
+            }
+            kept.live -= 1;
+            if let Some(key) = &kept.keys[row as usize]
+                && let Some(refs) = state.index.get_mut(key)
+            {
+                refs.retain(|r| *r != (slot, row));
+                if refs.is_empty() {
+                    state.index.remove(key);
+                }
+            }
+            state.dirty.insert(slot);
+            if kept.live == 0 {
+                emptied.push(slot);
+            }
+        }
+        if !unmatched.is_empty() {
+            let mine = self.gather(side, &unmatched)?;
+            let columns = match self.spec.join_type {
+                JoinType::LeftAnti | JoinType::RightAnti => mine,
+                _ => {
+                    let other = 1 - side;
+                    let nulls: Vec<ArrayRef> = self.inputs[other]
+                        .fields()
+                        .iter()
+                        .map(|f| new_null_array(f.data_type(), unmatched.len()))
+                        .collect();
+                    if side == LEFT {
+                        mine.into_iter().chain(nulls).collect()
+                    } else {
+                        nulls.into_iter().chain(mine).collect()
+                    }
+                }
+            };
+            out.push(self.output(columns)?);
+        }
+        let state = &mut self.sides[side];
+        for slot in emptied {
+            if let Some(gone) = state.slots.remove(&slot) {
+                state.bytes = state.bytes.saturating_sub(gone.rows.get_array_memory_size());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Column `column` of `batch` as counts of its time unit.
+fn times(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
+    let array = batch.column(column);
+    let numbers = cast(array, &DataType::Int64).map_err(arrow)?;
+    Ok(numbers.as_primitive::<Int64Type>().iter().collect())
+}
+
+impl Operator for IntervalJoin {
+    fn on_data(&mut self, input: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.on_side_data(input.min(RIGHT), batch, out)
+    }
+
+    fn on_watermark(&mut self, input: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.on_side_watermark(input.min(RIGHT), watermark, out)
+    }
+}
+
+/// Keys of the join's state table.
+const WATERMARKS: &[u8] = b"w";
+const ROWS: u8 = b'r';
+const FLAGS: u8 = b'f';
+
+fn slot_key(tag: u8, side: usize, slot: u64) -> Vec<u8> {
+    let mut key = vec![tag, side as u8];
+    key.extend_from_slice(&slot.to_be_bytes());
+    key
+}
+
+impl Checkpointed for IntervalJoin {
+    fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
+        if std::mem::take(&mut self.watermarks_dirty) {
+            let mut value = Vec::with_capacity(18);
+            for w in self.watermarks {
+                value.push(u8::from(w.is_some()));
+                value.extend_from_slice(&encode_i64(w.unwrap_or_default()));
+            }
+            batch.put(table.key(WATERMARKS), value);
+        }
+        for side in [LEFT, RIGHT] {
+            let state = &mut self.sides[side];
+            for slot in std::mem::take(&mut state.dirty) {
+                match state.slots.get_mut(&slot) {
+                    Some(kept) => {
+                        if !kept.saved {
+                            batch.put(table.key(&slot_key(ROWS, side, slot)), encode_batches(&[kept.rows.clone()])?);
+                            kept.saved = true;
+                        }
+                        batch.put(table.key(&slot_key(FLAGS, side, slot)), kept.flags.clone());
+                    }
+                    None => {
+                        batch.delete(table.key(&slot_key(ROWS, side, slot)));
+                        batch.delete(table.key(&slot_key(FLAGS, side, slot)));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
+        let corrupt = |what: &str| StateError::Corrupt(format!("join {what}"));
+        self.sides = [Side::default(), Side::default()];
+        self.watermarks = [None, None];
+        self.watermarks_dirty = false;
+        if let Some(value) = store.get(&table.key(WATERMARKS))? {
+            for side in [LEFT, RIGHT] {
+                let part = value.get(side * 9..side * 9 + 9).ok_or_else(|| corrupt("watermarks"))?;
+                self.watermarks[side] = (part[0] == 1).then(|| decode_i64(&part[1..])).transpose()?;
+            }
+        }
+        let flags: HashMap<Vec<u8>, Vec<u8>> = table
+            .scan_prefix(store, &[FLAGS])?
+            .into_iter()
+            .map(|(k, v)| (k.get(1..).map(<[u8]>::to_vec).unwrap_or_default(), v))
+            .collect();
+        for (key, value) in table.scan_prefix(store, &[ROWS])? {
+            let side = usize::from(*key.get(1).ok_or_else(|| corrupt("key"))?);
+            let slot = key.get(2..10).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let slot = slot.ok_or_else(|| corrupt("key"))?;
+            if side > RIGHT {
+                return Err(corrupt("side").into());
+            }
+            let rows = decode_batches(&value)?.into_iter().next().ok_or_else(|| corrupt("rows"))?;
+            let row_flags = flags.get(&key[1..]).cloned().ok_or_else(|| corrupt("flags"))?;
+            if row_flags.len() != rows.num_rows() {
+                return Err(corrupt("flags").into());
+            }
+            let keys = self.keys(side, &rows)?;
+            let deadlines = self.deadlines(side, &rows)?;
+            let state = &mut self.sides[side];
+            state.next = slot;
+            self.insert(side, rows, keys, row_flags, &deadlines, true);
+            let state = &mut self.sides[side];
+            state.dirty.remove(&slot);
+            state.next = state.next.max(slot + 1);
+        }
+        Ok(())
+    }
+}
