@@ -90,10 +90,16 @@ pub enum NodeOperator {
     /// A join of two streams whose state the watermarks bound (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
     /// The aggregation of a view, and the plan over its output (per window). Always the plan's root.
-    Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)> },
+    Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
     /// A `MATCH_RECOGNIZE`, and the plan over its matches. Always the plan's root.
-    MatchRecognize { stage: MatchRecognizeStage, above: Option<(Feed, Arc<dyn ExecutionPlan>)> },
+    MatchRecognize { stage: MatchRecognizeStage, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
 }
+
+/// What to add to the input watermark before the aggregation (or the matcher) sees it. Those operators judge their
+/// time column as a source's event time is judged (later rows have `ts > W`; a window's end then is above `W + 1`);
+/// where the input's watermark bounds that column with another offset (below a join, say), the watermark is shifted
+/// by the difference. `None` when the input's watermark does not bound the column: the operator never sees one.
+pub type WatermarkShift = Option<i64>;
 
 /// One operator of a streaming plan, and the three facts about its output that the nodes above it rely on.
 #[derive(Debug, Clone)]

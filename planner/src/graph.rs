@@ -181,6 +181,8 @@ pub fn plan_bounds(plan: &Arc<dyn ExecutionPlan>, ports: &[(Feed, Bounds)]) -> B
     }
     match plan.name() {
         "CooperativeExec" | "CoalesceBatchesExec" | "RepartitionExec" => child(0).unwrap_or(vec![None; width]),
+        // Unnesting a list column puts its elements in its place.
+        "UnnestExec" => child(0).filter(|c| c.len() == width).unwrap_or(vec![None; width]),
         _ if plan.downcast_ref::<CoalescePartitionsExec>().is_some() => child(0).unwrap_or(vec![None; width]),
         "UnionExec" | "InterleaveExec" => {
             let all: Vec<Bounds> = (0..children.len()).filter_map(child).collect();
@@ -195,14 +197,30 @@ pub fn plan_bounds(plan: &Arc<dyn ExecutionPlan>, ports: &[(Feed, Bounds)]) -> B
     }
 }
 
-/// The offset of `expr`'s bound, given its input columns' bounds.
-fn expr_bound(expr: &Arc<dyn PhysicalExpr>, input: &Bounds, schema: &SchemaRef) -> Option<i64> {
+/// The offset of `expr`'s bound, given its input columns' bounds. For a list of times (the windows of a row), the
+/// bound of each element.
+pub(crate) fn expr_bound(expr: &Arc<dyn PhysicalExpr>, input: &Bounds, schema: &SchemaRef) -> Option<i64> {
     if let Some(column) = expr.downcast_ref::<Column>() {
         return input.get(column.index()).copied().flatten();
     }
     if let Some(cast) = expr.downcast_ref::<CastExpr>() {
         let from = cast.expr().data_type(schema).ok()?;
         return (&from == cast.cast_type()).then(|| expr_bound(cast.expr(), input, schema)).flatten();
+    }
+    if let Some(function) = expr.downcast_ref::<ScalarFunctionExpr>() {
+        let args = function.args();
+        let unit = time_unit(args.first()?, schema)?;
+        let time = || expr_bound(&args[0], input, schema);
+        let length = |i: usize| args.get(i).and_then(|a| constant(a, unit));
+        return match function.fun().name() {
+            // A tumbling (hopping) window starts less than its size before each of its rows; a cumulating window
+            // ends after each of its rows.
+            "weir_tumble_start" => time()?.checked_sub(length(1)? - 1),
+            "weir_hop_starts" => time()?.checked_sub(length(2)? - 1),
+            "weir_cumulate_ends" => time()?.checked_add(1),
+            "weir_prev_instant" => time()?.checked_sub(1),
+            _ => None,
+        };
     }
     let unit = time_unit(expr, schema)?;
     if let Some(binary) = expr.downcast_ref::<BinaryExpr>() {
@@ -216,14 +234,7 @@ fn expr_bound(expr: &Arc<dyn PhysicalExpr>, input: &Bounds, schema: &SchemaRef) 
             _ => None,
         };
     }
-    let function = expr.downcast_ref::<ScalarFunctionExpr>()?;
-    let args = function.args();
-    match function.fun().name() {
-        // A tumbling window starts less than its size before each of its rows.
-        "weir_tumble_start" => expr_bound(args.first()?, input, schema)?.checked_sub(constant(args.get(1)?, unit)? - 1),
-        "weir_prev_instant" => expr_bound(args.first()?, input, schema)?.checked_sub(1),
-        _ => None,
-    }
+    None
 }
 
 /// The unit of a timestamp expression.

@@ -34,7 +34,7 @@ use weir_common::plan::{
     WindowAggregateSpec,
 };
 
-use crate::graph::{Bounds, GraphBuilder, plan_bounds, watermark_of};
+use crate::graph::{Bounds, GraphBuilder, expr_bound, plan_bounds, watermark_of};
 use weir_common::{ErrorReport, SqlState};
 
 /// A relation a view can read as a stream, as the planner sees it: its rows' schema and the column its watermark
@@ -55,8 +55,9 @@ pub async fn plan_streaming(
 ) -> Result<StreamingPlan, ErrorReport> {
     let mut streams: Vec<StreamInput> = Vec::new();
     let mut scans: Vec<(Feed, usize, Bounds)> = Vec::new();
+    // Scans inside subqueries (`EXISTS`, `IN`) too: they become semi and anti joins.
     let logical = rewrite_deduplication(query.clone())?
-        .transform_up(|node| {
+        .transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
             let Some(readable) = inputs.get(&name) else {
@@ -117,6 +118,19 @@ pub async fn plan_streaming(
         return Err(needs_window());
     }
     let below = graph.cut(&below)?;
+    // Sessions close by their rows' times (each one-row session starts at its row's time); windows by their end.
+    let below_bounds = graph.bounds(below);
+    let key_bound = |i: usize| expr_bound(&spec.keys[i].0, &below_bounds, &spec.input);
+    let shift = match (&spec.session, spec.window_end) {
+        (Some(session), _) => key_bound(session.window_start),
+        (None, Some(end)) => key_bound(end).and_then(|d| d.checked_sub(1)),
+        (None, None) => Some(0),
+    };
+    if emit_on_window_close && shift.is_none() && every_input_has_watermark(&streams, inputs) {
+        return Err(unsupported("EMIT ON WINDOW CLOSE over windows the input's watermark does not bound").with_hint(
+            "Window by a column the watermark bounds: the event time of a source, or of both sides of a join.",
+        ));
+    }
     let output = Feed::new();
     let feed: Arc<dyn ExecutionPlan> =
         Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
@@ -137,7 +151,7 @@ pub async fn plan_streaming(
     }
     let bounds = plan_bounds(&above, &[(output.clone(), aggregated)]);
     graph.add(PlanNode {
-        operator: NodeOperator::Aggregate { spec, above: Some((output, above)) },
+        operator: NodeOperator::Aggregate { spec, above: Some((output, above)), shift },
         inputs: vec![below],
         schema: schema.clone(),
         append_only: emit_on_window_close,
@@ -182,14 +196,23 @@ pub async fn plan_match_recognize(
         _ => return Err(unsupported("reading the matches of MATCH_RECOGNIZE twice in one materialized view")),
     };
     let input = below.root();
+    // Rows are matched in the order of the first ORDER BY column as the watermark passes them.
+    let bounds = below.nodes.get(input).map(|n| n.watermark.clone()).unwrap_or_default();
+    let time = stage.spec.order_by.first().map(|(c, _)| *c);
+    let shift = bounds.iter().find(|(c, _)| Some(*c) == time).map(|(_, offset)| *offset);
     below.nodes.push(PlanNode {
-        operator: NodeOperator::MatchRecognize { stage, above: Some(above) },
+        operator: NodeOperator::MatchRecognize { stage, above: Some(above), shift },
         inputs: vec![input],
         schema: over.schema.clone(),
         append_only: true,
         watermark: vec![],
     });
     Ok(StreamingPlan { inputs: below.inputs, nodes: below.nodes, schema: over.schema, emit_on_window_close: false })
+}
+
+/// Whether every relation the view reads has a watermark (when one has none, the server says so by name).
+fn every_input_has_watermark(streams: &[StreamInput], inputs: &HashMap<String, Readable>) -> bool {
+    streams.iter().all(|s| inputs.get(&s.relation).is_some_and(|r| r.event_time.is_some()))
 }
 
 fn needs_window() -> ErrorReport {

@@ -164,6 +164,9 @@ pub struct Pipeline {
     aggregate: Option<Aggregation>,
     /// The plan over the aggregation's (or the matcher's) output.
     above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
+    /// What the aggregation's (or the matcher's) watermark adds to the root's input watermark (see
+    /// [`weir_common::plan::WatermarkShift`]); `None`: it sees none.
+    shift: Option<i64>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
     /// Changes of the current epoch.
@@ -191,6 +194,7 @@ impl Pipeline {
         let mut scans = vec![Vec::new(); plan.inputs.len()];
         let mut aggregate = None;
         let mut above = None;
+        let mut shift = None;
         for (id, node) in plan.nodes.iter().enumerate() {
             let running = match &node.operator {
                 NodeOperator::Scan { input } => {
@@ -211,7 +215,8 @@ impl Pipeline {
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
                 }
-                NodeOperator::Aggregate { spec, above: over } => {
+                NodeOperator::Aggregate { spec, above: over, shift: by } => {
+                    shift = *by;
                     if plan.emit_on_window_close
                         && let Some(relation) = missing()
                     {
@@ -240,7 +245,8 @@ impl Pipeline {
                     });
                     Running::Root
                 }
-                NodeOperator::MatchRecognize { stage, above: over } => {
+                NodeOperator::MatchRecognize { stage, above: over, shift: by } => {
+                    shift = *by;
                     if let Some(relation) = missing() {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
@@ -268,6 +274,7 @@ impl Pipeline {
             combined: None,
             aggregate,
             above,
+            shift,
             task,
             pending: Vec::new(),
             sort_matches_by: None,
@@ -491,7 +498,9 @@ impl Pipeline {
                         && self.combined.is_none_or(|c| w > c)
                     {
                         self.combined = Some(w);
-                        self.watermark_reached(w).await?;
+                        if let Some(shift) = self.shift {
+                            self.watermark_reached(w.saturating_add(shift)).await?;
+                        }
                     }
                     return Ok(());
                 }

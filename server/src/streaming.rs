@@ -873,6 +873,16 @@ fn facts(plan: &StreamingPlan, id: NodeId) -> String {
     format!("{stream}; later rows have {}", columns.join(", "))
 }
 
+/// What EXPLAIN says of a watermark shift (see `weir_common::plan::WatermarkShift`) where time matters.
+fn shifted(shift: Option<i64>, timed: bool) -> String {
+    match shift {
+        _ if !timed => String::new(),
+        Some(0) => String::new(),
+        Some(s) => format!(", input watermark shifted by {s} unit(s)"),
+        None => ", no watermark bounds its time".to_string(),
+    }
+}
+
 /// Adds the lines of DataFusion plan `plan` at `depth`; returns the depth below its deepest line.
 fn plan_lines(lines: &mut Vec<String>, depth: usize, plan: &Arc<dyn ExecutionPlan>) -> usize {
     let text = displayable(plan.as_ref()).indent(false).to_string();
@@ -891,7 +901,7 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
     let pad = |depth: usize| "  ".repeat(depth);
     let mut below = depth;
     match &node.operator {
-        NodeOperator::Aggregate { spec: aggregate, above } => {
+        NodeOperator::Aggregate { spec: aggregate, above, shift } => {
             if let Some((_, above)) = above {
                 let over = match (&aggregate.session, aggregate.window_end) {
                     (Some(_), _) => "Per batch of session rows:",
@@ -922,20 +932,27 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
                 None => "WindowAggregate: ".to_string(),
             };
             lines.push(format!(
-                "{}{operator}keys=[{}], aggregates=[{}], {window} [{}]",
+                "{}{operator}keys=[{}], aggregates=[{}], {window}{} [{}]",
                 pad(below),
                 keys.join(", "),
                 functions.join(", "),
+                shifted(*shift, aggregate.window_end.is_some()),
                 facts(plan, id)
             ));
             below += 1;
         }
-        NodeOperator::MatchRecognize { stage, above } => {
+        NodeOperator::MatchRecognize { stage, above, shift } => {
             if let Some((_, above)) = above {
                 lines.push(format!("{}Per batch of matches:", pad(below)));
                 below = plan_lines(lines, below + 1, above);
             }
-            lines.push(format!("{}{} [{}]", pad(below), crate::match_recognize::describe(stage), facts(plan, id)));
+            lines.push(format!(
+                "{}{}{} [{}]",
+                pad(below),
+                crate::match_recognize::describe(stage),
+                shifted(*shift, true),
+                facts(plan, id)
+            ));
             below += 1;
         }
         NodeOperator::Stateless { plan: stateless, .. } => {

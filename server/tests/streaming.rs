@@ -195,7 +195,10 @@ async fn what_cannot_stream_yet_is_refused_by_name() {
     for (sql, message) in [
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
-        ("SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction", "a join of two streams without a time bound"),
+        (
+            "SELECT a.price FROM bids a JOIN bids b ON a.auction = b.auction",
+            "a join of two streams without a time bound",
+        ),
     ] {
         let plan = logical(&ctx, sql).await;
         let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap_err();
