@@ -557,3 +557,225 @@ impl Checkpointed for IntervalJoin {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::arrow::util::display::array_value_to_string;
+    use datafusion::common::ScalarValue;
+    use datafusion::logical_expr::Operator as Op;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+    use datafusion::physical_plan::PhysicalExpr;
+    use datafusion::physical_plan::joins::utils::{ColumnIndex, JoinFilter};
+    use weir_common::plan::TimeBound;
+
+    use super::*;
+    use crate::state::MemoryStore;
+
+    /// `(key, value, time)`.
+    type Row = (i64, i64, i64);
+
+    const BOUND: i64 = 6;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(
+            ["k", "v", "ts"].map(|name| Field::new(name, DataType::Int64, true)).into_iter().collect::<Vec<_>>(),
+        ))
+    }
+
+    fn batch(rows: &[Row]) -> RecordBatch {
+        let column = |f: fn(&Row) -> i64| Arc::new(Int64Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
+        RecordBatch::try_new(schema(), vec![column(|r| r.0), column(|r| r.1), column(|r| r.2)]).unwrap()
+    }
+
+    /// `k` equal and `r.ts BETWEEN l.ts + lo AND l.ts + hi`.
+    fn join(join_type: JoinType, lo: i64, hi: i64) -> IntervalJoin {
+        let times = Arc::new(Schema::new(vec![
+            Field::new("l_ts", DataType::Int64, true),
+            Field::new("r_ts", DataType::Int64, true),
+        ]));
+        let shifted = |by: i64| -> Arc<dyn PhysicalExpr> {
+            Arc::new(BinaryExpr::new(Arc::new(Column::new("l_ts", 0)), Op::Plus, lit(ScalarValue::Int64(Some(by)))))
+        };
+        let r_ts: Arc<dyn PhysicalExpr> = Arc::new(Column::new("r_ts", 1));
+        let expression = Arc::new(BinaryExpr::new(
+            Arc::new(BinaryExpr::new(r_ts.clone(), Op::GtEq, shifted(lo))),
+            Op::And,
+            Arc::new(BinaryExpr::new(r_ts, Op::LtEq, shifted(hi))),
+        ));
+        let indices =
+            vec![ColumnIndex { index: 2, side: JoinSide::Left }, ColumnIndex { index: 2, side: JoinSide::Right }];
+        let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let spec = JoinSpec {
+            join_type,
+            on: vec![(key.clone(), key)],
+            filter: Some(JoinFilter::new(expression, indices, times)),
+            nulls_equal: false,
+            projection: None,
+            bounds: [
+                vec![TimeBound { column: 2, plus: hi, time: 2, time_offset: 0 }],
+                vec![TimeBound { column: 2, plus: -lo, time: 2, time_offset: 0 }],
+            ],
+        };
+        let output = match join_type {
+            JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti => schema(),
+            _ => Arc::new(Schema::new(
+                schema().fields().iter().chain(schema().fields().iter()).cloned().collect::<Vec<_>>(),
+            )),
+        };
+        IntervalJoin::try_new(spec, schema(), schema(), output).unwrap()
+    }
+
+    fn text(batches: &[RecordBatch]) -> Vec<String> {
+        let mut rows: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(move |row| {
+                    let cells: Vec<String> =
+                        b.columns().iter().map(|c| array_value_to_string(c, row).unwrap_or_default()).collect();
+                    cells.join(",")
+                })
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// The join worked out pair by pair.
+    fn reference(join_type: JoinType, lo: i64, hi: i64, left: &[Row], right: &[Row]) -> Vec<String> {
+        let pair = |l: &Row, r: &Row| l.0 == r.0 && r.2 >= l.2 + lo && r.2 <= l.2 + hi;
+        let cells = |r: Option<&Row>| match r {
+            Some(r) => format!("{},{},{}", r.0, r.1, r.2),
+            None => ",,".to_string(),
+        };
+        let mut rows = Vec::new();
+        let matched_left = |l: &Row| right.iter().any(|r| pair(l, r));
+        let matched_right = |r: &Row| left.iter().any(|l| pair(l, r));
+        match join_type {
+            JoinType::LeftSemi | JoinType::LeftAnti => {
+                let semi = join_type == JoinType::LeftSemi;
+                rows.extend(left.iter().filter(|l| matched_left(l) == semi).map(|l| cells(Some(l))));
+            }
+            JoinType::RightSemi | JoinType::RightAnti => {
+                let semi = join_type == JoinType::RightSemi;
+                rows.extend(right.iter().filter(|r| matched_right(r) == semi).map(|r| cells(Some(r))));
+            }
+            _ => {
+                for l in left {
+                    for r in right.iter().filter(|r| pair(l, r)) {
+                        rows.push(format!("{},{}", cells(Some(l)), cells(Some(r))));
+                    }
+                }
+                if matches!(join_type, JoinType::Left | JoinType::Full) {
+                    let padded = left.iter().filter(|l| !matched_left(l));
+                    rows.extend(padded.map(|l| format!("{},{}", cells(Some(l)), cells(None))));
+                }
+                if matches!(join_type, JoinType::Right | JoinType::Full) {
+                    let padded = right.iter().filter(|r| !matched_right(r));
+                    rows.extend(padded.map(|r| format!("{},{}", cells(None), cells(Some(r)))));
+                }
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Rows along a clock, each lagging it by less than the watermark bound (none late).
+    fn rows(next: &mut impl FnMut(u64) -> u64, count: usize) -> Vec<Row> {
+        let mut clock = 0;
+        (0..count)
+            .map(|_| {
+                clock += next(3) as i64;
+                (next(3) as i64, next(100) as i64, clock - next(BOUND as u64) as i64)
+            })
+            .collect()
+    }
+
+    /// Feeds both sides in a random interleaving, a few rows at a time, each followed by its side's watermark (the
+    /// largest time so far less the bound), checkpointing and restarting from the checkpoint at random points.
+    fn run(
+        next: &mut impl FnMut(u64) -> u64,
+        new: impl Fn() -> IntervalJoin,
+        left: &[Row],
+        right: &[Row],
+    ) -> Vec<String> {
+        let store = MemoryStore::new();
+        let table = StateTable::new("join");
+        let mut op = new();
+        let mut out = Vec::new();
+        let sides = [left, right];
+        let mut at = [0usize, 0];
+        let mut newest = [i64::MIN, i64::MIN];
+        while at[0] < left.len() || at[1] < right.len() {
+            let side = if at[0] == left.len() {
+                RIGHT
+            } else if at[1] == right.len() {
+                LEFT
+            } else {
+                next(2) as usize
+            };
+            let end = (at[side] + 1 + next(3) as usize).min(sides[side].len());
+            let rows = &sides[side][at[side]..end];
+            at[side] = end;
+            op.on_data(side, &batch(rows), &mut out).unwrap();
+            newest[side] = rows.iter().map(|r| r.2).fold(newest[side], i64::max);
+            op.on_watermark(side, newest[side] - BOUND, &mut out).unwrap();
+            if next(4) == 0 {
+                let mut writes = WriteBatch::default();
+                op.checkpoint(&table, &mut writes).unwrap();
+                store.write(&writes).unwrap();
+                if next(2) == 0 {
+                    op = new();
+                    op.restore(&table, &store).unwrap();
+                }
+            }
+        }
+        op.on_watermark(LEFT, i64::MAX, &mut out).unwrap();
+        op.on_watermark(RIGHT, i64::MAX, &mut out).unwrap();
+        assert_eq!(op.kept_rows(), [0, 0], "every row leaves once both inputs end");
+        assert_eq!(op.late_rows(), 0, "no row lags by the bound");
+        text(&out)
+    }
+
+    #[test]
+    fn every_join_type_equals_the_pairwise_join_whatever_the_interleaving_and_restarts() {
+        let mut next = crate::test_rng(0x5eed_f00d);
+        let types = [
+            JoinType::Inner,
+            JoinType::Left,
+            JoinType::Right,
+            JoinType::Full,
+            JoinType::LeftSemi,
+            JoinType::LeftAnti,
+            JoinType::RightSemi,
+            JoinType::RightAnti,
+        ];
+        for case in 0..64 {
+            let join_type = types[case % types.len()];
+            let lo = next(7) as i64 - 4;
+            let hi = lo + next(6) as i64;
+            let (lefts, rights) = (20 + next(40) as usize, 20 + next(40) as usize);
+            let left = rows(&mut next, lefts);
+            let right = rows(&mut next, rights);
+            let expected = reference(join_type, lo, hi, &left, &right);
+            let got = run(&mut next, || join(join_type, lo, hi), &left, &right);
+            assert_eq!(got, expected, "{join_type} with r.ts in [l.ts + {lo}, l.ts + {hi}]");
+        }
+    }
+
+    #[test]
+    fn a_row_behind_its_sides_watermark_is_set_aside() {
+        let mut op = join(JoinType::Inner, 0, 10);
+        let mut out = Vec::new();
+        op.on_data(RIGHT, &batch(&[(1, 0, 5)]), &mut out).unwrap();
+        op.on_watermark(LEFT, 4, &mut out).unwrap();
+        // Time 4 is not after the left watermark 4: late, though it would match the right row at 5.
+        op.on_data(LEFT, &batch(&[(1, 1, 4), (1, 2, 5)]), &mut out).unwrap();
+        assert_eq!(op.late_rows(), 1);
+        assert_eq!(text(&op.take_late()), vec!["1,1,4"]);
+        assert_eq!(text(&out), vec!["1,2,5,1,0,5"]);
+    }
+}
