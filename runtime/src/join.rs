@@ -391,12 +391,12 @@ impl IntervalJoin {
     /// Releases the rows of `side` whose deadline `watermark` (the other side's) has reached, emitting the unmatched
     /// ones of an outer or anti join.
     fn expire(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
-        let emits = match (self.spec.join_type, side) {
-            (JoinType::Full, _) => true,
-            (JoinType::Left | JoinType::LeftAnti, LEFT) => true,
-            (JoinType::Right | JoinType::RightAnti, RIGHT) => true,
-            _ => false,
-        };
+        let emits = matches!(
+            (self.spec.join_type, side),
+            (JoinType::Full, _)
+                | (JoinType::Left | JoinType::LeftAnti, LEFT)
+                | (JoinType::Right | JoinType::RightAnti, RIGHT)
+        );
         let state = &mut self.sides[side];
         let mut unmatched: Vec<RowRef> = Vec::new();
         let mut emptied = Vec::new();
@@ -502,7 +502,10 @@ impl Checkpointed for IntervalJoin {
                 match state.slots.get_mut(&slot) {
                     Some(kept) => {
                         if !kept.saved {
-                            batch.put(table.key(&slot_key(ROWS, side, slot)), encode_batches(&[kept.rows.clone()])?);
+                            batch.put(
+                                table.key(&slot_key(ROWS, side, slot)),
+                                encode_batches(std::slice::from_ref(&kept.rows))?,
+                            );
                             kept.saved = true;
                         }
                         batch.put(table.key(&slot_key(FLAGS, side, slot)), kept.flags.clone());
