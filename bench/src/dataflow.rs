@@ -14,7 +14,7 @@ use datafusion::catalog::MemTable;
 use datafusion::common::DFSchema;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
-use weir_common::plan::WatermarkSpec;
+use weir_common::plan::{InputWatermark, WatermarkSpec};
 use weir_planner::WeirStatement;
 use weir_planner::streaming::Readable;
 use weir_runtime::materialize::ViewChange;
@@ -44,7 +44,7 @@ pub(crate) async fn plan_pipeline(
     let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
     weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
     let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
-    let readable = Readable { schema: schema.clone(), event_time: Some(time_column) };
+    let readable = Readable { schema: schema.clone(), watermark: vec![(time_column, 0)] };
     let sources = HashMap::from([(table.to_string(), readable)]);
     let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, emit_on_window_close)
         .await
@@ -55,7 +55,7 @@ pub(crate) async fn plan_pipeline(
     let expr = weir_planner::source::intervals_as_durations(expr, *unit);
     let expr = ctx.create_physical_expr(expr, &df_schema)?;
     let watermark = WatermarkSpec { column: time_column, expr };
-    Pipeline::try_new(plan, vec![Some(watermark)], ctx.task_ctx()).context("starting the pipeline")
+    Pipeline::try_new(plan, vec![InputWatermark::Assigned(watermark)], ctx.task_ctx()).context("starting the pipeline")
 }
 
 /// Pushes batches through a pipeline and ends an epoch every epoch interval.

@@ -297,6 +297,13 @@ pub trait SourceReader: Send + fmt::Debug {
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError>;
 
+    /// The watermark the upstream gives with its rows, as of the last batch handed out: a relation read as a stream
+    /// (a view over another view) passes its own on. A reader whose upstream has one hands out an empty batch when
+    /// only the watermark moved. `None` for sources, whose watermark is worked out from their rows.
+    fn watermark(&self) -> Option<crate::stream::Watermark> {
+        None
+    }
+
     /// Takes the records set aside since the last call because they could not be decoded.
     fn take_rejected(&mut self) -> Vec<Rejected> {
         Vec::new()

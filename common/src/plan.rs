@@ -61,6 +61,17 @@ pub struct MatchRecognizeStage {
     pub spec: MatchRecognize,
 }
 
+/// Where the watermark of an input of a view comes from.
+#[derive(Debug, Clone)]
+pub enum InputWatermark {
+    /// The input has none.
+    None,
+    /// Worked out from its rows: a source's `WATERMARK FOR column AS expr`.
+    Assigned(WatermarkSpec),
+    /// Given with its rows by the relation read (a view read as a stream passes its own on).
+    Passed,
+}
+
 /// A source's `WATERMARK FOR column AS expr`, compiled.
 #[derive(Debug, Clone)]
 pub struct WatermarkSpec {

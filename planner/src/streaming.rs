@@ -37,12 +37,12 @@ use weir_common::plan::{
 use crate::graph::{Bounds, GraphBuilder, expr_bound, plan_bounds, watermark_of};
 use weir_common::{ErrorReport, SqlState};
 
-/// A relation a view can read as a stream, as the planner sees it: its rows' schema and the column its watermark
-/// bounds, if it has one.
+/// A relation a view can read as a stream, as the planner sees it: its rows' schema and the columns its watermark
+/// bounds, with their offsets (a source's event time with 0; what a view passes on).
 #[derive(Debug, Clone)]
 pub struct Readable {
     pub schema: SchemaRef,
-    pub event_time: Option<usize>,
+    pub watermark: Vec<(usize, i64)>,
 }
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -74,8 +74,10 @@ pub async fn plan_streaming(
                 }
             };
             let mut bounds = vec![None; readable.schema.fields().len()];
-            if let Some(slot) = readable.event_time.and_then(|c| bounds.get_mut(c)) {
-                *slot = Some(0);
+            for (column, offset) in &readable.watermark {
+                if let Some(slot) = bounds.get_mut(*column) {
+                    *slot = Some(*offset);
+                }
             }
             scans.push((feed.clone(), input, bounds));
             let provider = Arc::new(FeedProvider { name: name.clone(), feed, schema: readable.schema.clone() });
@@ -181,7 +183,20 @@ pub async fn plan_match_recognize(
         return Err(unsupported("MATCH_RECOGNIZE over an aggregation in the same materialized view")
             .with_hint("Match over the rows of a source or table; aggregate the matches in a view over this one."));
     }
-    let readable = Readable { schema, event_time: None };
+    // A match decided after the matcher's watermark `W` starts after `W - WITHIN`: each row time of it (a measure
+    // such as `MATCH_ROWTIME()`) is bounded with offset `-WITHIN`.
+    let time = stage.spec.order_by.first().map(|(c, _)| *c);
+    let mut matched: Bounds = vec![None; schema.fields().len()];
+    if let (Some(time), Some(within)) = (time, stage.spec.within) {
+        for (name, measure) in &stage.spec.measures {
+            if measure.is_row_time(time)
+                && let Ok(column) = schema.index_of(name)
+            {
+                matched[column] = within.checked_neg();
+            }
+        }
+    }
+    let readable = Readable { schema, watermark: vec![] };
     let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), readable)]), false).await?;
     if over.aggregate().is_some() {
         return Err(unsupported("aggregating the matches of MATCH_RECOGNIZE in the same materialized view")
@@ -198,21 +213,21 @@ pub async fn plan_match_recognize(
     let input = below.root();
     // Rows are matched in the order of the first ORDER BY column as the watermark passes them.
     let bounds = below.nodes.get(input).map(|n| n.watermark.clone()).unwrap_or_default();
-    let time = stage.spec.order_by.first().map(|(c, _)| *c);
     let shift = bounds.iter().find(|(c, _)| Some(*c) == time).map(|(_, offset)| *offset);
+    let output = plan_bounds(&above.1, &[(above.0.clone(), matched)]);
     below.nodes.push(PlanNode {
         operator: NodeOperator::MatchRecognize { stage, above: Some(above), shift },
         inputs: vec![input],
         schema: over.schema.clone(),
         append_only: true,
-        watermark: vec![],
+        watermark: watermark_of(&output),
     });
     Ok(StreamingPlan { inputs: below.inputs, nodes: below.nodes, schema: over.schema, emit_on_window_close: false })
 }
 
 /// Whether every relation the view reads has a watermark (when one has none, the server says so by name).
 fn every_input_has_watermark(streams: &[StreamInput], inputs: &HashMap<String, Readable>) -> bool {
-    streams.iter().all(|s| inputs.get(&s.relation).is_some_and(|r| r.event_time.is_some()))
+    streams.iter().all(|s| inputs.get(&s.relation).is_some_and(|r| !r.watermark.is_empty()))
 }
 
 fn needs_window() -> ErrorReport {

@@ -12,7 +12,8 @@
 //! every appended batch, with no gap and no overlap, for views defined over it. Stream readers only get rows that
 //! are durable: a view's appended rows once [`ViewStore::committed`] says the checkpoint holding them is written, a
 //! table's as [`ViewStore::append_durably`] writes them. So a reader's position (rows read) never runs ahead of what
-//! the relation gets back after a crash. [`ViewStore::subscribe_changes`]
+//! the relation gets back after a crash. A view's watermark ([`ViewStore::set_watermark`]) reaches its stream
+//! readers the same way, after the rows it covers. [`ViewStore::subscribe_changes`]
 //! hands out every change the same way, windows replaced with their rows before and after, for sinks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -25,6 +26,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::mpsc;
 use weir_common::connector::{ConnectorError, SourceReader};
 use weir_common::sink::RowChange;
+use weir_common::stream::Watermark;
 
 use crate::state::{
     StateError, StateStore, StateTable, WriteBatch, decode_batches, decode_i64, encode_batches, encode_i64,
@@ -56,7 +58,10 @@ pub struct ViewStore {
 struct Contents {
     appended: Vec<RecordBatch>,
     windows: BTreeMap<i64, Vec<RecordBatch>>,
-    subscribers: Vec<mpsc::UnboundedSender<RecordBatch>>,
+    subscribers: Vec<mpsc::UnboundedSender<Published>>,
+    /// The watermark of the rows appended so far, and the one stream readers were given.
+    watermark: Option<Watermark>,
+    released_watermark: Option<Watermark>,
     /// Sinks: each epoch's changes.
     change_subscribers: Vec<(mpsc::UnboundedSender<Vec<RowChange>>, Arc<AtomicUsize>)>,
     /// How many of `appended` the last checkpoint wrote.
@@ -108,7 +113,7 @@ impl ViewStore {
                         match self.keep_appended {
                             true => contents.appended.push(batch),
                             // Nothing to hold back for: a passing store's rows go to its readers at once.
-                            false => contents.subscribers.retain(|s| s.send(batch.clone()).is_ok()),
+                            false => contents.subscribers.retain(|s| s.send(Published::Rows(batch.clone())).is_ok()),
                         }
                     }
                 }
@@ -184,9 +189,11 @@ impl ViewStore {
     pub fn subscribe(&self) -> Subscription {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut contents = self.lock();
-        let backlog = contents.appended[..contents.released].iter().cloned().collect();
+        let mut backlog: VecDeque<Published> =
+            contents.appended[..contents.released].iter().cloned().map(Published::Rows).collect();
+        backlog.extend(contents.released_watermark.map(Published::Watermark));
         contents.subscribers.push(sender);
-        Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0 }
+        Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0, watermark: None }
     }
 
     /// How many appended rows the last [`ViewStore::restore`] brought back (0 for a store never restored).
@@ -203,11 +210,29 @@ impl ViewStore {
     /// it holds.
     pub fn committed(&self) {
         let mut contents = self.lock();
-        let Contents { appended, subscribers, released, saved_appends, .. } = &mut *contents;
+        let Contents { appended, subscribers, released, saved_appends, watermark, released_watermark, .. } =
+            &mut *contents;
         for batch in &appended[*released..*saved_appends] {
-            subscribers.retain(|s| s.send(batch.clone()).is_ok());
+            subscribers.retain(|s| s.send(Published::Rows(batch.clone())).is_ok());
         }
         *released = *saved_appends;
+        if let Some(w) = *watermark
+            && released_watermark.is_none_or(|r| w > r)
+        {
+            subscribers.retain(|s| s.send(Published::Watermark(w)).is_ok());
+            *released_watermark = Some(w);
+        }
+    }
+
+    /// The watermark of the rows applied so far (the view's output watermark after the epoch): stream readers get it
+    /// with those rows, once they are durable.
+    pub fn set_watermark(&self, watermark: Option<Watermark>) {
+        let mut contents = self.lock();
+        if let Some(w) = watermark
+            && contents.watermark.is_none_or(|old| w > old)
+        {
+            contents.watermark = Some(w);
+        }
     }
 
     /// Appends `batches` (a table's `INSERT`) once `write` has made them durable: `write` gets them, with anything
@@ -290,15 +315,25 @@ fn tagged(tag: u8, number: i64) -> Vec<u8> {
     key
 }
 
-/// The appended rows of a [`ViewStore`], as a source for other views. Its position is the number of rows read.
+/// What a [`ViewStore`] hands its stream readers.
+#[derive(Debug, Clone)]
+enum Published {
+    Rows(RecordBatch),
+    Watermark(Watermark),
+}
+
+/// The appended rows of a [`ViewStore`], as a source for other views, with the view's watermark. Its position is
+/// the number of rows read.
 #[derive(Debug)]
 pub struct Subscription {
     schema: SchemaRef,
-    backlog: VecDeque<RecordBatch>,
-    receiver: mpsc::UnboundedReceiver<RecordBatch>,
+    backlog: VecDeque<Published>,
+    receiver: mpsc::UnboundedReceiver<Published>,
     rows_read: u64,
     /// Rows still to pass over before handing any out (after a seek).
     skip: u64,
+    /// The view's watermark as of the rows handed out.
+    watermark: Option<Watermark>,
 }
 
 #[async_trait]
@@ -307,15 +342,22 @@ impl SourceReader for Subscription {
         self.schema.clone()
     }
 
-    /// Ends (`None`) only when the store is gone.
+    /// Ends (`None`) only when the store is gone. A batch without rows says the watermark moved.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
-            let batch = match self.backlog.pop_front() {
-                Some(batch) => batch,
+            let published = match self.backlog.pop_front() {
+                Some(published) => published,
                 None => match self.receiver.recv().await {
-                    Some(batch) => batch,
+                    Some(published) => published,
                     None => return Ok(None),
                 },
+            };
+            let batch = match published {
+                Published::Rows(batch) => batch,
+                Published::Watermark(w) => {
+                    self.watermark = Some(w);
+                    return Ok(Some(RecordBatch::new_empty(self.schema.clone())));
+                }
             };
             let skipped = self.skip.min(batch.num_rows() as u64);
             self.skip -= skipped;
@@ -325,6 +367,10 @@ impl SourceReader for Subscription {
                 return Ok(Some(batch));
             }
         }
+    }
+
+    fn watermark(&self) -> Option<Watermark> {
+        self.watermark
     }
 
     fn position(&self) -> Option<Vec<u8>> {

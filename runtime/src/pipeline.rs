@@ -34,7 +34,7 @@ use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use futures::TryStreamExt;
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
+use weir_common::plan::{InputWatermark, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
 use crate::join::IntervalJoin;
@@ -167,28 +167,26 @@ pub struct Pipeline {
     /// What the aggregation's (or the matcher's) watermark adds to the root's input watermark (see
     /// [`weir_common::plan::WatermarkShift`]); `None`: it sees none.
     shift: Option<i64>,
+    /// The root's output watermark: what the bounds of the plan's root node are relative to.
+    root_watermark: Option<Watermark>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
     /// Changes of the current epoch.
     pending: Vec<ViewChange>,
-    /// The view's column each epoch's matches are sorted by (see [`Pipeline::sort_matches_by`]).
-    sort_matches_by: Option<usize>,
     /// Restored from a checkpoint, and the restored watermarks not yet passed up the plan.
     restored: bool,
 }
 
 impl Pipeline {
-    /// `watermarks` has each input's watermark (in the order of `plan.inputs`), if it declares one.
-    pub fn try_new(
-        plan: StreamingPlan,
-        watermarks: Vec<Option<WatermarkSpec>>,
-        task: Arc<TaskContext>,
-    ) -> Result<Self> {
+    /// `watermarks` says where each input's watermark comes from (in the order of `plan.inputs`).
+    pub fn try_new(plan: StreamingPlan, watermarks: Vec<InputWatermark>, task: Arc<TaskContext>) -> Result<Self> {
         if watermarks.len() != plan.inputs.len() {
             return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
         }
-        let missing =
-            || plan.inputs.iter().zip(&watermarks).find(|(_, w)| w.is_none()).map(|(i, _)| i.relation.clone());
+        let missing = || {
+            let mut inputs = plan.inputs.iter().zip(&watermarks);
+            inputs.find(|(_, w)| matches!(w, InputWatermark::None)).map(|(i, _)| i.relation.clone())
+        };
         let parents = plan.parents();
         let mut nodes = Vec::with_capacity(plan.nodes.len());
         let mut scans = vec![Vec::new(); plan.inputs.len()];
@@ -265,7 +263,13 @@ impl Pipeline {
                 said: Port::Unknown,
             });
         }
-        let inputs = watermarks.into_iter().map(Input::new).collect();
+        let inputs = watermarks
+            .into_iter()
+            .map(|w| match w {
+                InputWatermark::Assigned(spec) => Input::new(Some(spec)),
+                _ => Input::new(None),
+            })
+            .collect();
         Ok(Pipeline {
             plan,
             inputs,
@@ -275,18 +279,11 @@ impl Pipeline {
             aggregate,
             above,
             shift,
+            root_watermark: None,
             task,
             pending: Vec::new(),
-            sort_matches_by: None,
             restored: false,
         })
-    }
-
-    /// Sorts the matches decided at each watermark by the view's column `column` (a row time of each match), so that
-    /// views reading this one as a stream see them in its order within each step: matches decided later start less
-    /// than `WITHIN` before this step's watermark, so that column less the bound is their watermark.
-    pub fn sort_matches_by(&mut self, column: usize) {
-        self.sort_matches_by = Some(column);
     }
 
     /// Schema of the view's rows.
@@ -424,6 +421,25 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The watermark the view's rows carry: every later row has each column its plan's root bounds past it (with
+    /// the column's offset). Views reading this one as a stream get it with the rows.
+    pub fn output_watermark(&self) -> Option<Watermark> {
+        self.root_watermark
+    }
+
+    /// The relation input `input` reads moved its watermark to `watermark` (for an input whose watermark is
+    /// [`InputWatermark::Passed`] with its rows).
+    pub async fn pass_watermark(&mut self, input: usize, watermark: Watermark) -> Result<()> {
+        self.resume().await?;
+        let Some(state) = self.inputs.get_mut(input) else { return Ok(()) };
+        let split = state.split(0);
+        if split.watermark.is_some_and(|w| w >= watermark) {
+            return Ok(());
+        }
+        split.watermark = Some(watermark);
+        self.input_changed(input).await
+    }
+
     /// Input `input` has ended; when every input has, every window closes.
     pub async fn end(&mut self, input: usize) -> Result<()> {
         self.resume().await?;
@@ -459,6 +475,7 @@ impl Pipeline {
                 }
                 if let Some(Port::At(w)) = watermark {
                     self.combined = Some(w);
+                    self.root_watermark = Some(w);
                 }
                 return Ok(());
             };
@@ -499,7 +516,9 @@ impl Pipeline {
                     {
                         self.combined = Some(w);
                         if let Some(shift) = self.shift {
-                            self.watermark_reached(w.saturating_add(shift)).await?;
+                            let shifted = w.saturating_add(shift);
+                            self.watermark_reached(shifted).await?;
+                            self.root_watermark = Some(shifted);
                         }
                     }
                     return Ok(());
@@ -688,10 +707,7 @@ impl Pipeline {
             // Matches are final once decided.
             Some(Aggregation::Matches(matches)) => {
                 if let Some(rows) = matches.advance(watermark)? {
-                    let mut rows = above(&self.above, rows, &self.task).await?;
-                    if let Some(column) = self.sort_matches_by {
-                        rows = sorted_by(&self.plan.schema, rows, column)?;
-                    }
+                    let rows = above(&self.above, rows, &self.task).await?;
                     self.pending.push(ViewChange::Append(rows));
                 }
             }
@@ -699,14 +715,6 @@ impl Pipeline {
         }
         Ok(())
     }
-}
-
-/// `batches` as one batch sorted by column `column`.
-fn sorted_by(schema: &SchemaRef, batches: Vec<RecordBatch>, column: usize) -> Result<Vec<RecordBatch>> {
-    let arrow = |e: datafusion::arrow::error::ArrowError| RuntimeError::Expr(e.into());
-    let batch = datafusion::arrow::compute::concat_batches(schema, &batches).map_err(arrow)?;
-    let order = datafusion::arrow::compute::sort_to_indices(batch.column(column), None, None).map_err(arrow)?;
-    Ok(vec![datafusion::arrow::compute::take_record_batch(&batch, &order).map_err(arrow)?])
 }
 
 /// The key of value `tag` of split `split` of input `input`.

@@ -38,18 +38,16 @@ pub struct Relation {
     pub store: Option<Arc<ViewStore>>,
     /// Whether other views can read it as a stream: sources, tables and views that only ever gain rows.
     pub append_only: bool,
-    /// For a materialized view whose rows arrive in the order of a timestamp column, give or take a bound: that
-    /// column and the bound, in the column's units. Each window emitted once, when it closes, comes in `window_end`
-    /// order (a bound of 1: windows ending together); a match of `MATCH_RECOGNIZE ... WITHIN w` comes less than `w`
-    /// after the row times (`MATCH_ROWTIME()`) of those before it. Views reading it take the column less the bound
-    /// as their watermark.
-    pub ordered_by: Option<(String, i64)>,
+    /// For an append-only materialized view: the columns its watermark bounds, each with its offset (every later
+    /// row has `column > W + offset`, `W` the watermark the view passes on with its rows), as its plan worked them
+    /// out. Views reading it as a stream get its watermark with its rows.
+    pub watermark: Vec<(usize, i64)>,
 }
 
 impl Relation {
     pub fn new(def: RelationDef, provider: Arc<dyn TableProvider>) -> Self {
         let append_only = matches!(def.kind, RelationKind::Source | RelationKind::Table);
-        Relation { id: 0, def: Arc::new(def), provider, source: None, store: None, append_only, ordered_by: None }
+        Relation { id: 0, def: Arc::new(def), provider, source: None, store: None, append_only, watermark: vec![] }
     }
 
     /// A materialized view whose rows live in `store`.
@@ -62,7 +60,7 @@ impl Relation {
             source: None,
             store: Some(store),
             append_only,
-            ordered_by: None,
+            watermark: vec![],
         }
     }
 
@@ -71,16 +69,29 @@ impl Relation {
         self
     }
 
-    pub fn with_ordered_by(mut self, ordered_by: Option<(String, i64)>) -> Self {
-        self.ordered_by = ordered_by;
+    pub fn with_watermark(mut self, watermark: Vec<(usize, i64)>) -> Self {
+        self.watermark = watermark;
         self
     }
 
-    /// The column the relation's watermark bounds: a source's or table's `WATERMARK FOR` column, or the column a
-    /// view's rows arrive in order of.
+    /// The column the relation's watermark bounds: a source's or table's `WATERMARK FOR` column, or the first column
+    /// a view's watermark bounds.
     pub fn event_time(&self) -> Option<String> {
         let declared = self.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.column.value.to_lowercase());
-        declared.or_else(|| self.ordered_by.as_ref().map(|(column, _)| column.clone()))
+        let passed =
+            || self.watermark.first().and_then(|(c, _)| self.def.schema.fields().get(*c)).map(|f| f.name().clone());
+        declared.or_else(passed)
+    }
+
+    /// The columns its watermark bounds, with their offsets: a source's event-time column (offset 0), or what a
+    /// view passes on.
+    pub fn watermark_columns(&self) -> Vec<(usize, i64)> {
+        match self.source.as_ref().and_then(|s| s.watermark.as_ref()) {
+            Some(w) => {
+                self.def.schema.index_of(&w.column.value.to_lowercase()).map(|c| vec![(c, 0)]).unwrap_or_default()
+            }
+            None => self.watermark.clone(),
+        }
     }
 }
 

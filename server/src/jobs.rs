@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weir_common::connector::{ConnectorError, Rejected, SourceReader, SourceStats};
+use weir_common::stream::Watermark;
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
@@ -57,8 +58,8 @@ pub struct Dataflow {
     pub append_only: bool,
     /// Converts the inputs' event time to milliseconds, for reporting.
     pub ms_per_unit: f64,
-    /// The timestamp column the output rows arrive in order of, give or take a bound (see `Relation::ordered_by`).
-    pub ordered_by: Option<(String, i64)>,
+    /// The columns the output watermark bounds, with their offsets (see `Relation::watermark`).
+    pub watermark: Vec<(usize, i64)>,
 }
 
 /// What a session can ask of a running view.
@@ -474,7 +475,8 @@ async fn run(
                                 Some(batch) => {
                                     task.progress.set_aside(readers[input].take_rejected());
                                     let split = (readers[input].last_split(), readers[input].split_count());
-                                    task.step(input, split, batch, &mut reading).await;
+                                    let upstream = readers[input].watermark();
+                                    task.step(input, split, batch, upstream, &mut reading).await;
                                 }
                                 None => break,
                             }
@@ -508,7 +510,8 @@ async fn run(
                 if reading.contains(&true) && task.store.sink_backlog() <= crate::sinks::MAX_SINK_BACKLOG_ROWS => {
                 task.progress.set_aside(readers[input].take_rejected());
                 let split = (readers[input].last_split(), readers[input].split_count());
-                task.step(input, split, batch, &mut reading).await;
+                let upstream = readers[input].watermark();
+                task.step(input, split, batch, upstream, &mut reading).await;
                 if !reading.contains(&true) {
                     task.publish(&mut readers, true).await;
                 }
@@ -535,12 +538,14 @@ async fn next_batch_of(
 
 impl ViewTask {
     /// Processes what input `input` returned, marking in `reading` the inputs that ended (or, after a failure, all).
-    /// `split` is the split the batch came from and how many splits the input has.
+    /// `split` is the split the batch came from and how many splits the input has; `upstream` the watermark a
+    /// relation read as a stream passed on with it.
     async fn step(
         &mut self,
         input: usize,
         (split, splits): (usize, usize),
         batch: Result<Option<RecordBatch>, ConnectorError>,
+        upstream: Option<Watermark>,
         reading: &mut [bool],
     ) {
         let view = &self.view;
@@ -555,7 +560,13 @@ impl ViewTask {
                     seen[split] = Instant::now();
                 }
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                self.pipeline.push_split(input, split, batch).await
+                match self.pipeline.push_split(input, split, batch).await {
+                    Ok(()) => match upstream {
+                        Some(w) => self.pipeline.pass_watermark(input, w).await,
+                        None => Ok(()),
+                    },
+                    failed => failed,
+                }
             }
             Ok(None) => {
                 reading[input] = false;
@@ -657,6 +668,7 @@ impl ViewTask {
         match self.pipeline.publish().await {
             Ok(changes) => {
                 self.store.apply(changes);
+                self.store.set_watermark(self.pipeline.output_watermark());
                 self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);
                 let bytes = self.pipeline.state_bytes() + self.store.memory();
                 self.progress.state_bytes.store(bytes as u64, Ordering::Relaxed);

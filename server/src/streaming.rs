@@ -12,15 +12,14 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::catalog::view::ViewTable;
+use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchema, ScalarValue};
-use datafusion::logical_expr::{DdlStatement, LogicalPlan, Operator};
-use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
+use datafusion::logical_expr::{DdlStatement, LogicalPlan};
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::{MatchRecognizeStage, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
+use weir_common::plan::{InputWatermark, MatchRecognizeStage, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::WeirStatement;
 use weir_planner::row_pattern::RowPatternClause;
@@ -108,8 +107,8 @@ impl Session {
             definition: text.to_string(),
             depends_on: dataflow.depends_on.clone(),
         };
-        let relation =
-            Relation::stored(def, store.clone(), dataflow.append_only).with_ordered_by(dataflow.ordered_by.clone());
+        let watermark = if dataflow.append_only { dataflow.watermark.clone() } else { vec![] };
+        let relation = Relation::stored(def, store.clone(), dataflow.append_only).with_watermark(watermark);
         let id = self.engine.catalog.create(relation, false)?.unwrap_or_default();
         // A failure to restore is the view's status, not the statement's: the view exists, and says why it stopped.
         let _ = self.engine.jobs.start(name, id, dataflow, store, text, memory_limit);
@@ -157,10 +156,13 @@ impl Session {
             if let Some(column) = input.event_time() {
                 ms_per_unit = unit_ms(&input.def.schema, &column);
             }
-            let watermark = match (&input.source, &input.ordered_by) {
-                (Some(source), _) => self.watermark(&input.def.name, source, &input.def.schema)?,
-                (None, Some((column, bound))) => Some(ordered_watermark(&input.def.schema, column, *bound)?),
-                (None, None) => None,
+            let watermark = match &input.source {
+                Some(source) => match self.watermark(&input.def.name, source, &input.def.schema)? {
+                    Some(spec) => InputWatermark::Assigned(spec),
+                    None => InputWatermark::None,
+                },
+                None if !input.watermark.is_empty() => InputWatermark::Passed,
+                None => InputWatermark::None,
             };
             readers.push(reader);
             idle_timeouts.push(timeout);
@@ -170,15 +172,8 @@ impl Session {
         depends_on.sort();
         depends_on.dedup();
         let append_only = plan.append_only();
-        let ordered_by = ordered_by(&plan);
-        let sort_by = match (plan.match_recognize(), &ordered_by) {
-            (Some(_), Some((column, _))) => plan.schema.index_of(column).ok(),
-            _ => None,
-        };
-        let mut pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
-        if let Some(column) = sort_by {
-            pipeline.sort_matches_by(column);
-        }
+        let watermark = plan.nodes.get(plan.root()).map(|n| n.watermark.clone()).unwrap_or_default();
+        let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
         Ok(Dataflow {
             pipeline,
@@ -187,7 +182,7 @@ impl Session {
             depends_on,
             append_only,
             ms_per_unit,
-            ordered_by,
+            watermark,
         })
     }
 
@@ -264,10 +259,7 @@ impl Session {
             .list()
             .into_iter()
             .filter(|r| r.def.kind != RelationKind::View)
-            .map(|r| {
-                let event_time = r.event_time().and_then(|column| r.def.schema.index_of(&column).ok());
-                (r.def.name.clone(), Readable { schema: r.def.schema.clone(), event_time })
-            })
+            .map(|r| (r.def.name.clone(), Readable { schema: r.def.schema.clone(), watermark: r.watermark_columns() }))
             .collect();
         let state = self.ctx.state();
         let plan = match matching {
@@ -582,9 +574,9 @@ fn no_view_watermark(what: &str, view: &str) -> ErrorReport {
     ErrorReport::new(
         SqlState::FEATURE_NOT_SUPPORTED,
         format!(
-            "{what} needs a watermark, and materialized view \"{view}\" passes none on: only a view emitting each \
-             window once, when it closes (by window_end), or a MATCH_RECOGNIZE view with WITHIN and a \
-             MATCH_ROWTIME() measure has its rows in event-time order"
+            "{what} needs a watermark, and materialized view \"{view}\" passes none on: none of its columns is \
+             bounded by one (as a window's end is in a view emitting each window when it closes, a row time in a \
+             MATCH_RECOGNIZE view with WITHIN, or a time column of a join of streams)"
         ),
     )
 }
@@ -754,40 +746,6 @@ fn encoding(
     };
     options.finish(&format!("ENCODE {}", format.encode), valid)?;
     Ok(Some(encoding))
-}
-
-/// The timestamp column a view's rows arrive in order of, give or take a bound (see `Relation::ordered_by`): a view
-/// emitting each window once, when it closes, by `window_end` (bound 1); a `MATCH_RECOGNIZE ... WITHIN w` view by a
-/// measure that is a row time of the match (`MATCH_ROWTIME()`, `FIRST`/`LAST` of the event time), bound `w`. The
-/// column is found in the view's rows by name.
-fn ordered_by(plan: &StreamingPlan) -> Option<(String, i64)> {
-    let (column, bound) = match (plan.aggregate(), plan.match_recognize()) {
-        (Some(aggregate), _) if plan.emit_on_window_close && aggregate.window_end.is_some() => ("window_end", 1),
-        (None, Some(stage)) => {
-            let (time, _) = stage.spec.order_by.first()?;
-            let (name, _) = stage.spec.measures.iter().find(|(_, m)| m.is_row_time(*time))?;
-            (name.as_str(), stage.spec.within?)
-        }
-        _ => return None,
-    };
-    let field = plan.schema.field_with_name(column).ok()?;
-    matches!(field.data_type(), DataType::Timestamp(..)).then(|| (field.name().clone(), bound))
-}
-
-/// The watermark of a view's rows that arrive in order of timestamp `column` give or take `bound` units: the column
-/// less the bound.
-fn ordered_watermark(schema: &SchemaRef, column: &str, bound: i64) -> Result<WatermarkSpec, ErrorReport> {
-    let internal = || ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: ordering column {column}"));
-    let index = schema.index_of(column).map_err(|_| internal())?;
-    let bound = match schema.field(index).data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => ScalarValue::DurationSecond(Some(bound)),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => ScalarValue::DurationMillisecond(Some(bound)),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => ScalarValue::DurationMicrosecond(Some(bound)),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => ScalarValue::DurationNanosecond(Some(bound)),
-        _ => return Err(internal()),
-    };
-    let expr = BinaryExpr::new(Arc::new(Column::new(column, index)), Operator::Minus, lit(bound));
-    Ok(WatermarkSpec { column: index, expr: Arc::new(expr) })
 }
 
 /// Milliseconds per unit of timestamp column `column` (1 for `TIMESTAMP(3)`).
@@ -965,16 +923,17 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
         }
         NodeOperator::Scan { input } => {
             let Some(input) = inputs.get(*input) else { return };
-            let watermark = match (input.source.as_ref().and_then(|s| s.watermark.as_ref()), &input.ordered_by) {
-                (Some(watermark), _) => Some(format!("{} AS {}", watermark.column, watermark.expr)),
-                (None, Some((column, bound))) => Some(format!(
-                    "{column} AS {column} - {bound} unit(s) (rows arrive in its order, give or take that)"
-                )),
-                (None, None) => None,
-            };
-            if let Some(watermark) = watermark {
-                lines.push(format!("{}WatermarkAssigner: {watermark} [append-only]", pad(below)));
-                below += 1;
+            match input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
+                Some(watermark) => {
+                    let assigner = format!("WatermarkAssigner: {} AS {}", watermark.column, watermark.expr);
+                    lines.push(format!("{}{assigner} [append-only]", pad(below)));
+                    below += 1;
+                }
+                None if !input.watermark.is_empty() => {
+                    lines.push(format!("{}Watermark: passed on with the rows [append-only]", pad(below)));
+                    below += 1;
+                }
+                None => {}
             }
             let connector = input
                 .source

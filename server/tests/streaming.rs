@@ -18,7 +18,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::SqlState;
-use weir_common::plan::WatermarkSpec;
+use weir_common::plan::{InputWatermark, WatermarkSpec};
 use weir_planner::{WeirStatement, parse_sql};
 use weir_runtime::materialize::ViewStore;
 
@@ -112,7 +112,7 @@ async fn stream_mode(
     let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
     let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(
         streaming,
-        vec![Some(WatermarkSpec { column: 2, expr: watermark })],
+        vec![InputWatermark::Assigned(WatermarkSpec { column: 2, expr: watermark })],
         ctx.task_ctx(),
     )
     .unwrap();
@@ -222,7 +222,8 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
         let sources = HashMap::from([("bids".to_string(), readable())]);
         let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap();
         let store = ViewStore::new(streaming.schema.clone());
-        let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(streaming, vec![None], ctx.task_ctx()).unwrap();
+        let mut pipeline =
+            weir_runtime::pipeline::Pipeline::try_new(streaming, vec![InputWatermark::None], ctx.task_ctx()).unwrap();
         // Before any input: what the batch query gives over no rows.
         store.apply(pipeline.publish().await.unwrap());
         let empty = context(vec![]).await;
@@ -306,6 +307,6 @@ fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
 /// The bids table as a view reads it: its event time is `ts`.
 fn readable() -> weir_planner::streaming::Readable {
     let schema = schema();
-    let event_time = schema.index_of("ts").ok();
-    weir_planner::streaming::Readable { schema, event_time }
+    let watermark = schema.index_of("ts").map(|ts| vec![(ts, 0)]).unwrap_or_default();
+    weir_planner::streaming::Readable { schema, watermark }
 }
