@@ -105,13 +105,19 @@ impl Driver {
     }
 
     /// Pushes a batch of split `split` of `splits` (a Kafka partition).
-    pub(crate) async fn push_split(
+    pub(crate) async fn push_split(&mut self, splits: (usize, usize), batch: RecordBatch) -> anyhow::Result<()> {
+        self.push_to(0, splits, batch).await
+    }
+
+    /// Pushes a batch of split `split` of `splits` of input `input`.
+    pub(crate) async fn push_to(
         &mut self,
+        input: usize,
         (split, splits): (usize, usize),
         batch: RecordBatch,
     ) -> anyhow::Result<()> {
-        self.pipeline.set_splits(0, splits.max(split + 1));
-        self.pipeline.push_split(0, split, batch).await?;
+        self.pipeline.set_splits(input, splits.max(split + 1));
+        self.pipeline.push_split(input, split, batch).await?;
         if self.last_epoch.elapsed() >= self.epoch_interval {
             self.last_epoch = Instant::now();
             self.epoch().await?;
@@ -121,7 +127,14 @@ impl Driver {
 
     /// Ends the input, publishes the rest; returns the rows published in all.
     pub(crate) async fn finish(&mut self) -> anyhow::Result<u64> {
-        self.pipeline.end(0).await?;
+        self.finish_inputs(1).await
+    }
+
+    /// Ends the first `inputs` inputs, publishes the rest; returns the rows published in all.
+    pub(crate) async fn finish_inputs(&mut self, inputs: usize) -> anyhow::Result<u64> {
+        for input in 0..inputs {
+            self.pipeline.end(input).await?;
+        }
         self.last_checkpoint = Instant::now() - self.checkpoint_interval.unwrap_or_default();
         self.epoch().await?;
         Ok(self.published)

@@ -223,9 +223,13 @@ impl Aggregates {
     }
 
     /// Every group's accumulator state, row-encoded (row `g` is group `g`'s), leaving the groups as they were.
-    pub(crate) fn encode_states(&self, groups: &mut Groups) -> Result<Rows> {
+    pub(crate) fn encode_states(&self, groups: &mut Groups) -> Result<EncodedStates> {
         let states: Vec<ArrayRef> = groups.peek_states()?.into_iter().flatten().collect();
-        self.state_converter.convert_columns(&states).map_err(arrow_err)
+        if states.is_empty() {
+            // Keys only (`SELECT DISTINCT`): every group's state is empty.
+            return Ok(EncodedStates(None));
+        }
+        self.state_converter.convert_columns(&states).map(|rows| EncodedStates(Some(rows))).map_err(arrow_err)
     }
 
     /// Merges row-encoded states (from [`Aggregates::encode_states`]) into the groups with the keys next to them.
@@ -269,6 +273,19 @@ impl Aggregates {
             at += width;
         }
         Ok(())
+    }
+}
+
+/// Every group's aggregate states, row-encoded (see [`Aggregates::encode_states`]).
+pub(crate) struct EncodedStates(Option<Rows>);
+
+impl EncodedStates {
+    /// The states of group `group`: empty when the aggregation has no aggregates.
+    pub(crate) fn row(&self, group: usize) -> &[u8] {
+        match &self.0 {
+            Some(rows) => rows.row(group).data(),
+            None => &[],
+        }
     }
 }
 

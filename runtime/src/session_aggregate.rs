@@ -431,7 +431,7 @@ impl Checkpointed for SessionAggregate {
                     key.extend_from_slice(&encode_i64(session.start));
                     key.extend_from_slice(&session.groups.keys[group]);
                     let mut value = encode_i64(session.end).to_vec();
-                    value.extend_from_slice(states.row(group).as_ref());
+                    value.extend_from_slice(states.row(group));
                     batch.put(table.key(&key), value);
                 }
                 session.groups.changed.fill(false);

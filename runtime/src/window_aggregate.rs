@@ -194,7 +194,7 @@ impl Checkpointed for WindowAggregate {
                 if std::mem::take(changed) {
                     let mut key = group_prefix(end);
                     key.extend_from_slice(&window.keys[group]);
-                    batch.put(table.key(&key), rows.row(group).as_ref().to_vec());
+                    batch.put(table.key(&key), rows.row(group).to_vec());
                 }
             }
         }
