@@ -1,14 +1,15 @@
 //! Planning a materialized view's query as a streaming dataflow.
 //!
 //! DataFusion's SQL planner has already expanded plain views; the query is planned as usual, with each input
-//! relation's scan replaced by a [`FeedExec`] leaf. The physical plan is then cut at its aggregation: the stateless part below
-//! (filters, projections, window assignment, unnest) and the stateless part above run as DataFusion plans over feeds,
-//! and the `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no
-//! key is a `window_end`).
+//! relation's scan (subqueries' too) replaced by a [`FeedExec`] leaf. The physical plan is then cut at its
+//! aggregation: the part below becomes plan nodes ([`crate::graph`]: stateless DataFusion plans and the joins between
+//! them), the part above runs as a DataFusion plan over the aggregation's output, per window, and the
+//! `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no key is a
+//! `window_end`), which sees the watermark shifted by how its input's watermark bounds its window ends.
 //!
-//! Several inputs are fine where the plan combines them row by row (`UNION ALL`); what cannot run as a stream yet is
-//! refused with SQLSTATE 0A000 naming the construct: joins, ORDER BY or LIMIT over a whole stream, ranking across
-//! windows.
+//! Several inputs are fine where the plan combines them row by row (`UNION ALL`) or joins them within time bounds;
+//! what cannot run as a stream yet is refused with SQLSTATE 0A000 naming the construct: joins without time bounds,
+//! ORDER BY or LIMIT over a whole stream, ranking across windows.
 
 use std::collections::HashMap;
 use std::sync::Arc;

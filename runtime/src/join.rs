@@ -74,7 +74,7 @@ pub struct IntervalJoin {
     output: SchemaRef,
     sides: [Side; 2],
     watermarks: [Option<Watermark>; 2],
-    /// Whether the watermarks changed since the last checkpoint.
+    /// Whether the watermarks (or the count of late rows) changed since the last checkpoint.
     watermarks_dirty: bool,
     converter: RowConverter,
     late_rows: u64,
@@ -177,6 +177,7 @@ impl IntervalJoin {
         let kept = datafusion::arrow::compute::not(&late).map_err(arrow)?;
         let late_rows = filter_record_batch(batch, &late).map_err(arrow)?;
         self.late_rows += late_rows.num_rows() as u64;
+        self.watermarks_dirty = true;
         self.late.push(late_rows);
         filter_record_batch(batch, &kept).map_err(arrow)
     }
@@ -489,11 +490,12 @@ fn slot_key(tag: u8, side: usize, slot: u64) -> Vec<u8> {
 impl Checkpointed for IntervalJoin {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         if std::mem::take(&mut self.watermarks_dirty) {
-            let mut value = Vec::with_capacity(18);
+            let mut value = Vec::with_capacity(26);
             for w in self.watermarks {
                 value.push(u8::from(w.is_some()));
                 value.extend_from_slice(&encode_i64(w.unwrap_or_default()));
             }
+            value.extend_from_slice(&self.late_rows.to_be_bytes());
             batch.put(table.key(WATERMARKS), value);
         }
         for side in [LEFT, RIGHT] {
@@ -525,11 +527,14 @@ impl Checkpointed for IntervalJoin {
         self.sides = [Side::default(), Side::default()];
         self.watermarks = [None, None];
         self.watermarks_dirty = false;
+        self.late_rows = 0;
         if let Some(value) = store.get(&table.key(WATERMARKS))? {
             for side in [LEFT, RIGHT] {
                 let part = value.get(side * 9..side * 9 + 9).ok_or_else(|| corrupt("watermarks"))?;
                 self.watermarks[side] = (part[0] == 1).then(|| decode_i64(&part[1..])).transpose()?;
             }
+            let late = value.get(18..26).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("late rows"))?;
+            self.late_rows = u64::from_be_bytes(late);
         }
         let flags: HashMap<Vec<u8>, Vec<u8>> = table
             .scan_prefix(store, &[FLAGS])?
@@ -780,5 +785,14 @@ mod tests {
         assert_eq!(op.late_rows(), 1);
         assert_eq!(text(&op.take_late()), vec!["1,1,4"]);
         assert_eq!(text(&out), vec!["1,2,5,1,0,5"]);
+        // The count survives a restart.
+        let (store, table) = (MemoryStore::new(), StateTable::new("join"));
+        let mut writes = WriteBatch::default();
+        op.checkpoint(&table, &mut writes).unwrap();
+        store.write(&writes).unwrap();
+        let mut restored = join(JoinType::Inner, 0, 10);
+        restored.restore(&table, &store).unwrap();
+        assert_eq!(restored.late_rows(), 1);
+        assert_eq!(restored.kept_rows(), [1, 1]);
     }
 }
