@@ -3,7 +3,7 @@
 //! - `weir-bench nexmark q0 [--events N]`: Nexmark queries run as streaming dataflows over the in-process generator,
 //!   on one core: events per second and peak memory. Each run plans the query exactly as `CREATE MATERIALIZED VIEW`
 //!   does and drives the view's pipeline on the current thread; `source` measures the generator alone. The join
-//!   queries (q8, q9) read the person, auction and bid tables as sources of a Weir session, in event-time order.
+//!   queries (q3, q8, q9) read the person, auction and bid tables as sources of a Weir session, in event-time order.
 //! - `weir-bench match-recognize [--rows N] [--devices D]`: `MATCH_RECOGNIZE` with `PATTERN (A B+ C)` per device
 //!   over generated readings with bounded disorder, planned as a view is: rows per second on one core, peak memory.
 //! - `weir-bench kafka [--messages N]`: small JSON records read from a real Kafka-compatible broker (tansu, started
@@ -47,7 +47,7 @@ struct Args {
 enum Suite {
     /// Nexmark queries over the in-process generator.
     Nexmark {
-        /// Query: source, q0, q1, q2, q5, q8, q9, tumble.
+        /// Query: source, q0, q1, q2, q3, q5, q8, q9, tumble.
         query: String,
         /// Nexmark events to generate (bids are 46 of every 50).
         #[arg(long, default_value_t = 10_000_000)]

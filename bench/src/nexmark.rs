@@ -15,6 +15,12 @@ use crate::dataflow::{Driver, plan_pipeline};
 /// The Nexmark queries that join streams, over the sources `person`, `auction` and `bid`.
 fn join_sql(query: &str) -> Option<&'static str> {
     Some(match query {
+        // Local item suggestion: auctions of category 10 by sellers in Oregon, Idaho or California. A join without a
+        // time bound: both sides are kept for ever (as in every Nexmark implementation without a state TTL).
+        "q3" => {
+            "SELECT p.name, p.city, p.state, a.id FROM auction a JOIN person p ON a.seller = p.id \
+             WHERE a.category = 10 AND (p.state = 'OR' OR p.state = 'ID' OR p.state = 'CA')"
+        }
         // New users who opened an auction in the 10-second window they registered in: a window join (each person
         // once per window, however many auctions they opened).
         "q8" => {
@@ -139,7 +145,7 @@ fn query_sql(query: &str) -> anyhow::Result<Option<&'static str>> {
             "SELECT auction, window_start, window_end, count(*) AS bids \
              FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) GROUP BY auction, window_start, window_end"
         }
-        other => bail!("unknown query {other}; known: source, q0, q1, q2, q5, q8, q9, tumble"),
+        other => bail!("unknown query {other}; known: source, q0, q1, q2, q3, q5, q8, q9, tumble"),
     }))
 }
 

@@ -8,7 +8,9 @@
 //!   `+`/`-` of a constant, `weir_tumble_start` (a window starts less than its size before the row) and
 //!   `weir_prev_instant`; a filter keeps them; `UNION ALL` keeps the smallest offset of each column; anything else
 //!   bounds nothing (which is safe: a join then refuses what it cannot bound).
-//! - [`join_spec`]: a join's keys and residual filter, and the time bounds its condition puts on each side.
+//! - [`join_spec`]: a join's keys and residual filter, and the time bounds its condition puts on each side. A side
+//!   without a bound keeps its rows for ever: fine for inner and semi joins, refused where unmatched rows of it are
+//!   to be emitted (outer and anti joins), which would need retractions.
 
 use std::sync::Arc;
 
@@ -284,8 +286,8 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
     } else if let Some(join) = plan.downcast_ref::<NestedLoopJoinExec>() {
         (*join.join_type(), vec![], join.filter().cloned(), false, join.projection().as_ref().map(|p| p.to_vec()))
     } else if plan.name() == "CrossJoinExec" {
-        return Err(no_time_bound().with_hint(
-            "Join on a condition that bounds the two sides' event times, such as \
+        return Err(unsupported("a cross join of two streams in a materialized view").with_hint(
+            "Join on a condition: equal keys, and a bound on the two sides' event times such as \
              b.ts BETWEEN a.ts AND a.ts + INTERVAL '10' MINUTE.",
         ));
     } else {
@@ -308,8 +310,26 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
     if let Some(filter) = &filter {
         filter_bounds(filter, sides, &schemas, &mut bounds);
     }
-    if bounds.iter().any(Vec::is_empty) {
-        return Err(no_time_bound());
+    // A side without a bound keeps its rows for ever (an inner or semi join's output is append-only all the same);
+    // the side an outer or anti join emits unmatched rows of needs one, to know when a row has no partner.
+    for (side, name) in [(LEFT, "left"), (RIGHT, "right")] {
+        let emits_unmatched = matches!(
+            (join_type, side),
+            (JoinType::Full, _)
+                | (JoinType::Left | JoinType::LeftAnti, LEFT)
+                | (JoinType::Right | JoinType::RightAnti, RIGHT)
+        );
+        if emits_unmatched && bounds[side].is_empty() {
+            return Err(unsupported(&format!(
+                "a {} join of two streams without a time bound on its {name} rows",
+                join_type.to_string().to_uppercase()
+            ))
+            .with_hint(
+                "Bound the other side's event time by this side's in the condition (b.ts BETWEEN a.ts AND a.ts + \
+                 INTERVAL '10' MINUTE, both sides with a watermark), so that the watermark tells when a row has no \
+                 partner; joins whose rows are retracted later are not built yet.",
+            ));
+        }
     }
     Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds })
 }
@@ -396,13 +416,6 @@ fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2], left_width: usize) -
         Some(indices) => indices.iter().map(|i| joined.get(*i).copied().flatten()).collect(),
         None => joined,
     }
-}
-
-fn no_time_bound() -> ErrorReport {
-    unsupported("a join of two streams without a time bound on each side").with_hint(
-        "Bound the event times of both sides in the condition (an interval join: b.ts BETWEEN a.ts - INTERVAL '1' \
-         MINUTE AND a.ts + INTERVAL '10' MINUTE), or join two windowed streams on window_start and window_end.",
-    )
 }
 
 fn unsupported(what: &str) -> ErrorReport {

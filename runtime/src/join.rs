@@ -1,4 +1,5 @@
-//! The join of two streams whose state the watermarks bound: interval joins and window joins.
+//! The join of two append-only streams: interval joins and window joins, whose state the watermarks bound, and
+//! inner (or semi) joins with a side that keeps its rows for ever.
 //!
 //! Each side keeps its rows (the batches as they arrived, with a flag per row) indexed by join key. A new row is
 //! probed against the other side's kept rows with the same key, the residual filter decides each candidate pair, and
@@ -66,7 +67,8 @@ struct Side {
     bytes: usize,
 }
 
-/// A join of two append-only streams with a time bound on each side (see the module doc).
+/// A join of two append-only streams (see the module doc). A side without time bounds keeps its rows until its input
+/// ends.
 #[derive(Debug)]
 pub struct IntervalJoin {
     spec: JoinSpec,
@@ -601,6 +603,11 @@ mod tests {
 
     /// `k` equal and `r.ts BETWEEN l.ts + lo AND l.ts + hi`.
     fn join(join_type: JoinType, lo: i64, hi: i64) -> IntervalJoin {
+        join_keeping(join_type, lo, hi, None)
+    }
+
+    /// The same, side `unbounded` (if any) without its time bounds: its rows are kept until its input ends.
+    fn join_keeping(join_type: JoinType, lo: i64, hi: i64, unbounded: Option<usize>) -> IntervalJoin {
         let times = Arc::new(Schema::new(vec![
             Field::new("l_ts", DataType::Int64, true),
             Field::new("r_ts", DataType::Int64, true),
@@ -617,7 +624,7 @@ mod tests {
         let indices =
             vec![ColumnIndex { index: 2, side: JoinSide::Left }, ColumnIndex { index: 2, side: JoinSide::Right }];
         let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
-        let spec = JoinSpec {
+        let mut spec = JoinSpec {
             join_type,
             on: vec![(key.clone(), key)],
             filter: Some(JoinFilter::new(expression, indices, times)),
@@ -628,6 +635,9 @@ mod tests {
                 vec![TimeBound { column: 2, plus: -lo, time: 2, time_offset: 0 }],
             ],
         };
+        if let Some(side) = unbounded {
+            spec.bounds[side].clear();
+        }
         let output = match join_type {
             JoinType::LeftSemi | JoinType::LeftAnti | JoinType::RightSemi | JoinType::RightAnti => schema(),
             _ => Arc::new(Schema::new(
@@ -771,6 +781,12 @@ mod tests {
             let expected = reference(join_type, lo, hi, &left, &right);
             let got = run(&mut next, || join(join_type, lo, hi), &left, &right);
             assert_eq!(got, expected, "{join_type} with r.ts in [l.ts + {lo}, l.ts + {hi}]");
+            // An inner or semi join gives the same with a side that keeps its rows for ever.
+            if matches!(join_type, JoinType::Inner | JoinType::LeftSemi | JoinType::RightSemi) {
+                let side = next(2) as usize;
+                let got = run(&mut next, || join_keeping(join_type, lo, hi, Some(side)), &left, &right);
+                assert_eq!(got, expected, "{join_type} keeping side {side}'s rows");
+            }
         }
     }
 

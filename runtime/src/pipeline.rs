@@ -208,7 +208,9 @@ impl Pipeline {
                     let (Some(left), Some(right)) = (schema(0), schema(1)) else {
                         return Err(RuntimeError::Join("a join without two inputs".to_string()));
                     };
-                    if let Some(relation) = missing() {
+                    if spec.bounds.iter().any(|b| !b.is_empty())
+                        && let Some(relation) = missing()
+                    {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))

@@ -978,7 +978,10 @@ fn describe_join(
                     }
                 })
                 .collect();
-            format!("{this} rows kept until the {other} watermark reaches {}", bounds.join(" or "))
+            match bounds.is_empty() {
+                true => format!("{this} rows kept for ever"),
+                false => format!("{this} rows kept until the {other} watermark reaches {}", bounds.join(" or ")),
+            }
         })
         .collect();
     format!("IntervalJoin: type={}, on=[{}]{filter}; {}", spec.join_type, on.join(", "), kept.join("; "))

@@ -164,7 +164,7 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
 }
 
 /// Join queries over `{l}` and `{r}`: interval joins of every type (with a residual filter too), semi and anti joins
-/// from subqueries, a window join, and an aggregation over a join.
+/// from subqueries, a window join, an aggregation over a join, and an inner join without a time bound.
 const JOIN_QUERIES: &[&str] = &[
     "SELECT l.device, l.reading, r.reading AS r_reading, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r \
      ON l.device = r.device AND r.ts BETWEEN l.ts - INTERVAL '1' SECOND AND l.ts + INTERVAL '2' SECOND",
@@ -184,6 +184,7 @@ const JOIN_QUERIES: &[&str] = &[
      ON l.device = r.device AND l.window_start = r.window_start AND l.window_end = r.window_end",
     "SELECT l.device, count(*) AS n, sum(r.reading) AS total FROM {l} l JOIN {r} r \
      ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND GROUP BY l.device",
+    "SELECT l.device, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r ON l.device = r.device AND l.reading = r.reading",
 ];
 
 /// Random rows along a clock moving in steps of 100 ms, so that rows fall exactly on the joins' bounds:
