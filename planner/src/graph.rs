@@ -27,9 +27,11 @@ use datafusion::physical_plan::joins::utils::JoinFilter;
 use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
+use weir_common::ErrorReport;
 use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, TimeBound};
-use weir_common::{ErrorReport, SqlState};
+
+use crate::streaming::{df, internal, unsupported};
 
 /// Per column of a node's output: the offset its watermark bound has, if the watermark bounds it.
 pub type Bounds = Vec<Option<i64>>;
@@ -416,16 +418,4 @@ fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2], left_width: usize) -
         Some(indices) => indices.iter().map(|i| joined.get(*i).copied().flatten()).collect(),
         None => joined,
     }
-}
-
-fn unsupported(what: &str) -> ErrorReport {
-    ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"))
-}
-
-fn internal(what: &str) -> ErrorReport {
-    ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: streaming plan: {what}"))
-}
-
-fn df(err: datafusion::error::DataFusionError) -> ErrorReport {
-    ErrorReport::from_datafusion(&err, "")
 }

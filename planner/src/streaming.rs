@@ -588,15 +588,15 @@ fn replace(
     replace_children_if_necessary(plan.clone(), children).map_err(df)
 }
 
-fn unsupported(what: &str) -> ErrorReport {
+pub(crate) fn unsupported(what: &str) -> ErrorReport {
     ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{what} is not supported yet"))
 }
 
-fn internal(what: &str) -> ErrorReport {
+pub(crate) fn internal(what: &str) -> ErrorReport {
     ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: streaming plan: {what}"))
 }
 
-fn df(err: datafusion::error::DataFusionError) -> ErrorReport {
+pub(crate) fn df(err: datafusion::error::DataFusionError) -> ErrorReport {
     ErrorReport::from_datafusion(&err, "")
 }
 

@@ -83,6 +83,45 @@ async fn rows_of(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     rows
 }
 
+/// Waits until every view's input has ended (each file read to its end: every window closed), and checks that no
+/// row was late.
+async fn every_view_ended_without_late_rows(client: &Client) {
+    execute(client, "FLUSH").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let running = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE status <> 'ended'").await;
+        if running.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "views still running: {running:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        execute(client, "FLUSH").await;
+    }
+    let late = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE late_rows > 0").await;
+    assert!(late.is_empty(), "no row is late within the bound, yet: {late:?}");
+}
+
+/// Writes `rows` to a JSON-lines file under `dir` and declares source `source` reading it `batch_rows` at a time,
+/// with a watermark [`BOUND_MS`] behind.
+async fn file_source(client: &Client, dir: &std::path::Path, source: &str, rows: &[Row], batch_rows: usize) {
+    let mut lines = String::new();
+    for (d, r, ts) in rows {
+        writeln!(lines, r#"{{"device": "{d}", "reading": {r}, "ts": "{}"}}"#, timestamp(*ts)).expect("a string");
+    }
+    let path = dir.join(format!("{source}.jsonl"));
+    std::fs::write(&path, lines).expect("the test directory is writable");
+    execute(
+        client,
+        &format!(
+            "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3), \
+             WATERMARK FOR ts AS ts - INTERVAL '{BOUND_MS}' MILLISECOND) \
+             WITH (connector = 'file', path = '{}', 'batch.rows' = '{batch_rows}') FORMAT PLAIN ENCODE JSON",
+            path.display()
+        ),
+    )
+    .await;
+}
+
 async fn execute(client: &Client, sql: &str) {
     client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
@@ -113,23 +152,8 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
 
         // The streaming side: per variant a file in another order, read in batches of another size.
         for (variant, batch_rows) in BATCH_ROWS.iter().enumerate() {
-            let mut lines = String::new();
-            for (d, r, ts) in disordered(&rows, &mut rng) {
-                writeln!(lines, r#"{{"device": "{d}", "reading": {r}, "ts": "{}"}}"#, timestamp(ts)).unwrap();
-            }
-            let path = dir.path().join(format!("s{seed}_{variant}.jsonl"));
-            std::fs::write(&path, lines).unwrap();
             let source = format!("s{seed}_{variant}");
-            execute(
-                client,
-                &format!(
-                    "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3), \
-                     WATERMARK FOR ts AS ts - INTERVAL '{BOUND_MS}' MILLISECOND) \
-                     WITH (connector = 'file', path = '{}', 'batch.rows' = '{batch_rows}') FORMAT PLAIN ENCODE JSON",
-                    path.display()
-                ),
-            )
-            .await;
+            file_source(client, dir.path(), &source, &disordered(&rows, &mut rng), *batch_rows).await;
             for (q, query) in QUERIES.iter().enumerate() {
                 let view = format!("v{seed}_{variant}_{q}");
                 execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {}", query.replace("{src}", &source)))
@@ -140,19 +164,7 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
     }
 
     // Every file is read to its end: each view's input ended (watermark +infinity), so every window is closed.
-    execute(client, "FLUSH").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let running = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE status <> 'ended'").await;
-        if running.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "views still running: {running:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        execute(client, "FLUSH").await;
-    }
-    let late = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE late_rows > 0").await;
-    assert!(late.is_empty(), "no row is late within the bound, yet: {late:?}");
+    every_view_ended_without_late_rows(client).await;
 
     for (view, (q, table)) in &views {
         let streamed = rows_of(client, &format!("SELECT * FROM {view}")).await;
@@ -237,24 +249,9 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
         for (variant, batch_rows) in BATCH_ROWS.iter().enumerate() {
             let mut sources = Vec::new();
             for (side, rows) in ["l", "r"].iter().zip(&sides) {
-                let mut lines = String::new();
                 let ordered = if variant == 1 { held_back(rows, &mut rng) } else { disordered(rows, &mut rng) };
-                for (d, r, ts) in ordered {
-                    writeln!(lines, r#"{{"device": "{d}", "reading": {r}, "ts": "{}"}}"#, timestamp(ts)).unwrap();
-                }
                 let source = format!("js{seed}_{variant}_{side}");
-                let path = dir.path().join(format!("{source}.jsonl"));
-                std::fs::write(&path, lines).unwrap();
-                execute(
-                    client,
-                    &format!(
-                        "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3), \
-                         WATERMARK FOR ts AS ts - INTERVAL '{BOUND_MS}' MILLISECOND) \
-                         WITH (connector = 'file', path = '{}', 'batch.rows' = '{batch_rows}') FORMAT PLAIN ENCODE JSON",
-                        path.display()
-                    ),
-                )
-                .await;
+                file_source(client, dir.path(), &source, &ordered, *batch_rows).await;
                 sources.push(source);
             }
             for (q, query) in JOIN_QUERIES.iter().enumerate() {
@@ -266,19 +263,7 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
         }
     }
 
-    execute(client, "FLUSH").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let running = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE status <> 'ended'").await;
-        if running.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "views still running: {running:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        execute(client, "FLUSH").await;
-    }
-    let late = rows_of(client, "SELECT view FROM weir_catalog.view_progress WHERE late_rows > 0").await;
-    assert!(late.is_empty(), "no row is late within the bound, yet: {late:?}");
+    every_view_ended_without_late_rows(client).await;
 
     for (view, (q, left, right)) in &views {
         let streamed = rows_of(client, &format!("SELECT * FROM {view}")).await;
