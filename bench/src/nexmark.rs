@@ -15,11 +15,12 @@ use crate::dataflow::{Driver, plan_pipeline};
 /// The Nexmark queries that join streams, over the sources `person`, `auction` and `bid`.
 fn join_sql(query: &str) -> Option<&'static str> {
     Some(match query {
-        // Local item suggestion: auctions of category 10 by sellers in Oregon, Idaho or California. A join without a
+        // Local item suggestion: auctions of category 10 by sellers in Oregon, Idaho or California (the generator's
+        // states are lower case, as RisingWave's). A join without a
         // time bound: both sides are kept for ever (as in every Nexmark implementation without a state TTL).
         "q3" => {
             "SELECT p.name, p.city, p.state, a.id FROM auction a JOIN person p ON a.seller = p.id \
-             WHERE a.category = 10 AND (p.state = 'OR' OR p.state = 'ID' OR p.state = 'CA')"
+             WHERE a.category = 10 AND (p.state = 'or' OR p.state = 'id' OR p.state = 'ca')"
         }
         // New users who opened an auction in the 10-second window they registered in: a window join (each person
         // once per window, however many auctions they opened).

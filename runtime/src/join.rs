@@ -21,7 +21,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_null_array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array,
+};
 use datafusion::arrow::compute::{cast, filter_record_batch, interleave, take};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -289,9 +291,7 @@ impl IntervalJoin {
                 if !pairs.is_empty() {
                     let lefts: Vec<RowRef> = pairs.iter().map(|p| p.0).collect();
                     let rights: Vec<RowRef> = pairs.iter().map(|p| p.1).collect();
-                    let mut columns = self.gather(LEFT, &lefts)?;
-                    columns.extend(self.gather(RIGHT, &rights)?);
-                    out.push(self.output(columns)?);
+                    out.push(self.emit([Some(Part::Rows(&lefts)), Some(Part::Rows(&rights))], pairs.len())?);
                 }
             }
             JoinType::LeftSemi | JoinType::RightSemi | JoinType::LeftAnti | JoinType::RightAnti => {
@@ -305,8 +305,7 @@ impl IntervalJoin {
                     }
                 }
                 if matches!(self.spec.join_type, JoinType::LeftSemi | JoinType::RightSemi) && !first.is_empty() {
-                    let columns = self.gather(kept, &first)?;
-                    out.push(self.output(columns)?);
+                    out.push(self.emit(one_side(kept, Part::Rows(&first)), first.len())?);
                 }
             }
             other => return Err(RuntimeError::Join(format!("join type {other} in a stream"))),
@@ -378,17 +377,32 @@ impl IntervalJoin {
         interleave(&arrays, &indices).map_err(arrow)
     }
 
-    fn gather(&self, side: usize, refs: &[RowRef]) -> Result<Vec<ArrayRef>> {
-        (0..self.inputs[side].fields().len()).map(|c| self.gather_column(side, c, refs)).collect()
-    }
-
-    /// The output batch of joined `columns` (left then right, or one side's), projected.
-    fn output(&self, columns: Vec<ArrayRef>) -> Result<RecordBatch> {
-        let columns = match &self.spec.projection {
-            Some(indices) => indices.iter().map(|i| columns[*i].clone()).collect(),
-            None => columns,
+    /// The output batch of `rows` joined rows: each side's part (kept rows, or NULLs), left then right (one side for
+    /// semi and anti joins), with only the columns the join's projection keeps gathered.
+    fn emit(&self, parts: [Option<Part>; 2], rows: usize) -> Result<RecordBatch> {
+        let layout: Vec<(usize, usize)> = [LEFT, RIGHT]
+            .into_iter()
+            .filter(|side| parts[*side].is_some())
+            .flat_map(|side| (0..self.inputs[side].fields().len()).map(move |column| (side, column)))
+            .collect();
+        let wanted: Vec<usize> = match &self.spec.projection {
+            Some(indices) => indices.clone(),
+            None => (0..layout.len()).collect(),
         };
-        RecordBatch::try_new(self.output.clone(), columns).map_err(arrow)
+        let missing = || RuntimeError::Join("a projected column beyond the joined row".to_string());
+        let columns = wanted
+            .into_iter()
+            .map(|i| {
+                let (side, column) = *layout.get(i).ok_or_else(missing)?;
+                match &parts[side] {
+                    Some(Part::Rows(refs)) => self.gather_column(side, column, refs),
+                    _ => Ok(new_null_array(self.inputs[side].field(column).data_type(), rows)),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // A projection may keep no column (`count(*)` over the join): the batch still has its rows.
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow)
     }
 
     /// Releases the rows of `side` whose deadline `watermark` (the other side's) has reached, emitting the unmatched
@@ -432,24 +446,13 @@ impl IntervalJoin {
             }
         }
         if !unmatched.is_empty() {
-            let mine = self.gather(side, &unmatched)?;
-            let columns = match self.spec.join_type {
-                JoinType::LeftAnti | JoinType::RightAnti => mine,
-                _ => {
-                    let other = 1 - side;
-                    let nulls: Vec<ArrayRef> = self.inputs[other]
-                        .fields()
-                        .iter()
-                        .map(|f| new_null_array(f.data_type(), unmatched.len()))
-                        .collect();
-                    if side == LEFT {
-                        mine.into_iter().chain(nulls).collect()
-                    } else {
-                        nulls.into_iter().chain(mine).collect()
-                    }
-                }
+            let mine = Part::Rows(&unmatched);
+            let parts = match self.spec.join_type {
+                JoinType::LeftAnti | JoinType::RightAnti => one_side(side, mine),
+                _ if side == LEFT => [Some(mine), Some(Part::Nulls)],
+                _ => [Some(Part::Nulls), Some(mine)],
             };
-            out.push(self.output(columns)?);
+            out.push(self.emit(parts, unmatched.len())?);
         }
         let state = &mut self.sides[side];
         for slot in emptied {
@@ -459,6 +462,17 @@ impl IntervalJoin {
         }
         Ok(())
     }
+}
+
+/// One side's part of joined rows.
+enum Part<'a> {
+    Rows(&'a [RowRef]),
+    Nulls,
+}
+
+/// The parts of rows of one side only (a semi or anti join's).
+fn one_side(side: usize, part: Part<'_>) -> [Option<Part<'_>>; 2] {
+    if side == LEFT { [Some(part), None] } else { [None, Some(part)] }
 }
 
 /// Column `column` of `batch` as counts of its time unit.

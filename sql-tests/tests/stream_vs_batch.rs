@@ -197,6 +197,7 @@ const JOIN_QUERIES: &[&str] = &[
     "SELECT l.device, count(*) AS n, sum(r.reading) AS total FROM {l} l JOIN {r} r \
      ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND GROUP BY l.device",
     "SELECT l.device, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r ON l.device = r.device AND l.reading = r.reading",
+    "SELECT count(*) AS n FROM {l} l JOIN {r} r ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND",
 ];
 
 /// Random rows along a clock moving in steps of 100 ms, so that rows fall exactly on the joins' bounds:
