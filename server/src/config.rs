@@ -91,3 +91,10 @@ impl Config {
         self
     }
 }
+
+/// The span rates (rows or messages per second) in `weir_catalog` are measured over.
+pub const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How many malformed records (and late rows) each view, and rejected messages each sink, keeps for `weir_catalog`
+/// (all are counted).
+pub const DEAD_LETTERS_KEPT: usize = 1000;

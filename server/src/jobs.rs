@@ -40,9 +40,7 @@ use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
 
 use crate::catalog::{rows_table, state_key};
-
-/// How many malformed records each view keeps for `weir_catalog.dead_letters` (all are counted).
-pub const DEAD_LETTERS_KEPT: usize = 1000;
+use crate::config::{DEAD_LETTERS_KEPT, RATE_WINDOW};
 
 /// A streaming query ready to run: its pipeline and a reader per input.
 #[derive(Debug)]
@@ -125,9 +123,6 @@ pub struct Progress {
     restored_epoch: AtomicI64,
 }
 
-/// The span `rows_per_second` is measured over.
-pub const RATE_WINDOW: Duration = Duration::from_secs(5);
-
 impl Progress {
     fn new(source: String) -> Self {
         Progress {
@@ -206,6 +201,16 @@ fn keep_last<T>(kept: &mut VecDeque<T>, item: T, limit: usize) {
     kept.push_back(item);
 }
 
+/// What happened to one stored object at the last start, for `weir_catalog.recovery` (see [`crate::recovery`]).
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub name: String,
+    pub kind: weir_common::ObjectKind,
+    /// `created` (nothing stored for it), `restored checkpoint N`, `rows restored`, or `failed: <why>`.
+    pub outcome: String,
+    pub duration: Duration,
+}
+
 /// One checkpoint written, for `weir_catalog.checkpoints`.
 #[derive(Debug, Clone)]
 pub struct CheckpointRecord {
@@ -239,7 +244,7 @@ pub struct Jobs {
     /// The latest checkpoints, oldest first.
     pub checkpoints: Arc<Mutex<VecDeque<CheckpointRecord>>>,
     /// What the last start brought back, for `weir_catalog.recovery`.
-    pub recovery: Mutex<Vec<crate::recovery::Recovered>>,
+    pub recovery: Mutex<Vec<Recovered>>,
 }
 
 impl Jobs {

@@ -12,7 +12,11 @@
 //! - [`streaming`] runs the streaming DDL (`CREATE SOURCE`, `CREATE TABLE ... WATERMARK`, `CREATE [MATERIALIZED]
 //!   VIEW`, `EXPLAIN CREATE MATERIALIZED VIEW`, `DROP`), and [`jobs`] keeps one task per materialized view running,
 //!   publishing its changes every epoch and answering `FLUSH`.
-//! - [`sinks`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS` and one task per sink delivering its input's changes.
+//! - [`sink_statements`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS`; [`sinks`] keeps one task per sink
+//!   delivering its input's changes.
+//!
+//! Statement handling (`handler`, `session`, `streaming`, `sink_statements`, `recovery`, `engine`) uses the running
+//! tasks (`jobs`, `sinks`), never the other way round: those import only the catalog, the configuration and `exec`.
 //! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
@@ -36,6 +40,7 @@ pub mod match_recognize;
 pub mod recovery;
 pub mod relations;
 pub mod session;
+pub mod sink_statements;
 pub mod sinks;
 pub mod streaming;
 pub mod system;

@@ -13,24 +13,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{error, info};
 use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationKind, SqlState};
 
 use crate::engine::Engine;
 use crate::error::ServerError;
+use crate::jobs::Recovered;
 use crate::session::Session;
-
-/// What happened to one stored object at the last start.
-#[derive(Debug, Clone)]
-pub struct Recovered {
-    pub name: String,
-    pub kind: ObjectKind,
-    /// `created` (nothing stored for it), `restored checkpoint N`, `rows restored`, or `failed: <why>`.
-    pub outcome: String,
-    pub duration: Duration,
-}
 
 /// Runs every stored statement again, in creation order, and records what came back.
 pub async fn recover(engine: &Arc<Engine>) -> Result<(), ServerError> {

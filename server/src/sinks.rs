@@ -1,5 +1,5 @@
-//! Sinks: `CREATE SINK`, `DROP SINK`, `SHOW SINKS`, and one task per sink that reads its input's changes, encodes
-//! them and delivers them.
+//! Running sinks: one task per sink that reads its input's changes, encodes them and delivers them (the statements
+//! that create and drop them are in [`crate::sink_statements`]).
 //!
 //! A sink `FROM` a materialized view or a table reads the relation's rows so far and then every epoch's changes
 //! ([`ViewStore::subscribe_changes`]). A sink `AS query` (or `FROM` a source or a plain view) runs the query as a
@@ -15,21 +15,15 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::StringArray;
-use datafusion::sql::sqlparser::ast::{self, ObjectName};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use weir_common::sink::RowChange;
 use weir_common::sink::SinkFormat;
-use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationKind, SqlState};
 use weir_connectors::sink::Sink;
-use weir_planner::row_pattern::RowPatternClause;
-use weir_planner::sink::{CreateSink, SinkInput};
-use weir_runtime::materialize::{ChangeFeed, ViewStore};
-use weir_runtime::state::{StateStore, StateTable, WriteBatch};
+use weir_runtime::materialize::ChangeFeed;
+use weir_runtime::state::{StateStore, WriteBatch};
 
-use crate::jobs::RATE_WINDOW;
-use crate::session::{Outcome, Session, object_name};
+use crate::config::RATE_WINDOW;
 
 /// A sink's progress, written by its task and read by `weir_catalog.sink_progress`.
 #[derive(Debug)]
@@ -52,7 +46,7 @@ pub struct SinkProgress {
     deliveries: Mutex<VecDeque<(Instant, u64)>>,
     /// Messages the external system could never take (see `SinkWriter::check`), set aside.
     pub rejected: AtomicU64,
-    /// The last [`crate::jobs::DEAD_LETTERS_KEPT`] of those: destination, reason, and a prefix of the message.
+    /// The last [`crate::config::DEAD_LETTERS_KEPT`] of those: destination, reason, and a prefix of the message.
     pub dead_letters: Mutex<VecDeque<(String, String, String)>>,
 }
 
@@ -60,7 +54,7 @@ pub struct SinkProgress {
 pub const MAX_SINK_BACKLOG_ROWS: usize = 100_000;
 
 impl SinkProgress {
-    fn new(input: String, connector: String, format: SinkFormat) -> Self {
+    pub(crate) fn new(input: String, connector: String, format: SinkFormat) -> Self {
         SinkProgress {
             input,
             connector,
@@ -104,7 +98,7 @@ impl SinkProgress {
             text.push_str(&format!("... ({} bytes in all)", payload.len()));
         }
         let mut dead_letters = self.dead_letters.lock().unwrap_or_else(PoisonError::into_inner);
-        if dead_letters.len() == crate::jobs::DEAD_LETTERS_KEPT {
+        if dead_letters.len() == crate::config::DEAD_LETTERS_KEPT {
             dead_letters.pop_front();
         }
         dead_letters.push_back((message.topic.clone().unwrap_or_default(), reason, text));
@@ -165,7 +159,7 @@ impl Sinks {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn start(
+    pub(crate) fn start(
         &self,
         runtime: &tokio::runtime::Handle,
         name: String,
@@ -185,7 +179,7 @@ impl Sinks {
 
     /// Stops the sink; returns the name of its own dataflow, if it has one, for the caller to stop, and the key of
     /// its progress.
-    fn stop(&self, name: &str) -> Option<(Option<String>, Vec<u8>)> {
+    pub(crate) fn stop(&self, name: &str) -> Option<(Option<String>, Vec<u8>)> {
         let job = self.lock().remove(name)?;
         job.task.abort();
         Some((job.dataflow, job.progress_key))
@@ -212,201 +206,16 @@ impl Drop for Handled<'_> {
     }
 }
 
-/// The name of a sink's own dataflow.
-fn dataflow_name(sink: &str) -> String {
-    format!("sink {sink}")
-}
-
-impl Session {
-    /// `CREATE SINK`: checks the input, the format and the connector's options, then starts delivering.
-    /// `CREATE SINK`; `row_patterns` are the `MATCH_RECOGNIZE` patterns of its query.
-    pub(crate) async fn create_sink(
-        &self,
-        sink: &CreateSink,
-        row_patterns: &[RowPatternClause],
-        text: &str,
-        sql: &str,
-    ) -> Result<Outcome, ErrorReport> {
-        let _ddl = self.engine.ddl.lock().await;
-        let name = object_name(&sink.name)?;
-        let sinks = &self.engine.jobs.sinks;
-        if sinks.exists(&name) {
-            if sink.if_not_exists {
-                return Ok(Outcome::Command("CREATE SINK", None));
-            }
-            return Err(ErrorReport::new(SqlState::DUPLICATE_OBJECT, format!("sink \"{name}\" already exists")));
-        }
-        let (format, format_options) = match &sink.format {
-            None => (SinkFormat::Plain, Vec::new()),
-            Some(def) => {
-                let format = SinkFormat::parse(&def.format).ok_or_else(|| {
-                    ErrorReport::new(
-                        SqlState::INVALID_PARAMETER_VALUE,
-                        format!("unknown sink format \"{}\"; the formats are PLAIN, UPSERT and DEBEZIUM", def.format),
-                    )
-                })?;
-                if def.encode != "JSON" {
-                    return Err(ErrorReport::new(
-                        SqlState::FEATURE_NOT_SUPPORTED,
-                        format!("sinks encode JSON; ENCODE {} is not supported for sinks yet", def.encode),
-                    ));
-                }
-                (format, def.options.clone())
-            }
-        };
-        // What the sink reads: a relation's rows, or a query's run as a dataflow of the sink's own.
-        let stored = match &sink.input {
-            SinkInput::Relation(relation) => {
-                let relation_name = object_name(relation)?;
-                let relation = self.engine.catalog.get(&relation_name).ok_or_else(|| {
-                    ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{relation_name}\" does not exist"))
-                })?;
-                relation.store.clone().map(|store| (relation_name, store, relation.append_only))
-            }
-            SinkInput::Query(_) => None,
-        };
-        let (input, store, append_only, depends_on, dataflow) = match stored {
-            Some((relation, store, append_only)) => (relation.clone(), store, append_only, vec![relation], None),
-            None => {
-                let query = match &sink.input {
-                    SinkInput::Query(query) => query.as_ref().clone(),
-                    SinkInput::Relation(relation) => select_all(relation)?,
-                };
-                let dataflow = self.build_dataflow(&query, false, row_patterns, text, sql).await?;
-                let store = Arc::new(ViewStore::passing(dataflow.pipeline.schema()));
-                (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
-            }
-        };
-        if format == SinkFormat::Plain && !append_only {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "sink \"{name}\" reads \"{input}\", whose rows change as new rows arrive, and FORMAT PLAIN can \
-                     only write rows that never change"
-                ),
-            )
-            .with_hint(
-                "Use FORMAT UPSERT or FORMAT DEBEZIUM with a primary_key, or give the view EMIT ON WINDOW CLOSE so \
-                 each window's rows appear once, final.",
-            ));
-        }
-        let connector = sink.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| v.to_lowercase());
-        let opened = weir_connectors::sink::open_sink(
-            store.schema(),
-            sink.with.clone(),
-            format,
-            format_options,
-            &self.engine.policy,
-        )
-        .map_err(ErrorReport::from)?;
-        let progress = Arc::new(SinkProgress::new(input, connector.unwrap_or_default(), format));
-        let id =
-            self.engine.catalog.store().put(ObjectKind::Sink, &name, text).map_err(crate::error::catalog_report)?;
-        // Subscribed before the dataflow starts, so the sink sees its first rows. Coming back after a restart, a sink
-        // passes over the relation's restored rows it had delivered.
-        let changes = store.subscribe_changes();
-        let progress_key = StateTable::new(&format!("{}/delivered", crate::catalog::state_key(id))).key(&[]);
-        let state = self.engine.catalog.state().clone();
-        let delivered = match state.get(&progress_key) {
-            Ok(value) => value.and_then(|v| v.get(..8).and_then(|b| b.try_into().ok())).map_or(0, u64::from_be_bytes),
-            Err(err) => return Err(crate::catalog::state_report(err)),
-        };
-        let skip = delivered.min(store.restored_rows() as u64);
-        let durable = Durable { state, key: progress_key, delivered, skip };
-        let dataflow_job = dataflow.map(|dataflow| {
-            let job = dataflow_name(&name);
-            let limit = self.engine.limits.view_memory_bytes;
-            let _ = self.engine.jobs.start(job.clone(), id, dataflow, store.clone(), text, limit);
-            job
-        });
-        sinks.start(&self.engine.jobs.dataflow(), name, (changes, durable), opened, progress, depends_on, dataflow_job);
-        Ok(Outcome::Command("CREATE SINK", None))
-    }
-
-    /// `DROP SINK [IF EXISTS] names`.
-    pub(crate) async fn drop_sinks(&self, names: &[ObjectName], if_exists: bool) -> Result<Outcome, ErrorReport> {
-        let _ddl = self.engine.ddl.lock().await;
-        for name in names {
-            let name = object_name(name)?;
-            if !self.engine.jobs.sinks.exists(&name) && !if_exists {
-                return Err(ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("sink \"{name}\" does not exist")));
-            }
-            self.drop_sink(&name);
-        }
-        Ok(Outcome::Command("DROP SINK", None))
-    }
-
-    /// Stops a sink and its own dataflow, and forgets it.
-    pub(crate) fn drop_sink(&self, name: &str) {
-        if let Err(err) = self.engine.catalog.store().delete(ObjectKind::Sink, name) {
-            warn!(sink = %name, error = %err, "the dropped sink's definition could not be deleted");
-        }
-        let Some((dataflow, progress_key)) = self.engine.jobs.sinks.stop(name) else { return };
-        if let Some(dataflow) = dataflow {
-            self.engine.jobs.stop(&dataflow);
-        }
-        let mut batch = WriteBatch::default();
-        batch.delete(progress_key);
-        if let Err(err) = self.engine.catalog.state().write(&batch) {
-            warn!(sink = %name, error = %err, "the dropped sink's progress could not be deleted");
-        }
-    }
-
-    /// `SHOW SINKS`: every sink's name.
-    pub(crate) fn show_sinks(&self) -> Result<Outcome, ErrorReport> {
-        let names: Vec<String> = self.engine.jobs.sinks.progress().into_iter().map(|(name, _)| name).collect();
-        self.rows(crate::session::show_tables_schema(), vec![Arc::new(StringArray::from(names))])
-    }
-
-    /// Refuses to drop `relation` while sinks read it, unless `cascade`, which drops them.
-    pub(crate) fn check_sinks_reading(
-        &self,
-        relation: &str,
-        kind: RelationKind,
-        cascade: bool,
-    ) -> Result<(), ErrorReport> {
-        let readers = self.engine.jobs.sinks.reading(relation);
-        if readers.is_empty() {
-            return Ok(());
-        }
-        if cascade {
-            for sink in readers {
-                self.drop_sink(&sink);
-            }
-            return Ok(());
-        }
-        let detail: Vec<String> = readers.iter().map(|s| format!("sink {s} depends on {kind} {relation}")).collect();
-        Err(ErrorReport::new(
-            SqlState::DEPENDENT_OBJECTS_STILL_EXIST,
-            format!("cannot drop {kind} {relation} because other objects depend on it"),
-        )
-        .with_detail(detail.join("\n"))
-        .with_hint("Use DROP ... CASCADE to drop the dependent objects too."))
-    }
-}
-
-/// `SELECT * FROM relation`.
-fn select_all(relation: &ObjectName) -> Result<ast::Query, ErrorReport> {
-    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-    use datafusion::sql::sqlparser::parser::Parser;
-    let sql = format!("SELECT * FROM {relation}");
-    Parser::new(&PostgreSqlDialect {})
-        .try_with_sql(&sql)
-        .and_then(|mut parser| parser.parse_query())
-        .map(|query| *query)
-        .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {sql}: {e}")))
-}
-
 /// What a sink keeps in the state store: how many inserted rows it has delivered, so that after a restart it does
 /// not send again the rows of its input that came back from the store.
 #[derive(Debug)]
 pub(crate) struct Durable {
-    state: Arc<dyn StateStore>,
-    key: Vec<u8>,
+    pub(crate) state: Arc<dyn StateStore>,
+    pub(crate) key: Vec<u8>,
     /// Inserted rows delivered so far.
-    delivered: u64,
+    pub(crate) delivered: u64,
     /// Inserted rows still to pass over (delivered before a restart).
-    skip: u64,
+    pub(crate) skip: u64,
 }
 
 impl Durable {

@@ -17,9 +17,9 @@
 //! - `weir_catalog.recovery`: what the last start brought back, object by object in creation order: a table's rows,
 //!   the checkpoint a view continued from, or why an object could not come back, and how long each took.
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
-//!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
+//!   [`crate::config::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
-//!   [`crate::jobs::DEAD_LETTERS_KEPT`] per view), with where they came from and why they were refused.
+//!   [`crate::config::DEAD_LETTERS_KEPT`] per view), with where they came from and why they were refused.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
