@@ -411,6 +411,18 @@ fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     key
 }
 
+/// The matcher as a dataflow operator: rows in, held; at each watermark the matches it decides.
+impl crate::operator::Operator for MatchStream {
+    fn on_data(&mut self, _input: usize, batch: &RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
+        MatchStream::on_data(self, batch)
+    }
+
+    fn on_watermark(&mut self, _input: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        out.extend(self.advance(watermark)?);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

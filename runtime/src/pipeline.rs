@@ -65,6 +65,14 @@ impl Aggregation {
             Aggregation::Matches(m) => m.as_mut(),
         }
     }
+
+    fn operator(&mut self) -> &mut dyn Operator {
+        match self {
+            Aggregation::Windows(a) => a.as_mut(),
+            Aggregation::Sessions(a) => a.as_mut(),
+            Aggregation::Matches(m) => m.as_mut(),
+        }
+    }
 }
 use crate::{Result, RuntimeError};
 
@@ -666,20 +674,11 @@ impl Pipeline {
     /// Rows reaching the aggregation (or the matcher) at the root.
     fn aggregate_data(&mut self, rows: Vec<RecordBatch>) -> Result<()> {
         match &mut self.aggregate {
-            Some(Aggregation::Windows(aggregate)) => {
+            // Through the operator contract: rows in; what they produce comes at watermarks and epochs.
+            Some(aggregate) => {
                 let mut ignored = Vec::new();
                 for batch in &rows {
-                    aggregate.on_data(0, batch, &mut ignored)?;
-                }
-            }
-            Some(Aggregation::Sessions(aggregate)) => {
-                for batch in &rows {
-                    aggregate.on_data(batch)?;
-                }
-            }
-            Some(Aggregation::Matches(matches)) => {
-                for batch in &rows {
-                    matches.on_data(batch)?;
+                    aggregate.operator().on_data(0, batch, &mut ignored)?;
                 }
             }
             None => self.pending.push(ViewChange::Append(rows)),
@@ -698,17 +697,14 @@ impl Pipeline {
                     });
                 }
             }
-            // A closed session is final in both emit modes (an open session's rows leave the open block at the
-            // next publish).
-            Some(Aggregation::Sessions(aggregate)) => {
-                for rows in aggregate.close(watermark)? {
-                    let rows = above(&self.above, rows, &self.task).await?;
-                    self.pending.push(ViewChange::Append(rows));
+            // Closed sessions and decided matches are final (an open session's rows leave the open block at the next
+            // publish).
+            Some(Aggregation::Sessions(_) | Aggregation::Matches(_)) => {
+                let mut out = Vec::new();
+                if let Some(aggregate) = &mut self.aggregate {
+                    aggregate.operator().on_watermark(0, watermark, &mut out)?;
                 }
-            }
-            // Matches are final once decided.
-            Some(Aggregation::Matches(matches)) => {
-                if let Some(rows) = matches.advance(watermark)? {
+                for rows in out {
                     let rows = above(&self.above, rows, &self.task).await?;
                     self.pending.push(ViewChange::Append(rows));
                 }

@@ -509,6 +509,19 @@ fn split_partition(key: &[u8]) -> Result<(Vec<u8>, &[u8]), StateError> {
     Ok((partition, &key[5 + length..]))
 }
 
+/// The session aggregate as a dataflow operator: rows in, and at each watermark the sessions it closes (final in
+/// both emit modes). Open sessions are shown through [`SessionAggregate::snapshot`] at each epoch.
+impl crate::operator::Operator for SessionAggregate {
+    fn on_data(&mut self, _input: usize, batch: &RecordBatch, _out: &mut Vec<RecordBatch>) -> Result<()> {
+        SessionAggregate::on_data(self, batch)
+    }
+
+    fn on_watermark(&mut self, _input: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        out.extend(self.close(watermark)?);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
