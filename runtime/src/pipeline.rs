@@ -337,16 +337,22 @@ impl Pipeline {
         })
     }
 
-    /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches); `None` without one.
+    /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches) and the rows the joins
+    /// keep (until the other side's watermark passes them); `None` without either.
     pub fn held_rows(&self) -> Option<u64> {
-        match &self.aggregate {
+        let matcher = match &self.aggregate {
             Some(Aggregation::Matches(m)) => Some(m.rows_held() as u64),
             _ => None,
+        };
+        let kept: Vec<u64> = self.joins().map(|j| j.kept_rows().iter().sum::<usize>() as u64).collect();
+        match (matcher, kept.is_empty()) {
+            (None, true) => None,
+            (held, _) => Some(held.unwrap_or(0) + kept.iter().sum::<u64>()),
         }
     }
 
-    /// Takes the late rows set aside since the last call (as the aggregate's input saw them, window assigned).
-    /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched).
+    /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched,
+    /// rows joins keep).
     pub fn state_bytes(&self) -> usize {
         let joins: usize = self.joins().map(IntervalJoin::memory).sum();
         joins
@@ -358,6 +364,7 @@ impl Pipeline {
             }
     }
 
+    /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
         let mut late: Vec<RecordBatch> = Vec::new();
         for node in &mut self.nodes {
