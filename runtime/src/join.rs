@@ -19,7 +19,7 @@
 //! Checkpoints write each kept batch once, as it arrived, and its row flags (alive, matched) whenever they change;
 //! a batch whose rows have all left is deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array,
@@ -417,6 +417,9 @@ impl IntervalJoin {
         let state = &mut self.sides[side];
         let mut unmatched: Vec<RowRef> = Vec::new();
         let mut emptied = Vec::new();
+        // The rows leaving, by key: each key's list is filtered once, however many of its rows leave (a window
+        // join's whole window can share one key).
+        let mut leaving: HashMap<Box<[u8]>, HashSet<RowRef>> = HashMap::new();
         while let Some(&(deadline, slot, row)) = state.deadlines.first() {
             if deadline > watermark {
                 break;
@@ -432,17 +435,20 @@ impl IntervalJoin {
                 unmatched.push((slot, row));
             }
             kept.live -= 1;
-            if let Some(key) = &kept.keys[row as usize]
-                && let Some(refs) = state.index.get_mut(key)
-            {
-                refs.retain(|r| *r != (slot, row));
-                if refs.is_empty() {
-                    state.index.remove(key);
-                }
+            if let Some(key) = &kept.keys[row as usize] {
+                leaving.entry(key.clone()).or_default().insert((slot, row));
             }
             state.dirty.insert(slot);
             if kept.live == 0 {
                 emptied.push(slot);
+            }
+        }
+        for (key, rows) in leaving {
+            if let Some(refs) = state.index.get_mut(&key) {
+                refs.retain(|r| !rows.contains(r));
+                if refs.is_empty() {
+                    state.index.remove(&key);
+                }
             }
         }
         if !unmatched.is_empty() {
