@@ -278,6 +278,11 @@ fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i64> {
 /// left and right inputs.
 pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<JoinSpec, ErrorReport> {
     let (join_type, on, filter, nulls_equal, projection) = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+        if join.null_aware {
+            // NOT IN: a NULL on the right removes every left row, a NULL key on the left never qualifies.
+            return Err(unsupported("NOT IN (subquery) in a materialized view")
+                .with_hint("Write it as NOT EXISTS (SELECT ... WHERE ... = outer.column), which has no NULL trap."));
+        }
         (
             *join.join_type(),
             join.on().to_vec(),
@@ -322,15 +327,18 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
                 | (JoinType::Right | JoinType::RightAnti, RIGHT)
         );
         if emits_unmatched && bounds[side].is_empty() {
-            return Err(unsupported(&format!(
-                "a {} join of two streams without a time bound on its {name} rows",
-                join_type.to_string().to_uppercase()
-            ))
-            .with_hint(
-                "Bound the other side's event time by this side's in the condition (b.ts BETWEEN a.ts AND a.ts + \
+            let kind = match join_type {
+                JoinType::Left => "LEFT join",
+                JoinType::Right => "RIGHT join",
+                JoinType::Full => "FULL join",
+                _ => "NOT EXISTS (anti) join",
+            };
+            return Err(unsupported(&format!("a {kind} of two streams without a time bound on its {name} rows"))
+                .with_hint(
+                    "Bound the other side's event time by this side's in the condition (b.ts BETWEEN a.ts AND a.ts + \
                  INTERVAL '10' MINUTE, both sides with a watermark), so that the watermark tells when a row has no \
                  partner; joins whose rows are retracted later are not built yet.",
-            ));
+                ));
         }
     }
     Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds })
