@@ -440,6 +440,7 @@ async fn the_kafka_slt_file_runs_against_the_broker() {
     broker.create_topic("slt-payments", 1).unwrap();
     broker.create_topic("slt-fraud", 1).unwrap();
     broker.create_topic("slt-fraud-direct", 1).unwrap();
+    broker.create_topic("slt-refunds", 2).unwrap();
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker-slt/kafka.slt");
     weir_sql_tests::run_file_with(&file, false, &[("KAFKA_BOOTSTRAP", &bootstrap)]).await.unwrap();
 }
