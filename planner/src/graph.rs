@@ -304,7 +304,9 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
         return Err(unsupported("this form of subquery in a materialized view"));
     }
     let mut bounds: [Vec<TimeBound>; 2] = [Vec::new(), Vec::new()];
-    let schemas = [plan.children()[0].schema(), plan.children()[1].schema()];
+    let children = plan.children();
+    let [left_input, right_input] = children.as_slice() else { return Err(internal("a join without two inputs")) };
+    let schemas = [left_input.schema(), right_input.schema()];
     // Equal keys that both sides' watermarks bound (a window join on window_end) bound each side by the other.
     for (left, right) in &on {
         let (Some(l), Some(r)) = (left.downcast_ref::<Column>(), right.downcast_ref::<Column>()) else { continue };
