@@ -98,7 +98,7 @@ pub enum NodeOperator {
     /// A stateless DataFusion plan (filters, projections, window assignment, unnest, `UNION ALL`): each input of the
     /// node pushes its batches into its feed (`feeds[i]` for input `i`), and the plan runs over what was pushed.
     Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
-    /// A join of two streams whose state the watermarks bound (see [`JoinSpec`]).
+    /// A join of two streams (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
     /// The aggregation of a view, and the plan over its output (per window). Always the plan's root.
     Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
@@ -146,8 +146,9 @@ pub struct TimeBound {
     pub time_offset: i64,
 }
 
-/// A join of two streams: equi-keys, a residual filter, and the time bounds that let its state go. Both sides need
-/// at least one bound (an interval join, or a window join on `window_end`).
+/// A join of two append-only streams: equi-keys, a residual filter, and the time bounds that let its state go (an
+/// interval join, or a window join on `window_end`). A side without bounds keeps its rows until its input ends; the
+/// planner allows that only where the join never emits that side's unmatched rows (inner and semi joins).
 #[derive(Debug, Clone)]
 pub struct JoinSpec {
     pub join_type: JoinType,
