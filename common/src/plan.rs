@@ -162,6 +162,9 @@ pub struct JoinSpec {
     pub projection: Option<Vec<usize>>,
     /// `bounds[LEFT]` bound the right side's times in terms of a left row, and the other way round.
     pub bounds: [Vec<TimeBound>; 2],
+    /// How long a row of a side without bounds is kept after it arrived (the view's `'state.ttl'`, processing
+    /// time); `None`: until its input ends.
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// One materialized view's dataflow: a tree of operator nodes from the inputs' scans up to the root, whose output is

@@ -343,7 +343,7 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
                 ));
         }
     }
-    Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds })
+    Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds, ttl: None })
 }
 
 /// Adds the time bounds that the conjuncts of `filter` comparing the two sides' times put on each side.

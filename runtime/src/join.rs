@@ -54,6 +54,8 @@ struct Slot {
     live: usize,
     /// Whether the rows themselves were written to a checkpoint.
     saved: bool,
+    /// When the rows arrived, in milliseconds since 1970 (for the state TTL).
+    arrived_ms: i64,
 }
 
 /// One side's kept rows.
@@ -137,6 +139,7 @@ impl IntervalJoin {
 
     /// Processes rows of input `side`.
     pub fn on_side_data(&mut self, side: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.expire_ttl(now_ms());
         let batch = self.drop_late(side, batch)?;
         if batch.num_rows() == 0 {
             return Ok(());
@@ -157,6 +160,7 @@ impl IntervalJoin {
         }
         self.watermarks[side] = Some(watermark);
         self.watermarks_dirty = true;
+        self.expire_ttl(now_ms());
         self.expire(1 - side, watermark, out)
     }
 
@@ -230,9 +234,45 @@ impl IntervalJoin {
         let keys = self.keys(side, &batch)?;
         let deadlines = self.deadlines(side, &batch)?;
         let flags = vec![ALIVE; batch.num_rows()];
-        Ok(self.insert(side, batch, keys, flags, &deadlines, false))
+        Ok(self.insert(side, batch, keys, flags, &deadlines, (false, now_ms())))
     }
 
+    /// Drops the rows of sides without time bounds that arrived more than the state TTL ago (they can only be
+    /// matched, never emitted unmatched: the planner keeps such sides to inner and semi joins).
+    fn expire_ttl(&mut self, now: i64) {
+        let Some(ttl) = self.spec.ttl else { return };
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        for side in [LEFT, RIGHT] {
+            if !self.spec.bounds[side].is_empty() {
+                continue;
+            }
+            let state = &mut self.sides[side];
+            while let Some((&slot, kept)) = state.slots.first_key_value() {
+                if kept.arrived_ms.saturating_add(ttl) > now {
+                    break;
+                }
+                let Some(gone) = state.slots.remove(&slot) else { break };
+                for (row, key) in gone.keys.iter().enumerate() {
+                    if gone.flags[row] & ALIVE == 0 {
+                        continue;
+                    }
+                    state.deadlines.remove(&(i64::MAX, slot, row as u32));
+                    if let Some(key) = key
+                        && let Some(refs) = state.index.get_mut(key)
+                    {
+                        refs.retain(|r| r.0 != slot);
+                        if refs.is_empty() {
+                            state.index.remove(key);
+                        }
+                    }
+                }
+                state.bytes = state.bytes.saturating_sub(gone.rows.get_array_memory_size());
+                state.dirty.insert(slot);
+            }
+        }
+    }
+
+    /// Keeps `rows` on `side`; `(saved, arrived_ms)`: whether a checkpoint holds them already, and when they came.
     fn insert(
         &mut self,
         side: usize,
@@ -240,7 +280,7 @@ impl IntervalJoin {
         keys: Vec<Option<Box<[u8]>>>,
         flags: Vec<u8>,
         deadlines: &[i64],
-        saved: bool,
+        (saved, arrived_ms): (bool, i64),
     ) -> u64 {
         let state = &mut self.sides[side];
         let number = state.next;
@@ -257,7 +297,7 @@ impl IntervalJoin {
             state.deadlines.insert((deadlines[row], number, row as u32));
         }
         state.bytes += rows.get_array_memory_size();
-        state.slots.insert(number, Slot { rows, keys, flags, live, saved });
+        state.slots.insert(number, Slot { rows, keys, flags, live, saved, arrived_ms });
         state.dirty.insert(number);
         number
     }
@@ -470,6 +510,12 @@ impl IntervalJoin {
     }
 }
 
+/// The wall clock in milliseconds since 1970.
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// One side's part of joined rows.
 enum Part<'a> {
     Rows(&'a [RowRef]),
@@ -502,6 +548,7 @@ impl Operator for IntervalJoin {
 const WATERMARKS: &[u8] = b"w";
 const ROWS: u8 = b'r';
 const FLAGS: u8 = b'f';
+const ARRIVED: u8 = b't';
 
 fn slot_key(tag: u8, side: usize, slot: u64) -> Vec<u8> {
     let mut key = vec![tag, side as u8];
@@ -530,13 +577,15 @@ impl Checkpointed for IntervalJoin {
                                 table.key(&slot_key(ROWS, side, slot)),
                                 encode_batches(std::slice::from_ref(&kept.rows))?,
                             );
+                            batch.put(table.key(&slot_key(ARRIVED, side, slot)), encode_i64(kept.arrived_ms).to_vec());
                             kept.saved = true;
                         }
                         batch.put(table.key(&slot_key(FLAGS, side, slot)), kept.flags.clone());
                     }
                     None => {
-                        batch.delete(table.key(&slot_key(ROWS, side, slot)));
-                        batch.delete(table.key(&slot_key(FLAGS, side, slot)));
+                        for tag in [ROWS, FLAGS, ARRIVED] {
+                            batch.delete(table.key(&slot_key(tag, side, slot)));
+                        }
                     }
                 }
             }
@@ -577,9 +626,13 @@ impl Checkpointed for IntervalJoin {
             }
             let keys = self.keys(side, &rows)?;
             let deadlines = self.deadlines(side, &rows)?;
+            let arrived = match store.get(&table.key(&slot_key(ARRIVED, side, slot)))? {
+                Some(value) => decode_i64(&value)?,
+                None => now_ms(),
+            };
             let state = &mut self.sides[side];
             state.next = slot;
-            self.insert(side, rows, keys, row_flags, &deadlines, true);
+            self.insert(side, rows, keys, row_flags, &deadlines, (true, arrived));
             let state = &mut self.sides[side];
             state.dirty.remove(&slot);
             state.next = state.next.max(slot + 1);
@@ -654,6 +707,7 @@ mod tests {
                 vec![TimeBound { column: 2, plus: hi, time: 2, time_offset: 0 }],
                 vec![TimeBound { column: 2, plus: -lo, time: 2, time_offset: 0 }],
             ],
+            ttl: None,
         };
         if let Some(side) = unbounded {
             spec.bounds[side].clear();
@@ -808,6 +862,32 @@ mod tests {
                 assert_eq!(got, expected, "{join_type} keeping side {side}'s rows");
             }
         }
+    }
+
+    #[test]
+    fn a_side_without_bounds_keeps_its_rows_for_the_state_ttl_only() {
+        let new = || {
+            let mut op = join_keeping(JoinType::Inner, 0, 10, Some(RIGHT));
+            op.spec.ttl = Some(std::time::Duration::from_millis(50));
+            op
+        };
+        let mut op = new();
+        let mut out = Vec::new();
+        op.on_data(RIGHT, &batch(&[(1, 0, 5)]), &mut out).unwrap();
+        op.on_data(LEFT, &batch(&[(1, 1, 5)]), &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,1,5,1,0,5"], "within the TTL the kept row matches");
+        // The TTL survives a restart (the arrival time is checkpointed).
+        let (store, table) = (MemoryStore::new(), StateTable::new("join"));
+        let mut writes = WriteBatch::default();
+        op.checkpoint(&table, &mut writes).unwrap();
+        store.write(&writes).unwrap();
+        let mut op = new();
+        op.restore(&table, &store).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(80));
+        let mut out = Vec::new();
+        op.on_data(LEFT, &batch(&[(1, 2, 6)]), &mut out).unwrap();
+        assert!(out.is_empty(), "past the TTL the right row is gone: {:?}", text(&out));
+        assert_eq!(op.kept_rows()[RIGHT], 0);
     }
 
     #[test]

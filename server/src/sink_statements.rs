@@ -76,7 +76,7 @@ impl Session {
                     SinkInput::Query(query) => query.as_ref().clone(),
                     SinkInput::Relation(relation) => select_all(relation)?,
                 };
-                let dataflow = self.build_dataflow(&query, false, row_patterns, text, sql).await?;
+                let dataflow = self.build_dataflow(&query, false, None, row_patterns, text, sql).await?;
                 let store = Arc::new(ViewStore::passing(dataflow.pipeline.schema()));
                 (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
             }

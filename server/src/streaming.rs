@@ -92,13 +92,15 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
-        let memory_limit = view_memory_limit(&view.options)?.unwrap_or(self.engine.limits.view_memory_bytes);
+        let options = ViewOptions::parse(&view.options)?;
+        let memory_limit = options.memory_limit.unwrap_or(self.engine.limits.view_memory_bytes);
         let _ddl = self.engine.ddl.lock().await;
         let name = object_name(&view.name)?;
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let dataflow = self.build_dataflow(&view.query, emit_on_window_close, row_patterns, text, sql).await?;
+        let dataflow =
+            self.build_dataflow(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
         let store = Arc::new(ViewStore::new(dataflow.pipeline.schema()));
         let def = RelationDef {
             name: name.clone(),
@@ -121,12 +123,13 @@ impl Session {
         &self,
         query: &ast::Query,
         emit_on_window_close: bool,
+        state_ttl: Option<Duration>,
         row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
     ) -> Result<Dataflow, ErrorReport> {
         let (plan, inputs, mut depends_on) =
-            self.plan_view(query, emit_on_window_close, row_patterns, text, sql).await?;
+            self.plan_view(query, emit_on_window_close, state_ttl, row_patterns, text, sql).await?;
         let mut readers: Vec<Box<dyn SourceReader>> = Vec::new();
         let mut idle_timeouts = Vec::new();
         let mut watermarks = Vec::new();
@@ -199,7 +202,7 @@ impl Session {
         let Statement::Query(query) = query.as_ref() else {
             return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected a query"));
         };
-        self.build_dataflow(query, false, &statement.row_patterns, &statement.text, sql).await
+        self.build_dataflow(query, false, None, &statement.row_patterns, &statement.text, sql).await
     }
 
     /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
@@ -234,6 +237,7 @@ impl Session {
         &self,
         query: &ast::Query,
         emit_on_window_close: bool,
+        state_ttl: Option<Duration>,
         row_patterns: &[RowPatternClause],
         text: &str,
         sql: &str,
@@ -262,7 +266,7 @@ impl Session {
             .map(|r| (r.def.name.clone(), Readable { schema: r.def.schema.clone(), watermark: r.watermark_columns() }))
             .collect();
         let state = self.ctx.state();
-        let plan = match matching {
+        let mut plan = match matching {
             None => weir_planner::streaming::plan_streaming(&state, &logical, &inputs, emit_on_window_close).await?,
             Some(matching) => {
                 weir_planner::streaming::plan_match_recognize(
@@ -277,6 +281,12 @@ impl Session {
                 .await?
             }
         };
+        // The view's state TTL bounds the sides its joins would keep for ever.
+        for node in &mut plan.nodes {
+            if let NodeOperator::Join(spec) = &mut node.operator {
+                spec.ttl = state_ttl;
+            }
+        }
         let mut relations = Vec::new();
         for stream in &plan.inputs {
             let input = self.engine.catalog.get(&stream.relation).ok_or_else(|| {
@@ -314,7 +324,8 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
-        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, row_patterns, text, sql).await?;
+        let ttl = ViewOptions::parse(&view.options)?.state_ttl;
+        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, ttl, row_patterns, text, sql).await?;
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, facts(&plan, plan.root()))];
         explain_node(&plan, plan.root(), 1, &inputs, &mut lines);
         self.plan_lines(lines)
@@ -453,39 +464,68 @@ impl Session {
 /// A materialized view's `WITH (memory_limit = '64MB')`: the most its state may hold, instead of the server's
 /// `--view-memory-limit`. Sizes are bytes or a number with `kB`, `MB`, `GB` or `TB` (powers of 1024, as Postgres
 /// reads memory settings). Any other option is an error.
-fn view_memory_limit(options: &ast::CreateTableOptions) -> Result<Option<usize>, ErrorReport> {
-    let pairs = match options {
-        ast::CreateTableOptions::None => return Ok(None),
-        ast::CreateTableOptions::With(pairs) => pairs,
-        _ => return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "a materialized view's options go in WITH (...)")),
-    };
-    let mut limit = None;
-    for option in pairs {
-        let ast::SqlOption::KeyValue { key, value } = option else {
-            return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, format!("invalid option: {option}")));
+/// A materialized view's `WITH (...)` options, parsed once.
+#[derive(Debug, Default)]
+struct ViewOptions {
+    /// `memory_limit`: the most bytes the view's state may hold.
+    memory_limit: Option<usize>,
+    /// `'state.ttl'`: how long its joins keep a row of a side without time bounds.
+    state_ttl: Option<Duration>,
+}
+
+impl ViewOptions {
+    fn parse(options: &ast::CreateTableOptions) -> Result<ViewOptions, ErrorReport> {
+        let pairs = match options {
+            ast::CreateTableOptions::None => return Ok(ViewOptions::default()),
+            ast::CreateTableOptions::With(pairs) => pairs,
+            _ => {
+                return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "a materialized view's options go in WITH (...)"));
+            }
         };
-        if !key.value.eq_ignore_ascii_case("memory_limit") {
-            return Err(ErrorReport::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!("unrecognized materialized view option \"{}\"; the options are: memory_limit", key.value),
-            ));
-        }
-        let text = match value {
-            ast::Expr::Value(v) => match &v.value {
-                ast::Value::SingleQuotedString(s) => s.clone(),
+        let mut parsed = ViewOptions::default();
+        for option in pairs {
+            let ast::SqlOption::KeyValue { key, value } = option else {
+                return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, format!("invalid option: {option}")));
+            };
+            let text = match value {
+                ast::Expr::Value(v) => match &v.value {
+                    ast::Value::SingleQuotedString(s) => s.clone(),
+                    other => other.to_string(),
+                },
                 other => other.to_string(),
-            },
-            other => other.to_string(),
-        };
-        limit = Some(parse_memory_size(&text).ok_or_else(|| {
-            ErrorReport::new(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!("invalid value for option \"memory_limit\": \"{text}\""),
-            )
-            .with_hint("Valid units for this option are \"B\", \"kB\", \"MB\", \"GB\", and \"TB\".")
-        })?);
+            };
+            let invalid = |name: &str| {
+                ErrorReport::new(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("invalid value for option \"{name}\": \"{text}\""),
+                )
+            };
+            match key.value.to_lowercase().as_str() {
+                "memory_limit" => {
+                    parsed.memory_limit = Some(parse_memory_size(&text).ok_or_else(|| {
+                        invalid("memory_limit")
+                            .with_hint("Valid units for this option are \"B\", \"kB\", \"MB\", \"GB\", and \"TB\".")
+                    })?);
+                }
+                "state.ttl" => {
+                    let ttl = weir_common::connector::parse_duration(&text).filter(|d| !d.is_zero());
+                    parsed.state_ttl =
+                        Some(ttl.ok_or_else(|| {
+                            invalid("state.ttl").with_hint(weir_common::connector::DURATION_EXPECTED)
+                        })?);
+                }
+                other => {
+                    return Err(ErrorReport::new(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        format!(
+                            "unrecognized materialized view option \"{other}\"; the options are: memory_limit, state.ttl"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(parsed)
     }
-    Ok(limit)
 }
 
 /// A memory size: bytes, or a number with `B`, `kB`, `MB`, `GB` or `TB`.
@@ -948,6 +988,17 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
     }
 }
 
+/// A duration as a user would write it: `1h`, `30min`, `10s`, `250ms`.
+fn duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
+        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 /// A join's line in EXPLAIN: its type, keys and filter, and how long each side's rows are kept.
 fn describe_join(
     plan: &StreamingPlan,
@@ -978,9 +1029,10 @@ fn describe_join(
                     }
                 })
                 .collect();
-            match bounds.is_empty() {
-                true => format!("{this} rows kept for ever"),
-                false => format!("{this} rows kept until the {other} watermark reaches {}", bounds.join(" or ")),
+            match (bounds.is_empty(), spec.ttl) {
+                (true, None) => format!("{this} rows kept for ever"),
+                (true, Some(ttl)) => format!("{this} rows kept for {} after they arrive (state.ttl)", duration(ttl)),
+                (false, _) => format!("{this} rows kept until the {other} watermark reaches {}", bounds.join(" or ")),
             }
         })
         .collect();
