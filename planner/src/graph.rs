@@ -139,7 +139,7 @@ impl GraphBuilder {
         }
         let sides = [self.bounds(left), self.bounds(right)];
         let spec = join_spec(plan, &sides)?;
-        let bounds = join_output_bounds(&spec, &sides, self.nodes[left].schema.fields().len());
+        let bounds = join_output_bounds(&spec, &sides);
         Ok(self.add(PlanNode {
             schema: plan.schema(),
             operator: NodeOperator::Join(Box::new(spec)),
@@ -398,7 +398,7 @@ fn filter_bounds(filter: &JoinFilter, sides: &[Bounds; 2], schemas: &[SchemaRef;
 /// The bounds of a join's output, relative to the minimum of its inputs' watermarks. A side's column keeps a bound
 /// when the side's watermark bounds it and a time bound of that side is on it: a later output row then either
 /// holds a later row of that side, or a kept one, which the other side's watermark has not passed yet.
-fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2], left_width: usize) -> Bounds {
+fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2]) -> Bounds {
     let side_bounds = |side: usize| -> Bounds {
         sides[side]
             .iter()
@@ -419,7 +419,6 @@ fn join_output_bounds(spec: &JoinSpec, sides: &[Bounds; 2], left_width: usize) -
         JoinType::RightSemi | JoinType::RightAnti => side_bounds(RIGHT),
         _ => {
             let mut all = side_bounds(LEFT);
-            debug_assert_eq!(all.len(), left_width);
             all.extend(side_bounds(RIGHT));
             all
         }

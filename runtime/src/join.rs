@@ -139,7 +139,7 @@ impl IntervalJoin {
 
     /// Processes rows of input `side`.
     pub fn on_side_data(&mut self, side: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
-        self.expire_ttl(now_ms());
+        self.expire_ttl();
         let batch = self.drop_late(side, batch)?;
         if batch.num_rows() == 0 {
             return Ok(());
@@ -160,7 +160,7 @@ impl IntervalJoin {
         }
         self.watermarks[side] = Some(watermark);
         self.watermarks_dirty = true;
-        self.expire_ttl(now_ms());
+        self.expire_ttl();
         self.expire(1 - side, watermark, out)
     }
 
@@ -239,9 +239,10 @@ impl IntervalJoin {
 
     /// Drops the rows of sides without time bounds that arrived more than the state TTL ago (they can only be
     /// matched, never emitted unmatched: the planner keeps such sides to inner and semi joins).
-    fn expire_ttl(&mut self, now: i64) {
+    fn expire_ttl(&mut self) {
         let Some(ttl) = self.spec.ttl else { return };
         let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = now_ms();
         for side in [LEFT, RIGHT] {
             if !self.spec.bounds[side].is_empty() {
                 continue;
@@ -252,14 +253,17 @@ impl IntervalJoin {
                     break;
                 }
                 let Some(gone) = state.slots.remove(&slot) else { break };
+                // Each key's list is filtered once, however many of the batch's rows share the key.
+                let mut keys: HashSet<&[u8]> = HashSet::new();
                 for (row, key) in gone.keys.iter().enumerate() {
                     if gone.flags[row] & ALIVE == 0 {
                         continue;
                     }
                     state.deadlines.remove(&(i64::MAX, slot, row as u32));
-                    if let Some(key) = key
-                        && let Some(refs) = state.index.get_mut(key)
-                    {
+                    keys.extend(key.as_deref());
+                }
+                for key in keys {
+                    if let Some(refs) = state.index.get_mut(key) {
                         refs.retain(|r| r.0 != slot);
                         if refs.is_empty() {
                             state.index.remove(key);

@@ -73,7 +73,32 @@ impl Aggregation {
             Aggregation::Matches(m) => m.as_mut(),
         }
     }
+
+    fn late_rows(&self) -> u64 {
+        match self {
+            Aggregation::Windows(a) => a.late_rows(),
+            Aggregation::Sessions(a) => a.late_rows(),
+            Aggregation::Matches(m) => m.late_rows(),
+        }
+    }
+
+    fn memory(&self) -> usize {
+        match self {
+            Aggregation::Windows(a) => a.memory(),
+            Aggregation::Sessions(a) => a.memory(),
+            Aggregation::Matches(m) => m.memory(),
+        }
+    }
+
+    fn take_late(&mut self) -> Vec<RecordBatch> {
+        match self {
+            Aggregation::Windows(a) => a.take_late(),
+            Aggregation::Sessions(a) => a.take_late(),
+            Aggregation::Matches(m) => m.take_late(),
+        }
+    }
 }
+
 use crate::{Result, RuntimeError};
 
 /// One input of a pipeline, read in splits (a Kafka topic's partitions; one split for most sources), each with its
@@ -320,14 +345,8 @@ impl Pipeline {
 
     /// Rows that arrived after their window closed (or, at a join, after their side's watermark).
     pub fn late_rows(&self) -> u64 {
-        let joins: u64 = self.joins().map(|j| j.late_rows()).sum();
-        joins
-            + match &self.aggregate {
-                Some(Aggregation::Windows(a)) => a.late_rows(),
-                Some(Aggregation::Sessions(a)) => a.late_rows(),
-                Some(Aggregation::Matches(m)) => m.late_rows(),
-                None => 0,
-            }
+        self.joins().map(IntervalJoin::late_rows).sum::<u64>()
+            + self.aggregate.as_ref().map_or(0, Aggregation::late_rows)
     }
 
     fn joins(&self) -> impl Iterator<Item = &IntervalJoin> {
@@ -344,24 +363,17 @@ impl Pipeline {
             Some(Aggregation::Matches(m)) => Some(m.rows_held() as u64),
             _ => None,
         };
-        let kept: Vec<u64> = self.joins().map(|j| j.kept_rows().iter().sum::<usize>() as u64).collect();
-        match (matcher, kept.is_empty()) {
-            (None, true) => None,
-            (held, _) => Some(held.unwrap_or(0) + kept.iter().sum::<u64>()),
+        let kept = self.joins().map(|j| j.kept_rows().iter().sum::<usize>() as u64).reduce(|a, b| a + b);
+        match (matcher, kept) {
+            (None, None) => None,
+            (held, kept) => Some(held.unwrap_or(0) + kept.unwrap_or(0)),
         }
     }
 
     /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched,
     /// rows joins keep).
     pub fn state_bytes(&self) -> usize {
-        let joins: usize = self.joins().map(IntervalJoin::memory).sum();
-        joins
-            + match &self.aggregate {
-                Some(Aggregation::Windows(a)) => a.memory(),
-                Some(Aggregation::Sessions(a)) => a.memory(),
-                Some(Aggregation::Matches(m)) => m.memory(),
-                None => 0,
-            }
+        self.joins().map(IntervalJoin::memory).sum::<usize>() + self.aggregate.as_ref().map_or(0, Aggregation::memory)
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
@@ -372,12 +384,7 @@ impl Pipeline {
                 late.extend(join.take_late());
             }
         }
-        late.extend(match &mut self.aggregate {
-            Some(Aggregation::Windows(a)) => a.take_late(),
-            Some(Aggregation::Sessions(a)) => a.take_late(),
-            Some(Aggregation::Matches(m)) => m.take_late(),
-            None => Vec::new(),
-        });
+        late.extend(self.aggregate.as_mut().map(Aggregation::take_late).unwrap_or_default());
         late
     }
 

@@ -77,10 +77,8 @@ impl Relation {
     /// The column the relation's watermark bounds: a source's or table's `WATERMARK FOR` column, or the first column
     /// a view's watermark bounds.
     pub fn event_time(&self) -> Option<String> {
-        let declared = self.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.column.value.to_lowercase());
-        let passed =
-            || self.watermark.first().and_then(|(c, _)| self.def.schema.fields().get(*c)).map(|f| f.name().clone());
-        declared.or_else(passed)
+        let (column, _) = *self.watermark_columns().first()?;
+        self.def.schema.fields().get(column).map(|f| f.name().clone())
     }
 
     /// The columns its watermark bounds, with their offsets: a source's event-time column (offset 0), or what a
