@@ -7,8 +7,8 @@
 //! ```
 //!
 //! A plan is a tree of [`PlanNode`]s: scans of the relations read, stateless DataFusion plans over
-//! [`FeedExec`](crate::feed::FeedExec) leaves (one feed per input of the node), joins, and at most one aggregation or
-//! `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
+//! [`FeedExec`](crate::feed::FeedExec) leaves (one feed per input of the node), joins, window aggregations closing
+//! on the watermark below joins, and at most one view aggregation or `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
 //! columns its output watermark bounds. The aggregate's and the join's expressions come from the physical plan
 //! DataFusion made of the query, so they mean exactly what they mean in batch queries.
 
@@ -100,7 +100,9 @@ pub enum NodeOperator {
     Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
     /// A join of two streams (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
-    /// The aggregation of a view, and the plan over its output (per window). Always the plan's root.
+    /// An aggregation. At the plan's root it is the view's, with the plan over its output (per window): open windows
+    /// are shown as they change unless the view emits on window close. Below the root (under a join) it has no plan
+    /// above and emits each window once, when the watermark closes it: an append-only stream.
     Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
     /// A `MATCH_RECOGNIZE`, and the plan over its matches. Always the plan's root.
     MatchRecognize { stage: MatchRecognizeStage, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },

@@ -1,8 +1,9 @@
 //! Cutting a physical plan into the nodes of a streaming plan, and the watermark each node's output carries.
 //!
-//! - [`GraphBuilder::cut`] turns the stateless part of a physical plan with its joins into [`PlanNode`]s: every
-//!   join becomes a join node, every maximal stateless region a stateless node whose feeds are fed by the scans and
-//!   joins below it.
+//! - [`GraphBuilder::cut`] turns a physical plan below the view's root aggregation into [`PlanNode`]s: every join
+//!   becomes a join node, every aggregation a closing window aggregate (each window emitted once, when the watermark
+//!   closes it: an append-only stream whose watermark bounds `window_end`), every maximal stateless region a
+//!   stateless node whose feeds are fed by the scans, joins and aggregations below it.
 //! - Watermark bounds: a node's output watermark `W` bounds some of its columns with an offset (a later row has
 //!   `column > W + offset`). A source's event-time column has offset 0; a projection passes bounds through columns,
 //!   `+`/`-` of a constant, `weir_tumble_start` (a window starts less than its size before the row) and
@@ -20,6 +21,7 @@ use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
 use datafusion::physical_expr::utils::split_conjunction;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::filter::FilterExec;
@@ -75,6 +77,9 @@ impl GraphBuilder {
         if is_join(plan) {
             return self.join(plan);
         }
+        if is_aggregate(plan) {
+            return self.aggregate(plan);
+        }
         let mut ports: Vec<(Feed, NodeId)> = Vec::new();
         let plan = self.replace_leaves(plan, &mut ports)?;
         crate::streaming::check_stateless(&plan)?;
@@ -113,11 +118,14 @@ impl GraphBuilder {
             ports.push((feed, id));
             return Ok(plan.clone());
         }
-        if is_join(plan) {
-            let id = self.join(plan)?;
+        if is_join(plan) || is_aggregate(plan) {
+            let (id, name) = match is_join(plan) {
+                true => (self.join(plan)?, "join"),
+                false => (self.aggregate(plan)?, "window aggregate"),
+            };
             let feed = Feed::new();
             ports.push((feed.clone(), id));
-            return Ok(Arc::new(FeedExec::new("join", feed, plan.schema(), None).map_err(df)?));
+            return Ok(Arc::new(FeedExec::new(name, feed, plan.schema(), None).map_err(df)?));
         }
         let children = plan
             .children()
@@ -150,12 +158,57 @@ impl GraphBuilder {
     }
 }
 
+impl GraphBuilder {
+    /// An aggregation below a join (or below the root's plan): a window aggregate that emits each window once, when
+    /// the watermark closes it, so its output is append-only and its watermark bounds `window_end` (offset 1: windows
+    /// ending at or before `W + 1` are out).
+    fn aggregate(&mut self, plan: &Arc<dyn ExecutionPlan>) -> Result<NodeId, ErrorReport> {
+        let (spec, below) = crate::streaming::window_aggregate(plan)?;
+        if spec.session.is_some() {
+            return Err(unsupported("a SESSION aggregation below a join").with_hint(
+                "Aggregate the sessions in a view of their own WITH EMIT ON WINDOW CLOSE, and join that view.",
+            ));
+        }
+        let Some(end) = spec.window_end else {
+            return Err(unsupported("a GROUP BY without a window below a join").with_hint(
+                "Group by the window_start and window_end of TUMBLE, HOP or CUMULATE: each window is joined once it \
+                 closes. The rows of a plain GROUP BY change, and joining changes needs retractions.",
+            ));
+        };
+        let input = self.cut(&below)?;
+        if !self.nodes[input].append_only {
+            return Err(unsupported("an aggregation of an updating stream below a join"));
+        }
+        let bounds = self.bounds(input);
+        let Some(shift) = expr_bound(&spec.keys[end].0, &bounds, &spec.input).and_then(|d| d.checked_sub(1)) else {
+            return Err(unsupported("an aggregation below a join over windows the watermark does not bound")
+                .with_hint("Window by a column the watermark bounds: the event time of a source, or of a view that passes its watermark on."));
+        };
+        let mut closed = vec![None; plan.schema().fields().len()];
+        if let Some(slot) = closed.get_mut(end) {
+            *slot = Some(1);
+        }
+        Ok(self.add(PlanNode {
+            schema: plan.schema(),
+            operator: NodeOperator::Aggregate { spec, above: None, shift: Some(shift) },
+            inputs: vec![input],
+            append_only: true,
+            watermark: watermark_of(&closed),
+        }))
+    }
+}
+
+/// Whether `plan` is an aggregation the graph runs as a node (the final one of a partial/final pair).
+fn is_aggregate(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.downcast_ref::<AggregateExec>().is_some_and(|exec| *exec.mode() != AggregateMode::Partial)
+}
+
 /// The bounded columns of `bounds`, with their offsets.
 pub fn watermark_of(bounds: &Bounds) -> Vec<(usize, i64)> {
     bounds.iter().enumerate().filter_map(|(i, b)| b.map(|b| (i, b))).collect()
 }
 
-fn is_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
+pub(crate) fn is_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
     plan.name().contains("Join")
 }
 

@@ -321,9 +321,13 @@ fn first_rank_column(predicate: &Expr) -> Option<String> {
     }
 }
 
-/// The aggregation nearest the input (the final one of a partial/final pair): the one that becomes the window
-/// aggregate; any aggregation above it runs per window, over its output.
+/// The aggregation of the view's root: among those with no join above them, the one nearest the input (the final one
+/// of a partial/final pair). Any aggregation above it runs per window, over its output; those below a join become
+/// closing aggregate nodes of the graph (see [`GraphBuilder::cut`]).
 fn find_aggregate(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>, ErrorReport> {
+    if crate::graph::is_join(plan) {
+        return Ok(None);
+    }
     for child in plan.children() {
         if let Some(found) = find_aggregate(child)? {
             return Ok(Some(found));
@@ -381,7 +385,7 @@ fn check_above(plan: &Arc<dyn ExecutionPlan>, windowed: bool) -> Result<(), Erro
 }
 
 /// The window aggregate an `AggregateExec` stands for, and the plan that feeds it.
-fn window_aggregate(
+pub(crate) fn window_aggregate(
     plan: &Arc<dyn ExecutionPlan>,
 ) -> Result<(WindowAggregateSpec, Arc<dyn ExecutionPlan>), ErrorReport> {
     let Some(mut exec) = plan.downcast_ref::<AggregateExec>() else {

@@ -11,7 +11,8 @@
 //! channels between them: the cheapest form of a linear dataflow). Watermarks move up the same paths, after the
 //! batches: each input's watermark is the minimum over its splits (idle splits left out); a stateless node passes on
 //! the minimum over its inputs (idle inputs left out), a join the minimum of its two inputs' (it keeps each for its
-//! state), and the aggregation at the root closes windows with its input's.
+//! state), an aggregation below a join its input's shifted (it closes windows with it and passes their rows on), and
+//! the aggregation at the root closes windows with its input's.
 //!
 //! The plans of stateless nodes are DataFusion plans re-executed over their feeds. `above` (of the aggregation or
 //! the matcher at the root) runs on one window's rows at a time (or one batch of decided matches), so whatever it
@@ -21,13 +22,14 @@
 //! for views that show open windows, the current rows of every window changed since then.
 //!
 //! [`Pipeline::checkpoint`] writes the pipeline's state (each input's watermark, the aggregate's groups or the
-//! matcher's held rows, each join's kept rows) to state tables named after the view; [`Pipeline::restore`]
+//! matcher's held rows, each join's kept rows and each inner aggregation's groups) to state tables named after the
+//! view; [`Pipeline::restore`]
 //! continues from them. The runner checkpoints between batches, right after a publish, so a restored pipeline
 //! replays nothing twice as long as its sources resume from the same point.
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
@@ -169,8 +171,44 @@ enum Running {
         feeds: Vec<Feed>,
     },
     Join(Box<IntervalJoin>),
+    /// A window aggregation below the root: each window emitted once, when the shifted watermark closes it.
+    Closing(Box<Closing>),
     /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
     Root,
+}
+
+/// A window aggregation inside the plan (below a join): its output is append-only, its watermark the input's shifted.
+#[derive(Debug)]
+struct Closing {
+    aggregate: WindowAggregate,
+    /// What the aggregation adds to its input's watermark (see [`weir_common::plan::WatermarkShift`]).
+    shift: i64,
+    /// The node's output schema (the names the plan above it reads).
+    schema: SchemaRef,
+}
+
+impl Closing {
+    /// Rows in; nothing out until windows close.
+    fn on_data(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.aggregate.on_data(0, batch, &mut Vec::new())
+    }
+
+    /// Closes the windows the input watermark `watermark` completes into `out`; returns the node's own watermark.
+    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<Watermark> {
+        let shifted = match watermark {
+            END_OF_TIME => END_OF_TIME,
+            w => w.saturating_add(self.shift),
+        };
+        let mut closed = Vec::new();
+        self.aggregate.on_watermark(0, shifted, &mut closed)?;
+        for rows in closed {
+            let options = RecordBatchOptions::new().with_row_count(Some(rows.num_rows()));
+            let rows = RecordBatch::try_new_with_options(self.schema.clone(), rows.columns().to_vec(), &options)
+                .map_err(|e| RuntimeError::Expr(e.into()))?;
+            out.push(rows);
+        }
+        Ok(shifted)
+    }
 }
 
 #[derive(Debug)]
@@ -247,6 +285,21 @@ impl Pipeline {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
+                }
+                NodeOperator::Aggregate { spec, shift: Some(by), .. } if id != plan.root() => {
+                    if spec.session.is_some() || spec.window_end.is_none() {
+                        return Err(RuntimeError::Join("an aggregation below a join without windows".to_string()));
+                    }
+                    if let Some(relation) = missing() {
+                        return Err(RuntimeError::NeedsWatermark(relation));
+                    }
+                    let aggregate = WindowAggregate::try_new(
+                        &spec.input,
+                        spec.keys.clone(),
+                        spec.window_end,
+                        spec.aggregates.clone(),
+                    )?;
+                    Running::Closing(Box::new(Closing { aggregate, shift: *by, schema: node.schema.clone() }))
                 }
                 NodeOperator::Aggregate { spec, above: over, shift: by } => {
                     shift = *by;
@@ -346,7 +399,15 @@ impl Pipeline {
     /// Rows that arrived after their window closed (or, at a join, after their side's watermark).
     pub fn late_rows(&self) -> u64 {
         self.joins().map(IntervalJoin::late_rows).sum::<u64>()
+            + self.closing().map(|c| c.aggregate.late_rows()).sum::<u64>()
             + self.aggregate.as_ref().map_or(0, Aggregation::late_rows)
+    }
+
+    fn closing(&self) -> impl Iterator<Item = &Closing> {
+        self.nodes.iter().filter_map(|n| match &n.running {
+            Running::Closing(closing) => Some(closing.as_ref()),
+            _ => None,
+        })
     }
 
     fn joins(&self) -> impl Iterator<Item = &IntervalJoin> {
@@ -373,15 +434,19 @@ impl Pipeline {
     /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched,
     /// rows joins keep).
     pub fn state_bytes(&self) -> usize {
-        self.joins().map(IntervalJoin::memory).sum::<usize>() + self.aggregate.as_ref().map_or(0, Aggregation::memory)
+        self.joins().map(IntervalJoin::memory).sum::<usize>()
+            + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
+            + self.aggregate.as_ref().map_or(0, Aggregation::memory)
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
     pub fn take_late(&mut self) -> Vec<RecordBatch> {
         let mut late: Vec<RecordBatch> = Vec::new();
         for node in &mut self.nodes {
-            if let Running::Join(join) = &mut node.running {
-                late.extend(join.take_late());
+            match &mut node.running {
+                Running::Join(join) => late.extend(join.take_late()),
+                Running::Closing(closing) => late.extend(closing.aggregate.take_late()),
+                _ => {}
             }
         }
         late.extend(self.aggregate.as_mut().map(Aggregation::take_late).unwrap_or_default());
@@ -532,6 +597,15 @@ impl Pipeline {
                     }
                     said = join.watermark().map(Port::At);
                 }
+                Running::Closing(closing) => {
+                    for batch in &batches {
+                        closing.on_data(batch)?;
+                    }
+                    said = match watermark {
+                        Some(Port::At(w)) => Some(Port::At(closing.on_watermark(w, &mut out)?)),
+                        other => other,
+                    };
+                }
                 Running::Root => {
                     let merged = if watermark.is_some() { merged(&state.ports) } else { None };
                     self.aggregate_data(batches)?;
@@ -585,18 +659,16 @@ impl Pipeline {
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
         }
-        let joins = StateTable::new(&format!("{name}/joins"));
-        for (id, node) in self.nodes.iter_mut().enumerate() {
-            if let Running::Join(join) = &mut node.running {
-                join.checkpoint(&joins.part(&(id as u32).to_be_bytes()), batch)?;
-            }
+        let nodes = StateTable::new(&format!("{name}/nodes"));
+        for (id, state) in self.node_states() {
+            state.checkpoint(&nodes.part(&(id as u32).to_be_bytes()), batch)?;
         }
         Ok(())
     }
 
     /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
     pub fn forget(name: &str, batch: &mut WriteBatch) {
-        for table in ["inputs", "aggregate", "joins"] {
+        for table in ["inputs", "aggregate", "nodes"] {
             StateTable::new(&format!("{name}/{table}")).delete_prefix(batch, &[]);
         }
     }
@@ -631,13 +703,20 @@ impl Pipeline {
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
         }
-        let joins = StateTable::new(&format!("{name}/joins"));
-        for (id, node) in self.nodes.iter_mut().enumerate() {
-            if let Running::Join(join) = &mut node.running {
-                join.restore(&joins.part(&(id as u32).to_be_bytes()), store)?;
-            }
+        let nodes = StateTable::new(&format!("{name}/nodes"));
+        for (id, state) in self.node_states() {
+            state.restore(&nodes.part(&(id as u32).to_be_bytes()), store)?;
         }
         Ok(())
+    }
+
+    /// The stateful nodes below the root (joins, closing aggregations), by node id.
+    fn node_states(&mut self) -> impl Iterator<Item = (NodeId, &mut dyn Checkpointed)> {
+        self.nodes.iter_mut().enumerate().filter_map(|(id, node)| match &mut node.running {
+            Running::Join(join) => Some((id, join.as_mut() as &mut dyn Checkpointed)),
+            Running::Closing(closing) => Some((id, &mut closing.aggregate as &mut dyn Checkpointed)),
+            _ => None,
+        })
     }
 
     /// Passes the restored inputs' watermarks up the plan again before anything else, so that every node knows them

@@ -911,14 +911,12 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
             }
             let keys: Vec<&str> = aggregate.keys.iter().map(|(_, name)| name.as_str()).collect();
             let functions: Vec<String> = aggregate.aggregates.iter().map(|a| a.function.name().to_string()).collect();
+            // Below the root an aggregation emits each window once, when it closes.
+            let closing = plan.emit_on_window_close || id != plan.root();
             let window = match (&aggregate.session, aggregate.window_end) {
-                (Some(_), _) if plan.emit_on_window_close => {
-                    "per session, emitted when the watermark closes it".to_string()
-                }
+                (Some(_), _) if closing => "per session, emitted when the watermark closes it".to_string(),
                 (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
-                (None, Some(_)) if plan.emit_on_window_close => {
-                    "per window, emitted when the watermark closes it".to_string()
-                }
+                (None, Some(_)) if closing => "per window, emitted when the watermark closes it".to_string(),
                 (None, Some(_)) => "per window, open windows updated every epoch".to_string(),
                 (None, None) => "no window: groups updated every epoch".to_string(),
             };

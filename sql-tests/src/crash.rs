@@ -53,6 +53,11 @@ CREATE MATERIALIZED VIEW matched AS
 CREATE MATERIALIZED VIEW matched_per_window AS
   SELECT window_start, count(*) AS n, sum(line) AS lines
   FROM TUMBLE(matched, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE;
+CREATE MATERIALIZED VIEW top_readings AS
+  SELECT r.id, r.value, r.ts FROM readings r
+  JOIN (SELECT max(value) AS top, window_end FROM TUMBLE(readings, ts, INTERVAL '10' SECOND)
+        GROUP BY window_start, window_end) m
+    ON r.value = m.top AND r.ts >= m.window_end - INTERVAL '10' SECOND AND r.ts < m.window_end;
 CREATE SOURCE events (id BIGINT, device TEXT, amount BIGINT, ts TIMESTAMP(3),
                       WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
   WITH (connector = 'kafka', topic = '${TOPIC}', 'properties.bootstrap.server' = '${KAFKA}',
@@ -75,6 +80,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT * FROM event_totals ORDER BY device",
     "SELECT count(*), sum(reading), sum(line), min(ts), max(ts) FROM matched",
     "SELECT * FROM matched_per_window ORDER BY window_start",
+    "SELECT count(*), sum(id), min(ts), max(ts) FROM top_readings",
     "SELECT view, late_rows FROM weir_catalog.view_progress ORDER BY view",
 ];
 
@@ -174,7 +180,7 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
         // The Kafka view never ends: it is done once it has read every record. Views over a table or a view never
         // end either; a last FLUSH brings the latter what the views they read published when they ended.
         let kafka = rows(&client, "SELECT sum(n) FROM event_totals").await?;
-        if ended == 5 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
+        if ended == 6 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
             client.simple_query("FLUSH").await?;
             break;
         }

@@ -176,7 +176,8 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
 }
 
 /// Join queries over `{l}` and `{r}`: interval joins of every type (with a residual filter too), semi and anti joins
-/// from subqueries, a window join, an aggregation over a join, and an inner join without a time bound.
+/// from subqueries, a window join, an aggregation over a join, an inner join without a time bound, and joins over
+/// window aggregations.
 const JOIN_QUERIES: &[&str] = &[
     "SELECT l.device, l.reading, r.reading AS r_reading, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r \
      ON l.device = r.device AND r.ts BETWEEN l.ts - INTERVAL '1' SECOND AND l.ts + INTERVAL '2' SECOND",
@@ -198,6 +199,24 @@ const JOIN_QUERIES: &[&str] = &[
      ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND GROUP BY l.device",
     "SELECT l.device, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r ON l.device = r.device AND l.reading = r.reading",
     "SELECT count(*) AS n FROM {l} l JOIN {r} r ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND",
+    // Nexmark q7's form: rows joined with their window's maximum (a window aggregation below the join, no equi-key).
+    "SELECT l.device, l.reading, l.ts FROM {l} l \
+     JOIN (SELECT max(reading) AS top, window_end FROM TUMBLE({r}, ts, INTERVAL '1' SECOND) \
+           GROUP BY window_start, window_end) m \
+     ON l.reading >= m.top AND l.ts >= m.window_end - INTERVAL '1' SECOND AND l.ts < m.window_end",
+    // Nexmark q5's form: the counts of each window joined with their maximum (an aggregation over an aggregation).
+    "SELECT c.device, c.n, c.window_end FROM (SELECT device, count(*) AS n, window_start, window_end \
+       FROM TUMBLE({l}, ts, INTERVAL '2' SECOND) GROUP BY device, window_start, window_end) c \
+     JOIN (SELECT max(n) AS top, window_start, window_end FROM (SELECT device, count(*) AS n, window_start, \
+             window_end FROM TUMBLE({l}, ts, INTERVAL '2' SECOND) GROUP BY device, window_start, window_end) \
+           GROUP BY window_start, window_end) m \
+     ON c.window_start = m.window_start AND c.window_end = m.window_end AND c.n >= m.top",
+    // Window aggregations of both sides, outer-joined on the window.
+    "SELECT a.device, a.window_end, a.n, b.total FROM (SELECT device, window_start, window_end, count(*) AS n \
+       FROM TUMBLE({l}, ts, INTERVAL '1' SECOND) GROUP BY device, window_start, window_end) a \
+     LEFT JOIN (SELECT device, window_end, sum(reading) AS total \
+       FROM HOP({r}, ts, INTERVAL '1' SECOND, INTERVAL '2' SECOND) GROUP BY device, window_start, window_end) b \
+     ON a.device = b.device AND a.window_end = b.window_end",
 ];
 
 /// Random rows along a clock moving in steps of 100 ms, so that rows fall exactly on the joins' bounds:
