@@ -164,7 +164,7 @@ fn published_rows(changes: Vec<ViewChange>) -> u64 {
     changes
         .iter()
         .map(|c| match c {
-            ViewChange::Append(rows) | ViewChange::Replace { rows, .. } => {
+            ViewChange::Append(rows) | ViewChange::Replace { rows, .. } | ViewChange::ReplacePart { rows, .. } => {
                 rows.iter().map(|b| b.num_rows() as u64).sum::<u64>()
             }
         })

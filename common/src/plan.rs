@@ -41,6 +41,9 @@ pub struct WindowAggregateSpec {
     /// Session windows: the rows' own one-row sessions are to be merged into sessions.
     pub session: Option<SessionSpec>,
     pub aggregates: Vec<Aggregate>,
+    /// Whether the plan above the aggregation (at a view's root) reads one row at a time: a plain `GROUP BY` then
+    /// publishes the chunks of groups that changed, not every group, at each epoch.
+    pub row_by_row_above: bool,
 }
 
 /// Where the session columns of a session-window aggregation are among its group keys. Each input row carries its

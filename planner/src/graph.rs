@@ -169,18 +169,26 @@ impl GraphBuilder {
                 "Aggregate the sessions in a view of their own WITH EMIT ON WINDOW CLOSE, and join that view.",
             ));
         }
-        let Some(end) = spec.window_end else {
-            return Err(unsupported("a GROUP BY without a window below a join").with_hint(
-                "Group by the window_start and window_end of TUMBLE, HOP or CUMULATE: each window is joined once it \
-                 closes. The rows of a plain GROUP BY change, and joining changes needs retractions.",
-            ));
-        };
+        let mut spec = spec;
         let input = self.cut(&below)?;
         if !self.nodes[input].append_only {
             return Err(unsupported("an aggregation of an updating stream below a join"));
         }
         let bounds = self.bounds(input);
-        let Some(shift) = expr_bound(&spec.keys[end].0, &bounds, &spec.input).and_then(|d| d.checked_sub(1)) else {
+        let bound = |key: usize| expr_bound(&spec.keys[key].0, &bounds, &spec.input);
+        // The groups of a time key the watermark bounds are complete once it passes them, whatever the key is called
+        // (Nexmark q5 groups HOP windows by window_start alone): that key closes them, as a window end would.
+        let timed = |key: &usize| {
+            matches!(spec.keys[*key].0.data_type(&spec.input), Ok(DataType::Timestamp(..))) && bound(*key).is_some()
+        };
+        let Some(end) = spec.window_end.or_else(|| (0..spec.keys.len()).find(timed)) else {
+            return Err(unsupported("a GROUP BY without a window below a join").with_hint(
+                "Group by the window_start and window_end of TUMBLE, HOP or CUMULATE: each window is joined once it \
+                 closes. The rows of a plain GROUP BY change, and joining changes needs retractions.",
+            ));
+        };
+        spec.window_end = Some(end);
+        let Some(shift) = bound(end).and_then(|d| d.checked_sub(1)) else {
             return Err(unsupported("an aggregation below a join over windows the watermark does not bound")
                 .with_hint("Window by a column the watermark bounds: the event time of a source, or of a view that passes its watermark on."));
         };

@@ -147,6 +147,8 @@ pub async fn plan_streaming(
     } else {
         check_above(&above, spec.window_end.is_some())?;
     }
+    let mut spec = spec;
+    spec.row_by_row_above = check_stateless(&above).is_ok();
     // Emitted when they close, windows ending at or before `W + 1` are out: later ones end after it.
     let mut aggregated = vec![None; aggregate.schema().fields().len()];
     if let (true, Some(end), None) = (emit_on_window_close, spec.window_end, &spec.session) {
@@ -445,7 +447,9 @@ pub(crate) fn window_aggregate(
         .zip(exec.filter_expr())
         .map(|(function, filter)| Aggregate { function: function.clone(), filter: filter.clone() })
         .collect();
-    Ok((WindowAggregateSpec { input: input_schema, keys, window_end, session, aggregates }, input))
+    let spec =
+        WindowAggregateSpec { input: input_schema, keys, window_end, session, aggregates, row_by_row_above: false };
+    Ok((spec, input))
 }
 
 /// The column names a SESSION is partitioned by.

@@ -2,16 +2,18 @@
 //! query's aggregates that evaluate inputs into them, read results out of them and encode their state for the state
 //! store ([`Aggregates`]), and the input watermark with the late rows set aside ([`Progress`]).
 //!
-//! A group is identified by its row-encoded key (Arrow's row format); its index is its position in the
-//! accumulators. The operators decide what a set of groups is: one window, one session.
+//! A group is identified by its row-encoded key (Arrow's row format); its index is its position in the order the
+//! groups appeared, and its accumulators those of its chunk ([`CHUNK`] consecutive groups). The operators decide what
+//! a set of groups is: one window, one session.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::and;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_empty_array};
+use datafusion::arrow::compute::{and, concat, take};
 use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
+// hashbrown with a fast hasher: group keys are hashed for every input row.
+use datafusion::common::HashMap;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
 use weir_common::plan::Aggregate;
@@ -24,15 +26,28 @@ pub(crate) fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeErr
     RuntimeError::Expr(err.into())
 }
 
-/// Groups and their accumulators (one per aggregate, each holding every group).
+/// How many consecutive groups share one set of accumulators (a chunk): a view showing a plain `GROUP BY` evaluates
+/// and publishes only the chunks with changed groups, and a checkpoint encodes only those. Groups are numbered in
+/// the order they appear, so the groups of recent keys share the last chunks. Small under test, so that the
+/// operators' tests cross chunk boundaries.
+pub(crate) const CHUNK: usize = if cfg!(test) { 3 } else { 8192 };
+
+/// Makes one chunk's accumulators (one per aggregate).
+type Factory = Arc<dyn Fn() -> Result<Vec<Box<dyn GroupsAccumulator>>> + Send + Sync>;
+
+/// Groups and their accumulators: group `g` is group `g % CHUNK` of chunk `g / CHUNK`.
 pub(crate) struct Groups {
     /// Row-encoded group key -> group index.
     index: HashMap<Vec<u8>, usize>,
     /// Row-encoded group keys in group-index order.
     pub(crate) keys: Vec<Vec<u8>>,
-    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Per chunk, one accumulator per aggregate.
+    chunks: Vec<Vec<Box<dyn GroupsAccumulator>>>,
+    factory: Factory,
     /// Per group: changed since the last checkpoint.
     pub(crate) changed: Vec<bool>,
+    /// Chunks changed since the last [`Groups::take_touched`].
+    touched: std::collections::BTreeSet<usize>,
 }
 
 impl std::fmt::Debug for Groups {
@@ -41,16 +56,63 @@ impl std::fmt::Debug for Groups {
     }
 }
 
+/// Row positions split by the chunk of their group, with each group's index inside its chunk.
+struct ByChunk {
+    /// `(chunk, rows, local group indices)`; `rows` is `None` when every row is in this one chunk.
+    parts: Vec<(usize, Option<UInt32Array>, Vec<usize>)>,
+}
+
+fn by_chunk(indices: &[usize]) -> ByChunk {
+    let first = indices.first().map_or(0, |g| g / CHUNK);
+    if indices.iter().all(|g| g / CHUNK == first) {
+        return ByChunk { parts: vec![(first, None, indices.iter().map(|g| g % CHUNK).collect())] };
+    }
+    let mut parts: std::collections::BTreeMap<usize, (Vec<u32>, Vec<usize>)> = Default::default();
+    for (row, group) in indices.iter().enumerate() {
+        let part = parts.entry(group / CHUNK).or_default();
+        part.0.push(row as u32);
+        part.1.push(group % CHUNK);
+    }
+    ByChunk {
+        parts: parts.into_iter().map(|(chunk, (rows, local))| (chunk, Some(UInt32Array::from(rows)), local)).collect(),
+    }
+}
+
+/// `array`'s rows `rows` (all of it without).
+fn pick(array: &ArrayRef, rows: Option<&UInt32Array>) -> Result<ArrayRef> {
+    match rows {
+        Some(rows) => take(array, rows, None).map_err(arrow_err),
+        None => Ok(array.clone()),
+    }
+}
+
+fn pick_mask(mask: Option<&BooleanArray>, rows: Option<&UInt32Array>) -> Result<Option<BooleanArray>> {
+    match (mask, rows) {
+        (Some(mask), Some(rows)) => Ok(Some(take(mask, rows, None).map_err(arrow_err)?.as_boolean().clone())),
+        (mask, _) => Ok(mask.cloned()),
+    }
+}
+
 impl Groups {
     /// About how many bytes the groups hold: keys, the index over them, and the accumulators' own estimates.
     pub(crate) fn memory(&self) -> usize {
         let keys: usize = self.keys.iter().map(|k| k.len() + std::mem::size_of::<Vec<u8>>()).sum();
-        let accumulators: usize = self.accumulators.iter().map(|a| a.size()).sum();
+        let accumulators: usize = self.chunks.iter().flatten().map(|a| a.size()).sum();
         keys * 2 + accumulators + self.changed.len()
     }
 
     pub(crate) fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    /// How many chunks the groups fill.
+    pub(crate) fn chunk_count(&self) -> usize {
+        self.keys.len().div_ceil(CHUNK)
+    }
+
+    /// How many groups chunk `chunk` has.
+    fn chunk_len(&self, chunk: usize) -> usize {
+        self.keys.len().saturating_sub(chunk * CHUNK).min(CHUNK)
     }
 
     /// The index of the group with key `key`, added if new. Looks up by borrowed bytes: only a new group allocates.
@@ -67,6 +129,19 @@ impl Groups {
         }
     }
 
+    /// The chunks changed since the last call, in order.
+    pub(crate) fn take_touched(&mut self) -> std::collections::BTreeSet<usize> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// The accumulators of chunk `chunk`, made (with those before it) if new.
+    fn chunk(&mut self, chunk: usize) -> Result<&mut Vec<Box<dyn GroupsAccumulator>>> {
+        while self.chunks.len() <= chunk {
+            self.chunks.push((self.factory)()?);
+        }
+        Ok(&mut self.chunks[chunk])
+    }
+
     /// Adds rows to their groups: row `i` goes to group `indices[i]` when `mask` (if any) and the aggregate's own
     /// filter keep it. The groups of the rows kept count as changed.
     pub(crate) fn update(
@@ -76,29 +151,57 @@ impl Groups {
         indices: &[usize],
         mask: Option<&BooleanArray>,
     ) -> Result<()> {
-        let total = self.keys.len();
         for (i, group) in indices.iter().enumerate() {
             if mask.is_none_or(|m| m.value(i)) {
                 self.changed[*group] = true;
             }
         }
-        for ((accumulator, values), filter) in self.accumulators.iter_mut().zip(inputs).zip(filters) {
-            let combined = match (mask, filter) {
-                (Some(m), Some(f)) => Some(and(m, f).map_err(arrow_err)?),
-                (Some(m), None) => Some(m.clone()),
-                (None, f) => f.clone(),
-            };
-            accumulator.update_batch(values, indices, combined.as_ref(), total).map_err(RuntimeError::Expr)?;
+        for (chunk, rows, local) in by_chunk(indices).parts {
+            self.touched.insert(chunk);
+            let total = self.chunk_len(chunk);
+            let mask = pick_mask(mask, rows.as_ref())?;
+            for ((accumulator, values), filter) in self.chunk(chunk)?.iter_mut().zip(inputs).zip(filters) {
+                let values = values.iter().map(|v| pick(v, rows.as_ref())).collect::<Result<Vec<_>>>()?;
+                let filter = pick_mask(filter.as_ref(), rows.as_ref())?;
+                let combined = match (&mask, filter) {
+                    (Some(m), Some(f)) => Some(and(m, &f).map_err(arrow_err)?),
+                    (Some(m), None) => Some(m.clone()),
+                    (None, f) => f,
+                };
+                accumulator.update_batch(&values, &local, combined.as_ref(), total).map_err(RuntimeError::Expr)?;
+            }
         }
         Ok(())
     }
 
-    /// Each accumulator's state for every group, leaving the accumulators as they were (the state is taken and merged
-    /// back).
-    fn peek_states(&mut self) -> Result<Vec<Vec<ArrayRef>>> {
-        let groups = self.keys.len();
+    /// Merges `states` (every aggregate's state columns, in order, `widths[a]` of them for aggregate `a`) into groups
+    /// `indices`.
+    fn merge(&mut self, states: &[ArrayRef], indices: &[usize], widths: &[usize]) -> Result<()> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        for (chunk, rows, local) in by_chunk(indices).parts {
+            self.touched.insert(chunk);
+            let total = self.chunk_len(chunk);
+            let mut at = 0;
+            for (accumulator, width) in self.chunk(chunk)?.iter_mut().zip(widths) {
+                let state = states
+                    .get(at..at + width)
+                    .ok_or_else(|| StateError::Corrupt("aggregate state has too few columns".to_string()))?;
+                let state = state.iter().map(|s| pick(s, rows.as_ref())).collect::<Result<Vec<_>>>()?;
+                accumulator.merge_batch(&state, &local, total).map_err(RuntimeError::Expr)?;
+                at += width;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each accumulator's state for every group of chunk `chunk`, leaving the accumulators as they were (the state is
+    /// taken and merged back).
+    fn peek_states(&mut self, chunk: usize) -> Result<Vec<Vec<ArrayRef>>> {
+        let groups = self.chunk_len(chunk);
         let all: Vec<usize> = (0..groups).collect();
-        self.accumulators
+        self.chunk(chunk)?
             .iter_mut()
             .map(|accumulator| {
                 let state = accumulator.state(EmitTo::All)?;
@@ -108,6 +211,33 @@ impl Groups {
             .collect::<Result<_, datafusion::error::DataFusionError>>()
             .map_err(RuntimeError::Expr)
     }
+
+    /// Every accumulator's state for every group, in group order, using the accumulators up.
+    fn take_states(&mut self) -> Result<Vec<ArrayRef>> {
+        let mut per_chunk: Vec<Vec<ArrayRef>> = Vec::new();
+        for accumulators in &mut self.chunks {
+            let mut states = Vec::new();
+            for accumulator in accumulators.iter_mut() {
+                states.extend(accumulator.state(EmitTo::All).map_err(RuntimeError::Expr)?);
+            }
+            per_chunk.push(states);
+        }
+        concat_columns(per_chunk)
+    }
+}
+
+/// Column `c` of every part, one after the other.
+fn concat_columns(parts: Vec<Vec<ArrayRef>>) -> Result<Vec<ArrayRef>> {
+    let Some(first) = parts.first() else { return Ok(Vec::new()) };
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().unwrap_or_default());
+    }
+    (0..first.len())
+        .map(|c| {
+            let columns: Vec<&dyn Array> = parts.iter().filter_map(|p| p.get(c)).map(|a| a.as_ref()).collect();
+            concat(&columns).map_err(arrow_err)
+        })
+        .collect()
 }
 
 /// A query's aggregates, over input batches of one schema.
@@ -136,36 +266,46 @@ impl Aggregates {
         self.list.iter().map(|a| a.function.field().as_ref().clone())
     }
 
-    fn accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
-        self.list
-            .iter()
-            .map(|a| {
-                if a.function.groups_accumulator_supported() {
-                    a.function.create_groups_accumulator()
-                } else {
-                    let function = a.function.clone();
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || function.create_accumulator()))
-                        as Box<dyn GroupsAccumulator>)
-                }
-            })
-            .collect::<Result<_, _>>()
-            .map_err(RuntimeError::Expr)
+    /// What makes one chunk's accumulators.
+    fn factory(&self) -> Factory {
+        let list = self.list.clone();
+        Arc::new(move || {
+            list.iter()
+                .map(|a| {
+                    if a.function.groups_accumulator_supported() {
+                        a.function.create_groups_accumulator()
+                    } else {
+                        let function = a.function.clone();
+                        Ok(Box::new(GroupsAccumulatorAdapter::new(move || function.create_accumulator()))
+                            as Box<dyn GroupsAccumulator>)
+                    }
+                })
+                .collect::<Result<_, _>>()
+                .map_err(RuntimeError::Expr)
+        })
     }
 
     /// A set without groups; with `keyless`, it has its one group (key of no columns) from the start, as the groups
     /// of `SELECT count(*) FROM t` do.
     pub(crate) fn new_groups(&self, keyless: bool) -> Result<Groups> {
-        let mut groups =
-            Groups { index: HashMap::new(), keys: Vec::new(), accumulators: self.accumulators()?, changed: Vec::new() };
+        let mut groups = Groups {
+            index: HashMap::new(),
+            keys: Vec::new(),
+            chunks: Vec::new(),
+            factory: self.factory(),
+            changed: Vec::new(),
+            touched: Default::default(),
+        };
         if keyless {
             groups.index_of(&[]);
             let inputs = self.inputs(&RecordBatch::new_empty(self.input.clone()))?;
-            for (accumulator, values) in groups.accumulators.iter_mut().zip(&inputs) {
+            for (accumulator, values) in groups.chunk(0)?.iter_mut().zip(&inputs) {
                 // An (empty) filter makes accumulators track which groups saw values instead of assuming all did:
                 // otherwise the group would count as having rows, and an average of none would read 0/0, not NULL.
                 let none = BooleanArray::from(Vec::<bool>::new());
                 accumulator.update_batch(values, &[], Some(&none), 1).map_err(RuntimeError::Expr)?;
             }
+            groups.touched.insert(0);
         }
         Ok(groups)
     }
@@ -205,26 +345,43 @@ impl Aggregates {
     /// The aggregates' values for every group. With `keep`, the accumulators keep their state (it is taken, merged
     /// back, and evaluated from a copy); otherwise they are used up.
     pub(crate) fn evaluate(&self, groups: &mut Groups, keep: bool) -> Result<Vec<ArrayRef>> {
+        let mut parts = Vec::with_capacity(groups.chunks.len());
+        for chunk in 0..groups.chunk_count() {
+            parts.push(match keep {
+                true => self.evaluate_chunk(groups, chunk)?,
+                false => groups
+                    .chunk(chunk)?
+                    .iter_mut()
+                    .map(|a| a.evaluate(EmitTo::All))
+                    .collect::<Result<_, _>>()
+                    .map_err(RuntimeError::Expr)?,
+            });
+        }
+        if parts.is_empty() {
+            // No group yet: empty columns of the aggregates' types.
+            return self.list.iter().map(|a| Ok(new_empty_array(a.function.field().data_type()))).collect();
+        }
+        concat_columns(parts)
+    }
+
+    /// The aggregates' values for the groups of chunk `chunk` (the keys `groups.keys[chunk * CHUNK..]`, at most
+    /// [`CHUNK`] of them), the accumulators keeping their state.
+    pub(crate) fn evaluate_chunk(&self, groups: &mut Groups, chunk: usize) -> Result<Vec<ArrayRef>> {
+        let count = groups.chunk_len(chunk);
+        let all: Vec<usize> = (0..count).collect();
+        let states = groups.peek_states(chunk)?;
         let mut columns = Vec::with_capacity(self.list.len());
-        if keep {
-            let count = groups.len();
-            let all: Vec<usize> = (0..count).collect();
-            let states = groups.peek_states()?;
-            for (mut copy, state) in self.accumulators()?.into_iter().zip(&states) {
-                copy.merge_batch(state, &all, count).map_err(RuntimeError::Expr)?;
-                columns.push(copy.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
-            }
-        } else {
-            for accumulator in &mut groups.accumulators {
-                columns.push(accumulator.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
-            }
+        for (mut copy, state) in (groups.factory)()?.into_iter().zip(&states) {
+            copy.merge_batch(state, &all, count).map_err(RuntimeError::Expr)?;
+            columns.push(copy.evaluate(EmitTo::All).map_err(RuntimeError::Expr)?);
         }
         Ok(columns)
     }
 
-    /// Every group's accumulator state, row-encoded (row `g` is group `g`'s), leaving the groups as they were.
-    pub(crate) fn encode_states(&self, groups: &mut Groups) -> Result<EncodedStates> {
-        let states: Vec<ArrayRef> = groups.peek_states()?.into_iter().flatten().collect();
+    /// The accumulator states of the groups of chunk `chunk`, row-encoded (row `g` is group `chunk * CHUNK + g`'s),
+    /// leaving the groups as they were.
+    pub(crate) fn encode_states(&self, groups: &mut Groups, chunk: usize) -> Result<EncodedStates> {
+        let states: Vec<ArrayRef> = groups.peek_states(chunk)?.into_iter().flatten().collect();
         if states.is_empty() {
             // Keys only (`SELECT DISTINCT`): every group's state is empty.
             return Ok(EncodedStates(None));
@@ -249,30 +406,13 @@ impl Aggregates {
         for group in &indices {
             into.changed[*group] = true;
         }
-        let states: Vec<ArrayRef> = from
-            .accumulators
-            .iter_mut()
-            .map(|a| a.state(EmitTo::All))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(RuntimeError::Expr)?
-            .into_iter()
-            .flatten()
-            .collect();
+        let states = from.take_states()?;
         self.merge_states(into, &states, &indices)
     }
 
     /// Merges `states` (every aggregate's state columns, in order) into groups `indices`.
     fn merge_states(&self, groups: &mut Groups, states: &[ArrayRef], indices: &[usize]) -> Result<()> {
-        let total = groups.len();
-        let mut at = 0;
-        for (accumulator, width) in groups.accumulators.iter_mut().zip(&self.state_widths) {
-            let state = states
-                .get(at..at + width)
-                .ok_or_else(|| StateError::Corrupt("aggregate state has too few columns".to_string()))?;
-            accumulator.merge_batch(state, indices, total).map_err(RuntimeError::Expr)?;
-            at += width;
-        }
-        Ok(())
+        groups.merge(states, indices, &self.state_widths)
     }
 }
 

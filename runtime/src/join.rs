@@ -19,14 +19,16 @@
 //! Checkpoints write each kept batch once, as it arrived, and its row flags (alive, matched) whenever they change;
 //! a batch whose rows have all left is deleted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+// hashbrown with a fast hasher: keys are hashed for every row of both sides.
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, interleave, take};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::HashMap;
 use datafusion::common::{JoinSide, JoinType};
 use weir_common::plan::{JoinSpec, LEFT, RIGHT};
 use weir_common::stream::Watermark;
@@ -461,9 +463,9 @@ impl IntervalJoin {
         let state = &mut self.sides[side];
         let mut unmatched: Vec<RowRef> = Vec::new();
         let mut emptied = Vec::new();
-        // The rows leaving, by key: each key's list is filtered once, however many of its rows leave (a window
+        // The rows leaving that have a key: each key's list is filtered once, however many of its rows leave (a window
         // join's whole window can share one key).
-        let mut leaving: HashMap<Box<[u8]>, HashSet<RowRef>> = HashMap::new();
+        let mut leaving: Vec<RowRef> = Vec::new();
         while let Some(&(deadline, slot, row)) = state.deadlines.first() {
             if deadline > watermark {
                 break;
@@ -479,19 +481,26 @@ impl IntervalJoin {
                 unmatched.push((slot, row));
             }
             kept.live -= 1;
-            if let Some(key) = &kept.keys[row as usize] {
-                leaving.entry(key.clone()).or_default().insert((slot, row));
+            if kept.keys[row as usize].is_some() {
+                leaving.push((slot, row));
             }
             state.dirty.insert(slot);
             if kept.live == 0 {
                 emptied.push(slot);
             }
         }
-        for (key, rows) in leaving {
-            if let Some(refs) = state.index.get_mut(&key) {
-                refs.retain(|r| !rows.contains(r));
+        // The keys live in the slots until the emptied ones go below.
+        leaving.sort_unstable_by(|a, b| key_of(&state.slots, *a).cmp(&key_of(&state.slots, *b)).then(a.cmp(b)));
+        for group in leaving.chunk_by(|a, b| key_of(&state.slots, *a) == key_of(&state.slots, *b)) {
+            let Some(key) = key_of(&state.slots, group[0]) else { continue };
+            if let Some(refs) = state.index.get_mut(key) {
+                match group {
+                    [one] => refs.retain(|r| r != one),
+                    // Sorted: a binary search per kept reference.
+                    _ => refs.retain(|r| group.binary_search(r).is_err()),
+                }
                 if refs.is_empty() {
-                    state.index.remove(&key);
+                    state.index.remove(key);
                 }
             }
         }
@@ -512,6 +521,11 @@ impl IntervalJoin {
         }
         Ok(())
     }
+}
+
+/// The key of kept row `row`.
+fn key_of(slots: &BTreeMap<u64, Slot>, (slot, row): RowRef) -> Option<&[u8]> {
+    slots.get(&slot).and_then(|s| s.keys.get(row as usize)).and_then(|k| k.as_deref())
 }
 
 /// The wall clock in milliseconds since 1970.

@@ -3,10 +3,11 @@
 //! The view's task applies each epoch's [`ViewChange`]s in one call, under one lock, so a reader's
 //! [`ViewStore::snapshot`] never sees half an epoch. Rows are kept as Arrow batches in two parts: rows appended for
 //! good (append-only views, tables, windows closed under `EMIT ON WINDOW CLOSE`) and, for views that show open windows,
-//! the current rows of each window by window end, replaced whole when the window changes.
+//! the current rows of each window by window end, replaced whole when the window changes (a plain aggregation's one
+//! window is replaced a part, a chunk of its groups, at a time).
 //!
 //! [`ViewStore::checkpoint`] writes the rows changed since the last checkpoint to a state table (appended batches
-//! under `a | sequence`, window rows under `w | window end`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
+//! under `a | sequence`, window rows under `w | window end | part`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
 //!
 //! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
 //! every appended batch, with no gap and no overlap, for views defined over it. Stream readers only get rows that
@@ -41,8 +42,11 @@ pub enum ViewChange {
     /// Rows added for good.
     Append(Vec<RecordBatch>),
     /// The rows of window `window` (by window end; [`crate::window_aggregate::NO_WINDOW`] for a plain aggregation)
-    /// are now `rows`, replacing whatever it had.
+    /// are now `rows`, replacing whatever it had (all its parts).
     Replace { window: i64, rows: Vec<RecordBatch> },
+    /// The rows of part `part` of window `window` are now `rows`: a plain aggregation publishes the groups of each
+    /// chunk with changed groups as a part of its one window.
+    ReplacePart { window: i64, part: u32, rows: Vec<RecordBatch> },
 }
 
 /// The published rows of one relation.
@@ -57,7 +61,8 @@ pub struct ViewStore {
 #[derive(Debug, Default)]
 struct Contents {
     appended: Vec<RecordBatch>,
-    windows: BTreeMap<i64, Vec<RecordBatch>>,
+    /// The rows of each part of each window, by window end and part.
+    windows: BTreeMap<(i64, u32), Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<Published>>,
     /// The watermark of the rows appended so far, and the one stream readers were given.
     watermark: Option<Watermark>,
@@ -70,8 +75,8 @@ struct Contents {
     released: usize,
     /// Appended rows the last restore brought back.
     restored_rows: usize,
-    /// Windows replaced since the last checkpoint.
-    unsaved_windows: BTreeSet<i64>,
+    /// Parts of windows replaced since the last checkpoint.
+    unsaved_windows: BTreeSet<(i64, u32)>,
 }
 
 /// A sink's view of a store's changes: the changes, and the count of rows sent and not yet handled, which the sink
@@ -118,15 +123,21 @@ impl ViewStore {
                     }
                 }
                 ViewChange::Replace { window, rows } => {
-                    let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
-                    contents.unsaved_windows.insert(window);
-                    // The rows are copied (their batches shared) only when a sink is told of them.
-                    let after = tell_sinks.then(|| rows.clone());
-                    let before = match rows.is_empty() {
-                        true => contents.windows.remove(&window),
-                        false => contents.windows.insert(window, rows),
-                    };
+                    let parts: Vec<(i64, u32)> =
+                        contents.windows.range((window, 0)..=(window, u32::MAX)).map(|(k, _)| *k).collect();
+                    let mut before = Vec::new();
+                    for part in parts {
+                        contents.unsaved_windows.insert(part);
+                        before.extend(contents.windows.remove(&part).unwrap_or_default());
+                    }
+                    let after = contents.replace((window, 0), rows, tell_sinks);
                     if let Some(after) = after {
+                        row_changes.push(RowChange::Replace { before, after });
+                    }
+                }
+                ViewChange::ReplacePart { window, part, rows } => {
+                    let before = contents.windows.get(&(window, part)).cloned().filter(|_| tell_sinks);
+                    if let Some(after) = contents.replace((window, part), rows, tell_sinks) {
                         row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after });
                     }
                 }
@@ -274,7 +285,7 @@ impl ViewStore {
         }
         contents.saved_appends = contents.appended.len();
         for window in std::mem::take(&mut contents.unsaved_windows) {
-            let key = table.key(&tagged(WINDOW_TAG, window));
+            let key = table.key(&part_key(window));
             match contents.windows.get(&window) {
                 Some(rows) => batch.put(key, encode_batches(rows)?),
                 None => batch.delete(key),
@@ -291,7 +302,9 @@ impl ViewStore {
         }
         let mut windows = BTreeMap::new();
         for (key, value) in table.scan_prefix(store, &[WINDOW_TAG])? {
-            windows.insert(decode_i64(&key[1..])?, decode_batches(&value)?);
+            let part = key.get(9..13).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+            let window = key.get(1..9).ok_or_else(|| StateError::Corrupt("window key".to_string()))?;
+            windows.insert((decode_i64(window)?, part.unwrap_or(0)), decode_batches(&value)?);
         }
         let mut contents = self.lock();
         contents.saved_appends = appended.len();
@@ -306,6 +319,27 @@ impl ViewStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, Contents> {
         self.contents.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+impl Contents {
+    /// Sets the rows of part `part`; returns them (their batches shared) when `copy`, for the sinks.
+    fn replace(&mut self, part: (i64, u32), rows: Vec<RecordBatch>, copy: bool) -> Option<Vec<RecordBatch>> {
+        let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
+        self.unsaved_windows.insert(part);
+        let after = copy.then(|| rows.clone());
+        match rows.is_empty() {
+            true => self.windows.remove(&part),
+            false => self.windows.insert(part, rows),
+        };
+        after
+    }
+}
+
+/// The key of part `part` of window `window`.
+fn part_key((window, part): (i64, u32)) -> Vec<u8> {
+    let mut key = tagged(WINDOW_TAG, window);
+    key.extend_from_slice(&part.to_be_bytes());
+    key
 }
 
 /// A key of one tag and one number.

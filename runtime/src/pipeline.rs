@@ -322,12 +322,18 @@ impl Pipeline {
                                 spec.aggregates.clone(),
                             )?))
                         }
-                        _ => Aggregation::Windows(Box::new(WindowAggregate::try_new(
-                            &spec.input,
-                            spec.keys.clone(),
-                            spec.window_end,
-                            spec.aggregates.clone(),
-                        )?)),
+                        _ => {
+                            let mut aggregate = WindowAggregate::try_new(
+                                &spec.input,
+                                spec.keys.clone(),
+                                spec.window_end,
+                                spec.aggregates.clone(),
+                            )?;
+                            if spec.row_by_row_above {
+                                aggregate.publish_in_parts();
+                            }
+                            Aggregation::Windows(Box::new(aggregate))
+                        }
                     });
                     Running::Root
                 }
@@ -736,9 +742,12 @@ impl Pipeline {
         if !self.plan.emit_on_window_close {
             match &mut self.aggregate {
                 Some(Aggregation::Windows(aggregate)) => {
-                    for (window, rows) in aggregate.snapshot()? {
+                    for (window, part, rows) in aggregate.snapshot()? {
                         let rows = above(&self.above, rows, &self.task).await?;
-                        self.pending.push(ViewChange::Replace { window, rows });
+                        self.pending.push(match part {
+                            Some(part) => ViewChange::ReplacePart { window, part, rows },
+                            None => ViewChange::Replace { window, rows },
+                        });
                     }
                 }
                 Some(Aggregation::Matches(_)) => {}

@@ -18,14 +18,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
-use crate::groups::{Aggregates, Groups, Progress, arrow_err, output_fields};
+use crate::groups::{Aggregates, CHUNK, Groups, Progress, arrow_err, output_fields};
 use crate::operator::Operator;
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
@@ -57,6 +57,8 @@ pub struct WindowAggregate {
     unsaved: BTreeSet<i64>,
     /// The latest window closed since the last checkpoint: its entries and older ones go at the next checkpoint.
     closed_through: Option<i64>,
+    /// Publish the groups in parts (see [`WindowAggregate::publish_in_parts`]).
+    parts: bool,
 }
 
 impl WindowAggregate {
@@ -92,6 +94,7 @@ impl WindowAggregate {
             progress: Progress::default(),
             unsaved: BTreeSet::new(),
             closed_through: None,
+            parts: false,
         };
         // `SELECT count(*) FROM t` has one row before any input, as in a batch query over an empty table.
         if aggregate.keyless() {
@@ -135,14 +138,28 @@ impl WindowAggregate {
     /// The rows of a window: its group keys and the aggregates' values. With `keep`, the accumulators keep their
     /// state.
     fn evaluate(&self, window: &mut Groups, keep: bool) -> Result<RecordBatch> {
+        let columns = self.aggregates.evaluate(window, keep)?;
+        self.rows(&window.keys, columns)
+    }
+
+    /// The rows of chunk `chunk` of a window (its groups only), the accumulators keeping their state.
+    fn evaluate_chunk(&self, window: &mut Groups, chunk: usize) -> Result<RecordBatch> {
+        let columns = self.aggregates.evaluate_chunk(window, chunk)?;
+        let first = (chunk * CHUNK).min(window.len());
+        let last = window.len().min(first + CHUNK);
+        self.rows(&window.keys[first..last], columns)
+    }
+
+    /// Rows of the groups with keys `keys` and aggregate values `values`.
+    fn rows(&self, keys: &[Vec<u8>], values: Vec<ArrayRef>) -> Result<RecordBatch> {
         let parser = self.converter.parser();
         let mut columns = if self.keys.is_empty() {
             Vec::new()
         } else {
-            self.converter.convert_rows(window.keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
+            self.converter.convert_rows(keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
         };
-        columns.extend(self.aggregates.evaluate(window, keep)?);
-        let options = RecordBatchOptions::new().with_row_count(Some(window.len()));
+        columns.extend(values);
+        let options = RecordBatchOptions::new().with_row_count(Some(keys.len()));
         RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow_err)
     }
 
@@ -165,16 +182,30 @@ impl WindowAggregate {
         Ok(out)
     }
 
-    /// The current rows of every open window changed since the last call, by window end.
-    pub fn snapshot(&mut self) -> Result<Vec<(i64, RecordBatch)>> {
+    /// Publishes a plain aggregation's groups in parts: [`WindowAggregate::snapshot`] then gives the rows of each
+    /// chunk of groups with changes on its own, instead of every group's. For views whose plan above the aggregation
+    /// reads a row at a time.
+    pub fn publish_in_parts(&mut self) {
+        self.parts = self.window_end.is_none();
+    }
+
+    /// The current rows of every open window changed since the last call, by window end: `(end, None, rows)` for
+    /// the whole window, `(end, Some(part), rows)` for a part of it (see [`WindowAggregate::publish_in_parts`]).
+    pub fn snapshot(&mut self) -> Result<Vec<(i64, Option<u32>, RecordBatch)>> {
         let dirty = std::mem::take(&mut self.dirty);
         let mut out = Vec::with_capacity(dirty.len());
         for end in dirty {
-            if let Some(mut window) = self.windows.remove(&end) {
-                let rows = self.evaluate(&mut window, true);
-                self.windows.insert(end, window);
-                out.push((end, rows?));
-            }
+            let Some(mut window) = self.windows.remove(&end) else { continue };
+            let touched = window.take_touched();
+            let rows = match self.parts {
+                true => touched
+                    .into_iter()
+                    .map(|chunk| Ok((end, Some(chunk as u32), self.evaluate_chunk(&mut window, chunk)?)))
+                    .collect::<Result<Vec<_>>>(),
+                false => self.evaluate(&mut window, true).map(|rows| vec![(end, None, rows)]),
+            };
+            self.windows.insert(end, window);
+            out.extend(rows?);
         }
         Ok(out)
     }
@@ -189,12 +220,20 @@ impl Checkpointed for WindowAggregate {
         }
         for end in std::mem::take(&mut self.unsaved) {
             let Some(window) = self.windows.get_mut(&end) else { continue };
-            let rows = self.aggregates.encode_states(window)?;
-            for (group, changed) in window.changed.iter_mut().enumerate() {
-                if std::mem::take(changed) {
-                    let mut key = group_prefix(end);
-                    key.extend_from_slice(&window.keys[group]);
-                    batch.put(table.key(&key), rows.row(group).to_vec());
+            // Only the chunks with changed groups are encoded.
+            for chunk in 0..window.chunk_count() {
+                let first = chunk * CHUNK;
+                let groups = first..window.len().min(first + CHUNK);
+                if !window.changed[groups.clone()].contains(&true) {
+                    continue;
+                }
+                let rows = self.aggregates.encode_states(window, chunk)?;
+                for (at, group) in groups.enumerate() {
+                    if std::mem::take(&mut window.changed[group]) {
+                        let mut key = group_prefix(end);
+                        key.extend_from_slice(&window.keys[group]);
+                        batch.put(table.key(&key), rows.row(at).to_vec());
+                    }
                 }
             }
         }
@@ -274,27 +313,41 @@ impl Operator for WindowAggregate {
         let inputs = self.aggregates.inputs(batch)?;
         let filters = self.aggregates.filters(batch)?;
 
-        // One pass per distinct window in the batch: a row of another window is masked out.
-        let mut distinct_ends: Vec<i64> = (0..rows).filter(|&i| on_time.value(i)).map(end_of).collect();
-        distinct_ends.sort_unstable();
-        distinct_ends.dedup();
-        for end in distinct_ends {
+        // The on-time rows of each window in the batch (the window functions put a row's windows next to each other).
+        let mut per_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for i in (0..rows).filter(|&i| on_time.value(i)) {
+            per_window.entry(end_of(i)).or_default().push(i as u32);
+        }
+        let whole = per_window.len() == 1 && on_time.true_count() == rows;
+        for (end, members) in per_window {
             if !self.windows.contains_key(&end) {
                 self.open_window(end)?;
             }
             self.dirty.insert(end);
             self.unsaved.insert(end);
             let Some(window) = self.windows.get_mut(&end) else { continue };
-            let mut indices = vec![0usize; rows];
-            let mask: BooleanArray = (0..rows).map(|i| Some(on_time.value(i) && end_of(i) == end)).collect();
-            if let Some(encoded) = &encoded {
-                for (i, index) in indices.iter_mut().enumerate() {
-                    if mask.value(i) {
-                        *index = window.index_of(encoded.row(i).as_ref());
-                    }
-                }
+            let indices: Vec<usize> = match &encoded {
+                Some(encoded) => members.iter().map(|&i| window.index_of(encoded.row(i as usize).as_ref())).collect(),
+                None => vec![0; members.len()],
+            };
+            if whole {
+                window.update(&inputs, &filters, &indices, None)?;
+                continue;
             }
-            window.update(&inputs, &filters, &indices, Some(&mask))?;
+            // The window's rows alone: the accumulators see only them.
+            let members = UInt32Array::from(members);
+            let pick = |array: &ArrayRef| take(array, &members, None).map_err(arrow_err);
+            let inputs: Vec<Vec<ArrayRef>> =
+                inputs.iter().map(|args| args.iter().map(pick).collect::<Result<_>>()).collect::<Result<_>>()?;
+            let filters: Vec<Option<BooleanArray>> = filters
+                .iter()
+                .map(|f| {
+                    f.as_ref()
+                        .map(|f| take(f, &members, None).map(|a| a.as_boolean().clone()).map_err(arrow_err))
+                        .transpose()
+                })
+                .collect::<Result<_>>()?;
+            window.update(&inputs, &filters, &indices, None)?;
         }
         Ok(())
     }
