@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::JoinType;
+use datafusion::physical_expr::PhysicalSortExpr;
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_plan::joins::utils::JoinFilter;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
@@ -64,6 +65,17 @@ pub struct MatchRecognizeStage {
     pub spec: MatchRecognize,
 }
 
+/// `ROW_NUMBER() OVER (PARTITION BY partition ORDER BY order) <= limit`: the first `limit` rows of each partition
+/// key (deduplication when `limit` is 1), kept as rows arrive: a row that sorts before a kept one takes its place.
+#[derive(Debug, Clone)]
+pub struct TopNSpec {
+    /// Schema of the rows ranked.
+    pub input: SchemaRef,
+    pub partition: Vec<Arc<dyn PhysicalExpr>>,
+    pub order: Vec<PhysicalSortExpr>,
+    pub limit: usize,
+}
+
 /// Where the watermark of an input of a view comes from.
 #[derive(Debug, Clone)]
 pub enum InputWatermark {
@@ -107,6 +119,9 @@ pub enum NodeOperator {
     /// are shown as they change unless the view emits on window close. Below the root (under a join) it has no plan
     /// above and emits each window once, when the watermark closes it: an append-only stream.
     Aggregate { spec: WindowAggregateSpec, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
+    /// The first rows of each key, with their row numbers (the ranked rows' columns, then the number), and the plan
+    /// over them (which reads a row at a time). Always the plan's root; its output is updating.
+    TopN { spec: TopNSpec, above: (Feed, Arc<dyn ExecutionPlan>) },
     /// A `MATCH_RECOGNIZE`, and the plan over its matches. Always the plan's root.
     MatchRecognize { stage: MatchRecognizeStage, above: Option<(Feed, Arc<dyn ExecutionPlan>)>, shift: WatermarkShift },
 }

@@ -7,6 +7,9 @@
 //! `AggregateExec`'s group keys and aggregate functions become a window aggregate (a plain `GROUP BY` when no key is a
 //! `window_end`), which sees the watermark shifted by how its input's watermark bounds its window ends.
 //!
+//! Without an aggregation, `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o)` filtered to its first `N` ranks becomes a
+//! Top-N node at the root (deduplication when `N` is 1).
+//!
 //! Several inputs are fine where the plan combines them row by row (`UNION ALL`) or joins them within time bounds;
 //! what cannot run as a stream yet is refused with SQLSTATE 0A000 naming the construct: joins without time bounds,
 //! ORDER BY or LIMIT over a whole stream, ranking across windows.
@@ -18,20 +21,22 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::Transformed;
 use datafusion::datasource::{TableType, provider_as_source};
 use datafusion::execution::context::SessionState;
-use datafusion::functions_aggregate::expr_fn::first_value;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Operator, TableScanBuilder};
+use datafusion::logical_expr::{Expr, LogicalPlan, Operator, TableScanBuilder};
+use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::expressions::{BinaryExpr, Column};
+use datafusion::physical_expr::utils::split_conjunction;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{
-    Aggregate, MatchRecognizeStage, NodeOperator, PlanNode, SessionSpec, StreamInput, StreamingPlan,
+    Aggregate, MatchRecognizeStage, NodeOperator, PlanNode, SessionSpec, StreamInput, StreamingPlan, TopNSpec,
     WindowAggregateSpec,
 };
 
@@ -57,7 +62,8 @@ pub async fn plan_streaming(
     let mut streams: Vec<StreamInput> = Vec::new();
     let mut scans: Vec<(Feed, usize, Bounds)> = Vec::new();
     // Scans inside subqueries (`EXISTS`, `IN`) too: they become semi and anti joins.
-    let logical = rewrite_deduplication(query.clone())?
+    let logical = query
+        .clone()
         .transform_up_with_subqueries(|node| {
             let LogicalPlan::TableScan(scan) = &node else { return Ok(Transformed::no(node)) };
             let name = scan.table_name.table().to_string();
@@ -112,6 +118,30 @@ pub async fn plan_streaming(
     let Some(aggregate) = find_aggregate(&physical)? else {
         if emit_on_window_close {
             return Err(needs_window());
+        }
+        if let Some((window, spec, below)) = find_top_n(&physical)? {
+            let below = graph.cut(&below)?;
+            if !graph.nodes[below].append_only {
+                return Err(unsupported("ROW_NUMBER() over an updating stream in a materialized view"));
+            }
+            let output = Feed::new();
+            let feed: Arc<dyn ExecutionPlan> =
+                Arc::new(FeedExec::new("top-n", output.clone(), window.schema(), None).map_err(df)?);
+            let above = replace(&physical, &window, &feed)?;
+            check_stateless(&above).map_err(|e| {
+                unsupported("sorting or aggregating over ROW_NUMBER() in a materialized view").with_hint(format!(
+                    "Keep the ranking at the top of the view's query, and query the view. ({})",
+                    e.message
+                ))
+            })?;
+            graph.add(PlanNode {
+                operator: NodeOperator::TopN { spec, above: (output, above) },
+                inputs: vec![below],
+                schema: schema.clone(),
+                append_only: false,
+                watermark: vec![],
+            });
+            return Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close });
         }
         graph.cut(&physical)?;
         return Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close });
@@ -238,89 +268,88 @@ fn needs_window() -> ErrorReport {
         .with_hint("Group by a window (window_start, window_end from TUMBLE, HOP, CUMULATE or SESSION), or leave out EMIT ON WINDOW CLOSE.")
 }
 
-/// Rewrites deduplication, `SELECT ... FROM (SELECT ..., ROW_NUMBER() OVER (PARTITION BY k ORDER BY o) AS rn FROM t)
-/// WHERE rn = 1`, into the aggregation it means: `GROUP BY k` keeping each other column's `first_value(... ORDER BY
-/// o)`, with `rn` the constant 1. As a stream that is a plain `GROUP BY`: one row per key, replaced when a row that
-/// sorts earlier arrives.
-fn rewrite_deduplication(plan: LogicalPlan) -> Result<LogicalPlan, ErrorReport> {
-    plan.transform_up(|node| {
-        let LogicalPlan::Filter(filter) = &node else { return Ok(Transformed::no(node)) };
-        let Some(rank) = first_rank_column(&filter.predicate) else { return Ok(Transformed::no(node)) };
-        let (alias, inner) = match filter.input.as_ref() {
-            LogicalPlan::SubqueryAlias(alias) => (Some(alias.alias.clone()), alias.input.as_ref()),
-            other => (None, other),
-        };
-        let LogicalPlan::Projection(projection) = inner else { return Ok(Transformed::no(node)) };
-        let LogicalPlan::Window(window) = projection.input.as_ref() else { return Ok(Transformed::no(node)) };
-        let [Expr::WindowFunction(function)] = window.window_expr.as_slice() else { return Ok(Transformed::no(node)) };
-        let params = &function.params;
-        if function.fun.name() != "row_number" || params.partition_by.is_empty() || params.order_by.is_empty() {
-            return Ok(Transformed::no(node));
+/// `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o)` filtered to its first rows (`rn <= N`, `rn < N + 1`, `rn = 1`)
+/// where no join is above it: the window operator, the Top-N it stands for, and the plan below it (the sort the
+/// window operator needs left out: the Top-N keeps its rows in order itself).
+fn find_top_n(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<TopN>, ErrorReport> {
+    if crate::graph::is_join(plan) {
+        return Ok(None);
+    }
+    if let Some(filter) = plan.downcast_ref::<FilterExec>()
+        && let Some(found) = top_n_under(filter)?
+    {
+        return Ok(Some(found));
+    }
+    for child in plan.children() {
+        if let Some(found) = find_top_n(child)? {
+            return Ok(Some(found));
         }
-        // The row number column, as the projection refers to it; it must be what the filter tests.
-        let input_fields = window.input.schema().fields().len();
-        let (_, number_field) = window.schema.qualified_field(input_fields);
-        let ranked = projection.expr.iter().any(|e| match e {
-            Expr::Alias(alias) => {
-                alias.name == rank && matches!(&*alias.expr, Expr::Column(c) if c.name == *number_field.name())
-            }
-            _ => false,
-        });
-        if !ranked {
-            return Ok(Transformed::no(node));
-        }
-        let keys: Vec<&Expr> = params.partition_by.iter().collect();
-        let kept: Vec<Expr> = window
-            .input
-            .schema()
-            .iter()
-            .filter(|(qualifier, field)| {
-                let column = Expr::Column(datafusion::common::Column::new(qualifier.cloned(), field.name()));
-                !keys.contains(&&column)
-            })
-            .map(|(qualifier, field)| {
-                let column = Expr::Column(datafusion::common::Column::new(qualifier.cloned(), field.name()));
-                first_value(column, params.order_by.clone()).alias_qualified(qualifier.cloned(), field.name())
-            })
-            .collect();
-        let aggregate = LogicalPlanBuilder::from(window.input.as_ref().clone())
-            .aggregate(params.partition_by.clone(), kept)?
-            .build()?;
-        let one = Expr::Literal(ScalarValue::UInt64(Some(1)), None);
-        let exprs = projection
-            .expr
-            .iter()
-            .map(|e| {
-                e.clone()
-                    .transform(|x| match &x {
-                        Expr::Column(c) if c.name == *number_field.name() => Ok(Transformed::yes(one.clone())),
-                        _ => Ok(Transformed::no(x)),
-                    })
-                    .map(|t| t.data)
-            })
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
-        let mut builder = LogicalPlanBuilder::from(aggregate).project(exprs)?;
-        if let Some(alias) = alias {
-            builder = builder.alias(alias)?;
-        }
-        Ok(Transformed::yes(builder.build()?))
-    })
-    .map(|t| t.data)
-    .map_err(|e| ErrorReport::from_datafusion(&e, ""))
+    }
+    Ok(None)
 }
 
-/// The column a `WHERE rn = 1` (or `rn <= 1`, `rn < 2`) filter keeps the first rank of.
-fn first_rank_column(predicate: &Expr) -> Option<String> {
-    let Expr::BinaryExpr(binary) = predicate else { return None };
-    let (Expr::Column(column), Expr::Literal(value, _)) = (binary.left.as_ref(), binary.right.as_ref()) else {
-        return None;
-    };
-    let value = value.cast_to(&DataType::Int64).ok()?;
-    let ScalarValue::Int64(Some(n)) = value else { return None };
-    match (binary.op, n) {
-        (Operator::Eq | Operator::LtEq, 1) | (Operator::Lt, 2) => Some(column.name.clone()),
-        _ => None,
+/// What [`find_top_n`] finds: the window operator, the spec, the plan below.
+type TopN = (Arc<dyn ExecutionPlan>, TopNSpec, Arc<dyn ExecutionPlan>);
+
+/// The Top-N a filter over a `ROW_NUMBER()` window operator makes (with a projection between them or not).
+fn top_n_under(filter: &FilterExec) -> Result<Option<TopN>, ErrorReport> {
+    let mut window = filter.input();
+    // Which column of the window operator's output each column the filter reads is.
+    let mut column_of: Box<dyn Fn(usize) -> Option<usize>> = Box::new(Some);
+    if let Some(projection) = window.downcast_ref::<ProjectionExec>() {
+        let exprs: Vec<Option<usize>> =
+            projection.expr().iter().map(|e| e.expr.downcast_ref::<Column>().map(Column::index)).collect();
+        column_of = Box::new(move |c| exprs.get(c).copied().flatten());
+        window = projection.input();
     }
+    let exprs = match (window.downcast_ref::<BoundedWindowAggExec>(), window.downcast_ref::<WindowAggExec>()) {
+        (Some(exec), _) => exec.window_expr().to_vec(),
+        (None, Some(exec)) => exec.window_expr().to_vec(),
+        (None, None) => return Ok(None),
+    };
+    let [expr] = exprs.as_slice() else { return Ok(None) };
+    if !expr.name().starts_with("row_number(") || expr.partition_by().is_empty() || expr.order_by().is_empty() {
+        return Ok(None);
+    }
+    let Some(mut below) = window.children().first().map(|c| (*c).clone()) else { return Ok(None) };
+    // The row number is the column after the window operator's input columns.
+    let rank = below.schema().fields().len();
+    let limit = split_conjunction(filter.predicate()).into_iter().find_map(|c| first_ranks(c, rank, &column_of));
+    let Some(limit) = limit else { return Ok(None) };
+    if below.name() == "SortExec"
+        && let Some(child) = below.children().first()
+    {
+        below = (*child).clone();
+    }
+    let spec = TopNSpec {
+        input: below.schema(),
+        partition: expr.partition_by().to_vec(),
+        order: expr.order_by().to_vec(),
+        limit,
+    };
+    Ok(Some((window.clone(), spec, below)))
+}
+
+/// How many first ranks `predicate` keeps of column `rank`: `rank = 1`, `rank <= N`, `rank < N + 1`.
+fn first_ranks(
+    predicate: &Arc<dyn PhysicalExpr>,
+    rank: usize,
+    column_of: &dyn Fn(usize) -> Option<usize>,
+) -> Option<usize> {
+    let binary = predicate.downcast_ref::<BinaryExpr>()?;
+    let column = binary.left().downcast_ref::<Column>()?;
+    let value = binary.right().downcast_ref::<Literal>()?.value().cast_to(&DataType::Int64).ok()?;
+    let ScalarValue::Int64(Some(n)) = value else { return None };
+    if column_of(column.index()) != Some(rank) {
+        return None;
+    }
+    let limit = match binary.op() {
+        Operator::Eq if n == 1 => 1,
+        Operator::LtEq => n,
+        Operator::Lt => n - 1,
+        _ => return None,
+    };
+    Some(usize::try_from(limit).unwrap_or(0))
 }
 
 /// The aggregation of the view's root: among those with no join above them, the one nearest the input (the final one

@@ -37,6 +37,7 @@ pub mod rocks;
 pub mod row_pattern;
 pub mod session_aggregate;
 pub mod state;
+pub mod top_n;
 pub mod watermark;
 pub mod window_aggregate;
 

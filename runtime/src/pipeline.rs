@@ -45,8 +45,9 @@ use crate::materialize::ViewChange;
 use crate::operator::Operator;
 use crate::session_aggregate::{SessionAggregate, SessionKeys};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
+use crate::top_n::TopN;
 use crate::watermark::WatermarkAssigner;
-use crate::window_aggregate::WindowAggregate;
+use crate::window_aggregate::{NO_WINDOW, WindowAggregate};
 
 /// Where a session-window view keeps the rows of its open sessions (closed sessions are appended for good).
 pub const OPEN_SESSIONS: i64 = i64::MIN;
@@ -57,6 +58,7 @@ enum Aggregation {
     Windows(Box<WindowAggregate>),
     Sessions(Box<SessionAggregate>),
     Matches(Box<MatchStream>),
+    TopN(Box<TopN>),
 }
 
 impl Aggregation {
@@ -65,6 +67,7 @@ impl Aggregation {
             Aggregation::Windows(a) => a.as_mut(),
             Aggregation::Sessions(a) => a.as_mut(),
             Aggregation::Matches(m) => m.as_mut(),
+            Aggregation::TopN(t) => t.as_mut(),
         }
     }
 
@@ -73,6 +76,7 @@ impl Aggregation {
             Aggregation::Windows(a) => a.as_mut(),
             Aggregation::Sessions(a) => a.as_mut(),
             Aggregation::Matches(m) => m.as_mut(),
+            Aggregation::TopN(t) => t.as_mut(),
         }
     }
 
@@ -81,6 +85,8 @@ impl Aggregation {
             Aggregation::Windows(a) => a.late_rows(),
             Aggregation::Sessions(a) => a.late_rows(),
             Aggregation::Matches(m) => m.late_rows(),
+            // Its input only gains rows, and no row is too late to rank.
+            Aggregation::TopN(_) => 0,
         }
     }
 
@@ -89,6 +95,7 @@ impl Aggregation {
             Aggregation::Windows(a) => a.memory(),
             Aggregation::Sessions(a) => a.memory(),
             Aggregation::Matches(m) => m.memory(),
+            Aggregation::TopN(t) => t.memory(),
         }
     }
 
@@ -97,6 +104,7 @@ impl Aggregation {
             Aggregation::Windows(a) => a.take_late(),
             Aggregation::Sessions(a) => a.take_late(),
             Aggregation::Matches(m) => m.take_late(),
+            Aggregation::TopN(_) => Vec::new(),
         }
     }
 }
@@ -335,6 +343,11 @@ impl Pipeline {
                             Aggregation::Windows(Box::new(aggregate))
                         }
                     });
+                    Running::Root
+                }
+                NodeOperator::TopN { spec, above: over } => {
+                    above = Some(over.clone());
+                    aggregate = Some(Aggregation::TopN(Box::new(TopN::try_new(spec)?)));
                     Running::Root
                 }
                 NodeOperator::MatchRecognize { stage, above: over, shift: by } => {
@@ -751,6 +764,12 @@ impl Pipeline {
                     }
                 }
                 Some(Aggregation::Matches(_)) => {}
+                Some(Aggregation::TopN(top)) => {
+                    for (part, rows) in top.snapshot()? {
+                        let rows = above(&self.above, rows, &self.task).await?;
+                        self.pending.push(ViewChange::ReplacePart { window: NO_WINDOW, part, rows });
+                    }
+                }
                 Some(Aggregation::Sessions(aggregate)) => {
                     if let Some(open) = aggregate.snapshot()? {
                         let mut rows = Vec::new();
@@ -801,6 +820,7 @@ impl Pipeline {
             }
             // Closed sessions and decided matches are final (an open session's rows leave the open block at the next
             // publish).
+            Some(Aggregation::TopN(_)) => {}
             Some(Aggregation::Sessions(_) | Aggregation::Matches(_)) => {
                 let mut out = Vec::new();
                 if let Some(aggregate) = &mut self.aggregate {

@@ -937,6 +937,20 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
             ));
             below += 1;
         }
+        NodeOperator::TopN { spec, above: (_, above) } => {
+            lines.push(format!("{}Over the kept rows:", pad(below)));
+            below = plan_lines(lines, below + 1, above);
+            let exprs = |e: Vec<String>| e.join(", ");
+            lines.push(format!(
+                "{}TopN: partition=[{}], order=[{}], the first {} row(s) of each key, updated every epoch [{}]",
+                pad(below),
+                exprs(spec.partition.iter().map(|e| e.to_string()).collect()),
+                exprs(spec.order.iter().map(|o| o.to_string()).collect()),
+                spec.limit,
+                facts(plan, id)
+            ));
+            below += 1;
+        }
         NodeOperator::MatchRecognize { stage, above, shift } => {
             if let Some((_, above)) = above {
                 lines.push(format!("{}Per batch of matches:", pad(below)));

@@ -40,6 +40,10 @@ CREATE MATERIALIZED VIEW per_device AS
   SELECT device, count(*) AS n, sum(value) AS total, max(id) AS last FROM readings GROUP BY device;
 CREATE MATERIALIZED VIEW per_key AS
   SELECT id % 10000 AS k, count(*) AS n, sum(value) AS total FROM readings GROUP BY id % 10000;
+CREATE MATERIALIZED VIEW top_values AS
+  SELECT device, id, value, rn FROM (
+    SELECT device, id, value, ROW_NUMBER() OVER (PARTITION BY id % 5000 ORDER BY value DESC, id) AS rn FROM readings)
+  WHERE rn <= 2;
 CREATE MATERIALIZED VIEW rises AS
   SELECT * FROM readings MATCH_RECOGNIZE (
     PARTITION BY device ORDER BY ts
@@ -84,6 +88,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT * FROM matched_per_window ORDER BY window_start",
     "SELECT count(*), sum(id), min(ts), max(ts) FROM top_readings",
     "SELECT count(*), sum(n), min(n), max(n), sum(total) FROM per_key",
+    "SELECT count(*), sum(id), sum(value), sum(rn) FROM top_values",
     "SELECT view, late_rows FROM weir_catalog.view_progress ORDER BY view",
 ];
 
@@ -183,7 +188,7 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
         // The Kafka view never ends: it is done once it has read every record. Views over a table or a view never
         // end either; a last FLUSH brings the latter what the views they read published when they ended.
         let kafka = rows(&client, "SELECT sum(n) FROM event_totals").await?;
-        if ended == 7 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
+        if ended == 8 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
             client.simple_query("FLUSH").await?;
             break;
         }

@@ -37,6 +37,8 @@ const QUERIES: &[&str] = &[
     "SELECT device, reading, ts FROM (SELECT device, reading, ts, \
      ROW_NUMBER() OVER (PARTITION BY device ORDER BY ts, reading) AS rn FROM {src}) WHERE rn = 1",
     "SELECT count(*) AS n, sum(reading) AS total FROM {src}",
+    "SELECT device, reading, ts, rn FROM (SELECT device, reading, ts, \
+     ROW_NUMBER() OVER (PARTITION BY device ORDER BY reading DESC, ts) AS rn FROM {src}) WHERE rn <= 3",
 ];
 
 /// How each variant reads its file: rows per batch.
