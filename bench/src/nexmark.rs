@@ -41,6 +41,15 @@ fn join_sql(query: &str) -> Option<&'static str> {
                FROM auction a JOIN bid b ON a.id = b.auction AND b.date_time BETWEEN a.date_time AND a.expires) \
              WHERE rownum <= 1"
         }
+        // Average price per category: the winning (highest) bid of each auction made before it expired, averaged per
+        // category. A plain GROUP BY over the interval join, and an aggregation over all its groups above it.
+        "q4" => {
+            "SELECT Q.category, AVG(Q.final) AS avg FROM ( \
+               SELECT MAX(B.price) AS final, A.category FROM auction A, bid B \
+               WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires \
+               GROUP BY A.id, A.category) Q \
+             GROUP BY Q.category"
+        }
         // Hot items in Nexmark's own form: the bids per auction of each 10-second window sliding by 2 seconds, joined
         // with their per-window maximum. Both aggregations run below the join, each window emitted once when the
         // watermark closes it; the windows are grouped by window_start alone, which the watermark bounds.
@@ -169,7 +178,7 @@ fn query_sql(query: &str) -> anyhow::Result<Option<&'static str>> {
             "SELECT auction, window_start, window_end, count(*) AS bids \
              FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) GROUP BY auction, window_start, window_end"
         }
-        other => bail!("unknown query {other}; known: source, q0, q1, q2, q3, q5, q5-rank, q7, q8, q9, tumble"),
+        other => bail!("unknown query {other}; known: source, q0, q1, q2, q3, q4, q5, q5-rank, q7, q8, q9, tumble"),
     }))
 }
 

@@ -37,6 +37,7 @@ const QUERIES: &[&str] = &[
     "SELECT device, reading, ts FROM (SELECT device, reading, ts, \
      ROW_NUMBER() OVER (PARTITION BY device ORDER BY ts, reading) AS rn FROM {src}) WHERE rn = 1",
     "SELECT count(*) AS n, sum(reading) AS total FROM {src}",
+    "SELECT n, count(*) AS devices FROM (SELECT device, count(*) AS n FROM {src} GROUP BY device) GROUP BY n",
     "SELECT device, reading, ts, rn FROM (SELECT device, reading, ts, \
      ROW_NUMBER() OVER (PARTITION BY device ORDER BY reading DESC, ts) AS rn FROM {src}) WHERE rn <= 3",
 ];
@@ -201,6 +202,10 @@ const JOIN_QUERIES: &[&str] = &[
      ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND GROUP BY l.device",
     "SELECT l.device, l.ts, r.ts AS r_ts FROM {l} l JOIN {r} r ON l.device = r.device AND l.reading = r.reading",
     "SELECT count(*) AS n FROM {l} l JOIN {r} r ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND",
+    // Nexmark q4's form: the highest partner of each left row, summed per device over all groups.
+    "SELECT device, count(*) AS n, sum(top) AS total FROM (SELECT l.device, l.ts, max(r.reading) AS top \
+       FROM {l} l JOIN {r} r ON l.device = r.device AND r.ts BETWEEN l.ts AND l.ts + INTERVAL '1' SECOND \
+       GROUP BY l.device, l.ts) GROUP BY device",
     // Nexmark q7's form: rows joined with their window's maximum (a window aggregation below the join, no equi-key).
     "SELECT l.device, l.reading, l.ts FROM {l} l \
      JOIN (SELECT max(reading) AS top, window_end FROM TUMBLE({r}, ts, INTERVAL '1' SECOND) \
