@@ -11,11 +11,12 @@
 //! - [`sink`]: `CREATE SINK ... {FROM relation | AS query} WITH (...) [FORMAT ... ENCODE JSON (...)]`.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
-//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views expanded,
-//!   deduplication rewritten into the aggregation it means, the physical plan cut at its aggregation, and what runs
-//!   above it checked to stay inside a window.
-//! - [`graph`]: the physical plan below the aggregation cut into plan nodes (scans, stateless DataFusion plans,
-//!   joins), each node's output watermark worked out, and a join's time bounds read from its condition.
+//! - [`streaming`]: a materialized view's query as a [`weir_common::plan::StreamingPlan`]: plain views expanded, the
+//!   physical plan cut at its root aggregation (or its Top-N: `ROW_NUMBER() ... <= N`), and what runs above it checked
+//!   to stay inside a window.
+//! - [`graph`]: the physical plan below the root cut into plan nodes (scans, stateless DataFusion plans, joins, and
+//!   window aggregations below joins), each node's output watermark worked out, and a join's time bounds read from
+//!   its condition.
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
 //!   refuse a value too large to build (`54000`) instead of aborting the process.
 //! - [`checked`]: integer `+`, `-` and `*` that raise `22003` on overflow, as Postgres' do.
