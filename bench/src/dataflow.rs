@@ -7,55 +7,53 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::anyhow;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::catalog::MemTable;
-use datafusion::common::DFSchema;
-use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement as DfStatement;
-use weir_common::plan::{InputWatermark, WatermarkSpec};
-use weir_planner::WeirStatement;
-use weir_planner::streaming::Readable;
 use weir_runtime::materialize::ViewChange;
 use weir_runtime::pipeline::Pipeline;
 use weir_runtime::state::{MemoryStore, StateStore, WriteBatch};
+use weir_server::jobs::Dataflow;
+use weir_server::session::Session;
 
 /// Where benchmarks checkpoint: `None` for the in-memory store at every epoch, or a directory for RocksDB stores and
 /// the interval between checkpoints (set once, from the command line).
 pub(crate) static DURABLE: std::sync::OnceLock<(std::path::PathBuf, std::time::Duration)> = std::sync::OnceLock::new();
 
-/// Plans `sql` over the relation `table` of `schema` as a view's pipeline, with the watermark `watermark` over the
-/// event-time column `time_column`; `emit_on_window_close` as the view clause.
-pub(crate) async fn plan_pipeline(
-    table: &str,
-    schema: SchemaRef,
-    sql: &str,
-    time_column: usize,
-    watermark: &str,
-    emit_on_window_close: bool,
-) -> anyhow::Result<Pipeline> {
-    let ctx = SessionContext::new();
-    for udf in weir_planner::windows::window_udfs() {
-        ctx.register_udf(udf);
+/// A Weir session over a throwaway data directory, with the relations `ddl` declares: queries are planned in it
+/// exactly as `CREATE MATERIALIZED VIEW` plans them. The directory goes with the value.
+pub(crate) struct BenchSession {
+    pub(crate) session: Session,
+    data: std::path::PathBuf,
+}
+
+impl BenchSession {
+    pub(crate) async fn new(ddl: &str) -> anyhow::Result<Self> {
+        let data = std::env::temp_dir().join(format!("weir-bench-{}-{}", std::process::id(), rand_suffix()));
+        let engine = Arc::new(weir_server::Engine::new(&weir_server::Config::new(&data))?);
+        let session = Session::new(engine, "bench");
+        for statement in weir_planner::parse_sql(ddl).map_err(|e| anyhow!("{}", e.message))? {
+            let prepared = session.prepare(statement, ddl).await.map_err(|e| anyhow!("{}", e.message))?;
+            session.execute(&prepared, None, &mut HashMap::new(), ddl).await.map_err(|e| anyhow!("{}", e.message))?;
+        }
+        Ok(BenchSession { session, data })
     }
-    ctx.register_table(table, Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?))?;
-    let mut statements = weir_planner::parse_sql(sql).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let WeirStatement::Sql(mut statement) = statements.remove(0).statement else { bail!("not a query") };
-    weir_planner::windows::rewrite_windows(&mut statement).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let logical = ctx.state().statement_to_plan(DfStatement::Statement(statement)).await?;
-    let readable = Readable { schema: schema.clone(), watermark: vec![(time_column, 0)] };
-    let sources = HashMap::from([(table.to_string(), readable)]);
-    let plan = weir_planner::streaming::plan_streaming(&ctx.state(), &logical, &sources, emit_on_window_close)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
-    let DataType::Timestamp(unit, _) = schema.field(time_column).data_type() else { bail!("not an event-time column") };
-    let expr = ctx.parse_sql_expr(watermark, &df_schema)?;
-    let expr = weir_planner::source::intervals_as_durations(expr, *unit);
-    let expr = ctx.create_physical_expr(expr, &df_schema)?;
-    let watermark = WatermarkSpec { column: time_column, expr };
-    Pipeline::try_new(plan, vec![InputWatermark::Assigned(watermark)], ctx.task_ctx()).context("starting the pipeline")
+
+    /// The dataflow of a view of `query` (`EMIT ON WINDOW CLOSE` when `emit_on_window_close`), with readers on its
+    /// inputs.
+    pub(crate) async fn dataflow(&self, query: &str, emit_on_window_close: bool) -> anyhow::Result<Dataflow> {
+        self.session.plan_dataflow(query, emit_on_window_close).await.map_err(|e| anyhow!("{}", e.message))
+    }
+
+    /// The pipeline of a view of `query` over the relations declared, for batches pushed by hand into its inputs.
+    pub(crate) async fn pipeline(&self, query: &str, emit_on_window_close: bool) -> anyhow::Result<Pipeline> {
+        Ok(self.dataflow(query, emit_on_window_close).await?.pipeline)
+    }
+}
+
+impl Drop for BenchSession {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
 }
 
 /// Pushes batches through a pipeline and ends an epoch every epoch interval.

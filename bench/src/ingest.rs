@@ -11,7 +11,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit}
 use weir_common::connector::{Encoding, SourceReader};
 
 use crate::brokers;
-use crate::dataflow::{Driver, plan_pipeline};
+use crate::dataflow::{BenchSession, Driver};
 
 const VIEW: &str = "SELECT device, window_end, count(*) AS n, avg(value) AS mean \
                     FROM TUMBLE(readings, ts, INTERVAL '10' SECOND) GROUP BY device, window_end";
@@ -35,8 +35,13 @@ fn message(i: u64) -> String {
     )
 }
 
+/// The table the view reads: the rows of [`schema`], which the readers decode each message into.
+const TABLE: &str = "CREATE TABLE readings (device TEXT, value DOUBLE PRECISION, ts TIMESTAMPTZ(3), \
+                     WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)";
+
 async fn view() -> anyhow::Result<Driver> {
-    Ok(Driver::new(plan_pipeline("readings", schema(), VIEW, 2, "ts - INTERVAL '5' SECOND", false).await?))
+    let session = BenchSession::new(TABLE).await?;
+    Ok(Driver::new(session.pipeline(VIEW, false).await?))
 }
 
 /// What a drain measured.

@@ -3,14 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail};
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
-use weir_server::session::Session;
 
-use crate::dataflow::{Driver, plan_pipeline};
+use crate::dataflow::{BenchSession, Driver};
 
 /// The Nexmark queries that join streams, over the sources `person`, `auction` and `bid`.
 fn join_sql(query: &str) -> Option<&'static str> {
@@ -107,18 +104,18 @@ fn last_time(batch: &RecordBatch) -> i64 {
     times.and_then(|t| (!t.is_empty()).then(|| t.value(t.len() - 1))).unwrap_or(i64::MIN)
 }
 
-/// Runs a join query over `events` Nexmark events, planned by a Weir session exactly as `CREATE MATERIALIZED VIEW`
-/// plans it, each input read in event-time order with the others (the input whose next batch is oldest goes first).
-async fn run_join(query: &str, sql: &str, events: u64, epoch_interval: std::time::Duration) -> anyhow::Result<()> {
-    let data = std::env::temp_dir().join(format!("weir-bench-nexmark-{}", std::process::id()));
-    let engine = std::sync::Arc::new(weir_server::Engine::new(&weir_server::Config::new(&data))?);
-    let session = Session::new(engine, "bench");
-    let ddl = sources(events);
-    for statement in weir_planner::parse_sql(&ddl).map_err(|e| anyhow!("{}", e.message))? {
-        let prepared = session.prepare(statement, &ddl).await.map_err(|e| anyhow!("{}", e.message))?;
-        session.execute(&prepared, None, &mut HashMap::new(), &ddl).await.map_err(|e| anyhow!("{}", e.message))?;
-    }
-    let dataflow = session.plan_dataflow(sql).await.map_err(|e| anyhow!("{}", e.message))?;
+/// Runs a query over `events` Nexmark events, planned by a Weir session exactly as `CREATE MATERIALIZED VIEW` plans it
+/// (`EMIT ON WINDOW CLOSE` when `emit_on_window_close`), each input read in event-time order with the others (the input
+/// whose next batch is oldest goes first).
+async fn run_query(
+    query: &str,
+    sql: &str,
+    events: u64,
+    epoch_interval: std::time::Duration,
+    emit_on_window_close: bool,
+) -> anyhow::Result<()> {
+    let session = BenchSession::new(&sources(events)).await?;
+    let dataflow = session.dataflow(sql, emit_on_window_close).await?;
     let mut readers: Vec<_> = dataflow.inputs.into_iter().map(|(reader, _)| reader).collect();
     let mut driver = Driver::with_epoch_interval(dataflow.pipeline, epoch_interval);
     let mut next: Vec<Option<RecordBatch>> = vec![None; readers.len()];
@@ -150,7 +147,6 @@ async fn run_join(query: &str, sql: &str, events: u64, epoch_interval: std::time
         events as f64 / seconds,
         crate::peak_memory_mib().unwrap_or(f64::NAN),
     );
-    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }
 
@@ -197,10 +193,13 @@ fn bid_schema() -> SchemaRef {
 /// Runs one Nexmark query over `events` generated events.
 pub(crate) async fn run(query: &str, events: u64, epoch_interval: std::time::Duration) -> anyhow::Result<()> {
     if let Some(sql) = join_sql(query) {
-        return run_join(query, sql, events, epoch_interval).await;
+        return run_query(query, sql, events, epoch_interval, false).await;
     }
-    let sql = query_sql(query)?;
-    let schema = bid_schema();
+    if let Some(sql) = query_sql(query)? {
+        // Window aggregations emit each window once, when it closes; the others pass rows through.
+        return run_query(query, sql, events, epoch_interval, sql.contains("GROUP BY")).await;
+    }
+    // The generator alone.
     let options = [
         ("connector", "nexmark".to_string()),
         ("nexmark.table", "bid".to_string()),
@@ -209,42 +208,23 @@ pub(crate) async fn run(query: &str, events: u64, epoch_interval: std::time::Dur
         ("nexmark.start", "2024-01-01 00:00:00".to_string()),
     ];
     let mut reader = weir_connectors::open_source(
-        schema.clone(),
+        bid_schema(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         None,
         &[],
         &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
-
-    let mut driver = match sql {
-        None => None,
-        Some(sql) => {
-            // Window aggregations emit each window once, when it closes; the others pass rows through.
-            let windowed = sql.contains("GROUP BY");
-            let watermark = "date_time - INTERVAL '2' SECOND";
-            let pipeline = plan_pipeline("bid", schema.clone(), sql, 5, watermark, windowed).await?;
-            Some(Driver::with_epoch_interval(pipeline, epoch_interval))
-        }
-    };
     let started = Instant::now();
     let mut bids = 0u64;
-    while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+    while let Some(batch) = reader.next_batch().await.map_err(|e| anyhow!("{e}"))? {
         bids += batch.num_rows() as u64;
-        if let Some(driver) = &mut driver {
-            driver.push(batch).await?;
-        }
     }
-    let out = match &mut driver {
-        Some(driver) => driver.finish().await?,
-        None => 0,
-    };
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "nexmark {:<7} events {:>11}  bids {:>11}  rows out {:>11}  {:>6.2} s  {:>12.0} events/s/core  {:>12.0} bids/s/core  peak memory {:.0} MiB",
+        "nexmark {:<7} events {:>11}  bids {:>11}  {:>6.2} s  {:>12.0} events/s/core  {:>12.0} bids/s/core  peak memory {:.0} MiB",
         query,
         events,
         bids,
-        out,
         seconds,
         events as f64 / seconds,
         bids as f64 / seconds,

@@ -7,16 +7,13 @@
 //! (so rises and falls alternate in runs), every device reading once per second of event time, each row shifted back
 //! by up to `disorder` milliseconds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
 use datafusion::arrow::array::{Int64Array, RecordBatch, TimestampMillisecondArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use weir_server::session::Session;
 
-use crate::dataflow::Driver;
+use crate::dataflow::{BenchSession, Driver};
 
 /// Rows per generated batch.
 const BATCH: usize = 8192;
@@ -87,14 +84,8 @@ impl Readings {
 
 /// Runs the pattern over `rows` readings of `devices` devices.
 pub(crate) async fn run(rows: u64, devices: u64, disorder_ms: u64, epoch_interval: Duration) -> anyhow::Result<()> {
-    let data = std::env::temp_dir().join(format!("weir-bench-patterns-{}", std::process::id()));
-    let engine = Arc::new(weir_server::Engine::new(&weir_server::Config::new(&data))?);
-    let session = Session::new(engine, "bench");
-    for statement in weir_planner::parse_sql(TABLE).map_err(|e| anyhow!("{}", e.message))? {
-        let prepared = session.prepare(statement, TABLE).await.map_err(|e| anyhow!("{}", e.message))?;
-        session.execute(&prepared, None, &mut HashMap::new(), TABLE).await.map_err(|e| anyhow!("{}", e.message))?;
-    }
-    let dataflow = session.plan_dataflow(QUERY).await.map_err(|e| anyhow!("{}", e.message))?;
+    let session = BenchSession::new(TABLE).await?;
+    let dataflow = session.dataflow(QUERY, false).await?;
     let mut driver = Driver::with_epoch_interval(dataflow.pipeline, epoch_interval);
     let mut readings = Readings {
         devices,
@@ -128,6 +119,5 @@ pub(crate) async fn run(rows: u64, devices: u64, disorder_ms: u64, epoch_interva
         rows as f64 / cpu,
         crate::peak_memory_mib().unwrap_or(f64::NAN),
     );
-    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -12,9 +12,11 @@ use weir_runtime::materialize::ViewStore;
 use weir_runtime::rocks::RocksStore;
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
 
-use crate::dataflow::plan_pipeline;
+use crate::dataflow::BenchSession;
 
 const VIEW: &str = "SELECT k, count(*) AS n, sum(v) AS total FROM t GROUP BY k";
+const TABLE: &str =
+    "CREATE TABLE t (k BIGINT, v BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)";
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -26,7 +28,8 @@ fn schema() -> SchemaRef {
 
 pub(crate) async fn run(groups: u64, dir: &Path) -> anyhow::Result<()> {
     let path = dir.join(format!("weir-bench-recovery-{}", std::process::id()));
-    let pipeline = || plan_pipeline("t", schema(), VIEW, 2, "ts - INTERVAL '1' SECOND", false);
+    let session = BenchSession::new(TABLE).await?;
+    let pipeline = || session.pipeline(VIEW, false);
     let rows = StateTable::new("bench/rows");
 
     let mut view = pipeline().await?;

@@ -189,9 +189,10 @@ impl Session {
         })
     }
 
-    /// Plans the query `sql` as a materialized view's dataflow would run it, with readers on its inputs, but starts
-    /// nothing: for programs that drive a pipeline themselves (the benchmarks).
-    pub async fn plan_dataflow(&self, sql: &str) -> Result<Dataflow, ErrorReport> {
+    /// Plans the query `sql` as a materialized view's dataflow would run it (`EMIT ON WINDOW CLOSE` when
+    /// `emit_on_window_close`), with readers on its inputs, but starts nothing: for programs that drive a pipeline
+    /// themselves (the benchmarks).
+    pub async fn plan_dataflow(&self, sql: &str, emit_on_window_close: bool) -> Result<Dataflow, ErrorReport> {
         let mut statements = weir_planner::parse_sql(sql)?;
         let (Some(statement), true) = (statements.pop(), statements.is_empty()) else {
             return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected one query"));
@@ -202,7 +203,7 @@ impl Session {
         let Statement::Query(query) = query.as_ref() else {
             return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected a query"));
         };
-        self.build_dataflow(query, false, None, &statement.row_patterns, &statement.text, sql).await
+        self.build_dataflow(query, emit_on_window_close, None, &statement.row_patterns, &statement.text, sql).await
     }
 
     /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
