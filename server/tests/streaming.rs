@@ -1,7 +1,9 @@
 //! Streaming plans run on generated events give what the same query gives in batch over the same rows.
 //!
-//! These tests join the planner (DataFusion plan cut at the aggregation), the runtime (watermark assigner, window
-//! aggregate, stateless plans over feeds) and the datagen connector, without the server around them.
+//! Each view is planned by a Weir session exactly as `CREATE MATERIALIZED VIEW` plans it (over a table `bids` with
+//! the watermark under test), and its pipeline driven by hand with the rows: the planner, the runtime (watermark
+//! assigner, window aggregate, stateless plans over feeds) and the datagen connector, without the server's tasks.
+//! The batch side is DataFusion's own, over a memory table of the same rows.
 
 // Test helpers: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -13,14 +15,14 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::catalog::MemTable;
-use datafusion::common::DFSchema;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use weir_common::SqlState;
-use weir_common::plan::{InputWatermark, WatermarkSpec};
 use weir_planner::{WeirStatement, parse_sql};
 use weir_runtime::materialize::ViewStore;
+use weir_runtime::pipeline::Pipeline;
+use weir_server::session::Session;
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -84,38 +86,45 @@ async fn logical(ctx: &SessionContext, sql: &str) -> LogicalPlan {
     ctx.state().statement_to_plan(DfStatement::Statement(stmt)).await.unwrap()
 }
 
+/// A session over a throwaway data directory whose table `bids` has `watermark` (`WATERMARK FOR ...`, or nothing).
+async fn session(watermark: &str) -> (Session, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let engine = Arc::new(weir_server::Engine::new(&weir_server::Config::new(data.path())).unwrap());
+    let session = Session::new(engine, "test");
+    let ddl = format!("CREATE TABLE bids (auction BIGINT, price BIGINT, ts TIMESTAMP(3){watermark})");
+    for statement in parse_sql(&ddl).unwrap() {
+        let prepared = session.prepare(statement, &ddl).await.unwrap();
+        session.execute(&prepared, None, &mut HashMap::new(), &ddl).await.unwrap();
+    }
+    (session, data)
+}
+
+/// The pipeline of a view of `sql` over `bids` with `watermark`, planned as `CREATE MATERIALIZED VIEW` plans it.
+async fn pipeline(sql: &str, watermark: &str, emit_on_window_close: bool) -> Pipeline {
+    let (session, _data) = session(watermark).await;
+    session.plan_dataflow(sql, emit_on_window_close).await.unwrap().pipeline
+}
+
 /// Runs `sql` as a stream over `rows` cut into batches of `chunk` rows, with `WATERMARK FOR ts AS ts - delay`, in
 /// both emit modes, ending an epoch every third batch; returns the view's rows after the input ends, checking that
 /// both modes agree.
-async fn stream(ctx: &SessionContext, sql: &str, rows: &[RecordBatch], chunk: usize, delay: &str) -> Vec<RecordBatch> {
-    let windowed = stream_mode(ctx, sql, rows, chunk, delay, true).await;
-    let updating = stream_mode(ctx, sql, rows, chunk, delay, false).await;
+async fn stream(sql: &str, rows: &[RecordBatch], chunk: usize, delay: &str) -> Vec<RecordBatch> {
+    let windowed = stream_mode(sql, rows, chunk, delay, true).await;
+    let updating = stream_mode(sql, rows, chunk, delay, false).await;
     assert_eq!(lines(&windowed), lines(&updating), "EMIT ON WINDOW CLOSE and the updating view end equal");
     windowed
 }
 
 async fn stream_mode(
-    ctx: &SessionContext,
     sql: &str,
     rows: &[RecordBatch],
     chunk: usize,
     delay: &str,
     emit_on_window_close: bool,
 ) -> Vec<RecordBatch> {
-    let plan = logical(ctx, sql).await;
-    let sources = HashMap::from([("bids".to_string(), readable())]);
-    let streaming =
-        weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, emit_on_window_close).await.unwrap();
-    let store = ViewStore::new(streaming.schema.clone());
-    let df_schema = DFSchema::try_from(schema().as_ref().clone()).unwrap();
-    let watermark = ctx.parse_sql_expr(&format!("ts - INTERVAL '{delay}'"), &df_schema).unwrap();
-    let watermark = ctx.create_physical_expr(watermark, &df_schema).unwrap();
-    let mut pipeline = weir_runtime::pipeline::Pipeline::try_new(
-        streaming,
-        vec![InputWatermark::Assigned(WatermarkSpec { column: 2, expr: watermark })],
-        ctx.task_ctx(),
-    )
-    .unwrap();
+    let watermark = format!(", WATERMARK FOR ts AS ts - INTERVAL '{delay}'");
+    let mut pipeline = pipeline(sql, &watermark, emit_on_window_close).await;
+    let store = ViewStore::new(pipeline.schema());
     let all = datafusion::arrow::compute::concat_batches(&schema(), rows).unwrap();
     let mut at = 0;
     let mut pushes = 0;
@@ -154,7 +163,7 @@ async fn a_tumbling_window_view_equals_the_batch_query() {
     // 20,000 rows 5 ms apart span 100 s: 100 or 101 windows for each of 5 auctions.
     assert!((500..=505).contains(&expected.len()), "{}", expected.len());
     for chunk in [1_000, 333, 8192] {
-        let streamed = stream(&ctx, sql, &rows, chunk, "500 milliseconds").await;
+        let streamed = stream(sql, &rows, chunk, "500 milliseconds").await;
         assert_eq!(lines(&streamed), expected, "batches of {chunk} rows");
     }
 }
@@ -171,7 +180,7 @@ async fn hop_and_cumulate_views_equal_the_batch_query() {
          GROUP BY auction, window_start, window_end",
     ] {
         let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
-        let streamed = stream(&ctx, sql, &rows, 777, "1 second").await;
+        let streamed = stream(sql, &rows, 777, "1 second").await;
         assert_eq!(lines(&streamed), lines(&batch), "{sql}");
     }
 }
@@ -183,15 +192,14 @@ async fn a_stateless_view_passes_every_row_through_once() {
     let sql = "SELECT auction, price * 2 AS doubled, window_end FROM TUMBLE(bids, ts, INTERVAL '5' SECOND) \
                WHERE price > 900";
     let batch = ctx.execute_logical_plan(logical(&ctx, sql).await).await.unwrap().collect().await.unwrap();
-    let streamed = stream_mode(&ctx, sql, &rows, 500, "0 seconds", false).await;
+    let streamed = stream_mode(sql, &rows, 500, "0 seconds", false).await;
     assert!(lines(&batch).len() > 1000);
     assert_eq!(lines(&streamed), lines(&batch));
 }
 
 #[tokio::test]
 async fn what_cannot_stream_yet_is_refused_by_name() {
-    let ctx = context(vec![]).await;
-    let sources = HashMap::from([("bids".to_string(), readable())]);
+    let (session, _data) = session(", WATERMARK FOR ts AS ts").await;
     for (sql, message) in [
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
@@ -200,8 +208,7 @@ async fn what_cannot_stream_yet_is_refused_by_name() {
             "a LEFT join of two streams without a time bound on its left rows",
         ),
     ] {
-        let plan = logical(&ctx, sql).await;
-        let err = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap_err();
+        let err = session.plan_dataflow(sql, false).await.unwrap_err();
         assert_eq!(err.code, SqlState::FEATURE_NOT_SUPPORTED, "{sql}");
         assert!(err.message.contains(message), "{sql}: {}", err.message);
     }
@@ -217,13 +224,8 @@ async fn a_plain_aggregate_shows_the_result_over_the_input_so_far_at_every_epoch
         "SELECT count(*) AS n, avg(price) AS mean, count(DISTINCT auction) AS auctions FROM bids WHERE price > 500",
         "SELECT auction, window_end, count(*) AS n FROM TUMBLE(bids, ts, INTERVAL '10' SECOND) GROUP BY 1, 2",
     ] {
-        let ctx = context(rows.clone()).await;
-        let plan = logical(&ctx, sql).await;
-        let sources = HashMap::from([("bids".to_string(), readable())]);
-        let streaming = weir_planner::streaming::plan_streaming(&ctx.state(), &plan, &sources, false).await.unwrap();
-        let store = ViewStore::new(streaming.schema.clone());
-        let mut pipeline =
-            weir_runtime::pipeline::Pipeline::try_new(streaming, vec![InputWatermark::None], ctx.task_ctx()).unwrap();
+        let mut pipeline = pipeline(sql, "", false).await;
+        let store = ViewStore::new(pipeline.schema());
         // Before any input: what the batch query gives over no rows.
         store.apply(pipeline.publish().await.unwrap());
         let empty = context(vec![]).await;
@@ -273,10 +275,10 @@ async fn views_equal_batch_queries_for_random_inputs_batchings_and_orders() {
             let expected = lines(&batch);
             assert!(!expected.is_empty(), "{sql}");
             let chunk = 1 + next(3_000) as usize;
-            let streamed = stream(&ctx, sql, std::slice::from_ref(&all), chunk, "500 milliseconds").await;
+            let streamed = stream(sql, std::slice::from_ref(&all), chunk, "500 milliseconds").await;
             assert_eq!(lines(&streamed), expected, "seed {seed}, batches of {chunk}: {sql}");
             let chunk = 1 + next(3_000) as usize;
-            let streamed = stream(&ctx, sql, std::slice::from_ref(&reordered), chunk, "500 milliseconds").await;
+            let streamed = stream(sql, std::slice::from_ref(&reordered), chunk, "500 milliseconds").await;
             assert_eq!(lines(&streamed), expected, "seed {seed}, reordered, batches of {chunk}: {sql}");
         }
     }
@@ -302,11 +304,4 @@ fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
         seed ^= seed << 17;
         seed % bound
     }
-}
-
-/// The bids table as a view reads it: its event time is `ts`.
-fn readable() -> weir_planner::streaming::Readable {
-    let schema = schema();
-    let watermark = schema.index_of("ts").map(|ts| vec![(ts, 0)]).unwrap_or_default();
-    weir_planner::streaming::Readable { schema, watermark }
 }
