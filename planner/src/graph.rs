@@ -163,13 +163,12 @@ impl GraphBuilder {
     /// the watermark closes it, so its output is append-only and its watermark bounds `window_end` (offset 1: windows
     /// ending at or before `W + 1` are out).
     fn aggregate(&mut self, plan: &Arc<dyn ExecutionPlan>) -> Result<NodeId, ErrorReport> {
-        let (spec, below) = crate::streaming::window_aggregate(plan)?;
+        let (mut spec, below) = crate::streaming::window_aggregate(plan)?;
         if spec.session.is_some() {
             return Err(unsupported("a SESSION aggregation below a join").with_hint(
                 "Aggregate the sessions in a view of their own WITH EMIT ON WINDOW CLOSE, and join that view.",
             ));
         }
-        let mut spec = spec;
         let input = self.cut(&below)?;
         if !self.nodes[input].append_only {
             return Err(unsupported("an aggregation of an updating stream below a join"));

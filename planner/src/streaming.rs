@@ -146,7 +146,7 @@ pub async fn plan_streaming(
         graph.cut(&physical)?;
         return Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close });
     };
-    let (spec, below) = window_aggregate(&aggregate)?;
+    let (mut spec, below) = window_aggregate(&aggregate)?;
     if emit_on_window_close && spec.window_end.is_none() {
         return Err(needs_window());
     }
@@ -177,7 +177,6 @@ pub async fn plan_streaming(
     } else {
         check_above(&above, spec.window_end.is_some())?;
     }
-    let mut spec = spec;
     spec.row_by_row_above = check_stateless(&above).is_ok();
     // Emitted when they close, windows ending at or before `W + 1` are out: later ones end after it.
     let mut aggregated = vec![None; aggregate.schema().fields().len()];
@@ -293,15 +292,8 @@ type TopN = (Arc<dyn ExecutionPlan>, TopNSpec, Arc<dyn ExecutionPlan>);
 
 /// The Top-N a filter over a `ROW_NUMBER()` window operator makes (with a projection between them or not).
 fn top_n_under(filter: &FilterExec) -> Result<Option<TopN>, ErrorReport> {
-    let mut window = filter.input();
-    // Which column of the window operator's output each column the filter reads is.
-    let mut column_of: Box<dyn Fn(usize) -> Option<usize>> = Box::new(Some);
-    if let Some(projection) = window.downcast_ref::<ProjectionExec>() {
-        let exprs: Vec<Option<usize>> =
-            projection.expr().iter().map(|e| e.expr.downcast_ref::<Column>().map(Column::index)).collect();
-        column_of = Box::new(move |c| exprs.get(c).copied().flatten());
-        window = projection.input();
-    }
+    let projection = filter.input().downcast_ref::<ProjectionExec>();
+    let window = projection.map_or(filter.input(), |p| p.input());
     let exprs = match (window.downcast_ref::<BoundedWindowAggExec>(), window.downcast_ref::<WindowAggExec>()) {
         (Some(exec), _) => exec.window_expr().to_vec(),
         (None, Some(exec)) => exec.window_expr().to_vec(),
@@ -312,9 +304,14 @@ fn top_n_under(filter: &FilterExec) -> Result<Option<TopN>, ErrorReport> {
         return Ok(None);
     }
     let Some(mut below) = window.children().first().map(|c| (*c).clone()) else { return Ok(None) };
-    // The row number is the column after the window operator's input columns.
+    // The row number is the column after the window operator's input columns; where the filter reads it.
     let rank = below.schema().fields().len();
-    let limit = split_conjunction(filter.predicate()).into_iter().find_map(|c| first_ranks(c, rank, &column_of));
+    let rank = match projection {
+        Some(p) => p.expr().iter().position(|e| e.expr.downcast_ref::<Column>().is_some_and(|c| c.index() == rank)),
+        None => Some(rank),
+    };
+    let Some(rank) = rank else { return Ok(None) };
+    let limit = split_conjunction(filter.predicate()).into_iter().find_map(|c| first_ranks(c, rank));
     let Some(limit) = limit else { return Ok(None) };
     if below.name() == "SortExec"
         && let Some(child) = below.children().first()
@@ -331,16 +328,12 @@ fn top_n_under(filter: &FilterExec) -> Result<Option<TopN>, ErrorReport> {
 }
 
 /// How many first ranks `predicate` keeps of column `rank`: `rank = 1`, `rank <= N`, `rank < N + 1`.
-fn first_ranks(
-    predicate: &Arc<dyn PhysicalExpr>,
-    rank: usize,
-    column_of: &dyn Fn(usize) -> Option<usize>,
-) -> Option<usize> {
+fn first_ranks(predicate: &Arc<dyn PhysicalExpr>, rank: usize) -> Option<usize> {
     let binary = predicate.downcast_ref::<BinaryExpr>()?;
     let column = binary.left().downcast_ref::<Column>()?;
     let value = binary.right().downcast_ref::<Literal>()?.value().cast_to(&DataType::Int64).ok()?;
     let ScalarValue::Int64(Some(n)) = value else { return None };
-    if column_of(column.index()) != Some(rank) {
+    if column.index() != rank {
         return None;
     }
     let limit = match binary.op() {

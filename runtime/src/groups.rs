@@ -56,16 +56,14 @@ impl std::fmt::Debug for Groups {
     }
 }
 
-/// Row positions split by the chunk of their group, with each group's index inside its chunk.
-struct ByChunk {
-    /// `(chunk, rows, local group indices)`; `rows` is `None` when every row is in this one chunk.
-    parts: Vec<(usize, Option<UInt32Array>, Vec<usize>)>,
-}
+/// Row positions split by the chunk of their group: `(chunk, rows, local group indices)`, `rows` being `None` when
+/// every row is in this one chunk.
+type ChunkPart = (usize, Option<UInt32Array>, Vec<usize>);
 
-fn by_chunk(indices: &[usize]) -> ByChunk {
+fn by_chunk(indices: &[usize]) -> Vec<ChunkPart> {
     let first = indices.first().map_or(0, |g| g / CHUNK);
     if indices.iter().all(|g| g / CHUNK == first) {
-        return ByChunk { parts: vec![(first, None, indices.iter().map(|g| g % CHUNK).collect())] };
+        return vec![(first, None, indices.iter().map(|g| g % CHUNK).collect())];
     }
     let mut parts: std::collections::BTreeMap<usize, (Vec<u32>, Vec<usize>)> = Default::default();
     for (row, group) in indices.iter().enumerate() {
@@ -73,9 +71,7 @@ fn by_chunk(indices: &[usize]) -> ByChunk {
         part.0.push(row as u32);
         part.1.push(group % CHUNK);
     }
-    ByChunk {
-        parts: parts.into_iter().map(|(chunk, (rows, local))| (chunk, Some(UInt32Array::from(rows)), local)).collect(),
-    }
+    parts.into_iter().map(|(chunk, (rows, local))| (chunk, Some(UInt32Array::from(rows)), local)).collect()
 }
 
 /// `array`'s rows `rows` (all of it without).
@@ -156,7 +152,7 @@ impl Groups {
                 self.changed[*group] = true;
             }
         }
-        for (chunk, rows, local) in by_chunk(indices).parts {
+        for (chunk, rows, local) in by_chunk(indices) {
             self.touched.insert(chunk);
             let total = self.chunk_len(chunk);
             let mask = pick_mask(mask, rows.as_ref())?;
@@ -180,7 +176,7 @@ impl Groups {
         if indices.is_empty() {
             return Ok(());
         }
-        for (chunk, rows, local) in by_chunk(indices).parts {
+        for (chunk, rows, local) in by_chunk(indices) {
             self.touched.insert(chunk);
             let total = self.chunk_len(chunk);
             let mut at = 0;

@@ -489,15 +489,17 @@ impl IntervalJoin {
                 emptied.push(slot);
             }
         }
-        // The keys live in the slots until the emptied ones go below.
-        leaving.sort_unstable_by(|a, b| key_of(&state.slots, *a).cmp(&key_of(&state.slots, *b)).then(a.cmp(b)));
-        for group in leaving.chunk_by(|a, b| key_of(&state.slots, *a) == key_of(&state.slots, *b)) {
-            let Some(key) = key_of(&state.slots, group[0]) else { continue };
+        // Each leaving row with its key (the keys live in the slots until the emptied ones go below), by key.
+        let mut keyed: Vec<(&[u8], RowRef)> =
+            leaving.iter().filter_map(|r| key_of(&state.slots, *r).map(|key| (key, *r))).collect();
+        keyed.sort_unstable();
+        for group in keyed.chunk_by(|a, b| a.0 == b.0) {
+            let key = group[0].0;
             if let Some(refs) = state.index.get_mut(key) {
                 match group {
-                    [one] => refs.retain(|r| r != one),
+                    [(_, one)] => refs.retain(|r| r != one),
                     // Sorted: a binary search per kept reference.
-                    _ => refs.retain(|r| group.binary_search(r).is_err()),
+                    _ => refs.retain(|r| group.binary_search_by(|(_, g)| g.cmp(r)).is_err()),
                 }
                 if refs.is_empty() {
                     state.index.remove(key);

@@ -136,7 +136,7 @@ impl ViewStore {
                     }
                 }
                 ViewChange::ReplacePart { window, part, rows } => {
-                    let before = contents.windows.get(&(window, part)).cloned().filter(|_| tell_sinks);
+                    let before = tell_sinks.then(|| contents.windows.get(&(window, part)).cloned()).flatten();
                     if let Some(after) = contents.replace((window, part), rows, tell_sinks) {
                         row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after });
                     }

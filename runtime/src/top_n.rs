@@ -39,6 +39,7 @@ pub struct TopN {
     partition: Vec<Arc<dyn PhysicalExpr>>,
     order: Vec<PhysicalSortExpr>,
     limit: usize,
+    /// The ranked rows' columns, then `row_number`.
     output: SchemaRef,
     keys_converter: RowConverter,
     order_converter: RowConverter,
@@ -89,19 +90,9 @@ impl TopN {
         })
     }
 
-    /// The ranked rows' columns, then `row_number`.
-    pub fn output_schema(&self) -> SchemaRef {
-        self.output.clone()
-    }
-
     /// About how many bytes the kept rows and keys hold.
     pub fn memory(&self) -> usize {
         self.bytes
-    }
-
-    /// How many rows are kept.
-    pub fn kept_rows(&self) -> usize {
-        self.keys.iter().map(|(_, kept)| kept.len()).sum()
     }
 
     /// The rows of every chunk of keys changed since the last call: `(chunk, rows)`.
