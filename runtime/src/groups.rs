@@ -74,6 +74,12 @@ fn by_chunk(indices: &[usize]) -> Vec<ChunkPart> {
     parts.into_iter().map(|(chunk, (rows, local))| (chunk, Some(UInt32Array::from(rows)), local)).collect()
 }
 
+/// The numbers of the members (groups, keys) of chunk `chunk` of `count` members.
+pub(crate) fn chunk_range(chunk: usize, count: usize) -> std::ops::Range<usize> {
+    let first = chunk.saturating_mul(CHUNK).min(count);
+    first..count.min(first + CHUNK)
+}
+
 /// `array`'s rows `rows` (all of it without).
 fn pick(array: &ArrayRef, rows: Option<&UInt32Array>) -> Result<ArrayRef> {
     match rows {
@@ -108,7 +114,12 @@ impl Groups {
 
     /// How many groups chunk `chunk` has.
     fn chunk_len(&self, chunk: usize) -> usize {
-        self.keys.len().saturating_sub(chunk * CHUNK).min(CHUNK)
+        chunk_range(chunk, self.keys.len()).len()
+    }
+
+    /// The indices of the groups of chunk `chunk`.
+    pub(crate) fn chunk_groups(&self, chunk: usize) -> std::ops::Range<usize> {
+        chunk_range(chunk, self.keys.len())
     }
 
     /// The index of the group with key `key`, added if new. Looks up by borrowed bytes: only a new group allocates.

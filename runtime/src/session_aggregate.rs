@@ -32,7 +32,7 @@ use datafusion::physical_plan::PhysicalExpr;
 use weir_common::plan::Aggregate;
 use weir_common::stream::Watermark;
 
-use crate::groups::{Aggregates, CHUNK, Groups, Progress, arrow_err, output_fields};
+use crate::groups::{Aggregates, Groups, Progress, arrow_err, output_fields};
 use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
 
@@ -427,8 +427,7 @@ impl Checkpointed for SessionAggregate {
                 let Some(session) = self.sessions.get_mut(id) else { continue };
                 for chunk in 0..session.groups.chunk_count() {
                     let states = self.aggregates.encode_states(&mut session.groups, chunk)?;
-                    let first = chunk * CHUNK;
-                    for (at, group) in (first..session.groups.len().min(first + CHUNK)).enumerate() {
+                    for (at, group) in session.groups.chunk_groups(chunk).enumerate() {
                         let mut key = prefix.clone();
                         key.extend_from_slice(&encode_i64(session.start));
                         key.extend_from_slice(&session.groups.keys[group]);

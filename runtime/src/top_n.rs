@@ -23,7 +23,7 @@ use datafusion::physical_plan::PhysicalExpr;
 use weir_common::plan::TopNSpec;
 use weir_common::stream::Watermark;
 
-use crate::groups::{CHUNK, arrow_err};
+use crate::groups::{CHUNK, arrow_err, chunk_range};
 use crate::operator::Operator;
 use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch};
 use crate::{Result, RuntimeError};
@@ -100,8 +100,7 @@ impl TopN {
         let touched = std::mem::take(&mut self.touched);
         let mut out = Vec::with_capacity(touched.len());
         for chunk in touched {
-            let first = (chunk * CHUNK).min(self.keys.len());
-            let keys = &self.keys[first..self.keys.len().min(first + CHUNK)];
+            let keys = &self.keys[chunk_range(chunk, self.keys.len())];
             let parser = self.rows_converter.parser();
             let kept = keys.iter().flat_map(|(_, kept)| kept.iter());
             let mut columns =

@@ -25,7 +25,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
-use crate::groups::{Aggregates, CHUNK, Groups, Progress, arrow_err, output_fields};
+use crate::groups::{Aggregates, Groups, Progress, arrow_err, output_fields};
 use crate::operator::Operator;
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::{Result, RuntimeError};
@@ -145,9 +145,7 @@ impl WindowAggregate {
     /// The rows of chunk `chunk` of a window (its groups only), the accumulators keeping their state.
     fn evaluate_chunk(&self, window: &mut Groups, chunk: usize) -> Result<RecordBatch> {
         let columns = self.aggregates.evaluate_chunk(window, chunk)?;
-        let first = (chunk * CHUNK).min(window.len());
-        let last = window.len().min(first + CHUNK);
-        self.rows(&window.keys[first..last], columns)
+        self.rows(&window.keys[window.chunk_groups(chunk)], columns)
     }
 
     /// Rows of the groups with keys `keys` and aggregate values `values`.
@@ -222,8 +220,7 @@ impl Checkpointed for WindowAggregate {
             let Some(window) = self.windows.get_mut(&end) else { continue };
             // Only the chunks with changed groups are encoded.
             for chunk in 0..window.chunk_count() {
-                let first = chunk * CHUNK;
-                let groups = first..window.len().min(first + CHUNK);
+                let groups = window.chunk_groups(chunk);
                 if !window.changed[groups.clone()].contains(&true) {
                     continue;
                 }
