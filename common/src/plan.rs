@@ -115,6 +115,9 @@ pub enum NodeOperator {
     Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
     /// A join of two streams (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
+    /// A temporal join: each row of one side joined with the version of the other side's row valid at its time
+    /// (see [`TemporalSpec`]).
+    TemporalJoin(Box<TemporalSpec>),
     /// An aggregation. At the plan's root it is the view's, with the plan over its output (per window): open windows
     /// are shown as they change unless the view emits on window close. Below the root (under a join) it has no plan
     /// above and emits each window once, when the watermark closes it: an append-only stream.
@@ -185,6 +188,35 @@ pub struct JoinSpec {
     /// How long a row of a side without bounds is kept after it arrived (the view's `'state.ttl'`, processing
     /// time); `None`: until its input ends.
     pub ttl: Option<std::time::Duration>,
+}
+
+/// A temporal join (`JOIN versioned FOR SYSTEM_TIME AS OF probe.ts`): each row of the probe side is joined with the
+/// row of the versioned side (a relation with a primary key, each row a new version of its key) that was valid at the
+/// probe row's time: the latest version of its key from at or before that time. The probe side is the one an INNER
+/// or an outer join keeps (LEFT joins pad a row without a version with NULLs).
+///
+/// With a version time (event time), a probe row waits until the versioned side's watermark passes its time, so that
+/// every version it could join has arrived; versions no later probe row can reach leave the state. Without one
+/// (`FOR SYSTEM_TIME AS OF PROCTIME()`), a probe row is joined at once with the latest version that has arrived
+/// (a lookup), and each key keeps its latest version only.
+#[derive(Debug, Clone)]
+pub struct TemporalSpec {
+    /// Keys, residual filter, join type and projection, as for any join; `join.bounds` is unused.
+    pub join: JoinSpec,
+    /// Which input ([`LEFT`] or [`RIGHT`]) holds the versions.
+    pub versioned: usize,
+    /// Event time: the versions' time column with the offset its watermark bounds it by, and the probe side's time
+    /// column with its own offset. `None` for a lookup (processing time).
+    pub times: Option<TemporalTimes>,
+}
+
+/// The time columns of an event-time temporal join (see [`TemporalSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemporalTimes {
+    /// The versioned side's column saying from when a version is valid, and its watermark offset.
+    pub version: (usize, i64),
+    /// The probe side's time column, and its watermark offset.
+    pub probe: (usize, i64),
 }
 
 /// One materialized view's dataflow: a tree of operator nodes from the inputs' scans up to the root, whose output is

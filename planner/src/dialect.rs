@@ -10,9 +10,19 @@ use datafusion::sql::sqlparser::dialect::{Dialect, PostgreSqlDialect, Precedence
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 
-/// Postgres syntax plus `MATCH_RECOGNIZE` and `STRUCT<...>` types.
+/// Postgres syntax plus `MATCH_RECOGNIZE` and `STRUCT<...>` types; with `table_versioning`, also
+/// `relation FOR SYSTEM_TIME AS OF expr` (temporal joins).
+///
+/// Versioning is switched on only for statements that contain `FOR SYSTEM_TIME`: with it, sqlparser reads a word
+/// after a table name that starts a version clause of another dialect (`AT`, `BEFORE`, `CHANGES`) as that clause, so
+/// those words cannot be table aliases without `AS` in such a statement.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct WeirDialect;
+pub struct WeirDialect {
+    pub table_versioning: bool,
+}
+
+/// Weir's dialect without table versioning, for the statements and fragments that cannot have it.
+pub const WEIR: WeirDialect = WeirDialect { table_versioning: false };
 
 const PG: PostgreSqlDialect = PostgreSqlDialect {};
 
@@ -23,6 +33,10 @@ impl Dialect for WeirDialect {
 
     fn supports_match_recognize(&self) -> bool {
         true
+    }
+
+    fn supports_table_versioning(&self) -> bool {
+        self.table_versioning
     }
 
     /// `STRUCT<name type, ...>` column types, for sources whose JSON records nest objects.

@@ -20,7 +20,7 @@ use datafusion::common::{JoinSide, JoinType, NullEquality, ScalarValue};
 use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal};
-use datafusion::physical_expr::utils::split_conjunction;
+use datafusion::physical_expr::utils::{conjunction_opt, split_conjunction};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
@@ -31,7 +31,9 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::ErrorReport;
 use weir_common::feed::{Feed, FeedExec};
-use weir_common::plan::{JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, TimeBound};
+use weir_common::plan::{
+    JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, TemporalSpec, TemporalTimes, TimeBound,
+};
 
 use crate::streaming::{df, internal, unsupported};
 
@@ -146,6 +148,15 @@ impl GraphBuilder {
             }
         }
         let sides = [self.bounds(left), self.bounds(right)];
+        if let Some((spec, bounds)) = temporal_spec(plan, &sides)? {
+            return Ok(self.add(PlanNode {
+                schema: plan.schema(),
+                operator: NodeOperator::TemporalJoin(Box::new(spec)),
+                inputs: vec![left, right],
+                append_only: true,
+                watermark: watermark_of(&bounds),
+            }));
+        }
         let spec = join_spec(plan, &sides)?;
         let bounds = join_output_bounds(&spec, &sides);
         Ok(self.add(PlanNode {
@@ -334,10 +345,14 @@ fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i64> {
     (nanos % per_unit == 0).then(|| i64::try_from(nanos / per_unit).ok()).flatten()
 }
 
-/// A join's keys, residual filter and time bounds, from DataFusion's physical join; `sides` are the bounds of its
-/// left and right inputs.
-pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<JoinSpec, ErrorReport> {
-    let (join_type, on, filter, nulls_equal, projection) = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
+/// DataFusion's physical join, taken apart: its type, keys, filter, whether NULL keys match, and projection.
+type JoinParts = (JoinType, JoinOn, Option<JoinFilter>, bool, Option<Vec<usize>>);
+
+/// Pairs of key expressions over the left and the right rows.
+type JoinOn = Vec<(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)>;
+
+fn join_parts(plan: &Arc<dyn ExecutionPlan>) -> Result<JoinParts, ErrorReport> {
+    let parts = if let Some(join) = plan.downcast_ref::<HashJoinExec>() {
         if join.null_aware {
             // NOT IN: a NULL on the right removes every left row, a NULL key on the left never qualifies.
             return Err(unsupported("NOT IN (subquery) in a materialized view")
@@ -360,6 +375,13 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
     } else {
         return Err(unsupported(&format!("{} in a materialized view", plan.name())));
     };
+    Ok(parts)
+}
+
+/// A join's keys, residual filter and time bounds, from DataFusion's physical join; `sides` are the bounds of its
+/// left and right inputs.
+pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<JoinSpec, ErrorReport> {
+    let (join_type, on, filter, nulls_equal, projection) = join_parts(plan)?;
     if matches!(join_type, JoinType::LeftMark | JoinType::RightMark) {
         return Err(unsupported("this form of subquery in a materialized view"));
     }
@@ -404,6 +426,102 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
         }
     }
     Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds, ttl: None })
+}
+
+/// A temporal join, if the join's filter carries the marker of one (see [`crate::temporal`]): its spec and the
+/// bounds of its output. The marker leaves the filter; the versioned side is the one its key columns are of.
+pub fn temporal_spec(
+    plan: &Arc<dyn ExecutionPlan>,
+    sides: &[Bounds; 2],
+) -> Result<Option<(TemporalSpec, Bounds)>, ErrorReport> {
+    let (join_type, on, filter, nulls_equal, projection) = join_parts(plan)?;
+    let Some(filter) = filter else { return Ok(None) };
+    let conjuncts = split_conjunction(filter.expression());
+    fn marker(c: &Arc<dyn PhysicalExpr>) -> Option<&ScalarFunctionExpr> {
+        c.downcast_ref::<ScalarFunctionExpr>()
+            .filter(|f| matches!(f.fun().name(), crate::temporal::AS_OF | crate::temporal::LOOKUP))
+    }
+    let Some(function) = conjuncts.iter().find_map(|c| marker(c)) else { return Ok(None) };
+    let lookup = function.fun().name() == crate::temporal::LOOKUP;
+    // A marker argument that is a column of one side: (side, column).
+    let column = |expr: &Arc<dyn PhysicalExpr>| -> Option<(usize, usize)> {
+        let index = filter.column_indices().get(expr.downcast_ref::<Column>()?.index())?;
+        match index.side {
+            JoinSide::Left => Some((LEFT, index.index)),
+            JoinSide::Right => Some((RIGHT, index.index)),
+            JoinSide::None => None,
+        }
+    };
+    let args = function.args();
+    let keys: Option<Vec<(usize, usize)>> = args.iter().skip(if lookup { 1 } else { 2 }).map(column).collect();
+    let Some(keys) = keys.filter(|k| !k.is_empty()) else { return Err(internal("a temporal join without its key")) };
+    let versioned = keys[0].0;
+    let probe = 1 - versioned;
+    let mut key_columns: Vec<usize> = keys.iter().filter(|k| k.0 == versioned).map(|k| k.1).collect();
+    let mut on_columns: Option<Vec<usize>> = on
+        .iter()
+        .map(|(l, r)| if versioned == LEFT { l } else { r }.downcast_ref::<Column>().map(|c| c.index()))
+        .collect();
+    key_columns.sort_unstable();
+    if let Some(columns) = &mut on_columns {
+        columns.sort_unstable();
+    }
+    if on_columns.as_ref() != Some(&key_columns) || key_columns.len() != keys.len() {
+        return Err(unsupported("a temporal join whose equalities are not exactly the versioned relation's primary key")
+            .with_hint("Equate the primary key's columns to the other side, and write other conditions without '='                         between the two sides (or filter the view's rows)."));
+    }
+    let preserved = match join_type {
+        JoinType::Inner => true,
+        JoinType::Left => probe == LEFT,
+        JoinType::Right => probe == RIGHT,
+        _ => false,
+    };
+    if !preserved {
+        return Err(unsupported(&format!("a temporal join planned as a {join_type} join")));
+    }
+    let times = match lookup {
+        true => None,
+        false => {
+            let (Some(version), Some(time)) = (column(&args[0]), column(&args[1])) else {
+                return Err(unsupported("FOR SYSTEM_TIME AS OF an expression")
+                    .with_hint("Name the joined row's time column itself (r.ts)."));
+            };
+            if version.0 != versioned || time.0 != probe {
+                return Err(unsupported("FOR SYSTEM_TIME AS OF a time of the versioned relation itself"));
+            }
+            let offset = |(side, column): (usize, usize)| sides[side].get(column).copied().flatten();
+            let (Some(version_offset), Some(time_offset)) = (offset(version), offset(time)) else {
+                return Err(unsupported("a temporal join over a time the watermark does not bound").with_hint(
+                    "Join FOR SYSTEM_TIME AS OF the event time of a source (or of a view that passes its watermark \
+                     on), against a relation with a WATERMARK on its versions' time.",
+                ));
+            };
+            Some(TemporalTimes { version: (version.1, version_offset), probe: (time.1, time_offset) })
+        }
+    };
+    let rest: Vec<Arc<dyn PhysicalExpr>> =
+        conjuncts.iter().filter(|c| marker(c).is_none()).map(|c| Arc::clone(c)).collect();
+    let filter = conjunction_opt(rest)
+        .map(|expression| JoinFilter::new(expression, filter.column_indices().to_vec(), filter.schema().clone()));
+    // Output bounds: a lookup's rows are the probe rows as they come; an event-time join's keep only the probe time's
+    // bound (held rows are later than the versions' watermark), against the minimum of the two watermarks.
+    let mut joined: [Bounds; 2] = [vec![None; sides[LEFT].len()], vec![None; sides[RIGHT].len()]];
+    match times {
+        None => joined[probe] = sides[probe].clone(),
+        Some(t) => {
+            if let Some(slot) = joined[probe].get_mut(t.probe.0) {
+                *slot = Some(t.probe.1.min(t.version.1));
+            }
+        }
+    }
+    let [left, right] = joined;
+    let all: Bounds = left.into_iter().chain(right).collect();
+    let bounds = match &projection {
+        Some(indices) => indices.iter().map(|i| all.get(*i).copied().flatten()).collect(),
+        None => all,
+    };
+    let join = JoinSpec { join_type, on, filter, nulls_equal, projection, bounds: [vec![], vec![]], ttl: None };
+    Ok(Some((TemporalSpec { join, versioned, times }, bounds)))
 }
 
 /// Adds the time bounds that the conjuncts of `filter` comparing the two sides' times put on each side.

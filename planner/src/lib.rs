@@ -17,6 +17,8 @@
 //! - [`graph`]: the physical plan below the root cut into plan nodes (scans, stateless DataFusion plans, joins, and
 //!   window aggregations below joins), each node's output watermark worked out, and a join's time bounds read from
 //!   its condition.
+//! - [`temporal`]: `JOIN r FOR SYSTEM_TIME AS OF ...` rewritten into a join with a marked condition, which
+//!   [`graph`] plans as a temporal join node.
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
 //!   refuse a value too large to build (`54000`) instead of aborting the process.
 //! - [`checked`]: integer `+`, `-` and `*` that raise `22003` on overflow, as Postgres' do.
@@ -35,6 +37,7 @@ pub mod row_pattern;
 pub mod sink;
 pub mod source;
 pub mod streaming;
+pub mod temporal;
 pub mod windows;
 
 pub use dialect::WeirDialect;

@@ -81,7 +81,7 @@ impl From<ParseError> for ErrorReport {
 
 /// Parses every statement of `sql`. Empty statements (`;;`) are skipped.
 pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
-    let dialect = WeirDialect;
+    let dialect = WeirDialect::default();
     let tokens =
         Tokenizer::new(&dialect, sql).with_unescape(true).tokenize_with_location().map_err(|err| ParseError {
             code: SqlState::SYNTAX_ERROR,
@@ -94,6 +94,13 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
     let tokens = crate::windows::flink_form(tokens);
     let (tokens, emits) = strip_emit_clauses(tokens);
     let (tokens, mut row_patterns) = crate::row_pattern::extract_row_patterns(sql, tokens)?;
+    // `FOR SYSTEM_TIME AS OF` (temporal joins) only where it is written (see `WeirDialect`).
+    let words: Vec<&Token> = tokens.iter().map(|t| &t.token).filter(|t| !matches!(t, Token::Whitespace(_))).collect();
+    let versioned = words.windows(2).any(|pair| {
+        matches!((pair[0], pair[1]), (Token::Word(a), Token::Word(b))
+            if a.keyword == Keyword::FOR && b.keyword == Keyword::SYSTEM_TIME)
+    });
+    let dialect = WeirDialect { table_versioning: versioned };
     let mut parser =
         Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).with_tokens_with_locations(tokens.clone());
     let mut statements = Vec::new();

@@ -714,7 +714,7 @@ fn within_units(text: &str, unit: datafusion::arrow::datatypes::TimeUnit) -> Res
             format!("WITHIN {text}: expected an interval such as INTERVAL '10' MINUTE"),
         )
     };
-    let expr = datafusion::sql::sqlparser::parser::Parser::new(&crate::WeirDialect)
+    let expr = datafusion::sql::sqlparser::parser::Parser::new(&crate::dialect::WEIR)
         .try_with_sql(text)
         .and_then(|mut p| p.parse_expr())
         .map_err(|_| bad())?;

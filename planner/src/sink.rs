@@ -87,7 +87,7 @@ fn parse_sink_query(parser: &mut Parser) -> Result<Box<Query>, ParserError> {
     }
     let Some(end) = sink_with else { return parser.parse_query() };
     let tokens: Vec<_> = (0..end).map(|_| parser.next_token()).collect();
-    let mut query = Parser::new(&crate::dialect::WeirDialect)
+    let mut query = Parser::new(&crate::dialect::WEIR)
         .with_recursion_limit(crate::parse::RECURSION_LIMIT)
         .with_tokens_with_locations(tokens);
     let parsed = query.parse_query()?;

@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! CREATE SOURCE [IF NOT EXISTS] name (
-//!     column type [, ...]
+//!     column type [PRIMARY KEY] [, ...]
+//!     [, PRIMARY KEY (column [, ...])]
 //!     [, WATERMARK FOR column AS expr]
 //! )
 //! [INCLUDE item [AS alias] [, ...]]          -- key, partition, offset, timestamp, topic, header 'name'
 //! WITH (key = value [, ...])                   -- keys are identifiers, dotted names or quoted strings
 //! [FORMAT format ENCODE encoding [(key = value [, ...])]]
 //!
-//! CREATE TABLE [IF NOT EXISTS] name (column type [, ...], WATERMARK FOR column AS expr)
+//! CREATE TABLE [IF NOT EXISTS] name (column type [, ...] [, PRIMARY KEY (...)], WATERMARK FOR column AS expr)
 //! ```
 //!
 //! A `CREATE TABLE` without `WATERMARK` is sqlparser's statement; with one it is parsed here, as a table (rows come
@@ -18,7 +19,7 @@
 //! The pieces sqlparser does know (column definitions, the watermark expression) are parsed with its parser, so types
 //! and expressions mean the same here as everywhere else.
 
-use datafusion::sql::sqlparser::ast::{ColumnDef, Expr, Ident, ObjectName, Value};
+use datafusion::sql::sqlparser::ast::{ColumnDef, ColumnOption, Expr, Ident, ObjectName, Value};
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan};
@@ -32,6 +33,9 @@ pub struct CreateSource {
     pub if_not_exists: bool,
     pub columns: Vec<ColumnDef>,
     pub watermark: Option<WatermarkDef>,
+    /// `PRIMARY KEY (column, ...)` (or `column type PRIMARY KEY`): each row is a version of its key, which a temporal
+    /// join (`FOR SYSTEM_TIME AS OF`) joins. Not enforced otherwise.
+    pub primary_key: Vec<Ident>,
     pub include: Vec<IncludeDef>,
     /// `WITH (...)` options in the order written; keys lower-cased.
     pub with: Vec<(String, String)>,
@@ -104,10 +108,17 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
     let name = parser.parse_object_name(false)?;
 
     parser.expect_token(&Token::LParen)?;
-    let mut columns = Vec::new();
+    let mut columns: Vec<ColumnDef> = Vec::new();
     let mut watermark = None;
+    let mut primary_key = Vec::new();
     loop {
-        if is_word(&parser.peek_token().token, "WATERMARK") {
+        if parser.parse_keywords(&[Keyword::PRIMARY, Keyword::KEY]) {
+            if !primary_key.is_empty() {
+                return parser.expected("one PRIMARY KEY", parser.peek_token());
+            }
+            primary_key = parser
+                .parse_parenthesized_column_list(datafusion::sql::sqlparser::parser::IsOptional::Mandatory, false)?;
+        } else if is_word(&parser.peek_token().token, "WATERMARK") {
             if watermark.is_some() {
                 return parser.expected("one WATERMARK clause", parser.peek_token());
             }
@@ -125,6 +136,15 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
         }
     }
     parser.expect_token(&Token::RParen)?;
+    for column in &columns {
+        let key = column.options.iter().any(|o| matches!(o.option, ColumnOption::PrimaryKey(_)));
+        if key {
+            if !primary_key.is_empty() {
+                return parser.expected("one PRIMARY KEY", parser.peek_token());
+            }
+            primary_key.push(column.name.clone());
+        }
+    }
 
     if table {
         let with = if parser.parse_keyword(Keyword::WITH) { parse_option_list(parser)? } else { vec![] };
@@ -134,6 +154,7 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
             if_not_exists,
             columns,
             watermark,
+            primary_key,
             include: vec![],
             with,
             format: None,
@@ -148,7 +169,7 @@ pub(crate) fn parse_create_source(parser: &mut Parser) -> Result<CreateSource, P
     }
     let with = parse_option_list(parser)?;
     let format = parse_format(parser)?;
-    Ok(CreateSource { table, name, if_not_exists, columns, watermark, include, with, format })
+    Ok(CreateSource { table, name, if_not_exists, columns, watermark, primary_key, include, with, format })
 }
 
 /// An optional `FORMAT format ENCODE encoding [(options)]`.

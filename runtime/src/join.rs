@@ -554,6 +554,28 @@ fn times(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
     Ok(numbers.as_primitive::<Int64Type>().iter().collect())
 }
 
+impl crate::operator::JoinOperator for IntervalJoin {
+    fn watermark(&self) -> Option<Watermark> {
+        IntervalJoin::watermark(self)
+    }
+
+    fn late_rows(&self) -> u64 {
+        IntervalJoin::late_rows(self)
+    }
+
+    fn take_late(&mut self) -> Vec<RecordBatch> {
+        IntervalJoin::take_late(self)
+    }
+
+    fn memory(&self) -> usize {
+        IntervalJoin::memory(self)
+    }
+
+    fn kept_rows(&self) -> usize {
+        IntervalJoin::kept_rows(self).iter().sum()
+    }
+}
+
 impl Operator for IntervalJoin {
     fn on_data(&mut self, input: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
         self.on_side_data(input.min(RIGHT), batch, out)
@@ -565,27 +587,85 @@ impl Operator for IntervalJoin {
 }
 
 /// Keys of the join's state table.
-const WATERMARKS: &[u8] = b"w";
+pub(crate) const WATERMARKS: &[u8] = b"w";
 const ROWS: u8 = b'r';
 const FLAGS: u8 = b'f';
 const ARRIVED: u8 = b't';
 
-fn slot_key(tag: u8, side: usize, slot: u64) -> Vec<u8> {
+/// The state key of kept batch `slot` of `side`: `tag | side | slot`.
+pub(crate) fn slot_key(tag: u8, side: usize, slot: u64) -> Vec<u8> {
     let mut key = vec![tag, side as u8];
     key.extend_from_slice(&slot.to_be_bytes());
     key
 }
 
+/// A join's watermarks and late-row count as one state value (under [`WATERMARKS`]).
+pub(crate) fn encode_watermarks(watermarks: [Option<Watermark>; 2], late_rows: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(26);
+    for w in watermarks {
+        value.push(u8::from(w.is_some()));
+        value.extend_from_slice(&encode_i64(w.unwrap_or_default()));
+    }
+    value.extend_from_slice(&late_rows.to_be_bytes());
+    value
+}
+
+/// The inverse of [`encode_watermarks`], read from `table` (nothing written yet: no watermarks, no late rows).
+pub(crate) fn restore_watermarks(
+    table: &StateTable,
+    store: &dyn StateStore,
+    what: &str,
+) -> Result<([Option<Watermark>; 2], u64)> {
+    let corrupt = |part: &str| StateError::Corrupt(format!("{what} {part}"));
+    let Some(value) = store.get(&table.key(WATERMARKS))? else { return Ok(([None, None], 0)) };
+    let mut watermarks = [None, None];
+    for side in [LEFT, RIGHT] {
+        let part = value.get(side * 9..side * 9 + 9).ok_or_else(|| corrupt("watermarks"))?;
+        watermarks[side] = (part[0] == 1).then(|| decode_i64(&part[1..])).transpose()?;
+    }
+    let late = value.get(18..26).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("late rows"))?;
+    Ok((watermarks, u64::from_be_bytes(late)))
+}
+
+/// A kept batch read back: its side, slot, rows and per-row flags.
+pub(crate) type RestoredSlot = (usize, u64, RecordBatch, Vec<u8>);
+
+/// Every kept batch written under `rows_tag` (see [`slot_key`]), in key order (side, then slot): its side, slot, rows
+/// and the per-row value written under `flags_tag` for the same batch (one byte per row).
+pub(crate) fn restore_slots(
+    table: &StateTable,
+    store: &dyn StateStore,
+    (rows_tag, flags_tag): (u8, u8),
+    what: &str,
+) -> Result<Vec<RestoredSlot>> {
+    let corrupt = |part: &str| StateError::Corrupt(format!("{what} {part}"));
+    let flags: HashMap<Vec<u8>, Vec<u8>> = table
+        .scan_prefix(store, &[flags_tag])?
+        .into_iter()
+        .map(|(k, v)| (k.get(1..).map(<[u8]>::to_vec).unwrap_or_default(), v))
+        .collect();
+    let mut slots = Vec::new();
+    for (key, value) in table.scan_prefix(store, &[rows_tag])? {
+        let side = usize::from(*key.get(1).ok_or_else(|| corrupt("key"))?);
+        let slot = key.get(2..10).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let slot = slot.ok_or_else(|| corrupt("key"))?;
+        if side > RIGHT {
+            return Err(corrupt("side").into());
+        }
+        let rows = decode_batches(&value)?.into_iter().next().ok_or_else(|| corrupt("rows"))?;
+        let row_flags = flags.get(&key[1..]).cloned().ok_or_else(|| corrupt("flags"))?;
+        if row_flags.len() != rows.num_rows() {
+            return Err(corrupt("flags").into());
+        }
+        slots.push((side, slot, rows, row_flags));
+    }
+    Ok(slots)
+}
+
 impl Checkpointed for IntervalJoin {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         if std::mem::take(&mut self.watermarks_dirty) {
-            let mut value = Vec::with_capacity(26);
-            for w in self.watermarks {
-                value.push(u8::from(w.is_some()));
-                value.extend_from_slice(&encode_i64(w.unwrap_or_default()));
-            }
-            value.extend_from_slice(&self.late_rows.to_be_bytes());
-            batch.put(table.key(WATERMARKS), value);
+            batch.put(table.key(WATERMARKS), encode_watermarks(self.watermarks, self.late_rows));
         }
         for side in [LEFT, RIGHT] {
             let state = &mut self.sides[side];
@@ -614,36 +694,10 @@ impl Checkpointed for IntervalJoin {
     }
 
     fn restore(&mut self, table: &StateTable, store: &dyn StateStore) -> Result<()> {
-        let corrupt = |what: &str| StateError::Corrupt(format!("join {what}"));
         self.sides = [Side::default(), Side::default()];
-        self.watermarks = [None, None];
         self.watermarks_dirty = false;
-        self.late_rows = 0;
-        if let Some(value) = store.get(&table.key(WATERMARKS))? {
-            for side in [LEFT, RIGHT] {
-                let part = value.get(side * 9..side * 9 + 9).ok_or_else(|| corrupt("watermarks"))?;
-                self.watermarks[side] = (part[0] == 1).then(|| decode_i64(&part[1..])).transpose()?;
-            }
-            let late = value.get(18..26).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("late rows"))?;
-            self.late_rows = u64::from_be_bytes(late);
-        }
-        let flags: HashMap<Vec<u8>, Vec<u8>> = table
-            .scan_prefix(store, &[FLAGS])?
-            .into_iter()
-            .map(|(k, v)| (k.get(1..).map(<[u8]>::to_vec).unwrap_or_default(), v))
-            .collect();
-        for (key, value) in table.scan_prefix(store, &[ROWS])? {
-            let side = usize::from(*key.get(1).ok_or_else(|| corrupt("key"))?);
-            let slot = key.get(2..10).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-            let slot = slot.ok_or_else(|| corrupt("key"))?;
-            if side > RIGHT {
-                return Err(corrupt("side").into());
-            }
-            let rows = decode_batches(&value)?.into_iter().next().ok_or_else(|| corrupt("rows"))?;
-            let row_flags = flags.get(&key[1..]).cloned().ok_or_else(|| corrupt("flags"))?;
-            if row_flags.len() != rows.num_rows() {
-                return Err(corrupt("flags").into());
-            }
+        (self.watermarks, self.late_rows) = restore_watermarks(table, store, "join")?;
+        for (side, slot, rows, row_flags) in restore_slots(table, store, (ROWS, FLAGS), "join")? {
             let keys = self.keys(side, &rows)?;
             let deadlines = self.deadlines(side, &rows)?;
             let arrived = match store.get(&table.key(&slot_key(ARRIVED, side, slot)))? {
@@ -661,13 +715,64 @@ impl Checkpointed for IntervalJoin {
     }
 }
 
+/// What the joins' tests share: rows `(key, value, time)` as batches and as sorted text.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use datafusion::arrow::util::display::array_value_to_string;
+
+    /// How far a test row lags the clock at most (its watermark's delay).
+    pub(crate) const BOUND: i64 = 6;
+
+    /// `(key, value, time)`.
+    pub(crate) type Row = (i64, i64, i64);
+
+    pub(crate) fn schema() -> SchemaRef {
+        Arc::new(Schema::new(
+            ["k", "v", "ts"].map(|name| Field::new(name, DataType::Int64, true)).into_iter().collect::<Vec<_>>(),
+        ))
+    }
+
+    pub(crate) fn batch(rows: &[Row]) -> RecordBatch {
+        let column = |f: fn(&Row) -> i64| Arc::new(Int64Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
+        RecordBatch::try_new(schema(), vec![column(|r| r.0), column(|r| r.1), column(|r| r.2)]).unwrap()
+    }
+
+    pub(crate) fn text(batches: &[RecordBatch]) -> Vec<String> {
+        let mut rows: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(move |row| {
+                    let cells: Vec<String> =
+                        b.columns().iter().map(|c| array_value_to_string(c, row).unwrap_or_default()).collect();
+                    cells.join(",")
+                })
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Rows along a clock, each lagging it by less than the watermark bound (none late).
+    pub(crate) fn rows(next: &mut impl FnMut(u64) -> u64, count: usize) -> Vec<Row> {
+        let mut clock = 0;
+        (0..count)
+            .map(|_| {
+                clock += next(3) as i64;
+                (next(3) as i64, next(100) as i64, clock - next(BOUND as u64) as i64)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use datafusion::arrow::array::Int64Array;
     use datafusion::arrow::datatypes::{Field, Schema};
-    use datafusion::arrow::util::display::array_value_to_string;
     use datafusion::common::ScalarValue;
     use datafusion::logical_expr::Operator as Op;
     use datafusion::physical_expr::expressions::{BinaryExpr, Column, lit};
@@ -675,24 +780,9 @@ mod tests {
     use datafusion::physical_plan::joins::utils::{ColumnIndex, JoinFilter};
     use weir_common::plan::TimeBound;
 
+    use super::testing::{BOUND, Row, batch, rows, schema, text};
     use super::*;
     use crate::state::MemoryStore;
-
-    /// `(key, value, time)`.
-    type Row = (i64, i64, i64);
-
-    const BOUND: i64 = 6;
-
-    fn schema() -> SchemaRef {
-        Arc::new(Schema::new(
-            ["k", "v", "ts"].map(|name| Field::new(name, DataType::Int64, true)).into_iter().collect::<Vec<_>>(),
-        ))
-    }
-
-    fn batch(rows: &[Row]) -> RecordBatch {
-        let column = |f: fn(&Row) -> i64| Arc::new(Int64Array::from_iter_values(rows.iter().map(f))) as ArrayRef;
-        RecordBatch::try_new(schema(), vec![column(|r| r.0), column(|r| r.1), column(|r| r.2)]).unwrap()
-    }
 
     /// `k` equal and `r.ts BETWEEN l.ts + lo AND l.ts + hi`.
     fn join(join_type: JoinType, lo: i64, hi: i64) -> IntervalJoin {
@@ -741,21 +831,6 @@ mod tests {
         IntervalJoin::try_new(spec, schema(), schema(), output).unwrap()
     }
 
-    fn text(batches: &[RecordBatch]) -> Vec<String> {
-        let mut rows: Vec<String> = batches
-            .iter()
-            .flat_map(|b| {
-                (0..b.num_rows()).map(move |row| {
-                    let cells: Vec<String> =
-                        b.columns().iter().map(|c| array_value_to_string(c, row).unwrap_or_default()).collect();
-                    cells.join(",")
-                })
-            })
-            .collect();
-        rows.sort();
-        rows
-    }
-
     /// The join worked out pair by pair.
     fn reference(join_type: JoinType, lo: i64, hi: i64, left: &[Row], right: &[Row]) -> Vec<String> {
         let pair = |l: &Row, r: &Row| l.0 == r.0 && r.2 >= l.2 + lo && r.2 <= l.2 + hi;
@@ -793,17 +868,6 @@ mod tests {
         }
         rows.sort();
         rows
-    }
-
-    /// Rows along a clock, each lagging it by less than the watermark bound (none late).
-    fn rows(next: &mut impl FnMut(u64) -> u64, count: usize) -> Vec<Row> {
-        let mut clock = 0;
-        (0..count)
-            .map(|_| {
-                clock += next(3) as i64;
-                (next(3) as i64, next(100) as i64, clock - next(BOUND as u64) as i64)
-            })
-            .collect()
     }
 
     /// Feeds both sides in a random interleaving, a few rows at a time, each followed by its side's watermark (the

@@ -7,6 +7,8 @@
 //!   batch at a time, with a watermark assigner per input split (a Kafka partition).
 //! - [`join`]: [`join::IntervalJoin`], the join of two streams whose state the watermarks bound (interval and window
 //!   joins, inner, outer, semi and anti).
+//! - [`temporal`]: [`temporal::TemporalJoin`], `FOR SYSTEM_TIME AS OF`: each probe row joined with the version of its
+//!   key valid at its event time (or the latest one, for a lookup at processing time).
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
 //!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
 //!   aside.
@@ -37,6 +39,7 @@ pub mod rocks;
 pub mod row_pattern;
 pub mod session_aggregate;
 pub mod state;
+pub mod temporal;
 pub mod top_n;
 pub mod watermark;
 pub mod window_aggregate;

@@ -37,3 +37,25 @@ pub trait Operator: Send + std::fmt::Debug {
         Ok(())
     }
 }
+
+/// A join node of a plan: an operator over two inputs (0 the left, 1 the right) whose state is checkpointed, and
+/// what the runner reports of it. Contract for implementors, beyond [`Operator`]'s and
+/// [`crate::state::Checkpointed`]'s:
+///
+/// - [`JoinOperator::watermark`] is the output watermark after the last call: the node's output rows later than it
+///   keep the bounds the planner worked out for the node (it never goes back).
+/// - A row of an input that is behind what that input's watermark allows is late: it is counted in
+///   [`JoinOperator::late_rows`] and handed out once by [`JoinOperator::take_late`], never joined and never dropped
+///   silently.
+/// - [`JoinOperator::memory`] and [`JoinOperator::kept_rows`] describe the rows kept, for the view's progress.
+pub trait JoinOperator: Operator + crate::state::Checkpointed {
+    fn watermark(&self) -> Option<Watermark>;
+
+    fn late_rows(&self) -> u64;
+
+    fn take_late(&mut self) -> Vec<RecordBatch>;
+
+    fn memory(&self) -> usize;
+
+    fn kept_rows(&self) -> usize;
+}

@@ -42,9 +42,10 @@ use weir_common::stream::{END_OF_TIME, Message, Watermark};
 use crate::join::IntervalJoin;
 use crate::match_stream::MatchStream;
 use crate::materialize::ViewChange;
-use crate::operator::Operator;
+use crate::operator::{JoinOperator, Operator};
 use crate::session_aggregate::{SessionAggregate, SessionKeys};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
+use crate::temporal::TemporalJoin;
 use crate::top_n::TopN;
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::{NO_WINDOW, WindowAggregate};
@@ -178,7 +179,7 @@ enum Running {
         plan: Arc<dyn ExecutionPlan>,
         feeds: Vec<Feed>,
     },
-    Join(Box<IntervalJoin>),
+    Join(Box<dyn JoinOperator>),
     /// A window aggregation below the root: each window emitted once, when the shifted watermark closes it.
     Closing(Box<Closing>),
     /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
@@ -293,6 +294,19 @@ impl Pipeline {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
+                }
+                NodeOperator::TemporalJoin(spec) => {
+                    let schema =
+                        |i: usize| node.inputs.get(i).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
+                    let (Some(left), Some(right)) = (schema(0), schema(1)) else {
+                        return Err(RuntimeError::Join("a join without two inputs".to_string()));
+                    };
+                    if spec.times.is_some()
+                        && let Some(relation) = missing()
+                    {
+                        return Err(RuntimeError::NeedsWatermark(relation));
+                    }
+                    Running::Join(Box::new(TemporalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
                 }
                 NodeOperator::Aggregate { spec, shift: Some(by), .. } if id != plan.root() => {
                     if spec.session.is_some() || spec.window_end.is_none() {
@@ -417,7 +431,7 @@ impl Pipeline {
 
     /// Rows that arrived after their window closed (or, at a join, after their side's watermark).
     pub fn late_rows(&self) -> u64 {
-        self.joins().map(IntervalJoin::late_rows).sum::<u64>()
+        self.joins().map(|j| j.late_rows()).sum::<u64>()
             + self.closing().map(|c| c.aggregate.late_rows()).sum::<u64>()
             + self.aggregate.as_ref().map_or(0, Aggregation::late_rows)
     }
@@ -429,7 +443,7 @@ impl Pipeline {
         })
     }
 
-    fn joins(&self) -> impl Iterator<Item = &IntervalJoin> {
+    fn joins(&self) -> impl Iterator<Item = &dyn JoinOperator> {
         self.nodes.iter().filter_map(|n| match &n.running {
             Running::Join(join) => Some(join.as_ref()),
             _ => None,
@@ -443,7 +457,7 @@ impl Pipeline {
             Some(Aggregation::Matches(m)) => Some(m.rows_held() as u64),
             _ => None,
         };
-        let kept = self.joins().map(|j| j.kept_rows().iter().sum::<usize>() as u64).reduce(|a, b| a + b);
+        let kept = self.joins().map(|j| j.kept_rows() as u64).reduce(|a, b| a + b);
         match (matcher, kept) {
             (None, None) => None,
             (held, kept) => Some(held.unwrap_or(0) + kept.unwrap_or(0)),
@@ -453,7 +467,7 @@ impl Pipeline {
     /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched,
     /// rows joins keep).
     pub fn state_bytes(&self) -> usize {
-        self.joins().map(IntervalJoin::memory).sum::<usize>()
+        self.joins().map(|j| j.memory()).sum::<usize>()
             + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
             + self.aggregate.as_ref().map_or(0, Aggregation::memory)
     }

@@ -81,6 +81,39 @@ impl Relation {
         self.def.schema.fields().get(column).map(|f| f.name().clone())
     }
 
+    /// The columns of its primary key (which a temporal join versions it by); empty without one. A source's and a
+    /// table's with a watermark come from their parsed definition, a plain table's from its `CREATE TABLE`.
+    pub fn primary_key(&self) -> Vec<String> {
+        use datafusion::sql::sqlparser::ast::{ColumnOption, Expr, Statement, TableConstraint};
+        use weir_planner::names::normalize_ident;
+        if let Some(source) = &self.source {
+            return source.primary_key.iter().map(normalize_ident).collect();
+        }
+        if self.def.kind != RelationKind::Table {
+            return Vec::new();
+        }
+        let Ok(mut statements) = weir_planner::parse_sql(&self.def.definition) else { return Vec::new() };
+        let Some(weir_planner::WeirStatement::Sql(statement)) = statements.pop().map(|s| s.statement) else {
+            return Vec::new();
+        };
+        let Statement::CreateTable(create) = *statement else { return Vec::new() };
+        let mut key: Vec<String> = create
+            .columns
+            .iter()
+            .filter(|c| c.options.iter().any(|o| matches!(o.option, ColumnOption::PrimaryKey(_))))
+            .map(|c| normalize_ident(&c.name))
+            .collect();
+        for constraint in &create.constraints {
+            if let TableConstraint::PrimaryKey(primary) = constraint {
+                key.extend(primary.columns.iter().filter_map(|c| match &c.column.expr {
+                    Expr::Identifier(ident) => Some(normalize_ident(ident)),
+                    _ => None,
+                }));
+            }
+        }
+        key
+    }
+
     /// The columns its watermark bounds, with their offsets: a source's event-time column (offset 0), or what a
     /// view passes on.
     pub fn watermark_columns(&self) -> Vec<(usize, i64)> {

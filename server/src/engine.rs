@@ -109,7 +109,7 @@ impl Engine {
                 ctx.register_udf(udf);
             }
         }
-        for udf in weir_planner::windows::window_udfs() {
+        for udf in weir_planner::windows::window_udfs().into_iter().chain(weir_planner::temporal::temporal_udfs()) {
             ctx.register_udf(udf);
         }
         for udwf in weir_planner::windows::session_udwfs() {

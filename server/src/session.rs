@@ -244,6 +244,8 @@ impl Session {
 
     pub(crate) async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
         let mut stmt = self.engine.compat.rewrite(stmt, text);
+        // A materialized view's temporal joins were planned as such already; what is left is a batch query's.
+        weir_planner::temporal::rewrite_temporal_joins(&mut stmt, &|name| self.versioned(name), false)?;
         weir_planner::windows::rewrite_windows(&mut stmt)?;
         weir_planner::postgres_column_names(&mut stmt);
         self.ctx
@@ -251,6 +253,15 @@ impl Session {
             .statement_to_plan(DfStatement::Statement(Box::new(stmt)))
             .await
             .map_err(|e| ErrorReport::from_datafusion(&e, sql))
+    }
+
+    /// What a temporal join needs to know of relation `name` (see [`weir_planner::temporal`]).
+    pub(crate) fn versioned(&self, name: &ast::ObjectName) -> Result<weir_planner::temporal::Versioned, ErrorReport> {
+        let name = object_name(name)?;
+        let relation = self.engine.catalog.get(&name).ok_or_else(|| {
+            ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist"))
+        })?;
+        Ok(weir_planner::temporal::Versioned { primary_key: relation.primary_key(), event_time: relation.event_time() })
     }
 
     async fn run_plan(&self, stmt: &Statement, plan: LogicalPlan, sql: &str) -> Result<Outcome, ErrorReport> {

@@ -243,6 +243,9 @@ impl Session {
         text: &str,
         sql: &str,
     ) -> Result<(StreamingPlan, Vec<Relation>, Vec<String>), ErrorReport> {
+        let mut query = query.clone();
+        weir_planner::temporal::rewrite_temporal_joins(&mut query, &|name| self.versioned(name), true)?;
+        let query = &query;
         let (logical, matching) = match row_patterns.is_empty() {
             true => (self.plan(Statement::Query(Box::new(query.clone())), text, sql).await?, None),
             false => {
@@ -974,6 +977,10 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
             lines.push(format!("{}{} [{}]", pad(below), describe_join(plan, node, spec), facts(plan, id)));
             below += 1;
         }
+        NodeOperator::TemporalJoin(spec) => {
+            lines.push(format!("{}{} [{}]", pad(below), describe_temporal(plan, node, spec), facts(plan, id)));
+            below += 1;
+        }
         NodeOperator::Scan { input } => {
             let Some(input) = inputs.get(*input) else { return };
             match input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
@@ -999,6 +1006,36 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
     for child in &node.inputs {
         explain_node(plan, *child, below, inputs, lines);
     }
+}
+
+/// A temporal join's line in EXPLAIN: its type, keys and filter, which side holds the versions, and when a probe row
+/// is joined.
+fn describe_temporal(
+    plan: &StreamingPlan,
+    node: &weir_common::plan::PlanNode,
+    spec: &weir_common::plan::TemporalSpec,
+) -> String {
+    let name = |side: usize, column: usize| {
+        node.inputs
+            .get(side)
+            .and_then(|n| plan.nodes.get(*n))
+            .and_then(|n| n.schema.fields().get(column).map(|f| f.name().clone()))
+            .unwrap_or_else(|| format!("#{column}"))
+    };
+    let join = &spec.join;
+    let on: Vec<String> = join.on.iter().map(|(l, r)| format!("({l}, {r})")).collect();
+    let filter = join.filter.as_ref().map(|f| format!(", filter={}", f.expression())).unwrap_or_default();
+    let (versions, probes) = if spec.versioned == 0 { ("left", "right") } else { ("right", "left") };
+    let timing = match spec.times {
+        Some(times) => format!(
+            "{probes} rows joined with the {versions} version valid at {} once the {versions} watermark passes it; \
+             versions valid from {}",
+            name(1 - spec.versioned, times.probe.0),
+            name(spec.versioned, times.version.0)
+        ),
+        None => format!("{probes} rows joined at once with the latest {versions} version (processing time)"),
+    };
+    format!("TemporalJoin: type={}, on=[{}]{filter}; {timing}", join.join_type, on.join(", "))
 }
 
 /// A duration as a user would write it: `1h`, `30min`, `10s`, `250ms`.

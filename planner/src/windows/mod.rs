@@ -29,7 +29,7 @@ pub use functions::{WindowKind, window_udfs};
 pub use session::session_udwfs;
 use weir_common::{ErrorReport, SqlState};
 
-use crate::dialect::WeirDialect;
+use crate::dialect::WEIR;
 
 /// Rewrites window table functions and legacy group windows in `statement` into SQL DataFusion plans.
 pub fn rewrite_windows(statement: &mut Statement) -> Result<(), ErrorReport> {
@@ -161,7 +161,7 @@ fn group_window_over_table(query: &mut Query) -> Result<(), ErrorReport> {
     }
     let alias_sql = alias.as_ref().map(|a| format!(" AS {}", a.name)).unwrap_or_default();
     let sql = format!("SELECT * FROM {function}({}){alias_sql}", tvf_args.join(", "));
-    let mut parsed = Parser::new(&WeirDialect).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
+    let mut parsed = Parser::new(&WEIR).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
         ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: group window rewrite: {e}: {sql}"))
     })?;
     let SetExpr::Select(parsed) = parsed.body.as_mut() else {
@@ -300,7 +300,7 @@ fn derived_table(kind: Tvf, args: &[&Expr], alias: Option<String>) -> Result<Tab
             )
         }
     };
-    let query = Parser::new(&WeirDialect).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
+    let query = Parser::new(&WEIR).try_with_sql(&sql).and_then(|mut p| p.parse_query()).map_err(|e| {
         ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: window rewrite: {e}: {sql}"))
     })?;
     match *query.body {
@@ -310,7 +310,7 @@ fn derived_table(kind: Tvf, args: &[&Expr], alias: Option<String>) -> Result<Tab
 }
 
 fn parse_expr(sql: &str) -> Result<Expr, ErrorReport> {
-    Parser::new(&WeirDialect)
+    Parser::new(&WEIR)
         .try_with_sql(sql)
         .and_then(|mut p| p.parse_expr())
         .map_err(|e| ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: window rewrite: {e}")))
