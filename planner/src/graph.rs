@@ -149,6 +149,18 @@ impl GraphBuilder {
         }
         let sides = [self.bounds(left), self.bounds(right)];
         if let Some((spec, bounds)) = temporal_spec(plan, &sides)? {
+            // A condition on the versioned relation alone lands below the join (DataFusion pushes it down): it would
+            // drop versions before the one valid at a row's time is chosen, and an older version would be joined.
+            let versions = [left, right][spec.versioned];
+            if let NodeOperator::Stateless { plan: below, .. } = &self.nodes[versions].operator
+                && contains_filter(below)
+            {
+                return Err(unsupported("a condition on the versioned relation alone in a temporal join").with_hint(
+                    "The version valid at a row's time is joined first and conditions apply to it after: compare \
+                     the version with the other side in the condition, or filter the joined rows in a view over \
+                     this one.",
+                ));
+            }
             return Ok(self.add(PlanNode {
                 schema: plan.schema(),
                 operator: NodeOperator::TemporalJoin(Box::new(spec)),
@@ -214,6 +226,11 @@ impl GraphBuilder {
             watermark: watermark_of(&closed),
         }))
     }
+}
+
+/// Whether `plan` filters rows anywhere.
+fn contains_filter(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.downcast_ref::<FilterExec>().is_some() || plan.children().into_iter().any(contains_filter)
 }
 
 /// Whether `plan` is an aggregation the graph runs as a node (the final one of a partial/final pair).

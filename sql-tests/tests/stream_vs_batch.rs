@@ -107,6 +107,18 @@ async fn every_view_ended_without_late_rows(client: &Client) {
 /// Writes `rows` to a JSON-lines file under `dir` and declares source `source` reading it `batch_rows` at a time,
 /// with a watermark [`BOUND_MS`] behind.
 async fn file_source(client: &Client, dir: &std::path::Path, source: &str, rows: &[Row], batch_rows: usize) {
+    keyed_file_source(client, dir, source, rows, batch_rows, "").await;
+}
+
+/// The same, with `key` (`, PRIMARY KEY (...)` or nothing) in the column list.
+async fn keyed_file_source(
+    client: &Client,
+    dir: &std::path::Path,
+    source: &str,
+    rows: &[Row],
+    batch_rows: usize,
+    key: &str,
+) {
     let mut lines = String::new();
     for (d, r, ts) in rows {
         writeln!(lines, r#"{{"device": "{d}", "reading": {r}, "ts": "{}"}}"#, timestamp(*ts)).expect("a string");
@@ -116,7 +128,7 @@ async fn file_source(client: &Client, dir: &std::path::Path, source: &str, rows:
     execute(
         client,
         &format!(
-            "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3), \
+            "CREATE SOURCE {source} (device TEXT, reading BIGINT, ts TIMESTAMP(3){key}, \
              WATERMARK FOR ts AS ts - INTERVAL '{BOUND_MS}' MILLISECOND) \
              WITH (connector = 'file', path = '{}', 'batch.rows' = '{batch_rows}') FORMAT PLAIN ENCODE JSON",
             path.display()
@@ -226,6 +238,34 @@ const JOIN_QUERIES: &[&str] = &[
      ON a.device = b.device AND a.window_end = b.window_end",
 ];
 
+/// Temporal joins over `{l}` and `{v}` (versions of each device's reading, valid from their `ts`), each with its batch
+/// form: the version joined is one with no other version of the device between it and the row.
+const TEMPORAL_QUERIES: &[(&str, &str)] = &[
+    (
+        "SELECT l.device, l.reading, v.reading AS v_reading, l.ts FROM {l} l \
+         JOIN {v} FOR SYSTEM_TIME AS OF l.ts AS v ON l.device = v.device",
+        "SELECT l.device, l.reading, v.reading AS v_reading, l.ts FROM {l} l \
+         JOIN {v} v ON l.device = v.device AND v.ts <= l.ts \
+         WHERE NOT EXISTS (SELECT 1 FROM {v} w WHERE w.device = l.device AND w.ts > v.ts AND w.ts <= l.ts)",
+    ),
+    (
+        "SELECT l.device, l.reading, v.reading AS v_reading, v.ts AS since, l.ts FROM {l} l \
+         LEFT JOIN {v} FOR SYSTEM_TIME AS OF l.ts AS v ON l.device = v.device AND v.reading < l.reading + 30",
+        // Each row numbered, so that the version it joins (if the filter keeps it) can be padded in when it has none.
+        "WITH n AS (SELECT row_number() OVER (ORDER BY device, reading, ts) AS id, device, reading, ts FROM {l}), \
+           valid AS (SELECT n.id, v.reading, v.ts FROM n JOIN {v} v ON n.device = v.device AND v.ts <= n.ts \
+             WHERE NOT EXISTS (SELECT 1 FROM {v} w WHERE w.device = n.device AND w.ts > v.ts AND w.ts <= n.ts)) \
+         SELECT n.device, n.reading, m.reading AS v_reading, m.ts AS since, n.ts FROM n \
+         LEFT JOIN valid m ON n.id = m.id AND m.reading < n.reading + 30",
+    ),
+];
+
+/// `rows` with one row per device and time (the first), so that versions of a device never share a time.
+fn one_per_time(rows: &[Row]) -> Vec<Row> {
+    let mut seen = std::collections::BTreeSet::new();
+    rows.iter().filter(|r| seen.insert((r.0, r.2))).copied().collect()
+}
+
 /// Random rows along a clock moving in steps of 100 ms, so that rows fall exactly on the joins' bounds:
 /// `(device, reading, event time)`.
 fn random_rows(rng: &mut Rng, count: u64) -> Vec<Row> {
@@ -251,7 +291,8 @@ fn held_back(rows: &[Row], rng: &mut Rng) -> Vec<Row> {
 }
 
 /// Property: every join view, once both its files are read to the end, holds what the same query returns in batch
-/// over tables holding the same rows, whatever the order within the watermark bound and the batch size.
+/// over tables holding the same rows (a temporal join: its batch form), whatever the order within the watermark bound
+/// and the batch size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
     let server = TestServer::start().await.unwrap();
@@ -259,13 +300,15 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
     let client = &client.client;
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let mut views: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
+    // Per view: its query in batch.
+    let mut views: BTreeMap<String, String> = BTreeMap::new();
 
     for seed in 0..2 {
         let (left, right) = (120 + rng.below(80), 120 + rng.below(80));
         let sides = [random_rows(&mut rng, left), random_rows(&mut rng, right)];
+        let versions = one_per_time(&random_rows(&mut rng, 40));
         let mut tables = Vec::new();
-        for (side, rows) in ["l", "r"].iter().zip(&sides) {
+        for (side, rows) in ["l", "r", "v"].iter().zip([&sides[0], &sides[1], &versions]) {
             let table = format!("j{seed}_{side}");
             execute(client, &format!("CREATE TABLE {table} (device TEXT, reading BIGINT, ts TIMESTAMP(3))")).await;
             let values: Vec<String> =
@@ -281,22 +324,29 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
                 file_source(client, dir.path(), &source, &ordered, *batch_rows).await;
                 sources.push(source);
             }
-            for (q, query) in JOIN_QUERIES.iter().enumerate() {
+            let source = format!("js{seed}_{variant}_v");
+            let ordered = disordered(&versions, &mut rng);
+            keyed_file_source(client, dir.path(), &source, &ordered, *batch_rows, ", PRIMARY KEY (device)").await;
+            sources.push(source);
+            let over = |sql: &str, names: &[String]| {
+                sql.replace("{l}", &names[0]).replace("{r}", &names[1]).replace("{v}", &names[2])
+            };
+            let queries = JOIN_QUERIES.iter().map(|q| (*q, *q)).chain(TEMPORAL_QUERIES.iter().copied());
+            for (q, (query, batch)) in queries.enumerate() {
                 let view = format!("jv{seed}_{variant}_{q}");
-                let sql = query.replace("{l}", &sources[0]).replace("{r}", &sources[1]);
-                execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {sql}")).await;
-                views.insert(view, (q, tables[0].clone(), tables[1].clone()));
+                execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {}", over(query, &sources))).await;
+                views.insert(view, over(batch, &tables));
             }
         }
     }
 
     every_view_ended_without_late_rows(client).await;
 
-    for (view, (q, left, right)) in &views {
+    for (view, batch_sql) in &views {
         let streamed = rows_of(client, &format!("SELECT * FROM {view}")).await;
-        let batch = rows_of(client, &JOIN_QUERIES[*q].replace("{l}", left).replace("{r}", right)).await;
-        assert!(!batch.is_empty(), "join query {q} returns rows");
-        assert_eq!(streamed, batch, "view {view} differs from its query in batch:\n{}", JOIN_QUERIES[*q]);
+        let batch = rows_of(client, batch_sql).await;
+        assert!(!batch.is_empty(), "{batch_sql} returns rows");
+        assert_eq!(streamed, batch, "view {view} differs from its query in batch:\n{batch_sql}");
     }
     server.stop().await.unwrap();
 }
