@@ -51,6 +51,12 @@ pub trait Operator: Send + std::fmt::Debug {
 pub trait JoinOperator: Operator + crate::state::Checkpointed {
     fn watermark(&self) -> Option<Watermark>;
 
+    /// Input `input` went idle (it is left out of watermarks until it says more); what the join can finish because
+    /// of that goes to `out`. Joins that wait for both inputs' watermarks ignore it by default.
+    fn on_idle(&mut self, _input: usize, _out: &mut Vec<RecordBatch>) -> crate::Result<()> {
+        Ok(())
+    }
+
     fn late_rows(&self) -> u64;
 
     fn take_late(&mut self) -> Vec<RecordBatch>;

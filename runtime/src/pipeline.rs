@@ -263,9 +263,20 @@ impl Pipeline {
         if watermarks.len() != plan.inputs.len() {
             return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
         }
-        let missing = || {
-            let mut inputs = plan.inputs.iter().zip(&watermarks);
-            inputs.find(|(_, w)| matches!(w, InputWatermark::None)).map(|(i, _)| i.relation.clone())
+        // An input without a watermark among those below node `id`.
+        let missing_below = |id: NodeId| {
+            let mut below = vec![id];
+            let mut inputs = Vec::new();
+            while let Some(node) = below.pop().and_then(|n| plan.nodes.get(n)) {
+                match node.operator {
+                    NodeOperator::Scan { input } => inputs.push(input),
+                    _ => below.extend(&node.inputs),
+                }
+            }
+            inputs.into_iter().find_map(|input| match watermarks.get(input) {
+                Some(InputWatermark::None) => plan.inputs.get(input).map(|i| i.relation.clone()),
+                _ => None,
+            })
         };
         let parents = plan.parents();
         let mut nodes = Vec::with_capacity(plan.nodes.len());
@@ -289,7 +300,7 @@ impl Pipeline {
                         return Err(RuntimeError::Join("a join without two inputs".to_string()));
                     };
                     if spec.bounds.iter().any(|b| !b.is_empty())
-                        && let Some(relation) = missing()
+                        && let Some(relation) = missing_below(id)
                     {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
@@ -302,7 +313,7 @@ impl Pipeline {
                         return Err(RuntimeError::Join("a join without two inputs".to_string()));
                     };
                     if spec.times.is_some()
-                        && let Some(relation) = missing()
+                        && let Some(relation) = missing_below(id)
                     {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
@@ -312,7 +323,7 @@ impl Pipeline {
                     if spec.session.is_some() || spec.window_end.is_none() {
                         return Err(RuntimeError::Join("an aggregation below a join without windows".to_string()));
                     }
-                    if let Some(relation) = missing() {
+                    if let Some(relation) = missing_below(id) {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     let aggregate = WindowAggregate::try_new(
@@ -325,8 +336,10 @@ impl Pipeline {
                 }
                 NodeOperator::Aggregate { spec, above: over, shift: by } => {
                     shift = *by;
+                    // Without a watermark on its time column (a lookup table joined in has none, and needs none).
                     if plan.emit_on_window_close
-                        && let Some(relation) = missing()
+                        && by.is_none()
+                        && let Some(relation) = missing_below(id)
                     {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
@@ -366,7 +379,9 @@ impl Pipeline {
                 }
                 NodeOperator::MatchRecognize { stage, above: over, shift: by } => {
                     shift = *by;
-                    if let Some(relation) = missing() {
+                    if by.is_none()
+                        && let Some(relation) = missing_below(id)
+                    {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     above = over.clone();
@@ -625,8 +640,10 @@ impl Pipeline {
                     for batch in &batches {
                         join.on_data(port, batch, &mut out)?;
                     }
-                    if let Some(Port::At(w)) = watermark {
-                        join.on_watermark(port, w, &mut out)?;
+                    match watermark {
+                        Some(Port::At(w)) => join.on_watermark(port, w, &mut out)?,
+                        Some(Port::Idle) => join.on_idle(port, &mut out)?,
+                        _ => {}
                     }
                     said = join.watermark().map(Port::At);
                 }

@@ -11,7 +11,10 @@
 //! greatest valid-from time at or before `t` (of two with the same time, the later arrival). A probe row behind its
 //! own side's watermark, or a version behind the versioned side's, is late: counted and set aside, as in every join.
 //! Versions leave the state once a newer version of their key is valid at every time a later probe row can have.
-//! The output watermark is the minimum of the two inputs'.
+//! The output watermark is the minimum of the two inputs'. While the versioned input is idle (a dimension that rarely
+//! changes, with `'watermark.idle.timeout'`), probe rows are joined as their own watermark passes them, with the
+//! versions that have arrived, and the output watermark is the probe side's; a version arriving later at or before
+//! a time joined that way is late.
 //!
 //! Processing time (a lookup): a probe row is joined at once with the latest version of its key that has arrived;
 //! each key keeps that version only, and the output watermark is the probe side's.
@@ -65,6 +68,10 @@ pub struct TemporalJoin {
     several: HashSet<Box<[u8]>>,
     /// Probe rows waiting for the versions' watermark, by time.
     held: BTreeSet<(i64, u64, u32)>,
+    /// Whether the versioned input is idle (see [`TemporalJoin::on_side_idle`]).
+    versions_idle: bool,
+    /// The latest probe time joined while the versioned input was idle: a version at or before it is late.
+    caught_up: Option<i64>,
     /// Batches whose kept rows changed since the last checkpoint (or that were deleted), per side.
     dirty: [BTreeSet<u64>; 2],
     watermarks_dirty: bool,
@@ -112,6 +119,8 @@ impl TemporalJoin {
             versions: HashMap::default(),
             several: HashSet::new(),
             held: BTreeSet::new(),
+            versions_idle: false,
+            caught_up: None,
             dirty: [BTreeSet::new(), BTreeSet::new()],
             watermarks_dirty: false,
             late_rows: 0,
@@ -150,8 +159,8 @@ impl TemporalJoin {
     pub fn watermark(&self) -> Option<Watermark> {
         let probe = self.watermarks[self.probe_side()]?;
         match self.spec.times {
-            Some(_) => Some(probe.min(self.watermarks[self.versioned()]?)),
-            None => Some(probe),
+            Some(_) if !self.versions_idle => Some(probe.min(self.watermarks[self.versioned()]?)),
+            _ => Some(probe),
         }
     }
 
@@ -189,8 +198,50 @@ impl TemporalJoin {
     /// The latest time at or below which a side's rows are late, given its watermark.
     fn late_limit(&self, side: usize) -> Option<i64> {
         let times = self.spec.times?;
-        let offset = if side == self.versioned() { times.version.1 } else { times.probe.1 };
-        Some(self.watermarks[side]?.saturating_add(offset))
+        if side != self.versioned() {
+            return Some(self.watermarks[side]?.saturating_add(times.probe.1));
+        }
+        let own = self.watermarks[side].map(|w| w.saturating_add(times.version.1));
+        match (own, self.caught_up) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The latest probe time whose versions have all arrived: the versions' late limit, or while the versioned input
+    /// is idle, the probes' own (an idle input is taken to have nothing more to say up to it).
+    fn ready_limit(&self) -> Option<i64> {
+        let versions = self.late_limit(self.versioned());
+        match (self.versions_idle, self.late_limit(self.probe_side())) {
+            (true, Some(probes)) => Some(versions.map_or(probes, |v| v.max(probes))),
+            _ => versions,
+        }
+    }
+
+    /// Joins the held probe rows every version of which has arrived; while the versioned input is idle, remembers
+    /// how far that went (a version arriving later at or before it is late).
+    fn release_ready(&mut self, out: &mut Vec<RecordBatch>) -> Result<()> {
+        let Some(ready) = self.ready_limit() else { return Ok(()) };
+        if self.versions_idle {
+            self.caught_up = Some(self.caught_up.map_or(ready, |c| c.max(ready)));
+        }
+        let ready: Vec<(i64, u64, u32)> = self.held.range(..=(ready, u64::MAX, u32::MAX)).copied().collect();
+        if !ready.is_empty() {
+            self.join_held(&ready, out)?;
+        }
+        Ok(())
+    }
+
+    /// Input `side` went idle: while the versioned input is, probe rows are joined as their own watermark passes
+    /// them, with the versions that have arrived.
+    pub fn on_side_idle(&mut self, side: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if side != self.versioned() || self.spec.times.is_none() || self.versions_idle {
+            return Ok(());
+        }
+        self.versions_idle = true;
+        self.release_ready(out)?;
+        self.prune();
+        Ok(())
     }
 
     /// Keeps `batch` on `side` (only the rows `keep` says); returns its id.
@@ -255,7 +306,7 @@ impl TemporalJoin {
         // Probe rows: joined now when every version they can join has arrived, held otherwise.
         let ready = match self.spec.times {
             None => None,
-            Some(_) => self.late_limit(self.versioned()),
+            Some(_) => self.ready_limit(),
         };
         let mut now: Vec<(RowRef, i64)> = Vec::new();
         let mut hold = vec![false; batch.num_rows()];
@@ -357,18 +408,17 @@ impl TemporalJoin {
 
     /// The watermark of input `side` advanced to `watermark`: held probe rows it completes are joined.
     pub fn on_side_watermark(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        if side == self.versioned() {
+            // It says something again: no longer idle.
+            self.versions_idle = false;
+        }
         if self.watermarks[side].is_some_and(|w| w >= watermark) {
             return Ok(());
         }
         self.watermarks[side] = Some(watermark);
         self.watermarks_dirty = true;
-        if side == self.versioned()
-            && let Some(ready) = self.late_limit(side)
-        {
-            let ready: Vec<(i64, u64, u32)> = self.held.range(..=(ready, u64::MAX, u32::MAX)).copied().collect();
-            if !ready.is_empty() {
-                self.join_held(&ready, out)?;
-            }
+        if self.spec.times.is_some() {
+            self.release_ready(out)?;
         }
         self.prune();
         Ok(())
@@ -508,6 +558,10 @@ enum Probes<'a> {
 impl crate::operator::JoinOperator for TemporalJoin {
     fn watermark(&self) -> Option<Watermark> {
         TemporalJoin::watermark(self)
+    }
+
+    fn on_idle(&mut self, input: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.on_side_idle(input.min(RIGHT), out)
     }
 
     fn late_rows(&self) -> u64 {
@@ -773,6 +827,32 @@ mod tests {
         op.on_data(LEFT, &batch(&[(1, 8, 15)]), &mut out).unwrap();
         assert_eq!((op.late_rows(), text(&op.take_late())), (1, vec!["1,8,15".to_string()]));
         assert_eq!(text(&out).len(), 1);
+    }
+
+    #[test]
+    fn while_the_versions_are_idle_probe_rows_follow_their_own_watermark() {
+        let mut op = join(JoinType::Left, RIGHT, false);
+        let mut out = Vec::new();
+        op.on_data(RIGHT, &batch(&[(1, 5, 0)]), &mut out).unwrap();
+        op.on_watermark(RIGHT, 0, &mut out).unwrap();
+        op.on_data(LEFT, &batch(&[(1, 1, 10), (2, 2, 20)]), &mut out).unwrap();
+        op.on_watermark(LEFT, 15, &mut out).unwrap();
+        assert!(out.is_empty(), "both rows wait for the versions' watermark");
+        assert_eq!(op.watermark(), Some(0));
+        // The versions go idle: the probe row the probes' watermark has passed (10) is joined, the other waits.
+        op.on_side_idle(RIGHT, &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,1,10,1,5,0"]);
+        assert_eq!(op.watermark(), Some(15));
+        op.on_watermark(LEFT, 25, &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,1,10,1,5,0", "2,2,20,,,"]);
+        // A version at or before a time joined while idle is late; a later one is a version.
+        op.on_data(RIGHT, &batch(&[(2, 9, 20), (2, 8, 26)]), &mut out).unwrap();
+        assert_eq!(op.late_rows(), 1);
+        op.on_watermark(RIGHT, 26, &mut out).unwrap();
+        assert_eq!(op.watermark(), Some(25), "no longer idle: the minimum again");
+        op.on_data(LEFT, &batch(&[(2, 3, 27)]), &mut out).unwrap();
+        op.on_watermark(RIGHT, 30, &mut out).unwrap();
+        assert!(text(&out).contains(&"2,3,27,2,8,26".to_string()));
     }
 
     #[test]

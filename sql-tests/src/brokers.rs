@@ -1,7 +1,9 @@
-//! A real Kafka-compatible broker for tests: tansu, with in-memory storage, on a free loopback port, stopped when
-//! dropped. `WEIR_TANSU` names the binary, or it is where the test command installs it.
+//! Real brokers for tests, each on a loopback port and stopped when dropped:
+//! - [`Tansu`], a Kafka-compatible broker with in-memory storage (`WEIR_TANSU` names the binary, or it is where the
+//!   test command installs it);
+//! - [`Mosquitto`], an MQTT broker from Debian's package.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,50 @@ impl Tansu {
 }
 
 impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Mosquitto broker process.
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: Child,
+}
+
+impl Mosquitto {
+    /// A broker listening on `port`, its configuration written under `dir`.
+    pub fn start(dir: &Path, port: u16) -> Mosquitto {
+        Mosquitto::start_with(dir, port, "")
+    }
+
+    /// A broker listening on `port`, with more configuration lines after.
+    pub fn start_with(dir: &Path, port: u16, more: &str) -> Mosquitto {
+        let config = dir.join("mosquitto.conf");
+        let text = format!("allow_anonymous true\nmax_inflight_messages 0\nlistener {port} 127.0.0.1\n{more}");
+        std::fs::write(&config, text).expect("writing the broker's configuration");
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (the test command installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto { child }
+    }
+}
+
+impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -5,53 +5,12 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
+use weir_sql_tests::brokers::Mosquitto as Broker;
 use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for, wait_for_sink_retrying};
-
-/// A Mosquitto broker on `port`, stopped when dropped.
-struct Broker {
-    child: Child,
-}
-
-impl Broker {
-    fn start(dir: &Path, port: u16) -> Broker {
-        Broker::start_with(dir, port, "")
-    }
-
-    /// A broker listening on `port`, with more configuration lines after.
-    fn start_with(dir: &Path, port: u16, more: &str) -> Broker {
-        let config = dir.join("mosquitto.conf");
-        let text = format!("allow_anonymous true\nmax_inflight_messages 0\nlistener {port} 127.0.0.1\n{more}");
-        std::fs::write(&config, text).expect("writing the broker's configuration");
-        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (the test command installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Broker { child }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
