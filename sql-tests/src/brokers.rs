@@ -112,3 +112,18 @@ impl Drop for Mosquitto {
         let _ = self.child.wait();
     }
 }
+
+/// A publishing MQTT client named `id` on the broker at `port`; its event loop runs in a task until the runtime ends.
+pub fn mqtt_publisher(port: u16, id: &str) -> rumqttc::AsyncClient {
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+    tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    client
+}

@@ -18,17 +18,7 @@ fn free_port() -> u16 {
 
 /// A publishing client; its event loop runs in a task until the test ends.
 async fn publisher(port: u16) -> AsyncClient {
-    let mut options = MqttOptions::new(format!("test-publisher-{port}"), "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(options, 100);
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
-    client
+    weir_sql_tests::brokers::mqtt_publisher(port, &format!("test-publisher-{port}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use weir_sql_tests::brokers::{Mosquitto, Tansu};
 use weir_sql_tests::{TestServer, eventually, query_rows};
 
@@ -73,16 +73,7 @@ async fn reads_are_located_named_and_counted_through_mqtt_kafka_and_a_table() {
         .await
         .expect("the scenario's statements");
 
-    let mut options = MqttOptions::new(format!("rfid-readers-{mqtt_port}"), "127.0.0.1", mqtt_port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (mqtt, mut eventloop) = AsyncClient::new(options, 100);
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
+    let mqtt = weir_sql_tests::brokers::mqtt_publisher(mqtt_port, &format!("rfid-readers-{mqtt_port}"));
     let publish = |reader: &str, payload: String| {
         let (mqtt, topic) = (mqtt.clone(), format!("rfid/{reader}/reads"));
         async move { mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publishing a read") }
