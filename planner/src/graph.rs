@@ -438,7 +438,9 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
                 .with_hint(
                     "Bound the other side's event time by this side's in the condition (b.ts BETWEEN a.ts AND a.ts + \
                  INTERVAL '10' MINUTE, both sides with a watermark), so that the watermark tells when a row has no \
-                 partner; joins whose rows are retracted later are not built yet.",
+                 partner; or, to join each row with a table's row as it is when the row arrives, join the table FOR \
+                 SYSTEM_TIME AS OF PROCTIME() (a lookup, with a PRIMARY KEY on the table). Joins whose rows are \
+                 retracted later are not built yet.",
                 ));
         }
     }

@@ -11,6 +11,10 @@
 //! A row whose own side's watermark has passed its time (late) is counted and set aside, never joined: a later row
 //! of the other side could have found its partners gone, so joining it would make results depend on timing.
 //!
+//! An idle input (a source quiet past `'watermark.idle.timeout'`) is left out as a minimum leaves it out: its
+//! watermark follows the other input's until it says more, so the other side's rows leave and outer rows are padded
+//! as the active input's time moves on.
+//!
 //! ```text
 //!   left rows --probe right's index--> pairs --filter--> output
 //!        \--kept (index by key, deadline)     right watermark passes a left deadline --> left row leaves
@@ -87,6 +91,8 @@ pub struct IntervalJoin {
     converter: RowConverter,
     late_rows: u64,
     late: Vec<RecordBatch>,
+    /// Which inputs are idle: an idle input's watermark follows the other's (see [`IntervalJoin::on_side_idle`]).
+    idle: [bool; 2],
 }
 
 fn arrow(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
@@ -113,6 +119,7 @@ impl IntervalJoin {
             converter,
             late_rows: 0,
             late: Vec::new(),
+            idle: [false, false],
         })
     }
 
@@ -157,6 +164,28 @@ impl IntervalJoin {
 
     /// The watermark of input `side` advanced to `watermark`: rows of the other side it releases leave.
     pub fn on_side_watermark(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.idle[side] = false;
+        self.advance(side, watermark, out)?;
+        // An idle other side follows (see `on_side_idle`).
+        if self.idle[1 - side] {
+            self.advance(1 - side, watermark, out)?;
+        }
+        Ok(())
+    }
+
+    /// Input `side` went idle: as long as it is, its watermark follows the other input's, as if it had said so (the
+    /// join's output watermark is then the other input's): the other side's rows are released as that watermark
+    /// passes their deadlines, outer rows padded; a row of this side arriving later at or before it is late.
+    pub fn on_side_idle(&mut self, side: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.idle[side] = true;
+        match self.watermarks[1 - side] {
+            Some(other) => self.advance(side, other, out),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves input `side`'s watermark up to `watermark`, releasing what it releases.
+    fn advance(&mut self, side: usize, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
         if self.watermarks[side].is_some_and(|w| w >= watermark) {
             return Ok(());
         }
@@ -559,6 +588,10 @@ impl crate::operator::JoinOperator for IntervalJoin {
         IntervalJoin::watermark(self)
     }
 
+    fn on_idle(&mut self, input: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
+        self.on_side_idle(input.min(RIGHT), out)
+    }
+
     fn late_rows(&self) -> u64 {
         IntervalJoin::late_rows(self)
     }
@@ -946,6 +979,28 @@ mod tests {
                 assert_eq!(got, expected, "{join_type} keeping side {side}'s rows");
             }
         }
+    }
+
+    #[test]
+    fn an_idle_side_follows_the_other_sides_watermark() {
+        let mut op = join(JoinType::Left, 0, 10);
+        let mut out = Vec::new();
+        op.on_data(LEFT, &batch(&[(1, 0, 5), (2, 0, 30)]), &mut out).unwrap();
+        op.on_watermark(LEFT, 30, &mut out).unwrap();
+        op.on_watermark(RIGHT, 0, &mut out).unwrap();
+        assert!(out.is_empty(), "the left rows wait for the right watermark to pass their bound");
+        // The right side goes idle: its watermark follows the left's (30), past 5 + 10 but not 30 + 10.
+        op.on_side_idle(RIGHT, &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,0,5,,,"]);
+        assert_eq!(op.watermark(), Some(30));
+        op.on_watermark(LEFT, 41, &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,0,5,,,", "2,0,30,,,"]);
+        // A right row at or before what the idle side followed is late; after it, the side is active again.
+        op.on_data(RIGHT, &batch(&[(2, 1, 35)]), &mut out).unwrap();
+        assert_eq!(op.late_rows(), 1);
+        op.on_watermark(RIGHT, 42, &mut out).unwrap();
+        op.on_watermark(LEFT, 50, &mut out).unwrap();
+        assert_eq!(op.watermark(), Some(42), "active again: the minimum");
     }
 
     #[test]
