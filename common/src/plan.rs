@@ -219,8 +219,9 @@ pub struct TemporalTimes {
     pub probe: (usize, i64),
 }
 
-/// One materialized view's dataflow: a tree of operator nodes from the inputs' scans up to the root, whose output is
-/// the view's rows.
+/// One materialized view's dataflow: a graph of operator nodes from the inputs' scans up to the root, whose output
+/// is the view's rows. It is a tree, except that a subplan the query has twice (Nexmark q5's counts, joined with their
+/// own maximum) is one node read by several.
 #[derive(Debug, Clone)]
 pub struct StreamingPlan {
     /// The relations the view reads, each once, in the order the query names them.
@@ -261,13 +262,14 @@ impl StreamingPlan {
         self.nodes.last().is_some_and(|n| n.append_only)
     }
 
-    /// The node reading each node's output and at which of its inputs; `None` for the root.
-    pub fn parents(&self) -> Vec<Option<(NodeId, usize)>> {
-        let mut parents = vec![None; self.nodes.len()];
+    /// The nodes reading each node's output and at which of their inputs, in node order; none for the root. A node
+    /// the planner shares (the same subplan written twice in a query) has several.
+    pub fn parents(&self) -> Vec<Vec<(NodeId, usize)>> {
+        let mut parents = vec![Vec::new(); self.nodes.len()];
         for (id, node) in self.nodes.iter().enumerate() {
             for (port, input) in node.inputs.iter().enumerate() {
                 if let Some(parent) = parents.get_mut(*input) {
-                    *parent = Some((id, port));
+                    parent.push((id, port));
                 }
             }
         }

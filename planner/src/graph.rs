@@ -46,17 +46,26 @@ pub struct GraphBuilder {
     pub nodes: Vec<PlanNode>,
     /// The scans' feeds: the feed of the source leaf, the input it reads, and that input's bounds.
     scans: Vec<(Feed, usize, Bounds)>,
+    /// What each shareable node computes (see [`signature`]), and its id.
+    signatures: std::collections::HashMap<String, NodeId>,
 }
 
 impl GraphBuilder {
     /// A builder whose source leaves are `scans`: each source `FeedExec`'s feed, the input (an index into the plan's
     /// inputs) it reads, and the bounds of that input's rows.
     pub fn new(scans: Vec<(Feed, usize, Bounds)>) -> Self {
-        GraphBuilder { nodes: Vec::new(), scans }
+        GraphBuilder { nodes: Vec::new(), scans, signatures: Default::default() }
     }
 
-    /// Adds `node` and returns its id.
+    /// Adds `node` and returns its id; a node that computes what an earlier one does (the same operator over the same
+    /// inputs: a subquery written twice, both sides of a self-join) is that node, read by both.
     pub fn add(&mut self, node: PlanNode) -> NodeId {
+        if let Some(signature) = signature(&node) {
+            if let Some(id) = self.signatures.get(&signature) {
+                return *id;
+            }
+            self.signatures.insert(signature, self.nodes.len());
+        }
         self.nodes.push(node);
         self.nodes.len() - 1
     }
@@ -214,23 +223,94 @@ impl GraphBuilder {
             return Err(unsupported("an aggregation below a join over windows the watermark does not bound")
                 .with_hint("Window by a column the watermark bounds: the event time of a source, or of a view that passes its watermark on."));
         };
-        let mut closed = vec![None; plan.schema().fields().len()];
-        if let Some(slot) = closed.get_mut(end) {
+        // The keys in a canonical order (by what they compute), so that the same aggregation written with its keys
+        // in another order (Nexmark q5's counts, grouped twice) is one node; a projection puts them back in the order
+        // the plan above reads.
+        let order = canonical_keys(&spec);
+        let written = plan.schema();
+        let width = written.fields().len();
+        let keys = spec.keys.len();
+        let columns: Vec<usize> = order.iter().copied().chain(keys..width).collect();
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+            columns.iter().map(|c| written.field(*c).clone()).collect::<Vec<_>>(),
+            written.metadata().clone(),
+        ));
+        spec.keys = order.iter().map(|k| spec.keys[*k].clone()).collect();
+        let position = |key: usize| order.iter().position(|k| *k == key).unwrap_or(key);
+        spec.window_end = spec.window_end.map(position);
+        let mut closed = vec![None; width];
+        if let Some(slot) = closed.get_mut(position(end)) {
             *slot = Some(1);
         }
-        Ok(self.add(PlanNode {
-            schema: plan.schema(),
+        let id = self.add(PlanNode {
+            schema: schema.clone(),
             operator: NodeOperator::Aggregate { spec, above: None, shift: Some(shift) },
             inputs: vec![input],
             append_only: true,
             watermark: watermark_of(&closed),
+        });
+        if columns.iter().enumerate().all(|(i, c)| i == *c) {
+            return Ok(id);
+        }
+        // Back to the written order: column `c` of the written schema is at `position(c)` of the node's.
+        let feed = Feed::new();
+        let leaf: Arc<dyn ExecutionPlan> =
+            Arc::new(FeedExec::new("window aggregate", feed.clone(), schema, None).map_err(df)?);
+        let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = (0..width)
+            .map(|c| {
+                let at = if c < keys { position(c) } else { c };
+                (
+                    Arc::new(Column::new(written.field(c).name(), at)) as Arc<dyn PhysicalExpr>,
+                    written.field(c).name().clone(),
+                )
+            })
+            .collect();
+        let projection: Arc<dyn ExecutionPlan> = Arc::new(ProjectionExec::try_new(exprs, leaf).map_err(df)?);
+        let mut bounds = vec![None; width];
+        if let Some(slot) = bounds.get_mut(end) {
+            *slot = Some(1);
+        }
+        Ok(self.add(PlanNode {
+            schema: projection.schema(),
+            operator: NodeOperator::Stateless { plan: projection, feeds: vec![feed] },
+            inputs: vec![id],
+            append_only: true,
+            watermark: watermark_of(&bounds),
         }))
     }
+}
+
+/// What a node below the root computes, as text: its operator (a stateless plan as DataFusion shows it, with every
+/// expression; a join's or an aggregation's spec), its inputs and its schema. Two nodes with the same signature
+/// compute the same rows. `None` for the operators that only stand at the root.
+fn signature(node: &PlanNode) -> Option<String> {
+    let operator = match &node.operator {
+        NodeOperator::Scan { input } => format!("scan {input}"),
+        NodeOperator::Stateless { plan, .. } => {
+            format!("stateless {}", datafusion::physical_plan::displayable(plan.as_ref()).indent(true))
+        }
+        NodeOperator::Join(spec) => format!("join {spec:?}"),
+        NodeOperator::TemporalJoin(spec) => format!("temporal join {spec:?}"),
+        NodeOperator::Aggregate { spec, above: None, shift } => format!("aggregate {spec:?} {shift:?}"),
+        _ => return None,
+    };
+    Some(format!("{operator} over {:?} as {:?}", node.inputs, node.schema))
 }
 
 /// Whether `plan` filters rows anywhere.
 fn contains_filter(plan: &Arc<dyn ExecutionPlan>) -> bool {
     plan.downcast_ref::<FilterExec>().is_some() || plan.children().into_iter().any(contains_filter)
+}
+
+/// The order of `spec`'s keys by what each computes: input columns in the input's order, then other expressions by
+/// their text (stable for equal ones). Keys written in the input's order (`GROUP BY window_start, window_end`) keep it.
+fn canonical_keys(spec: &weir_common::plan::WindowAggregateSpec) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..spec.keys.len()).collect();
+    order.sort_by_cached_key(|k| {
+        let expr = &spec.keys[*k].0;
+        (expr.downcast_ref::<Column>().map_or(usize::MAX, Column::index), expr.to_string())
+    });
+    order
 }
 
 /// Whether `plan` is an aggregation the graph runs as a node (the final one of a partial/final pair).

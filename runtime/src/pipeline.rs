@@ -223,8 +223,8 @@ impl Closing {
 #[derive(Debug)]
 struct Node {
     running: Running,
-    /// The node reading this one's output, and at which of its inputs.
-    parent: Option<(NodeId, usize)>,
+    /// The nodes reading this one's output, and at which of their inputs (none for the root).
+    parents: Vec<(NodeId, usize)>,
     /// What each input last said of its watermark.
     ports: Vec<Port>,
     /// What this node last said of its output's.
@@ -394,7 +394,7 @@ impl Pipeline {
             };
             nodes.push(Node {
                 running,
-                parent: parents.get(id).copied().flatten(),
+                parents: parents.get(id).cloned().unwrap_or_default(),
                 ports: vec![Port::Unknown; node.inputs.len()],
                 said: Port::Unknown,
             });
@@ -601,11 +601,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Moves `batches` and then `watermark`, the output of node `from`, up to the root.
-    async fn flow(&mut self, from: NodeId, mut batches: Vec<RecordBatch>, mut watermark: Option<Port>) -> Result<()> {
-        let mut at = from;
-        loop {
-            let Some((node, port)) = self.nodes[at].parent else {
+    /// Moves `batches` and then `watermark`, the output of node `from`, up to the root: to every node reading it, in
+    /// the order produced (a FIFO, so that each edge carries its messages in order even where a node has several
+    /// readers).
+    async fn flow(&mut self, from: NodeId, batches: Vec<RecordBatch>, watermark: Option<Port>) -> Result<()> {
+        let mut work = std::collections::VecDeque::from([(from, batches, watermark)]);
+        while let Some((at, batches, watermark)) = work.pop_front() {
+            if self.nodes[at].parents.is_empty() {
                 // The root's output is the view's (unless an aggregation at the root made it).
                 if !batches.is_empty() {
                     self.pending.push(ViewChange::Append(batches));
@@ -614,78 +616,93 @@ impl Pipeline {
                     self.combined = Some(w);
                     self.root_watermark = Some(w);
                 }
-                return Ok(());
-            };
-            let mut out = Vec::new();
-            let mut said = None;
-            let state = &mut self.nodes[node];
-            if let Some(w) = watermark {
-                state.ports[port] = w;
+                continue;
             }
-            match &mut state.running {
-                Running::Scan => return Err(RuntimeError::Join("a scan reads another node".to_string())),
-                Running::Stateless { plan, feeds } => {
-                    if !batches.is_empty() {
-                        let feed = feeds.get(port).ok_or_else(|| RuntimeError::Join("a missing feed".to_string()))?;
-                        for batch in batches {
-                            feed.push(batch);
-                        }
-                        out = run(plan, &self.task).await?;
-                    }
-                    if watermark.is_some() {
-                        said = merged(&state.ports);
-                    }
+            for (node, port) in self.nodes[at].parents.clone() {
+                if let Some(next) = self.step(node, port, batches.clone(), watermark).await? {
+                    work.push_back(next);
                 }
-                Running::Join(join) => {
-                    for batch in &batches {
-                        join.on_data(port, batch, &mut out)?;
-                    }
-                    match watermark {
-                        Some(Port::At(w)) => join.on_watermark(port, w, &mut out)?,
-                        Some(Port::Idle) => join.on_idle(port, &mut out)?,
-                        _ => {}
-                    }
-                    said = join.watermark().map(Port::At);
-                }
-                Running::Closing(closing) => {
-                    for batch in &batches {
-                        closing.on_data(batch)?;
-                    }
-                    said = match watermark {
-                        Some(Port::At(w)) => Some(Port::At(closing.on_watermark(w, &mut out)?)),
-                        other => other,
-                    };
-                }
-                Running::Root => {
-                    let merged = if watermark.is_some() { merged(&state.ports) } else { None };
-                    self.aggregate_data(batches)?;
-                    if let Some(Port::At(w)) = merged
-                        && self.combined.is_none_or(|c| w > c)
-                    {
-                        self.combined = Some(w);
-                        if let Some(shift) = self.shift {
-                            let shifted = w.saturating_add(shift);
-                            self.watermark_reached(shifted).await?;
-                            self.root_watermark = Some(shifted);
-                        }
-                    }
-                    return Ok(());
-                }
-            }
-            let state = &mut self.nodes[node];
-            watermark = match said {
-                Some(port) if port != state.said => {
-                    state.said = port;
-                    Some(port)
-                }
-                _ => None,
-            };
-            batches = out;
-            at = node;
-            if batches.is_empty() && watermark.is_none() {
-                return Ok(());
             }
         }
+        Ok(())
+    }
+
+    /// Node `node` takes `batches` and then `watermark` at its input `port`; returns what it passes on, if anything.
+    async fn step(
+        &mut self,
+        node: NodeId,
+        port: usize,
+        batches: Vec<RecordBatch>,
+        watermark: Option<Port>,
+    ) -> Result<Option<(NodeId, Vec<RecordBatch>, Option<Port>)>> {
+        let mut out = Vec::new();
+        let mut said = None;
+        let state = &mut self.nodes[node];
+        if let Some(w) = watermark {
+            state.ports[port] = w;
+        }
+        match &mut state.running {
+            Running::Scan => return Err(RuntimeError::Join("a scan reads another node".to_string())),
+            Running::Stateless { plan, feeds } => {
+                if !batches.is_empty() {
+                    let feed = feeds.get(port).ok_or_else(|| RuntimeError::Join("a missing feed".to_string()))?;
+                    for batch in batches {
+                        feed.push(batch);
+                    }
+                    out = run(plan, &self.task).await?;
+                }
+                if watermark.is_some() {
+                    said = merged(&state.ports);
+                }
+            }
+            Running::Join(join) => {
+                for batch in &batches {
+                    join.on_data(port, batch, &mut out)?;
+                }
+                match watermark {
+                    Some(Port::At(w)) => join.on_watermark(port, w, &mut out)?,
+                    Some(Port::Idle) => join.on_idle(port, &mut out)?,
+                    _ => {}
+                }
+                said = join.watermark().map(Port::At);
+            }
+            Running::Closing(closing) => {
+                for batch in &batches {
+                    closing.on_data(batch)?;
+                }
+                said = match watermark {
+                    Some(Port::At(w)) => Some(Port::At(closing.on_watermark(w, &mut out)?)),
+                    other => other,
+                };
+            }
+            Running::Root => {
+                let merged = if watermark.is_some() { merged(&state.ports) } else { None };
+                self.aggregate_data(batches)?;
+                if let Some(Port::At(w)) = merged
+                    && self.combined.is_none_or(|c| w > c)
+                {
+                    self.combined = Some(w);
+                    if let Some(shift) = self.shift {
+                        let shifted = w.saturating_add(shift);
+                        self.watermark_reached(shifted).await?;
+                        self.root_watermark = Some(shifted);
+                    }
+                }
+                return Ok(None);
+            }
+        }
+        let state = &mut self.nodes[node];
+        let watermark = match said {
+            Some(port) if port != state.said => {
+                state.said = port;
+                Some(port)
+            }
+            _ => None,
+        };
+        if out.is_empty() && watermark.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((node, out, watermark)))
     }
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.

@@ -178,13 +178,7 @@ impl StateStore for MemoryStore {
                 }
                 WriteOp::DeleteRange(start, end) => {
                     if start < end {
-                        let doomed: Vec<Vec<u8>> = entries
-                            .range::<[u8], _>((Bound::Included(&start[..]), Bound::Excluded(&end[..])))
-                            .map(|(k, _)| k.clone())
-                            .collect();
-                        for key in doomed {
-                            entries.remove(&key);
-                        }
+                        entries.extract_if(start.clone()..end.clone(), |_, _| true).for_each(drop);
                     }
                 }
             }

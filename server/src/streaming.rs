@@ -6,7 +6,7 @@
 //! through its own connector reader (generators give every view the same rows), and a table or an append-only view
 //! through a subscription to its rows: those so far, then every appended batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -331,7 +331,8 @@ impl Session {
         let ttl = ViewOptions::parse(&view.options)?.state_ttl;
         let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, ttl, row_patterns, text, sql).await?;
         let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, facts(&plan, plan.root()))];
-        explain_node(&plan, plan.root(), 1, &inputs, &mut lines);
+        let mut shown = HashSet::new();
+        explain_node(&plan, plan.root(), 1, &inputs, &mut lines, &mut shown);
         self.plan_lines(lines)
     }
 
@@ -897,10 +898,32 @@ fn plan_lines(lines: &mut Vec<String>, depth: usize, plan: &Arc<dyn ExecutionPla
     depth + deepest + 1
 }
 
-/// EXPLAIN's lines of node `id` and the nodes below it, at `depth`.
-fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relation], lines: &mut Vec<String>) {
+/// EXPLAIN's lines of node `id` and the nodes below it, at `depth`. A node read by several (a subplan the query has
+/// twice, computed once) is shown in full where it is first met, and named where it is met again.
+fn explain_node(
+    plan: &StreamingPlan,
+    id: NodeId,
+    depth: usize,
+    inputs: &[Relation],
+    lines: &mut Vec<String>,
+    shown: &mut HashSet<NodeId>,
+) {
     let Some(node) = plan.nodes.get(id) else { return };
     let pad = |depth: usize| "  ".repeat(depth);
+    if !shown.insert(id) {
+        let what = match &node.operator {
+            NodeOperator::Scan { input } => {
+                format!("input {}", inputs.get(*input).map(|r| r.def.name.as_str()).unwrap_or("?"))
+            }
+            NodeOperator::Stateless { .. } => "Stateless".to_string(),
+            NodeOperator::Join(_) => "IntervalJoin".to_string(),
+            NodeOperator::TemporalJoin(_) => "TemporalJoin".to_string(),
+            NodeOperator::Aggregate { .. } => "WindowAggregate".to_string(),
+            NodeOperator::TopN { .. } | NodeOperator::MatchRecognize { .. } => "root".to_string(),
+        };
+        lines.push(format!("{}Shared: the {what} shown above, computed once [{}]", pad(depth), facts(plan, id)));
+        return;
+    }
     let mut below = depth;
     match &node.operator {
         NodeOperator::Aggregate { spec: aggregate, above, shift } => {
@@ -1004,7 +1027,7 @@ fn explain_node(plan: &StreamingPlan, id: NodeId, depth: usize, inputs: &[Relati
         }
     }
     for child in &node.inputs {
-        explain_node(plan, *child, below, inputs, lines);
+        explain_node(plan, *child, below, inputs, lines, shown);
     }
 }
 

@@ -230,6 +230,9 @@ const JOIN_QUERIES: &[&str] = &[
              window_end FROM TUMBLE({l}, ts, INTERVAL '2' SECOND) GROUP BY device, window_start, window_end) \
            GROUP BY window_start, window_end) m \
      ON c.window_start = m.window_start AND c.window_end = m.window_end AND c.n >= m.top",
+    // A self-join: both sides read one node (the same scan and plan), each batch reaching the join twice.
+    "SELECT a.device, a.reading, a.ts, b.ts AS b_ts FROM {l} a JOIN {l} b \
+     ON a.device = b.device AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '300' MILLISECOND",
     // Window aggregations of both sides, outer-joined on the window.
     "SELECT a.device, a.window_end, a.n, b.total FROM (SELECT device, window_start, window_end, count(*) AS n \
        FROM TUMBLE({l}, ts, INTERVAL '1' SECOND) GROUP BY device, window_start, window_end) a \
