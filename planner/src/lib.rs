@@ -17,6 +17,8 @@
 //! - [`graph`]: the physical plan below the root cut into plan nodes (scans, stateless DataFusion plans, joins, and
 //!   window aggregations below joins), each node's output watermark worked out, and a join's time bounds read from
 //!   its condition.
+//! - [`view`]: [`view::plan_view`], a materialized view's query planned over a [`view::Catalog`] (the one planning
+//!   path of the server, `EXPLAIN`, the benchmarks and the tests), its inputs checked.
 //! - [`temporal`]: `JOIN r FOR SYSTEM_TIME AS OF ...` rewritten into a join with a marked condition, which
 //!   [`graph`] plans as a temporal join node.
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
@@ -38,6 +40,7 @@ pub mod sink;
 pub mod source;
 pub mod streaming;
 pub mod temporal;
+pub mod view;
 pub mod windows;
 
 pub use dialect::WeirDialect;

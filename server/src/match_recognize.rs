@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Schema, TimeUnit};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::ast::{
@@ -222,14 +222,8 @@ impl<'a> Resolver<'a> {
     }
 }
 
-/// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows: the plan of its input,
-/// the compiled clause, and the table's name.
-pub(crate) struct StreamingMatch {
-    pub input: datafusion::logical_expr::LogicalPlan,
-    pub stage: MatchRecognizeStage,
-    pub table: String,
-    pub schema: SchemaRef,
-}
+/// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows.
+use weir_planner::view::MatchPlan as StreamingMatch;
 
 impl Resolver<'_> {
     async fn query(&mut self, query: &mut Query) -> Result<(), ErrorReport> {

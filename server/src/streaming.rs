@@ -6,11 +6,11 @@
 //! through its own connector reader (generators give every view the same rows), and a table or an append-only view
 //! through a subscription to its rows: those so far, then every appended batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::view::ViewTable;
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -19,17 +19,17 @@ use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::{InputWatermark, MatchRecognizeStage, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
+use weir_common::plan::{InputWatermark, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::WeirStatement;
 use weir_planner::row_pattern::RowPatternClause;
 use weir_planner::source::CreateSource;
-use weir_planner::streaming::Readable;
+use weir_planner::view::{CatalogRelation, MatchPlan, ViewQuery, unit_ms};
 use weir_runtime::RuntimeError;
 use weir_runtime::materialize::ViewStore;
 use weir_runtime::pipeline::Pipeline;
 
-use crate::catalog::{Catalog, Relation, SourceTable};
+use crate::catalog::{Relation, SourceTable};
 use crate::jobs::Dataflow;
 use crate::session::{Outcome, Session, object_name};
 
@@ -232,8 +232,9 @@ impl Session {
         }
     }
 
-    /// Plans a materialized view's query as a streaming dataflow; returns the plan, the relations it reads as streams
-    /// (in the order of the plan's inputs) and every relation it names.
+    /// Plans a materialized view's query as a streaming dataflow (with the planner's [`weir_planner::view::plan_view`],
+    /// over this session's catalog); returns the plan, the relations it reads as streams (in the order of the plan's
+    /// inputs) and every relation it names.
     async fn plan_view(
         &self,
         query: &ast::Query,
@@ -243,78 +244,19 @@ impl Session {
         text: &str,
         sql: &str,
     ) -> Result<(StreamingPlan, Vec<Relation>, Vec<String>), ErrorReport> {
-        let mut query = query.clone();
-        weir_planner::temporal::rewrite_temporal_joins(&mut query, &|name| self.versioned(name), true)?;
-        let query = &query;
-        let (logical, matching) = match row_patterns.is_empty() {
-            true => (self.plan(Statement::Query(Box::new(query.clone())), text, sql).await?, None),
-            false => {
-                let (outer, matching) = self.plan_view_match(query, row_patterns, text, sql).await?;
-                (outer, Some(matching))
-            }
-        };
-        let mut depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
-        if let Some(matching) = &matching {
-            depends_on.retain(|name| *name != matching.table);
-            depends_on.extend(scanned_relations(&matching.input, &self.engine.catalog, sql)?);
-            depends_on.sort();
-            depends_on.dedup();
-        }
-        // Every relation that produces rows over time can be read as a stream; whether it may be is checked below.
-        let inputs: HashMap<String, Readable> = self
-            .engine
-            .catalog
-            .list()
-            .into_iter()
-            .filter(|r| r.def.kind != RelationKind::View)
-            .map(|r| (r.def.name.clone(), Readable { schema: r.def.schema.clone(), watermark: r.watermark_columns() }))
-            .collect();
-        let state = self.ctx.state();
-        let mut plan = match matching {
-            None => weir_planner::streaming::plan_streaming(&state, &logical, &inputs, emit_on_window_close).await?,
-            Some(matching) => {
-                weir_planner::streaming::plan_match_recognize(
-                    &state,
-                    matching.input,
-                    matching.stage,
-                    &logical,
-                    &inputs,
-                    (&matching.table, matching.schema),
-                    emit_on_window_close,
-                )
-                .await?
-            }
-        };
-        // The view's state TTL bounds the sides its joins would keep for ever.
-        for node in &mut plan.nodes {
-            if let NodeOperator::Join(spec) = &mut node.operator {
-                spec.ttl = state_ttl;
-            }
-        }
-        let mut relations = Vec::new();
-        for stream in &plan.inputs {
-            let input = self.engine.catalog.get(&stream.relation).ok_or_else(|| {
-                ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", stream.relation))
-            })?;
-            check_input(&plan, &input)?;
-            if let Some(stage) = plan.match_recognize() {
-                check_event_time(stage, &input)?;
-            }
-            relations.push(input);
-        }
-        // Watermarks of several inputs are compared as numbers: they must count the same unit.
-        let units: Vec<u64> = relations
+        let catalog = SessionCatalog { session: self, text, sql };
+        let view = ViewQuery { query, row_patterns, emit_on_window_close, state_ttl, sql };
+        let planned = weir_planner::view::plan_view(view, &catalog).await?;
+        let relations = planned
+            .inputs
             .iter()
-            .filter_map(|r| r.event_time().map(|column| unit_ms(&r.def.schema, &column).to_bits()))
-            .collect();
-        if units.windows(2).any(|pair| pair[0] != pair[1]) {
-            return Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                "inputs whose event-time columns have different precisions in one materialized view are not supported yet",
-            )
-            .with_hint("Declare the event-time columns with the same precision, for example TIMESTAMP(3)."));
-        }
-        Ok((plan, relations, depends_on))
+            .map(|input| {
+                self.engine.catalog.get(&input.name).ok_or_else(|| {
+                    ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{}\" does not exist", input.name))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((planned.plan, relations, planned.depends_on))
     }
 
     /// `EXPLAIN CREATE MATERIALIZED VIEW`: the dataflow the view would run, top (the view) to bottom (its input),
@@ -356,7 +298,8 @@ impl Session {
             return Ok(Outcome::Command("CREATE VIEW", None));
         }
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
-        let depends_on = scanned_relations(&logical, &self.engine.catalog, sql)?;
+        let catalog = SessionCatalog { session: self, text, sql };
+        let depends_on = weir_planner::view::scanned_relations(&logical, &catalog, sql)?;
         let schema = Arc::new(logical.schema().as_arrow().clone());
         let provider = Arc::new(ViewTable::new(logical, Some(text.to_string())));
         let def = RelationDef { name, kind: RelationKind::View, schema, definition: text.to_string(), depends_on };
@@ -554,7 +497,6 @@ fn parse_memory_size(text: &str) -> Option<usize> {
 /// that is not immutable (`now()`, `random()`) is refused when the source is created (`42P17`, as Postgres refuses
 /// such functions in index expressions).
 fn deterministic_watermark(expr: &datafusion::logical_expr::Expr) -> Result<(), ErrorReport> {
-    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::{Expr, Volatility};
     let mut offending = None;
     let _ = expr.apply(|node| {
@@ -588,100 +530,6 @@ fn view_statement(statement: &Statement) -> Result<&ast::CreateView, ErrorReport
         ));
     }
     Ok(view)
-}
-
-/// Checks that a view can read `input` as a stream.
-fn check_input(plan: &StreamingPlan, input: &Relation) -> Result<(), ErrorReport> {
-    if !input.append_only {
-        return Err(ErrorReport::new(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            format!(
-                "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
-                 over it needs an append-only input",
-                input.def.name
-            ),
-        )
-        .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
-    }
-    if plan.emit_on_window_close && input.event_time().is_none() {
-        if input.def.kind == RelationKind::MaterializedView {
-            return Err(no_view_watermark("EMIT ON WINDOW CLOSE", &input.def.name).with_hint(
-                "Leave out EMIT ON WINDOW CLOSE (the windows then show their rows so far), or window the source.",
-            ));
-        }
-        return Err(runtime_report(weir_runtime::RuntimeError::NeedsWatermark(input.def.name.clone())));
-    }
-    Ok(())
-}
-
-/// `what` needs a watermark and materialized view `view` passes none on.
-fn no_view_watermark(what: &str, view: &str) -> ErrorReport {
-    ErrorReport::new(
-        SqlState::FEATURE_NOT_SUPPORTED,
-        format!(
-            "{what} needs a watermark, and materialized view \"{view}\" passes none on: none of its columns is \
-             bounded by one (as a window's end is in a view emitting each window when it closes, a row time in a \
-             MATCH_RECOGNIZE view with WITHIN, or a time column of a join of streams)"
-        ),
-    )
-}
-
-/// Checks that a `MATCH_RECOGNIZE` reading `input` as a stream orders its rows by the event time `input`'s watermark
-/// bounds, first and ascending: rows are matched in that order as the watermark passes them.
-fn check_event_time(stage: &MatchRecognizeStage, input: &Relation) -> Result<(), ErrorReport> {
-    let order = stage.spec.order_by.first().map(|(c, descending)| (stage.input.field(*c), *descending));
-    let Some(column) = input.event_time() else {
-        let error = match input.def.kind {
-            RelationKind::MaterializedView => no_view_watermark("MATCH_RECOGNIZE", &input.def.name)
-                .with_hint("Match over its source, or over a view that passes a watermark on."),
-            _ => ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "MATCH_RECOGNIZE over \"{}\" needs a watermark: rows are matched in event-time order as the \
-                     watermark passes them",
-                    input.def.name
-                ),
-            )
-            .with_hint(
-                "Declare one on the source or table: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND (the longest \
-                 delay expected).",
-            ),
-        };
-        return Err(error);
-    };
-    match order {
-        Some((field, false)) if field.name().eq_ignore_ascii_case(&column) => Ok(()),
-        _ => Err(ErrorReport::new(
-            SqlState::WINDOWING_ERROR,
-            format!(
-                "MATCH_RECOGNIZE over a stream must ORDER BY its event time first, ascending: \"{column}\" of \"{}\"",
-                input.def.name
-            ),
-        )
-        .with_hint(format!("ORDER BY {column}, then any other columns."))),
-    }
-}
-
-/// The relations a query plan reads by name, sorted: the tables, sources and materialized views it scans, and the
-/// plain views it reads through (which DataFusion's planner inlines under an alias of the view's name).
-fn scanned_relations(plan: &LogicalPlan, catalog: &Catalog, sql: &str) -> Result<Vec<String>, ErrorReport> {
-    let mut names = Vec::new();
-    plan.apply(|node| {
-        match node {
-            LogicalPlan::TableScan(scan) => names.push(scan.table_name.table().to_string()),
-            LogicalPlan::SubqueryAlias(alias)
-                if catalog.get(alias.alias.table()).is_some_and(|r| r.def.kind == RelationKind::View) =>
-            {
-                names.push(alias.alias.table().to_string())
-            }
-            _ => {}
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })
-    .map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
-    names.sort();
-    names.dedup();
-    Ok(names)
 }
 
 /// `WITH (...)` options as written, keys lower-cased.
@@ -793,24 +641,9 @@ fn encoding(
     Ok(Some(encoding))
 }
 
-/// Milliseconds per unit of timestamp column `column` (1 for `TIMESTAMP(3)`).
-fn unit_ms(schema: &SchemaRef, column: &str) -> f64 {
-    let unit = schema.field_with_name(column).ok().map(|f| f.data_type().clone());
-    match unit {
-        Some(DataType::Timestamp(TimeUnit::Second, _)) => 1_000.0,
-        Some(DataType::Timestamp(TimeUnit::Microsecond, _)) => 0.001,
-        Some(DataType::Timestamp(TimeUnit::Nanosecond, _)) => 0.000_001,
-        _ => 1.0,
-    }
-}
-
 fn runtime_report(err: RuntimeError) -> ErrorReport {
     match err {
-        RuntimeError::NeedsWatermark(source) => ErrorReport::new(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            format!("EMIT ON WINDOW CLOSE needs a watermark, and source \"{source}\" declares none"),
-        )
-        .with_hint("Declare one in the source: WATERMARK FOR ts AS ts - INTERVAL '5' SECOND."),
+        RuntimeError::NeedsWatermark(source) => weir_planner::view::needs_watermark(&source),
         other => ErrorReport::new(SqlState::INTERNAL_ERROR, format!("internal error: {other}")),
     }
 }
@@ -1110,4 +943,60 @@ fn describe_join(
         })
         .collect();
     format!("IntervalJoin: type={}, on=[{}]{filter}; {}", spec.join_type, on.join(", "), kept.join("; "))
+}
+
+/// A session's catalog and SQL front end, as the planner's [`weir_planner::view::Catalog`] sees them.
+struct SessionCatalog<'a> {
+    session: &'a Session,
+    text: &'a str,
+    sql: &'a str,
+}
+
+impl Relation {
+    /// This relation as planning sees it.
+    fn planned(&self) -> CatalogRelation {
+        CatalogRelation {
+            name: self.def.name.clone(),
+            kind: self.def.kind,
+            schema: self.def.schema.clone(),
+            append_only: self.append_only,
+            watermark: self.watermark_columns(),
+            event_time: self.event_time(),
+            primary_key: self.primary_key(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl weir_planner::view::Catalog for SessionCatalog<'_> {
+    fn relation(&self, name: &str) -> Option<CatalogRelation> {
+        self.session.engine.catalog.get(name).map(|r| r.planned())
+    }
+
+    fn relations(&self) -> Vec<CatalogRelation> {
+        self.session.engine.catalog.list().iter().map(Relation::planned).collect()
+    }
+
+    fn resolve(&self, name: &ast::ObjectName) -> Result<CatalogRelation, ErrorReport> {
+        let name = object_name(name)?;
+        self.relation(&name)
+            .ok_or_else(|| ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist")))
+    }
+
+    fn session_state(&self) -> datafusion::execution::SessionState {
+        self.session.ctx.state()
+    }
+
+    async fn logical_plan(
+        &self,
+        query: &ast::Query,
+        row_patterns: &[RowPatternClause],
+    ) -> Result<(LogicalPlan, Option<MatchPlan>), ErrorReport> {
+        if row_patterns.is_empty() {
+            let plan = self.session.plan(Statement::Query(Box::new(query.clone())), self.text, self.sql).await?;
+            return Ok((plan, None));
+        }
+        let (outer, matching) = self.session.plan_view_match(query, row_patterns, self.text, self.sql).await?;
+        Ok((outer, Some(matching)))
+    }
 }
