@@ -4,7 +4,8 @@
 //! One scenario ([`SCRIPT`]): a paced `datagen` source with disorder (some rows late), a bounded CSV `file` source,
 //! a table with rows inserted, a Kafka topic of three partitions (on a real tansu broker, records produced before
 //! each run), and views over them: a TUMBLE window aggregation with `EMIT ON WINDOW CLOSE`, an updating `GROUP BY`,
-//! a `MATCH_RECOGNIZE` with `WITHIN`, a view over the file, one over the table and one over the Kafka topic. A reference
+//! a `MATCH_RECOGNIZE` with `WITHIN`, a view over the file, one over the table and one over the Kafka topic, joins
+//! (interval, an aggregation below a join, a temporal join of the file's rows with the readings' versions per device). A reference
 //! run reads everything to the end; each crash run is killed once at a seeded moment during ingest (after the DDL
 //! returned), restarted, and read to the end. Every view's rows, in a fixed order, and the window view's late-row
 //! count must be identical to the reference: nothing missing, nothing counted twice.
@@ -21,7 +22,7 @@ use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 /// The statements of the scenario; `${FILE}` is the CSV file's path.
 pub const SCRIPT: &str = "
-CREATE SOURCE readings (id BIGINT, device TEXT, value INT, ts TIMESTAMP(3),
+CREATE SOURCE readings (id BIGINT, device TEXT, value INT, ts TIMESTAMP(3), PRIMARY KEY (device),
                         WATERMARK FOR ts AS ts - INTERVAL '2' SECOND)
   WITH (connector = 'datagen', 'datagen.rows' = '40000', 'datagen.rows.per.second' = '10000',
         'datagen.start' = '2024-01-01 00:00:00', 'datagen.step.ms' = '25', 'datagen.max.disorder.ms' = '3000',
@@ -64,6 +65,9 @@ CREATE MATERIALIZED VIEW top_readings AS
   JOIN (SELECT max(value) AS top, window_end FROM TUMBLE(readings, ts, INTERVAL '10' SECOND)
         GROUP BY window_start, window_end) m
     ON r.value = m.top AND r.ts >= m.window_end - INTERVAL '10' SECOND AND r.ts < m.window_end;
+CREATE MATERIALIZED VIEW line_devices AS
+  SELECT l.id, r.device, r.value, l.ts FROM lines l
+  JOIN readings FOR SYSTEM_TIME AS OF l.ts AS r ON r.device = substr('abcd', CAST(l.id % 4 AS INT) + 1, 1);
 CREATE SOURCE events (id BIGINT, device TEXT, amount BIGINT, ts TIMESTAMP(3),
                       WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
   WITH (connector = 'kafka', topic = '${TOPIC}', 'properties.bootstrap.server' = '${KAFKA}',
@@ -89,6 +93,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT count(*), sum(id), min(ts), max(ts) FROM top_readings",
     "SELECT count(*), sum(n), min(n), max(n), sum(total) FROM per_key",
     "SELECT count(*), sum(id), sum(value), sum(rn) FROM top_values",
+    "SELECT count(*), sum(id), sum(value), min(ts), max(ts) FROM line_devices",
     "SELECT view, late_rows FROM weir_catalog.view_progress ORDER BY view",
 ];
 
@@ -188,7 +193,7 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
         // The Kafka view never ends: it is done once it has read every record. Views over a table or a view never
         // end either; a last FLUSH brings the latter what the views they read published when they ended.
         let kafka = rows(&client, "SELECT sum(n) FROM event_totals").await?;
-        if ended == 8 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
+        if ended == 9 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
             client.simple_query("FLUSH").await?;
             break;
         }
