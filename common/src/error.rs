@@ -162,6 +162,8 @@ fn classify(err: &DataFusionError) -> ErrorReport {
             ErrorReport::new(SqlState::PROGRAM_LIMIT_EXCEEDED, too_large.message.clone())
                 .with_detail(too_large.detail.clone())
         }
+        // A Weir error raised inside DataFusion's execution (a node of Weir's own) keeps its SQLSTATE.
+        DataFusionError::External(inner) if let Some(report) = inner.downcast_ref::<ErrorReport>() => report.clone(),
         DataFusionError::SchemaError(schema_err, _) => classify_schema_error(schema_err),
         DataFusionError::ArrowError(arrow_err, _) => classify_arrow_error(arrow_err),
         DataFusionError::NotImplemented(msg) => {

@@ -1,6 +1,7 @@
-//! `MATCH_RECOGNIZE` in batch queries: each `MATCH_RECOGNIZE` table factor of a SELECT is computed first (its input
-//! read through DataFusion, matched by the runtime) into a table of its own for this one query, and the query is then
-//! planned by DataFusion over those tables.
+//! `MATCH_RECOGNIZE` in batch queries: each `MATCH_RECOGNIZE` table factor of a SELECT becomes a table of its own
+//! for this one query ([`MatchesTable`]), whose scan is a node of DataFusion's physical plan ([`MatchRecognizeExec`]):
+//! when the query runs, it reads its input (planned by DataFusion) in full and matches it with the runtime's matcher.
+//! Nothing is computed while the query is planned.
 //!
 //! The tables live in a schema made for the query (`weir.mr_<n>`), dropped once the query is planned (the plan
 //! holds the tables it reads). `EXPLAIN` shows each `MATCH_RECOGNIZE` compiled (its pattern, conditions, measures and
@@ -12,9 +13,15 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Schema, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, MemorySchemaProvider, SchemaProvider};
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType, ReplaceChildrenOptions};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties};
 use datafusion::sql::sqlparser::ast::{
     self, MatchRecognizePattern, MatchRecognizeSymbol, Query, SetExpr, Statement, TableFactor,
 };
@@ -324,20 +331,13 @@ impl Resolver<'_> {
                          watermark passes its WITHIN bound",
                     ));
                 }
-                let df = self
-                    .session
-                    .ctx
-                    .execute_logical_plan(plan)
-                    .await
-                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let batches = df.collect().await.map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
-                let result = Matcher::try_new(spec, input_schema.clone())
-                    .and_then(|matcher| matcher.run(&batches))
-                    .map_err(|e| ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}")))?;
+                // Matched when the query runs, by a node of its physical plan (the input read in full there).
+                let matches = Matcher::try_new(spec.clone(), input_schema.clone())
+                    .map_err(|e| ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}")))?
+                    .schema();
                 let name = format!("matches_{}", self.tables);
                 self.tables += 1;
-                let table = MemTable::try_new(result.schema(), vec![vec![result]])
-                    .map_err(|e| ErrorReport::from_datafusion(&e, self.sql))?;
+                let table = MatchesTable { input: plan, spec, input_schema, schema: matches };
                 *factor = self.register(&name, Arc::new(table), alias_text)?;
                 Ok(())
             }
@@ -448,4 +448,143 @@ pub(crate) fn describe(stage: &MatchRecognizeStage) -> String {
         spec.pattern.render(&spec.variables),
         rows_per_match(spec),
     )
+}
+
+/// The matches of a SELECT's `MATCH_RECOGNIZE` as a table: its scan matches the input when the query runs.
+#[derive(Debug)]
+struct MatchesTable {
+    input: datafusion::logical_expr::LogicalPlan,
+    spec: MatchRecognize,
+    input_schema: SchemaRef,
+    schema: SchemaRef,
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for MatchesTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let input = state.create_physical_plan(&self.input).await?;
+        let exec: Arc<dyn ExecutionPlan> =
+            Arc::new(MatchRecognizeExec::new(input, self.spec.clone(), self.input_schema.clone(), self.schema.clone()));
+        let Some(columns) = projection else { return Ok(exec) };
+        let exprs: Vec<(Arc<dyn datafusion::physical_plan::PhysicalExpr>, String)> = columns
+            .iter()
+            .map(|c| {
+                let name = self.schema.field(*c).name().clone();
+                let column = datafusion::physical_expr::expressions::Column::new(&name, *c);
+                (Arc::new(column) as Arc<dyn datafusion::physical_plan::PhysicalExpr>, name)
+            })
+            .collect();
+        Ok(Arc::new(datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, exec)?))
+    }
+}
+
+/// A SELECT's `MATCH_RECOGNIZE` in DataFusion's physical plan: reads its input in full, partitions, orders and matches
+/// it (the runtime's [`Matcher`]), and hands out the matches' rows. A failure of the matcher (`AFTER MATCH SKIP` onto
+/// the match's own first row) is a `22000` error of the statement.
+#[derive(Debug)]
+struct MatchRecognizeExec {
+    input: Arc<dyn ExecutionPlan>,
+    spec: MatchRecognize,
+    input_schema: SchemaRef,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl MatchRecognizeExec {
+    fn new(input: Arc<dyn ExecutionPlan>, spec: MatchRecognize, input_schema: SchemaRef, schema: SchemaRef) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        MatchRecognizeExec { input, spec, input_schema, schema, properties }
+    }
+}
+
+impl DisplayAs for MatchRecognizeExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "MatchRecognizeExec: {}", self.spec.pattern)
+    }
+}
+
+impl ExecutionPlan for MatchRecognizeExec {
+    fn name(&self) -> &'static str {
+        "MatchRecognizeExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        ) -> datafusion::common::Result<TreeNodeRecursion>,
+    ) -> datafusion::common::Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        self.with_children(children)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        self.with_children(children)
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        context: Arc<TaskContext>,
+    ) -> datafusion::common::Result<SendableRecordBatchStream> {
+        let (input, spec, input_schema) = (self.input.clone(), self.spec.clone(), self.input_schema.clone());
+        let matches = futures::stream::once(async move {
+            let batches = datafusion::physical_plan::collect(input, context).await?;
+            Matcher::try_new(spec, input_schema).and_then(|matcher| matcher.run(&batches)).map_err(|e| {
+                let report = ErrorReport::new(SqlState::DATA_EXCEPTION, format!("MATCH_RECOGNIZE: {e}"));
+                datafusion::error::DataFusionError::External(Box::new(report))
+            })
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), matches)))
+    }
+}
+
+impl MatchRecognizeExec {
+    fn with_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[_; 1]>::try_from(children).map_err(|_| {
+            datafusion::error::DataFusionError::Internal("MatchRecognizeExec has one input".to_string())
+        })?;
+        Ok(Arc::new(MatchRecognizeExec::new(input, self.spec.clone(), self.input_schema.clone(), self.schema.clone())))
+    }
 }
