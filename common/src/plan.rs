@@ -6,9 +6,10 @@
 //!   Scan(zones) -> Stateless ---+                        (or MATCH_RECOGNIZE [+ plan over matches])
 //! ```
 //!
-//! A plan is a tree of [`PlanNode`]s: scans of the relations read, stateless DataFusion plans over
-//! [`FeedExec`](crate::feed::FeedExec) leaves (one feed per input of the node), joins, window aggregations closing
-//! on the watermark below joins, and at most one view aggregation or `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
+//! A plan is a graph of [`PlanNode`]s (a tree, except that a subplan the query has twice is one node read by both):
+//! scans of the relations read, stateless DataFusion plans over [`FeedExec`](crate::feed::FeedExec) leaves (one feed
+//! per input of the node), interval and window joins, temporal joins ([`TemporalSpec`]), window aggregations closing
+//! on the watermark below joins, and at most one view aggregation, Top-N or `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
 //! columns its output watermark bounds. The aggregate's and the join's expressions come from the physical plan
 //! DataFusion made of the query, so they mean exactly what they mean in batch queries.
 
