@@ -207,12 +207,7 @@ impl GraphBuilder {
         }
         let bounds = self.bounds(input);
         let bound = |key: usize| expr_bound(&spec.keys[key].0, &bounds, &spec.input);
-        // The groups of a time key the watermark bounds are complete once it passes them, whatever the key is called
-        // (Nexmark q5 groups HOP windows by window_start alone): that key closes them, as a window end would.
-        let timed = |key: &usize| {
-            matches!(spec.keys[*key].0.data_type(&spec.input), Ok(DataType::Timestamp(..))) && bound(*key).is_some()
-        };
-        let Some(end) = spec.window_end.or_else(|| (0..spec.keys.len()).find(timed)) else {
+        let Some(end) = spec.window_end.or_else(|| closing_key(&spec, &bounds)) else {
             return Err(unsupported("a GROUP BY without a window below a join").with_hint(
                 "Group by the window_start and window_end of TUMBLE, HOP or CUMULATE: each window is joined once it \
                  closes. The rows of a plain GROUP BY change, and joining changes needs retractions.",
@@ -300,6 +295,17 @@ fn signature(node: &PlanNode) -> Option<String> {
 /// Whether `plan` filters rows anywhere.
 fn contains_filter(plan: &Arc<dyn ExecutionPlan>) -> bool {
     plan.downcast_ref::<FilterExec>().is_some() || plan.children().into_iter().any(contains_filter)
+}
+
+/// The key that closes the groups of an aggregation without a `window_end` key: the groups of a time key the
+/// watermark bounds (`bounds`, the input's) are complete once it passes them, whatever the key is called (Nexmark q5
+/// groups HOP windows by `window_start` alone), as a window end's would be.
+pub(crate) fn closing_key(spec: &weir_common::plan::WindowAggregateSpec, bounds: &Bounds) -> Option<usize> {
+    (0..spec.keys.len()).find(|k| {
+        let expr = &spec.keys[*k].0;
+        matches!(expr.data_type(&spec.input), Ok(DataType::Timestamp(..)))
+            && expr_bound(expr, bounds, &spec.input).is_some()
+    })
 }
 
 /// The order of `spec`'s keys by what each computes: input columns in the input's order, then other expressions by

@@ -150,12 +150,10 @@ pub async fn plan_streaming(
     let below = graph.cut(&below)?;
     // Sessions close by their rows' times (each one-row session starts at its row's time); windows by their end.
     let below_bounds = graph.bounds(below);
-    let key_bound = |i: usize| expr_bound(&spec.keys[i].0, &below_bounds, &spec.input);
     // Emitted on close without a window_end among the keys, any time key the watermark bounds closes the groups (HOP
     // windows grouped by window_start alone, as Nexmark's q5 does).
     if emit_on_window_close && spec.window_end.is_none() && spec.session.is_none() {
-        let timed = |k: &usize| matches!(spec.keys[*k].0.data_type(&spec.input), Ok(DataType::Timestamp(..)));
-        spec.window_end = (0..spec.keys.len()).find(|k| timed(k) && key_bound(*k).is_some());
+        spec.window_end = crate::graph::closing_key(&spec, &below_bounds);
     }
     if emit_on_window_close && spec.window_end.is_none() {
         return Err(needs_window());
