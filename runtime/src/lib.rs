@@ -61,6 +61,11 @@ pub enum RuntimeError {
     Match(String),
     #[error("internal error: join: {0}")]
     Join(String),
+    #[error(
+        "the view's dataflow is not the one its last checkpoint was written for (another version of Weir planned it \
+         differently): drop the view and create it again"
+    )]
+    PlanChanged,
     #[error(transparent)]
     State(#[from] state::StateError),
 }

@@ -112,6 +112,9 @@ impl Aggregation {
 
 use crate::{Result, RuntimeError};
 
+/// The key, in a view's `inputs` table, of the plan layout its checkpoint was written for.
+const LAYOUT: &[u8] = b"layout";
+
 /// One input of a pipeline, read in splits (a Kafka topic's partitions; one split for most sources), each with its
 /// own watermark assigner.
 #[derive(Debug)]
@@ -723,6 +726,7 @@ impl Pipeline {
         if let Some(combined) = self.combined {
             batch.put(inputs.key(b"combined"), encode_i64(combined).to_vec());
         }
+        batch.put(inputs.key(LAYOUT), self.layout().into_bytes());
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
         }
@@ -731,6 +735,28 @@ impl Pipeline {
             state.checkpoint(&nodes.part(&(id as u32).to_be_bytes()), batch)?;
         }
         Ok(())
+    }
+
+    /// The plan's shape as its checkpoints depend on it: each node's operator kind and inputs, in node order.
+    fn layout(&self) -> String {
+        let kinds: Vec<String> = self
+            .plan
+            .nodes
+            .iter()
+            .map(|node| {
+                let kind = match &node.operator {
+                    NodeOperator::Scan { input } => format!("scan {input}"),
+                    NodeOperator::Stateless { .. } => "stateless".to_string(),
+                    NodeOperator::Join(_) => "join".to_string(),
+                    NodeOperator::TemporalJoin(_) => "temporal join".to_string(),
+                    NodeOperator::Aggregate { .. } => "aggregate".to_string(),
+                    NodeOperator::TopN { .. } => "top-n".to_string(),
+                    NodeOperator::MatchRecognize { .. } => "match".to_string(),
+                };
+                format!("{kind} {:?}", node.inputs)
+            })
+            .collect();
+        kinds.join("; ")
     }
 
     /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
@@ -743,6 +769,12 @@ impl Pipeline {
     /// Continues from the state view `name` last checkpointed to `store`.
     pub fn restore(&mut self, name: &str, store: &dyn StateStore) -> Result<()> {
         let inputs = StateTable::new(&format!("{name}/inputs"));
+        // Node states are keyed by node id: a plan numbered differently would read another node's state.
+        if let Some(layout) = store.get(&inputs.key(LAYOUT))?
+            && layout != self.layout().as_bytes()
+        {
+            return Err(RuntimeError::PlanChanged);
+        }
         let read = |key: &[u8]| -> Result<Option<Watermark>> {
             Ok(store.get(&inputs.key(key))?.map(|v| decode_i64(&v)).transpose()?)
         };

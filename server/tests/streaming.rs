@@ -305,3 +305,21 @@ fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
         seed % bound
     }
 }
+
+/// A checkpoint remembers the shape of the dataflow it was written for: a pipeline numbered differently (another
+/// version of Weir planning the same view another way) refuses it instead of reading other nodes' state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_restored_only_into_the_dataflow_it_was_written_for() {
+    let watermark = ", WATERMARK FOR ts AS ts - INTERVAL '1' SECOND";
+    let windows = "SELECT auction, window_end, count(*) AS n FROM TUMBLE(bids, ts, INTERVAL '10' SECOND) \
+                   GROUP BY auction, window_start, window_end";
+    let store = weir_runtime::state::MemoryStore::new();
+    let mut writes = weir_runtime::state::WriteBatch::default();
+    pipeline(windows, watermark, true).await.checkpoint("v", &mut writes).unwrap();
+    weir_runtime::state::StateStore::write(&store, &writes).unwrap();
+    pipeline(windows, watermark, true).await.restore("v", &store).expect("the same dataflow restores");
+    let joined = "SELECT b.auction, c.price FROM bids b JOIN bids c ON b.auction = c.auction \
+                  AND c.ts BETWEEN b.ts AND b.ts + INTERVAL '1' SECOND";
+    let refused = pipeline(joined, watermark, false).await.restore("v", &store).unwrap_err();
+    assert!(matches!(refused, weir_runtime::RuntimeError::PlanChanged), "{refused}");
+}
