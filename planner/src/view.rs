@@ -39,8 +39,6 @@ pub struct CatalogRelation {
     pub watermark: Vec<(usize, i64)>,
     /// The column its watermark is on (a source's or table's `WATERMARK FOR`, or the first a view's bounds).
     pub event_time: Option<String>,
-    /// Its primary key's columns (which a temporal join versions it by).
-    pub primary_key: Vec<String>,
 }
 
 /// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows: the plan of its input, the
@@ -64,9 +62,9 @@ pub trait Catalog: Send + Sync {
     /// Every relation.
     fn relations(&self) -> Vec<CatalogRelation>;
 
-    /// The relation an object name in a query names (an error with `42P01` when there is none, `3F000` for another
-    /// schema).
-    fn resolve(&self, name: &ObjectName) -> Result<CatalogRelation, ErrorReport>;
+    /// What a temporal join needs of the relation an object name in a query names: its primary key and event time
+    /// (an error with `42P01` when there is none, `3F000` for another schema).
+    fn versioned(&self, name: &ObjectName) -> Result<Versioned, ErrorReport>;
 
     /// DataFusion's session state, with the catalog's relations and Weir's functions registered.
     fn session_state(&self) -> SessionState;
@@ -105,12 +103,7 @@ pub struct ViewPlan {
 /// Plans `view` as a streaming dataflow over the relations of `catalog` (see the module doc).
 pub async fn plan_view(view: ViewQuery<'_>, catalog: &dyn Catalog) -> Result<ViewPlan, ErrorReport> {
     let mut query = view.query.clone();
-    let versioned = |name: &ObjectName| {
-        catalog
-            .resolve(name)
-            .map(|r| Versioned { primary_key: r.primary_key.clone(), event_time: r.event_time.clone() })
-    };
-    crate::temporal::rewrite_temporal_joins(&mut query, &versioned, true)?;
+    crate::temporal::rewrite_temporal_joins(&mut query, &|name| catalog.versioned(name), true)?;
     let (logical, matching) = catalog.logical_plan(&query, view.row_patterns).await?;
     let mut depends_on = scanned_relations(&logical, catalog, view.sql)?;
     if let Some(matching) = &matching {

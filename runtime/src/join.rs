@@ -37,7 +37,7 @@ use datafusion::common::{JoinSide, JoinType};
 use weir_common::plan::{JoinSpec, LEFT, RIGHT};
 use weir_common::stream::Watermark;
 
-use crate::operator::Operator;
+use crate::operator::{JoinOperator, Operator};
 use crate::state::{
     Checkpointed, StateError, StateStore, StateTable, WriteBatch, decode_batches, decode_i64, encode_batches,
     encode_i64,
@@ -123,27 +123,9 @@ impl IntervalJoin {
         })
     }
 
-    pub fn late_rows(&self) -> u64 {
-        self.late_rows
-    }
-
-    pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.late)
-    }
-
-    /// About how many bytes the kept rows take.
-    pub fn memory(&self) -> usize {
-        self.sides.iter().map(|s| s.bytes).sum()
-    }
-
     /// Rows kept on each side.
-    pub fn kept_rows(&self) -> [usize; 2] {
+    pub fn kept_per_side(&self) -> [usize; 2] {
         [0, 1].map(|s| self.sides[s].slots.values().map(|slot| slot.live).sum())
-    }
-
-    /// The output watermark: the minimum of the inputs'.
-    pub fn watermark(&self) -> Option<Watermark> {
-        Some(self.watermarks[LEFT]?.min(self.watermarks[RIGHT]?))
     }
 
     /// Processes rows of input `side`.
@@ -583,9 +565,10 @@ fn times(batch: &RecordBatch, column: usize) -> Result<Vec<Option<i64>>> {
     Ok(numbers.as_primitive::<Int64Type>().iter().collect())
 }
 
-impl crate::operator::JoinOperator for IntervalJoin {
+impl JoinOperator for IntervalJoin {
+    /// The output watermark: the minimum of the inputs'.
     fn watermark(&self) -> Option<Watermark> {
-        IntervalJoin::watermark(self)
+        Some(self.watermarks[LEFT]?.min(self.watermarks[RIGHT]?))
     }
 
     fn on_idle(&mut self, input: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
@@ -593,19 +576,20 @@ impl crate::operator::JoinOperator for IntervalJoin {
     }
 
     fn late_rows(&self) -> u64 {
-        IntervalJoin::late_rows(self)
+        self.late_rows
     }
 
     fn take_late(&mut self) -> Vec<RecordBatch> {
-        IntervalJoin::take_late(self)
+        std::mem::take(&mut self.late)
     }
 
+    /// About how many bytes the kept rows take.
     fn memory(&self) -> usize {
-        IntervalJoin::memory(self)
+        self.sides.iter().map(|s| s.bytes).sum()
     }
 
     fn kept_rows(&self) -> usize {
-        IntervalJoin::kept_rows(self).iter().sum()
+        self.kept_per_side().iter().sum()
     }
 }
 
@@ -944,7 +928,7 @@ mod tests {
         }
         op.on_watermark(LEFT, i64::MAX, &mut out).unwrap();
         op.on_watermark(RIGHT, i64::MAX, &mut out).unwrap();
-        assert_eq!(op.kept_rows(), [0, 0], "every row leaves once both inputs end");
+        assert_eq!(op.kept_per_side(), [0, 0], "every row leaves once both inputs end");
         assert_eq!(op.late_rows(), 0, "no row lags by the bound");
         text(&out)
     }
@@ -1026,7 +1010,7 @@ mod tests {
         let mut out = Vec::new();
         op.on_data(LEFT, &batch(&[(1, 2, 6)]), &mut out).unwrap();
         assert!(out.is_empty(), "past the TTL the right row is gone: {:?}", text(&out));
-        assert_eq!(op.kept_rows()[RIGHT], 0);
+        assert_eq!(op.kept_per_side()[RIGHT], 0);
     }
 
     #[test]
@@ -1048,6 +1032,6 @@ mod tests {
         let mut restored = join(JoinType::Inner, 0, 10);
         restored.restore(&table, &store).unwrap();
         assert_eq!(restored.late_rows(), 1);
-        assert_eq!(restored.kept_rows(), [1, 1]);
+        assert_eq!(restored.kept_per_side(), [1, 1]);
     }
 }

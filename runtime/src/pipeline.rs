@@ -112,6 +112,27 @@ impl Aggregation {
 
 use crate::{Result, RuntimeError};
 
+/// The plan's shape as its checkpoints depend on it: each node's operator kind and inputs, in node order.
+fn layout(plan: &StreamingPlan) -> String {
+    let kinds: Vec<String> = plan
+        .nodes
+        .iter()
+        .map(|node| {
+            let kind = match &node.operator {
+                NodeOperator::Scan { input } => format!("scan {input}"),
+                NodeOperator::Stateless { .. } => "stateless".to_string(),
+                NodeOperator::Join(_) => "join".to_string(),
+                NodeOperator::TemporalJoin(_) => "temporal join".to_string(),
+                NodeOperator::Aggregate { .. } => "aggregate".to_string(),
+                NodeOperator::TopN { .. } => "top-n".to_string(),
+                NodeOperator::MatchRecognize { .. } => "match".to_string(),
+            };
+            format!("{kind} {:?}", node.inputs)
+        })
+        .collect();
+    kinds.join("; ")
+}
+
 /// The key, in a view's `inputs` table, of the plan layout its checkpoint was written for.
 const LAYOUT: &[u8] = b"layout";
 
@@ -238,6 +259,8 @@ struct Node {
 #[derive(Debug)]
 pub struct Pipeline {
     plan: StreamingPlan,
+    /// The plan's [`layout`], written with every checkpoint and checked by restore.
+    layout: String,
     inputs: Vec<Input>,
     nodes: Vec<Node>,
     /// The scan nodes of each input.
@@ -410,6 +433,7 @@ impl Pipeline {
             })
             .collect();
         Ok(Pipeline {
+            layout: layout(&plan),
             plan,
             inputs,
             nodes,
@@ -621,8 +645,13 @@ impl Pipeline {
                 }
                 continue;
             }
-            for (node, port) in self.nodes[at].parents.clone() {
-                if let Some(next) = self.step(node, port, batches.clone(), watermark).await? {
+            // Each reader but the last gets a copy of the batches (cheap: their columns are shared).
+            let readers = self.nodes[at].parents.len();
+            let mut batches = Some(batches);
+            for i in 0..readers {
+                let (node, port) = self.nodes[at].parents[i];
+                let input = if i + 1 == readers { batches.take() } else { batches.clone() };
+                if let Some(next) = self.step(node, port, input.unwrap_or_default(), watermark).await? {
                     work.push_back(next);
                 }
             }
@@ -726,7 +755,7 @@ impl Pipeline {
         if let Some(combined) = self.combined {
             batch.put(inputs.key(b"combined"), encode_i64(combined).to_vec());
         }
-        batch.put(inputs.key(LAYOUT), self.layout().into_bytes());
+        batch.put(inputs.key(LAYOUT), self.layout.clone().into_bytes());
         if let Some(aggregate) = &mut self.aggregate {
             aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
         }
@@ -735,28 +764,6 @@ impl Pipeline {
             state.checkpoint(&nodes.part(&(id as u32).to_be_bytes()), batch)?;
         }
         Ok(())
-    }
-
-    /// The plan's shape as its checkpoints depend on it: each node's operator kind and inputs, in node order.
-    fn layout(&self) -> String {
-        let kinds: Vec<String> = self
-            .plan
-            .nodes
-            .iter()
-            .map(|node| {
-                let kind = match &node.operator {
-                    NodeOperator::Scan { input } => format!("scan {input}"),
-                    NodeOperator::Stateless { .. } => "stateless".to_string(),
-                    NodeOperator::Join(_) => "join".to_string(),
-                    NodeOperator::TemporalJoin(_) => "temporal join".to_string(),
-                    NodeOperator::Aggregate { .. } => "aggregate".to_string(),
-                    NodeOperator::TopN { .. } => "top-n".to_string(),
-                    NodeOperator::MatchRecognize { .. } => "match".to_string(),
-                };
-                format!("{kind} {:?}", node.inputs)
-            })
-            .collect();
-        kinds.join("; ")
     }
 
     /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
@@ -771,7 +778,7 @@ impl Pipeline {
         let inputs = StateTable::new(&format!("{name}/inputs"));
         // Node states are keyed by node id: a plan numbered differently would read another node's state.
         if let Some(layout) = store.get(&inputs.key(LAYOUT))?
-            && layout != self.layout().as_bytes()
+            && layout != self.layout.as_bytes()
         {
             return Err(RuntimeError::PlanChanged);
         }

@@ -33,7 +33,7 @@ use weir_common::plan::{LEFT, RIGHT, TemporalSpec};
 use weir_common::stream::Watermark;
 
 use crate::join::{WATERMARKS, encode_watermarks, restore_slots, restore_watermarks, slot_key};
-use crate::operator::Operator;
+use crate::operator::{JoinOperator, Operator};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, encode_batches};
 use crate::{Result, RuntimeError};
 
@@ -137,31 +137,9 @@ impl TemporalJoin {
         1 - self.versioned()
     }
 
-    pub fn late_rows(&self) -> u64 {
-        self.late_rows
-    }
-
-    pub fn take_late(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.late)
-    }
-
-    /// About how many bytes the kept rows take.
-    pub fn memory(&self) -> usize {
-        self.bytes
-    }
-
     /// Rows kept on each side: held probe rows, and versions.
-    pub fn kept_rows(&self) -> [usize; 2] {
+    pub fn kept_per_side(&self) -> [usize; 2] {
         [LEFT, RIGHT].map(|side| self.stored[side].values().map(|s| s.live).sum())
-    }
-
-    /// The output watermark: the minimum of the inputs' (event time), or the probe side's (a lookup).
-    pub fn watermark(&self) -> Option<Watermark> {
-        let probe = self.watermarks[self.probe_side()]?;
-        match self.spec.times {
-            Some(_) if !self.versions_idle => Some(probe.min(self.watermarks[self.versioned()]?)),
-            _ => Some(probe),
-        }
     }
 
     /// The join keys of `batch`'s rows on `side`; `None` for a NULL key (which joins nothing).
@@ -293,9 +271,9 @@ impl TemporalJoin {
             let kept: Vec<bool> =
                 (0..batch.num_rows()).map(|r| !late[r] && keys[r].is_some() && times[r].is_some()).collect();
             if kept.contains(&true) {
-                let id = self.store(side, batch.clone(), kept.clone(), false);
+                let id = self.store(side, batch.clone(), kept, false);
                 for (row, key) in keys.into_iter().enumerate() {
-                    if let (true, Some(key), Some(time)) = (kept[row], key, times[row]) {
+                    if let (false, Some(key), Some(time)) = (late[row], key, times[row]) {
                         self.add_version(key, time, (id, row as u32));
                     }
                 }
@@ -342,19 +320,22 @@ impl TemporalJoin {
     /// Adds a version of `key` valid from `time`; one of the same key and time that arrived earlier leaves (as does
     /// every earlier version of a lookup's key).
     fn add_version(&mut self, key: Box<[u8]>, time: i64, row: RowRef) {
-        let versions = self.versions.entry(key.clone()).or_default();
-        let replaced: Vec<RowRef> =
-            versions.range((time, (0, 0))..=(time, (u64::MAX, u32::MAX))).map(|(k, _)| k.1).collect();
-        for old in &replaced {
-            versions.remove(&(time, *old));
+        // The key is copied for a new key only: this runs for every version row.
+        if !self.versions.contains_key(&*key) {
+            self.versions.insert(key.clone(), Versions::new());
+        }
+        let Some(versions) = self.versions.get_mut(&*key) else { return };
+        // Of one key and time only the latest arrival is kept, so at most one is replaced.
+        let replaced = versions.range((time, (0, 0))..=(time, (u64::MAX, u32::MAX))).next().map(|(k, _)| k.1);
+        if let Some(old) = replaced {
+            versions.remove(&(time, old));
         }
         versions.insert((time, row), ());
-        if versions.len() > 1 {
+        if versions.len() > 1 && !self.several.contains(&*key) {
             self.several.insert(key);
         }
-        let side = self.versioned();
-        for old in replaced {
-            self.release(side, old);
+        if let Some(old) = replaced {
+            self.release(self.versioned(), old);
         }
     }
 
@@ -555,9 +536,14 @@ enum Probes<'a> {
     Held(&'a [RowRef]),
 }
 
-impl crate::operator::JoinOperator for TemporalJoin {
+impl JoinOperator for TemporalJoin {
+    /// The output watermark: the minimum of the inputs' (event time), or the probe side's (a lookup).
     fn watermark(&self) -> Option<Watermark> {
-        TemporalJoin::watermark(self)
+        let probe = self.watermarks[self.probe_side()]?;
+        match self.spec.times {
+            Some(_) if !self.versions_idle => Some(probe.min(self.watermarks[self.versioned()]?)),
+            _ => Some(probe),
+        }
     }
 
     fn on_idle(&mut self, input: usize, out: &mut Vec<RecordBatch>) -> Result<()> {
@@ -565,19 +551,20 @@ impl crate::operator::JoinOperator for TemporalJoin {
     }
 
     fn late_rows(&self) -> u64 {
-        TemporalJoin::late_rows(self)
+        self.late_rows
     }
 
     fn take_late(&mut self) -> Vec<RecordBatch> {
-        TemporalJoin::take_late(self)
+        std::mem::take(&mut self.late)
     }
 
+    /// About how many bytes the kept rows take.
     fn memory(&self) -> usize {
-        TemporalJoin::memory(self)
+        self.bytes
     }
 
     fn kept_rows(&self) -> usize {
-        TemporalJoin::kept_rows(self).iter().sum()
+        self.kept_per_side().iter().sum()
     }
 }
 
@@ -778,12 +765,12 @@ mod tests {
                 }
             }
         }
-        let kept_versions = op.kept_rows()[op.versioned()];
+        let kept_versions = op.kept_per_side()[op.versioned()];
         let keys: std::collections::BTreeSet<i64> = inputs[op.versioned()].iter().map(|r| r.0).collect();
         op.on_watermark(LEFT, i64::MAX, &mut out).unwrap();
         op.on_watermark(RIGHT, i64::MAX, &mut out).unwrap();
-        assert_eq!(op.kept_rows()[op.probe_side()], 0, "every probe row is joined once both inputs end");
-        assert!(op.kept_rows()[op.versioned()] <= keys.len(), "one version per key is left at the end");
+        assert_eq!(op.kept_per_side()[op.probe_side()], 0, "every probe row is joined once both inputs end");
+        assert!(op.kept_per_side()[op.versioned()] <= keys.len(), "one version per key is left at the end");
         assert!(kept_versions <= inputs[op.versioned()].len());
         assert_eq!(op.late_rows(), 0, "no row lags by the bound");
         text(&out)
@@ -818,9 +805,9 @@ mod tests {
         // the version from 0 can never be joined again, the one from 10 still can.
         op.on_data(RIGHT, &batch(&[(1, 0, 0), (1, 1, 10), (1, 2, 20)]), &mut out).unwrap();
         op.on_watermark(RIGHT, 20, &mut out).unwrap();
-        assert_eq!(op.kept_rows(), [0, 3]);
+        assert_eq!(op.kept_per_side(), [0, 3]);
         op.on_watermark(LEFT, 15, &mut out).unwrap();
-        assert_eq!(op.kept_rows(), [0, 2]);
+        assert_eq!(op.kept_per_side(), [0, 2]);
         op.on_data(LEFT, &batch(&[(1, 7, 16)]), &mut out).unwrap();
         assert_eq!(text(&out), vec!["1,7,16,1,1,10"]);
         // A probe row behind its own watermark is late: counted, set aside, not joined.
@@ -883,7 +870,7 @@ mod tests {
         op.on_data(RIGHT, &batch(&[(1, 5, 50), (1, 6, 40)]), &mut out).unwrap();
         op.on_data(LEFT, &batch(&[(1, 1, 0)]), &mut out).unwrap();
         assert_eq!(text(&out), vec!["1,0,", "1,1,6"]);
-        assert_eq!(op.kept_rows(), [0, 1], "a lookup keeps the latest version of a key only");
+        assert_eq!(op.kept_per_side(), [0, 1], "a lookup keeps the latest version of a key only");
         // The version survives a restart.
         let (store, table) = (MemoryStore::new(), StateTable::new("lookup"));
         let mut writes = WriteBatch::default();

@@ -962,7 +962,6 @@ impl Relation {
             append_only: self.append_only,
             watermark: self.watermark_columns(),
             event_time: self.event_time(),
-            primary_key: self.primary_key(),
         }
     }
 }
@@ -977,10 +976,8 @@ impl weir_planner::view::Catalog for SessionCatalog<'_> {
         self.session.engine.catalog.list().iter().map(Relation::planned).collect()
     }
 
-    fn resolve(&self, name: &ast::ObjectName) -> Result<CatalogRelation, ErrorReport> {
-        let name = object_name(name)?;
-        self.relation(&name)
-            .ok_or_else(|| ErrorReport::new(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist")))
+    fn versioned(&self, name: &ast::ObjectName) -> Result<weir_planner::temporal::Versioned, ErrorReport> {
+        self.session.versioned(name)
     }
 
     fn session_state(&self) -> datafusion::execution::SessionState {
