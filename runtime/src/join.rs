@@ -95,20 +95,14 @@ pub struct IntervalJoin {
     idle: [bool; 2],
 }
 
-fn arrow(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
+pub(crate) fn arrow(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
     RuntimeError::Expr(err.into())
 }
 
 impl IntervalJoin {
     /// A join of rows of `left` and `right` producing rows of `output` (the plan node's schema).
     pub fn try_new(spec: JoinSpec, left: SchemaRef, right: SchemaRef, output: SchemaRef) -> Result<Self> {
-        let fields = spec
-            .on
-            .iter()
-            .map(|(l, _)| l.data_type(&left).map(SortField::new))
-            .collect::<datafusion::error::Result<Vec<_>>>()
-            .map_err(RuntimeError::Expr)?;
-        let converter = RowConverter::new(fields).map_err(arrow)?;
+        let converter = key_converter(&spec, &left)?;
         Ok(IntervalJoin {
             spec,
             inputs: [left, right],
@@ -205,26 +199,7 @@ impl IntervalJoin {
 
     /// The join keys of `batch`'s rows on `side`.
     fn keys(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<Box<[u8]>>>> {
-        if self.spec.on.is_empty() {
-            return Ok(vec![Some(Box::from(&[][..])); batch.num_rows()]);
-        }
-        let columns = self
-            .spec
-            .on
-            .iter()
-            .map(|pair| {
-                let expr = if side == LEFT { &pair.0 } else { &pair.1 };
-                expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows()))
-            })
-            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()
-            .map_err(RuntimeError::Expr)?;
-        let rows = self.converter.convert_columns(&columns).map_err(arrow)?;
-        Ok((0..batch.num_rows())
-            .map(|row| {
-                let null = columns.iter().any(|c| c.is_null(row));
-                (!null || self.spec.nulls_equal).then(|| Box::from(rows.row(row).as_ref()))
-            })
-            .collect())
+        join_keys(&self.spec, &self.converter, side, batch)
     }
 
     /// The deadlines of `batch`'s rows on `side`: the other side's watermark at which each leaves.
@@ -536,13 +511,53 @@ impl IntervalJoin {
     }
 }
 
+/// The row converter of a join's keys (of the left side's key expressions' types, which the right's equal).
+pub(crate) fn key_converter(spec: &JoinSpec, left: &SchemaRef) -> Result<RowConverter> {
+    let fields = spec
+        .on
+        .iter()
+        .map(|(l, _)| l.data_type(left).map(SortField::new))
+        .collect::<datafusion::error::Result<Vec<_>>>()
+        .map_err(RuntimeError::Expr)?;
+    RowConverter::new(fields).map_err(arrow)
+}
+
+/// The join keys of `batch`'s rows on `side`, row-encoded by `converter` (see [`key_converter`]); `None` for a row
+/// whose key can match nothing (a NULL in it, unless NULLs match).
+pub(crate) fn join_keys(
+    spec: &JoinSpec,
+    converter: &RowConverter,
+    side: usize,
+    batch: &RecordBatch,
+) -> Result<Vec<Option<Box<[u8]>>>> {
+    if spec.on.is_empty() {
+        return Ok(vec![Some(Box::from(&[][..])); batch.num_rows()]);
+    }
+    let columns = spec
+        .on
+        .iter()
+        .map(|pair| {
+            let expr = if side == LEFT { &pair.0 } else { &pair.1 };
+            expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows()))
+        })
+        .collect::<datafusion::error::Result<Vec<ArrayRef>>>()
+        .map_err(RuntimeError::Expr)?;
+    let rows = converter.convert_columns(&columns).map_err(arrow)?;
+    Ok((0..batch.num_rows())
+        .map(|row| {
+            let null = columns.iter().any(|c| c.is_null(row));
+            (!null || spec.nulls_equal).then(|| Box::from(rows.row(row).as_ref()))
+        })
+        .collect())
+}
+
 /// The key of kept row `row`.
 fn key_of(slots: &BTreeMap<u64, Slot>, (slot, row): RowRef) -> Option<&[u8]> {
     slots.get(&slot).and_then(|s| s.keys.get(row as usize)).and_then(|k| k.as_deref())
 }
 
 /// The wall clock in milliseconds since 1970.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }

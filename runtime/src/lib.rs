@@ -7,6 +7,8 @@
 //!   batch at a time, with a watermark assigner per input split (a Kafka partition).
 //! - [`join`]: [`join::IntervalJoin`], the join of two streams whose state the watermarks bound (interval and window
 //!   joins, inner, outer, semi and anti).
+//! - [`regular_join`]: [`regular_join::RegularJoin`], the join without time bounds over inputs whose rows may be
+//!   retracted (a stream with a table, outer joins of streams, joins of updating views): an updating output.
 //! - [`temporal`]: [`temporal::TemporalJoin`], `FOR SYSTEM_TIME AS OF`: each probe row joined with the version of its
 //!   key valid at its event time (or the latest one, for a lookup at processing time).
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
@@ -25,8 +27,7 @@
 //! - [`state`]: the [`state::StateStore`] contract operators checkpoint their state through, and an in-memory store.
 //! - [`rocks`]: [`rocks::RocksStore`], the durable state store (RocksDB on disk).
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views, and
-//! joins without time bounds (with retractions). The runtime depends only on `weir-common` (and RocksDB).
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views. The runtime depends only on `weir-common` (and RocksDB).
 
 mod groups;
 pub mod join;
@@ -35,6 +36,7 @@ pub mod match_stream;
 pub mod materialize;
 pub mod operator;
 pub mod pipeline;
+pub mod regular_join;
 pub mod rocks;
 pub mod row_pattern;
 pub mod session_aggregate;

@@ -5,6 +5,36 @@ use weir_common::stream::{Epoch, Watermark};
 
 use crate::Result;
 
+/// Rows along an edge of a dataflow whose output is updating: rows added, or rows taken back (each retracted row was
+/// added before, on the same edge). An append-only edge only ever carries [`Delta::Insert`].
+#[derive(Debug, Clone)]
+pub enum Delta {
+    Insert(RecordBatch),
+    Retract(RecordBatch),
+}
+
+impl Delta {
+    /// The rows added or retracted.
+    pub fn rows(&self) -> &RecordBatch {
+        match self {
+            Delta::Insert(rows) | Delta::Retract(rows) => rows,
+        }
+    }
+
+    /// Whether the rows are taken back.
+    pub fn is_retraction(&self) -> bool {
+        matches!(self, Delta::Retract(_))
+    }
+
+    /// The same change of other rows.
+    pub fn with_rows(&self, rows: RecordBatch) -> Delta {
+        match self {
+            Delta::Insert(_) => Delta::Insert(rows),
+            Delta::Retract(_) => Delta::Retract(rows),
+        }
+    }
+}
+
 /// A streaming operator: a state machine over data, watermarks and barriers from one input or more (a join has two,
 /// numbered from 0 in the order of the plan node's inputs).
 ///
@@ -48,8 +78,22 @@ pub trait Operator: Send + std::fmt::Debug {
 ///   [`JoinOperator::late_rows`] and handed out once by [`JoinOperator::take_late`], never joined and never dropped
 ///   silently.
 /// - [`JoinOperator::memory`] and [`JoinOperator::kept_rows`] describe the rows kept, for the view's progress.
+/// - [`JoinOperator::on_change`] is how the runner hands it rows: a join over append-only inputs producing an
+///   append-only output keeps the default (inserts go to [`Operator::on_data`], a retraction is an error: the planner
+///   never sends one); a join that takes or produces retractions overrides it, and its output deltas keep the order
+///   in which a reader must apply them.
 pub trait JoinOperator: Operator + crate::state::Checkpointed {
     fn watermark(&self) -> Option<Watermark>;
+
+    fn on_change(&mut self, input: usize, change: &Delta, out: &mut Vec<Delta>) -> crate::Result<()> {
+        let Delta::Insert(rows) = change else {
+            return Err(crate::RuntimeError::Join("a retraction reached a join of append-only streams".to_string()));
+        };
+        let mut batches = Vec::new();
+        self.on_data(input, rows, &mut batches)?;
+        out.extend(batches.into_iter().map(Delta::Insert));
+        Ok(())
+    }
 
     /// Input `input` went idle (it is left out of watermarks until it says more); what the join can finish because
     /// of that goes to `out`. Joins that wait for both inputs' watermarks ignore it by default.
