@@ -8,7 +8,7 @@
 //!
 //! A plan is a graph of [`PlanNode`]s (a tree, except that a subplan the query has twice is one node read by both):
 //! scans of the relations read, stateless DataFusion plans over [`FeedExec`](crate::feed::FeedExec) leaves (one feed
-//! per input of the node), interval and window joins, temporal joins ([`TemporalSpec`]), window aggregations closing
+//! per input of the node), interval and window joins, regular joins (updating, with retractions), temporal joins ([`TemporalSpec`]), window aggregations closing
 //! on the watermark below joins, and at most one view aggregation, Top-N or `MATCH_RECOGNIZE` at the root. Each node knows its output schema, whether its output is append-only, and which
 //! columns its output watermark bounds. The aggregate's and the join's expressions come from the physical plan
 //! DataFusion made of the query, so they mean exactly what they mean in batch queries.
@@ -116,6 +116,9 @@ pub enum NodeOperator {
     Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
     /// A join of two streams (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
+    /// A join without time bounds whose inputs may retract rows, or which retracts rows itself (an outer join's
+    /// padded row when its partner comes): an updating output. `bounds` are empty; `ttl` bounds its state.
+    RegularJoin(Box<JoinSpec>),
     /// A temporal join: each row of one side joined with the version of the other side's row valid at its time
     /// (see [`TemporalSpec`]).
     TemporalJoin(Box<TemporalSpec>),
@@ -261,6 +264,14 @@ impl StreamingPlan {
     /// Whether the view only ever gains rows (so other views and append-only sinks can read it as a stream).
     pub fn append_only(&self) -> bool {
         self.nodes.last().is_some_and(|n| n.append_only)
+    }
+
+    /// Whether the view's rows are added and retracted one by one (its root is a regular join, or a stateless plan
+    /// over one), so that its store counts each row, rather than replacing windows or groups.
+    pub fn retracts_rows(&self) -> bool {
+        self.nodes.last().is_some_and(|n| {
+            !n.append_only && matches!(n.operator, NodeOperator::Stateless { .. } | NodeOperator::RegularJoin(_))
+        })
     }
 
     /// The nodes reading each node's output and at which of their inputs, in node order; none for the root. A node

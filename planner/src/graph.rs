@@ -10,8 +10,9 @@
 //!   `weir_prev_instant`; a filter keeps them; `UNION ALL` keeps the smallest offset of each column; anything else
 //!   bounds nothing (which is safe: a join then refuses what it cannot bound).
 //! - [`join_spec`]: a join's keys and residual filter, and the time bounds its condition puts on each side. A side
-//!   without a bound keeps its rows for ever: fine for inner and semi joins, refused where unmatched rows of it are
-//!   to be emitted (outer and anti joins), which would need retractions.
+//!   without a bound keeps its rows for ever: fine for inner and semi joins of append-only streams. Where unmatched
+//!   rows of such a side are to be emitted (outer and anti joins), or an input retracts rows, the join is a regular
+//!   join: its output is updating (an outer row padded with NULLs is retracted when its partner comes).
 
 use std::sync::Arc;
 
@@ -151,13 +152,15 @@ impl GraphBuilder {
         let [left, right] = children.as_slice() else { return Err(internal("a join without two inputs")) };
         let left = self.cut(left)?;
         let right = self.cut(right)?;
-        for side in [left, right] {
-            if !self.nodes[side].append_only {
-                return Err(unsupported("a join of an updating stream"));
-            }
-        }
+        let updating = !(self.nodes[left].append_only && self.nodes[right].append_only);
         let sides = [self.bounds(left), self.bounds(right)];
         if let Some((spec, bounds)) = temporal_spec(plan, &sides)? {
+            if updating {
+                return Err(unsupported("a temporal join of an updating stream").with_hint(
+                    "Join the versions FOR SYSTEM_TIME AS OF the rows of an append-only stream (a source, or a view \
+                     whose rows are never retracted).",
+                ));
+            }
             // A condition on the versioned relation alone lands below the join (DataFusion pushes it down): it would
             // drop versions before the one valid at a row's time is chosen, and an older version would be joined.
             let versions = [left, right][spec.versioned];
@@ -178,7 +181,19 @@ impl GraphBuilder {
                 watermark: watermark_of(&bounds),
             }));
         }
-        let spec = join_spec(plan, &sides)?;
+        let mut spec = join_spec(plan, &sides)?;
+        // Rows retracted, or unmatched rows of a side the watermark cannot tell are final: a regular join, whose
+        // output is updating and bounds no time.
+        if updating || unbounded_unmatched(&spec).is_some() {
+            spec.bounds = [Vec::new(), Vec::new()];
+            return Ok(self.add(PlanNode {
+                schema: plan.schema(),
+                operator: NodeOperator::RegularJoin(Box::new(spec)),
+                inputs: vec![left, right],
+                append_only: false,
+                watermark: vec![],
+            }));
+        }
         let bounds = join_output_bounds(&spec, &sides);
         Ok(self.add(PlanNode {
             schema: plan.schema(),
@@ -285,6 +300,7 @@ fn signature(node: &PlanNode) -> Option<String> {
             format!("stateless {}", datafusion::physical_plan::displayable(plan.as_ref()).indent(true))
         }
         NodeOperator::Join(spec) => format!("join {spec:?}"),
+        NodeOperator::RegularJoin(spec) => format!("regular join {spec:?}"),
         NodeOperator::TemporalJoin(spec) => format!("temporal join {spec:?}"),
         NodeOperator::Aggregate { spec, above: None, shift } => format!("aggregate {spec:?} {shift:?}"),
         _ => return None,
@@ -504,33 +520,22 @@ pub fn join_spec(plan: &Arc<dyn ExecutionPlan>, sides: &[Bounds; 2]) -> Result<J
     if let Some(filter) = &filter {
         filter_bounds(filter, sides, &schemas, &mut bounds);
     }
-    // A side without a bound keeps its rows for ever (an inner or semi join's output is append-only all the same);
-    // the side an outer or anti join emits unmatched rows of needs one, to know when a row has no partner.
-    for (side, name) in [(LEFT, "left"), (RIGHT, "right")] {
+    Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds, ttl: None })
+}
+
+/// The side of `spec` whose unmatched rows the join emits (an outer or anti join's) and which no time bound lets go:
+/// no watermark ever says such a row has no partner, so a join of append-only streams cannot emit it once and for all.
+/// A side without a bound otherwise just keeps its rows (an inner or semi join's output is append-only all the same).
+pub fn unbounded_unmatched(spec: &JoinSpec) -> Option<usize> {
+    [LEFT, RIGHT].into_iter().find(|side| {
         let emits_unmatched = matches!(
-            (join_type, side),
+            (spec.join_type, *side),
             (JoinType::Full, _)
                 | (JoinType::Left | JoinType::LeftAnti, LEFT)
                 | (JoinType::Right | JoinType::RightAnti, RIGHT)
         );
-        if emits_unmatched && bounds[side].is_empty() {
-            let kind = match join_type {
-                JoinType::Left => "LEFT join",
-                JoinType::Right => "RIGHT join",
-                JoinType::Full => "FULL join",
-                _ => "NOT EXISTS (anti) join",
-            };
-            return Err(unsupported(&format!("a {kind} of two streams without a time bound on its {name} rows"))
-                .with_hint(
-                    "Bound the other side's event time by this side's in the condition (b.ts BETWEEN a.ts AND a.ts + \
-                 INTERVAL '10' MINUTE, both sides with a watermark), so that the watermark tells when a row has no \
-                 partner; or, to join each row with a table's row as it is when the row arrives, join the table FOR \
-                 SYSTEM_TIME AS OF PROCTIME() (a lookup, with a PRIMARY KEY on the table). Joins whose rows are \
-                 retracted later are not built yet.",
-                ));
-        }
-    }
-    Ok(JoinSpec { join_type, on, filter, nulls_equal, projection, bounds, ttl: None })
+        emits_unmatched && spec.bounds[*side].is_empty()
+    })
 }
 
 /// A temporal join, if the join's filter carries the marker of one (see [`crate::temporal`]): its spec and the

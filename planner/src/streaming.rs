@@ -148,6 +148,13 @@ pub async fn plan_streaming(
     };
     let (mut spec, below) = window_aggregate(&aggregate)?;
     let below = graph.cut(&below)?;
+    if !graph.nodes[below].append_only {
+        return Err(unsupported("an aggregation of an updating stream (a regular join's rows, which it retracts)")
+            .with_hint(
+                "Aggregate an append-only join: bound both sides' event times in its condition (an interval join), \
+                 or join a table FOR SYSTEM_TIME AS OF PROCTIME() (a lookup, with a PRIMARY KEY on the table).",
+            ));
+    }
     // Sessions close by their rows' times (each one-row session starts at its row's time); windows by their end.
     let below_bounds = graph.bounds(below);
     // Emitted on close without a window_end among the keys, any time key the watermark bounds closes the groups (HOP

@@ -137,7 +137,7 @@ pub async fn plan_view(view: ViewQuery<'_>, catalog: &dyn Catalog) -> Result<Vie
     };
     // The view's state TTL bounds the sides its joins would keep for ever.
     for node in &mut plan.nodes {
-        if let NodeOperator::Join(spec) = &mut node.operator {
+        if let NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) = &mut node.operator {
             spec.ttl = view.state_ttl;
         }
     }
@@ -191,7 +191,7 @@ fn check_input(plan: &StreamingPlan, input: &CatalogRelation) -> Result<(), Erro
         return Err(ErrorReport::new(
             SqlState::FEATURE_NOT_SUPPORTED,
             format!(
-                "materialized view \"{}\" is an updating stream (its rows change as windows fill), and a view \
+                "materialized view \"{}\" is an updating stream (its rows change after they appear), and a view \
                  over it needs an append-only input",
                 input.name
             ),

@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{HashMap, HashSet};
 use tokio::sync::mpsc;
 use weir_common::connector::{ConnectorError, SourceReader};
 use weir_common::sink::RowChange;
@@ -35,12 +37,16 @@ use crate::state::{
 
 const APPENDED_TAG: u8 = b'a';
 const WINDOW_TAG: u8 = b'w';
+/// A counted row (see [`ViewStore::with_retractions`]): `c | row` -> its count.
+const COUNTED_TAG: u8 = b'c';
 
 /// One change to a relation's rows.
 #[derive(Debug, Clone)]
 pub enum ViewChange {
-    /// Rows added for good.
+    /// Rows added (for good, unless the view's rows are retracted one by one: see [`ViewStore::with_retractions`]).
     Append(Vec<RecordBatch>),
+    /// Rows taken back, each one added before (a view over a regular join).
+    Retract(Vec<RecordBatch>),
     /// The rows of window `window` (by window end; [`crate::window_aggregate::NO_WINDOW`] for a plain aggregation)
     /// are now `rows`, replacing whatever it had (all its parts).
     Replace { window: i64, rows: Vec<RecordBatch> },
@@ -58,9 +64,87 @@ pub struct ViewStore {
     keep_appended: bool,
 }
 
+/// The rows of a view whose rows are retracted one by one: each distinct row (row-encoded) with its multiplicity.
+struct Counted {
+    converter: RowConverter,
+    rows: HashMap<Box<[u8]>, u64>,
+    /// Rows whose count changed since the last checkpoint.
+    unsaved: HashSet<Box<[u8]>>,
+    /// The rows decoded, until they change.
+    decoded: Option<Vec<RecordBatch>>,
+    total: usize,
+    bytes: usize,
+    /// Retractions of rows the view did not have.
+    unknown: u64,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted").field("rows", &self.total).finish_non_exhaustive()
+    }
+}
+
+impl Counted {
+    /// Adds (`by` 1) or takes back (`by` -1) each row of `batch`; returns the rows that changed the view (all but
+    /// retractions of rows it does not have).
+    fn change(&mut self, batch: &RecordBatch, by: i64) -> Result<RecordBatch, StateError> {
+        let rows = self.converter.convert_columns(batch.columns()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.decoded = None;
+        let mut applied = vec![true; batch.num_rows()];
+        for (i, row) in rows.iter().enumerate() {
+            let row = row.as_ref();
+            match (self.rows.get_mut(row), by > 0) {
+                (Some(count), true) => *count += 1,
+                (None, true) => {
+                    self.rows.insert(Box::from(row), 1);
+                    self.bytes += row.len();
+                }
+                (Some(count), false) => {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.rows.remove(row);
+                        self.bytes = self.bytes.saturating_sub(row.len());
+                    }
+                }
+                (None, false) => {
+                    self.unknown += 1;
+                    applied[i] = false;
+                    continue;
+                }
+            }
+            self.total = if by > 0 { self.total + 1 } else { self.total.saturating_sub(1) };
+            self.unsaved.insert(Box::from(row));
+        }
+        if applied.iter().all(|a| *a) {
+            return Ok(batch.clone());
+        }
+        let mask = datafusion::arrow::array::BooleanArray::from(applied);
+        datafusion::arrow::compute::filter_record_batch(batch, &mask).map_err(|e| StateError::Corrupt(e.to_string()))
+    }
+
+    /// Every row, each as often as it counts.
+    fn batches(&mut self, schema: &SchemaRef) -> Vec<RecordBatch> {
+        if let Some(decoded) = &self.decoded {
+            return decoded.clone();
+        }
+        let parser = self.converter.parser();
+        let rows = self.rows.iter().flat_map(|(row, count)| std::iter::repeat_n(parser.parse(row), *count as usize));
+        let decoded = match self.converter.convert_rows(rows) {
+            Ok(columns) if !columns.is_empty() && self.total > 0 => {
+                RecordBatch::try_new(schema.clone(), columns).map(|b| vec![b]).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        self.decoded = Some(decoded.clone());
+        decoded
+    }
+}
+
 #[derive(Debug, Default)]
 struct Contents {
     appended: Vec<RecordBatch>,
+    /// A view whose rows are retracted one by one keeps them here (and nothing in `appended`).
+    counted: Option<Counted>,
     /// The rows of each part of each window, by window end and part.
     windows: BTreeMap<(i64, u32), Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<Published>>,
@@ -92,6 +176,24 @@ impl ViewStore {
         ViewStore { schema, contents: Mutex::default(), keep_appended: true }
     }
 
+    /// The store of a view whose rows are added and retracted one by one (a regular join's): it keeps each distinct
+    /// row with its count, and tells sinks each epoch's retracted and added rows as one replacement.
+    pub fn with_retractions(schema: SchemaRef) -> Result<Self, StateError> {
+        let fields = schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let converter = RowConverter::new(fields).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        let counted = Counted {
+            converter,
+            rows: HashMap::default(),
+            unsaved: HashSet::default(),
+            decoded: None,
+            total: 0,
+            bytes: 0,
+            unknown: 0,
+        };
+        let contents = Contents { counted: Some(counted), ..Contents::default() };
+        Ok(ViewStore { schema, contents: Mutex::new(contents), keep_appended: true })
+    }
+
     /// A store that passes appended rows to its subscribers without keeping them: the rows of a sink's query,
     /// which nothing reads but the sink. Windows are kept, to tell the sink what changed in each.
     pub fn passing(schema: SchemaRef) -> Self {
@@ -108,8 +210,39 @@ impl ViewStore {
         let mut contents = self.lock();
         let mut row_changes = Vec::new();
         let tell_sinks = !contents.change_subscribers.is_empty();
+        let mut changes = changes;
+        if let Some(counted) = &mut contents.counted {
+            let (mut before, mut after) = (Vec::new(), Vec::new());
+            for change in std::mem::take(&mut changes) {
+                let (batches, by, told) = match change {
+                    ViewChange::Append(batches) => (batches, 1, &mut after),
+                    ViewChange::Retract(batches) => (batches, -1, &mut before),
+                    // The planner gives such a view no windows.
+                    ViewChange::Replace { .. } | ViewChange::ReplacePart { .. } => continue,
+                };
+                for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                    // Rows that cannot be encoded cannot have been decoded either: nothing to change.
+                    if let Ok(changed) = counted.change(&batch, by)
+                        && tell_sinks
+                        && changed.num_rows() > 0
+                    {
+                        told.push(changed);
+                    }
+                }
+            }
+            if !before.is_empty() || !after.is_empty() {
+                row_changes.push(RowChange::Replace { before, after });
+            }
+        }
         for change in changes {
             match change {
+                // A view's rows retracted one by one are counted (above); a sink's query's pass through as removals.
+                ViewChange::Retract(batches) => {
+                    let before: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
+                    if tell_sinks && !before.is_empty() {
+                        row_changes.push(RowChange::Replace { before, after: Vec::new() });
+                    }
+                }
                 ViewChange::Append(batches) => {
                     for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
                         if tell_sinks {
@@ -169,6 +302,10 @@ impl ViewStore {
         snapshot.extend(
             contents.windows.values().map(|rows| RowChange::Replace { before: Vec::new(), after: rows.clone() }),
         );
+        let schema = self.schema.clone();
+        if let Some(rows) = contents.counted.as_mut().map(|c| c.batches(&schema)).filter(|r| !r.is_empty()) {
+            snapshot.push(RowChange::Replace { before: Vec::new(), after: rows });
+        }
         if !snapshot.is_empty() {
             pending.fetch_add(weir_common::sink::change_rows(&snapshot), Ordering::AcqRel);
             let _ = sender.send(snapshot);
@@ -180,19 +317,37 @@ impl ViewStore {
     /// The bytes of the rows the view holds (appended rows kept for readers, and every window's).
     pub fn memory(&self) -> usize {
         let contents = self.lock();
-        contents.appended.iter().chain(contents.windows.values().flatten()).map(|b| b.get_array_memory_size()).sum()
+        let counted = contents.counted.as_ref().map_or(0, |c| c.bytes);
+        contents
+            .appended
+            .iter()
+            .chain(contents.windows.values().flatten())
+            .map(|b| b.get_array_memory_size())
+            .sum::<usize>()
+            + counted
     }
 
     /// Every row as of the last applied epoch.
     pub fn snapshot(&self) -> Vec<RecordBatch> {
-        let contents = self.lock();
-        contents.appended.iter().chain(contents.windows.values().flatten()).cloned().collect()
+        let mut contents = self.lock();
+        let mut rows: Vec<RecordBatch> =
+            contents.appended.iter().chain(contents.windows.values().flatten()).cloned().collect();
+        let schema = self.schema.clone();
+        rows.extend(contents.counted.as_mut().map(|c| c.batches(&schema)).unwrap_or_default());
+        rows
     }
 
     /// Number of rows as of the last applied epoch.
     pub fn row_count(&self) -> usize {
         let contents = self.lock();
-        contents.appended.iter().chain(contents.windows.values().flatten()).map(RecordBatch::num_rows).sum()
+        let counted = contents.counted.as_ref().map_or(0, |c| c.total);
+        contents.appended.iter().chain(contents.windows.values().flatten()).map(RecordBatch::num_rows).sum::<usize>()
+            + counted
+    }
+
+    /// Retractions of rows the view did not have (rows a regular join forgot after its state TTL).
+    pub fn unknown_retractions(&self) -> u64 {
+        self.lock().counted.as_ref().map_or(0, |c| c.unknown)
     }
 
     /// Reads the appended rows as a stream: those so far, then each batch as it is appended and durable. Never ends
@@ -291,6 +446,16 @@ impl ViewStore {
                 None => batch.delete(key),
             }
         }
+        if let Some(counted) = &mut contents.counted {
+            for row in std::mem::take(&mut counted.unsaved) {
+                let mut key = vec![COUNTED_TAG];
+                key.extend_from_slice(&row);
+                match counted.rows.get(&row) {
+                    Some(count) => batch.put(table.key(&key), count.to_be_bytes().to_vec()),
+                    None => batch.delete(table.key(&key)),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -313,6 +478,20 @@ impl ViewStore {
         contents.appended = appended;
         contents.windows = windows;
         contents.unsaved_windows.clear();
+        if let Some(counted) = &mut contents.counted {
+            counted.rows.clear();
+            counted.unsaved.clear();
+            counted.decoded = None;
+            (counted.total, counted.bytes) = (0, 0);
+            for (key, value) in table.scan_prefix(store, &[COUNTED_TAG])? {
+                let count = value.as_slice().try_into().map(u64::from_be_bytes);
+                let count = count.map_err(|_| StateError::Corrupt("a view row's count".to_string()))?;
+                let row = Box::<[u8]>::from(key.get(1..).unwrap_or_default());
+                counted.total += count as usize;
+                counted.bytes += row.len();
+                counted.rows.insert(row, count);
+            }
+        }
         Ok(())
     }
 
@@ -456,6 +635,50 @@ mod tests {
         ]);
         assert_eq!(values(&store.snapshot()), vec![1, 22]);
         assert_eq!(store.row_count(), 2);
+    }
+
+    #[test]
+    fn rows_retracted_one_by_one_are_counted_checkpointed_and_told_to_sinks() {
+        let store = ViewStore::with_retractions(batch(&[]).schema()).expect("store");
+        let mut feed = store.subscribe_changes();
+        store.apply(vec![ViewChange::Append(vec![batch(&[1, 2, 2, 3])])]);
+        store.apply(vec![ViewChange::Retract(vec![batch(&[2, 3])]), ViewChange::Append(vec![batch(&[4])])]);
+        let mut rows = values(&store.snapshot());
+        rows.sort();
+        assert_eq!(rows, vec![1, 2, 4]);
+        assert_eq!(store.row_count(), 3);
+        // A retraction of a row the view does not have is counted, not applied.
+        store.apply(vec![ViewChange::Retract(vec![batch(&[9])])]);
+        assert_eq!(store.unknown_retractions(), 1);
+        assert_eq!(store.row_count(), 3);
+        // Sinks get each epoch's retracted and added rows as one replacement.
+        let mut told = Vec::new();
+        while let Ok(changes) = feed.changes.try_recv() {
+            for change in changes {
+                if let RowChange::Replace { before, after } = change {
+                    told.push((values(&before), values(&after)));
+                }
+            }
+        }
+        assert_eq!(told, vec![(vec![], vec![1, 2, 2, 3]), (vec![2, 3], vec![4])]);
+        let (state, table) = (crate::state::MemoryStore::new(), StateTable::new("counted"));
+        let mut writes = WriteBatch::default();
+        store.checkpoint(&table, &mut writes).expect("checkpoint");
+        state.write(&writes).expect("write");
+        let restored = ViewStore::with_retractions(batch(&[]).schema()).expect("store");
+        restored.restore(&table, &state).expect("restore");
+        let mut rows = values(&restored.snapshot());
+        rows.sort();
+        assert_eq!(rows, vec![1, 2, 4]);
+        // Later checkpoints write the changed rows only; a row gone is deleted.
+        restored.apply(vec![ViewChange::Retract(vec![batch(&[1])])]);
+        let mut writes = WriteBatch::default();
+        restored.checkpoint(&table, &mut writes).expect("checkpoint");
+        assert_eq!(writes.len(), 1);
+        state.write(&writes).expect("write");
+        let again = ViewStore::with_retractions(batch(&[]).schema()).expect("store");
+        again.restore(&table, &state).expect("restore");
+        assert_eq!(again.row_count(), 2);
     }
 
     #[test]

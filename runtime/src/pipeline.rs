@@ -42,7 +42,8 @@ use weir_common::stream::{END_OF_TIME, Message, Watermark};
 use crate::join::IntervalJoin;
 use crate::match_stream::MatchStream;
 use crate::materialize::ViewChange;
-use crate::operator::{JoinOperator, Operator};
+use crate::operator::{Delta, JoinOperator, Operator};
+use crate::regular_join::RegularJoin;
 use crate::session_aggregate::{SessionAggregate, SessionKeys};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::temporal::TemporalJoin;
@@ -122,6 +123,7 @@ fn layout(plan: &StreamingPlan) -> String {
                 NodeOperator::Scan { input } => format!("scan {input}"),
                 NodeOperator::Stateless { .. } => "stateless".to_string(),
                 NodeOperator::Join(_) => "join".to_string(),
+                NodeOperator::RegularJoin(_) => "regular join".to_string(),
                 NodeOperator::TemporalJoin(_) => "temporal join".to_string(),
                 NodeOperator::Aggregate { .. } => "aggregate".to_string(),
                 NodeOperator::TopN { .. } => "top-n".to_string(),
@@ -222,7 +224,8 @@ struct Closing {
 
 impl Closing {
     /// Rows in; nothing out until windows close.
-    fn on_data(&mut self, batch: &RecordBatch) -> Result<()> {
+    fn on_data(&mut self, change: &Delta) -> Result<()> {
+        let Delta::Insert(batch) = change else { return Err(retraction("a window aggregation below a join")) };
         self.aggregate.on_data(0, batch, &mut Vec::new())
     }
 
@@ -331,6 +334,14 @@ impl Pipeline {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
+                }
+                NodeOperator::RegularJoin(spec) => {
+                    let schema =
+                        |i: usize| node.inputs.get(i).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
+                    let (Some(left), Some(right)) = (schema(0), schema(1)) else {
+                        return Err(RuntimeError::Join("a join without two inputs".to_string()));
+                    };
+                    Running::Join(Box::new(RegularJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
                 }
                 NodeOperator::TemporalJoin(spec) => {
                     let schema =
@@ -452,6 +463,12 @@ impl Pipeline {
     /// Schema of the view's rows.
     pub fn schema(&self) -> SchemaRef {
         self.plan.schema.clone()
+    }
+
+    /// Whether the view's rows come and go one by one (see [`StreamingPlan::retracts_rows`]): its store must be made
+    /// [`crate::materialize::ViewStore::with_retractions`].
+    pub fn retracts_rows(&self) -> bool {
+        self.plan.retracts_rows()
     }
 
     /// The view's input watermark so far: the minimum over its inputs (before any input ended).
@@ -631,13 +648,17 @@ impl Pipeline {
     /// Moves `batches` and then `watermark`, the output of node `from`, up to the root: to every node reading it, in
     /// the order produced (a FIFO, so that each edge carries its messages in order even where a node has several
     /// readers).
-    async fn flow(&mut self, from: NodeId, batches: Vec<RecordBatch>, watermark: Option<Port>) -> Result<()> {
+    async fn flow(&mut self, from: NodeId, batches: Vec<Delta>, watermark: Option<Port>) -> Result<()> {
         let mut work = std::collections::VecDeque::from([(from, batches, watermark)]);
         while let Some((at, batches, watermark)) = work.pop_front() {
             if self.nodes[at].parents.is_empty() {
                 // The root's output is the view's (unless an aggregation at the root made it).
-                if !batches.is_empty() {
-                    self.pending.push(ViewChange::Append(batches));
+                for run in batches.chunk_by(|a, b| a.is_retraction() == b.is_retraction()) {
+                    let rows: Vec<RecordBatch> = run.iter().map(|d| d.rows().clone()).collect();
+                    self.pending.push(match run[0].is_retraction() {
+                        true => ViewChange::Retract(rows),
+                        false => ViewChange::Append(rows),
+                    });
                 }
                 if let Some(Port::At(w)) = watermark {
                     self.combined = Some(w);
@@ -664,9 +685,9 @@ impl Pipeline {
         &mut self,
         node: NodeId,
         port: usize,
-        batches: Vec<RecordBatch>,
+        batches: Vec<Delta>,
         watermark: Option<Port>,
-    ) -> Result<Option<(NodeId, Vec<RecordBatch>, Option<Port>)>> {
+    ) -> Result<Option<(NodeId, Vec<Delta>, Option<Port>)>> {
         let mut out = Vec::new();
         let mut said = None;
         let state = &mut self.nodes[node];
@@ -676,36 +697,43 @@ impl Pipeline {
         match &mut state.running {
             Running::Scan => return Err(RuntimeError::Join("a scan reads another node".to_string())),
             Running::Stateless { plan, feeds } => {
-                if !batches.is_empty() {
-                    let feed = feeds.get(port).ok_or_else(|| RuntimeError::Join("a missing feed".to_string()))?;
-                    for batch in batches {
-                        feed.push(batch);
+                // Filters and projections map retracted rows as they mapped them when they were added: each run of
+                // changes of one kind goes through the plan as it is.
+                let feed = feeds.get(port).ok_or_else(|| RuntimeError::Join("a missing feed".to_string()))?;
+                for changes in batches.chunk_by(|a, b| a.is_retraction() == b.is_retraction()) {
+                    for change in changes {
+                        feed.push(change.rows().clone());
                     }
-                    out = run(plan, &self.task).await?;
+                    let kind = &changes[0];
+                    out.extend(run(plan, &self.task).await?.into_iter().map(|rows| kind.with_rows(rows)));
                 }
                 if watermark.is_some() {
                     said = merged(&state.ports);
                 }
             }
             Running::Join(join) => {
-                for batch in &batches {
-                    join.on_data(port, batch, &mut out)?;
+                for change in &batches {
+                    join.on_change(port, change, &mut out)?;
                 }
+                let mut released = Vec::new();
                 match watermark {
-                    Some(Port::At(w)) => join.on_watermark(port, w, &mut out)?,
-                    Some(Port::Idle) => join.on_idle(port, &mut out)?,
+                    Some(Port::At(w)) => join.on_watermark(port, w, &mut released)?,
+                    Some(Port::Idle) => join.on_idle(port, &mut released)?,
                     _ => {}
                 }
+                out.extend(released.into_iter().map(Delta::Insert));
                 said = join.watermark().map(Port::At);
             }
             Running::Closing(closing) => {
-                for batch in &batches {
-                    closing.on_data(batch)?;
+                for change in &batches {
+                    closing.on_data(change)?;
                 }
+                let mut closed = Vec::new();
                 said = match watermark {
-                    Some(Port::At(w)) => Some(Port::At(closing.on_watermark(w, &mut out)?)),
+                    Some(Port::At(w)) => Some(Port::At(closing.on_watermark(w, &mut closed)?)),
                     other => other,
                 };
+                out.extend(closed.into_iter().map(Delta::Insert));
             }
             Running::Root => {
                 let merged = if watermark.is_some() { merged(&state.ports) } else { None };
@@ -874,22 +902,21 @@ impl Pipeline {
 
     async fn data(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
         for scan in self.scans.get(input).cloned().unwrap_or_default() {
-            self.flow(scan, vec![batch.clone()], None).await?;
+            self.flow(scan, vec![Delta::Insert(batch.clone())], None).await?;
         }
         Ok(())
     }
 
     /// Rows reaching the aggregation (or the matcher) at the root.
-    fn aggregate_data(&mut self, rows: Vec<RecordBatch>) -> Result<()> {
-        match &mut self.aggregate {
-            // Through the operator contract: rows in; what they produce comes at watermarks and epochs.
-            Some(aggregate) => {
-                let mut ignored = Vec::new();
-                for batch in &rows {
-                    aggregate.operator().on_data(0, batch, &mut ignored)?;
-                }
-            }
-            None => self.pending.push(ViewChange::Append(rows)),
+    fn aggregate_data(&mut self, rows: Vec<Delta>) -> Result<()> {
+        let Some(aggregate) = &mut self.aggregate else {
+            return Err(RuntimeError::Join("a root without an operator".to_string()));
+        };
+        // Through the operator contract: rows in; what they produce comes at watermarks and epochs.
+        let mut ignored = Vec::new();
+        for change in &rows {
+            let Delta::Insert(batch) = change else { return Err(retraction("the view's aggregation")) };
+            aggregate.operator().on_data(0, batch, &mut ignored)?;
         }
         Ok(())
     }
@@ -922,6 +949,11 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// The error of a retraction reaching `what`, which only takes added rows (the planner never plans one there).
+fn retraction(what: &str) -> RuntimeError {
+    RuntimeError::Join(format!("a retracted row reached {what}, which takes added rows only"))
 }
 
 /// The key of value `tag` of split `split` of input `input`.

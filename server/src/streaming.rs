@@ -101,7 +101,12 @@ impl Session {
         }
         let dataflow =
             self.build_dataflow(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
-        let store = Arc::new(ViewStore::new(dataflow.pipeline.schema()));
+        let schema = dataflow.pipeline.schema();
+        let store = Arc::new(match dataflow.pipeline.retracts_rows() {
+            true => ViewStore::with_retractions(schema)
+                .map_err(|e| ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("the view's rows: {e}")))?,
+            false => ViewStore::new(schema),
+        });
         let def = RelationDef {
             name: name.clone(),
             kind: RelationKind::MaterializedView,
@@ -750,6 +755,7 @@ fn explain_node(
             }
             NodeOperator::Stateless { .. } => "Stateless".to_string(),
             NodeOperator::Join(_) => "IntervalJoin".to_string(),
+            NodeOperator::RegularJoin(_) => "RegularJoin".to_string(),
             NodeOperator::TemporalJoin(_) => "TemporalJoin".to_string(),
             NodeOperator::Aggregate { .. } => "WindowAggregate".to_string(),
             NodeOperator::TopN { .. } | NodeOperator::MatchRecognize { .. } => "root".to_string(),
@@ -830,7 +836,13 @@ fn explain_node(
             below = plan_lines(lines, below + 1, stateless);
         }
         NodeOperator::Join(spec) => {
-            lines.push(format!("{}{} [{}]", pad(below), describe_join(plan, node, spec), facts(plan, id)));
+            let join = describe_join(plan, node, spec, "IntervalJoin");
+            lines.push(format!("{}{join} [{}]", pad(below), facts(plan, id)));
+            below += 1;
+        }
+        NodeOperator::RegularJoin(spec) => {
+            let join = describe_join(plan, node, spec, "RegularJoin");
+            lines.push(format!("{}{join} [{}]", pad(below), facts(plan, id)));
             below += 1;
         }
         NodeOperator::TemporalJoin(spec) => {
@@ -905,11 +917,12 @@ fn duration(d: Duration) -> String {
     }
 }
 
-/// A join's line in EXPLAIN: its type, keys and filter, and how long each side's rows are kept.
+/// A join's line in EXPLAIN: the operator, its type, keys and filter, and how long each side's rows are kept.
 fn describe_join(
     plan: &StreamingPlan,
     node: &weir_common::plan::PlanNode,
     spec: &weir_common::plan::JoinSpec,
+    operator: &str,
 ) -> String {
     let side_schema = |side: usize| node.inputs.get(side).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
     let name = |side: usize, column: usize| {
@@ -942,7 +955,7 @@ fn describe_join(
             }
         })
         .collect();
-    format!("IntervalJoin: type={}, on=[{}]{filter}; {}", spec.join_type, on.join(", "), kept.join("; "))
+    format!("{operator}: type={}, on=[{}]{filter}; {}", spec.join_type, on.join(", "), kept.join("; "))
 }
 
 /// A session's catalog and SQL front end, as the planner's [`weir_planner::view::Catalog`] sees them.

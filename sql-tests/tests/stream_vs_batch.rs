@@ -239,6 +239,17 @@ const JOIN_QUERIES: &[&str] = &[
      LEFT JOIN (SELECT device, window_end, sum(reading) AS total \
        FROM HOP({r}, ts, INTERVAL '1' SECOND, INTERVAL '2' SECOND) GROUP BY device, window_start, window_end) b \
      ON a.device = b.device AND a.window_end = b.window_end",
+    // Regular joins (no time bound on a side whose unmatched rows they emit): padded rows retracted as partners come.
+    "SELECT l.device, l.reading, r.reading AS r_reading, l.ts FROM {l} l LEFT JOIN {r} r \
+     ON l.device = r.device AND r.reading > l.reading + 40",
+    "SELECT l.device, l.ts, r.device AS r_device, r.ts AS r_ts FROM {l} l FULL JOIN {r} r \
+     ON l.device = r.device AND l.reading = r.reading",
+    "SELECT device, reading, ts FROM {l} l WHERE NOT EXISTS (SELECT 1 FROM {r} r \
+     WHERE r.device = l.device AND r.reading = l.reading)",
+    // A regular join over a regular join: the first one's retractions flow through the second.
+    "SELECT l.device, l.reading, m.reading AS m_reading, r.reading AS r_reading FROM {l} l \
+     LEFT JOIN {r} m ON l.device = m.device AND l.reading = m.reading \
+     LEFT JOIN {l} r ON m.reading = r.reading + 1",
 ];
 
 /// Temporal joins over `{l}` and `{v}` (versions of each device's reading, valid from their `ts`), each with its batch
