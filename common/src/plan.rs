@@ -46,6 +46,19 @@ pub struct WindowAggregateSpec {
     /// Whether the plan above the aggregation (at a view's root) reads one row at a time: a plain `GROUP BY` then
     /// publishes the chunks of groups that changed, not every group, at each epoch.
     pub row_by_row_above: bool,
+    /// The input retracts rows (a regular join's output): the groups' accumulators take rows back, and each changed
+    /// group's row is retracted and emitted again at every epoch. Windows are then plain keys: nothing closes.
+    pub retractions: bool,
+}
+
+/// Whether `function`'s result stays exact when rows leave in any order (not only first in, first out, as a sliding
+/// window frame retracts them): the aggregates an updating aggregation can keep.
+pub fn retractable(function: &AggregateFunctionExpr) -> bool {
+    const EXACT: &[&str] =
+        &["count", "sum", "avg", "mean", "stddev", "stddev_pop", "stddev_samp", "var", "var_pop", "var_samp"];
+    EXACT.contains(&function.fun().name())
+        && function.order_bys().is_empty()
+        && function.create_sliding_accumulator().is_ok_and(|a| a.supports_retract_batch())
 }
 
 /// Where the session columns of a session-window aggregation are among its group keys. Each input row carries its
@@ -270,7 +283,12 @@ impl StreamingPlan {
     /// over one), so that its store counts each row, rather than replacing windows or groups.
     pub fn retracts_rows(&self) -> bool {
         self.nodes.last().is_some_and(|n| {
-            !n.append_only && matches!(n.operator, NodeOperator::Stateless { .. } | NodeOperator::RegularJoin(_))
+            !n.append_only
+                && match &n.operator {
+                    NodeOperator::Stateless { .. } | NodeOperator::RegularJoin(_) => true,
+                    NodeOperator::Aggregate { spec, .. } => spec.retractions,
+                    _ => false,
+                }
         })
     }
 

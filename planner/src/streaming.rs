@@ -41,6 +41,7 @@ use weir_common::plan::{
 };
 
 use crate::graph::{Bounds, GraphBuilder, expr_bound, plan_bounds, watermark_of};
+use weir_common::plan::NodeId;
 use weir_common::{ErrorReport, SqlState};
 
 /// A relation a view can read as a stream, as the planner sees it: its rows' schema and the columns its watermark
@@ -149,11 +150,7 @@ pub async fn plan_streaming(
     let (mut spec, below) = window_aggregate(&aggregate)?;
     let below = graph.cut(&below)?;
     if !graph.nodes[below].append_only {
-        return Err(unsupported("an aggregation of an updating stream (a regular join's rows, which it retracts)")
-            .with_hint(
-                "Aggregate an append-only join: bound both sides' event times in its condition (an interval join), \
-                 or join a table FOR SYSTEM_TIME AS OF PROCTIME() (a lookup, with a PRIMARY KEY on the table).",
-            ));
+        return updating_aggregate(graph, spec, below, (&physical, &aggregate), (streams, emit_on_window_close));
     }
     // Sessions close by their rows' times (each one-row session starts at its row's time); windows by their end.
     let below_bounds = graph.bounds(below);
@@ -202,6 +199,52 @@ pub async fn plan_streaming(
         schema: schema.clone(),
         append_only: emit_on_window_close,
         watermark: watermark_of(&bounds),
+    });
+    Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close })
+}
+
+/// The root aggregation `aggregate` of `physical` over node `below`, whose rows are retracted (a regular join's): an
+/// updating aggregation whose accumulators take rows back, below a plan that reads its rows one at a time.
+fn updating_aggregate(
+    mut graph: GraphBuilder,
+    mut spec: weir_common::plan::WindowAggregateSpec,
+    below: NodeId,
+    (physical, aggregate): (&Arc<dyn ExecutionPlan>, &Arc<dyn ExecutionPlan>),
+    (streams, emit_on_window_close): (Vec<StreamInput>, bool),
+) -> Result<StreamingPlan, ErrorReport> {
+    let refuse = |what: &str| {
+        unsupported(&format!("{what} over an updating stream (a regular join's rows, which it retracts)")).with_hint(
+            "Aggregate an append-only join instead: bound both sides' event times in its condition (an interval \
+             join), or join a table FOR SYSTEM_TIME AS OF PROCTIME() (a lookup, with a PRIMARY KEY on the table).",
+        )
+    };
+    if emit_on_window_close {
+        return Err(refuse("EMIT ON WINDOW CLOSE"));
+    }
+    if spec.session.is_some() {
+        return Err(refuse("a SESSION window"));
+    }
+    if let Some(a) = spec.aggregates.iter().find(|a| !weir_common::plan::retractable(&a.function)) {
+        return Err(refuse(&format!("{}()", a.function.fun().name())).with_hint(
+            "count, sum, avg, stddev and variance take rows back exactly; min, max and the others would \
+                        need every value of a group kept.",
+        ));
+    }
+    let output = Feed::new();
+    let feed: Arc<dyn ExecutionPlan> =
+        Arc::new(FeedExec::new("window aggregate", output.clone(), aggregate.schema(), None).map_err(df)?);
+    let above = replace(physical, aggregate, &feed)?;
+    check_stateless(&above).map_err(|e| refuse(&format!("{} above an aggregation", e.message)))?;
+    spec.window_end = None;
+    spec.row_by_row_above = true;
+    spec.retractions = true;
+    let schema = physical.schema();
+    graph.add(PlanNode {
+        operator: NodeOperator::Aggregate { spec, above: Some((output, above)), shift: None },
+        inputs: vec![below],
+        schema: schema.clone(),
+        append_only: false,
+        watermark: vec![],
     });
     Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close })
 }
@@ -481,8 +524,15 @@ pub(crate) fn window_aggregate(
         .zip(exec.filter_expr())
         .map(|(function, filter)| Aggregate { function: function.clone(), filter: filter.clone() })
         .collect();
-    let spec =
-        WindowAggregateSpec { input: input_schema, keys, window_end, session, aggregates, row_by_row_above: false };
+    let spec = WindowAggregateSpec {
+        input: input_schema,
+        keys,
+        window_end,
+        session,
+        aggregates,
+        row_by_row_above: false,
+        retractions: false,
+    };
     Ok((spec, input))
 }
 

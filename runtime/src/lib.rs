@@ -14,6 +14,8 @@
 //! - [`window_aggregate`]: [`window_aggregate::WindowAggregate`], aggregation per event-time window (and plain
 //!   `GROUP BY` as one window that never closes), closing windows as the watermark passes them and setting late rows
 //!   aside.
+//! - [`updating_aggregate`]: [`updating_aggregate::UpdatingAggregate`], `GROUP BY` over rows that may be retracted
+//!   (a regular join's), with accumulators that take rows back.
 //! - [`session_aggregate`]: [`session_aggregate::SessionAggregate`], aggregation per session window, merging sessions
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
@@ -43,6 +45,7 @@ pub mod session_aggregate;
 pub mod state;
 pub mod temporal;
 pub mod top_n;
+pub mod updating_aggregate;
 pub mod watermark;
 pub mod window_aggregate;
 

@@ -48,6 +48,7 @@ use crate::session_aggregate::{SessionAggregate, SessionKeys};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::temporal::TemporalJoin;
 use crate::top_n::TopN;
+use crate::updating_aggregate::UpdatingAggregate;
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::{NO_WINDOW, WindowAggregate};
 
@@ -61,6 +62,8 @@ enum Aggregation {
     Sessions(Box<SessionAggregate>),
     Matches(Box<MatchStream>),
     TopN(Box<TopN>),
+    /// Over a stream whose rows are retracted (not an [`Operator`]: it takes retractions).
+    Updating(Box<UpdatingAggregate>),
 }
 
 impl Aggregation {
@@ -70,16 +73,33 @@ impl Aggregation {
             Aggregation::Sessions(a) => a.as_mut(),
             Aggregation::Matches(m) => m.as_mut(),
             Aggregation::TopN(t) => t.as_mut(),
+            Aggregation::Updating(u) => u.as_mut(),
         }
     }
 
-    fn operator(&mut self) -> &mut dyn Operator {
-        match self {
+    /// Rows reaching the aggregation: through the operator contract where it takes added rows only (what they
+    /// produce comes at watermarks and epochs).
+    fn on_change(&mut self, change: &Delta) -> Result<()> {
+        let operator: &mut dyn Operator = match self {
+            Aggregation::Updating(u) => return u.on_change(change),
             Aggregation::Windows(a) => a.as_mut(),
             Aggregation::Sessions(a) => a.as_mut(),
             Aggregation::Matches(m) => m.as_mut(),
             Aggregation::TopN(t) => t.as_mut(),
-        }
+        };
+        let Delta::Insert(batch) = change else { return Err(retraction("the view's aggregation")) };
+        operator.on_data(0, batch, &mut Vec::new())
+    }
+
+    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
+        let operator: &mut dyn Operator = match self {
+            Aggregation::Updating(_) => return Ok(()),
+            Aggregation::Windows(a) => a.as_mut(),
+            Aggregation::Sessions(a) => a.as_mut(),
+            Aggregation::Matches(m) => m.as_mut(),
+            Aggregation::TopN(t) => t.as_mut(),
+        };
+        operator.on_watermark(0, watermark, out)
     }
 
     fn late_rows(&self) -> u64 {
@@ -87,8 +107,8 @@ impl Aggregation {
             Aggregation::Windows(a) => a.late_rows(),
             Aggregation::Sessions(a) => a.late_rows(),
             Aggregation::Matches(m) => m.late_rows(),
-            // Its input only gains rows, and no row is too late to rank.
-            Aggregation::TopN(_) => 0,
+            // Its input only gains rows, and no row is too late to rank; an updating aggregation has no watermark.
+            Aggregation::TopN(_) | Aggregation::Updating(_) => 0,
         }
     }
 
@@ -98,6 +118,7 @@ impl Aggregation {
             Aggregation::Sessions(a) => a.memory(),
             Aggregation::Matches(m) => m.memory(),
             Aggregation::TopN(t) => t.memory(),
+            Aggregation::Updating(u) => u.memory(),
         }
     }
 
@@ -106,7 +127,7 @@ impl Aggregation {
             Aggregation::Windows(a) => a.take_late(),
             Aggregation::Sessions(a) => a.take_late(),
             Aggregation::Matches(m) => m.take_late(),
-            Aggregation::TopN(_) => Vec::new(),
+            Aggregation::TopN(_) | Aggregation::Updating(_) => Vec::new(),
         }
     }
 }
@@ -382,6 +403,11 @@ impl Pipeline {
                     }
                     above = over.clone();
                     aggregate = Some(match (&spec.session, spec.window_end) {
+                        _ if spec.retractions => Aggregation::Updating(Box::new(UpdatingAggregate::try_new(
+                            &spec.input,
+                            spec.keys.clone(),
+                            spec.aggregates.clone(),
+                        )?)),
                         (Some(session), Some(window_end)) => {
                             Aggregation::Sessions(Box::new(SessionAggregate::try_new(
                                 &spec.input,
@@ -879,6 +905,15 @@ impl Pipeline {
                     }
                 }
                 Some(Aggregation::Matches(_)) => {}
+                Some(Aggregation::Updating(aggregate)) => {
+                    for change in aggregate.publish()? {
+                        let rows = above(&self.above, change.rows().clone(), &self.task).await?;
+                        self.pending.push(match change {
+                            Delta::Retract(_) => ViewChange::Retract(rows),
+                            Delta::Insert(_) => ViewChange::Append(rows),
+                        });
+                    }
+                }
                 Some(Aggregation::TopN(top)) => {
                     for (part, rows) in top.snapshot()? {
                         let rows = above(&self.above, rows, &self.task).await?;
@@ -912,11 +947,8 @@ impl Pipeline {
         let Some(aggregate) = &mut self.aggregate else {
             return Err(RuntimeError::Join("a root without an operator".to_string()));
         };
-        // Through the operator contract: rows in; what they produce comes at watermarks and epochs.
-        let mut ignored = Vec::new();
         for change in &rows {
-            let Delta::Insert(batch) = change else { return Err(retraction("the view's aggregation")) };
-            aggregate.operator().on_data(0, batch, &mut ignored)?;
+            aggregate.on_change(change)?;
         }
         Ok(())
     }
@@ -934,11 +966,11 @@ impl Pipeline {
             }
             // Closed sessions and decided matches are final (an open session's rows leave the open block at the next
             // publish).
-            Some(Aggregation::TopN(_)) => {}
+            Some(Aggregation::TopN(_) | Aggregation::Updating(_)) => {}
             Some(Aggregation::Sessions(_) | Aggregation::Matches(_)) => {
                 let mut out = Vec::new();
                 if let Some(aggregate) = &mut self.aggregate {
-                    aggregate.operator().on_watermark(0, watermark, &mut out)?;
+                    aggregate.on_watermark(watermark, &mut out)?;
                 }
                 for rows in out {
                     let rows = above(&self.above, rows, &self.task).await?;

@@ -768,6 +768,7 @@ fn explain_node(
         NodeOperator::Aggregate { spec: aggregate, above, shift } => {
             if let Some((_, above)) = above {
                 let over = match (&aggregate.session, aggregate.window_end) {
+                    _ if aggregate.retractions => "Per batch of changed rows:",
                     (Some(_), _) => "Per batch of session rows:",
                     (None, Some(_)) => "Per window:",
                     (None, None) => "Over all groups:",
@@ -780,6 +781,11 @@ fn explain_node(
             // Below the root an aggregation emits each window once, when it closes.
             let closing = plan.emit_on_window_close || id != plan.root();
             let window = match (&aggregate.session, aggregate.window_end) {
+                _ if aggregate.retractions => {
+                    "rows taken back as they are retracted: each changed group's row retracted and emitted again \
+                     every epoch"
+                        .to_string()
+                }
                 (Some(_), _) if closing => "per session, emitted when the watermark closes it".to_string(),
                 (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
                 (None, Some(_)) if closing => "per window, emitted when the watermark closes it".to_string(),
@@ -791,6 +797,7 @@ fn explain_node(
                     let partition: Vec<&str> = session.partition.iter().map(|k| keys[*k]).collect();
                     format!("SessionAggregate: sessions partitioned by [{}], ", partition.join(", "))
                 }
+                None if aggregate.retractions => "UpdatingAggregate: ".to_string(),
                 None => "WindowAggregate: ".to_string(),
             };
             lines.push(format!(

@@ -250,6 +250,11 @@ const JOIN_QUERIES: &[&str] = &[
     "SELECT l.device, l.reading, m.reading AS m_reading, r.reading AS r_reading FROM {l} l \
      LEFT JOIN {r} m ON l.device = m.device AND l.reading = m.reading \
      LEFT JOIN {l} r ON m.reading = r.reading + 1",
+    // Aggregations of a regular join's rows: groups follow the padded rows' retractions.
+    "SELECT l.device, count(*) AS n, count(r.reading) AS matched, sum(r.reading) AS total, avg(l.reading) AS mean \
+     FROM {l} l LEFT JOIN {r} r ON l.device = r.device AND l.reading = r.reading GROUP BY l.device",
+    "SELECT count(*) AS n, sum(l.reading) AS total FROM {l} l FULL JOIN {r} r \
+     ON l.device = r.device AND l.reading = r.reading + 1",
 ];
 
 /// Temporal joins over `{l}` and `{v}` (versions of each device's reading, valid from their `ts`), each with its batch
