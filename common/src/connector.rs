@@ -304,6 +304,12 @@ pub trait SourceReader: Send + fmt::Debug {
         None
     }
 
+    /// Whether the rows of the last batch handed out are taken back, not added: a view reading an updating view
+    /// reads its changes. `false` for sources, whose rows are only ever added.
+    fn retracting(&self) -> bool {
+        false
+    }
+
     /// Takes the records set aside since the last call because they could not be decoded.
     fn take_rejected(&mut self) -> Vec<Rejected> {
         Vec::new()

@@ -279,13 +279,14 @@ impl StreamingPlan {
         self.nodes.last().is_some_and(|n| n.append_only)
     }
 
-    /// Whether the view's rows are added and retracted one by one (its root is a regular join, or a stateless plan
-    /// over one), so that its store counts each row, rather than replacing windows or groups.
+    /// Whether the view's rows are added and retracted one by one (its root is a regular join, an aggregation of an
+    /// updating stream, or a stateless plan over an updating stream), so that its store counts each row, rather than
+    /// replacing windows or groups.
     pub fn retracts_rows(&self) -> bool {
         self.nodes.last().is_some_and(|n| {
             !n.append_only
                 && match &n.operator {
-                    NodeOperator::Stateless { .. } | NodeOperator::RegularJoin(_) => true,
+                    NodeOperator::Scan { .. } | NodeOperator::Stateless { .. } | NodeOperator::RegularJoin(_) => true,
                     NodeOperator::Aggregate { spec, .. } => spec.retractions,
                     _ => false,
                 }

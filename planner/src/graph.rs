@@ -49,13 +49,21 @@ pub struct GraphBuilder {
     scans: Vec<(Feed, usize, Bounds)>,
     /// What each shareable node computes (see [`signature`]), and its id.
     signatures: std::collections::HashMap<String, NodeId>,
+    /// The inputs whose rows are retracted too (updating views read as streams).
+    updating: Vec<usize>,
 }
 
 impl GraphBuilder {
     /// A builder whose source leaves are `scans`: each source `FeedExec`'s feed, the input (an index into the plan's
     /// inputs) it reads, and the bounds of that input's rows.
     pub fn new(scans: Vec<(Feed, usize, Bounds)>) -> Self {
-        GraphBuilder { nodes: Vec::new(), scans, signatures: Default::default() }
+        GraphBuilder { nodes: Vec::new(), scans, signatures: Default::default(), updating: Vec::new() }
+    }
+
+    /// Marks inputs `updating` (indices into the plan's inputs) as read with their retractions.
+    pub fn with_updating(mut self, updating: Vec<usize>) -> Self {
+        self.updating = updating;
+        self
     }
 
     /// Adds `node` and returns its id; a node that computes what an earlier one does (the same operator over the same
@@ -124,7 +132,7 @@ impl GraphBuilder {
                 operator: NodeOperator::Scan { input },
                 inputs: vec![],
                 schema: leaf.input_schema(),
-                append_only: true,
+                append_only: !self.updating.contains(&input),
                 watermark: watermark_of(&bounds),
             });
             ports.push((feed, id));

@@ -50,6 +50,8 @@ use weir_common::{ErrorReport, SqlState};
 pub struct Readable {
     pub schema: SchemaRef,
     pub watermark: Vec<(usize, i64)>,
+    /// Whether its rows are only ever added (an updating view's changes carry retractions).
+    pub append_only: bool,
 }
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -114,7 +116,9 @@ pub async fn plan_streaming(
     optimizer.enable_aggregate_dynamic_filter_pushdown = false;
     let physical = state.create_physical_plan(&logical).await.map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
     let schema = physical.schema();
-    let mut graph = GraphBuilder::new(scans);
+    let updating: Vec<usize> =
+        (0..streams.len()).filter(|i| inputs.get(&streams[*i].relation).is_some_and(|r| !r.append_only)).collect();
+    let mut graph = GraphBuilder::new(scans).with_updating(updating);
 
     let Some(aggregate) = find_aggregate(&physical)? else {
         if emit_on_window_close {
@@ -266,6 +270,11 @@ pub async fn plan_match_recognize(
             .with_hint("Leave it out: a match appears once, final, as soon as it is decided."));
     }
     let mut below = plan_streaming(state, &input, inputs, false).await?;
+    if !below.append_only() {
+        return Err(unsupported("MATCH_RECOGNIZE over an updating stream").with_hint(
+            "Match over rows that are only ever added: a source, a table, or a view whose rows never change.",
+        ));
+    }
     if below.aggregate().is_some() {
         return Err(unsupported("MATCH_RECOGNIZE over an aggregation in the same materialized view")
             .with_hint("Match over the rows of a source or table; aggregate the matches in a view over this one."));
@@ -283,7 +292,7 @@ pub async fn plan_match_recognize(
             }
         }
     }
-    let readable = Readable { schema, watermark: vec![] };
+    let readable = Readable { schema, watermark: vec![], append_only: true };
     let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), readable)]), false).await?;
     if over.aggregate().is_some() {
         return Err(unsupported("aggregating the matches of MATCH_RECOGNIZE in the same materialized view")

@@ -117,7 +117,12 @@ pub async fn plan_view(view: ViewQuery<'_>, catalog: &dyn Catalog) -> Result<Vie
         .relations()
         .into_iter()
         .filter(|r| r.kind != RelationKind::View)
-        .map(|r| (r.name.clone(), Readable { schema: r.schema.clone(), watermark: r.watermark.clone() }))
+        .map(|r| {
+            (
+                r.name.clone(),
+                Readable { schema: r.schema.clone(), watermark: r.watermark.clone(), append_only: r.append_only },
+            )
+        })
         .collect();
     let state = catalog.session_state();
     let mut plan = match matching {
@@ -187,17 +192,6 @@ pub fn needs_watermark(relation: &str) -> ErrorReport {
 
 /// Checks that a view can read `input` as a stream.
 fn check_input(plan: &StreamingPlan, input: &CatalogRelation) -> Result<(), ErrorReport> {
-    if !input.append_only {
-        return Err(ErrorReport::new(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            format!(
-                "materialized view \"{}\" is an updating stream (its rows change after they appear), and a view \
-                 over it needs an append-only input",
-                input.name
-            ),
-        )
-        .with_hint("Add EMIT ON WINDOW CLOSE to that view, so that each window's row appears once, final."));
-    }
     if plan.emit_on_window_close && input.event_time.is_none() {
         if input.kind == RelationKind::MaterializedView {
             return Err(no_view_watermark("EMIT ON WINDOW CLOSE", &input.name).with_hint(

@@ -39,6 +39,8 @@ const APPENDED_TAG: u8 = b'a';
 const WINDOW_TAG: u8 = b'w';
 /// A counted row (see [`ViewStore::with_retractions`]): `c | row` -> its count.
 const COUNTED_TAG: u8 = b'c';
+/// An entry of an updating view's change log: `l | sequence` -> retracted or not, and the rows.
+const LOG_TAG: u8 = b'l';
 
 /// One change to a relation's rows.
 #[derive(Debug, Clone)]
@@ -62,6 +64,40 @@ pub struct ViewStore {
     contents: Mutex<Contents>,
     /// Whether appended rows are kept (a view's rows) or only passed to subscribers (a sink's query).
     keep_appended: bool,
+    /// Whether the rows change after they appear: stream readers then read the view's changes (see [`ChangeLog`]).
+    updating: bool,
+}
+
+/// The changes of an updating view, for the views reading it as a stream: the view's rows (as added rows) when the
+/// first reader subscribed, then every epoch's changes in order, retractions before additions. Entries are written
+/// by checkpoints (`l | sequence` -> a flag, retracted or not, and the rows) and given to readers once written, as
+/// an append-only view's rows are; a restored view keeps logging, so readers resume at their position.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    entries: Vec<(bool, RecordBatch)>,
+    saved: usize,
+    released: usize,
+}
+
+impl ChangeLog {
+    fn record(&mut self, changes: &[RowChange]) {
+        for change in changes {
+            match change {
+                RowChange::Insert(rows) => self.entries.push((false, rows.clone())),
+                RowChange::Replace { before, after } => {
+                    self.entries.extend(before.iter().map(|rows| (true, rows.clone())));
+                    self.entries.extend(after.iter().map(|rows| (false, rows.clone())));
+                }
+            }
+        }
+    }
+
+    fn published(entry: &(bool, RecordBatch)) -> Published {
+        match entry {
+            (true, rows) => Published::Retract(rows.clone()),
+            (false, rows) => Published::Rows(rows.clone()),
+        }
+    }
 }
 
 /// The rows of a view whose rows are retracted one by one: each distinct row (row-encoded) with its multiplicity.
@@ -85,13 +121,12 @@ impl std::fmt::Debug for Counted {
 }
 
 impl Counted {
-    /// Adds (`by` 1) or takes back (`by` -1) each row of `batch`; returns the rows that changed the view (all but
-    /// retractions of rows it does not have).
-    fn change(&mut self, batch: &RecordBatch, by: i64) -> Result<RecordBatch, StateError> {
+    /// Adds (`by` 1) or takes back (`by` -1) each row of `batch`, adding to `net` what changed for each row (a
+    /// retraction of a row the view does not have changes nothing, and is counted).
+    fn change(&mut self, batch: &RecordBatch, by: i64, net: &mut HashMap<Box<[u8]>, i64>) -> Result<(), StateError> {
         let rows = self.converter.convert_columns(batch.columns()).map_err(|e| StateError::Corrupt(e.to_string()))?;
         self.decoded = None;
-        let mut applied = vec![true; batch.num_rows()];
-        for (i, row) in rows.iter().enumerate() {
+        for row in rows.iter() {
             let row = row.as_ref();
             match (self.rows.get_mut(row), by > 0) {
                 (Some(count), true) => *count += 1,
@@ -108,18 +143,29 @@ impl Counted {
                 }
                 (None, false) => {
                     self.unknown += 1;
-                    applied[i] = false;
                     continue;
                 }
             }
             self.total = if by > 0 { self.total + 1 } else { self.total.saturating_sub(1) };
             self.unsaved.insert(Box::from(row));
+            *net.entry(Box::from(row)).or_default() += by;
         }
-        if applied.iter().all(|a| *a) {
-            return Ok(batch.clone());
+        Ok(())
+    }
+
+    /// The rows of `net` whose count went down (`retracted`) or up, each as often as it changed.
+    fn net_rows(&self, net: &HashMap<Box<[u8]>, i64>, schema: &SchemaRef, retracted: bool) -> Vec<RecordBatch> {
+        let parser = self.converter.parser();
+        let rows = net
+            .iter()
+            .filter(|(_, by)| (**by < 0) == retracted && **by != 0)
+            .flat_map(|(row, by)| std::iter::repeat_n(parser.parse(row), by.unsigned_abs() as usize));
+        match self.converter.convert_rows(rows) {
+            Ok(columns) => {
+                RecordBatch::try_new(schema.clone(), columns).ok().filter(|b| b.num_rows() > 0).into_iter().collect()
+            }
+            Err(_) => Vec::new(),
         }
-        let mask = datafusion::arrow::array::BooleanArray::from(applied);
-        datafusion::arrow::compute::filter_record_batch(batch, &mask).map_err(|e| StateError::Corrupt(e.to_string()))
     }
 
     /// Every row, each as often as it counts.
@@ -145,6 +191,8 @@ struct Contents {
     appended: Vec<RecordBatch>,
     /// A view whose rows are retracted one by one keeps them here (and nothing in `appended`).
     counted: Option<Counted>,
+    /// An updating view read as a stream: its changes since the first reader came (see [`ChangeLog`]).
+    log: Option<ChangeLog>,
     /// The rows of each part of each window, by window end and part.
     windows: BTreeMap<(i64, u32), Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<Published>>,
@@ -173,7 +221,13 @@ pub struct ChangeFeed {
 
 impl ViewStore {
     pub fn new(schema: SchemaRef) -> Self {
-        ViewStore { schema, contents: Mutex::default(), keep_appended: true }
+        ViewStore { schema, contents: Mutex::default(), keep_appended: true, updating: false }
+    }
+
+    /// The store of a view whose windows or groups change after they appear: views reading it as a stream read its
+    /// changes (rows added and retracted).
+    pub fn updating(schema: SchemaRef) -> Self {
+        ViewStore { schema, contents: Mutex::default(), keep_appended: true, updating: true }
     }
 
     /// The store of a view whose rows are added and retracted one by one (a regular join's): it keeps each distinct
@@ -191,13 +245,13 @@ impl ViewStore {
             unknown: 0,
         };
         let contents = Contents { counted: Some(counted), ..Contents::default() };
-        Ok(ViewStore { schema, contents: Mutex::new(contents), keep_appended: true })
+        Ok(ViewStore { schema, contents: Mutex::new(contents), keep_appended: true, updating: true })
     }
 
     /// A store that passes appended rows to its subscribers without keeping them: the rows of a sink's query,
     /// which nothing reads but the sink. Windows are kept, to tell the sink what changed in each.
     pub fn passing(schema: SchemaRef) -> Self {
-        ViewStore { schema, contents: Mutex::default(), keep_appended: false }
+        ViewStore { schema, contents: Mutex::default(), keep_appended: false, updating: false }
     }
 
     pub fn schema(&self) -> SchemaRef {
@@ -205,32 +259,33 @@ impl ViewStore {
     }
 
     /// Applies one epoch's changes at once. Appended rows also go to every subscriber, and the epoch's changes to
-    /// every change subscriber, in one message.
+    /// every change subscriber, in one message (and to the change log of an updating view read as a stream).
     pub fn apply(&self, changes: Vec<ViewChange>) {
         let mut contents = self.lock();
         let mut row_changes = Vec::new();
         let tell_sinks = !contents.change_subscribers.is_empty();
+        // What changed is worked out for sinks, and for views reading an updating view's changes.
+        let tell = tell_sinks || contents.log.is_some();
         let mut changes = changes;
+        let schema = self.schema.clone();
         if let Some(counted) = &mut contents.counted {
-            let (mut before, mut after) = (Vec::new(), Vec::new());
+            // The epoch's net change per row: a row added and taken back within it changes nothing.
+            let mut net = HashMap::default();
             for change in std::mem::take(&mut changes) {
-                let (batches, by, told) = match change {
-                    ViewChange::Append(batches) => (batches, 1, &mut after),
-                    ViewChange::Retract(batches) => (batches, -1, &mut before),
+                let (batches, by) = match change {
+                    ViewChange::Append(batches) => (batches, 1),
+                    ViewChange::Retract(batches) => (batches, -1),
                     // The planner gives such a view no windows.
                     ViewChange::Replace { .. } | ViewChange::ReplacePart { .. } => continue,
                 };
-                for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                for batch in batches.iter().filter(|b| b.num_rows() > 0) {
                     // Rows that cannot be encoded cannot have been decoded either: nothing to change.
-                    if let Ok(changed) = counted.change(&batch, by)
-                        && tell_sinks
-                        && changed.num_rows() > 0
-                    {
-                        told.push(changed);
-                    }
+                    let _ = counted.change(batch, by, &mut net);
                 }
             }
-            if !before.is_empty() || !after.is_empty() {
+            if tell && !net.is_empty() {
+                let before = counted.net_rows(&net, &schema, true);
+                let after = counted.net_rows(&net, &schema, false);
                 row_changes.push(RowChange::Replace { before, after });
             }
         }
@@ -239,13 +294,13 @@ impl ViewStore {
                 // A view's rows retracted one by one are counted (above); a sink's query's pass through as removals.
                 ViewChange::Retract(batches) => {
                     let before: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
-                    if tell_sinks && !before.is_empty() {
+                    if tell && !before.is_empty() {
                         row_changes.push(RowChange::Replace { before, after: Vec::new() });
                     }
                 }
                 ViewChange::Append(batches) => {
                     for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                        if tell_sinks {
+                        if tell {
                             row_changes.push(RowChange::Insert(batch.clone()));
                         }
                         match self.keep_appended {
@@ -263,20 +318,23 @@ impl ViewStore {
                         contents.unsaved_windows.insert(part);
                         before.extend(contents.windows.remove(&part).unwrap_or_default());
                     }
-                    let after = contents.replace((window, 0), rows, tell_sinks);
+                    let after = contents.replace((window, 0), rows, tell);
                     if let Some(after) = after {
                         row_changes.push(RowChange::Replace { before, after });
                     }
                 }
                 ViewChange::ReplacePart { window, part, rows } => {
-                    let before = tell_sinks.then(|| contents.windows.get(&(window, part)).cloned()).flatten();
-                    if let Some(after) = contents.replace((window, part), rows, tell_sinks) {
+                    let before = tell.then(|| contents.windows.get(&(window, part)).cloned()).flatten();
+                    if let Some(after) = contents.replace((window, part), rows, tell) {
                         row_changes.push(RowChange::Replace { before: before.unwrap_or_default(), after });
                     }
                 }
             }
         }
-        if !row_changes.is_empty() {
+        if let Some(log) = &mut contents.log {
+            log.record(&row_changes);
+        }
+        if tell_sinks && !row_changes.is_empty() {
             let rows = weir_common::sink::change_rows(&row_changes);
             contents.change_subscribers.retain(|(sender, pending)| {
                 pending.fetch_add(rows, Ordering::AcqRel);
@@ -330,11 +388,19 @@ impl ViewStore {
     /// Every row as of the last applied epoch.
     pub fn snapshot(&self) -> Vec<RecordBatch> {
         let mut contents = self.lock();
+        self.rows(&mut contents)
+    }
+
+    fn rows(&self, contents: &mut Contents) -> Vec<RecordBatch> {
         let mut rows: Vec<RecordBatch> =
             contents.appended.iter().chain(contents.windows.values().flatten()).cloned().collect();
-        let schema = self.schema.clone();
-        rows.extend(contents.counted.as_mut().map(|c| c.batches(&schema)).unwrap_or_default());
+        rows.extend(contents.counted.as_mut().map(|c| c.batches(&self.schema)).unwrap_or_default());
         rows
+    }
+
+    /// Whether the change log of an updating view has entries no checkpoint holds yet (its readers wait for one).
+    pub fn has_unsaved_log(&self) -> bool {
+        self.lock().log.as_ref().is_some_and(|l| l.saved < l.entries.len())
     }
 
     /// Number of rows as of the last applied epoch.
@@ -355,11 +421,32 @@ impl ViewStore {
     pub fn subscribe(&self) -> Subscription {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut contents = self.lock();
-        let mut backlog: VecDeque<Published> =
-            contents.appended[..contents.released].iter().cloned().map(Published::Rows).collect();
+        let mut backlog: VecDeque<Published> = match self.updating {
+            true => {
+                if contents.log.is_none() {
+                    // The first reader: the log starts with the rows so far, given out once a checkpoint holds them.
+                    let rows = self.rows(&mut contents);
+                    contents.log = Some(ChangeLog {
+                        entries: rows.into_iter().map(|r| (false, r)).collect(),
+                        ..ChangeLog::default()
+                    });
+                }
+                let log = contents.log.as_ref().map(|l| &l.entries[..l.released]).unwrap_or_default();
+                log.iter().map(ChangeLog::published).collect()
+            }
+            false => contents.appended[..contents.released].iter().cloned().map(Published::Rows).collect(),
+        };
         backlog.extend(contents.released_watermark.map(Published::Watermark));
         contents.subscribers.push(sender);
-        Subscription { schema: self.schema.clone(), backlog, receiver, rows_read: 0, skip: 0, watermark: None }
+        Subscription {
+            schema: self.schema.clone(),
+            backlog,
+            receiver,
+            rows_read: 0,
+            skip: 0,
+            watermark: None,
+            retracting: false,
+        }
     }
 
     /// How many appended rows the last [`ViewStore::restore`] brought back (0 for a store never restored).
@@ -376,12 +463,21 @@ impl ViewStore {
     /// it holds.
     pub fn committed(&self) {
         let mut contents = self.lock();
-        let Contents { appended, subscribers, released, saved_appends, watermark, released_watermark, .. } =
+        let Contents { appended, subscribers, released, saved_appends, watermark, released_watermark, log, .. } =
             &mut *contents;
-        for batch in &appended[*released..*saved_appends] {
-            subscribers.retain(|s| s.send(Published::Rows(batch.clone())).is_ok());
+        // An updating view's readers read its change log (which has its appended rows too).
+        if !self.updating {
+            for batch in &appended[*released..*saved_appends] {
+                subscribers.retain(|s| s.send(Published::Rows(batch.clone())).is_ok());
+            }
         }
         *released = *saved_appends;
+        if let Some(log) = log {
+            for entry in &log.entries[log.released..log.saved] {
+                subscribers.retain(|s| s.send(ChangeLog::published(entry)).is_ok());
+            }
+            log.released = log.saved;
+        }
         if let Some(w) = *watermark
             && released_watermark.is_none_or(|r| w > r)
         {
@@ -446,6 +542,14 @@ impl ViewStore {
                 None => batch.delete(key),
             }
         }
+        if let Some(log) = &mut contents.log {
+            for (sequence, entry) in log.entries.iter().enumerate().skip(log.saved) {
+                let mut value = vec![u8::from(entry.0)];
+                value.extend_from_slice(&encode_batches(std::slice::from_ref(&entry.1))?);
+                batch.put(table.key(&tagged(LOG_TAG, sequence as i64)), value);
+            }
+            log.saved = log.entries.len();
+        }
         if let Some(counted) = &mut contents.counted {
             for row in std::mem::take(&mut counted.unsaved) {
                 let mut key = vec![COUNTED_TAG];
@@ -478,6 +582,14 @@ impl ViewStore {
         contents.appended = appended;
         contents.windows = windows;
         contents.unsaved_windows.clear();
+        let mut entries = Vec::new();
+        for (_, value) in table.scan_prefix(store, &[LOG_TAG])? {
+            let (flag, rows) =
+                value.split_first().ok_or_else(|| StateError::Corrupt("a change log entry".to_string()))?;
+            entries.extend(decode_batches(rows)?.into_iter().map(|rows| (*flag == 1, rows)));
+        }
+        contents.log =
+            (!entries.is_empty()).then(|| ChangeLog { saved: entries.len(), released: entries.len(), entries });
         if let Some(counted) = &mut contents.counted {
             counted.rows.clear();
             counted.unsaved.clear();
@@ -532,6 +644,8 @@ fn tagged(tag: u8, number: i64) -> Vec<u8> {
 #[derive(Debug, Clone)]
 enum Published {
     Rows(RecordBatch),
+    /// Rows an updating view took back.
+    Retract(RecordBatch),
     Watermark(Watermark),
 }
 
@@ -547,6 +661,8 @@ pub struct Subscription {
     skip: u64,
     /// The view's watermark as of the rows handed out.
     watermark: Option<Watermark>,
+    /// Whether the last rows handed out were taken back (an updating view's).
+    retracting: bool,
 }
 
 #[async_trait]
@@ -566,7 +682,14 @@ impl SourceReader for Subscription {
                 },
             };
             let batch = match published {
-                Published::Rows(batch) => batch,
+                Published::Rows(batch) => {
+                    self.retracting = false;
+                    batch
+                }
+                Published::Retract(batch) => {
+                    self.retracting = true;
+                    batch
+                }
                 Published::Watermark(w) => {
                     self.watermark = Some(w);
                     return Ok(Some(RecordBatch::new_empty(self.schema.clone())));
@@ -584,6 +707,10 @@ impl SourceReader for Subscription {
 
     fn watermark(&self) -> Option<Watermark> {
         self.watermark
+    }
+
+    fn retracting(&self) -> bool {
+        self.retracting
     }
 
     fn position(&self) -> Option<Vec<u8>> {

@@ -601,6 +601,21 @@ impl Pipeline {
         self.push_split(input, 0, batch).await
     }
 
+    /// Processes one change of input `input` (of its only split): rows added, or (an updating view read as a
+    /// stream) taken back.
+    pub async fn push_change(&mut self, input: usize, change: Delta) -> Result<()> {
+        match change {
+            Delta::Insert(batch) => self.push_split(input, 0, batch).await,
+            Delta::Retract(batch) => {
+                self.resume().await?;
+                for scan in self.scans.get(input).cloned().unwrap_or_default() {
+                    self.flow(scan, vec![Delta::Retract(batch.clone())], None).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Processes one batch of rows of split `split` of input `input`.
     pub async fn push_split(&mut self, input: usize, split: usize, batch: RecordBatch) -> Result<()> {
         self.resume().await?;

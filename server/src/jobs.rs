@@ -480,7 +480,7 @@ async fn run(
                                 Some(batch) => {
                                     task.progress.set_aside(readers[input].take_rejected());
                                     let split = (readers[input].last_split(), readers[input].split_count());
-                                    let upstream = readers[input].watermark();
+                                    let upstream = (readers[input].watermark(), readers[input].retracting());
                                     task.step(input, split, batch, upstream, &mut reading).await;
                                 }
                                 None => break,
@@ -503,7 +503,8 @@ async fn run(
             _ = epochs.tick() => {
                 task.report(&readers);
                 task.check_idle(&reading).await;
-                if task.dirty || task.unwritten.is_some() {
+                // An updating view's change log started for a new reader waits for a checkpoint to hold it.
+                if task.dirty || task.unwritten.is_some() || task.store.has_unsaved_log() {
                     task.publish(&mut readers, false).await;
                     if task.over_memory() {
                         reading.fill(false);
@@ -515,7 +516,7 @@ async fn run(
                 if reading.contains(&true) && task.store.sink_backlog() <= crate::sinks::MAX_SINK_BACKLOG_ROWS => {
                 task.progress.set_aside(readers[input].take_rejected());
                 let split = (readers[input].last_split(), readers[input].split_count());
-                let upstream = readers[input].watermark();
+                let upstream = (readers[input].watermark(), readers[input].retracting());
                 task.step(input, split, batch, upstream, &mut reading).await;
                 if !reading.contains(&true) {
                     task.publish(&mut readers, true).await;
@@ -544,13 +545,13 @@ async fn next_batch_of(
 impl ViewTask {
     /// Processes what input `input` returned, marking in `reading` the inputs that ended (or, after a failure, all).
     /// `split` is the split the batch came from and how many splits the input has; `upstream` the watermark a
-    /// relation read as a stream passed on with it.
+    /// relation read as a stream passed on with it, and whether its rows are taken back (an updating view's).
     async fn step(
         &mut self,
         input: usize,
         (split, splits): (usize, usize),
         batch: Result<Option<RecordBatch>, ConnectorError>,
-        upstream: Option<Watermark>,
+        (upstream, retracting): (Option<Watermark>, bool),
         reading: &mut [bool],
     ) {
         let view = &self.view;
@@ -565,7 +566,11 @@ impl ViewTask {
                     seen[split] = Instant::now();
                 }
                 self.progress.rows_read.fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-                match self.pipeline.push_split(input, split, batch).await {
+                let pushed = match retracting {
+                    true => self.pipeline.push_change(input, weir_runtime::operator::Delta::Retract(batch)).await,
+                    false => self.pipeline.push_split(input, split, batch).await,
+                };
+                match pushed {
                     Ok(()) => match upstream {
                         Some(w) => self.pipeline.pass_watermark(input, w).await,
                         None => Ok(()),

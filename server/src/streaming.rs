@@ -102,10 +102,11 @@ impl Session {
         let dataflow =
             self.build_dataflow(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
         let schema = dataflow.pipeline.schema();
-        let store = Arc::new(match dataflow.pipeline.retracts_rows() {
-            true => ViewStore::with_retractions(schema)
+        let store = Arc::new(match (dataflow.pipeline.retracts_rows(), dataflow.append_only) {
+            (true, _) => ViewStore::with_retractions(schema)
                 .map_err(|e| ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("the view's rows: {e}")))?,
-            false => ViewStore::new(schema),
+            (false, true) => ViewStore::new(schema),
+            (false, false) => ViewStore::updating(schema),
         });
         let def = RelationDef {
             name: name.clone(),
