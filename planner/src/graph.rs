@@ -225,16 +225,28 @@ impl GraphBuilder {
             ));
         }
         let input = self.cut(&below)?;
-        if !self.nodes[input].append_only {
-            return Err(unsupported("an aggregation of an updating stream below a join"));
-        }
+        let updating = !self.nodes[input].append_only;
         let bounds = self.bounds(input);
         let bound = |key: usize| expr_bound(&spec.keys[key].0, &bounds, &spec.input);
-        let Some(end) = spec.window_end.or_else(|| closing_key(&spec, &bounds)) else {
-            return Err(unsupported("a GROUP BY without a window below a join").with_hint(
-                "Group by the window_start and window_end of TUMBLE, HOP or CUMULATE: each window is joined once it \
-                 closes. The rows of a plain GROUP BY change, and joining changes needs retractions.",
-            ));
+        let closing = if updating { None } else { spec.window_end.or_else(|| closing_key(&spec, &bounds)) };
+        let Some(end) = closing else {
+            // Groups the watermark never closes (or rows it retracts): an updating aggregation, joined with a regular
+            // join.
+            if updating && let Some(a) = spec.aggregates.iter().find(|a| !weir_common::plan::retractable(&a.function)) {
+                return Err(unsupported(&format!("{}() over an updating stream", a.function.fun().name())).with_hint(
+                    "count, sum, avg, stddev and variance take rows back exactly; min, max and the others would \
+                     need every value of a group kept.",
+                ));
+            }
+            spec.window_end = None;
+            spec.retractions = updating;
+            return Ok(self.add(PlanNode {
+                schema: plan.schema(),
+                operator: NodeOperator::Aggregate { spec, above: None, shift: None },
+                inputs: vec![input],
+                append_only: false,
+                watermark: vec![],
+            }));
         };
         spec.window_end = Some(end);
         let Some(shift) = bound(end).and_then(|d| d.checked_sub(1)) else {

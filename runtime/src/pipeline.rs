@@ -229,6 +229,9 @@ enum Running {
     Join(Box<dyn JoinOperator>),
     /// A window aggregation below the root: each window emitted once, when the shifted watermark closes it.
     Closing(Box<Closing>),
+    /// A plain `GROUP BY` below the root (or one over retracted rows): each changed group's row retracted and emitted
+    /// again after every batch; the node's output schema (the names the plan above reads).
+    Updating(Box<UpdatingAggregate>, SchemaRef),
     /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
     Root,
 }
@@ -392,6 +395,15 @@ impl Pipeline {
                     )?;
                     Running::Closing(Box::new(Closing { aggregate, shift: *by, schema: node.schema.clone() }))
                 }
+                NodeOperator::Aggregate { spec, above: None, shift: None } if id != plan.root() => {
+                    let aggregate = UpdatingAggregate::try_new(
+                        &spec.input,
+                        spec.keys.clone(),
+                        spec.aggregates.clone(),
+                        spec.retractions,
+                    )?;
+                    Running::Updating(Box::new(aggregate), node.schema.clone())
+                }
                 NodeOperator::Aggregate { spec, above: over, shift: by } => {
                     shift = *by;
                     // Without a watermark on its time column (a lookup table joined in has none, and needs none).
@@ -407,6 +419,7 @@ impl Pipeline {
                             &spec.input,
                             spec.keys.clone(),
                             spec.aggregates.clone(),
+                            true,
                         )?)),
                         (Some(session), Some(window_end)) => {
                             Aggregation::Sessions(Box::new(SessionAggregate::try_new(
@@ -552,7 +565,16 @@ impl Pipeline {
     /// About how many bytes the pipeline's operators hold (open windows and sessions, rows waiting to be matched,
     /// rows joins keep).
     pub fn state_bytes(&self) -> usize {
-        self.joins().map(|j| j.memory()).sum::<usize>()
+        let updating: usize = self
+            .nodes
+            .iter()
+            .map(|n| match &n.running {
+                Running::Updating(aggregate, _) => aggregate.memory(),
+                _ => 0,
+            })
+            .sum();
+        updating
+            + self.joins().map(|j| j.memory()).sum::<usize>()
             + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
             + self.aggregate.as_ref().map_or(0, Aggregation::memory)
     }
@@ -776,6 +798,21 @@ impl Pipeline {
                 };
                 out.extend(closed.into_iter().map(Delta::Insert));
             }
+            Running::Updating(aggregate, schema) => {
+                for change in &batches {
+                    aggregate.on_change(change)?;
+                }
+                if !batches.is_empty() {
+                    for change in aggregate.publish()? {
+                        let rows = RecordBatch::try_new(schema.clone(), change.rows().columns().to_vec())
+                            .map_err(|e| RuntimeError::Expr(e.into()))?;
+                        out.push(change.with_rows(rows));
+                    }
+                }
+                if watermark.is_some() {
+                    said = merged(&state.ports);
+                }
+            }
             Running::Root => {
                 let merged = if watermark.is_some() { merged(&state.ports) } else { None };
                 self.aggregate_data(batches)?;
@@ -890,6 +927,7 @@ impl Pipeline {
         self.nodes.iter_mut().enumerate().filter_map(|(id, node)| match &mut node.running {
             Running::Join(join) => Some((id, join.as_mut() as &mut dyn Checkpointed)),
             Running::Closing(closing) => Some((id, &mut closing.aggregate as &mut dyn Checkpointed)),
+            Running::Updating(aggregate, _) => Some((id, aggregate.as_mut() as &mut dyn Checkpointed)),
             _ => None,
         })
     }

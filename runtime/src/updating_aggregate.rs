@@ -5,7 +5,8 @@
 //! of rows, and the output row it published last. Inserted rows update the accumulators, retracted rows retract from
 //! them; at each epoch, [`UpdatingAggregate::publish`] retracts the previous row of every group that changed and
 //! emits its new one (none once a group has no rows left; the one group of a keyless aggregation always has a row).
-//! Only aggregates whose retraction is exact whatever the order rows leave in are planned here (count, sum, avg and
+//! The same operator keeps a plain `GROUP BY` below a join (whose input may only gain rows: any aggregate then).
+//! Over retractions, only aggregates whose retraction is exact whatever the order rows leave in are planned here (count, sum, avg and
 //! the variances, see [`weir_common::plan::retractable`]): `min`/`max` would need every value kept, and are refused by the planner.
 //!
 //! Checkpoints write each group changed since the last one under `u | group key`: its row count, its published row
@@ -57,6 +58,8 @@ pub struct UpdatingAggregate {
     unsaved: HashSet<Box<[u8]>>,
     /// Per aggregate: the fields of its accumulator's state.
     state_fields: Vec<Vec<Field>>,
+    /// Whether the input retracts rows (the accumulators are sliding ones, which take rows back).
+    retracts: bool,
 }
 
 impl std::fmt::Debug for UpdatingAggregate {
@@ -66,13 +69,16 @@ impl std::fmt::Debug for UpdatingAggregate {
 }
 
 impl UpdatingAggregate {
-    /// `input` is the schema of incoming rows; `keys` and the aggregates' expressions are evaluated against it.
+    /// `input` is the schema of incoming rows; `keys` and the aggregates' expressions are evaluated against it. With
+    /// `retracts`, the input retracts rows and every aggregate must take them back; without, any aggregate will do
+    /// (a plain `GROUP BY` below a join, over rows only ever added) and a retraction is an error.
     pub fn try_new(
         input: &Schema,
         keys: Vec<(Arc<dyn PhysicalExpr>, String)>,
         aggregates: Vec<Aggregate>,
+        retracts: bool,
     ) -> Result<Self> {
-        if let Some(a) = aggregates.iter().find(|a| !retractable(&a.function)) {
+        if retracts && let Some(a) = aggregates.iter().find(|a| !retractable(&a.function)) {
             return Err(RuntimeError::Join(format!("{} cannot take rows back", a.function.name())));
         }
         let key_fields: Vec<SortField> = keys
@@ -104,6 +110,7 @@ impl UpdatingAggregate {
             changed: HashSet::new(),
             unsaved: HashSet::new(),
             state_fields: Vec::new(),
+            retracts,
         };
         let mut fresh = op.accumulators()?;
         op.state_fields = fresh
@@ -134,7 +141,10 @@ impl UpdatingAggregate {
     fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
         self.aggregates
             .iter()
-            .map(|a| a.function.create_sliding_accumulator())
+            .map(|a| match self.retracts {
+                true => a.function.create_sliding_accumulator(),
+                false => a.function.create_accumulator(),
+            })
             .collect::<datafusion::error::Result<_>>()
             .map_err(RuntimeError::Expr)
     }
@@ -147,6 +157,9 @@ impl UpdatingAggregate {
             return Ok(());
         }
         let retract = change.is_retraction();
+        if retract && !self.retracts {
+            return Err(RuntimeError::Join("a retraction reached an aggregation of rows only ever added".to_string()));
+        }
         let keys: Vec<Box<[u8]>> = match &self.key_converter {
             Some(converter) => {
                 let columns = self
@@ -414,7 +427,7 @@ mod tests {
         let keys = vec![(col("k", &input).expect("k"), "k".to_string())];
         let aggregates =
             vec![aggregate(count_udaf(), "n"), aggregate(sum_udaf(), "total"), aggregate(avg_udaf(), "mean")];
-        UpdatingAggregate::try_new(&input, keys, aggregates).expect("aggregate")
+        UpdatingAggregate::try_new(&input, keys, aggregates, true).expect("aggregate")
     }
 
     /// What a reader holds after applying `changes` to `view` (rows must never be retracted before they came).
@@ -483,7 +496,14 @@ mod tests {
         assert!(!retractable(&aggregate(min_udaf(), "lo").function));
         assert!(retractable(&aggregate(count_udaf(), "n").function));
         let input = schema();
-        assert!(UpdatingAggregate::try_new(&input, vec![], vec![aggregate(min_udaf(), "lo")]).is_err());
+        assert!(UpdatingAggregate::try_new(&input, vec![], vec![aggregate(min_udaf(), "lo")], true).is_err());
+        // Over rows only ever added, any aggregate will do.
+        let mut op = UpdatingAggregate::try_new(&input, vec![], vec![aggregate(min_udaf(), "lo")], false).expect("min");
+        op.on_change(&Delta::Insert(batch(&[(1, 7, 0), (2, 3, 0)]))).expect("insert");
+        let mut view = Vec::new();
+        apply(&mut view, &op.publish().expect("publish"));
+        assert_eq!(view, ["3"]);
+        assert!(op.on_change(&Delta::Retract(batch(&[(2, 3, 0)]))).is_err());
         assert_eq!(input.field(1).data_type(), &DataType::Int64);
     }
 }

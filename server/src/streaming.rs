@@ -767,9 +767,12 @@ fn explain_node(
     let mut below = depth;
     match &node.operator {
         NodeOperator::Aggregate { spec: aggregate, above, shift } => {
+            // Over retracted rows, or a plain `GROUP BY` below a join: each changed group's row retracted and emitted
+            // again.
+            let updating = aggregate.retractions || (id != plan.root() && shift.is_none());
             if let Some((_, above)) = above {
                 let over = match (&aggregate.session, aggregate.window_end) {
-                    _ if aggregate.retractions => "Per batch of changed rows:",
+                    _ if updating => "Per batch of changed rows:",
                     (Some(_), _) => "Per batch of session rows:",
                     (None, Some(_)) => "Per window:",
                     (None, None) => "Over all groups:",
@@ -787,6 +790,7 @@ fn explain_node(
                      every epoch"
                         .to_string()
                 }
+                _ if updating => "no window: each changed group's row retracted and emitted again".to_string(),
                 (Some(_), _) if closing => "per session, emitted when the watermark closes it".to_string(),
                 (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
                 (None, Some(_)) if closing => "per window, emitted when the watermark closes it".to_string(),
@@ -798,7 +802,7 @@ fn explain_node(
                     let partition: Vec<&str> = session.partition.iter().map(|k| keys[*k]).collect();
                     format!("SessionAggregate: sessions partitioned by [{}], ", partition.join(", "))
                 }
-                None if aggregate.retractions => "UpdatingAggregate: ".to_string(),
+                None if updating => "UpdatingAggregate: ".to_string(),
                 None => "WindowAggregate: ".to_string(),
             };
             lines.push(format!(

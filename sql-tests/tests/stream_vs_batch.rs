@@ -255,6 +255,9 @@ const JOIN_QUERIES: &[&str] = &[
      FROM {l} l LEFT JOIN {r} r ON l.device = r.device AND l.reading = r.reading GROUP BY l.device",
     "SELECT count(*) AS n, sum(l.reading) AS total FROM {l} l FULL JOIN {r} r \
      ON l.device = r.device AND l.reading = r.reading + 1",
+    // A plain GROUP BY below a join: its groups' rows retracted and emitted again as they change.
+    "SELECT l.device, l.reading, m.top, m.n FROM {l} l JOIN (SELECT device, max(reading) AS top, count(*) AS n \
+     FROM {r} GROUP BY device) m ON l.device = m.device AND l.reading >= m.top - 10",
 ];
 
 /// Temporal joins over `{l}` and `{v}` (versions of each device's reading, valid from their `ts`), each with its batch
