@@ -154,7 +154,7 @@ pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> 
         schema(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).chain(extra).collect(),
         Some(Encoding::Json),
-        &[],
+        (&[], None),
         &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
     // librdkafka fetches and queues records on threads of its own: count the whole process (the producer is done).
@@ -177,7 +177,7 @@ pub(crate) async fn mqtt(messages: u64, qos: u8) -> anyhow::Result<()> {
         schema(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         Some(Encoding::Json),
-        &[],
+        (&[], None),
         &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
     // The first read connects and subscribes; the publishers start once the subscription has had time to land.

@@ -237,7 +237,7 @@ pub(crate) async fn run(query: &str, events: u64, epoch_interval: std::time::Dur
         bid_schema(),
         options.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         None,
-        &[],
+        (&[], None),
         &weir_common::connector::ConnectorPolicy::unrestricted(),
     )?;
     let started = Instant::now();

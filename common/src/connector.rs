@@ -305,7 +305,8 @@ pub trait SourceReader: Send + fmt::Debug {
     }
 
     /// Whether the rows of the last batch handed out are taken back, not added: a view reading an updating view
-    /// reads its changes. `false` for sources, whose rows are only ever added.
+    /// reads its changes, and an upsert source's tombstones delete their keys' rows (only the key columns count).
+    /// `false` for other sources, whose rows are only ever added.
     fn retracting(&self) -> bool {
         false
     }

@@ -53,6 +53,7 @@ impl SqlState {
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
     pub const UNDEFINED_PARAMETER: SqlState = SqlState("42P02");
     pub const INVALID_OBJECT_DEFINITION: SqlState = SqlState("42P17");
+    pub const INVALID_TABLE_DEFINITION: SqlState = SqlState("42P16");
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     pub const IO_ERROR: SqlState = SqlState("58030");

@@ -127,6 +127,10 @@ pub enum NodeOperator {
     /// A stateless DataFusion plan (filters, projections, window assignment, unnest, `UNION ALL`): each input of the
     /// node pushes its batches into its feed (`feeds[i]` for input `i`), and the plan runs over what was pushed.
     Stateless { plan: Arc<dyn ExecutionPlan>, feeds: Vec<Feed> },
+    /// The rows of an upsert source as changes: each row replaces the row of its key (`key`: the primary key
+    /// columns), so the replaced row is retracted and the new one added; a retracted row (a tombstone) deletes its
+    /// key's row (only its key columns are read).
+    Upsert { key: Vec<usize> },
     /// A join of two streams (see [`JoinSpec`]).
     Join(Box<JoinSpec>),
     /// A join without time bounds whose inputs may retract rows, or which retracts rows itself (an outer join's

@@ -145,8 +145,9 @@ pub struct KafkaSource {
     /// Records of the batch being gathered, and when gathering ends; kept here so a cancelled read loses nothing.
     gathering: Gathered,
     deadline: Option<tokio::time::Instant>,
-    /// Decoded batches not yet handed out, one per partition, with their partition and the offset after them.
-    ready: std::collections::VecDeque<(i32, RecordBatch, i64)>,
+    /// Decoded batches not yet handed out (per partition, one per run of values or of tombstones), with their
+    /// partition, the offset after them, and whether they are deletions.
+    ready: std::collections::VecDeque<(i32, RecordBatch, i64, bool)>,
     /// Per partition, where to start reading instead of `scan.startup.mode` (from a checkpoint).
     resume: BTreeMap<i32, i64>,
     /// The connection being made, kept across cancelled reads.
@@ -157,6 +158,11 @@ pub struct KafkaSource {
     last_partition: i32,
     /// How many partitions the topic has, once known.
     partitions: usize,
+    /// `FORMAT UPSERT`: the names of the primary key columns. A record with an empty value (a tombstone) deletes the
+    /// row of its key, which its Kafka key gives (a JSON object of the key columns, or the one key column's value).
+    upsert_key: Option<Vec<String>>,
+    /// Whether the last batch handed out holds deletions (tombstones' keys).
+    last_deletes: bool,
 }
 
 /// A connection to the broker being made: the consumer and how many partitions it reads.
@@ -190,11 +196,13 @@ pub(crate) fn metadata_field(item: &str, argument: Option<&str>, alias: Option<&
 }
 
 impl KafkaSource {
+    /// `upsert_key`: the primary key columns of a `FORMAT UPSERT` source (see [`KafkaSource::upsert_key`]).
     pub fn try_new(
         schema: SchemaRef,
         mut options: Options,
         encoding: Option<Encoding>,
         metadata: &[MetadataColumn],
+        upsert_key: Option<&[usize]>,
     ) -> Result<Self, ConnectorError> {
         let topic = options.take("topic").ok_or_else(|| ConnectorError::missing(NAME, "topic"))?;
         let servers = take_servers(&mut options)?;
@@ -270,6 +278,13 @@ impl KafkaSource {
             .filter(|(i, _)| !columns.iter().any(|(c, _)| c == i))
             .map(|(_, f)| f.as_ref().clone())
             .collect();
+        if upsert_key.is_some() && !matches!(encoding, Encoding::Json) {
+            return Err(ConnectorError::Format {
+                connector: NAME.into(),
+                expected: "JSON for FORMAT UPSERT (ENCODE JSON)".into(),
+            });
+        }
+        let upsert_key = upsert_key.map(|key| key.iter().map(|c| schema.field(*c).name().clone()).collect());
         let decoder =
             RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?.with_max_record(max_record);
         Ok(KafkaSource {
@@ -303,6 +318,8 @@ impl KafkaSource {
             resumed_at: BTreeMap::new(),
             last_partition: 0,
             partitions: 0,
+            upsert_key,
+            last_deletes: false,
         })
     }
 
@@ -366,10 +383,39 @@ impl KafkaSource {
         })
     }
 
-    /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes).
-    fn decode(&mut self, gathered: &Gathered, records: &[usize]) -> Result<Option<RecordBatch>, ConnectorError> {
-        let payloads: Vec<&[u8]> =
-            records.iter().map(|r| gathered.slice(gathered.records[*r].payload.clone())).collect();
+    /// The JSON object of the key columns a tombstone's Kafka key gives: the key itself when it is an object, else
+    /// the one key column's value (a JSON number as it is, anything else as a string).
+    fn tombstone_key(&self, key: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(key);
+        let trimmed = text.trim();
+        if trimmed.starts_with('{') {
+            return trimmed.as_bytes().to_vec();
+        }
+        let column = self.upsert_key.as_ref().and_then(|k| k.first()).cloned().unwrap_or_default();
+        let number = !trimmed.is_empty() && trimmed.parse::<f64>().is_ok();
+        let value = if number { trimmed.to_string() } else { json_string(trimmed) };
+        format!("{{{}: {value}}}", json_string(&column)).into_bytes()
+    }
+
+    /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes); with
+    /// `deletes`, the records are tombstones and their keys are decoded instead (the other columns NULL).
+    fn decode(
+        &mut self,
+        gathered: &Gathered,
+        records: &[usize],
+        deletes: bool,
+    ) -> Result<Option<RecordBatch>, ConnectorError> {
+        let keys: Vec<Vec<u8>> = match deletes {
+            true => records
+                .iter()
+                .map(|r| self.tombstone_key(gathered.records[*r].key.clone().map_or(&[][..], |k| gathered.slice(k))))
+                .collect(),
+            false => Vec::new(),
+        };
+        let payloads: Vec<&[u8]> = match deletes {
+            true => keys.iter().map(Vec::as_slice).collect(),
+            false => records.iter().map(|r| gathered.slice(gathered.records[*r].payload.clone())).collect(),
+        };
         let (batch, rejected, accepted) = self.decoder.decode_indexed(&payloads, |i| {
             let record = &gathered.records[records[i]];
             format!("{}/{}@{}", self.topic, record.partition, record.offset)
@@ -421,6 +467,22 @@ const VALID: &[&str] = &[
     "max.record.bytes",
 ];
 
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// The `properties.bootstrap.server` option (also spelt `servers`, as librdkafka does).
 pub(crate) fn take_servers(options: &mut Options) -> Result<String, ConnectorError> {
     options
@@ -464,8 +526,9 @@ impl SourceReader for KafkaSource {
     /// a time. Never ends.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
-            if let Some((partition, batch, next)) = self.ready.pop_front() {
+            if let Some((partition, batch, next, deletes)) = self.ready.pop_front() {
                 self.last_partition = partition;
+                self.last_deletes = deletes;
                 self.offsets.insert(partition, next);
                 self.uncommitted = true;
                 return Ok(Some(batch));
@@ -542,13 +605,19 @@ impl SourceReader for KafkaSource {
                 by_partition.entry(record.partition).or_default().push(index);
             }
             for (partition, records) in by_partition {
-                let next = records.last().map_or(0, |last| gathered.records[*last].offset + 1);
-                match self.decode(&gathered, &records)? {
-                    Some(batch) => self.ready.push_back((partition, batch, next)),
-                    // Every record was set aside: handed out as dead letters.
-                    None => {
-                        self.offsets.insert(partition, next);
-                        self.uncommitted = true;
+                // An upsert topic's values and tombstones in runs, each run a batch, in the partition's order.
+                let upsert = self.upsert_key.is_some();
+                let tombstone = |r: &usize| upsert && gathered.records[*r].payload.is_empty();
+                for run in records.chunk_by(|a, b| tombstone(a) == tombstone(b)) {
+                    let next = run.last().map_or(0, |last| gathered.records[*last].offset + 1);
+                    let deletes = tombstone(&run[0]);
+                    match self.decode(&gathered, run, deletes)? {
+                        Some(batch) => self.ready.push_back((partition, batch, next, deletes)),
+                        // Every record was set aside: handed out as dead letters.
+                        None => {
+                            self.offsets.insert(partition, next);
+                            self.uncommitted = true;
+                        }
                     }
                 }
             }
@@ -557,6 +626,11 @@ impl SourceReader for KafkaSource {
 
     fn take_rejected(&mut self) -> Vec<Rejected> {
         std::mem::take(&mut self.rejected)
+    }
+
+    /// A batch of an upsert topic's tombstones: the rows of their keys are deleted.
+    fn retracting(&self) -> bool {
+        self.last_deletes
     }
 
     /// The consumer lag is, per partition, the broker's high watermark less the offset after the last record handed
@@ -629,7 +703,7 @@ mod tests {
     fn bad_options_are_clear_errors() {
         let partition = [MetadataColumn { item: "partition".into(), argument: None, column: 1 }];
         let open = |pairs: &[(&str, &str)]| {
-            KafkaSource::try_new(schema(), Options::from_pairs(pairs).unwrap(), Some(Encoding::Json), &partition)
+            KafkaSource::try_new(schema(), Options::from_pairs(pairs).unwrap(), Some(Encoding::Json), &partition, None)
                 .map(|_| ())
         };
         let servers = ("properties.bootstrap.server", "127.0.0.1:9092");
@@ -657,6 +731,20 @@ mod tests {
         assert!(open(&[servers, ("topic", "t"), ("properties.no.such.setting", "1")]).is_err());
         let err = open(&[servers, ("topic", "t"), ("scan.mode", "earliest")]).unwrap_err().to_string();
         assert!(err.contains("unknown option \"scan.mode\"") && err.contains("scan.startup.mode"), "{err}");
+    }
+
+    #[test]
+    fn a_tombstone_s_key_becomes_a_json_object_of_the_key_columns() {
+        let options = || Options::from_pairs(&[("properties.bootstrap.server", "127.0.0.1:9092"), ("topic", "t")]);
+        let source = KafkaSource::try_new(schema(), options().unwrap(), Some(Encoding::Json), &[], Some(&[0])).unwrap();
+        let key = |k: &str| String::from_utf8(source.tombstone_key(k.as_bytes())).unwrap();
+        let name = schema().field(0).name().clone();
+        assert_eq!(key(r#" {"x": 1} "#), r#"{"x": 1}"#);
+        assert_eq!(key("42"), format!("{{\"{name}\": 42}}"));
+        assert_eq!(key("a\"b"), format!("{{\"{name}\": \"a\\\"b\"}}"));
+        // Upsert records are JSON.
+        let csv = Encoding::Csv { delimiter: b',', header: false };
+        assert!(KafkaSource::try_new(schema(), options().unwrap(), Some(csv), &[], Some(&[0])).is_err());
     }
 
     #[test]

@@ -50,13 +50,14 @@ const DECODING_CONNECTORS: &[&str] = &["file", "kafka", "mqtt"];
 /// Opens a source of `schema` with the `WITH (...)` options (including `connector`) and the `FORMAT ... ENCODE`
 /// encoding, if given. Fails at once on an unknown connector, an unknown or invalid option, a missing or needless
 /// encoding, or a column the connector cannot produce. `metadata` lists the columns of `schema` that `INCLUDE` fills
-/// from the connector's metadata.
+/// from the connector's metadata. `upsert_key` are the primary key columns of a `FORMAT UPSERT` source (Kafka only),
+/// whose tombstones the reader hands out as deletions of their keys.
 /// Options naming local files must satisfy `policy`.
 pub fn open_source(
     schema: SchemaRef,
     options: Vec<(String, String)>,
     encoding: Option<Encoding>,
-    metadata: &[MetadataColumn],
+    (metadata, upsert_key): (&[MetadataColumn], Option<&[usize]>),
     policy: &ConnectorPolicy,
 ) -> Result<Box<dyn SourceReader>, ConnectorError> {
     let connector_name =
@@ -88,7 +89,13 @@ pub fn open_source(
     let mut dedup = Options::new(dedup_options)?;
     let source: Box<dyn SourceReader> = match connector.as_str() {
         "mqtt" => Box::new(mqtt::MqttSource::try_new(schema, options, encoding, metadata)?),
-        "kafka" => Box::new(kafka::KafkaSource::try_new(schema, options, encoding, metadata)?),
+        _ if upsert_key.is_some() && connector != "kafka" => {
+            return Err(ConnectorError::Format {
+                connector,
+                expected: "FORMAT PLAIN (FORMAT UPSERT is read from Kafka topics, whose tombstones delete keys)".into(),
+            });
+        }
+        "kafka" => Box::new(kafka::KafkaSource::try_new(schema, options, encoding, metadata, upsert_key)?),
         "file" => Box::new(file::FileSource::try_new(schema, options, encoding)?),
         "datagen" | "nexmark" if dedup.take("dedup.key").is_some() => {
             return Err(ConnectorError::invalid("dedup.key", &connector, "generated rows have no duplicates"));

@@ -51,13 +51,28 @@ pub struct GraphBuilder {
     signatures: std::collections::HashMap<String, NodeId>,
     /// The inputs whose rows are retracted too (updating views read as streams).
     updating: Vec<usize>,
+    /// The upsert sources among the inputs, with their key columns: an upsert node follows their scans.
+    upserts: Vec<(usize, Vec<usize>)>,
 }
 
 impl GraphBuilder {
     /// A builder whose source leaves are `scans`: each source `FeedExec`'s feed, the input (an index into the plan's
     /// inputs) it reads, and the bounds of that input's rows.
     pub fn new(scans: Vec<(Feed, usize, Bounds)>) -> Self {
-        GraphBuilder { nodes: Vec::new(), scans, signatures: Default::default(), updating: Vec::new() }
+        GraphBuilder {
+            nodes: Vec::new(),
+            scans,
+            signatures: Default::default(),
+            updating: Vec::new(),
+            upserts: Vec::new(),
+        }
+    }
+
+    /// Marks inputs as upsert sources (each with its key columns): their rows pass an upsert node, which turns them
+    /// into the changes of the latest row of each key.
+    pub fn with_upserts(mut self, upserts: Vec<(usize, Vec<usize>)>) -> Self {
+        self.upserts = upserts;
+        self
     }
 
     /// Marks inputs `updating` (indices into the plan's inputs) as read with their retractions.
@@ -128,13 +143,25 @@ impl GraphBuilder {
             let Some((feed, input, bounds)) = self.scans.iter().find(|(f, ..)| f.same(leaf.feed())).cloned() else {
                 return Err(internal("a feed that no input fills"));
             };
-            let id = self.add(PlanNode {
+            let upsert = self.upserts.iter().find(|(i, _)| *i == input).map(|(_, key)| key.clone());
+            let mut id = self.add(PlanNode {
                 operator: NodeOperator::Scan { input },
                 inputs: vec![],
                 schema: leaf.input_schema(),
-                append_only: !self.updating.contains(&input),
+                append_only: !self.updating.contains(&input) && upsert.is_none(),
                 watermark: watermark_of(&bounds),
             });
+            // An upsert source's rows replace their key's row: the upsert node passes on the retraction of the row
+            // replaced (or deleted) and the new one. A retraction can reach back before any watermark: none passes.
+            if let Some(key) = upsert {
+                id = self.add(PlanNode {
+                    operator: NodeOperator::Upsert { key },
+                    inputs: vec![id],
+                    schema: leaf.input_schema(),
+                    append_only: false,
+                    watermark: vec![],
+                });
+            }
             ports.push((feed, id));
             return Ok(plan.clone());
         }
@@ -321,6 +348,7 @@ fn signature(node: &PlanNode) -> Option<String> {
         }
         NodeOperator::Join(spec) => format!("join {spec:?}"),
         NodeOperator::RegularJoin(spec) => format!("regular join {spec:?}"),
+        NodeOperator::Upsert { key } => format!("upsert {key:?}"),
         NodeOperator::TemporalJoin(spec) => format!("temporal join {spec:?}"),
         NodeOperator::Aggregate { spec, above: None, shift } => format!("aggregate {spec:?} {shift:?}"),
         _ => return None,

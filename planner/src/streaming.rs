@@ -52,6 +52,8 @@ pub struct Readable {
     pub watermark: Vec<(usize, i64)>,
     /// Whether its rows are only ever added (an updating view's changes carry retractions).
     pub append_only: bool,
+    /// An upsert source's key columns: its rows replace the rows of their key, and its deletions name only a key.
+    pub upsert_key: Option<Vec<usize>>,
 }
 
 /// Plans `query` (a logical plan over `inputs`: the relations a view can read as streams, by name) as a streaming
@@ -118,7 +120,9 @@ pub async fn plan_streaming(
     let schema = physical.schema();
     let updating: Vec<usize> =
         (0..streams.len()).filter(|i| inputs.get(&streams[*i].relation).is_some_and(|r| !r.append_only)).collect();
-    let mut graph = GraphBuilder::new(scans).with_updating(updating);
+    let upserts: Vec<(usize, Vec<usize>)> =
+        (0..streams.len()).filter_map(|i| Some((i, inputs.get(&streams[i].relation)?.upsert_key.clone()?))).collect();
+    let mut graph = GraphBuilder::new(scans).with_updating(updating).with_upserts(upserts);
 
     let Some(aggregate) = find_aggregate(&physical)? else {
         if emit_on_window_close {
@@ -292,7 +296,7 @@ pub async fn plan_match_recognize(
             }
         }
     }
-    let readable = Readable { schema, watermark: vec![], append_only: true };
+    let readable = Readable { schema, watermark: vec![], append_only: true, upsert_key: None };
     let over = plan_streaming(state, outer, &HashMap::from([(matches.to_string(), readable)]), false).await?;
     if over.aggregate().is_some() {
         return Err(unsupported("aggregating the matches of MATCH_RECOGNIZE in the same materialized view")

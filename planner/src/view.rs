@@ -39,6 +39,8 @@ pub struct CatalogRelation {
     pub watermark: Vec<(usize, i64)>,
     /// The column its watermark is on (a source's or table's `WATERMARK FOR`, or the first a view's bounds).
     pub event_time: Option<String>,
+    /// A `FORMAT UPSERT` source's primary key columns: its records replace (and delete) each other's rows by key.
+    pub upsert_key: Option<Vec<usize>>,
 }
 
 /// The `MATCH_RECOGNIZE` of a view, replaced in its query by a table of the matches' rows: the plan of its input, the
@@ -120,7 +122,12 @@ pub async fn plan_view(view: ViewQuery<'_>, catalog: &dyn Catalog) -> Result<Vie
         .map(|r| {
             (
                 r.name.clone(),
-                Readable { schema: r.schema.clone(), watermark: r.watermark.clone(), append_only: r.append_only },
+                Readable {
+                    schema: r.schema.clone(),
+                    watermark: r.watermark.clone(),
+                    append_only: r.append_only,
+                    upsert_key: r.upsert_key.clone(),
+                },
             )
         })
         .collect();

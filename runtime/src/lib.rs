@@ -16,6 +16,7 @@
 //!   aside.
 //! - [`updating_aggregate`]: [`updating_aggregate::UpdatingAggregate`], `GROUP BY` over rows that may be retracted
 //!   (a regular join's), with accumulators that take rows back.
+//! - [`upsert`]: [`upsert::Upsert`], an upsert source's rows as changes of the latest row of each key.
 //! - [`session_aggregate`]: [`session_aggregate::SessionAggregate`], aggregation per session window, merging sessions
 //!   as rows bridge them.
 //! - [`materialize`]: [`materialize::ViewStore`], a relation's published rows, changed a whole epoch at a time, and
@@ -46,6 +47,7 @@ pub mod state;
 pub mod temporal;
 pub mod top_n;
 pub mod updating_aggregate;
+pub mod upsert;
 pub mod watermark;
 pub mod window_aggregate;
 

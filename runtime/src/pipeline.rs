@@ -49,6 +49,7 @@ use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64,
 use crate::temporal::TemporalJoin;
 use crate::top_n::TopN;
 use crate::updating_aggregate::UpdatingAggregate;
+use crate::upsert::Upsert;
 use crate::watermark::WatermarkAssigner;
 use crate::window_aggregate::{NO_WINDOW, WindowAggregate};
 
@@ -145,6 +146,7 @@ fn layout(plan: &StreamingPlan) -> String {
                 NodeOperator::Stateless { .. } => "stateless".to_string(),
                 NodeOperator::Join(_) => "join".to_string(),
                 NodeOperator::RegularJoin(_) => "regular join".to_string(),
+                NodeOperator::Upsert { .. } => "upsert".to_string(),
                 NodeOperator::TemporalJoin(_) => "temporal join".to_string(),
                 NodeOperator::Aggregate { .. } => "aggregate".to_string(),
                 NodeOperator::TopN { .. } => "top-n".to_string(),
@@ -232,6 +234,8 @@ enum Running {
     /// A plain `GROUP BY` below the root (or one over retracted rows): each changed group's row retracted and emitted
     /// again after every batch; the node's output schema (the names the plan above reads).
     Updating(Box<UpdatingAggregate>, SchemaRef),
+    /// An upsert source's rows as changes of each key's latest row.
+    Upsert(Box<Upsert>),
     /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
     Root,
 }
@@ -358,6 +362,9 @@ impl Pipeline {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
                     Running::Join(Box::new(IntervalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
+                }
+                NodeOperator::Upsert { key } => {
+                    Running::Upsert(Box::new(Upsert::try_new(node.schema.clone(), key.clone())?))
                 }
                 NodeOperator::RegularJoin(spec) => {
                     let schema =
@@ -570,6 +577,7 @@ impl Pipeline {
             .iter()
             .map(|n| match &n.running {
                 Running::Updating(aggregate, _) => aggregate.memory(),
+                Running::Upsert(upsert) => upsert.memory(),
                 _ => 0,
             })
             .sum();
@@ -798,6 +806,14 @@ impl Pipeline {
                 };
                 out.extend(closed.into_iter().map(Delta::Insert));
             }
+            Running::Upsert(upsert) => {
+                for change in &batches {
+                    upsert.on_change(change, &mut out)?;
+                }
+                if watermark.is_some() {
+                    said = merged(&state.ports);
+                }
+            }
             Running::Updating(aggregate, schema) => {
                 for change in &batches {
                     aggregate.on_change(change)?;
@@ -928,6 +944,7 @@ impl Pipeline {
             Running::Join(join) => Some((id, join.as_mut() as &mut dyn Checkpointed)),
             Running::Closing(closing) => Some((id, &mut closing.aggregate as &mut dyn Checkpointed)),
             Running::Updating(aggregate, _) => Some((id, aggregate.as_mut() as &mut dyn Checkpointed)),
+            Running::Upsert(upsert) => Some((id, upsert.as_mut() as &mut dyn Checkpointed)),
             _ => None,
         })
     }

@@ -66,6 +66,10 @@ impl Relation {
 
     pub fn with_source(mut self, source: Option<Arc<CreateSource>>) -> Self {
         self.source = source;
+        // An upsert source's rows replace and delete each other.
+        if self.upsert_key().is_some() {
+            self.append_only = false;
+        }
         self
     }
 
@@ -79,6 +83,16 @@ impl Relation {
     pub fn event_time(&self) -> Option<String> {
         let (column, _) = *self.watermark_columns().first()?;
         self.def.schema.fields().get(column).map(|f| f.name().clone())
+    }
+
+    /// The columns of a `FORMAT UPSERT` source's primary key, by position: each record replaces its key's row (an
+    /// empty one deletes it). `None` for every other relation.
+    pub fn upsert_key(&self) -> Option<Vec<usize>> {
+        let source = self.source.as_ref()?;
+        if source.format.as_ref().is_none_or(|f| f.format != "UPSERT") {
+            return None;
+        }
+        self.primary_key().iter().map(|c| self.def.schema.index_of(c).ok()).collect()
     }
 
     /// The columns of its primary key (which a temporal join versions it by); empty without one. A source's and a

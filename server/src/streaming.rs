@@ -74,7 +74,7 @@ impl Session {
             schema.clone(),
             connector_options,
             encoding(source, policy)?,
-            &metadata_columns(source),
+            (&metadata_columns(source), upsert_key(source, &schema)?.as_deref()),
             policy,
         )
         .map_err(ErrorReport::from)?;
@@ -154,7 +154,7 @@ impl Session {
                     input.def.schema.clone(),
                     connector_options,
                     encoding(source, &self.engine.policy)?,
-                    &metadata_columns(source),
+                    (&metadata_columns(source), input.upsert_key().as_deref()),
                     &self.engine.policy,
                 )
                 .map_err(ErrorReport::from)?,
@@ -590,6 +590,24 @@ fn read_schema_file(path: &str, policy: &weir_common::connector::ConnectorPolicy
     Ok(text)
 }
 
+/// The primary key columns of a `FORMAT UPSERT` source, by position in `schema`.
+fn upsert_key(source: &CreateSource, schema: &SchemaRef) -> Result<Option<Vec<usize>>, ErrorReport> {
+    if source.format.as_ref().is_none_or(|f| f.format != "UPSERT") {
+        return Ok(None);
+    }
+    source
+        .primary_key
+        .iter()
+        .map(|column| {
+            let name = weir_planner::names::normalize_ident(column);
+            schema.index_of(&name).map_err(|_| {
+                ErrorReport::new(SqlState::UNDEFINED_COLUMN, format!("primary key column \"{name}\" does not exist"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 /// The encoding `FORMAT PLAIN ENCODE JSON | CSV [(delimiter = ',', without_header = 'true')] | AVRO (schema = '...'
 /// | schema.file = 'path' [, confluent = 'true'])` names.
 fn encoding(
@@ -597,11 +615,28 @@ fn encoding(
     policy: &weir_common::connector::ConnectorPolicy,
 ) -> Result<Option<Encoding>, ErrorReport> {
     let Some(format) = &source.format else { return Ok(None) };
-    if format.format != "PLAIN" {
-        return Err(ErrorReport::new(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            format!("FORMAT {} is not supported; sources are FORMAT PLAIN", format.format),
-        ));
+    match format.format.as_str() {
+        "PLAIN" => {}
+        "UPSERT" if format.encode != "JSON" => {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("FORMAT UPSERT ENCODE {} is not supported; upsert sources are ENCODE JSON", format.encode),
+            ));
+        }
+        "UPSERT" if source.primary_key.is_empty() => {
+            return Err(ErrorReport::new(
+                SqlState::INVALID_TABLE_DEFINITION,
+                "a FORMAT UPSERT source needs a PRIMARY KEY: each record replaces the row of its key",
+            )
+            .with_hint("Declare it with the columns: CREATE SOURCE s (k TEXT, v INT, PRIMARY KEY (k)) ..."));
+        }
+        "UPSERT" => {}
+        other => {
+            return Err(ErrorReport::new(
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!("FORMAT {other} is not supported; sources are FORMAT PLAIN or UPSERT"),
+            ));
+        }
     }
     let mut options = weir_common::connector::Options::new(format.options.clone()).map_err(ErrorReport::from)?;
     let encoding = match format.encode.as_str() {
@@ -757,6 +792,7 @@ fn explain_node(
             NodeOperator::Stateless { .. } => "Stateless".to_string(),
             NodeOperator::Join(_) => "IntervalJoin".to_string(),
             NodeOperator::RegularJoin(_) => "RegularJoin".to_string(),
+            NodeOperator::Upsert { .. } => "Upsert".to_string(),
             NodeOperator::TemporalJoin(_) => "TemporalJoin".to_string(),
             NodeOperator::Aggregate { .. } => "WindowAggregate".to_string(),
             NodeOperator::TopN { .. } | NodeOperator::MatchRecognize { .. } => "root".to_string(),
@@ -852,6 +888,17 @@ fn explain_node(
             lines.push(format!("{}{join} [{}]", pad(below), facts(plan, id)));
             below += 1;
         }
+        NodeOperator::Upsert { key } => {
+            let names: Vec<&str> =
+                key.iter().filter_map(|c| node.schema.fields().get(*c).map(|f| f.name().as_str())).collect();
+            lines.push(format!(
+                "{}Upsert: the latest row of each [{}] (a record replaces its key's row, a tombstone deletes it) [{}]",
+                pad(below),
+                names.join(", "),
+                facts(plan, id)
+            ));
+            below += 1;
+        }
         NodeOperator::RegularJoin(spec) => {
             let join = describe_join(plan, node, spec, "RegularJoin");
             lines.push(format!("{}{join} [{}]", pad(below), facts(plan, id)));
@@ -863,6 +910,8 @@ fn explain_node(
         }
         NodeOperator::Scan { input } => {
             let Some(input) = inputs.get(*input) else { return };
+            // An upsert source's deletions make its rows updating.
+            let stream = if node.append_only { "append-only" } else { "updating" };
             match input.source.as_ref().and_then(|s| s.watermark.as_ref()) {
                 Some(watermark) => {
                     let assigner = format!("WatermarkAssigner: {} AS {}", watermark.column, watermark.expr);
@@ -880,7 +929,7 @@ fn explain_node(
                 .as_ref()
                 .and_then(|s| s.with.iter().find(|(k, _)| k == "connector").map(|(_, v)| format!(", connector={v}")))
                 .unwrap_or_default();
-            lines.push(format!("{}Input: {} {}{connector} [append-only]", pad(below), input.def.kind, input.def.name));
+            lines.push(format!("{}Input: {} {}{connector} [{stream}]", pad(below), input.def.kind, input.def.name));
         }
     }
     for child in &node.inputs {
@@ -987,6 +1036,7 @@ impl Relation {
             append_only: self.append_only,
             watermark: self.watermark_columns(),
             event_time: self.event_time(),
+            upsert_key: self.upsert_key(),
         }
     }
 }

@@ -57,7 +57,7 @@ async fn seeded_bids(seed: u64) -> Vec<RecordBatch> {
         schema(),
         options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         None,
-        &[],
+        (&[], None),
         &weir_common::connector::ConnectorPolicy::unrestricted(),
     )
     .unwrap();

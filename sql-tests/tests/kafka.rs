@@ -114,6 +114,80 @@ async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
     server.stop().await.unwrap();
 }
 
+/// Produces `value` (a tombstone when `None`) with `key` to `partition` of `topic`.
+async fn produce_keyed(producer: &FutureProducer, topic: &str, partition: i32, key: &str, value: Option<&str>) {
+    let record = FutureRecord::to(topic).partition(partition).key(key);
+    let record = match value {
+        Some(value) => record.payload(value),
+        None => record,
+    };
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing a record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upsert_topic_reads_as_the_latest_row_of_each_key_and_tombstones_delete() {
+    let (_broker, bootstrap, producer) = broker_with_topic("zones", 2);
+    // r1 moves from the dock to the hall, r2 is deleted (a tombstone keyed by its value), r3 too (keyed by a JSON
+    // object of the key columns), r4 is in the hall.
+    produce_keyed(&producer, "zones", 0, "r1", Some(r#"{"reader": "r1", "zone": "dock"}"#)).await;
+    produce_keyed(&producer, "zones", 0, "r2", Some(r#"{"reader": "r2", "zone": "yard"}"#)).await;
+    produce_keyed(&producer, "zones", 0, "r1", Some(r#"{"reader": "r1", "zone": "hall"}"#)).await;
+    produce_keyed(&producer, "zones", 0, "r2", None).await;
+    produce_keyed(&producer, "zones", 1, r#"{"reader": "r3"}"#, Some(r#"{"reader": "r3", "zone": "dock"}"#)).await;
+    produce_keyed(&producer, "zones", 1, r#"{"reader": "r3"}"#, None).await;
+    produce_keyed(&producer, "zones", 1, "r4", Some(r#"{"reader": "r4", "zone": "hall"}"#)).await;
+
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE zones (reader TEXT, zone TEXT, PRIMARY KEY (reader)) \
+             WITH (connector = 'kafka', topic = 'zones', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT UPSERT ENCODE JSON; \
+             CREATE TABLE reads (tag TEXT, reader TEXT); \
+             INSERT INTO reads VALUES ('t1', 'r1'), ('t2', 'r2'), ('t4', 'r4'); \
+             CREATE MATERIALIZED VIEW zones_now AS SELECT reader, zone FROM zones; \
+             CREATE MATERIALIZED VIEW per_zone AS SELECT zone, count(*) AS readers FROM zones GROUP BY zone; \
+             CREATE MATERIALIZED VIEW located AS \
+               SELECT r.tag, z.zone FROM reads r LEFT JOIN zones z ON r.reader = z.reader;"
+        ))
+        .await
+        .unwrap();
+    eventually(client, "SELECT reader, zone FROM zones_now ORDER BY reader", &[&["r1", "hall"], &["r4", "hall"]]).await;
+    eventually(client, "SELECT zone, readers FROM per_zone", &[&["hall", "2"]]).await;
+    eventually(
+        client,
+        "SELECT tag, zone FROM located ORDER BY tag",
+        &[&["t1", "hall"], &["t2", "NULL"], &["t4", "hall"]],
+    )
+    .await;
+    // r1 is deleted, r2 comes back in the yard: the views follow.
+    produce_keyed(&producer, "zones", 0, "r1", None).await;
+    produce_keyed(&producer, "zones", 0, "r2", Some(r#"{"reader": "r2", "zone": "yard"}"#)).await;
+    eventually(client, "SELECT zone, readers FROM per_zone ORDER BY zone", &[&["hall", "1"], &["yard", "1"]]).await;
+    eventually(
+        client,
+        "SELECT tag, zone FROM located ORDER BY tag",
+        &[&["t1", "NULL"], &["t2", "yard"], &["t4", "hall"]],
+    )
+    .await;
+    let plan = rows(client, "EXPLAIN CREATE MATERIALIZED VIEW z AS SELECT * FROM zones").await;
+    let plan: Vec<String> = plan.into_iter().flatten().collect();
+    assert!(plan.iter().any(|l| l.contains("Upsert: the latest row of each [reader]")), "{plan:?}");
+    // An upsert source needs its key, and is read from Kafka only.
+    let error = client
+        .batch_execute(&format!(
+            "CREATE SOURCE keyless (reader TEXT, zone TEXT) \
+             WITH (connector = 'kafka', topic = 'zones', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT UPSERT ENCODE JSON"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("42P16"), "{error:?}");
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_partition_has_its_own_watermark_and_an_idle_one_is_left_out() {
     let (_broker, bootstrap, producer) = broker_with_topic("readings", 3);
