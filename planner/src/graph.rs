@@ -152,14 +152,15 @@ impl GraphBuilder {
                 watermark: watermark_of(&bounds),
             });
             // An upsert source's rows replace their key's row: the upsert node passes on the retraction of the row
-            // replaced (or deleted) and the new one. A retraction can reach back before any watermark: none passes.
+            // replaced (or deleted) and the new one. The watermark bounds the rows it adds (a retraction reaches
+            // back, which is why only operators that ignore time bounds take an updating stream).
             if let Some(key) = upsert {
                 id = self.add(PlanNode {
                     operator: NodeOperator::Upsert { key },
                     inputs: vec![id],
                     schema: leaf.input_schema(),
                     append_only: false,
-                    watermark: vec![],
+                    watermark: watermark_of(&bounds),
                 });
             }
             ports.push((feed, id));
@@ -190,10 +191,16 @@ impl GraphBuilder {
         let updating = !(self.nodes[left].append_only && self.nodes[right].append_only);
         let sides = [self.bounds(left), self.bounds(right)];
         if let Some((spec, bounds)) = temporal_spec(plan, &sides)? {
-            if updating {
+            let versions = [left, right][spec.versioned];
+            let probe = [left, right][1 - spec.versioned];
+            // An upsert source's records are its versions (tombstones delete keys): the join reads them as they come,
+            // not the source's current rows.
+            if !self.nodes[probe].append_only || !(self.nodes[versions].append_only || self.read_upserts_raw(versions))
+            {
                 return Err(unsupported("a temporal join of an updating stream").with_hint(
                     "Join the versions FOR SYSTEM_TIME AS OF the rows of an append-only stream (a source, or a view \
-                     whose rows are never retracted).",
+                     whose rows are never retracted); the versioned relation may be a source with a PRIMARY KEY, \
+                     FORMAT PLAIN or UPSERT.",
                 ));
             }
             // A condition on the versioned relation alone lands below the join (DataFusion pushes it down): it would
@@ -334,6 +341,59 @@ impl GraphBuilder {
             append_only: true,
             watermark: watermark_of(&bounds),
         }))
+    }
+}
+
+impl GraphBuilder {
+    /// Makes stateless node `id`, if it reads upsert nodes only, read their sources' records instead (the versions a
+    /// temporal join wants, tombstones as deletions); returns whether it did. The upsert nodes left unread go when
+    /// the plan is finished ([`drop_unread`]).
+    fn read_upserts_raw(&mut self, id: NodeId) -> bool {
+        let NodeOperator::Stateless { .. } = self.nodes[id].operator else { return false };
+        let scans: Option<Vec<NodeId>> = self.nodes[id]
+            .inputs
+            .iter()
+            .map(|input| match &self.nodes[*input].operator {
+                NodeOperator::Upsert { .. } => self.nodes[*input].inputs.first().copied(),
+                _ => None,
+            })
+            .collect();
+        let Some(scans) = scans else { return false };
+        self.nodes[id].inputs = scans;
+        true
+    }
+}
+
+/// `nodes` without the nodes below the root that nothing reads (an upsert node a temporal join bypassed), the
+/// others renumbered.
+pub fn drop_unread(mut nodes: Vec<PlanNode>) -> Vec<PlanNode> {
+    loop {
+        let root = nodes.len().saturating_sub(1);
+        let mut read = vec![false; nodes.len()];
+        for node in &nodes {
+            for input in &node.inputs {
+                if let Some(slot) = read.get_mut(*input) {
+                    *slot = true;
+                }
+            }
+        }
+        if (0..root).all(|i| read[i]) {
+            return nodes;
+        }
+        let mut renumbered = vec![usize::MAX; nodes.len()];
+        let mut kept = Vec::with_capacity(nodes.len());
+        for (i, node) in nodes.into_iter().enumerate() {
+            if i == root || read[i] {
+                renumbered[i] = kept.len();
+                kept.push(node);
+            }
+        }
+        for node in &mut kept {
+            for input in &mut node.inputs {
+                *input = renumbered[*input];
+            }
+        }
+        nodes = kept;
     }
 }
 

@@ -147,6 +147,7 @@ pub async fn plan_view(view: ViewQuery<'_>, catalog: &dyn Catalog) -> Result<Vie
             .await?
         }
     };
+    plan.nodes = crate::graph::drop_unread(plan.nodes);
     // The view's state TTL bounds the sides its joins would keep for ever.
     for node in &mut plan.nodes {
         if let NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) = &mut node.operator {

@@ -33,7 +33,7 @@ use weir_common::plan::{LEFT, RIGHT, TemporalSpec};
 use weir_common::stream::Watermark;
 
 use crate::join::{WATERMARKS, encode_watermarks, restore_slots, restore_watermarks, slot_key};
-use crate::operator::{JoinOperator, Operator};
+use crate::operator::{Delta, JoinOperator, Operator};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, encode_batches};
 use crate::{Result, RuntimeError};
 
@@ -78,6 +78,9 @@ pub struct TemporalJoin {
     late_rows: u64,
     late: Vec<RecordBatch>,
     bytes: usize,
+    /// The stored batches of the versioned side that are deletions (an upsert source's tombstones): a version
+    /// from one of them means the key had no row from its time on.
+    tombstones: BTreeSet<u64>,
 }
 
 fn arrow(err: datafusion::arrow::error::ArrowError) -> RuntimeError {
@@ -126,7 +129,63 @@ impl TemporalJoin {
             late_rows: 0,
             late: Vec::new(),
             bytes: 0,
+            tombstones: BTreeSet::new(),
         })
+    }
+
+    /// Deletions of the versioned side's keys (an upsert source's tombstones; only the key columns count). A lookup
+    /// forgets the key's version. With event time, a deletion is a version saying the key has no row from the time
+    /// it takes effect: a tombstone carries no event time, so that is just after the versions known final (the
+    /// versioned side's late limit) and after the key's latest version.
+    fn delete_versions(&mut self, batch: &RecordBatch) -> Result<()> {
+        let keys = self.keys(self.versioned(), batch)?;
+        let Some(times) = self.spec.times else {
+            for key in keys.into_iter().flatten() {
+                if let Some(versions) = self.versions.remove(&*key) {
+                    self.several.remove(&*key);
+                    for (_, row) in versions.into_keys() {
+                        self.release(self.versioned(), row);
+                    }
+                }
+            }
+            return Ok(());
+        };
+        let limit = self.late_limit(self.versioned()).map(|l| l.saturating_add(1));
+        let at: Vec<Option<i64>> = keys
+            .iter()
+            .map(|key| {
+                let newest = key
+                    .as_deref()
+                    .and_then(|k| self.versions.get(k))
+                    .and_then(|v| v.keys().next_back())
+                    .map(|(t, _)| t.saturating_add(1));
+                match (limit, newest) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    // A key without a version has nothing to delete.
+                    (_, None) => None,
+                    (None, b) => b,
+                }
+            })
+            .collect();
+        let column = times.version.0;
+        let field = self.inputs[self.versioned()].field(column).clone();
+        let stamped =
+            cast(&datafusion::arrow::array::Int64Array::from(at.clone()), field.data_type()).map_err(arrow)?;
+        let mut columns = batch.columns().to_vec();
+        columns[column] = stamped;
+        let rows = RecordBatch::try_new(batch.schema(), columns).map_err(arrow)?;
+        let kept: Vec<bool> = (0..rows.num_rows()).map(|r| keys[r].is_some() && at[r].is_some()).collect();
+        if kept.contains(&true) {
+            let id = self.store(self.versioned(), rows, kept, false);
+            self.tombstones.insert(id);
+            for (row, key) in keys.into_iter().enumerate() {
+                if let (Some(key), Some(time)) = (key, at[row]) {
+                    self.add_version(key, time, (id, row as u32));
+                }
+            }
+        }
+        self.prune();
+        Ok(())
     }
 
     fn versioned(&self) -> usize {
@@ -345,7 +404,9 @@ impl TemporalJoin {
             .iter()
             .map(|(key, time)| {
                 let versions = self.versions.get((*key)?)?;
-                versions.range(..=(*time, (u64::MAX, u32::MAX))).next_back().map(|(k, _)| k.1)
+                let found = versions.range(..=(*time, (u64::MAX, u32::MAX))).next_back().map(|(k, _)| k.1)?;
+                // A deletion valid at the time: the key had no row.
+                (!self.tombstones.contains(&found.0)).then_some(found)
             })
             .collect()
     }
@@ -537,6 +598,13 @@ enum Probes<'a> {
 }
 
 impl JoinOperator for TemporalJoin {
+    fn on_change(&mut self, input: usize, change: &Delta, out: &mut Vec<Delta>) -> Result<()> {
+        let mut rows = Vec::new();
+        self.on_side_change(input.min(RIGHT), change, &mut rows)?;
+        out.extend(rows.into_iter().map(Delta::Insert));
+        Ok(())
+    }
+
     /// The output watermark: the minimum of the inputs' (event time), or the probe side's (a lookup).
     fn watermark(&self) -> Option<Watermark> {
         let probe = self.watermarks[self.probe_side()]?;
@@ -568,6 +636,18 @@ impl JoinOperator for TemporalJoin {
     }
 }
 
+impl TemporalJoin {
+    /// Changes of input `side`: added rows, and on the versioned side deletions of keys (see
+    /// [`TemporalJoin::delete_versions`]). The probe side only gains rows.
+    pub fn on_side_change(&mut self, side: usize, change: &Delta, out: &mut Vec<RecordBatch>) -> Result<()> {
+        match change {
+            Delta::Insert(rows) => self.on_side_data(side, rows, out),
+            Delta::Retract(rows) if side == self.versioned() => self.delete_versions(rows),
+            Delta::Retract(_) => Err(RuntimeError::Join("a retraction of a temporal join's probe rows".to_string())),
+        }
+    }
+}
+
 impl Operator for TemporalJoin {
     fn on_data(&mut self, input: usize, batch: &RecordBatch, out: &mut Vec<RecordBatch>) -> Result<()> {
         self.on_side_data(input.min(RIGHT), batch, out)
@@ -581,6 +661,8 @@ impl Operator for TemporalJoin {
 /// Keys of the join's state table (besides the watermarks').
 const ROWS: u8 = b'r';
 const KEPT: u8 = b'k';
+/// A stored batch of deletions (see [`TemporalJoin::delete_versions`]).
+const TOMBSTONE: u8 = b't';
 
 impl Checkpointed for TemporalJoin {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
@@ -594,6 +676,9 @@ impl Checkpointed for TemporalJoin {
                         if !stored.saved {
                             let rows = encode_batches(std::slice::from_ref(&stored.rows))?;
                             batch.put(table.key(&slot_key(ROWS, side, id)), rows);
+                            if self.tombstones.contains(&id) {
+                                batch.put(table.key(&slot_key(TOMBSTONE, side, id)), Vec::new());
+                            }
                             stored.saved = true;
                         }
                         batch.put(
@@ -602,7 +687,8 @@ impl Checkpointed for TemporalJoin {
                         );
                     }
                     None => {
-                        for tag in [ROWS, KEPT] {
+                        self.tombstones.remove(&id);
+                        for tag in [ROWS, KEPT, TOMBSTONE] {
                             batch.delete(table.key(&slot_key(tag, side, id)));
                         }
                     }
@@ -623,6 +709,11 @@ impl Checkpointed for TemporalJoin {
         (self.watermarks, self.late_rows) = restore_watermarks(table, store, "temporal join")?;
         let mut next = 0;
         // In id order, which is arrival order: versions of the same key and time replace each other as they did.
+        self.tombstones = table
+            .scan_prefix(store, &[TOMBSTONE])?
+            .into_iter()
+            .filter_map(|(key, _)| key.get(2..10).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes))
+            .collect();
         for (side, id, rows, flags) in restore_slots(table, store, (ROWS, KEPT), "temporal join")? {
             let flags: Vec<bool> = flags.iter().map(|f| *f == 1).collect();
             let keys = self.keys(side, &rows)?;
@@ -881,5 +972,36 @@ mod tests {
         let mut out = Vec::new();
         restored.on_data(LEFT, &batch(&[(1, 2, 0)]), &mut out).unwrap();
         assert_eq!(text(&out), vec!["1,2,6"]);
+        // A deletion of the key (a tombstone: only the key counts) leaves later rows without a version.
+        let mut changes = Vec::new();
+        restored.on_change(RIGHT, &Delta::Retract(batch(&[(1, 0, 0)])), &mut changes).unwrap();
+        restored.on_change(LEFT, &Delta::Insert(batch(&[(1, 3, 0)])), &mut changes).unwrap();
+        assert_eq!(text(&changes.iter().map(|c| c.rows().clone()).collect::<Vec<_>>()), vec!["1,3,"]);
+        assert_eq!(restored.kept_per_side(), [0, 0]);
+    }
+
+    #[test]
+    fn a_deletion_ends_a_key_s_versions_after_the_versions_known_final() {
+        let mut op = join(JoinType::Left, RIGHT, false);
+        let mut out = Vec::new();
+        op.on_data(RIGHT, &batch(&[(1, 5, 0), (1, 6, 10)]), &mut out).unwrap();
+        op.on_watermark(RIGHT, 10, &mut out).unwrap();
+        // Deleted from 11 (after the watermark 10 and the key's latest version at 10).
+        let mut changes = Vec::new();
+        op.on_change(RIGHT, &Delta::Retract(batch(&[(1, 0, 0)])), &mut changes).unwrap();
+        op.on_watermark(RIGHT, 20, &mut out).unwrap();
+        op.on_data(LEFT, &batch(&[(1, 100, 5), (1, 101, 10), (1, 102, 11), (1, 103, 15)]), &mut out).unwrap();
+        assert_eq!(text(&out), vec!["1,100,5,1,5,0", "1,101,10,1,6,10", "1,102,11,,,", "1,103,15,,,"]);
+        // The deletion survives a restart.
+        let (store, table) = (MemoryStore::new(), StateTable::new("deleted"));
+        let mut writes = WriteBatch::default();
+        op.checkpoint(&table, &mut writes).unwrap();
+        store.write(&writes).unwrap();
+        let mut restored = join(JoinType::Left, RIGHT, false);
+        restored.restore(&table, &store).unwrap();
+        let mut out = Vec::new();
+        restored.on_data(LEFT, &batch(&[(1, 104, 16), (1, 105, 10)]), &mut out).unwrap();
+        // 10 is before the deletion: the version from 10 still holds.
+        assert_eq!(text(&out), vec!["1,104,16,,,", "1,105,10,1,6,10"]);
     }
 }

@@ -189,6 +189,84 @@ async fn an_upsert_topic_reads_as_the_latest_row_of_each_key_and_tombstones_dele
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporal_join_reads_an_upsert_topic_s_records_as_versions_and_tombstones_as_deletions() {
+    let (_broker, bootstrap, producer) = broker_with_topic("zones", 1);
+    // r1 in the dock from 0 s and in the hall from 10 s; r2 in the yard from 1 s until its tombstone, which arrives
+    // when the zones' watermark is 10 s and so deletes r2 from 10.001 s; r3 (at 20 s) moves the watermark to 20 s.
+    produce_keyed(
+        &producer,
+        "zones",
+        0,
+        "r1",
+        Some(r#"{"reader": "r1", "zone": "dock", "valid_from": "2024-01-01 00:00:00"}"#),
+    )
+    .await;
+    produce_keyed(
+        &producer,
+        "zones",
+        0,
+        "r2",
+        Some(r#"{"reader": "r2", "zone": "yard", "valid_from": "2024-01-01 00:00:01"}"#),
+    )
+    .await;
+    produce_keyed(
+        &producer,
+        "zones",
+        0,
+        "r1",
+        Some(r#"{"reader": "r1", "zone": "hall", "valid_from": "2024-01-01 00:00:10"}"#),
+    )
+    .await;
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE zones (reader TEXT, zone TEXT, valid_from TIMESTAMP(3), PRIMARY KEY (reader), \
+               WATERMARK FOR valid_from AS valid_from) \
+             WITH (connector = 'kafka', topic = 'zones', 'properties.bootstrap.server' = '{bootstrap}') \
+             FORMAT UPSERT ENCODE JSON; \
+             CREATE TABLE reads (tag TEXT, reader TEXT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts - INTERVAL '1' SECOND); \
+             CREATE MATERIALIZED VIEW located AS \
+               SELECT r.tag, z.zone FROM reads r \
+               LEFT JOIN zones FOR SYSTEM_TIME AS OF r.ts AS z ON r.reader = z.reader;"
+        ))
+        .await
+        .unwrap();
+    // The tombstone only after the versions before it were read (the watermark it meets is theirs).
+    eventually(
+        client,
+        "SELECT count(*) FROM weir_catalog.view_progress WHERE view = 'located' AND rows_read >= 3",
+        &[&["1"]],
+    )
+    .await;
+    produce_keyed(&producer, "zones", 0, "r2", None).await;
+    produce_keyed(
+        &producer,
+        "zones",
+        0,
+        "r3",
+        Some(r#"{"reader": "r3", "zone": "dock", "valid_from": "2024-01-01 00:00:20"}"#),
+    )
+    .await;
+    client
+        .batch_execute(
+            "INSERT INTO reads VALUES ('t1', 'r1', '2024-01-01 00:00:05'), ('t2', 'r2', '2024-01-01 00:00:05'), \
+               ('t4', 'r1', '2024-01-01 00:00:12'), ('t3', 'r2', '2024-01-01 00:00:15')",
+        )
+        .await
+        .unwrap();
+    // t1 at 5 s: the dock; t2 at 5 s: the yard (deleted only later); t4 at 12 s: the hall; t3 at 15 s: r2 had no row.
+    eventually(
+        client,
+        "SELECT tag, zone FROM located ORDER BY tag",
+        &[&["t1", "dock"], &["t2", "yard"], &["t3", "NULL"], &["t4", "hall"]],
+    )
+    .await;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_partition_has_its_own_watermark_and_an_idle_one_is_left_out() {
     let (_broker, bootstrap, producer) = broker_with_topic("readings", 3);
     let produce = |partition: i32, seconds: u32| {
