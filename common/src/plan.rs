@@ -52,13 +52,28 @@ pub struct WindowAggregateSpec {
 }
 
 /// Whether `function`'s result stays exact when rows leave in any order (not only first in, first out, as a sliding
-/// window frame retracts them): the aggregates an updating aggregation can keep.
+/// window frame retracts them): the aggregates an updating aggregation can keep. `min` and `max` of one argument keep
+/// every value of their group with its count (see [`extreme_of`]).
 pub fn retractable(function: &AggregateFunctionExpr) -> bool {
     const EXACT: &[&str] =
         &["count", "sum", "avg", "mean", "stddev", "stddev_pop", "stddev_samp", "var", "var_pop", "var_samp"];
-    EXACT.contains(&function.fun().name())
-        && function.order_bys().is_empty()
-        && function.create_sliding_accumulator().is_ok_and(|a| a.supports_retract_batch())
+    if !function.order_bys().is_empty() {
+        return false;
+    }
+    extreme_of(function).is_some()
+        || (EXACT.contains(&function.fun().name())
+            && function.create_sliding_accumulator().is_ok_and(|a| a.supports_retract_batch()))
+}
+
+/// For `min(x)` and `max(x)`: whether it is the maximum. They are kept over retractions by an accumulator holding
+/// every value of the group (the runtime's), not DataFusion's sliding one, which retracts in arrival order only.
+pub fn extreme_of(function: &AggregateFunctionExpr) -> Option<bool> {
+    match function.fun().name() {
+        _ if function.expressions().len() != 1 || function.is_distinct() => None,
+        "min" => Some(false),
+        "max" => Some(true),
+        _ => None,
+    }
 }
 
 /// Where the session columns of a session-window aggregation are among its group keys. Each input row carries its

@@ -266,11 +266,8 @@ impl GraphBuilder {
         let Some(end) = closing else {
             // Groups the watermark never closes (or rows it retracts): an updating aggregation, joined with a regular
             // join.
-            if updating && let Some(a) = spec.aggregates.iter().find(|a| !weir_common::plan::retractable(&a.function)) {
-                return Err(unsupported(&format!("{}() over an updating stream", a.function.fun().name())).with_hint(
-                    "count, sum, avg, stddev and variance take rows back exactly; min, max and the others would \
-                     need every value of a group kept.",
-                ));
+            if updating && let Some(refused) = unretractable(&spec) {
+                return Err(refused);
             }
             spec.window_end = None;
             spec.retractions = updating;
@@ -362,6 +359,22 @@ impl GraphBuilder {
         self.nodes[id].inputs = scans;
         true
     }
+}
+
+/// The error for the first aggregate of `spec` that cannot take rows back, if any (see
+/// [`weir_common::plan::retractable`]).
+pub(crate) fn unretractable(spec: &weir_common::plan::WindowAggregateSpec) -> Option<ErrorReport> {
+    let a = spec.aggregates.iter().find(|a| !weir_common::plan::retractable(&a.function))?;
+    Some(
+        unsupported(&format!(
+            "{}() over an updating stream (a regular join's rows, which it retracts)",
+            a.function.fun().name()
+        ))
+        .with_hint(
+            "count, sum, avg, stddev, variance, min and max take rows back; aggregate an append-only stream for the \
+             others (an interval join, or a lookup FOR SYSTEM_TIME AS OF PROCTIME()).",
+        ),
+    )
 }
 
 /// `nodes` without the nodes below the root that nothing reads (an upsert node a temporal join bypassed), the

@@ -232,11 +232,8 @@ fn updating_aggregate(
     if spec.session.is_some() {
         return Err(refuse("a SESSION window"));
     }
-    if let Some(a) = spec.aggregates.iter().find(|a| !weir_common::plan::retractable(&a.function)) {
-        return Err(refuse(&format!("{}()", a.function.fun().name())).with_hint(
-            "count, sum, avg, stddev and variance take rows back exactly; min, max and the others would \
-                        need every value of a group kept.",
-        ));
+    if let Some(refused) = crate::graph::unretractable(&spec) {
+        return Err(refused);
     }
     let output = Feed::new();
     let feed: Arc<dyn ExecutionPlan> =

@@ -22,7 +22,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{HashMap, ScalarValue};
 use datafusion::logical_expr::Accumulator;
 use datafusion::physical_plan::PhysicalExpr;
-use weir_common::plan::{Aggregate, retractable};
+use weir_common::plan::{Aggregate, extreme_of, retractable};
 
 use crate::groups::arrow_err;
 use crate::operator::Delta;
@@ -141,9 +141,11 @@ impl UpdatingAggregate {
     fn accumulators(&self) -> Result<Vec<Box<dyn Accumulator>>> {
         self.aggregates
             .iter()
-            .map(|a| match self.retracts {
-                true => a.function.create_sliding_accumulator(),
-                false => a.function.create_accumulator(),
+            .map(|a| match (self.retracts, extreme_of(&a.function)) {
+                (true, Some(max)) => Extreme::try_new(a.function.field().data_type().clone(), max)
+                    .map(|e| Box::new(e) as Box<dyn Accumulator>),
+                (true, None) => a.function.create_sliding_accumulator(),
+                (false, _) => a.function.create_accumulator(),
             })
             .collect::<datafusion::error::Result<_>>()
             .map_err(RuntimeError::Expr)
@@ -364,6 +366,107 @@ impl UpdatingAggregate {
     }
 }
 
+/// `min` or `max` over values that may be retracted: every value of the group (row-encoded, so that byte order is
+/// value order) with its count. Its state is the list of the values, each as often as it counts.
+struct Extreme {
+    converter: RowConverter,
+    values: std::collections::BTreeMap<Box<[u8]>, u64>,
+    data_type: datafusion::arrow::datatypes::DataType,
+    max: bool,
+}
+
+impl std::fmt::Debug for Extreme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Extreme").field("values", &self.values.len()).field("max", &self.max).finish()
+    }
+}
+
+impl Extreme {
+    fn try_new(data_type: datafusion::arrow::datatypes::DataType, max: bool) -> datafusion::error::Result<Self> {
+        let converter = RowConverter::new(vec![SortField::new(data_type.clone())])?;
+        Ok(Extreme { converter, values: Default::default(), data_type, max })
+    }
+
+    fn change(&mut self, values: &ArrayRef, by: i64) -> datafusion::error::Result<()> {
+        let rows = self.converter.convert_columns(std::slice::from_ref(values))?;
+        for (i, row) in rows.iter().enumerate() {
+            // NULLs count for neither.
+            if values.is_null(i) {
+                continue;
+            }
+            let row: &[u8] = row.as_ref();
+            match by > 0 {
+                true => *self.values.entry(Box::from(row)).or_default() += 1,
+                false => {
+                    if let Some(count) = self.values.get_mut(row) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.values.remove(row);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of `rows`, decoded.
+    fn decode<'a>(&self, rows: impl Iterator<Item = &'a [u8]>) -> datafusion::error::Result<ArrayRef> {
+        let parser = self.converter.parser();
+        let mut columns = self.converter.convert_rows(rows.map(|r| parser.parse(r)))?;
+        columns.pop().ok_or_else(|| datafusion::error::DataFusionError::Internal("no column".to_string()))
+    }
+}
+
+impl Accumulator for Extreme {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> datafusion::error::Result<()> {
+        values.first().map_or(Ok(()), |v| self.change(v, 1))
+    }
+
+    fn retract_batch(&mut self, values: &[ArrayRef]) -> datafusion::error::Result<()> {
+        values.first().map_or(Ok(()), |v| self.change(v, -1))
+    }
+
+    fn supports_retract_batch(&self) -> bool {
+        true
+    }
+
+    fn evaluate(&mut self) -> datafusion::error::Result<ScalarValue> {
+        let extreme = match self.max {
+            true => self.values.keys().next_back(),
+            false => self.values.keys().next(),
+        };
+        match extreme {
+            Some(row) => ScalarValue::try_from_array(&self.decode(std::iter::once(row.as_ref()))?, 0),
+            None => ScalarValue::try_from(&self.data_type),
+        }
+    }
+
+    fn state(&mut self) -> datafusion::error::Result<Vec<ScalarValue>> {
+        let all = self.values.iter().flat_map(|(row, n)| std::iter::repeat_n(row.as_ref(), *n as usize));
+        let values = self.decode(all)?;
+        Ok(vec![ScalarValue::List(ScalarValue::new_list_nullable(
+            &(0..values.len())
+                .map(|i| ScalarValue::try_from_array(&values, i))
+                .collect::<datafusion::error::Result<Vec<_>>>()?,
+            &self.data_type,
+        ))])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> datafusion::error::Result<()> {
+        let Some(lists) = states.first() else { return Ok(()) };
+        let lists = lists.as_list::<i32>();
+        for list in lists.iter().flatten() {
+            self.change(&list, 1)?;
+        }
+        Ok(())
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.values.keys().map(|k| k.len() + 24).sum::<usize>()
+    }
+}
+
 impl Checkpointed for UpdatingAggregate {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         for key in std::mem::take(&mut self.unsaved) {
@@ -492,18 +595,41 @@ mod tests {
     }
 
     #[test]
-    fn min_and_max_are_not_retractable() {
-        assert!(!retractable(&aggregate(min_udaf(), "lo").function));
-        assert!(retractable(&aggregate(count_udaf(), "n").function));
+    fn min_and_max_keep_every_value_to_take_any_one_back() {
         let input = schema();
-        assert!(UpdatingAggregate::try_new(&input, vec![], vec![aggregate(min_udaf(), "lo")], true).is_err());
-        // Over rows only ever added, any aggregate will do.
+        assert!(retractable(&aggregate(min_udaf(), "lo").function));
+        assert!(retractable(&aggregate(count_udaf(), "n").function));
+        assert!(!retractable(&aggregate(datafusion::functions_aggregate::median::median_udaf(), "m").function));
+        let keys = vec![(col("k", &input).expect("k"), "k".to_string())];
+        let new =
+            || UpdatingAggregate::try_new(&input, keys.clone(), vec![aggregate(min_udaf(), "lo")], true).expect("min");
+        let mut op = new();
+        let mut view = Vec::new();
+        change(&mut op, false, &[(1, 7, 0), (1, 3, 0), (1, 3, 0), (1, 9, 0)]);
+        apply(&mut view, &op.publish().expect("publish"));
+        assert_eq!(view, ["1,3"]);
+        // Not in arrival order: one 3 leaves (another stays), then the other.
+        change(&mut op, true, &[(1, 3, 0)]);
+        assert!(op.publish().expect("publish").is_empty());
+        change(&mut op, true, &[(1, 3, 0)]);
+        apply(&mut view, &op.publish().expect("publish"));
+        assert_eq!(view, ["1,7"]);
+        // The values survive a restart.
+        let (store, table) = (MemoryStore::new(), StateTable::new("min"));
+        let mut writes = WriteBatch::default();
+        op.checkpoint(&table, &mut writes).expect("checkpoint");
+        store.write(&writes).expect("write");
+        let mut restored = new();
+        restored.restore(&table, &store).expect("restore");
+        change(&mut restored, true, &[(1, 7, 0)]);
+        apply(&mut view, &restored.publish().expect("publish"));
+        assert_eq!(view, ["1,9"]);
+        // Over rows only ever added, DataFusion's own accumulators, and a retraction is an error.
         let mut op = UpdatingAggregate::try_new(&input, vec![], vec![aggregate(min_udaf(), "lo")], false).expect("min");
         op.on_change(&Delta::Insert(batch(&[(1, 7, 0), (2, 3, 0)]))).expect("insert");
         let mut view = Vec::new();
         apply(&mut view, &op.publish().expect("publish"));
         assert_eq!(view, ["3"]);
         assert!(op.on_change(&Delta::Retract(batch(&[(2, 3, 0)]))).is_err());
-        assert_eq!(input.field(1).data_type(), &DataType::Int64);
     }
 }

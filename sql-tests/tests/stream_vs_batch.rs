@@ -253,6 +253,8 @@ const JOIN_QUERIES: &[&str] = &[
     // Aggregations of a regular join's rows: groups follow the padded rows' retractions.
     "SELECT l.device, count(*) AS n, count(r.reading) AS matched, sum(r.reading) AS total, avg(l.reading) AS mean \
      FROM {l} l LEFT JOIN {r} r ON l.device = r.device AND l.reading = r.reading GROUP BY l.device",
+    "SELECT r.device, min(l.ts) AS first, max(l.reading) AS top, min(r.reading) AS low FROM {l} l \
+     FULL JOIN {r} r ON l.device = r.device AND l.reading = r.reading GROUP BY r.device",
     "SELECT count(*) AS n, sum(l.reading) AS total FROM {l} l FULL JOIN {r} r \
      ON l.device = r.device AND l.reading = r.reading + 1",
     // A plain GROUP BY below a join: its groups' rows retracted and emitted again as they change.
