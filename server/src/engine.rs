@@ -37,7 +37,7 @@ pub struct Engine {
     /// Held for the whole of each DDL statement, so that check-then-change sequences do not interleave.
     pub ddl: tokio::sync::Mutex<()>,
     /// Knows every connection's backend key, so a cancel request on a new connection can reach a running statement.
-    pub cancels: Arc<crate::handler::CancelKeys>,
+    pub cancels: Arc<crate::cancel::CancelKeys>,
     /// The threads statements run on.
     pub workers: crate::exec::Workers,
     /// What one client may cost the server.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -29,9 +29,10 @@ use tracing::{debug, error};
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::{ParsedStatement, WeirStatement, parse_sql};
 
+use crate::cancel::{CancelKeys, Running};
 use crate::engine::Engine;
 use crate::error::{to_error_info, to_pgwire};
-use crate::exec::{RowItem, RowStream, StatementToken, cancellable};
+use crate::exec::{RowItem, RowStream, cancellable};
 use crate::session::{Outcome, Prepared, Session, initial_parameters};
 
 /// The handlers of one connection. pgwire asks for each handler by type; all of them share [`Handler`].
@@ -76,39 +77,6 @@ impl PgWireServerHandlers for ConnectionHandlers {
     }
 }
 
-/// The statement a connection runs now (or ran last), so that a `CancelRequest` can stop it.
-#[derive(Debug, Default)]
-pub struct Running {
-    token: Mutex<Option<Arc<StatementToken>>>,
-}
-
-impl Running {
-    /// A token for the statement about to run; a cancel from now on reaches it.
-    fn start(&self) -> Arc<StatementToken> {
-        let token = Arc::new(StatementToken::default());
-        *self.token.lock().unwrap_or_else(PoisonError::into_inner) = Some(token.clone());
-        token
-    }
-
-    fn cancel(&self) {
-        if let Some(token) = self.token.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            token.cancel();
-        }
-    }
-}
-
-/// Every connection's [`Running`], by the process id and secret key its client was given at startup.
-#[derive(Debug, Default)]
-pub struct CancelKeys {
-    keys: Mutex<HashMap<(i32, bytes::Bytes), Weak<Running>>>,
-}
-
-impl CancelKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, bytes::Bytes), Weak<Running>>> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 /// Answers a `CancelRequest` (which arrives on a connection of its own) by cancelling the statement of the
 /// connection with that key. A wrong key is ignored, as Postgres does.
 #[derive(Debug)]
@@ -120,7 +88,7 @@ struct CancelByKey {
 impl pgwire::api::cancel::CancelHandler for CancelByKey {
     async fn on_cancel_request(&self, request: pgwire::messages::cancel::CancelRequest) {
         let key = (request.pid, request.secret_key.to_bytes());
-        let running = self.cancels.lock().get(&key).and_then(Weak::upgrade);
+        let running = self.cancels.get(&key);
         if let Some(running) = running {
             debug!(pid = request.pid, "cancel request");
             running.cancel();
@@ -140,7 +108,7 @@ struct Startup {
 impl Drop for Startup {
     fn drop(&mut self) {
         if let Some(key) = self.key.get() {
-            self.cancels.lock().remove(key);
+            self.cancels.remove(key);
         }
     }
 }
@@ -159,7 +127,7 @@ impl NoopStartupHandler for Startup {
     {
         let (pid, secret) = client.pid_and_secret_key();
         let key = (pid, secret.to_bytes());
-        self.cancels.lock().insert(key.clone(), Arc::downgrade(&self.running));
+        self.cancels.insert(key.clone(), &self.running);
         let _ = self.key.set(key);
         for (name, value) in initial_parameters(client.metadata()) {
             client.feed(PgWireBackendMessage::ParameterStatus(ParameterStatus::new(name, value))).await?;

@@ -15,8 +15,11 @@
 //! - [`sink_statements`] runs `CREATE SINK` / `DROP SINK` / `SHOW SINKS`; [`sinks`] keeps one task per sink
 //!   delivering its input's changes.
 //!
+//! - [`cancel`] keeps each connection's running statement by its cancel key, for `CancelRequest`s.
+//!
 //! Statement handling (`handler`, `session`, `streaming`, `sink_statements`, `recovery`, `engine`) uses the running
 //! tasks (`jobs`, `sinks`), never the other way round: those import only the catalog, the configuration and `exec`.
+//! The engine owns the cancel registry (`cancel`) rather than reaching into the protocol handler for it.
 //! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
@@ -28,6 +31,7 @@
 //! A query string flows: pgwire -> `handler` -> `weir_planner::parse_sql` -> `Session::execute` -> DataFusion ->
 //! Arrow batches -> `arrow-pg` row encoding -> pgwire.
 
+pub mod cancel;
 pub mod catalog;
 pub mod compat;
 pub mod config;
