@@ -103,6 +103,9 @@ pub struct TopNSpec {
     pub partition: Vec<Arc<dyn PhysicalExpr>>,
     pub order: Vec<PhysicalSortExpr>,
     pub limit: usize,
+    /// The input retracts rows (an updating view's, a regular join's): every row of a key is kept, so that the next
+    /// one can take the place of a ranked row that leaves.
+    pub retractions: bool,
 }
 
 /// Where the watermark of an input of a view comes from.

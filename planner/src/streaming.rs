@@ -128,11 +128,10 @@ pub async fn plan_streaming(
         if emit_on_window_close {
             return Err(needs_window());
         }
-        if let Some((window, spec, below)) = find_top_n(&physical)? {
+        if let Some((window, mut spec, below)) = find_top_n(&physical)? {
             let below = graph.cut(&below)?;
-            if !graph.nodes[below].append_only {
-                return Err(unsupported("ROW_NUMBER() over an updating stream in a materialized view"));
-            }
+            // Over retractions every row of a key is kept: a ranked row that leaves gives its place to the next.
+            spec.retractions = !graph.nodes[below].append_only;
             let output = Feed::new();
             let feed: Arc<dyn ExecutionPlan> =
                 Arc::new(FeedExec::new("top-n", output.clone(), window.schema(), None).map_err(df)?);
@@ -388,6 +387,7 @@ fn top_n_under(filter: &FilterExec) -> Result<Option<TopN>, ErrorReport> {
         partition: expr.partition_by().to_vec(),
         order: expr.order_by().to_vec(),
         limit,
+        retractions: false,
     };
     Ok(Some((window.clone(), spec, below)))
 }

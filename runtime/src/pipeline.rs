@@ -83,10 +83,10 @@ impl Aggregation {
     fn on_change(&mut self, change: &Delta) -> Result<()> {
         let operator: &mut dyn Operator = match self {
             Aggregation::Updating(u) => return u.on_change(change),
+            Aggregation::TopN(t) => return t.on_change(change),
             Aggregation::Windows(a) => a.as_mut(),
             Aggregation::Sessions(a) => a.as_mut(),
             Aggregation::Matches(m) => m.as_mut(),
-            Aggregation::TopN(t) => t.as_mut(),
         };
         let Delta::Insert(batch) = change else { return Err(retraction("the view's aggregation")) };
         operator.on_data(0, batch, &mut Vec::new())

@@ -1,10 +1,11 @@
-//! Top-N per key: `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o) <= N` over an append-only stream, and
-//! deduplication (`N = 1`).
+//! Top-N per key: `ROW_NUMBER() OVER (PARTITION BY k ORDER BY o) <= N`, and deduplication (`N = 1`).
 //!
 //! Each partition key keeps its first `N` rows in `ORDER BY` order, row-encoded (Arrow's row format: the order key,
 //! whose bytes sort as the `ORDER BY` does, and the whole row). A new row takes its place among them if it sorts
 //! before the last (after the rows it ties with: the earlier arrival ranks first), pushing the last out; otherwise it
-//! changes nothing. Rows never leave otherwise: the input only gains rows.
+//! changes nothing. Over an append-only stream rows never leave otherwise. Over a stream that retracts rows (see
+//! [`TopN::on_change`]) every row of a key is kept, ranked or not: a ranked row that leaves gives its place to the
+//! next.
 //!
 //! The output is updating: keys are numbered in the order they appear, a chunk of [`CHUNK`] consecutive keys is one
 //! part of the view, and [`TopN::snapshot`] gives the rows (with their row numbers) of every chunk changed since the
@@ -53,6 +54,8 @@ pub struct TopN {
     /// Keys changed since the last checkpoint.
     unsaved: BTreeSet<usize>,
     bytes: usize,
+    /// Every row of a key is kept (the input retracts rows); the first `limit` are ranked.
+    keep_all: bool,
 }
 
 impl std::fmt::Debug for TopN {
@@ -87,7 +90,45 @@ impl TopN {
             touched: BTreeSet::new(),
             unsaved: BTreeSet::new(),
             bytes: 0,
+            keep_all: spec.retractions,
         })
+    }
+
+    /// How many rows of a key are kept: the ranked ones, or (over retractions) all.
+    fn kept_limit(&self) -> usize {
+        if self.keep_all { usize::MAX } else { self.limit }
+    }
+
+    /// Applies rows added or retracted: a retracted row leaves its key's rows (the next one moves up).
+    pub fn on_change(&mut self, change: &crate::operator::Delta) -> Result<()> {
+        let crate::operator::Delta::Retract(batch) = change else {
+            return self.on_data(0, change.rows(), &mut Vec::new());
+        };
+        if !self.keep_all {
+            return Err(RuntimeError::Join("a retraction reached a Top-N of rows only ever added".to_string()));
+        }
+        let n = batch.num_rows();
+        let keys: Vec<ArrayRef> = self
+            .partition
+            .iter()
+            .map(|e| e.evaluate(batch).and_then(|v| v.into_array(n)))
+            .collect::<Result<_, _>>()
+            .map_err(RuntimeError::Expr)?;
+        let keys = self.keys_converter.convert_columns(&keys).map_err(arrow_err)?;
+        let rows = self.rows_converter.convert_columns(batch.columns()).map_err(arrow_err)?;
+        for row in 0..n {
+            let Some(number) = self.index.get(keys.row(row).as_ref()).copied() else { continue };
+            let kept = &mut self.keys[number].1;
+            // Equal rows are interchangeable: the last of them leaves (the earlier arrivals keep their ranks).
+            let Some(at) = kept.iter().rposition(|(_, r)| r.as_ref() == rows.row(row).as_ref()) else { continue };
+            let (o, r) = kept.remove(at);
+            self.bytes = self.bytes.saturating_sub(o.len() + r.len());
+            if at < self.limit {
+                self.touched.insert(number / CHUNK);
+            }
+            self.unsaved.insert(number);
+        }
+        Ok(())
     }
 
     /// About how many bytes the kept rows and keys hold.
@@ -102,10 +143,11 @@ impl TopN {
         for chunk in touched {
             let keys = &self.keys[chunk_range(chunk, self.keys.len())];
             let parser = self.rows_converter.parser();
-            let kept = keys.iter().flat_map(|(_, kept)| kept.iter());
+            let limit = self.limit;
+            let kept = keys.iter().flat_map(|(_, kept)| kept.iter().take(limit));
             let mut columns =
                 self.rows_converter.convert_rows(kept.map(|(_, row)| parser.parse(row))).map_err(arrow_err)?;
-            let numbers: UInt64Array = keys.iter().flat_map(|(_, kept)| 1..=kept.len() as u64).collect();
+            let numbers: UInt64Array = keys.iter().flat_map(|(_, kept)| 1..=kept.len().min(limit) as u64).collect();
             columns.push(Arc::new(numbers) as ArrayRef);
             let rows = RecordBatch::try_new(self.output.clone(), columns).map_err(arrow_err)?;
             out.push((chunk as u32, rows));
@@ -143,7 +185,7 @@ impl Operator for TopN {
             let number = self.key_number(keys.row(row).as_ref());
             let candidate = order.row(row);
             let kept = &self.keys[number].1;
-            if kept.len() < self.limit || kept.last().is_some_and(|(o, _)| candidate.as_ref() < o.as_ref()) {
+            if kept.len() < self.kept_limit() || kept.last().is_some_and(|(o, _)| candidate.as_ref() < o.as_ref()) {
                 candidates.push((row, number));
             }
         }
@@ -156,18 +198,22 @@ impl Operator for TopN {
             let kept = &mut self.keys[number].1;
             // After the rows it ties with: the earlier arrival ranks first.
             let at = kept.partition_point(|(o, _)| o.as_ref() <= candidate.as_ref());
-            if at >= self.limit {
+            let limit = if self.keep_all { usize::MAX } else { self.limit };
+            if at >= limit {
                 continue;
             }
             let entry: Kept = (candidate.as_ref().into(), rows.row(row).as_ref().into());
             self.bytes += entry.0.len() + entry.1.len();
             kept.insert(at, entry);
-            if kept.len() > self.limit
+            if kept.len() > limit
                 && let Some((o, r)) = kept.pop()
             {
                 self.bytes = self.bytes.saturating_sub(o.len() + r.len());
             }
-            self.touched.insert(number / CHUNK);
+            // Only a row among the ranked ones changes the view.
+            if at < self.limit {
+                self.touched.insert(number / CHUNK);
+            }
             self.unsaved.insert(number);
         }
         Ok(())
@@ -261,6 +307,7 @@ mod tests {
             partition: vec![col("key", &s).unwrap()],
             order: vec![order],
             limit,
+            retractions: false,
         })
         .unwrap()
     }
@@ -291,6 +338,30 @@ mod tests {
     /// Property: for random rows in random batches, with checkpoints and restarts at random points, the published
     /// parts hold exactly each key's first `limit` rows by price (highest first, earlier arrival first among equal
     /// prices), numbered from 1, as a sort of all rows so far gives them.
+    #[test]
+    fn over_retractions_the_next_row_takes_the_place_of_a_ranked_one_that_leaves() {
+        let mut op = operator(2);
+        op.keep_all = true;
+        let mut parts = BTreeMap::new();
+        let delta = |retract: bool, rows: &[(i64, i64, i64)]| match retract {
+            true => crate::operator::Delta::Retract(batch(rows)),
+            false => crate::operator::Delta::Insert(batch(rows)),
+        };
+        op.on_change(&delta(false, &[(1, 5, 0), (1, 9, 1), (1, 7, 2), (1, 3, 3), (2, 4, 4)])).unwrap();
+        let ranked = |parts: &mut BTreeMap<u32, RecordBatch>, op: &mut TopN| {
+            contents(parts, op).into_iter().map(|((k, n), (p, _))| (k, n, p)).collect::<Vec<_>>()
+        };
+        assert_eq!(ranked(&mut parts, &mut op), vec![(1, 1, 9), (1, 2, 7), (2, 1, 4)]);
+        // 9 leaves: 7 moves up, 5 (kept, unranked until now) comes in; a row not held changes nothing.
+        op.on_change(&delta(true, &[(1, 9, 1), (2, 8, 9)])).unwrap();
+        assert_eq!(ranked(&mut parts, &mut op), vec![(1, 1, 7), (1, 2, 5), (2, 1, 4)]);
+        // An unranked row leaving changes no part.
+        op.on_change(&delta(true, &[(1, 3, 3)])).unwrap();
+        assert!(op.snapshot().unwrap().is_empty());
+        // Rows only ever added: a retraction is an error.
+        assert!(operator(2).on_change(&delta(true, &[(1, 5, 0)])).is_err());
+    }
+
     #[test]
     fn the_kept_rows_are_the_first_of_each_key_whatever_the_batching() {
         let mut next = crate::test_rng(0x5eed_1234_abcd_0001);

@@ -856,11 +856,12 @@ fn explain_node(
             below = plan_lines(lines, below + 1, above);
             let exprs = |e: Vec<String>| e.join(", ");
             lines.push(format!(
-                "{}TopN: partition=[{}], order=[{}], the first {} row(s) of each key, updated every epoch [{}]",
+                "{}TopN: partition=[{}], order=[{}], the first {} row(s) of each key{}, updated every epoch [{}]",
                 pad(below),
                 exprs(spec.partition.iter().map(|e| e.to_string()).collect()),
                 exprs(spec.order.iter().map(|o| o.to_string()).collect()),
                 spec.limit,
+                if spec.retractions { " (every row kept: its input retracts rows)" } else { "" },
                 facts(plan, id)
             ));
             below += 1;

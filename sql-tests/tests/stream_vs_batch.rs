@@ -257,6 +257,10 @@ const JOIN_QUERIES: &[&str] = &[
      FULL JOIN {r} r ON l.device = r.device AND l.reading = r.reading GROUP BY r.device",
     "SELECT count(*) AS n, sum(l.reading) AS total FROM {l} l FULL JOIN {r} r \
      ON l.device = r.device AND l.reading = r.reading + 1",
+    // Top-N over a regular join: a ranked row retracted gives its place to the next.
+    "SELECT device, reading, ts, r_reading FROM (SELECT l.device, l.reading, l.ts, r.reading AS r_reading, \
+     ROW_NUMBER() OVER (PARTITION BY l.device ORDER BY r.reading DESC NULLS LAST, l.reading, l.ts) AS rn \
+     FROM {l} l LEFT JOIN {r} r ON l.device = r.device AND l.reading = r.reading) WHERE rn <= 2",
     // A plain GROUP BY below a join: its groups' rows retracted and emitted again as they change.
     "SELECT l.device, l.reading, m.top, m.n FROM {l} l JOIN (SELECT device, max(reading) AS top, count(*) AS n \
      FROM {r} GROUP BY device) m ON l.device = m.device AND l.reading >= m.top - 10",
