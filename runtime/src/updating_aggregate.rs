@@ -444,13 +444,10 @@ impl Accumulator for Extreme {
 
     fn state(&mut self) -> datafusion::error::Result<Vec<ScalarValue>> {
         let all = self.values.iter().flat_map(|(row, n)| std::iter::repeat_n(row.as_ref(), *n as usize));
+        // The values as one list, decoded in one pass (no value-by-value scalars).
         let values = self.decode(all)?;
-        Ok(vec![ScalarValue::List(ScalarValue::new_list_nullable(
-            &(0..values.len())
-                .map(|i| ScalarValue::try_from_array(&values, i))
-                .collect::<datafusion::error::Result<Vec<_>>>()?,
-            &self.data_type,
-        ))])
+        let list = datafusion::common::utils::SingleRowListArrayBuilder::new(values).with_nullable(true);
+        Ok(vec![ScalarValue::List(Arc::new(list.build_list_array()))])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> datafusion::error::Result<()> {
