@@ -6,11 +6,17 @@
 //! the current rows of each window by window end, replaced whole when the window changes (a plain aggregation's one
 //! window is replaced a part, a chunk of its groups, at a time).
 //!
-//! [`ViewStore::checkpoint`] writes the rows changed since the last checkpoint to a state table (appended batches
-//! under `a | sequence`, window rows under `w | window end | part`, as Arrow IPC), and [`ViewStore::restore`] reads them back.
+//! A view whose rows are retracted one by one (a regular join's, an aggregation of retracted rows) keeps them counted
+//! instead ([`ViewStore::with_retractions`]): each distinct row with its count.
 //!
-//! An append-only relation can also be read as a stream: [`ViewStore::subscribe`] hands out its rows so far and then
-//! every appended batch, with no gap and no overlap, for views defined over it. Stream readers only get rows that
+//! [`ViewStore::checkpoint`] writes the rows changed since the last checkpoint to a state table (appended batches
+//! under `a | sequence`, window rows under `w | window end | part`, as Arrow IPC; counted rows under `c | row`), and
+//! [`ViewStore::restore`] reads them back.
+//!
+//! A relation can also be read as a stream: [`ViewStore::subscribe`] hands out an append-only relation's rows so far
+//! and then every appended batch, with no gap and no overlap, for views defined over it; an updating view's change
+//! log instead (its rows when the first reader came, then each epoch's retractions and additions, under
+//! `l | sequence`; not trimmed yet). Stream readers only get rows that
 //! are durable: a view's appended rows once [`ViewStore::committed`] says the checkpoint holding them is written, a
 //! table's as [`ViewStore::append_durably`] writes them. So a reader's position (rows read) never runs ahead of what
 //! the relation gets back after a crash. A view's watermark ([`ViewStore::set_watermark`]) reaches its stream

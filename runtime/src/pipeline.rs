@@ -8,7 +8,9 @@
 //!
 //! The plan is a tree of nodes (see [`weir_common::plan`]); a batch read from an input enters at the input's scans and
 //! moves up the path to the root, each node turning what it gets into what it passes on, all in one call stack (no
-//! channels between them: the cheapest form of a linear dataflow). Watermarks move up the same paths, after the
+//! channels between them: the cheapest form of a linear dataflow). What moves is [`Delta`]s: rows added, or (from an
+//! updating view read as changes, an upsert source's tombstones, a regular join, an updating aggregation) retracted;
+//! a view's root output becomes appended rows, retractions of counted rows, or replaced windows. Watermarks move up the same paths, after the
 //! batches: each input's watermark is the minimum over its splits (idle splits left out); a stateless node passes on
 //! the minimum over its inputs (idle inputs left out), a join the minimum of its two inputs' (it keeps each for its
 //! state), an aggregation below a join its input's shifted (it closes windows with it and passes their rows on), and

@@ -638,7 +638,7 @@ impl JoinOperator for TemporalJoin {
 
 impl TemporalJoin {
     /// Changes of input `side`: added rows, and on the versioned side deletions of keys (see
-    /// [`TemporalJoin::delete_versions`]). The probe side only gains rows.
+    /// `delete_versions`). The probe side only gains rows.
     pub fn on_side_change(&mut self, side: usize, change: &Delta, out: &mut Vec<RecordBatch>) -> Result<()> {
         match change {
             Delta::Insert(rows) => self.on_side_data(side, rows, out),
