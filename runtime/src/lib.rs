@@ -33,8 +33,8 @@
 //! Plan edges carry rows added or retracted ([`operator::Delta`]): sources and append-only operators only add;
 //! regular joins, updating aggregations, Top-N over retractions, upsert nodes and views read as changes retract too.
 //!
-//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views, a
-//! trimmed change log for views read as changes. The runtime depends only on `weir-common` (and RocksDB).
+//! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views. The
+//! runtime depends only on `weir-common` (and RocksDB).
 
 mod groups;
 pub mod join;

@@ -14,9 +14,9 @@
 //! [`ViewStore::restore`] reads them back.
 //!
 //! A relation can also be read as a stream: [`ViewStore::subscribe`] hands out an append-only relation's rows so far
-//! and then every appended batch, with no gap and no overlap, for views defined over it; an updating view's change
-//! log instead (its rows when the first reader came, then each epoch's retractions and additions, under
-//! `l | sequence`; not trimmed yet). Stream readers only get rows that
+//! and then every appended batch, with no gap and no overlap, for views defined over it; an updating view hands each
+//! reader its own change log instead (its rows when the reader came, then each epoch's retractions and additions,
+//! under `l | reader | sequence`), trimmed as the reader's checkpoints acknowledge what they hold. Stream readers only get rows that
 //! are durable: a view's appended rows once [`ViewStore::committed`] says the checkpoint holding them is written, a
 //! table's as [`ViewStore::append_durably`] writes them. So a reader's position (rows read) never runs ahead of what
 //! the relation gets back after a crash. A view's watermark ([`ViewStore::set_watermark`]) reaches its stream
@@ -45,8 +45,10 @@ const APPENDED_TAG: u8 = b'a';
 const WINDOW_TAG: u8 = b'w';
 /// A counted row (see [`ViewStore::with_retractions`]): `c | row` -> its count.
 const COUNTED_TAG: u8 = b'c';
-/// An entry of an updating view's change log: `l | sequence` -> retracted or not, and the rows.
+/// An entry of a reader's change log: `l | reader | sequence` -> retracted or not, first row's position, the rows.
 const LOG_TAG: u8 = b'l';
+/// A reader's change log's next sequence and position: `n | reader`.
+const LOG_POSITION_TAG: u8 = b'n';
 
 /// One change to a relation's rows.
 #[derive(Debug, Clone)]
@@ -74,36 +76,74 @@ pub struct ViewStore {
     updating: bool,
 }
 
-/// The changes of an updating view, for the views reading it as a stream: the view's rows (as added rows) when the
-/// first reader subscribed, then every epoch's changes in order, retractions before additions. Entries are written
-/// by checkpoints (`l | sequence` -> a flag, retracted or not, and the rows) and given to readers once written, as
-/// an append-only view's rows are; a restored view keeps logging, so readers resume at their position.
+/// The changes of an updating view for one view reading it as a stream (each reader has its own, by name): the
+/// view's rows (as added rows) when the reader first subscribed, then every epoch's changes in order, retractions
+/// before additions. Entries are written by checkpoints (`l | name | sequence` -> retracted or not, the absolute
+/// position of their first row, the rows) and given to the reader once written, as an append-only view's rows are.
+/// The reader acknowledges the rows its own checkpoints hold ([`SourceReader::commit`]): entries before that leave
+/// the log at the next checkpoint, so the log holds what the reader has not yet made durable. A restored log goes
+/// on, so the reader resumes at its position; it goes with the reading view ([`ViewStore::forget_reader`]).
 #[derive(Debug, Default)]
 struct ChangeLog {
-    entries: Vec<(bool, RecordBatch)>,
-    saved: usize,
-    released: usize,
+    /// `(sequence, position of the first row, retracted, rows)`.
+    entries: VecDeque<(u64, u64, bool, RecordBatch)>,
+    next_sequence: u64,
+    /// The position after the last row logged.
+    next_row: u64,
+    /// Sequences below these are written, and given to the reader.
+    saved: u64,
+    released: u64,
+    /// The position the reader's checkpoints hold.
+    acked: Arc<std::sync::atomic::AtomicU64>,
+    sender: Option<mpsc::UnboundedSender<Published>>,
 }
 
 impl ChangeLog {
+    fn push(&mut self, retracted: bool, rows: RecordBatch) {
+        let first = self.next_row;
+        self.next_row += rows.num_rows() as u64;
+        self.entries.push_back((self.next_sequence, first, retracted, rows));
+        self.next_sequence += 1;
+    }
+
     fn record(&mut self, changes: &[RowChange]) {
         for change in changes {
             match change {
-                RowChange::Insert(rows) => self.entries.push((false, rows.clone())),
+                RowChange::Insert(rows) => self.push(false, rows.clone()),
                 RowChange::Replace { before, after } => {
-                    self.entries.extend(before.iter().map(|rows| (true, rows.clone())));
-                    self.entries.extend(after.iter().map(|rows| (false, rows.clone())));
+                    before.iter().for_each(|rows| self.push(true, rows.clone()));
+                    after.iter().for_each(|rows| self.push(false, rows.clone()));
                 }
             }
         }
     }
 
-    fn published(entry: &(bool, RecordBatch)) -> Published {
+    fn published(entry: &(u64, u64, bool, RecordBatch)) -> Published {
         match entry {
-            (true, rows) => Published::Retract(rows.clone()),
-            (false, rows) => Published::Rows(rows.clone()),
+            (_, _, true, rows) => Published::Retract(rows.clone()),
+            (_, _, false, rows) => Published::Rows(rows.clone()),
         }
     }
+
+    /// Where the entries still held start.
+    fn base(&self) -> u64 {
+        self.entries.front().map_or(self.next_row, |e| e.1)
+    }
+}
+
+/// The key of `reader`'s log entries (`tag` [`LOG_TAG`]) or position (`tag` [`LOG_POSITION_TAG`]).
+fn log_key(tag: u8, reader: &str) -> Vec<u8> {
+    let mut key = vec![tag];
+    key.extend_from_slice(&(reader.len() as u32).to_be_bytes());
+    key.extend_from_slice(reader.as_bytes());
+    key
+}
+
+/// The reader a log key names, and the rest of the key.
+fn log_reader(key: &[u8]) -> Option<(String, &[u8])> {
+    let length = key.get(1..5).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes)? as usize;
+    let name = key.get(5..5 + length)?;
+    Some((String::from_utf8_lossy(name).into_owned(), key.get(5 + length..)?))
 }
 
 /// The rows of a view whose rows are retracted one by one: each distinct row (row-encoded) with its multiplicity.
@@ -197,8 +237,10 @@ struct Contents {
     appended: Vec<RecordBatch>,
     /// A view whose rows are retracted one by one keeps them here (and nothing in `appended`).
     counted: Option<Counted>,
-    /// An updating view read as a stream: its changes since the first reader came (see [`ChangeLog`]).
-    log: Option<ChangeLog>,
+    /// An updating view read as a stream: each reader's change log, by the reader's name (see [`ChangeLog`]).
+    logs: BTreeMap<String, ChangeLog>,
+    /// Readers gone since the last checkpoint, whose logs it deletes.
+    forgotten: Vec<String>,
     /// The rows of each part of each window, by window end and part.
     windows: BTreeMap<(i64, u32), Vec<RecordBatch>>,
     subscribers: Vec<mpsc::UnboundedSender<Published>>,
@@ -271,7 +313,7 @@ impl ViewStore {
         let mut row_changes = Vec::new();
         let tell_sinks = !contents.change_subscribers.is_empty();
         // What changed is worked out for sinks, and for views reading an updating view's changes.
-        let tell = tell_sinks || contents.log.is_some();
+        let tell = tell_sinks || !contents.logs.is_empty();
         let mut changes = changes;
         let schema = self.schema.clone();
         if let Some(counted) = &mut contents.counted {
@@ -337,7 +379,7 @@ impl ViewStore {
                 }
             }
         }
-        if let Some(log) = &mut contents.log {
+        for log in contents.logs.values_mut() {
             log.record(&row_changes);
         }
         if tell_sinks && !row_changes.is_empty() {
@@ -406,7 +448,15 @@ impl ViewStore {
 
     /// Whether the change log of an updating view has entries no checkpoint holds yet (its readers wait for one).
     pub fn has_unsaved_log(&self) -> bool {
-        self.lock().log.as_ref().is_some_and(|l| l.saved < l.entries.len())
+        self.lock().logs.values().any(|l| l.saved < l.next_sequence)
+    }
+
+    /// View `reader` no longer reads this one (it was dropped): its change log goes.
+    pub fn forget_reader(&self, reader: &str) {
+        let mut contents = self.lock();
+        if contents.logs.remove(reader).is_some() {
+            contents.forgotten.push(reader.to_string());
+        }
     }
 
     /// Number of rows as of the last applied epoch.
@@ -422,26 +472,37 @@ impl ViewStore {
         self.lock().counted.as_ref().map_or(0, |c| c.unknown)
     }
 
-    /// Reads the appended rows as a stream: those so far, then each batch as it is appended and durable. Never ends
-    /// while the store exists.
-    pub fn subscribe(&self) -> Subscription {
+    /// Reads the rows as a stream, for view `reader`: an append-only relation's rows so far, then each batch as it is
+    /// appended and durable; an updating view's change log for that reader (see [`ChangeLog`]), started with the rows
+    /// so far if the reader has none. Never ends while the store exists.
+    pub fn subscribe(&self, reader: &str) -> Subscription {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut contents = self.lock();
-        let mut backlog: VecDeque<Published> = match self.updating {
-            true => {
-                if contents.log.is_none() {
-                    // The first reader: the log starts with the rows so far, given out once a checkpoint holds them.
-                    let rows = self.rows(&mut contents);
-                    contents.log = Some(ChangeLog {
-                        entries: rows.into_iter().map(|r| (false, r)).collect(),
-                        ..ChangeLog::default()
-                    });
+        if self.updating {
+            if !contents.logs.contains_key(reader) {
+                // A new reader: its log starts with the rows so far, given out once a checkpoint holds them.
+                let mut log = ChangeLog::default();
+                for rows in self.rows(&mut contents) {
+                    log.push(false, rows);
                 }
-                let log = contents.log.as_ref().map(|l| &l.entries[..l.released]).unwrap_or_default();
-                log.iter().map(ChangeLog::published).collect()
+                contents.logs.insert(reader.to_string(), log);
             }
-            false => contents.appended[..contents.released].iter().cloned().map(Published::Rows).collect(),
-        };
+            let log = contents.logs.get_mut(reader).expect("inserted above");
+            let backlog = log.entries.iter().take_while(|e| e.0 < log.released).map(ChangeLog::published).collect();
+            log.sender = Some(sender);
+            return Subscription {
+                schema: self.schema.clone(),
+                backlog,
+                receiver,
+                rows_read: log.base(),
+                skip: 0,
+                watermark: None,
+                retracting: false,
+                acked: Some(log.acked.clone()),
+            };
+        }
+        let mut backlog: VecDeque<Published> =
+            contents.appended[..contents.released].iter().cloned().map(Published::Rows).collect();
         backlog.extend(contents.released_watermark.map(Published::Watermark));
         contents.subscribers.push(sender);
         Subscription {
@@ -452,6 +513,7 @@ impl ViewStore {
             skip: 0,
             watermark: None,
             retracting: false,
+            acked: None,
         }
     }
 
@@ -469,7 +531,7 @@ impl ViewStore {
     /// it holds.
     pub fn committed(&self) {
         let mut contents = self.lock();
-        let Contents { appended, subscribers, released, saved_appends, watermark, released_watermark, log, .. } =
+        let Contents { appended, subscribers, released, saved_appends, watermark, released_watermark, logs, .. } =
             &mut *contents;
         // An updating view's readers read its change log (which has its appended rows too).
         if !self.updating {
@@ -478,11 +540,14 @@ impl ViewStore {
             }
         }
         *released = *saved_appends;
-        if let Some(log) = log {
-            for entry in &log.entries[log.released..log.saved] {
-                subscribers.retain(|s| s.send(ChangeLog::published(entry)).is_ok());
+        for log in logs.values_mut() {
+            let ChangeLog { entries, sender, released, saved, .. } = log;
+            for entry in entries.iter().filter(|e| e.0 >= *released && e.0 < *saved) {
+                if sender.as_ref().is_some_and(|s| s.send(ChangeLog::published(entry)).is_err()) {
+                    *sender = None;
+                }
             }
-            log.released = log.saved;
+            *released = *saved;
         }
         if let Some(w) = *watermark
             && released_watermark.is_none_or(|r| w > r)
@@ -548,13 +613,36 @@ impl ViewStore {
                 None => batch.delete(key),
             }
         }
-        if let Some(log) = &mut contents.log {
-            for (sequence, entry) in log.entries.iter().enumerate().skip(log.saved) {
-                let mut value = vec![u8::from(entry.0)];
-                value.extend_from_slice(&encode_batches(std::slice::from_ref(&entry.1))?);
-                batch.put(table.key(&tagged(LOG_TAG, sequence as i64)), value);
+        for reader in std::mem::take(&mut contents.forgotten) {
+            table.delete_prefix(batch, &log_key(LOG_TAG, reader.as_str()));
+            batch.delete(table.key(&log_key(LOG_POSITION_TAG, &reader)));
+        }
+        for (reader, log) in contents.logs.iter_mut() {
+            let prefix = log_key(LOG_TAG, reader);
+            let entry_key = |sequence: u64| {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&sequence.to_be_bytes());
+                table.key(&key)
+            };
+            for (sequence, first, retracted, rows) in log.entries.iter().filter(|e| e.0 >= log.saved) {
+                let mut value = vec![u8::from(*retracted)];
+                value.extend_from_slice(&first.to_be_bytes());
+                value.extend_from_slice(&encode_batches(std::slice::from_ref(rows))?);
+                batch.put(entry_key(*sequence), value);
             }
-            log.saved = log.entries.len();
+            log.saved = log.next_sequence;
+            // What the reader's checkpoints hold leaves the log.
+            let acked = log.acked.load(Ordering::Acquire);
+            while let Some((sequence, first, _, rows)) = log.entries.front() {
+                if first + rows.num_rows() as u64 > acked {
+                    break;
+                }
+                batch.delete(entry_key(*sequence));
+                log.entries.pop_front();
+            }
+            let mut position = log.next_sequence.to_be_bytes().to_vec();
+            position.extend_from_slice(&log.next_row.to_be_bytes());
+            batch.put(table.key(&log_key(LOG_POSITION_TAG, reader)), position);
         }
         if let Some(counted) = &mut contents.counted {
             for row in std::mem::take(&mut counted.unsaved) {
@@ -588,14 +676,32 @@ impl ViewStore {
         contents.appended = appended;
         contents.windows = windows;
         contents.unsaved_windows.clear();
-        let mut entries = Vec::new();
-        for (_, value) in table.scan_prefix(store, &[LOG_TAG])? {
-            let (flag, rows) =
-                value.split_first().ok_or_else(|| StateError::Corrupt("a change log entry".to_string()))?;
-            entries.extend(decode_batches(rows)?.into_iter().map(|rows| (*flag == 1, rows)));
+        let corrupt = || StateError::Corrupt("a change log".to_string());
+        let number = |bytes: Option<&[u8]>| bytes.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        contents.logs.clear();
+        contents.forgotten.clear();
+        for (key, value) in table.scan_prefix(store, &[LOG_POSITION_TAG])? {
+            let (reader, _) = log_reader(&key).ok_or_else(corrupt)?;
+            let next_sequence = number(value.get(0..8)).ok_or_else(corrupt)?;
+            let next_row = number(value.get(8..16)).ok_or_else(corrupt)?;
+            let log = ChangeLog {
+                next_sequence,
+                next_row,
+                saved: next_sequence,
+                released: next_sequence,
+                ..ChangeLog::default()
+            };
+            contents.logs.insert(reader, log);
         }
-        contents.log =
-            (!entries.is_empty()).then(|| ChangeLog { saved: entries.len(), released: entries.len(), entries });
+        for (key, value) in table.scan_prefix(store, &[LOG_TAG])? {
+            let (reader, rest) = log_reader(&key).ok_or_else(corrupt)?;
+            let sequence = number(Some(rest)).ok_or_else(corrupt)?;
+            let retracted = *value.first().ok_or_else(corrupt)? == 1;
+            let first = number(value.get(1..9)).ok_or_else(corrupt)?;
+            let rows = decode_batches(value.get(9..).ok_or_else(corrupt)?)?.into_iter().next().ok_or_else(corrupt)?;
+            let log = contents.logs.get_mut(&reader).ok_or_else(corrupt)?;
+            log.entries.push_back((sequence, first, retracted, rows));
+        }
         if let Some(counted) = &mut contents.counted {
             counted.rows.clear();
             counted.unsaved.clear();
@@ -669,6 +775,8 @@ pub struct Subscription {
     watermark: Option<Watermark>,
     /// Whether the last rows handed out were taken back (an updating view's).
     retracting: bool,
+    /// Where to acknowledge the position the reader's checkpoints hold (an updating view's change log).
+    acked: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[async_trait]
@@ -723,10 +831,25 @@ impl SourceReader for Subscription {
         Some(weir_common::connector::encode_position(&[self.rows_read as i64]))
     }
 
+    /// The reader's checkpoint holds every row handed out: its change log may let them go.
+    fn commit(&mut self) {
+        if let Some(acked) = &self.acked {
+            acked.fetch_max(self.rows_read, Ordering::AcqRel);
+        }
+    }
+
+    /// Continues after `position` rows: the rows handed out start where the log (or the relation) starts.
     fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
         let numbers = weir_common::connector::decode_position(position, Some(1), "a relation read as a stream")?;
-        self.skip = numbers[0].max(0) as u64;
-        self.rows_read = self.skip;
+        let position = numbers[0].max(0) as u64;
+        if position < self.rows_read {
+            return Err(ConnectorError::Io(format!(
+                "the change log starts at row {}, after this reader's checkpoint at row {position}",
+                self.rows_read
+            )));
+        }
+        self.skip = position - self.rows_read;
+        self.rows_read = position;
         Ok(())
     }
 }
@@ -768,6 +891,60 @@ mod tests {
         ]);
         assert_eq!(values(&store.snapshot()), vec![1, 22]);
         assert_eq!(store.row_count(), 2);
+    }
+
+    #[test]
+    fn each_reader_s_change_log_keeps_what_its_checkpoints_do_not_hold_yet() {
+        let store = ViewStore::updating(batch(&[]).schema());
+        store.apply(vec![ViewChange::Replace { window: 1, rows: vec![batch(&[1, 2])] }]);
+        let (state, table) = (crate::state::MemoryStore::new(), StateTable::new("log"));
+        let checkpoint = |store: &ViewStore| {
+            let mut writes = WriteBatch::default();
+            store.checkpoint(&table, &mut writes).expect("checkpoint");
+            state.write(&writes).expect("write");
+            store.committed();
+        };
+        // The reader's log starts with the rows so far: given out once a checkpoint holds them.
+        let mut reader = store.subscribe("a");
+        assert!(store.has_unsaved_log());
+        checkpoint(&store);
+        let read = |reader: &mut Subscription| {
+            let mut out = Vec::new();
+            while let Some(Ok(Some(batch))) = reader.next_batch().now_or_never() {
+                out.push((reader.retracting(), values(&[batch])));
+            }
+            out
+        };
+        assert_eq!(read(&mut reader), vec![(false, vec![1, 2])]);
+        // The window changes: its old rows retracted, its new ones added.
+        store.apply(vec![ViewChange::Replace { window: 1, rows: vec![batch(&[3])] }]);
+        checkpoint(&store);
+        assert_eq!(read(&mut reader), vec![(true, vec![1, 2]), (false, vec![3])]);
+        let held = |state: &crate::state::MemoryStore| table.scan_prefix(state, &[LOG_TAG]).expect("scan").len();
+        assert_eq!(held(&state), 3);
+        // The reader's checkpoint holds the 5 rows read (it acknowledges them): their entries leave at the next
+        // checkpoint.
+        assert_eq!(reader.position(), Some(weir_common::connector::encode_position(&[5])));
+        let mut early = reader.position();
+        reader.commit();
+        store.apply(vec![ViewChange::Replace { window: 1, rows: vec![batch(&[4])] }]);
+        checkpoint(&store);
+        assert_eq!(held(&state), 2, "the entries past the acknowledged rows stay");
+        // After a restart the reader resumes at its position in its log; a position the log no longer has fails.
+        let restored = ViewStore::updating(batch(&[]).schema());
+        restored.restore(&table, &state).expect("restore");
+        let mut resumed = restored.subscribe("a");
+        resumed.seek(&weir_common::connector::encode_position(&[5])).expect("seek");
+        assert_eq!(read(&mut resumed), vec![(true, vec![3]), (false, vec![4])]);
+        let mut behind = restored.subscribe("a");
+        early = early.map(|_| weir_common::connector::encode_position(&[1]));
+        assert!(behind.seek(&early.expect("a position")).is_err());
+        // A reader dropped: its log goes with the next checkpoint.
+        restored.forget_reader("a");
+        let mut writes = WriteBatch::default();
+        restored.checkpoint(&table, &mut writes).expect("checkpoint");
+        state.write(&writes).expect("write");
+        assert_eq!(held(&state), 0);
     }
 
     #[test]
@@ -904,7 +1081,7 @@ mod tests {
         apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[1, 2])])]);
         // Applied but in no written checkpoint yet: held back from stream readers.
         store.apply(vec![ViewChange::Append(vec![batch(&[3]), batch(&[])])]);
-        let mut subscription = store.subscribe();
+        let mut subscription = store.subscribe("reader");
         assert_eq!(drain(&mut subscription), vec![1, 2]);
         store.checkpoint(&StateTable::new("v"), &mut WriteBatch::default()).unwrap();
         assert_eq!(drain(&mut subscription), Vec::<i64>::new());
@@ -917,14 +1094,14 @@ mod tests {
     fn a_subscription_resumes_after_the_rows_it_had_read() {
         let store = ViewStore::new(batch(&[]).schema());
         apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[1, 2, 3]), batch(&[4])])]);
-        let mut first = store.subscribe();
+        let mut first = store.subscribe("reader");
         assert_eq!(values(&[first.next_batch().now_or_never().unwrap().unwrap().unwrap()]), vec![1, 2, 3]);
         let position = first.position().unwrap();
-        let mut again = store.subscribe();
+        let mut again = store.subscribe("reader");
         again.seek(&encode_position_of(2)).unwrap();
         assert_eq!(drain(&mut again), vec![3, 4], "a position inside a batch");
         assert_eq!(again.position().unwrap(), encode_position_of(4));
-        let mut resumed = store.subscribe();
+        let mut resumed = store.subscribe("reader");
         resumed.seek(&position).unwrap();
         assert_eq!(resumed.position().unwrap(), position, "before reading, the position is the one sought");
         apply_and_commit(&store, vec![ViewChange::Append(vec![batch(&[5])])]);
@@ -940,7 +1117,7 @@ mod tests {
         let store = ViewStore::new(batch(&[]).schema());
         let table = StateTable::new("t");
         let state = crate::state::MemoryStore::new();
-        let mut subscription = store.subscribe();
+        let mut subscription = store.subscribe("reader");
         let err = store.append_durably(vec![batch(&[1])], &table, |_| Err(StateError::Io("disk full".into())));
         assert!(err.is_err());
         assert_eq!(store.row_count(), 0, "a failed write leaves nothing");

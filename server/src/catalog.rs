@@ -287,6 +287,12 @@ impl Catalog {
             }
         }
         self.relations.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        // The views it read as changes keep no log for it any more.
+        for input in &relation.def.depends_on {
+            if let Some(store) = self.get(input).and_then(|r| r.store.clone()) {
+                store.forget_reader(name);
+            }
+        }
         Ok(true)
     }
 

@@ -76,7 +76,8 @@ impl Session {
                     SinkInput::Query(query) => query.as_ref().clone(),
                     SinkInput::Relation(relation) => select_all(relation)?,
                 };
-                let dataflow = self.build_dataflow(&query, false, None, row_patterns, text, sql).await?;
+                let dataflow =
+                    self.build_dataflow((&dataflow_name(&name), &query), false, None, row_patterns, text, sql).await?;
                 let store = Arc::new(ViewStore::passing(dataflow.pipeline.schema()));
                 (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
             }
@@ -148,6 +149,12 @@ impl Session {
         let Some((dataflow, progress_key)) = self.engine.jobs.sinks.stop(name) else { return };
         if let Some(dataflow) = dataflow {
             self.engine.jobs.stop(&dataflow);
+            // The views its query read as changes keep no log for it any more.
+            for relation in self.engine.catalog.list() {
+                if let Some(store) = &relation.store {
+                    store.forget_reader(&dataflow);
+                }
+            }
         }
         let mut batch = WriteBatch::default();
         batch.delete(progress_key);

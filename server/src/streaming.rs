@@ -99,8 +99,9 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let dataflow =
-            self.build_dataflow(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
+        let dataflow = self
+            .build_dataflow((&name, &view.query), emit_on_window_close, options.state_ttl, row_patterns, text, sql)
+            .await?;
         let schema = dataflow.pipeline.schema();
         let store = Arc::new(match (dataflow.pipeline.retracts_rows(), dataflow.append_only) {
             (true, _) => ViewStore::with_retractions(schema)
@@ -124,10 +125,11 @@ impl Session {
     }
 
     /// Plans `query` (with `row_patterns`, its `MATCH_RECOGNIZE` patterns) as a streaming dataflow and opens a
-    /// reader on each of its inputs; nothing runs yet.
+    /// reader on each of its inputs, as `reader` (the view's name: an updating view read as changes keeps a change
+    /// log per reader); nothing runs yet.
     pub(crate) async fn build_dataflow(
         &self,
-        query: &ast::Query,
+        (reader, query): (&str, &ast::Query),
         emit_on_window_close: bool,
         state_ttl: Option<Duration>,
         row_patterns: &[RowPatternClause],
@@ -149,7 +151,7 @@ impl Session {
                 self.check_one_session(&input.def.name, &connector_options)?;
             }
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
-                (Some(store), _) => Box::new(store.subscribe()),
+                (Some(store), _) => Box::new(store.subscribe(reader)),
                 (None, Some(source)) => weir_connectors::open_source(
                     input.def.schema.clone(),
                     connector_options,
@@ -209,7 +211,9 @@ impl Session {
         let Statement::Query(query) = query.as_ref() else {
             return Err(ErrorReport::new(SqlState::SYNTAX_ERROR, "expected a query"));
         };
-        self.build_dataflow(query, emit_on_window_close, None, &statement.row_patterns, &statement.text, sql).await
+        let reader = "weir-plan-dataflow";
+        self.build_dataflow((reader, query), emit_on_window_close, None, &statement.row_patterns, &statement.text, sql)
+            .await
     }
 
     /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
