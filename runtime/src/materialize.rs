@@ -524,7 +524,8 @@ impl ViewStore {
 
     /// Whether views read the rows as a stream (so each epoch's rows should become durable soon).
     pub fn has_stream_readers(&self) -> bool {
-        !self.lock().subscribers.is_empty()
+        let contents = self.lock();
+        !contents.subscribers.is_empty() || !contents.logs.is_empty()
     }
 
     /// The checkpoint [`ViewStore::checkpoint`] last added to a write batch is written: stream readers get the rows
