@@ -358,21 +358,8 @@ impl IntervalJoin {
             };
             columns.push(self.gather_column(side, index.index, refs)?);
         }
-        let batch = RecordBatch::try_new(filter.schema().clone(), columns).map_err(arrow)?;
-        let verdict = filter
-            .expression()
-            .evaluate(&batch)
-            .and_then(|v| v.into_array(batch.num_rows()))
-            .map_err(RuntimeError::Expr)?;
-        let verdict = verdict
-            .as_boolean_opt()
-            .ok_or_else(|| RuntimeError::Join("the join filter is not a boolean".to_string()))?;
-        Ok(pairs
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| verdict.is_valid(*i) && verdict.value(*i))
-            .map(|(_, p)| p)
-            .collect())
+        let passed = filter_passes(filter, columns)?;
+        Ok(pairs.into_iter().enumerate().filter(|(i, _)| passed[*i]).map(|(_, p)| p).collect())
     }
 
     /// Marks a kept row matched; returns whether it was not yet.
@@ -509,6 +496,23 @@ impl IntervalJoin {
         }
         Ok(())
     }
+}
+
+/// Whether each candidate pair passes a join's residual `filter`, given the filter's input `columns` (one per entry of
+/// its column indices, a row per pair). A NULL verdict fails, as in SQL.
+pub(crate) fn filter_passes(
+    filter: &datafusion::physical_plan::joins::utils::JoinFilter,
+    columns: Vec<ArrayRef>,
+) -> Result<Vec<bool>> {
+    let pairs = RecordBatch::try_new(filter.schema().clone(), columns).map_err(arrow)?;
+    let verdict = filter
+        .expression()
+        .evaluate(&pairs)
+        .and_then(|v| v.into_array(pairs.num_rows()))
+        .map_err(RuntimeError::Expr)?;
+    let verdict =
+        verdict.as_boolean_opt().ok_or_else(|| RuntimeError::Join("the join filter is not a boolean".to_string()))?;
+    Ok((0..verdict.len()).map(|i| verdict.is_valid(i) && verdict.value(i)).collect())
 }
 
 /// The row converter of a join's keys (of the left side's key expressions' types, which the right's equal).
@@ -786,6 +790,23 @@ pub(crate) mod testing {
             .collect();
         rows.sort();
         rows
+    }
+
+    /// Applies `changes` to `view` (a reader's rows, as text, kept sorted), checking nothing is retracted that was
+    /// not there.
+    pub(crate) fn apply(view: &mut Vec<String>, changes: &[crate::operator::Delta]) {
+        for change in changes {
+            for row in text(std::slice::from_ref(change.rows())) {
+                match change.is_retraction() {
+                    true => {
+                        let at = view.iter().position(|r| *r == row).expect("a retracted row was there");
+                        view.remove(at);
+                    }
+                    false => view.push(row),
+                }
+            }
+        }
+        view.sort();
     }
 
     /// Rows along a clock, each lagging it by less than the watermark bound (none late).

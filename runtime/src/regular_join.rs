@@ -26,9 +26,7 @@
 
 use std::collections::VecDeque;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array,
-};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions, UInt32Array, new_null_array};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -342,22 +340,9 @@ impl RegularJoin {
                     .ok_or_else(|| RuntimeError::Join("a filter column beyond the row".to_string())),
             })
             .collect::<Result<Vec<ArrayRef>>>()?;
-        let pairs = RecordBatch::try_new(filter.schema().clone(), columns).map_err(arrow)?;
-        let verdict = filter
-            .expression()
-            .evaluate(&pairs)
-            .and_then(|v| v.into_array(pairs.num_rows()))
-            .map_err(RuntimeError::Expr)?;
-        let verdict = verdict
-            .as_boolean_opt()
-            .ok_or_else(|| RuntimeError::Join("the join filter is not a boolean".to_string()))?;
-        let mut at = 0;
+        let mut passed = crate::join::filter_passes(filter, columns)?.into_iter();
         for candidates in &mut matches {
-            candidates.retain(|_| {
-                let keep = verdict.is_valid(at) && verdict.value(at);
-                at += 1;
-                keep
-            });
+            candidates.retain(|_| passed.next().unwrap_or(false));
         }
         Ok(matches)
     }

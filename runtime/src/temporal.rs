@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, new_null_array};
 use datafusion::arrow::compute::{cast, interleave};
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::RowConverter;
 use datafusion::common::{HashMap, JoinSide, JoinType};
 use weir_common::plan::{LEFT, RIGHT, TemporalSpec};
 use weir_common::stream::Watermark;
@@ -103,14 +103,7 @@ impl TemporalJoin {
                 spec.join.join_type
             )));
         }
-        let fields = spec
-            .join
-            .on
-            .iter()
-            .map(|(l, _)| l.data_type(&left).map(SortField::new))
-            .collect::<datafusion::error::Result<Vec<_>>>()
-            .map_err(RuntimeError::Expr)?;
-        let converter = RowConverter::new(fields).map_err(arrow)?;
+        let converter = crate::join::key_converter(&spec.join, &left)?;
         Ok(TemporalJoin {
             spec,
             inputs: [left, right],
@@ -203,24 +196,7 @@ impl TemporalJoin {
 
     /// The join keys of `batch`'s rows on `side`; `None` for a NULL key (which joins nothing).
     fn keys(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<Box<[u8]>>>> {
-        let columns = self
-            .spec
-            .join
-            .on
-            .iter()
-            .map(|pair| {
-                let expr = if side == LEFT { &pair.0 } else { &pair.1 };
-                expr.evaluate(batch).and_then(|v| v.into_array(batch.num_rows()))
-            })
-            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()
-            .map_err(RuntimeError::Expr)?;
-        let rows = self.converter.convert_columns(&columns).map_err(arrow)?;
-        Ok((0..batch.num_rows())
-            .map(|row| {
-                let null = columns.iter().any(|c| c.is_null(row));
-                (!null || self.spec.join.nulls_equal).then(|| Box::from(rows.row(row).as_ref()))
-            })
-            .collect())
+        crate::join::join_keys(&self.spec.join, &self.converter, side, batch)
     }
 
     /// The time of each row of `batch` on `side` (the version's valid-from time, or the probe row's time); all 0 for
@@ -545,17 +521,9 @@ impl TemporalJoin {
                         false => self.gather(versioned, index.index, &versions)?,
                     });
                 }
-                let batch = RecordBatch::try_new(filter.schema().clone(), columns).map_err(arrow)?;
-                let verdict = filter
-                    .expression()
-                    .evaluate(&batch)
-                    .and_then(|v| v.into_array(batch.num_rows()))
-                    .map_err(RuntimeError::Expr)?;
-                let verdict = verdict
-                    .as_boolean_opt()
-                    .ok_or_else(|| RuntimeError::Join("the join filter is not a boolean".to_string()))?;
+                let passed = crate::join::filter_passes(filter, columns)?;
                 for (n, i) in pairs.iter().enumerate() {
-                    if !(verdict.is_valid(n) && verdict.value(n)) {
+                    if !passed[n] {
                         found[*i] = None;
                     }
                 }

@@ -508,7 +508,7 @@ mod tests {
     use datafusion::physical_expr::expressions::col;
 
     use super::*;
-    use crate::join::testing::{Row, batch, schema, text};
+    use crate::join::testing::{Row, apply, batch, schema};
     use crate::state::MemoryStore;
 
     fn aggregate(udaf: Arc<datafusion::logical_expr::AggregateUDF>, name: &str) -> Aggregate {
@@ -528,22 +528,6 @@ mod tests {
         let aggregates =
             vec![aggregate(count_udaf(), "n"), aggregate(sum_udaf(), "total"), aggregate(avg_udaf(), "mean")];
         UpdatingAggregate::try_new(&input, keys, aggregates, true).expect("aggregate")
-    }
-
-    /// What a reader holds after applying `changes` to `view` (rows must never be retracted before they came).
-    fn apply(view: &mut Vec<String>, changes: &[Delta]) {
-        for change in changes {
-            for row in text(std::slice::from_ref(change.rows())) {
-                match change.is_retraction() {
-                    true => {
-                        let at = view.iter().position(|r| *r == row).expect("a retracted row was published");
-                        view.remove(at);
-                    }
-                    false => view.push(row),
-                }
-            }
-        }
-        view.sort();
     }
 
     fn change(op: &mut UpdatingAggregate, retract: bool, rows: &[Row]) {

@@ -148,24 +148,8 @@ impl Checkpointed for Upsert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::join::testing::{Row, batch, schema, text};
+    use crate::join::testing::{Row, apply, batch, schema};
     use crate::state::MemoryStore;
-
-    /// Applies `changes` to `view` (a reader's rows), checking nothing is retracted that was not there.
-    fn apply(view: &mut Vec<String>, changes: &[Delta]) {
-        for change in changes {
-            for row in text(std::slice::from_ref(change.rows())) {
-                match change.is_retraction() {
-                    true => {
-                        let at = view.iter().position(|r| *r == row).expect("a retracted row was there");
-                        view.remove(at);
-                    }
-                    false => view.push(row),
-                }
-            }
-        }
-        view.sort();
-    }
 
     fn change(op: &mut Upsert, view: &mut Vec<String>, delete: bool, rows: &[Row]) {
         let rows = batch(rows);

@@ -22,6 +22,38 @@ fn read(tag: &str, reader: &str, second: u32) -> String {
     format!(r#"{{"tag": "{tag}", "reader": "{reader}", "ts": "2024-01-01 00:{:02}:{:02}"}}"#, second / 60, second % 60)
 }
 
+/// A Kafka producer on `bootstrap`.
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("a producer")
+}
+
+/// Publishes a read of reader `reader` to its topic.
+async fn publish_read(mqtt: &rumqttc::AsyncClient, reader: &str, payload: String) {
+    let topic = format!("rfid/{reader}/reads");
+    mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publishing a read")
+}
+
+/// The view `located` subscribes on its first read and the broker drops what nobody subscribes to: a reader without
+/// a zone (its reads join nothing) reads until the view has read one of its reads besides the zones and the assets.
+async fn until_located_reads(client: &tokio_postgres::Client, mqtt: &rumqttc::AsyncClient) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        publish_read(mqtt, "r0", read("warmup", "r0", 30)).await;
+        client.batch_execute("FLUSH").await.expect("FLUSH");
+        let read_so_far =
+            query_rows(client, "SELECT rows_read FROM weir_catalog.view_progress WHERE view = 'located'").await;
+        if read_so_far.first().and_then(|r| r[0].parse::<u64>().ok()).is_some_and(|n| n > 5) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reads source never subscribed: {read_so_far:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_are_located_named_and_counted_through_mqtt_kafka_and_a_table() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -31,11 +63,7 @@ async fn reads_are_located_named_and_counted_through_mqtt_kafka_and_a_table() {
     tansu.create_topic("zones", 1).expect("the zones topic");
 
     // The readers' zones: r1 is the entry; r2 the exit until 00:05, the yard from then on.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &tansu.bootstrap)
-        .set("message.timeout.ms", "10000")
-        .create()
-        .expect("a producer");
+    let producer = producer(&tansu.bootstrap);
     for (reader, zone, from) in [("r1", "entry", "00:00:00"), ("r2", "exit", "00:00:01"), ("r2", "yard", "00:05:00")] {
         let value = format!(r#"{{"reader": "{reader}", "zone": "{zone}", "valid_from": "2024-01-01 {from}"}}"#);
         let record = FutureRecord::to("zones").key(reader).payload(&value);
@@ -75,24 +103,7 @@ async fn reads_are_located_named_and_counted_through_mqtt_kafka_and_a_table() {
         .expect("the scenario's statements");
 
     let mqtt = weir_sql_tests::brokers::mqtt_publisher(mqtt_port, &format!("rfid-readers-{mqtt_port}"));
-    let publish = |reader: &str, payload: String| {
-        let (mqtt, topic) = (mqtt.clone(), format!("rfid/{reader}/reads"));
-        async move { mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publishing a read") }
-    };
-    // The view subscribes on its first read and the broker drops what nobody subscribes to: a reader without a zone
-    // (its reads join nothing) reads until the view has read one of its reads besides the zones and the assets.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        publish("r0", read("warmup", "r0", 30)).await;
-        client.batch_execute("FLUSH").await.expect("FLUSH");
-        let read_so_far =
-            query_rows(client, "SELECT rows_read FROM weir_catalog.view_progress WHERE view = 'located'").await;
-        if read_so_far.first().and_then(|r| r[0].parse::<u64>().ok()).is_some_and(|n| n > 5) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the reads source never subscribed: {read_so_far:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_located_reads(client, &mqtt).await;
 
     // t1 enters at 01:00 and leaves through the exit at 03:00; t2 enters at 02:00 and is read at r2 at 06:00, when r2
     // is the yard; t3 (no asset) enters at 04:00. A read at 20:00 moves the reads' watermark past them all. The zones
@@ -100,9 +111,9 @@ async fn reads_are_located_named_and_counted_through_mqtt_kafka_and_a_table() {
     for (tag, reader, second) in
         [("t1", "r1", 60), ("t2", "r1", 120), ("t1", "r2", 180), ("t3", "r1", 240), ("t2", "r2", 360)]
     {
-        publish(reader, read(tag, reader, second)).await;
+        publish_read(&mqtt, reader, read(tag, reader, second)).await;
     }
-    publish("r9", read("t9", "r9", 1200)).await;
+    publish_read(&mqtt, "r9", read("t9", "r9", 1200)).await;
 
     eventually(
         client,
@@ -142,11 +153,7 @@ async fn the_seed_sql_as_written_runs_over_an_upsert_topic_and_a_plain_assets_ta
     let _mosquitto = Mosquitto::start(dir.path(), mqtt_port);
     let tansu = Tansu::start(free_port()).expect("a tansu broker");
     tansu.create_topic("zones", 1).expect("the zones topic");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &tansu.bootstrap)
-        .set("message.timeout.ms", "10000")
-        .create()
-        .expect("a producer");
+    let producer = producer(&tansu.bootstrap);
     // r1 is the entry, r2 the exit; r8's zone is deleted by a tombstone before any read.
     for (reader, zone, from) in [("r1", "entry", "00:00:00"), ("r2", "exit", "00:00:01"), ("r8", "dock", "00:00:01")] {
         let value = format!(r#"{{"reader": "{reader}", "zone": "{zone}", "valid_from": "2024-01-01 {from}"}}"#);
@@ -190,29 +197,13 @@ async fn the_seed_sql_as_written_runs_over_an_upsert_topic_and_a_plain_assets_ta
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing a tombstone");
 
     let mqtt = weir_sql_tests::brokers::mqtt_publisher(mqtt_port, &format!("rfid-seed-{mqtt_port}"));
-    let publish = |reader: &str, payload: String| {
-        let (mqtt, topic) = (mqtt.clone(), format!("rfid/{reader}/reads"));
-        async move { mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publishing a read") }
-    };
-    // Until the view has subscribed (the broker drops what nobody subscribes to).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        publish("r0", read("warmup", "r0", 30)).await;
-        client.batch_execute("FLUSH").await.expect("FLUSH");
-        let read_so_far =
-            query_rows(client, "SELECT rows_read FROM weir_catalog.view_progress WHERE view = 'located'").await;
-        if read_so_far.first().and_then(|r| r[0].parse::<u64>().ok()).is_some_and(|n| n > 5) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the reads source never subscribed: {read_so_far:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_located_reads(client, &mqtt).await;
     // t1 enters at 01:00 and leaves at 03:00; t2 (no asset yet) enters at 02:00; a read at r8 (zone deleted) at
     // 02:30 joins no zone; a read at 20:00 moves the reads' watermark past them all.
     for (tag, reader, second) in [("t1", "r1", 60), ("t2", "r1", 120), ("t7", "r8", 150), ("t1", "r2", 180)] {
-        publish(reader, read(tag, reader, second)).await;
+        publish_read(&mqtt, reader, read(tag, reader, second)).await;
     }
-    publish("r9", read("t9", "r9", 1200)).await;
+    publish_read(&mqtt, "r9", read("t9", "r9", 1200)).await;
     eventually(
         client,
         "SELECT tag, asset, zone, ts FROM located ORDER BY ts",
