@@ -357,6 +357,60 @@ pub trait SourceReader: Send + fmt::Debug {
     fn stats(&self) -> SourceStats {
         SourceStats::default()
     }
+
+    /// Whether one reader of this source may feed every view that reads it (a hub fans its batches out; see the
+    /// connectors' `shared` module), and where a view that comes later starts. A shareable reader's rows carry
+    /// offsets: [`SourceReader::last_offsets`] gives them, its [`SourceReader::position`] is pairs of numbers (split,
+    /// the offset after the last row handed out of that split) as [`encode_split_offsets`] writes them, and
+    /// [`SourceReader::acknowledge`] takes such a position. `None`: every view reads through a reader of its own.
+    fn sharing(&self) -> Option<Sharing> {
+        None
+    }
+
+    /// The offset of each row of the last batch handed out, within its split ([`SourceReader::last_split`]):
+    /// increasing within the split, the same row always at the same offset. `None` for a reader that is not
+    /// shareable ([`SourceReader::sharing`]).
+    fn last_offsets(&self) -> Option<&[i64]> {
+        None
+    }
+
+    /// Acknowledges the rows before `position` (one this reader gave, or one of the same form that is not ahead of
+    /// it): a reader shared by views acknowledges what every one of them has checkpointed. The default acknowledges
+    /// everything handed out ([`SourceReader::commit`]).
+    fn acknowledge(&mut self, _position: &[u8]) {
+        self.commit()
+    }
+
+    /// The caller reads no more from this reader (its view failed and stops reading). A reader shared with other
+    /// views lets them go on without this one; its position stays what it was.
+    fn close(&mut self) {}
+}
+
+/// Where a view starts that comes to a source whose shared reader is already reading (see
+/// [`SourceReader::sharing`]); a view continuing from its checkpoint always starts at the checkpoint's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Where a reader of its own would start (the topic's beginning, a time): it reads on its own until it has
+    /// caught up with the shared reader, then takes the shared reader's rows.
+    CatchUp,
+    /// Where the shared reader is: it reads what arrives from now on (`scan.startup.mode = 'latest'`).
+    FromNow,
+}
+
+/// A shareable reader's position (see [`SourceReader::sharing`]) as the offset after the last row handed out, per
+/// split.
+pub fn decode_split_offsets(bytes: &[u8], source: &str) -> Result<BTreeMap<usize, i64>, ConnectorError> {
+    let numbers = decode_position(bytes, None, source)?;
+    if !numbers.len().is_multiple_of(2) {
+        return Err(ConnectorError::Io(format!("the checkpointed position of {source} is damaged (odd length)")));
+    }
+    Ok(numbers.chunks_exact(2).map(|pair| (usize::try_from(pair[0]).unwrap_or_default(), pair[1])).collect())
+}
+
+/// The inverse of [`decode_split_offsets`].
+pub fn encode_split_offsets(offsets: &BTreeMap<usize, i64>) -> Vec<u8> {
+    let numbers: Vec<i64> = offsets.iter().flat_map(|(split, offset)| [*split as i64, *offset]).collect();
+    encode_position(&numbers)
 }
 
 /// Numbers as a source position: each as 8 big-endian bytes.

@@ -37,7 +37,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tracing::{error, info, warn};
-use weir_common::connector::{ConnectorError, Encoding, MetadataColumn, Options, Rejected, SourceReader, SourceStats};
+use weir_common::connector::{
+    ConnectorError, Encoding, MetadataColumn, Options, Rejected, Sharing, SourceReader, SourceStats,
+};
 
 use crate::format::RecordDecoder;
 
@@ -145,9 +147,8 @@ pub struct KafkaSource {
     /// Records of the batch being gathered, and when gathering ends; kept here so a cancelled read loses nothing.
     gathering: Gathered,
     deadline: Option<tokio::time::Instant>,
-    /// Decoded batches not yet handed out (per partition, one per run of values or of tombstones), with their
-    /// partition, the offset after them, and whether they are deletions.
-    ready: std::collections::VecDeque<(i32, RecordBatch, i64, bool)>,
+    /// Decoded batches not yet handed out (per partition, one per run of values or of tombstones).
+    ready: std::collections::VecDeque<Ready>,
     /// Per partition, where to start reading instead of `scan.startup.mode` (from a checkpoint).
     resume: BTreeMap<i32, i64>,
     /// The connection being made, kept across cancelled reads.
@@ -163,6 +164,21 @@ pub struct KafkaSource {
     upsert_key: Option<Vec<String>>,
     /// Whether the last batch handed out holds deletions (tombstones' keys).
     last_deletes: bool,
+    /// The record offset of each row of the last batch handed out.
+    last_offsets: Vec<i64>,
+}
+
+/// A decoded batch waiting to be handed out.
+#[derive(Debug)]
+struct Ready {
+    partition: i32,
+    batch: RecordBatch,
+    /// The offset of each row's record.
+    offsets: Vec<i64>,
+    /// The offset after the run's last record (set aside or not).
+    next: i64,
+    /// Whether the rows are tombstones' keys.
+    deletes: bool,
 }
 
 /// A connection to the broker being made: the consumer and how many partitions it reads.
@@ -320,6 +336,7 @@ impl KafkaSource {
             partitions: 0,
             upsert_key,
             last_deletes: false,
+            last_offsets: Vec::new(),
         })
     }
 
@@ -385,6 +402,27 @@ impl KafkaSource {
 
     /// The JSON object of the key columns a tombstone's Kafka key gives: the key itself when it is an object, else
     /// the one key column's value (a JSON number as it is, anything else as a string).
+    /// Commits `offsets` (per partition, the offset after the last record read) to the consumer group, under
+    /// `group-offsets`; whether they were handed to the consumer.
+    fn commit_offsets(&self, offsets: impl Iterator<Item = (i32, i64)>) -> bool {
+        let Some(consumer) = (self.startup == Startup::GroupOffsets).then_some(self.consumer.as_ref()).flatten() else {
+            return false;
+        };
+        let mut positions = TopicPartitionList::new();
+        for (partition, offset) in offsets {
+            if positions.add_partition_offset(&self.topic, partition, Offset::Offset(offset)).is_err() {
+                return false;
+            }
+        }
+        match consumer.commit(&positions, CommitMode::Async) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(topic = %self.topic, error = %err, "committing Kafka offsets failed; will retry");
+                false
+            }
+        }
+    }
+
     fn tombstone_key(&self, key: &[u8]) -> Vec<u8> {
         let text = String::from_utf8_lossy(key);
         let trimmed = text.trim();
@@ -398,13 +436,14 @@ impl KafkaSource {
     }
 
     /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes); with
-    /// `deletes`, the records are tombstones and their keys are decoded instead (the other columns NULL).
+    /// `deletes`, the records are tombstones and their keys are decoded instead (the other columns NULL). Each row
+    /// comes with its record's offset.
     fn decode(
         &mut self,
         gathered: &Gathered,
         records: &[usize],
         deletes: bool,
-    ) -> Result<Option<RecordBatch>, ConnectorError> {
+    ) -> Result<Option<(RecordBatch, Vec<i64>)>, ConnectorError> {
         let keys: Vec<Vec<u8>> = match deletes {
             true => records
                 .iter()
@@ -450,8 +489,9 @@ impl KafkaSource {
             .map(|c| c.or_else(|| decoded.next().cloned()))
             .collect::<Option<_>>()
             .ok_or_else(|| ConnectorError::Io("kafka: building a batch".into()))?;
+        let offsets = accepted.iter().map(|i| gathered.records[records[*i]].offset).collect();
         RecordBatch::try_new(self.schema.clone(), columns)
-            .map(Some)
+            .map(|batch| Some((batch, offsets)))
             .map_err(|e| ConnectorError::Io(format!("kafka: building a batch: {e}")))
     }
 }
@@ -526,9 +566,10 @@ impl SourceReader for KafkaSource {
     /// a time. Never ends.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
         loop {
-            if let Some((partition, batch, next, deletes)) = self.ready.pop_front() {
+            if let Some(Ready { partition, batch, offsets, next, deletes }) = self.ready.pop_front() {
                 self.last_partition = partition;
                 self.last_deletes = deletes;
+                self.last_offsets = offsets;
                 self.offsets.insert(partition, next);
                 self.uncommitted = true;
                 return Ok(Some(batch));
@@ -612,7 +653,9 @@ impl SourceReader for KafkaSource {
                     let next = run.last().map_or(0, |last| gathered.records[*last].offset + 1);
                     let deletes = tombstone(&run[0]);
                     match self.decode(&gathered, run, deletes)? {
-                        Some(batch) => self.ready.push_back((partition, batch, next, deletes)),
+                        Some((batch, offsets)) => {
+                            self.ready.push_back(Ready { partition, batch, offsets, next, deletes })
+                        }
                         // Every record was set aside: handed out as dead letters.
                         None => {
                             self.offsets.insert(partition, next);
@@ -647,20 +690,32 @@ impl SourceReader for KafkaSource {
     }
 
     fn commit(&mut self) {
-        if self.startup != Startup::GroupOffsets || !self.uncommitted {
-            return;
+        if self.uncommitted && self.commit_offsets(self.offsets.iter().map(|(p, o)| (*p, *o))) {
+            self.uncommitted = false;
         }
-        let Some(consumer) = &self.consumer else { return };
-        let mut positions = TopicPartitionList::new();
-        for (partition, offset) in &self.offsets {
-            if positions.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset)).is_err() {
-                return;
+    }
+
+    /// Commits the offsets of `position` (per partition) to the group, under `group-offsets`.
+    fn acknowledge(&mut self, position: &[u8]) {
+        let source = format!("Kafka topic {}", self.topic);
+        match weir_common::connector::decode_split_offsets(position, &source) {
+            Ok(offsets) => {
+                self.commit_offsets(offsets.into_iter().map(|(p, o)| (i32::try_from(p).unwrap_or_default(), o)));
             }
+            Err(err) => warn!(topic = %self.topic, error = %err, "not committing Kafka offsets"),
         }
-        match consumer.commit(&positions, CommitMode::Async) {
-            Ok(()) => self.uncommitted = false,
-            Err(err) => warn!(topic = %self.topic, error = %err, "committing Kafka offsets failed; will retry"),
-        }
+    }
+
+    /// Every record has an offset in its partition: one reader may feed every view of the topic.
+    fn sharing(&self) -> Option<Sharing> {
+        Some(match self.startup {
+            Startup::Latest => Sharing::FromNow,
+            _ => Sharing::CatchUp,
+        })
+    }
+
+    fn last_offsets(&self) -> Option<&[i64]> {
+        Some(&self.last_offsets)
     }
 
     fn health(&self) -> Option<String> {

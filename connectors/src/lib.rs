@@ -16,6 +16,8 @@
 //! - [`pacer`]: holds a source to its configured rate.
 //! - `policy`: options that reach the server's machine (local files, librdkafka settings that load code), checked
 //!   against the operator's [`weir_common::connector::ConnectorPolicy`] before any connector sees them.
+//! - [`shared`]: one reader per shareable source (Kafka) feeding every view that reads it, each view at its own
+//!   position.
 //! - [`sink`]: [`sink::open_sink`] checks a sink's options and pairs a [`sink::SinkEncoder`] (a view's changes as
 //!   JSON messages: `FORMAT PLAIN`, `UPSERT` or `DEBEZIUM`) with a connector's
 //!   [`weir_common::sink::SinkWriter`]: [`kafka_sink`] or [`mqtt_sink`].
@@ -36,6 +38,7 @@ pub mod nexmark;
 mod nexmark_bids;
 pub mod pacer;
 mod policy;
+pub mod shared;
 pub mod sink;
 
 use datafusion::arrow::datatypes::SchemaRef;

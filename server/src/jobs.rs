@@ -235,6 +235,8 @@ pub struct Jobs {
     state: Arc<dyn StateStore>,
     /// The running sinks.
     pub sinks: crate::sinks::Sinks,
+    /// One reader per shareable source, feeding every view and sink dataflow that reads it.
+    pub hubs: weir_connectors::shared::SourceHubs,
     /// How often views publish.
     epoch_interval: Duration,
     /// How often views checkpoint while nothing else asks them to.
@@ -260,6 +262,7 @@ impl Jobs {
             created: AtomicU64::new(0),
             state,
             sinks,
+            hubs: Default::default(),
             epoch_interval,
             checkpoint_interval,
             dataflow,
@@ -352,8 +355,9 @@ impl Jobs {
         restored
     }
 
-    /// Stops the view's task and forgets its state.
+    /// Stops the view's task and forgets its state (or, for a dropped source, its shared reader).
     pub fn stop(&self, view: &str) {
+        self.hubs.forget(view);
         let Some(job) = self.lock().remove(view) else { return };
         job.task.abort();
         let mut batch = WriteBatch::default();
@@ -467,7 +471,13 @@ async fn run(
     let mut reading = vec![true; readers.len()];
     let mut epochs = tokio::time::interval(epoch_interval);
     epochs.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed = false;
     loop {
+        // A view that reads no more (it failed, or every input ended) lets the views sharing its sources go on.
+        if !closed && !reading.contains(&true) {
+            readers.iter_mut().for_each(|reader| reader.close());
+            closed = true;
+        }
         tokio::select! {
             // Requests first: a FLUSH is answered between batches, when everything read so far has been processed.
             biased;

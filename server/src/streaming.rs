@@ -2,9 +2,10 @@
 //!
 //! `CREATE SOURCE` checks everything that can be checked at once (column types, the watermark, the connector and
 //! its options) and registers the source; nothing is read until a view needs it. `CREATE MATERIALIZED VIEW` plans the
-//! query as a streaming dataflow, opens a reader on its input, and starts the view's task. A view reads a source
-//! through its own connector reader (generators give every view the same rows), and a table or an append-only view
-//! through a subscription to its rows: those so far, then every appended batch.
+//! query as a streaming dataflow, opens a reader on its input, and starts the view's task. A view reads a Kafka
+//! source through the source's shared reader (one per source, see `weir_connectors::shared`), another source through
+//! a connector reader of its own (generators give every view the same rows), and a table or a view through a
+//! subscription to its rows or changes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -152,14 +153,17 @@ impl Session {
             }
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe(reader)),
-                (None, Some(source)) => weir_connectors::open_source(
-                    input.def.schema.clone(),
-                    connector_options,
-                    encoding(source, &self.engine.policy)?,
-                    (&metadata_columns(source), input.upsert_key().as_deref()),
-                    &self.engine.policy,
-                )
-                .map_err(ErrorReport::from)?,
+                (None, Some(source)) => {
+                    let opened = weir_connectors::open_source(
+                        input.def.schema.clone(),
+                        connector_options,
+                        encoding(source, &self.engine.policy)?,
+                        (&metadata_columns(source), input.upsert_key().as_deref()),
+                        &self.engine.policy,
+                    )
+                    .map_err(ErrorReport::from)?;
+                    self.engine.jobs.hubs.share(&input.def.name, opened)
+                }
                 (None, None) => {
                     return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input"));
                 }

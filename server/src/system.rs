@@ -16,6 +16,10 @@
 //!   its number, when it was written, how long the write took and how many bytes it wrote.
 //! - `weir_catalog.recovery`: what the last start brought back, object by object in creation order: a table's rows,
 //!   the checkpoint a view continued from, or why an object could not come back, and how long each took.
+//! - `weir_catalog.shared_sources`: one row per source read through a shared reader (Kafka topics): whether the
+//!   reader runs, how many views and sinks take its rows, how many read through a reader of their own until they
+//!   have caught up with it, the rows it has read since it started, and where it is (`partition:offset`, the offset
+//!   after the last record read).
 //! - `weir_catalog.late_rows`: the latest rows each view left out because their window had closed (the last
 //!   [`crate::config::DEAD_LETTERS_KEPT`] per view; all are counted in `view_progress`).
 //! - `weir_catalog.dead_letters`: the malformed records each view's source set aside (the last
@@ -26,7 +30,7 @@ use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{MemTable, Session, TableProvider};
@@ -131,6 +135,20 @@ impl SystemRelation {
                     recovery,
                 ),
             ),
+            (
+                "shared_sources",
+                relation(
+                    vec![
+                        Field::new("source", DataType::Utf8, false),
+                        Field::new("reading", DataType::Boolean, false),
+                        Field::new("readers", DataType::Int64, false),
+                        Field::new("catching_up", DataType::Int64, false),
+                        Field::new("rows_read", DataType::Int64, false),
+                        Field::new("position", DataType::Utf8, false),
+                    ],
+                    shared_sources,
+                ),
+            ),
             ("late_rows", relation(text_fields(&["view", "source", "row"]), late_rows)),
             ("dead_letters", relation(text_fields(&["view", "source", "origin", "error", "record"]), dead_letters)),
             ("sink_dead_letters", relation(text_fields(&["sink", "topic", "error", "message"]), sink_dead_letters)),
@@ -159,6 +177,27 @@ fn recovery(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
         Arc::new(recovered.iter().map(|r| Some(r.kind.to_string())).collect::<StringArray>()),
         Arc::new(recovered.iter().map(|r| Some(r.outcome.clone())).collect::<StringArray>()),
         Arc::new(recovered.iter().map(|r| Some(r.duration.as_secs_f64() * 1000.0)).collect::<Float64Array>()),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// Each shared source's reader: whether it runs, the views it feeds and those catching up with it, the rows it has
+/// read since it started, and where it is (`split:offset` per split).
+fn shared_sources(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
+    let hubs = jobs.hubs.status();
+    let count = |f: fn(&weir_connectors::shared::HubStatus) -> u64| -> ArrayRef {
+        Arc::new(hubs.iter().map(|(_, h)| f(h) as i64).collect::<Int64Array>())
+    };
+    let position = |h: &weir_connectors::shared::HubStatus| {
+        h.position.iter().map(|(split, offset)| format!("{split}:{offset}")).collect::<Vec<_>>().join(" ")
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(hubs.iter().map(|(name, _)| Some(name.as_str())).collect::<StringArray>()),
+        Arc::new(hubs.iter().map(|(_, h)| Some(h.reading)).collect::<BooleanArray>()),
+        count(|h| h.readers as u64),
+        count(|h| h.catching_up as u64),
+        count(|h| h.rows),
+        Arc::new(hubs.iter().map(|(_, h)| Some(position(h))).collect::<StringArray>()),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

@@ -83,6 +83,8 @@ CREATE SOURCE events (id BIGINT, device TEXT, amount BIGINT, ts TIMESTAMP(3),
   FORMAT PLAIN ENCODE JSON;
 CREATE MATERIALIZED VIEW event_totals AS
   SELECT device, count(*) AS n, sum(amount) AS total, min(id) AS first, max(id) AS last FROM events GROUP BY device;
+CREATE MATERIALIZED VIEW event_buckets AS
+  SELECT amount % 7 AS bucket, count(*) AS n, sum(id) AS ids FROM events GROUP BY amount % 7;
 ";
 
 /// Records in the Kafka topic of each run.
@@ -96,6 +98,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT * FROM line_totals ORDER BY bucket",
     "SELECT * FROM order_totals",
     "SELECT * FROM event_totals ORDER BY device",
+    "SELECT * FROM event_buckets ORDER BY bucket",
     "SELECT count(*), sum(reading), sum(line), min(ts), max(ts) FROM matched",
     "SELECT * FROM matched_per_window ORDER BY window_start",
     "SELECT count(*), sum(id), min(ts), max(ts) FROM top_readings",
@@ -201,10 +204,13 @@ async fn results(weir: &Weir) -> anyhow::Result<Vec<Vec<Vec<String>>>> {
             bail!("view {} failed: {}", failed[0], failed[1]);
         }
         let ended = statuses.iter().filter(|r| r[1] == "ended").count();
-        // The Kafka view never ends: it is done once it has read every record. Views over a table or a view never
-        // end either; a last FLUSH brings the latter what the views they read published when they ended.
-        let kafka = rows(&client, "SELECT sum(n) FROM event_totals").await?;
-        if ended == 10 && kafka.first().is_some_and(|r| r[0] == KAFKA_RECORDS.to_string()) {
+        // The Kafka views (sharing one reader) never end: they are done once each has read every record. Views over
+        // a table or a view never end either; a last FLUSH brings the latter what the views they read published
+        // when they ended.
+        let kafka =
+            rows(&client, "SELECT (SELECT sum(n) FROM event_totals), (SELECT sum(n) FROM event_buckets)").await?;
+        let all = KAFKA_RECORDS.to_string();
+        if ended == 10 && kafka.first().is_some_and(|r| r[0] == all && r[1] == all) {
             client.simple_query("FLUSH").await?;
             break;
         }

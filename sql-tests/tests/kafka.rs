@@ -10,7 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use weir_sql_tests::brokers::Tansu;
-use weir_sql_tests::{TestServer, eventually, query_rows as rows, wait_for_sink_retrying};
+use weir_sql_tests::{TestServer, eventually, query_rows, query_rows as rows, wait_for, wait_for_sink_retrying};
 
 /// A broker on a free port with `topic` of `partitions` partitions, its bootstrap address, and a producer.
 fn broker_with_topic(topic: &str, partitions: u32) -> (Tansu, String, FutureProducer) {
@@ -317,6 +317,119 @@ async fn each_partition_has_its_own_watermark_and_an_idle_one_is_left_out() {
     .await;
     // Without an idle timeout the empty partition holds every window open.
     assert_eq!(rows(client, "SELECT count(*) FROM waiting_windows").await, [["0"]]);
+    server.stop().await.unwrap();
+}
+
+/// Produces a meter reading `{"meter": .., "kwh": ..}` into partition `partition` of topic `meters`.
+async fn produce_reading(producer: &FutureProducer, partition: i32, meter: &str, kwh: i64) {
+    let value = format!(r#"{{"meter": "{meter}", "kwh": {kwh}}}"#);
+    let record = FutureRecord::<(), _>::to("meters").partition(partition).payload(&value);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("producing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_of_a_topic_share_one_reader_and_a_later_view_catches_up_or_starts_from_now() {
+    let (_broker, bootstrap, producer) = broker_with_topic("meters", 2);
+    for (partition, meter, kwh) in [(0, "m1", 1), (1, "m2", 2), (0, "m1", 4)] {
+        produce_reading(&producer, partition, meter, kwh).await;
+    }
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    let source = |name: &str, startup: &str| {
+        format!(
+            "CREATE SOURCE {name} (meter TEXT, kwh BIGINT) \
+             WITH (connector = 'kafka', topic = 'meters', 'properties.bootstrap.server' = '{bootstrap}', \
+                   'scan.startup.mode' = '{startup}') FORMAT PLAIN ENCODE JSON"
+        )
+    };
+    client.batch_execute(&source("readings", "earliest")).await.unwrap();
+    client
+        .batch_execute("CREATE MATERIALIZED VIEW total AS SELECT count(*) AS n, sum(kwh) AS kwh FROM readings")
+        .await
+        .unwrap();
+    eventually(client, "SELECT n, kwh FROM total", &[&["3", "7"]]).await;
+
+    // A view created after the shared reader has read the topic reads it from the beginning on a reader of its own,
+    // then joins the shared one: it has every record once.
+    client
+        .batch_execute("CREATE MATERIALIZED VIEW per_meter AS SELECT meter, count(*) AS n, sum(kwh) AS kwh FROM readings GROUP BY meter")
+        .await
+        .unwrap();
+    eventually(client, "SELECT meter, n, kwh FROM per_meter ORDER BY meter", &[&["m1", "2", "5"], &["m2", "1", "2"]])
+        .await;
+    wait_for(
+        client,
+        "SELECT source, reading, readers, catching_up FROM weir_catalog.shared_sources",
+        "the later view joins the shared reader",
+        |rows| rows == [["readings", "t", "2", "0"]],
+    )
+    .await;
+    for (partition, meter, kwh) in [(1, "m2", 8), (0, "m3", 16)] {
+        produce_reading(&producer, partition, meter, kwh).await;
+    }
+    eventually(client, "SELECT n, kwh FROM total", &[&["5", "31"]]).await;
+    eventually(
+        client,
+        "SELECT meter, n, kwh FROM per_meter ORDER BY meter",
+        &[&["m1", "2", "5"], &["m2", "2", "10"], &["m3", "1", "16"]],
+    )
+    .await;
+    // One reader read the topic for both views: five records, and it is after each partition's last one.
+    eventually(client, "SELECT rows_read, position FROM weir_catalog.shared_sources", &[&["5", "0:3 1:2"]]).await;
+
+    // From 'latest': the first view starts the shared reader at the topic's end; a view that comes later takes what
+    // arrives from then on.
+    client.batch_execute(&source("live", "latest")).await.unwrap();
+    client
+        .batch_execute("CREATE MATERIALIZED VIEW live_early AS SELECT count(*) AS n, sum(kwh) AS kwh FROM live")
+        .await
+        .unwrap();
+    wait_for(
+        client,
+        "SELECT readers, reading FROM weir_catalog.shared_sources WHERE source = 'live'",
+        "the first view of 'live' starts its reader",
+        |rows| rows == [["1", "t"]],
+    )
+    .await;
+    // The reader is at the end of the topic once the broker has assigned it the partitions: a record produced now
+    // comes to it (warm-up records produced before may not).
+    let mut produced = 0;
+    while query_rows(client, "SELECT n FROM live_early").await == [["0"]] {
+        assert!(produced < 50, "the 'latest' view never saw a new record");
+        produce_reading(&producer, 0, "warm-up", 0).await;
+        produced += 1;
+        client.batch_execute("FLUSH").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A marker after the warm-up records of its partition: once it is in, so is every warm-up record that will be.
+    produce_reading(&producer, 0, "m8", 50).await;
+    eventually(client, "SELECT kwh FROM live_early", &[&["50"]]).await;
+    let early = query_rows(client, "SELECT n FROM live_early").await[0][0].parse::<u64>().expect("a count");
+    client
+        .batch_execute("CREATE MATERIALIZED VIEW live_late AS SELECT count(*) AS n, sum(kwh) AS kwh FROM live")
+        .await
+        .unwrap();
+    wait_for(
+        client,
+        "SELECT readers FROM weir_catalog.shared_sources WHERE source = 'live'",
+        "the later view joins at once",
+        |rows| rows == [["2"]],
+    )
+    .await;
+    produce_reading(&producer, 1, "m9", 100).await;
+    eventually(client, "SELECT n, kwh FROM live_late", &[&["1", "100"]]).await;
+    eventually(client, "SELECT n, kwh FROM live_early", &[&[&(early + 1).to_string(), "150"]]).await;
+
+    // Dropping the views stops the shared reader.
+    client.batch_execute("DROP MATERIALIZED VIEW live_early; DROP MATERIALIZED VIEW live_late").await.unwrap();
+    wait_for(
+        client,
+        "SELECT readers, reading FROM weir_catalog.shared_sources WHERE source = 'live'",
+        "the shared reader stops with its last view",
+        |rows| rows == [["0", "f"]],
+    )
+    .await;
     server.stop().await.unwrap();
 }
 
