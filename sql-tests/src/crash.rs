@@ -98,7 +98,6 @@ pub const CHECKS: &[&str] = &[
     "SELECT * FROM line_totals ORDER BY bucket",
     "SELECT * FROM order_totals",
     "SELECT * FROM event_totals ORDER BY device",
-    "SELECT * FROM event_buckets ORDER BY bucket",
     "SELECT count(*), sum(reading), sum(line), min(ts), max(ts) FROM matched",
     "SELECT * FROM matched_per_window ORDER BY window_start",
     "SELECT count(*), sum(id), min(ts), max(ts) FROM top_readings",
@@ -108,6 +107,7 @@ pub const CHECKS: &[&str] = &[
     "SELECT count(*), sum(n), sum(matched), sum(total) FROM line_readings",
     "SELECT * FROM line_reading_spread ORDER BY matched",
     "SELECT * FROM busy_devices ORDER BY device",
+    "SELECT * FROM event_buckets ORDER BY bucket",
     "SELECT view, late_rows FROM weir_catalog.view_progress ORDER BY view",
 ];
 
