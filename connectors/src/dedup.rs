@@ -203,6 +203,10 @@ impl SourceReader for Deduplicating {
     fn stats(&self) -> SourceStats {
         SourceStats { duplicates: self.dropped, ..self.inner.stats() }
     }
+
+    fn close(&mut self) {
+        self.inner.close()
+    }
 }
 
 #[cfg(test)]

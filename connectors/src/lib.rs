@@ -60,8 +60,21 @@ pub fn open_source(
     schema: SchemaRef,
     options: Vec<(String, String)>,
     encoding: Option<Encoding>,
+    columns: (&[MetadataColumn], Option<&[usize]>),
+    policy: &ConnectorPolicy,
+) -> Result<Box<dyn SourceReader>, ConnectorError> {
+    open_shared_source(schema, options, encoding, columns, policy, &|reader| reader)
+}
+
+/// [`open_source`], with the connector's reader passed through `share` (a server's [`shared::SourceHubs`]) before
+/// `dedup.key` de-duplicates its rows: each view then drops the duplicates of the rows it takes.
+pub fn open_shared_source(
+    schema: SchemaRef,
+    options: Vec<(String, String)>,
+    encoding: Option<Encoding>,
     (metadata, upsert_key): (&[MetadataColumn], Option<&[usize]>),
     policy: &ConnectorPolicy,
+    share: &dyn Fn(Box<dyn SourceReader>) -> Box<dyn SourceReader>,
 ) -> Result<Box<dyn SourceReader>, ConnectorError> {
     let connector_name =
         options.iter().find(|(k, _)| k.eq_ignore_ascii_case("connector")).map(|(_, v)| v.to_lowercase());
@@ -107,16 +120,9 @@ pub fn open_source(
         "nexmark" => Box::new(nexmark::NexmarkSource::try_new(schema, options)?),
         _ => return Err(ConnectorError::UnknownConnector { name: connector, known: SOURCE_CONNECTORS.join(", ") }),
     };
-    let source = dedup::Deduplicating::wrap(source, &mut dedup)?;
+    let source = dedup::Deduplicating::wrap(share(source), &mut dedup)?;
     dedup.finish(&connector, &["dedup.key", "dedup.retention"])?;
     Ok(source)
-}
-
-/// Whether a source with these `WITH (...)` options holds a session only one reader may have at a time (an MQTT
-/// source with a fixed `client.id`: the broker keeps one session per client id).
-pub fn single_session(options: &[(String, String)]) -> bool {
-    let option = |key: &str| options.iter().find(|(k, _)| k == key).map(|(_, v)| v.to_lowercase());
-    option("connector").as_deref() == Some("mqtt") && option("client.id").is_some()
 }
 
 /// A 64-bit mix of `x` (SplitMix64's finalizer): generated values depend only on (seed, row, column), never on how

@@ -43,18 +43,38 @@ type Offsets = BTreeMap<usize, i64>;
 #[derive(Debug, Default)]
 pub struct SourceHubs {
     hubs: Mutex<HashMap<String, Arc<SourceHub>>>,
+    /// While set (the server is bringing its views back), nothing is acknowledged upstream: a view not started yet
+    /// may still need what the others have checkpointed.
+    holding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SourceHubs {
     /// `reader` (a new reader of `source`) as a view reads it: through the source's hub when the reader can be
-    /// shared, as it is otherwise.
-    pub fn share(&self, source: &str, reader: Box<dyn SourceReader>) -> Box<dyn SourceReader> {
+    /// shared, as it is otherwise. A view that is behind the hub catches up on `replay` when given (a reader of
+    /// what the source's shared reader has kept, for a source that cannot be read again), else on `reader`.
+    pub fn share(
+        &self,
+        source: &str,
+        reader: Box<dyn SourceReader>,
+        replay: Option<Box<dyn SourceReader>>,
+    ) -> Box<dyn SourceReader> {
         let Some(sharing) = reader.sharing() else { return reader };
         let hub = lock(&self.hubs)
             .entry(source.to_string())
-            .or_insert_with(|| Arc::new(SourceHub { source: source.to_string(), state: Mutex::default() }))
+            .or_insert_with(|| {
+                Arc::new(SourceHub {
+                    source: source.to_string(),
+                    state: Mutex::default(),
+                    holding: self.holding.clone(),
+                })
+            })
             .clone();
-        Box::new(SharedReader::new(hub, reader, sharing))
+        Box::new(SharedReader::new(hub, reader, replay, sharing))
+    }
+
+    /// Holds (or lets go) every acknowledgement upstream: the server holds them while it brings its views back.
+    pub fn hold(&self, holding: bool) {
+        self.holding.store(holding, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// What each source's hub is doing, by source name.
@@ -90,23 +110,26 @@ pub struct HubStatus {
 pub struct SourceHub {
     source: String,
     state: Mutex<HubState>,
+    holding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, Default)]
 struct HubState {
-    /// The views taking the hub's rows, by subscription number.
+    /// Every view reading the source, by subscription number: those taking the hub's rows, those catching up, and
+    /// those that have not read yet.
     subscribers: BTreeMap<u64, Subscriber>,
-    /// Views catching up through a reader of their own.
-    catching_up: usize,
     next_id: u64,
     /// The running reader, if any.
     running: Option<Running>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Subscriber {
-    sender: mpsc::Sender<Delivery>,
-    /// The position of its last checkpoint.
+    /// Where the hub's rows go, once the view takes them.
+    sender: Option<mpsc::Sender<Delivery>>,
+    /// Whether the view reads through a reader of its own until it has caught up.
+    catching_up: bool,
+    /// The position of its last checkpoint (or of the checkpoint it continues from); `None` before its first.
     committed: Option<Offsets>,
 }
 
@@ -161,34 +184,57 @@ impl SourceHub {
         let running = state.running.as_ref();
         HubStatus {
             reading: running.is_some(),
-            readers: state.subscribers.len(),
-            catching_up: state.catching_up,
+            readers: state.subscribers.values().filter(|s| s.sender.is_some()).count(),
+            catching_up: state.subscribers.values().filter(|s| s.catching_up).count(),
             rows: running.map_or(0, |r| r.rows),
             position: running.map(|r| r.at.iter().map(|(s, o)| (*s, *o)).collect()).unwrap_or_default(),
         }
     }
 
-    /// Subscribes a view at `position`: starts the hub with `reader` when no reader runs; joins the running one
-    /// when `position` is not behind it (or, with `from_now`, whatever the position: the view then starts where the
-    /// hub is). Otherwise hands `reader` back to catch up with. Returns the subscription and the position the view
-    /// starts at.
+    /// A view that will read the source (at `committed`, the position of the checkpoint it continues from, if
+    /// any): until it leaves, nothing it may need is acknowledged upstream.
+    fn register(&self, committed: Option<Offsets>) -> u64 {
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.subscribers.insert(id, Subscriber { committed, ..Subscriber::default() });
+        id
+    }
+
+    /// Subscription `id`'s view now continues from `position` (its checkpoint's).
+    fn resumed(&self, id: u64, position: &Offsets) {
+        if let Some(subscriber) = self.state().subscribers.get_mut(&id) {
+            subscriber.committed = Some(position.clone());
+        }
+    }
+
+    /// Subscription `id`'s view, at `position`, takes the hub's rows from now on: it starts the hub with `reader`
+    /// when no reader runs, and joins the running one when `position` is not behind it (or, with `from_now`,
+    /// whatever the position: the view then starts where the hub is). Otherwise hands `reader` back to catch up
+    /// with. Returns the rows' channel and the position the view starts at.
     fn subscribe(
         self: &Arc<Self>,
+        id: u64,
         position: &Offsets,
         reader: Box<dyn SourceReader>,
         from_now: bool,
-    ) -> Result<(u64, mpsc::Receiver<Delivery>, Offsets), Box<dyn SourceReader>> {
+    ) -> Result<(mpsc::Receiver<Delivery>, Offsets), Box<dyn SourceReader>> {
         let mut state = self.state();
         let start = match &state.running {
             None => position.clone(),
             Some(running) if from_now => running.at.clone(),
             Some(running) if caught_up(position, &running.at) => position.clone(),
-            Some(_) => return Err(reader),
+            Some(_) => {
+                if let Some(subscriber) = state.subscribers.get_mut(&id) {
+                    subscriber.catching_up = true;
+                }
+                return Err(reader);
+            }
         };
         let (sender, receiver) = mpsc::channel(CHANNEL_BATCHES);
-        let id = state.next_id;
-        state.next_id += 1;
-        state.subscribers.insert(id, Subscriber { sender, committed: None });
+        let subscriber = state.subscribers.entry(id).or_default();
+        subscriber.sender = Some(sender);
+        subscriber.catching_up = false;
         if state.running.is_none() {
             let task = tokio::spawn(run(self.clone(), reader));
             let running = Running {
@@ -201,14 +247,14 @@ impl SourceHub {
             };
             state.running = Some(running);
         }
-        Ok((id, receiver, start))
+        Ok((receiver, start))
     }
 
-    /// Subscription `id` ends; the reader stops with the last one.
+    /// Subscription `id` ends; the reader stops when no view takes its rows.
     fn leave(&self, id: u64) {
         let mut state = self.state();
         state.subscribers.remove(&id);
-        if state.subscribers.is_empty()
+        if !state.subscribers.values().any(|s| s.sender.is_some())
             && let Some(running) = state.running.take()
         {
             running.task.abort();
@@ -221,6 +267,9 @@ impl SourceHub {
         let mut state = self.state();
         if let Some(subscriber) = state.subscribers.get_mut(&id) {
             subscriber.committed = Some(position.clone());
+        }
+        if self.holding.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
         }
         let mut least: Option<Offsets> = None;
         for subscriber in state.subscribers.values() {
@@ -250,7 +299,7 @@ impl SourceHub {
             }
             Delivery::End(_) => state.running = None,
         }
-        Some(state.subscribers.iter().map(|(id, s)| (*id, s.sender.clone())).collect())
+        Some(state.subscribers.iter().filter_map(|(id, s)| Some((*id, s.sender.clone()?))).collect())
     }
 
     /// Records the reader's health and statistics; returns what to acknowledge to it.
@@ -277,11 +326,22 @@ async fn run(hub: Arc<SourceHub>, mut reader: Box<dyn SourceReader>) {
         if let Some(position) = hub.report(reader.as_ref()) {
             reader.acknowledge(&position);
         }
-        let Ok(next) = tokio::time::timeout(REPORT_EVERY, reader.next_batch()).await else { continue };
-        let delivery = match next {
-            Ok(Some(batch)) => shared_batch(&hub.source, reader.as_mut(), batch),
-            Ok(None) => Delivery::End(Ok(())),
-            Err(err) => Delivery::End(Err(err)),
+        let delivery = match tokio::time::timeout(REPORT_EVERY, reader.next_batch()).await {
+            // Records set aside while no rows come reach the views' dead letters with an empty batch.
+            Err(_) => {
+                let rejected = reader.take_rejected();
+                if rejected.is_empty() {
+                    continue;
+                }
+                let empty = RecordBatch::new_empty(reader.schema());
+                shared_batch(&hub.source, reader.as_mut(), empty, rejected)
+            }
+            Ok(Ok(Some(batch))) => {
+                let rejected = reader.take_rejected();
+                shared_batch(&hub.source, reader.as_mut(), batch, rejected)
+            }
+            Ok(Ok(None)) => Delivery::End(Ok(())),
+            Ok(Err(err)) => Delivery::End(Err(err)),
         };
         let Some(subscribers) = hub.handed_out(&delivery) else { return };
         for (id, sender) in subscribers {
@@ -295,9 +355,13 @@ async fn run(hub: Arc<SourceHub>, mut reader: Box<dyn SourceReader>) {
     }
 }
 
-/// The batch a shared reader handed out, with what the views need of it.
-fn shared_batch(source: &str, reader: &mut dyn SourceReader, batch: RecordBatch) -> Delivery {
-    let offsets = reader.last_offsets().map(<[i64]>::to_vec).unwrap_or_default();
+/// The batch a shared reader handed out (or an empty one, to pass on the records it set aside), with what the views
+/// need of it.
+fn shared_batch(source: &str, reader: &mut dyn SourceReader, batch: RecordBatch, rejected: Vec<Rejected>) -> Delivery {
+    let offsets = match batch.num_rows() {
+        0 => Vec::new(),
+        _ => reader.last_offsets().map(<[i64]>::to_vec).unwrap_or_default(),
+    };
     if offsets.len() != batch.num_rows() {
         let reason =
             format!("source {source}: a shared reader gave {} offsets for {} rows", offsets.len(), batch.num_rows());
@@ -311,13 +375,13 @@ fn shared_batch(source: &str, reader: &mut dyn SourceReader, batch: RecordBatch)
         }
     };
     Delivery::Batch(Arc::new(SharedBatch {
+        retracting: batch.num_rows() > 0 && reader.retracting(),
         batch,
         split: reader.last_split(),
         split_count: reader.split_count(),
         offsets,
         at: Arc::new(at),
-        retracting: reader.retracting(),
-        rejected: reader.take_rejected(),
+        rejected,
     }))
 }
 
@@ -331,11 +395,16 @@ pub struct SharedReader {
     position: Offsets,
     /// Whether the view continues from a checkpoint (its position is where it left off).
     resumed: bool,
-    /// The view's own reader: not yet handed to the hub or caught up with it, or reading until it has.
+    /// The view's own reader, until it is handed to the hub or the view has caught up with the hub.
     own: Option<Box<dyn SourceReader>>,
-    /// Whether `own` has read (the view is catching up).
+    /// A reader of what the hub's reader kept, to catch up on instead of `own` (see [`SourceHubs::share`]).
+    replay: Option<Box<dyn SourceReader>>,
+    /// Whether the view is catching up.
     catching_up: bool,
-    subscription: Option<(u64, mpsc::Receiver<Delivery>)>,
+    /// The view's subscription to the hub, held until the view leaves.
+    id: u64,
+    /// The hub's rows, once the view takes them.
+    subscription: Option<mpsc::Receiver<Delivery>>,
     /// Of the last batch handed out: its split, the source's split count, and whether it retracts.
     last: (usize, usize, bool),
     rejected: Vec<Rejected>,
@@ -343,7 +412,13 @@ pub struct SharedReader {
 }
 
 impl SharedReader {
-    fn new(hub: Arc<SourceHub>, reader: Box<dyn SourceReader>, sharing: Sharing) -> Self {
+    fn new(
+        hub: Arc<SourceHub>,
+        reader: Box<dyn SourceReader>,
+        replay: Option<Box<dyn SourceReader>>,
+        sharing: Sharing,
+    ) -> Self {
+        let id = hub.register(None);
         SharedReader {
             hub,
             schema: reader.schema(),
@@ -351,7 +426,9 @@ impl SharedReader {
             position: Offsets::new(),
             resumed: false,
             own: Some(reader),
+            replay,
             catching_up: false,
+            id,
             subscription: None,
             last: (0, 1, false),
             rejected: Vec::new(),
@@ -363,20 +440,15 @@ impl SharedReader {
     fn try_subscribe(&mut self) {
         let Some(own) = self.own.take() else { return };
         let from_now = self.sharing == Sharing::FromNow && !self.resumed && !self.catching_up;
-        match self.hub.subscribe(&self.position, own, from_now) {
-            Ok((id, receiver, start)) => {
-                if self.catching_up {
-                    self.hub.state().catching_up -= 1;
-                    self.catching_up = false;
-                }
+        match self.hub.subscribe(self.id, &self.position, own, from_now) {
+            Ok((receiver, start)) => {
+                self.catching_up = false;
+                self.replay = None;
                 self.position = start;
-                self.subscription = Some((id, receiver));
+                self.subscription = Some(receiver);
             }
             Err(own) => {
-                if !self.catching_up {
-                    self.hub.state().catching_up += 1;
-                    self.catching_up = true;
-                }
+                self.catching_up = true;
                 self.own = Some(own);
             }
         }
@@ -401,13 +473,9 @@ impl SharedReader {
     }
 
     fn leave(&mut self) {
-        if let Some((id, _)) = self.subscription.take() {
-            self.hub.leave(id);
-        }
-        if self.catching_up {
-            self.hub.state().catching_up -= 1;
-            self.catching_up = false;
-        }
+        self.subscription = None;
+        self.catching_up = false;
+        self.hub.leave(self.id);
     }
 }
 
@@ -428,7 +496,7 @@ impl SourceReader for SharedReader {
             if self.closed {
                 return Err(ConnectorError::Io("the view no longer reads this source".into()));
             }
-            if let Some((_, receiver)) = &mut self.subscription {
+            if let Some(receiver) = &mut self.subscription {
                 let delivery = receiver.recv().await;
                 match delivery {
                     Some(Delivery::Batch(shared)) => match self.take(&shared) {
@@ -446,14 +514,23 @@ impl SourceReader for SharedReader {
                 }
             }
             self.try_subscribe();
-            let Some(own) = &mut self.own else { continue };
-            // Catching up: the view's own reader, until it is where the hub is.
+            if self.subscription.is_some() {
+                continue;
+            }
+            // Catching up: the view's own reader (or the replay of what the hub kept), until it is where the hub is.
+            let Some(own) = self.replay.as_mut().or(self.own.as_mut()) else {
+                return Err(ConnectorError::Io("the view's reader of a shared source is gone".into()));
+            };
             let batch = own.next_batch().await?;
             if let Some(position) = own.position() {
                 self.position = decode_split_offsets(&position, &self.hub.source)?;
             }
             self.last = (own.last_split(), own.split_count(), own.retracting());
             self.rejected.extend(own.take_rejected());
+            // A replay with nothing more yet says so with an empty batch: the hub may be reachable now.
+            if batch.as_ref().is_some_and(|b| b.num_rows() == 0) && self.replay.is_some() {
+                continue;
+            }
             return Ok(batch);
         }
     }
@@ -468,9 +545,7 @@ impl SourceReader for SharedReader {
 
     /// Tells the hub what this view has checkpointed; the hub acknowledges what all its views have.
     fn commit(&mut self) {
-        if let Some((id, _)) = &self.subscription {
-            self.hub.committed(*id, &self.position);
-        }
+        self.hub.committed(self.id, &self.position);
     }
 
     fn position(&self) -> Option<Vec<u8>> {
@@ -482,7 +557,11 @@ impl SourceReader for SharedReader {
             return Err(ConnectorError::Io("a shared reader seeks before its first read".into()));
         };
         own.seek(position)?;
+        if let Some(replay) = &mut self.replay {
+            replay.seek(position)?;
+        }
         self.position = decode_split_offsets(position, &self.hub.source)?;
+        self.hub.resumed(self.id, &self.position);
         self.resumed = true;
         Ok(())
     }
@@ -496,14 +575,14 @@ impl SourceReader for SharedReader {
     }
 
     fn health(&self) -> Option<String> {
-        match &self.own {
+        match self.replay.as_ref().or(self.own.as_ref()) {
             Some(own) if self.catching_up => own.health(),
             _ => self.hub.health(),
         }
     }
 
     fn stats(&self) -> SourceStats {
-        match &self.own {
+        match self.replay.as_ref().or(self.own.as_ref()) {
             Some(own) if self.catching_up => own.stats(),
             _ => self.hub.stats(),
         }
@@ -512,6 +591,7 @@ impl SourceReader for SharedReader {
     fn close(&mut self) {
         self.leave();
         self.own = None;
+        self.replay = None;
         self.closed = true;
     }
 }

@@ -355,9 +355,28 @@ impl Jobs {
         restored
     }
 
-    /// Stops the view's task and forgets its state (or, for a dropped source, its shared reader).
+    /// `reader`, a new reader of source `source`, as a view reads it: through the source's shared reader when the
+    /// source can be shared, a reader of its own otherwise (see `weir_connectors::shared`). A source that cannot be
+    /// read again (MQTT without `dedup.key`, which has no position) is shared through its log
+    /// ([`crate::source_log`]).
+    pub fn share(&self, source: &str, reader: Box<dyn SourceReader>) -> Box<dyn SourceReader> {
+        if reader.sharing().is_some() || reader.position().is_some() {
+            return self.hubs.share(source, reader, None);
+        }
+        let schema = reader.schema();
+        let live = crate::source_log::LoggedReader::live(source, reader, self.state.clone());
+        let replay = crate::source_log::LoggedReader::replay(source, schema, self.state.clone());
+        self.hubs.share(source, Box::new(live), Some(Box::new(replay)))
+    }
+
+    /// Stops the view's task and forgets its state (or, for a dropped source, its shared reader and log).
     pub fn stop(&self, view: &str) {
         self.hubs.forget(view);
+        let mut batch = WriteBatch::default();
+        crate::source_log::log_table(view).delete_prefix(&mut batch, &[]);
+        if let Err(err) = self.state.write(&batch) {
+            warn!(source = %view, error = %err, "the dropped source's log could not be deleted");
+        }
         let Some(job) = self.lock().remove(view) else { return };
         job.task.abort();
         let mut batch = WriteBatch::default();

@@ -18,10 +18,13 @@
 //! - [`cancel`] keeps each connection's running statement by its cancel key, for `CancelRequest`s.
 //!
 //! Statement handling (`handler`, `session`, `streaming`, `sink_statements`, `recovery`, `engine`) uses the running
-//! tasks (`jobs`, `sinks`), never the other way round: those import only the catalog, the configuration and `exec`.
+//! tasks (`jobs`, `sinks`, `source_log`), never the other way round: those import only the catalog, the
+//! configuration and `exec`.
 //! The engine owns the cancel registry (`cancel`) rather than reaching into the protocol handler for it.
 //! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables.
+//! - [`source_log`] logs the batches of a source that cannot be read again (MQTT), so that one reader of it can feed
+//!   every view, each at its own position.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
 //!   last checkpoint.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
@@ -46,6 +49,7 @@ pub mod relations;
 pub mod session;
 pub mod sink_statements;
 pub mod sinks;
+pub mod source_log;
 pub mod streaming;
 pub mod system;
 pub mod wire;
@@ -66,7 +70,11 @@ pub use error::ServerError;
 /// Tests call this in-process with an ephemeral listener; the `weir` binary calls it with the configured address.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let engine = Arc::new(Engine::new(&config)?);
-    recovery::recover(&engine).await?;
+    // Nothing is acknowledged to a shared source's upstream until every view reading it is back.
+    engine.jobs.hubs.hold(true);
+    let recovered = recovery::recover(&engine).await;
+    engine.jobs.hubs.hold(false);
+    recovered?;
     let local = listener.local_addr().map_err(ServerError::Io)?;
     info!(listen = %local, data_dir = %config.data_dir.display(), "weir is ready for connections");
 

@@ -148,22 +148,17 @@ impl Session {
                 Some(source) => idle_timeout(&source.with)?,
                 None => (None, Vec::new()),
             };
-            if input.source.is_some() {
-                self.check_one_session(&input.def.name, &connector_options)?;
-            }
             let reader: Box<dyn SourceReader> = match (&input.store, &input.source) {
                 (Some(store), _) => Box::new(store.subscribe(reader)),
-                (None, Some(source)) => {
-                    let opened = weir_connectors::open_source(
-                        input.def.schema.clone(),
-                        connector_options,
-                        encoding(source, &self.engine.policy)?,
-                        (&metadata_columns(source), input.upsert_key().as_deref()),
-                        &self.engine.policy,
-                    )
-                    .map_err(ErrorReport::from)?;
-                    self.engine.jobs.hubs.share(&input.def.name, opened)
-                }
+                (None, Some(source)) => weir_connectors::open_shared_source(
+                    input.def.schema.clone(),
+                    connector_options,
+                    encoding(source, &self.engine.policy)?,
+                    (&metadata_columns(source), input.upsert_key().as_deref()),
+                    &self.engine.policy,
+                    &|opened| self.engine.jobs.share(&input.def.name, opened),
+                )
+                .map_err(ErrorReport::from)?,
                 (None, None) => {
                     return Err(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: unreadable input"));
                 }
@@ -218,32 +213,6 @@ impl Session {
         let reader = "weir-plan-dataflow";
         self.build_dataflow((reader, query), emit_on_window_close, None, &statement.row_patterns, &statement.text, sql)
             .await
-    }
-
-    /// Each view reads a source through a reader of its own; an MQTT source with a fixed `client.id` can have only
-    /// one, since a broker keeps one session per client id and two connections with it take it from each other.
-    fn check_one_session(&self, source: &str, options: &[(String, String)]) -> Result<(), ErrorReport> {
-        if !weir_connectors::single_session(options) {
-            return Ok(());
-        }
-        let views =
-            self.engine.catalog.dependents(source).into_iter().filter(|r| r.def.kind == RelationKind::MaterializedView);
-        let readers: Vec<String> =
-            views.map(|r| r.def.name.clone()).chain(self.engine.jobs.sinks.reading(source)).collect();
-        match readers.first() {
-            None => Ok(()),
-            Some(reader) => Err(ErrorReport::new(
-                SqlState::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "MQTT source \"{source}\" has a fixed client.id and \"{reader}\" already reads it; a second \
-                     reader would take the broker session from the first"
-                ),
-            )
-            .with_hint(
-                "Read it in one materialized view that only filters or projects (append-only), and build the other \
-                 views on that view; or drop client.id so that each view connects with its own.",
-            )),
-        }
     }
 
     /// Plans a materialized view's query as a streaming dataflow (with the planner's [`weir_planner::view::plan_view`],

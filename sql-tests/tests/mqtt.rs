@@ -262,24 +262,48 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
     let server = TestServer::start().await.unwrap();
     let connection = server.connect().await.unwrap();
     let client = &connection.client;
-    // A fixed client id is one broker session: a second view reading the source is refused, not left to fight
-    // over the session.
+    // A fixed client id is one broker session: one shared reader of the source feeds every view that reads it.
     client
         .batch_execute(&format!(
             "CREATE SOURCE fixed (meter TEXT) \
              WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'fixed/+', 'client.id' = 'weir-fixed') \
              FORMAT PLAIN ENCODE JSON; \
-             CREATE MATERIALIZED VIEW fixed_all AS SELECT meter FROM fixed;"
+             CREATE MATERIALIZED VIEW fixed_all AS SELECT meter FROM fixed; \
+             CREATE MATERIALIZED VIEW fixed_count AS SELECT meter, count(*) AS n FROM fixed GROUP BY meter;"
         ))
         .await
         .unwrap();
-    let err =
-        client.batch_execute("CREATE MATERIALIZED VIEW fixed_count AS SELECT count(*) FROM fixed").await.unwrap_err();
-    let err = err.as_db_error().expect("a database error");
-    assert_eq!(err.code().code(), "0A000");
-    assert!(err.message().contains("\"fixed_all\" already reads it"), "{}", err.message());
-    // Views over the one view that reads it are fine.
-    client.batch_execute("CREATE MATERIALIZED VIEW fixed_count AS SELECT count(*) FROM fixed_all").await.unwrap();
+    let mqtt = publisher(port).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows(client, "SELECT n FROM fixed_count WHERE meter = 'w'").await.is_empty() {
+        assert!(Instant::now() < deadline, "the source never subscribed");
+        mqtt.publish("fixed/w", QoS::AtLeastOnce, false, r#"{"meter": "w"}"#).await.unwrap();
+        client.batch_execute("FLUSH").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        client,
+        "SELECT readers FROM weir_catalog.shared_sources WHERE source = 'fixed'",
+        "both views take the shared reader's rows",
+        |rows| rows == [["2"]],
+    )
+    .await;
+    for meter in ["a", "b", "a"] {
+        let payload = format!(r#"{{"meter": "{meter}"}}"#);
+        mqtt.publish(format!("fixed/{meter}"), QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+    eventually(
+        client,
+        "SELECT meter, n FROM fixed_count WHERE meter <> 'w' ORDER BY meter",
+        &[&["a", "2"], &["b", "1"]],
+    )
+    .await;
+    eventually(
+        client,
+        "SELECT meter, count(*) FROM fixed_all WHERE meter <> 'w' GROUP BY meter ORDER BY meter",
+        &[&["a", "2"], &["b", "1"]],
+    )
+    .await;
     client.batch_execute("DROP MATERIALIZED VIEW fixed_count, fixed_all; DROP SOURCE fixed").await.unwrap();
     // Unknown dedup options and key columns are refused at once.
     let err = client
@@ -313,7 +337,6 @@ async fn redelivered_messages_count_once_with_a_dedup_key() {
         ))
         .await
         .unwrap();
-    let mqtt = publisher(port).await;
     let publish = |payload: &'static str| {
         let mqtt = mqtt.clone();
         async move { mqtt.publish("meters/m1", QoS::AtLeastOnce, false, payload).await.unwrap() }
@@ -362,7 +385,8 @@ async fn a_persistent_session_loses_nothing_and_counts_nothing_twice_when_weir_i
              WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'meters/+', qos = '1', \
                    'clean.session' = 'false', 'client.id' = 'weir-meters', 'dedup.key' = 'meter, seq') \
              FORMAT PLAIN ENCODE JSON; \
-             CREATE MATERIALIZED VIEW usage AS SELECT count(*) AS readings, sum(kwh) AS kwh FROM meters;"
+             CREATE MATERIALIZED VIEW usage AS SELECT count(*) AS readings, sum(kwh) AS kwh FROM meters; \
+             CREATE MATERIALIZED VIEW per_meter AS SELECT meter, count(*) AS n FROM meters GROUP BY meter;"
         ))
         .await
         .unwrap();
@@ -399,8 +423,8 @@ async fn a_persistent_session_loses_nothing_and_counts_nothing_twice_when_weir_i
     let weir = Weir::start(&binary, &data, dir.path(), &log).await.unwrap();
     publishing.await.unwrap();
     let client = weir.connect().await.unwrap();
-    // Readings 0 to 3,000, each once: the ones acknowledged before the kill are in the view's checkpoint, the
-    // others the broker sends again, and those sent twice are dropped by their key.
+    // Readings 0 to 3,000, each once: the ones acknowledged before the kill are in the source's log (and the view's
+    // checkpoint), the others the broker sends again, and those sent twice are dropped by their key.
     let expected = (READINGS + 1).to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -412,6 +436,14 @@ async fn a_persistent_session_loses_nothing_and_counts_nothing_twice_when_weir_i
         assert!(Instant::now() < deadline, "expected {expected} readings once each, got {got:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The second view shares the source's one session: it has every reading once too (reading 0 once, by its key,
+    // however often it was sent; meters 1 to 4 have every fourth of the 3,000).
+    eventually(
+        &client,
+        "SELECT meter, n FROM per_meter ORDER BY meter",
+        &[&["m0", "1"], &["m1", "750"], &["m2", "750"], &["m3", "750"], &["m4", "750"]],
+    )
+    .await;
     let restored = rows(&client, "SELECT outcome FROM weir_catalog.recovery WHERE object = 'usage'").await;
     assert!(restored[0][0].starts_with("restored checkpoint"), "{restored:?}");
     weir.kill();
