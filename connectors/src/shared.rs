@@ -595,3 +595,180 @@ impl SourceReader for SharedReader {
         self.closed = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// A topic of one split whose row `i` is the number `i` at offset `i`; `end` rows exist so far, and every reader
+    /// counts the rows it reads in `read`.
+    #[derive(Debug, Clone, Default)]
+    struct Topic {
+        end: Arc<AtomicU64>,
+        read: Arc<AtomicU64>,
+        acknowledged: Arc<Mutex<Vec<Offsets>>>,
+    }
+
+    /// A reader of [`Topic`]: two rows a batch, waiting for more at the end.
+    #[derive(Debug)]
+    struct TopicReader {
+        topic: Topic,
+        next: u64,
+        offsets: Vec<i64>,
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]))
+    }
+
+    impl Topic {
+        fn reader(&self) -> Box<dyn SourceReader> {
+            Box::new(TopicReader { topic: self.clone(), next: 0, offsets: Vec::new() })
+        }
+
+        fn grow_to(&self, end: u64) {
+            self.end.store(end, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl SourceReader for TopicReader {
+        fn schema(&self) -> SchemaRef {
+            schema()
+        }
+
+        async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+            while self.next >= self.topic.end.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let until = (self.next + 2).min(self.topic.end.load(Ordering::SeqCst));
+            let values: Vec<i64> = (self.next as i64..until as i64).collect();
+            self.topic.read.fetch_add(values.len() as u64, Ordering::SeqCst);
+            self.next = until;
+            self.offsets = values.clone();
+            Ok(Some(RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values))]).expect("a batch")))
+        }
+
+        fn sharing(&self) -> Option<Sharing> {
+            Some(Sharing::CatchUp)
+        }
+
+        fn last_offsets(&self) -> Option<&[i64]> {
+            Some(&self.offsets)
+        }
+
+        fn position(&self) -> Option<Vec<u8>> {
+            Some(encode_split_offsets(&[(0, self.next as i64)].into_iter().collect()))
+        }
+
+        fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
+            self.next = decode_split_offsets(position, "topic")?.get(&0).copied().unwrap_or(0) as u64;
+            Ok(())
+        }
+
+        fn acknowledge(&mut self, position: &[u8]) {
+            let offsets = decode_split_offsets(position, "topic").expect("a position");
+            self.topic.acknowledged.lock().expect("not poisoned").push(offsets);
+        }
+    }
+
+    /// Reads `reader` until it has handed out rows up to `until` (exclusive), returning them.
+    async fn read_until(reader: &mut dyn SourceReader, until: i64) -> Vec<i64> {
+        let mut rows = Vec::new();
+        while rows.last().is_none_or(|last| *last + 1 < until) {
+            let batch = tokio::time::timeout(Duration::from_secs(5), reader.next_batch())
+                .await
+                .expect("rows within 5 s")
+                .expect("no error")
+                .expect("not the end");
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>().expect("numbers");
+            rows.extend(column.iter().flatten());
+        }
+        rows
+    }
+
+    fn position(next: i64) -> Vec<u8> {
+        encode_split_offsets(&[(0, next)].into_iter().collect())
+    }
+
+    #[tokio::test]
+    async fn views_at_different_positions_take_their_rows_of_one_reader_once() {
+        let (topic, hubs) = (Topic::default(), SourceHubs::default());
+        topic.grow_to(4);
+        let mut first = hubs.share("t", topic.reader(), None);
+        let mut ahead = hubs.share("t", topic.reader(), None);
+        ahead.seek(&position(6)).expect("a seek");
+        assert_eq!(read_until(first.as_mut(), 4).await, [0, 1, 2, 3]);
+        // The hub is at 4: the view at 6 is not behind it and joins at once, skipping what it has.
+        topic.grow_to(10);
+        assert_eq!(read_until(ahead.as_mut(), 10).await, [6, 7, 8, 9]);
+        assert_eq!(read_until(first.as_mut(), 10).await, [4, 5, 6, 7, 8, 9]);
+        // One reader read the topic: each row once.
+        assert_eq!(topic.read.load(Ordering::SeqCst), 10);
+        let status = &hubs.status()[0].1;
+        assert_eq!((status.reading, status.readers, status.catching_up, status.rows), (true, 2, 0, 10));
+        assert_eq!(ahead.position(), Some(position(10)));
+    }
+
+    #[tokio::test]
+    async fn a_view_behind_catches_up_on_its_own_reader_then_takes_the_shared_rows() {
+        let (topic, hubs) = (Topic::default(), SourceHubs::default());
+        topic.grow_to(8);
+        let mut first = hubs.share("t", topic.reader(), None);
+        assert_eq!(read_until(first.as_mut(), 8).await, (0..8).collect::<Vec<_>>());
+        // A new view starts at the topic's beginning: behind the hub, it reads on a reader of its own.
+        let mut later = hubs.share("t", topic.reader(), None);
+        assert_eq!(read_until(later.as_mut(), 4).await, [0, 1, 2, 3]);
+        assert_eq!(hubs.status()[0].1.catching_up, 1);
+        assert_eq!(read_until(later.as_mut(), 8).await, [4, 5, 6, 7]);
+        topic.grow_to(12);
+        // Caught up, it joins the hub: the rows after come once, from the shared reader.
+        assert_eq!(read_until(later.as_mut(), 12).await, [8, 9, 10, 11]);
+        assert_eq!(read_until(first.as_mut(), 12).await, [8, 9, 10, 11]);
+        let status = &hubs.status()[0].1;
+        assert_eq!((status.readers, status.catching_up, status.rows), (2, 0, 12));
+        // The hub read 12 rows; the later view's own reader read the 8 it caught up on.
+        assert_eq!(topic.read.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn what_every_view_has_committed_is_acknowledged_and_the_reader_stops_with_the_last_view() {
+        let (topic, hubs) = (Topic::default(), SourceHubs::default());
+        topic.grow_to(2);
+        let mut first = hubs.share("t", topic.reader(), None);
+        let mut second = hubs.share("t", topic.reader(), None);
+        second.seek(&position(2)).expect("a seek");
+        read_until(first.as_mut(), 2).await;
+        // The second view asks for rows while the hub is where it is: it joins (and waits, as nothing more has come).
+        assert!(tokio::time::timeout(Duration::from_millis(50), second.next_batch()).await.is_err());
+        assert_eq!(hubs.status()[0].1.readers, 2);
+        topic.grow_to(6);
+        read_until(first.as_mut(), 6).await;
+        first.commit();
+        read_until(second.as_mut(), 4).await;
+        second.commit();
+        // The hub passes on what both have checkpointed between reads (waiting for rows, at least every second).
+        let acknowledged = || topic.acknowledged.lock().expect("not poisoned").clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !acknowledged().contains(&[(0, 4)].into_iter().collect()) {
+            assert!(std::time::Instant::now() < deadline, "never acknowledged: {:?}", acknowledged());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Holding (the server bringing its views back), nothing more is acknowledged.
+        hubs.hold(true);
+        read_until(second.as_mut(), 6).await;
+        second.commit();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(acknowledged().iter().all(|a| a[&0] <= 4), "{:?}", acknowledged());
+        drop(first);
+        assert!(hubs.status()[0].1.reading, "one view still takes the rows");
+        second.close();
+        let status = &hubs.status()[0].1;
+        assert_eq!((status.reading, status.readers), (false, 0));
+    }
+}

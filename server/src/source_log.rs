@@ -242,3 +242,102 @@ impl SourceReader for LoggedReader {
         self.live.as_ref().map(|l| l.stats()).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use weir_runtime::state::MemoryStore;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]))
+    }
+
+    fn batch(values: &[i64]) -> RecordBatch {
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(values.to_vec()))]).expect("a batch")
+    }
+
+    /// A source that cannot be read again: hands out its batches once, then waits; counts acknowledgements.
+    #[derive(Debug)]
+    struct Broker {
+        batches: std::collections::VecDeque<RecordBatch>,
+        commits: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl SourceReader for Broker {
+        fn schema(&self) -> SchemaRef {
+            schema()
+        }
+
+        async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+            match self.batches.pop_front() {
+                Some(batch) => Ok(Some(batch)),
+                None => std::future::pending().await,
+            }
+        }
+
+        fn commit(&mut self) {
+            self.commits.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn live(state: &Arc<dyn StateStore>, batches: &[&[i64]], commits: &Arc<AtomicUsize>) -> LoggedReader {
+        let broker = Broker { batches: batches.iter().map(|b| batch(b)).collect(), commits: commits.clone() };
+        LoggedReader::live("s", Box::new(broker), state.clone())
+    }
+
+    async fn next(reader: &mut LoggedReader) -> Vec<i64> {
+        let batch = reader.next_batch().await.expect("no error").expect("not the end");
+        batch.column(0).as_any().downcast_ref::<Int64Array>().expect("numbers").iter().flatten().collect()
+    }
+
+    fn at(next: i64) -> Vec<u8> {
+        encode_split_offsets(&[(0, next)].into_iter().collect())
+    }
+
+    #[tokio::test]
+    async fn batches_are_logged_before_they_are_acknowledged_and_replayed_from_any_position() {
+        let state: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+        let commits = Arc::new(AtomicUsize::new(0));
+        let mut reader = live(&state, &[&[1, 2], &[3], &[4, 5]], &commits);
+        assert_eq!(next(&mut reader).await, [1, 2]);
+        assert_eq!(reader.last_offsets(), Some(&[0, 0][..]));
+        assert_eq!(commits.load(Ordering::SeqCst), 1, "acknowledged once logged");
+        assert_eq!(next(&mut reader).await, [3]);
+        assert_eq!(reader.position(), Some(at(2)));
+
+        // A view behind reads the log, never the broker, and says with an empty batch when it has read it all.
+        let mut replay = LoggedReader::replay("s", schema(), state.clone());
+        replay.seek(&at(1)).expect("a seek");
+        assert_eq!(next(&mut replay).await, [3]);
+        assert_eq!(replay.last_offsets(), Some(&[1][..]));
+        assert_eq!(next(&mut replay).await, Vec::<i64>::new());
+        assert_eq!(next(&mut reader).await, [4, 5]);
+        assert_eq!(next(&mut replay).await, [4, 5]);
+
+        // After a restart the shared reader continues from a view's position: the log first, then the broker, whose
+        // batches are numbered after the log's.
+        drop(reader);
+        let mut restarted = live(&state, &[&[6]], &commits);
+        restarted.seek(&at(1)).expect("a seek");
+        assert_eq!(next(&mut restarted).await, [3]);
+        assert_eq!(next(&mut restarted).await, [4, 5]);
+        assert_eq!(next(&mut restarted).await, [6]);
+        assert_eq!(restarted.last_offsets(), Some(&[3][..]));
+
+        // What every view has checkpointed is deleted; a view that would need it fails, naming what is gone.
+        restarted.acknowledge(&at(2));
+        let mut too_late = LoggedReader::replay("s", schema(), state.clone());
+        too_late.seek(&at(1)).expect("a seek");
+        let err = too_late.next_batch().await.expect_err("batch 1 is gone");
+        assert!(err.to_string().contains("batches 1 to 1 are gone"), "{err}");
+        let mut in_time = LoggedReader::replay("s", schema(), state.clone());
+        in_time.seek(&at(2)).expect("a seek");
+        assert_eq!(next(&mut in_time).await, [4, 5]);
+    }
+}
