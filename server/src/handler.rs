@@ -198,7 +198,12 @@ impl Handler {
                 }
             }
         });
-        let (outcome, changed) = result.await.unwrap_or_else(|_| Err(crate::exec::worker_stopped()))?;
+        let result = result.await.unwrap_or_else(|_| Err(crate::exec::worker_stopped()));
+        // Until the outcome (a query's rows stream after).
+        let metrics = &self.engine.jobs.metrics;
+        metrics.statement_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.statements.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        let (outcome, changed) = result?;
         *params = changed;
         Ok(outcome)
     }

@@ -237,6 +237,10 @@ pub struct Jobs {
     pub sinks: crate::sinks::Sinks,
     /// One reader per shareable source, feeding every view and sink dataflow that reads it.
     pub hubs: weir_connectors::shared::SourceHubs,
+    /// What views measure as they run (checkpoint and epoch durations), for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+    /// Whether every stored object is back after the start (for `/ready`).
+    pub recovered: std::sync::atomic::AtomicBool,
     /// How often views publish.
     epoch_interval: Duration,
     /// How often views checkpoint while nothing else asks them to.
@@ -263,6 +267,8 @@ impl Jobs {
             state,
             sinks,
             hubs: Default::default(),
+            metrics: crate::metrics::Metrics::new(),
+            recovered: std::sync::atomic::AtomicBool::new(false),
             epoch_interval,
             checkpoint_interval,
             dataflow,
@@ -322,6 +328,7 @@ impl Jobs {
             unwritten: None,
             history: self.checkpoints.clone(),
             frozen: false,
+            metrics: self.metrics.clone(),
         };
         let restored = view_task.restore(&mut readers).map_err(|err| {
             error!(%view, %statement, error = %err, "the view's checkpoint cannot be restored; the view stops here");
@@ -372,6 +379,7 @@ impl Jobs {
     /// Stops the view's task and forgets its state (or, for a dropped source, its shared reader and log).
     pub fn stop(&self, view: &str) {
         self.hubs.forget(view);
+        self.metrics.forget_view(view);
         let mut batch = WriteBatch::default();
         crate::source_log::log_table(view).delete_prefix(&mut batch, &[]);
         if let Err(err) = self.state.write(&batch) {
@@ -478,6 +486,8 @@ struct ViewTask {
     history: Arc<Mutex<VecDeque<CheckpointRecord>>>,
     /// The checkpoint could not be restored: the view neither reads nor writes one (which would replace it).
     frozen: bool,
+    /// Where checkpoint and epoch durations are recorded.
+    metrics: crate::metrics::Metrics,
 }
 
 async fn run(
@@ -704,7 +714,10 @@ impl ViewTask {
         if self.frozen {
             return;
         }
-        match self.pipeline.publish().await {
+        let started = Instant::now();
+        let published = self.pipeline.publish().await;
+        self.metrics.epoch_seconds.with_label_values(&[self.view.as_str()]).observe(started.elapsed().as_secs_f64());
+        match published {
             Ok(changes) => {
                 self.store.apply(changes);
                 self.store.set_watermark(self.pipeline.output_watermark());
@@ -757,6 +770,8 @@ impl ViewTask {
         }
         self.epoch = epoch;
         self.last_checkpoint = Instant::now();
+        let took = started.elapsed();
+        self.metrics.checkpoint_seconds.with_label_values(&[self.view.as_str()]).observe(took.as_secs_f64());
         self.store.committed();
         for reader in readers.iter_mut() {
             reader.commit();
@@ -767,7 +782,7 @@ impl ViewTask {
             view: self.view.clone(),
             epoch,
             at_ms: weir_common::sink::unix_millis(),
-            duration: started.elapsed(),
+            duration: took,
             bytes,
         };
         keep_last(&mut history, written, CHECKPOINTS_KEPT);

@@ -27,6 +27,8 @@
 //!   every view, each at its own position.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
 //!   last checkpoint.
+//! - [`http`] serves Prometheus metrics ([`metrics`]), `/health` and `/ready` beside the Postgres port.
+//! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
 //! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
@@ -38,12 +40,15 @@ pub mod cancel;
 pub mod catalog;
 pub mod compat;
 pub mod config;
+pub mod config_file;
 pub mod engine;
 pub mod error;
 pub mod exec;
 pub mod handler;
+pub mod http;
 pub mod jobs;
 pub mod match_recognize;
+pub mod metrics;
 pub mod recovery;
 pub mod relations;
 pub mod session;
@@ -69,12 +74,34 @@ pub use error::ServerError;
 ///
 /// Tests call this in-process with an ephemeral listener; the `weir` binary calls it with the configured address.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    run_with_http(config, listener, None, shutdown).await
+}
+
+/// [`run`], serving the HTTP endpoint ([`http`]: metrics, health, readiness) on `http` too, from before the stored
+/// objects come back (`/ready` says when they have).
+pub async fn run_with_http(
+    config: Config,
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let engine = Arc::new(Engine::new(&config)?);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = http.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            info!(http = %address, "serving /metrics, /health and /ready");
+        }
+        let stopped = async move {
+            let _ = http_stopped.await;
+        };
+        tokio::spawn(http::serve(listener, engine.clone(), stopped))
+    });
     // Nothing is acknowledged to a shared source's upstream until every view reading it is back.
     engine.jobs.hubs.hold(true);
     let recovered = recovery::recover(&engine).await;
     engine.jobs.hubs.hold(false);
     recovered?;
+    engine.jobs.recovered.store(true, std::sync::atomic::Ordering::SeqCst);
     let local = listener.local_addr().map_err(ServerError::Io)?;
     info!(listen = %local, data_dir = %config.data_dir.display(), "weir is ready for connections");
 
@@ -93,11 +120,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                     let _ = socket.set_nodelay(true);
                     let handlers = handler::ConnectionHandlers::new(engine.clone());
                     let max_message = config.limits.max_message_bytes;
+                    let open = engine.jobs.metrics.connections.clone();
                     connections.spawn(async move {
+                        open.inc();
                         if let Err(err) = wire::serve(socket, max_message, handlers).await {
                             // A broken connection only ends its own session.
                             warn!(%peer, error = %err, "connection ended with an error");
                         }
+                        open.dec();
                     });
                 }
                 // Running out of file descriptors and similar errors are transient: log and keep accepting.
@@ -114,6 +144,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     // Every view writes what it has processed, so a restart replays nothing.
     engine.jobs.shutdown().await;
     engine.catalog.state().close();
+    let _ = stop_http.send(());
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     info!("every view is checkpointed; stopped");
     Ok(())
 }

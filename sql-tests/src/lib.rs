@@ -39,6 +39,8 @@ use tokio_postgres::{NoTls, SimpleQueryMessage};
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP endpoint's address (metrics, health, readiness).
+    pub http: SocketAddr,
     /// Resolving it makes `run` return.
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), weir_server::ServerError>>,
@@ -68,6 +70,8 @@ impl TestServer {
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
         let addr = listener.local_addr()?;
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.context("binding an ephemeral port")?;
+        let http = http_listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         // Sources may read the corpus' data files and the files tests write to the temporary directory.
         let mut limits = weir_server::config::Limits::default();
@@ -76,7 +80,7 @@ impl TestServer {
         }
         adjust(&mut limits);
         let config = configure(weir_server::Config::new(data).with_limits(limits));
-        let task = tokio::spawn(weir_server::run(config, listener, async move {
+        let task = tokio::spawn(weir_server::run_with_http(config, listener, Some(http_listener), async move {
             let _ = stopped.await;
         }));
         // A server that cannot start (its store is locked or damaged) says so here rather than at the first query;
@@ -92,7 +96,12 @@ impl TestServer {
             task.await.context("the server task")?.context("starting the server")?;
             anyhow::bail!("the server stopped at once");
         }
-        Ok(TestServer { addr, stop: Some(stop), task, _data: None })
+        Ok(TestServer { addr, http, stop: Some(stop), task, _data: None })
+    }
+
+    /// `GET path` from the HTTP endpoint: the status code and the body.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.http, path).await
     }
 
     /// A `host=... port=... user=weir dbname=weir` connection string.
@@ -113,6 +122,35 @@ impl TestServer {
         tokio::time::timeout(Duration::from_secs(10), task).await.context("server did not stop")???;
         Ok(())
     }
+}
+
+/// `GET path` from an HTTP server at `address` (HTTP/1.1, the connection closed after): the status code and the body.
+pub async fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.context("connecting to the HTTP endpoint")?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await.context("a response")??;
+    let response = String::from_utf8(response).context("a UTF-8 response")?;
+    let (head, body) = response.split_once("\r\n\r\n").context("a response head")?;
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).context("a status code")?;
+    let chunked = head.lines().any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
+}
+
+/// The body of a chunked HTTP response.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// One client connection, as a sqllogictest database.

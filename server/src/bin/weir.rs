@@ -1,18 +1,32 @@
-//! The `weir` binary: parses flags, sets up logging and signals, and calls [`weir_server::run`].
+//! The `weir` binary: parses flags (and `--config FILE`, see [`weir_server::config_file`]), sets up logging and
+//! signals, and calls [`weir_server::run_with_http`].
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio::net::TcpListener;
 
 /// Weir: a streaming SQL server that speaks the Postgres wire protocol.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "weir", version, about)]
 struct Flags {
+    /// A TOML file of settings, keyed by these flags' long names (`listen = "127.0.0.1:5454"`); a flag or its
+    /// environment variable wins over the file.
+    #[arg(long, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to accept Postgres connections on.
     #[arg(long, env = "WEIR_LISTEN", default_value = "127.0.0.1:5454")]
     listen: String,
+    /// Address of the HTTP endpoint (Prometheus metrics at /metrics, /health, /ready); `off` for none.
+    #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "127.0.0.1:5455")]
+    http_listen: String,
+    /// What to log: a level (`info`, `debug`) or tracing filter directives (`info,weir_server=debug`).
+    #[arg(long, env = "WEIR_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// How log lines look: `text` for people, `json` (one object a line) for log shippers.
+    #[arg(long, env = "WEIR_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     /// Directory for Weir's data: the catalog, tables' rows and views' checkpoints (RocksDB, under state/).
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "./weir-data")]
     data_dir: PathBuf,
@@ -45,15 +59,22 @@ struct Flags {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let flags = Flags::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let flags = flags()?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&flags.log_level)
+        .with_context(|| format!("--log-level {}: not a level or filter", flags.log_level))?;
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match flags.log_format.as_str() {
+        "json" => logs.json().init(),
+        _ => logs.init(),
+    }
     let listener =
         TcpListener::bind(&flags.listen).await.with_context(|| format!("cannot listen on {}", flags.listen))?;
+    let http = match flags.http_listen.as_str() {
+        "off" | "" => None,
+        address => {
+            Some(TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} (HTTP)"))?)
+        }
+    };
     let mut allowed_file_dirs = Vec::new();
     for dir in &flags.allow_file_dirs {
         let canonical =
@@ -73,8 +94,21 @@ async fn main() -> anyhow::Result<()> {
         .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)))
         .with_checkpoint_interval(std::time::Duration::from_millis(flags.checkpoint_interval_ms))
         .with_limits(limits);
-    weir_server::run(config, listener, shutdown_signal()).await?;
+    weir_server::run_with_http(config, listener, http, shutdown_signal()).await?;
     Ok(())
+}
+
+/// The flags from the command line, the environment and the configuration file, in that order of precedence.
+fn flags() -> anyhow::Result<Flags> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut command = Flags::command();
+    let path = weir_server::config_file::path_in_args(&args).or_else(|| std::env::var("WEIR_CONFIG").ok());
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the configuration {path}"))?;
+        command = weir_server::config_file::apply(command, &path, &text)?;
+    }
+    let matches = command.try_get_matches_from(args).unwrap_or_else(|err| err.exit());
+    Ok(Flags::from_arg_matches(&matches)?)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
