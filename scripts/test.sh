@@ -2,7 +2,7 @@
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
 # Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg, the Mosquitto
 # MQTT broker, the tansu Kafka-compatible broker, a C toolchain for librdkafka, openssl for test certificates, Python's
-# prometheus_client for its exposition-format parser) when it
+# prometheus_client for its exposition-format parser, Chromium for the console's test) when it
 # is missing. Builds the dev profile only. Tests
 # that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
@@ -42,6 +42,10 @@ fi
 if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "== installing psycopg"
   python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1"
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing Chromium (the console is tested in a headless browser)"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
 if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
   echo "== installing prometheus_client (its parser checks the /metrics exposition format)"

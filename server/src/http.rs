@@ -4,20 +4,24 @@
 //!   and what the running views, sinks and shared sources count, read at each scrape;
 //! - `GET /health`: liveness, `200 ok` while the server serves;
 //! - `GET /ready`: readiness for orchestrators, `200` once every stored object is back after a start and every view
-//!   and sink is running (or has read its bounded input to the end), `503` with the ones that are not otherwise.
+//!   and sink is running (or has read its bounded input to the end), `503` with the ones that are not otherwise;
+//! - `GET /`: the web console, and its data under `/api/` ([`crate::console`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Json;
 use axum::Router;
+use axum::extract::Query;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use prometheus::{Encoder, Gauge, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tracing::warn;
 
+use crate::console;
 use crate::engine::Engine;
 
 /// Serves the endpoint on `listener` until `shutdown` resolves.
@@ -26,6 +30,10 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, shutdown: impl Fu
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
+        .route("/", get(|| async { axum::response::Html(crate::console::PAGE) }))
+        .route("/api/status", get(|State(engine): State<Arc<Engine>>| async move { Json(console::status(&engine)) }))
+        .route("/api/graph", get(graph))
+        .route("/api/query", post(query))
         .with_state(engine);
     if let Err(err) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
         warn!(error = %err, "the HTTP endpoint stopped");
@@ -167,5 +175,36 @@ async fn ready(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
     match waiting.is_empty() {
         true => (StatusCode::OK, "ready\n".to_string()),
         false => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", waiting.join("\n"))),
+    }
+}
+
+/// An error of the console's API: `400` with the message and its SQLSTATE.
+fn api_error(report: &weir_common::ErrorReport) -> axum::response::Response {
+    let body = serde_json::json!({
+        "error": report.message,
+        "sqlstate": report.code.code(),
+        "hint": report.hint,
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct GraphOf {
+    view: String,
+}
+
+async fn graph(State(engine): State<Arc<Engine>>, Query(of): Query<GraphOf>) -> axum::response::Response {
+    match console::graph(engine, &of.view).await {
+        Ok(lines) => Json(serde_json::json!({ "view": of.view, "lines": lines })).into_response(),
+        Err(report) => api_error(&report),
+    }
+}
+
+async fn query(State(engine): State<Arc<Engine>>, sql: String) -> axum::response::Response {
+    match console::run(engine, sql, false).await {
+        Ok((columns, rows, more)) => {
+            Json(serde_json::json!({ "columns": columns, "rows": rows, "truncated": more })).into_response()
+        }
+        Err(report) => api_error(&report),
     }
 }

@@ -27,7 +27,8 @@
 //!   every view, each at its own position.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
 //!   last checkpoint.
-//! - [`http`] serves Prometheus metrics ([`metrics`]), `/health` and `/ready` beside the Postgres port.
+//! - [`http`] serves Prometheus metrics ([`metrics`]), `/health`, `/ready` and the web console ([`console`]) beside
+//!   the Postgres port.
 //! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
@@ -41,6 +42,7 @@ pub mod catalog;
 pub mod compat;
 pub mod config;
 pub mod config_file;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod exec;

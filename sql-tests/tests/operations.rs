@@ -192,3 +192,99 @@ async fn the_config_file_sets_every_flag_below_the_environment_and_the_command_l
     let out = Command::new(weir_sql_tests::crash::weir_binary().unwrap()).arg("--version").output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("weir {}", env!("CARGO_PKG_VERSION")));
 }
+
+/// Loads `url` in headless Chromium, lets the page's timers run for `budget_ms` of virtual time, and returns the
+/// DOM as it then is.
+fn render(url: &str, budget_ms: u32, profile: &Path) -> String {
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--virtual-time-budget={budget_ms}"))
+        .args(["--dump-dom", url])
+        .stderr(Stdio::null())
+        .output()
+        .expect("chromium (scripts/test.sh installs it)");
+    assert!(out.status.success(), "chromium failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Saves a screenshot of `url` next to the test's temporary files and returns where.
+fn screenshot(url: &str, profile: &Path) -> String {
+    let path = std::env::temp_dir().join(format!("weir-console-{}.png", std::process::id()));
+    let _ = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1800", "--virtual-time-budget=5000"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", path.display()))
+        .arg(url)
+        .stderr(Stdio::null())
+        .status();
+    path.display().to_string()
+}
+
+/// The value of attribute `name` of the first element whose opening tag contains `marker`.
+fn attribute(dom: &str, marker: &str, name: &str) -> Option<String> {
+    let at = dom.find(marker)?;
+    let start = dom[..at].rfind('<')?;
+    let tag = &dom[start..start + dom[start..].find('>')?];
+    let value = tag.split(&format!(" {name}=\"")).nth(1)?;
+    Some(value[..value.find('"')?].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_lists_the_views_plots_their_input_draws_their_dataflow_and_runs_a_query() {
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(
+            "CREATE SOURCE bids (auction BIGINT, bidder BIGINT, price BIGINT, ts TIMESTAMP(3), \
+               WATERMARK FOR ts AS ts - INTERVAL '2' SECOND) \
+             WITH (connector = 'nexmark', 'nexmark.table' = 'bid', 'nexmark.rate' = '400'); \
+             CREATE MATERIALIZED VIEW per_auction AS SELECT auction, count(*) AS n FROM bids GROUP BY auction;",
+        )
+        .await
+        .unwrap();
+    // The rate is measured over the last five seconds: wait until it shows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while weir_sql_tests::query_rows(client, "SELECT rows_per_second > 100 FROM weir_catalog.view_progress").await
+        != [["t"]]
+    {
+        assert!(Instant::now() < deadline, "the view never read at its rate");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/#sql=SELECT%20count(*)%20AS%20views%20FROM%20weir_catalog.view_progress", server.http);
+    let dom = render(&url, 6000, profile.path());
+    let check = || -> Result<(), String> {
+        // The objects: the source and the view, with its status.
+        if !dom.contains("data-name=\"bids\"") || !dom.contains("data-name=\"per_auction\"") {
+            return Err("the objects table lacks the source or the view".into());
+        }
+        // The input rate plot has a line for the view, of several polls, at the source's rate.
+        let points: usize = attribute(&dom, "data-view=\"per_auction\"", "data-points")
+            .and_then(|p| p.parse().ok())
+            .ok_or("no line for the view in the first plot")?;
+        let last: f64 = attribute(&dom, "data-view=\"per_auction\"", "data-last")
+            .and_then(|p| p.parse().ok())
+            .ok_or("no last value")?;
+        if points < 2 || !(100.0..1000.0).contains(&last) {
+            return Err(format!("the rate plot has {points} points, the last {last}"));
+        }
+        // The dataflow: the view's operators, the aggregate's output updating.
+        let nodes: usize =
+            attribute(&dom, "data-nodes=", "data-nodes").and_then(|n| n.parse().ok()).ok_or("no dataflow drawn")?;
+        if nodes < 4 || !dom.contains("class=\"node updating\"") || !dom.contains("WindowAggregate: keys=[auction]") {
+            return Err(format!("the dataflow has {nodes} operators"));
+        }
+        // The query from the address ran.
+        if !dom.contains("<th>views</th>") || !dom.contains("<td>1</td>") {
+            return Err("the SQL box's result is missing".into());
+        }
+        Ok(())
+    };
+    if let Err(problem) = check() {
+        panic!("{problem}; a screenshot is at {}", screenshot(&url, profile.path()));
+    }
+    drop(connection);
+    server.stop().await.unwrap();
+}
