@@ -230,6 +230,60 @@ fn in_failed_transaction() -> ErrorReport {
     )
 }
 
+/// `portal` with its `json` and `jsonb` parameters as text (a `jsonb` in binary form without its version byte),
+/// each checked to be JSON (`22P02` if not); `None` when it has none. Weir keeps JSON as text.
+fn json_as_text(portal: &Portal<Prepared>) -> Result<Option<Portal<Prepared>>, ErrorReport> {
+    let types = &portal.statement.parameter_types;
+    if !types.iter().any(|t| matches!(t, Some(t) if *t == Type::JSON || *t == Type::JSONB)) {
+        return Ok(None);
+    }
+    let mut parameters = portal.parameters.clone();
+    for (index, value) in parameters.iter_mut().enumerate() {
+        let Some(Some(kind)) = types.get(index) else { continue };
+        let Some(bytes) = value.as_mut() else { continue };
+        if *kind == Type::JSONB && portal.parameter_format.is_binary(index) {
+            // Binary jsonb is a version byte (1) and the text.
+            match bytes.first() {
+                Some(1) => *bytes = bytes.slice(1..),
+                _ => {
+                    return Err(ErrorReport::new(
+                        SqlState::INVALID_PARAMETER_VALUE,
+                        format!("unsupported jsonb version in parameter ${}", index + 1),
+                    ));
+                }
+            }
+        }
+        if (*kind == Type::JSON || *kind == Type::JSONB)
+            && let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        {
+            return Err(ErrorReport::new(SqlState::INVALID_TEXT_REPRESENTATION, "invalid input syntax for type json")
+                .with_detail(format!("parameter ${}: {err}", index + 1)));
+        }
+    }
+    let parameter_types = types
+        .iter()
+        .map(|t| match t {
+            Some(t) if *t == Type::JSON || *t == Type::JSONB => Some(Type::TEXT),
+            other => other.clone(),
+        })
+        .collect();
+    let statement = pgwire::api::stmt::StoredStatement::new(
+        portal.statement.id.clone(),
+        portal.statement.statement.clone(),
+        parameter_types,
+    );
+    // A portal for decoding the parameters only (its result formats are not used).
+    let codes = match &portal.parameter_format {
+        Format::UnifiedText => Vec::new(),
+        Format::UnifiedBinary => vec![1],
+        Format::Individual(codes) => codes.clone(),
+    };
+    let bind = pgwire::messages::extendedquery::Bind::new(None, None, codes, parameters, Vec::new());
+    Portal::try_new(&bind, Arc::new(statement))
+        .map(Some)
+        .map_err(|e| ErrorReport::new(SqlState::PROTOCOL_VIOLATION, e.to_string()))
+}
+
 /// Whether `statement` is `ROLLBACK TO SAVEPOINT`.
 fn rolls_back_to_savepoint(statement: &ParsedStatement) -> bool {
     use datafusion::sql::sqlparser::ast::Statement;
@@ -761,7 +815,8 @@ impl ExtendedQueryHandler for Handler {
             None
         } else {
             let refs: Vec<Option<&DataType>> = types.iter().map(Option::as_ref).collect();
-            Some(arrow_pg::datatypes::df::deserialize_parameters(portal, &refs)?)
+            let as_text = json_as_text(portal).map_err(to_pgwire)?;
+            Some(arrow_pg::datatypes::df::deserialize_parameters(as_text.as_ref().unwrap_or(portal), &refs)?)
         };
         let sql = prepared.statement.text.clone();
         let outcome =

@@ -147,6 +147,24 @@ with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir") as
         raise AssertionError("psycopg opens a block before SAVEPOINT")
     conn.rollback()
 
+# json and jsonb parameters (text and binary) are kept as their JSON text; a json parameter that is not JSON is
+# refused (22P02).
+from psycopg.types.json import Json, Jsonb
+
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", autocommit=True) as conn:
+    conn.execute("CREATE TABLE json_docs (id INT, body TEXT)")
+    conn.execute("INSERT INTO json_docs VALUES (%s, %s)", (1, Json({"a": 1})))
+    conn.execute("INSERT INTO json_docs VALUES (%s, %s)", (2, Jsonb({"b": [1, 2]})))
+    conn.cursor(binary=True).execute("INSERT INTO json_docs VALUES (%s, %b)", (3, Jsonb({"c": None})))
+    got = conn.execute("SELECT id, body FROM json_docs ORDER BY id").fetchall()
+    assert got == [(1, '{"a": 1}'), (2, '{"b": [1, 2]}'), (3, '{"c": null}')], got
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO json_docs VALUES (%s, %s)", (4, psycopg.types.json.Json("x", dumps=lambda _: "{bad")))
+        raise AssertionError("a json parameter that is not JSON was taken")
+    except errors.InvalidTextRepresentation as e:
+        assert e.sqlstate == "22P02" and "invalid input syntax for type json" in str(e), str(e)
+
 # SQLAlchemy 2 over psycopg 3 (its default driver): it connects (psycopg opens a savepoint while SQLAlchemy sets the
 # connection up), runs a query, nests a transaction, and lists the tables.
 import sqlalchemy as sa
