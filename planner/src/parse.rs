@@ -46,6 +46,11 @@ pub enum WeirStatement {
     ExplainMaterializedView { statement: Box<ast::Statement>, emit_on_window_close: bool },
     /// `SHOW CREATE {TABLE | SOURCE | VIEW | MATERIALIZED VIEW} name`.
     ShowCreate { kind: RelationKind, name: ast::ObjectName },
+    /// `CREATE {USER | ROLE} name [WITH] [LOGIN | PASSWORD 'secret' | PASSWORD NULL ...]` (a role with `LOGIN`;
+    /// `CREATE USER` implies it), or `ALTER {USER | ROLE} name [WITH] PASSWORD ...` when `alter`.
+    User { name: ast::Ident, password: Option<Option<String>>, alter: bool },
+    /// `DROP {USER | ROLE} [IF EXISTS] name [, ...]`.
+    DropUser { names: Vec<ast::Ident>, if_exists: bool },
 }
 
 /// One statement of a query string.
@@ -145,6 +150,19 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
                 parser.next_token();
             }
             parser.parse_object_name(false).map(|name| WeirStatement::ShowCreate { kind, name })
+        } else if at_words(&parser, &["CREATE", "USER"])
+            || at_words(&parser, &["CREATE", "ROLE"])
+            || at_words(&parser, &["ALTER", "USER"])
+            || at_words(&parser, &["ALTER", "ROLE"])
+        {
+            parse_user(&mut parser)
+        } else if at_words(&parser, &["DROP", "USER"]) || at_words(&parser, &["DROP", "ROLE"]) {
+            parser.next_token();
+            parser.next_token();
+            let if_exists = parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            parser
+                .parse_comma_separated(|p| p.parse_identifier())
+                .map(|names| WeirStatement::DropUser { names, if_exists })
         } else if at_words(&parser, &["FLUSH"]) {
             parser.next_token();
             Ok(WeirStatement::Flush)
@@ -475,6 +493,39 @@ fn at_words(parser: &Parser, words: &[&str]) -> bool {
     words.iter().enumerate().all(|(n, word)| {
         matches!(&parser.peek_nth_token(n).token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
     })
+}
+
+/// `CREATE | ALTER` `USER | ROLE` name [WITH] option ...: the options Weir has are `LOGIN` (every user may log in),
+/// `PASSWORD 'secret'` and `PASSWORD NULL`; the others are refused by name.
+fn parse_user(parser: &mut Parser) -> Result<WeirStatement, ParserError> {
+    let alter = matches!(&parser.next_token().token, Token::Word(w) if w.keyword == Keyword::ALTER);
+    parser.next_token();
+    let name = parser.parse_identifier()?;
+    let _ = parser.parse_keyword(Keyword::WITH);
+    let mut password = None;
+    loop {
+        let next = parser.peek_token();
+        match &next.token {
+            Token::Word(w) if w.keyword == Keyword::PASSWORD => {
+                parser.next_token();
+                password = Some(match parser.parse_keyword(Keyword::NULL) {
+                    true => None,
+                    false => Some(parser.parse_literal_string()?),
+                });
+            }
+            Token::Word(w) if w.keyword == Keyword::LOGIN => {
+                parser.next_token();
+            }
+            Token::Word(w) => {
+                return Err(ParserError::ParserError(format!(
+                    "role option {} is not supported; Weir's users take LOGIN and PASSWORD",
+                    w.value.to_uppercase()
+                )));
+            }
+            _ => break,
+        }
+    }
+    Ok(WeirStatement::User { name, password, alter })
 }
 
 fn parse_drop_source(parser: &mut Parser) -> Result<WeirStatement, ParserError> {

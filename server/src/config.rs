@@ -17,6 +17,10 @@ pub struct Config {
     pub checkpoint_interval: Duration,
     /// What one client may cost the server.
     pub limits: Limits,
+    /// The superuser's password: when set, every login needs SCRAM-SHA-256; when not, every login is trusted.
+    pub password: Option<String>,
+    /// Trusting logins on an address beyond loopback (refused unless set).
+    pub insecure_trust: bool,
 }
 
 /// The checkpoint interval unless configured.
@@ -73,7 +77,15 @@ impl Config {
             epoch_interval: DEFAULT_EPOCH_INTERVAL,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             limits: Limits::default(),
+            password: None,
+            insecure_trust: false,
         }
+    }
+
+    /// Every login needs this password for `weir`, or a user's own (SCRAM-SHA-256).
+    pub fn with_password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
     }
 
     pub fn with_checkpoint_interval(mut self, checkpoint_interval: Duration) -> Self {

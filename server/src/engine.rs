@@ -44,6 +44,10 @@ pub struct Engine {
     pub limits: Limits,
     /// What connectors may reach on this machine (`--allow-file-dir`).
     pub policy: weir_common::connector::ConnectorPolicy,
+    /// The users and their credentials.
+    pub users: Arc<crate::users::Users>,
+    /// Whether every login needs a password (SCRAM-SHA-256): the server was started with one.
+    pub passwords_required: bool,
 }
 
 impl Engine {
@@ -52,6 +56,7 @@ impl Engine {
             .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
         let state: Arc<dyn weir_runtime::state::StateStore> =
             Arc::new(weir_runtime::rocks::RocksStore::open(&config.data_dir.join("state"))?);
+        let state_for_users = state.clone();
         let catalog = Arc::new(Catalog::open(state.clone())?);
 
         let mut session_config = SessionConfig::new()
@@ -116,6 +121,13 @@ impl Engine {
             ctx.register_udwf(udwf);
         }
 
+        let users =
+            Arc::new(crate::users::Users::open(state_for_users).map_err(|e| ServerError::Engine(e.message.clone()))?);
+        if let Some(password) = &config.password {
+            users
+                .set(crate::users::SUPERUSER, Some(password), true)
+                .map_err(|e| ServerError::Engine(e.message.clone()))?;
+        }
         Ok(Engine {
             catalog,
             template: ctx.state(),
@@ -129,6 +141,8 @@ impl Engine {
                 allowed_dirs: config.limits.allowed_file_dirs.clone(),
                 unrestricted: false,
             },
+            users,
+            passwords_required: config.password.is_some(),
         })
     }
 

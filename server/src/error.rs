@@ -18,6 +18,12 @@ pub enum ServerError {
     /// The state store cannot be opened or read (the message says where and what to do).
     #[error("{0}")]
     State(#[from] weir_runtime::state::StateError),
+    /// Trust mode on an address others can reach.
+    #[error(
+        "refusing to trust every login on {0}, which is beyond loopback: set a password (WEIR_PASSWORD or \
+         --password-file), or pass --insecure-trust"
+    )]
+    TrustBeyondLoopback(String),
 }
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;

@@ -39,7 +39,7 @@ use crate::session::{Outcome, Prepared, Session, initial_parameters};
 #[derive(Debug)]
 pub struct ConnectionHandlers {
     handler: Arc<Handler>,
-    startup: Arc<Startup>,
+    login: Arc<Login>,
     cancel: Arc<CancelByKey>,
 }
 
@@ -47,11 +47,71 @@ impl ConnectionHandlers {
     pub fn new(engine: Arc<Engine>) -> Self {
         let running = Arc::new(Running::default());
         let cancels = engine.cancels.clone();
+        let startup = Arc::new(Startup { cancels: cancels.clone(), running: running.clone(), key: OnceLock::new() });
+        let scram = engine.passwords_required.then(|| {
+            let scram = pgwire::api::auth::sasl::scram::ScramAuth::new(engine.users.clone());
+            pgwire::api::auth::sasl::SASLAuthStartupHandler::new(Arc::new(Parameters))
+                .with_scram(scram)
+                .with_pid_secret_key_generator(startup.clone())
+        });
         ConnectionHandlers {
-            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()), running: running.clone() }),
-            startup: Arc::new(Startup { cancels: cancels.clone(), running, key: OnceLock::new() }),
+            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()), running }),
+            login: Arc::new(Login { trust: startup, scram }),
             cancel: Arc::new(CancelByKey { cancels }),
         }
+    }
+}
+
+/// Logs a client in: by SCRAM-SHA-256 against the server's users when the server was started with a password,
+/// trusting it otherwise.
+struct Login {
+    trust: Arc<Startup>,
+    scram: Option<pgwire::api::auth::sasl::SASLAuthStartupHandler<Parameters>>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login").field("scram", &self.scram.is_some()).finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl pgwire::api::auth::StartupHandler for Login {
+    async fn on_startup<C>(&self, client: &mut C, message: pgwire::messages::PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match &self.scram {
+            Some(scram) => scram.on_startup(client, message).await,
+            None => self.trust.on_startup(client, message).await,
+        }
+    }
+}
+
+/// The parameters a client gets once logged in by SCRAM: pgwire's defaults with Weir's (as the trusting login
+/// reports them).
+#[derive(Debug)]
+struct Parameters;
+
+impl pgwire::api::auth::ServerParameterProvider for Parameters {
+    fn server_parameters<C: ClientInfo>(&self, client: &C) -> Option<HashMap<String, String>> {
+        let mut parameters =
+            pgwire::api::auth::DefaultServerParameterProvider::default().server_parameters(client).unwrap_or_default();
+        parameters.extend(initial_parameters(client.metadata()));
+        Some(parameters)
+    }
+}
+
+/// A SCRAM login's cancel key, registered as the trusting login registers it.
+impl pgwire::api::PidSecretKeyGenerator for Startup {
+    fn generate(&self, client: &dyn ClientInfo) -> (i32, pgwire::messages::startup::SecretKey) {
+        let (pid, secret) = pgwire::api::RandomPidSecretKeyGenerator::default().generate(client);
+        let key = (pid, secret.to_bytes());
+        self.cancels.insert(key.clone(), &self.running);
+        let _ = self.key.set(key);
+        (pid, secret)
     }
 }
 
@@ -65,7 +125,7 @@ impl PgWireServerHandlers for ConnectionHandlers {
     }
 
     fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
-        self.startup.clone()
+        self.login.clone()
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
@@ -140,8 +200,20 @@ impl NoopStartupHandler for Startup {
 struct LogErrors;
 
 impl ErrorHandler for LogErrors {
-    fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
-        debug!(%error, "sending error to client");
+    fn on_error<C: ClientInfo>(&self, client: &C, error: &mut PgWireError) {
+        match error {
+            PgWireError::InvalidPassword(_) => {
+                // As Postgres words it, naming the user the client logged in as.
+                let user = client.metadata().get("user").cloned().unwrap_or_default();
+                tracing::warn!(%user, "login refused: wrong password");
+                *error = PgWireError::UserError(Box::new(pgwire::error::ErrorInfo::new(
+                    "FATAL".to_string(),
+                    "28P01".to_string(),
+                    format!("password authentication failed for user \"{user}\""),
+                )));
+            }
+            _ => debug!(%error, "sending error to client"),
+        }
     }
 }
 

@@ -29,6 +29,8 @@
 //!   last checkpoint.
 //! - [`http`] serves Prometheus metrics ([`metrics`]), `/health`, `/ready` and the web console ([`console`]) beside
 //!   the Postgres port.
+//! - [`users`] keeps the users and their SCRAM-SHA-256 credentials; the connection handler logs clients in with them
+//!   when the server was started with a password.
 //! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
@@ -59,6 +61,7 @@ pub mod sinks;
 pub mod source_log;
 pub mod streaming;
 pub mod system;
+pub mod users;
 pub mod wire;
 
 use std::future::Future;
@@ -87,6 +90,17 @@ pub async fn run_with_http(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let local = listener.local_addr().map_err(ServerError::Io)?;
+    if config.password.is_none() {
+        if !local.ip().is_loopback() && !config.insecure_trust {
+            return Err(ServerError::TrustBeyondLoopback(local.to_string()));
+        }
+        warn!(
+            listen = %local,
+            "TRUST MODE: every client that reaches this port logs in as any user without a password; set \
+             WEIR_PASSWORD or --password-file to require SCRAM-SHA-256 logins"
+        );
+    }
     let engine = Arc::new(Engine::new(&config)?);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|listener| {
@@ -104,7 +118,6 @@ pub async fn run_with_http(
     engine.jobs.hubs.hold(false);
     recovered?;
     engine.jobs.recovered.store(true, std::sync::atomic::Ordering::SeqCst);
-    let local = listener.local_addr().map_err(ServerError::Io)?;
     info!(listen = %local, data_dir = %config.data_dir.display(), "weir is ready for connections");
 
     // Connection tasks live here so that shutdown can end them all.

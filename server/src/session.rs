@@ -94,6 +94,8 @@ pub struct Session {
     pub(crate) ctx: SessionContext,
     /// Inside a transaction block (`BEGIN` ... `COMMIT`): its savepoints, oldest first.
     block: std::sync::Mutex<Option<Vec<String>>>,
+    /// Who logged in.
+    user: String,
 }
 
 impl std::fmt::Debug for Session {
@@ -105,7 +107,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     pub fn new(engine: Arc<Engine>, user: &str) -> Self {
         let ctx = engine.new_context(user);
-        Session { engine, ctx, block: std::sync::Mutex::default() }
+        Session { engine, ctx, block: std::sync::Mutex::default(), user: user.to_string() }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -180,6 +182,19 @@ impl Session {
             WeirStatement::CreateSink(sink) => return self.create_sink(sink, row_patterns, text, sql).await,
             WeirStatement::DropSink { names, if_exists } => return self.drop_sinks(names, *if_exists).await,
             WeirStatement::ShowSinks => return self.show_sinks(),
+            WeirStatement::User { name, password, alter } => {
+                self.manage_users()?;
+                let name = ident_name(name);
+                self.engine.users.set(&name, password.as_ref().and_then(|p| p.as_deref()), *alter)?;
+                return Ok(Outcome::Command(if *alter { "ALTER ROLE" } else { "CREATE ROLE" }, None));
+            }
+            WeirStatement::DropUser { names, if_exists } => {
+                self.manage_users()?;
+                for name in names {
+                    self.engine.users.drop_user(&ident_name(name), *if_exists)?;
+                }
+                return Ok(Outcome::Command("DROP ROLE", None));
+            }
             WeirStatement::Flush => {
                 self.engine.jobs.flush().await;
                 return Ok(Outcome::Command("FLUSH", None));
@@ -743,10 +758,7 @@ impl Session {
     /// Weir, so rolling back to a savepoint undoes nothing: it ends the block's failed state, as in Postgres, and
     /// forgets the savepoints set after it.
     fn savepoint(&self, name: &ast::Ident, what: Savepoint) -> Result<Outcome, ErrorReport> {
-        let name = match name.quote_style {
-            Some(_) => name.value.clone(),
-            None => name.value.to_lowercase(),
-        };
+        let name = ident_name(name);
         let mut block = self.block();
         let Some(savepoints) = block.as_mut() else {
             let verb = match what {
@@ -778,6 +790,27 @@ impl Session {
                 savepoints.truncate(at + 1);
                 Ok(Outcome::Command("ROLLBACK", None))
             }
+        }
+    }
+}
+
+/// An identifier as Postgres folds it: unquoted to lower case.
+fn ident_name(ident: &ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    }
+}
+
+impl Session {
+    /// Only the superuser creates, changes and drops users (`42501` for the others).
+    fn manage_users(&self) -> Result<(), ErrorReport> {
+        match self.user == crate::users::SUPERUSER {
+            true => Ok(()),
+            false => Err(ErrorReport::new(
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to manage users: only \"{}\" may", crate::users::SUPERUSER),
+            )),
         }
     }
 }

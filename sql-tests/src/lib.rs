@@ -80,12 +80,14 @@ impl TestServer {
         }
         adjust(&mut limits);
         let config = configure(weir_server::Config::new(data).with_limits(limits));
+        let password = config.password.as_ref().map(|p| format!(" password='{p}'")).unwrap_or_default();
         let task = tokio::spawn(weir_server::run_with_http(config, listener, Some(http_listener), async move {
             let _ = stopped.await;
         }));
         // A server that cannot start (its store is locked or damaged) says so here rather than at the first query;
         // one that started answers a client's startup (the port takes connections before that).
-        let conninfo = format!("host={} port={} user=weir dbname=weir connect_timeout=5", addr.ip(), addr.port());
+        let conninfo =
+            format!("host={} port={} user=weir dbname=weir connect_timeout=5{password}", addr.ip(), addr.port());
         for _ in 0..250 {
             if task.is_finished() || WeirConnection::connect(&conninfo).await.is_ok() {
                 break;

@@ -52,6 +52,13 @@ struct Flags {
     /// Connections served at once; more are refused with SQLSTATE 53300.
     #[arg(long, env = "WEIR_MAX_CONNECTIONS", default_value_t = weir_server::config::Limits::default().max_connections)]
     max_connections: usize,
+    /// A file holding the superuser `weir`'s password (its first line): every login then needs SCRAM-SHA-256.
+    /// `WEIR_PASSWORD` gives the password itself. Without either, every login is trusted.
+    #[arg(long, env = "WEIR_PASSWORD_FILE")]
+    password_file: Option<PathBuf>,
+    /// Trust every login even on an address beyond loopback (without a password, Weir refuses to).
+    #[arg(long, env = "WEIR_INSECURE_TRUST")]
+    insecure_trust: bool,
     /// A directory `file` sources may read under (repeat the flag for more); none by default.
     #[arg(long = "allow-file-dir", env = "WEIR_ALLOW_FILE_DIRS", value_delimiter = ',')]
     allow_file_dirs: Vec<PathBuf>,
@@ -90,10 +97,23 @@ async fn main() -> anyhow::Result<()> {
         max_connections: flags.max_connections.max(1),
         allowed_file_dirs,
     };
-    let config = weir_server::Config::new(flags.data_dir)
+    let password = match (std::env::var("WEIR_PASSWORD").ok().filter(|p| !p.is_empty()), &flags.password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--password-file {}: cannot read it", path.display()))?;
+            let line = text.lines().next().unwrap_or_default().to_string();
+            anyhow::ensure!(!line.is_empty(), "--password-file {}: the file is empty", path.display());
+            Some(line)
+        }
+        (None, None) => None,
+    };
+    let mut config = weir_server::Config::new(flags.data_dir)
         .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)))
         .with_checkpoint_interval(std::time::Duration::from_millis(flags.checkpoint_interval_ms))
         .with_limits(limits);
+    config.password = password;
+    config.insecure_trust = flags.insecure_trust;
     weir_server::run_with_http(config, listener, http, shutdown_signal()).await?;
     Ok(())
 }

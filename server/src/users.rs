@@ -1,0 +1,164 @@
+//! Users and their SCRAM-SHA-256 credentials (`CREATE USER name WITH PASSWORD '...'`, `ALTER USER`, `DROP USER`).
+//!
+//! A credential is kept as SCRAM keeps it, never the password: a random salt and the salted password (PBKDF2-SHA-256,
+//! [`ITERATIONS`] rounds), in the state store under `users/<name>`, so it survives restarts. The superuser `weir`
+//! always exists; when the server is started with a password (`WEIR_PASSWORD`, `--password-file`) it is set at
+//! start, and every login needs SCRAM-SHA-256 (see [`crate::handler`]). Without one the server trusts every login
+//! (local development), and the credentials wait until it is started with a password.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use pgwire::api::auth::sasl::scram::gen_salted_password;
+use pgwire::api::auth::{AuthSource, LoginInfo, Password};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use weir_common::{ErrorReport, SqlState};
+use weir_runtime::state::{StateStore, StateTable, WriteBatch};
+
+/// PBKDF2 rounds of a stored credential (SCRAM's minimum and Postgres' default).
+pub const ITERATIONS: usize = 4096;
+
+/// The superuser, who always exists and alone manages users.
+pub const SUPERUSER: &str = "weir";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Credential {
+    salt: Vec<u8>,
+    salted: Vec<u8>,
+}
+
+/// The server's users: name to credential (`None`: a user without a password, who cannot log in when logins need
+/// one).
+#[derive(Debug)]
+pub struct Users {
+    state: Arc<dyn StateStore>,
+    table: StateTable,
+    users: RwLock<BTreeMap<String, Option<Credential>>>,
+}
+
+fn store_error(err: impl std::fmt::Display) -> ErrorReport {
+    ErrorReport::new(SqlState::IO_ERROR, format!("the users could not be written: {err}"))
+}
+
+impl Users {
+    /// The users kept in `state`, and the superuser.
+    pub fn open(state: Arc<dyn StateStore>) -> Result<Self, ErrorReport> {
+        let table = StateTable::new("users");
+        let mut users = BTreeMap::new();
+        users.insert(SUPERUSER.to_string(), None);
+        for (key, value) in table.scan_all(state.as_ref()).map_err(store_error)? {
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let credential = match value.split_first() {
+                Some((&length, rest)) if rest.len() > usize::from(length) => {
+                    let (salt, salted) = rest.split_at(usize::from(length));
+                    Some(Credential { salt: salt.to_vec(), salted: salted.to_vec() })
+                }
+                _ => None,
+            };
+            users.insert(name, credential);
+        }
+        Ok(Users { state, table, users: RwLock::new(users) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Option<Credential>>> {
+        self.users.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Option<Credential>>> {
+        self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Every user's name.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Creates user `name` (with `password`, if given), or changes an existing one's password when `alter`.
+    pub fn set(&self, name: &str, password: Option<&str>, alter: bool) -> Result<(), ErrorReport> {
+        let mut users = self.write();
+        match (users.contains_key(name), alter) {
+            (true, false) => {
+                return Err(ErrorReport::new(SqlState::DUPLICATE_OBJECT, format!("role \"{name}\" already exists")));
+            }
+            (false, true) => {
+                return Err(ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("role \"{name}\" does not exist")));
+            }
+            _ => {}
+        }
+        let credential = password.map(|password| {
+            let salt: [u8; 16] = rand_salt();
+            Credential { salt: salt.to_vec(), salted: gen_salted_password(password, &salt, ITERATIONS) }
+        });
+        let mut value = Vec::new();
+        if let Some(c) = &credential {
+            value.push(c.salt.len() as u8);
+            value.extend_from_slice(&c.salt);
+            value.extend_from_slice(&c.salted);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(self.table.key(name.as_bytes()), value);
+        self.state.write(&batch).map_err(store_error)?;
+        users.insert(name.to_string(), credential);
+        Ok(())
+    }
+
+    /// Drops user `name`; the superuser cannot be dropped.
+    pub fn drop_user(&self, name: &str, if_exists: bool) -> Result<(), ErrorReport> {
+        if name == SUPERUSER {
+            return Err(ErrorReport::new(
+                SqlState::INSUFFICIENT_PRIVILEGE,
+                format!("the superuser \"{SUPERUSER}\" cannot be dropped"),
+            ));
+        }
+        let mut users = self.write();
+        if !users.contains_key(name) {
+            return match if_exists {
+                true => Ok(()),
+                false => Err(ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("role \"{name}\" does not exist"))),
+            };
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete(self.table.key(name.as_bytes()));
+        self.state.write(&batch).map_err(store_error)?;
+        users.remove(name);
+        Ok(())
+    }
+}
+
+/// 16 random bytes.
+fn rand_salt() -> [u8; 16] {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut salt = [0u8; 16];
+    // The system's random source failing is not something a login can work around: fall back to the clock, which
+    // still makes salts differ.
+    if SystemRandom::new().fill(&mut salt).is_err() {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        salt = nanos.to_le_bytes();
+    }
+    salt
+}
+
+/// The credentials SCRAM checks a login against. A user without a password, or no such user, fails as a wrong
+/// password does (`28P01`, as Postgres says it), and the attempt is logged.
+#[async_trait]
+impl AuthSource for Users {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        match self.read().get(user) {
+            Some(Some(credential)) => Ok(Password::new(Some(credential.salt.clone()), credential.salted.clone())),
+            _ => {
+                tracing::warn!(%user, host = %login.host(), "login refused: no such user, or no password set");
+                Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                    "FATAL".to_string(),
+                    "28P01".to_string(),
+                    format!("password authentication failed for user \"{user}\""),
+                ))))
+            }
+        }
+    }
+}

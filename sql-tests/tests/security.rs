@@ -1,0 +1,110 @@
+//! Logins: SCRAM-SHA-256 against the server's users when it was started with a password (tokio-postgres, psql and
+//! psycopg as clients), users made and changed by the superuser only and kept across a restart; and trust mode,
+//! which refuses an address beyond loopback.
+
+use std::process::Command;
+
+use weir_sql_tests::{TestServer, WeirConnection};
+
+/// Connects as `user` with `password`; the SQLSTATE of the refusal otherwise.
+async fn login(server: &TestServer, user: &str, password: &str) -> Result<WeirConnection, String> {
+    let conninfo = format!("{} user={user} password='{password}'", server.conninfo().replace("user=weir", ""));
+    WeirConnection::connect(&conninfo).await.map_err(|err| {
+        err.downcast_ref::<tokio_postgres::Error>()
+            .and_then(|e| e.code())
+            .map(|code| code.code().to_string())
+            .unwrap_or_else(|| format!("{err:#}"))
+    })
+}
+
+/// The SQLSTATE `sql` fails with.
+async fn fails(connection: &WeirConnection, sql: &str) -> String {
+    let err = connection.client.batch_execute(sql).await.expect_err("an error");
+    err.code().map(|c| c.code().to_string()).unwrap_or_else(|| err.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_need_the_password_and_only_the_superuser_manages_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start_on(&data, |_| {}, |config| config.with_password("s3cret")).await.unwrap();
+    assert_eq!(login(&server, "weir", "wrong").await.err().as_deref(), Some("28P01"));
+    assert_eq!(login(&server, "nobody", "s3cret").await.err().as_deref(), Some("28P01"));
+    let weir = login(&server, "weir", "s3cret").await.expect("the superuser logs in");
+    weir.client.batch_execute("CREATE USER alice WITH PASSWORD 'wonder'; CREATE ROLE bob LOGIN").await.unwrap();
+    assert_eq!(fails(&weir, "CREATE USER alice WITH PASSWORD 'again'").await, "42710");
+    assert_eq!(fails(&weir, "CREATE USER carol WITH SUPERUSER").await, "42601");
+    // A user without a password cannot log in while logins need one.
+    assert_eq!(login(&server, "bob", "").await.err().as_deref(), Some("28P01"));
+
+    let alice = login(&server, "alice", "wonder").await.expect("alice logs in");
+    let rows = alice.client.query("SELECT current_user", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "alice");
+    assert_eq!(fails(&alice, "CREATE USER mallory WITH PASSWORD 'x'").await, "42501");
+    assert_eq!(fails(&alice, "ALTER USER weir WITH PASSWORD 'mine'").await, "42501");
+    assert_eq!(fails(&alice, "DROP USER weir").await, "42501");
+
+    weir.client.batch_execute("ALTER USER alice WITH PASSWORD 'looking-glass'").await.unwrap();
+    assert_eq!(login(&server, "alice", "wonder").await.err().as_deref(), Some("28P01"));
+    login(&server, "alice", "looking-glass").await.expect("the new password");
+    assert_eq!(fails(&weir, "DROP USER weir").await, "42501");
+    assert_eq!(fails(&weir, "DROP USER nobody").await, "42704");
+    weir.client.batch_execute("DROP USER IF EXISTS nobody; DROP ROLE bob").await.unwrap();
+
+    // psql and psycopg log in with SCRAM-SHA-256; psql's wrong password gets 28P01 too.
+    let psql = |password: &str| {
+        Command::new("psql")
+            .args(["-h", &server.addr.ip().to_string(), "-p", &server.addr.port().to_string(), "-U", "alice"])
+            .args(["-d", "weir", "-w", "-A", "-t", "-c", "SELECT current_user"])
+            .env("PGPASSWORD", password)
+            .output()
+            .expect("psql")
+    };
+    let good = psql("looking-glass");
+    assert_eq!(String::from_utf8_lossy(&good.stdout).trim(), "alice", "{}", String::from_utf8_lossy(&good.stderr));
+    let bad = psql("wonder");
+    assert!(!bad.status.success());
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(said.contains("password authentication failed for user \"alice\""), "{said}");
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect(host='127.0.0.1', port={}, user='alice', password='looking-glass', dbname='weir') as c:\n\
+         \x20   print(c.execute('SELECT current_user').fetchone()[0])\n\
+         try:\n\
+         \x20   psycopg.connect(host='127.0.0.1', port={}, user='alice', password='no', dbname='weir')\n\
+         except psycopg.OperationalError as e:\n\
+         \x20   print('refused' if 'password authentication failed' in str(e) else str(e))\n",
+        server.addr.port(),
+        server.addr.port()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice\nrefused",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Users and their credentials survive a restart; the superuser's password is the one the server starts with.
+    drop((weir, alice));
+    server.stop().await.unwrap();
+    let server = TestServer::start_on(&data, |_| {}, |config| config.with_password("rotated")).await.unwrap();
+    login(&server, "alice", "looking-glass").await.expect("alice after the restart");
+    assert_eq!(login(&server, "weir", "s3cret").await.err().as_deref(), Some("28P01"));
+    login(&server, "weir", "rotated").await.expect("the superuser's new password");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_mode_refuses_an_address_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let config = weir_server::Config::new(dir.path().join("data"));
+    let refused = weir_server::run(config.clone(), listener, async {}).await.expect_err("refused");
+    assert!(refused.to_string().contains("set a password (WEIR_PASSWORD or --password-file)"), "{refused}");
+    // --insecure-trust lets it start (and stop at once).
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let mut config = config;
+    config.insecure_trust = true;
+    weir_server::run(config, listener, async {}).await.expect("started and stopped");
+}
