@@ -21,6 +21,10 @@ pub struct Config {
     pub password: Option<String>,
     /// Trusting logins on an address beyond loopback (refused unless set).
     pub insecure_trust: bool,
+    /// The Postgres port's TLS certificate chain and private key (PEM files), if it speaks TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Plain connections are refused (needs `tls`).
+    pub tls_required: bool,
 }
 
 /// The checkpoint interval unless configured.
@@ -79,6 +83,8 @@ impl Config {
             limits: Limits::default(),
             password: None,
             insecure_trust: false,
+            tls: None,
+            tls_required: false,
         }
     }
 

@@ -18,6 +18,9 @@ pub enum ServerError {
     /// The state store cannot be opened or read (the message says where and what to do).
     #[error("{0}")]
     State(#[from] weir_runtime::state::StateError),
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Trust mode on an address others can reach.
     #[error(
         "refusing to trust every login on {0}, which is beyond loopback: set a password (WEIR_PASSWORD or \

@@ -101,6 +101,15 @@ pub async fn run_with_http(
              WEIR_PASSWORD or --password-file to require SCRAM-SHA-256 logins"
         );
     }
+    let tls = match &config.tls {
+        Some((cert, key)) => {
+            Some(Arc::new(wire::Tls::from_pem_files(cert, key, config.tls_required).map_err(ServerError::Tls)?))
+        }
+        None if config.tls_required => {
+            return Err(ServerError::Tls("--tls-required needs --tls-cert and --tls-key".to_string()));
+        }
+        None => None,
+    };
     let engine = Arc::new(Engine::new(&config)?);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http_task = http.map(|listener| {
@@ -136,9 +145,10 @@ pub async fn run_with_http(
                     let handlers = handler::ConnectionHandlers::new(engine.clone());
                     let max_message = config.limits.max_message_bytes;
                     let open = engine.jobs.metrics.connections.clone();
+                    let tls = tls.clone();
                     connections.spawn(async move {
                         open.inc();
-                        if let Err(err) = wire::serve(socket, max_message, handlers).await {
+                        if let Err(err) = wire::serve(socket, max_message, handlers, tls.as_deref()).await {
                             // A broken connection only ends its own session.
                             warn!(%peer, error = %err, "connection ended with an error");
                         }

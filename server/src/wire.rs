@@ -14,16 +14,21 @@
 //!
 //! A message that breaks the protocol, or is longer than `--max-message-bytes`, ends the connection with a
 //! `FATAL 08P01` error response (written between two of the server's messages, never inside one), and never reaches
-//! pgwire. Everything else passes unchanged. The guard answers `SSLRequest` and `GSSENCRequest` itself (`N`: Weir
-//! has no TLS yet; when it does, TLS must sit below this guard). Its two socket buffers bound what a connection
-//! holds between a statement's worker and a client that reads slowly.
+//! pgwire. Everything else passes unchanged. Its two socket buffers bound what a connection holds between a
+//! statement's worker and a client that reads slowly.
+//!
+//! TLS sits below the guard: with a certificate configured ([`Tls`]), a client's `SSLRequest` is answered `S` and
+//! the TLS handshake made before the guard sees a byte, so the guard frames the decrypted stream. `GSSENCRequest` is
+//! answered `N` (the client then asks for TLS or goes on in plain). A plain startup is refused with `FATAL 28000`
+//! when TLS is required. Without a certificate the guard answers `SSLRequest` and `GSSENCRequest` itself with `N`.
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use pgwire::api::PgWireServerHandlers;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
@@ -35,10 +40,108 @@ const CANCEL_REQUEST: i32 = 80_877_102;
 
 /// Serves one client: pgwire on one end of a socket pair, the guard between it and `tcp`. Returns when the
 /// connection is over.
-pub async fn serve<H: PgWireServerHandlers>(tcp: TcpStream, max_message: usize, handlers: H) -> io::Result<()> {
+pub async fn serve<H: PgWireServerHandlers>(
+    mut tcp: TcpStream,
+    max_message: usize,
+    handlers: H,
+    tls: Option<&Tls>,
+) -> io::Result<()> {
+    let Some(tls) = tls else { return serve_over(tcp, max_message, handlers).await };
+    // The encryption requests come first, each 8 bytes: length 8 and the request's code.
+    loop {
+        let mut head = [0u8; 8];
+        if !peek_exact(&tcp, &mut head).await? {
+            return Ok(());
+        }
+        let length = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        match (length, code) {
+            (8, GSSENC_REQUEST) => {
+                tcp.read_exact(&mut head).await?;
+                tcp.write_all(b"N").await?;
+            }
+            (8, SSL_REQUEST) => {
+                tcp.read_exact(&mut head).await?;
+                tcp.write_all(b"S").await?;
+                let stream = tls.acceptor.accept(tcp).await?;
+                return serve_over(stream, max_message, handlers).await;
+            }
+            // A cancel request needs no encryption (it carries no secret but the key).
+            (16, CANCEL_REQUEST) => return serve_over(tcp, max_message, handlers).await,
+            _ if tls.required => {
+                tracing::warn!("refusing a connection without TLS (--tls-required)");
+                let response = fatal_response("28000", "TLS is required: connect with sslmode=require or stronger");
+                tcp.write_all(&response).await?;
+                let _ = tcp.shutdown().await;
+                return Ok(());
+            }
+            _ => return serve_over(tcp, max_message, handlers).await,
+        }
+    }
+}
+
+/// The TLS the Postgres port speaks (`--tls-cert`, `--tls-key`), and whether clients must.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// Plain connections are refused (`--tls-required`).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("required", &self.required).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// TLS with the certificate chain of PEM file `cert` and the private key of PEM file `key`.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path, required: bool) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("--tls-cert {}: no certificate in the file", cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("the TLS certificate and key: {e}"))?;
+        Ok(Tls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), required })
+    }
+}
+
+/// Fills `buf` with the next bytes of `tcp` without taking them; `false` if the client closed first.
+async fn peek_exact(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<bool> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let n = tcp.peek(buf).await?;
+        if n == buf.len() {
+            return Ok(true);
+        }
+        if n == 0 || tokio::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        // Part of the message has come: the rest follows at once.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// pgwire on one end of a socket pair, the guard between it and the client's `stream`.
+async fn serve_over<H, S>(stream: S, max_message: usize, handlers: H) -> io::Result<()>
+where
+    H: PgWireServerHandlers,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let (server_end, guard_end) = UnixStream::pair()?;
     let served = pgwire::tokio::process_socket_unix(server_end, handlers);
-    let (served, guarded) = tokio::join!(served, guard(tcp, guard_end, max_message));
+    let (served, guarded) = tokio::join!(served, guard(stream, guard_end, max_message));
     served.and(guarded)
 }
 
@@ -51,8 +154,12 @@ struct Reply {
 }
 
 /// Copies checked messages from the client to the server and the server's bytes back; see the module docs.
-async fn guard(tcp: TcpStream, server: UnixStream, max_message: usize) -> io::Result<()> {
-    let (mut client_read, mut client_write) = tcp.into_split();
+async fn guard<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    client: S,
+    server: UnixStream,
+    max_message: usize,
+) -> io::Result<()> {
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = server.into_split();
     let (replies, mut replies_due) = mpsc::unbounded_channel::<Reply>();
     let upstream = async move {
@@ -146,7 +253,7 @@ async fn guard(tcp: TcpStream, server: UnixStream, max_message: usize) -> io::Re
 /// Writes the replies that wait, if the server is between two messages; whether the connection is to end (a reply
 /// was the last), in which case the client's side is shut.
 async fn send_replies(
-    client: &mut tokio::net::tcp::OwnedWriteHalf,
+    client: &mut (impl AsyncWrite + Unpin),
     pending: &mut VecDeque<Reply>,
     frames: &OutgoingFrames,
 ) -> io::Result<bool> {

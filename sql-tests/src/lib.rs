@@ -89,7 +89,12 @@ impl TestServer {
         let conninfo =
             format!("host={} port={} user=weir dbname=weir connect_timeout=5{password}", addr.ip(), addr.port());
         for _ in 0..250 {
-            if task.is_finished() || WeirConnection::connect(&conninfo).await.is_ok() {
+            // Up once it answers: with its rows, or with an error of its own (TLS required, a wrong password).
+            let answered = match WeirConnection::connect(&conninfo).await {
+                Ok(_) => true,
+                Err(err) => err.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.as_db_error()).is_some(),
+            };
+            if task.is_finished() || answered {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -352,5 +357,54 @@ pub async fn wait_for(client: &tokio_postgres::Client, sql: &str, what: &str, do
         }
         assert!(std::time::Instant::now() < deadline, "{what}: {got:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 it signed, made with the openssl tool in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+pub fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl must be installed (the test command installs it)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weir-test-ca"],
+        ]
+        .concat(),
+    );
+    openssl(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("writing san.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // Mosquitto started as root reads them as its own user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("opening the directory");
+    for file in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).expect("opening a file");
     }
 }

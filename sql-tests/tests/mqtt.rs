@@ -5,7 +5,6 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -494,59 +493,10 @@ async fn a_sink_coming_back_after_a_restart_does_not_send_what_it_had_delivered(
     server.stop().await.unwrap();
 }
 
-/// A certificate authority and a server certificate for 127.0.0.1 it signed, made with the openssl tool in `dir`:
-/// `ca.pem`, `server.pem`, `server.key`.
-fn certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl must be installed (the test command installs it)");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=weir-test-ca"],
-        ]
-        .concat(),
-    );
-    openssl(&[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("writing san.ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    // Mosquitto started as root reads them as its own user.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("opening the directory");
-    for file in ["ca.pem", "server.pem", "server.key"] {
-        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).expect("opening a file");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_and_sinks_speak_mqtt_5_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    certificates(dir.path());
+    weir_sql_tests::certificates(dir.path());
     let (plain, secure) = (free_port(), free_port());
     // One broker, two listeners: plain for the test's clients, TLS for Weir.
     let _broker = Broker::start_with(

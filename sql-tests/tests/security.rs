@@ -108,3 +108,57 @@ async fn trust_mode_refuses_an_address_beyond_loopback() {
     config.insecure_trust = true;
     weir_server::run(config, listener, async {}).await.expect("started and stopped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    weir_sql_tests::certificates(dir.path());
+    let (cert, key, ca) = (dir.path().join("server.pem"), dir.path().join("server.key"), dir.path().join("ca.pem"));
+    let server = TestServer::start_on(
+        &dir.path().join("data"),
+        |_| {},
+        |mut config| {
+            config.tls = Some((cert, key));
+            config.tls_required = true;
+            config.with_password("s3cret")
+        },
+    )
+    .await
+    .unwrap();
+    let port = server.addr.port().to_string();
+    let psql = |sslmode: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={port} user=weir dbname=weir sslmode={sslmode} sslrootcert={}",
+                ca.display()
+            ))
+            .args(["-w", "-A", "-t", "-c", "SELECT 40 + 2"])
+            .env("PGPASSWORD", "s3cret")
+            .output()
+            .expect("psql")
+    };
+    // verify-full checks the certificate against the CA and the address it was made for.
+    for mode in ["require", "verify-full"] {
+        let out = psql(mode);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "42",
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let plain = psql("disable");
+    assert!(!plain.status.success());
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(said.contains("TLS is required"), "{said}");
+    let script = format!(
+        "import psycopg\n\
+         with psycopg.connect(host='127.0.0.1', port={port}, user='weir', password='s3cret', dbname='weir', \
+         sslmode='verify-full', sslrootcert='{}') as c:\n\
+         \x20   print(c.execute('SELECT 7').fetchone()[0], c.info.pgconn.ssl_in_use)\n",
+        dir.path().join("ca.pem").display()
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7 True", "{}", String::from_utf8_lossy(&out.stderr));
+    server.stop().await.unwrap();
+}

@@ -59,6 +59,15 @@ struct Flags {
     /// Trust every login even on an address beyond loopback (without a password, Weir refuses to).
     #[arg(long, env = "WEIR_INSECURE_TRUST")]
     insecure_trust: bool,
+    /// The Postgres port's TLS certificate chain (PEM); with --tls-key, clients may connect with sslmode=require.
+    #[arg(long, env = "WEIR_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "WEIR_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Refuse connections without TLS (SQLSTATE 28000).
+    #[arg(long, env = "WEIR_TLS_REQUIRED")]
+    tls_required: bool,
     /// A directory `file` sources may read under (repeat the flag for more); none by default.
     #[arg(long = "allow-file-dir", env = "WEIR_ALLOW_FILE_DIRS", value_delimiter = ',')]
     allow_file_dirs: Vec<PathBuf>,
@@ -114,6 +123,8 @@ async fn main() -> anyhow::Result<()> {
         .with_limits(limits);
     config.password = password;
     config.insecure_trust = flags.insecure_trust;
+    config.tls = flags.tls_cert.zip(flags.tls_key);
+    config.tls_required = flags.tls_required;
     weir_server::run_with_http(config, listener, http, shutdown_signal()).await?;
     Ok(())
 }
