@@ -29,6 +29,7 @@
 //!   last checkpoint.
 //! - [`http`] serves Prometheus metrics ([`metrics`]), `/health`, `/ready` and the web console ([`console`]) beside
 //!   the Postgres port.
+//! - [`privileges`] checks a statement against the user's privileges, and runs `GRANT` and `REVOKE`.
 //! - [`users`] keeps the users and their SCRAM-SHA-256 credentials; the connection handler logs clients in with them
 //!   when the server was started with a password.
 //! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
@@ -53,6 +54,7 @@ pub mod http;
 pub mod jobs;
 pub mod match_recognize;
 pub mod metrics;
+pub mod privileges;
 pub mod recovery;
 pub mod relations;
 pub mod session;

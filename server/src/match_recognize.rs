@@ -119,6 +119,7 @@ impl Session {
         resolved?;
         let parameters = std::mem::take(&mut resolver.parameters);
         let plan = self.plan(Statement::Query(Box::new(query)), &statement.text, sql).await?;
+        self.check_plan(&plan)?;
         Ok(Resolved::Plan(plan, parameters))
     }
 }
@@ -281,6 +282,7 @@ impl Resolver<'_> {
                 // The input, read in full.
                 let input = parse_query(&format!("SELECT * FROM {table}"))?;
                 let plan = self.session.plan(Statement::Query(Box::new(input)), self.text, self.sql).await?;
+                self.session.check_plan(&plan)?;
                 let input_schema = Arc::new(plan.schema().as_arrow().clone());
                 let parts = MatchRecognizeAst {
                     partition_by,

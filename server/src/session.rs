@@ -167,6 +167,7 @@ impl Session {
     ) -> Result<Outcome, ErrorReport> {
         let text = &prepared.statement.text;
         let row_patterns = &prepared.statement.row_patterns;
+        self.authorize(&prepared.statement)?;
         if !row_patterns.is_empty() && matches!(prepared.statement.statement, WeirStatement::Sql(_)) {
             return self.execute_match_recognize(&prepared.statement, bound, sql).await;
         }
@@ -241,6 +242,7 @@ impl Session {
             Statement::ReleaseSavepoint { name } => self.savepoint(name, Savepoint::Release),
             Statement::Rollback { savepoint: Some(name), .. } => self.savepoint(name, Savepoint::RollbackTo),
             Statement::Set(set) => self.set(set, params),
+            Statement::Grant(_) | Statement::Revoke(_) => self.grant(stmt),
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => {
                 self.show_relations(relation_list(variable).unwrap_or(RelationKind::Table))
             }
@@ -294,6 +296,7 @@ impl Session {
     }
 
     async fn run_plan(&self, stmt: &Statement, plan: LogicalPlan, sql: &str) -> Result<Outcome, ErrorReport> {
+        self.check_plan(&plan)?;
         if let LogicalPlan::Ddl(ddl) = &plan {
             return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", ddl.name())));
         }
@@ -803,6 +806,11 @@ fn ident_name(ident: &ast::Ident) -> String {
 }
 
 impl Session {
+    /// Who logged in.
+    pub(crate) fn user(&self) -> &str {
+        &self.user
+    }
+
     /// Only the superuser creates, changes and drops users (`42501` for the others).
     fn manage_users(&self) -> Result<(), ErrorReport> {
         match self.user == crate::users::SUPERUSER {

@@ -82,6 +82,7 @@ impl Session {
                 (dataflow_name(&name), store, dataflow.append_only, dataflow.depends_on.clone(), Some(dataflow))
             }
         };
+        self.check_reads(&depends_on)?;
         if format == SinkFormat::Plain && !append_only {
             return Err(ErrorReport::new(
                 SqlState::FEATURE_NOT_SUPPORTED,

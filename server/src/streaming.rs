@@ -181,6 +181,7 @@ impl Session {
         }
         depends_on.sort();
         depends_on.dedup();
+        self.check_reads(&depends_on)?;
         let append_only = plan.append_only();
         let watermark = plan.nodes.get(plan.root()).map(|n| n.watermark.clone()).unwrap_or_default();
         let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
@@ -283,6 +284,7 @@ impl Session {
         let logical = self.plan(Statement::Query(view.query.clone()), text, sql).await?;
         let catalog = SessionCatalog { session: self, text, sql };
         let depends_on = weir_planner::view::scanned_relations(&logical, &catalog, sql)?;
+        self.check_reads(&depends_on)?;
         let schema = Arc::new(logical.schema().as_arrow().clone());
         let provider = Arc::new(ViewTable::new(logical, Some(text.to_string())));
         let def = RelationDef { name, kind: RelationKind::View, schema, definition: text.to_string(), depends_on };
@@ -309,6 +311,7 @@ impl Session {
             }
             if self.engine.catalog.drop_relation(&name, kind, if_exists)? {
                 self.engine.jobs.stop(&name);
+                self.engine.users.forget_relation(&name);
             }
         }
         Ok(Outcome::Command(kind.drop_tag(), None))
@@ -321,6 +324,7 @@ impl Session {
             self.check_sinks_reading(&dependent.def.name, dependent.def.kind, true)?;
             self.engine.catalog.drop_relation(&dependent.def.name, dependent.def.kind, true)?;
             self.engine.jobs.stop(&dependent.def.name);
+            self.engine.users.forget_relation(&dependent.def.name);
         }
         Ok(())
     }

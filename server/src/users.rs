@@ -5,8 +5,12 @@
 //! always exists; when the server is started with a password (`WEIR_PASSWORD`, `--password-file`) it is set at
 //! start, and every login needs SCRAM-SHA-256 (see [`crate::handler`]). Without one the server trusts every login
 //! (local development), and the credentials wait until it is started with a password.
+//!
+//! Privileges (`GRANT` / `REVOKE`): `SELECT` and `INSERT` on named relations (or `ON ALL TABLES IN SCHEMA public`),
+//! and `CREATE` (`ON SCHEMA public` or `ON DATABASE weir`: every DDL statement), kept under `grants/<user>`. The
+//! superuser has them all; the others have what they were granted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -28,6 +32,35 @@ struct Credential {
     salted: Vec<u8>,
 }
 
+/// What a user may do besides reading the system catalogs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// Read a relation.
+    Select,
+    /// Insert into a table.
+    Insert,
+    /// Run DDL: create and drop sources, tables, views and sinks.
+    Create,
+}
+
+/// A user's privileges: `*` among the relations stands for every relation of the schema.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Grants {
+    create: bool,
+    select: BTreeSet<String>,
+    insert: BTreeSet<String>,
+}
+
+impl Grants {
+    fn relations(&mut self, privilege: Privilege) -> Option<&mut BTreeSet<String>> {
+        match privilege {
+            Privilege::Select => Some(&mut self.select),
+            Privilege::Insert => Some(&mut self.insert),
+            Privilege::Create => None,
+        }
+    }
+}
+
 /// The server's users: name to credential (`None`: a user without a password, who cannot log in when logins need
 /// one).
 #[derive(Debug)]
@@ -35,6 +68,8 @@ pub struct Users {
     state: Arc<dyn StateStore>,
     table: StateTable,
     users: RwLock<BTreeMap<String, Option<Credential>>>,
+    grants_table: StateTable,
+    grants: RwLock<BTreeMap<String, Grants>>,
 }
 
 fn store_error(err: impl std::fmt::Display) -> ErrorReport {
@@ -58,7 +93,13 @@ impl Users {
             };
             users.insert(name, credential);
         }
-        Ok(Users { state, table, users: RwLock::new(users) })
+        let grants_table = StateTable::new("grants");
+        let mut grants = BTreeMap::new();
+        for (key, value) in grants_table.scan_all(state.as_ref()).map_err(store_error)? {
+            let granted: Grants = serde_json::from_slice(&value).map_err(store_error)?;
+            grants.insert(String::from_utf8_lossy(&key).into_owned(), granted);
+        }
+        Ok(Users { state, table, users: RwLock::new(users), grants_table, grants: RwLock::new(grants) })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Option<Credential>>> {
@@ -124,9 +165,65 @@ impl Users {
         }
         let mut batch = WriteBatch::default();
         batch.delete(self.table.key(name.as_bytes()));
+        batch.delete(self.grants_table.key(name.as_bytes()));
         self.state.write(&batch).map_err(store_error)?;
         users.remove(name);
+        self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name);
         Ok(())
+    }
+
+    /// Grants (or with `grant` false, revokes) `privilege` to `user`: on `relation` for `SELECT` and `INSERT` (`*`:
+    /// every relation), on the schema for `CREATE`.
+    pub fn change(&self, user: &str, privilege: Privilege, relation: &str, grant: bool) -> Result<(), ErrorReport> {
+        if !self.exists(user) {
+            return Err(ErrorReport::new(SqlState::UNDEFINED_OBJECT, format!("role \"{user}\" does not exist")));
+        }
+        let mut grants = self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut changed = grants.get(user).cloned().unwrap_or_default();
+        match changed.relations(privilege) {
+            Some(relations) if grant => {
+                relations.insert(relation.to_string());
+            }
+            Some(relations) => {
+                relations.remove(relation);
+            }
+            None => changed.create = grant,
+        }
+        let mut batch = WriteBatch::default();
+        batch.put(self.grants_table.key(user.as_bytes()), serde_json::to_vec(&changed).map_err(store_error)?);
+        self.state.write(&batch).map_err(store_error)?;
+        grants.insert(user.to_string(), changed);
+        Ok(())
+    }
+
+    /// Whether `user` may use `privilege` (on `relation`, for `SELECT` and `INSERT`).
+    pub fn allowed(&self, user: &str, privilege: Privilege, relation: &str) -> bool {
+        if user == SUPERUSER {
+            return true;
+        }
+        let grants = self.grants.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(granted) = grants.get(user) else { return false };
+        match privilege {
+            Privilege::Create => granted.create,
+            Privilege::Select => granted.select.contains(relation) || granted.select.contains("*"),
+            Privilege::Insert => granted.insert.contains(relation) || granted.insert.contains("*"),
+        }
+    }
+
+    /// Forgets the privileges on a dropped relation (one made again under its name starts without them).
+    pub fn forget_relation(&self, relation: &str) {
+        let mut grants = self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut batch = WriteBatch::default();
+        for (user, granted) in grants.iter_mut() {
+            if granted.select.remove(relation) | granted.insert.remove(relation)
+                && let Ok(value) = serde_json::to_vec(&*granted)
+            {
+                batch.put(self.grants_table.key(user.as_bytes()), value);
+            }
+        }
+        if let Err(err) = self.state.write(&batch) {
+            tracing::warn!(%relation, error = %err, "the privileges on a dropped relation could not be forgotten");
+        }
     }
 }
 

@@ -162,3 +162,75 @@ async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7 True", "{}", String::from_utf8_lossy(&out.stderr));
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_user_reads_what_it_was_granted_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start_on(&data, |_| {}, |config| config.with_password("s3cret")).await.unwrap();
+    let weir = login(&server, "weir", "s3cret").await.unwrap();
+    weir.client
+        .batch_execute(
+            "CREATE TABLE t (x INT, ts TIMESTAMP(3)); \
+             INSERT INTO t VALUES (1, '2024-01-01 00:00:01'), (2, '2024-01-01 00:00:02'); \
+             CREATE MATERIALIZED VIEW v AS SELECT count(*) AS n FROM t; \
+             CREATE USER bi WITH PASSWORD 'charts'",
+        )
+        .await
+        .unwrap();
+    let bi = login(&server, "bi", "charts").await.unwrap();
+    // Nothing granted: the user's relations are closed, the system catalogs open.
+    assert_eq!(fails(&bi, "SELECT * FROM t").await, "42501");
+    assert_eq!(fails(&bi, "SELECT * FROM v").await, "42501");
+    bi.client
+        .batch_execute("SELECT count(*) FROM pg_catalog.pg_class; SELECT * FROM weir_catalog.view_progress")
+        .await
+        .unwrap();
+    bi.client.query("SELECT table_name FROM information_schema.tables", &[]).await.unwrap();
+
+    weir.client.batch_execute("GRANT SELECT ON v TO bi").await.unwrap();
+    let rows = bi.client.query("SELECT n FROM v", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 2);
+    // Reading `t` through a subquery, a join or MATCH_RECOGNIZE is reading `t`.
+    assert_eq!(fails(&bi, "SELECT n FROM v WHERE n IN (SELECT x FROM t)").await, "42501");
+    assert_eq!(fails(&bi, "SELECT * FROM v, t").await, "42501");
+    let pattern = "SELECT * FROM t MATCH_RECOGNIZE (ORDER BY ts MEASURES FIRST(a.x) AS x ONE ROW PER MATCH \
+                   PATTERN (a) DEFINE a AS x > 0)";
+    assert_eq!(fails(&bi, pattern).await, "42501");
+    // No DDL, no inserts, no grants of its own.
+    assert_eq!(fails(&bi, "INSERT INTO t VALUES (3, NULL)").await, "42501");
+    assert_eq!(fails(&bi, "CREATE TABLE u (x INT)").await, "42501");
+    assert_eq!(fails(&bi, "DROP MATERIALIZED VIEW v").await, "42501");
+    assert_eq!(fails(&bi, "GRANT SELECT ON t TO bi").await, "42501");
+
+    // CREATE lets it make objects, but not over relations it may not read.
+    weir.client.batch_execute("GRANT CREATE ON SCHEMA public TO bi; GRANT INSERT ON t TO bi").await.unwrap();
+    bi.client.batch_execute("CREATE TABLE u (x INT); INSERT INTO t VALUES (3, NULL)").await.unwrap();
+    assert_eq!(fails(&bi, "CREATE MATERIALIZED VIEW w AS SELECT count(*) FROM t").await, "42501");
+    assert_eq!(fails(&bi, "CREATE VIEW w AS SELECT * FROM t").await, "42501");
+    assert_eq!(fails(&bi, "SELECT * FROM t").await, "42501");
+
+    weir.client
+        .batch_execute("REVOKE SELECT ON v FROM bi; GRANT SELECT ON ALL TABLES IN SCHEMA public TO bi")
+        .await
+        .unwrap();
+    let rows = bi.client.query("SELECT count(*) FROM t", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 3);
+    weir.client.batch_execute("REVOKE SELECT ON ALL TABLES IN SCHEMA public FROM bi").await.unwrap();
+    assert_eq!(fails(&bi, "SELECT n FROM v").await, "42501");
+
+    // Privileges survive a restart; a dropped relation's go with it.
+    weir.client.batch_execute("GRANT SELECT ON v TO bi").await.unwrap();
+    drop((weir, bi));
+    server.stop().await.unwrap();
+    let server = TestServer::start_on(&data, |_| {}, |config| config.with_password("s3cret")).await.unwrap();
+    let bi = login(&server, "bi", "charts").await.unwrap();
+    bi.client.query("SELECT n FROM v", &[]).await.expect("SELECT on v after the restart");
+    let weir = login(&server, "weir", "s3cret").await.unwrap();
+    weir.client
+        .batch_execute("DROP MATERIALIZED VIEW v; CREATE MATERIALIZED VIEW v AS SELECT 1 AS n FROM t")
+        .await
+        .unwrap();
+    assert_eq!(fails(&bi, "SELECT n FROM v").await, "42501");
+    server.stop().await.unwrap();
+}
