@@ -813,7 +813,7 @@ impl Session {
 
     /// Only the superuser creates, changes and drops users (`42501` for the others).
     fn manage_users(&self) -> Result<(), ErrorReport> {
-        match self.user == crate::users::SUPERUSER {
+        match self.superuser() {
             true => Ok(()),
             false => Err(ErrorReport::new(
                 SqlState::INSUFFICIENT_PRIVILEGE,
