@@ -170,10 +170,15 @@ async fn the_config_file_sets_every_flag_below_the_environment_and_the_command_l
     assert!(data.join("state").is_dir(), "the data directory is the file's");
     drop(server);
     let text = std::fs::read_to_string(&log).unwrap();
-    let first = text.lines().next().expect("a log line");
-    let line: serde_json::Value = serde_json::from_str(first).expect("a JSON log line");
-    assert_eq!(line["level"], "INFO", "{first}");
-    assert!(text.contains("weir is ready for connections"), "{text}");
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("a JSON log line: {l}"))).collect();
+    let level_of = |message: &str| {
+        let line = lines.iter().find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with(message)));
+        line.map(|l| l["level"].clone())
+    };
+    assert_eq!(level_of("weir is ready for connections"), Some("INFO".into()), "{text}");
+    // Started without a password, it says it trusts every login.
+    assert_eq!(level_of("TRUST MODE"), Some("WARN".into()), "{text}");
 
     // The environment over the file (WEIR_CONFIG names the file too), the command line over both.
     let env = [("WEIR_CONFIG", config.clone()), ("WEIR_LISTEN", format!("127.0.0.1:{env_port}"))];
