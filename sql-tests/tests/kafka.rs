@@ -395,7 +395,8 @@ async fn views_of_a_topic_share_one_reader_and_a_later_view_catches_up_or_starts
     // The reader is at the end of the topic once the broker has assigned it the partitions: a record produced now
     // comes to it (warm-up records produced before may not).
     let mut produced = 0;
-    while query_rows(client, "SELECT n FROM live_early").await == [["0"]] {
+    // (An aggregate over nothing yet may have no row at all.)
+    while query_rows(client, "SELECT n FROM live_early WHERE n > 0").await.is_empty() {
         assert!(produced < 50, "the 'latest' view never saw a new record");
         produce_reading(&producer, 0, "warm-up", 0).await;
         produced += 1;
