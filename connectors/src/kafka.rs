@@ -729,9 +729,9 @@ impl SourceReader for KafkaSource {
     }
 
     fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
-        let numbers = weir_common::connector::decode_position(position, None, &format!("Kafka topic {}", self.topic))?;
-        let pairs = numbers.chunks_exact(2).map(|pair| (i32::try_from(pair[0]).unwrap_or(0), pair[1]));
-        self.resume = pairs.collect();
+        let source = format!("Kafka topic {}", self.topic);
+        let offsets = weir_common::connector::decode_split_offsets(position, &source)?;
+        self.resume = offsets.into_iter().map(|(p, o)| (i32::try_from(p).unwrap_or(0), o)).collect();
         self.offsets = self.resume.clone();
         self.resumed_at = self.resume.clone();
         Ok(())

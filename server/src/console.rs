@@ -46,8 +46,6 @@ pub fn status(engine: &Engine) -> Value {
         .progress()
         .into_iter()
         .map(|(name, p)| {
-            let (newest, mark) = (p.newest_event_ms.load(Ordering::Relaxed), p.watermark_ms.load(Ordering::Relaxed));
-            let lag = (newest != i64::MIN && mark != i64::MIN).then(|| newest.saturating_sub(mark));
             json!({
                 "name": name,
                 "inputs": p.source,
@@ -57,7 +55,7 @@ pub fn status(engine: &Engine) -> Value {
                 "late_rows": p.late_rows.load(Ordering::Relaxed),
                 "malformed_rows": p.malformed_rows.load(Ordering::Relaxed),
                 "rows_per_second": f64::from_bits(p.rows_per_second.load(Ordering::Relaxed)),
-                "watermark_lag_ms": lag,
+                "watermark_lag_ms": p.watermark_lag_ms(),
                 "checkpoint_ms": last_checkpoint.get(&name),
                 "state_bytes": p.state_bytes.load(Ordering::Relaxed),
             })

@@ -205,7 +205,7 @@ impl ErrorHandler for LogErrors {
             PgWireError::InvalidPassword(_) => {
                 // As Postgres words it, naming the user the client logged in as.
                 let user = client.metadata().get("user").cloned().unwrap_or_default();
-                tracing::warn!(%user, "login refused: wrong password");
+                tracing::warn!(%user, "login refused: wrong password, no such user, or no password set");
                 *error = PgWireError::UserError(Box::new(pgwire::error::ErrorInfo::new(
                     "FATAL".to_string(),
                     "28P01".to_string(),

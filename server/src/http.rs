@@ -96,13 +96,12 @@ fn running_metrics(engine: &Engine) -> prometheus::Result<Registry> {
         }
         rows.with_label_values(&v).set(progress.rows_written.load(Ordering::Relaxed) as f64);
         rate.with_label_values(&v).set(f64::from_bits(progress.rows_per_second.load(Ordering::Relaxed)));
-        let (newest, mark) =
-            (progress.newest_event_ms.load(Ordering::Relaxed), progress.watermark_ms.load(Ordering::Relaxed));
+        let mark = progress.watermark_ms.load(Ordering::Relaxed);
         if mark != i64::MIN {
             watermark.with_label_values(&v).set(mark as f64 / 1000.0);
         }
-        if newest != i64::MIN && mark != i64::MIN {
-            lag.with_label_values(&v).set(newest.saturating_sub(mark) as f64 / 1000.0);
+        if let Some(behind) = progress.watermark_lag_ms() {
+            lag.with_label_values(&v).set(behind as f64 / 1000.0);
         }
         let kafka_lag = progress.consumer_lag.load(Ordering::Relaxed);
         if kafka_lag != i64::MIN {

@@ -156,6 +156,12 @@ impl Progress {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
     }
 
+    /// How far the watermark trails the newest event read, in milliseconds; `None` before both are known.
+    pub fn watermark_lag_ms(&self) -> Option<i64> {
+        let (newest, mark) = (self.newest_event_ms.load(Ordering::Relaxed), self.watermark_ms.load(Ordering::Relaxed));
+        (newest != i64::MIN && mark != i64::MIN).then(|| newest.saturating_sub(mark))
+    }
+
     pub fn status(&self) -> String {
         self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }

@@ -11,23 +11,11 @@ use datafusion::sql::sqlparser::ast::{self, Action, GrantObjects, Privileges, St
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::{ParsedStatement, WeirStatement};
 
-use crate::session::{Outcome, Session};
+use crate::session::{Outcome, Session, object_name};
 use crate::users::{Privilege, SUPERUSER};
 
 fn denied(what: &str) -> ErrorReport {
     ErrorReport::new(SqlState::INSUFFICIENT_PRIVILEGE, format!("permission denied {what}"))
-}
-
-/// The name an object name stands for (its last part, folded as Postgres folds unquoted names).
-fn relation_name(name: &ast::ObjectName) -> String {
-    name.0
-        .last()
-        .and_then(|part| part.as_ident())
-        .map(|ident| match ident.quote_style {
-            Some(_) => ident.value.clone(),
-            None => ident.value.to_lowercase(),
-        })
-        .unwrap_or_default()
 }
 
 impl Session {
@@ -135,7 +123,7 @@ impl Session {
             )
         };
         let relations: Vec<String> = match objects {
-            Some(GrantObjects::Tables(names)) => names.iter().map(relation_name).collect(),
+            Some(GrantObjects::Tables(names)) => names.iter().map(object_name).collect::<Result<_, _>>()?,
             Some(GrantObjects::AllTablesInSchema { .. }) => vec!["*".to_string()],
             Some(GrantObjects::Schemas(_)) | Some(GrantObjects::Databases(_)) => Vec::new(),
             _ => return Err(unsupported("this kind of object")),
@@ -165,7 +153,7 @@ impl Session {
             let Some(ast::GranteeName::ObjectName(name)) = &grantee.name else {
                 return Err(unsupported("this grantee"));
             };
-            let user = relation_name(name);
+            let user = object_name(name)?;
             for privilege in &actions {
                 match (privilege, relations.is_empty()) {
                     (Privilege::Create, true) => self.engine.users.change(&user, *privilege, "", grant)?,

@@ -185,14 +185,14 @@ impl Session {
             WeirStatement::ShowSinks => return self.show_sinks(),
             WeirStatement::User { name, password, alter } => {
                 self.manage_users()?;
-                let name = ident_name(name);
+                let name = normalize(name);
                 self.engine.users.set(&name, password.as_ref().and_then(|p| p.as_deref()), *alter)?;
                 return Ok(Outcome::Command(if *alter { "ALTER ROLE" } else { "CREATE ROLE" }, None));
             }
             WeirStatement::DropUser { names, if_exists } => {
                 self.manage_users()?;
                 for name in names {
-                    self.engine.users.drop_user(&ident_name(name), *if_exists)?;
+                    self.engine.users.drop_user(&normalize(name), *if_exists)?;
                 }
                 return Ok(Outcome::Command("DROP ROLE", None));
             }
@@ -761,7 +761,7 @@ impl Session {
     /// Weir, so rolling back to a savepoint undoes nothing: it ends the block's failed state, as in Postgres, and
     /// forgets the savepoints set after it.
     fn savepoint(&self, name: &ast::Ident, what: Savepoint) -> Result<Outcome, ErrorReport> {
-        let name = ident_name(name);
+        let name = normalize(name);
         let mut block = self.block();
         let Some(savepoints) = block.as_mut() else {
             let verb = match what {
@@ -794,14 +794,6 @@ impl Session {
                 Ok(Outcome::Command("ROLLBACK", None))
             }
         }
-    }
-}
-
-/// An identifier as Postgres folds it: unquoted to lower case.
-fn ident_name(ident: &ast::Ident) -> String {
-    match ident.quote_style {
-        Some(_) => ident.value.clone(),
-        None => ident.value.to_lowercase(),
     }
 }
 

@@ -76,18 +76,8 @@ impl LoggedReader {
     /// The shared reader of `source`: reads `reader`, logging each batch after the log's last one (or, after a
     /// seek, first hands out what the log holds from there).
     pub fn live(source: &str, reader: Box<dyn SourceReader>, state: Arc<dyn StateStore>) -> Self {
-        LoggedReader {
-            source: source.to_string(),
-            schema: reader.schema(),
-            live: Some(reader),
-            state,
-            log: log_table(source),
-            next: 0,
-            replayed: Default::default(),
-            replaying: false,
-            appending: false,
-            offsets: Vec::new(),
-        }
+        let replay = Self::replay(source, reader.schema(), state);
+        LoggedReader { live: Some(reader), replaying: false, ..replay }
     }
 
     /// A reader of `source`'s log only, from its beginning (or where [`SourceReader::seek`] says).

@@ -247,11 +247,7 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
                 .map(|(_, p)| Some(p.newest_event_ms.load(Ordering::Relaxed)).filter(|t| *t != i64::MIN))
                 .collect::<TimestampMillisecondArray>(),
         ),
-        optional(&|p| {
-            let (newest, watermark) =
-                (p.newest_event_ms.load(Ordering::Relaxed), p.watermark_ms.load(Ordering::Relaxed));
-            (newest != i64::MIN && watermark != i64::MIN).then(|| newest.saturating_sub(watermark))
-        }),
+        optional(&|p| p.watermark_lag_ms()),
         optional(&|p| Some(p.consumer_lag.load(Ordering::Relaxed)).filter(|l| *l != i64::MIN)),
         count(|p| p.duplicates.load(Ordering::Relaxed) as i64),
         optional(&|p| Some(p.held_rows.load(Ordering::Relaxed)).filter(|h| *h >= 0)),

@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use pgwire::api::auth::sasl::scram::gen_salted_password;
+use pgwire::api::auth::sasl::scram::{gen_salted_password, random_nonce};
 use pgwire::api::auth::{AuthSource, LoginInfo, Password};
-use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::error::{PgWireError, PgWireResult};
 use weir_common::{ErrorReport, SqlState};
 use weir_runtime::state::{StateStore, StateTable, WriteBatch};
 
@@ -132,8 +132,9 @@ impl Users {
             _ => {}
         }
         let credential = password.map(|password| {
-            let salt: [u8; 16] = rand_salt();
-            Credential { salt: salt.to_vec(), salted: gen_salted_password(password, &salt, ITERATIONS) }
+            // SCRAM's own random nonce (18 random bytes, base64) makes a salt as good as any.
+            let salt = random_nonce().into_bytes();
+            Credential { salted: gen_salted_password(password, &salt, ITERATIONS), salt }
         });
         let mut value = Vec::new();
         if let Some(c) = &credential {
@@ -227,35 +228,16 @@ impl Users {
     }
 }
 
-/// 16 random bytes.
-fn rand_salt() -> [u8; 16] {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let mut salt = [0u8; 16];
-    // The system's random source failing is not something a login can work around: fall back to the clock, which
-    // still makes salts differ.
-    if SystemRandom::new().fill(&mut salt).is_err() {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        salt = nanos.to_le_bytes();
-    }
-    salt
-}
-
 /// The credentials SCRAM checks a login against. A user without a password, or no such user, fails as a wrong
-/// password does (`28P01`, as Postgres says it), and the attempt is logged.
+/// password does (`28P01`, as Postgres says it, and logged: see the connection handler's error handler).
 #[async_trait]
 impl AuthSource for Users {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
         match self.read().get(user) {
             Some(Some(credential)) => Ok(Password::new(Some(credential.salt.clone()), credential.salted.clone())),
-            _ => {
-                tracing::warn!(%user, host = %login.host(), "login refused: no such user, or no password set");
-                Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                    "FATAL".to_string(),
-                    "28P01".to_string(),
-                    format!("password authentication failed for user \"{user}\""),
-                ))))
-            }
+            // Refused as a wrong password is (the connection handler words and logs it).
+            _ => Err(PgWireError::InvalidPassword(user.to_string())),
         }
     }
 }
