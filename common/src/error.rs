@@ -26,6 +26,11 @@ impl SqlState {
     pub const DIVISION_BY_ZERO: SqlState = SqlState("22012");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
     pub const INVALID_TEXT_REPRESENTATION: SqlState = SqlState("22P02");
+    pub const BAD_COPY_FILE_FORMAT: SqlState = SqlState("22P04");
+    pub const CHARACTER_NOT_IN_REPERTOIRE: SqlState = SqlState("22021");
+    pub const INVALID_CURSOR_STATE: SqlState = SqlState("24000");
+    pub const INVALID_CURSOR_NAME: SqlState = SqlState("34000");
+    pub const DUPLICATE_CURSOR: SqlState = SqlState("42P03");
     pub const NOT_NULL_VIOLATION: SqlState = SqlState("23502");
     pub const NO_ACTIVE_SQL_TRANSACTION: SqlState = SqlState("25P01");
     pub const IN_FAILED_SQL_TRANSACTION: SqlState = SqlState("25P02");
@@ -83,11 +88,14 @@ pub struct ErrorReport {
     pub hint: Option<String>,
     /// 1-based character position in the query string, where one is known.
     pub position: Option<usize>,
+    /// Where it happened, as Postgres' `CONTEXT` line says it (`COPY t, line 3, column a: "x"`).
+    /// (Boxed: reports travel in `Result`s everywhere, and most have none.)
+    pub context: Option<Box<str>>,
 }
 
 impl ErrorReport {
     pub fn new(code: SqlState, message: impl Into<String>) -> Self {
-        ErrorReport { code, message: message.into(), detail: None, hint: None, position: None }
+        ErrorReport { code, message: message.into(), detail: None, hint: None, position: None, context: None }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -97,6 +105,11 @@ impl ErrorReport {
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_context(mut self, context: impl Into<String>) -> Self {
+        self.context = Some(context.into().into_boxed_str());
         self
     }
 

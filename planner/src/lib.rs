@@ -8,6 +8,7 @@
 //! - [`row_pattern`]: `MATCH_RECOGNIZE`'s `PATTERN (...)` (reluctant quantifiers included) and `WITHIN`, parsed by
 //!   Weir and taken out of the statement before sqlparser sees it; `compile_match_recognize` turns the clause into the
 //!   runtime's spec (conditions and measures as expressions over the match).
+//! - [`cursor`]: `SUBSCRIBE` (alone, in `COPY (...) TO STDOUT`, or as a cursor), `DECLARE ... CURSOR` and `FETCH`.
 //! - [`sink`]: `CREATE SINK ... {FROM relation | AS query} WITH (...) [FORMAT ... ENCODE JSON (...)]`.
 //! - [`windows`]: TUMBLE / HOP / CUMULATE (short and Flink forms) and legacy group windows, rewritten into SQL
 //!   over Weir's window-assignment functions.
@@ -31,6 +32,7 @@
 
 pub mod bounded;
 pub mod checked;
+pub mod cursor;
 pub mod dialect;
 pub mod graph;
 pub mod names;

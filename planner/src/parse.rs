@@ -10,6 +10,7 @@ use datafusion::sql::sqlparser::tokenizer::{Location, Token, TokenWithSpan, Toke
 use weir_common::error::char_position;
 use weir_common::{ErrorReport, RelationKind, SqlState};
 
+use crate::cursor::{Declare, Fetch, Subscribe};
 use crate::dialect::WeirDialect;
 use crate::row_pattern::RowPatternClause;
 use crate::sink::{self, CreateSink};
@@ -51,6 +52,14 @@ pub enum WeirStatement {
     User { name: ast::Ident, password: Option<Option<String>>, alter: bool },
     /// `DROP {USER | ROLE} [IF EXISTS] name [, ...]`.
     DropUser { names: Vec<ast::Ident>, if_exists: bool },
+    /// `SUBSCRIBE [TO] relation [WITH (snapshot = ...)]`: the relation's rows, then every change, as they come.
+    Subscribe(Subscribe),
+    /// `COPY (SUBSCRIBE ...) TO STDOUT [options]`; `copy` is the `COPY` statement, whose query is a placeholder.
+    CopySubscribe { subscribe: Subscribe, copy: Box<ast::Statement> },
+    /// `DECLARE name CURSOR FOR {query | SUBSCRIBE ...}`.
+    Declare(Box<Declare>),
+    /// `FETCH ... name [WITH (timeout = ...)]`.
+    Fetch(Fetch),
 }
 
 /// One statement of a query string.
@@ -163,6 +172,15 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             parser
                 .parse_comma_separated(|p| p.parse_identifier())
                 .map(|names| WeirStatement::DropUser { names, if_exists })
+        } else if crate::cursor::at_subscribe(&parser) {
+            crate::cursor::parse_subscribe(&mut parser).map(WeirStatement::Subscribe)
+        } else if crate::cursor::at_copy_subscribe(&parser) {
+            crate::cursor::parse_copy_subscribe(&mut parser, &dialect)
+                .map(|(subscribe, copy)| WeirStatement::CopySubscribe { subscribe, copy: Box::new(copy) })
+        } else if at_words(&parser, &["DECLARE"]) {
+            crate::cursor::parse_declare(&mut parser).map(|d| WeirStatement::Declare(Box::new(d)))
+        } else if at_words(&parser, &["FETCH"]) {
+            crate::cursor::parse_fetch(&mut parser).map(WeirStatement::Fetch)
         } else if at_words(&parser, &["FLUSH"]) {
             parser.next_token();
             Ok(WeirStatement::Flush)
@@ -489,7 +507,7 @@ fn at_show_create(parser: &Parser) -> Option<(RelationKind, usize)> {
     .map(|(words, kind)| (kind, words.len()))
 }
 
-fn at_words(parser: &Parser, words: &[&str]) -> bool {
+pub(crate) fn at_words(parser: &Parser, words: &[&str]) -> bool {
     words.iter().enumerate().all(|(n, word)| {
         matches!(&parser.peek_nth_token(n).token, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
     })

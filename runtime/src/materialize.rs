@@ -21,7 +21,9 @@
 //! table's as [`ViewStore::append_durably`] writes them. So a reader's position (rows read) never runs ahead of what
 //! the relation gets back after a crash. A view's watermark ([`ViewStore::set_watermark`]) reaches its stream
 //! readers the same way, after the rows it covers. [`ViewStore::subscribe_changes`]
-//! hands out every change the same way, windows replaced with their rows before and after, for sinks.
+//! hands out every change the same way, windows replaced with their rows before and after, for sinks;
+//! [`ViewStore::subscribe_feed`] the same for `SUBSCRIBE`, each epoch stamped with its time, bounded per subscriber
+//! instead of holding the view back.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -249,6 +251,8 @@ struct Contents {
     released_watermark: Option<Watermark>,
     /// Sinks: each epoch's changes.
     change_subscribers: Vec<(mpsc::UnboundedSender<Vec<RowChange>>, Arc<AtomicUsize>)>,
+    /// Subscriptions (`SUBSCRIBE`): each epoch's changes with its time, within a bound of their own.
+    feeds: Vec<FeedSender>,
     /// How many of `appended` the last checkpoint wrote.
     saved_appends: usize,
     /// How many of `appended` stream readers have been given (those a written checkpoint holds).
@@ -257,6 +261,60 @@ struct Contents {
     restored_rows: usize,
     /// Parts of windows replaced since the last checkpoint.
     unsaved_windows: BTreeSet<(i64, u32)>,
+}
+
+/// A subscription's view of a store's changes (see [`ViewStore::subscribe_feed`]): each epoch's time (milliseconds
+/// since the Unix epoch, when it was applied) and its changes.
+#[derive(Debug)]
+pub struct Feed {
+    pub changes: mpsc::UnboundedReceiver<(i64, Vec<RowChange>)>,
+    /// Bytes of changes sent and not yet delivered; the reader lowers it by [`change_bytes`] of what it delivered.
+    pub queued: Arc<AtomicUsize>,
+    /// Set when the store dropped the subscription for being too far behind.
+    pub overflowed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The store's end of a [`Feed`].
+#[derive(Debug)]
+struct FeedSender {
+    sender: mpsc::UnboundedSender<(i64, Vec<RowChange>)>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FeedSender {
+    /// Sends `changes` unless that would queue more than the bound; `false` when the subscription is to go.
+    fn offer(&self, time: i64, changes: Vec<RowChange>) -> bool {
+        if changes.is_empty() {
+            return !self.sender.is_closed();
+        }
+        let bytes = change_bytes(&changes);
+        if self.queued.load(Ordering::Acquire) + bytes > self.max_bytes {
+            self.overflowed.store(true, Ordering::Release);
+            return false;
+        }
+        self.queued.fetch_add(bytes, Ordering::AcqRel);
+        self.sender.send((time, changes)).is_ok()
+    }
+}
+
+/// The bytes of the rows of `changes` (their Arrow arrays).
+pub fn change_bytes(changes: &[RowChange]) -> usize {
+    let batches = |rows: &[RecordBatch]| rows.iter().map(RecordBatch::get_array_memory_size).sum::<usize>();
+    changes
+        .iter()
+        .map(|change| match change {
+            RowChange::Insert(rows) => rows.get_array_memory_size(),
+            RowChange::Replace { before, after } => batches(before) + batches(after),
+        })
+        .sum()
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A sink's view of a store's changes: the changes, and the count of rows sent and not yet handled, which the sink
@@ -312,8 +370,8 @@ impl ViewStore {
         let mut contents = self.lock();
         let mut row_changes = Vec::new();
         let tell_sinks = !contents.change_subscribers.is_empty();
-        // What changed is worked out for sinks, and for views reading an updating view's changes.
-        let tell = tell_sinks || !contents.logs.is_empty();
+        // What changed is worked out for sinks, subscriptions, and views reading an updating view's changes.
+        let tell = tell_sinks || !contents.logs.is_empty() || !contents.feeds.is_empty();
         let mut changes = changes;
         let schema = self.schema.clone();
         if let Some(counted) = &mut contents.counted {
@@ -382,6 +440,7 @@ impl ViewStore {
         for log in contents.logs.values_mut() {
             log.record(&row_changes);
         }
+        contents.tell_feeds(&row_changes);
         if tell_sinks && !row_changes.is_empty() {
             let rows = weir_common::sink::change_rows(&row_changes);
             contents.change_subscribers.retain(|(sender, pending)| {
@@ -418,6 +477,30 @@ impl ViewStore {
         }
         contents.change_subscribers.push((sender, pending.clone()));
         ChangeFeed { changes, pending }
+    }
+
+    /// Reads the rows as changes, for a `SUBSCRIBE`: with `snapshot`, every row so far first (as inserted), then
+    /// each epoch's changes, each with the time it was applied. Unlike a sink, a subscription never holds the view
+    /// back: the changes queued for it and not yet delivered ([`Feed::queued`], which the reader lowers) may be at
+    /// most `max_bytes`; past that the store drops it and sets [`Feed::overflowed`].
+    pub fn subscribe_feed(&self, max_bytes: usize, snapshot: bool) -> Feed {
+        let (sender, changes) = mpsc::unbounded_channel();
+        let feed = FeedSender {
+            sender,
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_bytes,
+            overflowed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let reader = Feed { changes, queued: feed.queued.clone(), overflowed: feed.overflowed.clone() };
+        let mut contents = self.lock();
+        let mut rows: Vec<RowChange> = Vec::new();
+        if snapshot {
+            rows.extend(self.rows(&mut contents).into_iter().filter(|b| b.num_rows() > 0).map(RowChange::Insert));
+        }
+        if feed.offer(now_millis(), rows) {
+            contents.feeds.push(feed);
+        }
+        reader
     }
 
     /// The bytes of the rows the view holds (appended rows kept for readers, and every window's).
@@ -592,7 +675,9 @@ impl ViewStore {
         self.committed();
         if !row_changes.is_empty() {
             let rows = weir_common::sink::change_rows(&row_changes);
-            self.lock().change_subscribers.retain(|(sender, pending)| {
+            let mut contents = self.lock();
+            contents.tell_feeds(&row_changes);
+            contents.change_subscribers.retain(|(sender, pending)| {
                 pending.fetch_add(rows, Ordering::AcqRel);
                 sender.send(row_changes.clone()).is_ok()
             });
@@ -726,6 +811,15 @@ impl ViewStore {
 }
 
 impl Contents {
+    /// Passes one epoch's changes to the subscriptions, dropping those too far behind.
+    fn tell_feeds(&mut self, changes: &[RowChange]) {
+        if self.feeds.is_empty() || changes.is_empty() {
+            return;
+        }
+        let time = now_millis();
+        self.feeds.retain(|feed| feed.offer(time, changes.to_vec()));
+    }
+
     /// Sets the rows of part `part`; returns them (their batches shared) when `copy`, for the sinks.
     fn replace(&mut self, part: (i64, u32), rows: Vec<RecordBatch>, copy: bool) -> Option<Vec<RecordBatch>> {
         let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();

@@ -47,6 +47,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Connections served at once; the next one is refused with `53300`.
     pub max_connections: usize,
+    /// The most bytes of changes a `SUBSCRIBE` may have waiting for its client before it is dropped (`54000`).
+    pub subscribe_buffer_bytes: usize,
     /// Directories `file` sources may read under (canonical paths); none by default, so no file can be read.
     pub allowed_file_dirs: Vec<PathBuf>,
 }
@@ -59,6 +61,7 @@ impl Default for Limits {
             view_memory_bytes: default_query_memory(),
             max_message_bytes: 64 * 1024 * 1024,
             max_connections: 100,
+            subscribe_buffer_bytes: 64 * 1024 * 1024,
             allowed_file_dirs: Vec::new(),
         }
     }

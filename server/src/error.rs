@@ -31,7 +31,8 @@ pub enum ServerError {
 
 pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 
-/// The pgwire form of a report: one `ErrorResponse` with severity, SQLSTATE, message, detail, hint and position.
+/// The pgwire form of a report: one `ErrorResponse` with severity, SQLSTATE, message, detail, hint,
+/// position and context.
 pub fn to_pgwire(report: ErrorReport) -> PgWireError {
     PgWireError::UserError(Box::new(to_error_info(report)))
 }
@@ -41,6 +42,7 @@ pub fn to_error_info(report: ErrorReport) -> ErrorInfo {
     info.detail = report.detail;
     info.hint = report.hint;
     info.position = report.position.map(|p| p.to_string());
+    info.where_context = report.context.map(String::from);
     info
 }
 

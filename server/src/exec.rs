@@ -259,12 +259,14 @@ pub enum RowItem {
 pub struct RowStream {
     pub schema: SchemaRef,
     pub batches: mpsc::Receiver<RowItem>,
+    /// Rows that arrive over time (a subscription): each batch goes to the client as soon as it comes.
+    pub live: bool,
 }
 
 /// A bounded channel for a query's rows: the connection's end and the worker's end.
 pub fn row_channel(schema: Schema) -> (RowStream, mpsc::Sender<RowItem>) {
     let (sender, batches) = mpsc::channel(ROWS_IN_FLIGHT);
-    (RowStream { schema: Arc::new(schema), batches }, sender)
+    (RowStream { schema: Arc::new(schema), batches, live: false }, sender)
 }
 
 /// Computes `df` on this worker and sends its batches to the connection, waiting whenever the client reads slower

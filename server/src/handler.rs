@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
-use futures::{Sink, SinkExt, StreamExt, stream};
+use futures::{Sink, SinkExt, StreamExt};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::portal::{Format, Portal, PortalExecutionState};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -25,11 +24,13 @@ use pgwire::messages::response::{EmptyQueryResponse, TransactionStatus};
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::types::format::FormatOptions;
 use tokio::sync::oneshot;
-use tracing::{debug, error};
+use tracing::debug;
 use weir_common::{ErrorReport, SqlState};
 use weir_planner::{ParsedStatement, WeirStatement, parse_sql};
 
 use crate::cancel::{CancelKeys, Running};
+use crate::copy::{CopyEncoder, CopyIn, CopyInto, CopyOptions};
+use crate::encode::{for_wire, pg_fields, row_description, rows_of};
 use crate::engine::Engine;
 use crate::error::{to_error_info, to_pgwire};
 use crate::exec::{RowItem, RowStream, cancellable};
@@ -55,7 +56,7 @@ impl ConnectionHandlers {
                 .with_pid_secret_key_generator(startup.clone())
         });
         ConnectionHandlers {
-            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()), running }),
+            handler: Arc::new(Handler { engine, session: Arc::new(OnceLock::new()), running, copy_in: Arc::default() }),
             login: Arc::new(Login { trust: startup, scram }),
             cancel: Arc::new(CancelByKey { cancels }),
         }
@@ -134,6 +135,65 @@ impl PgWireServerHandlers for ConnectionHandlers {
 
     fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
         self.cancel.clone()
+    }
+
+    fn copy_handler(&self) -> Arc<impl pgwire::api::copy::CopyHandler> {
+        self.handler.clone()
+    }
+}
+
+/// The data of a `COPY ... FROM STDIN`: read as it comes, written to the table when the client is done, all of it
+/// or (after an error, or the client's `CopyFail`) none.
+#[async_trait]
+impl pgwire::api::copy::CopyHandler for Handler {
+    async fn on_copy_data<C>(&self, _client: &mut C, data: pgwire::messages::copy::CopyData) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if let Some(copy) = self.copy_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            copy.feed(&data.data);
+        }
+        Ok(())
+    }
+
+    async fn on_copy_done<C>(&self, client: &mut C, _done: pgwire::messages::copy::CopyDone) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let copy = self.copy_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(copy) = copy else {
+            return Err(to_pgwire(ErrorReport::new(
+                SqlState::PROTOCOL_VIOLATION,
+                "CopyDone without a COPY in progress",
+            )));
+        };
+        let session = self.session(client);
+        let written = self
+            .engine
+            .workers
+            .run(async move {
+                let target = copy.target().clone();
+                let batches = copy.finish()?;
+                session.copy_in(&target, batches).await
+            })
+            .await
+            .map_err(to_pgwire)?;
+        client.send(PgWireBackendMessage::CommandComplete(Tag::new("COPY").with_rows(written).into())).await?;
+        Ok(())
+    }
+
+    async fn on_copy_fail<C>(&self, _client: &mut C, fail: pgwire::messages::copy::CopyFail) -> PgWireError
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.copy_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        to_pgwire(ErrorReport::new(SqlState::QUERY_CANCELED, format!("COPY from stdin failed: {}", fail.message)))
     }
 }
 
@@ -225,6 +285,8 @@ pub struct Handler {
     session: Arc<OnceLock<Arc<Session>>>,
     /// The statement running now, for cancel requests.
     running: Arc<Running>,
+    /// The `COPY ... FROM STDIN` taking the client's data, between its start and the client's `CopyDone`.
+    copy_in: Arc<std::sync::Mutex<Option<CopyIn>>>,
 }
 
 impl Handler {
@@ -258,9 +320,20 @@ impl Handler {
         self.engine.workers.spawn(async move {
             let work = session.execute(&prepared, bound, &mut owned, &sql);
             match cancellable(work, &token, timeout).await {
-                Ok(Outcome::Rows(df)) => {
+                Ok(Outcome::Subscription(subscription, copy)) => {
+                    let (rows, batches) = crate::cursors::live_channel(subscription.schema.clone());
+                    if done.send(Ok((Outcome::Stream(rows, copy), owned))).is_ok() {
+                        crate::cursors::pump_subscription(*subscription, batches, &token).await;
+                    }
+                }
+                Ok(outcome @ (Outcome::Rows(_) | Outcome::CopyOut(..))) => {
+                    let (df, copy) = match outcome {
+                        Outcome::CopyOut(df, options) => (df, Some(options)),
+                        Outcome::Rows(df) => (df, None),
+                        _ => return,
+                    };
                     let (rows, batches) = crate::exec::row_channel(df.schema().as_arrow().clone());
-                    if done.send(Ok((Outcome::Stream(rows), owned))).is_ok() {
+                    if done.send(Ok((Outcome::Stream(rows, copy), owned))).is_ok() {
                         let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
                         crate::exec::pump(df, batches, &token, left, &sql).await;
                     }
@@ -367,13 +440,12 @@ fn ends_transaction(statement: &ParsedStatement) -> bool {
     matches!(&statement.statement, WeirStatement::Sql(stmt) if matches!(&**stmt, Statement::Commit { .. } | Statement::Rollback { .. }))
 }
 
-/// Turns an outcome into a pgwire response. `lazy` rows are computed as the client reads them; otherwise they are
-/// computed now, so that a later statement of the same query string cannot change what this one returns.
+/// Turns an outcome into a pgwire response; a query's rows are computed as the client reads them. `COPY` is sent
+/// by its own functions ([`send_copy_out`], [`start_copy_in`]).
 async fn respond<C>(
     client: &mut C,
     outcome: Outcome,
     format: &Format,
-    lazy: bool,
     status: TransactionStatus,
 ) -> PgWireResult<Response>
 where
@@ -382,12 +454,16 @@ where
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     Ok(match outcome {
-        Outcome::Stream(rows) => {
+        Outcome::Stream(rows, None) => {
             let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-            Response::Query(encode(rows, format, options, lazy).await?)
+            Response::Query(encode(rows, format, options)?)
         }
-        // Statement workers turn every `Rows` into a `Stream`.
-        Outcome::Rows(_) => {
+        // Statement workers turn every `Rows` and `CopyOut` into a `Stream`; `COPY` is sent before this.
+        Outcome::Rows(_)
+        | Outcome::CopyOut(..)
+        | Outcome::Subscription(..)
+        | Outcome::Stream(_, Some(_))
+        | Outcome::CopyIn(_) => {
             return Err(to_pgwire(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: rows not streamed")));
         }
         Outcome::Command(tag, rows) => {
@@ -408,14 +484,21 @@ where
     })
 }
 
-async fn encode(
-    rows: RowStream,
-    format: &Format,
-    options: Arc<FormatOptions>,
-    lazy: bool,
-) -> PgWireResult<QueryResponse> {
+fn encode(rows: RowStream, format: &Format, options: Arc<FormatOptions>) -> PgWireResult<QueryResponse> {
     let fields = Arc::new(pg_fields(&rows.schema, format, Some(options))?);
-    let batches = futures::stream::unfold(Some(rows.batches), |receiver| async move {
+    let rows = batches_of(rows)
+        .map({
+            let fields = fields.clone();
+            move |batch| rows_of(fields.clone(), batch.map(|b| for_wire(&fields, b)))
+        })
+        .flatten()
+        .boxed();
+    Ok(QueryResponse::new(fields, rows))
+}
+
+/// The batches of a statement's rows as its worker sends them; an error ends them.
+fn batches_of(rows: RowStream) -> impl futures::Stream<Item = PgWireResult<RecordBatch>> + Send {
+    futures::stream::unfold(Some(rows.batches), |receiver| async move {
         let mut receiver = receiver?;
         match receiver.recv().await {
             Some(RowItem::Batch(batch)) => Some((Ok(batch), Some(receiver))),
@@ -426,224 +509,94 @@ async fn encode(
                 Some((Err(to_pgwire(report)), None))
             }
         }
-    });
-    let rows = if lazy {
-        let fields = fields.clone();
-        batches.map(move |batch| rows_of(fields.clone(), batch.map(|b| for_wire(&fields, b)))).flatten().boxed()
-    } else {
-        // An error fails the statement here, so that the statements after it do not run. What is held is bounded.
-        let mut collected: Vec<RecordBatch> = Vec::new();
-        let mut held = 0usize;
-        let mut batches = std::pin::pin!(batches);
-        while let Some(batch) = batches.next().await {
-            let batch = batch?;
-            held += batch.get_array_memory_size();
-            if held > MAX_HELD_RESULT_BYTES {
-                return Err(to_pgwire(
-                    ErrorReport::new(
-                        SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        format!("the result is larger than {MAX_HELD_RESULT_BYTES} bytes, the most held for a statement followed by others in one query string"),
-                    )
-                    .with_hint("Send the statement on its own: its rows are then streamed as the client reads them."),
-                ));
-            }
-            collected.push(batch);
+    })
+}
+
+/// Sends a `COPY ... TO STDOUT`'s rows: `CopyOutResponse`, a `CopyData` per row, `CopyDone` and `COPY n`. An error
+/// after the start ends the data with an `ErrorResponse` (as Postgres does), returned as `Err(UserError)`.
+async fn send_copy_out<C>(client: &mut C, rows: RowStream, options: CopyOptions) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
+    let format = options.wire_format();
+    let mut encoder = CopyEncoder::new(&rows.schema, options)?;
+    let columns = encoder.columns();
+    let response = CopyOutResponse::new(format, columns as i16, vec![i16::from(format); columns]);
+    client.feed(PgWireBackendMessage::CopyOutResponse(response)).await?;
+    if let Some(header) = encoder.header() {
+        client.feed(PgWireBackendMessage::CopyData(CopyData::new(header))).await?;
+    }
+    let mut count = 0;
+    let live = rows.live;
+    let mut batches = std::pin::pin!(batches_of(rows));
+    while let Some(batch) = batches.next().await {
+        for row in encoder.encode(batch?)? {
+            count += 1;
+            client.feed(PgWireBackendMessage::CopyData(CopyData::new(row))).await?;
         }
-        let fields = fields.clone();
-        stream::iter(collected)
-            .map(move |batch| rows_of(fields.clone(), Ok(for_wire(&fields, batch))))
-            .flatten()
-            .boxed()
-    };
-    Ok(QueryResponse::new(fields, rows))
-}
-
-/// The most a statement's result is held for while later statements of its query string wait (a statement alone, or
-/// the last, streams its rows instead).
-const MAX_HELD_RESULT_BYTES: usize = 256 * 1024 * 1024;
-
-/// The wire description of a result schema: arrow-pg's mapping, plus json/jsonb for columns marked as such.
-fn pg_fields(
-    schema: &datafusion::arrow::datatypes::Schema,
-    format: &Format,
-    options: Option<Arc<FormatOptions>>,
-) -> PgWireResult<Vec<FieldInfo>> {
-    let fields = arrow_pg::datatypes::arrow_schema_to_pg_fields(schema, format, options)?;
-    Ok(fields
-        .into_iter()
-        .zip(schema.fields())
-        .map(|(info, field)| {
-            let json = match field.metadata().get(weir_common::types::PG_JSON_KEY).map(String::as_str) {
-                Some("json") => Type::JSON,
-                Some("jsonb") => Type::JSONB,
-                _ => return info,
-            };
-            FieldInfo::new(info.name().to_string(), info.table_id(), info.column_id(), json, info.format())
-                .with_format_options(info.format_options().clone())
-        })
-        .collect())
-}
-
-/// Binary `jsonb` is a version byte (1) followed by the JSON text; text columns are sent as their bytes, so the byte
-/// is prepended here for jsonb columns the client reads in binary.
-fn jsonb_binary(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
-    use datafusion::arrow::array::{Array, AsArray, StringArray};
-    use pgwire::api::results::FieldFormat;
-    let mut columns = batch.columns().to_vec();
-    let mut changed = false;
-    for (index, field) in fields.iter().enumerate() {
-        if *field.datatype() != Type::JSONB || field.format() != FieldFormat::Binary {
-            continue;
-        }
-        let Some(text) = columns.get(index).and_then(|c| c.as_string_opt::<i32>()) else { continue };
-        let prefixed: StringArray = text.iter().map(|v| v.map(|v| format!("\u{1}{v}"))).collect();
-        columns[index] = Arc::new(prefixed) as Arc<dyn Array>;
-        changed = true;
-    }
-    if !changed {
-        return batch;
-    }
-    RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch)
-}
-
-/// A float as Postgres prints it (shortest exact digits): `21`, `0.1`, `1e+15`, `1e-05`, `NaN`, `-Infinity`. Postgres
-/// switches to exponent notation below 1e-4 and from 1e15 (float8) or 1e6 (real), `exponent_from`.
-fn postgres_float(value: f64, exponent_from: i32) -> String {
-    if value.is_nan() {
-        return "NaN".to_string();
-    }
-    if value.is_infinite() {
-        return if value > 0.0 { "Infinity" } else { "-Infinity" }.to_string();
-    }
-    // Shortest digits that read back as the same value; for a real, those of the f32.
-    let scientific = if exponent_from == 6 { format!("{:e}", value as f32) } else { format!("{value:e}") };
-    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((scientific.as_str(), "0"));
-    let exponent: i32 = exponent.parse().unwrap_or(0);
-    if value != 0.0 && (exponent < -4 || exponent >= exponent_from) {
-        let sign = if exponent < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exponent.abs())
-    } else if exponent_from == 6 {
-        format!("{}", value as f32)
-    } else {
-        format!("{value}")
-    }
-}
-
-/// Postgres prints timestamps and times with only the fractional digits they need (`00:00:01`, `00:00:01.5`) and
-/// timestamptz with its offset; pgwire's text encoder always prints six digits. Text-format temporal columns are
-/// therefore formatted here, in UTC, and sent as their text.
-fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
-    use datafusion::arrow::array::{Array, AsArray, StringArray};
-    use datafusion::arrow::compute::cast;
-    use datafusion::arrow::datatypes::{Time64NanosecondType, TimeUnit, TimestampNanosecondType};
-    use pgwire::api::results::FieldFormat;
-
-    fn trimmed(text: String) -> String {
-        match text.split_once('.') {
-            Some((whole, fraction)) => match fraction.trim_end_matches('0') {
-                "" => whole.to_string(),
-                digits => format!("{whole}.{digits}"),
-            },
-            None => text,
+        if live {
+            client.flush().await?;
         }
     }
-
-    let mut columns = batch.columns().to_vec();
-    let mut changed = false;
-    for (index, field) in fields.iter().enumerate() {
-        if field.format() != FieldFormat::Text {
-            continue;
-        }
-        let Some(column) = columns.get(index) else { continue };
-        let formatted: Option<StringArray> = match column.data_type() {
-            DataType::Timestamp(_, tz) => {
-                let Ok(nanos) = cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, tz.clone())) else { continue };
-                let nanos = nanos.as_primitive::<TimestampNanosecondType>();
-                let suffix = if tz.is_some() { "+00" } else { "" };
-                Some(
-                    (0..nanos.len())
-                        .map(|i| {
-                            nanos.value_as_datetime(i).filter(|_| nanos.is_valid(i)).map(|dt| {
-                                format!("{}{suffix}", trimmed(dt.format("%Y-%m-%d %H:%M:%S%.9f").to_string()))
-                            })
-                        })
-                        .collect(),
-                )
-            }
-            DataType::Time32(_) | DataType::Time64(_) => {
-                let Ok(nanos) = cast(column, &DataType::Time64(TimeUnit::Nanosecond)) else { continue };
-                let nanos = nanos.as_primitive::<Time64NanosecondType>();
-                Some(
-                    (0..nanos.len())
-                        .map(|i| {
-                            nanos
-                                .value_as_time(i)
-                                .filter(|_| nanos.is_valid(i))
-                                .map(|t| trimmed(t.format("%H:%M:%S%.9f").to_string()))
-                        })
-                        .collect(),
-                )
-            }
-            DataType::Float64 => {
-                let values = column.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
-                Some(values.iter().map(|v| v.map(|v| postgres_float(v, 15))).collect())
-            }
-            DataType::Float32 => {
-                let values = column.as_primitive::<datafusion::arrow::datatypes::Float32Type>();
-                Some(values.iter().map(|v| v.map(|v| postgres_float(f64::from(v), 6))).collect())
-            }
-            _ => None,
-        };
-        if let Some(formatted) = formatted {
-            columns[index] = Arc::new(formatted) as Arc<dyn Array>;
-            changed = true;
-        }
+    if let Some(trailer) = encoder.finish() {
+        client.feed(PgWireBackendMessage::CopyData(CopyData::new(trailer))).await?;
     }
-    if !changed {
-        return batch;
-    }
-    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(
-        batch
-            .schema()
-            .fields()
-            .iter()
-            .zip(&columns)
-            .map(|(f, c)| f.as_ref().clone().with_data_type(c.data_type().clone()))
-            .collect::<Vec<_>>(),
-    ));
-    RecordBatch::try_new(schema, columns).unwrap_or(batch)
+    client.feed(PgWireBackendMessage::CopyDone(CopyDone::new())).await?;
+    client.feed(PgWireBackendMessage::CommandComplete(Tag::new("COPY").with_rows(count).into())).await?;
+    Ok(())
 }
 
-/// Adjustments of a result batch for the wire: jsonb's binary version byte and Postgres' temporal text forms.
-fn for_wire(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
-    postgres_text(fields, jsonb_binary(fields, batch))
+/// Sends rows that arrive over time (a `SUBSCRIBE`): the row description, then each batch as soon as it comes. The
+/// rows end only with an error (the statement cancelled, the client too far behind, the relation dropped).
+async fn send_live_rows<C>(client: &mut C, rows: RowStream) -> PgWireResult<()>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+    let fields = Arc::new(pg_fields(&rows.schema, &Format::UnifiedText, Some(options))?);
+    let description = row_description(&fields);
+    client.send(PgWireBackendMessage::RowDescription(description)).await?;
+    let mut count = 0;
+    let mut batches = std::pin::pin!(batches_of(rows));
+    while let Some(batch) = batches.next().await {
+        let batch = for_wire(&fields, batch?);
+        let mut encoded = std::pin::pin!(rows_of(fields.clone(), Ok(batch)));
+        while let Some(row) = encoded.next().await {
+            count += 1;
+            client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+        }
+        client.flush().await?;
+    }
+    client.feed(PgWireBackendMessage::CommandComplete(Tag::new("SELECT").with_rows(count).into())).await?;
+    Ok(())
 }
 
-fn rows_of(
-    fields: Arc<Vec<FieldInfo>>,
-    batch: PgWireResult<RecordBatch>,
-) -> stream::Iter<Box<dyn Iterator<Item = PgWireResult<pgwire::messages::data::DataRow>> + Send>> {
-    let rows: Box<dyn Iterator<Item = _> + Send> = match batch {
-        // The encoder asserts on array types; a bug there must fail the statement, not the connection.
-        Ok(batch) => match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            arrow_pg::datatypes::encode_recordbatch(fields, batch).collect::<Vec<_>>()
-        })) {
-            Ok(rows) => Box::new(rows.into_iter()),
-            Err(_) => {
-                error!("encoding a result batch panicked");
-                let report = ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: cannot encode result rows");
-                Box::new(std::iter::once(Err(to_pgwire(report))))
-            }
-        },
-        Err(err) => Box::new(std::iter::once(Err(err))),
-    };
-    stream::iter(rows)
+/// Starts a `COPY ... FROM STDIN`: tells the client to send its rows, which [`Handler`]'s `CopyHandler` takes.
+async fn start_copy_in<C>(client: &mut C, handler: &Handler, target: CopyInto) -> PgWireResult<()>
+where
+    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C::Error: Debug,
+    PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+{
+    use pgwire::messages::copy::CopyInResponse;
+    let columns = target.columns.len();
+    let response = CopyInResponse::new(target.options.wire_format(), columns as i16, vec![0; columns]);
+    *handler.copy_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(CopyIn::new(target));
+    client.send(PgWireBackendMessage::CopyInResponse(response)).await?;
+    Ok(())
 }
 
 #[async_trait]
 impl SimpleQueryHandler for Handler {
-    /// pgwire's, but a `ROLLBACK TO SAVEPOINT` in a failed transaction block returns it to its working state (as in
-    /// Postgres; an unknown savepoint fails it again).
+    /// Runs each statement of the query string in turn and sends its response before the next one runs, as
+    /// Postgres does: a query's rows stream as its worker computes them, `COPY ... TO STDOUT` streams its data, and
+    /// `COPY ... FROM STDIN` (the last statement) hands the connection to the copy. A `ROLLBACK TO SAVEPOINT` in a
+    /// failed transaction block returns it to its working state (an unknown savepoint fails it again).
     async fn on_query<C>(&self, client: &mut C, query: pgwire::messages::simplequery::Query) -> PgWireResult<()>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
@@ -651,57 +604,132 @@ impl SimpleQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        if client.transaction_status() == TransactionStatus::Error
-            && parse_sql(&query.query).is_ok_and(|s| s.len() == 1 && rolls_back_to_savepoint(&s[0]))
-        {
-            client.set_transaction_status(TransactionStatus::Transaction);
+        if !matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            return Err(PgWireError::NotReadyForQuery);
         }
-        self._on_query(client, query).await
+        debug!(query = query.query, "simple query");
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        let session = self.session(client);
+        let text = query.query.clone();
+        let parsed = self.engine.workers.run(async move { parse_sql(&text).map_err(ErrorReport::from) }).await;
+        let mut status = client.transaction_status();
+        match parsed {
+            Err(report) => {
+                client.feed(PgWireBackendMessage::ErrorResponse(to_error_info(report).into())).await?;
+                status = status.to_error_state();
+            }
+            Ok(statements) if statements.is_empty() => {
+                client.feed(PgWireBackendMessage::EmptyQueryResponse(EmptyQueryResponse::new())).await?;
+            }
+            Ok(statements) => {
+                if status == TransactionStatus::Error
+                    && statements.len() == 1
+                    && rolls_back_to_savepoint(&statements[0])
+                {
+                    status = TransactionStatus::Transaction;
+                }
+                let count = statements.len();
+                for (index, statement) in statements.into_iter().enumerate() {
+                    match self
+                        .simple_statement(client, &session, statement, &query.query, status, index + 1 == count)
+                        .await?
+                    {
+                        Ok(Some(next)) => status = next,
+                        // `COPY FROM STDIN`: the copy answers the client from now on.
+                        Ok(None) => {
+                            client.set_transaction_status(status);
+                            client.set_state(PgWireConnectionState::CopyInProgress(false));
+                            return Ok(());
+                        }
+                        Err(info) => {
+                            client.feed(PgWireBackendMessage::ErrorResponse((*info).into())).await?;
+                            status = status.to_error_state();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        client.set_transaction_status(status);
+        pgwire::api::query::send_ready_for_query(client, status).await
     }
 
-    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    /// Not used: [`Handler::on_query`] runs and answers each statement itself.
+    async fn do_query<C>(&self, _client: &mut C, _query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        debug!(query, "simple query");
-        let session = self.session(client);
-        let text = query.to_string();
-        let statements = self.engine.workers.run(async move { parse_sql(&text).map_err(ErrorReport::from) }).await;
-        let statements = statements.map_err(to_pgwire)?;
-        let count = statements.len();
-        let mut responses = Vec::with_capacity(count);
-        let mut status = client.transaction_status();
-        for (index, statement) in statements.into_iter().enumerate() {
-            if status == TransactionStatus::Error && !ends_transaction(&statement) {
-                responses.push(Response::Error(Box::new(to_error_info(in_failed_transaction()))));
-                break;
-            }
-            let prepared = Prepared { statement, plan: None, pattern_parameters: Vec::new() };
-            let outcome = self.run(&session, prepared, None, client.metadata_mut(), query).await;
-            let response = match outcome {
-                Ok(outcome) => respond(client, outcome, &Format::UnifiedText, index + 1 == count, status).await,
-                Err(report) => Err(to_pgwire(report)),
-            };
-            match response {
-                Ok(response) => {
-                    status = match &response {
-                        Response::TransactionStart(_) => status.to_in_transaction_state(),
-                        Response::TransactionEnd(_) => status.to_idle_state(),
-                        _ => status,
-                    };
-                    responses.push(response);
-                }
-                Err(PgWireError::UserError(info)) => {
-                    responses.push(Response::Error(info));
-                    break;
-                }
-                Err(other) => return Err(other),
-            }
+        Err(to_pgwire(ErrorReport::new(SqlState::INTERNAL_ERROR, "internal error: simple queries go through on_query")))
+    }
+}
+
+impl Handler {
+    /// Runs one statement of a simple query and sends its response. The outer result is the connection's; the inner
+    /// one the statement's: the transaction status after it, `None` when a `COPY FROM STDIN` started, or its error
+    /// (not yet sent).
+    async fn simple_statement<C>(
+        &self,
+        client: &mut C,
+        session: &Arc<Session>,
+        statement: ParsedStatement,
+        query: &str,
+        status: TransactionStatus,
+        last: bool,
+    ) -> PgWireResult<Result<Option<TransactionStatus>, Box<pgwire::error::ErrorInfo>>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let user_error = |err: PgWireError| match err {
+            PgWireError::UserError(info) => Ok(Err(info)),
+            other => Err(other),
+        };
+        if status == TransactionStatus::Error && !ends_transaction(&statement) {
+            return Ok(Err(Box::new(to_error_info(in_failed_transaction()))));
         }
-        Ok(responses)
+        let prepared = Prepared { statement, plan: None, pattern_parameters: Vec::new() };
+        let outcome = match self.run(session, prepared, None, client.metadata_mut(), query).await {
+            Ok(outcome) => outcome,
+            Err(report) => return Ok(Err(Box::new(to_error_info(report)))),
+        };
+        let sent = match outcome {
+            Outcome::Stream(rows, Some(options)) => send_copy_out(client, rows, options).await,
+            Outcome::Stream(rows, None) if rows.live => send_live_rows(client, rows).await,
+            Outcome::CopyIn(_) if !last => {
+                let report = ErrorReport::new(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "COPY FROM STDIN must be the last statement of its query string",
+                );
+                return Ok(Err(Box::new(to_error_info(report))));
+            }
+            Outcome::CopyIn(target) => {
+                start_copy_in(client, self, *target).await?;
+                return Ok(Ok(None));
+            }
+            outcome => match respond(client, outcome, &Format::UnifiedText, status).await {
+                Ok(Response::Query(rows)) => pgwire::api::query::send_query_response(client, rows, true).await,
+                Ok(Response::Execution(tag)) => pgwire::api::query::send_execution_response(client, tag).await,
+                Ok(Response::TransactionStart(tag)) => {
+                    pgwire::api::query::send_execution_response(client, tag).await?;
+                    return Ok(Ok(Some(status.to_in_transaction_state())));
+                }
+                Ok(Response::TransactionEnd(tag)) => {
+                    pgwire::api::query::send_execution_response(client, tag).await?;
+                    return Ok(Ok(Some(status.to_idle_state())));
+                }
+                Ok(_) => Ok(()),
+                Err(err) => Err(err),
+            },
+        };
+        match sent {
+            Ok(()) => Ok(Ok(Some(status))),
+            Err(err) => user_error(err),
+        }
     }
 }
 
@@ -790,7 +818,38 @@ impl ExtendedQueryHandler for Handler {
 
     fn query_parser(&self) -> Arc<Self::QueryParser> {
         // The handler is its own parser; pgwire only needs a shared reference.
-        Arc::new(Handler { engine: self.engine.clone(), session: self.session.clone(), running: self.running.clone() })
+        Arc::new(Handler {
+            engine: self.engine.clone(),
+            session: self.session.clone(),
+            running: self.running.clone(),
+            copy_in: self.copy_in.clone(),
+        })
+    }
+
+    /// pgwire's, and a cursor (`DECLARE`) described as the portal it is in Postgres: psycopg's server-side cursors
+    /// describe theirs before fetching.
+    async fn on_describe<C>(
+        &self,
+        client: &mut C,
+        message: pgwire::messages::extendedquery::Describe,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(pgwire::api::DEFAULT_NAME);
+        if message.target_type == b'P' && client.portal_store().get_portal(name).is_none() {
+            let cursor = datafusion::sql::sqlparser::ast::Ident::with_quote('"', name);
+            if let Some(schema) = self.session.get().and_then(|session| session.cursor_schema(&cursor)) {
+                let fields = pg_fields(&schema, &Format::UnifiedText, None)?;
+                let description = row_description(&fields);
+                client.send(PgWireBackendMessage::RowDescription(description)).await?;
+                return Ok(());
+            }
+        }
+        self._on_describe(client, message).await
     }
 
     /// pgwire's default collects the rows of each `Execute` (all of them without a row limit, and with room for the
@@ -832,7 +891,19 @@ impl ExtendedQueryHandler for Handler {
         }
         client.set_state(PgWireConnectionState::QueryInProgress);
         let mut status = client.transaction_status();
-        let response = ExtendedQueryHandler::do_query(self, client, portal.as_ref(), max_rows).await?;
+        let response = match self.execute_portal(client, portal.as_ref()).await? {
+            Outcome::Stream(rows, Some(options)) => {
+                send_copy_out(client, rows, options).await?;
+                client.set_state(PgWireConnectionState::ReadyForQuery);
+                return Ok(());
+            }
+            Outcome::CopyIn(target) => {
+                start_copy_in(client, self, *target).await?;
+                client.set_state(PgWireConnectionState::CopyInProgress(true));
+                return Ok(());
+            }
+            outcome => respond(client, outcome, &portal.result_column_format, status).await?,
+        };
         // A `ROLLBACK TO SAVEPOINT` that succeeded returns a failed transaction block to its working state.
         if rolls_back_to_savepoint(&portal.statement.statement.statement) && status == TransactionStatus::Error {
             status = TransactionStatus::Transaction;
@@ -859,10 +930,8 @@ impl ExtendedQueryHandler for Handler {
                 client.send(PgWireBackendMessage::ErrorResponse((*err).into())).await?;
                 status = status.to_error_state();
             }
-            Response::CopyIn(_) | Response::CopyOut(_) | Response::CopyBoth(_) => {
-                let report = ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, "COPY is not supported");
-                return Err(to_pgwire(report));
-            }
+            // `COPY` is sent above.
+            Response::CopyIn(_) | Response::CopyOut(_) | Response::CopyBoth(_) => {}
         }
         client.set_state(PgWireConnectionState::ReadyForQuery);
         client.set_transaction_status(status);
@@ -875,6 +944,18 @@ impl ExtendedQueryHandler for Handler {
         C::PortalStore: PortalStore<Statement = Prepared>,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let status = client.transaction_status();
+        let outcome = self.execute_portal(client, portal).await?;
+        respond(client, outcome, &portal.result_column_format, status).await
+    }
+}
+
+impl Handler {
+    /// Runs a bound portal's statement with its parameters.
+    async fn execute_portal<C>(&self, client: &mut C, portal: &Portal<Prepared>) -> PgWireResult<Outcome>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
     {
         let prepared = &portal.statement.statement;
         let status = client.transaction_status();
@@ -891,94 +972,6 @@ impl ExtendedQueryHandler for Handler {
             Some(arrow_pg::datatypes::df::deserialize_parameters(as_text.as_ref().unwrap_or(portal), &refs)?)
         };
         let sql = prepared.statement.text.clone();
-        let outcome =
-            self.run(&session, prepared.clone(), bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)?;
-        respond(client, outcome, &portal.result_column_format, true, status).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use datafusion::arrow::array::{Array, AsArray, StringArray};
-    use datafusion::arrow::datatypes::{Field, Schema};
-
-    use super::*;
-
-    #[test]
-    fn floats_print_as_postgres_prints_them() {
-        let cases = [
-            (21.0, "21"),
-            (0.1, "0.1"),
-            (-2.5, "-2.5"),
-            (23.833333333333332, "23.833333333333332"),
-            (1e14, "100000000000000"),
-            (1e15, "1e+15"),
-            (1.5e-5, "1.5e-05"),
-            (0.0001, "0.0001"),
-            (0.0, "0"),
-            (f64::NAN, "NaN"),
-            (f64::NEG_INFINITY, "-Infinity"),
-        ];
-        for (value, text) in cases {
-            assert_eq!(postgres_float(value, 15), text, "{value}");
-        }
-        assert_eq!(postgres_float(f64::from(0.1f32), 6), "0.1");
-        assert_eq!(postgres_float(1e6, 6), "1e+06");
-        assert_eq!(postgres_float(123456.0, 6), "123456");
-    }
-
-    #[test]
-    fn binary_jsonb_gets_its_version_byte() {
-        let field = Field::new("doc", DataType::Utf8, true)
-            .with_metadata(HashMap::from([(weir_common::types::PG_JSON_KEY.to_string(), "jsonb".to_string())]));
-        let schema = Arc::new(Schema::new(vec![field]));
-        let batch =
-            RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec![Some("{}"), None]))]).unwrap();
-        let fields = pg_fields(&schema, &Format::UnifiedBinary, None).unwrap();
-        assert_eq!(*fields[0].datatype(), Type::JSONB);
-        let out = jsonb_binary(&fields, batch.clone());
-        let column = out.column(0).as_string::<i32>();
-        assert_eq!(column.value(0), "\u{1}{}");
-        assert!(column.is_null(1));
-        // Text format is left as it is.
-        let fields = pg_fields(&schema, &Format::UnifiedText, None).unwrap();
-        assert_eq!(jsonb_binary(&fields, batch.clone()).column(0).as_string::<i32>().value(0), "{}");
-    }
-
-    #[test]
-    fn temporal_text_is_formatted_like_postgres() {
-        use datafusion::arrow::array::{Time64NanosecondArray, TimestampMillisecondArray};
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("ts", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None), true),
-            Field::new(
-                "tz",
-                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into())),
-                true,
-            ),
-            Field::new("t", DataType::Time64(datafusion::arrow::datatypes::TimeUnit::Nanosecond), true),
-        ]));
-        // 2024-01-01 00:00:01 and 2024-01-01 00:00:01.5; 10:11:12 and 10:11:12.000250.
-        let ts = TimestampMillisecondArray::from(vec![Some(1_704_067_201_000), Some(1_704_067_201_500), None]);
-        let tz = TimestampMillisecondArray::from(vec![Some(1_704_067_201_000), None, None]).with_timezone("UTC");
-        let t = Time64NanosecondArray::from(vec![Some(36_672_000_000_000), Some(36_672_000_250_000), None]);
-        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ts), Arc::new(tz), Arc::new(t)]).unwrap();
-        let fields = pg_fields(&schema, &Format::UnifiedText, None).unwrap();
-        let out = for_wire(&fields, batch);
-        let text = |c: usize, r: usize| {
-            let column = out.column(c).as_string::<i32>();
-            column.is_valid(r).then(|| column.value(r).to_string())
-        };
-        assert_eq!(text(0, 0).as_deref(), Some("2024-01-01 00:00:01"));
-        assert_eq!(text(0, 1).as_deref(), Some("2024-01-01 00:00:01.5"));
-        assert_eq!(text(0, 2), None);
-        assert_eq!(text(1, 0).as_deref(), Some("2024-01-01 00:00:01+00"));
-        assert_eq!(text(2, 0).as_deref(), Some("10:11:12"));
-        assert_eq!(text(2, 1).as_deref(), Some("10:11:12.00025"));
-        // Binary format keeps the temporal arrays for pgwire's binary encoder.
-        let fields = pg_fields(&schema, &Format::UnifiedBinary, None).unwrap();
-        let ts = TimestampMillisecondArray::from(vec![Some(0)]);
-        let single = Arc::new(Schema::new(vec![schema.field(0).clone()]));
-        let batch = RecordBatch::try_new(single, vec![Arc::new(ts)]).unwrap();
-        assert!(matches!(for_wire(&fields[..1], batch).column(0).data_type(), DataType::Timestamp(..)));
+        self.run(&session, prepared.clone(), bound, client.metadata_mut(), &sql).await.map_err(to_pgwire)
     }
 }

@@ -35,6 +35,9 @@
 //! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
+//! - [`encode`] turns result batches into Postgres' wire forms; [`copy`] runs `COPY ... TO STDOUT` and
+//!   `COPY ... FROM STDIN` in the text, CSV and binary formats; [`cursors`] runs `SUBSCRIBE` and the cursors of
+//!   `DECLARE` / `FETCH` / `CLOSE`.
 //! - [`error`] turns every failure into one Postgres error response with SQLSTATE and position.
 //!
 //! A query string flows: pgwire -> `handler` -> `weir_planner::parse_sql` -> `Session::execute` -> DataFusion ->
@@ -46,6 +49,9 @@ pub mod compat;
 pub mod config;
 pub mod config_file;
 pub mod console;
+pub mod copy;
+pub mod cursors;
+pub mod encode;
 pub mod engine;
 pub mod error;
 pub mod exec;

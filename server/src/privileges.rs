@@ -60,6 +60,10 @@ impl Session {
                     | Statement::Deallocate { .. }
                     | Statement::Grant(_)
                     | Statement::Revoke(_)
+                    | Statement::Copy { .. }
+                    | Statement::Declare { .. }
+                    | Statement::Fetch { .. }
+                    | Statement::Close { .. }
             ),
             _ => false,
         };
@@ -94,6 +98,14 @@ impl Session {
             Some((Privilege::Insert, table)) => Err(denied(&format!("for table {table} (it needs INSERT)"))),
             Some((_, relation)) => Err(denied(&format!("for relation {relation} (it needs SELECT)"))),
             None => Ok(()),
+        }
+    }
+
+    /// Refuses writing table `table` (`COPY FROM`) without `INSERT` on it.
+    pub(crate) fn check_insert(&self, table: &str) -> Result<(), ErrorReport> {
+        match self.may(Privilege::Insert, table) {
+            true => Ok(()),
+            false => Err(denied(&format!("for table {table} (it needs INSERT)"))),
         }
     }
 

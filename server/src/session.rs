@@ -28,8 +28,16 @@ use crate::engine::{Engine, PG_VERSION};
 pub enum Outcome {
     /// Rows, still to be computed as the client reads them.
     Rows(DataFrame),
-    /// Rows being computed on the statement's worker (what [`crate::handler`] turns `Rows` into).
-    Stream(crate::exec::RowStream),
+    /// Rows being computed on the statement's worker (what [`crate::handler`] turns `Rows` and `CopyOut` into),
+    /// sent as a query's result, or as `COPY` data in the given format.
+    Stream(crate::exec::RowStream, Option<crate::copy::CopyOptions>),
+    /// `COPY ... TO STDOUT`: rows still to be computed, and how to write them.
+    CopyOut(DataFrame, crate::copy::CopyOptions),
+    /// `COPY table FROM STDIN`: the client sends the rows next.
+    CopyIn(Box<crate::copy::CopyInto>),
+    /// `SUBSCRIBE`, alone or in `COPY (...) TO STDOUT` (with its options): changes still to come, which the
+    /// statement's worker reads (as a `Stream`).
+    Subscription(Box<crate::cursors::Subscription>, Option<crate::copy::CopyOptions>),
     /// A command without rows, with its tag (`CREATE TABLE`, `INSERT 0 3`, ...): the tag text and the row count.
     Command(&'static str, Option<usize>),
     /// `BEGIN` / `START TRANSACTION`.
@@ -96,6 +104,8 @@ pub struct Session {
     block: std::sync::Mutex<Option<Vec<String>>>,
     /// Who logged in.
     user: String,
+    /// Open cursors (`DECLARE`).
+    pub(crate) cursors: crate::cursors::Cursors,
 }
 
 impl std::fmt::Debug for Session {
@@ -107,7 +117,13 @@ impl std::fmt::Debug for Session {
 impl Session {
     pub fn new(engine: Arc<Engine>, user: &str) -> Self {
         let ctx = engine.new_context(user);
-        Session { engine, ctx, block: std::sync::Mutex::default(), user: user.to_string() }
+        Session {
+            engine,
+            ctx,
+            block: std::sync::Mutex::default(),
+            user: user.to_string(),
+            cursors: crate::cursors::Cursors::default(),
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -124,6 +140,13 @@ impl Session {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
                 Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
             }
+            // A cursor's query is planned when prepared, so that its parameters have types.
+            WeirStatement::Declare(declare) => match &declare.body {
+                weir_planner::cursor::CursorOf::Query(query) => {
+                    Some(self.plan(Statement::Query(query.clone()), &statement.text, sql).await?)
+                }
+                weir_planner::cursor::CursorOf::Subscribe(_) => None,
+            },
             _ => None,
         };
         Ok(Prepared { statement, plan, pattern_parameters: Vec::new() })
@@ -131,6 +154,12 @@ impl Session {
 
     /// The schema of the rows a prepared statement returns, or `None` for a command.
     pub fn result_schema(&self, prepared: &Prepared) -> Option<SchemaRef> {
+        match &prepared.statement.statement {
+            WeirStatement::Declare(_) => return None,
+            WeirStatement::Fetch(fetch) => return self.cursor_schema(&fetch.name),
+            WeirStatement::Subscribe(subscribe) => return self.subscription_schema(subscribe),
+            _ => {}
+        }
         if let Some(plan) = &prepared.plan {
             return match plan {
                 LogicalPlan::Dml(_) | LogicalPlan::Ddl(_) => None,
@@ -200,6 +229,35 @@ impl Session {
                 self.engine.jobs.flush().await;
                 return Ok(Outcome::Command("FLUSH", None));
             }
+            WeirStatement::Subscribe(subscribe) => {
+                return Ok(Outcome::Subscription(Box::new(self.subscribe(subscribe)?), None));
+            }
+            WeirStatement::CopySubscribe { subscribe, copy } => {
+                let options = match copy.as_ref() {
+                    Statement::Copy { to: true, target: ast::CopyTarget::Stdout, options, legacy_options, .. } => {
+                        crate::copy::CopyOptions::from_statement(options, legacy_options)?
+                    }
+                    _ => {
+                        return Err(ErrorReport::new(
+                            SqlState::FEATURE_NOT_SUPPORTED,
+                            "COPY (SUBSCRIBE ...) goes TO STDOUT",
+                        ));
+                    }
+                };
+                return Ok(Outcome::Subscription(Box::new(self.subscribe(subscribe)?), Some(options)));
+            }
+            WeirStatement::Declare(declare) => {
+                let plan = match (&prepared.plan, bound) {
+                    (Some(plan), Some(values)) => Some(
+                        plan.clone()
+                            .replace_params_with_values(&values)
+                            .map_err(|e| ErrorReport::from_datafusion(&e, sql))?,
+                    ),
+                    (plan, _) => plan.clone(),
+                };
+                return self.declare(declare, plan, text, sql).await;
+            }
+            WeirStatement::Fetch(fetch) => return self.fetch(fetch).await,
             WeirStatement::ShowCreate { kind, name } => return self.show_create(*kind, name),
             WeirStatement::ExplainMaterializedView { statement, emit_on_window_close } => {
                 return self.explain_materialized_view(statement, *emit_on_window_close, row_patterns, text, sql).await;
@@ -232,10 +290,12 @@ impl Session {
             }
             Statement::Commit { .. } => {
                 *self.block() = None;
+                self.cursors.end_of_block();
                 Ok(Outcome::End("COMMIT"))
             }
             Statement::Rollback { savepoint: None, .. } => {
                 *self.block() = None;
+                self.cursors.end_of_block();
                 Ok(Outcome::End("ROLLBACK"))
             }
             Statement::Savepoint { name } => self.savepoint(name, Savepoint::Set),
@@ -263,6 +323,8 @@ impl Session {
                 self.drop_relations(names, kind, *if_exists, *cascade).await
             }
             Statement::CreateView(view) if !view.materialized => self.create_view(stmt, text, sql).await,
+            Statement::Copy { .. } => self.copy(stmt, text, sql).await,
+            Statement::Close { .. } => self.close(stmt),
             Statement::Discard { .. } => Ok(Outcome::Command("DISCARD ALL", None)),
             Statement::Deallocate { .. } => Ok(Outcome::Command("DEALLOCATE", None)),
             stmt if goes_to_datafusion(stmt) => {
@@ -754,6 +816,11 @@ enum Savepoint {
 impl Session {
     fn block(&self) -> std::sync::MutexGuard<'_, Option<Vec<String>>> {
         self.block.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a transaction block (`BEGIN`) is open.
+    pub(crate) fn in_transaction_block(&self) -> bool {
+        self.block().is_some()
     }
 
     /// `SAVEPOINT`, `RELEASE SAVEPOINT` and `ROLLBACK TO SAVEPOINT`, as drivers use them (psycopg's nested

@@ -29,6 +29,19 @@ fn psql(addr: std::net::SocketAddr, script: &str) -> (String, String, bool) {
     )
 }
 
+/// Runs a Python client script against `server` (its port the one argument); it must succeed and print `done`.
+async fn run_python(script: &'static str, server: &TestServer, done: &str) {
+    let port = server.addr.port().to_string();
+    let output = tokio::task::spawn_blocking(move || Command::new("python3").arg(script).arg(port).output())
+        .await
+        .expect("the script's thread")
+        .expect("python3 must be installed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script} failed:\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains(done), "stdout:\n{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_runs_the_quick_start_and_describes_tables() {
     let server = TestServer::start().await.unwrap();
@@ -82,6 +95,50 @@ SELEC 1;
     server.stop().await.unwrap();
 }
 
+/// psql's `\copy` reads and writes files where psql runs, through `COPY ... FROM STDIN` / `TO STDOUT`: rows copied
+/// into a table reach the views over it; a bad line fails the whole copy with the line named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_copies_files_in_and_out() {
+    let server = TestServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("taps.csv");
+    std::fs::write(&input, "tag,reader\nt1,dock-1\nt2,\"dock,2\"\nt3,dock-1\n").unwrap();
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "t4\tdock-1\nt5\n").unwrap();
+    let output = dir.path().join("out.csv");
+    let script = format!(
+        r#"
+CREATE TABLE taps (tag TEXT, reader TEXT);
+CREATE MATERIALIZED VIEW per_reader AS SELECT reader, count(*) AS n FROM taps GROUP BY reader;
+\copy taps from '{input}' csv header
+\copy taps from '{bad}'
+FLUSH;
+\copy (SELECT reader, n FROM per_reader ORDER BY reader) to '{output}' with (format csv, header)
+"#,
+        input = input.display(),
+        bad = bad.display(),
+        output = output.display()
+    );
+    let addr = server.addr;
+    let (stdout, stderr, _) = tokio::task::spawn_blocking(move || psql(addr, &script)).await.unwrap();
+    assert!(stdout.contains("COPY 3"), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.contains("ERROR:  missing data for column \"reader\""), "stderr:\n{stderr}");
+    assert!(stderr.contains("CONTEXT:  COPY taps, line 2"), "stderr:\n{stderr}");
+    // The failed copy wrote nothing: dock-1 has t1 and t3, "dock,2" has t2.
+    let written = std::fs::read_to_string(&output).unwrap();
+    assert_eq!(written, "reader,n\n\"dock,2\",1\ndock-1,2\n");
+    server.stop().await.unwrap();
+}
+
+/// psycopg 3: COPY in (rows written by psycopg, and a CSV round trip) and out (text, binary), a named cursor fetched
+/// in pages, and SUBSCRIBE read while rows are inserted, as a cursor and as COPY data (see `psycopg_streams.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_copies_fetches_pages_and_subscribes() {
+    let server = TestServer::start().await.unwrap();
+    run_python(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/psycopg_streams.py"), &server, "psycopg streams ok").await;
+    server.stop().await.unwrap();
+}
+
 /// psql's Ctrl-C (SIGINT) sends a CancelRequest: the running statement ends with 57014 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_ctrl_c_and_statement_timeout_cancel_the_statement() {
@@ -131,16 +188,7 @@ async fn psql_ctrl_c_and_statement_timeout_cancel_the_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_uses_server_side_parameters() {
     let server = TestServer::start().await.unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/psycopg_client.py");
-    let port = server.addr.port().to_string();
-    let output = tokio::task::spawn_blocking(move || Command::new("python3").arg(script).arg(port).output())
-        .await
-        .unwrap()
-        .expect("python3 must be installed");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "psycopg script failed:\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("psycopg ok"), "stdout:\n{stdout}");
+    run_python(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/psycopg_client.py"), &server, "psycopg ok").await;
     server.stop().await.unwrap();
 }
 

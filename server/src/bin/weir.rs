@@ -46,6 +46,10 @@ struct Flags {
     /// Memory one materialized view's state may hold, in bytes [default: a quarter of RAM].
     #[arg(long, env = "WEIR_VIEW_MEMORY_LIMIT")]
     view_memory_limit: Option<usize>,
+    /// The most bytes of changes a SUBSCRIBE may have waiting for its client; a client further behind is dropped
+    /// with SQLSTATE 54000 (the view never waits for it).
+    #[arg(long, env = "WEIR_MAX_SUBSCRIBE_BUFFER", default_value_t = weir_server::config::Limits::default().subscribe_buffer_bytes)]
+    max_subscribe_buffer: usize,
     /// The largest message a client may send, in bytes.
     #[arg(long, env = "WEIR_MAX_MESSAGE_BYTES", default_value_t = weir_server::config::Limits::default().max_message_bytes)]
     max_message_bytes: usize,
@@ -104,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         view_memory_bytes: flags.view_memory_limit.unwrap_or(defaults.view_memory_bytes),
         max_message_bytes: flags.max_message_bytes.max(1024),
         max_connections: flags.max_connections.max(1),
+        subscribe_buffer_bytes: flags.max_subscribe_buffer,
         allowed_file_dirs,
     };
     let password = match (std::env::var("WEIR_PASSWORD").ok().filter(|p| !p.is_empty()), &flags.password_file) {
