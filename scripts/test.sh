@@ -48,6 +48,10 @@ if ! python3 -c "import sqlalchemy" >/dev/null 2>&1; then
   echo "== installing SQLAlchemy (the client tests connect through it over psycopg)"
   python3 -m pip install -q --disable-pip-version-check "sqlalchemy>=2"
 fi
+if ! python3 -c "import pandas, psycopg2" >/dev/null 2>&1; then
+  echo "== installing pandas and psycopg2 (SQLAlchemy's reflection and pandas' read_sql over both drivers)"
+  python3 -m pip install -q --disable-pip-version-check "pandas>=2" "psycopg2-binary>=2.9"
+fi
 if ! command -v chromium >/dev/null 2>&1; then
   echo "== installing Chromium (the console is tested in a headless browser)"
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null

@@ -47,6 +47,21 @@ pub fn data_type_name(data_type: &DataType) -> String {
     }
 }
 
+/// The Postgres type modifier of an Arrow type (`atttypmod`, and a `RowDescription`'s): `numeric(p,s)` is
+/// `((p << 16) | s) + 4`; `timestamp(p)` and `time(p)` are `p` for whole seconds and milliseconds (microseconds are
+/// Postgres' default, and nanoseconds beyond its precision: both `-1`); everything else `-1`.
+pub fn type_modifier(data_type: &DataType) -> i32 {
+    match data_type {
+        DataType::Decimal32(p, s)
+        | DataType::Decimal64(p, s)
+        | DataType::Decimal128(p, s)
+        | DataType::Decimal256(p, s) => ((i32::from(*p) << 16) | i32::from((*s).max(0) as u8)) + 4,
+        DataType::Timestamp(TimeUnit::Second, _) | DataType::Time32(TimeUnit::Second) => 0,
+        DataType::Timestamp(TimeUnit::Millisecond, _) | DataType::Time32(TimeUnit::Millisecond) => 3,
+        _ => -1,
+    }
+}
+
 /// Postgres' default precision for time and timestamp is microseconds; other precisions are spelled out.
 fn precision(unit: &TimeUnit) -> &'static str {
     match unit {
@@ -67,6 +82,10 @@ mod tests {
     fn names_follow_postgres() {
         assert_eq!(data_type_name(&DataType::Int32), "integer");
         assert_eq!(data_type_name(&DataType::Float64), "double precision");
+        assert_eq!(type_modifier(&DataType::Decimal128(12, 2)), 786_438);
+        assert_eq!(type_modifier(&DataType::Timestamp(TimeUnit::Millisecond, None)), 3);
+        assert_eq!(type_modifier(&DataType::Timestamp(TimeUnit::Microsecond, None)), -1);
+        assert_eq!(type_modifier(&DataType::Utf8), -1);
         assert_eq!(data_type_name(&DataType::Decimal128(12, 2)), "numeric(12,2)");
         assert_eq!(data_type_name(&DataType::Timestamp(TimeUnit::Millisecond, None)), "timestamp(3) without time zone");
         assert_eq!(

@@ -6,14 +6,14 @@
 //! never meets the state of the one before. A table's rows are written to the store by every `INSERT` before it
 //! returns.
 //! DataFusion reads the catalog through [`CatalogSchema`], registered as the `public` schema of the `weir` catalog;
-//! `pg_catalog` and `information_schema` are derived from the same registration, so psql and drivers see exactly
-//! what queries see.
+//! `pg_catalog` ([`crate::pg_catalog`]) and `information_schema` ([`crate::information_schema`]) are derived from
+//! the same registration, so psql and drivers see exactly what queries see.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
-use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
+use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::common::DataFusionError;
 use weir_common::catalog::CatalogStoreError;
 use weir_common::{CatalogStore, ErrorReport, ObjectKind, RelationDef, RelationKind, SqlState, StoredObject};
@@ -453,94 +453,6 @@ impl TableProvider for SourceTable {
             "querying the source \"{}\" directly; create a materialized view over it and query that",
             self.name
         )))
-    }
-}
-
-/// `pg_catalog` as `datafusion-pg-catalog` builds it, except that `pg_class.relkind` says `m` for materialized views:
-/// Postgres clients tell them apart that way (`\dm` lists them, `\dt` does not).
-#[derive(Debug)]
-pub struct PgCatalogSchema {
-    pub inner: Arc<dyn SchemaProvider>,
-    pub catalog: Arc<Catalog>,
-}
-
-#[async_trait]
-impl SchemaProvider for PgCatalogSchema {
-    fn table_names(&self) -> Vec<String> {
-        self.inner.table_names()
-    }
-
-    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
-        let table = self.inner.table(name).await?;
-        Ok(match (name, table) {
-            ("pg_class", Some(inner)) => Some(Arc::new(PgClass { inner, catalog: self.catalog.clone() })),
-            (_, table) => table,
-        })
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        self.inner.table_exist(name)
-    }
-}
-
-/// `pg_class` with materialized views marked as such.
-#[derive(Debug)]
-struct PgClass {
-    inner: Arc<dyn TableProvider>,
-    catalog: Arc<Catalog>,
-}
-
-#[async_trait]
-impl TableProvider for PgClass {
-    fn schema(&self) -> datafusion::arrow::datatypes::SchemaRef {
-        self.inner.schema()
-    }
-
-    fn table_type(&self) -> datafusion::datasource::TableType {
-        self.inner.table_type()
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn datafusion::catalog::Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[datafusion::logical_expr::Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, DataFusionError> {
-        use datafusion::arrow::array::{Array, AsArray, RecordBatch, StringArray};
-        let plan = self.inner.scan(state, None, &[], None).await?;
-        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
-        let schema = self.inner.schema();
-        let (Ok(names), Ok(kinds)) = (schema.index_of("relname"), schema.index_of("relkind")) else {
-            return MemTable::try_new(schema, vec![batches])?.scan(state, projection, filters, limit).await;
-        };
-        let views: std::collections::HashSet<String> = self
-            .catalog
-            .list()
-            .into_iter()
-            .filter(|r| r.def.kind == RelationKind::MaterializedView)
-            .map(|r| r.def.name.clone())
-            .collect();
-        let batches = batches
-            .into_iter()
-            .map(|batch| {
-                let (Some(relnames), Some(relkinds)) =
-                    (batch.column(names).as_string_opt::<i32>(), batch.column(kinds).as_string_opt::<i32>())
-                else {
-                    return Ok(batch);
-                };
-                let marked: StringArray = (0..batch.num_rows())
-                    .map(|i| match relnames.is_valid(i) && views.contains(relnames.value(i)) {
-                        true => Some("m"),
-                        false => relkinds.is_valid(i).then(|| relkinds.value(i)),
-                    })
-                    .collect();
-                let mut columns = batch.columns().to_vec();
-                columns[kinds] = Arc::new(marked);
-                RecordBatch::try_new(batch.schema(), columns)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        MemTable::try_new(schema, vec![batches])?.scan(state, projection, filters, limit).await
     }
 }
 

@@ -18,7 +18,8 @@ use weir_common::{ErrorReport, SqlState};
 
 use crate::error::to_pgwire;
 
-/// The wire description of a result schema: arrow-pg's mapping, plus json/jsonb for columns marked as such.
+/// The wire description of a result schema: arrow-pg's mapping, plus json/jsonb for columns marked as such and
+/// Postgres' type modifiers (`numeric(12,2)`, `timestamp(3)`).
 pub(crate) fn pg_fields(
     schema: &datafusion::arrow::datatypes::Schema,
     format: &Format,
@@ -29,10 +30,11 @@ pub(crate) fn pg_fields(
         .into_iter()
         .zip(schema.fields())
         .map(|(info, field)| {
+            let modifier = weir_common::types::type_modifier(field.data_type());
             let json = match field.metadata().get(weir_common::types::PG_JSON_KEY).map(String::as_str) {
                 Some("json") => Type::JSON,
                 Some("jsonb") => Type::JSONB,
-                _ => return info,
+                _ => return info.with_type_modifier(modifier),
             };
             FieldInfo::new(info.name().to_string(), info.table_id(), info.column_id(), json, info.format())
                 .with_format_options(info.format_options().clone())

@@ -23,7 +23,9 @@ use crate::error::{Result, ServerError};
 use crate::system::{SYSTEM_SCHEMA, SystemRelation};
 
 /// The Postgres version Weir reports: clients pick their catalog queries by it.
-pub const PG_VERSION: &str = "16.6";
+pub const PG_VERSION: &str = "15.0";
+/// [`PG_VERSION`] as `server_version_num` says it.
+pub const PG_VERSION_NUM: &str = "150000";
 
 /// Everything connections share.
 #[derive(Debug)]
@@ -59,8 +61,9 @@ impl Engine {
         let state_for_users = state.clone();
         let catalog = Arc::new(Catalog::open(state.clone())?);
 
+        // Weir's own `information_schema` (see [`crate::information_schema`]) replaces DataFusion's.
         let mut session_config = SessionConfig::new()
-            .with_information_schema(true)
+            .with_information_schema(false)
             .with_default_catalog_and_schema(DEFAULT_CATALOG, DEFAULT_SCHEMA)
             .with_create_default_catalog_and_schema(false);
         // Spans on identifiers let unknown-column errors carry a position.
@@ -83,6 +86,13 @@ impl Engine {
                 .map_err(|e| ServerError::Engine(e.to_string()))?;
         }
         weir.register_schema(SYSTEM_SCHEMA, system).map_err(|e| ServerError::Engine(e.to_string()))?;
+        let database: std::sync::Weak<dyn datafusion::catalog::CatalogProvider> = {
+            let strong: Arc<dyn datafusion::catalog::CatalogProvider> = weir.clone();
+            Arc::downgrade(&strong)
+        };
+        let information = crate::information_schema::InformationSchema { database, catalog: catalog.clone() };
+        weir.register_schema(crate::information_schema::INFORMATION_SCHEMA, Arc::new(information))
+            .map_err(|e| ServerError::Engine(e.to_string()))?;
         catalogs.register_catalog(DEFAULT_CATALOG.to_string(), weir);
 
         let state = SessionStateBuilder::new()
@@ -93,15 +103,18 @@ impl Engine {
         let mut ctx = SessionContext::new_with_state(state);
         setup_pg_catalog(&ctx, DEFAULT_CATALOG, EmptyContextProvider)
             .map_err(|e| ServerError::Engine(e.to_string()))?;
-        // Materialized views are relkind 'm' in pg_class.
+        // What datafusion-pg-catalog cannot know of Weir: relation kinds, view definitions (see crate::pg_catalog).
         if let Some(weir_catalog) = ctx.catalog(DEFAULT_CATALOG)
             && let Some(pg_catalog) = weir_catalog.schema("pg_catalog")
         {
-            let wrapped = Arc::new(crate::catalog::PgCatalogSchema { inner: pg_catalog, catalog: catalog.clone() });
+            let wrapped = Arc::new(crate::pg_catalog::PgCatalogSchema { inner: pg_catalog, catalog: catalog.clone() });
             weir_catalog.register_schema("pg_catalog", wrapped).map_err(|e| ServerError::Engine(e.to_string()))?;
         }
         ctx.register_udf(constant_text_udf("version", &version_string()));
         ctx.register_udf(to_regtype_udf());
+        for udf in crate::pg_functions::all() {
+            ctx.register_udf(udf);
+        }
         ctx.register_udf(
             datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf(),
         );

@@ -34,6 +34,9 @@
 //!   when the server was started with a password.
 //! - [`config_file`] reads `weir --config weir.toml` into the flags' defaults.
 //! - [`system`] serves `weir_catalog`, the system relations about running views (progress, late rows, watermarks).
+//! - [`information_schema`] answers `information_schema` as Postgres does; [`pg_catalog`] corrects what
+//!   `datafusion-pg-catalog` cannot know of Weir (relation kinds, view definitions); [`pg_functions`] adds the
+//!   catalog functions clients' metadata queries call.
 //! - [`compat`] rewrites the catalog queries that psql and drivers send into SQL DataFusion can plan.
 //! - [`encode`] turns result batches into Postgres' wire forms; [`copy`] runs `COPY ... TO STDOUT` and
 //!   `COPY ... FROM STDIN` in the text, CSV and binary formats; [`cursors`] runs `SUBSCRIBE` and the cursors of
@@ -57,9 +60,12 @@ pub mod error;
 pub mod exec;
 pub mod handler;
 pub mod http;
+pub mod information_schema;
 pub mod jobs;
 pub mod match_recognize;
 pub mod metrics;
+pub mod pg_catalog;
+pub mod pg_functions;
 pub mod privileges;
 pub mod recovery;
 pub mod relations;

@@ -84,6 +84,8 @@ const OTHER_DEFAULTS: &[(&str, &str)] = &[
     ("lc_collate", "C.UTF-8"),
     ("lc_ctype", "C.UTF-8"),
     ("statement_timeout", "0"),
+    ("default_table_access_method", "heap"),
+    ("max_index_keys", "32"),
 ];
 
 /// The canonical spelling Postgres uses when reporting a parameter.
@@ -106,6 +108,8 @@ pub struct Session {
     user: String,
     /// Open cursors (`DECLARE`).
     pub(crate) cursors: crate::cursors::Cursors,
+    /// The connection's parameters as of its current statement, for `current_setting`.
+    settings: Arc<std::sync::Mutex<HashMap<String, String>>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -117,12 +121,15 @@ impl std::fmt::Debug for Session {
 impl Session {
     pub fn new(engine: Arc<Engine>, user: &str) -> Self {
         let ctx = engine.new_context(user);
+        let settings = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        ctx.register_udf(current_setting_udf(settings.clone()));
         Session {
             engine,
             ctx,
             block: std::sync::Mutex::default(),
             user: user.to_string(),
             cursors: crate::cursors::Cursors::default(),
+            settings,
         }
     }
 
@@ -197,6 +204,7 @@ impl Session {
         let text = &prepared.statement.text;
         let row_patterns = &prepared.statement.row_patterns;
         self.authorize(&prepared.statement)?;
+        params.clone_into(&mut self.settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if !row_patterns.is_empty() && matches!(prepared.statement.statement, WeirStatement::Sql(_)) {
             return self.execute_match_recognize(&prepared.statement, bound, sql).await;
         }
@@ -514,7 +522,7 @@ impl Session {
     fn show(&self, name: &str, params: &HashMap<String, String>) -> Result<Outcome, ErrorReport> {
         let value = match name {
             "server_version" => PG_VERSION.to_string(),
-            "server_version_num" => "160006".to_string(),
+            "server_version_num" => crate::engine::PG_VERSION_NUM.to_string(),
             "transaction isolation level" => parameter(params, "transaction_isolation").unwrap_or_default(),
             // The server's default (`--statement-timeout-ms`) until the session sets its own.
             "statement_timeout" if !params.contains_key("statement_timeout") => {
@@ -673,6 +681,47 @@ pub fn parse_duration_setting(value: &str) -> Option<std::time::Duration> {
 }
 
 /// A parameter's value: what the session set, else what the client sent at startup, else the default.
+/// `current_setting(name)`: the session's parameter as `SHOW` gives it (`server_version` included).
+fn current_setting_udf(
+    settings: Arc<std::sync::Mutex<HashMap<String, String>>>,
+) -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::arrow::array::Array;
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    create_udf(
+        "current_setting",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = datafusion::common::cast::as_string_array(&arrays[0])?;
+            let settings = settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut values = Vec::with_capacity(names.len());
+            for i in 0..names.len() {
+                if names.is_null(i) {
+                    values.push(None);
+                    continue;
+                }
+                let value = match names.value(i).to_ascii_lowercase().as_str() {
+                    "server_version" => Some(PG_VERSION.to_string()),
+                    "server_version_num" => Some(crate::engine::PG_VERSION_NUM.to_string()),
+                    name => parameter(&settings, name),
+                };
+                match value {
+                    Some(value) => values.push(Some(value)),
+                    None => {
+                        return Err(datafusion::error::DataFusionError::Plan(format!(
+                            "unrecognized configuration parameter \"{}\"",
+                            names.value(i)
+                        )));
+                    }
+                }
+            }
+            Ok(ColumnarValue::Array(Arc::new(StringArray::from(values))))
+        }),
+    )
+}
+
 fn parameter(params: &HashMap<String, String>, name: &str) -> Option<String> {
     let name = name.to_ascii_lowercase();
     if let Some(value) = params.get(&name) {
@@ -686,10 +735,13 @@ fn parameter(params: &HashMap<String, String>, name: &str) -> Option<String> {
 
 /// The initial `ParameterStatus` messages beyond those pgwire sends.
 pub fn initial_parameters(startup: &HashMap<String, String>) -> Vec<(String, String)> {
-    REPORTED_DEFAULTS
+    let mut parameters: Vec<(String, String)> = REPORTED_DEFAULTS
         .iter()
         .map(|(name, _)| (display_name(name).to_string(), parameter(startup, name).unwrap_or_default()))
-        .collect()
+        .collect();
+    // After pgwire's own report, which names pgwire: the version the catalog answers as.
+    parameters.push(("server_version".to_string(), PG_VERSION.to_string()));
+    parameters
 }
 
 fn variable_name(variable: &[ast::Ident]) -> String {

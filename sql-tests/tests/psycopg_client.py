@@ -183,4 +183,38 @@ with engine.connect() as c:
 assert "people" in sa.inspect(engine).get_table_names()
 engine.dispose()
 
+# What Superset, pandas and other SQLAlchemy users read of the catalog, over psycopg 3 and psycopg2: tables, views and
+# materialized views by kind, a table's columns with their types, its (absent) keys and indexes, a whole table
+# reflected, and pandas' read_sql_table / read_sql.
+import pandas as pd
+
+with psycopg.connect(host="127.0.0.1", port=port, user="weir", dbname="weir", autocommit=True) as conn:
+    conn.execute("CREATE MATERIALIZED VIEW people_per_year AS SELECT born, count(*) AS n FROM people GROUP BY born")
+    conn.execute("FLUSH")
+for url in (f"postgresql+psycopg://weir@127.0.0.1:{port}/weir", f"postgresql+psycopg2://weir@127.0.0.1:{port}/weir"):
+    engine = sa.create_engine(url)
+    inspector = sa.inspect(engine)
+    assert "people" in inspector.get_table_names(), inspector.get_table_names()
+    assert inspector.get_materialized_view_names() == ["people_per_year"], inspector.get_materialized_view_names()
+    assert "people_per_year" not in inspector.get_table_names()
+    columns = [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns("people")]
+    assert columns == [
+        ("id", "INTEGER", True),
+        ("name", "TEXT", True),
+        ("born", "DATE", True),
+        ("seen", "TIMESTAMP", True),
+        ("balance", "NUMERIC(12, 2)", True),
+    ], columns
+    assert [c["name"] for c in inspector.get_columns("people_per_year")] == ["born", "n"]
+    assert inspector.get_pk_constraint("people")["constrained_columns"] == []
+    assert inspector.get_indexes("people") == [] and inspector.get_foreign_keys("people") == []
+    table = sa.Table("people", sa.MetaData(), autoload_with=engine)
+    assert table.c.keys() == ["id", "name", "born", "seen", "balance"], table.c.keys()
+    frame = pd.read_sql_table("people", engine)
+    assert len(frame) == 4 and list(frame.columns) == ["id", "name", "born", "seen", "balance"], frame
+    per_year = pd.read_sql("SELECT count(*) AS years, sum(n) AS people FROM people_per_year", engine)
+    # Born 1815, 1912, and unknown (twice).
+    assert per_year.iloc[0].tolist() == [3, 4], per_year
+    engine.dispose()
+
 print("psycopg ok")

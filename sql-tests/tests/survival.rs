@@ -82,8 +82,9 @@ fn corpus() -> Vec<(&'static str, String)> {
         ("22003", "SELECT 9223372036854775807 + 1".into()),
         ("22003", "SELECT amount + 9223372036854775807 FROM pay".into()),
         ("42P17", "CREATE TABLE clock (ts TIMESTAMP(3), WATERMARK FOR ts AS now())".into()),
-        // A result held while the query string's next statement waits is bounded (alone, it would stream).
-        ("54000", "SELECT repeat('x', 1000) FROM generate_series(1, 400000); SELECT 1".into()),
+        // COPY never reads or writes the server's files, nor runs programs there.
+        ("0A000", "COPY pay FROM '/etc/passwd'".into()),
+        ("0A000", "COPY pay TO PROGRAM 'touch /tmp/weir-owned'".into()),
     ]
 }
 
