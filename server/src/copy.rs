@@ -25,6 +25,7 @@ use datafusion::sql::sqlparser::ast::{
 use pgwire::api::portal::Format;
 use pgwire::api::results::FieldInfo;
 use pgwire::error::PgWireResult;
+use pgwire::types::format::FormatOptions;
 use weir_common::{ErrorReport, SqlState};
 
 use weir_common::catalog::RelationKind;
@@ -171,12 +172,13 @@ pub struct CopyEncoder {
 }
 
 impl CopyEncoder {
-    pub fn new(schema: &Schema, options: CopyOptions) -> PgWireResult<Self> {
+    /// `values` is how the session writes values (its `TimeZone`, ...).
+    pub fn new(schema: &Schema, options: CopyOptions, values: Arc<FormatOptions>) -> PgWireResult<Self> {
         let format = match options.format {
             CopyFormat::Binary => Format::UnifiedBinary,
             CopyFormat::Text | CopyFormat::Csv => Format::UnifiedText,
         };
-        let fields = Arc::new(pg_fields(schema, &format, None)?);
+        let fields = Arc::new(pg_fields(schema, &format, Some(values))?);
         let prefix = (options.format == CopyFormat::Binary).then(|| Bytes::from_static(BINARY_SIGNATURE));
         Ok(CopyEncoder { options, fields, prefix })
     }
@@ -1044,7 +1046,7 @@ mod tests {
     }
 
     fn encoded(options: CopyOptions, batch: RecordBatch) -> Vec<Vec<u8>> {
-        let mut encoder = CopyEncoder::new(&batch.schema(), options).expect("encoder");
+        let mut encoder = CopyEncoder::new(&batch.schema(), options, Arc::default()).expect("encoder");
         let mut out: Vec<Vec<u8>> = encoder.header().into_iter().map(|b| b.to_vec()).collect();
         out.extend(encoder.encode(batch).expect("rows").into_iter().map(|b| b.to_vec()));
         out.extend(encoder.finish().map(|b| b.to_vec()));

@@ -42,6 +42,16 @@ pub(crate) fn pg_fields(
         .collect())
 }
 
+/// How a session's values are written: pgwire's reading of its parameters, and its `TimeZone` (which pgwire does
+/// not read).
+pub(crate) fn format_options(parameters: &std::collections::HashMap<String, String>) -> Arc<FormatOptions> {
+    let mut options = FormatOptions::from_client_metadata(parameters);
+    if let Some(zone) = parameters.get("timezone") {
+        options.time_zone = zone.clone();
+    }
+    Arc::new(options)
+}
+
 /// The `RowDescription` of `fields`.
 pub(crate) fn row_description(fields: &[FieldInfo]) -> pgwire::messages::data::RowDescription {
     pgwire::messages::data::RowDescription::new(fields.iter().map(Into::into).collect())
@@ -93,8 +103,8 @@ fn postgres_float(value: f64, exponent_from: i32) -> String {
 }
 
 /// Postgres prints timestamps and times with only the fractional digits they need (`00:00:01`, `00:00:01.5`) and
-/// timestamptz with its offset; pgwire's text encoder always prints six digits. Text-format temporal columns are
-/// therefore formatted here, in UTC, and sent as their text.
+/// timestamptz in the session's `TimeZone` with its offset; pgwire's text encoder always prints six digits, in UTC.
+/// Text-format temporal columns are therefore formatted here and sent as their text.
 fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
     use datafusion::arrow::array::{Array, AsArray, StringArray};
     use datafusion::arrow::compute::cast;
@@ -122,12 +132,23 @@ fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
             DataType::Timestamp(_, tz) => {
                 let Ok(nanos) = cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, tz.clone())) else { continue };
                 let nanos = nanos.as_primitive::<TimestampNanosecondType>();
-                let suffix = if tz.is_some() { "+00" } else { "" };
+                // A timestamptz shows in the session's TimeZone (UTC if Weir cannot read it).
+                let zone = tz.as_ref().map(|_| session_zone(&field.format_options().time_zone));
                 Some(
                     (0..nanos.len())
                         .map(|i| {
-                            nanos.value_as_datetime(i).filter(|_| nanos.is_valid(i)).map(|dt| {
-                                format!("{}{suffix}", trimmed(dt.format("%Y-%m-%d %H:%M:%S%.9f").to_string()))
+                            let utc = nanos.value_as_datetime(i).filter(|_| nanos.is_valid(i))?;
+                            Some(match zone {
+                                None => trimmed(utc.format("%Y-%m-%d %H:%M:%S%.9f").to_string()),
+                                Some(None) => {
+                                    format!("{}+00", trimmed(utc.format("%Y-%m-%d %H:%M:%S%.9f").to_string()))
+                                }
+                                Some(Some(zone)) => {
+                                    let local = chrono::TimeZone::from_utc_datetime(&zone, &utc);
+                                    let offset = chrono::Offset::fix(chrono::DateTime::offset(&local));
+                                    let text = trimmed(local.format("%Y-%m-%d %H:%M:%S%.9f").to_string());
+                                    format!("{text}{}", postgres_offset(offset.local_minus_utc()))
+                                }
                             })
                         })
                         .collect(),
@@ -175,6 +196,23 @@ fn postgres_text(fields: &[FieldInfo], batch: RecordBatch) -> RecordBatch {
             .collect::<Vec<_>>(),
     ));
     RecordBatch::try_new(schema, columns).unwrap_or(batch)
+}
+
+/// The zone a session's `TimeZone` names (`UTC`, `Europe/Berlin`, `+02:00`); `None` for one Weir cannot read.
+fn session_zone(name: &str) -> Option<datafusion::arrow::array::timezone::Tz> {
+    name.trim().parse().ok()
+}
+
+/// A UTC offset as Postgres prints it: `+00`, `-05`, `+05:30`, `+00:53:28`.
+fn postgres_offset(seconds: i32) -> String {
+    let sign = if seconds < 0 { '-' } else { '+' };
+    let seconds = seconds.unsigned_abs();
+    let (hours, minutes, rest) = (seconds / 3600, seconds / 60 % 60, seconds % 60);
+    match (minutes, rest) {
+        (0, 0) => format!("{sign}{hours:02}"),
+        (_, 0) => format!("{sign}{hours:02}:{minutes:02}"),
+        _ => format!("{sign}{hours:02}:{minutes:02}:{rest:02}"),
+    }
 }
 
 /// Adjustments of a result batch for the wire: jsonb's binary version byte and Postgres' temporal text forms.
@@ -233,6 +271,15 @@ mod tests {
         assert_eq!(postgres_float(f64::from(0.1f32), 6), "0.1");
         assert_eq!(postgres_float(1e6, 6), "1e+06");
         assert_eq!(postgres_float(123456.0, 6), "123456");
+    }
+
+    #[test]
+    fn offsets_print_as_postgres_prints_them() {
+        assert_eq!(postgres_offset(0), "+00");
+        assert_eq!(postgres_offset(7_200), "+02");
+        assert_eq!(postgres_offset(-18_000), "-05");
+        assert_eq!(postgres_offset(19_800), "+05:30");
+        assert_eq!(postgres_offset(3_208), "+00:53:28");
     }
 
     #[test]

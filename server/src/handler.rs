@@ -30,7 +30,7 @@ use weir_planner::{ParsedStatement, WeirStatement, parse_sql};
 
 use crate::cancel::{CancelKeys, Running};
 use crate::copy::{CopyEncoder, CopyIn, CopyInto, CopyOptions};
-use crate::encode::{for_wire, pg_fields, row_description, rows_of};
+use crate::encode::{for_wire, format_options, pg_fields, row_description, rows_of};
 use crate::engine::Engine;
 use crate::error::{to_error_info, to_pgwire};
 use crate::exec::{RowItem, RowStream, cancellable};
@@ -455,7 +455,7 @@ where
 {
     Ok(match outcome {
         Outcome::Stream(rows, None) => {
-            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            let options = format_options(client.metadata());
             Response::Query(encode(rows, format, options)?)
         }
         // Statement workers turn every `Rows` and `CopyOut` into a `Stream`; `COPY` is sent before this.
@@ -516,13 +516,13 @@ fn batches_of(rows: RowStream) -> impl futures::Stream<Item = PgWireResult<Recor
 /// after the start ends the data with an `ErrorResponse` (as Postgres does), returned as `Err(UserError)`.
 async fn send_copy_out<C>(client: &mut C, rows: RowStream, options: CopyOptions) -> PgWireResult<()>
 where
-    C: Sink<PgWireBackendMessage> + Unpin + Send,
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
     use pgwire::messages::copy::{CopyData, CopyDone, CopyOutResponse};
     let format = options.wire_format();
-    let mut encoder = CopyEncoder::new(&rows.schema, options)?;
+    let mut encoder = CopyEncoder::new(&rows.schema, options, format_options(client.metadata()))?;
     let columns = encoder.columns();
     let response = CopyOutResponse::new(format, columns as i16, vec![i16::from(format); columns]);
     client.feed(PgWireBackendMessage::CopyOutResponse(response)).await?;
@@ -557,7 +557,7 @@ where
     C::Error: Debug,
     PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
 {
-    let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+    let options = format_options(client.metadata());
     let fields = Arc::new(pg_fields(&rows.schema, &Format::UnifiedText, Some(options))?);
     let description = row_description(&fields);
     client.send(PgWireBackendMessage::RowDescription(description)).await?;

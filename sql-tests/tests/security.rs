@@ -1,6 +1,7 @@
 //! Logins: SCRAM-SHA-256 against the server's users when it was started with a password (tokio-postgres, psql and
 //! psycopg as clients), users made and changed by the superuser only and kept across a restart; and trust mode,
-//! which refuses an address beyond loopback.
+//! which refuses an address beyond loopback. TLS with `verify-full` from psql, psycopg and pgjdbc (which then pages a
+//! result, copies in and out, and reads `DatabaseMetaData`: see `JdbcClient.java`).
 
 use std::process::Command;
 
@@ -160,6 +161,37 @@ async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
     );
     let out = Command::new("python3").args(["-c", &script]).output().expect("python3");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7 True", "{}", String::from_utf8_lossy(&out.stderr));
+    server.stop().await.unwrap();
+}
+
+/// pgjdbc, as Metabase and DBeaver use it: Debian's driver on Java 17, over TLS with `verify-full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jdbc_logs_in_over_tls_pages_copies_and_reads_the_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    weir_sql_tests::certificates(dir.path());
+    let (cert, key, ca) = (dir.path().join("server.pem"), dir.path().join("server.key"), dir.path().join("ca.pem"));
+    let server = TestServer::start_on(
+        &dir.path().join("data"),
+        |_| {},
+        |mut config| {
+            config.tls = Some((cert, key));
+            config.with_password("s3cret")
+        },
+    )
+    .await
+    .unwrap();
+    let program = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/JdbcClient.java");
+    let port = server.addr.port().to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("java").args(["-cp", "/usr/share/java/postgresql.jar", program, &port, "s3cret"]).arg(&ca).output()
+    })
+    .await
+    .unwrap()
+    .expect("java must be installed (the test command installs it and Debian's pgjdbc)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "JdbcClient failed:\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("jdbc ok"), "stdout:\n{stdout}");
     server.stop().await.unwrap();
 }
 
