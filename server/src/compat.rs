@@ -32,6 +32,8 @@ impl Compat {
             return statement;
         }
         // Re-parsing the text applies the crate's whole-query substitutions for queries DataFusion cannot plan at all.
+        let substituted = search_path_schemas(text);
+        let text = substituted.as_deref().unwrap_or(text);
         let mut statement = match self.catalog_queries.parse(text) {
             Ok(mut statements) if statements.len() == 1 => statements.remove(0),
             _ => self.catalog_queries.rewrite(statement),
@@ -42,6 +44,34 @@ impl Compat {
         });
         statement
     }
+}
+
+/// How Grafana's PostgreSQL data source asks which schemas are on the search path (to list their tables). DataFusion
+/// cannot run it (an array-valued function in `FROM`), and `datafusion-pg-catalog` substitutes no schema at all.
+const SEARCH_PATH_SCHEMAS: &str = r#"SELECT CASE WHEN trim(s[i]) = '"$user"' THEN user ELSE trim(s[i]) END
+    FROM generate_series(array_lower(string_to_array(current_setting('search_path'),','),1),
+                         array_upper(string_to_array(current_setting('search_path'),','),1)) as i,
+         string_to_array(current_setting('search_path'),',') s"#;
+
+/// `text` with Grafana's search-path query (however it is spaced) replaced by the schema Weir's relations are in,
+/// `public` (Weir's search path is fixed); `None` if it has none.
+fn search_path_schemas(text: &str) -> Option<String> {
+    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = |sql: &str| Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok();
+    let key = |token: &Token| token.to_string().to_ascii_lowercase();
+    let written = tokens(text)?;
+    let pattern: Vec<String> =
+        tokens(SEARCH_PATH_SCHEMAS)?.iter().filter(|t| !matches!(t, Token::Whitespace(_))).map(key).collect();
+    // The positions of the tokens that are not whitespace.
+    let solid: Vec<usize> = (0..written.len()).filter(|&i| !matches!(written[i], Token::Whitespace(_))).collect();
+    let start = (0..solid.len().checked_sub(pattern.len())? + 1)
+        .find(|&at| pattern.iter().enumerate().all(|(n, p)| key(&written[solid[at + n]]) == *p))?;
+    let (first, last) = (solid[start], solid[start + pattern.len() - 1]);
+    let mut out: String = written[..first].iter().map(ToString::to_string).collect();
+    out.push_str("SELECT 'public'");
+    out.extend(written[last + 1..].iter().map(ToString::to_string));
+    Some(out)
 }
 
 /// What DataFusion cannot plan in the catalog probes clients send, said another way:
@@ -135,6 +165,18 @@ pub fn is_catalog_query(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grafanas_search_path_query_reads_public() {
+        let grafana = "select quote_ident(table_name) from information_schema.tables where table_type = 'BASE TABLE' \
+            and quote_ident(table_schema) IN (SELECT\n CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END\n \
+            FROM\n generate_series(\n array_lower(string_to_array(current_setting('search_path'),','),1),\n \
+            array_upper(string_to_array(current_setting('search_path'),','),1)\n ) as i,\n \
+            string_to_array(current_setting('search_path'),',') s)";
+        let replaced = search_path_schemas(grafana).expect("Grafana's query");
+        assert!(replaced.ends_with("quote_ident(table_schema) IN (SELECT 'public')"), "{replaced}");
+        assert_eq!(search_path_schemas("SELECT 1"), None);
+    }
 
     #[test]
     fn only_catalog_probes_get_the_full_rewrite() {

@@ -101,8 +101,12 @@ async fn session(watermark: &str) -> (Session, tempfile::TempDir) {
 
 /// The pipeline of a view of `sql` over `bids` with `watermark`, planned as `CREATE MATERIALIZED VIEW` plans it.
 async fn pipeline(sql: &str, watermark: &str, emit_on_window_close: bool) -> Pipeline {
-    let (session, _data) = session(watermark).await;
-    session.plan_dataflow(sql, emit_on_window_close).await.unwrap().pipeline
+    let (session, data) = session(watermark).await;
+    let pipeline = session.plan_dataflow(sql, emit_on_window_close).await.unwrap().pipeline;
+    // The engine (and its RocksDB) closes before its directory goes: RocksDB writes as it closes.
+    drop(session);
+    drop(data);
+    pipeline
 }
 
 /// Runs `sql` as a stream over `rows` cut into batches of `chunk` rows, with `WATERMARK FOR ts AS ts - delay`, in
@@ -199,7 +203,7 @@ async fn a_stateless_view_passes_every_row_through_once() {
 
 #[tokio::test]
 async fn what_cannot_stream_yet_is_refused_by_name() {
-    let (session, _data) = session(", WATERMARK FOR ts AS ts").await;
+    let (session, data) = session(", WATERMARK FOR ts AS ts").await;
     for (sql, message) in [
         ("SELECT * FROM bids ORDER BY price", "ORDER BY in a materialized view"),
         ("SELECT * FROM bids LIMIT 3", "LIMIT in a materialized view"),
@@ -212,6 +216,8 @@ async fn what_cannot_stream_yet_is_refused_by_name() {
         assert_eq!(err.code, SqlState::FEATURE_NOT_SUPPORTED, "{sql}");
         assert!(err.message.contains(message), "{sql}: {}", err.message);
     }
+    drop(session);
+    drop(data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,22 +110,28 @@ async fn trust_mode_refuses_an_address_beyond_loopback() {
     weir_server::run(config, listener, async {}).await.expect("started and stopped");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
-    let dir = tempfile::tempdir().unwrap();
-    weir_sql_tests::certificates(dir.path());
-    let (cert, key, ca) = (dir.path().join("server.pem"), dir.path().join("server.key"), dir.path().join("ca.pem"));
+/// A server in `dir` with a test CA's certificate, the password `s3cret`, and TLS required or not; and the CA's file.
+async fn tls_server(dir: &std::path::Path, required: bool) -> (TestServer, std::path::PathBuf) {
+    weir_sql_tests::certificates(dir);
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
     let server = TestServer::start_on(
-        &dir.path().join("data"),
+        &dir.join("data"),
         |_| {},
         |mut config| {
             config.tls = Some((cert, key));
-            config.tls_required = true;
+            config.tls_required = required;
             config.with_password("s3cret")
         },
     )
     .await
-    .unwrap();
+    .expect("a server with TLS");
+    (server, dir.join("ca.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, ca) = tls_server(dir.path(), true).await;
     let port = server.addr.port().to_string();
     let psql = |sslmode: &str| {
         Command::new("psql")
@@ -168,18 +174,7 @@ async fn tls_with_verify_full_and_plain_connections_refused_when_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jdbc_logs_in_over_tls_pages_copies_and_reads_the_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    weir_sql_tests::certificates(dir.path());
-    let (cert, key, ca) = (dir.path().join("server.pem"), dir.path().join("server.key"), dir.path().join("ca.pem"));
-    let server = TestServer::start_on(
-        &dir.path().join("data"),
-        |_| {},
-        |mut config| {
-            config.tls = Some((cert, key));
-            config.with_password("s3cret")
-        },
-    )
-    .await
-    .unwrap();
+    let (server, ca) = tls_server(dir.path(), false).await;
     let program = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/JdbcClient.java");
     let port = server.addr.port().to_string();
     let output = tokio::task::spawn_blocking(move || {
