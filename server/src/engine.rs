@@ -187,6 +187,21 @@ pub fn version_string() -> String {
     format!("PostgreSQL {PG_VERSION} (Weir {}) on {}", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH)
 }
 
+/// `pg_catalog` reads the catalog list that holds it (datafusion-pg-catalog keeps the list to build `pg_class`): a
+/// cycle that would keep the engine's catalog, its views' runtime and its RocksDB alive after the engine. Dropping
+/// the schemas breaks it, so an engine (a test's server, for one) frees everything when it goes.
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for catalog in self.template.catalog_list().catalog_names() {
+            if let Some(catalog) = self.template.catalog_list().catalog(&catalog) {
+                for schema in catalog.schema_names() {
+                    let _ = catalog.deregister_schema(&schema, true);
+                }
+            }
+        }
+    }
+}
+
 fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
     let value = value.to_string();
     create_udf(

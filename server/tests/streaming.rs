@@ -103,7 +103,7 @@ async fn session(watermark: &str) -> (Session, tempfile::TempDir) {
 async fn pipeline(sql: &str, watermark: &str, emit_on_window_close: bool) -> Pipeline {
     let (session, data) = session(watermark).await;
     let pipeline = session.plan_dataflow(sql, emit_on_window_close).await.unwrap().pipeline;
-    // The engine (and its RocksDB) closes before its directory goes: RocksDB writes as it closes.
+    // The engine (and its RocksDB) closes before its directory goes.
     drop(session);
     drop(data);
     pipeline
