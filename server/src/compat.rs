@@ -80,6 +80,7 @@ fn search_path_schemas(text: &str) -> Option<String> {
 ///   `CASE WHEN atthasdef THEN (SELECT pg_get_expr(...) FROM pg_attrdef WHERE <correlated>) END`) is NULL: Weir's
 ///   columns have no defaults, identities or collations of their own, so such a branch is never taken (its
 ///   condition is false or NULL either way), and DataFusion cannot run a correlated subquery there;
+/// - `pg_get_viewdef(<constant oid>)` reads the definition from `pg_views` / `pg_matviews`;
 /// - `ARRAY(SELECT ...)` is a NULL `text[]` (psql's `\d+` asks for a toast table's options that way, `\d` for a
 ///   foreign table's);
 /// - `generate_subscripts(a, 1)` beside `unnest(a)` is `unnest(range(1, cardinality(a) + 1))`, which DataFusion
@@ -111,6 +112,16 @@ fn catalog_expression(expr: &mut Expr) {
                 format: None,
             };
         }
+        // psql's `\d+ view` asks `pg_get_viewdef('16388'::oid, true)`: the definition of the view with that oid.
+        Expr::Function(f)
+            if f.name.0.last().is_some_and(|part| part.to_string().eq_ignore_ascii_case("pg_get_viewdef")) =>
+        {
+            let ast::FunctionArguments::List(list) = &f.args else { return };
+            let Some(ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(oid))) = list.args.first() else { return };
+            if let Some(query) = view_definition_of(oid) {
+                *expr = Expr::Subquery(Box::new(query));
+            }
+        }
         Expr::Function(f) if f.name.to_string().eq_ignore_ascii_case("generate_subscripts") => {
             let ast::FunctionArguments::List(list) = &f.args else { return };
             let Some(ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(array))) = list.args.first() else { return };
@@ -126,6 +137,34 @@ fn catalog_expression(expr: &mut Expr) {
             *expr = function("unnest", vec![function("range", vec![one(), end])]);
         }
         _ => {}
+    }
+}
+
+/// The definition of the view or materialized view whose `pg_class` oid is `oid`, when `oid` is a constant (a
+/// number, or a string cast to `oid` as psql writes it): a query over `pg_class`, `pg_views` and `pg_matviews`.
+fn view_definition_of(oid: &Expr) -> Option<ast::Query> {
+    let constant = match oid {
+        Expr::Cast { expr, .. } => expr.as_ref(),
+        other => other,
+    };
+    let oid = match constant {
+        Expr::Value(value) => match &value.value {
+            ast::Value::Number(n, _) => n.parse::<i64>().ok()?,
+            ast::Value::SingleQuotedString(s) => s.parse::<i64>().ok()?,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let sql = format!(
+        "SELECT max(v.definition) FROM pg_catalog.pg_class c JOIN \
+         (SELECT viewname AS name, definition FROM pg_catalog.pg_views \
+          UNION ALL SELECT matviewname AS name, definition FROM pg_catalog.pg_matviews) v \
+         ON v.name = c.relname WHERE c.oid = {oid}"
+    );
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    match datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, &sql).ok()?.pop()? {
+        Statement::Query(query) => Some(*query),
+        _ => None,
     }
 }
 

@@ -179,7 +179,8 @@ impl InformationView {
                         RelationKind::View => "VIEW",
                         RelationKind::MaterializedView => continue,
                     };
-                    let definition = (relation.def.kind == RelationKind::View).then(|| relation.def.definition.clone());
+                    let definition = (relation.def.kind == RelationKind::View)
+                        .then(|| crate::pg_catalog::defining_query(&relation.def.definition));
                     listed.push(Listed {
                         schema: schema_name.clone(),
                         name: relation.def.name.clone(),

@@ -367,7 +367,7 @@ fn rows_of(schema: &SchemaRef, rows: &[RowValues]) -> Result<RecordBatch, DataFu
 
 /// The query of a `CREATE [MATERIALIZED] VIEW name [WITH (...)] AS query` statement, as Postgres' `definition`
 /// columns give it: the text after the first word `AS`.
-fn defining_query(statement: &str) -> String {
+pub(crate) fn defining_query(statement: &str) -> String {
     let lower = statement.to_ascii_lowercase();
     let bytes = lower.as_bytes();
     let boundary = |i: usize| bytes.get(i).is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_'));

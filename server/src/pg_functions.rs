@@ -23,8 +23,8 @@ pub fn all() -> Vec<ScalarUDF> {
         ScalarUDF::new_from_impl(NullText::new("col_description")),
         ScalarUDF::new_from_impl(NullText::new("pg_get_function_result")),
         ScalarUDF::new_from_impl(NullText::new("pg_get_function_arguments")),
-        // A view's definition is in `pg_views` / `pg_matviews`; by oid it is not known here (psql's `\d+ view` shows
-        // none).
+        // A view's definition is in `pg_views` / `pg_matviews`; by an oid that is a constant (psql's `\d+ view`) the
+        // catalog rewrite reads it there (`crate::compat`), by one that is a column it is not known here.
         ScalarUDF::new_from_impl(NullText::new("pg_get_viewdef")),
         // Every collation and function is visible: there is one schema search path.
         visible("pg_collation_is_visible"),

@@ -56,6 +56,8 @@ CREATE MATERIALIZED VIEW per_name AS SELECT name, count(*) AS n FROM t GROUP BY 
 \echo ==dm==
 \dm
 \d per_name
+\echo ==d+==
+\d+ per_name
 SELEC 1;
 "#;
     let addr = server.addr;
@@ -89,6 +91,12 @@ SELEC 1;
         "\\dm output:\n{after_dm}"
     );
     assert!(after_dm.contains("Materialized view \"public.per_name\""), "\\d per_name output:\n{after_dm}");
+    // \d+ shows the view's query, as Postgres keeps it.
+    let (_, detailed) = after_dm.split_once("==d+==").unwrap();
+    assert!(
+        detailed.contains("View definition:\n SELECT name, count(*) AS n FROM t GROUP BY name;"),
+        "\\d+ per_name output:\n{detailed}"
+    );
     // psql renders the error position as a caret under the offending token.
     assert!(stderr.contains("ERROR:  syntax error at or near \"SELEC\""), "stderr:\n{stderr}");
     assert!(stderr.contains("LINE 1: SELEC 1;"), "stderr:\n{stderr}");
