@@ -12,8 +12,10 @@
 //! batch, default 4096). Only whole lines are read; in follow mode a line still being written is read once its newline
 //! arrives. Lines that do not decode are set aside with their line number (see [`crate::format`]).
 //!
-//! Reading is synchronous inside [`SourceReader::next_batch`] (a local file answers in microseconds), so a batch is
-//! ready on the first poll and a cancelled call loses nothing: the position only moves when a batch is returned.
+//! A thread of the source's own reads and decodes the file ahead of the view (two batches at most), so a cold page
+//! cache or a slow disk never stalls the view's operators, and decoding runs beside them on another core. The
+//! position only moves when a batch is handed out, and a cancelled `next_batch` loses nothing (the batch stays in
+//! the channel).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -22,6 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
+use tokio::sync::mpsc;
 use weir_common::connector::{
     ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats, decode_position, encode_position,
 };
@@ -33,13 +36,51 @@ const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "b
 /// The longest line read as a record unless `max.record.bytes` says otherwise; a longer one is set aside.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
-/// A source reading one file.
+/// A source reading one file. A thread of its own ([`FileReader`]) reads and decodes ahead, at most
+/// [`CHUNKS_AHEAD`] batches, so the view's operators never wait on the disk.
 #[derive(Debug)]
 pub struct FileSource {
+    config: FileConfig,
+    /// Where the reading thread starts (until it starts, or after a seek).
+    start: Option<Box<FileReader>>,
+    /// What the reading thread has read, once it runs.
+    chunks: Option<mpsc::Receiver<Chunk>>,
+    /// The byte offset after the last whole line handed out, and that line's number.
+    position: (u64, u64),
+    rejected: Vec<Rejected>,
+    /// Bytes of the records handed out.
+    bytes: u64,
+    ended: bool,
+}
+
+/// Batches read ahead of the view.
+const CHUNKS_AHEAD: usize = 2;
+
+/// What the source was created with.
+#[derive(Debug, Clone)]
+struct FileConfig {
     path: String,
     follow: bool,
     poll: Duration,
     batch_rows: usize,
+    max_record: usize,
+    schema: SchemaRef,
+    encoding: Encoding,
+}
+
+/// What the reading thread hands over: a batch of lines (rows, the lines set aside, the position after them), the
+/// end of a file not followed, or why it stopped.
+#[derive(Debug)]
+enum Chunk {
+    Rows { batch: Option<RecordBatch>, rejected: Vec<Rejected>, bytes: u64, position: (u64, u64) },
+    End,
+    Failed(ConnectorError),
+}
+
+/// Reads one file line by line, on the source's reading thread.
+#[derive(Debug)]
+struct FileReader {
+    config: FileConfig,
     decoder: RecordDecoder,
     skip_header: bool,
     reader: BufReader<File>,
@@ -49,11 +90,6 @@ pub struct FileSource {
     partial: Vec<u8>,
     /// How long that line is so far, all of it.
     partial_len: usize,
-    /// The longest line taken as a record.
-    max_record: usize,
-    rejected: Vec<Rejected>,
-    /// Bytes of the records read.
-    bytes: u64,
     /// Bytes of the file consumed so far (the partial line's included).
     offset: u64,
 }
@@ -78,41 +114,106 @@ impl FileSource {
         let encoding = encoding
             .filter(|e| !matches!(e, Encoding::Avro { .. }))
             .ok_or_else(|| ConnectorError::Format { connector: "file".into(), expected: "JSON or CSV".into() })?;
-        let skip_header = matches!(encoding, Encoding::Csv { header: true, .. });
-        let decoder = RecordDecoder::try_new(schema, encoding)?;
-        let file = File::open(&path).map_err(|e| ConnectorError::Io(format!("could not open file \"{path}\": {e}")))?;
+        let config = FileConfig { path, follow, poll, batch_rows, max_record, schema, encoding };
+        let reader = FileReader::open(config.clone())?;
         Ok(FileSource {
-            path,
-            follow,
-            poll,
-            batch_rows,
+            config,
+            start: Some(Box::new(reader)),
+            chunks: None,
+            position: (0, 0),
+            rejected: Vec::new(),
+            bytes: 0,
+            ended: false,
+        })
+    }
+
+    /// The reading thread's batches, starting it on the first call.
+    fn chunks(&mut self) -> Result<&mut mpsc::Receiver<Chunk>, ConnectorError> {
+        if self.chunks.is_none() {
+            let reader = match self.start.take() {
+                Some(reader) => reader,
+                None => Box::new(FileReader::open(self.config.clone())?),
+            };
+            let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
+            std::thread::Builder::new()
+                .name("weir-file-reader".to_string())
+                .spawn(move || reader.run(&sender))
+                .map_err(|e| {
+                    ConnectorError::Io(format!("could not start reading file \"{}\": {e}", self.config.path))
+                })?;
+            self.chunks = Some(chunks);
+        }
+        self.chunks.as_mut().ok_or_else(|| ConnectorError::Io("the file reader did not start".to_string()))
+    }
+}
+
+impl FileReader {
+    fn open(config: FileConfig) -> Result<Self, ConnectorError> {
+        let skip_header = matches!(config.encoding, Encoding::Csv { header: true, .. });
+        let decoder = RecordDecoder::try_new(config.schema.clone(), config.encoding.clone())?;
+        let path = &config.path;
+        let file = File::open(path).map_err(|e| ConnectorError::Io(format!("could not open file \"{path}\": {e}")))?;
+        Ok(FileReader {
+            config,
             decoder,
             skip_header,
             reader: BufReader::new(file),
             line: 0,
             partial: Vec::new(),
             partial_len: 0,
-            max_record,
-            rejected: Vec::new(),
-            bytes: 0,
             offset: 0,
         })
     }
 
-    /// Reads up to `batch_rows` whole lines; fewer (maybe none) at the end of the file.
-    fn read_lines(&mut self) -> Result<Vec<Record>, ConnectorError> {
+    /// Reads and decodes batches until the file ends (not followed), a read fails, or the source is gone; waits at
+    /// most two batches ahead of it.
+    fn run(mut self: Box<Self>, chunks: &mpsc::Sender<Chunk>) {
+        loop {
+            let mut rejected = Vec::new();
+            let records = match self.read_lines(&mut rejected) {
+                Ok(records) => records,
+                Err(err) => {
+                    let _ = chunks.blocking_send(Chunk::Failed(err));
+                    return;
+                }
+            };
+            let position = (self.offset - self.partial_len as u64, self.line);
+            if records.is_empty() && rejected.is_empty() {
+                if !self.config.follow {
+                    let _ = chunks.blocking_send(Chunk::End);
+                    return;
+                }
+                if chunks.is_closed() {
+                    return;
+                }
+                std::thread::sleep(self.config.poll);
+                continue;
+            }
+            let bytes = records.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
+            let (batch, undecoded) = self.decoder.decode(&records);
+            rejected.extend(undecoded);
+            if chunks.blocking_send(Chunk::Rows { batch, rejected, bytes, position }).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Reads up to `batch_rows` whole lines; fewer (maybe none) at the end of the file. Lines too long are set aside
+    /// in `rejected`.
+    fn read_lines(&mut self, rejected: &mut Vec<Rejected>) -> Result<Vec<Record>, ConnectorError> {
         let mut records = Vec::new();
-        while records.len() < self.batch_rows {
+        let max_record = self.config.max_record;
+        while records.len() < self.config.batch_rows {
             let mut bytes = std::mem::take(&mut self.partial);
             let mut len = std::mem::take(&mut self.partial_len);
             let before = len;
-            let complete = read_line(&mut self.reader, &mut bytes, &mut len, self.max_record + 1)
-                .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.path)))?;
+            let complete = read_line(&mut self.reader, &mut bytes, &mut len, max_record + 1)
+                .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.config.path)))?;
             self.offset += (len - before) as u64;
             if len == 0 {
                 break;
             }
-            if !complete && self.follow {
+            if !complete && self.config.follow {
                 // The rest of this line has not been written yet.
                 self.partial = bytes;
                 self.partial_len = len;
@@ -122,13 +223,12 @@ impl FileSource {
             if self.line == 1 && self.skip_header {
                 continue;
             }
-            let origin = format!("{}:{}", self.path, self.line);
+            let origin = format!("{}:{}", self.config.path, self.line);
             let record_len = len - usize::from(complete);
-            if record_len > self.max_record {
-                let error =
-                    format!("the line is {record_len} bytes long, more than max.record.bytes ({})", self.max_record);
+            if record_len > max_record {
+                let error = format!("the line is {record_len} bytes long, more than max.record.bytes ({max_record})");
                 let kept = &bytes[..bytes.len().min(weir_common::connector::DEAD_LETTER_PREFIX_BYTES)];
-                self.rejected.push(Rejected::new(origin, kept, error));
+                rejected.push(Rejected::new(origin, kept, error));
                 if !complete {
                     break;
                 }
@@ -140,6 +240,16 @@ impl FileSource {
             }
         }
         Ok(records)
+    }
+
+    /// Moves to byte `offset`, the start of line `line + 1`.
+    fn seek(&mut self, offset: u64, line: u64) -> Result<(), ConnectorError> {
+        use std::io::Seek;
+        self.reader.seek(std::io::SeekFrom::Start(offset)).map_err(|e| {
+            ConnectorError::Io(format!("could not resume file \"{}\" at byte {offset}: {e}", self.config.path))
+        })?;
+        (self.offset, self.line, self.partial, self.partial_len) = (offset, line, Vec::new(), 0);
+        Ok(())
     }
 }
 
@@ -169,24 +279,37 @@ fn read_line(reader: &mut BufReader<File>, line: &mut Vec<u8>, len: &mut usize, 
 #[async_trait]
 impl SourceReader for FileSource {
     fn schema(&self) -> SchemaRef {
-        self.decoder.schema()
+        self.config.schema.clone()
     }
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
+        if self.ended {
+            return Ok(None);
+        }
         loop {
-            let records = self.read_lines()?;
-            if records.is_empty() {
-                if !self.follow {
+            // Receiving is cancel-safe: a batch not taken stays in the channel.
+            let chunk = self.chunks()?.recv().await;
+            match chunk {
+                Some(Chunk::Rows { batch, rejected, bytes, position }) => {
+                    self.rejected.extend(rejected);
+                    self.bytes += bytes;
+                    self.position = position;
+                    if let Some(batch) = batch {
+                        return Ok(Some(batch));
+                    }
+                }
+                Some(Chunk::End) => {
+                    self.ended = true;
                     return Ok(None);
                 }
-                tokio::time::sleep(self.poll).await;
-                continue;
-            }
-            self.bytes += records.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
-            let (batch, rejected) = self.decoder.decode(&records);
-            self.rejected.extend(rejected);
-            if let Some(batch) = batch {
-                return Ok(Some(batch));
+                Some(Chunk::Failed(err)) => {
+                    self.chunks = None;
+                    return Err(err);
+                }
+                None => {
+                    self.chunks = None;
+                    return Err(ConnectorError::Io(format!("the reader of file \"{}\" stopped", self.config.path)));
+                }
             }
         }
     }
@@ -201,17 +324,19 @@ impl SourceReader for FileSource {
 
     /// The byte offset after the last whole line handed out, and that line's number.
     fn position(&self) -> Option<Vec<u8>> {
-        Some(encode_position(&[(self.offset - self.partial_len as u64) as i64, self.line as i64]))
+        Some(encode_position(&[self.position.0 as i64, self.position.1 as i64]))
     }
 
+    /// Resumes after a position: the reading thread (if it ran) stops, and a new one starts there.
     fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
-        use std::io::Seek;
-        let numbers = decode_position(position, Some(2), &format!("file \"{}\"", self.path))?;
+        let numbers = decode_position(position, Some(2), &format!("file \"{}\"", self.config.path))?;
         let (offset, line) = (numbers[0].max(0) as u64, numbers[1].max(0) as u64);
-        self.reader.seek(std::io::SeekFrom::Start(offset)).map_err(|e| {
-            ConnectorError::Io(format!("could not resume file \"{}\" at byte {offset}: {e}", self.path))
-        })?;
-        (self.offset, self.line, self.partial, self.partial_len) = (offset, line, Vec::new(), 0);
+        let mut reader = match self.start.take() {
+            Some(reader) => reader,
+            None => Box::new(FileReader::open(self.config.clone())?),
+        };
+        reader.seek(offset, line)?;
+        (self.start, self.chunks, self.position, self.ended) = (Some(reader), None, (offset, line), false);
         Ok(())
     }
 }
@@ -287,6 +412,40 @@ mod tests {
         assert!(rejected[0].origin.ends_with(":2"));
         assert_eq!(rejected[0].error, "the line is 10012 bytes long, more than max.record.bytes (100)");
         assert!(rejected[0].record.len() <= 101, "only a prefix is kept");
+    }
+
+    #[tokio::test]
+    async fn batches_are_read_and_decoded_ahead_of_the_view() {
+        // Three lines of 5 KB, one batch each: more than a read buffer holds.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let name = "x".repeat(5_000);
+        for id in 1..=3 {
+            writeln!(file, "{{\"id\": {id}, \"name\": \"{name}\"}}").unwrap();
+        }
+        file.flush().unwrap();
+        let options = Options::new([
+            ("path".to_string(), file.path().display().to_string()),
+            ("batch.rows".to_string(), "1".to_string()),
+        ])
+        .unwrap();
+        let mut source = FileSource::try_new(schema(), options, Some(Encoding::Json)).unwrap();
+        assert_eq!(source.next_batch().await.unwrap().unwrap().num_rows(), 1);
+        let after_first = source.position().unwrap();
+        // The reading thread fills its two batches ahead while the view does not ask; the position still says what
+        // was handed out.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(source.position().unwrap(), after_first);
+        // Cut the file: what was read ahead still comes, whole and decoded (reading now would find nothing).
+        file.as_file().set_len(0).unwrap();
+        for _ in 2..=3 {
+            let batch = source.next_batch().await.unwrap().unwrap();
+            assert_eq!(
+                batch.column(1).as_any().downcast_ref::<datafusion::arrow::array::StringArray>().unwrap().value(0),
+                name
+            );
+        }
+        assert_eq!(source.next_batch().await.unwrap(), None);
+        assert!(source.take_rejected().is_empty());
     }
 
     #[test]
