@@ -13,6 +13,8 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 #[derive(Debug)]
 pub struct Compat {
     catalog_queries: PostgresCompatibilityParser,
+    /// [`SEARCH_PATH_SCHEMAS`] as tokens, without whitespace, lower case.
+    search_path_query: Vec<String>,
 }
 
 impl Default for Compat {
@@ -23,7 +25,10 @@ impl Default for Compat {
 
 impl Compat {
     pub fn new() -> Self {
-        Compat { catalog_queries: PostgresCompatibilityParser::new() }
+        Compat {
+            catalog_queries: PostgresCompatibilityParser::new(),
+            search_path_query: solid_tokens(SEARCH_PATH_SCHEMAS),
+        }
     }
 
     /// Rewrites one statement; `text` is the statement as the client wrote it.
@@ -32,7 +37,7 @@ impl Compat {
             return statement;
         }
         // Re-parsing the text applies the crate's whole-query substitutions for queries DataFusion cannot plan at all.
-        let substituted = search_path_schemas(text);
+        let substituted = search_path_schemas(text, &self.search_path_query);
         let text = substituted.as_deref().unwrap_or(text);
         let mut statement = match self.catalog_queries.parse(text) {
             Ok(mut statements) if statements.len() == 1 => statements.remove(0),
@@ -53,16 +58,30 @@ const SEARCH_PATH_SCHEMAS: &str = r#"SELECT CASE WHEN trim(s[i]) = '"$user"' THE
                          array_upper(string_to_array(current_setting('search_path'),','),1)) as i,
          string_to_array(current_setting('search_path'),',') s"#;
 
-/// `text` with Grafana's search-path query (however it is spaced) replaced by the schema Weir's relations are in,
-/// `public` (Weir's search path is fixed); `None` if it has none.
-fn search_path_schemas(text: &str) -> Option<String> {
-    use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-    let tokens = |sql: &str| Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok();
-    let key = |token: &Token| token.to_string().to_ascii_lowercase();
+fn tokens(sql: &str) -> Option<Vec<datafusion::sql::sqlparser::tokenizer::Token>> {
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    datafusion::sql::sqlparser::tokenizer::Tokenizer::new(&dialect, sql).tokenize().ok()
+}
+
+fn key(token: &datafusion::sql::sqlparser::tokenizer::Token) -> String {
+    token.to_string().to_ascii_lowercase()
+}
+
+/// The tokens of `sql` that are not whitespace, as [`key`]s.
+fn solid_tokens(sql: &str) -> Vec<String> {
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    tokens(sql).unwrap_or_default().iter().filter(|t| !matches!(t, Token::Whitespace(_))).map(key).collect()
+}
+
+/// `text` with Grafana's search-path query (`pattern`: [`solid_tokens`] of [`SEARCH_PATH_SCHEMAS`]), however it is
+/// spaced, replaced by the schema Weir's relations are in, `public` (Weir's search path is fixed); `None` if it has
+/// none.
+fn search_path_schemas(text: &str, pattern: &[String]) -> Option<String> {
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    if pattern.is_empty() {
+        return None;
+    }
     let written = tokens(text)?;
-    let pattern: Vec<String> =
-        tokens(SEARCH_PATH_SCHEMAS)?.iter().filter(|t| !matches!(t, Token::Whitespace(_))).map(key).collect();
     // The positions of the tokens that are not whitespace.
     let solid: Vec<usize> = (0..written.len()).filter(|&i| !matches!(written[i], Token::Whitespace(_))).collect();
     let start = (0..solid.len().checked_sub(pattern.len())? + 1)
@@ -212,9 +231,10 @@ mod tests {
             FROM\n generate_series(\n array_lower(string_to_array(current_setting('search_path'),','),1),\n \
             array_upper(string_to_array(current_setting('search_path'),','),1)\n ) as i,\n \
             string_to_array(current_setting('search_path'),',') s)";
-        let replaced = search_path_schemas(grafana).expect("Grafana's query");
+        let pattern = solid_tokens(SEARCH_PATH_SCHEMAS);
+        let replaced = search_path_schemas(grafana, &pattern).expect("Grafana's query");
         assert!(replaced.ends_with("quote_ident(table_schema) IN (SELECT 'public')"), "{replaced}");
-        assert_eq!(search_path_schemas("SELECT 1"), None);
+        assert_eq!(search_path_schemas("SELECT 1", &pattern), None);
     }
 
     #[test]

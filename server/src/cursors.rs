@@ -120,7 +120,7 @@ impl Session {
             schema: rows.schema.clone(),
             hold: declare.hold,
             token,
-            rows: tokio::sync::Mutex::new((rows, None)),
+            rows: tokio::sync::Mutex::new(Unread { stream: rows, pending: None, ended: false }),
         };
         self.cursors.lock().insert(name, Arc::new(cursor));
         Ok(Outcome::Command("DECLARE CURSOR", None))
@@ -137,11 +137,7 @@ impl Session {
             })?),
         };
         let limit = fetch.count.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let fetched = {
-            let mut rows = cursor.rows.lock().await;
-            let (stream, pending) = &mut *rows;
-            take_rows(stream, pending, limit, timeout).await
-        };
+        let fetched = { cursor.rows.lock().await.take(limit, timeout).await };
         let batches = match fetched {
             Ok(batches) => batches,
             Err(err) => {
@@ -195,61 +191,62 @@ fn subscription_schema(relation: &Schema) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Takes up to `limit` rows. A query's cursor gives rows until the limit or its end; a subscription's waits for the
-/// first change at most `timeout` (until one comes without it) and then gives what has arrived.
-async fn take_rows(
-    stream: &mut RowStream,
-    pending: &mut Option<RecordBatch>,
-    limit: usize,
-    timeout: Option<Duration>,
-) -> Result<Vec<RecordBatch>, ErrorReport> {
-    let mut batches = Vec::new();
-    let mut taken = 0;
-    while taken < limit {
-        let batch = match pending.take() {
-            Some(batch) => batch,
-            None => {
-                let item = match (stream.live, taken, timeout) {
-                    // A subscription gives what has arrived once it has given a row.
-                    (true, 1.., _) => match stream.batches.try_recv() {
-                        Ok(item) => Some(item),
-                        Err(_) => break,
-                    },
-                    (true, 0, Some(timeout)) => match tokio::time::timeout(timeout, stream.batches.recv()).await {
-                        Ok(item) => item,
-                        Err(_) => break,
-                    },
-                    _ => stream.batches.recv().await,
-                };
-                match item {
-                    Some(RowItem::Batch(batch)) => batch,
-                    Some(RowItem::Error(report)) => return Err(report),
-                    Some(RowItem::End) => {
-                        // The end stays for the next FETCH, which returns no rows.
-                        *pending = Some(RecordBatch::new_empty(stream.schema.clone()));
-                        break;
+/// A cursor's rows not yet fetched: the statement's stream, a batch partly fetched, and whether the stream ended.
+#[derive(Debug)]
+struct Unread {
+    stream: RowStream,
+    pending: Option<RecordBatch>,
+    ended: bool,
+}
+
+impl Unread {
+    /// Takes up to `limit` rows. A query's cursor gives rows until the limit or its end (after which every fetch
+    /// gives none); a subscription's waits for the first change at most `timeout` (until one comes without it) and
+    /// then gives what has arrived.
+    async fn take(&mut self, limit: usize, timeout: Option<Duration>) -> Result<Vec<RecordBatch>, ErrorReport> {
+        let mut batches = Vec::new();
+        let mut taken = 0;
+        while taken < limit {
+            let batch = match self.pending.take() {
+                Some(batch) => batch,
+                None if self.ended => break,
+                None => {
+                    let item = match (self.stream.live, taken, timeout) {
+                        // A subscription gives what has arrived once it has given a row.
+                        (true, 1.., _) => match self.stream.batches.try_recv() {
+                            Ok(item) => Some(item),
+                            Err(_) => break,
+                        },
+                        (true, 0, Some(timeout)) => {
+                            match tokio::time::timeout(timeout, self.stream.batches.recv()).await {
+                                Ok(item) => item,
+                                Err(_) => break,
+                            }
+                        }
+                        _ => self.stream.batches.recv().await,
+                    };
+                    match item {
+                        Some(RowItem::Batch(batch)) => batch,
+                        Some(RowItem::Error(report)) => return Err(report),
+                        Some(RowItem::End) => {
+                            self.ended = true;
+                            break;
+                        }
+                        None => return Err(crate::exec::worker_stopped()),
                     }
-                    None => return Err(crate::exec::worker_stopped()),
                 }
-            }
-        };
-        if batch.num_rows() == 0 {
-            if stream.batches.is_closed() && stream.batches.is_empty() {
-                *pending = Some(batch);
+            };
+            let wanted = limit - taken;
+            if batch.num_rows() > wanted {
+                self.pending = Some(batch.slice(wanted, batch.num_rows() - wanted));
+                batches.push(batch.slice(0, wanted));
                 break;
             }
-            continue;
+            taken += batch.num_rows();
+            batches.push(batch);
         }
-        let wanted = limit - taken;
-        if batch.num_rows() > wanted {
-            *pending = Some(batch.slice(wanted, batch.num_rows() - wanted));
-            batches.push(batch.slice(0, wanted));
-            break;
-        }
-        taken += batch.num_rows();
-        batches.push(batch);
+        Ok(batches)
     }
-    Ok(batches)
 }
 
 /// One open cursor.
@@ -259,8 +256,7 @@ struct Cursor {
     hold: bool,
     /// Stops the worker computing the rows when the cursor goes.
     token: Arc<StatementToken>,
-    /// The rows, and a batch (or the end) read ahead.
-    rows: tokio::sync::Mutex<(RowStream, Option<RecordBatch>)>,
+    rows: tokio::sync::Mutex<Unread>,
 }
 
 impl Drop for Cursor {

@@ -61,8 +61,6 @@ impl Session {
                     | Statement::Grant(_)
                     | Statement::Revoke(_)
                     | Statement::Copy { .. }
-                    | Statement::Declare { .. }
-                    | Statement::Fetch { .. }
                     | Statement::Close { .. }
             ),
             _ => false,
