@@ -297,6 +297,17 @@ pub trait SourceReader: Send + fmt::Debug {
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError>;
 
+    /// The next batch if the reader has one ready now, `None` if it has not: what `FLUSH` takes in before it
+    /// answers. A reader whose rows come through a thread of its own (a file read ahead) waits here for the rows
+    /// already available upstream; the default takes what [`SourceReader::next_batch`] has without waiting.
+    async fn ready_batch(&mut self) -> Option<Result<Option<RecordBatch>, ConnectorError>> {
+        let mut next = std::pin::pin!(self.next_batch());
+        match next.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(result) => Some(result),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     /// The watermark the upstream gives with its rows, as of the last batch handed out: a relation read as a stream
     /// (a view over another view) passes its own on. A reader whose upstream has one hands out an empty batch when
     /// only the watermark moved. `None` for sources, whose watermark is worked out from their rows.

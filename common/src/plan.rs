@@ -49,6 +49,90 @@ pub struct WindowAggregateSpec {
     /// The input retracts rows (a regular join's output): the groups' accumulators take rows back, and each changed
     /// group's row is retracted and emitted again at every epoch. Windows are then plain keys: nothing closes.
     pub retractions: bool,
+    /// HOP or CUMULATE windows aggregated by slice (see [`Slicing`]): the input then has one row per input row, in
+    /// its slice, instead of one per window.
+    pub slicing: Option<Slicing>,
+}
+
+/// Window slicing: a HOP or CUMULATE aggregation that puts each row once into its *slice* (the tumbling windows of
+/// length [`Slicing::slice`] every window is made of) and combines the slices' partial states when a window is
+/// read or closes, instead of adding every row to each of its `size / slide` windows.
+///
+/// Each window and each slice has an *anchor*: a HOP window's start, a CUMULATE window's end, a slice's start. The
+/// window columns among the group keys (`window_start`, `window_end`, `window_time`) are the anchor plus a constant
+/// ([`Slicing::window_keys`]): over the aggregation's input they hold the row's slice's anchor plus that constant,
+/// and in its output the window's. Every time is in the unit of the window columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slicing {
+    pub windows: SlicedWindows,
+    /// What the windows are aligned to (a window or slice anchor is `offset` plus a multiple of its length).
+    pub offset: i64,
+    /// The length of a slice: the greatest common divisor of HOP's slide and size, CUMULATE's step.
+    pub slice: i64,
+    /// The group keys that are window columns, each with what it adds to the anchor.
+    pub window_keys: Vec<(usize, i64)>,
+}
+
+/// The windows a [`Slicing`] builds from slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlicedWindows {
+    /// Windows `[start, start + size)` starting every `slide`; the anchor is the start.
+    Hop { slide: i64, size: i64 },
+    /// Windows `[cycle, end)` for every `end` a multiple of `step` into each `size`-long cycle; the anchor is the end.
+    Cumulate { step: i64, size: i64 },
+}
+
+impl Slicing {
+    /// The start of the tumbling window of length `length` aligned at the offset that holds `t`.
+    fn align(&self, t: i64, length: i64) -> i64 {
+        t - (t - self.offset).rem_euclid(length)
+    }
+
+    /// The anchors of the windows holding slice `slice` (its anchor), ascending.
+    pub fn windows_of(&self, slice: i64) -> impl Iterator<Item = i64> + use<> {
+        let (first, last, step) = match self.windows {
+            SlicedWindows::Hop { slide, size } => {
+                let last = self.align(slice, slide);
+                // The earliest start with start + size >= slice + slice length.
+                let earliest = slice.saturating_add(self.slice).saturating_sub(size);
+                let first =
+                    last.saturating_sub((last.saturating_sub(earliest)).div_euclid(slide).saturating_mul(slide));
+                (first, last, slide)
+            }
+            SlicedWindows::Cumulate { step, size } => {
+                (slice.saturating_add(step), self.align(slice, size).saturating_add(size), step)
+            }
+        };
+        let count = if last < first { 0 } else { (last - first) / step + 1 };
+        (0..count).map(move |i| first + i * step)
+    }
+
+    /// The anchor of the last window holding slice `slice`: the slice is needed until that window closes.
+    pub fn last_window_of(&self, slice: i64) -> i64 {
+        match self.windows {
+            SlicedWindows::Hop { slide, .. } => self.align(slice, slide),
+            SlicedWindows::Cumulate { size, .. } => self.align(slice, size).saturating_add(size),
+        }
+    }
+
+    /// The anchors of the first and last slice window `window` (its anchor) is made of.
+    pub fn slices_of(&self, window: i64) -> (i64, i64) {
+        match self.windows {
+            SlicedWindows::Hop { size, .. } => (window, window.saturating_add(size).saturating_sub(self.slice)),
+            SlicedWindows::Cumulate { size, step } => {
+                (self.align(window.saturating_sub(1), size), window.saturating_sub(step))
+            }
+        }
+    }
+
+    /// How much lower a window column's bound is than the same column's over slices: a later row's slice anchor is
+    /// above `W + b`, so its windows' anchors are above `W + b + correction`.
+    pub fn bound_correction(&self) -> i64 {
+        match self.windows {
+            SlicedWindows::Hop { size, .. } => self.slice - size,
+            SlicedWindows::Cumulate { step, .. } => step,
+        }
+    }
 }
 
 /// Whether `function`'s result stays exact when rows leave in any order (not only first in, first out, as a sliding

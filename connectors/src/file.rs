@@ -15,10 +15,13 @@
 //! A thread of the source's own reads and decodes the file ahead of the view (two batches at most), so a cold page
 //! cache or a slow disk never stalls the view's operators, and decoding runs beside them on another core. The
 //! position only moves when a batch is handed out, and a cancelled `next_batch` loses nothing (the batch stays in
-//! the channel).
+//! the channel). `FLUSH` waits for the thread to reach the end of the file as it was (see
+//! [`SourceReader::ready_batch`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,6 +54,8 @@ pub struct FileSource {
     /// Bytes of the records handed out.
     bytes: u64,
     ended: bool,
+    /// Set by the reading thread while it is at the end of the file, everything before sent.
+    at_end: Arc<AtomicBool>,
 }
 
 /// Batches read ahead of the view.
@@ -92,6 +97,8 @@ struct FileReader {
     partial_len: usize,
     /// Bytes of the file consumed so far (the partial line's included).
     offset: u64,
+    /// Whether the thread is at the end of the file with every line before it sent (see [`FileSource::at_end`]).
+    at_end: Arc<AtomicBool>,
 }
 
 impl FileSource {
@@ -124,6 +131,7 @@ impl FileSource {
             rejected: Vec::new(),
             bytes: 0,
             ended: false,
+            at_end: Arc::default(),
         })
     }
 
@@ -135,6 +143,9 @@ impl FileSource {
                 None => Box::new(FileReader::open(self.config.clone())?),
             };
             let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
+            let mut reader = reader;
+            self.at_end = Arc::new(AtomicBool::new(false));
+            reader.at_end = self.at_end.clone();
             std::thread::Builder::new()
                 .name("weir-file-reader".to_string())
                 .spawn(move || reader.run(&sender))
@@ -144,6 +155,32 @@ impl FileSource {
             self.chunks = Some(chunks);
         }
         self.chunks.as_mut().ok_or_else(|| ConnectorError::Io("the file reader did not start".to_string()))
+    }
+}
+
+impl FileSource {
+    /// What a chunk from the reading thread makes of the next batch: `None` when it had none (only lines set aside).
+    fn take(&mut self, chunk: Option<Chunk>) -> Option<Result<Option<RecordBatch>, ConnectorError>> {
+        match chunk {
+            Some(Chunk::Rows { batch, rejected, bytes, position }) => {
+                self.rejected.extend(rejected);
+                self.bytes += bytes;
+                self.position = position;
+                batch.map(|batch| Ok(Some(batch)))
+            }
+            Some(Chunk::End) => {
+                self.ended = true;
+                Some(Ok(None))
+            }
+            Some(Chunk::Failed(err)) => {
+                self.chunks = None;
+                Some(Err(err))
+            }
+            None => {
+                self.chunks = None;
+                Some(Err(ConnectorError::Io(format!("the reader of file \"{}\" stopped", self.config.path))))
+            }
+        }
     }
 }
 
@@ -162,6 +199,7 @@ impl FileReader {
             partial: Vec::new(),
             partial_len: 0,
             offset: 0,
+            at_end: Arc::default(),
         })
     }
 
@@ -169,6 +207,7 @@ impl FileReader {
     /// most two batches ahead of it.
     fn run(mut self: Box<Self>, chunks: &mpsc::Sender<Chunk>) {
         loop {
+            self.at_end.store(false, Ordering::Release);
             let mut rejected = Vec::new();
             let records = match self.read_lines(&mut rejected) {
                 Ok(records) => records,
@@ -179,6 +218,7 @@ impl FileReader {
             };
             let position = (self.offset - self.partial_len as u64, self.line);
             if records.is_empty() && rejected.is_empty() {
+                self.at_end.store(true, Ordering::Release);
                 if !self.config.follow {
                     let _ = chunks.blocking_send(Chunk::End);
                     return;
@@ -289,27 +329,33 @@ impl SourceReader for FileSource {
         loop {
             // Receiving is cancel-safe: a batch not taken stays in the channel.
             let chunk = self.chunks()?.recv().await;
+            if let Some(result) = self.take(chunk) {
+                return result;
+            }
+        }
+    }
+
+    /// Waits for the reading thread to reach the end of the file as it is now: the rows there are ready.
+    async fn ready_batch(&mut self) -> Option<Result<Option<RecordBatch>, ConnectorError>> {
+        loop {
+            if self.ended {
+                return Some(Ok(None));
+            }
+            // Read before looking: at the end, everything the thread read is in the channel already.
+            let at_end = self.at_end.load(Ordering::Acquire);
+            let chunk = match self.chunks() {
+                Ok(chunks) => chunks.try_recv(),
+                Err(err) => return Some(Err(err)),
+            };
             match chunk {
-                Some(Chunk::Rows { batch, rejected, bytes, position }) => {
-                    self.rejected.extend(rejected);
-                    self.bytes += bytes;
-                    self.position = position;
-                    if let Some(batch) = batch {
-                        return Ok(Some(batch));
+                Ok(chunk) => {
+                    if let Some(result) = self.take(Some(chunk)) {
+                        return Some(result);
                     }
                 }
-                Some(Chunk::End) => {
-                    self.ended = true;
-                    return Ok(None);
-                }
-                Some(Chunk::Failed(err)) => {
-                    self.chunks = None;
-                    return Err(err);
-                }
-                None => {
-                    self.chunks = None;
-                    return Err(ConnectorError::Io(format!("the reader of file \"{}\" stopped", self.config.path)));
-                }
+                Err(mpsc::error::TryRecvError::Empty) if at_end => return None,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(mpsc::error::TryRecvError::Disconnected) => return self.take(None),
             }
         }
     }

@@ -6,7 +6,7 @@
 //!   stateless node whose feeds are fed by the scans, joins and aggregations below it.
 //! - Watermark bounds: a node's output watermark `W` bounds some of its columns with an offset (a later row has
 //!   `column > W + offset`). A source's event-time column has offset 0; a projection passes bounds through columns,
-//!   `+`/`-` of a constant, `weir_tumble_start` (a window starts less than its size before the row) and
+//!   `+`/`-` of a constant, `weir_tumble_start` (a window starts less than its size before the row), `weir_slice_start` and
 //!   `weir_prev_instant`; a filter keeps them; `UNION ALL` keeps the smallest offset of each column; anything else
 //!   bounds nothing (which is safe: a join then refuses what it cannot bound).
 //! - [`join_spec`]: a join's keys and residual filter, and the time bounds its condition puts on each side. A side
@@ -33,7 +33,7 @@ use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use weir_common::ErrorReport;
 use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{
-    JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, TemporalSpec, TemporalTimes, TimeBound,
+    JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, Slicing, TemporalSpec, TemporalTimes, TimeBound,
 };
 
 use crate::streaming::{df, internal, unsupported};
@@ -92,6 +92,39 @@ impl GraphBuilder {
         }
         self.nodes.push(node);
         self.nodes.len() - 1
+    }
+
+    /// Cuts the input of aggregation `spec` as slices (see [`crate::slicing`]) when its windows can be aggregated
+    /// by slice: HOP or CUMULATE windows over an append-only input, closed by one of their window columns (the
+    /// `window_end` key, or with `by_time_key` the first time key the watermark bounds). Sets `spec`'s slicing and
+    /// returns the input's node; `None` (and the graph as it was) otherwise.
+    pub(crate) fn cut_sliced(
+        &mut self,
+        spec: &mut weir_common::plan::WindowAggregateSpec,
+        below: &Arc<dyn ExecutionPlan>,
+        by_time_key: bool,
+    ) -> Result<Option<NodeId>, ErrorReport> {
+        if spec.window_end.is_none() && !by_time_key {
+            return Ok(None);
+        }
+        let Some((slicing, plan)) = crate::slicing::slice(spec, below, None) else { return Ok(None) };
+        let mark = self.nodes.len();
+        let id = self.cut(&plan)?;
+        let bounds = self.bounds(id);
+        let closing = spec.window_end.or_else(|| closing_key(spec, &bounds));
+        if !self.nodes[id].append_only || closing.is_none_or(|c| !slicing.window_keys.iter().any(|(k, _)| *k == c)) {
+            self.discard_from(mark);
+            return Ok(None);
+        }
+        spec.input = plan.schema();
+        spec.slicing = Some(slicing);
+        Ok(Some(id))
+    }
+
+    /// Forgets the nodes from `mark` on (a cut tried and not used). Nodes before it never read them.
+    pub(crate) fn discard_from(&mut self, mark: NodeId) {
+        self.nodes.truncate(mark);
+        self.signatures.retain(|_, id| *id < mark);
     }
 
     /// The bounds of node `id`'s output, per column.
@@ -258,10 +291,15 @@ impl GraphBuilder {
                 "Aggregate the sessions in a view of their own WITH EMIT ON WINDOW CLOSE, and join that view.",
             ));
         }
-        let input = self.cut(&below)?;
+        let input = match self.cut_sliced(&mut spec, &below, true)? {
+            Some(input) => input,
+            None => self.cut(&below)?,
+        };
         let updating = !self.nodes[input].append_only;
         let bounds = self.bounds(input);
-        let bound = |key: usize| expr_bound(&spec.keys[key].0, &bounds, &spec.input);
+        // Over slices, a window column's bound is lower than the slices' by what the slicing says.
+        let correction = spec.slicing.as_ref().map_or(0, Slicing::bound_correction);
+        let bound = |key: usize| expr_bound(&spec.keys[key].0, &bounds, &spec.input)?.checked_add(correction);
         let closing = if updating { None } else { spec.window_end.or_else(|| closing_key(&spec, &bounds)) };
         let Some(end) = closing else {
             // Groups the watermark never closes (or rows it retracts): an updating aggregation, joined with a regular
@@ -299,6 +337,9 @@ impl GraphBuilder {
         spec.keys = order.iter().map(|k| spec.keys[*k].clone()).collect();
         let position = |key: usize| order.iter().position(|k| *k == key).unwrap_or(key);
         spec.window_end = spec.window_end.map(position);
+        if let Some(slicing) = &mut spec.slicing {
+            slicing.window_keys.iter_mut().for_each(|(key, _)| *key = position(*key));
+        }
         let mut closed = vec![None; width];
         if let Some(slot) = closed.get_mut(position(end)) {
             *slot = Some(1);
@@ -532,6 +573,10 @@ pub(crate) fn expr_bound(expr: &Arc<dyn PhysicalExpr>, input: &Bounds, schema: &
             // ends after each of its rows.
             "weir_tumble_start" => time()?.checked_sub(length(1)? - 1),
             "weir_hop_starts" => time()?.checked_sub(length(2)? - 1),
+            // A slice starts less than its length before each of its rows.
+            "weir_slice_start" => {
+                time()?.checked_sub(crate::windows::functions::gcd(length(1)?, length(2)?).checked_sub(1)?)
+            }
             "weir_cumulate_ends" => time()?.checked_add(1),
             "weir_prev_instant" => time()?.checked_sub(1),
             _ => None,
@@ -561,7 +606,7 @@ fn time_unit(expr: &Arc<dyn PhysicalExpr>, schema: &SchemaRef) -> Option<TimeUni
 }
 
 /// A constant duration (an interval without months, or a duration), in `unit`s, if exact.
-fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i64> {
+pub(crate) fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i64> {
     let literal = expr.downcast_ref::<Literal>()?;
     let nanos: i128 = match literal.value() {
         ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {

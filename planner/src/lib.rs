@@ -18,6 +18,7 @@
 //! - [`graph`]: the physical plan below the root cut into plan nodes (scans, stateless DataFusion plans, joins, and
 //!   window aggregations below joins), each node's output watermark worked out, and a join's time bounds read from
 //!   its condition.
+//! - [`slicing`]: a HOP or CUMULATE aggregation turned into one that aggregates each row once, into its slice.
 //! - [`view`]: [`view::plan_view`], a materialized view's query planned over a [`view::Catalog`] (the one planning
 //!   path of the server, `EXPLAIN`, the benchmarks and the tests), its inputs checked.
 //! - [`temporal`]: `JOIN r FOR SYSTEM_TIME AS OF ...` rewritten into a join with a marked condition, which
@@ -39,6 +40,7 @@ pub mod names;
 pub mod parse;
 pub mod row_pattern;
 pub mod sink;
+pub mod slicing;
 pub mod source;
 pub mod streaming;
 pub mod temporal;

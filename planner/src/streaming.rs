@@ -155,7 +155,10 @@ pub async fn plan_streaming(
         return Ok(StreamingPlan { inputs: streams, nodes: graph.nodes, schema, emit_on_window_close });
     };
     let (mut spec, below) = window_aggregate(&aggregate)?;
-    let below = graph.cut(&below)?;
+    let below = match graph.cut_sliced(&mut spec, &below, emit_on_window_close)? {
+        Some(below) => below,
+        None => graph.cut(&below)?,
+    };
     if !graph.nodes[below].append_only {
         return updating_aggregate(graph, spec, below, (&physical, &aggregate), (streams, emit_on_window_close));
     }
@@ -169,7 +172,9 @@ pub async fn plan_streaming(
     if emit_on_window_close && spec.window_end.is_none() {
         return Err(needs_window());
     }
-    let key_bound = |i: usize| expr_bound(&spec.keys[i].0, &below_bounds, &spec.input);
+    // Over slices, a window column's bound is lower than the slices' by what the slicing says.
+    let correction = spec.slicing.as_ref().map_or(0, weir_common::plan::Slicing::bound_correction);
+    let key_bound = |i: usize| expr_bound(&spec.keys[i].0, &below_bounds, &spec.input)?.checked_add(correction);
     let shift = match (&spec.session, spec.window_end) {
         (Some(session), _) => key_bound(session.window_start),
         (None, Some(end)) => key_bound(end).and_then(|d| d.checked_sub(1)),
@@ -542,6 +547,7 @@ pub(crate) fn window_aggregate(
         aggregates,
         row_by_row_above: false,
         retractions: false,
+        slicing: None,
     };
     Ok((spec, input))
 }

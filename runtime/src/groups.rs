@@ -407,6 +407,17 @@ impl Aggregates {
         self.merge_states(groups, &states, &indices)
     }
 
+    /// Merges every group of `from` into `into`, leaving `from` as it was (a slice into a window).
+    pub(crate) fn merge_copy(&self, into: &mut Groups, from: &mut Groups) -> Result<()> {
+        for chunk in 0..from.chunk_count() {
+            let groups = from.chunk_groups(chunk);
+            let indices: Vec<usize> = from.keys[groups].iter().map(|key| into.index_of(key)).collect();
+            let states: Vec<ArrayRef> = from.peek_states(chunk)?.into_iter().flatten().collect();
+            self.merge_states(into, &states, &indices)?;
+        }
+        Ok(())
+    }
+
     /// Merges every group of `from` into `into` (a session absorbing another).
     pub(crate) fn absorb(&self, into: &mut Groups, mut from: Groups) -> Result<()> {
         let indices: Vec<usize> = from.keys.iter().map(|key| into.index_of(key)).collect();

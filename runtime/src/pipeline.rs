@@ -401,6 +401,7 @@ impl Pipeline {
                         spec.keys.clone(),
                         spec.window_end,
                         spec.aggregates.clone(),
+                        spec.slicing.clone(),
                     )?;
                     Running::Closing(Box::new(Closing { aggregate, shift: *by, schema: node.schema.clone() }))
                 }
@@ -448,6 +449,7 @@ impl Pipeline {
                                 spec.keys.clone(),
                                 spec.window_end,
                                 spec.aggregates.clone(),
+                                spec.slicing.clone(),
                             )?;
                             if spec.row_by_row_above {
                                 aggregate.publish_in_parts();

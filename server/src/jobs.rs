@@ -521,7 +521,7 @@ async fn run(
                     // Everything the inputs have ready now (a bounded generator: all of it) goes in first.
                     for input in 0..readers.len() {
                         while reading[input] {
-                            match readers[input].next_batch().now_or_never() {
+                            match readers[input].ready_batch().await {
                                 Some(batch) => {
                                     task.progress.set_aside(readers[input].take_rejected());
                                     let split = (readers[input].last_split(), readers[input].split_count());

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::catalog::view::ViewTable;
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -20,7 +20,7 @@ use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion::sql::sqlparser::ast::helpers::stmt_create_table::CreateTableBuilder;
 use datafusion::sql::sqlparser::ast::{self, ObjectName, Statement};
 use weir_common::connector::{Encoding, SourceReader};
-use weir_common::plan::{InputWatermark, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
+use weir_common::plan::{InputWatermark, NodeId, NodeOperator, SlicedWindows, StreamingPlan, WatermarkSpec};
 use weir_common::{ErrorReport, RelationDef, RelationKind, SqlState};
 use weir_planner::WeirStatement;
 use weir_planner::row_pattern::RowPatternClause;
@@ -731,6 +731,26 @@ fn facts(plan: &StreamingPlan, id: NodeId) -> String {
     format!("{stream}; later rows have {}", columns.join(", "))
 }
 
+/// How a sliced aggregation keeps its windows (nothing for one that is not sliced).
+fn sliced(spec: &weir_common::plan::WindowAggregateSpec) -> String {
+    let Some(slicing) = &spec.slicing else { return String::new() };
+    let unit = spec
+        .window_end
+        .and_then(|end| spec.keys.get(end))
+        .and_then(|(expr, _)| expr.data_type(&spec.input).ok())
+        .map_or("", |t| match t {
+            DataType::Timestamp(TimeUnit::Second, _) => " s",
+            DataType::Timestamp(TimeUnit::Millisecond, _) => " ms",
+            DataType::Timestamp(TimeUnit::Microsecond, _) => " us",
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => " ns",
+            _ => "",
+        });
+    let windows = match slicing.windows {
+        SlicedWindows::Hop { slide, size } => format!("HOP windows of {size}{unit} every {slide}{unit}"),
+        SlicedWindows::Cumulate { step, size } => format!("CUMULATE windows of up to {size}{unit} by {step}{unit}"),
+    };
+    format!(" ({windows}, each row aggregated once into its {}{unit} slice)", slicing.slice)
+}
 /// What EXPLAIN says of a watermark shift (see `weir_common::plan::WatermarkShift`) where time matters.
 fn shifted(shift: Option<i64>, timed: bool) -> String {
     match shift {
@@ -810,8 +830,10 @@ fn explain_node(
                 _ if updating => "no window: each changed group's row retracted and emitted again".to_string(),
                 (Some(_), _) if closing => "per session, emitted when the watermark closes it".to_string(),
                 (Some(_), _) => "per session, open sessions updated every epoch".to_string(),
-                (None, Some(_)) if closing => "per window, emitted when the watermark closes it".to_string(),
-                (None, Some(_)) => "per window, open windows updated every epoch".to_string(),
+                (None, Some(_)) if closing => {
+                    format!("per window{}, emitted when the watermark closes it", sliced(aggregate))
+                }
+                (None, Some(_)) => format!("per window{}, open windows updated every epoch", sliced(aggregate)),
                 (None, None) => "no window: groups updated every epoch".to_string(),
             };
             let operator = match &aggregate.session {

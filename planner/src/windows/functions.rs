@@ -5,6 +5,10 @@
 //! - `weir_cumulate_ends(ts, step, size [, offset])`: the ends of every cumulating window holding `ts`, ascending
 //!   (they all start at `weir_tumble_start(ts, size, offset)`).
 //! - `weir_prev_instant(ts)`: `ts` minus one unit of its own precision (a window's `window_time`).
+//! - `weir_slice_start(ts, slide, size [, offset])`: the start of the slice holding `ts`, a slice being the tumbling
+//!   window of the greatest common divisor of `slide` and `size` (HOP's slide and size, CUMULATE's step and size).
+//!   Not callable from SQL: the planner puts it in place of HOP's or CUMULATE's window list when it aggregates the
+//!   windows by slice (see `crate::slicing`).
 //!
 //! Windows are aligned to the epoch plus `offset`; a window `[start, end)` holds `start <= ts < end`. Sizes are
 //! intervals without months (a month has no fixed length) and must be whole multiples of the column's precision.
@@ -29,6 +33,7 @@ pub enum WindowKind {
     HopStarts,
     CumulateEnds,
     PrevInstant,
+    SliceStart,
 }
 
 impl WindowKind {
@@ -38,6 +43,7 @@ impl WindowKind {
             WindowKind::HopStarts => "weir_hop_starts",
             WindowKind::CumulateEnds => "weir_cumulate_ends",
             WindowKind::PrevInstant => "weir_prev_instant",
+            WindowKind::SliceStart => "weir_slice_start",
         }
     }
 
@@ -45,7 +51,7 @@ impl WindowKind {
     fn intervals(self) -> usize {
         match self {
             WindowKind::TumbleStart => 1,
-            WindowKind::HopStarts | WindowKind::CumulateEnds => 2,
+            WindowKind::HopStarts | WindowKind::CumulateEnds | WindowKind::SliceStart => 2,
             WindowKind::PrevInstant => 0,
         }
     }
@@ -98,7 +104,7 @@ impl ScalarUDFImpl for WindowFunction {
             }
         }
         Ok(match self.kind {
-            WindowKind::TumbleStart | WindowKind::PrevInstant => ts,
+            WindowKind::TumbleStart | WindowKind::PrevInstant | WindowKind::SliceStart => ts,
             WindowKind::HopStarts | WindowKind::CumulateEnds => DataType::List(Arc::new(Field::new("item", ts, true))),
         })
     }
@@ -141,6 +147,10 @@ impl ScalarUDFImpl for WindowFunction {
                 let size = positive(lengths[0], "size")?;
                 Arc::new(ts.iter().map(|v| v.map(|v| tumble_start(v, size, offset))).collect::<Int64Array>())
             }
+            WindowKind::SliceStart => {
+                let slice = gcd(positive(lengths[0], "slide")?, positive(lengths[1], "size")?);
+                Arc::new(ts.iter().map(|v| v.map(|v| tumble_start(v, slice, offset))).collect::<Int64Array>())
+            }
             WindowKind::HopStarts => {
                 let (slide, size) = (positive(lengths[0], "slide")?, positive(lengths[1], "size")?);
                 windows_per_row(self.kind, slide, size)?;
@@ -162,6 +172,14 @@ impl ScalarUDFImpl for WindowFunction {
 /// The start of the tumbling window of length `size` (aligned at `offset`) holding `v`.
 pub fn tumble_start(v: i64, size: i64, offset: i64) -> i64 {
     v - (v - offset).rem_euclid(size)
+}
+
+/// The greatest common divisor of two positive lengths.
+pub fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 fn hop_starts(v: i64, slide: i64, size: i64, offset: i64, out: &mut Vec<i64>) {
