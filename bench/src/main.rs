@@ -47,7 +47,7 @@ struct Args {
 enum Suite {
     /// Nexmark queries over the in-process generator.
     Nexmark {
-        /// Query: source, q0, q1, q2, q3, q3-left, q3-agg, q4, q5, q5-rank, q7, q8, q9, q13, tumble.
+        /// Query: source, q0, q1, q2, q3, q3-left, q3-agg, q4, q5, q5-rank, q7, q8, q9, q13, tumble, hop, cumulate.
         query: String,
         /// Nexmark events to generate (bids are 46 of every 50).
         #[arg(long, default_value_t = 10_000_000)]

@@ -205,6 +205,19 @@ fn query_sql(query: &str) -> anyhow::Result<Option<&'static str>> {
                      FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
                      GROUP BY auction, window_start, window_end)) WHERE r = 1"
         }
+        // Bids and their total per auction in 10-second windows sliding by 2 seconds, emitted when each window closes
+        // (aggregated by 2-second slice).
+        "hop" => {
+            "SELECT auction, window_start, window_end, count(*) AS bids, sum(price) AS total \
+             FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
+             GROUP BY auction, window_start, window_end"
+        }
+        // Bids per auction so far in each minute, every 10 seconds (aggregated by 10-second slice).
+        "cumulate" => {
+            "SELECT auction, window_start, window_end, count(*) AS bids \
+             FROM CUMULATE(bid, date_time, INTERVAL '10' SECOND, INTERVAL '60' SECOND) \
+             GROUP BY auction, window_start, window_end"
+        }
         // Bids per auction in 10-second tumbling windows, emitted when each window closes.
         "tumble" => {
             "SELECT auction, window_start, window_end, count(*) AS bids \
@@ -213,7 +226,7 @@ fn query_sql(query: &str) -> anyhow::Result<Option<&'static str>> {
         other => {
             bail!(
                 "unknown query {other}; known: source, q0, q1, q2, q3, q3-left, q3-agg, q4, q5, q5-rank, q7, q8, q9, \
-                 q13, tumble"
+                 q13, tumble, hop, cumulate"
             )
         }
     }))
