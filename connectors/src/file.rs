@@ -32,7 +32,7 @@ use weir_common::connector::{
     ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats, decode_position, encode_position,
 };
 
-use crate::format::{Record, RecordDecoder};
+use crate::format::RecordDecoder;
 
 const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "batch.rows", "max.record.bytes"];
 
@@ -80,6 +80,12 @@ enum Chunk {
     Rows { batch: Option<RecordBatch>, rejected: Vec<Rejected>, bytes: u64, position: (u64, u64) },
     End,
     Failed(ConnectorError),
+}
+
+/// A batch of lines read: their bytes one after the other, and each line's span and number.
+struct Lines {
+    buffer: Vec<u8>,
+    spans: Vec<(usize, usize, u64)>,
 }
 
 /// Reads one file line by line, on the source's reading thread.
@@ -209,15 +215,15 @@ impl FileReader {
         loop {
             self.at_end.store(false, Ordering::Release);
             let mut rejected = Vec::new();
-            let records = match self.read_lines(&mut rejected) {
-                Ok(records) => records,
+            let lines = match self.read_lines(&mut rejected) {
+                Ok(lines) => lines,
                 Err(err) => {
                     let _ = chunks.blocking_send(Chunk::Failed(err));
                     return;
                 }
             };
             let position = (self.offset - self.partial_len as u64, self.line);
-            if records.is_empty() && rejected.is_empty() {
+            if lines.spans.is_empty() && rejected.is_empty() {
                 self.at_end.store(true, Ordering::Release);
                 if !self.config.follow {
                     let _ = chunks.blocking_send(Chunk::End);
@@ -229,8 +235,11 @@ impl FileReader {
                 std::thread::sleep(self.config.poll);
                 continue;
             }
-            let bytes = records.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
-            let (batch, undecoded) = self.decoder.decode(&records);
+            let payloads: Vec<&[u8]> = lines.spans.iter().map(|(start, end, _)| &lines.buffer[*start..*end]).collect();
+            let bytes = payloads.iter().map(|p| p.len() as u64).sum::<u64>();
+            let path = &self.config.path;
+            let (batch, undecoded, _) =
+                self.decoder.decode_indexed(&payloads, |i| format!("{path}:{}", lines.spans[i].2));
             rejected.extend(undecoded);
             if chunks.blocking_send(Chunk::Rows { batch, rejected, bytes, position }).is_err() {
                 return;
@@ -238,16 +247,17 @@ impl FileReader {
         }
     }
 
-    /// Reads up to `batch_rows` whole lines; fewer (maybe none) at the end of the file. Lines too long are set aside
-    /// in `rejected`.
-    fn read_lines(&mut self, rejected: &mut Vec<Rejected>) -> Result<Vec<Record>, ConnectorError> {
-        let mut records = Vec::new();
+    /// Reads up to `batch_rows` whole lines, one after the other into one buffer (no allocation per line); fewer
+    /// (maybe none) at the end of the file. Lines too long are set aside in `rejected`.
+    fn read_lines(&mut self, rejected: &mut Vec<Rejected>) -> Result<Lines, ConnectorError> {
+        // A line begun in the last call (follow mode) starts the buffer.
+        let mut lines = Lines { buffer: std::mem::take(&mut self.partial), spans: Vec::new() };
         let max_record = self.config.max_record;
-        while records.len() < self.config.batch_rows {
-            let mut bytes = std::mem::take(&mut self.partial);
+        let mut start = 0;
+        while lines.spans.len() < self.config.batch_rows {
             let mut len = std::mem::take(&mut self.partial_len);
             let before = len;
-            let complete = read_line(&mut self.reader, &mut bytes, &mut len, max_record + 1)
+            let complete = read_line(&mut self.reader, &mut lines.buffer, &mut len, start + max_record + 1)
                 .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.config.path)))?;
             self.offset += (len - before) as u64;
             if len == 0 {
@@ -255,31 +265,35 @@ impl FileReader {
             }
             if !complete && self.config.follow {
                 // The rest of this line has not been written yet.
-                self.partial = bytes;
+                self.partial = lines.buffer.split_off(start);
                 self.partial_len = len;
                 break;
             }
             self.line += 1;
+            let end = lines.buffer.len();
             if self.line == 1 && self.skip_header {
+                lines.buffer.truncate(start);
                 continue;
             }
-            let origin = format!("{}:{}", self.config.path, self.line);
             let record_len = len - usize::from(complete);
             if record_len > max_record {
+                let origin = format!("{}:{}", self.config.path, self.line);
                 let error = format!("the line is {record_len} bytes long, more than max.record.bytes ({max_record})");
-                let kept = &bytes[..bytes.len().min(weir_common::connector::DEAD_LETTER_PREFIX_BYTES)];
+                let kept = &lines.buffer[start..end.min(start + weir_common::connector::DEAD_LETTER_PREFIX_BYTES)];
                 rejected.push(Rejected::new(origin, kept, error));
+                lines.buffer.truncate(start);
                 if !complete {
                     break;
                 }
                 continue;
             }
-            records.push(Record { origin, bytes });
+            lines.spans.push((start, end, self.line));
+            start = end;
             if !complete {
                 break;
             }
         }
-        Ok(records)
+        Ok(lines)
     }
 
     /// Moves to byte `offset`, the start of line `line + 1`.

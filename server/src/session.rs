@@ -370,6 +370,18 @@ impl Session {
         if let LogicalPlan::Ddl(ddl) = &plan {
             return Err(ErrorReport::new(SqlState::FEATURE_NOT_SUPPORTED, format!("{} is not supported", ddl.name())));
         }
+        if let Statement::Query(_) = stmt
+            && let Some(point) = crate::point::PointQuery::of(&plan)
+            && let Some(rows) = point.run()
+        {
+            let (stream, sender) = crate::exec::row_channel(point.schema().as_ref().clone());
+            // The channel holds two items: the rows and their end.
+            let sent = sender.try_send(crate::exec::RowItem::Batch(rows)).is_ok()
+                && sender.try_send(crate::exec::RowItem::End).is_ok();
+            if sent {
+                return Ok(Outcome::Stream(stream, None));
+            }
+        }
         let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
         match stmt {
             Statement::Insert(_) => Ok(Outcome::Command("INSERT 0", Some(count_rows(df, sql).await?))),
