@@ -158,13 +158,20 @@ pub struct Catalog {
     /// Where tables' rows and the catalog live.
     state: Arc<dyn StateStore>,
     relations: RwLock<BTreeMap<String, Relation>>,
+    /// Counts the changes of relations: a plan made at one version reads the relations as they were then.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
+    /// How many times relations were created or dropped: cached plans are good while it stays the same.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Opens the catalog kept in `state`. It starts empty: [`crate::recovery`] runs the stored statements again.
     pub fn open(state: Arc<dyn StateStore>) -> Result<Self, StateError> {
         let store = Arc::new(StateCatalogStore::open(state.clone())?);
-        Ok(Catalog { store, state, relations: RwLock::default() })
+        Ok(Catalog { store, state, relations: RwLock::default(), version: Default::default() })
     }
 
     /// The stored definitions.
@@ -242,6 +249,7 @@ impl Catalog {
     fn insert(&self, relation: Relation) {
         let mut relations = self.relations.write().unwrap_or_else(PoisonError::into_inner);
         relations.insert(relation.def.name.clone(), relation);
+        self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The relations that read `name`.
@@ -287,6 +295,7 @@ impl Catalog {
             }
         }
         self.relations.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // The views it read as changes keep no log for it any more.
         for input in &relation.def.depends_on {
             if let Some(store) = self.get(input).and_then(|r| r.store.clone()) {

@@ -743,6 +743,10 @@ impl QueryParser for Handler {
     {
         debug!(sql, "parse");
         let session = self.session(client);
+        // The same text parsed before (an unnamed statement sent at every execution) is not parsed or planned again.
+        if let Some(prepared) = session.cached_prepared(sql) {
+            return Ok(Some(prepared));
+        }
         let timeout = statement_timeout(client.metadata(), self.engine.limits.statement_timeout).map_err(to_pgwire)?;
         let token = self.running.start();
         let text = sql.to_string();
@@ -755,8 +759,13 @@ impl QueryParser for Handler {
                     "cannot insert multiple commands into a prepared statement",
                 ));
             }
+            let versions = session.versions_now();
             match statements.pop() {
-                Some(statement) => session.prepare(statement, &text).await.map(Some),
+                Some(statement) => {
+                    let prepared = session.prepare(statement, &text).await?;
+                    session.cache_prepared(&text, &prepared, versions);
+                    Ok(Some(prepared))
+                }
                 None => Ok(None),
             }
         };

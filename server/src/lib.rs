@@ -24,7 +24,7 @@
 //! - [`match_recognize`] computes the `MATCH_RECOGNIZE` table factors of a SELECT before DataFusion plans it.
 //! - [`relations`] reads materialized views and tables from their published rows, and writes `INSERT`s into tables;
 //!   [`point`] answers `SELECT ... WHERE key = value` over them straight from those rows, without DataFusion's
-//!   planning.
+//!   planning; [`plan_cache`] keeps a session's plans so that a statement sent again is not planned again.
 //! - [`source_log`] logs the batches of a source that cannot be read again (MQTT), so that one reader of it can feed
 //!   every view, each at its own position.
 //! - [`recovery`] brings everything back at start: it runs the stored DDL again, and each view continues from its
@@ -68,6 +68,7 @@ pub mod match_recognize;
 pub mod metrics;
 pub mod pg_catalog;
 pub mod pg_functions;
+pub mod plan_cache;
 pub mod point;
 pub mod privileges;
 pub mod recovery;

@@ -227,4 +227,22 @@ mod tests {
         ids.sort();
         assert_eq!(ids, (1..=20_000).filter(|i| i % 7 == 1).collect::<Vec<i64>>());
     }
+
+    /// A statement planned before is planned again once the relations it reads change.
+    #[tokio::test]
+    async fn a_kept_plan_is_made_again_when_the_catalog_changes() {
+        let data = tempfile::tempdir().unwrap();
+        let engine = Arc::new(crate::Engine::new(&crate::Config::new(data.path())).unwrap());
+        let session = Session::new(engine, "weir");
+        run(&session, "CREATE TABLE t (id BIGINT)", None).await;
+        run(&session, "INSERT INTO t VALUES (1)", None).await;
+        assert_eq!(run(&session, "SELECT * FROM t", None).await, ["1"]);
+        assert_eq!(run(&session, "SELECT * FROM t", None).await, ["1"], "the kept plan reads the rows as they are");
+        run(&session, "INSERT INTO t VALUES (2)", None).await;
+        assert_eq!(run(&session, "SELECT * FROM t ORDER BY id", None).await, ["1", "2"]);
+        run(&session, "DROP TABLE t", None).await;
+        run(&session, "CREATE TABLE t (id BIGINT, name TEXT)", None).await;
+        run(&session, "INSERT INTO t VALUES (3, 'c')", None).await;
+        assert_eq!(run(&session, "SELECT * FROM t", None).await, ["3|c"]);
+    }
 }

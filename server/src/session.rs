@@ -110,6 +110,11 @@ pub struct Session {
     pub(crate) cursors: crate::cursors::Cursors,
     /// The connection's parameters as of its current statement, for `current_setting`.
     settings: Arc<std::sync::Mutex<HashMap<String, String>>>,
+    /// Statements prepared (by the whole text of a `Parse`) and planned (by statement text), see
+    /// [`crate::plan_cache`].
+    prepared: crate::plan_cache::PlanCache<Prepared>,
+    plans: crate::plan_cache::PlanCache<LogicalPlan>,
+    settings_version: crate::plan_cache::SettingsVersion,
 }
 
 impl std::fmt::Debug for Session {
@@ -130,7 +135,35 @@ impl Session {
             user: user.to_string(),
             cursors: crate::cursors::Cursors::default(),
             settings,
+            prepared: crate::plan_cache::PlanCache::new(),
+            plans: crate::plan_cache::PlanCache::new(),
+            settings_version: Default::default(),
         }
+    }
+
+    /// What cached plans must have been made under to be used now.
+    fn plan_versions(&self) -> (u64, u64) {
+        (self.engine.catalog.version(), self.settings_version.get())
+    }
+
+    /// The statement prepared from `sql` (the whole text of a `Parse`) before, if it is still good.
+    pub fn cached_prepared(&self, sql: &str) -> Option<Prepared> {
+        self.prepared.get(sql, self.plan_versions())
+    }
+
+    /// Keeps a statement prepared from `sql`: queries and DML, whose plans depend only on the catalog and settings.
+    pub fn cache_prepared(&self, sql: &str, prepared: &Prepared, versions: (u64, u64)) {
+        if prepared.plan.is_some()
+            && prepared.statement.row_patterns.is_empty()
+            && matches!(prepared.statement.statement, WeirStatement::Sql(_))
+        {
+            self.prepared.put(sql, versions, prepared.clone());
+        }
+    }
+
+    /// The versions plans made now are made under (read before planning, so a change meanwhile makes them stale).
+    pub fn versions_now(&self) -> (u64, u64) {
+        self.plan_versions()
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -145,7 +178,7 @@ impl Session {
         }
         let plan = match &statement.statement {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
-                Some(self.plan((**stmt).clone(), &statement.text, sql).await?)
+                Some(self.plan_kept(stmt, &statement.text, sql).await?)
             }
             // A cursor's query is planned when prepared, so that its parameters have types.
             WeirStatement::Declare(declare) => match &declare.body {
@@ -309,7 +342,10 @@ impl Session {
             Statement::Savepoint { name } => self.savepoint(name, Savepoint::Set),
             Statement::ReleaseSavepoint { name } => self.savepoint(name, Savepoint::Release),
             Statement::Rollback { savepoint: Some(name), .. } => self.savepoint(name, Savepoint::RollbackTo),
-            Statement::Set(set) => self.set(set, params),
+            Statement::Set(set) => {
+                self.settings_version.bump();
+                self.set(set, params)
+            }
             Statement::Grant(_) | Statement::Revoke(_) => self.grant(stmt),
             Statement::ShowVariable { variable } if relation_list(variable).is_some() => {
                 self.show_relations(relation_list(variable).unwrap_or(RelationKind::Table))
@@ -336,11 +372,23 @@ impl Session {
             Statement::Discard { .. } => Ok(Outcome::Command("DISCARD ALL", None)),
             Statement::Deallocate { .. } => Ok(Outcome::Command("DEALLOCATE", None)),
             stmt if goes_to_datafusion(stmt) => {
-                let plan = self.plan(stmt.clone(), text, sql).await?;
+                let plan = self.plan_kept(stmt, text, sql).await?;
                 self.run_plan(stmt, plan, sql).await
             }
             other => Err(unsupported(other)),
         }
+    }
+
+    /// [`Session::plan`] for a statement whose plan depends only on its text, the catalog and the settings (a query
+    /// or DML as the client wrote it, not one Weir built around per-statement tables): kept, and reused while good.
+    async fn plan_kept(&self, stmt: &Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
+        let versions = self.plan_versions();
+        if let Some(plan) = self.plans.get(text, versions) {
+            return Ok(plan);
+        }
+        let plan = self.plan(stmt.clone(), text, sql).await?;
+        self.plans.put(text, versions, plan.clone());
+        Ok(plan)
     }
 
     pub(crate) async fn plan(&self, stmt: Statement, text: &str, sql: &str) -> Result<LogicalPlan, ErrorReport> {
