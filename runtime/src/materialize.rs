@@ -261,6 +261,8 @@ struct Contents {
     restored_rows: usize,
     /// Parts of windows replaced since the last checkpoint.
     unsaved_windows: BTreeSet<(i64, u32)>,
+    /// Counts the changes of the rows (epochs applied, appends, restores): equal versions, equal snapshots.
+    version: u64,
 }
 
 /// A subscription's view of a store's changes (see [`ViewStore::subscribe_feed`]): each epoch's time (milliseconds
@@ -368,6 +370,9 @@ impl ViewStore {
     /// every change subscriber, in one message (and to the change log of an updating view read as a stream).
     pub fn apply(&self, changes: Vec<ViewChange>) {
         let mut contents = self.lock();
+        if !changes.is_empty() {
+            contents.version += 1;
+        }
         let mut row_changes = Vec::new();
         let tell_sinks = !contents.change_subscribers.is_empty();
         // What changed is worked out for sinks, subscriptions, and views reading an updating view's changes.
@@ -522,6 +527,18 @@ impl ViewStore {
         self.rows(&mut contents)
     }
 
+    /// Every row as of the last applied epoch, with the version of the rows: a later snapshot with the same version
+    /// has the same rows in the same batches.
+    pub fn versioned_snapshot(&self) -> (u64, Vec<RecordBatch>) {
+        let mut contents = self.lock();
+        (contents.version, self.rows(&mut contents))
+    }
+
+    /// The version of the rows (see [`ViewStore::versioned_snapshot`]).
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
     fn rows(&self, contents: &mut Contents) -> Vec<RecordBatch> {
         let mut rows: Vec<RecordBatch> =
             contents.appended.iter().chain(contents.windows.values().flatten()).cloned().collect();
@@ -668,6 +685,7 @@ impl ViewStore {
             writes.put(table.key(&tagged(APPENDED_TAG, sequence as i64)), encode_batches(std::slice::from_ref(rows))?);
         }
         write(writes)?;
+        contents.version += 1;
         let row_changes: Vec<RowChange> = batches.iter().cloned().map(RowChange::Insert).collect();
         contents.appended.extend(batches);
         contents.saved_appends = contents.appended.len();
@@ -756,6 +774,7 @@ impl ViewStore {
             windows.insert((decode_i64(window)?, part.unwrap_or(0)), decode_batches(&value)?);
         }
         let mut contents = self.lock();
+        contents.version += 1;
         contents.saved_appends = appended.len();
         contents.released = appended.len();
         contents.restored_rows = appended.iter().map(RecordBatch::num_rows).sum();

@@ -6,13 +6,19 @@
 //!
 //! The plan matched is the one the SQL planner gives before optimization, with parameters already bound:
 //! `Projection` of plain columns over `Filter` over `TableScan` of a [`StoreTable`].
+//!
+//! A relation looked up often by the same column gets an index of that column ([`Lookups`]): built for one version
+//! of its rows (a view's epoch) once that version has answered a few point queries by scanning, so a view queried
+//! by key thousands of times a second is scanned a few times per epoch, and one queried rarely is never indexed.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions};
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, RecordBatchOptions, Scalar};
 use datafusion::arrow::compute::kernels::cmp::eq;
 use datafusion::arrow::compute::{and, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::HashMap;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::utils::split_conjunction;
@@ -34,6 +40,7 @@ pub(crate) struct PointQuery {
     projection: Vec<usize>,
     /// The result's schema (the plan's).
     schema: SchemaRef,
+    lookups: Arc<Lookups>,
 }
 
 impl PointQuery {
@@ -80,7 +87,7 @@ impl PointQuery {
         if schema.fields().len() != projection.len() {
             return None;
         }
-        Some(PointQuery { store: table.store.clone(), equal, projection, schema })
+        Some(PointQuery { store: table.store.clone(), equal, projection, schema, lookups: table.lookups.clone() })
     }
 
     /// The result's schema.
@@ -91,38 +98,143 @@ impl PointQuery {
     /// The rows meeting every equality, from the relation's snapshot now, in one batch. `None` when there are more
     /// than [`MAX_ROWS`] (the normal path streams them) or they do not fit the result's schema.
     pub(crate) fn run(&self) -> Option<RecordBatch> {
-        let mut out = Vec::new();
-        let mut found = 0;
         let values: Vec<(usize, ArrayRef)> = self
             .equal
             .iter()
-            .map(|(column, value)| value.to_scalar().map(|s| (*column, s.into_inner())))
+            .map(|(column, value)| value.to_array_of_size(1).map(|a| (*column, a)))
             .collect::<Result<_, _>>()
             .ok()?;
-        for batch in self.store.snapshot() {
-            let mut keep: Option<BooleanArray> = None;
-            for (column, value) in &values {
-                let scalar = datafusion::arrow::array::Scalar::new(value.clone());
-                let equal = eq(batch.column(*column), &scalar).ok()?;
-                keep = Some(match keep {
-                    Some(keep) => and(&keep, &equal).ok()?,
-                    None => equal,
-                });
+        let (version, batches) = self.store.versioned_snapshot();
+        let (column, value) = values.first()?;
+        let rows: Vec<RecordBatch> = match self.lookups.index(version, *column, &batches) {
+            Some(index) => {
+                let candidates = index.find(value)?;
+                if candidates.len() > MAX_ROWS {
+                    return None;
+                }
+                let mut rows = Vec::with_capacity(candidates.len());
+                for (batch, row) in candidates {
+                    let one = index.batches.get(*batch as usize)?.slice(*row as usize, 1);
+                    if let Some(kept) = keep(&one, &values[1..])? {
+                        rows.push(filter_record_batch(&one, &kept).ok()?);
+                    } else {
+                        rows.push(one);
+                    }
+                }
+                rows
             }
-            let Some(keep) = keep else { continue };
-            if keep.true_count() == 0 {
-                continue;
+            None => {
+                let mut rows = Vec::new();
+                for batch in &batches {
+                    let Some(kept) = keep(batch, &values)? else { continue };
+                    if kept.true_count() > 0 {
+                        rows.push(filter_record_batch(batch, &kept).ok()?);
+                    }
+                }
+                rows
             }
-            let rows = filter_record_batch(&batch, &keep).ok()?;
-            found += rows.num_rows();
-            if found > MAX_ROWS {
-                return None;
-            }
+        };
+        if rows.iter().map(RecordBatch::num_rows).sum::<usize>() > MAX_ROWS {
+            return None;
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for rows in rows.into_iter().filter(|r| r.num_rows() > 0) {
             let columns: Vec<ArrayRef> = self.projection.iter().map(|c| rows.column(*c).clone()).collect();
             let options = RecordBatchOptions::new().with_row_count(Some(rows.num_rows()));
             out.push(RecordBatch::try_new_with_options(self.schema.clone(), columns, &options).ok()?);
         }
         concat_batches(&self.schema, &out).ok()
+    }
+}
+
+/// Which rows of `batch` meet every equality of `values` (one-row arrays); `Some(None)` when there are none to
+/// check, `None` when a comparison fails.
+fn keep(batch: &RecordBatch, values: &[(usize, ArrayRef)]) -> Option<Option<BooleanArray>> {
+    let mut keep: Option<BooleanArray> = None;
+    for (column, value) in values {
+        let equal = eq(batch.column(*column), &Scalar::new(value.clone())).ok()?;
+        keep = Some(match keep {
+            Some(keep) => and(&keep, &equal).ok()?,
+            None => equal,
+        });
+    }
+    Some(keep)
+}
+
+/// How many point queries one version of a relation's rows answers by scanning on a column before an index of that
+/// column is built (building one costs about as much as a few scans).
+const SCANS_BEFORE_INDEX: u32 = 8;
+
+/// The most rows a relation may have to be indexed (an index costs tens of bytes a row).
+const MAX_INDEXED_ROWS: usize = 1 << 20;
+
+/// A relation's index for point queries: made for one version of its rows, on the column queried most, once that
+/// version has answered [`SCANS_BEFORE_INDEX`] point queries on it; a new version starts over.
+#[derive(Debug, Default)]
+pub(crate) struct Lookups(Mutex<LookupState>);
+
+#[derive(Debug, Default)]
+struct LookupState {
+    version: u64,
+    /// Point queries on this version so far, by column.
+    seen: HashMap<usize, u32>,
+    index: Option<Arc<KeyIndex>>,
+}
+
+impl Lookups {
+    /// The column the current index is of.
+    #[cfg(test)]
+    fn indexed_column(&self) -> Option<usize> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).index.as_ref().map(|i| i.column)
+    }
+
+    /// The index of `batches` (version `version` of the rows) on `column`, if there is one or it is time for one.
+    fn index(&self, version: u64, column: usize, batches: &[RecordBatch]) -> Option<Arc<KeyIndex>> {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.version != version {
+            *state = LookupState { version, ..LookupState::default() };
+        }
+        if let Some(index) = state.index.as_ref().filter(|i| i.column == column) {
+            return Some(index.clone());
+        }
+        let seen = state.seen.entry(column).or_default();
+        *seen += 1;
+        if *seen < SCANS_BEFORE_INDEX || batches.iter().map(RecordBatch::num_rows).sum::<usize>() > MAX_INDEXED_ROWS {
+            return None;
+        }
+        let index = Arc::new(KeyIndex::build(column, batches)?);
+        state.index = Some(index.clone());
+        Some(index)
+    }
+}
+
+/// Where each value of one column is: `(batch, row)` by the value's row-format bytes.
+#[derive(Debug)]
+struct KeyIndex {
+    column: usize,
+    batches: Vec<RecordBatch>,
+    converter: RowConverter,
+    rows: HashMap<Vec<u8>, Vec<(u32, u32)>>,
+}
+
+impl KeyIndex {
+    fn build(column: usize, batches: &[RecordBatch]) -> Option<Self> {
+        let data_type = batches.first()?.schema().field(column).data_type().clone();
+        let converter = RowConverter::new(vec![SortField::new(data_type)]).ok()?;
+        let mut rows: HashMap<Vec<u8>, Vec<(u32, u32)>> = HashMap::new();
+        for (at, batch) in batches.iter().enumerate() {
+            let keys = converter.convert_columns(&[batch.column(column).clone()]).ok()?;
+            for (row, key) in keys.iter().enumerate() {
+                rows.entry(key.as_ref().to_vec()).or_default().push((at as u32, row as u32));
+            }
+        }
+        Some(KeyIndex { column, batches: batches.to_vec(), converter, rows })
+    }
+
+    /// The rows holding `value` (a one-row array).
+    fn find(&self, value: &ArrayRef) -> Option<&[(u32, u32)]> {
+        let key = self.converter.convert_columns(std::slice::from_ref(value)).ok()?;
+        Some(self.rows.get(key.row(0).as_ref()).map_or(&[], Vec::as_slice))
     }
 }
 
@@ -220,6 +332,22 @@ mod tests {
             rows.sort_by_key(|r| r.split('|').next().and_then(|f| f.parse::<i64>().ok()));
             assert_eq!(rows, expected, "{sql}");
         }
+        // Looked up again and again by id, the table gets an index of id, which answers as the scans did: with the
+        // other equality checked on the row found, and a new version of the rows (an INSERT) found too.
+        for i in 1..=30i64 {
+            let id = i * 37;
+            assert_eq!(run(&session, &format!("SELECT n FROM t WHERE id = {id}"), None).await, [(3 * id).to_string()]);
+        }
+        let relation = session.engine.catalog.get("t").unwrap();
+        let table = relation.provider.downcast_ref::<StoreTable>().unwrap();
+        assert_eq!(table.lookups.indexed_column(), Some(0), "id is indexed");
+        assert_eq!(run(&session, "SELECT id FROM t WHERE id = 14 AND site = 'site-0'", None).await, ["14"]);
+        assert!(run(&session, "SELECT id FROM t WHERE id = 15 AND site = 'site-0'", None).await.is_empty());
+        assert!(run(&session, "SELECT id FROM t WHERE id = 20001", None).await.is_empty());
+        run(&session, "INSERT INTO t VALUES (20001, 'new', 1, 1)", None).await;
+        assert_eq!(run(&session, "SELECT site FROM t WHERE id = 20001", None).await, ["new"]);
+        assert_eq!(table.lookups.indexed_column(), None, "the new rows are not indexed yet");
+
         // A value held by many rows: every one of them (i % 7 == 1 for 2,858 values of i).
         let ones = run(&session, "SELECT id FROM t WHERE site = 'site-1'", None).await;
         assert!(recognized(&session, "SELECT id FROM t WHERE site = 'site-1'", None).await);

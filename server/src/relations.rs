@@ -31,15 +31,17 @@ pub struct StoreTable {
     pub store: Arc<ViewStore>,
     /// For a table: where `INSERT` writes its rows before they count.
     durable: Option<(Arc<dyn StateStore>, StateTable)>,
+    /// The index point queries use (see [`crate::point`]).
+    pub(crate) lookups: Arc<crate::point::Lookups>,
 }
 
 impl StoreTable {
     pub fn table_over(store: Arc<ViewStore>, state: Arc<dyn StateStore>, rows: StateTable) -> Self {
-        StoreTable { store, durable: Some((state, rows)) }
+        StoreTable { store, durable: Some((state, rows)), lookups: Arc::default() }
     }
 
     pub fn view(store: Arc<ViewStore>) -> Self {
-        StoreTable { store, durable: None }
+        StoreTable { store, durable: None, lookups: Arc::default() }
     }
 }
 
