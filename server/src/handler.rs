@@ -611,7 +611,16 @@ impl SimpleQueryHandler for Handler {
         client.set_state(PgWireConnectionState::QueryInProgress);
         let session = self.session(client);
         let text = query.query.clone();
-        let parsed = self.engine.workers.run(async move { parse_sql(&text).map_err(ErrorReport::from) }).await;
+        let parsed = match session.cached_statements(&text) {
+            Some(statements) => Ok(statements),
+            None => {
+                let parsed = self.engine.workers.run(async move { parse_sql(&text).map_err(ErrorReport::from) }).await;
+                if let Ok(statements) = &parsed {
+                    session.cache_statements(&query.query, statements);
+                }
+                parsed
+            }
+        };
         let mut status = client.transaction_status();
         match parsed {
             Err(report) => {

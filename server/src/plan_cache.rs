@@ -4,8 +4,9 @@
 //! them, so executing one is exactly executing a fresh plan.
 //!
 //! An entry is good while the catalog's version (relations created or dropped) and the session's settings (every
-//! `SET` and `RESET` counts) are those it was planned under; a stale entry is planned again. The cache holds at most
-//! [`ENTRIES`] statements per kind and starts over when full.
+//! `SET` counts) are those it was planned under; a stale entry is planned again. The cache holds at most [`ENTRIES`]
+//! statements of at most [`MAX_TEXT`] bytes per kind and starts over when full. Parsing depends on the text alone:
+//! the statements of a simple-protocol query string are kept the same way, under fixed versions.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,10 @@ use std::sync::{Mutex, PoisonError};
 
 /// The most statements kept, per kind.
 const ENTRIES: usize = 256;
+
+/// The longest statement text kept: longer ones (rare, and costly to keep) are planned every time, so a session's
+/// cache stays within a few megabytes whatever a client sends.
+const MAX_TEXT: usize = 16 * 1024;
 
 /// Plans of type `T` by statement text.
 #[derive(Debug)]
@@ -36,6 +41,9 @@ impl<T: Clone> PlanCache<T> {
 
     /// Keeps `plan` as the plan of `text`, made under `versions`.
     pub(crate) fn put(&self, text: &str, versions: Versions, plan: T) {
+        if text.len() > MAX_TEXT {
+            return;
+        }
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= ENTRIES && !entries.contains_key(text) {
             entries.clear();
@@ -74,5 +82,8 @@ mod tests {
             cache.put(&format!("SELECT {n} + 1"), (3, 0), "other");
         }
         assert!(cache.entries.lock().unwrap().len() <= ENTRIES, "the cache stays bounded");
+        let long = format!("SELECT '{}'", "x".repeat(MAX_TEXT));
+        cache.put(&long, (3, 0), "long");
+        assert_eq!(cache.get(&long, (3, 0)), None, "a long text is not kept");
     }
 }

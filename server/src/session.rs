@@ -114,6 +114,8 @@ pub struct Session {
     /// [`crate::plan_cache`].
     prepared: crate::plan_cache::PlanCache<Prepared>,
     plans: crate::plan_cache::PlanCache<LogicalPlan>,
+    /// The statements of simple-protocol query strings, by the whole string.
+    parsed: crate::plan_cache::PlanCache<Vec<ParsedStatement>>,
     settings_version: crate::plan_cache::SettingsVersion,
 }
 
@@ -137,6 +139,7 @@ impl Session {
             settings,
             prepared: crate::plan_cache::PlanCache::new(),
             plans: crate::plan_cache::PlanCache::new(),
+            parsed: crate::plan_cache::PlanCache::new(),
             settings_version: Default::default(),
         }
     }
@@ -159,6 +162,16 @@ impl Session {
         {
             self.prepared.put(sql, versions, prepared.clone());
         }
+    }
+
+    /// The statements of query string `sql`, if parsed before (parsing depends on the text alone).
+    pub fn cached_statements(&self, sql: &str) -> Option<Vec<ParsedStatement>> {
+        self.parsed.get(sql, (0, 0))
+    }
+
+    /// Keeps the statements parsed from query string `sql`.
+    pub fn cache_statements(&self, sql: &str, statements: &[ParsedStatement]) {
+        self.parsed.put(sql, (0, 0), statements.to_vec());
     }
 
     /// The versions plans made now are made under (read before planning, so a change meanwhile makes them stale).
