@@ -103,7 +103,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
             detail: None,
             position: char_position(sql, err.location.line, err.location.column),
         })?;
-    check_depth(sql, &tokens)?;
+    check_depth(sql, &tokens, MAX_EXPRESSION_DEPTH)?;
     check_numeric_types(sql, &tokens)?;
     let tokens = crate::windows::flink_form(tokens);
     let (tokens, emits) = strip_emit_clauses(tokens);
@@ -229,6 +229,16 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
     Ok(statements)
 }
 
+/// Whether `sql`'s expressions nest at most `limit` levels deep (the over-estimate [`check_depth`] takes); false when
+/// it does not tokenize. Cheap and not recursive: for deciding whether a statement's tree may be cloned or dropped on
+/// a small stack.
+pub fn nests_at_most(sql: &str, limit: usize) -> bool {
+    Tokenizer::new(&WeirDialect::default(), sql)
+        .with_unescape(true)
+        .tokenize_with_location()
+        .is_ok_and(|tokens| check_depth(sql, &tokens, limit).is_ok())
+}
+
 /// Refuses a statement whose expressions would nest deeper than [`MAX_EXPRESSION_DEPTH`], before anything builds
 /// them: sqlparser builds a chain of operators (`1+1+...`, `a AND b AND ...`, `x::int::int...`) in a loop, so its
 /// recursion limit does not see it, while every later pass over the tree recurses once per operator.
@@ -236,7 +246,7 @@ pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>, ParseError> {
 /// The bound is taken over the tokens, an over-estimate that needs no tree: within a parenthesized (or bracketed)
 /// group, each comma-separated part counts its operators plus the deepest group inside it, and a group counts one
 /// more than its deepest part.
-fn check_depth(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
+fn check_depth(sql: &str, tokens: &[TokenWithSpan], limit: usize) -> Result<(), ParseError> {
     /// One open group: the operators of its current part, the deepest group inside that part, its deepest part.
     #[derive(Default)]
     struct Group {
@@ -286,11 +296,11 @@ fn check_depth(sql: &str, tokens: &[TokenWithSpan]) -> Result<(), ParseError> {
             }),
             _ => 0,
         };
-        if depth > MAX_EXPRESSION_DEPTH || groups.len() > MAX_EXPRESSION_DEPTH {
+        if depth > limit || groups.len() > limit {
             return Err(ParseError {
                 code: SqlState::STATEMENT_TOO_COMPLEX,
                 message: "statement is too complex".into(),
-                detail: Some(format!("Its expressions nest more than {MAX_EXPRESSION_DEPTH} levels deep here.")),
+                detail: Some(format!("Its expressions nest more than {limit} levels deep here.")),
                 position: char_position(sql, token.span.start.line, token.span.start.column),
             });
         }

@@ -5,7 +5,7 @@
 //!
 //! An entry is good while the catalog's version (relations created or dropped) and the session's settings (every
 //! `SET` counts) are those it was planned under; a stale entry is planned again. The cache holds at most [`ENTRIES`]
-//! statements of at most [`MAX_TEXT`] bytes per kind and starts over when full. Parsing depends on the text alone:
+//! short, shallow statements (see [`MAX_TEXT`]) per kind and starts over when full. Parsing depends on the text alone:
 //! the statements of a simple-protocol query string are kept the same way, under fixed versions.
 
 use std::collections::HashMap;
@@ -15,9 +15,20 @@ use std::sync::{Mutex, PoisonError};
 /// The most statements kept, per kind.
 const ENTRIES: usize = 256;
 
-/// The longest statement text kept: longer ones (rare, and costly to keep) are planned every time, so a session's
-/// cache stays within a few megabytes whatever a client sends.
-const MAX_TEXT: usize = 16 * 1024;
+/// The longest statement text kept: longer ones are parsed and planned every time. Kept statements are cloned and
+/// dropped on the connection's thread, whose stack is small, so only short, shallow ones are kept (a deeply nested
+/// expression is parsed and planned on a statement worker's big stack, as it always was); and a session's caches stay
+/// small whatever a client sends.
+const MAX_TEXT: usize = 1024;
+
+/// How deep a kept statement's expressions may nest (by the parser's over-estimate, which counts chained operators as
+/// well as parentheses).
+const MAX_DEPTH: usize = 16;
+
+/// Whether `text` is short and shallow enough to keep (see [`MAX_TEXT`]). Decide before cloning a statement.
+pub(crate) fn keepable(text: &str) -> bool {
+    text.len() <= MAX_TEXT && weir_planner::parse::nests_at_most(text, MAX_DEPTH)
+}
 
 /// Plans of type `T` by statement text.
 #[derive(Debug)]
@@ -41,7 +52,7 @@ impl<T: Clone> PlanCache<T> {
 
     /// Keeps `plan` as the plan of `text`, made under `versions`.
     pub(crate) fn put(&self, text: &str, versions: Versions, plan: T) {
-        if text.len() > MAX_TEXT {
+        if !keepable(text) {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
@@ -85,5 +96,12 @@ mod tests {
         let long = format!("SELECT '{}'", "x".repeat(MAX_TEXT));
         cache.put(&long, (3, 0), "long");
         assert_eq!(cache.get(&long, (3, 0)), None, "a long text is not kept");
+        let deep = format!("SELECT {}1{}", "(".repeat(MAX_DEPTH + 1), ")".repeat(MAX_DEPTH + 1));
+        cache.put(&deep, (3, 0), "deep");
+        assert_eq!(cache.get(&deep, (3, 0)), None, "a deeply nested text is not kept");
+        let chained = format!("SELECT 1{}", " + 1".repeat(MAX_DEPTH + 1));
+        cache.put(&chained, (3, 0), "chained");
+        assert_eq!(cache.get(&chained, (3, 0)), None, "a long chain of operators is not kept");
+        assert!(keepable("SELECT * FROM per_key WHERE k = $1"));
     }
 }
