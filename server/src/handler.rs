@@ -768,7 +768,7 @@ impl QueryParser for Handler {
                     "cannot insert multiple commands into a prepared statement",
                 ));
             }
-            let versions = session.versions_now();
+            let versions = session.plan_versions();
             match statements.pop() {
                 Some(statement) => {
                     let prepared = session.prepare(statement, &text).await?;

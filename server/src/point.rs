@@ -277,6 +277,13 @@ mod tests {
         lines
     }
 
+    /// A session over a throwaway data directory (kept while the session runs).
+    fn session() -> (Session, tempfile::TempDir) {
+        let data = tempfile::tempdir().unwrap();
+        let engine = Arc::new(crate::Engine::new(&crate::Config::new(data.path())).unwrap());
+        (Session::new(engine, "weir"), data)
+    }
+
     /// Whether `sql` (with `params` bound) is answered as a point query.
     async fn recognized(session: &Session, sql: &str, params: Option<ParamValues>) -> bool {
         let statement = parse_sql(sql).unwrap().remove(0);
@@ -294,9 +301,7 @@ mod tests {
     /// 1..=20,000 is `(i, 'site-' || i % 7, 3 * i, i % 100)`.
     #[tokio::test]
     async fn lookups_by_value_skip_planning_and_give_the_same_rows() {
-        let data = tempfile::tempdir().unwrap();
-        let engine = Arc::new(crate::Engine::new(&crate::Config::new(data.path())).unwrap());
-        let session = Session::new(engine, "weir");
+        let (session, _data) = session();
         run(&session, "CREATE TABLE t (id BIGINT, site TEXT, n BIGINT, small INT)", None).await;
         let fill = "INSERT INTO t SELECT value, 'site-' || (value % 7), 3 * value, CAST(value % 100 AS INT) \
                     FROM generate_series(1, 20000)";
@@ -359,9 +364,7 @@ mod tests {
     /// A statement planned before is planned again once the relations it reads change.
     #[tokio::test]
     async fn a_kept_plan_is_made_again_when_the_catalog_changes() {
-        let data = tempfile::tempdir().unwrap();
-        let engine = Arc::new(crate::Engine::new(&crate::Config::new(data.path())).unwrap());
-        let session = Session::new(engine, "weir");
+        let (session, _data) = session();
         run(&session, "CREATE TABLE t (id BIGINT)", None).await;
         run(&session, "INSERT INTO t VALUES (1)", None).await;
         assert_eq!(run(&session, "SELECT * FROM t", None).await, ["1"]);

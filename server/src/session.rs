@@ -144,8 +144,9 @@ impl Session {
         }
     }
 
-    /// What cached plans must have been made under to be used now.
-    fn plan_versions(&self) -> (u64, u64) {
+    /// What kept plans must have been made under to be used now (read before planning, so that a change meanwhile
+    /// makes the plan stale).
+    pub fn plan_versions(&self) -> (u64, u64) {
         (self.engine.catalog.version(), self.settings_version.get())
     }
 
@@ -176,11 +177,6 @@ impl Session {
         if crate::plan_cache::keepable(sql) {
             self.parsed.put(sql, (0, 0), statements.to_vec());
         }
-    }
-
-    /// The versions plans made now are made under (read before planning, so a change meanwhile makes them stale).
-    pub fn versions_now(&self) -> (u64, u64) {
-        self.plan_versions()
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
