@@ -134,10 +134,32 @@ pub struct Weir {
 
 impl Weir {
     /// Starts `binary` on `data` (letting file sources read `files`), its log appended to `log`, and waits until it
-    /// accepts connections.
+    /// accepts connections. The port is picked free just before, so another process (a broker, another test's
+    /// server) may take it first: a server that exits because it cannot listen is started again on another port.
     pub async fn start(binary: &Path, data: &Path, files: &Path, log: &Path) -> anyhow::Result<Self> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Weir::start_once(binary, data, files, log).await? {
+                Ok(weir) => return Ok(weir),
+                Err(output) if output.contains("cannot listen") && attempts < 5 => continue,
+                Err(output) => {
+                    bail!("weir on {} exited before accepting connections; its log ends:\n{output}", data.display())
+                }
+            }
+        }
+    }
+
+    /// One start: the server accepting connections, or what it logged before it exited.
+    async fn start_once(
+        binary: &Path,
+        data: &Path,
+        files: &Path,
+        log_path: &Path,
+    ) -> anyhow::Result<Result<Self, String>> {
         let port = free_port()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        let logged_before = log.metadata()?.len();
         let log_too = log.try_clone()?;
         let child = Command::new(binary)
             .arg("--listen")
@@ -146,21 +168,31 @@ impl Weir {
             .arg(data)
             .arg("--allow-file-dir")
             .arg(files)
+            // No HTTP endpoint: its default port is one for all, and the tests start servers side by side.
+            .arg("--http-listen")
+            .arg("off")
             .env("RUST_LOG", "warn")
             // weir logs to standard output.
             .stdout(log)
             .stderr(log_too)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let weir = Weir { child, port };
+        let mut weir = Weir { child, port };
         let deadline = Instant::now() + Duration::from_secs(60);
         while weir.connect().await.is_err() {
+            if let Ok(Some(status)) = weir.child.try_wait() {
+                return Ok(Err(format!("({status}) {}", logged_since(log_path, logged_before))));
+            }
             if Instant::now() > deadline {
-                bail!("weir did not accept connections within 60 s");
+                bail!(
+                    "weir on {} did not accept connections within 60 s; its log ends:\n{}",
+                    data.display(),
+                    logged_since(log_path, logged_before)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(weir)
+        Ok(Ok(weir))
     }
 
     pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
@@ -175,6 +207,14 @@ impl Weir {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last 40 lines the log at `path` got after its first `offset` bytes, for an error saying why a start failed.
+fn logged_since(path: &Path, offset: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(offset as usize..).unwrap_or_default());
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -91,9 +91,9 @@ async fn main() -> anyhow::Result<()> {
         TcpListener::bind(&flags.listen).await.with_context(|| format!("cannot listen on {}", flags.listen))?;
     let http = match flags.http_listen.as_str() {
         "off" | "" => None,
-        address => {
-            Some(TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} (HTTP)"))?)
-        }
+        address => Some(TcpListener::bind(address).await.with_context(|| {
+            format!("cannot listen on {address} (HTTP; --http-listen sets another address, or off)")
+        })?),
     };
     let mut allowed_file_dirs = Vec::new();
     for dir in &flags.allow_file_dirs {
