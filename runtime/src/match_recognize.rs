@@ -7,7 +7,7 @@
 //! match with its last row as the current one (final semantics). A column qualified by a variable means that
 //! variable's last row (the current row for the variable being defined); unqualified, the current row.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array, new_null_array};
@@ -123,6 +123,42 @@ impl RowStore {
         }
     }
 
+    /// The number the next chunk pushed gets.
+    pub fn next_number(&self) -> u64 {
+        self.first + self.chunks.len() as u64
+    }
+
+    /// Whether chunk `number` is still kept.
+    pub fn holds_chunk(&self, number: u64) -> bool {
+        number.checked_sub(self.first).and_then(|n| self.chunks.get(n as usize)).is_some_and(Option::is_some)
+    }
+
+    /// The chunks kept, by number, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, &RecordBatch)> {
+        let first = self.first;
+        self.chunks.iter().enumerate().filter_map(move |(n, c)| c.as_ref().map(|c| (first + n as u64, &c.batch)))
+    }
+
+    /// A store of `chunks` (numbered, in any order) as a checkpoint kept them, each holding the rows of it `ids`
+    /// name (a chunk none names is left out); chunks pushed after go on from the last number given.
+    pub fn restored(mut chunks: Vec<(u64, RecordBatch)>, ids: impl IntoIterator<Item = RowId>) -> Self {
+        chunks.sort_unstable_by_key(|(number, _)| *number);
+        let next = chunks.last().map_or(0, |(number, _)| number + 1);
+        let mut held: HashMap<u64, usize> = HashMap::new();
+        for id in ids {
+            *held.entry(id >> 32).or_default() += 1;
+        }
+        chunks.retain(|(number, _)| held.contains_key(number));
+        let first = chunks.first().map_or(next, |(number, _)| *number);
+        let mut store = RowStore { chunks: VecDeque::new(), first };
+        for (number, batch) in chunks {
+            store.chunks.resize_with((number - first) as usize, || None);
+            store.chunks.push_back(Some(Chunk { batch, held: held[&number] }));
+        }
+        store.chunks.resize_with((next - first) as usize, || None);
+        store
+    }
+
     /// Rows partitions hold, over all chunks.
     pub fn rows(&self) -> usize {
         self.chunks.iter().flatten().map(|c| c.held).sum()
@@ -198,7 +234,7 @@ impl PartitionMatch {
     }
 
     /// The rows held, in order.
-    pub fn held(&self) -> impl Iterator<Item = RowId> + '_ {
+    pub fn held(&self) -> impl ExactSizeIterator<Item = RowId> + '_ {
         self.rows.iter().copied()
     }
 

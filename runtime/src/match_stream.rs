@@ -18,8 +18,10 @@
 //! [`END_OF_TIME`]), every partition ends too and its last attempts are decided, as a batch query would.
 //!
 //! A checkpoint writes the watermark, each batch of pending rows once (as it arrived; deleted once released: a
-//! restored one drops what the restored watermark released) and each changed partition's rows with its positions; a
-//! restored partition finds its attempt again by matching its rows (matching is deterministic).
+//! restored one drops what the restored watermark released), each chunk of released rows once (as matching keeps it;
+//! deleted once no partition holds a row of it) and each changed partition's positions with the ids of the rows it
+//! holds, so what a checkpoint writes grows with the rows that came, not with the partitions they touched times the
+//! rows each holds. A restored partition finds its attempt again by matching its rows (matching is deterministic).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -40,7 +42,13 @@ use crate::state::{Checkpointed, StateError, StateStore, StateTable, WriteBatch,
 use crate::{Result, RuntimeError};
 
 const PENDING_TAG: u8 = b'q';
-const PARTITION_TAG: u8 = b'p';
+/// A chunk of released rows, by number.
+const CHUNK_TAG: u8 = b'c';
+/// A partition's positions and the ids of its rows.
+const HELD_TAG: u8 = b'h';
+/// A partition's positions and its rows themselves, as checkpoints before chunks were kept wrote them: read on
+/// restore, and replaced by the next checkpoint.
+const OLD_PARTITION_TAG: u8 = b'p';
 
 /// The `MATCH_RECOGNIZE` operator of a view.
 #[derive(Debug)]
@@ -68,7 +76,12 @@ pub struct MatchStream {
     /// Partitions changed since the last checkpoint, and whether each is among them.
     unsaved: Vec<usize>,
     changed: Vec<bool>,
-    /// Encodes rows for checkpoints.
+    /// The chunks of the row store a checkpoint holds, in order, and the number of the first not written yet.
+    saved_chunks: Vec<u64>,
+    unsaved_chunks: u64,
+    /// Keys of the state table the next checkpoint deletes (entries in the old partition format, once read).
+    stale: Vec<Vec<u8>>,
+    /// Decodes rows of the old partition format.
     rows: RowConverter,
 }
 
@@ -102,6 +115,9 @@ impl MatchStream {
             deadlines: BinaryHeap::new(),
             unsaved: Vec::new(),
             changed: Vec::new(),
+            saved_chunks: Vec::new(),
+            unsaved_chunks: 0,
+            stale: Vec::new(),
             rows,
         })
     }
@@ -257,8 +273,8 @@ fn matching(err: MatchError) -> RuntimeError {
 }
 
 impl Checkpointed for MatchStream {
-    /// Each changed partition is one entry: its positions, then its rows in Arrow's row format (each prefixed by its
-    /// length), all converted at once.
+    /// Each chunk of released rows is written once and deleted when no partition holds a row of it; each changed
+    /// partition is one entry: its positions, then the ids of the rows it holds.
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
         // Each pending batch is written once, as it arrived, and deleted once released; a restored one drops the
@@ -269,28 +285,29 @@ impl Checkpointed for MatchStream {
         for number in std::mem::take(&mut self.pending_released) {
             batch.delete(table.key(&pending_key(number)));
         }
-        let numbers = std::mem::take(&mut self.unsaved);
-        let mut ids: Vec<RowId> = Vec::new();
-        let mut ends = Vec::with_capacity(numbers.len());
-        for number in &numbers {
-            self.changed[*number] = false;
-            ids.extend(self.partitions[*number].1.held());
-            ends.push(ids.len());
+        for key in std::mem::take(&mut self.stale) {
+            batch.delete(table.key(&key));
         }
-        let all: Vec<usize> = (0..self.input.fields().len()).collect();
-        let columns = self.store.take(&self.input, &ids, &all).map_err(matching)?;
-        let rows = self.rows.convert_columns(&columns).map_err(arrow_err)?;
-        let mut start = 0;
-        for (number, end) in numbers.into_iter().zip(ends) {
-            let (key, partition) = &self.partitions[number];
-            let mut value: Vec<u8> = partition.positions().iter().flat_map(|p| p.to_be_bytes()).collect();
-            for row in start..end {
-                let bytes = rows.row(row);
-                value.extend_from_slice(&(bytes.as_ref().len() as u32).to_be_bytes());
-                value.extend_from_slice(bytes.as_ref());
+        let store = &self.store;
+        self.saved_chunks.retain(|number| {
+            let kept = store.holds_chunk(*number);
+            if !kept {
+                batch.delete(table.key(&chunk_key(*number)));
             }
-            start = end;
-            batch.put(table.key(&partition_key(key)), value);
+            kept
+        });
+        for (number, chunk) in self.store.chunks().filter(|(number, _)| *number >= self.unsaved_chunks) {
+            batch.put(table.key(&chunk_key(number)), encode_batches(std::slice::from_ref(chunk))?);
+            self.saved_chunks.push(number);
+        }
+        self.unsaved_chunks = self.store.next_number();
+        for number in std::mem::take(&mut self.unsaved) {
+            self.changed[number] = false;
+            let (key, partition) = &self.partitions[number];
+            let mut value: Vec<u8> = Vec::with_capacity(24 + 8 * partition.held().len());
+            value.extend(partition.positions().iter().flat_map(|p| p.to_be_bytes()));
+            value.extend(partition.held().flat_map(|id| id.to_be_bytes()));
+            batch.put(table.key(&tagged(HELD_TAG, key)), value);
         }
         Ok(())
     }
@@ -317,41 +334,64 @@ impl Checkpointed for MatchStream {
                 self.pending.push(pending);
             }
         }
-        self.store = RowStore::default();
         self.numbers.clear();
         self.partitions.clear();
         self.deadlines.clear();
         self.unsaved.clear();
         self.changed.clear();
+        self.stale.clear();
         let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
-        let entries = table.scan_prefix(store, &[PARTITION_TAG])?;
-        // Every partition's rows into one chunk.
-        let parser = self.rows.parser();
-        let mut rows = Vec::new();
-        let mut partitions = Vec::with_capacity(entries.len());
-        for (key, value) in &entries {
-            let number = |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes);
-            let (Some(base), Some(next), Some(match_number)) = (number(0), number(8), number(16)) else {
-                return Err(corrupt().into());
-            };
-            let first = rows.len();
-            let mut at = 24;
-            while at < value.len() {
-                let length = value.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
-                let row = length.and_then(|n| value.get(at + 4..at + 4 + n as usize)).ok_or_else(corrupt)?;
-                rows.push(parser.parse(row));
-                at += 4 + row.len();
-            }
-            partitions.push((key[1..].to_vec(), [base, next, match_number], first..rows.len()));
+        let mut chunks = Vec::new();
+        for (key, value) in table.scan_prefix(store, &[CHUNK_TAG])? {
+            let number = key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(corrupt)?;
+            let mut batches = decode_batches(&value)?;
+            let chunk = batches.pop().filter(|_| batches.is_empty()).ok_or_else(corrupt)?;
+            chunks.push((number, chunk));
         }
-        let columns = self.rows.convert_rows(rows).map_err(arrow_err)?;
-        let options = datafusion::arrow::array::RecordBatchOptions::new()
-            .with_row_count(Some(partitions.last().map_or(0, |(_, _, range)| range.end)));
-        let chunk = RecordBatch::try_new_with_options(self.input.clone(), columns, &options).map_err(arrow_err)?;
-        let first = self.store.push(chunk);
-        for (key, positions, range) in partitions {
-            let ids = range.map(|r| first + r as RowId);
-            let mut partition = PartitionMatch::restored(positions, ids);
+        self.saved_chunks = chunks.iter().map(|(number, _)| *number).collect();
+        self.saved_chunks.sort_unstable();
+        let mut partitions = Vec::new();
+        let mut ids = Vec::new();
+        for (key, value) in table.scan_prefix(store, &[HELD_TAG])? {
+            let positions = positions_of(&value).ok_or_else(corrupt)?;
+            let first = ids.len();
+            let held = value.get(24..).filter(|rest| rest.len() % 8 == 0).ok_or_else(corrupt)?;
+            ids.extend(held.chunks_exact(8).filter_map(|id| id.try_into().ok()).map(u64::from_be_bytes));
+            partitions.push((key[1..].to_vec(), positions, first..ids.len(), false));
+        }
+        // Partitions in the old format: their rows become one more chunk, written by the next checkpoint with the
+        // partitions in the new format, and their old entries go.
+        let old = table.scan_prefix(store, &[OLD_PARTITION_TAG])?;
+        if !old.is_empty() {
+            let number = chunks.iter().map(|(number, _)| number + 1).max().unwrap_or(0);
+            let parser = self.rows.parser();
+            let mut rows = Vec::new();
+            for (key, value) in &old {
+                let positions = positions_of(value).ok_or_else(corrupt)?;
+                let first = ids.len();
+                let mut at = 24;
+                while at < value.len() {
+                    let length = value.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                    let row = length.and_then(|n| value.get(at + 4..at + 4 + n as usize)).ok_or_else(corrupt)?;
+                    ids.push((number << 32) + rows.len() as RowId);
+                    rows.push(parser.parse(row));
+                    at += 4 + row.len();
+                }
+                partitions.push((key[1..].to_vec(), positions, first..ids.len(), true));
+                self.stale.push(key.clone());
+            }
+            let columns = self.rows.convert_rows(rows).map_err(arrow_err)?;
+            let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(ids.len()));
+            let chunk = RecordBatch::try_new_with_options(self.input.clone(), columns, &options).map_err(arrow_err)?;
+            chunks.push((number, chunk));
+        }
+        self.store = RowStore::restored(chunks, ids.iter().copied());
+        self.unsaved_chunks = self.saved_chunks.last().map_or(0, |number| number + 1);
+        if ids.iter().any(|id| self.store.locate(*id).is_none_or(|(chunk, row)| row >= chunk.num_rows())) {
+            return Err(corrupt().into());
+        }
+        for (key, positions, range, rewrite) in partitions {
+            let mut partition = PartitionMatch::restored(positions, ids[range].iter().copied());
             // Matching the rows again finds the attempt under way; its decided matches were emitted before.
             let mut ignored = Output::default();
             self.matcher
@@ -360,9 +400,19 @@ impl Checkpointed for MatchStream {
             let number = self.number(&key);
             self.partitions[number].1 = partition;
             self.schedule(number);
+            if rewrite {
+                self.changed[number] = true;
+                self.unsaved.push(number);
+            }
         }
         Ok(())
     }
+}
+
+/// The positions at the start of a partition's entry.
+fn positions_of(value: &[u8]) -> Option<[i64; 3]> {
+    let number = |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(i64::from_be_bytes);
+    Some([number(0)?, number(8)?, number(16)?])
 }
 
 /// Rows waiting for the watermark: what is left of one input batch's rows on time, sorted by event time.
@@ -399,8 +449,8 @@ fn pending_key(number: u64) -> Vec<u8> {
     tagged(PENDING_TAG, &number.to_be_bytes())
 }
 
-fn partition_key(key: &[u8]) -> Vec<u8> {
-    tagged(PARTITION_TAG, key)
+fn chunk_key(number: u64) -> Vec<u8> {
+    tagged(CHUNK_TAG, &number.to_be_bytes())
 }
 
 /// A state-table key: `tag`, then `rest`.
@@ -582,8 +632,62 @@ mod tests {
                 vec![],
                 "case {case}: released rows leave no state"
             );
+            assert_eq!(
+                table.scan_prefix(&store, &[CHUNK_TAG]).unwrap(),
+                vec![],
+                "case {case}: chunks no partition holds a row of leave no state"
+            );
         }
         assert!(matched > 1_000, "the cases match often enough to say something ({matched} rows)");
+    }
+
+    /// A checkpoint in the format before chunks were kept (each partition's rows in its entry) is restored, and the
+    /// next checkpoint replaces it: the partition's rows become a chunk, its entry the ids of its rows.
+    #[test]
+    fn a_checkpoint_in_the_old_partition_format_is_restored_and_rewritten() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        let store = crate::state::MemoryStore::new();
+        let table = StateTable::new("view/match");
+        // Partition 1 held rows (1, 1, 0 s) and (1, 2, 1 s): positions base 0, next attempt at 0, match number 1.
+        let held = batch(&[(1, 1, 0), (1, 2, 1_000)]);
+        let fields = schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let rows = RowConverter::new(fields).unwrap().convert_columns(held.columns()).unwrap();
+        let mut value: Vec<u8> = [0i64, 0, 1].iter().flat_map(|p| p.to_be_bytes()).collect();
+        for row in rows.iter() {
+            value.extend_from_slice(&(row.as_ref().len() as u32).to_be_bytes());
+            value.extend_from_slice(row.as_ref());
+        }
+        let mut key = vec![OLD_PARTITION_TAG];
+        key.extend_from_slice(
+            Matcher::try_new(spec.clone(), schema())
+                .unwrap()
+                .partition_keys(&batch(&[(1, 0, 0)]))
+                .unwrap()
+                .row(0)
+                .as_ref(),
+        );
+        let mut write = WriteBatch::default();
+        write.put(table.key(&key), value);
+        store.write(&write).unwrap();
+
+        let mut op = MatchStream::try_new(spec.clone(), schema()).unwrap();
+        op.restore(&table, &store).unwrap();
+        assert_eq!(op.rows_held(), 2);
+        let mut write = WriteBatch::default();
+        op.checkpoint(&table, &mut write).unwrap();
+        store.write(&write).unwrap();
+        assert_eq!(table.scan_prefix(&store, &[OLD_PARTITION_TAG]).unwrap(), vec![], "the old entry is gone");
+        assert_eq!(table.scan_prefix(&store, &[CHUNK_TAG]).unwrap().len(), 1, "the rows are one chunk");
+        let held = table.scan_prefix(&store, &[HELD_TAG]).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].1.len(), 24 + 2 * 8, "positions and two row ids");
+
+        // Restored again from the new format, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        op.restore(&table, &store).unwrap();
+        op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
+        let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
+        assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
     }
 
     /// A partial match the watermark puts out of `WITHIN`'s reach is dropped at once, with its rows: a rising run
