@@ -191,6 +191,28 @@ impl RowStore {
     }
 }
 
+/// The rows of a batch grouped by partition: see [`Matcher::partitions`].
+#[derive(Debug)]
+pub struct Partitions {
+    /// The rows, by partition and then in `ORDER BY` order.
+    order: Vec<usize>,
+    /// Where each partition's rows start in `order`.
+    starts: Vec<usize>,
+    /// Each row's partition key; none without `PARTITION BY`.
+    keys: Option<datafusion::arrow::row::Rows>,
+}
+
+impl Partitions {
+    /// Each partition's key (as bytes, comparable) and rows, in order of the keys.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[usize])> {
+        self.starts.iter().enumerate().map(|(n, start)| {
+            let end = self.starts.get(n + 1).copied().unwrap_or(self.order.len());
+            let key = self.keys.as_ref().map_or(&[][..], |keys| keys.row(self.order[*start]).data());
+            (key, &self.order[*start..end])
+        })
+    }
+}
+
 /// One partition's rows (from the first any match may still look at) and how far matching got in it. Positions
 /// count the partition's rows from its first ever.
 #[derive(Debug)]
@@ -573,9 +595,10 @@ impl Matcher {
         let mut store = RowStore::default();
         let first = store.push(input.clone());
         let mut out = Output::default();
-        for rows in self.partitions(&input)? {
+        let partitions = self.partitions(&input)?;
+        for (_, rows) in partitions.iter() {
             let mut partition = PartitionMatch::default();
-            partition.extend(rows.into_iter().map(|r| first + r as RowId));
+            partition.extend(rows.iter().map(|r| first + *r as RowId));
             self.run_partition(&store, &mut partition, true, None, &mut out)?;
         }
         self.output(&store, out)
@@ -583,7 +606,7 @@ impl Matcher {
 
     /// The rows of `batch` grouped by partition (in order of the partition keys), each partition's rows in the
     /// `ORDER BY` order.
-    pub fn partitions(&self, batch: &RecordBatch) -> Result<Vec<Vec<usize>>, MatchError> {
+    pub fn partitions(&self, batch: &RecordBatch) -> Result<Partitions, MatchError> {
         let sort: Vec<SortColumn> = self
             .partition_by
             .iter()
@@ -598,18 +621,18 @@ impl Matcher {
             true => (0..batch.num_rows()).collect(),
             false => lexsort_to_indices(&sort, None)?.values().iter().map(|i| *i as usize).collect(),
         };
-        if self.partition_by.is_empty() {
-            return Ok(if order.is_empty() { Vec::new() } else { vec![order] });
-        }
-        let keys = self.partition_keys(batch)?;
-        let mut partitions: Vec<Vec<usize>> = Vec::new();
-        for row in order {
-            match partitions.last_mut() {
-                Some(current) if keys.row(current[0]) == keys.row(row) => current.push(row),
-                _ => partitions.push(vec![row]),
+        // Unpartitioned, every row is in the one partition (of the empty key).
+        let keys = match self.partition_by.is_empty() {
+            true => None,
+            false => Some(self.partition_keys(batch)?),
+        };
+        let mut starts = Vec::new();
+        for (at, row) in order.iter().enumerate() {
+            if at == 0 || keys.as_ref().is_some_and(|keys| keys.row(order[at - 1]) != keys.row(*row)) {
+                starts.push(at);
             }
         }
-        Ok(partitions)
+        Ok(Partitions { order, starts, keys })
     }
 
     /// The partition key of each row of `batch`, comparable as bytes.

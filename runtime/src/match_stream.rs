@@ -196,11 +196,10 @@ impl MatchStream {
         let mut touched = Vec::new();
         if !released.is_empty() {
             let batch = concat_batches(&self.input, &released).map_err(arrow_err)?;
-            let groups = self.matcher.partitions(&batch).map_err(matching)?;
-            let keys = self.matcher.partition_keys(&batch).map_err(matching)?;
+            let partitions = self.matcher.partitions(&batch).map_err(matching)?;
             let first = self.store.push(batch);
-            for rows in groups {
-                let number = self.number(keys.row(rows[0]).as_ref());
+            for (key, rows) in partitions.iter() {
+                let number = self.number(key);
                 self.partitions[number].1.extend(rows.iter().map(|r| first + *r as RowId));
                 touched.push(number);
             }
@@ -688,6 +687,18 @@ mod tests {
         op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
         let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
         assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
+    }
+
+    /// Without `PARTITION BY` every row is in one partition: rows of two keys make one rise and fall.
+    #[test]
+    fn without_partition_by_all_rows_are_one_partition() {
+        let mut spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        spec.partition_by.clear();
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        op.on_data(&batch(&[(1, 1, 0), (2, 2, 1_000), (1, 1, 2_000)])).unwrap();
+        let out: Vec<RecordBatch> = op.advance(END_OF_TIME).unwrap().into_iter().collect();
+        // No partition columns: the measures start, peak, rows, match number and classifier.
+        assert_eq!(rows_of(&out), vec!["1970-01-01T00:00:00|2|3|1|C".to_string()]);
     }
 
     /// A partial match the watermark puts out of `WITHIN`'s reach is dropped at once, with its rows: a rising run
