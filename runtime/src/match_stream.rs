@@ -234,9 +234,7 @@ impl MatchStream {
         for number in due {
             self.matcher.trim(&mut self.partitions[number].1, &mut self.store, ended);
             self.schedule(number);
-            if !std::mem::replace(&mut self.changed[number], true) {
-                self.unsaved.push(number);
-            }
+            self.mark_changed(number);
         }
         Ok(output)
     }
@@ -251,6 +249,13 @@ impl MatchStream {
             if let Some(deadline) = deadline {
                 self.deadlines.push(Reverse((deadline, number)));
             }
+        }
+    }
+
+    /// Notes that partition `number` changed: the next checkpoint writes it.
+    fn mark_changed(&mut self, number: usize) {
+        if !std::mem::replace(&mut self.changed[number], true) {
+            self.unsaved.push(number);
         }
     }
 
@@ -318,8 +323,7 @@ impl Checkpointed for MatchStream {
         self.pending_released.clear();
         self.next_pending = 0;
         for (key, value) in table.scan_prefix(store, &[PENDING_TAG])? {
-            let number = key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-            let number = number.ok_or_else(|| StateError::Corrupt("pending rows".to_string()))?;
+            let number = numbered(&key).ok_or_else(|| StateError::Corrupt("pending rows".to_string()))?;
             self.next_pending = self.next_pending.max(number + 1);
             for rows in decode_batches(&value)? {
                 let times = event_times(&rows, self.time)?;
@@ -342,7 +346,7 @@ impl Checkpointed for MatchStream {
         let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
         let mut chunks = Vec::new();
         for (key, value) in table.scan_prefix(store, &[CHUNK_TAG])? {
-            let number = key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or_else(corrupt)?;
+            let number = numbered(&key).ok_or_else(corrupt)?;
             let mut batches = decode_batches(&value)?;
             let chunk = batches.pop().filter(|_| batches.is_empty()).ok_or_else(corrupt)?;
             chunks.push((number, chunk));
@@ -400,8 +404,7 @@ impl Checkpointed for MatchStream {
             self.partitions[number].1 = partition;
             self.schedule(number);
             if rewrite {
-                self.changed[number] = true;
-                self.unsaved.push(number);
+                self.mark_changed(number);
             }
         }
         Ok(())
@@ -446,6 +449,11 @@ fn event_times(batch: &RecordBatch, time: usize) -> Result<Int64Array> {
 
 fn pending_key(number: u64) -> Vec<u8> {
     tagged(PENDING_TAG, &number.to_be_bytes())
+}
+
+/// The number of a [`pending_key`] or [`chunk_key`].
+fn numbered(key: &[u8]) -> Option<u64> {
+    key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
 }
 
 fn chunk_key(number: u64) -> Vec<u8> {

@@ -25,8 +25,8 @@ const MAX_TEXT: usize = 1024;
 /// well as parentheses).
 const MAX_DEPTH: usize = 16;
 
-/// Whether `text` is short and shallow enough to keep (see [`MAX_TEXT`]). Decide before cloning a statement.
-pub(crate) fn keepable(text: &str) -> bool {
+/// Whether `text` is short and shallow enough to keep (see [`MAX_TEXT`]).
+fn keepable(text: &str) -> bool {
     text.len() <= MAX_TEXT && weir_planner::parse::nests_at_most(text, MAX_DEPTH)
 }
 
@@ -50,11 +50,13 @@ impl<T: Clone> PlanCache<T> {
         entries.get(text).filter(|(made, _)| *made == versions).map(|(_, plan)| plan.clone())
     }
 
-    /// Keeps `plan` as the plan of `text`, made under `versions`.
-    pub(crate) fn put(&self, text: &str, versions: Versions, plan: T) {
+    /// Keeps the plan `plan` makes (called only when `text` is [`keepable`], so a deep statement is never cloned on a
+    /// small stack) as the plan of `text`, made under `versions`.
+    pub(crate) fn put(&self, text: &str, versions: Versions, plan: impl FnOnce() -> T) {
         if !keepable(text) {
             return;
         }
+        let plan = plan();
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= ENTRIES && !entries.contains_key(text) {
             entries.clear();
@@ -84,23 +86,23 @@ mod tests {
     #[test]
     fn an_entry_is_good_only_under_the_versions_it_was_made_under() {
         let cache = PlanCache::new();
-        cache.put("SELECT 1", (3, 0), "plan");
+        cache.put("SELECT 1", (3, 0), || "plan");
         assert_eq!(cache.get("SELECT 1", (3, 0)), Some("plan"));
         assert_eq!(cache.get("SELECT 1", (4, 0)), None, "the catalog changed");
         assert_eq!(cache.get("SELECT 1", (3, 1)), None, "a setting changed");
         assert_eq!(cache.get("SELECT 2", (3, 0)), None);
         for n in 0..ENTRIES {
-            cache.put(&format!("SELECT {n} + 1"), (3, 0), "other");
+            cache.put(&format!("SELECT {n} + 1"), (3, 0), || "other");
         }
         assert!(cache.entries.lock().unwrap().len() <= ENTRIES, "the cache stays bounded");
         let long = format!("SELECT '{}'", "x".repeat(MAX_TEXT));
-        cache.put(&long, (3, 0), "long");
+        cache.put(&long, (3, 0), || "long");
         assert_eq!(cache.get(&long, (3, 0)), None, "a long text is not kept");
         let deep = format!("SELECT {}1{}", "(".repeat(MAX_DEPTH + 1), ")".repeat(MAX_DEPTH + 1));
-        cache.put(&deep, (3, 0), "deep");
+        cache.put(&deep, (3, 0), || "deep");
         assert_eq!(cache.get(&deep, (3, 0)), None, "a deeply nested text is not kept");
         let chained = format!("SELECT 1{}", " + 1".repeat(MAX_DEPTH + 1));
-        cache.put(&chained, (3, 0), "chained");
+        cache.put(&chained, (3, 0), || "chained");
         assert_eq!(cache.get(&chained, (3, 0)), None, "a long chain of operators is not kept");
         assert!(keepable("SELECT * FROM per_key WHERE k = $1"));
     }

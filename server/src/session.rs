@@ -158,11 +158,10 @@ impl Session {
     /// Keeps a statement prepared from `sql`: queries and DML, whose plans depend only on the catalog and settings.
     pub fn cache_prepared(&self, sql: &str, prepared: &Prepared, versions: (u64, u64)) {
         if prepared.plan.is_some()
-            && crate::plan_cache::keepable(sql)
             && prepared.statement.row_patterns.is_empty()
             && matches!(prepared.statement.statement, WeirStatement::Sql(_))
         {
-            self.prepared.put(sql, versions, prepared.clone());
+            self.prepared.put(sql, versions, || prepared.clone());
         }
     }
 
@@ -173,10 +172,7 @@ impl Session {
 
     /// Keeps the statements parsed from query string `sql`.
     pub fn cache_statements(&self, sql: &str, statements: &[ParsedStatement]) {
-        // Decided before cloning: a deep statement's tree is not cloned on the connection's small stack.
-        if crate::plan_cache::keepable(sql) {
-            self.parsed.put(sql, (0, 0), statements.to_vec());
-        }
+        self.parsed.put(sql, (0, 0), || statements.to_vec());
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -400,9 +396,7 @@ impl Session {
             return Ok(plan);
         }
         let plan = self.plan(stmt.clone(), text, sql).await?;
-        if crate::plan_cache::keepable(text) {
-            self.plans.put(text, versions, plan.clone());
-        }
+        self.plans.put(text, versions, || plan.clone());
         Ok(plan)
     }
 
