@@ -19,6 +19,9 @@ use weir_server::session::Session;
 /// the interval between checkpoints (set once, from the command line).
 pub(crate) static DURABLE: std::sync::OnceLock<(std::path::PathBuf, std::time::Duration)> = std::sync::OnceLock::new();
 
+/// How many instances views run their keyed operator as (`--parallelism`; one unless set).
+pub(crate) static PARALLELISM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 /// A Weir session over a throwaway data directory, with the relations `ddl` declares: queries are planned in it
 /// exactly as `CREATE MATERIALIZED VIEW` plans them. The directory goes with the value.
 pub(crate) struct BenchSession {
@@ -29,7 +32,9 @@ pub(crate) struct BenchSession {
 impl BenchSession {
     pub(crate) async fn new(ddl: &str) -> anyhow::Result<Self> {
         let data = std::env::temp_dir().join(format!("weir-bench-{}-{}", std::process::id(), rand_suffix()));
-        let engine = Arc::new(weir_server::Engine::new(&weir_server::Config::new(&data))?);
+        let parallelism = PARALLELISM.get().copied().unwrap_or(1);
+        let config = weir_server::Config::new(&data).with_parallelism(parallelism);
+        let engine = Arc::new(weir_server::Engine::new(&config)?);
         let session = Session::new(engine, "bench");
         for statement in weir_planner::parse_sql(ddl).map_err(|e| anyhow!("{}", e.message))? {
             let prepared = session.prepare(statement, ddl).await.map_err(|e| anyhow!("{}", e.message))?;
@@ -143,7 +148,7 @@ impl Driver {
         self.published += published_rows(changes);
         if self.checkpoint_interval.is_none_or(|interval| self.last_checkpoint.elapsed() >= interval) {
             let mut batch = WriteBatch::default();
-            self.pipeline.checkpoint("bench", &mut batch)?;
+            self.pipeline.checkpoint("bench", &mut batch).await?;
             self.state.write(&batch)?;
             self.last_checkpoint = Instant::now();
         }

@@ -39,6 +39,10 @@ struct Args {
     /// With --state-dir: milliseconds between checkpoints.
     #[arg(long, global = true, default_value_t = 1000)]
     checkpoint_ms: u64,
+    /// How many instances a view's keyed operator runs as (the server's --parallelism); above 1 the dataflow runs
+    /// on a runtime with a thread per core instead of this thread alone.
+    #[arg(long, global = true, default_value_t = 1)]
+    parallelism: usize,
     #[command(subcommand)]
     suite: Suite,
 }
@@ -110,6 +114,11 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         let _ = dataflow::DURABLE.set((dir.clone(), Duration::from_millis(args.checkpoint_ms)));
     }
+    let _ = dataflow::PARALLELISM.set(args.parallelism.max(1));
+    let current_thread = || match args.parallelism {
+        0 | 1 => current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
     match args.suite {
         Suite::Recovery { groups } => {
             let dir = args.state_dir.clone().unwrap_or_else(std::env::temp_dir);

@@ -139,6 +139,8 @@ async fn run_query(
     let dataflow = session.dataflow(sql, emit_on_window_close).await?;
     let tables: Vec<bool> = dataflow.input_names.split(", ").map(|name| name == "side_input").collect();
     let mut readers: Vec<_> = dataflow.inputs.into_iter().map(|(reader, _)| reader).collect();
+    let instances = dataflow.pipeline.parallelism();
+    let cpu = crate::cpu_seconds("self");
     let mut driver = Driver::with_epoch_interval(dataflow.pipeline, epoch_interval);
     let mut next: Vec<Option<RecordBatch>> = vec![None; readers.len()];
     let mut ended = vec![false; readers.len()];
@@ -173,14 +175,17 @@ async fn run_query(
     }
     let out = driver.finish_inputs(readers.len()).await?;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = crate::cpu_seconds("self") - cpu;
     println!(
-        "nexmark {:<7} events {:>11}  rows read {:>11}  rows out {:>11}  {:>6.2} s  {:>12.0} events/s/core  peak memory {:.0} MiB",
+        "nexmark {:<7} events {:>11}  rows read {:>11}  rows out {:>11}  {:>6.2} s  {:>12.0} events/s  {:>12.0} events \
+         per CPU s  {instances} instance(s)  peak memory {:.0} MiB",
         query,
         events,
         rows,
         out,
         seconds,
         events as f64 / seconds,
+        events as f64 / cpu,
         crate::peak_memory_mib().unwrap_or(f64::NAN),
     );
     Ok(())

@@ -86,6 +86,7 @@ impl Readings {
 pub(crate) async fn run(rows: u64, devices: u64, disorder_ms: u64, epoch_interval: Duration) -> anyhow::Result<()> {
     let session = BenchSession::new(TABLE).await?;
     let dataflow = session.dataflow(QUERY, false).await?;
+    let instances = dataflow.pipeline.parallelism();
     let mut driver = Driver::with_epoch_interval(dataflow.pipeline, epoch_interval);
     let mut readings = Readings {
         devices,
@@ -96,7 +97,7 @@ pub(crate) async fn run(rows: u64, devices: u64, disorder_ms: u64, epoch_interva
     };
 
     let started = Instant::now();
-    let cpu = crate::cpu_seconds("thread-self");
+    let cpu = crate::cpu_seconds("self");
     let mut generating = Duration::ZERO;
     let mut done = 0u64;
     while done < rows {
@@ -109,11 +110,11 @@ pub(crate) async fn run(rows: u64, devices: u64, disorder_ms: u64, epoch_interva
     }
     let matches = driver.finish().await?;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = crate::cpu_seconds("thread-self") - cpu;
+    let cpu = crate::cpu_seconds("self") - cpu;
     let matching = seconds - generating.as_secs_f64();
     println!(
         "match_recognize A B+ C  rows {rows:>11}  devices {devices:>6}  matches {matches:>10}  {seconds:>6.2} s \
-         ({:.2} s generating)  {:>11.0} rows/s/core  {:>11.0} rows per CPU s  peak memory {:.0} MiB",
+         ({:.2} s generating)  {:>11.0} rows/s  {:>11.0} rows per CPU s  {instances} instance(s)  peak memory {:.0} MiB",
         generating.as_secs_f64(),
         rows as f64 / matching,
         rows as f64 / cpu,

@@ -51,7 +51,7 @@ pub(crate) async fn run(groups: u64, dir: &Path) -> anyhow::Result<()> {
     let state = RocksStore::open(&path)?;
     let writing = Instant::now();
     let mut batch = WriteBatch::default();
-    view.checkpoint("bench", &mut batch)?;
+    view.checkpoint("bench", &mut batch).await?;
     store.checkpoint(&rows, &mut batch)?;
     let bytes = batch.bytes();
     state.write(&batch)?;

@@ -91,6 +91,22 @@ impl FeedExec {
     }
 }
 
+/// A copy of `plan` that reads a new feed wherever it read `feed`, and that new feed: one more instance of a plan
+/// whose feed must not be shared (each instance of a parallel view's root runs its own).
+pub fn refeed(plan: &Arc<dyn ExecutionPlan>, feed: &Feed) -> Result<(Feed, Arc<dyn ExecutionPlan>)> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    let fresh = Feed::new();
+    let plan = plan.clone().transform_up(|node| match node.downcast_ref::<FeedExec>() {
+        Some(leaf) if leaf.feed.same(feed) => {
+            let projection = leaf.projection.clone();
+            let copy = FeedExec::new(leaf.name.clone(), fresh.clone(), leaf.input.clone(), projection)?;
+            Ok(Transformed::yes(Arc::new(copy) as Arc<dyn ExecutionPlan>))
+        }
+        _ => Ok(Transformed::no(node)),
+    })?;
+    Ok((fresh, plan.data))
+}
+
 impl DisplayAs for FeedExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "FeedExec: {}", self.name)

@@ -160,6 +160,29 @@ pub fn extreme_of(function: &AggregateFunctionExpr) -> Option<bool> {
     }
 }
 
+/// Whether a node of a stateless DataFusion plan (its [`ExecutionPlan::name`]) maps each row on its own, without
+/// state and without seeing other rows: a plan made only of such nodes gives the same rows however its input is cut
+/// and split (by batch, or by key between the instances of a parallel view).
+pub fn row_by_row_node(name: &str) -> bool {
+    matches!(
+        name,
+        "FeedExec"
+            | "CooperativeExec"
+            | "ProjectionExec"
+            | "FilterExec"
+            | "UnnestExec"
+            | "UnionExec"
+            | "InterleaveExec"
+            | "CoalesceBatchesExec"
+            | "CoalescePartitionsExec"
+    )
+}
+
+/// Whether every node of `plan` is [`row_by_row_node`].
+pub fn row_by_row(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    row_by_row_node(plan.name()) && plan.children().into_iter().all(row_by_row)
+}
+
 /// Where the session columns of a session-window aggregation are among its group keys. Each input row carries its
 /// own one-row session: `window_start` is its event time and `window_end` (the spec's) its event time plus the gap.
 #[derive(Debug, Clone)]

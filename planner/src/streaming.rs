@@ -651,15 +651,7 @@ pub(crate) fn check_stateless(plan: &Arc<dyn ExecutionPlan>) -> Result<(), Error
 fn check_row_by_row(plan: &Arc<dyn ExecutionPlan>) -> Result<(), ErrorReport> {
     let name = plan.name();
     match name {
-        "FeedExec"
-        | "CooperativeExec"
-        | "ProjectionExec"
-        | "FilterExec"
-        | "UnnestExec"
-        | "UnionExec"
-        | "InterleaveExec"
-        | "CoalesceBatchesExec"
-        | "CoalescePartitionsExec" => {}
+        _ if weir_common::plan::row_by_row_node(name) => {}
         "SortExec" | "SortPreservingMergeExec" => return Err(unsupported("ORDER BY in a materialized view")),
         "GlobalLimitExec" | "LocalLimitExec" => return Err(unsupported("LIMIT in a materialized view")),
         "AggregateExec" => return Err(unsupported("more than one level of aggregation in a materialized view")),

@@ -5,6 +5,9 @@
 //! - [`operator`]: the [`operator::Operator`] contract between an operator and the runner that drives it.
 //! - [`pipeline`]: [`pipeline::Pipeline`], one materialized view's dataflow (a tree of plan nodes), driven a source
 //!   batch at a time, with a watermark assigner per input split (a Kafka partition).
+//! - `root`: the operator at a view's root (aggregation, Top-N or `MATCH_RECOGNIZE`, with the plan above it).
+//! - `exchange`: that operator as N instances on tasks of their own, rows hashed between them by key, epochs and
+//!   checkpoints as barriers across them: a view on every core.
 //! - [`join`]: [`join::IntervalJoin`], the join of two streams whose state the watermarks bound (interval and window
 //!   joins, inner, outer, semi and anti).
 //! - [`regular_join`]: [`regular_join::RegularJoin`], the join without time bounds over inputs whose rows may be
@@ -36,6 +39,7 @@
 //! Still to come (see DESIGN.md): operator tasks connected by bounded channels, sources shared between views. The
 //! runtime depends only on `weir-common` (and RocksDB).
 
+pub(crate) mod exchange;
 mod groups;
 pub mod join;
 pub mod match_recognize;
@@ -45,6 +49,7 @@ pub mod operator;
 pub mod pipeline;
 pub mod regular_join;
 pub mod rocks;
+pub(crate) mod root;
 pub mod row_pattern;
 pub mod session_aggregate;
 pub mod state;

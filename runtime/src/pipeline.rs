@@ -34,106 +34,25 @@ use std::sync::Arc;
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::execution_plan::reset_plan_states;
-use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
-use futures::TryStreamExt;
-use weir_common::feed::{Feed, FeedExec};
+use datafusion::physical_plan::ExecutionPlan;
+use weir_common::feed::Feed;
 use weir_common::plan::{InputWatermark, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
+use crate::exchange::{Root, hash_probe, instances_table};
 use crate::join::IntervalJoin;
-use crate::match_stream::MatchStream;
 use crate::materialize::ViewChange;
 use crate::operator::{Delta, JoinOperator, Operator};
 use crate::regular_join::RegularJoin;
-use crate::session_aggregate::{SessionAggregate, SessionKeys};
+use crate::root::{retraction, run};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::temporal::TemporalJoin;
-use crate::top_n::TopN;
 use crate::updating_aggregate::UpdatingAggregate;
 use crate::upsert::Upsert;
 use crate::watermark::WatermarkAssigner;
-use crate::window_aggregate::{NO_WINDOW, WindowAggregate};
+use crate::window_aggregate::WindowAggregate;
 
-/// Where a session-window view keeps the rows of its open sessions (closed sessions are appended for good).
-pub const OPEN_SESSIONS: i64 = i64::MIN;
-
-/// The aggregating operator of a pipeline.
-#[derive(Debug)]
-enum Aggregation {
-    Windows(Box<WindowAggregate>),
-    Sessions(Box<SessionAggregate>),
-    Matches(Box<MatchStream>),
-    TopN(Box<TopN>),
-    /// Over a stream whose rows are retracted (not an [`Operator`]: it takes retractions).
-    Updating(Box<UpdatingAggregate>),
-}
-
-impl Aggregation {
-    fn state(&mut self) -> &mut dyn Checkpointed {
-        match self {
-            Aggregation::Windows(a) => a.as_mut(),
-            Aggregation::Sessions(a) => a.as_mut(),
-            Aggregation::Matches(m) => m.as_mut(),
-            Aggregation::TopN(t) => t.as_mut(),
-            Aggregation::Updating(u) => u.as_mut(),
-        }
-    }
-
-    /// Rows reaching the aggregation: through the operator contract where it takes added rows only (what they
-    /// produce comes at watermarks and epochs).
-    fn on_change(&mut self, change: &Delta) -> Result<()> {
-        let operator: &mut dyn Operator = match self {
-            Aggregation::Updating(u) => return u.on_change(change),
-            Aggregation::TopN(t) => return t.on_change(change),
-            Aggregation::Windows(a) => a.as_mut(),
-            Aggregation::Sessions(a) => a.as_mut(),
-            Aggregation::Matches(m) => m.as_mut(),
-        };
-        let Delta::Insert(batch) = change else { return Err(retraction("the view's aggregation")) };
-        operator.on_data(0, batch, &mut Vec::new())
-    }
-
-    fn on_watermark(&mut self, watermark: Watermark, out: &mut Vec<RecordBatch>) -> Result<()> {
-        let operator: &mut dyn Operator = match self {
-            Aggregation::Updating(_) => return Ok(()),
-            Aggregation::Windows(a) => a.as_mut(),
-            Aggregation::Sessions(a) => a.as_mut(),
-            Aggregation::Matches(m) => m.as_mut(),
-            Aggregation::TopN(t) => t.as_mut(),
-        };
-        operator.on_watermark(0, watermark, out)
-    }
-
-    fn late_rows(&self) -> u64 {
-        match self {
-            Aggregation::Windows(a) => a.late_rows(),
-            Aggregation::Sessions(a) => a.late_rows(),
-            Aggregation::Matches(m) => m.late_rows(),
-            // Its input only gains rows, and no row is too late to rank; an updating aggregation has no watermark.
-            Aggregation::TopN(_) | Aggregation::Updating(_) => 0,
-        }
-    }
-
-    fn memory(&self) -> usize {
-        match self {
-            Aggregation::Windows(a) => a.memory(),
-            Aggregation::Sessions(a) => a.memory(),
-            Aggregation::Matches(m) => m.memory(),
-            Aggregation::TopN(t) => t.memory(),
-            Aggregation::Updating(u) => u.memory(),
-        }
-    }
-
-    fn take_late(&mut self) -> Vec<RecordBatch> {
-        match self {
-            Aggregation::Windows(a) => a.take_late(),
-            Aggregation::Sessions(a) => a.take_late(),
-            Aggregation::Matches(m) => m.take_late(),
-            Aggregation::TopN(_) | Aggregation::Updating(_) => Vec::new(),
-        }
-    }
-}
+pub use crate::root::OPEN_SESSIONS;
 
 use crate::{Result, RuntimeError};
 
@@ -162,6 +81,16 @@ fn layout(plan: &StreamingPlan) -> String {
 
 /// The key, in a view's `inputs` table, of the plan layout its checkpoint was written for.
 const LAYOUT: &[u8] = b"layout";
+
+/// The key, in a view's `inputs` table, of how many instances its root operator's state is split into (absent: one).
+const PARALLELISM: &[u8] = b"parallelism";
+
+/// The key, in a view's `inputs` table, of the exchange's [`hash_probe`] when its state was checkpointed.
+const HASH_PROBE: &[u8] = b"hash probe";
+
+fn corrupt(what: &str) -> RuntimeError {
+    crate::state::StateError::Corrupt(what.to_string()).into()
+}
 
 /// One input of a pipeline, read in splits (a Kafka topic's partitions; one split for most sources), each with its
 /// own watermark assigner.
@@ -300,9 +229,8 @@ pub struct Pipeline {
     scans: Vec<Vec<NodeId>>,
     /// The root's input watermark (the view's watermark, as reported and used by the aggregation).
     combined: Option<Watermark>,
-    aggregate: Option<Aggregation>,
-    /// The plan over the aggregation's (or the matcher's) output.
-    above: Option<(Feed, Arc<dyn ExecutionPlan>)>,
+    /// The aggregation, Top-N or matcher at the root (with the plan above it), as one instance or several.
+    root: Option<Root>,
     /// What the aggregation's (or the matcher's) watermark adds to the root's input watermark (see
     /// [`weir_common::plan::WatermarkShift`]); `None`: it sees none.
     shift: Option<i64>,
@@ -310,7 +238,7 @@ pub struct Pipeline {
     root_watermark: Option<Watermark>,
     /// DataFusion's execution context for the stateless plans (memory pool, config).
     task: Arc<TaskContext>,
-    /// Changes of the current epoch.
+    /// Changes of the current epoch made by a root without an operator.
     pending: Vec<ViewChange>,
     /// Restored from a checkpoint, and the restored watermarks not yet passed up the plan.
     restored: bool,
@@ -340,8 +268,6 @@ impl Pipeline {
         let parents = plan.parents();
         let mut nodes = Vec::with_capacity(plan.nodes.len());
         let mut scans = vec![Vec::new(); plan.inputs.len()];
-        let mut aggregate = None;
-        let mut above = None;
         let mut shift = None;
         for (id, node) in plan.nodes.iter().enumerate() {
             let running = match &node.operator {
@@ -414,7 +340,7 @@ impl Pipeline {
                     )?;
                     Running::Updating(Box::new(aggregate), node.schema.clone())
                 }
-                NodeOperator::Aggregate { spec, above: over, shift: by } => {
+                NodeOperator::Aggregate { shift: by, .. } => {
                     shift = *by;
                     // Without a watermark on its time column (a lookup table joined in has none, and needs none).
                     if plan.emit_on_window_close
@@ -423,59 +349,16 @@ impl Pipeline {
                     {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
-                    above = over.clone();
-                    aggregate = Some(match (&spec.session, spec.window_end) {
-                        _ if spec.retractions => Aggregation::Updating(Box::new(UpdatingAggregate::try_new(
-                            &spec.input,
-                            spec.keys.clone(),
-                            spec.aggregates.clone(),
-                            true,
-                        )?)),
-                        (Some(session), Some(window_end)) => {
-                            Aggregation::Sessions(Box::new(SessionAggregate::try_new(
-                                &spec.input,
-                                spec.keys.clone(),
-                                SessionKeys {
-                                    window_start: session.window_start,
-                                    window_end,
-                                    partition: session.partition.clone(),
-                                },
-                                spec.aggregates.clone(),
-                            )?))
-                        }
-                        _ => {
-                            let mut aggregate = WindowAggregate::try_new(
-                                &spec.input,
-                                spec.keys.clone(),
-                                spec.window_end,
-                                spec.aggregates.clone(),
-                                spec.slicing.clone(),
-                            )?;
-                            if spec.row_by_row_above {
-                                aggregate.publish_in_parts();
-                            }
-                            Aggregation::Windows(Box::new(aggregate))
-                        }
-                    });
                     Running::Root
                 }
-                NodeOperator::TopN { spec, above: over } => {
-                    above = Some(over.clone());
-                    aggregate = Some(Aggregation::TopN(Box::new(TopN::try_new(spec)?)));
-                    Running::Root
-                }
-                NodeOperator::MatchRecognize { stage, above: over, shift: by } => {
+                NodeOperator::TopN { .. } => Running::Root,
+                NodeOperator::MatchRecognize { shift: by, .. } => {
                     shift = *by;
                     if by.is_none()
                         && let Some(relation) = missing_below(id)
                     {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
-                    above = over.clone();
-                    aggregate = Some(Aggregation::Matches(Box::new(MatchStream::try_new(
-                        stage.spec.clone(),
-                        stage.input.clone(),
-                    )?)));
                     Running::Root
                 }
             };
@@ -493,6 +376,7 @@ impl Pipeline {
                 _ => Input::new(None),
             })
             .collect();
+        let root = Root::build(&plan, task.clone(), 1)?;
         Ok(Pipeline {
             layout: layout(&plan),
             plan,
@@ -500,8 +384,7 @@ impl Pipeline {
             nodes,
             scans,
             combined: None,
-            aggregate,
-            above,
+            root,
             shift,
             root_watermark: None,
             task,
@@ -510,9 +393,31 @@ impl Pipeline {
         })
     }
 
+    /// Runs the root operator as `instances` instances (see [`crate::exchange`]) if its key lets it split; as one
+    /// otherwise. Before the first row (and before [`Pipeline::restore`], which keeps the number its checkpoint
+    /// was written with).
+    pub fn set_parallelism(&mut self, instances: usize) -> Result<()> {
+        if let Some(root) = &self.root
+            && root.parallelism() != instances.max(1)
+        {
+            self.root = Root::build(&self.plan, self.task.clone(), instances.max(1))?;
+        }
+        Ok(())
+    }
+
+    /// How many instances the root operator runs as.
+    pub fn parallelism(&self) -> usize {
+        self.root.as_ref().map_or(1, Root::parallelism)
+    }
+
     /// Schema of the view's rows.
     pub fn schema(&self) -> SchemaRef {
         self.plan.schema.clone()
+    }
+
+    /// Whether the view only ever gains rows (see [`StreamingPlan::append_only`]).
+    pub fn append_only(&self) -> bool {
+        self.plan.append_only()
     }
 
     /// Whether the view's rows come and go one by one (see [`StreamingPlan::retracts_rows`]): its store must be made
@@ -542,7 +447,7 @@ impl Pipeline {
     pub fn late_rows(&self) -> u64 {
         self.joins().map(|j| j.late_rows()).sum::<u64>()
             + self.closing().map(|c| c.aggregate.late_rows()).sum::<u64>()
-            + self.aggregate.as_ref().map_or(0, Aggregation::late_rows)
+            + self.root.as_ref().map_or(0, Root::late_rows)
     }
 
     fn closing(&self) -> impl Iterator<Item = &Closing> {
@@ -562,10 +467,7 @@ impl Pipeline {
     /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches) and the rows the joins
     /// keep (until the other side's watermark passes them); `None` without either.
     pub fn held_rows(&self) -> Option<u64> {
-        let matcher = match &self.aggregate {
-            Some(Aggregation::Matches(m)) => Some(m.rows_held() as u64),
-            _ => None,
-        };
+        let matcher = self.root.as_ref().and_then(Root::held_rows);
         let kept = self.joins().map(|j| j.kept_rows() as u64).reduce(|a, b| a + b);
         match (matcher, kept) {
             (None, None) => None,
@@ -588,7 +490,7 @@ impl Pipeline {
         updating
             + self.joins().map(|j| j.memory()).sum::<usize>()
             + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
-            + self.aggregate.as_ref().map_or(0, Aggregation::memory)
+            + self.root.as_ref().map_or(0, Root::memory)
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
@@ -601,7 +503,7 @@ impl Pipeline {
                 _ => {}
             }
         }
-        late.extend(self.aggregate.as_mut().map(Aggregation::take_late).unwrap_or_default());
+        late.extend(self.root.as_mut().map(Root::take_late).unwrap_or_default());
         late
     }
 
@@ -835,14 +737,19 @@ impl Pipeline {
             }
             Running::Root => {
                 let merged = if watermark.is_some() { merged(&state.ports) } else { None };
-                self.aggregate_data(batches)?;
+                let Some(root) = &mut self.root else {
+                    return Err(RuntimeError::Join("a root without an operator".to_string()));
+                };
+                if !batches.is_empty() {
+                    root.on_changes(batches).await?;
+                }
                 if let Some(Port::At(w)) = merged
                     && self.combined.is_none_or(|c| w > c)
                 {
                     self.combined = Some(w);
                     if let Some(shift) = self.shift {
                         let shifted = w.saturating_add(shift);
-                        self.watermark_reached(shifted).await?;
+                        root.watermark_reached(shifted).await?;
                         self.root_watermark = Some(shifted);
                     }
                 }
@@ -864,7 +771,7 @@ impl Pipeline {
     }
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
-    pub fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
+    pub async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
         let inputs = StateTable::new(&format!("{name}/inputs"));
         for (input, state) in self.inputs.iter().enumerate() {
             for (split, state) in state.splits.iter().enumerate() {
@@ -882,8 +789,11 @@ impl Pipeline {
             batch.put(inputs.key(b"combined"), encode_i64(combined).to_vec());
         }
         batch.put(inputs.key(LAYOUT), self.layout.clone().into_bytes());
-        if let Some(aggregate) = &mut self.aggregate {
-            aggregate.state().checkpoint(&StateTable::new(&format!("{name}/aggregate")), batch)?;
+        if let Some(root) = &mut self.root {
+            let instances = root.parallelism() as u32;
+            batch.put(inputs.key(PARALLELISM), instances.to_be_bytes().to_vec());
+            batch.put(inputs.key(HASH_PROBE), hash_probe().to_be_bytes().to_vec());
+            root.checkpoint(name, batch).await?;
         }
         let nodes = StateTable::new(&format!("{name}/nodes"));
         for (id, state) in self.node_states() {
@@ -897,6 +807,7 @@ impl Pipeline {
         for table in ["inputs", "aggregate", "nodes"] {
             StateTable::new(&format!("{name}/{table}")).delete_prefix(batch, &[]);
         }
+        instances_table(name).delete_prefix(batch, &[]);
     }
 
     /// Continues from the state view `name` last checkpointed to `store`.
@@ -932,8 +843,26 @@ impl Pipeline {
         }
         self.combined = read(b"combined")?;
         self.restored = true;
-        if let Some(aggregate) = &mut self.aggregate {
-            aggregate.state().restore(&StateTable::new(&format!("{name}/aggregate")), store)?;
+        if let Some(root) = &mut self.root {
+            // State checkpointed by some number of instances is restored into as many (one: before Weir ran roots
+            // in parallel), each key's state into the instance its key hashes to.
+            let instances = match store.get(&inputs.key(PARALLELISM))? {
+                Some(n) => n.as_slice().try_into().map(u32::from_be_bytes).map_err(|_| corrupt("parallelism"))?,
+                None => 1,
+            };
+            if instances > 1
+                && store.get(&inputs.key(HASH_PROBE))?.is_none_or(|probe| probe != hash_probe().to_be_bytes())
+            {
+                return Err(RuntimeError::PlanChanged);
+            }
+            if instances as usize != root.parallelism() {
+                *root = Root::build(&self.plan, self.task.clone(), instances as usize)?
+                    .ok_or_else(|| RuntimeError::Join("a root without an operator".to_string()))?;
+                if root.parallelism() != instances as usize {
+                    return Err(RuntimeError::PlanChanged);
+                }
+            }
+            root.restore(name, store)?;
         }
         let nodes = StateTable::new(&format!("{name}/nodes"));
         for (id, state) in self.node_states() {
@@ -967,46 +896,11 @@ impl Pipeline {
 
     /// Ends the epoch: the changes to apply to the view, all at once.
     pub async fn publish(&mut self) -> Result<Vec<ViewChange>> {
-        if !self.plan.emit_on_window_close {
-            match &mut self.aggregate {
-                Some(Aggregation::Windows(aggregate)) => {
-                    for (window, part, rows) in aggregate.snapshot()? {
-                        let rows = above(&self.above, rows, &self.task).await?;
-                        self.pending.push(match part {
-                            Some(part) => ViewChange::ReplacePart { window, part, rows },
-                            None => ViewChange::Replace { window, rows },
-                        });
-                    }
-                }
-                Some(Aggregation::Matches(_)) => {}
-                Some(Aggregation::Updating(aggregate)) => {
-                    for change in aggregate.publish()? {
-                        let rows = above(&self.above, change.rows().clone(), &self.task).await?;
-                        self.pending.push(match change {
-                            Delta::Retract(_) => ViewChange::Retract(rows),
-                            Delta::Insert(_) => ViewChange::Append(rows),
-                        });
-                    }
-                }
-                Some(Aggregation::TopN(top)) => {
-                    for (part, rows) in top.snapshot()? {
-                        let rows = above(&self.above, rows, &self.task).await?;
-                        self.pending.push(ViewChange::ReplacePart { window: NO_WINDOW, part, rows });
-                    }
-                }
-                Some(Aggregation::Sessions(aggregate)) => {
-                    if let Some(open) = aggregate.snapshot()? {
-                        let mut rows = Vec::new();
-                        for batch in open {
-                            rows.extend(above(&self.above, batch, &self.task).await?);
-                        }
-                        self.pending.push(ViewChange::Replace { window: OPEN_SESSIONS, rows });
-                    }
-                }
-                None => {}
-            }
+        let mut changes = std::mem::take(&mut self.pending);
+        if let Some(root) = &mut self.root {
+            changes.extend(root.publish().await?);
         }
-        Ok(std::mem::take(&mut self.pending))
+        Ok(changes)
     }
 
     async fn data(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
@@ -1015,51 +909,6 @@ impl Pipeline {
         }
         Ok(())
     }
-
-    /// Rows reaching the aggregation (or the matcher) at the root.
-    fn aggregate_data(&mut self, rows: Vec<Delta>) -> Result<()> {
-        let Some(aggregate) = &mut self.aggregate else {
-            return Err(RuntimeError::Join("a root without an operator".to_string()));
-        };
-        for change in &rows {
-            aggregate.on_change(change)?;
-        }
-        Ok(())
-    }
-
-    async fn watermark_reached(&mut self, watermark: Watermark) -> Result<()> {
-        match &mut self.aggregate {
-            Some(Aggregation::Windows(aggregate)) => {
-                for (window, rows) in aggregate.close(watermark)? {
-                    let rows = above(&self.above, rows, &self.task).await?;
-                    self.pending.push(match self.plan.emit_on_window_close {
-                        true => ViewChange::Append(rows),
-                        false => ViewChange::Replace { window, rows },
-                    });
-                }
-            }
-            // Closed sessions and decided matches are final (an open session's rows leave the open block at the next
-            // publish).
-            Some(Aggregation::TopN(_) | Aggregation::Updating(_)) => {}
-            Some(Aggregation::Sessions(_) | Aggregation::Matches(_)) => {
-                let mut out = Vec::new();
-                if let Some(aggregate) = &mut self.aggregate {
-                    aggregate.on_watermark(watermark, &mut out)?;
-                }
-                for rows in out {
-                    let rows = above(&self.above, rows, &self.task).await?;
-                    self.pending.push(ViewChange::Append(rows));
-                }
-            }
-            None => {}
-        }
-        Ok(())
-    }
-}
-
-/// The error of a retraction reaching `what`, which only takes added rows (the planner never plans one there).
-fn retraction(what: &str) -> RuntimeError {
-    RuntimeError::Join(format!("a retracted row reached {what}, which takes added rows only"))
 }
 
 /// The key of value `tag` of split `split` of input `input`.
@@ -1068,44 +917,6 @@ fn split_key(tag: u8, input: usize, split: usize) -> Vec<u8> {
     key.extend_from_slice(&(input as u32).to_be_bytes());
     key.extend_from_slice(&(split as u32).to_be_bytes());
     key
-}
-
-/// Runs the plan above the aggregate over one window's rows.
-async fn above(
-    plan: &Option<(Feed, Arc<dyn ExecutionPlan>)>,
-    rows: RecordBatch,
-    task: &Arc<TaskContext>,
-) -> Result<Vec<RecordBatch>> {
-    let Some((feed, above)) = plan else { return Ok(vec![rows]) };
-    // The feed's schema is the one DataFusion planned for the aggregate's output.
-    let rows = match above_input_schema(above) {
-        Some(schema) => {
-            RecordBatch::try_new(schema, rows.columns().to_vec()).map_err(|e| RuntimeError::Expr(e.into()))?
-        }
-        None => rows,
-    };
-    feed.push(rows);
-    // A fresh copy of the plan: operators such as a TopK sort keep per-execution state in the plan itself.
-    let above = reset_plan_states(above.clone()).map_err(RuntimeError::Expr)?;
-    run(&above, task).await
-}
-
-/// The schema of the batches the feed leaf of `plan` takes.
-fn above_input_schema(plan: &Arc<dyn ExecutionPlan>) -> Option<SchemaRef> {
-    if let Some(feed) = plan.downcast_ref::<FeedExec>() {
-        return Some(feed.input_schema());
-    }
-    plan.children().into_iter().find_map(above_input_schema)
-}
-
-/// Executes every output partition of `plan` (a `UNION ALL` has one per branch).
-async fn run(plan: &Arc<dyn ExecutionPlan>, task: &Arc<TaskContext>) -> Result<Vec<RecordBatch>> {
-    let mut out = Vec::new();
-    for partition in 0..plan.output_partitioning().partition_count() {
-        let stream = plan.execute(partition, task.clone()).map_err(RuntimeError::Expr)?;
-        out.extend(stream.try_collect::<Vec<_>>().await.map_err(RuntimeError::Expr)?);
-    }
-    Ok(out)
 }
 
 /// The minimum over the inputs that are not idle, once each has said something; idle when all are.

@@ -25,6 +25,17 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Plain connections are refused (needs `tls`).
     pub tls_required: bool,
+    /// How many instances a view's keyed root operator (its aggregation, Top-N or `MATCH_RECOGNIZE`) runs as, rows
+    /// split between them by key: the machine's cores unless set (a view's `parallelism` option overrides it).
+    pub parallelism: usize,
+}
+
+/// The most instances a view may run its root operator as (`--parallelism`, a view's `parallelism`).
+pub const MAX_PARALLELISM: usize = 256;
+
+/// The machine's cores (one where that cannot be read): how many instances a view runs unless told.
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARALLELISM)
 }
 
 /// The checkpoint interval unless configured.
@@ -88,6 +99,7 @@ impl Config {
             insecure_trust: false,
             tls: None,
             tls_required: false,
+            parallelism: default_parallelism(),
         }
     }
 
@@ -104,6 +116,12 @@ impl Config {
 
     pub fn with_epoch_interval(mut self, epoch_interval: Duration) -> Self {
         self.epoch_interval = epoch_interval;
+        self
+    }
+
+    /// Views run their keyed root operator as `parallelism` instances (at least one) unless they say otherwise.
+    pub fn with_parallelism(mut self, parallelism: usize) -> Self {
+        self.parallelism = parallelism.clamp(1, MAX_PARALLELISM);
         self
     }
 

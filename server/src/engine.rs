@@ -44,6 +44,8 @@ pub struct Engine {
     pub workers: crate::exec::Workers,
     /// What one client may cost the server.
     pub limits: Limits,
+    /// How many instances views run their keyed root operator as, unless they say (see [`crate::Config::parallelism`]).
+    pub parallelism: usize,
     /// What connectors may reach on this machine (`--allow-file-dir`).
     pub policy: weir_common::connector::ConnectorPolicy,
     /// The users and their credentials.
@@ -150,6 +152,7 @@ impl Engine {
             cancels: Arc::default(),
             workers: crate::exec::Workers::default(),
             limits: config.limits.clone(),
+            parallelism: config.parallelism,
             policy: weir_common::connector::ConnectorPolicy {
                 allowed_dirs: config.limits.allowed_file_dirs.clone(),
                 unrestricted: false,

@@ -741,18 +741,18 @@ impl ViewTask {
             || self.last_checkpoint.elapsed() >= self.checkpoint_interval
             || self.store.has_stream_readers()
             || readers.iter().any(|r| r.wants_commit());
-        if due && let Err(err) = self.checkpoint(readers) {
+        if due && let Err(err) = self.checkpoint(readers).await {
             self.fail(err);
         }
     }
 
     /// Writes, in one write, the state changed since the last checkpoint (the pipeline's and the view rows') with
     /// the checkpoint's record; then lets stream readers see the rows and the inputs acknowledge theirs.
-    fn checkpoint(&mut self, readers: &mut [Box<dyn SourceReader>]) -> weir_runtime::Result<()> {
+    async fn checkpoint(&mut self, readers: &mut [Box<dyn SourceReader>]) -> weir_runtime::Result<()> {
         let started = Instant::now();
         let mut batch = self.unwritten.take().unwrap_or_default();
         let mut changes = WriteBatch::default();
-        self.pipeline.checkpoint(&self.state_key, &mut changes)?;
+        self.pipeline.checkpoint(&self.state_key, &mut changes).await?;
         self.store.checkpoint(&self.rows, &mut changes)?;
         batch.extend(changes);
         let epoch = self.epoch + 1;

@@ -100,9 +100,12 @@ impl Session {
         if !self.engine.catalog.check_free(&name, view.if_not_exists)? {
             return Ok(Outcome::Command("CREATE MATERIALIZED VIEW", None));
         }
-        let dataflow = self
+        let mut dataflow = self
             .build_dataflow((&name, &view.query), emit_on_window_close, options.state_ttl, row_patterns, text, sql)
             .await?;
+        if let Some(parallelism) = options.parallelism {
+            dataflow.pipeline.set_parallelism(parallelism).map_err(runtime_report)?;
+        }
         let schema = dataflow.pipeline.schema();
         let store = Arc::new(match (dataflow.pipeline.retracts_rows(), dataflow.append_only) {
             (true, _) => ViewStore::with_retractions(schema)
@@ -184,7 +187,8 @@ impl Session {
         self.check_reads(&depends_on)?;
         let append_only = plan.append_only();
         let watermark = plan.nodes.get(plan.root()).map(|n| n.watermark.clone()).unwrap_or_default();
-        let pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
+        let mut pipeline = Pipeline::try_new(plan, watermarks, self.ctx.task_ctx()).map_err(runtime_report)?;
+        pipeline.set_parallelism(self.engine.parallelism).map_err(runtime_report)?;
         let input_names: Vec<&str> = inputs.iter().map(|r| r.def.name.as_str()).collect();
         Ok(Dataflow {
             pipeline,
@@ -406,6 +410,8 @@ struct ViewOptions {
     memory_limit: Option<usize>,
     /// `'state.ttl'`: how long its joins keep a row of a side without time bounds.
     state_ttl: Option<Duration>,
+    /// `parallelism`: how many instances its keyed root operator runs as (the server's `--parallelism` unless set).
+    parallelism: Option<usize>,
 }
 
 impl ViewOptions {
@@ -449,11 +455,20 @@ impl ViewOptions {
                             invalid("state.ttl").with_hint(weir_common::connector::DURATION_EXPECTED)
                         })?);
                 }
+                "parallelism" => {
+                    let max = crate::config::MAX_PARALLELISM;
+                    let parallelism = text.trim().parse::<usize>().ok().filter(|n| (1..=max).contains(n));
+                    parsed.parallelism =
+                        Some(parallelism.ok_or_else(|| {
+                            invalid("parallelism").with_hint(format!("A whole number from 1 to {max}."))
+                        })?);
+                }
                 other => {
                     return Err(ErrorReport::new(
                         SqlState::INVALID_PARAMETER_VALUE,
                         format!(
-                            "unrecognized materialized view option \"{other}\"; the options are: memory_limit, state.ttl"
+                            "unrecognized materialized view option \"{other}\"; the options are: memory_limit, \
+                             parallelism, state.ttl"
                         ),
                     ));
                 }

@@ -321,11 +321,115 @@ async fn a_checkpoint_is_restored_only_into_the_dataflow_it_was_written_for() {
                    GROUP BY auction, window_start, window_end";
     let store = weir_runtime::state::MemoryStore::new();
     let mut writes = weir_runtime::state::WriteBatch::default();
-    pipeline(windows, watermark, true).await.checkpoint("v", &mut writes).unwrap();
+    pipeline(windows, watermark, true).await.checkpoint("v", &mut writes).await.unwrap();
     weir_runtime::state::StateStore::write(&store, &writes).unwrap();
     pipeline(windows, watermark, true).await.restore("v", &store).expect("the same dataflow restores");
     let joined = "SELECT b.auction, c.price FROM bids b JOIN bids c ON b.auction = c.auction \
                   AND c.ts BETWEEN b.ts AND b.ts + INTERVAL '1' SECOND";
     let refused = pipeline(joined, watermark, false).await.restore("v", &store).unwrap_err();
     assert!(matches!(refused, weir_runtime::RuntimeError::PlanChanged), "{refused}");
+}
+
+/// A view whose root operator runs as several instances (rows hashed between them by key) publishes, epoch by
+/// epoch, exactly what one instance publishes, and sets aside the same late rows; a checkpoint of three instances
+/// taken midway restores into three instances whatever the restoring server's default, and goes on equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
+    let keyed = [
+        (
+            "SELECT auction, window_end, count(*) AS n, sum(price) AS total FROM TUMBLE(bids, ts, INTERVAL '1' SECOND) \
+          GROUP BY auction, window_start, window_end",
+            false,
+        ),
+        (
+            "SELECT auction, window_end, count(*) AS n, max(price) AS top FROM TUMBLE(bids, ts, INTERVAL '1' SECOND) \
+          GROUP BY auction, window_start, window_end",
+            true,
+        ),
+        (
+            "SELECT auction, window_start, window_end, count(*) AS n, sum(price) AS total \
+          FROM HOP(bids, ts, INTERVAL '1' SECOND, INTERVAL '3' SECOND) GROUP BY auction, window_start, window_end",
+            false,
+        ),
+        (
+            "SELECT auction, window_start, window_end, count(*) AS n FROM SESSION(bids, ts, INTERVAL '30' MILLISECOND, auction) \
+          GROUP BY auction, window_start, window_end",
+            false,
+        ),
+        ("SELECT auction, count(*) AS n, sum(price) AS total FROM bids GROUP BY auction", false),
+        (
+            "SELECT auction, price, ts FROM (SELECT auction, price, ts, \
+          ROW_NUMBER() OVER (PARTITION BY auction ORDER BY price DESC, ts) AS rn FROM bids) WHERE rn <= 3",
+            false,
+        ),
+        (
+            "SELECT * FROM bids MATCH_RECOGNIZE (PARTITION BY auction ORDER BY ts \
+          MEASURES FIRST(A.price) AS opening, LAST(B.price) AS peak, MATCH_NUMBER() AS m \
+          ONE ROW PER MATCH AFTER MATCH SKIP PAST LAST ROW PATTERN (A B+ C) WITHIN INTERVAL '2' SECOND \
+          DEFINE B AS B.price > PREV(B.price), C AS C.price < PREV(C.price))",
+            false,
+        ),
+    ];
+    // The disorder (400 ms) is past the watermark's bound (100 ms): many rows come late.
+    let watermark = ", WATERMARK FOR ts AS ts - INTERVAL '100' MILLISECOND";
+    let all = datafusion::arrow::compute::concat_batches(&schema(), &seeded_bids(3).await).unwrap();
+    let mut late = 0;
+    for (sql, emit_on_window_close) in keyed {
+        let mut one = pipeline(sql, watermark, emit_on_window_close).await;
+        one.set_parallelism(1).unwrap();
+        let mut three = pipeline(sql, watermark, emit_on_window_close).await;
+        three.set_parallelism(3).unwrap();
+        assert_eq!((one.parallelism(), three.parallelism()), (1, 3), "{sql}");
+        let (one_store, three_store) = (store_for(&one), store_for(&three));
+        let state = weir_runtime::state::MemoryStore::new();
+        let mut epochs = 0;
+        for (i, start) in (0..all.num_rows()).step_by(700).enumerate() {
+            let rows = all.slice(start, 700.min(all.num_rows() - start));
+            one.push(0, rows.clone()).await.unwrap();
+            three.push(0, rows).await.unwrap();
+            if i % 2 == 1 {
+                one_store.apply(one.publish().await.unwrap());
+                three_store.apply(three.publish().await.unwrap());
+                assert_eq!(lines(&one_store.snapshot()), lines(&three_store.snapshot()), "epoch {i}: {sql}");
+                assert_eq!(one.late_rows(), three.late_rows(), "epoch {i}: {sql}");
+                epochs += 1;
+            }
+            if i == 13 {
+                // Restored by a pipeline that would run one instance: the checkpoint's three are kept.
+                let mut writes = weir_runtime::state::WriteBatch::default();
+                three.checkpoint("v", &mut writes).await.unwrap();
+                weir_runtime::state::StateStore::write(&state, &writes).unwrap();
+                three = pipeline(sql, watermark, emit_on_window_close).await;
+                three.set_parallelism(1).unwrap();
+                three.restore("v", &state).unwrap();
+                assert_eq!(three.parallelism(), 3, "{sql}");
+            }
+        }
+        one.end(0).await.unwrap();
+        three.end(0).await.unwrap();
+        one_store.apply(one.publish().await.unwrap());
+        three_store.apply(three.publish().await.unwrap());
+        let rows = lines(&one_store.snapshot());
+        assert!(rows.len() > 3 && epochs > 10, "{sql}");
+        assert_eq!(rows, lines(&three_store.snapshot()), "{sql}");
+        assert_eq!(one.late_rows(), three.late_rows(), "{sql}");
+        late += one.late_rows();
+    }
+    // (A HOP window row is late only once all its windows closed, which this disorder never does.)
+    assert!(late > 1000, "the disorder makes rows late: {late}");
+    // Without a key besides the window, the aggregation stays one instance.
+    let keyless = "SELECT window_end, count(*) AS n FROM TUMBLE(bids, ts, INTERVAL '1' SECOND) \
+                   GROUP BY window_start, window_end";
+    let mut pipeline = pipeline(keyless, watermark, false).await;
+    pipeline.set_parallelism(3).unwrap();
+    assert_eq!(pipeline.parallelism(), 1);
+}
+
+/// The store a server makes for a view of `pipeline`.
+fn store_for(pipeline: &Pipeline) -> ViewStore {
+    match (pipeline.retracts_rows(), pipeline.append_only()) {
+        (true, _) => ViewStore::with_retractions(pipeline.schema()).unwrap(),
+        (false, true) => ViewStore::new(pipeline.schema()),
+        (false, false) => ViewStore::updating(pipeline.schema()),
+    }
 }

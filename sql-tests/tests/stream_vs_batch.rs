@@ -1,7 +1,8 @@
 //! Property: for random bounded inputs and a range of queries, a materialized view over a file source, once the file
 //! has been read to the end, holds exactly what the same query returns in batch over a table holding the same rows;
 //! and that holds whatever the order of the rows within the watermark bound and however the file is cut into
-//! batches. Everything runs through a real server over the wire.
+//! batches, and however many instances the view's keyed operator runs as (one, two, three). Everything runs through
+//! a real server over the wire.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -171,8 +172,14 @@ async fn views_equal_batch_queries_whatever_the_order_and_batching() {
             file_source(client, dir.path(), &source, &disordered(&rows, &mut rng), *batch_rows).await;
             for (q, query) in QUERIES.iter().enumerate() {
                 let view = format!("v{seed}_{variant}_{q}");
-                execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {}", query.replace("{src}", &source)))
-                    .await;
+                // One, two and three instances of the view's keyed operator (where it has a key to split rows by).
+                let parallelism = variant + 1;
+                let query = query.replace("{src}", &source);
+                execute(
+                    client,
+                    &format!("CREATE MATERIALIZED VIEW {view} WITH (parallelism = {parallelism}) AS {query}"),
+                )
+                .await;
                 views.insert(view, (q, table.clone()));
             }
         }
@@ -362,7 +369,12 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
             let queries = JOIN_QUERIES.iter().map(|q| (*q, *q)).chain(TEMPORAL_QUERIES.iter().copied());
             for (q, (query, batch)) in queries.enumerate() {
                 let view = format!("jv{seed}_{variant}_{q}");
-                execute(client, &format!("CREATE MATERIALIZED VIEW {view} AS {}", over(query, &sources))).await;
+                let (parallelism, query) = (variant + 1, over(query, &sources));
+                execute(
+                    client,
+                    &format!("CREATE MATERIALIZED VIEW {view} WITH (parallelism = {parallelism}) AS {query}"),
+                )
+                .await;
                 views.insert(view, over(batch, &tables));
             }
         }

@@ -72,6 +72,10 @@ struct Flags {
     /// Refuse connections without TLS (SQLSTATE 28000).
     #[arg(long, env = "WEIR_TLS_REQUIRED")]
     tls_required: bool,
+    /// How many instances each materialized view runs its keyed operator (aggregation, Top-N, MATCH_RECOGNIZE) as,
+    /// rows split between them by key; a view's WITH (parallelism = N) overrides it [default: the machine's cores].
+    #[arg(long, env = "WEIR_PARALLELISM", value_parser = clap::value_parser!(u16).range(1..=weir_server::config::MAX_PARALLELISM as i64))]
+    parallelism: Option<u16>,
     /// A directory `file` sources may read under (repeat the flag for more); none by default.
     #[arg(long = "allow-file-dir", env = "WEIR_ALLOW_FILE_DIRS", value_delimiter = ',')]
     allow_file_dirs: Vec<PathBuf>,
@@ -126,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
         .with_epoch_interval(std::time::Duration::from_millis(flags.epoch_interval_ms.max(1)))
         .with_checkpoint_interval(std::time::Duration::from_millis(flags.checkpoint_interval_ms))
         .with_limits(limits);
+    if let Some(parallelism) = flags.parallelism {
+        config = config.with_parallelism(parallelism.into());
+    }
     config.password = password;
     config.insecure_trust = flags.insecure_trust;
     config.tls = flags.tls_cert.zip(flags.tls_key);
