@@ -322,13 +322,7 @@ impl Pipeline {
                     if let Some(relation) = missing_below(id) {
                         return Err(RuntimeError::NeedsWatermark(relation));
                     }
-                    let aggregate = WindowAggregate::try_new(
-                        &spec.input,
-                        spec.keys.clone(),
-                        spec.window_end,
-                        spec.aggregates.clone(),
-                        spec.slicing.clone(),
-                    )?;
+                    let aggregate = WindowAggregate::of(spec)?;
                     Running::Closing(Box::new(Closing { aggregate, shift: *by, schema: node.schema.clone() }))
                 }
                 NodeOperator::Aggregate { spec, above: None, shift: None } if id != plan.root() => {

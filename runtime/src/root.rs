@@ -117,13 +117,7 @@ impl RootOperator {
                         spec.aggregates.clone(),
                     )?)),
                     _ => {
-                        let mut aggregate = WindowAggregate::try_new(
-                            &spec.input,
-                            spec.keys.clone(),
-                            spec.window_end,
-                            spec.aggregates.clone(),
-                            spec.slicing.clone(),
-                        )?;
+                        let mut aggregate = WindowAggregate::of(spec)?;
                         if spec.row_by_row_above {
                             aggregate.publish_in_parts();
                         }

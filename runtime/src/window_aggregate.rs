@@ -88,6 +88,18 @@ impl WindowAggregate {
         self.windows.values().map(Groups::memory).sum()
     }
 
+    /// The aggregation `spec` describes (its windows, slices and aggregates; its session columns are another
+    /// operator's).
+    pub fn of(spec: &weir_common::plan::WindowAggregateSpec) -> Result<Self> {
+        WindowAggregate::try_new(
+            &spec.input,
+            spec.keys.clone(),
+            spec.window_end,
+            spec.aggregates.clone(),
+            spec.slicing.clone(),
+        )
+    }
+
     /// `input` is the schema of incoming batches; `keys` and the aggregates' expressions are evaluated against it.
     /// With `slicing`, the input has each row once, in its slice (see [`Slicing`]), and `window_end` must be one of
     /// the slicing's window keys.

@@ -10,7 +10,9 @@
 //! `GROUP BY`). A reference
 //! run reads everything to the end; each crash run is killed once at a seeded moment during ingest (after the DDL
 //! returned), restarted, and read to the end. Every view's rows, in a fixed order, and the window view's late-row
-//! count must be identical to the reference: nothing missing, nothing counted twice.
+//! count must be identical to the reference: nothing missing, nothing counted twice. The reference runs every
+//! view's keyed operator as one instance; crash runs start with two and restart with one, or the other way round
+//! (a restart keeps the number of instances the view's checkpoint was split into).
 //!
 //! `tests/crash.rs` runs a few kill points in the suite; the `weir-crash` program runs as many as asked
 //! (`--kills 100`) and prints how many were identical.
@@ -137,10 +139,21 @@ impl Weir {
     /// accepts connections. The port is picked free just before, so another process (a broker, another test's
     /// server) may take it first: a server that exits because it cannot listen is started again on another port.
     pub async fn start(binary: &Path, data: &Path, files: &Path, log: &Path) -> anyhow::Result<Self> {
+        Weir::start_with(binary, data, files, log, &[]).await
+    }
+
+    /// [`Weir::start`] with more flags.
+    pub async fn start_with(
+        binary: &Path,
+        data: &Path,
+        files: &Path,
+        log: &Path,
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match Weir::start_once(binary, data, files, log).await? {
+            match Weir::start_once(binary, data, (files, log), flags).await? {
                 Ok(weir) => return Ok(weir),
                 Err(output) if output.contains("cannot listen") && attempts < 5 => continue,
                 Err(output) => {
@@ -154,8 +167,8 @@ impl Weir {
     async fn start_once(
         binary: &Path,
         data: &Path,
-        files: &Path,
-        log_path: &Path,
+        (files, log_path): (&Path, &Path),
+        flags: &[&str],
     ) -> anyhow::Result<Result<Self, String>> {
         let port = free_port()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
@@ -171,6 +184,7 @@ impl Weir {
             // No HTTP endpoint: its default port is one for all, and the tests start servers side by side.
             .arg("--http-listen")
             .arg("off")
+            .args(flags)
             .env("RUST_LOG", "warn")
             // weir logs to standard output.
             .stdout(log)
@@ -353,7 +367,8 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
     produce(&kafka, "events-reference").await?;
     let script = script_for("events-reference");
     let reference_dir = work.join("reference");
-    let weir = Weir::start(binary, &reference_dir, &files, &log).await?;
+    // The reference runs each view's keyed operator as one instance; crash runs as two, or one then two.
+    let weir = Weir::start_with(binary, &reference_dir, &files, &log, &["--parallelism", "1"]).await?;
     weir.connect().await?.batch_execute(&script).await.context("the scenario's DDL")?;
     let expected = results(&weir).await?;
     weir.kill();
@@ -378,11 +393,14 @@ pub async fn run(binary: &Path, work: &Path, kills: usize, seed: u64) -> anyhow:
         produce(&kafka, &topic).await?;
         let script = script_for(&topic);
         let dir = work.join(format!("crash-{run}"));
-        let weir = Weir::start(binary, &dir, &files, &log).await?;
+        // Even runs start with two instances and restart with one (the checkpoint's two are kept); odd runs the
+        // other way round.
+        let (first, second) = if run % 2 == 0 { ("2", "1") } else { ("1", "2") };
+        let weir = Weir::start_with(binary, &dir, &files, &log, &["--parallelism", first]).await?;
         weir.connect().await?.batch_execute(&script).await.context("the scenario's DDL")?;
         tokio::time::sleep(kill_after).await;
         weir.kill();
-        let weir = Weir::start(binary, &dir, &files, &log).await?;
+        let weir = Weir::start_with(binary, &dir, &files, &log, &["--parallelism", second]).await?;
         let got = match results(&weir).await {
             Ok(got) => got,
             Err(err) => {
