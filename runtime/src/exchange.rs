@@ -369,13 +369,11 @@ impl Instance {
         if let Instance::Ready(_) = self {
             let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
             let report = Arc::new(Report::default());
-            let Instance::Ready(root) =
-                std::mem::replace(self, Instance::Running { work: sender, report: report.clone() })
-            else {
-                unreachable!("matched as Ready above")
-            };
-            report.update(&root);
-            tokio::spawn(serve(root, receiver, report));
+            let running = Instance::Running { work: sender, report: report.clone() };
+            if let Instance::Ready(mut root) = std::mem::replace(self, running) {
+                report.update(&mut root);
+                tokio::spawn(serve(root, receiver, report));
+            }
         }
         match self {
             Instance::Running { work: sender, .. } => sender.send(work).await.map_err(|_| stopped()),
@@ -415,10 +413,15 @@ impl Instance {
 }
 
 impl Report {
-    fn update(&self, root: &RootOperator) {
+    /// What `root` counts and holds now, and the late rows it set aside since the last update.
+    fn update(&self, root: &mut RootOperator) {
         self.late_rows.store(root.late_rows(), Ordering::Relaxed);
         self.memory.store(root.memory(), Ordering::Relaxed);
         self.held_rows.store(root.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
+        let late = root.take_late();
+        if !late.is_empty() {
+            self.late.lock().unwrap_or_else(PoisonError::into_inner).extend(late);
+        }
     }
 }
 
@@ -438,6 +441,8 @@ async fn serve(mut root: Box<RootOperator>, mut work: mpsc::Receiver<Work>, repo
                     false => root.publish().await,
                 };
                 broken |= answer.is_err();
+                // What the pipeline reads once it has the answer is up to date with it.
+                report.update(&mut root);
                 let _ = reply.send(answer);
                 Ok(())
             }
@@ -450,6 +455,8 @@ async fn serve(mut root: Box<RootOperator>, mut work: mpsc::Receiver<Work>, repo
                     }
                 };
                 broken |= answer.is_err();
+                // What the pipeline reads once it has the answer is up to date with it.
+                report.update(&mut root);
                 let _ = reply.send(answer);
                 Ok(())
             }
@@ -458,11 +465,7 @@ async fn serve(mut root: Box<RootOperator>, mut work: mpsc::Receiver<Work>, repo
             broken = true;
             failure = Some(err);
         }
-        report.update(&root);
-        let late = root.take_late();
-        if !late.is_empty() {
-            report.late.lock().unwrap_or_else(PoisonError::into_inner).extend(late);
-        }
+        report.update(&mut root);
     }
 }
 

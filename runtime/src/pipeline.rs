@@ -79,6 +79,20 @@ fn layout(plan: &StreamingPlan) -> String {
     kinds.join("; ")
 }
 
+/// What the root operator of `plan` splits rows between its instances by (see [`crate::exchange`]), for EXPLAIN;
+/// `None` if it runs as one instance whatever the parallelism.
+pub fn exchange_keys(plan: &StreamingPlan) -> Option<Vec<String>> {
+    let keys = crate::exchange::exchange_key(plan)?;
+    Some(
+        keys.iter()
+            .map(|key| match key.downcast_ref::<datafusion::physical_expr::expressions::Column>() {
+                Some(column) => column.name().to_string(),
+                None => key.to_string(),
+            })
+            .collect(),
+    )
+}
+
 /// The key, in a view's `inputs` table, of the plan layout its checkpoint was written for.
 const LAYOUT: &[u8] = b"layout";
 

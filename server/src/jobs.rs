@@ -639,9 +639,7 @@ impl ViewTask {
             }
         };
         self.dirty = true;
-        self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
-        self.progress.held_rows.store(self.pipeline.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
-        self.progress.keep_late(self.pipeline.take_late());
+        self.note_operators();
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
@@ -652,6 +650,15 @@ impl ViewTask {
             self.fail(err);
             reading.fill(false);
         }
+    }
+
+    /// Shows what the operators counted and hold (late rows, rows held for matching) and keeps the late rows they
+    /// set aside. After each batch, and after each epoch: the instances of a parallel view report what they did
+    /// with the rows sent to them by the time they answer the epoch's barrier.
+    fn note_operators(&mut self) {
+        self.progress.late_rows.store(self.pipeline.late_rows(), Ordering::Relaxed);
+        self.progress.held_rows.store(self.pipeline.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
+        self.progress.keep_late(self.pipeline.take_late());
     }
 
     /// Reports what the inputs say of their reading (bytes, consumer lag) and the rate rows arrive at, and shows in
@@ -725,6 +732,7 @@ impl ViewTask {
         self.metrics.epoch_seconds.with_label_values(&[self.view.as_str()]).observe(started.elapsed().as_secs_f64());
         match published {
             Ok(changes) => {
+                self.note_operators();
                 self.store.apply(changes);
                 self.store.set_watermark(self.pipeline.output_watermark());
                 self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);

@@ -258,9 +258,16 @@ impl Session {
         sql: &str,
     ) -> Result<Outcome, ErrorReport> {
         let view = view_statement(statement)?;
-        let ttl = ViewOptions::parse(&view.options)?.state_ttl;
-        let (plan, inputs, _) = self.plan_view(&view.query, emit_on_window_close, ttl, row_patterns, text, sql).await?;
-        let mut lines = vec![format!("Materialize: {} [{}]", object_name(&view.name)?, facts(&plan, plan.root()))];
+        let options = ViewOptions::parse(&view.options)?;
+        let (plan, inputs, _) =
+            self.plan_view(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
+        let instances = options.parallelism.unwrap_or(self.engine.parallelism);
+        let split = match weir_runtime::pipeline::exchange_keys(&plan) {
+            Some(keys) if instances > 1 => format!(" on {instances} instances by hash of ({})", keys.join(", ")),
+            _ => String::new(),
+        };
+        let name = object_name(&view.name)?;
+        let mut lines = vec![format!("Materialize: {name} [{}]{split}", facts(&plan, plan.root()))];
         let mut shown = HashSet::new();
         explain_node(&plan, plan.root(), 1, &inputs, &mut lines, &mut shown);
         self.plan_lines(lines)

@@ -79,7 +79,9 @@ impl TestServer {
             limits.allowed_file_dirs.push(dir.canonicalize().with_context(|| format!("{}", dir.display()))?);
         }
         adjust(&mut limits);
-        let config = configure(weir_server::Config::new(data).with_limits(limits));
+        // Views run their keyed operators as two instances whatever the machine's cores: the corpus (EXPLAIN
+        // included) reads the same everywhere, and parallel views are what it tests.
+        let config = configure(weir_server::Config::new(data).with_limits(limits).with_parallelism(2));
         let password = config.password.as_ref().map(|p| format!(" password='{p}'")).unwrap_or_default();
         let task = tokio::spawn(weir_server::run_with_http(config, listener, Some(http_listener), async move {
             let _ = stopped.await;
