@@ -127,7 +127,7 @@ impl Root {
         let mut instances = vec![first];
         for _ in 1..parallelism {
             let next = RootOperator::build(plan, task.clone(), true)?;
-            instances.push(next.ok_or_else(|| RuntimeError::Join("a root without an operator".to_string()))?);
+            instances.push(next.ok_or_else(|| RuntimeError::Internal("a root without an operator".to_string()))?);
         }
         Ok(Some(Root::Parallel(Box::new(Exchange::new(keys, instances)))))
     }
@@ -188,7 +188,7 @@ impl Root {
             Root::Parallel(exchange) => {
                 for (i, instance) in exchange.instances.iter_mut().enumerate() {
                     let Instance::Ready(root) = instance else {
-                        return Err(RuntimeError::Join("a restore after the view started".to_string()));
+                        return Err(RuntimeError::Internal("a restore after the view started".to_string()));
                     };
                     root.restore(&instance_table(name, i), store)?;
                 }
@@ -242,7 +242,7 @@ pub(crate) fn instances_table(name: &str) -> StateTable {
 }
 
 fn stopped() -> RuntimeError {
-    RuntimeError::Join("an instance of the view's root operator stopped".to_string())
+    RuntimeError::Internal("an instance of the view's root operator stopped".to_string())
 }
 
 /// The instances of a root operator and the key that splits rows between them.
@@ -325,7 +325,9 @@ impl Exchange {
                     ViewChange::Replace { window, rows } => ViewChange::ReplacePart { window, part: i, rows },
                     ViewChange::ReplacePart { window, part, rows } => {
                         let part = part.checked_mul(count).and_then(|p| p.checked_add(i)).ok_or_else(|| {
-                            RuntimeError::Join(format!("part {part} of a window is past what {count} instances number"))
+                            RuntimeError::Internal(format!(
+                                "part {part} of a window is past what {count} instances number"
+                            ))
                         })?;
                         ViewChange::ReplacePart { window, part, rows }
                     }

@@ -77,6 +77,9 @@ pub enum RuntimeError {
     Match(String),
     #[error("internal error: join: {0}")]
     Join(String),
+    /// A bug in how the runtime runs a plan (not in any one operator).
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(
         "the view's dataflow is not the one its last checkpoint was written for (another version of Weir planned it \
          differently): drop the view and create it again"

@@ -746,7 +746,7 @@ impl Pipeline {
             Running::Root => {
                 let merged = if watermark.is_some() { merged(&state.ports) } else { None };
                 let Some(root) = &mut self.root else {
-                    return Err(RuntimeError::Join("a root without an operator".to_string()));
+                    return Err(RuntimeError::Internal("a root without an operator".to_string()));
                 };
                 if !batches.is_empty() {
                     root.on_changes(batches).await?;
@@ -865,7 +865,7 @@ impl Pipeline {
             }
             if instances as usize != root.parallelism() {
                 *root = Root::build(&self.plan, self.task.clone(), instances as usize)?
-                    .ok_or_else(|| RuntimeError::Join("a root without an operator".to_string()))?;
+                    .ok_or_else(|| RuntimeError::Internal("a root without an operator".to_string()))?;
                 if root.parallelism() != instances as usize {
                     return Err(RuntimeError::PlanChanged);
                 }
