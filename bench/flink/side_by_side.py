@@ -168,14 +168,14 @@ def peak_mib(pid):
     return float("nan")
 
 
-def run_weir(binary, csv_path, rows, query, kind):
+def run_weir(binary, csv_path, rows, query, kind, flags=()):
     import psycopg
 
     data = tempfile.mkdtemp(prefix="weir-side-")
     port = free_port()
     server = subprocess.Popen(
         [binary, "--data-dir", data, "--listen", f"127.0.0.1:{port}", "--http-listen", "off", "--log-level", "warn",
-         "--allow-file-dir", os.path.dirname(os.path.abspath(csv_path))],
+         "--allow-file-dir", os.path.dirname(os.path.abspath(csv_path)), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -298,7 +298,9 @@ def main():
     parser.add_argument("--flink-python")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", help="run the workloads whose name contains this")
+    parser.add_argument("--parallelism", type=int, help="Weir's --parallelism (default: the machine's cores)")
     args = parser.parse_args()
+    flags = ("--parallelism", str(args.parallelism)) if args.parallelism else ()
     os.makedirs(args.dir, exist_ok=True)
     table = []
     parsed = {}
@@ -314,7 +316,7 @@ def main():
             parsed.clear()
             parsed[csv_path] = read_rows(csv_path)
         expected = oracle(kind, parsed[csv_path])
-        weir_runs = [run_weir(args.weir, csv_path, rows, weir_query, kind) for _ in range(args.runs)]
+        weir_runs = [run_weir(args.weir, csv_path, rows, weir_query, kind, flags) for _ in range(args.runs)]
         for run in weir_runs:
             if run[3] != expected:
                 raise SystemExit(f"{name}: Weir gave {run[3]}, the oracle {expected}")

@@ -321,6 +321,7 @@ impl Jobs {
             ms_per_unit,
             state: self.state.clone(),
             dirty: false,
+            ending: false,
             idle_timeouts,
             last_rows,
             rate_samples: VecDeque::new(),
@@ -468,6 +469,8 @@ struct ViewTask {
     state: Arc<dyn StateStore>,
     /// Whether rows were processed since the last epoch.
     dirty: bool,
+    /// Every input ended, and the view is to say so once it has published what their ends closed.
+    ending: bool,
     /// Per input: how long it may go without rows before it is left out of the watermark.
     idle_timeouts: Vec<Option<Duration>>,
     /// Per input and split: when it last produced rows.
@@ -625,10 +628,9 @@ impl ViewTask {
             }
             Ok(None) => {
                 reading[input] = false;
-                if !reading.contains(&true) {
-                    info!(%view, "every input ended; every window is closed");
-                    self.progress.set_status("ended".to_string());
-                }
+                // The status says `ended` after the epoch that publishes what the ends close (see `publish`): a
+                // client that sees it reads the view's final rows.
+                self.ending = !reading.contains(&true);
                 self.pipeline.end(input).await
             }
             Err(err) => {
@@ -734,6 +736,10 @@ impl ViewTask {
             Ok(changes) => {
                 self.note_operators();
                 self.store.apply(changes);
+                if std::mem::take(&mut self.ending) {
+                    info!(view = %self.view, "every input ended; every window is closed");
+                    self.progress.set_status("ended".to_string());
+                }
                 self.store.set_watermark(self.pipeline.output_watermark());
                 self.progress.rows_written.store(self.store.row_count() as u64, Ordering::Relaxed);
                 let bytes = self.pipeline.state_bytes() + self.store.memory();
