@@ -7,10 +7,12 @@
 //! ```
 //!
 //! The root's operator (a window or session aggregation, a Top-N, a `MATCH_RECOGNIZE`) keeps its state by key: the
-//! group keys other than the window columns, the `PARTITION BY` columns. Each row goes to the instance its key hashes
-//! to; the watermark goes to every instance after the rows before it, so every instance sees its keys' rows and
-//! the watermarks in the order one operator would, and closes, decides and drops exactly what one operator would:
-//! the view's rows are those of one instance, only produced on several cores.
+//! group keys other than the window columns, the `PARTITION BY` columns. Each row is processed by the instance its
+//! key hashes to: the pipeline's task hashes the keys and hands every instance every batch (shared, not copied) with
+//! each row's instance, and each instance copies out its own rows, so that the copying happens on the instances side
+//! by side rather than on the pipeline's task, which every row passes through. The watermark goes to every instance after the rows before it, so every instance sees its keys'
+//! rows and the watermarks in the order one operator would, and closes, decides and drops exactly what one operator
+//! would: the view's rows are those of one instance, only produced on several cores.
 //!
 //! [`Root`] is what the pipeline holds: the operator itself ([`Root::Local`], one instance, on the pipeline's task),
 //! or the [`Exchange`] to its instances. An epoch ends with a barrier: [`Root::publish`] asks every instance for its
@@ -187,7 +189,7 @@ impl Root {
             Root::Local(root) => root.restore(&aggregate_table(name), store),
             Root::Parallel(exchange) => {
                 for (i, instance) in exchange.instances.iter_mut().enumerate() {
-                    let Instance::Ready(root) = instance else {
+                    let Instance::Ready(root, _) = instance else {
                         return Err(RuntimeError::Internal("a restore after the view started".to_string()));
                     };
                     root.restore(&instance_table(name, i), store)?;
@@ -255,14 +257,20 @@ pub(crate) struct Exchange {
 
 impl Exchange {
     fn new(keys: Vec<Arc<dyn PhysicalExpr>>, instances: Vec<RootOperator>) -> Self {
-        let instances = instances.into_iter().map(|root| Instance::Ready(Box::new(root))).collect();
+        let instances = instances
+            .into_iter()
+            .enumerate()
+            .map(|(instance, root)| Instance::Ready(Box::new(root), instance as u16))
+            .collect();
         Exchange { keys, instances, hashes: Vec::new() }
     }
 
-    /// Sends each row to the instance its key hashes to, keeping each change's kind and the order of changes.
+    /// Hands every instance the changes (their columns are shared, not copied) with the instance each row's key
+    /// hashes to; each instance copies out its own rows. The pipeline's task, which every row passes through, only
+    /// hashes the keys: the copying happens on the instances, side by side.
     async fn on_changes(&mut self, changes: Vec<Delta>) -> Result<()> {
         let count = self.instances.len();
-        let mut parts: Vec<Vec<Delta>> = vec![Vec::new(); count];
+        let mut routed = Vec::with_capacity(changes.len());
         for change in changes {
             let rows = change.rows();
             if rows.num_rows() == 0 {
@@ -277,26 +285,14 @@ impl Exchange {
             self.hashes.clear();
             self.hashes.resize(rows.num_rows(), 0);
             create_hashes(&keys, &RandomState::with_seed(SEED), &mut self.hashes).map_err(RuntimeError::Expr)?;
-            let mut indices: Vec<Vec<u32>> = vec![Vec::new(); count];
-            for (row, hash) in self.hashes.iter().enumerate() {
-                indices[instance_of(*hash, count)].push(row as u32);
-            }
-            for (part, indices) in parts.iter_mut().zip(indices) {
-                if indices.len() == rows.num_rows() {
-                    part.push(change.with_rows(rows.clone()));
-                } else if !indices.is_empty() {
-                    let taken = take_record_batch(rows, &UInt32Array::from(indices))
-                        .map_err(|e| RuntimeError::Expr(e.into()))?;
-                    part.push(change.with_rows(taken));
-                }
-            }
+            let owners: Vec<u16> = self.hashes.iter().map(|hash| instance_of(*hash, count) as u16).collect();
+            routed.push(Routed { change, owners });
         }
-        for (instance, part) in self.instances.iter_mut().zip(parts) {
-            if !part.is_empty() {
-                instance.send(Work::Changes(part)).await?;
-            }
+        if routed.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let routed: Arc<[Routed]> = routed.into();
+        self.broadcast(|| Work::Changes(routed.clone())).await
     }
 
     async fn broadcast(&mut self, work: impl Fn() -> Work) -> Result<()> {
@@ -339,10 +335,34 @@ impl Exchange {
     }
 }
 
+/// A change reaching the root, with the instance each of its rows goes to.
+#[derive(Debug)]
+struct Routed {
+    change: Delta,
+    owners: Vec<u16>,
+}
+
+/// The rows of `routed` instance `me` takes, each change's kind and the order of changes kept.
+fn select(routed: &[Routed], me: u16) -> Result<Vec<Delta>> {
+    let mut kept = Vec::with_capacity(routed.len());
+    for Routed { change, owners } in routed {
+        let mine: Vec<u32> = (0..owners.len() as u32).filter(|row| owners[*row as usize] == me).collect();
+        if mine.len() == owners.len() {
+            kept.push(change.clone());
+        } else if !mine.is_empty() {
+            let taken =
+                take_record_batch(change.rows(), &UInt32Array::from(mine)).map_err(|e| RuntimeError::Expr(e.into()))?;
+            kept.push(change.with_rows(taken));
+        }
+    }
+    Ok(kept)
+}
+
 /// What an instance is asked to do, in order.
 #[derive(Debug)]
 enum Work {
-    Changes(Vec<Delta>),
+    /// Changes reaching the root, every instance's rows: each takes its own.
+    Changes(Arc<[Routed]>),
     Watermark(Watermark),
     Publish(oneshot::Sender<Result<Vec<ViewChange>>>),
     Checkpoint(StateTable, oneshot::Sender<Result<WriteBatch>>),
@@ -361,52 +381,56 @@ struct Report {
 /// One instance: not started yet (restored in place), or running on its own task.
 #[derive(Debug)]
 enum Instance {
-    Ready(Box<RootOperator>),
-    Running { work: mpsc::Sender<Work>, report: Arc<Report> },
+    /// Not started: the operator, and the instance's number.
+    Ready(Box<RootOperator>, u16),
+    Running {
+        work: mpsc::Sender<Work>,
+        report: Arc<Report>,
+    },
 }
 
 impl Instance {
     /// Sends `work` to the instance's task, starting it on the first message.
     async fn send(&mut self, work: Work) -> Result<()> {
-        if let Instance::Ready(_) = self {
+        if let Instance::Ready(..) = self {
             let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
             let report = Arc::new(Report::default());
             let running = Instance::Running { work: sender, report: report.clone() };
-            if let Instance::Ready(mut root) = std::mem::replace(self, running) {
+            if let Instance::Ready(mut root, me) = std::mem::replace(self, running) {
                 report.update(&mut root);
-                tokio::spawn(serve(root, receiver, report));
+                tokio::spawn(serve(root, me, receiver, report));
             }
         }
         match self {
             Instance::Running { work: sender, .. } => sender.send(work).await.map_err(|_| stopped()),
-            Instance::Ready(_) => Err(stopped()),
+            Instance::Ready(..) => Err(stopped()),
         }
     }
 
     fn late_rows(&self) -> u64 {
         match self {
-            Instance::Ready(root) => root.late_rows(),
+            Instance::Ready(root, _) => root.late_rows(),
             Instance::Running { report, .. } => report.late_rows.load(Ordering::Relaxed),
         }
     }
 
     fn memory(&self) -> usize {
         match self {
-            Instance::Ready(root) => root.memory(),
+            Instance::Ready(root, _) => root.memory(),
             Instance::Running { report, .. } => report.memory.load(Ordering::Relaxed),
         }
     }
 
     fn held_rows(&self) -> Option<u64> {
         match self {
-            Instance::Ready(root) => root.held_rows(),
+            Instance::Ready(root, _) => root.held_rows(),
             Instance::Running { report, .. } => u64::try_from(report.held_rows.load(Ordering::Relaxed)).ok(),
         }
     }
 
     fn take_late(&mut self) -> Vec<RecordBatch> {
         match self {
-            Instance::Ready(root) => root.take_late(),
+            Instance::Ready(root, _) => root.take_late(),
             Instance::Running { report, .. } => {
                 std::mem::take(&mut *report.late.lock().unwrap_or_else(PoisonError::into_inner))
             }
@@ -429,13 +453,13 @@ impl Report {
 
 /// An instance's task: does its work in order until the pipeline drops its channel. After a failure it does
 /// nothing more and answers every request with it (the first with the error itself).
-async fn serve(mut root: Box<RootOperator>, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
+async fn serve(mut root: Box<RootOperator>, me: u16, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
     let mut broken = false;
     let mut failure: Option<RuntimeError> = None;
     while let Some(next) = work.recv().await {
         let done = match next {
             Work::Changes(_) | Work::Watermark(_) if broken => Ok(()),
-            Work::Changes(changes) => root.on_changes(&changes),
+            Work::Changes(routed) => select(&routed, me).and_then(|mine| root.on_changes(&mine)),
             Work::Watermark(watermark) => root.watermark_reached(watermark).await,
             Work::Publish(reply) => {
                 let answer = match broken {
