@@ -73,8 +73,7 @@ struct Flags {
     #[arg(long, env = "WEIR_TLS_REQUIRED")]
     tls_required: bool,
     /// How many instances each materialized view runs its keyed operator (aggregation, Top-N, MATCH_RECOGNIZE) as,
-    /// rows split between them by key; a view's WITH (parallelism = N) overrides it [default: the machine's cores but one,
-    /// at least one].
+    /// rows split between them by key; a view's WITH (parallelism = N) overrides it [default: the machine's cores].
     #[arg(long, env = "WEIR_PARALLELISM", value_parser = clap::value_parser!(u16).range(1..=weir_server::config::MAX_PARALLELISM as i64))]
     parallelism: Option<u16>,
     /// A directory `file` sources may read under (repeat the flag for more); none by default.
