@@ -390,3 +390,39 @@ async fn join_views_equal_batch_joins_whatever_the_order_and_batching() {
     }
     server.stop().await.unwrap();
 }
+
+/// A view says `ended` only once it holds what its input's end closed: a client that polls the status (no FLUSH) and
+/// then reads finds every group, with the aggregation's two instances still at work when the file ended. All rows
+/// fall in one hour-long window (a row every 100 ms for 50 minutes), emitted when it closes: at the end of the input,
+/// so until then the view is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_that_says_it_ended_holds_what_the_end_closed() {
+    let server = TestServer::start().await.unwrap();
+    let client = server.connect().await.unwrap();
+    let client = &client.client;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    // Every reading its own group: the window's close has 30,000 groups to emit.
+    let rows: Vec<Row> = (0..30_000u64).map(|i| (["a", "b", "c", "d"][rng.below(4) as usize], i, i * 100)).collect();
+    let groups: std::collections::BTreeSet<(&str, u64)> = rows.iter().map(|(d, r, _)| (*d, *r)).collect();
+    assert_eq!(groups.len(), 30_000);
+    file_source(client, dir.path(), "ending", &rows, 500).await;
+    execute(
+        client,
+        "CREATE MATERIALIZED VIEW ended WITH (parallelism = 2) AS SELECT device, reading, count(*) AS n \
+         FROM TUMBLE(ending, ts, INTERVAL '1' HOUR) GROUP BY device, reading, window_start, window_end \
+         EMIT ON WINDOW CLOSE",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rows_of(client, "SELECT status FROM weir_catalog.view_progress WHERE view = 'ended'").await
+        != vec![vec![Some("ended".to_string())]]
+    {
+        assert!(Instant::now() < deadline, "the view did not end");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let got = rows_of(client, "SELECT count(*), sum(n) FROM ended").await;
+    let expected = vec![vec![Some(groups.len().to_string()), Some(rows.len().to_string())]];
+    assert_eq!(got, expected, "the view's rows as soon as it says it ended");
+    server.stop().await.unwrap();
+}
