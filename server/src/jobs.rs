@@ -119,6 +119,8 @@ pub struct Progress {
     pub held_rows: AtomicI64,
     /// About how many bytes the view's state holds (its operators' and its rows), as of its last epoch.
     pub state_bytes: AtomicU64,
+    /// How many instances the view's keyed operator runs as (one for a view it cannot split).
+    pub instances: AtomicU64,
     /// The checkpoint the view continued from at start; `-1` for none.
     restored_epoch: AtomicI64,
 }
@@ -142,6 +144,7 @@ impl Progress {
             consumer_lag: AtomicI64::new(i64::MIN),
             duplicates: AtomicU64::new(0),
             held_rows: AtomicI64::new(-1),
+            instances: AtomicU64::new(1),
             state_bytes: AtomicU64::new(0),
             restored_epoch: AtomicI64::new(-1),
         }
@@ -344,6 +347,8 @@ impl Jobs {
             reason
         });
         view_task.frozen = restored.is_err();
+        // After the restore, which keeps the number of instances the checkpoint was written with.
+        progress.instances.store(view_task.pipeline.parallelism() as u64, Ordering::Relaxed);
         let readers = if restored.is_ok() { readers } else { Vec::new() };
         let watched = progress.clone();
         let (name, statement) = (view.clone(), statement.to_string());

@@ -88,6 +88,7 @@ impl SystemRelation {
                         Field::new("duplicates", DataType::Int64, false),
                         Field::new("held_rows", DataType::Int64, true),
                         Field::new("state_bytes", DataType::Int64, false),
+                        Field::new("instances", DataType::Int64, false),
                     ],
                     view_progress,
                 ),
@@ -252,6 +253,7 @@ fn view_progress(jobs: &Jobs, schema: SchemaRef) -> Result<RecordBatch> {
         count(|p| p.duplicates.load(Ordering::Relaxed) as i64),
         optional(&|p| Some(p.held_rows.load(Ordering::Relaxed)).filter(|h| *h >= 0)),
         count(|p| p.state_bytes.load(Ordering::Relaxed) as i64),
+        count(|p| p.instances.load(Ordering::Relaxed) as i64),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }
