@@ -169,15 +169,8 @@ impl Root {
         match self {
             Root::Local(root) => root.checkpoint(&aggregate_table(name), batch),
             Root::Parallel(exchange) => {
-                let mut replies = Vec::new();
-                for (i, instance) in exchange.instances.iter_mut().enumerate() {
-                    let (reply, answer) = oneshot::channel();
-                    instance.send(Work::Checkpoint(instance_table(name, i), reply)).await?;
-                    replies.push(answer);
-                }
-                for answer in replies {
-                    batch.extend(answer.await.map_err(|_| stopped())??);
-                }
+                let written = exchange.ask(|i, reply| Work::Checkpoint(instance_table(name, i), reply)).await?;
+                written.into_iter().for_each(|instance| batch.extend(instance));
                 Ok(())
             }
         }
@@ -295,6 +288,22 @@ impl Exchange {
         self.broadcast(|| Work::Changes(routed.clone())).await
     }
 
+    /// A barrier: sends every instance the request `request(i, reply)` makes, then waits for every answer (the
+    /// instances work on it side by side).
+    async fn ask<T>(&mut self, request: impl Fn(usize, oneshot::Sender<Result<T>>) -> Work) -> Result<Vec<T>> {
+        let mut answers = Vec::with_capacity(self.instances.len());
+        for (i, instance) in self.instances.iter_mut().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            instance.send(request(i, reply)).await?;
+            answers.push(answer);
+        }
+        let mut replies = Vec::with_capacity(answers.len());
+        for answer in answers {
+            replies.push(answer.await.map_err(|_| stopped())??);
+        }
+        Ok(replies)
+    }
+
     async fn broadcast(&mut self, work: impl Fn() -> Work) -> Result<()> {
         for instance in &mut self.instances {
             instance.send(work()).await?;
@@ -307,16 +316,10 @@ impl Exchange {
     /// one another's rows.
     async fn publish(&mut self) -> Result<Vec<ViewChange>> {
         let count = self.instances.len() as u32;
-        let mut replies = Vec::new();
-        for instance in &mut self.instances {
-            let (reply, answer) = oneshot::channel();
-            instance.send(Work::Publish(reply)).await?;
-            replies.push(answer);
-        }
         let mut changes = Vec::new();
-        for (i, answer) in replies.into_iter().enumerate() {
+        for (i, published) in self.ask(|_, reply| Work::Publish(reply)).await?.into_iter().enumerate() {
             let i = i as u32;
-            for change in answer.await.map_err(|_| stopped())?? {
+            for change in published {
                 changes.push(match change {
                     ViewChange::Replace { window, rows } => ViewChange::ReplacePart { window, part: i, rows },
                     ViewChange::ReplacePart { window, part, rows } => {
@@ -454,45 +457,57 @@ impl Report {
 /// An instance's task: does its work in order until the pipeline drops its channel. After a failure it does
 /// nothing more and answers every request with it (the first with the error itself).
 async fn serve(mut root: Box<RootOperator>, me: u16, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
-    let mut broken = false;
-    let mut failure: Option<RuntimeError> = None;
+    // `Some` once the instance failed, holding the error until a request has been answered with it.
+    let mut failed: Option<Option<RuntimeError>> = None;
     while let Some(next) = work.recv().await {
         let done = match next {
-            Work::Changes(_) | Work::Watermark(_) if broken => Ok(()),
+            Work::Changes(_) | Work::Watermark(_) if failed.is_some() => Ok(()),
             Work::Changes(routed) => select(&routed, me).and_then(|mine| root.on_changes(&mine)),
             Work::Watermark(watermark) => root.watermark_reached(watermark).await,
             Work::Publish(reply) => {
-                let answer = match broken {
-                    true => Err(failure.take().unwrap_or_else(stopped)),
-                    false => root.publish().await,
+                let answer = match failure(&mut failed) {
+                    Some(err) => Err(err),
+                    None => root.publish().await,
                 };
-                broken |= answer.is_err();
-                // What the pipeline reads once it has the answer is up to date with it.
-                report.update(&mut root);
-                let _ = reply.send(answer);
-                Ok(())
+                answer_barrier(&mut failed, &report, &mut root, reply, answer);
+                continue;
             }
             Work::Checkpoint(table, reply) => {
-                let answer = match broken {
-                    true => Err(failure.take().unwrap_or_else(stopped)),
-                    false => {
-                        let mut batch = WriteBatch::default();
-                        root.checkpoint(&table, &mut batch).map(|()| batch)
-                    }
+                let mut batch = WriteBatch::default();
+                let answer = match failure(&mut failed) {
+                    Some(err) => Err(err),
+                    None => root.checkpoint(&table, &mut batch).map(|()| batch),
                 };
-                broken |= answer.is_err();
-                // What the pipeline reads once it has the answer is up to date with it.
-                report.update(&mut root);
-                let _ = reply.send(answer);
-                Ok(())
+                answer_barrier(&mut failed, &report, &mut root, reply, answer);
+                continue;
             }
         };
         if let Err(err) = done {
-            broken = true;
-            failure = Some(err);
+            failed = Some(Some(err));
         }
         report.update(&mut root);
     }
+}
+
+/// The error to answer a request with, if the instance failed: the failure itself the first time.
+fn failure(failed: &mut Option<Option<RuntimeError>>) -> Option<RuntimeError> {
+    failed.as_mut().map(|err| err.take().unwrap_or_else(stopped))
+}
+
+/// Answers a barrier with `answer`, the instance's counts brought up to date first (what the pipeline reads once it
+/// has the answer is up to date with it). A failed answer fails the instance.
+fn answer_barrier<T>(
+    failed: &mut Option<Option<RuntimeError>>,
+    report: &Report,
+    root: &mut RootOperator,
+    reply: oneshot::Sender<Result<T>>,
+    answer: Result<T>,
+) {
+    if answer.is_err() && failed.is_none() {
+        *failed = Some(None);
+    }
+    report.update(root);
+    let _ = reply.send(answer);
 }
 
 #[cfg(test)]
