@@ -621,12 +621,7 @@ pub(crate) fn constant(expr: &Arc<dyn PhysicalExpr>, unit: TimeUnit) -> Option<i
         ScalarValue::DurationNanosecond(Some(v)) => i128::from(*v),
         _ => return None,
     };
-    let per_unit: i128 = match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    };
+    let per_unit = crate::durations::nanos_per_unit(unit);
     (nanos % per_unit == 0).then(|| i64::try_from(nanos / per_unit).ok()).flatten()
 }
 

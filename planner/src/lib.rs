@@ -26,6 +26,7 @@
 //! - [`bounded`]: the built-in functions whose results can dwarf their arguments (`repeat`, `lpad`, ...), wrapped to
 //!   refuse a value too large to build (`54000`) instead of aborting the process.
 //! - [`checked`]: integer `+`, `-` and `*` that raise `22003` on overflow, as Postgres' do.
+//! - [`durations`]: timestamp arithmetic with constant intervals planned as integer arithmetic over durations.
 //! - [`names`]: Postgres' names for unnamed result columns (`count`, `?column?`).
 //!
 //! Batch queries are planned by DataFusion from the statements parsed here; the streaming planner joins this crate
@@ -35,6 +36,7 @@ pub mod bounded;
 pub mod checked;
 pub mod cursor;
 pub mod dialect;
+pub mod durations;
 pub mod graph;
 pub mod names;
 pub mod parse;

@@ -187,43 +187,6 @@ pub(crate) fn parse_format(parser: &mut Parser) -> Result<Option<FormatDef>, Par
     Ok(Some(FormatDef { format: format.to_uppercase(), encode: encode.to_uppercase(), options }))
 }
 
-/// The watermark expression `expr` with each interval literal of whole units and no days or months (`INTERVAL '2'
-/// SECOND`) turned into the same duration in `unit`, the event-time column's unit. Subtracting a duration from a
-/// timestamp is plain arithmetic over the column, while an interval goes through calendar arithmetic row by row; the
-/// watermark is computed for every row read, so this matters.
-pub fn intervals_as_durations(
-    expr: datafusion::logical_expr::Expr,
-    unit: datafusion::arrow::datatypes::TimeUnit,
-) -> datafusion::logical_expr::Expr {
-    use datafusion::arrow::datatypes::TimeUnit;
-    use datafusion::common::ScalarValue;
-    use datafusion::common::tree_node::{Transformed, TreeNode};
-    use datafusion::logical_expr::Expr as LogicalExpr;
-    let nanos_per_unit: i64 = match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    };
-    let rewritten = expr.clone().transform(|node| {
-        let LogicalExpr::Literal(ScalarValue::IntervalMonthDayNano(Some(interval)), metadata) = &node else {
-            return Ok(Transformed::no(node));
-        };
-        if interval.months != 0 || interval.days != 0 || interval.nanoseconds % nanos_per_unit != 0 {
-            return Ok(Transformed::no(node));
-        }
-        let amount = interval.nanoseconds / nanos_per_unit;
-        let duration = match unit {
-            TimeUnit::Second => ScalarValue::DurationSecond(Some(amount)),
-            TimeUnit::Millisecond => ScalarValue::DurationMillisecond(Some(amount)),
-            TimeUnit::Microsecond => ScalarValue::DurationMicrosecond(Some(amount)),
-            TimeUnit::Nanosecond => ScalarValue::DurationNanosecond(Some(amount)),
-        };
-        Ok(Transformed::yes(LogicalExpr::Literal(duration, metadata.clone())))
-    });
-    rewritten.map(|t| t.data).unwrap_or(expr)
-}
-
 fn parse_include(parser: &mut Parser) -> Result<IncludeDef, ParserError> {
     let item = parse_word(parser, "key, partition, offset, timestamp, topic or header")?.to_lowercase();
     let argument = match parser.peek_token().token {
@@ -280,26 +243,6 @@ mod tests {
     use crate::parse::{WeirStatement, parse_sql};
 
     use super::*;
-
-    #[test]
-    fn whole_second_intervals_become_durations_of_the_column_unit() {
-        use datafusion::arrow::datatypes::{IntervalMonthDayNano, TimeUnit};
-        use datafusion::common::ScalarValue;
-        use datafusion::logical_expr::{col, lit};
-        let interval = |months, days, nanoseconds| {
-            lit(ScalarValue::IntervalMonthDayNano(Some(IntervalMonthDayNano { months, days, nanoseconds })))
-        };
-        let two_seconds = col("ts") - interval(0, 0, 2_000_000_000);
-        assert_eq!(
-            intervals_as_durations(two_seconds, TimeUnit::Millisecond),
-            col("ts") - lit(ScalarValue::DurationMillisecond(Some(2_000)))
-        );
-        // Days and months are calendar arithmetic; fractions of the column's unit would be rounded: both stay.
-        for kept in [interval(0, 1, 0), interval(1, 0, 0), interval(0, 0, 1_500)] {
-            let expr = col("ts") - kept;
-            assert_eq!(intervals_as_durations(expr.clone(), TimeUnit::Millisecond), expr);
-        }
-    }
 
     fn source(sql: &str) -> CreateSource {
         let mut statements = parse_sql(sql).unwrap();

@@ -13,9 +13,9 @@ use datafusion::arrow::compute::{and, concat, take};
 use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 // hashbrown with a fast hasher: group keys are hashed for every input row.
-use datafusion::common::HashMap;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use std::hash::BuildHasher;
 use weir_common::plan::Aggregate;
 use weir_common::stream::Watermark;
 
@@ -32,13 +32,16 @@ pub(crate) fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeErr
 /// operators' tests cross chunk boundaries.
 pub(crate) const CHUNK: usize = if cfg!(test) { 3 } else { 8192 };
 
+/// Hashes group keys (fixed: a group's hash does not depend on the process).
+const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5745_4952);
+
 /// Makes one chunk's accumulators (one per aggregate).
 type Factory = Arc<dyn Fn() -> Result<Vec<Box<dyn GroupsAccumulator>>> + Send + Sync>;
 
 /// Groups and their accumulators: group `g` is group `g % CHUNK` of chunk `g / CHUNK`.
 pub(crate) struct Groups {
-    /// Row-encoded group key -> group index.
-    index: HashMap<Vec<u8>, usize>,
+    /// The group indices, hashed by their row-encoded keys (each key is kept once, in `keys`).
+    index: hashbrown::HashTable<usize>,
     /// Row-encoded group keys in group-index order.
     pub(crate) keys: Vec<Vec<u8>>,
     /// Per chunk, one accumulator per aggregate.
@@ -124,16 +127,24 @@ impl Groups {
 
     /// The index of the group with key `key`, added if new. Looks up by borrowed bytes: only a new group allocates.
     pub(crate) fn index_of(&mut self, key: &[u8]) -> usize {
-        match self.index.get(key) {
-            Some(group) => *group,
-            None => {
-                let group = self.keys.len();
-                self.keys.push(key.to_vec());
-                self.index.insert(key.to_vec(), group);
-                self.changed.push(false);
-                group
-            }
+        let hash = KEY_HASH.hash_one(key);
+        let Groups { index, keys, changed, .. } = self;
+        if let Some(group) = index.find(hash, |g| keys[*g] == key) {
+            return *group;
         }
+        let group = keys.len();
+        index.insert_unique(hash, group, |g| KEY_HASH.hash_one(keys[*g].as_slice()));
+        keys.push(key.to_vec());
+        changed.push(false);
+        group
+    }
+
+    /// Makes room for `groups` more groups (a new window sized as the last one: no growing on the way).
+    pub(crate) fn reserve(&mut self, groups: usize) {
+        let Groups { index, keys, changed, .. } = self;
+        index.reserve(groups, |g| KEY_HASH.hash_one(keys[*g].as_slice()));
+        keys.reserve(groups);
+        changed.reserve(groups);
     }
 
     /// The chunks changed since the last call, in order.
@@ -296,7 +307,7 @@ impl Aggregates {
     /// of `SELECT count(*) FROM t` do.
     pub(crate) fn new_groups(&self, keyless: bool) -> Result<Groups> {
         let mut groups = Groups {
-            index: HashMap::new(),
+            index: hashbrown::HashTable::new(),
             keys: Vec::new(),
             chunks: Vec::new(),
             factory: self.factory(),

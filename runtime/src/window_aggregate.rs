@@ -30,6 +30,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::HashMap;
 use datafusion::physical_plan::PhysicalExpr;
 use weir_common::stream::Watermark;
 
@@ -43,6 +44,9 @@ use weir_common::plan::Slicing;
 
 /// The window of an aggregation without one: it closes only when a bounded input ends.
 pub const NO_WINDOW: i64 = i64::MAX;
+
+/// The most groups a new window is made room for ahead of its rows.
+const MAX_RESERVED_GROUPS: usize = 1 << 20;
 
 /// The key tag of groups inside the aggregate's state table.
 const GROUP_TAG: u8 = b'g';
@@ -70,6 +74,8 @@ pub struct WindowAggregate {
     parts: bool,
     /// The keys making up a group's row-encoded key: every key, or over slices those that are not window columns.
     grouped: Vec<usize>,
+    /// How many groups the last window closed had (a new window is made room for as many).
+    last_closed: usize,
     /// Windows kept by slice: `windows` then holds slices by anchor.
     slicing: Option<Sliced>,
 }
@@ -146,6 +152,7 @@ impl WindowAggregate {
             parts: false,
             grouped,
             slicing,
+            last_closed: 0,
         };
         // `SELECT count(*) FROM t` has one row before any input, as in a batch query over an empty table.
         if aggregate.keyless() {
@@ -181,7 +188,10 @@ impl WindowAggregate {
 
     /// Creates the state of window (or slice) `end`.
     fn open_window(&mut self, end: i64) -> Result<()> {
-        let window = self.new_groups()?;
+        let mut window = self.new_groups()?;
+        // Sized as the largest open window, or else the last closed: most windows have about as many groups.
+        let like = self.windows.values().map(Groups::len).max().unwrap_or(self.last_closed);
+        window.reserve(like.min(MAX_RESERVED_GROUPS));
         self.windows.insert(end, window);
         Ok(())
     }
@@ -247,6 +257,7 @@ impl WindowAggregate {
             self.dirty.remove(&end);
             self.unsaved.remove(&end);
             if let Some(mut window) = self.windows.remove(&end) {
+                self.last_closed = window.len();
                 out.push((end, self.evaluate(&mut window, false)?));
             }
         }
@@ -463,10 +474,21 @@ impl Operator for WindowAggregate {
         let filters = self.aggregates.filters(batch)?;
 
         // The on-time rows of each window in the batch (the window functions put a row's windows next to each other).
-        let mut per_window: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        // Most batches hold a window or two, so the window of the row before is looked at first.
+        let mut per_window: Vec<(i64, Vec<u32>)> = Vec::new();
+        let mut places: HashMap<i64, usize> = HashMap::new();
+        let mut last = 0;
         for i in (0..rows).filter(|&i| on_time.value(i)) {
-            per_window.entry(slot_of(i)).or_default().push(i as u32);
+            let slot = slot_of(i);
+            if per_window.get(last).is_none_or(|(s, _)| *s != slot) {
+                last = *places.entry(slot).or_insert_with(|| {
+                    per_window.push((slot, Vec::new()));
+                    per_window.len() - 1
+                });
+            }
+            per_window[last].1.push(i as u32);
         }
+        per_window.sort_unstable_by_key(|(slot, _)| *slot);
         let whole = per_window.len() == 1 && on_time.true_count() == rows;
         for (end, members) in per_window {
             if !self.windows.contains_key(&end) {

@@ -120,6 +120,8 @@ impl Engine {
         ctx.register_udf(
             datafusion::logical_expr::async_udf::AsyncScalarUDF::new(Arc::new(PgSleep::new())).into_scalar_udf(),
         );
+        // Timestamps plus constant intervals as integer arithmetic.
+        ctx.add_optimizer_rule(Arc::new(weir_planner::durations::IntervalsAsDurations));
         // Integer overflow is an error, as in Postgres.
         ctx.register_expr_planner(Arc::new(weir_planner::checked::CheckedArithmetic))
             .map_err(|e| ServerError::Engine(e.to_string()))?;

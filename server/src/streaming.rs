@@ -394,7 +394,7 @@ impl Session {
         deterministic_watermark(&expr)?;
         let expr = self
             .ctx
-            .create_physical_expr(weir_planner::source::intervals_as_durations(expr, *unit), &df_schema)
+            .create_physical_expr(weir_planner::durations::intervals_as_durations(expr, *unit), &df_schema)
             .map_err(|e| ErrorReport::from_datafusion(&e, ""))?;
         match expr.data_type(schema) {
             Ok(DataType::Timestamp(..)) => Ok(Some(WatermarkSpec { column: index, expr })),

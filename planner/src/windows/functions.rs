@@ -286,12 +286,7 @@ pub(crate) fn scalar_units(scalar: &ScalarValue, unit: TimeUnit) -> Result<i64> 
         ScalarValue::DurationNanosecond(Some(v)) => i128::from(*v),
         other => return plan_err!("window sizes must be non-null intervals, not {other}"),
     };
-    let per_unit: i128 = match unit {
-        TimeUnit::Second => 1_000_000_000,
-        TimeUnit::Millisecond => 1_000_000,
-        TimeUnit::Microsecond => 1_000,
-        TimeUnit::Nanosecond => 1,
-    };
+    let per_unit = crate::durations::nanos_per_unit(unit);
     if nanos % per_unit != 0 {
         return plan_err!("window sizes must be whole multiples of the time column's precision");
     }
