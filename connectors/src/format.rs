@@ -26,9 +26,9 @@ pub struct Record {
 
 /// Decodes records of one encoding into batches of one schema.
 ///
-/// A timestamp column is decoded at millisecond precision and then cast to its declared type: a number in it is
-/// milliseconds since 1970 (as devices and Kafka producers write them), a string is ISO 8601 / RFC 3339, with or
-/// without an offset (none means UTC), read to the millisecond.
+/// A timestamp column is decoded at millisecond precision and then cast to its declared type: a JSON number in it is
+/// milliseconds since 1970 (as devices and Kafka producers write them), a string (JSON or CSV) is ISO 8601 / RFC 3339,
+/// with or without an offset (none means UTC), read to the millisecond.
 #[derive(Debug)]
 pub struct RecordDecoder {
     schema: SchemaRef,

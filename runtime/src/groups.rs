@@ -32,6 +32,56 @@ pub(crate) fn arrow_err(err: datafusion::arrow::error::ArrowError) -> RuntimeErr
 /// operators' tests cross chunk boundaries.
 pub(crate) const CHUNK: usize = if cfg!(test) { 3 } else { 8192 };
 
+/// Row-encoded keys one after the other in one buffer (a group's key is not an allocation of its own: windows make
+/// and drop groups by the thousand).
+#[derive(Debug, Default)]
+pub(crate) struct Keys {
+    bytes: Vec<u8>,
+    /// Where each key ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Keys {
+    pub(crate) fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn push(&mut self, key: &[u8]) {
+        self.bytes.extend_from_slice(key);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Makes room for `keys` more keys about as long as those so far.
+    fn reserve(&mut self, keys: usize) {
+        let average = self.bytes.len().checked_div(self.ends.len()).unwrap_or(16);
+        self.bytes.reserve(keys.saturating_mul(average));
+        self.ends.reserve(keys);
+    }
+
+    /// The keys `range`, in order.
+    pub(crate) fn range(&self, range: std::ops::Range<usize>) -> impl ExactSizeIterator<Item = &[u8]> + Clone {
+        range.map(|k| &self[k])
+    }
+
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = &[u8]> + Clone {
+        self.range(0..self.len())
+    }
+
+    /// Bytes held.
+    fn memory(&self) -> usize {
+        self.bytes.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
+    }
+}
+
+impl std::ops::Index<usize> for Keys {
+    type Output = [u8];
+
+    fn index(&self, key: usize) -> &[u8] {
+        let start = if key == 0 { 0 } else { self.ends[key - 1] };
+        &self.bytes[start..self.ends[key]]
+    }
+}
+
 /// Hashes group keys (fixed: a group's hash does not depend on the process).
 const KEY_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5745_4952);
 
@@ -43,7 +93,9 @@ pub(crate) struct Groups {
     /// The group indices, hashed by their row-encoded keys (each key is kept once, in `keys`).
     index: hashbrown::HashTable<usize>,
     /// Row-encoded group keys in group-index order.
-    pub(crate) keys: Vec<Vec<u8>>,
+    pub(crate) keys: Keys,
+    /// Each group's key's hash ([`KEY_HASH`]): merging groups into others and growing the index hash no key again.
+    hashes: Vec<u64>,
     /// Per chunk, one accumulator per aggregate.
     chunks: Vec<Vec<Box<dyn GroupsAccumulator>>>,
     factory: Factory,
@@ -101,9 +153,9 @@ fn pick_mask(mask: Option<&BooleanArray>, rows: Option<&UInt32Array>) -> Result<
 impl Groups {
     /// About how many bytes the groups hold: keys, the index over them, and the accumulators' own estimates.
     pub(crate) fn memory(&self) -> usize {
-        let keys: usize = self.keys.iter().map(|k| k.len() + std::mem::size_of::<Vec<u8>>()).sum();
+        let keys = self.keys.memory();
         let accumulators: usize = self.chunks.iter().flatten().map(|a| a.size()).sum();
-        keys * 2 + accumulators + self.changed.len()
+        keys * 2 + accumulators + self.changed.len() + self.hashes.len() * std::mem::size_of::<u64>()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -127,23 +179,35 @@ impl Groups {
 
     /// The index of the group with key `key`, added if new. Looks up by borrowed bytes: only a new group allocates.
     pub(crate) fn index_of(&mut self, key: &[u8]) -> usize {
-        let hash = KEY_HASH.hash_one(key);
-        let Groups { index, keys, changed, .. } = self;
-        if let Some(group) = index.find(hash, |g| keys[*g] == key) {
+        self.index_of_hashed(key, KEY_HASH.hash_one(key))
+    }
+
+    /// [`Groups::index_of`] for a key whose [`KEY_HASH`] is `hash`.
+    fn index_of_hashed(&mut self, key: &[u8], hash: u64) -> usize {
+        let Groups { index, keys, hashes, changed, .. } = self;
+        if let Some(group) = index.find(hash, |g| &keys[*g] == key) {
             return *group;
         }
         let group = keys.len();
-        index.insert_unique(hash, group, |g| KEY_HASH.hash_one(keys[*g].as_slice()));
-        keys.push(key.to_vec());
+        index.insert_unique(hash, group, |g| hashes[*g]);
+        keys.push(key);
+        hashes.push(hash);
         changed.push(false);
         group
     }
 
+    /// The indices in these groups of the groups `range` of `from` (added if new).
+    fn indices_of(&mut self, from: &Groups, range: std::ops::Range<usize>) -> Vec<usize> {
+        self.reserve(range.len().saturating_sub(self.len()));
+        range.map(|g| self.index_of_hashed(&from.keys[g], from.hashes[g])).collect()
+    }
+
     /// Makes room for `groups` more groups (a new window sized as the last one: no growing on the way).
     pub(crate) fn reserve(&mut self, groups: usize) {
-        let Groups { index, keys, changed, .. } = self;
-        index.reserve(groups, |g| KEY_HASH.hash_one(keys[*g].as_slice()));
+        let Groups { index, keys, hashes, changed, .. } = self;
+        index.reserve(groups, |g| hashes[*g]);
         keys.reserve(groups);
+        hashes.reserve(groups);
         changed.reserve(groups);
     }
 
@@ -308,7 +372,8 @@ impl Aggregates {
     pub(crate) fn new_groups(&self, keyless: bool) -> Result<Groups> {
         let mut groups = Groups {
             index: hashbrown::HashTable::new(),
-            keys: Vec::new(),
+            keys: Keys::default(),
+            hashes: Vec::new(),
             chunks: Vec::new(),
             factory: self.factory(),
             changed: Vec::new(),
@@ -422,7 +487,7 @@ impl Aggregates {
     pub(crate) fn merge_copy(&self, into: &mut Groups, from: &mut Groups) -> Result<()> {
         for chunk in 0..from.chunk_count() {
             let groups = from.chunk_groups(chunk);
-            let indices: Vec<usize> = from.keys[groups].iter().map(|key| into.index_of(key)).collect();
+            let indices = into.indices_of(from, groups);
             let states: Vec<ArrayRef> = from.peek_states(chunk)?.into_iter().flatten().collect();
             self.merge_states(into, &states, &indices)?;
         }
@@ -431,7 +496,7 @@ impl Aggregates {
 
     /// Merges every group of `from` into `into` (a session absorbing another).
     pub(crate) fn absorb(&self, into: &mut Groups, mut from: Groups) -> Result<()> {
-        let indices: Vec<usize> = from.keys.iter().map(|key| into.index_of(key)).collect();
+        let indices = into.indices_of(&from, 0..from.len());
         for group in &indices {
             into.changed[*group] = true;
         }
@@ -528,5 +593,58 @@ impl Progress {
             None => 0,
         };
         Ok(Progress { watermark, late: Vec::new(), late_rows })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys of every length (the empty key of a group without keys too) come back as they went in, and a key finds
+    /// its group whether it came as bytes or from another set of groups.
+    #[test]
+    fn keys_in_one_buffer_are_found_again() {
+        let mut keys = Keys::default();
+        let written: Vec<Vec<u8>> = vec![vec![], vec![1], vec![], vec![2, 3, 4], (0..=255).collect()];
+        for key in &written {
+            keys.push(key);
+        }
+        assert_eq!(keys.len(), 5);
+        assert_eq!(keys.iter().map(<[u8]>::to_vec).collect::<Vec<_>>(), written);
+        assert_eq!(keys.range(3..5).map(<[u8]>::len).collect::<Vec<_>>(), vec![3, 256]);
+
+        let factory: Factory = Arc::new(|| Ok(Vec::new()));
+        let empty = || Groups {
+            index: hashbrown::HashTable::new(),
+            keys: Keys::default(),
+            hashes: Vec::new(),
+            chunks: Vec::new(),
+            factory: factory.clone(),
+            changed: Vec::new(),
+            touched: Default::default(),
+        };
+        let mut groups = empty();
+        // More groups than the index starts with room for: it grows on the stored hashes.
+        let numbered: Vec<Vec<u8>> = (0u32..5_000).map(|n| n.to_be_bytes()[..(n % 4 + 1) as usize].to_vec()).collect();
+        let indices: Vec<usize> = numbered.iter().map(|key| groups.index_of(key)).collect();
+        // Keys 0..5000 cut to 1-4 leading bytes repeat: the first of each distinct key makes its group.
+        let mut distinct: Vec<&Vec<u8>> = Vec::new();
+        for key in &numbered {
+            if !distinct.contains(&key) {
+                distinct.push(key);
+            }
+        }
+        assert_eq!(groups.len(), distinct.len());
+        for (key, index) in numbered.iter().zip(&indices) {
+            assert_eq!(&groups.keys[*index], key.as_slice());
+        }
+        let mut other = empty();
+        other.index_of(&numbered[7]);
+        let moved = other.indices_of(&groups, 0..groups.len());
+        assert_eq!(other.len(), groups.len());
+        assert_eq!(moved[groups.index_of(&numbered[7])], 0);
+        for (group, index) in moved.iter().enumerate() {
+            assert_eq!(&other.keys[*index], &groups.keys[group]);
+        }
     }
 }

@@ -205,23 +205,29 @@ impl WindowAggregate {
     /// state.
     fn evaluate(&self, window: &mut Groups, keep: bool) -> Result<RecordBatch> {
         let columns = self.aggregates.evaluate(window, keep)?;
-        self.rows(&window.keys, columns, None)
+        self.rows(window.keys.iter(), columns, None)
     }
 
     /// The rows of chunk `chunk` of a window (its groups only), the accumulators keeping their state.
     fn evaluate_chunk(&self, window: &mut Groups, chunk: usize) -> Result<RecordBatch> {
         let columns = self.aggregates.evaluate_chunk(window, chunk)?;
-        self.rows(&window.keys[window.chunk_groups(chunk)], columns, None)
+        self.rows(window.keys.range(window.chunk_groups(chunk)), columns, None)
     }
 
     /// Rows of the groups with keys `keys` and aggregate values `values`; over slices, those of the window anchored
     /// at `anchor`, whose window columns it gives.
-    fn rows(&self, keys: &[Vec<u8>], values: Vec<ArrayRef>, anchor: Option<i64>) -> Result<RecordBatch> {
+    fn rows<'a>(
+        &self,
+        keys: impl ExactSizeIterator<Item = &'a [u8]>,
+        values: Vec<ArrayRef>,
+        anchor: Option<i64>,
+    ) -> Result<RecordBatch> {
         let parser = self.converter.parser();
+        let count = keys.len();
         let grouped = if self.grouped.is_empty() {
             Vec::new()
         } else {
-            self.converter.convert_rows(keys.iter().map(|k| parser.parse(k))).map_err(arrow_err)?
+            self.converter.convert_rows(keys.map(|k| parser.parse(k))).map_err(arrow_err)?
         };
         let mut grouped = grouped.into_iter();
         let mut columns = Vec::with_capacity(self.output.fields().len());
@@ -229,7 +235,7 @@ impl WindowAggregate {
             let window = self.slicing.as_ref().and_then(|s| s.spec.window_keys.iter().find(|(k, _)| *k == key));
             let column = match (window, anchor) {
                 (Some((_, plus)), Some(anchor)) => {
-                    let value = Int64Array::from_value(anchor.saturating_add(*plus), keys.len());
+                    let value = Int64Array::from_value(anchor.saturating_add(*plus), count);
                     cast(&value, self.output.field(key).data_type()).map_err(arrow_err)?
                 }
                 _ => grouped.next().ok_or_else(|| RuntimeError::NotATimestamp(format!("group key {key}")))?,
@@ -237,7 +243,7 @@ impl WindowAggregate {
             columns.push(column);
         }
         columns.extend(values);
-        let options = RecordBatchOptions::new().with_row_count(Some(keys.len()));
+        let options = RecordBatchOptions::new().with_row_count(Some(count));
         RecordBatch::try_new_with_options(self.output.clone(), columns, &options).map_err(arrow_err)
     }
 
@@ -324,7 +330,7 @@ impl WindowAggregate {
             aggregates.merge_copy(&mut window, slice)?;
         }
         let columns = self.aggregates.evaluate(&mut window, false)?;
-        self.rows(&window.keys, columns, Some(anchor))
+        self.rows(window.keys.iter(), columns, Some(anchor))
     }
 
     /// Closes the windows the watermark (over the closing key) completes since the last one, oldest first, and
