@@ -262,7 +262,7 @@ impl RecordDecoder {
 /// Parses timestamps without a time zone (read as UTC) to milliseconds, as arrow's CSV reader does, with a fast path
 /// for the form nearly every file has (`2024-01-01 00:00:00.005`, or with a `T`): digits at fixed places turned into
 /// a number without building a date, which is several times faster than the general parser every other form goes to.
-pub(crate) fn parse_timestamps(texts: &StringArray) -> Result<TimestampMillisecondArray, ArrowError> {
+fn parse_timestamps(texts: &StringArray) -> Result<TimestampMillisecondArray, ArrowError> {
     let mut out = Vec::with_capacity(texts.len());
     for i in 0..texts.len() {
         if texts.is_null(i) {

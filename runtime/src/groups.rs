@@ -6,16 +6,15 @@
 //! groups appeared, and its accumulators those of its chunk ([`CHUNK`] consecutive groups). The operators decide what
 //! a set of groups is: one window, one session.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_empty_array};
 use datafusion::arrow::compute::{and, concat, take};
 use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
-// hashbrown with a fast hasher: group keys are hashed for every input row.
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
-use std::hash::BuildHasher;
 use weir_common::plan::Aggregate;
 use weir_common::stream::Watermark;
 
@@ -153,9 +152,9 @@ fn pick_mask(mask: Option<&BooleanArray>, rows: Option<&UInt32Array>) -> Result<
 impl Groups {
     /// About how many bytes the groups hold: keys, the index over them, and the accumulators' own estimates.
     pub(crate) fn memory(&self) -> usize {
-        let keys = self.keys.memory();
+        let index = self.index.capacity() * std::mem::size_of::<usize>();
         let accumulators: usize = self.chunks.iter().flatten().map(|a| a.size()).sum();
-        keys * 2 + accumulators + self.changed.len() + self.hashes.len() * std::mem::size_of::<u64>()
+        self.keys.memory() + index + accumulators + self.changed.len() + self.hashes.len() * std::mem::size_of::<u64>()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -177,7 +176,7 @@ impl Groups {
         chunk_range(chunk, self.keys.len())
     }
 
-    /// The index of the group with key `key`, added if new. Looks up by borrowed bytes: only a new group allocates.
+    /// The index of the group with key `key`, added if new (its key copied into [`Keys`]).
     pub(crate) fn index_of(&mut self, key: &[u8]) -> usize {
         self.index_of_hashed(key, KEY_HASH.hash_one(key))
     }
