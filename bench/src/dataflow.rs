@@ -170,7 +170,8 @@ fn published_rows(changes: Vec<ViewChange>) -> u64 {
             ViewChange::Append(rows)
             | ViewChange::Retract(rows)
             | ViewChange::Replace { rows, .. }
-            | ViewChange::ReplacePart { rows, .. } => rows.iter().map(|b| b.num_rows() as u64).sum::<u64>(),
+            | ViewChange::ReplacePart { rows, .. }
+            | ViewChange::ReplaceInstance { rows, .. } => rows.iter().map(|b| b.num_rows() as u64).sum::<u64>(),
         })
         .sum()
 }

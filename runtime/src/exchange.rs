@@ -311,9 +311,9 @@ impl Exchange {
         Ok(())
     }
 
-    /// Every instance's changes of the epoch. The parts of a window are numbered per instance: what instance `i`
-    /// replaces as a whole window is its part `i`, its part `p` becomes part `p * N + i`, so instances never replace
-    /// one another's rows.
+    /// Every instance's changes of the epoch. The parts of a window are numbered per instance: instance `i`'s part
+    /// `p` becomes part `p * N + i`, so instances never replace one another's rows, and what it replaces as a whole
+    /// window replaces all its parts (and only those).
     async fn publish(&mut self) -> Result<Vec<ViewChange>> {
         let count = self.instances.len() as u32;
         let mut changes = Vec::new();
@@ -321,7 +321,9 @@ impl Exchange {
             let i = i as u32;
             for change in published {
                 changes.push(match change {
-                    ViewChange::Replace { window, rows } => ViewChange::ReplacePart { window, part: i, rows },
+                    ViewChange::Replace { window, rows } => {
+                        ViewChange::ReplaceInstance { window, instance: i, instances: count, rows }
+                    }
                     ViewChange::ReplacePart { window, part, rows } => {
                         let part = part.checked_mul(count).and_then(|p| p.checked_add(i)).ok_or_else(|| {
                             RuntimeError::Internal(format!(

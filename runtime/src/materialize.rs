@@ -65,6 +65,10 @@ pub enum ViewChange {
     /// The rows of part `part` of window `window` are now `rows`: a plain aggregation publishes the groups of each
     /// chunk with changed groups as a part of its one window.
     ReplacePart { window: i64, part: u32, rows: Vec<RecordBatch> },
+    /// The rows instance `instance` of a root operator run as `instances` instances holds in window `window` are now
+    /// `rows`: every part numbered `p * instances + instance` is replaced, the rows going to part `instance` (what one
+    /// instance replaces as a whole window; see [`crate::exchange`]).
+    ReplaceInstance { window: i64, instance: u32, instances: u32, rows: Vec<RecordBatch> },
 }
 
 /// The published rows of one relation.
@@ -387,7 +391,9 @@ impl ViewStore {
                     ViewChange::Append(batches) => (batches, 1),
                     ViewChange::Retract(batches) => (batches, -1),
                     // The planner gives such a view no windows.
-                    ViewChange::Replace { .. } | ViewChange::ReplacePart { .. } => continue,
+                    ViewChange::Replace { .. }
+                    | ViewChange::ReplacePart { .. }
+                    | ViewChange::ReplaceInstance { .. } => continue,
                 };
                 for batch in batches.iter().filter(|b| b.num_rows() > 0) {
                     // Rows that cannot be encoded cannot have been decoded either: nothing to change.
@@ -422,16 +428,14 @@ impl ViewStore {
                     }
                 }
                 ViewChange::Replace { window, rows } => {
-                    let parts: Vec<(i64, u32)> =
-                        contents.windows.range((window, 0)..=(window, u32::MAX)).map(|(k, _)| *k).collect();
-                    let mut before = Vec::new();
-                    for part in parts {
-                        contents.unsaved_windows.insert(part);
-                        before.extend(contents.windows.remove(&part).unwrap_or_default());
+                    if let Some(change) = contents.replace_parts(window, |_| true, 0, rows, tell) {
+                        row_changes.push(change);
                     }
-                    let after = contents.replace((window, 0), rows, tell);
-                    if let Some(after) = after {
-                        row_changes.push(RowChange::Replace { before, after });
+                }
+                ViewChange::ReplaceInstance { window, instance, instances, rows } => {
+                    let of_instance = |part: u32| part % instances.max(1) == instance;
+                    if let Some(change) = contents.replace_parts(window, of_instance, instance, rows, tell) {
+                        row_changes.push(change);
                     }
                 }
                 ViewChange::ReplacePart { window, part, rows } => {
@@ -840,6 +844,31 @@ impl Contents {
     }
 
     /// Sets the rows of part `part`; returns them (their batches shared) when `copy`, for the sinks.
+    /// Replaces the parts of window `window` that `replaced` picks (by number) with `rows`, as part `part`; with
+    /// `tell`, what changed.
+    fn replace_parts(
+        &mut self,
+        window: i64,
+        replaced: impl Fn(u32) -> bool,
+        part: u32,
+        rows: Vec<RecordBatch>,
+        tell: bool,
+    ) -> Option<RowChange> {
+        let parts: Vec<(i64, u32)> = self
+            .windows
+            .range((window, 0)..=(window, u32::MAX))
+            .map(|(k, _)| *k)
+            .filter(|(_, p)| replaced(*p))
+            .collect();
+        let mut before = Vec::new();
+        for part in parts {
+            self.unsaved_windows.insert(part);
+            before.extend(self.windows.remove(&part).unwrap_or_default());
+        }
+        let after = self.replace((window, part), rows, tell)?;
+        Some(RowChange::Replace { before, after })
+    }
+
     fn replace(&mut self, part: (i64, u32), rows: Vec<RecordBatch>, copy: bool) -> Option<Vec<RecordBatch>> {
         let rows: Vec<RecordBatch> = rows.into_iter().filter(|b| b.num_rows() > 0).collect();
         self.unsaved_windows.insert(part);
@@ -1005,6 +1034,35 @@ mod tests {
         ]);
         assert_eq!(values(&store.snapshot()), vec![1, 22]);
         assert_eq!(store.row_count(), 2);
+    }
+
+    #[test]
+    fn an_instance_replacing_its_window_replaces_its_own_parts_only() {
+        let store = ViewStore::new(batch(&[]).schema());
+        // Two instances: instance 0 holds parts 0, 2, 4; instance 1 parts 1, 3.
+        store.apply(
+            [(0, 100), (1, 101), (2, 102), (3, 103), (4, 104)]
+                .map(|(part, v)| ViewChange::ReplacePart { window: 7, part, rows: vec![batch(&[v])] })
+                .to_vec(),
+        );
+        assert_eq!(values(&store.snapshot()), vec![100, 101, 102, 103, 104]);
+        store.apply(vec![ViewChange::ReplaceInstance {
+            window: 7,
+            instance: 0,
+            instances: 2,
+            rows: vec![batch(&[9])],
+        }]);
+        assert_eq!(values(&store.snapshot()), vec![9, 101, 103]);
+        store.apply(vec![ViewChange::ReplaceInstance { window: 7, instance: 1, instances: 2, rows: vec![] }]);
+        assert_eq!(values(&store.snapshot()), vec![9]);
+        // The parts gone are deleted by the next checkpoint, so a restore has instance 0's row alone.
+        let (state, table) = (crate::state::MemoryStore::new(), StateTable::new("parts"));
+        let mut writes = WriteBatch::default();
+        store.checkpoint(&table, &mut writes).expect("checkpoint");
+        state.write(&writes).expect("write");
+        let restored = ViewStore::new(batch(&[]).schema());
+        restored.restore(&table, &state).expect("restore");
+        assert_eq!(values(&restored.snapshot()), vec![9]);
     }
 
     #[test]

@@ -426,6 +426,59 @@ async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
 }
 
 /// The store a server makes for a view of `pipeline`.
+/// With more groups than one chunk of parts per instance (8,192), a window published in parts and then replaced
+/// whole (at its close, or a plain aggregation's at the input's end) keeps each group once. Two instances used to
+/// replace only the first part of each, leaving every later part's rows twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_groups_published_in_parts_by_several_instances_appear_once() {
+    use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+    const ROWS: i64 = 40_000;
+    // Bid `i` is for auction `i` at price `i % 7`, `i` ms after midnight: every auction once, in order.
+    let start = 1_704_067_200_000; // 2024-01-01 00:00:00
+    let all = RecordBatch::try_new(
+        schema(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..ROWS)),
+            Arc::new(Int64Array::from_iter_values((0..ROWS).map(|i| i % 7))),
+            Arc::new(TimestampMillisecondArray::from_iter_values((0..ROWS).map(|i| start + i))),
+        ],
+    )
+    .unwrap();
+    let watermark = ", WATERMARK FOR ts AS ts - INTERVAL '100' MILLISECOND";
+    let queries = [
+        "SELECT auction, count(*) AS n, sum(price) AS total FROM bids GROUP BY auction",
+        // One window of 60 s holds all 40,000 groups; it closes at the input's end.
+        "SELECT auction, window_end, count(*) AS n, sum(price) AS total \
+         FROM TUMBLE(bids, ts, INTERVAL '60' SECOND) GROUP BY auction, window_start, window_end",
+    ];
+    for sql in queries {
+        let mut stores = Vec::new();
+        for parallelism in [1, 2] {
+            let mut pipeline = pipeline(sql, watermark, false).await;
+            pipeline.set_parallelism(parallelism).unwrap();
+            let store = store_for(&pipeline);
+            for start in (0..ROWS as usize).step_by(4_000) {
+                pipeline.push(0, all.slice(start, 4_000)).await.unwrap();
+                store.apply(pipeline.publish().await.unwrap());
+            }
+            pipeline.end(0).await.unwrap();
+            store.apply(pipeline.publish().await.unwrap());
+            stores.push(store);
+        }
+        for store in &stores {
+            let rows = store.snapshot();
+            let summary = datafusion::arrow::compute::concat_batches(&rows[0].schema(), &rows).unwrap();
+            let sum = |name: &str| {
+                let column = summary.column_by_name(name).unwrap();
+                column.as_any().downcast_ref::<Int64Array>().unwrap().iter().map(|v| v.unwrap_or(0)).sum::<i64>()
+            };
+            // Every auction once, with one bid; the prices: 5,714 full rounds of 0..=6 (21 each) and then 0, 1.
+            assert_eq!((summary.num_rows(), sum("n"), sum("total")), (40_000, 40_000, 5_714 * 21 + 1), "{sql}");
+        }
+        assert_eq!(lines(&stores[0].snapshot()), lines(&stores[1].snapshot()), "{sql}");
+    }
+}
+
 fn store_for(pipeline: &Pipeline) -> ViewStore {
     match (pipeline.retracts_rows(), pipeline.append_only()) {
         (true, _) => ViewStore::with_retractions(pipeline.schema()).unwrap(),
