@@ -2,10 +2,10 @@
 //!
 //! pgwire's decoders trust the lengths and counts inside a message (a `Bind` that claims more parameters than it
 //! holds makes them read past the message and panic), take a `Query` string up to its first NUL and the bytes after it
-//! as another message, and accept messages up to 1 GiB. [`serve`] therefore puts a guard between the client's TCP
-//! socket and pgwire (which gets the other end of a socket pair): the guard frames each frontend message itself and
-//! checks its structure against the protocol before handing it on, and copies the server's bytes back, following
-//! their frames:
+//! as another message, and accept messages up to 1 GiB. [`serve`] therefore runs pgwire's message loop over the
+//! client's stream wrapped in a guard ([`Guarded`], in the same task: no copy through another socket): the guard
+//! frames each frontend message itself and checks its structure against the protocol before pgwire reads it, and
+//! follows the frames of the server's messages as pgwire writes them:
 //!
 //! ```text
 //!   startup phase (no type byte):  SSLRequest | GSSENCRequest | CancelRequest | StartupMessage --> tagged phase
@@ -14,8 +14,9 @@
 //!
 //! A message that breaks the protocol, or is longer than `--max-message-bytes`, ends the connection with a
 //! `FATAL 08P01` error response (written between two of the server's messages, never inside one), and never reaches
-//! pgwire. Everything else passes unchanged. Its two socket buffers bound what a connection holds between a
-//! statement's worker and a client that reads slowly.
+//! pgwire: pgwire reads the end of the stream. Everything else passes unchanged. pgwire writes straight into the
+//! client's socket, so a client that reads slowly holds back its statement's worker (through the bounded row
+//! channel, [`crate::exec::row_channel`]) once the socket's buffer is full.
 //!
 //! TLS sits below the guard: with a certificate configured ([`Tls`]), a client's `SSLRequest` is answered `S` and
 //! the TLS handshake made before the guard sees a byte, so the guard frames the decrypted stream. `GSSENCRequest` is
@@ -24,29 +25,43 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use pgwire::api::PgWireServerHandlers;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::mpsc;
+use futures::{SinkExt, StreamExt};
+use pgwire::api::{ClientInfo, DefaultClient, ErrorHandler, PgWireConnectionState, PgWireServerHandlers};
+use pgwire::messages::PgWireFrontendMessage;
+use pgwire::tokio::server::{PgWireMessageServerCodec, process_error, process_message};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
 
 /// Postgres' own bound on a startup packet.
 const MAX_STARTUP_BYTES: usize = 10_000;
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
 const CANCEL_REQUEST: i32 = 80_877_102;
+/// How long a client may take to finish its startup (pgwire's own bound).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the last bytes of a closing connection may wait for a client that reads nothing.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least room the guard makes in its buffer before reading from the client.
+const READ_CHUNK: usize = 16 * 1024;
 
-/// Serves one client: pgwire on one end of a socket pair, the guard between it and `tcp`. Returns when the
-/// connection is over.
+/// Serves one client: pgwire's message loop reading `tcp` through the guard. Returns when the connection is over.
 pub async fn serve<H: PgWireServerHandlers>(
     mut tcp: TcpStream,
     max_message: usize,
     handlers: H,
     tls: Option<&Tls>,
 ) -> io::Result<()> {
-    let Some(tls) = tls else { return serve_over(tcp, max_message, handlers).await };
+    let peer = tcp.peer_addr()?;
+    tcp.set_nodelay(true)?;
+    let Some(tls) = tls else { return serve_over(tcp, peer, false, max_message, handlers).await };
     // The encryption requests come first, each 8 bytes: length 8 and the request's code.
     loop {
         let mut head = [0u8; 8];
@@ -64,10 +79,10 @@ pub async fn serve<H: PgWireServerHandlers>(
                 tcp.read_exact(&mut head).await?;
                 tcp.write_all(b"S").await?;
                 let stream = tls.acceptor.accept(tcp).await?;
-                return serve_over(stream, max_message, handlers).await;
+                return serve_over(stream, peer, true, max_message, handlers).await;
             }
             // A cancel request needs no encryption (it carries no secret but the key).
-            (16, CANCEL_REQUEST) => return serve_over(tcp, max_message, handlers).await,
+            (16, CANCEL_REQUEST) => return serve_over(tcp, peer, false, max_message, handlers).await,
             _ if tls.required => {
                 tracing::warn!("refusing a connection without TLS (--tls-required)");
                 let response = fatal_response("28000", "TLS is required: connect with sslmode=require or stronger");
@@ -75,7 +90,7 @@ pub async fn serve<H: PgWireServerHandlers>(
                 let _ = tcp.shutdown().await;
                 return Ok(());
             }
-            _ => return serve_over(tcp, max_message, handlers).await,
+            _ => return serve_over(tcp, peer, false, max_message, handlers).await,
         }
     }
 }
@@ -133,140 +148,207 @@ async fn peek_exact(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<bool> {
     }
 }
 
-/// pgwire on one end of a socket pair, the guard between it and the client's `stream`.
-async fn serve_over<H, S>(stream: S, max_message: usize, handlers: H) -> io::Result<()>
+/// pgwire's message loop over the client's `stream` through the guard ([`Guarded`]); `peer` is the client's address
+/// and `secure` whether the stream is TLS.
+async fn serve_over<H, S>(stream: S, peer: SocketAddr, secure: bool, max_message: usize, handlers: H) -> io::Result<()>
 where
     H: PgWireServerHandlers,
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
 {
-    let (server_end, guard_end) = UnixStream::pair()?;
-    let served = pgwire::tokio::process_socket_unix(server_end, handlers);
-    let (served, guarded) = tokio::join!(served, guard(stream, guard_end, max_message));
-    served.and(guarded)
+    let startup_handler = handlers.startup_handler();
+    let simple_query_handler = handlers.simple_query_handler();
+    let extended_query_handler = handlers.extended_query_handler();
+    let copy_handler = handlers.copy_handler();
+    let cancel_handler = handlers.cancel_handler();
+    let error_handler = handlers.error_handler();
+    let codec = PgWireMessageServerCodec::new(DefaultClient::new(peer, secure));
+    let mut socket = Framed::new(Guarded::new(stream, max_message), codec);
+    socket.set_state(PgWireConnectionState::AwaitingStartup);
+    let startup_timeout = tokio::time::sleep(STARTUP_TIMEOUT);
+    tokio::pin!(startup_timeout);
+    loop {
+        let starting = matches!(
+            socket.state(),
+            PgWireConnectionState::AwaitingStartup | PgWireConnectionState::AuthenticationInProgress
+        );
+        let message = match starting {
+            true => tokio::select! {
+                _ = &mut startup_timeout => None,
+                message = socket.next() => message,
+            },
+            false => socket.next().await,
+        };
+        // The end of the client's messages, or of the checked ones: a message that broke the protocol never reaches
+        // pgwire (the guard answers it).
+        let Some(Ok(message)) = message else { break };
+        // The client is leaving: it waits for the connection to close.
+        if matches!(message, PgWireFrontendMessage::Terminate(_)) {
+            break;
+        }
+        let extended = match socket.state() {
+            PgWireConnectionState::CopyInProgress(extended) => extended,
+            _ => message.is_extended_query(),
+        };
+        let processed = process_message(
+            message,
+            &mut socket,
+            startup_handler.clone(),
+            simple_query_handler.clone(),
+            extended_query_handler.clone(),
+            copy_handler.clone(),
+            cancel_handler.clone(),
+        )
+        .await;
+        if let Err(mut err) = processed {
+            error_handler.on_error(&socket, &mut err);
+            process_error(&mut socket, err, extended).await?;
+        }
+    }
+    // What pgwire wrote and the guard's last reply go out before the connection closes (a client that reads nothing
+    // does not hold it open).
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
+    Ok(())
 }
 
-/// What the guard sends the client itself, between the server's messages.
+/// A reply the guard owes the client, written between two of the server's messages.
 #[derive(Debug)]
 struct Reply {
     bytes: Vec<u8>,
+    /// How many of `bytes` are written.
+    written: usize,
     /// The connection ends after it.
     last: bool,
 }
 
-/// Copies checked messages from the client to the server and the server's bytes back; see the module docs.
-async fn guard<S: AsyncRead + AsyncWrite + Unpin + Send>(
+/// The client's stream as pgwire sees it: reading gives only whole messages the [`Framer`] checked (the end of the
+/// stream after one that breaks the protocol, whose error the guard sends itself), and writing follows the frames of
+/// the server's messages, so that a reply of the guard goes between two of them.
+#[derive(Debug)]
+struct Guarded<S> {
     client: S,
-    server: UnixStream,
-    max_message: usize,
-) -> io::Result<()> {
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = server.into_split();
-    let (replies, mut replies_due) = mpsc::unbounded_channel::<Reply>();
-    let upstream = async move {
-        let mut framer = Framer::new(max_message);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            loop {
-                match framer.next() {
-                    Ok(Some(Frame::Forward(len))) => {
-                        server_write.write_all(&framer.incoming[..len]).await?;
-                        framer.incoming.advance(len);
-                    }
-                    Ok(Some(Frame::Answer(len, bytes))) => {
-                        framer.incoming.advance(len);
-                        let _ = replies.send(Reply { bytes, last: false });
-                    }
-                    Ok(None) => break,
-                    Err(message) => {
-                        tracing::warn!(error = %message, "closing a connection that broke the protocol");
-                        // Before the startup message the client expects no error response.
-                        let bytes = if framer.tagged { error_response(&message) } else { Vec::new() };
-                        let _ = replies.send(Reply { bytes, last: true });
-                        let _ = server_write.shutdown().await;
-                        return Ok(());
-                    }
-                }
-            }
-            let n = client_read.read(&mut chunk).await?;
-            if n == 0 {
-                // The client is gone: the server sees the end of its input and finishes.
-                let _ = server_write.shutdown().await;
-                return Ok::<(), io::Error>(());
-            }
-            framer.incoming.extend_from_slice(&chunk[..n]);
+    framer: Framer,
+    /// How many bytes at the front of the framer's buffer are checked and not yet read by pgwire.
+    checked: usize,
+    out: OutgoingFrames,
+    replies: VecDeque<Reply>,
+    /// The client's messages ended, or one broke the protocol: pgwire reads the end of the stream.
+    ended: bool,
+    /// The guard's last reply is written and the client's side shut.
+    closed: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
+    fn new(client: S, max_message: usize) -> Self {
+        Guarded {
+            client,
+            framer: Framer::new(max_message),
+            checked: 0,
+            out: OutgoingFrames::default(),
+            replies: VecDeque::new(),
+            ended: false,
+            closed: false,
         }
-    };
-    let downstream = async move {
-        let mut frames = OutgoingFrames::default();
-        let mut pending: VecDeque<Reply> = VecDeque::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        let mut replies_open = true;
-        loop {
-            if send_replies(&mut client_write, &mut pending, &frames).await? {
-                return Ok(());
-            }
-            tokio::select! {
-                reply = replies_due.recv(), if replies_open => match reply {
-                    Some(reply) => pending.push_back(reply),
-                    None => replies_open = false,
-                },
-                n = server_read.read(&mut chunk) => {
-                    let n = n?;
-                    if n == 0 {
-                        // The server ended the connection; anything the guard still owes the client goes first.
-                        while let Ok(reply) = replies_due.try_recv() {
-                            pending.push_back(reply);
-                        }
-                        for reply in pending {
-                            client_write.write_all(&reply.bytes).await?;
-                        }
-                        let _ = client_write.shutdown().await;
-                        return Ok(());
-                    }
-                    let mut data = &chunk[..n];
-                    while !data.is_empty() {
-                        // With a reply waiting, write only up to the end of the message being written.
-                        let take = if pending.is_empty() { data.len() } else { frames.until_boundary(data) };
-                        client_write.write_all(&data[..take]).await?;
-                        frames.wrote(&data[..take]);
-                        data = &data[take..];
-                        if send_replies(&mut client_write, &mut pending, &frames).await? {
-                            return Ok(());
-                        }
-                    }
+    }
+
+    /// Writes the replies that wait, while the server is between two messages.
+    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out.between_messages()
+            && let Some(reply) = self.replies.front_mut()
+        {
+            while reply.written < reply.bytes.len() {
+                let n = ready!(Pin::new(&mut self.client).poll_write(cx, &reply.bytes[reply.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                reply.written += n;
+            }
+            if reply.last {
+                ready!(Pin::new(&mut self.client).poll_shutdown(cx))?;
+                self.closed = true;
+                self.replies.clear();
+            } else {
+                self.replies.pop_front();
             }
         }
-    };
-    tokio::pin!(upstream, downstream);
-    // The server's side ending ends the connection; the client's side ending (or breaking the protocol) lets the
-    // server finish what it is sending first.
-    tokio::select! {
-        done = &mut downstream => done,
-        done = &mut upstream => {
-            done?;
-            downstream.await
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.checked > 0 {
+                let n = this.checked.min(buf.remaining());
+                buf.put_slice(&this.framer.incoming[..n]);
+                this.framer.incoming.advance(n);
+                this.checked -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.ended || this.closed {
+                // The end of the stream, once the replies owed are out (if the server is between messages).
+                ready!(this.poll_replies(cx))?;
+                return Poll::Ready(Ok(()));
+            }
+            match this.framer.next() {
+                Ok(Some(Frame::Forward(len))) => this.checked = len,
+                Ok(Some(Frame::Answer(len, bytes))) => {
+                    this.framer.incoming.advance(len);
+                    this.replies.push_back(Reply { bytes, written: 0, last: false });
+                    ready!(this.poll_replies(cx))?;
+                }
+                Ok(None) => {
+                    let incoming = &mut this.framer.incoming;
+                    if incoming.capacity() - incoming.len() < READ_CHUNK {
+                        incoming.reserve(READ_CHUNK);
+                    }
+                    if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.client), cx, incoming))? == 0 {
+                        this.ended = true;
+                    }
+                }
+                Err(message) => {
+                    tracing::warn!(error = %message, "closing a connection that broke the protocol");
+                    // Before the startup message the client expects no error response.
+                    let bytes = if this.framer.tagged { error_response(&message) } else { Vec::new() };
+                    this.replies.push_back(Reply { bytes, written: 0, last: true });
+                    this.ended = true;
+                }
+            }
         }
     }
 }
 
-/// Writes the replies that wait, if the server is between two messages; whether the connection is to end (a reply
-/// was the last), in which case the client's side is shut.
-async fn send_replies(
-    client: &mut (impl AsyncWrite + Unpin),
-    pending: &mut VecDeque<Reply>,
-    frames: &OutgoingFrames,
-) -> io::Result<bool> {
-    while frames.between_messages()
-        && let Some(reply) = pending.pop_front()
-    {
-        client.write_all(&reply.bytes).await?;
-        if reply.last {
-            let _ = client.shutdown().await;
-            return Ok(true);
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        ready!(this.poll_replies(cx))?;
+        if this.closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        // With a reply waiting, write only up to the end of the message being written.
+        let take = if this.replies.is_empty() { data.len() } else { this.out.until_boundary(data) };
+        let n = ready!(Pin::new(&mut this.client).poll_write(cx, &data[..take]))?;
+        this.out.wrote(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_replies(cx))?;
+        match this.closed {
+            true => Poll::Ready(Ok(())),
+            false => Pin::new(&mut this.client).poll_flush(cx),
         }
     }
-    Ok(false)
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_replies(cx))?;
+        match this.closed {
+            true => Poll::Ready(Ok(())),
+            false => Pin::new(&mut this.client).poll_shutdown(cx),
+        }
+    }
 }
 
 /// What to do with the next whole message from the client.
