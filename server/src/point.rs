@@ -19,7 +19,7 @@ use datafusion::arrow::compute::{and, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::HashMap;
-use datafusion::common::ScalarValue;
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::datasource::source_as_provider;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
@@ -35,7 +35,7 @@ const MAX_ROWS: usize = 8192;
 pub(crate) struct PointQuery {
     store: Arc<ViewStore>,
     /// Equalities that every row returned meets: a column of the relation and a value of its type.
-    equal: Vec<(usize, ScalarValue)>,
+    equal: Vec<(usize, Value)>,
     /// The relation's columns returned, in order.
     projection: Vec<usize>,
     /// The result's schema (the plan's).
@@ -43,8 +43,16 @@ pub(crate) struct PointQuery {
     lookups: Arc<Lookups>,
 }
 
+/// The value a column is compared with: a literal, or a parameter of a prepared statement bound at each execution.
+#[derive(Debug)]
+enum Value {
+    Literal(ScalarValue),
+    Parameter(String),
+}
+
 impl PointQuery {
-    /// The point query `plan` is, if it is one.
+    /// The point query `plan` is, if it is one. Its values may be parameters (`$1`) of the column's own type, bound by
+    /// [`PointQuery::run`].
     pub(crate) fn of(plan: &LogicalPlan) -> Option<Self> {
         let LogicalPlan::Projection(projection) = plan else { return None };
         let LogicalPlan::Filter(filter) = projection.input.as_ref() else { return None };
@@ -69,16 +77,22 @@ impl PointQuery {
         let mut equal = Vec::new();
         for predicate in split_conjunction(&filter.predicate) {
             let Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) = predicate else { return None };
-            let (column, value) = match (left.as_ref(), right.as_ref()) {
-                (Expr::Literal(value, _), other) | (other, Expr::Literal(value, _)) => (column_of(other)?, value),
+            let (column, value, data_type) = match (left.as_ref(), right.as_ref()) {
+                (Expr::Literal(value, _), other) | (other, Expr::Literal(value, _)) => {
+                    (column_of(other)?, Value::Literal(value.clone()), value.data_type())
+                }
+                (Expr::Placeholder(placeholder), other) | (other, Expr::Placeholder(placeholder)) => {
+                    let data_type = placeholder.field.as_ref()?.data_type().clone();
+                    (column_of(other)?, Value::Parameter(placeholder.id.clone()), data_type)
+                }
                 _ => return None,
             };
             let field = relation.fields().get(column)?;
             // Only a value of the column's own type: anything else needs DataFusion's coercion rules.
-            if &value.data_type() != field.data_type() {
+            if &data_type != field.data_type() {
                 return None;
             }
-            equal.push((column, value.clone()));
+            equal.push((column, value));
         }
         if equal.is_empty() {
             return None;
@@ -95,19 +109,35 @@ impl PointQuery {
         self.schema.clone()
     }
 
-    /// The rows meeting every equality, from the relation's snapshot now, in one batch. `None` when there are more
-    /// than [`MAX_ROWS`] (the normal path streams them) or they do not fit the result's schema.
-    pub(crate) fn run(&self) -> Option<RecordBatch> {
-        let values: Vec<(usize, ArrayRef)> = self
-            .equal
-            .iter()
-            .map(|(column, value)| value.to_array_of_size(1).map(|a| (*column, a)))
-            .collect::<Result<_, _>>()
-            .ok()?;
-        let (version, batches) = self.store.versioned_snapshot();
+    /// The rows meeting every equality (parameters bound to `params`), from the relation's rows now, in one batch.
+    /// With `indexed_only`, only when the rows now have an index of the first equality's column (a lookup too cheap
+    /// to hand to a statement worker). `None` when there are more than [`MAX_ROWS`] (the normal path streams them),
+    /// a parameter is missing, NULL or of another type, or the rows do not fit the result's schema.
+    pub(crate) fn run(&self, params: Option<&ParamValues>, indexed_only: bool) -> Option<RecordBatch> {
+        let mut values: Vec<(usize, ArrayRef)> = Vec::with_capacity(self.equal.len());
+        for (column, value) in &self.equal {
+            let value = match value {
+                Value::Literal(value) => value.clone(),
+                Value::Parameter(id) => {
+                    let value = params?.get_placeholders_with_values(id).ok()?.value;
+                    if value.is_null() || &value.data_type() != self.store.schema().field(*column).data_type() {
+                        return None;
+                    }
+                    value
+                }
+            };
+            values.push((*column, value.to_array_of_size(1).ok()?));
+        }
         let (column, value) = values.first()?;
-        let rows: Vec<RecordBatch> = match self.lookups.index(version, *column, &batches) {
-            Some(index) => {
+        let index = match indexed_only {
+            true => Ok(self.lookups.existing(self.store.version(), *column)?),
+            false => {
+                let (version, batches) = self.store.versioned_snapshot();
+                self.lookups.index(version, *column, &batches).ok_or(batches)
+            }
+        };
+        let rows: Vec<RecordBatch> = match index {
+            Ok(index) => {
                 let candidates = index.find(value)?;
                 if candidates.len() > MAX_ROWS {
                     return None;
@@ -123,7 +153,8 @@ impl PointQuery {
                 }
                 rows
             }
-            None => {
+            // No index: every batch scanned.
+            Err(batches) => {
                 let mut rows = Vec::new();
                 for batch in &batches {
                     let Some(kept) = keep(batch, &values)? else { continue };
@@ -186,6 +217,12 @@ impl Lookups {
     #[cfg(test)]
     fn indexed_column(&self) -> Option<usize> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).index.as_ref().map(|i| i.column)
+    }
+
+    /// The index of version `version` of the rows on `column`, if one is built (nothing counted).
+    fn existing(&self, version: u64, column: usize) -> Option<Arc<KeyIndex>> {
+        let state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        state.index.as_ref().filter(|i| state.version == version && i.column == column).cloned()
     }
 
     /// The index of `batches` (version `version` of the rows) on `column`, if there is one or it is time for one.
@@ -359,6 +396,46 @@ mod tests {
         let mut ids: Vec<i64> = ones.iter().map(|r| r.parse().unwrap()).collect();
         ids.sort();
         assert_eq!(ids, (1..=20_000).filter(|i| i % 7 == 1).collect::<Vec<i64>>());
+    }
+
+    /// A prepared lookup is answered without a statement worker once its relation's rows have an index of the
+    /// column: its parameter bound at each execution, and anything an index cannot answer left to the normal path.
+    #[tokio::test]
+    async fn an_indexed_lookup_is_answered_at_once_with_its_parameter_bound() {
+        let (session, _data) = session();
+        run(&session, "CREATE TABLE t (id BIGINT, n BIGINT)", None).await;
+        run(&session, "INSERT INTO t SELECT value, 3 * value FROM generate_series(1, 1000)", None).await;
+        let sql = "SELECT n FROM t WHERE id = $1";
+        let prepared = session.prepare(parse_sql(sql).unwrap().remove(0), sql).await.unwrap();
+        let bind = |id: i64| ParamValues::List(vec![ScalarValue::Int64(Some(id)).into()]);
+        let answer = |params: &ParamValues| match session.answer_point(&prepared, Some(params)) {
+            Some(Ok(Outcome::Stream(mut stream, None))) => match stream.batches.try_recv() {
+                Ok(RowItem::Batch(batch)) => {
+                    let column = batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>();
+                    Some(column.unwrap().values().to_vec())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        // No index yet: the normal path, whose scans count towards one.
+        assert_eq!(answer(&bind(7)), None);
+        for id in 1..=SCANS_BEFORE_INDEX as i64 {
+            assert_eq!(run(&session, sql, Some(bind(id))).await, [(3 * id).to_string()]);
+        }
+        assert_eq!(answer(&bind(7)), Some(vec![21]));
+        assert_eq!(answer(&bind(1000)), Some(vec![3000]));
+        assert_eq!(answer(&bind(1001)), Some(vec![]), "no such row");
+        // A NULL, or a value of another type, is DataFusion's to compare.
+        assert_eq!(answer(&ParamValues::List(vec![ScalarValue::Int64(None).into()])), None);
+        assert_eq!(answer(&ParamValues::List(vec![ScalarValue::Int32(Some(7)).into()])), None);
+        // New rows are a new version, not indexed yet.
+        run(&session, "INSERT INTO t VALUES (1001, 1)", None).await;
+        assert_eq!(answer(&bind(1001)), None);
+        // Anything but a lookup of plain columns by equality is not a point query.
+        let other = "SELECT n + 1 FROM t WHERE id = $1";
+        let prepared = session.prepare(parse_sql(other).unwrap().remove(0), other).await.unwrap();
+        assert!(session.answer_point(&prepared, Some(&bind(7))).is_none());
     }
 
     /// A statement planned before is planned again once the relations it reads change.

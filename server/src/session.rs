@@ -422,6 +422,27 @@ impl Session {
         Ok(weir_planner::temporal::Versioned { primary_key: relation.primary_key(), event_time: relation.event_time() })
     }
 
+    /// The answer to `prepared` with parameters `bound` when it is a point query that an index of its relation's
+    /// rows now answers (see [`crate::point`]): found at once, so the caller need not hand it to a statement worker.
+    /// `None`: the normal path ([`Session::execute`]).
+    pub(crate) fn answer_point(
+        &self,
+        prepared: &Prepared,
+        bound: Option<&ParamValues>,
+    ) -> Option<Result<Outcome, ErrorReport>> {
+        let WeirStatement::Sql(stmt) = &prepared.statement.statement else { return None };
+        if !matches!(stmt.as_ref(), Statement::Query(_)) || !prepared.statement.row_patterns.is_empty() {
+            return None;
+        }
+        let plan = prepared.plan.as_ref()?;
+        let point = crate::point::PointQuery::of(plan)?;
+        if let Err(refused) = self.authorize(&prepared.statement).and_then(|()| self.check_plan(plan)) {
+            return Some(Err(refused));
+        }
+        let rows = point.run(bound, true)?;
+        point_rows(&point, rows).map(Ok)
+    }
+
     async fn run_plan(&self, stmt: &Statement, plan: LogicalPlan, sql: &str) -> Result<Outcome, ErrorReport> {
         self.check_plan(&plan)?;
         if let LogicalPlan::Ddl(ddl) = &plan {
@@ -429,15 +450,9 @@ impl Session {
         }
         if let Statement::Query(_) = stmt
             && let Some(point) = crate::point::PointQuery::of(&plan)
-            && let Some(rows) = point.run()
+            && let Some(outcome) = point.run(None, false).and_then(|rows| point_rows(&point, rows))
         {
-            let (stream, sender) = crate::exec::row_channel(point.schema().as_ref().clone());
-            // The channel holds two items: the rows and their end.
-            let sent = sender.try_send(crate::exec::RowItem::Batch(rows)).is_ok()
-                && sender.try_send(crate::exec::RowItem::End).is_ok();
-            if sent {
-                return Ok(Outcome::Stream(stream, None));
-            }
+            return Ok(outcome);
         }
         let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| ErrorReport::from_datafusion(&e, sql))?;
         match stmt {
@@ -1001,4 +1016,12 @@ impl Session {
             )),
         }
     }
+}
+
+/// A point query's rows as a statement's outcome (the channel holds them and their end).
+fn point_rows(point: &crate::point::PointQuery, rows: datafusion::arrow::array::RecordBatch) -> Option<Outcome> {
+    let (stream, sender) = crate::exec::row_channel(point.schema().as_ref().clone());
+    let sent = sender.try_send(crate::exec::RowItem::Batch(rows)).is_ok()
+        && sender.try_send(crate::exec::RowItem::End).is_ok();
+    sent.then_some(Outcome::Stream(stream, None))
 }

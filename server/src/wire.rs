@@ -214,15 +214,28 @@ where
 #[derive(Debug)]
 struct Reply {
     bytes: Vec<u8>,
-    /// How many of `bytes` are written.
-    written: usize,
     /// The connection ends after it.
     last: bool,
 }
 
-/// The client's stream as pgwire sees it: reading gives only whole messages the [`Framer`] checked (the end of the
-/// stream after one that breaks the protocol, whose error the guard sends itself), and writing follows the frames of
-/// the server's messages, so that a reply of the guard goes between two of them.
+/// The server's messages a client needs no sooner than the reply to its next message, when that message has come
+/// already: the acknowledgements of the extended protocol, descriptions, a statement's completion (`1 2 3 n t T C s I
+/// S K`). A data row, an error, a notice, `ReadyForQuery`, an authentication request or anything of COPY is never
+/// held back.
+const DEFERRABLE: &[u8] = b"123ntTCsISK";
+
+/// The most bytes of the server's messages the guard holds before writing them, whatever their kind.
+const MAX_HELD: usize = 64 * 1024;
+
+/// The client's stream as pgwire sees it.
+///
+/// Reading gives only whole messages the [`Framer`] checked, one per read (the end of the stream after one that
+/// breaks the protocol, whose error the guard sends itself). Writing goes to a buffer that follows the frames of the
+/// server's messages, so that a reply of the guard goes between two of them, and that is written to the socket when
+/// pgwire flushes, except while everything in it is [`DEFERRABLE`] and the client's next message is here already:
+/// then it goes with the answer to that message. A client sending Parse, Bind, Describe, Execute and Sync at once
+/// gets its answer in two writes (the rows, `ReadyForQuery`) instead of five. Nothing waits while pgwire waits for the
+/// client: the buffer is written before every read from the socket.
 #[derive(Debug)]
 struct Guarded<S> {
     client: S,
@@ -230,10 +243,16 @@ struct Guarded<S> {
     /// How many bytes at the front of the framer's buffer are checked and not yet read by pgwire.
     checked: usize,
     out: OutgoingFrames,
+    /// The server's bytes (and the guard's replies) not yet written to the client.
+    outgoing: BytesMut,
+    /// `outgoing` holds a message that is not [`DEFERRABLE`].
+    urgent: bool,
     replies: VecDeque<Reply>,
     /// The client's messages ended, or one broke the protocol: pgwire reads the end of the stream.
     ended: bool,
-    /// The guard's last reply is written and the client's side shut.
+    /// The guard's last reply is in `outgoing`: nothing the server writes after it goes out.
+    closing: bool,
+    /// `outgoing` is written and the client's side shut after the last reply.
     closed: bool,
 }
 
@@ -244,31 +263,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Guarded<S> {
             framer: Framer::new(max_message),
             checked: 0,
             out: OutgoingFrames::default(),
+            outgoing: BytesMut::new(),
+            urgent: false,
             replies: VecDeque::new(),
             ended: false,
+            closing: false,
             closed: false,
         }
     }
 
-    /// Writes the replies that wait, while the server is between two messages.
-    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out.between_messages()
-            && let Some(reply) = self.replies.front_mut()
+    /// Moves the replies that wait into the outgoing bytes, while the server is between two messages.
+    fn queue_replies(&mut self) {
+        while !self.closing
+            && self.out.between_messages()
+            && let Some(reply) = self.replies.pop_front()
         {
-            while reply.written < reply.bytes.len() {
-                let n = ready!(Pin::new(&mut self.client).poll_write(cx, &reply.bytes[reply.written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                reply.written += n;
+            self.outgoing.extend_from_slice(&reply.bytes);
+            self.urgent = true;
+            self.closing = reply.last;
+        }
+    }
+
+    /// Writes the outgoing bytes to the client (and shuts its side after the last reply).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.queue_replies();
+        while !self.outgoing.is_empty() && !self.closed {
+            let n = ready!(Pin::new(&mut self.client).poll_write(cx, &self.outgoing))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            if reply.last {
-                ready!(Pin::new(&mut self.client).poll_shutdown(cx))?;
-                self.closed = true;
-                self.replies.clear();
-            } else {
-                self.replies.pop_front();
-            }
+            self.outgoing.advance(n);
+        }
+        self.urgent = false;
+        if self.closing && !self.closed {
+            ready!(Pin::new(&mut self.client).poll_shutdown(cx))?;
+            self.closed = true;
         }
         Poll::Ready(Ok(()))
     }
@@ -286,18 +315,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                 return Poll::Ready(Ok(()));
             }
             if this.ended || this.closed {
-                // The end of the stream, once the replies owed are out (if the server is between messages).
-                ready!(this.poll_replies(cx))?;
+                // The end of the stream, once what is owed is out.
+                ready!(this.poll_drain(cx))?;
                 return Poll::Ready(Ok(()));
             }
             match this.framer.next() {
                 Ok(Some(Frame::Forward(len))) => this.checked = len,
                 Ok(Some(Frame::Answer(len, bytes))) => {
                     this.framer.incoming.advance(len);
-                    this.replies.push_back(Reply { bytes, written: 0, last: false });
-                    ready!(this.poll_replies(cx))?;
+                    this.replies.push_back(Reply { bytes, last: false });
                 }
                 Ok(None) => {
+                    // Everything held goes out before waiting for the client.
+                    ready!(this.poll_drain(cx))?;
                     let incoming = &mut this.framer.incoming;
                     if incoming.capacity() - incoming.len() < READ_CHUNK {
                         incoming.reserve(READ_CHUNK);
@@ -310,7 +340,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
                     tracing::warn!(error = %message, "closing a connection that broke the protocol");
                     // Before the startup message the client expects no error response.
                     let bytes = if this.framer.tagged { error_response(&message) } else { Vec::new() };
-                    this.replies.push_back(Reply { bytes, written: 0, last: true });
+                    this.replies.push_back(Reply { bytes, last: true });
                     this.ended = true;
                 }
             }
@@ -321,20 +351,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guarded<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        ready!(this.poll_replies(cx))?;
-        if this.closed {
+        if this.outgoing.len() >= MAX_HELD {
+            ready!(this.poll_drain(cx))?;
+        }
+        this.queue_replies();
+        if this.closing {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        // With a reply waiting, write only up to the end of the message being written.
+        // With a reply waiting, take only up to the end of the message being written.
         let take = if this.replies.is_empty() { data.len() } else { this.out.until_boundary(data) };
-        let n = ready!(Pin::new(&mut this.client).poll_write(cx, &data[..take]))?;
-        this.out.wrote(&data[..n]);
-        Poll::Ready(Ok(n))
+        let urgent = &mut this.urgent;
+        this.out.wrote(&data[..take], |kind| *urgent |= !DEFERRABLE.contains(&kind));
+        this.outgoing.extend_from_slice(&data[..take]);
+        Poll::Ready(Ok(take))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        ready!(this.poll_replies(cx))?;
+        this.queue_replies();
+        if !this.urgent && this.framer.holds_a_message() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_drain(cx))?;
         match this.closed {
             true => Poll::Ready(Ok(())),
             false => Pin::new(&mut this.client).poll_flush(cx),
@@ -343,7 +381,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        ready!(this.poll_replies(cx))?;
+        ready!(this.poll_drain(cx))?;
         match this.closed {
             true => Poll::Ready(Ok(())),
             false => Pin::new(&mut this.client).poll_shutdown(cx),
@@ -373,6 +411,13 @@ struct Framer {
 impl Framer {
     fn new(max_message: usize) -> Self {
         Framer { max_message, tagged: false, incoming: BytesMut::new() }
+    }
+
+    /// Whether a whole tagged message waits (checked or not): the client sent its next message already.
+    fn holds_a_message(&self) -> bool {
+        let buf = &self.incoming[..];
+        let length = read_i32(buf, 1).and_then(|len| usize::try_from(len).ok());
+        self.tagged && length.is_some_and(|len| buf.len() > len)
     }
 
     /// The next message if it is complete and valid; `Ok(None)` when more bytes are needed.
@@ -604,7 +649,7 @@ impl OutgoingFrames {
                 remaining => remaining,
             }
             .min(bytes.len() - at);
-            frames.wrote(&bytes[at..at + step]);
+            frames.wrote(&bytes[at..at + step], |_| {});
             at += step;
             if frames.between_messages() {
                 return at;
@@ -613,13 +658,17 @@ impl OutgoingFrames {
         at
     }
 
-    fn wrote(&mut self, mut bytes: &[u8]) {
+    /// Follows `bytes` written; `kind` sees the type byte of every message they start.
+    fn wrote(&mut self, mut bytes: &[u8], mut kind: impl FnMut(u8)) {
         while !bytes.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(bytes.len());
                 self.remaining -= n;
                 bytes = &bytes[n..];
                 continue;
+            }
+            if self.header_len == 0 {
+                kind(bytes[0]);
             }
             let n = (5 - self.header_len).min(bytes.len());
             self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
@@ -730,6 +779,65 @@ mod tests {
         assert!(String::from_utf8_lossy(&error_bytes).contains("08P01"));
     }
 
+    /// Whether the client's end has bytes to read within 50 ms.
+    async fn readable(client: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(50), client.read(&mut buf)).await {
+            Ok(Ok(n)) => buf[..n].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_wait_for_the_answer_to_a_message_already_sent() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let mut guarded = Guarded::new(server, 1 << 20);
+        let parse = message(b'P', b"\0SELECT 1\0\0\0");
+        let mut sent = startup();
+        sent.extend(&parse);
+        sent.extend(message(b'S', b""));
+        client_write.write_all(&sent).await.unwrap();
+        // pgwire reads one whole message at a time.
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), startup().len());
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), parse.len());
+        assert_eq!(&buf[..parse.len()], &parse[..]);
+        // ParseComplete, flushed while the Sync is here already: it waits for the answer to the Sync.
+        guarded.write_all(&message(b'1', b"")).await.unwrap();
+        guarded.flush().await.unwrap();
+        assert!(readable(&mut client_read).await.is_empty());
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 5, "the Sync");
+        let ready = message(b'Z', b"I");
+        guarded.write_all(&ready).await.unwrap();
+        guarded.flush().await.unwrap();
+        let mut both = message(b'1', b"");
+        both.extend(&ready);
+        assert_eq!(readable(&mut client_read).await, both, "both in one write");
+
+        // A data row goes out at once, whatever waits.
+        client_write.write_all(&[message(b'E', b"\0\0\0\0\0"), message(b'S', b"")].concat()).await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 10, "the Execute");
+        let row = message(b'D', b"\0\x01\0\0\0\x011");
+        guarded.write_all(&row).await.unwrap();
+        guarded.flush().await.unwrap();
+        assert_eq!(readable(&mut client_read).await, row);
+
+        // Nothing waits while pgwire reads from the socket: a held acknowledgement goes out first.
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 5, "the Sync");
+        guarded.write_all(&message(b'C', b"SELECT 1\0")).await.unwrap();
+        guarded.flush().await.unwrap();
+        assert_eq!(readable(&mut client_read).await, message(b'C', b"SELECT 1\0"), "no message waits behind it");
+
+        // A message that breaks the protocol: pgwire reads the end, the client gets the error, then the end.
+        client_write.write_all(&message(b'F', b"")).await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 0);
+        let error = readable(&mut client_read).await;
+        assert_eq!(error[0], b'E');
+        assert!(String::from_utf8_lossy(&error).contains("08P01"));
+        assert!(guarded.write_all(&ready).await.is_err(), "nothing goes after the last reply");
+    }
+
     #[test]
     fn replies_wait_for_the_end_of_the_servers_message() {
         let mut frames = OutgoingFrames::default();
@@ -737,10 +845,10 @@ mod tests {
         let mut written = message(b'D', b"\0\x01\0\0\0\x011");
         let first_len = written.len();
         written.extend(message(b'C', b"SELECT 1\0"));
-        frames.wrote(&written[..3]);
+        frames.wrote(&written[..3], |_| {});
         assert!(!frames.between_messages());
         assert_eq!(frames.until_boundary(&written[3..]), first_len - 3);
-        frames.wrote(&written[3..]);
+        frames.wrote(&written[3..], |_| {});
         assert!(frames.between_messages());
     }
 }
