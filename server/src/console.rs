@@ -139,7 +139,8 @@ pub async fn run(
     let workers = engine.workers.clone();
     let session = Session::new(engine, "weir");
     let work = async move {
-        let prepared = crate::session::Prepared { statement, plan: None, pattern_parameters: Vec::new() };
+        let prepared =
+            crate::session::Prepared { statement: Arc::new(statement), plan: None, pattern_parameters: Vec::new() };
         let outcome = session.execute(&prepared, None, &mut HashMap::new(), &sql).await?;
         let Outcome::Rows(frame) = outcome else { return Ok((Vec::new(), Vec::new(), false)) };
         let columns: Vec<String> = frame.schema().fields().iter().map(|f| f.name().clone()).collect();

@@ -707,7 +707,7 @@ impl Handler {
         if status == TransactionStatus::Error && !ends_transaction(&statement) {
             return Ok(Err(Box::new(to_error_info(in_failed_transaction()))));
         }
-        let prepared = Prepared { statement, plan: None, pattern_parameters: Vec::new() };
+        let prepared = Prepared { statement: Arc::new(statement), plan: None, pattern_parameters: Vec::new() };
         let outcome = match self.run(session, prepared, None, client.metadata_mut(), query).await {
             Ok(outcome) => outcome,
             Err(report) => return Ok(Err(Box::new(to_error_info(report)))),

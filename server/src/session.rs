@@ -52,7 +52,8 @@ pub enum Outcome {
 /// the result schema).
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    pub statement: ParsedStatement,
+    /// Shared: a statement kept per session is handed out at every execution of its text.
+    pub statement: Arc<ParsedStatement>,
     pub plan: Option<LogicalPlan>,
     /// Parameters used inside `MATCH_RECOGNIZE` clauses (which the plan does not show), with their types.
     pub pattern_parameters: Vec<weir_planner::row_pattern::PatternParameter>,
@@ -183,7 +184,7 @@ impl Session {
     pub async fn prepare(&self, statement: ParsedStatement, sql: &str) -> Result<Prepared, ErrorReport> {
         if !statement.row_patterns.is_empty() && matches!(statement.statement, WeirStatement::Sql(_)) {
             let (plan, pattern_parameters) = self.plan_match_recognize(&statement, sql).await?;
-            return Ok(Prepared { statement, plan, pattern_parameters });
+            return Ok(Prepared { statement: Arc::new(statement), plan, pattern_parameters });
         }
         let plan = match &statement.statement {
             WeirStatement::Sql(stmt) if goes_to_datafusion(stmt) => {
@@ -198,7 +199,7 @@ impl Session {
             },
             _ => None,
         };
-        Ok(Prepared { statement, plan, pattern_parameters: Vec::new() })
+        Ok(Prepared { statement: Arc::new(statement), plan, pattern_parameters: Vec::new() })
     }
 
     /// The schema of the rows a prepared statement returns, or `None` for a command.
