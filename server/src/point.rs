@@ -285,7 +285,7 @@ mod tests {
 
     use super::*;
     use crate::exec::RowItem;
-    use crate::session::{Outcome, Session};
+    use crate::session::{Outcome, Prepared, Session};
 
     /// Runs one statement; its rows as `a|b|c` lines.
     async fn run(session: &Session, sql: &str, params: Option<ParamValues>) -> Vec<String> {
@@ -432,6 +432,28 @@ mod tests {
         // New rows are a new version, not indexed yet.
         run(&session, "INSERT INTO t VALUES (1001, 1)", None).await;
         assert_eq!(answer(&bind(1001)), None);
+        // A query string of the simple protocol (no plan of its own) is answered from the plan kept for its text.
+        let text = "SELECT n FROM t WHERE id = 500";
+        let simple = Prepared {
+            statement: Arc::new(parse_sql(text).unwrap().remove(0)),
+            plan: None,
+            pattern_parameters: vec![],
+        };
+        assert!(session.answer_point(&simple, None).is_none(), "nothing kept for the text yet");
+        for _ in 0..SCANS_BEFORE_INDEX {
+            let outcome = session.execute(&simple, None, &mut HashMap::new(), text).await.unwrap();
+            assert!(matches!(outcome, Outcome::Stream(..)), "answered as a point query by the worker");
+        }
+        match session.answer_point(&simple, None) {
+            Some(Ok(Outcome::Stream(mut stream, None))) => match stream.batches.try_recv() {
+                Ok(RowItem::Batch(batch)) => assert_eq!(
+                    batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap().values(),
+                    &[1500]
+                ),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
         // Anything but a lookup of plain columns by equality is not a point query.
         let other = "SELECT n + 1 FROM t WHERE id = $1";
         let prepared = session.prepare(parse_sql(other).unwrap().remove(0), other).await.unwrap();

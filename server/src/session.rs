@@ -425,7 +425,8 @@ impl Session {
 
     /// The answer to `prepared` with parameters `bound` when it is a point query that an index of its relation's
     /// rows now answers (see [`crate::point`]): found at once, so the caller need not hand it to a statement worker.
-    /// `None`: the normal path ([`Session::execute`]).
+    /// A statement of the simple protocol is looked for among the plans kept for their text ([`Session::plan_kept`]),
+    /// so a query string sent again is answered too. `None`: the normal path ([`Session::execute`]).
     pub(crate) fn answer_point(
         &self,
         prepared: &Prepared,
@@ -435,7 +436,15 @@ impl Session {
         if !matches!(stmt.as_ref(), Statement::Query(_)) || !prepared.statement.row_patterns.is_empty() {
             return None;
         }
-        let plan = prepared.plan.as_ref()?;
+        // A statement of the simple protocol has no plan of its own: the one kept for its text, if any.
+        let kept;
+        let plan = match &prepared.plan {
+            Some(plan) => plan,
+            None => {
+                kept = self.plans.get(&prepared.statement.text, self.plan_versions())?;
+                &kept
+            }
+        };
         let point = crate::point::PointQuery::of(plan)?;
         if let Err(refused) = self.authorize(&prepared.statement).and_then(|()| self.check_plan(plan)) {
             return Some(Err(refused));
