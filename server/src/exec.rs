@@ -1,7 +1,8 @@
 //! Where the work runs, so that no statement and no view can stall the threads that speak the protocol.
 //!
 //! ```text
-//!   front runtime (weir's main):   accept, pgwire framing, sessions' glue        never plans or executes
+//!   front runtime (weir's main):   accept, pgwire framing, sessions' glue; never plans, and executes only a
+//!                                  point query an index answers at once (Session::answer_point)
 //!        | statement job (parse / plan / execute / stream batches)
 //!        v
 //!   statement workers:             one OS thread per running statement, a big stack, its own
