@@ -4,12 +4,18 @@
 //! rows). Anything else (another predicate, an expression in the select list, a join, a type that would need a
 //! cast) takes the normal path, which gives the same rows.
 //!
-//! The plan matched is the one the SQL planner gives before optimization, with parameters already bound:
-//! `Projection` of plain columns over `Filter` over `TableScan` of a [`StoreTable`].
+//! The plan matched is the one the SQL planner gives before optimization: `Projection` of plain columns over
+//! `Filter` over `TableScan` of a [`StoreTable`], each equality's value a literal or a parameter (`$1`) of the
+//! column's type, bound by [`PointQuery::run`] (DataFusion's rewrite of a plan's parameters costs more than the
+//! lookup).
 //!
 //! A relation looked up often by the same column gets an index of that column ([`Lookups`]): built for one version
 //! of its rows (a view's epoch) once that version has answered a few point queries by scanning, so a view queried
 //! by key thousands of times a second is scanned a few times per epoch, and one queried rarely is never indexed.
+//! A lookup that an index of the current rows answers runs on the connection's task ([`Session::answer_point`]);
+//! the others run on a statement worker, as every statement does.
+//!
+//! [`Session::answer_point`]: crate::session::Session::answer_point
 
 use std::sync::{Arc, Mutex, PoisonError};
 
