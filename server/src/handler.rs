@@ -314,8 +314,7 @@ impl Handler {
         let metrics = &self.engine.jobs.metrics;
         // A lookup an index answers at once runs here; everything else on a statement worker.
         if let Some(answer) = session.answer_point(&prepared, bound.as_ref()) {
-            metrics.statement_seconds.observe(started.elapsed().as_secs_f64());
-            metrics.statements.with_label_values(&[if answer.is_ok() { "ok" } else { "error" }]).inc();
+            metrics.statement_done(started, answer.is_ok());
             return answer;
         }
         let token = self.running.start();
@@ -352,8 +351,7 @@ impl Handler {
         });
         let result = result.await.unwrap_or_else(|_| Err(crate::exec::worker_stopped()));
         // Until the outcome (a query's rows stream after).
-        metrics.statement_seconds.observe(started.elapsed().as_secs_f64());
-        metrics.statements.with_label_values(&[if result.is_ok() { "ok" } else { "error" }]).inc();
+        metrics.statement_done(started, result.is_ok());
         let (outcome, changed) = result?;
         *params = changed;
         Ok(outcome)

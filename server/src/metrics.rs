@@ -34,6 +34,12 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a statement that took from `started` until its outcome, by whether it succeeded.
+    pub fn statement_done(&self, started: std::time::Instant, ok: bool) {
+        self.statement_seconds.observe(started.elapsed().as_secs_f64());
+        self.statements.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let histogram = |name: &str, help: &str| HistogramOpts::new(name, help).buckets(SECONDS.to_vec());
