@@ -26,6 +26,8 @@
 //!   readable as a stream by views over it.
 //! - [`match_recognize`]: [`match_recognize::Matcher`], `MATCH_RECOGNIZE` partition by partition (rows, measures, one
 //!   row or all rows per match), over rows at rest (a SELECT) or a partition's rows as they come.
+//! - `match_condition`: `DEFINE` conditions compiled for the rows' types (no `ScalarValue` per value), where they can
+//!   be.
 //! - [`match_stream`]: [`match_stream::MatchStream`], `MATCH_RECOGNIZE` in a view: rows held until the watermark
 //!   passes them, matched in event-time order, matches emitted as soon as they are decided.
 //! - [`row_pattern`]: `MATCH_RECOGNIZE` row patterns compiled into a program and matched a row at a time, in preference
@@ -42,6 +44,7 @@
 pub(crate) mod exchange;
 mod groups;
 pub mod join;
+mod match_condition;
 pub mod match_recognize;
 pub mod match_stream;
 pub mod materialize;

@@ -22,6 +22,7 @@ use weir_common::pattern::{
     Aggregate, BinaryOp, Classified, MatchExpr, MatchRecognize, RowsPerMatch, SkipTo, TIMED_OUT, common_type,
 };
 
+use crate::match_condition::{Condition, Rows};
 use crate::row_pattern::{Attempt, PatternError, Program};
 
 /// Errors of matching.
@@ -394,6 +395,8 @@ impl Context<'_> {
             }
             MatchExpr::Not(inner) => match self.evaluate(inner, matched, shift)? {
                 ScalarValue::Boolean(b) => ScalarValue::Boolean(b.map(|b| !b)),
+                // A row before the partition's first (`NOT PREV(flag)`) is NULL, and so is its negation.
+                ScalarValue::Null => ScalarValue::Boolean(None),
                 other => return Err(MatchError::Evaluation(format!("NOT needs a boolean, not {other:?}"))),
             },
             MatchExpr::Negate(inner) => self.evaluate(inner, matched, shift)?.arithmetic_negate()?,
@@ -413,6 +416,26 @@ impl Context<'_> {
             }
         })
     }
+}
+
+/// What the general evaluator makes of `condition`, the `DEFINE` of `variable`, for row `current` of a partition
+/// (`rows`, the first at position `base`) after the partial match `matched`: what compiled conditions must agree with.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn evaluate_condition(
+    store: &RowStore,
+    rows: &VecDeque<RowId>,
+    base: usize,
+    variables: &[String],
+    subsets: &[Vec<usize>],
+    condition: &MatchExpr,
+    variable: usize,
+    matched: &[Classified],
+    current: usize,
+) -> Result<ScalarValue, MatchError> {
+    let context = Context { store, rows, base, variables, subsets, match_number: Some(1) };
+    let tried = Matched { rows: matched, current, current_variable: Some(variable), whole: matched };
+    context.evaluate(condition, &tried, 0)
 }
 
 fn binary(left: ScalarValue, op: BinaryOp, right: ScalarValue) -> Result<ScalarValue, MatchError> {
@@ -548,6 +571,8 @@ pub struct Matcher {
     lookback: usize,
     /// How many rows after the current one its expressions may look at (`NEXT`): a row is tried once they are known.
     lookahead: usize,
+    /// Each variable's `DEFINE` condition compiled for the rows' types, where it can be ([`Condition`]).
+    conditions: Vec<Option<Condition>>,
 }
 
 impl std::ops::Deref for Matcher {
@@ -581,7 +606,13 @@ impl Matcher {
         let lookback = expressions().map(MatchExpr::lookback).max().unwrap_or(0);
         let lookahead = expressions().map(MatchExpr::lookahead).max().unwrap_or(0);
         let output = Arc::new(Schema::new(fields));
-        Ok(Matcher { spec, program, input, output, leading, trailing, lookback, lookahead })
+        let conditions = (spec.defines.iter().enumerate())
+            .map(|(variable, define)| {
+                let compile = |e| Condition::compile(e, variable, spec.variables.len(), &spec.subsets, &input);
+                define.as_ref().and_then(compile)
+            })
+            .collect();
+        Ok(Matcher { spec, program, input, output, leading, trailing, lookback, lookahead, conditions })
     }
 
     /// The schema of the output rows.
@@ -691,6 +722,10 @@ impl Matcher {
                     return false;
                 }
                 let Some(condition) = &self.defines[variable] else { return true };
+                if let Some(Some(compiled)) = self.conditions.get(variable) {
+                    let rows = Rows { store, rows: &partition.rows, base: partition.base, matched, current: row };
+                    return compiled.holds(&rows);
+                }
                 let tried = Matched { rows: matched, current: row, current_variable: Some(variable), whole: matched };
                 match context.evaluate(condition, &tried, 0) {
                     Ok(ScalarValue::Boolean(Some(true))) => true,
