@@ -108,6 +108,10 @@ enum Suite {
     },
 }
 
+/// The allocator `weir` runs with (see the workspace's Cargo.toml), so figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.state_dir {

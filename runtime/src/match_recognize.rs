@@ -227,6 +227,8 @@ pub struct PartitionMatch {
     match_number: i64,
     /// When the watermark may next put partial matches of the attempt out of `WITHIN`'s reach, as last noted.
     pub(crate) deadline: Option<i64>,
+    /// The position and time of the first row of the attempt's partial matches, as last looked up.
+    first_time: Option<(usize, i64)>,
     /// The most preferred partial match of the attempt that `WITHIN` cut off (for `EMIT TIMEOUTS`).
     timed_out: Option<Vec<Classified>>,
 }
@@ -240,6 +242,7 @@ impl Default for PartitionMatch {
             attempt: None,
             match_number: 1,
             deadline: None,
+            first_time: None,
             timed_out: None,
         }
     }
@@ -276,6 +279,7 @@ impl PartitionMatch {
             attempt: None,
             match_number,
             deadline: None,
+            first_time: None,
             timed_out: None,
         }
     }
@@ -848,11 +852,19 @@ impl Matcher {
 
     /// When the watermark reaching it may decide `partition`'s attempt under way by `WITHIN`: the earliest first row
     /// of its partial matches plus the bound, less a unit.
-    pub fn deadline(&self, partition: &PartitionMatch, store: &RowStore) -> Option<i64> {
+    pub fn deadline(&self, partition: &mut PartitionMatch, store: &RowStore) -> Option<i64> {
         let within = self.within?;
         let first = partition.attempt.as_ref()?.first_row()?;
-        let id = partition.rows.get(first.checked_sub(partition.base)?)?;
-        Some(store.time(*id, self.order_by.first()?.0)?.saturating_add(within - 1))
+        let time = match partition.first_time {
+            Some((row, time)) if row == first => time,
+            _ => {
+                let id = partition.rows.get(first.checked_sub(partition.base)?)?;
+                let time = store.time(*id, self.order_by.first()?.0)?;
+                partition.first_time = Some((first, time));
+                time
+            }
+        };
+        Some(time.saturating_add(within - 1))
     }
 
     /// Lets go of the rows of `partition` no match to come can look at (all of them once it `ended`).

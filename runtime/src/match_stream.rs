@@ -19,12 +19,16 @@
 //!
 //! A checkpoint writes the watermark, each batch of pending rows once (as it arrived; deleted once released: a
 //! restored one drops what the restored watermark released), each chunk of released rows once (as matching keeps it;
-//! deleted once no partition holds a row of it) and each changed partition's positions with the ids of the rows it
-//! holds, so what a checkpoint writes grows with the rows that came, not with the partitions they touched times the
-//! rows each holds. A restored partition finds its attempt again by matching its rows (matching is deterministic).
+//! deleted once no partition holds a row of it) and the changed partitions' positions with the ids of the rows they
+//! hold, so what a checkpoint writes grows with the rows that came, not with the partitions they touched times the
+//! rows each holds. The changed partitions go in one entry of a log (a key per partition made the store's writes
+//! cost more than matching with 100,000 partitions); once the log holds twice what the partitions do, a checkpoint
+//! writes every partition afresh and drops the log before. A restored partition finds its attempt again by matching
+//! its rows (matching is deterministic).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::hash::BuildHasher;
 
 use datafusion::arrow::array::{AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::{
@@ -32,7 +36,6 @@ use datafusion::arrow::compute::{
 };
 use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::HashMap;
 use weir_common::pattern::MatchRecognize;
 use weir_common::stream::{END_OF_TIME, Watermark};
 
@@ -44,8 +47,15 @@ use crate::{Result, RuntimeError};
 const PENDING_TAG: u8 = b'q';
 /// A chunk of released rows, by number.
 const CHUNK_TAG: u8 = b'c';
-/// A partition's positions and the ids of its rows.
+/// A partition's positions and the ids of its rows, an entry a partition, as checkpoints before the log wrote them:
+/// read on restore, and replaced by the next checkpoint.
 const HELD_TAG: u8 = b'h';
+/// An entry of the log of partitions, by number: changed partitions, each its key, positions and the ids of its rows.
+const LOG_TAG: u8 = b'l';
+/// Most bytes of partitions in one entry of the log.
+const LOG_ENTRY_BYTES: usize = 4 << 20;
+/// The log is written afresh once it holds more than twice the partitions' bytes and this much more.
+const LOG_SLACK_BYTES: usize = 1 << 20;
 /// A partition's positions and its rows themselves, as checkpoints before chunks were kept wrote them: read on
 /// restore, and replaced by the next checkpoint.
 const OLD_PARTITION_TAG: u8 = b'p';
@@ -66,8 +76,8 @@ pub struct MatchStream {
     pending_added: Vec<(u64, RecordBatch)>,
     pending_released: Vec<u64>,
     store: RowStore,
-    /// Each partition key's number: its place in `partitions`.
-    numbers: HashMap<Vec<u8>, usize>,
+    /// Each partition's number (its place in `partitions`), hashed by its key.
+    numbers: hashbrown::HashTable<usize>,
     /// The partitions, with their keys.
     partitions: Vec<(Vec<u8>, PartitionMatch)>,
     /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first (an entry whose time is not
@@ -79,8 +89,19 @@ pub struct MatchStream {
     /// The chunks of the row store a checkpoint holds, in order, and the number of the first not written yet.
     saved_chunks: Vec<u64>,
     unsaved_chunks: u64,
-    /// Keys of the state table the next checkpoint deletes (entries in the old partition format, once read).
+    /// Keys of the state table the next checkpoint deletes (entries in the old partition formats, once read).
     stale: Vec<Vec<u8>>,
+    /// The log of partitions: its entries by number, the next number, and the bytes of its entries.
+    log: Vec<u64>,
+    next_log: u64,
+    log_bytes: usize,
+    /// The bytes of each partition's last record in the log, and their sum.
+    record_bytes: Vec<usize>,
+    live_bytes: usize,
+    /// Whether the next checkpoint writes every partition afresh (after a restore from an old format).
+    rewrite_all: bool,
+    /// How many bytes more than twice the partitions' the log may hold ([`LOG_SLACK_BYTES`]; less in tests).
+    log_slack: usize,
     /// Decodes rows of the old partition format.
     rows: RowConverter,
 }
@@ -89,7 +110,7 @@ impl MatchStream {
     /// About how many bytes the operator holds: rows waiting for the watermark and rows partial matches hold.
     pub fn memory(&self) -> usize {
         let pending: usize = self.pending.iter().map(|p| p.rows.get_array_memory_size()).sum();
-        pending + self.store.memory() + self.numbers.keys().map(|k| k.len() + 64).sum::<usize>()
+        pending + self.store.memory() + self.partitions.iter().map(|(k, _)| k.len() + 96).sum::<usize>()
     }
 
     pub fn try_new(spec: MatchRecognize, input: SchemaRef) -> Result<Self> {
@@ -110,7 +131,7 @@ impl MatchStream {
             pending_added: Vec::new(),
             pending_released: Vec::new(),
             store: RowStore::default(),
-            numbers: HashMap::new(),
+            numbers: hashbrown::HashTable::new(),
             partitions: Vec::new(),
             deadlines: BinaryHeap::new(),
             unsaved: Vec::new(),
@@ -118,6 +139,13 @@ impl MatchStream {
             saved_chunks: Vec::new(),
             unsaved_chunks: 0,
             stale: Vec::new(),
+            log: Vec::new(),
+            next_log: 0,
+            log_bytes: 0,
+            record_bytes: Vec::new(),
+            live_bytes: 0,
+            rewrite_all: false,
+            log_slack: LOG_SLACK_BYTES,
             rows,
         })
     }
@@ -261,24 +289,89 @@ impl MatchStream {
 
     /// The number of the partition with key `key`, a new partition if none has it yet.
     fn number(&mut self, key: &[u8]) -> usize {
-        if let Some(number) = self.numbers.get(key) {
+        let hash = PARTITION_HASH.hash_one(key);
+        let partitions = &self.partitions;
+        if let Some(number) = self.numbers.find(hash, |n| partitions[*n].0 == key) {
             return *number;
         }
         let number = self.partitions.len();
-        self.numbers.insert(key.to_vec(), number);
         self.partitions.push((key.to_vec(), PartitionMatch::default()));
+        let partitions = &self.partitions;
+        self.numbers.insert_unique(hash, number, |n| PARTITION_HASH.hash_one(&partitions[*n].0));
         self.changed.push(false);
+        self.record_bytes.push(0);
         number
     }
+
+    /// Appends partition `number`'s record to `log`: its key, positions and the ids of its rows.
+    fn record(&mut self, number: usize, log: &mut Vec<u8>) {
+        let (key, partition) = &self.partitions[number];
+        let start = log.len();
+        log.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        log.extend_from_slice(key);
+        log.extend(partition.positions().iter().flat_map(|p| p.to_be_bytes()));
+        log.extend_from_slice(&(partition.held().len() as u32).to_be_bytes());
+        log.extend(partition.held().flat_map(|id| id.to_be_bytes()));
+        let bytes = log.len() - start;
+        self.live_bytes = self.live_bytes + bytes - std::mem::replace(&mut self.record_bytes[number], bytes);
+    }
+
+    /// Writes the changed partitions as one more entry of the log or, once the log holds more than twice what the
+    /// partitions do (or after a restore from an old format), every partition afresh in place of the log.
+    fn write_log(&mut self, table: &StateTable, batch: &mut WriteBatch) {
+        let unsaved = std::mem::take(&mut self.unsaved);
+        for number in &unsaved {
+            self.changed[*number] = false;
+        }
+        let mut entries = Vec::new();
+        let mut entry = Vec::new();
+        for number in unsaved {
+            self.record(number, &mut entry);
+            if entry.len() >= LOG_ENTRY_BYTES {
+                entries.push(std::mem::take(&mut entry));
+            }
+        }
+        if !entry.is_empty() {
+            entries.push(entry);
+        }
+        let logged: usize = entries.iter().map(Vec::len).sum();
+        if self.rewrite_all || self.log_bytes + logged > 2 * self.live_bytes + self.log_slack {
+            self.rewrite_all = false;
+            for number in self.log.drain(..) {
+                batch.delete(table.key(&numbered_key(LOG_TAG, number)));
+            }
+            self.log_bytes = 0;
+            entries.clear();
+            let mut entry = Vec::new();
+            for number in 0..self.partitions.len() {
+                self.record(number, &mut entry);
+                if entry.len() >= LOG_ENTRY_BYTES {
+                    entries.push(std::mem::take(&mut entry));
+                }
+            }
+            if !entry.is_empty() {
+                entries.push(entry);
+            }
+        }
+        for entry in entries {
+            self.log_bytes += entry.len();
+            self.log.push(self.next_log);
+            batch.put(table.key(&numbered_key(LOG_TAG, self.next_log)), entry);
+            self.next_log += 1;
+        }
+    }
 }
+
+/// The hash of partition keys.
+const PARTITION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5745_4952);
 
 fn matching(err: MatchError) -> RuntimeError {
     RuntimeError::Match(err.to_string())
 }
 
 impl Checkpointed for MatchStream {
-    /// Each chunk of released rows is written once and deleted when no partition holds a row of it; each changed
-    /// partition is one entry: its positions, then the ids of the rows it holds.
+    /// Each chunk of released rows is written once and deleted when no partition holds a row of it; the changed
+    /// partitions (their positions, then the ids of the rows they hold) are one more entry of the log.
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
         // Each pending batch is written once, as it arrived, and deleted once released; a restored one drops the
@@ -305,14 +398,7 @@ impl Checkpointed for MatchStream {
             self.saved_chunks.push(number);
         }
         self.unsaved_chunks = self.store.next_number();
-        for number in std::mem::take(&mut self.unsaved) {
-            self.changed[number] = false;
-            let (key, partition) = &self.partitions[number];
-            let mut value: Vec<u8> = Vec::with_capacity(24 + 8 * partition.held().len());
-            value.extend(partition.positions().iter().flat_map(|p| p.to_be_bytes()));
-            value.extend(partition.held().flat_map(|id| id.to_be_bytes()));
-            batch.put(table.key(&tagged(HELD_TAG, key)), value);
-        }
+        self.write_log(table, batch);
         Ok(())
     }
 
@@ -343,6 +429,11 @@ impl Checkpointed for MatchStream {
         self.unsaved.clear();
         self.changed.clear();
         self.stale.clear();
+        self.record_bytes.clear();
+        self.live_bytes = 0;
+        self.log.clear();
+        self.log_bytes = 0;
+        self.rewrite_all = false;
         let corrupt = || StateError::Corrupt("MATCH_RECOGNIZE partition".to_string());
         let mut chunks = Vec::new();
         for (key, value) in table.scan_prefix(store, &[CHUNK_TAG])? {
@@ -353,14 +444,34 @@ impl Checkpointed for MatchStream {
         }
         self.saved_chunks = chunks.iter().map(|(number, _)| *number).collect();
         self.saved_chunks.sort_unstable();
-        let mut partitions = Vec::new();
-        let mut ids = Vec::new();
+        // Each partition's last record: entries of the old format first, then the log's in order.
+        let mut records: BTreeMap<Vec<u8>, ([i64; 3], Vec<RowId>)> = BTreeMap::new();
         for (key, value) in table.scan_prefix(store, &[HELD_TAG])? {
             let positions = positions_of(&value).ok_or_else(corrupt)?;
-            let first = ids.len();
             let held = value.get(24..).filter(|rest| rest.len() % 8 == 0).ok_or_else(corrupt)?;
-            ids.extend(held.chunks_exact(8).filter_map(|id| id.try_into().ok()).map(u64::from_be_bytes));
-            partitions.push((key[1..].to_vec(), positions, first..ids.len(), false));
+            let ids = held.chunks_exact(8).filter_map(|id| id.try_into().ok()).map(u64::from_be_bytes).collect();
+            records.insert(key[1..].to_vec(), (positions, ids));
+            self.stale.push(key);
+            self.rewrite_all = true;
+        }
+        for (key, value) in table.scan_prefix(store, &[LOG_TAG])? {
+            let number = numbered(&key).ok_or_else(corrupt)?;
+            self.log.push(number);
+            self.next_log = number + 1;
+            self.log_bytes += value.len();
+            let mut rest = &value[..];
+            while !rest.is_empty() {
+                let (key, positions, ids, after) = log_record(rest).ok_or_else(corrupt)?;
+                records.insert(key, (positions, ids));
+                rest = after;
+            }
+        }
+        let mut partitions = Vec::new();
+        let mut ids = Vec::new();
+        for (key, (positions, held)) in records {
+            let first = ids.len();
+            ids.extend(held);
+            partitions.push((key, positions, first..ids.len(), false));
         }
         // Partitions in the old format: their rows become one more chunk, written by the next checkpoint with the
         // partitions in the new format, and their old entries go.
@@ -382,6 +493,7 @@ impl Checkpointed for MatchStream {
                 }
                 partitions.push((key[1..].to_vec(), positions, first..ids.len(), true));
                 self.stale.push(key.clone());
+                self.rewrite_all = true;
             }
             let columns = self.rows.convert_rows(rows).map_err(arrow_err)?;
             let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(ids.len()));
@@ -407,8 +519,27 @@ impl Checkpointed for MatchStream {
                 self.mark_changed(number);
             }
         }
+        // What the log holds of each partition now: the next checkpoint's measure of when to write it afresh.
+        let mut scratch = Vec::new();
+        for number in 0..self.partitions.len() {
+            scratch.clear();
+            self.record(number, &mut scratch);
+        }
         Ok(())
     }
+}
+
+/// A record of the log: the partition's key, positions and row ids, and what follows the record.
+fn log_record(bytes: &[u8]) -> Option<(Vec<u8>, [i64; 3], Vec<RowId>, &[u8])> {
+    let length = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+    let key_end = 4 + length(0)? as usize;
+    let key = bytes.get(4..key_end)?.to_vec();
+    let positions = positions_of(bytes.get(key_end..)?)?;
+    let held = length(key_end + 24)? as usize;
+    let ids_start = key_end + 28;
+    let ids_end = ids_start.checked_add(held.checked_mul(8)?)?;
+    let ids = bytes.get(ids_start..ids_end)?.chunks_exact(8).filter_map(|id| id.try_into().ok());
+    Some((key, positions, ids.map(u64::from_be_bytes).collect(), &bytes[ids_end..]))
 }
 
 /// The positions at the start of a partition's entry.
@@ -448,16 +579,21 @@ fn event_times(batch: &RecordBatch, time: usize) -> Result<Int64Array> {
 }
 
 fn pending_key(number: u64) -> Vec<u8> {
-    tagged(PENDING_TAG, &number.to_be_bytes())
+    numbered_key(PENDING_TAG, number)
 }
 
-/// The number of a [`pending_key`] or [`chunk_key`].
+/// A state-table key: `tag`, then `number`.
+fn numbered_key(tag: u8, number: u64) -> Vec<u8> {
+    tagged(tag, &number.to_be_bytes())
+}
+
+/// The number of a [`numbered_key`].
 fn numbered(key: &[u8]) -> Option<u64> {
     key.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)
 }
 
 fn chunk_key(number: u64) -> Vec<u8> {
-    tagged(CHUNK_TAG, &number.to_be_bytes())
+    numbered_key(CHUNK_TAG, number)
 }
 
 /// A state-table key: `tag`, then `rest`.
@@ -619,7 +755,9 @@ mod tests {
             let expected = Matcher::try_new(spec.clone(), schema()).unwrap().run(&[batch(&on_time)]).unwrap();
 
             let mut out = Vec::new();
-            let new_operator = || MatchStream::try_new(spec.clone(), schema()).unwrap();
+            // Half the cases write the log of partitions afresh as soon as it holds more than twice their bytes.
+            let log_slack = if case % 2 == 0 { 0 } else { LOG_SLACK_BYTES };
+            let new_operator = || MatchStream { log_slack, ..MatchStream::try_new(spec.clone(), schema()).unwrap() };
             let (mut op, store, table) =
                 crate::feed_with_restarts(&mut next, &rows, batch, delay, new_operator, |op, message| match message {
                     Message::Data(b) => op.on_data(&b).unwrap(),
@@ -644,6 +782,9 @@ mod tests {
                 vec![],
                 "case {case}: chunks no partition holds a row of leave no state"
             );
+            let logged: usize = table.scan_prefix(&store, &[LOG_TAG]).unwrap().iter().map(|(_, v)| v.len()).sum();
+            assert_eq!(logged, op.log_bytes, "case {case}");
+            assert!(logged <= 2 * op.live_bytes + log_slack, "case {case}: the log is bounded ({logged} bytes)");
         }
         assert!(matched > 1_000, "the cases match often enough to say something ({matched} rows)");
     }
@@ -685,9 +826,7 @@ mod tests {
         store.write(&write).unwrap();
         assert_eq!(table.scan_prefix(&store, &[OLD_PARTITION_TAG]).unwrap(), vec![], "the old entry is gone");
         assert_eq!(table.scan_prefix(&store, &[CHUNK_TAG]).unwrap().len(), 1, "the rows are one chunk");
-        let held = table.scan_prefix(&store, &[HELD_TAG]).unwrap();
-        assert_eq!(held.len(), 1);
-        assert_eq!(held[0].1.len(), 24 + 2 * 8, "positions and two row ids");
+        assert_only_record(&table, &store, [0, 0, 1], 2);
 
         // Restored again from the new format, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
         let mut op = MatchStream::try_new(spec, schema()).unwrap();
@@ -695,6 +834,87 @@ mod tests {
         op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
         let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
         assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
+    }
+
+    /// The log holds one record of the partition: its positions and `rows` row ids.
+    fn assert_only_record(table: &StateTable, store: &dyn StateStore, positions: [i64; 3], rows: usize) {
+        assert_eq!(table.scan_prefix(store, &[HELD_TAG]).unwrap(), vec![], "no entry a partition");
+        let log = table.scan_prefix(store, &[LOG_TAG]).unwrap();
+        assert_eq!(log.len(), 1, "one entry of the log");
+        let (_, restored, ids, rest) = log_record(&log[0].1).unwrap();
+        assert_eq!((restored, ids.len(), rest.len()), (positions, rows, 0), "one record: positions and row ids");
+    }
+
+    /// A checkpoint of the format before the log (an entry a partition: its positions and row ids) is restored, and
+    /// the next checkpoint replaces its entries by the log.
+    #[test]
+    fn a_checkpoint_with_an_entry_a_partition_is_restored_and_rewritten_as_a_log() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        let store = crate::state::MemoryStore::new();
+        let table = StateTable::new("view/match");
+        let mut write = WriteBatch::default();
+        // Partition 1 holds rows (1, 1, 0 s) and (1, 2, 1 s) of chunk 0: positions base 0, next attempt at 0, match
+        // number 1.
+        write.put(table.key(&chunk_key(0)), encode_batches(&[batch(&[(1, 1, 0), (1, 2, 1_000)])]).unwrap());
+        let key = Matcher::try_new(spec.clone(), schema()).unwrap().partition_keys(&batch(&[(1, 0, 0)])).unwrap();
+        let mut value: Vec<u8> = [0i64, 0, 1].iter().flat_map(|p| p.to_be_bytes()).collect();
+        value.extend([0u64, 1].iter().flat_map(|id| id.to_be_bytes()));
+        write.put(table.key(&tagged(HELD_TAG, key.row(0).as_ref())), value);
+        store.write(&write).unwrap();
+
+        let mut op = MatchStream::try_new(spec.clone(), schema()).unwrap();
+        op.restore(&table, &store).unwrap();
+        assert_eq!(op.rows_held(), 2);
+        let mut write = WriteBatch::default();
+        op.checkpoint(&table, &mut write).unwrap();
+        store.write(&write).unwrap();
+        assert_only_record(&table, &store, [0, 0, 1], 2);
+
+        // Restored from the log, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        op.restore(&table, &store).unwrap();
+        op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
+        let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
+        assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
+    }
+
+    /// Checkpoints add an entry to the log for the partitions they changed, and once the log holds more than twice
+    /// what the partitions do, one writes them all afresh and deletes the entries before.
+    #[test]
+    fn the_log_of_partitions_is_written_afresh_once_it_holds_twice_what_they_do() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        let store = crate::state::MemoryStore::new();
+        let table = StateTable::new("view/match");
+        let mut op = MatchStream { log_slack: 0, ..MatchStream::try_new(spec.clone(), schema()).unwrap() };
+        let checkpoint = |op: &mut MatchStream| {
+            let mut write = WriteBatch::default();
+            op.checkpoint(&table, &mut write).unwrap();
+            store.write(&write).unwrap();
+            table.scan_prefix(&store, &[LOG_TAG]).unwrap().len()
+        };
+        // Four partitions holding a row each (the attempt A waits for a B): a record is the key's length, the key (a
+        // null byte and 8 bytes), three positions, the number of rows and their ids: 4 + 9 + 24 + 4 + 8 = 49 bytes.
+        op.on_data(&batch(&[(1, 1, 0), (2, 1, 0), (3, 1, 0), (4, 1, 0)])).unwrap();
+        op.advance(0).unwrap();
+        assert_eq!(checkpoint(&mut op), 1);
+        assert_eq!((op.live_bytes, op.log_bytes), (4 * 49, 4 * 49));
+        // Partition 1 rises at each of the next checkpoints and holds 2, 3, 4 then 5 rows (57, 65, 73, 81 bytes). The
+        // log grows by its record until it would hold more than twice what the partitions do.
+        for (rows, (value, at)) in [(2, 1_000), (3, 2_000), (4, 3_000)].into_iter().enumerate() {
+            op.on_data(&batch(&[(1, value, at)])).unwrap();
+            op.advance(at).unwrap();
+            assert_eq!(checkpoint(&mut op), 2 + rows);
+        }
+        assert_eq!((op.live_bytes, op.log_bytes), (3 * 49 + 73, 4 * 49 + 57 + 65 + 73));
+        // 391 + 81 = 472 bytes would be more than 2 * (147 + 81) = 456: the four partitions are written afresh.
+        op.on_data(&batch(&[(1, 5, 4_000)])).unwrap();
+        op.advance(4_000).unwrap();
+        assert_eq!(checkpoint(&mut op), 1);
+        assert_eq!((op.live_bytes, op.log_bytes), (228, 228));
+        // Restored, the log says the same: 3 + 5 rows held.
+        let mut restored = MatchStream::try_new(spec, schema()).unwrap();
+        restored.restore(&table, &store).unwrap();
+        assert_eq!((restored.live_bytes, restored.log_bytes, restored.rows_held()), (228, 228, 8));
     }
 
     /// Without `PARTITION BY` every row is in one partition: rows of two keys make one rise and fall.

@@ -7,6 +7,10 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio::net::TcpListener;
 
+/// The allocator (see the workspace's Cargo.toml): many small buffers are allocated and freed per row.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Weir: a streaming SQL server that speaks the Postgres wire protocol.
 #[derive(Debug, Parser)]
 #[command(name = "weir", version, about)]
