@@ -77,7 +77,7 @@ pub struct MatchStream {
     pending_released: Vec<u64>,
     store: RowStore,
     /// Each partition's number (its place in `partitions`), hashed by its key.
-    numbers: hashbrown::HashTable<usize>,
+    numbers: hashbrown::HashTable<Numbered>,
     /// The partitions, with their keys.
     partitions: Vec<(Vec<u8>, PartitionMatch)>,
     /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first (an entry whose time is not
@@ -291,13 +291,13 @@ impl MatchStream {
     fn number(&mut self, key: &[u8]) -> usize {
         let hash = PARTITION_HASH.hash_one(key);
         let partitions = &self.partitions;
-        if let Some(number) = self.numbers.find(hash, |n| partitions[*n].0 == key) {
-            return *number;
+        if let Some(entry) = self.numbers.find(hash, |entry| entry.key(partitions) == key) {
+            return entry.number;
         }
         let number = self.partitions.len();
         self.partitions.push((key.to_vec(), PartitionMatch::default()));
         let partitions = &self.partitions;
-        self.numbers.insert_unique(hash, number, |n| PARTITION_HASH.hash_one(&partitions[*n].0));
+        self.numbers.insert_unique(hash, Numbered::new(number, key), |e| PARTITION_HASH.hash_one(e.key(partitions)));
         self.changed.push(false);
         self.record_bytes.push(0);
         number
@@ -358,6 +358,39 @@ impl MatchStream {
             self.log.push(self.next_log);
             batch.put(table.key(&numbered_key(LOG_TAG, self.next_log)), entry);
             self.next_log += 1;
+        }
+    }
+}
+
+/// A partition's number in the table of numbers, with its key when that is short (a number, a short text), so that
+/// finding a partition's number reads nothing else.
+#[derive(Debug, Clone, Copy)]
+struct Numbered {
+    number: usize,
+    /// The key's length, [`Numbered::LONG`] for a key kept only with its partition.
+    length: u8,
+    key: [u8; 16],
+}
+
+impl Numbered {
+    const LONG: u8 = u8::MAX;
+
+    fn new(number: usize, key: &[u8]) -> Self {
+        let mut short = [0; 16];
+        match short.get_mut(..key.len()) {
+            Some(prefix) => {
+                prefix.copy_from_slice(key);
+                Numbered { number, length: key.len() as u8, key: short }
+            }
+            None => Numbered { number, length: Self::LONG, key: short },
+        }
+    }
+
+    /// The key: here when it is short, else with the partition.
+    fn key<'a>(&'a self, partitions: &'a [(Vec<u8>, PartitionMatch)]) -> &'a [u8] {
+        match self.key.get(..usize::from(self.length)) {
+            Some(key) => key,
+            None => partitions.get(self.number).map_or(&[][..], |(key, _)| key),
         }
     }
 }
@@ -915,6 +948,28 @@ mod tests {
         let mut restored = MatchStream::try_new(spec, schema()).unwrap();
         restored.restore(&table, &store).unwrap();
         assert_eq!((restored.live_bytes, restored.log_bytes, restored.rows_held()), (228, 228, 8));
+    }
+
+    /// Keys of up to 16 bytes are kept in the table of numbers, longer ones with their partition: either way a key
+    /// finds its own partition again, and keys sharing their first 16 bytes are told apart.
+    #[test]
+    fn partition_keys_short_and_long_find_their_numbers() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        let keys: Vec<Vec<u8>> = (0..3_000u32)
+            .map(|n| {
+                let mut key = vec![7u8; (n % 40) as usize];
+                key.extend_from_slice(&n.to_be_bytes());
+                key
+            })
+            .collect();
+        let numbers: Vec<usize> = keys.iter().map(|k| op.number(k)).collect();
+        assert_eq!(numbers, (0..3_000).collect::<Vec<_>>(), "each new key, a new partition");
+        assert_eq!(op.number(&[]), 3_000, "the empty key is a key too");
+        for (key, number) in keys.iter().zip(&numbers).rev() {
+            assert_eq!(op.number(key), *number);
+            assert_eq!(op.partitions[*number].0, *key);
+        }
     }
 
     /// Without `PARTITION BY` every row is in one partition: rows of two keys make one rise and fall.

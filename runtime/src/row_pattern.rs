@@ -76,7 +76,8 @@ impl Attempt {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Thread {
     pc: usize,
-    registers: Vec<usize>,
+    /// Where each repetition's current iteration began (most patterns have one or two repetitions: no allocation).
+    registers: smallvec::SmallVec<[usize; 2]>,
     excluded: u32,
     matched: Vec<Classified>,
 }
@@ -198,7 +199,12 @@ impl Program {
     /// Begins a match attempt at row `start`, with `rows` rows known so far (`ended`: all there will be).
     pub fn begin(&self, start: usize, rows: usize, ended: bool) -> Result<Attempt, PatternError> {
         let mut threads = Vec::new();
-        let first = Thread { pc: 0, registers: vec![usize::MAX; self.registers], excluded: 0, matched: Vec::new() };
+        let first = Thread {
+            pc: 0,
+            registers: smallvec::smallvec![usize::MAX; self.registers],
+            excluded: 0,
+            matched: Vec::new(),
+        };
         self.add(&mut threads, first, start, rows, ended)?;
         Ok(Attempt { threads, best: None, at: start, spare: Vec::new() })
     }
