@@ -494,7 +494,7 @@ impl Checkpointed for MatchStream {
             self.log_bytes += value.len();
             let mut rest = &value[..];
             while !rest.is_empty() {
-                let (key, positions, ids, after) = log_record(rest).ok_or_else(corrupt)?;
+                let ((key, positions, ids), after) = log_record(rest).ok_or_else(corrupt)?;
                 records.insert(key, (positions, ids));
                 rest = after;
             }
@@ -562,8 +562,11 @@ impl Checkpointed for MatchStream {
     }
 }
 
-/// A record of the log: the partition's key, positions and row ids, and what follows the record.
-fn log_record(bytes: &[u8]) -> Option<(Vec<u8>, [i64; 3], Vec<RowId>, &[u8])> {
+/// A partition as the log records it: its key, positions and the ids of its rows.
+type Record = (Vec<u8>, [i64; 3], Vec<RowId>);
+
+/// A record of the log, and what follows it.
+fn log_record(bytes: &[u8]) -> Option<(Record, &[u8])> {
     let length = |at: usize| bytes.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
     let key_end = 4 + length(0)? as usize;
     let key = bytes.get(4..key_end)?.to_vec();
@@ -572,7 +575,7 @@ fn log_record(bytes: &[u8]) -> Option<(Vec<u8>, [i64; 3], Vec<RowId>, &[u8])> {
     let ids_start = key_end + 28;
     let ids_end = ids_start.checked_add(held.checked_mul(8)?)?;
     let ids = bytes.get(ids_start..ids_end)?.chunks_exact(8).filter_map(|id| id.try_into().ok());
-    Some((key, positions, ids.map(u64::from_be_bytes).collect(), &bytes[ids_end..]))
+    Some(((key, positions, ids.map(u64::from_be_bytes).collect()), &bytes[ids_end..]))
 }
 
 /// The positions at the start of a partition's entry.
@@ -874,7 +877,7 @@ mod tests {
         assert_eq!(table.scan_prefix(store, &[HELD_TAG]).unwrap(), vec![], "no entry a partition");
         let log = table.scan_prefix(store, &[LOG_TAG]).unwrap();
         assert_eq!(log.len(), 1, "one entry of the log");
-        let (_, restored, ids, rest) = log_record(&log[0].1).unwrap();
+        let ((_, restored, ids), rest) = log_record(&log[0].1).unwrap();
         assert_eq!((restored, ids.len(), rest.len()), (positions, rows, 0), "one record: positions and row ids");
     }
 
