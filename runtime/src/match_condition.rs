@@ -397,27 +397,26 @@ fn evaluate<'a>(node: &'a Node, rows: &Rows<'a>) -> Value<'a> {
                 _ => return Value::Null,
             })
         }
-        Node::And(left, right) => match evaluate(left, rows) {
-            Value::Bool(false) => Value::Bool(false),
-            l => match (l, evaluate(right, rows)) {
-                (_, Value::Bool(false)) => Value::Bool(false),
-                (Value::Bool(true), Value::Bool(true)) => Value::Bool(true),
-                _ => Value::Null,
-            },
-        },
-        Node::Or(left, right) => match evaluate(left, rows) {
-            Value::Bool(true) => Value::Bool(true),
-            l => match (l, evaluate(right, rows)) {
-                (_, Value::Bool(true)) => Value::Bool(true),
-                (Value::Bool(false), Value::Bool(false)) => Value::Bool(false),
-                _ => Value::Null,
-            },
-        },
+        Node::And(left, right) => logical(left, right, false, rows),
+        Node::Or(left, right) => logical(left, right, true, rows),
         Node::Not(inner) => match evaluate(inner, rows) {
             Value::Bool(b) => Value::Bool(!b),
             _ => Value::Null,
         },
         Node::IsNull { expr, negated } => Value::Bool((evaluate(expr, rows) == Value::Null) != *negated),
+    }
+}
+
+/// `AND` (`absorbing` false) or `OR` (true) in three-valued logic: the absorbing value on either side decides (the
+/// right side is not evaluated when the left is it), two booleans give the other value, anything else NULL.
+fn logical<'a>(left: &'a Node, right: &'a Node, absorbing: bool, rows: &Rows<'a>) -> Value<'a> {
+    match evaluate(left, rows) {
+        Value::Bool(l) if l == absorbing => Value::Bool(absorbing),
+        l => match (l, evaluate(right, rows)) {
+            (_, Value::Bool(r)) if r == absorbing => Value::Bool(absorbing),
+            (Value::Bool(_), Value::Bool(_)) => Value::Bool(!absorbing),
+            _ => Value::Null,
+        },
     }
 }
 

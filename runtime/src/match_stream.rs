@@ -316,16 +316,11 @@ impl MatchStream {
         self.live_bytes = self.live_bytes + bytes - std::mem::replace(&mut self.record_bytes[number], bytes);
     }
 
-    /// Writes the changed partitions as one more entry of the log or, once the log holds more than twice what the
-    /// partitions do (or after a restore from an old format), every partition afresh in place of the log.
-    fn write_log(&mut self, table: &StateTable, batch: &mut WriteBatch) {
-        let unsaved = std::mem::take(&mut self.unsaved);
-        for number in &unsaved {
-            self.changed[*number] = false;
-        }
+    /// The records of partitions `numbers`, in entries of about [`LOG_ENTRY_BYTES`].
+    fn records(&mut self, numbers: impl IntoIterator<Item = usize>) -> Vec<Vec<u8>> {
         let mut entries = Vec::new();
         let mut entry = Vec::new();
-        for number in unsaved {
+        for number in numbers {
             self.record(number, &mut entry);
             if entry.len() >= LOG_ENTRY_BYTES {
                 entries.push(std::mem::take(&mut entry));
@@ -334,6 +329,17 @@ impl MatchStream {
         if !entry.is_empty() {
             entries.push(entry);
         }
+        entries
+    }
+
+    /// Writes the changed partitions as one more entry of the log or, once the log holds more than twice what the
+    /// partitions do (or after a restore from an old format), every partition afresh in place of the log.
+    fn write_log(&mut self, table: &StateTable, batch: &mut WriteBatch) {
+        let unsaved = std::mem::take(&mut self.unsaved);
+        for number in &unsaved {
+            self.changed[*number] = false;
+        }
+        let mut entries = self.records(unsaved);
         let logged: usize = entries.iter().map(Vec::len).sum();
         if self.rewrite_all || self.log_bytes + logged > 2 * self.live_bytes + self.log_slack {
             self.rewrite_all = false;
@@ -341,17 +347,7 @@ impl MatchStream {
                 batch.delete(table.key(&numbered_key(LOG_TAG, number)));
             }
             self.log_bytes = 0;
-            entries.clear();
-            let mut entry = Vec::new();
-            for number in 0..self.partitions.len() {
-                self.record(number, &mut entry);
-                if entry.len() >= LOG_ENTRY_BYTES {
-                    entries.push(std::mem::take(&mut entry));
-                }
-            }
-            if !entry.is_empty() {
-                entries.push(entry);
-            }
+            entries = self.records(0..self.partitions.len());
         }
         for entry in entries {
             self.log_bytes += entry.len();
@@ -854,31 +850,32 @@ mod tests {
         write.put(table.key(&key), value);
         store.write(&write).unwrap();
 
+        restore_rewrite_and_match(spec, &table, &store);
+    }
+
+    /// Restores the state `store` holds of partition 1 (rows (1, 1, 0 s) and (1, 2, 1 s)) and checkpoints it: the old
+    /// entries go, the rows are one chunk and the log holds one record (positions base 0, next attempt at 0, match
+    /// number 1; two row ids). Restored again from the log, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
+    fn restore_rewrite_and_match(spec: MatchRecognize, table: &StateTable, store: &crate::state::MemoryStore) {
         let mut op = MatchStream::try_new(spec.clone(), schema()).unwrap();
-        op.restore(&table, &store).unwrap();
+        op.restore(table, store).unwrap();
         assert_eq!(op.rows_held(), 2);
         let mut write = WriteBatch::default();
-        op.checkpoint(&table, &mut write).unwrap();
+        op.checkpoint(table, &mut write).unwrap();
         store.write(&write).unwrap();
-        assert_eq!(table.scan_prefix(&store, &[OLD_PARTITION_TAG]).unwrap(), vec![], "the old entry is gone");
-        assert_eq!(table.scan_prefix(&store, &[CHUNK_TAG]).unwrap().len(), 1, "the rows are one chunk");
-        assert_only_record(&table, &store, [0, 0, 1], 2);
+        assert_eq!(table.scan_prefix(store, &[OLD_PARTITION_TAG]).unwrap(), vec![], "the old entry is gone");
+        assert_eq!(table.scan_prefix(store, &[HELD_TAG]).unwrap(), vec![], "no entry a partition");
+        assert_eq!(table.scan_prefix(store, &[CHUNK_TAG]).unwrap().len(), 1, "the rows are one chunk");
+        let log = table.scan_prefix(store, &[LOG_TAG]).unwrap();
+        assert_eq!(log.len(), 1, "one entry of the log");
+        let ((_, positions, ids), rest) = log_record(&log[0].1).unwrap();
+        assert_eq!((positions, ids.len(), rest.len()), ([0, 0, 1], 2, 0), "one record: positions and row ids");
 
-        // Restored again from the new format, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
         let mut op = MatchStream::try_new(spec, schema()).unwrap();
-        op.restore(&table, &store).unwrap();
+        op.restore(table, store).unwrap();
         op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
         let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
         assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
-    }
-
-    /// The log holds one record of the partition: its positions and `rows` row ids.
-    fn assert_only_record(table: &StateTable, store: &dyn StateStore, positions: [i64; 3], rows: usize) {
-        assert_eq!(table.scan_prefix(store, &[HELD_TAG]).unwrap(), vec![], "no entry a partition");
-        let log = table.scan_prefix(store, &[LOG_TAG]).unwrap();
-        assert_eq!(log.len(), 1, "one entry of the log");
-        let ((_, restored, ids), rest) = log_record(&log[0].1).unwrap();
-        assert_eq!((restored, ids.len(), rest.len()), (positions, rows, 0), "one record: positions and row ids");
     }
 
     /// A checkpoint of the format before the log (an entry a partition: its positions and row ids) is restored, and
@@ -898,20 +895,7 @@ mod tests {
         write.put(table.key(&tagged(HELD_TAG, key.row(0).as_ref())), value);
         store.write(&write).unwrap();
 
-        let mut op = MatchStream::try_new(spec.clone(), schema()).unwrap();
-        op.restore(&table, &store).unwrap();
-        assert_eq!(op.rows_held(), 2);
-        let mut write = WriteBatch::default();
-        op.checkpoint(&table, &mut write).unwrap();
-        store.write(&write).unwrap();
-        assert_only_record(&table, &store, [0, 0, 1], 2);
-
-        // Restored from the log, the rise 1, 2, 3 then the fall to 1 is one match from 0 s.
-        let mut op = MatchStream::try_new(spec, schema()).unwrap();
-        op.restore(&table, &store).unwrap();
-        op.on_data(&batch(&[(1, 3, 2_000), (1, 1, 3_000)])).unwrap();
-        let out = op.advance(END_OF_TIME).unwrap().into_iter().collect::<Vec<_>>();
-        assert_eq!(rows_of(&out), vec!["1|1970-01-01T00:00:00|3|4|1|C".to_string()]);
+        restore_rewrite_and_match(spec, &table, &store);
     }
 
     /// Checkpoints add an entry to the log for the partitions they changed, and once the log holds more than twice
