@@ -20,9 +20,10 @@ use datafusion::arrow::datatypes::{
     UInt16Type, UInt32Type,
 };
 use datafusion::common::ScalarValue;
-use weir_common::pattern::{BinaryOp, Classified, MatchExpr};
+use weir_common::pattern::{BinaryOp, MatchExpr};
 
 use crate::match_recognize::{RowId, RowStore};
+use crate::row_pattern::MatchedRows;
 
 /// A `DEFINE` condition compiled for the rows' types.
 #[derive(Debug)]
@@ -36,7 +37,7 @@ pub(crate) struct Rows<'a> {
     pub store: &'a RowStore,
     pub rows: &'a VecDeque<RowId>,
     pub base: usize,
-    pub matched: &'a [Classified],
+    pub matched: MatchedRows<'a>,
     pub current: usize,
 }
 
@@ -341,7 +342,7 @@ fn evaluate<'a>(node: &'a Node, rows: &Rows<'a>) -> Value<'a> {
             let position = match at {
                 At::Current => Some(rows.current),
                 At::LastOf(members) => {
-                    rows.matched.iter().rev().find(|c| members.get(c.variable).copied().unwrap_or(false)).map(|c| c.row)
+                    rows.matched.iter_rev().find(|c| members.get(c.variable).copied().unwrap_or(false)).map(|c| c.row)
                 }
             };
             let id = position
@@ -471,8 +472,11 @@ mod tests {
     };
     use datafusion::arrow::datatypes::Field;
 
+    use weir_common::pattern::Classified;
+
     use super::*;
     use crate::match_recognize::evaluate_condition;
+    use crate::row_pattern::Trail;
 
     const ROWS: usize = 12;
 
@@ -648,7 +652,8 @@ mod tests {
                         .unwrap_or_else(|e| {
                             panic!("case {case}: {expr:?} compiled, but the general evaluator failed: {e}")
                         });
-                let rows = Rows { store: &store, rows: &ids, base, matched: &matched, current };
+                let (trail, last) = Trail::of(&matched);
+                let rows = Rows { store: &store, rows: &ids, base, matched: trail.rows(last), current };
                 let expected = matches!(general, ScalarValue::Boolean(Some(true)));
                 assert_eq!(fast.holds(&rows), expected, "case {case}: {expr:?} at {current} after {matched:?}");
                 tried += 1;

@@ -23,7 +23,7 @@ use weir_common::pattern::{
 };
 
 use crate::match_condition::{Condition, Rows};
-use crate::row_pattern::{Attempt, PatternError, Program};
+use crate::row_pattern::{Attempt, MatchedRows, PatternError, Program};
 
 /// Errors of matching.
 #[derive(Debug, thiserror::Error)]
@@ -714,9 +714,20 @@ impl Matcher {
             let mut failure = None;
             // The most preferred partial match a row beyond WITHIN cut off (threads try rows in preference order).
             let cut_by_row = std::cell::RefCell::new(None);
-            let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
-                if let (Some(within), Some(first)) = (self.within, matched.first())
-                    && let (Some(start), Some(now)) = (time_at(first.row), time_at(row))
+            // The rows of a partial match in order, for the general evaluator.
+            let mut in_order = Vec::new();
+            // The times last read: the threads of an attempt share their first row, and try each row in turn.
+            let mut first_time = (usize::MAX, None);
+            let mut row_time = (usize::MAX, None);
+            let mut accepts = |variable: usize, row: usize, matched: MatchedRows<'_>| {
+                let time_of = |position: usize, cached: &mut (usize, Option<i64>)| {
+                    if cached.0 != position {
+                        *cached = (position, time_at(position));
+                    }
+                    cached.1
+                };
+                if let (Some(within), Some(first)) = (self.within, matched.first_row())
+                    && let (Some(start), Some(now)) = (time_of(first, &mut first_time), time_of(row, &mut row_time))
                     && now - start >= within
                 {
                     let mut cut = cut_by_row.borrow_mut();
@@ -730,6 +741,8 @@ impl Matcher {
                     let rows = Rows { store, rows: &partition.rows, base: partition.base, matched, current: row };
                     return compiled.holds(&rows);
                 }
+                matched.write_to(&mut in_order);
+                let matched = &in_order[..];
                 let tried = Matched { rows: matched, current: row, current_variable: Some(variable), whole: matched };
                 match context.evaluate(condition, &tried, 0) {
                     Ok(ScalarValue::Boolean(Some(true))) => true,
@@ -754,7 +767,7 @@ impl Matcher {
                 let cut = self.program.expire(
                     &mut attempt,
                     &mut |matched| {
-                        let start = matched.first().and_then(|f| time_at(f.row));
+                        let start = matched.first_row().and_then(time_at);
                         start.zip(next_time).is_some_and(|(start, next)| next - start >= within)
                     },
                     keep,

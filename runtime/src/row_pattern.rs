@@ -2,7 +2,9 @@
 //!
 //! A [`Pattern`] is compiled into a [`Program`] of instructions and run as a list of threads in preference order (a Pike
 //! VM). Unlike a regular-expression VM, threads at one instruction are not merged: each keeps the rows it matched,
-//! because a `DEFINE` condition may look at them (`LAST(H.vendor)`, `SUM(H.amount)`). The first thread, in preference
+//! because a `DEFINE` condition may look at them (`LAST(H.vendor)`, `SUM(H.amount)`). Threads branch at every
+//! quantifier and alternative, so the rows they matched are kept in a [`Trail`] shared by the attempt's threads: a
+//! thread holds its last row, each row its predecessor, and branching copies nothing. The first thread, in preference
 //! order, to reach the end of the program is the match; lower-preference threads are dropped then, higher ones run on
 //! and may still give the preferred match. So a match is decided as soon as no thread preferred to it is alive, which
 //! is what lets a stream emit it without waiting for the partition to end. The result equals
@@ -57,6 +59,10 @@ pub struct Program {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     threads: Vec<Thread>,
+    /// The rows the threads matched.
+    trail: Trail,
+    /// The trail's length above which it is compacted to the rows live threads hold.
+    compact_above: usize,
     best: Option<Vec<Classified>>,
     /// The position of the row the threads wait for.
     at: usize,
@@ -64,22 +70,168 @@ pub struct Attempt {
     spare: Vec<Thread>,
 }
 
+/// Trails shorter than this are never compacted.
+const COMPACT_MIN: usize = 4096;
+
 impl Attempt {
     /// The first row of the attempt's partial matches still kept (for dropping the rows before it).
     pub fn first_row(&self) -> Option<usize> {
-        let firsts = self.threads.iter().filter_map(|t| t.matched.first().map(|c| c.row));
+        let firsts = self.threads.iter().filter_map(|t| self.trail.rows(t.last).first_row());
         firsts.chain(self.best.iter().filter_map(|m| m.first().map(|c| c.row))).min()
     }
 }
 
 /// One partial match.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Thread {
     pc: usize,
     /// Where each repetition's current iteration began (most patterns have one or two repetitions: no allocation).
     registers: smallvec::SmallVec<[usize; 2]>,
     excluded: u32,
-    matched: Vec<Classified>,
+    /// Its last matched row in the attempt's trail ([`NONE`] before the first).
+    last: u32,
+}
+
+/// No row of a trail: the predecessor of a match's first row.
+const NONE: u32 = u32::MAX;
+
+/// The rows partial matches matched, as a tree of shared prefixes: each row is stored once with its predecessor, and a
+/// partial match is named by its last row. Rows are only added (after their predecessors), so a row's index is above
+/// its predecessor's.
+#[derive(Debug, Clone, Default)]
+pub struct Trail {
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    classified: Classified,
+    previous: u32,
+    /// The position of the match's first row, and how many rows it has up to this one.
+    first_row: usize,
+    len: u32,
+}
+
+impl Trail {
+    /// A trail holding `rows` as one partial match, and its last row (for tests and for evaluating a finished match).
+    pub fn of(rows: &[Classified]) -> (Trail, u32) {
+        let mut trail = Trail::default();
+        let last = rows.iter().fold(NONE, |last, c| trail.push(last, *c));
+        (trail, last)
+    }
+
+    /// The partial match ending at `last` (as [`Trail::push`] returned it, or [`NONE`] for none).
+    pub fn rows(&self, last: u32) -> MatchedRows<'_> {
+        MatchedRows { steps: &self.steps, last }
+    }
+
+    /// Adds `classified` after the partial match ending at `last`; returns the new match's last row.
+    fn push(&mut self, last: u32, classified: Classified) -> u32 {
+        let (first_row, len) = match self.steps.get(last as usize) {
+            Some(step) => (step.first_row, step.len + 1),
+            None => (classified.row, 1),
+        };
+        self.steps.push(Step { classified, previous: last, first_row, len });
+        (self.steps.len() - 1) as u32
+    }
+
+    /// Whether the partial matches ending at `a` and `b` hold the same rows.
+    fn same(&self, mut a: u32, mut b: u32) -> bool {
+        while a != b {
+            match (self.steps.get(a as usize), self.steps.get(b as usize)) {
+                (Some(x), Some(y)) if x.classified == y.classified && x.len == y.len => {
+                    a = x.previous;
+                    b = y.previous;
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Keeps only the rows of the `threads`' partial matches, renumbering them (in place).
+    fn compact(&mut self, threads: &mut [Thread]) {
+        let mut live = vec![false; self.steps.len()];
+        for thread in threads.iter() {
+            let mut at = thread.last;
+            while let Some(step) = self.steps.get(at as usize) {
+                if std::mem::replace(&mut live[at as usize], true) {
+                    break;
+                }
+                at = step.previous;
+            }
+        }
+        // Predecessors come first, so each is renumbered before the rows after it.
+        let mut renumbered = vec![NONE; self.steps.len()];
+        let mut kept = 0;
+        for index in 0..self.steps.len() {
+            if live[index] {
+                let mut step = self.steps[index];
+                if step.previous != NONE {
+                    step.previous = renumbered[step.previous as usize];
+                }
+                self.steps[kept] = step;
+                renumbered[index] = kept as u32;
+                kept += 1;
+            }
+        }
+        self.steps.truncate(kept);
+        for thread in threads {
+            if thread.last != NONE {
+                thread.last = renumbered[thread.last as usize];
+            }
+        }
+    }
+}
+
+/// The rows a partial match matched so far, in a [`Trail`]: read from the last back.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchedRows<'t> {
+    steps: &'t [Step],
+    last: u32,
+}
+
+impl<'t> MatchedRows<'t> {
+    pub fn len(&self) -> usize {
+        self.steps.get(self.last as usize).map_or(0, |s| s.len as usize)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The position of the first row.
+    pub fn first_row(&self) -> Option<usize> {
+        self.steps.get(self.last as usize).map(|s| s.first_row)
+    }
+
+    pub fn last(&self) -> Option<Classified> {
+        self.steps.get(self.last as usize).map(|s| s.classified)
+    }
+
+    /// The rows from the last back to the first.
+    pub fn iter_rev(&self) -> impl Iterator<Item = Classified> + 't {
+        let steps = self.steps;
+        let mut at = self.last;
+        std::iter::from_fn(move || {
+            let step = steps.get(at as usize)?;
+            at = step.previous;
+            Some(step.classified)
+        })
+    }
+
+    /// The rows in order, into `out` (cleared first).
+    pub fn write_to(&self, out: &mut Vec<Classified>) {
+        out.clear();
+        out.extend(self.iter_rev());
+        out.reverse();
+    }
+
+    pub fn to_vec(&self) -> Vec<Classified> {
+        let mut out = Vec::with_capacity(self.len());
+        self.write_to(&mut out);
+        out
+    }
 }
 
 impl Program {
@@ -187,7 +339,7 @@ impl Program {
         &self,
         rows: usize,
         start: usize,
-        accepts: &mut dyn FnMut(usize, usize, &[Classified]) -> bool,
+        accepts: &mut dyn FnMut(usize, usize, MatchedRows<'_>) -> bool,
     ) -> Result<Option<Vec<Classified>>, PatternError> {
         let mut attempt = self.begin(start, rows, false)?;
         match self.advance(&mut attempt, rows, true, accepts)? {
@@ -199,14 +351,11 @@ impl Program {
     /// Begins a match attempt at row `start`, with `rows` rows known so far (`ended`: all there will be).
     pub fn begin(&self, start: usize, rows: usize, ended: bool) -> Result<Attempt, PatternError> {
         let mut threads = Vec::new();
-        let first = Thread {
-            pc: 0,
-            registers: smallvec::smallvec![usize::MAX; self.registers],
-            excluded: 0,
-            matched: Vec::new(),
-        };
-        self.add(&mut threads, first, start, rows, ended)?;
-        Ok(Attempt { threads, best: None, at: start, spare: Vec::new() })
+        let first =
+            Thread { pc: 0, registers: smallvec::smallvec![usize::MAX; self.registers], excluded: 0, last: NONE };
+        let trail = Trail::default();
+        self.add(&mut threads, &trail, first, start, rows, ended)?;
+        Ok(Attempt { threads, trail, compact_above: COMPACT_MIN, best: None, at: start, spare: Vec::new() })
     }
 
     /// Runs `attempt` over the rows known so far: `rows` of them, and `ended` when no more will come. Returns the
@@ -217,7 +366,7 @@ impl Program {
         attempt: &mut Attempt,
         rows: usize,
         ended: bool,
-        accepts: &mut dyn FnMut(usize, usize, &[Classified]) -> bool,
+        accepts: &mut dyn FnMut(usize, usize, MatchedRows<'_>) -> bool,
     ) -> Result<Option<Option<Vec<Classified>>>, PatternError> {
         loop {
             let at = attempt.at;
@@ -228,9 +377,9 @@ impl Program {
                     match self.instructions[thread.pc] {
                         Instruction::End => {
                             thread.pc += 1;
-                            self.add(&mut resolved, thread, at, rows, ended)?;
+                            self.add(&mut resolved, &attempt.trail, thread, at, rows, ended)?;
                         }
-                        _ if resolved.contains(&thread) => {}
+                        _ if resolved.iter().any(|t| t.same(&thread, &attempt.trail)) => {}
                         _ => resolved.push(thread),
                     }
                 }
@@ -238,7 +387,8 @@ impl Program {
             }
             // A thread that has matched is preferred to every thread after it: those are dropped.
             if let Some(first) = attempt.threads.iter().position(|t| self.instructions[t.pc] == Instruction::Match) {
-                attempt.best = Some(attempt.threads.swap_remove(first).matched);
+                let last = attempt.threads.swap_remove(first).last;
+                attempt.best = Some(attempt.trail.rows(last).to_vec());
                 attempt.threads.truncate(first);
             }
             if attempt.threads.is_empty() {
@@ -255,12 +405,12 @@ impl Program {
             let mut next = std::mem::take(&mut attempt.spare);
             for thread in attempt.threads.drain(..) {
                 match self.instructions[thread.pc] {
-                    Instruction::Row(variable) if accepts(variable, at, &thread.matched) => {
+                    Instruction::Row(variable) if accepts(variable, at, attempt.trail.rows(thread.last)) => {
                         let mut thread = thread;
                         let excluded = thread.excluded > 0;
-                        thread.matched.push(Classified { row: at, variable, excluded });
+                        thread.last = attempt.trail.push(thread.last, Classified { row: at, variable, excluded });
                         thread.pc += 1;
-                        self.add(&mut next, thread, at + 1, rows, ended)?;
+                        self.add(&mut next, &attempt.trail, thread, at + 1, rows, ended)?;
                     }
                     // A row not accepted, or one where the end of the partition was awaited.
                     _ => {}
@@ -268,6 +418,11 @@ impl Program {
             }
             attempt.spare = std::mem::replace(&mut attempt.threads, next);
             attempt.at = at + 1;
+            if attempt.trail.steps.len() > attempt.compact_above {
+                // Rows of partial matches no longer alive go, so a long attempt keeps what its threads hold.
+                attempt.trail.compact(&mut attempt.threads);
+                attempt.compact_above = (2 * attempt.trail.steps.len()).max(COMPACT_MIN);
+            }
         }
     }
 
@@ -277,14 +432,15 @@ impl Program {
     pub fn expire(
         &self,
         attempt: &mut Attempt,
-        expired: &mut dyn FnMut(&[Classified]) -> bool,
+        expired: &mut dyn FnMut(MatchedRows<'_>) -> bool,
         keep: bool,
     ) -> Option<Vec<Classified>> {
         let mut preferred = None;
+        let trail = &attempt.trail;
         attempt.threads.retain(|t| {
-            let dropped = matches!(self.instructions[t.pc], Instruction::Row(_)) && expired(&t.matched);
+            let dropped = matches!(self.instructions[t.pc], Instruction::Row(_)) && expired(trail.rows(t.last));
             if dropped && keep && preferred.is_none() {
-                preferred = Some(t.matched.clone());
+                preferred = Some(trail.rows(t.last).to_vec());
             }
             !dropped
         });
@@ -297,6 +453,7 @@ impl Program {
     fn add(
         &self,
         threads: &mut Vec<Thread>,
+        trail: &Trail,
         mut thread: Thread,
         at: usize,
         rows: usize,
@@ -311,7 +468,7 @@ impl Program {
             match self.instructions[thread.pc] {
                 instruction if waits(instruction) => {
                     // The same thread reached twice (by equal paths) has the same future: keep the preferred one.
-                    if !threads.contains(&thread) {
+                    if !threads.iter().any(|t| t.same(&thread, trail)) {
                         if threads.len() >= MAX_THREADS {
                             return Err(PatternError::TooManyThreads);
                         }
@@ -323,7 +480,7 @@ impl Program {
                     let mut other = thread.clone();
                     other.pc = second;
                     thread.pc = first;
-                    self.add(threads, thread, at, rows, ended)?;
+                    self.add(threads, trail, thread, at, rows, ended)?;
                     thread = other;
                 }
                 Instruction::Jump(target) => thread.pc = target,
@@ -347,6 +504,16 @@ impl Program {
                 }
             }
         }
+    }
+}
+
+impl Thread {
+    /// Whether `other` has the same future: the same place in the program, registers and rows.
+    fn same(&self, other: &Thread, trail: &Trail) -> bool {
+        self.pc == other.pc
+            && self.excluded == other.excluded
+            && self.registers == other.registers
+            && trail.same(self.last, other.last)
     }
 }
 
@@ -411,14 +578,14 @@ mod tests {
             let values: Vec<u64> = (0..rows).map(|_| random.below(5)).collect();
             let holds: Vec<[bool; 3]> =
                 (0..rows).map(|_| [random.below(3) > 0, random.below(2) == 0, random.below(3) > 0]).collect();
-            let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
-                holds[row][variable]
-                    && (variable != 2 || matched.last().is_none_or(|last| values[row] > values[last.row]))
+            let holds_after = |variable: usize, row: usize, last: Option<Classified>| {
+                holds[row][variable] && (variable != 2 || last.is_none_or(|last| values[row] > values[last.row]))
             };
             let program = Program::compile(&pattern).unwrap();
             for start in 0..=rows {
-                let expected = pattern.reference_match(rows, start, &mut accepts);
-                let got = program.match_at(rows, start, &mut accepts).unwrap();
+                let expected =
+                    pattern.reference_match(rows, start, &mut |v, row, m| holds_after(v, row, m.last().copied()));
+                let got = program.match_at(rows, start, &mut |v, row, m| holds_after(v, row, m.last())).unwrap();
                 assert_eq!(
                     got, expected,
                     "case {case}: pattern {pattern}, rows {holds:?} values {values:?}, start {start}"
@@ -442,15 +609,21 @@ mod tests {
                 0 => None,
                 _ => Some(random.below(4) as usize),
             };
-            let mut accepts = |variable: usize, row: usize, matched: &[Classified]| {
-                holds[row][variable] && within.is_none_or(|w| matched.first().is_none_or(|f| row - f.row <= w))
+            let holds_from = |variable: usize, row: usize, first: Option<usize>| {
+                holds[row][variable] && within.is_none_or(|w| first.is_none_or(|f| row - f <= w))
             };
+            let mut accepts = |v, row, m: MatchedRows<'_>| holds_from(v, row, m.first_row());
             let program = Program::compile(&pattern).unwrap();
             for start in 0..rows {
-                let expected = pattern.reference_match(rows, start, &mut accepts);
+                let expected =
+                    pattern.reference_match(rows, start, &mut |v, row, m| holds_from(v, row, m.first().map(|f| f.row)));
                 let mut known = start + 1 + random.below((rows - start) as u64) as usize;
                 let mut attempt = program.begin(start, known, false).unwrap();
                 let got = loop {
+                    if case % 2 == 1 {
+                        // Compacts the trail after the next step: the rows live threads hold are kept.
+                        attempt.compact_above = 0;
+                    }
                     if let Some(decided) = program.advance(&mut attempt, known, false, &mut accepts).unwrap() {
                         break decided;
                     }
@@ -458,7 +631,7 @@ mod tests {
                         // Rows to come are later than the last known one.
                         program.expire(
                             &mut attempt,
-                            &mut |matched| matched.first().is_some_and(|f| known - 1 - f.row >= w),
+                            &mut |matched| matched.first_row().is_some_and(|f| known - 1 - f >= w),
                             false,
                         );
                     }
@@ -488,9 +661,49 @@ mod tests {
         let program = Program::compile(&pattern).unwrap();
         // A B+? C over rows where B and C both hold from row 1: the reluctant B+ stops as soon as C can follow.
         let holds = [[true, false, false], [false, true, true], [false, true, true], [false, true, true]];
-        let mut accepts = |variable: usize, row: usize, _: &[Classified]| holds[row][variable];
+        let mut accepts = |variable: usize, row: usize, _: MatchedRows<'_>| holds[row][variable];
         let matched = program.match_at(holds.len(), 0, &mut accepts).unwrap().unwrap();
         assert_eq!(matched.iter().map(|c| c.variable).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    /// `(A B | A C)+ D` over rows alternating A and B, then D: at every A both alternatives take the row and the
+    /// second dies at the next, leaving its row behind in the trail. Compaction keeps the trail within twice the rows
+    /// the live threads hold (plus its minimum), and the match is every row.
+    #[test]
+    fn a_long_attempt_keeps_the_rows_of_its_live_threads_only() {
+        let (a, b, c, d) = (Pattern::Var(0), Pattern::Var(1), Pattern::Var(2), Pattern::Var(3));
+        let pattern = Pattern::Concat(vec![
+            Pattern::Repeat {
+                inner: Box::new(Pattern::Alt(vec![Pattern::Concat(vec![a.clone(), b]), Pattern::Concat(vec![a, c])])),
+                min: 1,
+                max: None,
+                greedy: true,
+            },
+            d,
+        ]);
+        let program = Program::compile(&pattern).unwrap();
+        let rows = 20_001;
+        // A on even rows, B on odd ones (C never), D on the last.
+        let mut accepts = |variable: usize, row: usize, _: MatchedRows<'_>| match variable {
+            3 => row == rows - 1,
+            2 => false,
+            v => row < rows - 1 && row % 2 == v,
+        };
+        let mut attempt = program.begin(0, 0, false).unwrap();
+        let mut compacted = false;
+        for known in (100..rows).step_by(100) {
+            assert_eq!(program.advance(&mut attempt, known, false, &mut accepts).unwrap(), None);
+            // The live threads hold `known` rows (or one fewer, between an A and its B).
+            let steps = attempt.trail.steps.len();
+            assert!(steps <= 2 * known + COMPACT_MIN, "{steps} rows kept after {known}");
+            compacted |= steps < known + known / 2;
+        }
+        assert!(compacted, "without compaction the trail holds one and a half rows a row");
+        let matched = program.advance(&mut attempt, rows, true, &mut accepts).unwrap().unwrap().unwrap();
+        let variables: Vec<usize> = matched.iter().map(|c| c.variable).collect();
+        let expected: Vec<usize> = (0..rows).map(|r| if r == rows - 1 { 3 } else { r % 2 }).collect();
+        assert_eq!(variables, expected);
+        assert_eq!(matched.iter().map(|c| c.row).collect::<Vec<_>>(), (0..rows).collect::<Vec<_>>());
     }
 
     #[test]
