@@ -72,8 +72,9 @@ pub struct MatchStream {
     pending: Vec<Pending>,
     /// The number of the next batch of pending rows.
     next_pending: u64,
-    /// Pending batches added and released since the last checkpoint, by number.
+    /// Pending batches added since the last checkpoint and not yet released whole, in order of their numbers.
     pending_added: Vec<(u64, RecordBatch)>,
+    /// Pending batches a checkpoint wrote and that were released whole since, by number.
     pending_released: Vec<u64>,
     store: RowStore,
     /// Each partition's number (its place in `partitions`), hashed by its key.
@@ -215,7 +216,11 @@ impl MatchStream {
                 released.push(pending.rows.slice(0, passed));
             }
             if passed == pending.rows.num_rows() {
-                self.pending_released.push(pending.number);
+                // Numbers are added in order: a batch not written yet is found by its number.
+                match self.pending_added.binary_search_by_key(&pending.number, |(number, _)| *number) {
+                    Ok(unwritten) => drop(self.pending_added.remove(unwritten)),
+                    Err(_) => self.pending_released.push(pending.number),
+                }
                 return false;
             }
             pending.skip(passed);
@@ -404,7 +409,8 @@ impl Checkpointed for MatchStream {
     fn checkpoint(&mut self, table: &StateTable, batch: &mut WriteBatch) -> Result<()> {
         self.progress.checkpoint(table, batch);
         // Each pending batch is written once, as it arrived, and deleted once released; a restored one drops the
-        // rows the restored watermark has released.
+        // rows the restored watermark has released. One released whole before a checkpoint wrote it is not written
+        // at all (it left `pending_added` then): its rows are in the chunks, while a partition holds them.
         for (number, rows) in std::mem::take(&mut self.pending_added) {
             batch.put(table.key(&pending_key(number)), encode_batches(&[rows])?);
         }
@@ -659,6 +665,7 @@ mod tests {
     use weir_common::stream::Message;
 
     use super::*;
+    use crate::state::WriteOp;
 
     fn schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
@@ -935,6 +942,47 @@ mod tests {
         let mut restored = MatchStream::try_new(spec, schema()).unwrap();
         restored.restore(&table, &store).unwrap();
         assert_eq!((restored.live_bytes, restored.log_bytes, restored.rows_held()), (228, 228, 8));
+    }
+
+    /// A pending batch the watermark passes whole before a checkpoint is never written: its rows are in the chunks.
+    /// One a checkpoint wrote is deleted once the watermark passes it. Restored, the partition holds every row.
+    #[test]
+    fn pending_rows_are_written_only_while_the_watermark_has_not_passed_them() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, None, false);
+        let store = crate::state::MemoryStore::new();
+        let table = StateTable::new("view/match");
+        let mut op = MatchStream::try_new(spec.clone(), schema()).unwrap();
+        // The pending entries a checkpoint puts and deletes, and those in the store after it.
+        let pending = table.key(&[PENDING_TAG]);
+        let checkpoint = |op: &mut MatchStream| {
+            let mut write = WriteBatch::default();
+            op.checkpoint(&table, &mut write).unwrap();
+            store.write(&write).unwrap();
+            let (mut puts, mut deletes) = (0, 0);
+            for op in write.ops() {
+                match op {
+                    WriteOp::Put(key, _) if key.starts_with(&pending) => puts += 1,
+                    WriteOp::Delete(key) if key.starts_with(&pending) => deletes += 1,
+                    _ => {}
+                }
+            }
+            (puts, deletes, table.scan_prefix(&store, &[PENDING_TAG]).unwrap().len())
+        };
+        op.on_data(&batch(&[(1, 1, 0), (1, 2, 1_000)])).unwrap();
+        op.advance(1_000).unwrap();
+        assert_eq!(checkpoint(&mut op), (0, 0, 0), "passed whole before the checkpoint");
+        op.on_data(&batch(&[(1, 3, 2_000), (1, 4, 3_000)])).unwrap();
+        op.advance(2_000).unwrap();
+        assert_eq!(checkpoint(&mut op), (1, 0, 1), "one row of two still waits for the watermark");
+        op.advance(3_000).unwrap();
+        assert_eq!(checkpoint(&mut op), (0, 1, 0), "passed since: deleted");
+        // The rise 1, 2, 3, 4 is held (A B B B, waiting for a C); a fall ends it as one match.
+        let mut restored = MatchStream::try_new(spec, schema()).unwrap();
+        restored.restore(&table, &store).unwrap();
+        assert_eq!(restored.rows_held(), 4);
+        restored.on_data(&batch(&[(1, 0, 4_000)])).unwrap();
+        let out = restored.advance(END_OF_TIME).unwrap().expect("a match");
+        assert_eq!(out.num_rows(), 1);
     }
 
     /// Keys of up to 16 bytes are kept in the table of numbers, longer ones with their partition: either way a key
