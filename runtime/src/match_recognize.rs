@@ -8,10 +8,11 @@
 //! variable's last row (the current row for the variable being defined); unqualified, the current row.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, new_empty_array, new_null_array};
-use datafusion::arrow::compute::{SortColumn, interleave, lexsort_to_indices};
+use datafusion::arrow::compute::{LexicographicalComparator, SortColumn, SortOptions, interleave};
 use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
     TimestampNanosecondType, TimestampSecondType,
@@ -212,6 +213,47 @@ impl Partitions {
             (key, &self.order[*start..end])
         })
     }
+}
+
+/// The rows of each distinct key, the keys in order and each key's rows in their order among `keys`: the rows in
+/// that order, and where each key's rows start.
+fn group_by_key(keys: &datafusion::arrow::row::Rows) -> (Vec<usize>, Vec<usize>) {
+    const HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x4b45_5953);
+    // Each key's first row and its number of rows, by first appearance; each row's key.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut group_of = Vec::with_capacity(keys.num_rows());
+    let mut table = hashbrown::HashTable::<usize>::new();
+    for row in 0..keys.num_rows() {
+        let key = keys.row(row);
+        let hash = HASH.hash_one(key.data());
+        let group = match table.find(hash, |g| keys.row(groups[*g].0) == key) {
+            Some(group) => *group,
+            None => {
+                groups.push((row, 0));
+                table.insert_unique(hash, groups.len() - 1, |g| HASH.hash_one(keys.row(groups[*g].0).data()));
+                groups.len() - 1
+            }
+        };
+        groups[group].1 += 1;
+        group_of.push(group);
+    }
+    let mut by_key: Vec<usize> = (0..groups.len()).collect();
+    by_key.sort_unstable_by(|a, b| keys.row(groups[*a].0).cmp(&keys.row(groups[*b].0)));
+    // Where each key's rows go, then each row in its place.
+    let mut next = vec![0; groups.len()];
+    let mut starts = Vec::with_capacity(groups.len());
+    let mut at = 0;
+    for group in by_key {
+        starts.push(at);
+        next[group] = at;
+        at += groups[group].1;
+    }
+    let mut order = vec![0; keys.num_rows()];
+    for (row, group) in group_of.into_iter().enumerate() {
+        order[next[group]] = row;
+        next[group] += 1;
+    }
+    (order, starts)
 }
 
 /// One partition's rows (from the first any match may still look at) and how far matching got in it. Positions
@@ -642,29 +684,33 @@ impl Matcher {
     /// The rows of `batch` grouped by partition (in order of the partition keys), each partition's rows in the
     /// `ORDER BY` order.
     pub fn partitions(&self, batch: &RecordBatch) -> Result<Partitions, MatchError> {
-        let sort: Vec<SortColumn> = self
-            .partition_by
-            .iter()
-            .map(|c| (*c, false))
-            .chain(self.order_by.iter().copied())
-            .map(|(c, descending)| SortColumn {
-                values: batch.column(c).clone(),
-                options: Some(datafusion::arrow::compute::SortOptions { descending, nulls_first: !descending }),
-            })
-            .collect();
-        let order: Vec<usize> = match sort.is_empty() {
-            true => (0..batch.num_rows()).collect(),
-            false => lexsort_to_indices(&sort, None)?.values().iter().map(|i| *i as usize).collect(),
-        };
+        let rows = batch.num_rows();
         // Unpartitioned, every row is in the one partition (of the empty key).
         let keys = match self.partition_by.is_empty() {
             true => None,
             false => Some(self.partition_keys(batch)?),
         };
-        let mut starts = Vec::new();
-        for (at, row) in order.iter().enumerate() {
-            if at == 0 || keys.as_ref().is_some_and(|keys| keys.row(order[at - 1]) != keys.row(*row)) {
-                starts.push(at);
+        let (mut order, starts) = match &keys {
+            None => ((0..rows).collect::<Vec<usize>>(), if rows == 0 { Vec::new() } else { vec![0] }),
+            Some(keys) => group_by_key(keys),
+        };
+        // Each partition's rows in the `ORDER BY` order; rows tied keep their order in the batch.
+        if !self.order_by.is_empty() {
+            let sort: Vec<SortColumn> = self
+                .order_by
+                .iter()
+                .map(|(c, descending)| SortColumn {
+                    values: batch.column(*c).clone(),
+                    options: Some(SortOptions { descending: *descending, nulls_first: !descending }),
+                })
+                .collect();
+            let comparator = LexicographicalComparator::try_new(&sort)?;
+            let ends = starts.iter().skip(1).copied().chain(std::iter::once(order.len()));
+            for (start, end) in starts.iter().copied().zip(ends) {
+                let rows = &mut order[start..end];
+                if !rows.is_sorted_by(|a, b| comparator.compare(*a, *b).is_le()) {
+                    rows.sort_by(|a, b| comparator.compare(*a, *b));
+                }
             }
         }
         Ok(Partitions { order, starts, keys })
@@ -916,5 +962,95 @@ impl Matcher {
         columns.extend(store.take(&self.input, &rows, &self.trailing)?);
         let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len()));
         Ok(RecordBatch::try_new_with_options(self.output.clone(), columns, &options)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, StringArray, UInt32Array};
+    use datafusion::arrow::compute::lexsort_to_indices;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use weir_common::pattern::{Pattern, RowsPerMatch, SkipTo};
+
+    use super::*;
+
+    /// Rows grouped by partition come out as a stable sort would put them: by the partition columns (NULL first),
+    /// then by the `ORDER BY` columns (ascending NULLs first, descending NULLs last), rows tied in the batch's order.
+    /// The reference is arrow's sort over those columns and the row number, on random batches with NULLs and ties.
+    #[test]
+    fn partitions_are_the_rows_sorted_by_key_then_order_stably() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("t", DataType::Int64, true),
+            Field::new("u", DataType::Int64, true),
+        ]));
+        let mut seed = 20261204u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for case in 0..500 {
+            let rows = next(40) as usize;
+            let mut value = |n: u64| (0..rows).map(|_| (next(5) > 0).then(|| next(n) as i64)).collect::<Vec<_>>();
+            let (k, t, u) = (value(4), value(6), value(3));
+            let name: StringArray = value(3).into_iter().map(|v| v.map(|v| ["a", "ab", ""][v as usize])).collect();
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(k)),
+                Arc::new(name),
+                Arc::new(Int64Array::from(t)),
+                Arc::new(Int64Array::from(u)),
+            ];
+            let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+            let partition_by = match next(3) {
+                0 => vec![],
+                1 => vec![0],
+                _ => vec![1, 0],
+            };
+            let order_by = match next(3) {
+                0 => vec![],
+                1 => vec![(2, next(2) == 0)],
+                _ => vec![(2, next(2) == 0), (3, next(2) == 0)],
+            };
+            let spec = MatchRecognize {
+                partition_by: partition_by.clone(),
+                order_by: order_by.clone(),
+                pattern: Pattern::Var(0),
+                variables: vec!["A".into()],
+                defines: vec![None],
+                measures: vec![],
+                skip: SkipTo::PastLastRow,
+                within: None,
+                emit_timeouts: false,
+                rows_per_match: RowsPerMatch::One,
+                subsets: vec![],
+            };
+            let matcher = Matcher::try_new(spec, schema.clone()).unwrap();
+            let got: Vec<(Vec<u8>, Vec<usize>)> =
+                matcher.partitions(&batch).unwrap().iter().map(|(key, rows)| (key.to_vec(), rows.to_vec())).collect();
+            // The reference: sorted by the partition columns, the order columns and the row number.
+            let mut sort: Vec<SortColumn> = partition_by
+                .iter()
+                .map(|c| (*c, false))
+                .chain(order_by.iter().copied())
+                .map(|(c, descending)| SortColumn {
+                    values: batch.column(c).clone(),
+                    options: Some(SortOptions { descending, nulls_first: !descending }),
+                })
+                .collect();
+            sort.push(SortColumn { values: Arc::new(UInt32Array::from_iter_values(0..rows as u32)), options: None });
+            let order: Vec<usize> =
+                lexsort_to_indices(&sort, None).unwrap().values().iter().map(|i| *i as usize).collect();
+            let keys = (!partition_by.is_empty()).then(|| matcher.partition_keys(&batch).unwrap());
+            let key = |row: usize| keys.as_ref().map_or(Vec::new(), |keys| keys.row(row).data().to_vec());
+            let mut expected: Vec<(Vec<u8>, Vec<usize>)> = Vec::new();
+            for row in order {
+                match expected.last_mut() {
+                    Some((k, rows)) if *k == key(row) => rows.push(row),
+                    _ => expected.push((key(row), vec![row])),
+                }
+            }
+            assert_eq!(got, expected, "case {case}: partition by {partition_by:?}, order by {order_by:?}\n{batch:?}");
+        }
     }
 }
