@@ -238,8 +238,13 @@ impl FileReader {
             let payloads: Vec<&[u8]> = lines.spans.iter().map(|(start, end, _)| &lines.buffer[*start..*end]).collect();
             let bytes = payloads.iter().map(|p| p.len() as u64).sum::<u64>();
             let path = &self.config.path;
+            // The lines lie one after the other: the decoder takes them as one input.
+            let block = match (lines.spans.first(), lines.spans.last()) {
+                (Some((start, _, _)), Some((_, end, _))) => &lines.buffer[*start..*end],
+                _ => &[],
+            };
             let (batch, undecoded, _) =
-                self.decoder.decode_indexed(&payloads, |i| format!("{path}:{}", lines.spans[i].2));
+                self.decoder.decode_lines(block, &payloads, |i| format!("{path}:{}", lines.spans[i].2));
             rejected.extend(undecoded);
             if chunks.blocking_send(Chunk::Rows { batch, rejected, bytes, position }).is_err() {
                 return;
@@ -315,7 +320,7 @@ fn read_line(reader: &mut BufReader<File>, line: &mut Vec<u8>, len: &mut usize, 
         if available.is_empty() {
             return Ok(false);
         }
-        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+        let (chunk, done) = match memchr::memchr(b'\n', available) {
             Some(at) => (&available[..=at], true),
             None => (available, false),
         };

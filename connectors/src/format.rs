@@ -84,7 +84,7 @@ impl RecordDecoder {
             _ => None,
         };
         let decoder = RecordDecoder { schema, decoded, csv_text, encoding, avro, max_record: DEFAULT_MAX_RECORD_BYTES };
-        decoder.decode_all(&[]).map_err(|e| ConnectorError::Column {
+        decoder.decode_all(Input::Records(&[])).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
             reason: e.to_string(),
@@ -144,20 +144,39 @@ impl RecordDecoder {
         (batch, rejected, accepted)
     }
 
+    /// Decodes the lines of `block`, which `payloads` tile in order (each a line of it): as one input to the decoder
+    /// when every line is a record of JSON or CSV and they decode together, else one by one as
+    /// [`RecordDecoder::decode_indexed`] does (so a bad line is found and set aside the same way).
+    pub fn decode_lines(
+        &self,
+        block: &[u8],
+        payloads: &[&[u8]],
+        origin: impl Fn(usize) -> String,
+    ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
+        let whole = matches!(self.encoding, Encoding::Csv { .. } | Encoding::Json)
+            && !payloads.is_empty()
+            && payloads.iter().map(|p| p.len()).sum::<usize>() == block.len()
+            && payloads.iter().all(|p| p.len() <= self.max_record && !p.trim_ascii().is_empty());
+        if whole && let Ok(batch) = self.decode_all(Input::Block(block, payloads.len())) {
+            return (Some(batch), Vec::new(), (0..payloads.len()).collect());
+        }
+        self.decode_indexed(payloads, origin)
+    }
+
     fn decode_records(
         &self,
         records: Vec<(usize, &[u8])>,
         origin: &impl Fn(usize) -> String,
     ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
         let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
-        if let Ok(batch) = self.decode_all(&bytes) {
+        if let Ok(batch) = self.decode_all(Input::Records(&bytes)) {
             return (Some(batch), Vec::new(), records.iter().map(|(i, _)| *i).collect());
         }
         let mut good = Vec::new();
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
         for (index, record) in records {
-            match self.decode_all(&[record]) {
+            match self.decode_all(Input::Records(&[record])) {
                 Ok(batch) => {
                     good.push(batch);
                     accepted.push(index);
@@ -174,7 +193,7 @@ impl RecordDecoder {
     }
 
     /// Decodes every record or fails.
-    fn decode_all(&self, records: &[&[u8]]) -> Result<RecordBatch, ArrowError> {
+    fn decode_all(&self, records: Input<'_>) -> Result<RecordBatch, ArrowError> {
         let batch = self.decode_millis(records)?;
         if self.decoded == self.schema {
             return Ok(batch);
@@ -192,21 +211,35 @@ impl RecordDecoder {
     }
 
     /// Decodes every record into the millisecond schema, or fails.
-    fn decode_millis(&self, records: &[&[u8]]) -> Result<RecordBatch, ArrowError> {
-        let rows = records.len().max(1);
+    fn decode_millis(&self, input: Input<'_>) -> Result<RecordBatch, ArrowError> {
+        let count = match input {
+            Input::Records(records) => records.len(),
+            Input::Block(_, count) => count,
+        };
+        // A batch of one more row than the records: the reader never stops at a full batch between a record's `\r`
+        // and its `\n`.
+        let rows = count + 1;
         let mut batches = Vec::new();
         match &self.encoding {
             Encoding::Json => {
                 let mut decoder =
                     json::ReaderBuilder::new(self.decoded.clone()).with_batch_size(rows).build_decoder()?;
-                for record in records {
-                    feed(line(record), |b| decoder.decode(b))?;
-                    feed(b"\n", |b| decoder.decode(b))?;
+                match input {
+                    Input::Records(records) => {
+                        for record in records {
+                            feed(line(record), |b| decoder.decode(b))?;
+                            feed(b"\n", |b| decoder.decode(b))?;
+                        }
+                    }
+                    Input::Block(block, _) => feed(block, |b| decoder.decode(b))?,
                 }
                 batches.extend(decoder.flush()?);
             }
-            Encoding::Avro { .. } => match &self.avro {
-                Some(avro) if !records.is_empty() => batches.push(avro.decode(records, &self.decoded)?),
+            Encoding::Avro { .. } => match (&self.avro, input) {
+                (Some(avro), Input::Records(records)) if !records.is_empty() => {
+                    batches.push(avro.decode(records, &self.decoded)?)
+                }
+                (_, Input::Block(..)) => return Err(ArrowError::ParseError("Avro records are not lines".into())),
                 _ => {}
             },
             Encoding::Csv { delimiter, .. } => {
@@ -216,14 +249,23 @@ impl RecordDecoder {
                     .with_delimiter(*delimiter)
                     .with_batch_size(rows)
                     .build_decoder();
-                for record in records {
-                    // A line ending in `\n` alone is one call (with `\r\n` the reader would stop between the two
-                    // once its batch is full).
-                    if record.ends_with(b"\n") && !record.ends_with(b"\r\n") {
-                        feed(record, |b| decoder.decode(b))?;
-                    } else {
-                        feed(line(record), |b| decoder.decode(b))?;
-                        feed(b"\n", |b| decoder.decode(b))?;
+                match input {
+                    Input::Records(records) => {
+                        for record in records {
+                            // A line ending in `\n` alone is one call.
+                            if record.ends_with(b"\n") && !record.ends_with(b"\r\n") {
+                                feed(record, |b| decoder.decode(b))?;
+                            } else {
+                                feed(line(record), |b| decoder.decode(b))?;
+                                feed(b"\n", |b| decoder.decode(b))?;
+                            }
+                        }
+                    }
+                    Input::Block(block, _) => {
+                        feed(block, |b| decoder.decode(b))?;
+                        if !block.ends_with(b"\n") {
+                            feed(b"\n", |b| decoder.decode(b))?;
+                        }
                     }
                 }
                 if let Some(batch) = decoder.flush()? {
@@ -234,8 +276,8 @@ impl RecordDecoder {
                 }
             }
         }
-        if batches.iter().map(RecordBatch::num_rows).sum::<usize>() != records.len() {
-            return Err(ArrowError::ParseError(format!("expected {} records", records.len())));
+        if batches.iter().map(RecordBatch::num_rows).sum::<usize>() != count {
+            return Err(ArrowError::ParseError(format!("expected {count} records")));
         }
         match batches.len() {
             1 => Ok(batches.remove(0)),
@@ -257,6 +299,13 @@ impl RecordDecoder {
         }
         RecordBatch::try_new(self.decoded.clone(), columns)
     }
+}
+
+/// What [`RecordDecoder::decode_millis`] decodes: records one by one, or a block of lines (and how many).
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Records(&'a [&'a [u8]]),
+    Block(&'a [u8], usize),
 }
 
 /// Parses timestamps without a time zone (read as UTC) to milliseconds, as arrow's CSV reader does, with a fast path
@@ -531,5 +580,46 @@ mod tests {
 | 1969-12-31T23:59:59.500 | 5 |
 +-------------------------+---+"
         );
+    }
+
+    /// Lines decoded as one block give what they give one by one: with `\n` and `\r\n` endings, the last line without
+    /// one, in CSV and JSON. A block with a bad line (a field that does not parse, a quote left open, a blank line)
+    /// falls back to the lines one by one: the bad one is set aside by its index, the others decoded.
+    #[test]
+    fn lines_decoded_as_a_block_give_what_they_give_one_by_one() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let csv = RecordDecoder::try_new(schema.clone(), Encoding::Csv { delimiter: b',', header: false }).unwrap();
+        let json = RecordDecoder::try_new(schema, Encoding::Json).unwrap();
+        let cases: [(&RecordDecoder, &[&str], usize); 7] = [
+            (&csv, &["2024-01-01 00:00:00.005,1\n", "2024-01-01 00:00:01,2\r\n", "2024-01-01 00:00:02,3"], 0),
+            (&csv, &["2024-01-01 00:00:00,1\r\n", "2024-01-01 00:00:01,2\r\n"], 0),
+            (&csv, &["2024-01-01 00:00:00,1\n", "2024-01-01 00:00:01,x\n", "2024-01-01 00:00:02,3\n"], 1),
+            (&csv, &["2024-01-01 00:00:00,1\n", "\"2024-01-01 00:00:01,2\n", "2024-01-01 00:00:02,3\"\n"], 2),
+            (&csv, &["2024-01-01 00:00:00,1\n", "\n", "2024-01-01 00:00:02,3\n"], 0),
+            (&json, &["{\"ts\": \"2024-01-01 00:00:00\", \"v\": 1}\r\n", "{\"v\": 2}\n", "{\"v\": 3}"], 0),
+            (&json, &["{\"v\": 1}\n", "{\"v\": 2} {\"v\": 4}\n", "{\"v\": 3}\n"], 1),
+        ];
+        for (n, (decoder, lines, bad)) in cases.into_iter().enumerate() {
+            let block = lines.concat();
+            let payloads: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+            let origin = |i: usize| format!("line {i}");
+            let (batch, rejected, accepted) = decoder.decode_lines(block.as_bytes(), &payloads, origin);
+            let (one_by_one, rejected_one_by_one, accepted_one_by_one) = decoder.decode_indexed(&payloads, origin);
+            assert_eq!(batch, one_by_one, "case {n}");
+            if bad == 0 && lines.iter().all(|l| !l.trim().is_empty()) {
+                // Good lines only: they decode as one block.
+                let whole = decoder.decode_all(Input::Block(block.as_bytes(), lines.len())).ok();
+                assert_eq!(whole, batch, "case {n}");
+            }
+            assert_eq!(accepted, accepted_one_by_one, "case {n}");
+            assert_eq!(rejected.len(), bad, "case {n}: {rejected:?}");
+            let origins = |r: &[Rejected]| r.iter().map(|r| r.origin.clone()).collect::<Vec<_>>();
+            assert_eq!(origins(&rejected), origins(&rejected_one_by_one), "case {n}");
+            let rows = batch.map_or(0, |b| b.num_rows());
+            assert_eq!(rows + bad, lines.iter().filter(|l| !l.trim().is_empty()).count(), "case {n}");
+        }
     }
 }
