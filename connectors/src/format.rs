@@ -2,7 +2,9 @@
 //!
 //! Records are decoded a chunk at a time with arrow-json or arrow-csv. A chunk that fails is decoded again record by
 //! record, so one malformed record is set aside as [`Rejected`] (with where it came from and why) while every good
-//! record of the chunk still goes through: nothing is dropped silently and one bad line never stops a source.
+//! record of the chunk still goes through: nothing is dropped silently and one bad line never stops a source. A file's
+//! lines, which lie one after the other in its read buffer, go to the decoder as one block
+//! ([`RecordDecoder::decode_lines`]); records from brokers, one call each.
 
 use std::sync::Arc;
 
