@@ -86,7 +86,7 @@ impl RecordDecoder {
             _ => None,
         };
         let decoder = RecordDecoder { schema, decoded, csv_text, encoding, avro, max_record: DEFAULT_MAX_RECORD_BYTES };
-        decoder.decode_all(Input::Records(&[])).map_err(|e| ConnectorError::Column {
+        decoder.decode_all(&[], 0).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
             reason: e.to_string(),
@@ -159,7 +159,7 @@ impl RecordDecoder {
             && !payloads.is_empty()
             && payloads.iter().map(|p| p.len()).sum::<usize>() == block.len()
             && payloads.iter().all(|p| p.len() <= self.max_record && !p.trim_ascii().is_empty());
-        if whole && let Ok(batch) = self.decode_all(Input::Block(block, payloads.len())) {
+        if whole && let Ok(batch) = self.decode_all(&[block], payloads.len()) {
             return (Some(batch), Vec::new(), (0..payloads.len()).collect());
         }
         self.decode_indexed(payloads, origin)
@@ -171,14 +171,14 @@ impl RecordDecoder {
         origin: &impl Fn(usize) -> String,
     ) -> (Option<RecordBatch>, Vec<Rejected>, Vec<usize>) {
         let bytes: Vec<&[u8]> = records.iter().map(|(_, r)| *r).collect();
-        if let Ok(batch) = self.decode_all(Input::Records(&bytes)) {
+        if let Ok(batch) = self.decode_all(&bytes, bytes.len()) {
             return (Some(batch), Vec::new(), records.iter().map(|(i, _)| *i).collect());
         }
         let mut good = Vec::new();
         let mut accepted = Vec::new();
         let mut rejected = Vec::new();
         for (index, record) in records {
-            match self.decode_all(Input::Records(&[record])) {
+            match self.decode_all(&[record], 1) {
                 Ok(batch) => {
                     good.push(batch);
                     accepted.push(index);
@@ -194,9 +194,9 @@ impl RecordDecoder {
         (batch, rejected, accepted)
     }
 
-    /// Decodes every record or fails.
-    fn decode_all(&self, records: Input<'_>) -> Result<RecordBatch, ArrowError> {
-        let batch = self.decode_millis(records)?;
+    /// Decodes every record or fails (`pieces` and `count` as for [`RecordDecoder::decode_millis`]).
+    fn decode_all(&self, pieces: &[&[u8]], count: usize) -> Result<RecordBatch, ArrowError> {
+        let batch = self.decode_millis(pieces, count)?;
         if self.decoded == self.schema {
             return Ok(batch);
         }
@@ -212,12 +212,9 @@ impl RecordDecoder {
         RecordBatch::try_new(self.schema.clone(), columns)
     }
 
-    /// Decodes every record into the millisecond schema, or fails.
-    fn decode_millis(&self, input: Input<'_>) -> Result<RecordBatch, ArrowError> {
-        let count = match input {
-            Input::Records(records) => records.len(),
-            Input::Block(_, count) => count,
-        };
+    /// Decodes every record into the millisecond schema, or fails. `pieces` are the records, one each, or lines one
+    /// after the other (`count` records in all).
+    fn decode_millis(&self, pieces: &[&[u8]], count: usize) -> Result<RecordBatch, ArrowError> {
         // A batch of one more row than the records: the reader never stops at a full batch between a record's `\r`
         // and its `\n`.
         let rows = count + 1;
@@ -226,22 +223,14 @@ impl RecordDecoder {
             Encoding::Json => {
                 let mut decoder =
                     json::ReaderBuilder::new(self.decoded.clone()).with_batch_size(rows).build_decoder()?;
-                match input {
-                    Input::Records(records) => {
-                        for record in records {
-                            feed(line(record), |b| decoder.decode(b))?;
-                            feed(b"\n", |b| decoder.decode(b))?;
-                        }
-                    }
-                    Input::Block(block, _) => feed(block, |b| decoder.decode(b))?,
+                for piece in pieces {
+                    feed(piece, |b| decoder.decode(b))?;
+                    feed(b"\n", |b| decoder.decode(b))?;
                 }
                 batches.extend(decoder.flush()?);
             }
-            Encoding::Avro { .. } => match (&self.avro, input) {
-                (Some(avro), Input::Records(records)) if !records.is_empty() => {
-                    batches.push(avro.decode(records, &self.decoded)?)
-                }
-                (_, Input::Block(..)) => return Err(ArrowError::ParseError("Avro records are not lines".into())),
+            Encoding::Avro { .. } => match &self.avro {
+                Some(avro) if !pieces.is_empty() => batches.push(avro.decode(pieces, &self.decoded)?),
                 _ => {}
             },
             Encoding::Csv { delimiter, .. } => {
@@ -251,23 +240,10 @@ impl RecordDecoder {
                     .with_delimiter(*delimiter)
                     .with_batch_size(rows)
                     .build_decoder();
-                match input {
-                    Input::Records(records) => {
-                        for record in records {
-                            // A line ending in `\n` alone is one call.
-                            if record.ends_with(b"\n") && !record.ends_with(b"\r\n") {
-                                feed(record, |b| decoder.decode(b))?;
-                            } else {
-                                feed(line(record), |b| decoder.decode(b))?;
-                                feed(b"\n", |b| decoder.decode(b))?;
-                            }
-                        }
-                    }
-                    Input::Block(block, _) => {
-                        feed(block, |b| decoder.decode(b))?;
-                        if !block.ends_with(b"\n") {
-                            feed(b"\n", |b| decoder.decode(b))?;
-                        }
+                for piece in pieces {
+                    feed(piece, |b| decoder.decode(b))?;
+                    if !piece.ends_with(b"\n") {
+                        feed(b"\n", |b| decoder.decode(b))?;
                     }
                 }
                 if let Some(batch) = decoder.flush()? {
@@ -301,13 +277,6 @@ impl RecordDecoder {
         }
         RecordBatch::try_new(self.decoded.clone(), columns)
     }
-}
-
-/// What [`RecordDecoder::decode_millis`] decodes: records one by one, or a block of lines (and how many).
-#[derive(Clone, Copy)]
-enum Input<'a> {
-    Records(&'a [&'a [u8]]),
-    Block(&'a [u8], usize),
 }
 
 /// Parses timestamps without a time zone (read as UTC) to milliseconds, as arrow's CSV reader does, with a fast path
@@ -378,12 +347,6 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let day_of_year = (153 * month_from_march + 2) / 5 + i64::from(day) - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
-}
-
-/// A record without its line ending.
-fn line(record: &[u8]) -> &[u8] {
-    let record = record.strip_suffix(b"\n").unwrap_or(record);
-    record.strip_suffix(b"\r").unwrap_or(record)
 }
 
 /// Gives all of `bytes` to a decoder that may take them in pieces.
@@ -613,7 +576,7 @@ mod tests {
             assert_eq!(batch, one_by_one, "case {n}");
             if bad == 0 && lines.iter().all(|l| !l.trim().is_empty()) {
                 // Good lines only: they decode as one block.
-                let whole = decoder.decode_all(Input::Block(block.as_bytes(), lines.len())).ok();
+                let whole = decoder.decode_all(&[block.as_bytes()], lines.len()).ok();
                 assert_eq!(whole, batch, "case {n}");
             }
             assert_eq!(accepted, accepted_one_by_one, "case {n}");

@@ -97,23 +97,25 @@ const NONE: u32 = u32::MAX;
 
 /// The rows partial matches matched, as a tree of shared prefixes: each row is stored once with its predecessor, and a
 /// partial match is named by its last row. Rows are only added (after their predecessors), so a row's index is above
-/// its predecessor's.
+/// its predecessor's. The partial matches of an attempt all begin at its first row (a match is the rows from there on,
+/// one after the other), which the trail keeps once.
 #[derive(Debug, Clone, Default)]
 pub struct Trail {
     steps: Vec<Step>,
+    first_row: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Step {
     classified: Classified,
     previous: u32,
-    /// The position of the match's first row, and how many rows it has up to this one.
-    first_row: usize,
+    /// How many rows the match has up to this one.
     len: u32,
 }
 
 impl Trail {
-    /// A trail holding `rows` as one partial match, and its last row (for tests and for evaluating a finished match).
+    /// A trail holding `rows` as one partial match, and its last row.
+    #[cfg(test)]
     pub fn of(rows: &[Classified]) -> (Trail, u32) {
         let mut trail = Trail::default();
         let last = rows.iter().fold(NONE, |last, c| trail.push(last, *c));
@@ -122,16 +124,19 @@ impl Trail {
 
     /// The partial match ending at `last` (as [`Trail::push`] returned it, or [`NONE`] for none).
     pub fn rows(&self, last: u32) -> MatchedRows<'_> {
-        MatchedRows { steps: &self.steps, last }
+        MatchedRows { steps: &self.steps, last, first_row: self.first_row }
     }
 
     /// Adds `classified` after the partial match ending at `last`; returns the new match's last row.
     fn push(&mut self, last: u32, classified: Classified) -> u32 {
-        let (first_row, len) = match self.steps.get(last as usize) {
-            Some(step) => (step.first_row, step.len + 1),
-            None => (classified.row, 1),
+        let len = match self.steps.get(last as usize) {
+            Some(step) => step.len + 1,
+            None => {
+                self.first_row = classified.row;
+                1
+            }
         };
-        self.steps.push(Step { classified, previous: last, first_row, len });
+        self.steps.push(Step { classified, previous: last, len });
         (self.steps.len() - 1) as u32
     }
 
@@ -189,6 +194,7 @@ impl Trail {
 pub struct MatchedRows<'t> {
     steps: &'t [Step],
     last: u32,
+    first_row: usize,
 }
 
 impl<'t> MatchedRows<'t> {
@@ -202,7 +208,7 @@ impl<'t> MatchedRows<'t> {
 
     /// The position of the first row.
     pub fn first_row(&self) -> Option<usize> {
-        self.steps.get(self.last as usize).map(|s| s.first_row)
+        (!self.is_empty()).then_some(self.first_row)
     }
 
     pub fn last(&self) -> Option<Classified> {
