@@ -108,14 +108,18 @@ impl RowStore {
         }
     }
 
-    /// A partition lets go of row `id`; a chunk no row of which is held is dropped.
+    /// A partition lets go of row `id`. A chunk no row of which is held stays readable until [`RowStore::sweep`].
     pub fn release(&mut self, id: RowId) {
         let Some(number) = (id >> 32).checked_sub(self.first) else { return };
-        if let Some(slot) = self.chunks.get_mut(number as usize)
-            && let Some(chunk) = slot
-        {
-            chunk.held -= 1;
-            if chunk.held == 0 {
+        if let Some(Some(chunk)) = self.chunks.get_mut(number as usize) {
+            chunk.held = chunk.held.saturating_sub(1);
+        }
+    }
+
+    /// Drops the chunks no row of which is held any more.
+    pub fn sweep(&mut self) {
+        for slot in self.chunks.iter_mut() {
+            if slot.as_ref().is_some_and(|chunk| chunk.held == 0) {
                 *slot = None;
             }
         }
@@ -130,9 +134,10 @@ impl RowStore {
         self.first + self.chunks.len() as u64
     }
 
-    /// Whether chunk `number` is still kept.
+    /// Whether chunk `number` is still kept (a row of it held).
     pub fn holds_chunk(&self, number: u64) -> bool {
-        number.checked_sub(self.first).and_then(|n| self.chunks.get(n as usize)).is_some_and(Option::is_some)
+        let chunk = number.checked_sub(self.first).and_then(|n| self.chunks.get(n as usize));
+        chunk.is_some_and(|c| c.as_ref().is_some_and(|c| c.held > 0))
     }
 
     /// The chunks kept, by number, in order.
@@ -205,7 +210,7 @@ pub struct Partitions {
 }
 
 impl Partitions {
-    /// Each partition's key (as bytes, comparable) and rows, in order of the keys.
+    /// Each partition's key (as bytes, comparable) and rows, in order of the partitions' first rows in the batch.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[usize])> {
         self.starts.iter().enumerate().map(|(n, start)| {
             let end = self.starts.get(n + 1).copied().unwrap_or(self.order.len());
@@ -215,8 +220,8 @@ impl Partitions {
     }
 }
 
-/// The rows of each distinct key, the keys in order and each key's rows in their order among `keys`: the rows in
-/// that order, and where each key's rows start.
+/// The rows of each distinct key, the keys in order of their first rows and each key's rows in their order among
+/// `keys`: the rows in that order, and where each key's rows start.
 fn group_by_key(keys: &datafusion::arrow::row::Rows) -> (Vec<usize>, Vec<usize>) {
     const HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x4b45_5953);
     // Each key's first row and its number of rows, by first appearance; each row's key.
@@ -237,17 +242,14 @@ fn group_by_key(keys: &datafusion::arrow::row::Rows) -> (Vec<usize>, Vec<usize>)
         groups[group].1 += 1;
         group_of.push(group);
     }
-    let mut by_key: Vec<usize> = (0..groups.len()).collect();
-    by_key.sort_unstable_by(|a, b| keys.row(groups[*a].0).cmp(&keys.row(groups[*b].0)));
     // Where each key's rows go, then each row in its place.
-    let mut next = vec![0; groups.len()];
-    let mut starts = Vec::with_capacity(groups.len());
+    let mut next = Vec::with_capacity(groups.len());
     let mut at = 0;
-    for group in by_key {
-        starts.push(at);
-        next[group] = at;
-        at += groups[group].1;
+    for (_, rows) in &groups {
+        next.push(at);
+        at += rows;
     }
+    let starts = next.clone();
     let mut order = vec![0; keys.num_rows()];
     for (row, group) in group_of.into_iter().enumerate() {
         order[next[group]] = row;
@@ -666,14 +668,16 @@ impl Matcher {
         self.output.clone()
     }
 
-    /// Matches all of `batches` (rows of the input schema).
+    /// Matches all of `batches` (rows of the input schema); the output has the partitions in order of their keys.
     pub fn run(&self, batches: &[RecordBatch]) -> Result<RecordBatch, MatchError> {
         let input = datafusion::arrow::compute::concat_batches(&self.input, batches)?;
         let mut store = RowStore::default();
         let first = store.push(input.clone());
         let mut out = Output::default();
         let partitions = self.partitions(&input)?;
-        for (_, rows) in partitions.iter() {
+        let mut by_key: Vec<(&[u8], &[usize])> = partitions.iter().collect();
+        by_key.sort_unstable_by_key(|(key, _)| *key);
+        for (_, rows) in by_key {
             let mut partition = PartitionMatch::default();
             partition.extend(rows.iter().map(|r| first + *r as RowId));
             self.run_partition(&store, &mut partition, true, None, &mut out)?;
@@ -681,8 +685,8 @@ impl Matcher {
         self.output(&store, out)
     }
 
-    /// The rows of `batch` grouped by partition (in order of the partition keys), each partition's rows in the
-    /// `ORDER BY` order.
+    /// The rows of `batch` grouped by partition (in order of their first rows in the batch), each partition's rows in
+    /// the `ORDER BY` order.
     pub fn partitions(&self, batch: &RecordBatch) -> Result<Partitions, MatchError> {
         let rows = batch.num_rows();
         // Unpartitioned, every row is in the one partition (of the empty key).
@@ -735,13 +739,15 @@ impl Matcher {
         watermark: Option<i64>,
         out: &mut Output,
     ) -> Result<(), MatchError> {
+        // A decided attempt, whose allocations the next one takes over.
+        let mut used = None;
         loop {
             // The rows matching may try: those whose following rows `NEXT` looks at are known (all, at the end).
             let held = partition.base + partition.rows.len();
             let known = if ended { held } else { held.saturating_sub(self.lookahead) };
             let mut attempt = match partition.attempt.take() {
                 Some(attempt) => attempt,
-                None if partition.next < known => self.program.begin(partition.next, known, ended)?,
+                None if partition.next < known => self.program.begin_in(used.take(), partition.next, known, ended)?,
                 None => return Ok(()),
             };
             let context = Context {
@@ -835,6 +841,7 @@ impl Matcher {
             let (next, counted) = self.decide(&context, at, found, timed_out, out)?;
             partition.match_number += i64::from(counted);
             partition.next = next;
+            used = Some(attempt);
         }
     }
 
@@ -974,11 +981,12 @@ mod tests {
 
     use super::*;
 
-    /// Rows grouped by partition come out as a stable sort would put them: by the partition columns (NULL first),
-    /// then by the `ORDER BY` columns (ascending NULLs first, descending NULLs last), rows tied in the batch's order.
-    /// The reference is arrow's sort over those columns and the row number, on random batches with NULLs and ties.
+    /// Rows grouped by partition come out as a stable sort would put them within each partition: by the `ORDER BY`
+    /// columns (ascending NULLs first, descending NULLs last), rows tied in the batch's order; the partitions (NULL
+    /// a key of its own) in order of their first rows. The reference is arrow's sort over the partition columns, the
+    /// order columns and the row number, on random batches with NULLs and ties.
     #[test]
-    fn partitions_are_the_rows_sorted_by_key_then_order_stably() {
+    fn partitions_are_the_rows_grouped_by_key_and_sorted_stably() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, true),
             Field::new("name", DataType::Utf8, true),
@@ -1050,6 +1058,8 @@ mod tests {
                     _ => expected.push((key(row), vec![row])),
                 }
             }
+            // Partitions come in order of their first rows in the batch.
+            expected.sort_by_key(|(_, rows)| rows.iter().min().copied());
             assert_eq!(got, expected, "case {case}: partition by {partition_by:?}, order by {order_by:?}\n{batch:?}");
         }
     }

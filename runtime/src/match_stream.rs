@@ -81,9 +81,14 @@ pub struct MatchStream {
     numbers: hashbrown::HashTable<Numbered>,
     /// The partitions, with their keys.
     partitions: Vec<(Vec<u8>, PartitionMatch)>,
-    /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first (an entry whose time is not
-    /// the partition's [`PartitionMatch::deadline`] any more is stale).
+    /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first: at most one entry a
+    /// partition is live, the one at its time in `scheduled` (an entry at another time is stale). A partition's
+    /// deadline only moves later while its attempts go on, so its entry stays where it is until the watermark
+    /// reaches it, and is then moved to the partition's deadline at that time: one entry a partition, not one each
+    /// time its deadline moves.
     deadlines: BinaryHeap<Reverse<(Watermark, usize)>>,
+    /// The time of each partition's live entry in `deadlines` ([`UNSCHEDULED`] for none).
+    scheduled: Vec<Watermark>,
     /// Partitions changed since the last checkpoint, and whether each is among them.
     unsaved: Vec<usize>,
     changed: Vec<bool>,
@@ -135,6 +140,7 @@ impl MatchStream {
             numbers: hashbrown::HashTable::new(),
             partitions: Vec::new(),
             deadlines: BinaryHeap::new(),
+            scheduled: Vec::new(),
             unsaved: Vec::new(),
             changed: Vec::new(),
             saved_chunks: Vec::new(),
@@ -241,13 +247,22 @@ impl MatchStream {
         // The partitions to run: those with new rows, and those whose partial matches the watermark may have put
         // out of WITHIN's reach (all of them at the end).
         let mut due = touched;
-        while let Some(Reverse((deadline, _))) = self.deadlines.peek()
-            && *deadline <= watermark
+        while let Some(Reverse((at, _))) = self.deadlines.peek()
+            && *at <= watermark
         {
-            if let Some(Reverse((deadline, number))) = self.deadlines.pop()
-                && self.partitions[number].1.deadline == Some(deadline)
-            {
-                due.push(number);
+            let Some(Reverse((at, number))) = self.deadlines.pop() else { break };
+            if self.scheduled[number] != at {
+                continue;
+            }
+            self.scheduled[number] = UNSCHEDULED;
+            match self.partitions[number].1.deadline {
+                Some(deadline) if deadline <= watermark => due.push(number),
+                // Its deadline moved on since the entry was made: the entry moves there.
+                Some(deadline) => {
+                    self.scheduled[number] = deadline;
+                    self.deadlines.push(Reverse((deadline, number)));
+                }
+                None => {}
             }
         }
         if ended {
@@ -256,32 +271,34 @@ impl MatchStream {
         due.sort_unstable();
         due.dedup();
         let mut out = Output::default();
-        for number in &due {
-            let partition = &mut self.partitions[*number].1;
+        // Each partition is run, trimmed and scheduled in turn, while it is in the cache. The rows it lets go of
+        // stay readable until the output is made of the matches.
+        for number in due {
+            let partition = &mut self.partitions[number].1;
             self.matcher.run_partition(&self.store, partition, ended, Some(watermark), &mut out).map_err(matching)?;
+            self.matcher.trim(partition, &mut self.store, ended);
+            self.schedule(number);
+            self.mark_changed(number);
         }
         let output = match out.is_empty() {
             true => None,
             false => Some(self.matcher.output(&self.store, out).map_err(matching)?),
         };
-        for number in due {
-            self.matcher.trim(&mut self.partitions[number].1, &mut self.store, ended);
-            self.schedule(number);
-            self.mark_changed(number);
-        }
+        self.store.sweep();
         Ok(output)
     }
 
-    /// Notes when partition `key`'s attempt under way may next lose partial matches to `WITHIN` (when the
-    /// watermark reaches the earliest one's first row plus the bound), unless that is noted already.
+    /// Notes when partition `number`'s attempt under way may next lose partial matches to `WITHIN` (when the
+    /// watermark reaches the earliest one's first row plus the bound), and makes sure an entry of `deadlines` comes
+    /// at that time or before.
     fn schedule(&mut self, number: usize) {
         let partition = &mut self.partitions[number].1;
-        let deadline = self.matcher.deadline(partition, &self.store);
-        if deadline != partition.deadline {
-            partition.deadline = deadline;
-            if let Some(deadline) = deadline {
-                self.deadlines.push(Reverse((deadline, number)));
-            }
+        partition.deadline = self.matcher.deadline(partition, &self.store);
+        if let Some(deadline) = partition.deadline
+            && deadline < self.scheduled[number]
+        {
+            self.scheduled[number] = deadline;
+            self.deadlines.push(Reverse((deadline, number)));
         }
     }
 
@@ -304,6 +321,7 @@ impl MatchStream {
         let partitions = &self.partitions;
         self.numbers.insert_unique(hash, Numbered::new(number, key), |e| PARTITION_HASH.hash_one(e.key(partitions)));
         self.changed.push(false);
+        self.scheduled.push(UNSCHEDULED);
         self.record_bytes.push(0);
         number
     }
@@ -396,6 +414,9 @@ impl Numbered {
     }
 }
 
+/// No entry of a partition in the queue of deadlines.
+const UNSCHEDULED: Watermark = Watermark::MAX;
+
 /// The hash of partition keys.
 const PARTITION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5745_4952);
 
@@ -461,6 +482,7 @@ impl Checkpointed for MatchStream {
         self.numbers.clear();
         self.partitions.clear();
         self.deadlines.clear();
+        self.scheduled.clear();
         self.unsaved.clear();
         self.changed.clear();
         self.stale.clear();

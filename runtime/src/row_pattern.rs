@@ -356,12 +356,34 @@ impl Program {
 
     /// Begins a match attempt at row `start`, with `rows` rows known so far (`ended`: all there will be).
     pub fn begin(&self, start: usize, rows: usize, ended: bool) -> Result<Attempt, PatternError> {
-        let mut threads = Vec::new();
+        self.begin_in(None, start, rows, ended)
+    }
+
+    /// [`Program::begin`], in the allocations of a decided attempt when one is given (what it held is dropped).
+    pub fn begin_in(
+        &self,
+        used: Option<Attempt>,
+        start: usize,
+        rows: usize,
+        ended: bool,
+    ) -> Result<Attempt, PatternError> {
+        let mut attempt = used.unwrap_or_else(|| Attempt {
+            threads: Vec::new(),
+            trail: Trail::default(),
+            compact_above: COMPACT_MIN,
+            best: None,
+            at: start,
+            spare: Vec::new(),
+        });
+        attempt.threads.clear();
+        attempt.trail.steps.clear();
+        attempt.compact_above = COMPACT_MIN;
+        attempt.best = None;
+        attempt.at = start;
         let first =
             Thread { pc: 0, registers: smallvec::smallvec![usize::MAX; self.registers], excluded: 0, last: NONE };
-        let trail = Trail::default();
-        self.add(&mut threads, &trail, first, start, rows, ended)?;
-        Ok(Attempt { threads, trail, compact_above: COMPACT_MIN, best: None, at: start, spare: Vec::new() })
+        self.add(&mut attempt.threads, &attempt.trail, first, start, rows, ended)?;
+        Ok(attempt)
     }
 
     /// Runs `attempt` over the rows known so far: `rows` of them, and `ended` when no more will come. Returns the
