@@ -1041,6 +1041,31 @@ mod tests {
         assert_eq!(rows_of(&out), vec!["1970-01-01T00:00:00|2|3|1|C".to_string()]);
     }
 
+    /// A partition's deadline that moves later before the watermark reaches its entry in the queue is still kept:
+    /// the entry moves to it when the watermark gets there, and the attempt ends when the watermark reaches the new
+    /// deadline.
+    #[test]
+    fn a_deadline_that_moved_later_still_ends_its_attempt() {
+        let spec = rising_then_falling(RowsPerMatch::One, SkipTo::PastLastRow, Some(2_000), false);
+        let mut op = MatchStream::try_new(spec, schema()).unwrap();
+        // The attempt from 0 s (A B) waits: it may take rows before 2 s (its deadline, 1.999 s).
+        op.on_data(&batch(&[(1, 1, 0), (1, 2, 1_000)])).unwrap();
+        assert_eq!(op.advance(1_000).unwrap(), None);
+        // A fall at 1.5 s ends it as a match of 3 rows; a rise at 1.8 s begins the next attempt (A), whose deadline
+        // is 3.799 s, later than the entry made for 1.999 s.
+        op.on_data(&batch(&[(1, 1, 1_500), (1, 5, 1_800)])).unwrap();
+        let out = op.advance(1_800).unwrap().unwrap();
+        assert_eq!(rows_of(&[out]), vec!["1|1970-01-01T00:00:00|2|3|1|C".to_string()]);
+        // The watermark passes 1.999 s: the attempt from 1.8 s waits on, holding its row and the one before (PREV).
+        assert_eq!(op.advance(2_500).unwrap(), None);
+        assert_eq!(op.rows_held(), 2);
+        assert_eq!(op.advance(3_798).unwrap(), None);
+        assert_eq!(op.rows_held(), 2);
+        // At 3.799 s no row to come can join it: it ends unmatched, keeping only its row for PREV.
+        assert_eq!(op.advance(3_799).unwrap(), None);
+        assert_eq!(op.rows_held(), 1);
+    }
+
     /// A partial match the watermark puts out of `WITHIN`'s reach is dropped at once, with its rows: a rising run
     /// that never falls holds only the row `PREV` may look at once the watermark is past it.
     #[test]
