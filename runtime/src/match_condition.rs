@@ -11,7 +11,6 @@
 //! integers or of timestamps, division of integers) is not compiled, and the condition stays with the general
 //! evaluator.
 
-use std::collections::VecDeque;
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{
@@ -35,7 +34,7 @@ pub(crate) struct Condition {
 /// the row being tried.
 pub(crate) struct Rows<'a> {
     pub store: &'a RowStore,
-    pub rows: &'a VecDeque<RowId>,
+    pub rows: &'a [RowId],
     pub base: usize,
     pub matched: MatchedRows<'a>,
     pub current: usize,
@@ -638,7 +637,7 @@ mod tests {
             // The partition holds rows from position `base`: the chunk's rows from `skip` on.
             let base = next(4) as usize;
             let skip = next(3) as usize;
-            let ids: VecDeque<RowId> = (skip..ROWS).map(|r| first + r as RowId).collect();
+            let ids: Vec<RowId> = (skip..ROWS).map(|r| first + r as RowId).collect();
             for _ in 0..8 {
                 let current = base + next(ids.len() as u64) as usize;
                 let mut matched = Vec::new();

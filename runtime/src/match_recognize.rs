@@ -8,6 +8,8 @@
 //! variable's last row (the current row for the variable being defined); unqualified, the current row.
 
 use std::collections::{HashMap, VecDeque};
+
+use smallvec::SmallVec;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -264,7 +266,8 @@ fn group_by_key(keys: &datafusion::arrow::row::Rows) -> (Vec<usize>, Vec<usize>)
 pub struct PartitionMatch {
     /// The position of `rows[0]`.
     base: usize,
-    rows: VecDeque<RowId>,
+    /// The rows held: a few at most in most partitions, so kept in the partition itself.
+    rows: SmallVec<[RowId; 4]>,
     /// Where the next match attempt starts.
     next: usize,
     attempt: Option<Attempt>,
@@ -281,7 +284,7 @@ impl Default for PartitionMatch {
     fn default() -> Self {
         PartitionMatch {
             base: 0,
-            rows: VecDeque::new(),
+            rows: SmallVec::new(),
             next: 0,
             attempt: None,
             match_number: 1,
@@ -330,12 +333,11 @@ impl PartitionMatch {
 
     /// Lets go of the rows before position `keep`.
     fn trim(&mut self, keep: usize, store: &mut RowStore) {
-        while self.base < keep
-            && let Some(id) = self.rows.pop_front()
-        {
+        let leaving = keep.saturating_sub(self.base).min(self.rows.len());
+        for id in self.rows.drain(..leaving) {
             store.release(id);
-            self.base += 1;
         }
+        self.base += leaving;
     }
 }
 
@@ -343,7 +345,7 @@ impl PartitionMatch {
 struct Context<'a> {
     store: &'a RowStore,
     /// The partition's rows, the first at position `base`.
-    rows: &'a VecDeque<RowId>,
+    rows: &'a [RowId],
     base: usize,
     variables: &'a [String],
     /// The members of each `SUBSET`.
@@ -472,7 +474,7 @@ impl Context<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate_condition(
     store: &RowStore,
-    rows: &VecDeque<RowId>,
+    rows: &[RowId],
     base: usize,
     variables: &[String],
     subsets: &[Vec<usize>],

@@ -81,6 +81,9 @@ pub struct MatchStream {
     numbers: hashbrown::HashTable<Numbered>,
     /// The partitions, with their keys.
     partitions: Vec<(Vec<u8>, PartitionMatch)>,
+    /// About how many bytes the partitions take besides their rows (kept as they are added: the operator's memory
+    /// is read after every batch).
+    partition_bytes: usize,
     /// When partitions' attempts may lose partial matches to `WITHIN`, earliest first: at most one entry a
     /// partition is live, the one at its time in `scheduled` (an entry at another time is stale). A partition's
     /// deadline only moves later while its attempts go on, so its entry stays where it is until the watermark
@@ -116,7 +119,7 @@ impl MatchStream {
     /// About how many bytes the operator holds: rows waiting for the watermark and rows partial matches hold.
     pub fn memory(&self) -> usize {
         let pending: usize = self.pending.iter().map(|p| p.rows.get_array_memory_size()).sum();
-        pending + self.store.memory() + self.partitions.iter().map(|(k, _)| k.len() + 96).sum::<usize>()
+        pending + self.store.memory() + self.partition_bytes
     }
 
     pub fn try_new(spec: MatchRecognize, input: SchemaRef) -> Result<Self> {
@@ -139,6 +142,7 @@ impl MatchStream {
             store: RowStore::default(),
             numbers: hashbrown::HashTable::new(),
             partitions: Vec::new(),
+            partition_bytes: 0,
             deadlines: BinaryHeap::new(),
             scheduled: Vec::new(),
             unsaved: Vec::new(),
@@ -318,6 +322,7 @@ impl MatchStream {
         }
         let number = self.partitions.len();
         self.partitions.push((key.to_vec(), PartitionMatch::default()));
+        self.partition_bytes += key.len() + PARTITION_BYTES;
         let partitions = &self.partitions;
         self.numbers.insert_unique(hash, Numbered::new(number, key), |e| PARTITION_HASH.hash_one(e.key(partitions)));
         self.changed.push(false);
@@ -330,11 +335,17 @@ impl MatchStream {
     fn record(&mut self, number: usize, log: &mut Vec<u8>) {
         let (key, partition) = &self.partitions[number];
         let start = log.len();
+        let held = partition.held();
+        log.reserve(4 + key.len() + 24 + 4 + 8 * held.len());
         log.extend_from_slice(&(key.len() as u32).to_be_bytes());
         log.extend_from_slice(key);
-        log.extend(partition.positions().iter().flat_map(|p| p.to_be_bytes()));
-        log.extend_from_slice(&(partition.held().len() as u32).to_be_bytes());
-        log.extend(partition.held().flat_map(|id| id.to_be_bytes()));
+        for position in partition.positions() {
+            log.extend_from_slice(&position.to_be_bytes());
+        }
+        log.extend_from_slice(&(held.len() as u32).to_be_bytes());
+        for id in held {
+            log.extend_from_slice(&id.to_be_bytes());
+        }
         let bytes = log.len() - start;
         self.live_bytes = self.live_bytes + bytes - std::mem::replace(&mut self.record_bytes[number], bytes);
     }
@@ -414,6 +425,9 @@ impl Numbered {
     }
 }
 
+/// About how many bytes a partition takes besides its key and rows: its match state, number and queue entries.
+const PARTITION_BYTES: usize = std::mem::size_of::<PartitionMatch>() + 96;
+
 /// No entry of a partition in the queue of deadlines.
 const UNSCHEDULED: Watermark = Watermark::MAX;
 
@@ -481,6 +495,7 @@ impl Checkpointed for MatchStream {
         }
         self.numbers.clear();
         self.partitions.clear();
+        self.partition_bytes = 0;
         self.deadlines.clear();
         self.scheduled.clear();
         self.unsaved.clear();
