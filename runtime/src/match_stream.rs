@@ -79,8 +79,8 @@ pub struct MatchStream {
     store: RowStore,
     /// Each partition's number (its place in `partitions`), hashed by its key.
     numbers: hashbrown::HashTable<Numbered>,
-    /// The partitions, with their keys.
-    partitions: Vec<(Vec<u8>, PartitionMatch)>,
+    /// The partitions, with their keys (beside them when short, so that writing a partition reads one place).
+    partitions: Vec<(PartitionKey, PartitionMatch)>,
     /// About how many bytes the partitions take besides their rows (kept as they are added: the operator's memory
     /// is read after every batch).
     partition_bytes: usize,
@@ -241,10 +241,10 @@ impl MatchStream {
             let batch = concat_batches(&self.input, &released).map_err(arrow_err)?;
             let partitions = self.matcher.partitions(&batch).map_err(matching)?;
             let first = self.store.push(batch);
-            for (key, rows) in partitions.iter() {
-                let number = self.number(key);
-                self.partitions[number].1.extend(rows.iter().map(|r| first + *r as RowId));
-                touched.push(number);
+            // Numbers first, then rows: each loop's lookups do not wait on one another.
+            touched.extend(partitions.iter().map(|(key, _)| self.number(key)));
+            for (number, (_, rows)) in touched.iter().zip(partitions.iter()) {
+                self.partitions[*number].1.extend(rows.iter().map(|r| first + *r as RowId));
             }
         }
         let ended = watermark == END_OF_TIME;
@@ -321,7 +321,7 @@ impl MatchStream {
             return entry.number;
         }
         let number = self.partitions.len();
-        self.partitions.push((key.to_vec(), PartitionMatch::default()));
+        self.partitions.push((PartitionKey::from_slice(key), PartitionMatch::default()));
         self.partition_bytes += key.len() + PARTITION_BYTES;
         let partitions = &self.partitions;
         self.numbers.insert_unique(hash, Numbered::new(number, key), |e| PARTITION_HASH.hash_one(e.key(partitions)));
@@ -369,7 +369,9 @@ impl MatchStream {
     /// Writes the changed partitions as one more entry of the log or, once the log holds more than twice what the
     /// partitions do (or after a restore from an old format), every partition afresh in place of the log.
     fn write_log(&mut self, table: &StateTable, batch: &mut WriteBatch) {
-        let unsaved = std::mem::take(&mut self.unsaved);
+        let mut unsaved = std::mem::take(&mut self.unsaved);
+        // In the order they lie in memory.
+        unsaved.sort_unstable();
         for number in &unsaved {
             self.changed[*number] = false;
         }
@@ -417,7 +419,7 @@ impl Numbered {
     }
 
     /// The key: here when it is short, else with the partition.
-    fn key<'a>(&'a self, partitions: &'a [(Vec<u8>, PartitionMatch)]) -> &'a [u8] {
+    fn key<'a>(&'a self, partitions: &'a [(PartitionKey, PartitionMatch)]) -> &'a [u8] {
         match self.key.get(..usize::from(self.length)) {
             Some(key) => key,
             None => partitions.get(self.number).map_or(&[][..], |(key, _)| key),
@@ -430,6 +432,9 @@ const PARTITION_BYTES: usize = std::mem::size_of::<PartitionMatch>() + 96;
 
 /// No entry of a partition in the queue of deadlines.
 const UNSCHEDULED: Watermark = Watermark::MAX;
+
+/// A partition's key: a number or a short text is kept inline.
+type PartitionKey = smallvec::SmallVec<[u8; 16]>;
 
 /// The hash of partition keys.
 const PARTITION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x5745_4952);
@@ -1040,7 +1045,7 @@ mod tests {
         assert_eq!(op.number(&[]), 3_000, "the empty key is a key too");
         for (key, number) in keys.iter().zip(&numbers).rev() {
             assert_eq!(op.number(key), *number);
-            assert_eq!(op.partitions[*number].0, *key);
+            assert_eq!(op.partitions[*number].0.as_slice(), &key[..]);
         }
     }
 
