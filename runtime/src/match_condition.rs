@@ -11,7 +11,6 @@
 //! integers or of timestamps, division of integers) is not compiled, and the condition stays with the general
 //! evaluator.
 
-
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, Schema, TimeUnit,
