@@ -58,7 +58,7 @@ pub struct Program {
 /// A match attempt under way: the partial matches alive, in preference order, and the best match so far.
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    threads: Vec<Thread>,
+    threads: Threads,
     /// The rows the threads matched.
     trail: Trail,
     /// The trail's length above which it is compacted to the rows live threads hold.
@@ -67,8 +67,12 @@ pub struct Attempt {
     /// The position of the row the threads wait for.
     at: usize,
     /// An empty list, its allocation kept for the next step's threads.
-    spare: Vec<Thread>,
+    spare: Threads,
 }
+
+/// Threads of an attempt: most attempts run one or two at a time, kept in the attempt itself (so in the partition
+/// that waits with it) until they are more.
+type Threads = smallvec::SmallVec<[Thread; 2]>;
 
 /// Trails shorter than this are never compacted.
 const COMPACT_MIN: usize = 4096;
@@ -101,7 +105,8 @@ const NONE: u32 = u32::MAX;
 /// one after the other), which the trail keeps once.
 #[derive(Debug, Clone, Default)]
 pub struct Trail {
-    steps: Vec<Step>,
+    /// Most attempts hold a few rows: kept in the trail itself until they are more.
+    steps: smallvec::SmallVec<[Step; 4]>,
     first_row: usize,
 }
 
@@ -368,12 +373,12 @@ impl Program {
         ended: bool,
     ) -> Result<Attempt, PatternError> {
         let mut attempt = used.unwrap_or_else(|| Attempt {
-            threads: Vec::new(),
+            threads: Threads::new(),
             trail: Trail::default(),
             compact_above: COMPACT_MIN,
             best: None,
             at: start,
-            spare: Vec::new(),
+            spare: Threads::new(),
         });
         attempt.threads.clear();
         attempt.trail.steps.clear();
@@ -400,7 +405,7 @@ impl Program {
             let at = attempt.at;
             if ended && at == rows && attempt.threads.iter().any(|t| self.instructions[t.pc] == Instruction::End) {
                 // The end of the partition came: threads waiting for it go on.
-                let mut resolved = Vec::new();
+                let mut resolved = Threads::new();
                 for mut thread in std::mem::take(&mut attempt.threads) {
                     match self.instructions[thread.pc] {
                         Instruction::End => {
@@ -480,7 +485,7 @@ impl Program {
     /// A thread at `$` before the partition ended waits there.
     fn add(
         &self,
-        threads: &mut Vec<Thread>,
+        threads: &mut Threads,
         trail: &Trail,
         mut thread: Thread,
         at: usize,
