@@ -8,8 +8,6 @@
 //! variable's last row (the current row for the variable being defined); unqualified, the current row.
 
 use std::collections::{HashMap, VecDeque};
-
-use smallvec::SmallVec;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -267,7 +265,7 @@ pub struct PartitionMatch {
     /// The position of `rows[0]`.
     base: usize,
     /// The rows held: a few at most in most partitions, so kept in the partition itself.
-    rows: SmallVec<[RowId; 4]>,
+    rows: smallvec::SmallVec<[RowId; 4]>,
     /// Where the next match attempt starts.
     next: usize,
     attempt: Option<Attempt>,
@@ -284,7 +282,7 @@ impl Default for PartitionMatch {
     fn default() -> Self {
         PartitionMatch {
             base: 0,
-            rows: SmallVec::new(),
+            rows: smallvec::SmallVec::new(),
             next: 0,
             attempt: None,
             match_number: 1,

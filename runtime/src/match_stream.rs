@@ -1061,6 +1061,12 @@ mod tests {
         assert_eq!(rows_of(&out), vec!["1970-01-01T00:00:00|2|3|1|C".to_string()]);
     }
 
+    /// Moves the watermark to `watermark`, which must decide no match, and returns the rows held then.
+    fn held_after(op: &mut MatchStream, watermark: i64) -> usize {
+        assert_eq!(op.advance(watermark).unwrap(), None, "no match decided at watermark {watermark}");
+        op.rows_held()
+    }
+
     /// A partition's deadline that moves later before the watermark reaches its entry in the queue is still kept:
     /// the entry moves to it when the watermark gets there, and the attempt ends when the watermark reaches the new
     /// deadline.
@@ -1077,13 +1083,10 @@ mod tests {
         let out = op.advance(1_800).unwrap().unwrap();
         assert_eq!(rows_of(&[out]), vec!["1|1970-01-01T00:00:00|2|3|1|C".to_string()]);
         // The watermark passes 1.999 s: the attempt from 1.8 s waits on, holding its row and the one before (PREV).
-        assert_eq!(op.advance(2_500).unwrap(), None);
-        assert_eq!(op.rows_held(), 2);
-        assert_eq!(op.advance(3_798).unwrap(), None);
-        assert_eq!(op.rows_held(), 2);
+        assert_eq!(held_after(&mut op, 2_500), 2);
+        assert_eq!(held_after(&mut op, 3_798), 2);
         // At 3.799 s no row to come can join it: it ends unmatched, keeping only its row for PREV.
-        assert_eq!(op.advance(3_799).unwrap(), None);
-        assert_eq!(op.rows_held(), 1);
+        assert_eq!(held_after(&mut op, 3_799), 1);
     }
 
     /// A partial match the watermark puts out of `WITHIN`'s reach is dropped at once, with its rows: a rising run
@@ -1096,15 +1099,12 @@ mod tests {
         // Watermark 2 s: the attempt from 0 s (A B) cannot take the row at 2 s (a match lasts less than 2 s), so
         // it ends unmatched; the one from 1 s (A B) waits for a falling row. It may look at the row before it: all 3
         // are held.
-        assert_eq!(op.advance(2_000).unwrap(), None);
-        assert_eq!(op.rows_held(), 3);
+        assert_eq!(held_after(&mut op, 2_000), 3);
         // Watermark 3.998 s ends the attempt from 1 s (a row at 3.999 s or later is 2 s after it or more); the one
         // from 2 s (A) could still take a row at 3.999 s: it waits, holding its row and the one before.
-        assert_eq!(op.advance(3_998).unwrap(), None);
-        assert_eq!(op.rows_held(), 2);
+        assert_eq!(held_after(&mut op, 3_998), 2);
         // Watermark 3.999 s ends it too: no attempt is under way; the last row is kept for PREV.
-        assert_eq!(op.advance(3_999).unwrap(), None);
-        assert_eq!(op.rows_held(), 1);
+        assert_eq!(held_after(&mut op, 3_999), 1);
         // A falling row at 5 s comes too late for the run: it starts an attempt of its own, which watermark 10 s
         // ends unmatched too.
         op.on_data(&batch(&[(1, 1, 5_000)])).unwrap();
