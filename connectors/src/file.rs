@@ -9,14 +9,17 @@
 //!
 //! Options: `path` (required), `follow` (`false` by default: the source ends at the end of the file, closing every
 //! window; `true`: it waits for more lines, polling every `poll.interval.ms`, default 100), `batch.rows` (lines per
-//! batch, default 4096). Only whole lines are read; in follow mode a line still being written is read once its newline
-//! arrives. Lines that do not decode are set aside with their line number (see [`crate::format`]).
+//! batch, default 4096), `decode.parallelism` (how many threads decode batches, default the number of cores, at
+//! most 4). Only whole lines are read; in follow mode a line still being written is read once its newline arrives.
+//! Lines that do not decode are set aside with their line number (see [`crate::format`]).
 //!
-//! A thread of the source's own reads and decodes the file ahead of the view (two batches at most), so a cold page
-//! cache or a slow disk never stalls the view's operators, and decoding runs beside them on another core. The
-//! position only moves when a batch is handed out, and a cancelled `next_batch` loses nothing (the batch stays in
-//! the channel). `FLUSH` waits for the thread to reach the end of the file as it was (see
-//! [`SourceReader::ready_batch`]).
+//! A thread of the source's own reads the file ahead of the view, so a cold page cache or a slow disk never stalls
+//! the view's operators. It cuts the file into batches of whole lines; with `decode.parallelism` above 1, the batches
+//! are decoded by that many threads side by side, and handed out in the order of the file all the same (each batch
+//! waits for the ones before it), so rows, line numbers, positions and watermarks are exactly those of one thread.
+//! At most two batches a decoding thread (and two more) are read ahead. The position only moves when a batch is
+//! handed out, and a cancelled `next_batch` loses nothing (the batch, or the decoding it waits for, stays with the
+//! source). `FLUSH` waits for the thread to reach the end of the file as it was (see [`SourceReader::ready_batch`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -27,27 +30,36 @@ use std::time::Duration;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use weir_common::connector::{
     ConnectorError, Encoding, Options, Rejected, SourceReader, SourceStats, decode_position, encode_position,
 };
 
 use crate::format::RecordDecoder;
 
-const OPTIONS: &[&str] = &["connector", "path", "follow", "poll.interval.ms", "batch.rows", "max.record.bytes"];
+const OPTIONS: &[&str] =
+    &["connector", "path", "follow", "poll.interval.ms", "batch.rows", "max.record.bytes", "decode.parallelism"];
+
+/// The most threads `decode.parallelism` defaults to (it may be set up to [`MAX_DECODERS`]).
+const DEFAULT_MAX_DECODERS: usize = 4;
+
+/// The most threads a file source decodes on.
+const MAX_DECODERS: usize = 64;
 
 /// The longest line read as a record unless `max.record.bytes` says otherwise; a longer one is set aside.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
-/// A source reading one file. A thread of its own ([`FileReader`]) reads and decodes ahead, at most
-/// [`CHUNKS_AHEAD`] batches, so the view's operators never wait on the disk.
+/// A source reading one file. A thread of its own ([`FileReader`]) reads ahead, and it or its decoding threads
+/// decode, so the view's operators never wait on the disk.
 #[derive(Debug)]
 pub struct FileSource {
     config: FileConfig,
     /// Where the reading thread starts (until it starts, or after a seek).
     start: Option<Box<FileReader>>,
-    /// What the reading thread has read, once it runs.
-    chunks: Option<mpsc::Receiver<Chunk>>,
+    /// What the reading thread has read, in the file's order, once it runs.
+    chunks: Option<mpsc::Receiver<Pending>>,
+    /// The batch taken from `chunks` whose decoding has not ended yet: the next to hand out.
+    decoding: Option<oneshot::Receiver<Chunk>>,
     /// The byte offset after the last whole line handed out, and that line's number.
     position: (u64, u64),
     rejected: Vec<Rejected>,
@@ -58,7 +70,7 @@ pub struct FileSource {
     at_end: Arc<AtomicBool>,
 }
 
-/// Batches read ahead of the view.
+/// Batches read ahead of the view, besides those the decoding threads work on.
 const CHUNKS_AHEAD: usize = 2;
 
 /// What the source was created with.
@@ -71,6 +83,8 @@ struct FileConfig {
     max_record: usize,
     schema: SchemaRef,
     encoding: Encoding,
+    /// Threads decoding batches (1: the reading thread decodes them itself).
+    decoders: usize,
 }
 
 /// What the reading thread hands over: a batch of lines (rows, the lines set aside, the position after them), the
@@ -80,6 +94,21 @@ enum Chunk {
     Rows { batch: Option<RecordBatch>, rejected: Vec<Rejected>, bytes: u64, position: (u64, u64) },
     End,
     Failed(ConnectorError),
+}
+
+/// What the reading thread sends the source, in the file's order: a chunk, or a batch a decoding thread works on.
+#[derive(Debug)]
+enum Pending {
+    Ready(Chunk),
+    Decoding(oneshot::Receiver<Chunk>),
+}
+
+/// A batch of lines for a decoding thread, and where its chunk goes.
+struct Job {
+    lines: Lines,
+    rejected: Vec<Rejected>,
+    position: (u64, u64),
+    done: oneshot::Sender<Chunk>,
 }
 
 /// A batch of lines read: their bytes one after the other, and each line's span and number.
@@ -92,7 +121,7 @@ struct Lines {
 #[derive(Debug)]
 struct FileReader {
     config: FileConfig,
-    decoder: RecordDecoder,
+    decoder: Arc<RecordDecoder>,
     skip_header: bool,
     reader: BufReader<File>,
     /// Lines read so far (for the origin of rejected records).
@@ -123,16 +152,25 @@ impl FileSource {
             options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).clamp(1, 1 << 20);
         let max_record =
             options.take_parsed::<usize>("max.record.bytes", "a number of bytes")?.unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let decoders = options
+            .take_parsed::<usize>("decode.parallelism", "a number of threads")?
+            .unwrap_or(cores.min(DEFAULT_MAX_DECODERS));
+        if !(1..=MAX_DECODERS).contains(&decoders) {
+            let reason = format!("a number of threads from 1 to {MAX_DECODERS}");
+            return Err(ConnectorError::invalid("decode.parallelism", &decoders.to_string(), &reason));
+        }
         options.finish("file", OPTIONS)?;
         let encoding = encoding
             .filter(|e| !matches!(e, Encoding::Avro { .. }))
             .ok_or_else(|| ConnectorError::Format { connector: "file".into(), expected: "JSON or CSV".into() })?;
-        let config = FileConfig { path, follow, poll, batch_rows, max_record, schema, encoding };
+        let config = FileConfig { path, follow, poll, batch_rows, max_record, schema, encoding, decoders };
         let reader = FileReader::open(config.clone())?;
         Ok(FileSource {
             config,
             start: Some(Box::new(reader)),
             chunks: None,
+            decoding: None,
             position: (0, 0),
             rejected: Vec::new(),
             bytes: 0,
@@ -142,13 +180,17 @@ impl FileSource {
     }
 
     /// The reading thread's batches, starting it on the first call.
-    fn chunks(&mut self) -> Result<&mut mpsc::Receiver<Chunk>, ConnectorError> {
+    fn chunks(&mut self) -> Result<&mut mpsc::Receiver<Pending>, ConnectorError> {
         if self.chunks.is_none() {
             let reader = match self.start.take() {
                 Some(reader) => reader,
                 None => Box::new(FileReader::open(self.config.clone())?),
             };
-            let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
+            let ahead = match self.config.decoders {
+                1 => CHUNKS_AHEAD,
+                decoders => CHUNKS_AHEAD * (decoders + 1),
+            };
+            let (sender, chunks) = mpsc::channel(ahead);
             let mut reader = reader;
             self.at_end = Arc::new(AtomicBool::new(false));
             reader.at_end = self.at_end.clone();
@@ -193,7 +235,7 @@ impl FileSource {
 impl FileReader {
     fn open(config: FileConfig) -> Result<Self, ConnectorError> {
         let skip_header = matches!(config.encoding, Encoding::Csv { header: true, .. });
-        let decoder = RecordDecoder::try_new(config.schema.clone(), config.encoding.clone())?;
+        let decoder = Arc::new(RecordDecoder::try_new(config.schema.clone(), config.encoding.clone())?);
         let path = &config.path;
         let file = File::open(path).map_err(|e| ConnectorError::Io(format!("could not open file \"{path}\": {e}")))?;
         Ok(FileReader {
@@ -209,16 +251,27 @@ impl FileReader {
         })
     }
 
-    /// Reads and decodes batches until the file ends (not followed), a read fails, or the source is gone; waits at
-    /// most two batches ahead of it.
-    fn run(mut self: Box<Self>, chunks: &mpsc::Sender<Chunk>) {
+    /// Reads batches until the file ends (not followed), a read fails, or the source is gone, and decodes them
+    /// itself or hands them to its decoding threads; waits when the source has [`CHUNKS_AHEAD`] batches waiting
+    /// besides those being decoded.
+    fn run(mut self: Box<Self>, chunks: &mpsc::Sender<Pending>) {
+        let decoders = match self.config.decoders {
+            1 => None,
+            threads => match self.start_decoders(threads) {
+                Ok(jobs) => Some(jobs),
+                Err(err) => {
+                    let _ = chunks.blocking_send(Pending::Ready(Chunk::Failed(err)));
+                    return;
+                }
+            },
+        };
         loop {
             self.at_end.store(false, Ordering::Release);
             let mut rejected = Vec::new();
             let lines = match self.read_lines(&mut rejected) {
                 Ok(lines) => lines,
                 Err(err) => {
-                    let _ = chunks.blocking_send(Chunk::Failed(err));
+                    let _ = chunks.blocking_send(Pending::Ready(Chunk::Failed(err)));
                     return;
                 }
             };
@@ -226,7 +279,7 @@ impl FileReader {
             if lines.spans.is_empty() && rejected.is_empty() {
                 self.at_end.store(true, Ordering::Release);
                 if !self.config.follow {
-                    let _ = chunks.blocking_send(Chunk::End);
+                    let _ = chunks.blocking_send(Pending::Ready(Chunk::End));
                     return;
                 }
                 if chunks.is_closed() {
@@ -235,21 +288,55 @@ impl FileReader {
                 std::thread::sleep(self.config.poll);
                 continue;
             }
-            let payloads: Vec<&[u8]> = lines.spans.iter().map(|(start, end, _)| &lines.buffer[*start..*end]).collect();
-            let bytes = payloads.iter().map(|p| p.len() as u64).sum::<u64>();
-            let path = &self.config.path;
-            // The lines lie one after the other: the decoder takes them as one input.
-            let block = match (lines.spans.first(), lines.spans.last()) {
-                (Some((start, _, _)), Some((_, end, _))) => &lines.buffer[*start..*end],
-                _ => &[],
+            let sent = match &decoders {
+                None => chunks.blocking_send(Pending::Ready(decode(
+                    &self.decoder,
+                    &self.config.path,
+                    lines,
+                    rejected,
+                    position,
+                ))),
+                Some(jobs) => {
+                    // The place in the file's order first, then the work: the source waits on the first.
+                    let (done, decoding) = oneshot::channel();
+                    chunks.blocking_send(Pending::Decoding(decoding)).map(|()| {
+                        // Decoding threads only stop once `jobs` is dropped: a failed send leaves the source waiting
+                        // on `decoding`, which then reports the reader stopped.
+                        let _ = jobs.send(Job { lines, rejected, position, done });
+                    })
+                }
             };
-            let (batch, undecoded, _) =
-                self.decoder.decode_lines(block, &payloads, |i| format!("{path}:{}", lines.spans[i].2));
-            rejected.extend(undecoded);
-            if chunks.blocking_send(Chunk::Rows { batch, rejected, bytes, position }).is_err() {
+            if sent.is_err() {
                 return;
             }
         }
+    }
+
+    /// Starts `threads` decoding threads, taking batches from the returned queue until it is dropped.
+    fn start_decoders(&self, threads: usize) -> Result<std::sync::mpsc::SyncSender<Job>, ConnectorError> {
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(threads);
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for _ in 0..threads {
+            let (queue, decoder, path) = (queue.clone(), self.decoder.clone(), self.config.path.clone());
+            std::thread::Builder::new()
+                .name("weir-file-decoder".to_string())
+                .spawn(move || {
+                    loop {
+                        // The lock is held while waiting for a job only, never while decoding.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(Job { lines, rejected, position, done }) = job else { return };
+                        // The source may be gone (cancelled, sought elsewhere): its chunk is then nobody's.
+                        let _ = done.send(decode(&decoder, &path, lines, rejected, position));
+                    }
+                })
+                .map_err(|e| {
+                    ConnectorError::Io(format!("could not start decoding file \"{}\": {e}", self.config.path))
+                })?;
+        }
+        Ok(jobs)
     }
 
     /// Reads up to `batch_rows` whole lines, one after the other into one buffer (no allocation per line); fewer
@@ -335,6 +422,26 @@ fn read_line(reader: &mut BufReader<File>, line: &mut Vec<u8>, len: &mut usize, 
     }
 }
 
+/// Decodes a batch of lines read from the file at `path` into the chunk the source hands out.
+fn decode(
+    decoder: &RecordDecoder,
+    path: &str,
+    lines: Lines,
+    mut rejected: Vec<Rejected>,
+    position: (u64, u64),
+) -> Chunk {
+    let payloads: Vec<&[u8]> = lines.spans.iter().map(|(start, end, _)| &lines.buffer[*start..*end]).collect();
+    let bytes = payloads.iter().map(|p| p.len() as u64).sum::<u64>();
+    // The lines lie one after the other: the decoder takes them as one input.
+    let block = match (lines.spans.first(), lines.spans.last()) {
+        (Some((start, _, _)), Some((_, end, _))) => &lines.buffer[*start..*end],
+        _ => &[],
+    };
+    let (batch, undecoded, _) = decoder.decode_lines(block, &payloads, |i| format!("{path}:{}", lines.spans[i].2));
+    rejected.extend(undecoded);
+    Chunk::Rows { batch, rejected, bytes, position }
+}
+
 #[async_trait]
 impl SourceReader for FileSource {
     fn schema(&self) -> SchemaRef {
@@ -342,23 +449,55 @@ impl SourceReader for FileSource {
     }
 
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>, ConnectorError> {
-        if self.ended {
-            return Ok(None);
-        }
         loop {
-            // Receiving is cancel-safe: a batch not taken stays in the channel.
-            let chunk = self.chunks()?.recv().await;
+            if self.ended {
+                return Ok(None);
+            }
+            // Both waits are cancel-safe: a batch not taken stays in the channel, and one taken whose decoding has
+            // not ended stays in `decoding`.
+            let chunk = match self.decoding.as_mut() {
+                Some(decoding) => {
+                    let chunk = decoding.await.ok();
+                    self.decoding = None;
+                    chunk
+                }
+                None => match self.chunks()?.recv().await {
+                    Some(Pending::Ready(chunk)) => Some(chunk),
+                    Some(Pending::Decoding(decoding)) => {
+                        self.decoding = Some(decoding);
+                        continue;
+                    }
+                    None => None,
+                },
+            };
             if let Some(result) = self.take(chunk) {
                 return result;
             }
         }
     }
 
-    /// Waits for the reading thread to reach the end of the file as it is now: the rows there are ready.
+    /// Waits for the reading thread to reach the end of the file as it is now, and for what it read to be decoded:
+    /// the rows there are ready.
     async fn ready_batch(&mut self) -> Option<Result<Option<RecordBatch>, ConnectorError>> {
         loop {
             if self.ended {
                 return Some(Ok(None));
+            }
+            if let Some(decoding) = self.decoding.as_mut() {
+                // A batch read is decoded soon, whatever the file does.
+                let chunk = match decoding.try_recv() {
+                    Ok(chunk) => Some(chunk),
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => None,
+                };
+                self.decoding = None;
+                match self.take(chunk) {
+                    Some(result) => return Some(result),
+                    None => continue,
+                }
             }
             // Read before looking: at the end, everything the thread read is in the channel already.
             let at_end = self.at_end.load(Ordering::Acquire);
@@ -367,11 +506,12 @@ impl SourceReader for FileSource {
                 Err(err) => return Some(Err(err)),
             };
             match chunk {
-                Ok(chunk) => {
+                Ok(Pending::Ready(chunk)) => {
                     if let Some(result) = self.take(Some(chunk)) {
                         return Some(result);
                     }
                 }
+                Ok(Pending::Decoding(decoding)) => self.decoding = Some(decoding),
                 Err(mpsc::error::TryRecvError::Empty) if at_end => return None,
                 Err(mpsc::error::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(1)).await,
                 Err(mpsc::error::TryRecvError::Disconnected) => return self.take(None),
@@ -401,7 +541,8 @@ impl SourceReader for FileSource {
             None => Box::new(FileReader::open(self.config.clone())?),
         };
         reader.seek(offset, line)?;
-        (self.start, self.chunks, self.position, self.ended) = (Some(reader), None, (offset, line), false);
+        (self.start, self.chunks, self.decoding, self.position, self.ended) =
+            (Some(reader), None, None, (offset, line), false);
         Ok(())
     }
 }
@@ -511,6 +652,82 @@ mod tests {
         }
         assert_eq!(source.next_batch().await.unwrap(), None);
         assert!(source.take_rejected().is_empty());
+    }
+
+    /// Every batch of a file with bad and long lines (a batch of 7 lines each), with its rejected lines and the
+    /// position after it, as `threads` decoding threads hand them out.
+    async fn read_all(path: &std::path::Path, threads: &str) -> Vec<(Vec<i64>, Vec<String>, Vec<u8>)> {
+        let options = Options::new([
+            ("path".to_string(), path.display().to_string()),
+            ("batch.rows".to_string(), "7".to_string()),
+            ("max.record.bytes".to_string(), "40".to_string()),
+            ("decode.parallelism".to_string(), threads.to_string()),
+        ])
+        .unwrap();
+        let mut source =
+            FileSource::try_new(schema(), options, Some(Encoding::Csv { delimiter: b',', header: true })).unwrap();
+        let mut batches = Vec::new();
+        while let Some(batch) = source.next_batch().await.unwrap() {
+            let ids = batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap();
+            let rejected = source.take_rejected().into_iter().map(|r| r.origin).collect();
+            batches.push((ids.values().to_vec(), rejected, source.position().unwrap()));
+        }
+        // Lines set aside after the last batch with rows.
+        batches.push((Vec::new(), source.take_rejected().into_iter().map(|r| r.origin).collect(), Vec::new()));
+        batches
+    }
+
+    #[tokio::test]
+    async fn decoding_threads_hand_out_what_one_thread_does_in_the_files_order() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "id,name").unwrap();
+        // Line n + 1 holds id n; every 13th id is not a number, every 29th line is too long.
+        for id in 1..=1_000 {
+            match id {
+                _ if id % 13 == 0 => writeln!(file, "bad{id},x").unwrap(),
+                _ if id % 29 == 0 => writeln!(file, "{id},{}", "y".repeat(50)).unwrap(),
+                _ => writeln!(file, "{id},n{id}").unwrap(),
+            }
+        }
+        file.flush().unwrap();
+        let one = read_all(file.path(), "1").await;
+        let three = read_all(file.path(), "3").await;
+        assert_eq!(three, one);
+        let ids: Vec<i64> = three.iter().flat_map(|(ids, _, _)| ids.clone()).collect();
+        let expected: Vec<i64> = (1..=1_000).filter(|id| id % 13 != 0 && id % 29 != 0).collect();
+        assert_eq!(ids, expected, "every good line once, in the file's order");
+        // Within a batch, lines too long are set aside as they are read, before those that do not decode.
+        let mut rejected: Vec<u64> = three
+            .iter()
+            .flat_map(|(_, rejected, _)| {
+                rejected.iter().map(|origin| origin.rsplit(':').next().unwrap().parse().unwrap())
+            })
+            .collect();
+        rejected.sort_unstable();
+        let lines: Vec<u64> = (1..=1_000).filter(|id| id % 13 == 0 || id % 29 == 0).map(|id| id + 1).collect();
+        assert_eq!(rejected, lines, "bad lines set aside with their line numbers");
+        // A batch is 7 lines not too long (a line too long is set aside as it is read, and not counted); the position
+        // after it is its last line's.
+        let last_lines: Vec<i64> = three[..three.len() - 1]
+            .iter()
+            .map(|(_, _, position)| decode_position(position, Some(2), "test").unwrap()[1])
+            .collect();
+        let not_long: Vec<i64> = (1..=1_000).filter(|id| id % 13 == 0 || id % 29 != 0).map(|id| id + 1).collect();
+        let expected: Vec<i64> = not_long.chunks(7).map(|batch| batch[batch.len() - 1]).collect();
+        assert_eq!(last_lines, expected);
+    }
+
+    #[test]
+    fn decode_parallelism_is_a_number_of_threads() {
+        for bad in ["0", "65", "many"] {
+            let options = Options::new([
+                ("path".to_string(), "/tmp".to_string()),
+                ("decode.parallelism".to_string(), bad.into()),
+            ])
+            .unwrap();
+            let err = FileSource::try_new(schema(), options, Some(Encoding::Json)).unwrap_err();
+            assert!(err.to_string().contains("decode.parallelism"), "{err}");
+        }
     }
 
     #[test]
