@@ -40,12 +40,6 @@ use crate::format::RecordDecoder;
 const OPTIONS: &[&str] =
     &["connector", "path", "follow", "poll.interval.ms", "batch.rows", "max.record.bytes", "decode.parallelism"];
 
-/// The most threads `decode.parallelism` defaults to (it may be set up to [`MAX_DECODERS`]).
-const DEFAULT_MAX_DECODERS: usize = 4;
-
-/// The most threads a file source decodes on.
-const MAX_DECODERS: usize = 64;
-
 /// The longest line read as a record unless `max.record.bytes` says otherwise; a longer one is set aside.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
 
@@ -152,14 +146,7 @@ impl FileSource {
             options.take_parsed::<usize>("batch.rows", "a number of rows")?.unwrap_or(4096).clamp(1, 1 << 20);
         let max_record =
             options.take_parsed::<usize>("max.record.bytes", "a number of bytes")?.unwrap_or(DEFAULT_MAX_RECORD_BYTES);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let decoders = options
-            .take_parsed::<usize>("decode.parallelism", "a number of threads")?
-            .unwrap_or(cores.min(DEFAULT_MAX_DECODERS));
-        if !(1..=MAX_DECODERS).contains(&decoders) {
-            let reason = format!("a number of threads from 1 to {MAX_DECODERS}");
-            return Err(ConnectorError::invalid("decode.parallelism", &decoders.to_string(), &reason));
-        }
+        let decoders = crate::format::take_decode_parallelism(&mut options)?;
         options.finish("file", OPTIONS)?;
         let encoding = encoding
             .filter(|e| !matches!(e, Encoding::Avro { .. }))

@@ -54,6 +54,25 @@ pub(crate) fn take_max_record(options: &mut weir_common::connector::Options) -> 
     Ok(options.take_parsed::<usize>("max.record.bytes", "a number of bytes")?.unwrap_or(DEFAULT_MAX_RECORD_BYTES))
 }
 
+/// The most threads `decode.parallelism` defaults to: the number of cores, up to this.
+const DEFAULT_MAX_DECODERS: usize = 4;
+
+/// The most threads a source decodes on.
+const MAX_DECODERS: usize = 64;
+
+/// The `decode.parallelism` option of a source: how many threads decode its records side by side (from 1 to
+/// [`MAX_DECODERS`]; by default the number of cores, up to [`DEFAULT_MAX_DECODERS`]).
+pub(crate) fn take_decode_parallelism(options: &mut weir_common::connector::Options) -> Result<usize, ConnectorError> {
+    let Some(threads) = options.take_parsed::<usize>("decode.parallelism", "a number of threads")? else {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()).min(DEFAULT_MAX_DECODERS));
+    };
+    if !(1..=MAX_DECODERS).contains(&threads) {
+        let reason = format!("a number of threads from 1 to {MAX_DECODERS}");
+        return Err(ConnectorError::invalid("decode.parallelism", &threads.to_string(), &reason));
+    }
+    Ok(threads)
+}
+
 impl RecordDecoder {
     /// Fails when a column's type cannot be decoded from this encoding.
     pub fn try_new(schema: SchemaRef, encoding: Encoding) -> Result<Self, ConnectorError> {

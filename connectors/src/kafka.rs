@@ -10,6 +10,7 @@
 //! | `properties.group.id` | consumer group; with `group-offsets`, start where the group left off and commit | random |
 //! | `properties.*` | any other librdkafka setting, passed through (`properties.security.protocol`, ...) | |
 //! | `batch.linger.ms` | how long to gather records into one batch after the first arrives | `5` |
+//! | `decode.parallelism` | threads decoding gathered records side by side | the cores, at most 4 |
 //!
 //! `INCLUDE key | partition | offset | timestamp | header 'name' [AS column]` adds record metadata as columns: key and
 //! header values as `bytea`, partition `integer`, offset `bigint`, timestamp `timestamptz`.
@@ -21,6 +22,11 @@
 //! watermark: the source's watermark is the minimum over partitions not idle past `'watermark.idle.timeout'`. The
 //! offsets of the rows handed out are tracked per partition ([`KafkaSource::offsets`]),
 //! and committed to the group in [`SourceReader::commit`] under `group-offsets`.
+//!
+//! Records gathered (up to 8,192, across partitions) are decoded on tokio's blocking threads, `decode.parallelism`
+//! pieces side by side: each partition's records, a partition with many cut in pieces of at least 512. The batches
+//! are handed out in each partition's order all the same, so rows, offsets and watermarks are those of one thread.
+//! Fewer than 1,024 records gathered (a topic read at its end) are decoded on the reading task itself.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -119,13 +125,48 @@ impl Gathered {
     }
 }
 
-/// A source reading one Kafka topic.
-pub struct KafkaSource {
+/// How a Kafka source makes rows of records: shared with the threads that decode its records.
+#[derive(Debug)]
+struct KafkaDecoder {
     schema: SchemaRef,
     decoder: RecordDecoder,
     /// Metadata columns by position in the schema.
     metadata: Vec<(usize, Meta)>,
-    /// The headers `INCLUDE header` asks for, in the order of `metadata`.
+    topic: String,
+    /// `FORMAT UPSERT`: the names of the primary key columns. A record with an empty value (a tombstone) deletes the
+    /// row of its key, which its Kafka key gives (a JSON object of the key columns, or the one key column's value).
+    upsert_key: Option<Vec<String>>,
+}
+
+/// Rows decoded from records, with each row's offset (`None`: every record set aside), and the records set aside.
+type Decoded = (DecodedRows, Vec<Rejected>);
+
+/// Rows decoded from records, with each row's offset; `None` when every record was set aside.
+type DecodedRows = Result<Option<(RecordBatch, Vec<i64>)>, ConnectorError>;
+
+/// Records of one partition being decoded on a thread of their own.
+#[derive(Debug)]
+struct Piece {
+    partition: i32,
+    /// The offset after the piece's last record.
+    next: i64,
+    deletes: bool,
+    decoded: tokio::task::JoinHandle<Decoded>,
+}
+
+/// The fewest gathered records whose decoding is shared between threads (fewer are not worth the handing over); a
+/// partition's records are cut in pieces of at least half as many.
+const MIN_PIECE: usize = 1024;
+
+/// A source reading one Kafka topic.
+pub struct KafkaSource {
+    schema: SchemaRef,
+    decoder: Arc<KafkaDecoder>,
+    /// Threads decoding a gathered batch's records (`decode.parallelism`; 1: the reading task decodes them).
+    decoders: usize,
+    /// Pieces of gathered batches being decoded, in the order they are handed out.
+    pieces: std::collections::VecDeque<Piece>,
+    /// The headers `INCLUDE header` asks for, in the order of the metadata columns.
     header_names: Vec<String>,
     topic: String,
     config: ClientConfig,
@@ -159,9 +200,8 @@ pub struct KafkaSource {
     last_partition: i32,
     /// How many partitions the topic has, once known.
     partitions: usize,
-    /// `FORMAT UPSERT`: the names of the primary key columns. A record with an empty value (a tombstone) deletes the
-    /// row of its key, which its Kafka key gives (a JSON object of the key columns, or the one key column's value).
-    upsert_key: Option<Vec<String>>,
+    /// Whether the source is `FORMAT UPSERT` (see [`KafkaDecoder::upsert_key`]).
+    upsert: bool,
     /// Whether the last batch handed out holds deletions (tombstones' keys).
     last_deletes: bool,
     /// The record offset of each row of the last batch handed out.
@@ -212,7 +252,7 @@ pub(crate) fn metadata_field(item: &str, argument: Option<&str>, alias: Option<&
 }
 
 impl KafkaSource {
-    /// `upsert_key`: the primary key columns of a `FORMAT UPSERT` source (see [`KafkaSource::upsert_key`]).
+    /// `upsert_key`: the primary key columns of a `FORMAT UPSERT` source (see [`KafkaDecoder::upsert_key`]).
     pub fn try_new(
         schema: SchemaRef,
         mut options: Options,
@@ -242,6 +282,7 @@ impl KafkaSource {
         };
         let linger = options.take_parsed::<u64>("batch.linger.ms", "a whole number of milliseconds")?.unwrap_or(5);
         let max_record = crate::format::take_max_record(&mut options)?;
+        let decoders = crate::format::take_decode_parallelism(&mut options)?;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &servers)
@@ -300,20 +341,24 @@ impl KafkaSource {
                 expected: "JSON for FORMAT UPSERT (ENCODE JSON)".into(),
             });
         }
-        let upsert_key = upsert_key.map(|key| key.iter().map(|c| schema.field(*c).name().clone()).collect());
+        let upsert_key: Option<Vec<String>> =
+            upsert_key.map(|key| key.iter().map(|c| schema.field(*c).name().clone()).collect());
         let decoder =
             RecordDecoder::try_new(Arc::new(Schema::new(payload_fields)), encoding)?.with_max_record(max_record);
+        let header_names = columns
+            .iter()
+            .filter_map(|(_, meta)| match meta {
+                Meta::Header(name) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
         Ok(KafkaSource {
-            schema,
-            decoder,
-            header_names: columns
-                .iter()
-                .filter_map(|(_, meta)| match meta {
-                    Meta::Header(name) => Some(name.clone()),
-                    _ => None,
-                })
-                .collect(),
-            metadata: columns,
+            schema: schema.clone(),
+            upsert: upsert_key.is_some(),
+            decoder: Arc::new(KafkaDecoder { schema, decoder, metadata: columns, topic: topic.clone(), upsert_key }),
+            decoders,
+            pieces: std::collections::VecDeque::new(),
+            header_names,
             topic,
             config,
             startup,
@@ -334,10 +379,74 @@ impl KafkaSource {
             resumed_at: BTreeMap::new(),
             last_partition: 0,
             partitions: 0,
-            upsert_key,
             last_deletes: false,
             last_offsets: Vec::new(),
         })
+    }
+
+    /// Decodes gathered records into batches to hand out, one partition's records at a time (and an upsert topic's
+    /// values and tombstones in runs, each run a batch, in the partition's order). With more than one decoding
+    /// thread and at least [`MIN_PIECE`] records, the batches are decoded side by side on tokio's blocking threads
+    /// (a partition's run cut in pieces to share them) and wait in `pieces`, in the order they are handed out.
+    fn decode_gathered(&mut self, gathered: Gathered) -> Result<(), ConnectorError> {
+        let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
+        for (index, record) in gathered.records.iter().enumerate() {
+            by_partition.entry(record.partition).or_default().push(index);
+        }
+        let parallel = self.decoders > 1 && gathered.records.len() >= MIN_PIECE;
+        let tombstone = |r: &usize| self.upsert && gathered.records[*r].payload.is_empty();
+        let mut pieces = Vec::new();
+        for (partition, records) in &by_partition {
+            for run in records.chunk_by(|a, b| tombstone(a) == tombstone(b)) {
+                let size = match parallel {
+                    false => run.len(),
+                    true => run.len().div_ceil(self.decoders).max(MIN_PIECE / 2),
+                };
+                pieces.extend(run.chunks(size).map(|piece| (*partition, piece, tombstone(&piece[0]))));
+            }
+        }
+        let next = |piece: &[usize]| piece.last().map_or(0, |last| gathered.records[*last].offset + 1);
+        if !parallel || pieces.len() < 2 {
+            for (partition, piece, deletes) in pieces {
+                let (rows, rejected) = self.decoder.decode(&gathered, piece, deletes);
+                self.settle(partition, next(piece), deletes, rows, rejected)?;
+            }
+            return Ok(());
+        }
+        let pieces: Vec<(i32, i64, bool, Vec<usize>)> = pieces
+            .into_iter()
+            .map(|(partition, piece, deletes)| (partition, next(piece), deletes, piece.to_vec()))
+            .collect();
+        let gathered = Arc::new(gathered);
+        let spawned = pieces.into_iter().map(|(partition, next, deletes, piece)| {
+            let (decoder, gathered) = (self.decoder.clone(), gathered.clone());
+            let decoded = tokio::task::spawn_blocking(move || decoder.decode(&gathered, &piece, deletes));
+            Piece { partition, next, deletes, decoded }
+        });
+        self.pieces.extend(spawned);
+        Ok(())
+    }
+
+    /// Takes what decoding records of `partition` up to offset `next` gave: its rows to hand out, or (every record
+    /// set aside) the partition's offset moved past them.
+    fn settle(
+        &mut self,
+        partition: i32,
+        next: i64,
+        deletes: bool,
+        rows: DecodedRows,
+        rejected: Vec<Rejected>,
+    ) -> Result<(), ConnectorError> {
+        self.rejected.extend(rejected);
+        match rows? {
+            Some((batch, offsets)) => self.ready.push_back(Ready { partition, batch, offsets, next, deletes }),
+            // Every record was set aside: handed out as dead letters.
+            None => {
+                self.offsets.insert(partition, next);
+                self.uncommitted = true;
+            }
+        }
+        Ok(())
     }
 
     /// Per partition, the offset after the last record handed out: where a restart from a checkpoint resumes.
@@ -422,7 +531,9 @@ impl KafkaSource {
             }
         }
     }
+}
 
+impl KafkaDecoder {
     fn tombstone_key(&self, key: &[u8]) -> Vec<u8> {
         let text = String::from_utf8_lossy(key);
         let trimmed = text.trim();
@@ -438,11 +549,18 @@ impl KafkaSource {
     /// Decodes gathered records (by index) into one batch of the source's schema (`None` when none decodes); with
     /// `deletes`, the records are tombstones and their keys are decoded instead (the other columns NULL). Each row
     /// comes with its record's offset.
-    fn decode(
-        &mut self,
+    fn decode(&self, gathered: &Gathered, records: &[usize], deletes: bool) -> Decoded {
+        let mut rejected = Vec::new();
+        let rows = self.decode_into(gathered, records, deletes, &mut rejected);
+        (rows, rejected)
+    }
+
+    fn decode_into(
+        &self,
         gathered: &Gathered,
         records: &[usize],
         deletes: bool,
+        rejected: &mut Vec<Rejected>,
     ) -> Result<Option<(RecordBatch, Vec<i64>)>, ConnectorError> {
         let keys: Vec<Vec<u8>> = match deletes {
             true => records
@@ -455,11 +573,11 @@ impl KafkaSource {
             true => keys.iter().map(Vec::as_slice).collect(),
             false => records.iter().map(|r| gathered.slice(gathered.records[*r].payload.clone())).collect(),
         };
-        let (batch, rejected, accepted) = self.decoder.decode_indexed(&payloads, |i| {
+        let (batch, undecoded, accepted) = self.decoder.decode_indexed(&payloads, |i| {
             let record = &gathered.records[records[i]];
             format!("{}/{}@{}", self.topic, record.partition, record.offset)
         });
-        self.rejected.extend(rejected);
+        rejected.extend(undecoded);
         let Some(batch) = batch else { return Ok(None) };
         let mut columns: Vec<Option<ArrayRef>> = vec![None; self.schema.fields().len()];
         let mut header = 0;
@@ -505,6 +623,7 @@ const VALID: &[&str] = &[
     "scan.startup.timestamp.millis",
     "batch.linger.ms",
     "max.record.bytes",
+    "decode.parallelism",
 ];
 
 /// `text` as a JSON string literal.
@@ -574,6 +693,15 @@ impl SourceReader for KafkaSource {
                 self.uncommitted = true;
                 return Ok(Some(batch));
             }
+            if let Some(piece) = self.pieces.front_mut() {
+                // Cancel-safe: the piece stays in `pieces` until its decoding is taken.
+                let decoded = (&mut piece.decoded).await;
+                let Some(Piece { partition, next, deletes, .. }) = self.pieces.pop_front() else { continue };
+                let (rows, rejected) =
+                    decoded.map_err(|e| ConnectorError::Io(format!("kafka: decoding records stopped: {e}")))?;
+                self.settle(partition, next, deletes, rows, rejected)?;
+                continue;
+            }
             let consumer = match &self.consumer {
                 Some(consumer) => consumer.clone(),
                 None => {
@@ -640,30 +768,7 @@ impl SourceReader for KafkaSource {
                             are skipped (a broker that cannot fetch from inside a record batch)");
                 }
             }
-            // One batch per partition, each partition's records in order.
-            let mut by_partition: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
-            for (index, record) in gathered.records.iter().enumerate() {
-                by_partition.entry(record.partition).or_default().push(index);
-            }
-            for (partition, records) in by_partition {
-                // An upsert topic's values and tombstones in runs, each run a batch, in the partition's order.
-                let upsert = self.upsert_key.is_some();
-                let tombstone = |r: &usize| upsert && gathered.records[*r].payload.is_empty();
-                for run in records.chunk_by(|a, b| tombstone(a) == tombstone(b)) {
-                    let next = run.last().map_or(0, |last| gathered.records[*last].offset + 1);
-                    let deletes = tombstone(&run[0]);
-                    match self.decode(&gathered, run, deletes)? {
-                        Some((batch, offsets)) => {
-                            self.ready.push_back(Ready { partition, batch, offsets, next, deletes })
-                        }
-                        // Every record was set aside: handed out as dead letters.
-                        None => {
-                            self.offsets.insert(partition, next);
-                            self.uncommitted = true;
-                        }
-                    }
-                }
-            }
+            self.decode_gathered(gathered)?;
         }
     }
 
@@ -754,6 +859,75 @@ mod tests {
         Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true), Field::new("p", DataType::Int32, true)]))
     }
 
+    /// What a source decoding on `threads` threads hands out of 5,000 records gathered from three partitions (every
+    /// 97th malformed): per partition, each row's value and offset in the order handed out; the records set aside;
+    /// and the offset after the last record of each partition.
+    async fn decode_gathered_on(threads: &str) -> (BTreeMap<i32, Vec<(i64, i64)>>, Vec<String>, BTreeMap<i32, i64>) {
+        let partition = [MetadataColumn { item: "partition".into(), argument: None, column: 1 }];
+        let options = Options::from_pairs(&[
+            ("properties.bootstrap.server", "127.0.0.1:1"),
+            ("topic", "t"),
+            ("decode.parallelism", threads),
+        ])
+        .unwrap();
+        let mut source = KafkaSource::try_new(schema(), options, Some(Encoding::Json), &partition, None).unwrap();
+        let mut gathered = Gathered::default();
+        let mut next_offset = [0_i64; 3];
+        for v in 0..5_000_i64 {
+            let partition = (v * 7 % 3) as i32;
+            let payload = if v % 97 == 0 { format!("{{\"v\": bad{v}}}") } else { format!("{{\"v\": {v}}}") };
+            let start = gathered.bytes.len();
+            gathered.bytes.extend_from_slice(payload.as_bytes());
+            let offset = &mut next_offset[partition as usize];
+            let record = GatheredRecord {
+                partition,
+                offset: *offset,
+                timestamp: None,
+                payload: start..gathered.bytes.len(),
+                key: None,
+                headers: Vec::new(),
+            };
+            *offset += 1;
+            gathered.records.push(record);
+        }
+        source.decode_gathered(gathered).unwrap();
+        if threads != "1" {
+            assert!(source.pieces.len() > 3, "each partition's records are cut in pieces decoded side by side");
+        }
+        let mut rows: BTreeMap<i32, Vec<(i64, i64)>> = BTreeMap::new();
+        while !source.ready.is_empty() || !source.pieces.is_empty() {
+            let batch = source.next_batch().await.unwrap().unwrap();
+            let values = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            let partitions = batch.column(1).as_any().downcast_ref::<Int32Array>().unwrap();
+            assert!(partitions.values().iter().all(|p| *p == source.last_partition), "a batch is one partition's");
+            let taken = values.values().iter().zip(&source.last_offsets).map(|(v, o)| (*v, *o));
+            rows.entry(source.last_partition).or_default().extend(taken);
+        }
+        let rejected = source.take_rejected().into_iter().map(|r| r.origin).collect();
+        (rows, rejected, source.offsets.clone())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_decoded_on_several_threads_come_out_in_each_partition_s_order() {
+        let one = decode_gathered_on("1").await;
+        let three = decode_gathered_on("3").await;
+        assert_eq!(three, one);
+        let (rows, rejected, offsets) = three;
+        // Record v went to partition v * 7 % 3 (that is v % 3), at offset v / 3 there.
+        for partition in 0..3_i32 {
+            let expected: Vec<(i64, i64)> =
+                (0..5_000).filter(|v| v % 3 == i64::from(partition) && v % 97 != 0).map(|v| (v, v / 3)).collect();
+            assert_eq!(rows[&partition], expected, "partition {partition}");
+        }
+        let malformed: Vec<String> =
+            (0..5_000).filter(|v| v % 97 == 0).map(|v| format!("t/{}@{}", v % 3, v / 3)).collect();
+        let mut rejected = rejected;
+        rejected.sort_by_key(|origin| malformed.iter().position(|m| m == origin));
+        assert_eq!(rejected, malformed);
+        // 5,000 records: 1,667 in partition 0, 1,667 in 1, 1,666 in 2.
+        assert_eq!(offsets, BTreeMap::from([(0, 1_667), (1, 1_667), (2, 1_666)]));
+    }
+
     #[test]
     fn bad_options_are_clear_errors() {
         let partition = [MetadataColumn { item: "partition".into(), argument: None, column: 1 }];
@@ -792,7 +966,7 @@ mod tests {
     fn a_tombstone_s_key_becomes_a_json_object_of_the_key_columns() {
         let options = || Options::from_pairs(&[("properties.bootstrap.server", "127.0.0.1:9092"), ("topic", "t")]);
         let source = KafkaSource::try_new(schema(), options().unwrap(), Some(Encoding::Json), &[], Some(&[0])).unwrap();
-        let key = |k: &str| String::from_utf8(source.tombstone_key(k.as_bytes())).unwrap();
+        let key = |k: &str| String::from_utf8(source.decoder.tombstone_key(k.as_bytes())).unwrap();
         let name = schema().field(0).name().clone();
         assert_eq!(key(r#" {"x": 1} "#), r#"{"x": 1}"#);
         assert_eq!(key("42"), format!("{{\"{name}\": 42}}"));

@@ -114,6 +114,61 @@ async fn kafka_records_of_every_partition_become_rows_with_their_metadata() {
     server.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_decoded_side_by_side_keep_each_partition_s_order() {
+    let (_broker, bootstrap, producer) = broker_with_topic("ticks", 2);
+    // Record i goes to partition i % 2 with event time i seconds: each partition's times rise strictly, so with a
+    // watermark of no disorder any record handed out after a later one of its partition would be late. Every
+    // 100th record is malformed.
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..6_000_u32 {
+        let producer = producer.clone();
+        let ts = format!("2024-01-01 {:02}:{:02}:{:02}", i / 3600, i % 3600 / 60, i % 60);
+        let value = match i % 100 {
+            0 => format!(r#"{{"seq": {i}, "ts": "#),
+            _ => format!(r#"{{"seq": {i}, "ts": "{ts}"}}"#),
+        };
+        sends.spawn(async move {
+            let record = FutureRecord::<(), _>::to("ticks").partition((i % 2) as i32).payload(&value);
+            producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("producing");
+        });
+    }
+    sends.join_all().await;
+
+    let server = TestServer::start().await.unwrap();
+    let connection = server.connect().await.unwrap();
+    let client = &connection.client;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE ticks (seq BIGINT, ts TIMESTAMP(3), WATERMARK FOR ts AS ts) \
+             WITH (connector = 'kafka', topic = 'ticks', 'properties.bootstrap.server' = '{bootstrap}', \
+                   'decode.parallelism' = '3') \
+             FORMAT PLAIN ENCODE JSON; \
+             CREATE MATERIALIZED VIEW per_hour AS SELECT window_start, count(*) AS n, sum(seq) AS s \
+               FROM TUMBLE(ticks, ts, INTERVAL '1' HOUR) GROUP BY window_start;"
+        ))
+        .await
+        .unwrap();
+    // 6,000 s is one hour and 2,400 s. The first hour holds seq 0..3,599, 36 of them malformed (0, 100, ... 3,500):
+    // 3,564 rows, summing 3,599 * 3,600 / 2 - 100 * (0 + ... + 35) = 6,478,200 - 63,000 = 6,415,200. The second
+    // holds 3,600..5,999, 24 malformed: 2,376 rows, summing 17,997,000 - 6,478,200 - 100 * (36 + ... + 59) =
+    // 11,518,800 - 114,000 = 11,404,800.
+    eventually(
+        client,
+        "SELECT window_start, n, s FROM per_hour ORDER BY window_start",
+        &[&["2024-01-01 00:00:00", "3564", "6415200"], &["2024-01-01 01:00:00", "2376", "11404800"]],
+    )
+    .await;
+    eventually(
+        client,
+        "SELECT rows_read, late_rows FROM weir_catalog.view_progress WHERE view = 'per_hour'",
+        &[&["5940", "0"]],
+    )
+    .await;
+    eventually(client, "SELECT count(*) FROM weir_catalog.dead_letters", &[&["60"]]).await;
+    server.stop().await.unwrap();
+}
+
 /// Produces `value` (a tombstone when `None`) with `key` to `partition` of `topic`.
 async fn produce_keyed(producer: &FutureProducer, topic: &str, partition: i32, key: &str, value: Option<&str>) {
     let record = FutureRecord::to(topic).partition(partition).key(key);
