@@ -67,6 +67,9 @@ pub struct FileSource {
 /// Batches read ahead of the view, besides those the decoding threads work on.
 const CHUNKS_AHEAD: usize = 2;
 
+/// The reading thread's buffer: a read of the file fills it, and the whole lines in it are taken with one copy.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
 /// What the source was created with.
 #[derive(Debug, Clone)]
 struct FileConfig {
@@ -229,7 +232,7 @@ impl FileReader {
             config,
             decoder,
             skip_header,
-            reader: BufReader::new(file),
+            reader: BufReader::with_capacity(READ_BUFFER_BYTES, file),
             line: 0,
             partial: Vec::new(),
             partial_len: 0,
@@ -334,6 +337,13 @@ impl FileReader {
         let max_record = self.config.max_record;
         let mut start = 0;
         while lines.spans.len() < self.config.batch_rows {
+            if self.partial_len == 0 && !(self.line == 0 && self.skip_header) {
+                let taken = self.take_whole_lines(&mut lines, start)?;
+                if taken > 0 {
+                    start += taken;
+                    continue;
+                }
+            }
             let mut len = std::mem::take(&mut self.partial_len);
             let before = len;
             let complete = read_line(&mut self.reader, &mut lines.buffer, &mut len, start + max_record + 1)
@@ -373,6 +383,27 @@ impl FileReader {
             }
         }
         Ok(lines)
+    }
+
+    /// Takes the whole lines that lie in the reader's buffer, none longer than `max.record.bytes`, up to the batch's
+    /// number, with one copy (instead of one a line); how many bytes. Zero when the buffer's first line is not whole
+    /// (it goes over the buffer's end, or is too long) or the file is at its end: [`read_line`] then takes it.
+    fn take_whole_lines(&mut self, lines: &mut Lines, start: usize) -> Result<usize, ConnectorError> {
+        let available = (self.reader.fill_buf())
+            .map_err(|e| ConnectorError::Io(format!("could not read file \"{}\": {e}", self.config.path)))?;
+        let mut taken = 0;
+        for at in memchr::memchr_iter(b'\n', available) {
+            if lines.spans.len() == self.config.batch_rows || at - taken > self.config.max_record {
+                break;
+            }
+            self.line += 1;
+            lines.spans.push((start + taken, start + at + 1, self.line));
+            taken = at + 1;
+        }
+        lines.buffer.extend_from_slice(&available[..taken]);
+        self.reader.consume(taken);
+        self.offset += taken as u64;
+        Ok(taken)
     }
 
     /// Moves to byte `offset`, the start of line `line + 1`.
@@ -609,9 +640,9 @@ mod tests {
 
     #[tokio::test]
     async fn batches_are_read_and_decoded_ahead_of_the_view() {
-        // Three lines of 5 KB, one batch each: more than a read buffer holds.
+        // Three lines longer than the read buffer, one batch each.
         let mut file = tempfile::NamedTempFile::new().unwrap();
-        let name = "x".repeat(5_000);
+        let name = "x".repeat(READ_BUFFER_BYTES + 5_000);
         for id in 1..=3 {
             writeln!(file, "{{\"id\": {id}, \"name\": \"{name}\"}}").unwrap();
         }
@@ -702,6 +733,43 @@ mod tests {
         let not_long: Vec<i64> = (1..=1_000).filter(|id| id % 13 == 0 || id % 29 != 0).map(|id| id + 1).collect();
         let expected: Vec<i64> = not_long.chunks(7).map(|batch| batch[batch.len() - 1]).collect();
         assert_eq!(last_lines, expected);
+    }
+
+    #[tokio::test]
+    async fn lines_across_the_read_buffer_s_end_are_read_whole_and_numbered() {
+        // About 2.9 MB of lines of 4 to 104 bytes (eleven read buffers): lines go over a buffer's end, and those
+        // longer than 100 bytes are set aside.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let line = |id: usize| format!("{id},{}", "y".repeat(id % 97 + 2));
+        for id in 1..=50_000 {
+            writeln!(file, "{}", line(id)).unwrap();
+        }
+        file.flush().unwrap();
+        let options = Options::new([
+            ("path".to_string(), file.path().display().to_string()),
+            ("max.record.bytes".to_string(), "100".to_string()),
+        ])
+        .unwrap();
+        let mut source =
+            FileSource::try_new(schema(), options, Some(Encoding::Csv { delimiter: b',', header: false })).unwrap();
+        let (mut ids, mut names, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
+        while let Some(batch) = source.next_batch().await.unwrap() {
+            ids.extend(batch.column(0).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>().unwrap());
+            let column = batch.column(1).as_any().downcast_ref::<datafusion::arrow::array::StringArray>().unwrap();
+            names.extend(column.iter().map(|name| name.map(str::len)));
+            rejected.extend(source.take_rejected().into_iter().map(|r| r.origin));
+        }
+        rejected.extend(source.take_rejected().into_iter().map(|r| r.origin));
+        let long = |id: &usize| line(*id).len() > 100;
+        let expected: Vec<usize> = (1..=50_000).filter(|id| !long(id)).collect();
+        assert_eq!(ids, expected.iter().map(|id| Some(*id as i64)).collect::<Vec<_>>());
+        assert_eq!(names, expected.iter().map(|id| Some(id % 97 + 2)).collect::<Vec<_>>());
+        let origins: Vec<String> =
+            (1..=50_000).filter(long).map(|id| format!("{}:{id}", file.path().display())).collect();
+        assert_eq!(rejected, origins);
+        // Line 50,000 is not long: the position after it is the file's end.
+        let end = file.as_file().metadata().unwrap().len() as i64;
+        assert_eq!(source.position().unwrap(), encode_position(&[end, 50_000]));
     }
 
     #[test]

@@ -302,25 +302,41 @@ impl RecordDecoder {
 /// for the form nearly every file has (`2024-01-01 00:00:00.005`, or with a `T`): digits at fixed places turned into
 /// a number without building a date, which is several times faster than the general parser every other form goes to.
 fn parse_timestamps(texts: &StringArray) -> Result<TimestampMillisecondArray, ArrowError> {
-    let mut out = Vec::with_capacity(texts.len());
+    let mut values = Vec::with_capacity(texts.len());
+    let mut last = LastDate::default();
     for i in 0..texts.len() {
         if texts.is_null(i) {
-            out.push(None);
+            values.push(0);
             continue;
         }
         let text = texts.value(i);
-        let millis = match fixed_form_millis(text.as_bytes()) {
+        let millis = match fixed_form_millis_after(text.as_bytes(), &mut last) {
             Some(millis) => millis,
             None => string_to_datetime(&chrono::Utc, text)?.timestamp_millis(),
         };
-        out.push(Some(millis));
+        values.push(millis);
     }
-    Ok(TimestampMillisecondArray::from(out))
+    Ok(TimestampMillisecondArray::new(values.into(), texts.nulls().cloned()))
+}
+
+/// The date of the last timestamp read in the fixed form, and its days since 1970: the rows of a batch nearly always
+/// share their date, which is then neither parsed nor checked again.
+#[derive(Default)]
+struct LastDate {
+    text: [u8; 10],
+    days: Option<i64>,
+}
+
+/// [`fixed_form_millis_after`] with no date remembered.
+#[cfg(test)]
+fn fixed_form_millis(text: &[u8]) -> Option<i64> {
+    fixed_form_millis_after(text, &mut LastDate::default())
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (or a `T` in the middle), with an optional fraction of 1 to 9 digits, as milliseconds
 /// since 1970 (the fraction cut to milliseconds); `None` for any other text, or a date or time that does not exist.
-fn fixed_form_millis(text: &[u8]) -> Option<i64> {
+/// The days of a date the same as `last`'s are taken from it; a new date's are left there.
+fn fixed_form_millis_after(text: &[u8], last: &mut LastDate) -> Option<i64> {
     if text.len() < 19 || text[4] != b'-' || text[7] != b'-' || !matches!(text[10], b' ' | b'T') {
         return None;
     }
@@ -330,7 +346,6 @@ fn fixed_form_millis(text: &[u8]) -> Option<i64> {
     let digits = |range: std::ops::Range<usize>| -> Option<u32> {
         text[range].iter().try_fold(0u32, |n, b| b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0')))
     };
-    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
     let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
     let millis = match &text[19..] {
         [] => 0,
@@ -341,18 +356,30 @@ fn fixed_form_millis(text: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let days_in_month = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return None,
-    };
-    if day == 0 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+    if hour > 23 || minute > 59 || second > 59 {
         return None;
     }
-    let days = days_from_civil(i64::from(year), month, day);
+    let days = match last.days {
+        Some(days) if last.text == text[..10] => days,
+        _ => {
+            let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+            let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+            let days_in_month = match month {
+                1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+                4 | 6 | 9 | 11 => 30,
+                2 if leap => 29,
+                2 => 28,
+                _ => return None,
+            };
+            if day == 0 || day > days_in_month {
+                return None;
+            }
+            let days = days_from_civil(i64::from(year), month, day);
+            last.text.copy_from_slice(&text[..10]);
+            last.days = Some(days);
+            days
+        }
+    };
     let seconds = days * 86_400 + i64::from(hour * 3_600 + minute * 60 + second);
     Some(seconds * 1_000 + i64::from(millis))
 }
@@ -479,6 +506,7 @@ mod tests {
             (seed >> 33) % n
         };
         let mut checked = 0;
+        let mut last = LastDate::default();
         for day in 0..146_097 {
             // 1800-03-01 onwards, a day at a time, over a whole 400-year cycle.
             let Some(date) =
@@ -494,6 +522,9 @@ mod tests {
             let separator = if next(2) == 0 { ' ' } else { 'T' };
             let text = format!("{date}{separator}{time}{fraction}");
             let fast = fixed_form_millis(text.as_bytes());
+            // The date of the text before is remembered: the same text again reuses it, and the next day's not.
+            assert_eq!(fixed_form_millis_after(text.as_bytes(), &mut last), fast, "{text}");
+            assert_eq!(fixed_form_millis_after(text.as_bytes(), &mut last), fast, "{text} again");
             if fraction.len() <= 10 {
                 assert_eq!(fast, general(&text), "{text}");
                 checked += 1;
