@@ -44,7 +44,51 @@ pub struct RecordDecoder {
     avro: Option<AvroDecoder>,
     /// Longer records are set aside undecoded (`max.record.bytes`).
     max_record: usize,
+    /// CSV decoders that decoded their last input whole, for the next (see [`CsvDecoders`]).
+    csv_decoders: CsvDecoders,
 }
+
+/// arrow-csv decoders kept between calls: building one costs a few microseconds, and its first input allocates (and
+/// zeroes) buffers for a whole batch, which a decoder used again already has. A decoder is taken by one call at a
+/// time and put back only when it is between records, so that no half-read record is ever left in it.
+#[derive(Debug, Default)]
+struct CsvDecoders(std::sync::Mutex<Vec<(usize, csv::reader::Decoder)>>);
+
+/// The most decoders kept (one for each thread decoding at the same time, up to this).
+const KEPT_CSV_DECODERS: usize = 8;
+
+impl CsvDecoders {
+    /// A decoder of `schema` for at least `rows` rows a batch: one kept, or a new one.
+    fn take(&self, schema: &SchemaRef, delimiter: u8, rows: usize) -> (usize, csv::reader::Decoder) {
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(at) = kept.iter().position(|(capacity, _)| *capacity >= rows) {
+            return kept.swap_remove(at);
+        }
+        drop(kept);
+        // Room for a batch of the file source's usual size, so that the decoder can be used for the next.
+        let capacity = rows.max(DECODER_ROWS);
+        let decoder = csv::ReaderBuilder::new(schema.clone())
+            .with_header(false)
+            .with_delimiter(delimiter)
+            .with_batch_size(capacity)
+            .build_decoder();
+        (capacity, decoder)
+    }
+
+    /// Keeps `decoder` for the next call; it must be between records.
+    fn put(&self, decoder: (usize, csv::reader::Decoder)) {
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < KEPT_CSV_DECODERS {
+            kept.push(decoder);
+        }
+    }
+}
+
+/// The largest input after which a CSV decoder is kept.
+const KEPT_CSV_INPUT_BYTES: usize = 4 * 1024 * 1024;
+
+/// The rows a CSV decoder is built for at least (one more than a file source's default batch).
+const DECODER_ROWS: usize = 8_193;
 
 /// The longest record decoded unless a source's `max.record.bytes` says otherwise.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 * 1024 * 1024;
@@ -104,7 +148,15 @@ impl RecordDecoder {
             }
             _ => None,
         };
-        let decoder = RecordDecoder { schema, decoded, csv_text, encoding, avro, max_record: DEFAULT_MAX_RECORD_BYTES };
+        let decoder = RecordDecoder {
+            schema,
+            decoded,
+            csv_text,
+            encoding,
+            avro,
+            max_record: DEFAULT_MAX_RECORD_BYTES,
+            csv_decoders: CsvDecoders::default(),
+        };
         decoder.decode_all(&[], 0).map_err(|e| ConnectorError::Column {
             connector: "format".into(),
             column: "?".into(),
@@ -254,18 +306,23 @@ impl RecordDecoder {
             },
             Encoding::Csv { delimiter, .. } => {
                 let schema = self.csv_text.as_ref().map_or(&self.decoded, |(text, _)| text);
-                let mut decoder = csv::ReaderBuilder::new(schema.clone())
-                    .with_header(false)
-                    .with_delimiter(*delimiter)
-                    .with_batch_size(rows)
-                    .build_decoder();
+                let (capacity, mut decoder) = self.csv_decoders.take(schema, *delimiter, rows);
                 for piece in pieces {
                     feed(piece, |b| decoder.decode(b))?;
                     if !piece.ends_with(b"\n") {
                         feed(b"\n", |b| decoder.decode(b))?;
                     }
                 }
-                if let Some(batch) = decoder.flush()? {
+                let flushed = decoder.flush()?;
+                // The decoder is used again only if it is between records: without a quote every piece ended a
+                // record with its newline (inside a quote, a newline does not, and the decoder would go on in the
+                // quote with the next input). It keeps buffers as large as its largest input: one that took a large
+                // input is let go.
+                let bytes = pieces.iter().map(|piece| piece.len()).sum::<usize>();
+                if bytes <= KEPT_CSV_INPUT_BYTES && pieces.iter().all(|piece| memchr::memchr(b'"', piece).is_none()) {
+                    self.csv_decoders.put((capacity, decoder));
+                }
+                if let Some(batch) = flushed {
                     batches.push(match &self.csv_text {
                         Some((_, texts)) => self.parse_texts(batch, texts)?,
                         None => batch,
@@ -595,6 +652,25 @@ mod tests {
 | 1969-12-31T23:59:59.500 | 5 |
 +-------------------------+---+"
         );
+    }
+
+    /// A CSV decoder is used again only when it is between records: a record with a quote left open (the decoder
+    /// stops inside it, even when the record before it in the same input ends with a `\r`), or a field that does not
+    /// parse, leaves nothing behind for the records decoded after it.
+    #[test]
+    fn a_bad_csv_record_leaves_nothing_behind_for_the_next() {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let decoder = RecordDecoder::try_new(schema, Encoding::Csv { delimiter: b',', header: false }).unwrap();
+        for bad in ["\"1", "1\r\"2", "x", "1,2"] {
+            // `1\r"2` gives the row of `1` (a `\r` ends a record), and the decoder stops inside the quote.
+            let (batch, rejected) = decoder.decode(&records(&[bad]));
+            let rows = batch.map_or(0, |b| b.num_rows());
+            assert_eq!((rows, rejected.len()), if bad.contains('\r') { (1, 0) } else { (0, 1) }, "{bad}: {rejected:?}");
+            let (batch, rejected) = decoder.decode(&records(&["2", "3"]));
+            assert!(rejected.is_empty(), "after {bad}: {rejected:?}");
+            let column = batch.unwrap().column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().clone();
+            assert_eq!(column.values().to_vec(), vec![2, 3], "after {bad}");
+        }
     }
 
     /// Lines decoded as one block give what they give one by one: with `\n` and `\r\n` endings, the last line without
