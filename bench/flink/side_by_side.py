@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -295,9 +296,12 @@ def run_flink(python, csv_path, query, kind, runs):
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("Flink jobs (wall s, CPU s), the first cold: "
+          + ", ".join(f"({w:.2f}, {c:.2f})" for w, c in result["timings"]), file=sys.stderr)
     warm = result["timings"][1:] or result["timings"]
-    wall = sorted(w for w, _ in warm)[len(warm) // 2]
-    cpu = sorted(c for _, c in warm)[len(warm) // 2]
+    # With two warm jobs (`--runs 3`) their mean, not the slower of them.
+    wall = statistics.median(w for w, _ in warm)
+    cpu = statistics.median(c for _, c in warm)
     return wall, cpu, tuple(result["summary"])
 
 
@@ -333,8 +337,8 @@ def main():
         for run in weir_runs:
             if run[3] != expected:
                 raise SystemExit(f"{name}: Weir gave {run[3]}, the oracle {expected}")
-        weir_wall = sorted(r[0] for r in weir_runs)[len(weir_runs) // 2]
-        weir_cpu = sorted(r[1] for r in weir_runs)[len(weir_runs) // 2]
+        weir_wall = statistics.median(r[0] for r in weir_runs)
+        weir_cpu = statistics.median(r[1] for r in weir_runs)
         weir_memory = max(r[2] for r in weir_runs)
         flink = None
         if args.flink_python:
