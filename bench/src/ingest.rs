@@ -98,8 +98,9 @@ fn report(what: &str, messages: u64, bytes: u64, drained: Drained) {
     );
 }
 
-/// `messages` records produced to a topic of `partitions` partitions first, then read from the beginning.
-pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> {
+/// `messages` records produced to a topic of `partitions` partitions first, then read from the beginning, decoded on
+/// `decoders` threads (the source's default unless given).
+pub(crate) async fn kafka(messages: u64, partitions: u32, decoders: Option<usize>) -> anyhow::Result<()> {
     use rdkafka::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let broker = brokers::tansu(partitions)?;
@@ -149,6 +150,7 @@ pub(crate) async fn kafka(messages: u64, partitions: u32) -> anyhow::Result<()> 
         .split(',')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (format!("properties.{k}"), v.to_string()))
+        .chain(decoders.map(|threads| ("decode.parallelism".to_string(), threads.to_string())))
         .collect();
     let mut reader = weir_connectors::open_source(
         schema(),

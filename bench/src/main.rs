@@ -81,6 +81,9 @@ enum Suite {
         /// Partitions of the topic.
         #[arg(long, default_value_t = 4)]
         partitions: u32,
+        /// The source's `decode.parallelism` (its default unless given).
+        #[arg(long)]
+        decoders: Option<usize>,
     },
     /// MQTT JSON ingest into a 10-second TUMBLE view.
     Mqtt {
@@ -136,7 +139,9 @@ fn main() -> anyhow::Result<()> {
             let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
             current_thread()?.block_on(patterns::run(rows, devices, disorder_ms, epoch))
         }
-        Suite::Kafka { messages, partitions } => current_thread()?.block_on(ingest::kafka(messages, partitions)),
+        Suite::Kafka { messages, partitions, decoders } => {
+            current_thread()?.block_on(ingest::kafka(messages, partitions, decoders))
+        }
         Suite::Mqtt { messages, qos } => current_thread()?.block_on(ingest::mqtt(messages, qos)),
         Suite::MqttLatency { rate, seconds, epoch_ms } => {
             let epoch = epoch_ms.map_or(weir_server::config::DEFAULT_EPOCH_INTERVAL, Duration::from_millis);
