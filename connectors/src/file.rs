@@ -114,7 +114,7 @@ struct Lines {
     spans: Vec<(usize, usize, u64)>,
 }
 
-/// Reads one file line by line, on the source's reading thread.
+/// Reads one file in batches of whole lines, on the source's reading thread.
 #[derive(Debug)]
 struct FileReader {
     config: FileConfig,

@@ -65,7 +65,7 @@ impl CsvDecoders {
             return kept.swap_remove(at);
         }
         drop(kept);
-        // Room for a batch of the file source's usual size, so that the decoder can be used for the next.
+        // Room for the usual batches of the sources, so that the decoder can be used for the next.
         let capacity = rows.max(DECODER_ROWS);
         let decoder = csv::ReaderBuilder::new(schema.clone())
             .with_header(false)
@@ -87,7 +87,8 @@ impl CsvDecoders {
 /// The largest input after which a CSV decoder is kept.
 const KEPT_CSV_INPUT_BYTES: usize = 4 * 1024 * 1024;
 
-/// The rows a CSV decoder is built for at least (one more than a file source's default batch).
+/// The rows a CSV decoder is built for at least: one more than the most records a Kafka source decodes together (a
+/// file source's default batch is half that).
 const DECODER_ROWS: usize = 8_193;
 
 /// The longest record decoded unless a source's `max.record.bytes` says otherwise.
