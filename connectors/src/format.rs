@@ -44,7 +44,7 @@ pub struct RecordDecoder {
     avro: Option<AvroDecoder>,
     /// Longer records are set aside undecoded (`max.record.bytes`).
     max_record: usize,
-    /// CSV decoders that decoded their last input whole, for the next (see [`CsvDecoders`]).
+    /// CSV decoders between records, kept for the next input (see [`CsvDecoders`]).
     csv_decoders: CsvDecoders,
 }
 
