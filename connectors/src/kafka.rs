@@ -160,7 +160,6 @@ const MIN_PIECE: usize = 1024;
 
 /// A source reading one Kafka topic.
 pub struct KafkaSource {
-    schema: SchemaRef,
     decoder: Arc<KafkaDecoder>,
     /// Threads decoding a gathered batch's records (`decode.parallelism`; 1: the reading task decodes them).
     decoders: usize,
@@ -168,7 +167,6 @@ pub struct KafkaSource {
     pieces: std::collections::VecDeque<Piece>,
     /// The headers `INCLUDE header` asks for, in the order of the metadata columns.
     header_names: Vec<String>,
-    topic: String,
     config: ClientConfig,
     startup: Startup,
     linger: Duration,
@@ -200,8 +198,6 @@ pub struct KafkaSource {
     last_partition: i32,
     /// How many partitions the topic has, once known.
     partitions: usize,
-    /// Whether the source is `FORMAT UPSERT` (see [`KafkaDecoder::upsert_key`]).
-    upsert: bool,
     /// Whether the last batch handed out holds deletions (tombstones' keys).
     last_deletes: bool,
     /// The record offset of each row of the last batch handed out.
@@ -228,7 +224,7 @@ type Connecting =
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource")
-            .field("topic", &self.topic)
+            .field("topic", &self.decoder.topic)
             .field("startup", &self.startup)
             .finish_non_exhaustive()
     }
@@ -353,13 +349,10 @@ impl KafkaSource {
             })
             .collect();
         Ok(KafkaSource {
-            schema: schema.clone(),
-            upsert: upsert_key.is_some(),
-            decoder: Arc::new(KafkaDecoder { schema, decoder, metadata: columns, topic: topic.clone(), upsert_key }),
+            decoder: Arc::new(KafkaDecoder { schema, decoder, metadata: columns, topic, upsert_key }),
             decoders,
             pieces: std::collections::VecDeque::new(),
             header_names,
-            topic,
             config,
             startup,
             linger: Duration::from_millis(linger),
@@ -394,7 +387,7 @@ impl KafkaSource {
             by_partition.entry(record.partition).or_default().push(index);
         }
         let parallel = self.decoders > 1 && gathered.records.len() >= MIN_PIECE;
-        let tombstone = |r: &usize| self.upsert && gathered.records[*r].payload.is_empty();
+        let tombstone = |r: &usize| self.decoder.upsert_key.is_some() && gathered.records[*r].payload.is_empty();
         let mut pieces = Vec::new();
         for (partition, records) in &by_partition {
             for run in records.chunk_by(|a, b| tombstone(a) == tombstone(b)) {
@@ -458,9 +451,9 @@ impl KafkaSource {
     /// so a read cancelled while it runs (a view's task wakes up every epoch) leaves it to go on at the next read
     /// instead of starting over.
     fn connect(&self) -> Connecting {
-        let context = Offsets { topic: self.topic.clone(), offsets: self.broker_offsets.clone() };
+        let context = Offsets { topic: self.decoder.topic.clone(), offsets: self.broker_offsets.clone() };
         let config = self.config.clone();
-        let topic = self.topic.clone();
+        let topic = self.decoder.topic.clone();
         let startup = self.startup.clone();
         let resume = self.resume.clone();
         Box::pin(async move {
@@ -519,14 +512,14 @@ impl KafkaSource {
         };
         let mut positions = TopicPartitionList::new();
         for (partition, offset) in offsets {
-            if positions.add_partition_offset(&self.topic, partition, Offset::Offset(offset)).is_err() {
+            if positions.add_partition_offset(&self.decoder.topic, partition, Offset::Offset(offset)).is_err() {
                 return false;
             }
         }
         match consumer.commit(&positions, CommitMode::Async) {
             Ok(()) => true,
             Err(err) => {
-                warn!(topic = %self.topic, error = %err, "committing Kafka offsets failed; will retry");
+                warn!(topic = %self.decoder.topic, error = %err, "committing Kafka offsets failed; will retry");
                 false
             }
         }
@@ -678,7 +671,7 @@ fn options_has_group(config: &ClientConfig) -> bool {
 #[async_trait]
 impl SourceReader for KafkaSource {
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        self.decoder.schema.clone()
     }
 
     /// Waits for a record, then gathers those arriving within the linger time, and hands them out one partition at
@@ -720,7 +713,7 @@ impl SourceReader for KafkaSource {
                             consumer
                         }
                         Err(problem) => {
-                            warn!(topic = %self.topic, %problem, "Kafka source cannot read yet; retrying in {:?}", self.backoff);
+                            warn!(topic = %self.decoder.topic, %problem, "Kafka source cannot read yet; retrying in {:?}", self.backoff);
                             self.problem = Some(format!("{problem}; retrying"));
                             tokio::time::sleep(self.backoff).await;
                             self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
@@ -763,7 +756,7 @@ impl SourceReader for KafkaSource {
                 if let Some(resumed) = self.resumed_at.remove(&record.partition)
                     && record.offset > resumed
                 {
-                    error!(topic = %self.topic, partition = record.partition, checkpoint = resumed, first = record.offset,
+                    error!(topic = %self.decoder.topic, partition = record.partition, checkpoint = resumed, first = record.offset,
                            "the broker resumed the partition after the checkpoint's offset: the records in between \
                             are skipped (a broker that cannot fetch from inside a record batch)");
                 }
@@ -802,12 +795,12 @@ impl SourceReader for KafkaSource {
 
     /// Commits the offsets of `position` (per partition) to the group, under `group-offsets`.
     fn acknowledge(&mut self, position: &[u8]) {
-        let source = format!("Kafka topic {}", self.topic);
+        let source = format!("Kafka topic {}", self.decoder.topic);
         match weir_common::connector::decode_split_offsets(position, &source) {
             Ok(offsets) => {
                 self.commit_offsets(offsets.into_iter().map(|(p, o)| (i32::try_from(p).unwrap_or_default(), o)));
             }
-            Err(err) => warn!(topic = %self.topic, error = %err, "not committing Kafka offsets"),
+            Err(err) => warn!(topic = %self.decoder.topic, error = %err, "not committing Kafka offsets"),
         }
     }
 
@@ -834,7 +827,7 @@ impl SourceReader for KafkaSource {
     }
 
     fn seek(&mut self, position: &[u8]) -> Result<(), ConnectorError> {
-        let source = format!("Kafka topic {}", self.topic);
+        let source = format!("Kafka topic {}", self.decoder.topic);
         let offsets = weir_common::connector::decode_split_offsets(position, &source)?;
         self.resume = offsets.into_iter().map(|(p, o)| (i32::try_from(p).unwrap_or(0), o)).collect();
         self.offsets = self.resume.clone();
