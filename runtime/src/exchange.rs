@@ -1,58 +1,101 @@
-//! A view's root operator as N instances, each on a task of its own, with rows exchanged by a hash of their key.
+//! A view's dataflow from one node up to its root as N instances, each on a task of its own, with rows exchanged by
+//! a hash of their key.
 //!
 //! ```text
-//!                                      +-> instance 0 (keys hashing to 0) -+
-//!   pipeline below the root -> hash ---+                                   +-> the view's changes, per epoch
-//!   (scans, stateless, joins)          +-> instance 1 (keys hashing to 1) -+
+//!                                                   +-> instance 0: the cut node and all above it (keys hashing to 0) -+
+//!   view's task: inputs, watermarks, the nodes  ----+                                                                  +-> the view's
+//!   below the cut; rows hashed by their port's key  +-> instance 1: the same plan (keys hashing to 1) ----------------+    changes
 //! ```
 //!
-//! The root's operator (a window or session aggregation, a Top-N, a `MATCH_RECOGNIZE`) keeps its state by key: the
-//! group keys other than the window columns, the `PARTITION BY` columns. Each row is processed by the instance its
-//! key hashes to: the pipeline's task hashes the keys and hands every instance every batch (shared, not copied) with
-//! each row's instance, and each instance copies out its own rows, so that the copying happens on the instances side
-//! by side rather than on the pipeline's task, which every row passes through. The watermark goes to every instance after the rows before it, so every instance sees its keys'
-//! rows and the watermarks in the order one operator would, and closes, decides and drops exactly what one operator
-//! would: the view's rows are those of one instance, only produced on several cores.
+//! Where the dataflow is cut ([`cut`]):
+//! - **at the topmost join**, when the nodes above it map rows one at a time (filters, projections) up to the root,
+//!   or up to a keyed root (an aggregation, a Top-N, a `MATCH_RECOGNIZE`) whose key holds, for every pair of join
+//!   keys, that pair's column of a side whose rows are never padded with NULLs. Rows are split by their side's join
+//!   keys (both sides' key expressions have one type, so equal keys hash equally): every pair of rows that can join
+//!   meets in one instance, and every group, partition or ranking of the root has its rows in one instance;
+//! - otherwise **at the root**, when the root is an aggregation, a Top-N or a `MATCH_RECOGNIZE` with a key besides
+//!   the window columns (the group keys, the `PARTITION BY` columns) and the plan above it maps rows one at a time.
 //!
-//! [`Root`] is what the pipeline holds: the operator itself ([`Root::Local`], one instance, on the pipeline's task),
-//! or the [`Exchange`] to its instances. An epoch ends with a barrier: [`Root::publish`] asks every instance for its
-//! changes and waits for all of them; a checkpoint does the same for their state. Instance `i` checkpoints to part
-//! `i` of the view's `instances` table, and the number of instances is checkpointed with them: a view restored with
-//! another default keeps the number its state was split into.
+//! Otherwise the view runs as one instance. A join regrouped by another key (Nexmark q4), or aggregations below a
+//! join (q5's), would need a second exchange.
 //!
-//! A root can be split only if the plan above it maps rows one at a time (so that it never combines the rows of two
-//! keys) and it has a key besides the window columns. Otherwise the view runs one instance.
+//! Each instance is a [`Pipeline`] of its own over the plan from the cut node up ([`instance_plan`]), whose inputs
+//! are the cut node's inputs and whose watermarks are passed on as the view's task sees them at the cut. The view's
+//! task hashes the keys and hands every instance every batch (shared, not copied) with each row's instance, and each
+//! instance copies out its own rows, so that the copying happens on the instances side by side rather than on the
+//! view's task, which every row passes through. A port's watermark goes to every instance after the rows before it,
+//! so every instance sees its keys' rows and the watermarks in the order one instance would, and joins, closes,
+//! decides and drops exactly what one instance would: the view's rows are those of one instance, only produced on
+//! several cores.
+//!
+//! An epoch ends with a barrier: [`Exchange::publish`] asks every instance for its changes and waits for all of them;
+//! a checkpoint does the same for their state. Instance `i` checkpoints to part `i` of the view's `instances` table
+//! (see [`Tables::of_instance`]); the view's task checkpoints the number of instances and the cut node with its own
+//! state, so a view restored with another default keeps the number its state was split into.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
+use datafusion::common::JoinType;
 use datafusion::common::hash_utils::{RandomState, create_hashes};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::expressions::Column;
-use datafusion::physical_plan::PhysicalExpr;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use tokio::sync::{mpsc, oneshot};
-use weir_common::plan::{NodeOperator, StreamingPlan, row_by_row};
+use weir_common::feed::{FeedExec, refeed};
+use weir_common::plan::{
+    InputWatermark, JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, StreamInput, StreamingPlan, row_by_row,
+};
 use weir_common::stream::Watermark;
 
 use crate::materialize::ViewChange;
 use crate::operator::Delta;
-use crate::root::RootOperator;
-use crate::state::{StateStore, StateTable, WriteBatch};
+use crate::pipeline::{Pipeline, Port, Tables};
+use crate::state::{StateStore, WriteBatch};
 use crate::{Result, RuntimeError};
 
 /// The seed of the key hash. Which instance holds a key's state depends on it: changing it (or the hash function,
 /// which [`hash_probe`] checks on restore) splits keys differently from the checkpointed state.
 const SEED: u64 = 0x5745_4952;
 
-/// Messages an instance's channel holds before the pipeline waits (back pressure).
+/// Messages an instance's channel holds before the view's task waits (back pressure).
 const CHANNEL_DEPTH: usize = 8;
 
-/// The keys by which the root of `plan` can be split between instances, or `None` if it cannot (see the module).
-pub(crate) fn exchange_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
+/// Where a view's dataflow splits between instances: the lowest node the instances run (they run every node above
+/// it too), and for each of its inputs the key its rows are hashed by.
+#[derive(Debug, Clone)]
+pub(crate) struct Cut {
+    pub(crate) node: NodeId,
+    /// Per input of `node`, expressions over that input's rows.
+    pub(crate) keys: Vec<Vec<Arc<dyn PhysicalExpr>>>,
+}
+
+/// Where `plan` splits between instances, if it can (see the module).
+pub(crate) fn cut(plan: &StreamingPlan) -> Option<Cut> {
+    join_cut(plan).or_else(|| Some(Cut { node: plan.root(), keys: vec![root_key(plan)?] }))
+}
+
+/// The nodes the instances run when `plan` is cut at `node`: `node` and every node above it, in node order.
+pub(crate) fn inside(plan: &StreamingPlan, node: NodeId) -> Vec<NodeId> {
+    let parents = plan.parents();
+    let mut nodes = vec![node];
+    let mut at = node;
+    while let Some((above, _)) = parents.get(at).and_then(|p| p.first()) {
+        nodes.push(*above);
+        at = *above;
+    }
+    nodes.sort_unstable();
+    nodes
+}
+
+/// The key by which the root of `plan` can be split between instances, as expressions over the root's input rows.
+fn root_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
     let node = plan.nodes.get(plan.root())?;
-    let splits_rows = |above: Option<&Arc<dyn datafusion::physical_plan::ExecutionPlan>>| above.is_none_or(row_by_row);
+    let splits_rows = |above: Option<&Arc<dyn ExecutionPlan>>| above.is_none_or(row_by_row);
     let keys: Vec<Arc<dyn PhysicalExpr>> = match &node.operator {
         NodeOperator::Aggregate { spec, above, .. } if splits_rows(above.as_ref().map(|(_, p)| p)) => {
             // The window columns, and any other time column the watermark bounds: keys by which a key's rows would
@@ -93,6 +136,184 @@ pub(crate) fn exchange_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalE
     (!keys.is_empty()).then_some(keys)
 }
 
+/// The cut at the topmost join, if the nodes above it let rows split by its keys (see the module).
+fn join_cut(plan: &StreamingPlan) -> Option<Cut> {
+    let parents = plan.parents();
+    let root = plan.nodes.get(plan.root())?;
+    // The root's key as columns of the node below it (traced down to the join's output), for a keyed root.
+    let (mut key, mut at) = match &root.operator {
+        NodeOperator::Aggregate { .. } | NodeOperator::TopN { .. } | NodeOperator::MatchRecognize { .. } => {
+            let columns: Option<Vec<usize>> =
+                root_key(plan)?.iter().map(|k| k.downcast_ref::<Column>().map(Column::index)).collect();
+            (Some(columns?), *root.inputs.first()?)
+        }
+        _ => (None, plan.root()),
+    };
+    loop {
+        // Every node from the join up is read by the node above it alone.
+        if at != plan.root() && parents.get(at).is_none_or(|p| p.len() != 1) {
+            return None;
+        }
+        let node = plan.nodes.get(at)?;
+        match &node.operator {
+            NodeOperator::Stateless { plan: stateless, feeds }
+                if feeds.len() == 1 && node.inputs.len() == 1 && row_by_row(stateless) =>
+            {
+                if let Some(columns) = &mut key {
+                    *columns = columns.iter().map(|c| source_column(stateless, *c)).collect::<Option<_>>()?;
+                }
+                at = *node.inputs.first()?;
+            }
+            NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) => {
+                return join_keys(plan, at, spec, key.as_deref());
+            }
+            NodeOperator::TemporalJoin(temporal) => return join_keys(plan, at, &temporal.join, key.as_deref()),
+            _ => return None,
+        }
+    }
+}
+
+/// The cut at join `join`: its keys per side, if they hash alike and cover `root_key` (columns of the join's output)
+/// where the root has a key.
+fn join_keys(plan: &StreamingPlan, join: NodeId, spec: &JoinSpec, root_key: Option<&[usize]>) -> Option<Cut> {
+    let node = plan.nodes.get(join)?;
+    let schema = |port: usize| node.inputs.get(port).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
+    let (left, right) = (schema(LEFT)?, schema(RIGHT)?);
+    if spec.on.is_empty() {
+        return None;
+    }
+    for (l, r) in &spec.on {
+        if l.data_type(&left).ok()? != r.data_type(&right).ok()? {
+            return None;
+        }
+    }
+    if let Some(columns) = root_key {
+        // Which sides' rows are never padded with NULLs, and which sides the output has.
+        let (kept, output) = match spec.join_type {
+            JoinType::Inner => ([true, true], [true, true]),
+            JoinType::Left => ([true, false], [true, true]),
+            JoinType::Right => ([false, true], [true, true]),
+            JoinType::LeftSemi | JoinType::LeftAnti => ([true, false], [true, false]),
+            JoinType::RightSemi | JoinType::RightAnti => ([false, true], [false, true]),
+            _ => return None,
+        };
+        let left_width = if output[LEFT] { left.fields().len() } else { 0 };
+        let side_of = |column: usize| -> Option<(usize, usize)> {
+            let joined = match &spec.projection {
+                Some(projection) => *projection.get(column)?,
+                None => column,
+            };
+            match joined < left_width {
+                true => Some((LEFT, joined)),
+                false => Some((RIGHT, joined - left_width)),
+            }
+        };
+        let sides: Vec<(usize, usize)> = columns.iter().filter_map(|c| side_of(*c)).collect();
+        let held = |expr: &Arc<dyn PhysicalExpr>, side: usize| {
+            kept[side] && expr.downcast_ref::<Column>().is_some_and(|c| sides.contains(&(side, c.index())))
+        };
+        if !spec.on.iter().all(|(l, r)| held(l, LEFT) || held(r, RIGHT)) {
+            return None;
+        }
+    }
+    let side = |pick: fn(&(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)) -> &Arc<dyn PhysicalExpr>| {
+        spec.on.iter().map(|pair| pick(pair).clone()).collect::<Vec<_>>()
+    };
+    Some(Cut { node: join, keys: vec![side(|(l, _)| l), side(|(_, r)| r)] })
+}
+
+/// The input column that column `column` of the row-by-row plan `plan` is, if it is one unchanged.
+fn source_column(plan: &Arc<dyn ExecutionPlan>, column: usize) -> Option<usize> {
+    if let Some(feed) = plan.downcast_ref::<FeedExec>() {
+        return match feed.projection() {
+            Some(projection) => projection.get(column).copied(),
+            None => Some(column),
+        };
+    }
+    let column = if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
+        projection.expr().get(column)?.expr.downcast_ref::<Column>()?.index()
+    } else if let Some(filter) = plan.downcast_ref::<FilterExec>() {
+        match filter.projection() {
+            Some(projection) => *projection.get(column)?,
+            None => column,
+        }
+    } else if matches!(plan.name(), "CooperativeExec" | "CoalesceBatchesExec") {
+        column
+    } else {
+        return None;
+    };
+    match plan.children().as_slice() {
+        [child] => source_column(child, column),
+        _ => None,
+    }
+}
+
+/// The plan an instance runs when `plan` is cut at `node`: a scan for each of `node`'s inputs (input `i` is its
+/// input `i`, with that input's schema and watermark), then `node` and every node above it, each reading feeds of
+/// its own (the instances' plans run side by side).
+pub(crate) fn instance_plan(plan: &StreamingPlan, node: NodeId) -> Result<StreamingPlan> {
+    let cut = plan.nodes.get(node).ok_or_else(|| RuntimeError::Internal("a cut outside the plan".to_string()))?;
+    let mut nodes = Vec::new();
+    let mut inputs = Vec::new();
+    for (port, below) in cut.inputs.iter().enumerate() {
+        let below = plan.nodes.get(*below).ok_or_else(|| RuntimeError::Internal("a missing input".to_string()))?;
+        inputs.push(StreamInput { relation: format!("input {port} of the instances") });
+        nodes.push(PlanNode {
+            operator: NodeOperator::Scan { input: port },
+            inputs: Vec::new(),
+            schema: below.schema.clone(),
+            append_only: below.append_only,
+            watermark: below.watermark.clone(),
+        });
+    }
+    // Each node's place in the instance's plan.
+    let mut placed = vec![None; plan.nodes.len()];
+    for id in inside(plan, node) {
+        let original = &plan.nodes[id];
+        let inputs = match id == node {
+            true => (0..cut.inputs.len()).collect(),
+            false => original
+                .inputs
+                .iter()
+                .map(|input| placed.get(*input).copied().flatten())
+                .collect::<Option<Vec<NodeId>>>()
+                .ok_or_else(|| RuntimeError::Internal("a node above the cut reads one below it".to_string()))?,
+        };
+        placed[id] = Some(nodes.len());
+        nodes.push(PlanNode { operator: own_feeds(&original.operator)?, inputs, ..original.clone() });
+    }
+    Ok(StreamingPlan { inputs, nodes, schema: plan.schema.clone(), emit_on_window_close: plan.emit_on_window_close })
+}
+
+/// `operator` with its DataFusion plans reading feeds of their own.
+fn own_feeds(operator: &NodeOperator) -> Result<NodeOperator> {
+    let refed = |above: &Option<(weir_common::feed::Feed, Arc<dyn ExecutionPlan>)>| -> Result<_> {
+        above.as_ref().map(|(feed, plan)| refeed(plan, feed).map_err(RuntimeError::Expr)).transpose()
+    };
+    Ok(match operator {
+        NodeOperator::Stateless { plan, feeds } => {
+            let mut plan = plan.clone();
+            let mut fresh = Vec::with_capacity(feeds.len());
+            for feed in feeds {
+                let (new, replanned) = refeed(&plan, feed).map_err(RuntimeError::Expr)?;
+                fresh.push(new);
+                plan = replanned;
+            }
+            NodeOperator::Stateless { plan, feeds: fresh }
+        }
+        NodeOperator::Aggregate { spec, above, shift } => {
+            NodeOperator::Aggregate { spec: spec.clone(), above: refed(above)?, shift: *shift }
+        }
+        NodeOperator::TopN { spec, above } => {
+            NodeOperator::TopN { spec: spec.clone(), above: refeed(&above.1, &above.0).map_err(RuntimeError::Expr)? }
+        }
+        NodeOperator::MatchRecognize { stage, above, shift } => {
+            NodeOperator::MatchRecognize { stage: stage.clone(), above: refed(above)?, shift: *shift }
+        }
+        other => other.clone(),
+    })
+}
+
 /// The instance of `count` a key with hash `hash` goes to: by the hash's high bits (a multiply and shift), as
 /// even as the hash.
 fn instance_of(hash: u64, count: usize) -> usize {
@@ -110,167 +331,54 @@ pub(crate) fn hash_probe() -> u64 {
     }
 }
 
-/// The root operator of a view: one instance, or several behind an exchange.
-#[derive(Debug)]
-pub(crate) enum Root {
-    Local(Box<RootOperator>),
-    Parallel(Box<Exchange>),
-}
-
-impl Root {
-    /// The root operator of `plan` (none if its root is a stateless plan or a join) as `parallelism` instances, if
-    /// its key lets it split; as one otherwise.
-    pub(crate) fn build(plan: &StreamingPlan, task: Arc<TaskContext>, parallelism: usize) -> Result<Option<Root>> {
-        let Some(first) = RootOperator::build(plan, task.clone(), false)? else { return Ok(None) };
-        let keys = match exchange_key(plan) {
-            Some(keys) if parallelism > 1 => keys,
-            _ => return Ok(Some(Root::Local(Box::new(first)))),
-        };
-        let mut instances = vec![first];
-        for _ in 1..parallelism {
-            let next = RootOperator::build(plan, task.clone(), true)?;
-            instances.push(next.ok_or_else(|| RuntimeError::Internal("a root without an operator".to_string()))?);
-        }
-        Ok(Some(Root::Parallel(Box::new(Exchange::new(keys, instances)))))
-    }
-
-    /// How many instances run.
-    pub(crate) fn parallelism(&self) -> usize {
-        match self {
-            Root::Local(_) => 1,
-            Root::Parallel(exchange) => exchange.instances.len(),
-        }
-    }
-
-    pub(crate) async fn on_changes(&mut self, changes: Vec<Delta>) -> Result<()> {
-        match self {
-            Root::Local(root) => root.on_changes(&changes),
-            Root::Parallel(exchange) => exchange.on_changes(changes).await,
-        }
-    }
-
-    pub(crate) async fn watermark_reached(&mut self, watermark: Watermark) -> Result<()> {
-        match self {
-            Root::Local(root) => root.watermark_reached(watermark).await,
-            Root::Parallel(exchange) => exchange.broadcast(|| Work::Watermark(watermark)).await,
-        }
-    }
-
-    /// Ends the epoch on every instance: their changes, once all have answered.
-    pub(crate) async fn publish(&mut self) -> Result<Vec<ViewChange>> {
-        match self {
-            Root::Local(root) => root.publish().await,
-            Root::Parallel(exchange) => exchange.publish().await,
-        }
-    }
-
-    /// Adds every instance's state changed since the last checkpoint to `batch`, in view `name`'s tables.
-    pub(crate) async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
-        match self {
-            Root::Local(root) => root.checkpoint(&aggregate_table(name), batch),
-            Root::Parallel(exchange) => {
-                let written = exchange.ask(|i, reply| Work::Checkpoint(instance_table(name, i), reply)).await?;
-                written.into_iter().for_each(|instance| batch.extend(instance));
-                Ok(())
-            }
-        }
-    }
-
-    /// Continues every instance from view `name`'s checkpoint in `store` (before any row reaches them).
-    pub(crate) fn restore(&mut self, name: &str, store: &dyn StateStore) -> Result<()> {
-        match self {
-            Root::Local(root) => root.restore(&aggregate_table(name), store),
-            Root::Parallel(exchange) => {
-                for (i, instance) in exchange.instances.iter_mut().enumerate() {
-                    let Instance::Ready(root, _) = instance else {
-                        return Err(RuntimeError::Internal("a restore after the view started".to_string()));
-                    };
-                    root.restore(&instance_table(name, i), store)?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    pub(crate) fn late_rows(&self) -> u64 {
-        match self {
-            Root::Local(root) => root.late_rows(),
-            Root::Parallel(exchange) => exchange.instances.iter().map(Instance::late_rows).sum(),
-        }
-    }
-
-    pub(crate) fn memory(&self) -> usize {
-        match self {
-            Root::Local(root) => root.memory(),
-            Root::Parallel(exchange) => exchange.instances.iter().map(Instance::memory).sum(),
-        }
-    }
-
-    pub(crate) fn held_rows(&self) -> Option<u64> {
-        match self {
-            Root::Local(root) => root.held_rows(),
-            Root::Parallel(exchange) => exchange.instances.iter().map(Instance::held_rows).sum(),
-        }
-    }
-
-    pub(crate) fn take_late(&mut self) -> Vec<RecordBatch> {
-        match self {
-            Root::Local(root) => root.take_late(),
-            Root::Parallel(exchange) => exchange.instances.iter_mut().flat_map(Instance::take_late).collect(),
-        }
-    }
-}
-
-/// The state table of a view's root operator run as one instance.
-fn aggregate_table(name: &str) -> StateTable {
-    StateTable::new(&format!("{name}/aggregate"))
-}
-
-/// The state table of instance `i` of a view's root operator.
-fn instance_table(name: &str, i: usize) -> StateTable {
-    instances_table(name).part(&(i as u32).to_be_bytes())
-}
-
-/// The table holding every instance's state table.
-pub(crate) fn instances_table(name: &str) -> StateTable {
-    StateTable::new(&format!("{name}/instances"))
-}
-
 fn stopped() -> RuntimeError {
-    RuntimeError::Internal("an instance of the view's root operator stopped".to_string())
+    RuntimeError::Internal("an instance of the view's dataflow stopped".to_string())
 }
 
-/// The instances of a root operator and the key that splits rows between them.
+/// The instances of a view's dataflow from its cut up, and the keys that split rows between them.
 #[derive(Debug)]
 pub(crate) struct Exchange {
-    keys: Vec<Arc<dyn PhysicalExpr>>,
+    cut: Cut,
     instances: Vec<Instance>,
     hashes: Vec<u64>,
 }
 
 impl Exchange {
-    fn new(keys: Vec<Arc<dyn PhysicalExpr>>, instances: Vec<RootOperator>) -> Self {
-        let instances = instances
-            .into_iter()
-            .enumerate()
-            .map(|(instance, root)| Instance::Ready(Box::new(root), instance as u16))
-            .collect();
-        Exchange { keys, instances, hashes: Vec::new() }
+    /// `count` instances of `plan` from `cut` up.
+    pub(crate) fn build(plan: &StreamingPlan, cut: Cut, task: Arc<TaskContext>, count: usize) -> Result<Self> {
+        let mut instances = Vec::with_capacity(count);
+        for instance in 0..count {
+            let own = instance_plan(plan, cut.node)?;
+            let watermarks = vec![InputWatermark::Passed; own.inputs.len()];
+            let pipeline = Pipeline::try_new(own, watermarks, task.clone())?;
+            instances.push(Instance::Ready(Box::new(pipeline), instance as u16));
+        }
+        Ok(Exchange { cut, instances, hashes: Vec::new() })
     }
 
-    /// Hands every instance the changes (their columns are shared, not copied) with the instance each row's key
-    /// hashes to; each instance copies out its own rows. The pipeline's task, which every row passes through, only
-    /// hashes the keys: the copying happens on the instances, side by side.
-    async fn on_changes(&mut self, changes: Vec<Delta>) -> Result<()> {
+    /// The node the instances run from.
+    pub(crate) fn node(&self) -> NodeId {
+        self.cut.node
+    }
+
+    /// How many instances run.
+    pub(crate) fn parallelism(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Hands every instance the changes reaching the cut node's input `port` (their columns are shared, not copied)
+    /// with the instance each row's key hashes to; each instance copies out its own rows.
+    pub(crate) async fn on_changes(&mut self, port: usize, changes: Vec<Delta>) -> Result<()> {
         let count = self.instances.len();
+        let keys =
+            self.cut.keys.get(port).ok_or_else(|| RuntimeError::Internal("a port past the cut's".to_string()))?;
         let mut routed = Vec::with_capacity(changes.len());
         for change in changes {
             let rows = change.rows();
             if rows.num_rows() == 0 {
                 continue;
             }
-            let keys = self
-                .keys
+            let keys = keys
                 .iter()
                 .map(|key| key.evaluate(rows).and_then(|k| k.into_array(rows.num_rows())))
                 .collect::<datafusion::common::Result<Vec<ArrayRef>>>()
@@ -285,7 +393,12 @@ impl Exchange {
             return Ok(());
         }
         let routed: Arc<[Routed]> = routed.into();
-        self.broadcast(|| Work::Changes(routed.clone())).await
+        self.broadcast(|| Work::Changes(port, routed.clone())).await
+    }
+
+    /// The cut node's input `port` says `watermark` (after the rows before it).
+    pub(crate) async fn pass(&mut self, port: usize, watermark: Port) -> Result<()> {
+        self.broadcast(|| Work::Port(port, watermark)).await
     }
 
     /// A barrier: sends every instance the request `request(i, reply)` makes, then waits for every answer (the
@@ -311,13 +424,19 @@ impl Exchange {
         Ok(())
     }
 
-    /// Every instance's changes of the epoch. The parts of a window are numbered per instance: instance `i`'s part
-    /// `p` becomes part `p * N + i`, so instances never replace one another's rows, and what it replaces as a whole
-    /// window replaces all its parts (and only those).
-    async fn publish(&mut self) -> Result<Vec<ViewChange>> {
+    /// Every instance's changes of the epoch, and the view's output watermark (the least of the instances'; they all
+    /// saw the same watermarks). The parts of a window are numbered per instance: instance `i`'s part `p` becomes
+    /// part `p * N + i`, so instances never replace one another's rows, and what it replaces as a whole window
+    /// replaces all its parts (and only those).
+    pub(crate) async fn publish(&mut self) -> Result<(Vec<ViewChange>, Option<Watermark>)> {
         let count = self.instances.len() as u32;
         let mut changes = Vec::new();
-        for (i, published) in self.ask(|_, reply| Work::Publish(reply)).await?.into_iter().enumerate() {
+        let mut watermark: Option<Option<Watermark>> = None;
+        for (i, (published, output)) in self.ask(|_, reply| Work::Publish(reply)).await?.into_iter().enumerate() {
+            watermark = Some(match watermark {
+                None => output,
+                Some(least) => least.zip(output).map(|(a, b)| a.min(b)),
+            });
             let i = i as u32;
             for change in published {
                 changes.push(match change {
@@ -336,11 +455,46 @@ impl Exchange {
                 });
             }
         }
-        Ok(changes)
+        Ok((changes, watermark.flatten()))
+    }
+
+    /// Adds every instance's state changed since the last checkpoint to `batch`, in view `name`'s tables.
+    pub(crate) async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
+        let name = name.to_string();
+        let written = self.ask(|i, reply| Work::Checkpoint(Tables::of_instance(&name, i), reply)).await?;
+        written.into_iter().for_each(|instance| batch.extend(instance));
+        Ok(())
+    }
+
+    /// Continues every instance from view `name`'s checkpoint in `store` (before any row reaches them).
+    pub(crate) fn restore(&mut self, name: &str, store: &dyn StateStore) -> Result<()> {
+        for (i, instance) in self.instances.iter_mut().enumerate() {
+            let Instance::Ready(pipeline, _) = instance else {
+                return Err(RuntimeError::Internal("a restore after the view started".to_string()));
+            };
+            pipeline.restore_tables(&Tables::of_instance(name, i), store)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn late_rows(&self) -> u64 {
+        self.instances.iter().map(Instance::late_rows).sum()
+    }
+
+    pub(crate) fn memory(&self) -> usize {
+        self.instances.iter().map(Instance::memory).sum()
+    }
+
+    pub(crate) fn held_rows(&self) -> Option<u64> {
+        self.instances.iter().map(Instance::held_rows).sum()
+    }
+
+    pub(crate) fn take_late(&mut self) -> Vec<RecordBatch> {
+        self.instances.iter_mut().flat_map(Instance::take_late).collect()
     }
 }
 
-/// A change reaching the root, with the instance each of its rows goes to.
+/// Changes reaching the cut, with the instance each of their rows goes to.
 #[derive(Debug)]
 struct Routed {
     change: Delta,
@@ -366,19 +520,21 @@ fn select(routed: &[Routed], me: u16) -> Result<Vec<Delta>> {
 /// What an instance is asked to do, in order.
 #[derive(Debug)]
 enum Work {
-    /// Changes reaching the root, every instance's rows: each takes its own.
-    Changes(Arc<[Routed]>),
-    Watermark(Watermark),
-    Publish(oneshot::Sender<Result<Vec<ViewChange>>>),
-    Checkpoint(StateTable, oneshot::Sender<Result<WriteBatch>>),
+    /// Changes reaching the cut node's input, every instance's rows: each takes its own.
+    Changes(usize, Arc<[Routed]>),
+    /// What the cut node's input says of its watermark.
+    Port(usize, Port),
+    /// Ends the epoch: the instance's changes and its output watermark.
+    Publish(oneshot::Sender<Result<(Vec<ViewChange>, Option<Watermark>)>>),
+    Checkpoint(Tables, oneshot::Sender<Result<WriteBatch>>),
 }
 
-/// What an instance reports after each message, read by the pipeline without waiting for it.
+/// What an instance reports after each message, read by the view's task without waiting for it.
 #[derive(Debug, Default)]
 struct Report {
     late_rows: AtomicU64,
     memory: AtomicUsize,
-    /// Rows a `MATCH_RECOGNIZE` holds; -1 for other operators.
+    /// Rows the instance's `MATCH_RECOGNIZE` and joins hold; -1 without either.
     held_rows: AtomicI64,
     late: Mutex<Vec<RecordBatch>>,
 }
@@ -386,8 +542,8 @@ struct Report {
 /// One instance: not started yet (restored in place), or running on its own task.
 #[derive(Debug)]
 enum Instance {
-    /// Not started: the operator, and the instance's number.
-    Ready(Box<RootOperator>, u16),
+    /// Not started: the instance's dataflow, and its number.
+    Ready(Box<Pipeline>, u16),
     Running {
         work: mpsc::Sender<Work>,
         report: Arc<Report>,
@@ -401,9 +557,9 @@ impl Instance {
             let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
             let report = Arc::new(Report::default());
             let running = Instance::Running { work: sender, report: report.clone() };
-            if let Instance::Ready(mut root, me) = std::mem::replace(self, running) {
-                report.update(&mut root);
-                tokio::spawn(serve(root, me, receiver, report));
+            if let Instance::Ready(mut pipeline, me) = std::mem::replace(self, running) {
+                report.update(&mut pipeline);
+                tokio::spawn(serve(pipeline, me, receiver, report));
             }
         }
         match self {
@@ -414,28 +570,28 @@ impl Instance {
 
     fn late_rows(&self) -> u64 {
         match self {
-            Instance::Ready(root, _) => root.late_rows(),
+            Instance::Ready(pipeline, _) => pipeline.late_rows(),
             Instance::Running { report, .. } => report.late_rows.load(Ordering::Relaxed),
         }
     }
 
     fn memory(&self) -> usize {
         match self {
-            Instance::Ready(root, _) => root.memory(),
+            Instance::Ready(pipeline, _) => pipeline.state_bytes(),
             Instance::Running { report, .. } => report.memory.load(Ordering::Relaxed),
         }
     }
 
     fn held_rows(&self) -> Option<u64> {
         match self {
-            Instance::Ready(root, _) => root.held_rows(),
+            Instance::Ready(pipeline, _) => pipeline.held_rows(),
             Instance::Running { report, .. } => u64::try_from(report.held_rows.load(Ordering::Relaxed)).ok(),
         }
     }
 
     fn take_late(&mut self) -> Vec<RecordBatch> {
         match self {
-            Instance::Ready(root, _) => root.take_late(),
+            Instance::Ready(pipeline, _) => pipeline.take_late(),
             Instance::Running { report, .. } => {
                 std::mem::take(&mut *report.late.lock().unwrap_or_else(PoisonError::into_inner))
             }
@@ -444,50 +600,66 @@ impl Instance {
 }
 
 impl Report {
-    /// What `root` counts and holds now, and the late rows it set aside since the last update.
-    fn update(&self, root: &mut RootOperator) {
-        self.late_rows.store(root.late_rows(), Ordering::Relaxed);
-        self.memory.store(root.memory(), Ordering::Relaxed);
-        self.held_rows.store(root.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
-        let late = root.take_late();
+    /// What `pipeline` counts and holds now, and the late rows it set aside since the last update.
+    fn update(&self, pipeline: &mut Pipeline) {
+        self.late_rows.store(pipeline.late_rows(), Ordering::Relaxed);
+        self.memory.store(pipeline.state_bytes(), Ordering::Relaxed);
+        self.held_rows.store(pipeline.held_rows().map_or(-1, |h| h as i64), Ordering::Relaxed);
+        let late = pipeline.take_late();
         if !late.is_empty() {
             self.late.lock().unwrap_or_else(PoisonError::into_inner).extend(late);
         }
     }
 }
 
-/// An instance's task: does its work in order until the pipeline drops its channel. After a failure it does
+/// An instance's task: does its work in order until the view's task drops its channel. After a failure it does
 /// nothing more and answers every request with it (the first with the error itself).
-async fn serve(mut root: Box<RootOperator>, me: u16, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
+///
+/// (A boxed future of a type the compiler does not infer: an instance's pipeline is a [`Pipeline`], whose future
+/// would otherwise contain this one's.)
+fn serve(
+    pipeline: Box<Pipeline>,
+    me: u16,
+    work: mpsc::Receiver<Work>,
+    report: Arc<Report>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(run_instance(pipeline, me, work, report))
+}
+
+async fn run_instance(mut pipeline: Box<Pipeline>, me: u16, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
     // `Some` once the instance failed, holding the error until a request has been answered with it.
     let mut failed: Option<Option<RuntimeError>> = None;
     while let Some(next) = work.recv().await {
         let done = match next {
-            Work::Changes(_) | Work::Watermark(_) if failed.is_some() => Ok(()),
-            Work::Changes(routed) => select(&routed, me).and_then(|mine| root.on_changes(&mine)),
-            Work::Watermark(watermark) => root.watermark_reached(watermark).await,
+            Work::Changes(..) | Work::Port(..) if failed.is_some() => Ok(()),
+            Work::Changes(port, routed) => match select(&routed, me) {
+                Ok(mine) if mine.is_empty() => Ok(()),
+                Ok(mine) => pipeline.feed(port, mine).await,
+                Err(err) => Err(err),
+            },
+            Work::Port(port, watermark) => pipeline.set_port(port, watermark).await,
             Work::Publish(reply) => {
                 let answer = match failure(&mut failed) {
                     Some(err) => Err(err),
-                    None => root.publish().await,
+                    None => pipeline.publish().await.map(|changes| (changes, pipeline.output_watermark())),
                 };
-                answer_barrier(&mut failed, &report, &mut root, reply, answer);
+                answer_barrier(&mut failed, &report, &mut pipeline, reply, answer);
                 continue;
             }
-            Work::Checkpoint(table, reply) => {
+            Work::Checkpoint(tables, reply) => {
                 let mut batch = WriteBatch::default();
                 let answer = match failure(&mut failed) {
                     Some(err) => Err(err),
-                    None => root.checkpoint(&table, &mut batch).map(|()| batch),
+                    None => pipeline.checkpoint_tables(&tables, &mut batch).await.map(|()| batch),
                 };
-                answer_barrier(&mut failed, &report, &mut root, reply, answer);
+                answer_barrier(&mut failed, &report, &mut pipeline, reply, answer);
                 continue;
             }
         };
         if let Err(err) = done {
             failed = Some(Some(err));
         }
-        report.update(&mut root);
+        report.update(&mut pipeline);
     }
 }
 
@@ -496,19 +668,19 @@ fn failure(failed: &mut Option<Option<RuntimeError>>) -> Option<RuntimeError> {
     failed.as_mut().map(|err| err.take().unwrap_or_else(stopped))
 }
 
-/// Answers a barrier with `answer`, the instance's counts brought up to date first (what the pipeline reads once it
-/// has the answer is up to date with it). A failed answer fails the instance.
+/// Answers a barrier with `answer`, the instance's counts brought up to date first (what the view's task reads once
+/// it has the answer is up to date with it). A failed answer fails the instance.
 fn answer_barrier<T>(
     failed: &mut Option<Option<RuntimeError>>,
     report: &Report,
-    root: &mut RootOperator,
+    pipeline: &mut Pipeline,
     reply: oneshot::Sender<Result<T>>,
     answer: Result<T>,
 ) {
     if answer.is_err() && failed.is_none() {
         *failed = Some(None);
     }
-    report.update(root);
+    report.update(pipeline);
     let _ = reply.send(answer);
 }
 

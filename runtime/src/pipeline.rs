@@ -39,12 +39,12 @@ use weir_common::feed::Feed;
 use weir_common::plan::{InputWatermark, NodeId, NodeOperator, StreamingPlan, WatermarkSpec};
 use weir_common::stream::{END_OF_TIME, Message, Watermark};
 
-use crate::exchange::{Root, hash_probe, instances_table};
+use crate::exchange::{Exchange, hash_probe};
 use crate::join::IntervalJoin;
 use crate::materialize::ViewChange;
 use crate::operator::{Delta, JoinOperator, Operator};
 use crate::regular_join::RegularJoin;
-use crate::root::{retraction, run};
+use crate::root::{RootOperator, retraction, run};
 use crate::state::{Checkpointed, StateStore, StateTable, WriteBatch, decode_i64, encode_i64};
 use crate::temporal::TemporalJoin;
 use crate::updating_aggregate::UpdatingAggregate;
@@ -79,25 +79,72 @@ fn layout(plan: &StreamingPlan) -> String {
     kinds.join("; ")
 }
 
-/// What the root operator of `plan` splits rows between its instances by (see [`crate::exchange`]), for EXPLAIN;
-/// `None` if it runs as one instance whatever the parallelism.
-pub fn exchange_keys(plan: &StreamingPlan) -> Option<Vec<String>> {
-    let keys = crate::exchange::exchange_key(plan)?;
-    Some(
-        keys.iter()
-            .map(|key| match key.downcast_ref::<datafusion::physical_expr::expressions::Column>() {
-                Some(column) => column.name().to_string(),
-                None => key.to_string(),
-            })
-            .collect(),
-    )
+/// How `plan` splits between instances (see [`crate::exchange`]), for EXPLAIN: `by hash of (auction)` for a root
+/// split by its key, `by hash of (tag = tag) from the join up` for a dataflow cut at a join; `None` if it runs as one
+/// instance whatever the parallelism.
+pub fn exchange_description(plan: &StreamingPlan) -> Option<String> {
+    let cut = crate::exchange::cut(plan)?;
+    let name =
+        |key: &Arc<dyn datafusion::physical_plan::PhysicalExpr>| match key
+            .downcast_ref::<datafusion::physical_expr::expressions::Column>()
+        {
+            Some(column) => column.name().to_string(),
+            None => key.to_string(),
+        };
+    Some(match cut.keys.as_slice() {
+        [left, right] => {
+            let pairs: Vec<String> =
+                left.iter().zip(right).map(|(l, r)| format!("{} = {}", name(l), name(r))).collect();
+            format!("by hash of ({}) from the join up", pairs.join(", "))
+        }
+        keys => format!("by hash of ({})", keys.iter().flatten().map(name).collect::<Vec<_>>().join(", ")),
+    })
+}
+
+/// Where a pipeline (a view's, or one instance's of it) keeps its state: its inputs' watermarks and what its
+/// checkpoints depend on, the stateful nodes below the root, and the root operator's state.
+#[derive(Debug, Clone)]
+pub(crate) struct Tables {
+    inputs: StateTable,
+    nodes: StateTable,
+    aggregate: StateTable,
+}
+
+impl Tables {
+    /// The tables of view `name`'s own pipeline.
+    fn of_view(name: &str) -> Self {
+        Tables {
+            inputs: StateTable::new(&format!("{name}/inputs")),
+            nodes: StateTable::new(&format!("{name}/nodes")),
+            aggregate: StateTable::new(&format!("{name}/aggregate")),
+        }
+    }
+
+    /// The tables of instance `i` of view `name` (see [`crate::exchange`]): parts of the view's `instances` table.
+    pub(crate) fn of_instance(name: &str, i: usize) -> Self {
+        let instance = instances_table(name).part(&(i as u32).to_be_bytes());
+        Tables { inputs: instance.part(b"i"), nodes: instance.part(b"n"), aggregate: instance.part(b"a") }
+    }
+}
+
+/// The table holding every instance's tables.
+fn instances_table(name: &str) -> StateTable {
+    StateTable::new(&format!("{name}/instances"))
 }
 
 /// The key, in a view's `inputs` table, of the plan layout its checkpoint was written for.
 const LAYOUT: &[u8] = b"layout";
 
-/// The key, in a view's `inputs` table, of how many instances its root operator's state is split into (absent: one).
+/// The key, in a view's `inputs` table, of how many instances its state is split into (absent: one).
 const PARALLELISM: &[u8] = b"parallelism";
+
+/// The key, in a view's `inputs` table, of the node its instances run from (see [`crate::exchange::Cut`]), with the
+/// format of their state (absent: a root operator's state in each part of the `instances` table, as Weir wrote it
+/// before it cut dataflows at joins; no longer read).
+const EXCHANGE: &[u8] = b"exchange";
+
+/// The format of the instances' state: each instance's own [`Tables`].
+const EXCHANGE_FORMAT: u32 = 2;
 
 /// The key, in a view's `inputs` table, of the exchange's [`hash_probe`] when its state was checkpointed.
 const HASH_PROBE: &[u8] = b"hash probe";
@@ -158,7 +205,7 @@ impl Input {
 
 /// What a node's input last said of its watermark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Port {
+pub(crate) enum Port {
     Unknown,
     /// The input is idle: left out of minimums until it says more.
     Idle,
@@ -181,8 +228,12 @@ enum Running {
     Updating(Box<UpdatingAggregate>, SchemaRef),
     /// An upsert source's rows as changes of each key's latest row.
     Upsert(Box<Upsert>),
-    /// The aggregation or the matcher (always the root; see [`Pipeline::aggregate`]).
+    /// The aggregation or the matcher (always the root; see [`Pipeline::root`]).
     Root,
+    /// The node the instances of a parallel view run from (see [`crate::exchange`]): its input rows go to them.
+    Exchange,
+    /// A node above the exchange: run by the instances.
+    Elsewhere,
 }
 
 /// A window aggregation inside the plan (below a join): its output is append-only, its watermark the input's shifted.
@@ -243,8 +294,12 @@ pub struct Pipeline {
     scans: Vec<Vec<NodeId>>,
     /// The root's input watermark (the view's watermark, as reported and used by the aggregation).
     combined: Option<Watermark>,
-    /// The aggregation, Top-N or matcher at the root (with the plan above it), as one instance or several.
-    root: Option<Root>,
+    /// Where each input's watermark comes from (to build the pipeline again with another parallelism).
+    watermarks: Vec<InputWatermark>,
+    /// The aggregation, Top-N or matcher at the root (with the plan above it), unless the instances run it.
+    root: Option<Box<RootOperator>>,
+    /// The instances running the plan from a node up (see [`crate::exchange`]), for a view split between several.
+    exchange: Option<Box<Exchange>>,
     /// What the aggregation's (or the matcher's) watermark adds to the root's input watermark (see
     /// [`weir_common::plan::WatermarkShift`]); `None`: it sees none.
     shift: Option<i64>,
@@ -259,8 +314,19 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `watermarks` says where each input's watermark comes from (in the order of `plan.inputs`).
+    /// `watermarks` says where each input's watermark comes from (in the order of `plan.inputs`). The pipeline runs
+    /// as one instance until [`Pipeline::set_parallelism`].
     pub fn try_new(plan: StreamingPlan, watermarks: Vec<InputWatermark>, task: Arc<TaskContext>) -> Result<Self> {
+        Self::build(plan, watermarks, task, 1)
+    }
+
+    /// The pipeline of `plan`, split between `parallelism` instances where it can be (see [`crate::exchange`]).
+    fn build(
+        plan: StreamingPlan,
+        watermarks: Vec<InputWatermark>,
+        task: Arc<TaskContext>,
+        parallelism: usize,
+    ) -> Result<Self> {
         if watermarks.len() != plan.inputs.len() {
             return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
         }
@@ -378,13 +444,24 @@ impl Pipeline {
             });
         }
         let inputs = watermarks
-            .into_iter()
+            .iter()
             .map(|w| match w {
-                InputWatermark::Assigned(spec) => Input::new(Some(spec)),
+                InputWatermark::Assigned(spec) => Input::new(Some(spec.clone())),
                 _ => Input::new(None),
             })
             .collect();
-        let root = Root::build(&plan, task.clone(), 1)?;
+        let cut = if parallelism > 1 { crate::exchange::cut(&plan) } else { None };
+        let (root, exchange) = match cut {
+            Some(cut) => {
+                for id in crate::exchange::inside(&plan, cut.node) {
+                    if let Some(node) = nodes.get_mut(id) {
+                        node.running = if id == cut.node { Running::Exchange } else { Running::Elsewhere };
+                    }
+                }
+                (None, Some(Box::new(Exchange::build(&plan, cut, task.clone(), parallelism)?)))
+            }
+            None => (RootOperator::build(&plan, task.clone())?.map(Box::new), None),
+        };
         Ok(Pipeline {
             layout: layout(&plan),
             plan,
@@ -392,7 +469,9 @@ impl Pipeline {
             nodes,
             scans,
             combined: None,
+            watermarks,
             root,
+            exchange,
             shift,
             root_watermark: None,
             task,
@@ -401,21 +480,19 @@ impl Pipeline {
         })
     }
 
-    /// Runs the root operator as `instances` instances (see [`crate::exchange`]) if its key lets it split; as one
-    /// otherwise. Before the first row (and before [`Pipeline::restore`], which keeps the number its checkpoint
-    /// was written with).
+    /// Runs the view as `instances` instances from the node where its keys let it split (see [`crate::exchange`]);
+    /// as one otherwise. Before the first row (and before [`Pipeline::restore`], which keeps the number its
+    /// checkpoint was written with).
     pub fn set_parallelism(&mut self, instances: usize) -> Result<()> {
-        if let Some(root) = &self.root
-            && root.parallelism() != instances.max(1)
-        {
-            self.root = Root::build(&self.plan, self.task.clone(), instances.max(1))?;
+        if self.parallelism() != instances.max(1) {
+            *self = Self::build(self.plan.clone(), self.watermarks.clone(), self.task.clone(), instances.max(1))?;
         }
         Ok(())
     }
 
-    /// How many instances the root operator runs as.
+    /// How many instances the view runs as.
     pub fn parallelism(&self) -> usize {
-        self.root.as_ref().map_or(1, Root::parallelism)
+        self.exchange.as_ref().map_or(1, |e| e.parallelism())
     }
 
     /// Schema of the view's rows.
@@ -455,7 +532,8 @@ impl Pipeline {
     pub fn late_rows(&self) -> u64 {
         self.joins().map(|j| j.late_rows()).sum::<u64>()
             + self.closing().map(|c| c.aggregate.late_rows()).sum::<u64>()
-            + self.root.as_ref().map_or(0, Root::late_rows)
+            + self.root.as_ref().map_or(0, |r| r.late_rows())
+            + self.exchange.as_ref().map_or(0, |e| e.late_rows())
     }
 
     fn closing(&self) -> impl Iterator<Item = &Closing> {
@@ -475,11 +553,12 @@ impl Pipeline {
     /// Rows a `MATCH_RECOGNIZE` holds (waiting for the watermark, or in undecided matches) and the rows the joins
     /// keep (until the other side's watermark passes them); `None` without either.
     pub fn held_rows(&self) -> Option<u64> {
-        let matcher = self.root.as_ref().and_then(Root::held_rows);
+        let matcher = self.root.as_ref().and_then(|r| r.held_rows());
         let kept = self.joins().map(|j| j.kept_rows() as u64).reduce(|a, b| a + b);
-        match (matcher, kept) {
-            (None, None) => None,
-            (held, kept) => Some(held.unwrap_or(0) + kept.unwrap_or(0)),
+        let instances = self.exchange.as_ref().and_then(|e| e.held_rows());
+        match (matcher, kept, instances) {
+            (None, None, None) => None,
+            (held, kept, instances) => Some(held.unwrap_or(0) + kept.unwrap_or(0) + instances.unwrap_or(0)),
         }
     }
 
@@ -498,7 +577,8 @@ impl Pipeline {
         updating
             + self.joins().map(|j| j.memory()).sum::<usize>()
             + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
-            + self.root.as_ref().map_or(0, Root::memory)
+            + self.root.as_ref().map_or(0, |r| r.memory())
+            + self.exchange.as_ref().map_or(0, |e| e.memory())
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
@@ -511,7 +591,8 @@ impl Pipeline {
                 _ => {}
             }
         }
-        late.extend(self.root.as_mut().map(Root::take_late).unwrap_or_default());
+        late.extend(self.root.as_mut().map(|r| r.take_late()).unwrap_or_default());
+        late.extend(self.exchange.as_mut().map(|e| e.take_late()).unwrap_or_default());
         late
     }
 
@@ -749,7 +830,7 @@ impl Pipeline {
                     return Err(RuntimeError::Internal("a root without an operator".to_string()));
                 };
                 if !batches.is_empty() {
-                    root.on_changes(batches).await?;
+                    root.on_changes(&batches)?;
                 }
                 if let Some(Port::At(w)) = merged
                     && self.combined.is_none_or(|c| w > c)
@@ -763,6 +844,26 @@ impl Pipeline {
                 }
                 return Ok(None);
             }
+            Running::Exchange => {
+                let merged = if watermark.is_some() { merged(&state.ports) } else { None };
+                let Some(exchange) = &mut self.exchange else {
+                    return Err(RuntimeError::Internal("an exchange without instances".to_string()));
+                };
+                if !batches.is_empty() {
+                    exchange.on_changes(port, batches).await?;
+                }
+                if let Some(watermark) = watermark {
+                    exchange.pass(port, watermark).await?;
+                }
+                // The view's watermark as the instances' input sees it (their own is read at each publish).
+                if let Some(Port::At(w)) = merged
+                    && self.combined.is_none_or(|c| w > c)
+                {
+                    self.combined = Some(w);
+                }
+                return Ok(None);
+            }
+            Running::Elsewhere => return Err(RuntimeError::Internal("a node the instances run".to_string())),
         }
         let state = &mut self.nodes[node];
         let watermark = match said {
@@ -780,7 +881,22 @@ impl Pipeline {
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
     pub async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
-        let inputs = StateTable::new(&format!("{name}/inputs"));
+        self.checkpoint_tables(&Tables::of_view(name), batch).await?;
+        let instances = self.parallelism() as u32;
+        let inputs = Tables::of_view(name).inputs;
+        batch.put(inputs.key(PARALLELISM), instances.to_be_bytes().to_vec());
+        if let Some(exchange) = &mut self.exchange {
+            batch.put(inputs.key(HASH_PROBE), hash_probe().to_be_bytes().to_vec());
+            batch.put(inputs.key(EXCHANGE), exchange_key(exchange.node()));
+            exchange.checkpoint(name, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the pipeline's own state changed since the last checkpoint to `batch`, in `tables` (an instance's
+    /// pipeline writes to its part of the view's tables).
+    pub(crate) async fn checkpoint_tables(&mut self, tables: &Tables, batch: &mut WriteBatch) -> Result<()> {
+        let inputs = &tables.inputs;
         for (input, state) in self.inputs.iter().enumerate() {
             for (split, state) in state.splits.iter().enumerate() {
                 let own = state.assigner.as_ref().and_then(WatermarkAssigner::current);
@@ -798,38 +914,64 @@ impl Pipeline {
         }
         batch.put(inputs.key(LAYOUT), self.layout.clone().into_bytes());
         if let Some(root) = &mut self.root {
-            let instances = root.parallelism() as u32;
-            batch.put(inputs.key(PARALLELISM), instances.to_be_bytes().to_vec());
-            batch.put(inputs.key(HASH_PROBE), hash_probe().to_be_bytes().to_vec());
-            root.checkpoint(name, batch).await?;
+            root.checkpoint(&tables.aggregate, batch)?;
         }
-        let nodes = StateTable::new(&format!("{name}/nodes"));
         for (id, state) in self.node_states() {
-            state.checkpoint(&nodes.part(&(id as u32).to_be_bytes()), batch)?;
+            state.checkpoint(&tables.nodes.part(&(id as u32).to_be_bytes()), batch)?;
         }
         Ok(())
     }
 
     /// Adds to `batch` the deletion of every state of view `name` (when the view is dropped).
     pub fn forget(name: &str, batch: &mut WriteBatch) {
-        for table in ["inputs", "aggregate", "nodes"] {
-            StateTable::new(&format!("{name}/{table}")).delete_prefix(batch, &[]);
+        let Tables { inputs, nodes, aggregate } = Tables::of_view(name);
+        for table in [inputs, nodes, aggregate, instances_table(name)] {
+            table.delete_prefix(batch, &[]);
         }
-        instances_table(name).delete_prefix(batch, &[]);
     }
 
     /// Continues from the state view `name` last checkpointed to `store`.
     pub fn restore(&mut self, name: &str, store: &dyn StateStore) -> Result<()> {
-        let inputs = StateTable::new(&format!("{name}/inputs"));
+        let tables = Tables::of_view(name);
         // Node states are keyed by node id: a plan numbered differently would read another node's state.
+        if let Some(layout) = store.get(&tables.inputs.key(LAYOUT))?
+            && layout != self.layout.as_bytes()
+        {
+            return Err(RuntimeError::PlanChanged);
+        }
+        // State checkpointed by some number of instances is restored into as many, each key's state into the
+        // instance its key hashes to, from the node it was cut at.
+        let instances = match store.get(&tables.inputs.key(PARALLELISM))? {
+            Some(n) => n.as_slice().try_into().map(u32::from_be_bytes).map_err(|_| corrupt("parallelism"))?,
+            None => 1,
+        } as usize;
+        if instances != self.parallelism() {
+            self.set_parallelism(instances)?;
+            if self.parallelism() != instances {
+                return Err(RuntimeError::PlanChanged);
+            }
+        }
+        if let Some(exchange) = &mut self.exchange {
+            let probe = store.get(&tables.inputs.key(HASH_PROBE))?;
+            let cut = store.get(&tables.inputs.key(EXCHANGE))?;
+            if probe.is_none_or(|p| p != hash_probe().to_be_bytes())
+                || cut.is_none_or(|c| c != exchange_key(exchange.node()))
+            {
+                return Err(RuntimeError::PlanChanged);
+            }
+            exchange.restore(name, store)?;
+        }
+        self.restore_tables(&tables, store)
+    }
+
+    /// Continues from the pipeline's own state in `tables`.
+    pub(crate) fn restore_tables(&mut self, tables: &Tables, store: &dyn StateStore) -> Result<()> {
+        let inputs = &tables.inputs;
         if let Some(layout) = store.get(&inputs.key(LAYOUT))?
             && layout != self.layout.as_bytes()
         {
             return Err(RuntimeError::PlanChanged);
         }
-        let read = |key: &[u8]| -> Result<Option<Watermark>> {
-            Ok(store.get(&inputs.key(key))?.map(|v| decode_i64(&v)).transpose()?)
-        };
         for (key, value) in inputs.scan_prefix(store, b"w")?.into_iter().chain(inputs.scan_prefix(store, b"a")?) {
             let number = |at: usize| {
                 key.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).map(|n| n as usize)
@@ -849,32 +991,13 @@ impl Pipeline {
                 }
             }
         }
-        self.combined = read(b"combined")?;
+        self.combined = store.get(&inputs.key(b"combined"))?.map(|v| decode_i64(&v)).transpose()?;
         self.restored = true;
         if let Some(root) = &mut self.root {
-            // State checkpointed by some number of instances is restored into as many (one: before Weir ran roots
-            // in parallel), each key's state into the instance its key hashes to.
-            let instances = match store.get(&inputs.key(PARALLELISM))? {
-                Some(n) => n.as_slice().try_into().map(u32::from_be_bytes).map_err(|_| corrupt("parallelism"))?,
-                None => 1,
-            };
-            if instances > 1
-                && store.get(&inputs.key(HASH_PROBE))?.is_none_or(|probe| probe != hash_probe().to_be_bytes())
-            {
-                return Err(RuntimeError::PlanChanged);
-            }
-            if instances as usize != root.parallelism() {
-                *root = Root::build(&self.plan, self.task.clone(), instances as usize)?
-                    .ok_or_else(|| RuntimeError::Internal("a root without an operator".to_string()))?;
-                if root.parallelism() != instances as usize {
-                    return Err(RuntimeError::PlanChanged);
-                }
-            }
-            root.restore(name, store)?;
+            root.restore(&tables.aggregate, store)?;
         }
-        let nodes = StateTable::new(&format!("{name}/nodes"));
         for (id, state) in self.node_states() {
-            state.restore(&nodes.part(&(id as u32).to_be_bytes()), store)?;
+            state.restore(&tables.nodes.part(&(id as u32).to_be_bytes()), store)?;
         }
         Ok(())
     }
@@ -908,7 +1031,38 @@ impl Pipeline {
         if let Some(root) = &mut self.root {
             changes.extend(root.publish().await?);
         }
+        if let Some(exchange) = &mut self.exchange {
+            let (published, watermark) = exchange.publish().await?;
+            changes.extend(published);
+            self.root_watermark = watermark;
+        }
         Ok(changes)
+    }
+
+    /// Changes reaching input `input` of an instance's pipeline (see [`crate::exchange`]), as the view's task saw
+    /// them at the cut: they go up from the input's scans as they are.
+    pub(crate) async fn feed(&mut self, input: usize, changes: Vec<Delta>) -> Result<()> {
+        self.resume().await?;
+        for scan in self.scans.get(input).cloned().unwrap_or_default() {
+            self.flow(scan, changes.clone(), None).await?;
+        }
+        Ok(())
+    }
+
+    /// Input `input` of an instance's pipeline says `port` of its watermark, as the view's task saw it at the cut.
+    pub(crate) async fn set_port(&mut self, input: usize, port: Port) -> Result<()> {
+        self.resume().await?;
+        let Some(state) = self.inputs.get_mut(input) else { return Ok(()) };
+        let split = state.split(0);
+        match port {
+            Port::Unknown => return Ok(()),
+            Port::Idle => split.idle = true,
+            Port::At(w) => {
+                split.idle = false;
+                split.watermark = Some(split.watermark.map_or(w, |old| old.max(w)));
+            }
+        }
+        self.input_changed(input).await
     }
 
     async fn data(&mut self, input: usize, batch: RecordBatch) -> Result<()> {
@@ -917,6 +1071,13 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// The value of [`EXCHANGE`] for instances run from node `node`.
+fn exchange_key(node: NodeId) -> Vec<u8> {
+    let mut value = EXCHANGE_FORMAT.to_be_bytes().to_vec();
+    value.extend_from_slice(&(node as u32).to_be_bytes());
+    value
 }
 
 /// The key of value `tag` of split `split` of input `input`.

@@ -1,8 +1,8 @@
 //! The operator at a view's root: the aggregation, Top-N or `MATCH_RECOGNIZE` that makes the view's rows, with the
 //! plan above it, and the changes it makes of the view in the current epoch.
 //!
-//! A [`RootOperator`] is built from the plan's root node alone, so a parallel view (see [`crate::exchange`]) builds
-//! one per instance, each over the keys hashed to it. The pipeline below it hands it rows ([`RootOperator::on_changes`])
+//! A [`RootOperator`] is built from the plan's root node alone; a parallel view (see [`crate::exchange`]) has one in
+//! each instance's pipeline, each over the keys hashed to it. The pipeline below it hands it rows ([`RootOperator::on_changes`])
 //! and its watermark, shifted by the plan's bound ([`RootOperator::watermark_reached`]); [`RootOperator::publish`]
 //! ends its epoch.
 
@@ -14,7 +14,7 @@ use datafusion::execution::TaskContext;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use futures::TryStreamExt;
-use weir_common::feed::{Feed, FeedExec, refeed};
+use weir_common::feed::{Feed, FeedExec};
 use weir_common::plan::{NodeOperator, StreamingPlan};
 use weir_common::stream::Watermark;
 
@@ -94,8 +94,7 @@ pub(crate) struct RootOperator {
 
 impl RootOperator {
     /// The operator of `plan`'s root node, if it has one (a view whose root is a stateless plan or a join has none).
-    /// With `own_feed`, the plan above reads a feed of its own (another instance of the same root).
-    pub(crate) fn build(plan: &StreamingPlan, task: Arc<TaskContext>, own_feed: bool) -> Result<Option<Self>> {
+    pub(crate) fn build(plan: &StreamingPlan, task: Arc<TaskContext>) -> Result<Option<Self>> {
         let Some(node) = plan.nodes.get(plan.root()) else { return Ok(None) };
         let (aggregate, above) = match &node.operator {
             NodeOperator::Aggregate { spec, above, .. } => {
@@ -134,10 +133,6 @@ impl RootOperator {
                 (Aggregation::Matches(Box::new(matcher)), above.clone())
             }
             _ => return Ok(None),
-        };
-        let above = match above {
-            Some((feed, plan)) if own_feed => Some(refeed(&plan, &feed).map_err(RuntimeError::Expr)?),
-            above => above,
         };
         Ok(Some(RootOperator {
             aggregate,

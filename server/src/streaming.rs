@@ -262,8 +262,8 @@ impl Session {
         let (plan, inputs, _) =
             self.plan_view(&view.query, emit_on_window_close, options.state_ttl, row_patterns, text, sql).await?;
         let instances = options.parallelism.unwrap_or(self.engine.parallelism);
-        let split = match weir_runtime::pipeline::exchange_keys(&plan) {
-            Some(keys) if instances > 1 => format!(" on {instances} instances by hash of ({})", keys.join(", ")),
+        let split = match weir_runtime::pipeline::exchange_description(&plan) {
+            Some(how) if instances > 1 => format!(" on {instances} instances {how}"),
             _ => String::new(),
         };
         let name = object_name(&view.name)?;

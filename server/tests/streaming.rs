@@ -425,6 +425,70 @@ async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
     assert_eq!(pipeline.parallelism(), 1);
 }
 
+/// Views over a join publish with three instances what one instance publishes, epoch by epoch, late rows included,
+/// across a checkpoint restored mid-stream: the join cut at the join and split by its key (an interval join alone, a
+/// join under a filter, a join aggregated by its key, a join without time bounds), or, where the root regroups by a
+/// column of the side a LEFT join pads, cut at the root instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
+    let joins = [
+        "SELECT a.auction, a.price, b.price AS later, a.ts, b.ts AS later_ts FROM bids a JOIN bids b \
+         ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND",
+        "SELECT a.auction, a.price, b.ts FROM bids a LEFT JOIN bids b \
+         ON a.auction = b.auction AND b.ts BETWEEN a.ts + INTERVAL '1' MILLISECOND AND a.ts + INTERVAL '20' MILLISECOND \
+         WHERE a.price > 500",
+        "SELECT a.auction, count(*) AS n, sum(b.price) AS total FROM bids a JOIN bids b \
+         ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND GROUP BY a.auction",
+        "SELECT a.auction, a.ts, b.ts AS other FROM bids a JOIN bids b ON a.auction = b.auction AND a.price = b.price",
+        "SELECT b.auction, count(*) AS n FROM bids a LEFT JOIN bids b \
+         ON a.auction = b.auction AND b.ts BETWEEN a.ts + INTERVAL '1' MILLISECOND AND a.ts + INTERVAL '20' MILLISECOND \
+         GROUP BY b.auction",
+    ];
+    let watermark = ", WATERMARK FOR ts AS ts - INTERVAL '100' MILLISECOND";
+    let all = datafusion::arrow::compute::concat_batches(&schema(), &seeded_bids(7).await).unwrap();
+    let mut late = 0;
+    for sql in joins {
+        let mut one = pipeline(sql, watermark, false).await;
+        one.set_parallelism(1).unwrap();
+        let mut three = pipeline(sql, watermark, false).await;
+        three.set_parallelism(3).unwrap();
+        assert_eq!((one.parallelism(), three.parallelism()), (1, 3), "{sql}");
+        let (one_store, three_store) = (store_for(&one), store_for(&three));
+        let state = weir_runtime::state::MemoryStore::new();
+        for (i, start) in (0..all.num_rows()).step_by(1_000).enumerate() {
+            let rows = all.slice(start, 1_000.min(all.num_rows() - start));
+            one.push(0, rows.clone()).await.unwrap();
+            three.push(0, rows).await.unwrap();
+            one_store.apply(one.publish().await.unwrap());
+            three_store.apply(three.publish().await.unwrap());
+            assert_eq!(lines(&one_store.snapshot()), lines(&three_store.snapshot()), "epoch {i}: {sql}");
+            assert_eq!((one.late_rows(), one.held_rows()), (three.late_rows(), three.held_rows()), "epoch {i}: {sql}");
+            assert_eq!(one.output_watermark(), three.output_watermark(), "epoch {i}: {sql}");
+            if i == 9 {
+                // Restored by a pipeline that would run one instance: the checkpoint's three are kept.
+                let mut writes = weir_runtime::state::WriteBatch::default();
+                three.checkpoint("v", &mut writes).await.unwrap();
+                weir_runtime::state::StateStore::write(&state, &writes).unwrap();
+                three = pipeline(sql, watermark, false).await;
+                three.set_parallelism(1).unwrap();
+                three.restore("v", &state).unwrap();
+                assert_eq!(three.parallelism(), 3, "{sql}");
+            }
+        }
+        one.end(0).await.unwrap();
+        three.end(0).await.unwrap();
+        one_store.apply(one.publish().await.unwrap());
+        three_store.apply(three.publish().await.unwrap());
+        let rows = lines(&one_store.snapshot());
+        assert!(rows.len() > 3, "{sql}");
+        assert_eq!(rows, lines(&three_store.snapshot()), "{sql}");
+        assert_eq!(one.late_rows(), three.late_rows(), "{sql}");
+        late += one.late_rows();
+    }
+    // The disorder (400 ms) is past the watermark's bound (100 ms): rows come late to the joins.
+    assert!(late > 1000, "the disorder makes rows late: {late}");
+}
+
 /// The store a server makes for a view of `pipeline`.
 /// With more groups than one chunk of parts per instance (8,192), a window published in parts and then replaced
 /// whole (at its close, or a plain aggregation's at the input's end) keeps each group once. Two instances used to
