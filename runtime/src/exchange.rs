@@ -216,10 +216,8 @@ fn join_keys(plan: &StreamingPlan, join: NodeId, spec: &JoinSpec, root_key: Opti
             return None;
         }
     }
-    let side = |pick: fn(&(Arc<dyn PhysicalExpr>, Arc<dyn PhysicalExpr>)) -> &Arc<dyn PhysicalExpr>| {
-        spec.on.iter().map(|pair| pick(pair).clone()).collect::<Vec<_>>()
-    };
-    Some(Cut { node: join, keys: vec![side(|(l, _)| l), side(|(_, r)| r)] })
+    let (lefts, rights) = spec.on.iter().cloned().unzip();
+    Some(Cut { node: join, keys: vec![lefts, rights] })
 }
 
 /// The input column that column `column` of the row-by-row plan `plan` is, if it is one unchanged.
