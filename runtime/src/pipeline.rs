@@ -20,6 +20,11 @@
 //! the matcher at the root) runs on one window's rows at a time (or one batch of decided matches), so whatever it
 //! computes stays inside a window.
 //!
+//! A view split between instances (see the `exchange` module) runs the nodes below its cut here and an `Exchange`
+//! in place of the cut node: the rows and watermarks reaching it go to the instances, each a `Pipeline` of its own
+//! over the plan from the cut up, whose inputs are the cut node's (their watermarks passed on as this pipeline saw
+//! them: `Pipeline::feed`, `Pipeline::set_port`).
+//!
 //! Changes collect until [`Pipeline::publish`] ends the epoch: it returns the rows appended since the last epoch and,
 //! for views that show open windows, the current rows of every window changed since then.
 //!

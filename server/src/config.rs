@@ -25,12 +25,13 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Plain connections are refused (needs `tls`).
     pub tls_required: bool,
-    /// How many instances a view's keyed root operator (its aggregation, Top-N or `MATCH_RECOGNIZE`) runs as, rows
-    /// split between them by key: [`default_parallelism`] unless set (a view's `parallelism` option overrides it).
+    /// How many instances a view's keyed part (its topmost join and what is above it, or its aggregation, Top-N or
+    /// `MATCH_RECOGNIZE`) runs as, rows split between them by key: [`default_parallelism`] unless set (a view's
+    /// `parallelism` option overrides it).
     pub parallelism: usize,
 }
 
-/// The most instances a view may run its root operator as (`--parallelism`, a view's `parallelism`).
+/// The most instances a view may run its keyed part as (`--parallelism`, a view's `parallelism`).
 pub const MAX_PARALLELISM: usize = 256;
 
 /// How many instances a view runs its keyed operator as unless told: one per core. Measured on two cores with a file
@@ -122,7 +123,7 @@ impl Config {
         self
     }
 
-    /// Views run their keyed root operator as `parallelism` instances (at least one) unless they say otherwise.
+    /// Views run their keyed part as `parallelism` instances (at least one) unless they say otherwise.
     pub fn with_parallelism(mut self, parallelism: usize) -> Self {
         self.parallelism = parallelism.clamp(1, MAX_PARALLELISM);
         self

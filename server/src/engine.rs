@@ -44,7 +44,7 @@ pub struct Engine {
     pub workers: crate::exec::Workers,
     /// What one client may cost the server.
     pub limits: Limits,
-    /// How many instances views run their keyed root operator as, unless they say (see [`crate::Config::parallelism`]).
+    /// How many instances views run their keyed part as, unless they say (see [`crate::Config::parallelism`]).
     pub parallelism: usize,
     /// What connectors may reach on this machine (`--allow-file-dir`).
     pub policy: weir_common::connector::ConnectorPolicy,

@@ -417,7 +417,7 @@ struct ViewOptions {
     memory_limit: Option<usize>,
     /// `'state.ttl'`: how long its joins keep a row of a side without time bounds.
     state_ttl: Option<Duration>,
-    /// `parallelism`: how many instances its keyed root operator runs as (the server's `--parallelism` unless set).
+    /// `parallelism`: how many instances its keyed part runs as (the server's `--parallelism` unless set).
     parallelism: Option<usize>,
 }
 
