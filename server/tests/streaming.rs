@@ -427,7 +427,8 @@ async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
 
 /// Views over a join publish with three instances what one instance publishes, epoch by epoch, late rows included,
 /// across a checkpoint restored mid-stream: the join cut at the join and split by its key (an interval join alone, a
-/// join under a filter, a join aggregated by its key, a join without time bounds), or, where the root regroups by a
+/// join under a filter, a join aggregated by its key, a join without time bounds, the first two joined rows of each
+/// key), or, where the root regroups by a
 /// column of the side a LEFT join pads, cut at the root instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
@@ -440,6 +441,9 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
         "SELECT a.auction, count(*) AS n, sum(b.price) AS total FROM bids a JOIN bids b \
          ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND GROUP BY a.auction",
         "SELECT a.auction, a.ts, b.ts AS other FROM bids a JOIN bids b ON a.auction = b.auction AND a.price = b.price",
+        "SELECT auction, price, later FROM (SELECT a.auction, a.price, b.price AS later, ROW_NUMBER() OVER \
+         (PARTITION BY a.auction ORDER BY b.price DESC, a.price, b.ts, a.ts) AS rn FROM bids a JOIN bids b \
+         ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND) WHERE rn <= 2",
         "SELECT b.auction, count(*) AS n FROM bids a LEFT JOIN bids b \
          ON a.auction = b.auction AND b.ts BETWEEN a.ts + INTERVAL '1' MILLISECOND AND a.ts + INTERVAL '20' MILLISECOND \
          GROUP BY b.auction",
