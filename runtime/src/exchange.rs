@@ -48,7 +48,8 @@ use datafusion::physical_plan::{ExecutionPlan, PhysicalExpr};
 use tokio::sync::{mpsc, oneshot};
 use weir_common::feed::{FeedExec, refeed};
 use weir_common::plan::{
-    InputWatermark, JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, StreamInput, StreamingPlan, row_by_row,
+    InputWatermark, JoinSpec, LEFT, NodeId, NodeOperator, PlanNode, RIGHT, StreamInput, StreamingPlan,
+    WindowAggregateSpec, row_by_row,
 };
 use weir_common::stream::Watermark;
 
@@ -65,25 +66,40 @@ const SEED: u64 = 0x5745_4952;
 /// Messages an instance's channel holds before the view's task waits (back pressure).
 const CHANNEL_DEPTH: usize = 8;
 
-/// Where a view's dataflow splits between instances: the lowest node the instances run (they run every node above
-/// it too), and for each of its inputs the key its rows are hashed by.
+/// Where a view's dataflow splits between instances: the lowest node the instances run, and for each of its inputs
+/// the key its rows are hashed by.
 #[derive(Debug, Clone)]
 pub(crate) struct Cut {
     pub(crate) node: NodeId,
     /// Per input of `node`, expressions over that input's rows.
     pub(crate) keys: Vec<Vec<Arc<dyn PhysicalExpr>>>,
+    /// The instances run `node` alone and hand its output back to the view's task (a keyed operator below the top
+    /// cut); otherwise they run `node` and every node above it, and publish the view's changes.
+    pub(crate) gathers: bool,
 }
 
-/// Where `plan` splits between instances, if it can (see the module).
-pub(crate) fn cut(plan: &StreamingPlan) -> Option<Cut> {
-    join_cut(plan).or_else(|| Some(Cut { node: plan.root(), keys: vec![root_key(plan)?] }))
+/// Where `plan` splits between instances (see the module): the keyed operators below the top cut, in node order,
+/// each run by instances of their own, then the top cut, if any.
+pub(crate) fn cuts(plan: &StreamingPlan) -> Vec<Cut> {
+    let top = join_cut(plan).or_else(|| Some(Cut { node: plan.root(), keys: vec![root_key(plan)?], gathers: false }));
+    let above = top.as_ref().map(|cut| inside(plan, cut)).unwrap_or_default();
+    let mut cuts: Vec<Cut> = (0..plan.nodes.len())
+        .filter(|id| *id != plan.root() && !above.contains(id))
+        .filter_map(|id| Some(Cut { node: id, keys: operator_key(plan, id)?, gathers: true }))
+        .collect();
+    cuts.extend(top);
+    cuts
 }
 
-/// The nodes the instances run when `plan` is cut at `node`: `node` and every node above it, in node order.
-pub(crate) fn inside(plan: &StreamingPlan, node: NodeId) -> Vec<NodeId> {
+/// The nodes the instances of `cut` run, in node order: its node alone where they hand its output back, otherwise
+/// the node and every node above it.
+pub(crate) fn inside(plan: &StreamingPlan, cut: &Cut) -> Vec<NodeId> {
+    if cut.gathers {
+        return vec![cut.node];
+    }
     let parents = plan.parents();
-    let mut nodes = vec![node];
-    let mut at = node;
+    let mut nodes = vec![cut.node];
+    let mut at = cut.node;
     while let Some((above, _)) = parents.get(at).and_then(|p| p.first()) {
         nodes.push(*above);
         at = *above;
@@ -92,37 +108,60 @@ pub(crate) fn inside(plan: &StreamingPlan, node: NodeId) -> Vec<NodeId> {
     nodes
 }
 
+/// The keys of operator `id` below the root, per input, if its state is kept by a key its rows can be split by: a
+/// join's keys, an aggregation's group keys besides the window columns.
+fn operator_key(plan: &StreamingPlan, id: NodeId) -> Option<Vec<Vec<Arc<dyn PhysicalExpr>>>> {
+    let node = plan.nodes.get(id)?;
+    match &node.operator {
+        NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) => Some(join_keys(plan, id, spec, None)?.keys),
+        NodeOperator::TemporalJoin(temporal) => Some(join_keys(plan, id, &temporal.join, None)?.keys),
+        NodeOperator::Aggregate { spec, above: None, .. } if spec.session.is_none() => {
+            Some(vec![aggregate_key(plan, id, spec)?])
+        }
+        _ => None,
+    }
+}
+
+/// The group keys of aggregation `id` by which its rows can be split: those other than the window columns and any
+/// other time column the watermark bounds (keys by which a key's rows would spread over instances as time goes: all
+/// of a window's rows in one, for a TUMBLE without other keys); a session window's partition columns.
+fn aggregate_key(plan: &StreamingPlan, id: NodeId, spec: &WindowAggregateSpec) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
+    let node = plan.nodes.get(id)?;
+    let timed: Vec<usize> = node
+        .inputs
+        .first()
+        .and_then(|below| plan.nodes.get(*below))
+        .map(|below| below.watermark.iter().map(|(column, _)| *column).collect())
+        .unwrap_or_default();
+    let bounded = |k: &usize| {
+        spec.keys
+            .get(*k)
+            .and_then(|(expr, _)| expr.downcast_ref::<Column>())
+            .is_some_and(|c| timed.contains(&c.index()))
+    };
+    let windows: Vec<usize> = spec
+        .window_end
+        .into_iter()
+        .chain(spec.slicing.iter().flat_map(|s| s.window_keys.iter().map(|(key, _)| *key)))
+        .chain((0..spec.keys.len()).filter(bounded))
+        .collect();
+    let keys: Vec<usize> = match &spec.session {
+        Some(session) => session.partition.clone(),
+        None => (0..spec.keys.len()).filter(|k| !windows.contains(k)).collect(),
+    };
+    let keys: Vec<Arc<dyn PhysicalExpr>> =
+        keys.iter().filter_map(|k| spec.keys.get(*k).map(|(expr, _)| expr.clone())).collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
 /// The key by which the root of `plan` can be split between instances, as expressions over the root's input rows.
 fn root_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
     let node = plan.nodes.get(plan.root())?;
     let splits_rows = |above: Option<&Arc<dyn ExecutionPlan>>| above.is_none_or(row_by_row);
+
     let keys: Vec<Arc<dyn PhysicalExpr>> = match &node.operator {
         NodeOperator::Aggregate { spec, above, .. } if splits_rows(above.as_ref().map(|(_, p)| p)) => {
-            // The window columns, and any other time column the watermark bounds: keys by which a key's rows would
-            // spread over instances as time goes (all of a window's rows in one, for a TUMBLE without other keys).
-            let timed: Vec<usize> = node
-                .inputs
-                .first()
-                .and_then(|below| plan.nodes.get(*below))
-                .map(|below| below.watermark.iter().map(|(column, _)| *column).collect())
-                .unwrap_or_default();
-            let bounded = |k: &usize| {
-                spec.keys
-                    .get(*k)
-                    .and_then(|(expr, _)| expr.downcast_ref::<Column>())
-                    .is_some_and(|c| timed.contains(&c.index()))
-            };
-            let windows: Vec<usize> = spec
-                .window_end
-                .into_iter()
-                .chain(spec.slicing.iter().flat_map(|s| s.window_keys.iter().map(|(key, _)| *key)))
-                .chain((0..spec.keys.len()).filter(bounded))
-                .collect();
-            let keys: Vec<usize> = match &spec.session {
-                Some(session) => session.partition.clone(),
-                None => (0..spec.keys.len()).filter(|k| !windows.contains(k)).collect(),
-            };
-            keys.iter().filter_map(|k| spec.keys.get(*k).map(|(expr, _)| expr.clone())).collect()
+            aggregate_key(plan, plan.root(), spec)?
         }
         NodeOperator::TopN { spec, above } if splits_rows(Some(&above.1)) => spec.partition.clone(),
         NodeOperator::MatchRecognize { stage, above, .. } if splits_rows(above.as_ref().map(|(_, p)| p)) => stage
@@ -217,7 +256,7 @@ fn join_keys(plan: &StreamingPlan, join: NodeId, spec: &JoinSpec, root_key: Opti
         }
     }
     let (lefts, rights) = spec.on.iter().cloned().unzip();
-    Some(Cut { node: join, keys: vec![lefts, rights] })
+    Some(Cut { node: join, keys: vec![lefts, rights], gathers: false })
 }
 
 /// The input column that column `column` of the row-by-row plan `plan` is, if it is one unchanged.
@@ -246,10 +285,16 @@ fn source_column(plan: &Arc<dyn ExecutionPlan>, column: usize) -> Option<usize> 
     }
 }
 
-/// The plan an instance runs when `plan` is cut at `node`: a scan for each of `node`'s inputs (input `i` is its
-/// input `i`, with that input's schema and watermark), then `node` and every node above it, each reading feeds of
-/// its own (the instances' plans run side by side).
-pub(crate) fn instance_plan(plan: &StreamingPlan, node: NodeId) -> Result<StreamingPlan> {
+/// The plan an instance of `cut` runs: a scan for each input of the cut's node (input `i` is its input `i`, with
+/// that input's schema and watermark), then the nodes it runs ([`inside`]), each reading feeds of its own (the
+/// instances' plans run side by side).
+pub(crate) fn instance_plan(plan: &StreamingPlan, cut: &Cut) -> Result<StreamingPlan> {
+    let node = cut.node;
+    let inside = inside(plan, cut);
+    let schema = match cut.gathers {
+        true => plan.nodes.get(node).map(|n| n.schema.clone()),
+        false => Some(plan.schema.clone()),
+    };
     let cut = plan.nodes.get(node).ok_or_else(|| RuntimeError::Internal("a cut outside the plan".to_string()))?;
     let mut nodes = Vec::new();
     let mut inputs = Vec::new();
@@ -266,7 +311,7 @@ pub(crate) fn instance_plan(plan: &StreamingPlan, node: NodeId) -> Result<Stream
     }
     // Each node's place in the instance's plan.
     let mut placed = vec![None; plan.nodes.len()];
-    for id in inside(plan, node) {
+    for id in inside {
         let original = &plan.nodes[id];
         let inputs = match id == node {
             true => (0..cut.inputs.len()).collect(),
@@ -280,7 +325,8 @@ pub(crate) fn instance_plan(plan: &StreamingPlan, node: NodeId) -> Result<Stream
         placed[id] = Some(nodes.len());
         nodes.push(PlanNode { operator: own_feeds(&original.operator)?, inputs, ..original.clone() });
     }
-    Ok(StreamingPlan { inputs, nodes, schema: plan.schema.clone(), emit_on_window_close: plan.emit_on_window_close })
+    let schema = schema.ok_or_else(|| RuntimeError::Internal("a cut outside the plan".to_string()))?;
+    Ok(StreamingPlan { inputs, nodes, schema, emit_on_window_close: plan.emit_on_window_close })
 }
 
 /// `operator` with its DataFusion plans reading feeds of their own.
@@ -333,30 +379,74 @@ fn stopped() -> RuntimeError {
     RuntimeError::Internal("an instance of the view's dataflow stopped".to_string())
 }
 
-/// The instances of a view's dataflow from its cut up, and the keys that split rows between them.
+/// What an instance of a cut that hands its node's output back sends: its number, the rows, and what the node
+/// says of its output's watermark.
+type Gathered = (u16, Vec<Delta>, Option<Port>);
+
+/// The instances of a view's dataflow from a cut, and the keys that split rows between them.
 #[derive(Debug)]
 pub(crate) struct Exchange {
     cut: Cut,
     instances: Vec<Instance>,
     hashes: Vec<u64>,
+    /// For a cut whose instances hand its node's output back: where they send it, and what each last said of the
+    /// node's watermark.
+    gather: Option<Gather>,
+}
+
+#[derive(Debug)]
+struct Gather {
+    sender: mpsc::UnboundedSender<Gathered>,
+    receiver: mpsc::UnboundedReceiver<Gathered>,
+    ports: Vec<Port>,
 }
 
 impl Exchange {
-    /// `count` instances of `plan` from `cut` up.
+    /// `count` instances of `plan` from `cut`.
     pub(crate) fn build(plan: &StreamingPlan, cut: Cut, task: Arc<TaskContext>, count: usize) -> Result<Self> {
         let mut instances = Vec::with_capacity(count);
         for instance in 0..count {
-            let own = instance_plan(plan, cut.node)?;
+            let own = instance_plan(plan, &cut)?;
             let watermarks = vec![InputWatermark::Passed; own.inputs.len()];
-            let pipeline = Pipeline::try_new(own, watermarks, task.clone())?;
+            let pipeline = Pipeline::instance(own, watermarks, task.clone(), cut.gathers)?;
             instances.push(Instance::Ready(Box::new(pipeline), instance as u16));
         }
-        Ok(Exchange { cut, instances, hashes: Vec::new() })
+        let gather = cut.gathers.then(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            Gather { sender, receiver, ports: vec![Port::Unknown; count] }
+        });
+        Ok(Exchange { cut, instances, hashes: Vec::new(), gather })
     }
 
-    /// The node the instances run from.
-    pub(crate) fn node(&self) -> NodeId {
-        self.cut.node
+    /// The cut the instances run from.
+    pub(crate) fn cut(&self) -> &Cut {
+        &self.cut
+    }
+
+    /// The output of the cut's node the instances have handed back so far (for a cut that gathers; nothing
+    /// otherwise), and the node's watermark over all of them once each has said one (the least; idle when all are).
+    pub(crate) fn gathered(&mut self) -> (Vec<Delta>, Option<Port>) {
+        let Some(gather) = &mut self.gather else { return (Vec::new(), None) };
+        let mut rows = Vec::new();
+        let mut said = false;
+        while let Ok((instance, out, port)) = gather.receiver.try_recv() {
+            rows.extend(out);
+            if let (Some(port), Some(last)) = (port, gather.ports.get_mut(instance as usize)) {
+                *last = port;
+                said = true;
+            }
+        }
+        let port = if said { crate::pipeline::merged(&gather.ports) } else { None };
+        (rows, port)
+    }
+
+    /// A barrier for a cut that gathers: returns once every instance has handed back all the output of what it was
+    /// sent before (read it with [`Exchange::gathered`]).
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        if self.gather.is_some() {
+            self.ask(|_, reply| Work::Flush(reply)).await?;
+        }
+        Ok(())
     }
 
     /// How many instances run.
@@ -405,7 +495,7 @@ impl Exchange {
         let mut answers = Vec::with_capacity(self.instances.len());
         for (i, instance) in self.instances.iter_mut().enumerate() {
             let (reply, answer) = oneshot::channel();
-            instance.send(request(i, reply)).await?;
+            instance.send(request(i, reply), self.gather.as_ref().map(|g| &g.sender)).await?;
             answers.push(answer);
         }
         let mut replies = Vec::with_capacity(answers.len());
@@ -417,7 +507,7 @@ impl Exchange {
 
     async fn broadcast(&mut self, work: impl Fn() -> Work) -> Result<()> {
         for instance in &mut self.instances {
-            instance.send(work()).await?;
+            instance.send(work(), self.gather.as_ref().map(|g| &g.sender)).await?;
         }
         Ok(())
     }
@@ -458,8 +548,8 @@ impl Exchange {
 
     /// Adds every instance's state changed since the last checkpoint to `batch`, in view `name`'s tables.
     pub(crate) async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
-        let name = name.to_string();
-        let written = self.ask(|i, reply| Work::Checkpoint(Tables::of_instance(&name, i), reply)).await?;
+        let (name, node) = (name.to_string(), self.cut.node);
+        let written = self.ask(|i, reply| Work::Checkpoint(Tables::of_instance(&name, node, i), reply)).await?;
         written.into_iter().for_each(|instance| batch.extend(instance));
         Ok(())
     }
@@ -470,7 +560,7 @@ impl Exchange {
             let Instance::Ready(pipeline, _) = instance else {
                 return Err(RuntimeError::Internal("a restore after the view started".to_string()));
             };
-            pipeline.restore_tables(&Tables::of_instance(name, i), store)?;
+            pipeline.restore_tables(&Tables::of_instance(name, self.cut.node, i), store)?;
         }
         Ok(())
     }
@@ -524,6 +614,8 @@ enum Work {
     Port(usize, Port),
     /// Ends the epoch: the instance's changes and its output watermark.
     Publish(oneshot::Sender<Result<(Vec<ViewChange>, Option<Watermark>)>>),
+    /// Answered once the instance has handed back all its output (a cut that gathers).
+    Flush(oneshot::Sender<Result<()>>),
     Checkpoint(Tables, oneshot::Sender<Result<WriteBatch>>),
 }
 
@@ -549,15 +641,17 @@ enum Instance {
 }
 
 impl Instance {
-    /// Sends `work` to the instance's task, starting it on the first message.
-    async fn send(&mut self, work: Work) -> Result<()> {
+    /// Sends `work` to the instance's task, starting it on the first message (with where it hands its output back,
+    /// if it does).
+    async fn send(&mut self, work: Work, gather: Option<&mpsc::UnboundedSender<Gathered>>) -> Result<()> {
+        let gather = gather.cloned();
         if let Instance::Ready(..) = self {
             let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
             let report = Arc::new(Report::default());
             let running = Instance::Running { work: sender, report: report.clone() };
             if let Instance::Ready(mut pipeline, me) = std::mem::replace(self, running) {
                 report.update(&mut pipeline);
-                tokio::spawn(serve(pipeline, me, receiver, report));
+                tokio::spawn(serve(pipeline, me, receiver, report, gather));
             }
         }
         match self {
@@ -620,11 +714,27 @@ fn serve(
     me: u16,
     work: mpsc::Receiver<Work>,
     report: Arc<Report>,
+    gather: Option<mpsc::UnboundedSender<Gathered>>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(run_instance(pipeline, me, work, report))
+    Box::pin(run_instance(pipeline, me, work, report, gather))
 }
 
-async fn run_instance(mut pipeline: Box<Pipeline>, me: u16, mut work: mpsc::Receiver<Work>, report: Arc<Report>) {
+async fn run_instance(
+    mut pipeline: Box<Pipeline>,
+    me: u16,
+    mut work: mpsc::Receiver<Work>,
+    report: Arc<Report>,
+    gather: Option<mpsc::UnboundedSender<Gathered>>,
+) {
+    // Hands the output of the cut's node back to the view's task (a receiver gone means the view stopped).
+    let hand_back = |pipeline: &mut Pipeline| {
+        if let Some(gather) = &gather {
+            let (rows, port) = pipeline.take_output();
+            if !rows.is_empty() || port.is_some() {
+                let _ = gather.send((me, rows, port));
+            }
+        }
+    };
     // `Some` once the instance failed, holding the error until a request has been answered with it.
     let mut failed: Option<Option<RuntimeError>> = None;
     while let Some(next) = work.recv().await {
@@ -644,6 +754,15 @@ async fn run_instance(mut pipeline: Box<Pipeline>, me: u16, mut work: mpsc::Rece
                 answer_barrier(&mut failed, &report, &mut pipeline, reply, answer);
                 continue;
             }
+            Work::Flush(reply) => {
+                hand_back(&mut pipeline);
+                let answer = match failure(&mut failed) {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                };
+                answer_barrier(&mut failed, &report, &mut pipeline, reply, answer);
+                continue;
+            }
             Work::Checkpoint(tables, reply) => {
                 let mut batch = WriteBatch::default();
                 let answer = match failure(&mut failed) {
@@ -657,6 +776,7 @@ async fn run_instance(mut pipeline: Box<Pipeline>, me: u16, mut work: mpsc::Rece
         if let Err(err) = done {
             failed = Some(Some(err));
         }
+        hand_back(&mut pipeline);
         report.update(&mut pipeline);
     }
 }

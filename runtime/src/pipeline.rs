@@ -87,8 +87,11 @@ fn layout(plan: &StreamingPlan) -> String {
 /// How `plan` splits between instances (see [`crate::exchange`]), for EXPLAIN: `by hash of (auction)` for a root
 /// split by its key, `by hash of (tag = tag) from the join up` for a dataflow cut at a join; `None` if it runs as one
 /// instance whatever the parallelism.
+///
+/// Keyed operators below that run as instances of their own (their output handed back to the view's task) follow,
+/// each named: `...; below it a window aggregation by hash of (auction)`, or `for a join by hash of (tag = tag)`
+/// without a split above them.
 pub fn exchange_description(plan: &StreamingPlan) -> Option<String> {
-    let cut = crate::exchange::cut(plan)?;
     let name =
         |key: &Arc<dyn datafusion::physical_plan::PhysicalExpr>| match key
             .downcast_ref::<datafusion::physical_expr::expressions::Column>()
@@ -96,14 +99,38 @@ pub fn exchange_description(plan: &StreamingPlan) -> Option<String> {
             Some(column) => column.name().to_string(),
             None => key.to_string(),
         };
-    Some(match cut.keys.as_slice() {
+    let keys = |cut: &crate::exchange::Cut| match cut.keys.as_slice() {
         [left, right] => {
             let pairs: Vec<String> =
                 left.iter().zip(right).map(|(l, r)| format!("{} = {}", name(l), name(r))).collect();
-            format!("by hash of ({}) from the join up", pairs.join(", "))
+            format!("by hash of ({})", pairs.join(", "))
         }
         keys => format!("by hash of ({})", keys.iter().flatten().map(name).collect::<Vec<_>>().join(", ")),
-    })
+    };
+    let cuts = crate::exchange::cuts(plan);
+    let below: Vec<String> = cuts
+        .iter()
+        .rev()
+        .filter(|cut| cut.gathers)
+        .map(|cut| {
+            let what = match plan.nodes.get(cut.node).map(|n| &n.operator) {
+                Some(NodeOperator::Aggregate { shift: Some(_), .. }) => "a window aggregation",
+                Some(NodeOperator::Aggregate { .. }) => "an aggregation",
+                _ => "a join",
+            };
+            format!("{what} {}", keys(cut))
+        })
+        .collect();
+    let top = cuts.iter().find(|cut| !cut.gathers).map(|cut| match cut.keys.len() {
+        2 => format!("{} from the join up", keys(cut)),
+        _ => keys(cut),
+    });
+    match (top, below.is_empty()) {
+        (None, true) => None,
+        (Some(top), true) => Some(top),
+        (Some(top), false) => Some(format!("{top}; below it {}", below.join("; "))),
+        (None, false) => Some(format!("for {}", below.join("; "))),
+    }
 }
 
 /// Where a pipeline (a view's, or one instance's of it) keeps its state: its inputs' watermarks and what its
@@ -125,9 +152,12 @@ impl Tables {
         }
     }
 
-    /// The tables of instance `i` of view `name` (see [`crate::exchange`]): parts of the view's `instances` table.
-    pub(crate) fn of_instance(name: &str, i: usize) -> Self {
-        let instance = instances_table(name).part(&(i as u32).to_be_bytes());
+    /// The tables of instance `i` of the cut at node `node` of view `name` (see [`crate::exchange`]): parts of the
+    /// view's `instances` table.
+    pub(crate) fn of_instance(name: &str, node: NodeId, i: usize) -> Self {
+        let mut part = (node as u32).to_be_bytes().to_vec();
+        part.extend_from_slice(&(i as u32).to_be_bytes());
+        let instance = instances_table(name).part(&part);
         Tables { inputs: instance.part(b"i"), nodes: instance.part(b"n"), aggregate: instance.part(b"a") }
     }
 }
@@ -143,7 +173,7 @@ const LAYOUT: &[u8] = b"layout";
 /// The key, in a view's `inputs` table, of how many instances its state is split into (absent: one).
 const PARALLELISM: &[u8] = b"parallelism";
 
-/// The key, in a view's `inputs` table, of the node its instances run from (see [`crate::exchange::Cut`]), with the
+/// The key, in a view's `inputs` table, of the nodes its instances run from (see [`crate::exchange::Cut`]), with the
 /// format of their state (absent: a root operator's state in each part of the `instances` table, as Weir wrote it
 /// before it cut dataflows at joins; no longer read).
 const EXCHANGE: &[u8] = b"exchange";
@@ -235,8 +265,9 @@ enum Running {
     Upsert(Box<Upsert>),
     /// The aggregation or the matcher (always the root; see [`Pipeline::root`]).
     Root,
-    /// The node the instances of a parallel view run from (see [`crate::exchange`]): its input rows go to them.
-    Exchange,
+    /// The node instances of a parallel view run from (see [`crate::exchange`]): its input rows go to them (the
+    /// pipeline's exchange with this number).
+    Exchange(usize),
     /// A node above the exchange: run by the instances.
     Elsewhere,
 }
@@ -303,8 +334,14 @@ pub struct Pipeline {
     watermarks: Vec<InputWatermark>,
     /// The aggregation, Top-N or matcher at the root (with the plan above it), unless the instances run it.
     root: Option<Box<RootOperator>>,
-    /// The instances running the plan from a node up (see [`crate::exchange`]), for a view split between several.
-    exchange: Option<Box<Exchange>>,
+    /// The instances running parts of the plan (see [`crate::exchange`]), for a view split between several: the
+    /// keyed operators below the top cut in node order, each handing its output back, then the top cut's.
+    exchanges: Vec<Exchange>,
+    /// An instance's pipeline whose root hands its output back rather than publishing it (see [`Pipeline::instance`]).
+    inner: bool,
+    /// For `inner`: the root's output since [`Pipeline::take_output`], and what it last said of its watermark.
+    outbox: Vec<Delta>,
+    out_port: Option<Port>,
     /// What the aggregation's (or the matcher's) watermark adds to the root's input watermark (see
     /// [`weir_common::plan::WatermarkShift`]); `None`: it sees none.
     shift: Option<i64>,
@@ -322,7 +359,19 @@ impl Pipeline {
     /// `watermarks` says where each input's watermark comes from (in the order of `plan.inputs`). The pipeline runs
     /// as one instance until [`Pipeline::set_parallelism`].
     pub fn try_new(plan: StreamingPlan, watermarks: Vec<InputWatermark>, task: Arc<TaskContext>) -> Result<Self> {
-        Self::build(plan, watermarks, task, 1)
+        Self::build(plan, watermarks, task, 1, false)
+    }
+
+    /// The pipeline of one instance of a cut (see [`crate::exchange`]). With `inner`, its root is an operator below
+    /// the view's root (an aggregation or join whose output goes on up the view's plan): it runs as it runs there, and
+    /// its output is taken with [`Pipeline::take_output`] instead of published.
+    pub(crate) fn instance(
+        plan: StreamingPlan,
+        watermarks: Vec<InputWatermark>,
+        task: Arc<TaskContext>,
+        inner: bool,
+    ) -> Result<Self> {
+        Self::build(plan, watermarks, task, 1, inner)
     }
 
     /// The pipeline of `plan`, split between `parallelism` instances where it can be (see [`crate::exchange`]).
@@ -331,7 +380,10 @@ impl Pipeline {
         watermarks: Vec<InputWatermark>,
         task: Arc<TaskContext>,
         parallelism: usize,
+        inner: bool,
     ) -> Result<Self> {
+        // The node whose output is the view's (an inner pipeline has none: its root runs as below the view's root).
+        let view_root = (!inner).then(|| plan.root());
         if watermarks.len() != plan.inputs.len() {
             return Err(RuntimeError::Inputs(plan.inputs.len(), watermarks.len()));
         }
@@ -400,7 +452,7 @@ impl Pipeline {
                     }
                     Running::Join(Box::new(TemporalJoin::try_new((**spec).clone(), left, right, node.schema.clone())?))
                 }
-                NodeOperator::Aggregate { spec, shift: Some(by), .. } if id != plan.root() => {
+                NodeOperator::Aggregate { spec, shift: Some(by), .. } if view_root != Some(id) => {
                     if spec.session.is_some() || spec.window_end.is_none() {
                         return Err(RuntimeError::Join("an aggregation below a join without windows".to_string()));
                     }
@@ -410,7 +462,7 @@ impl Pipeline {
                     let aggregate = WindowAggregate::of(spec)?;
                     Running::Closing(Box::new(Closing { aggregate, shift: *by, schema: node.schema.clone() }))
                 }
-                NodeOperator::Aggregate { spec, above: None, shift: None } if id != plan.root() => {
+                NodeOperator::Aggregate { spec, above: None, shift: None } if view_root != Some(id) => {
                     let aggregate = UpdatingAggregate::try_new(
                         &spec.input,
                         spec.keys.clone(),
@@ -455,18 +507,23 @@ impl Pipeline {
                 _ => Input::new(None),
             })
             .collect();
-        let cut = if parallelism > 1 { crate::exchange::cut(&plan) } else { None };
-        let (root, exchange) = match cut {
-            Some(cut) => {
-                for id in crate::exchange::inside(&plan, cut.node) {
-                    if let Some(node) = nodes.get_mut(id) {
-                        node.running = if id == cut.node { Running::Exchange } else { Running::Elsewhere };
-                    }
+        let cuts = if parallelism > 1 { crate::exchange::cuts(&plan) } else { Vec::new() };
+        let mut exchanges = Vec::with_capacity(cuts.len());
+        let mut root = None;
+        if cuts.iter().all(|cut| cut.gathers) && !inner {
+            root = RootOperator::build(&plan, task.clone())?.map(Box::new);
+        }
+        for cut in cuts {
+            for id in crate::exchange::inside(&plan, &cut) {
+                if let Some(node) = nodes.get_mut(id) {
+                    node.running = match id == cut.node {
+                        true => Running::Exchange(exchanges.len()),
+                        false => Running::Elsewhere,
+                    };
                 }
-                (None, Some(Box::new(Exchange::build(&plan, cut, task.clone(), parallelism)?)))
             }
-            None => (RootOperator::build(&plan, task.clone())?.map(Box::new), None),
-        };
+            exchanges.push(Exchange::build(&plan, cut, task.clone(), parallelism)?);
+        }
         Ok(Pipeline {
             layout: layout(&plan),
             plan,
@@ -476,7 +533,10 @@ impl Pipeline {
             combined: None,
             watermarks,
             root,
-            exchange,
+            exchanges,
+            inner,
+            outbox: Vec::new(),
+            out_port: None,
             shift,
             root_watermark: None,
             task,
@@ -490,14 +550,25 @@ impl Pipeline {
     /// checkpoint was written with).
     pub fn set_parallelism(&mut self, instances: usize) -> Result<()> {
         if self.parallelism() != instances.max(1) {
-            *self = Self::build(self.plan.clone(), self.watermarks.clone(), self.task.clone(), instances.max(1))?;
+            *self = Self::build(
+                self.plan.clone(),
+                self.watermarks.clone(),
+                self.task.clone(),
+                instances.max(1),
+                self.inner,
+            )?;
         }
         Ok(())
     }
 
+    /// How the view splits between its instances ([`exchange_description`]); `None` when it runs as one.
+    pub fn split(&self) -> Option<String> {
+        if self.exchanges.is_empty() { None } else { exchange_description(&self.plan) }
+    }
+
     /// How many instances the view runs as.
     pub fn parallelism(&self) -> usize {
-        self.exchange.as_ref().map_or(1, |e| e.parallelism())
+        self.exchanges.first().map_or(1, Exchange::parallelism)
     }
 
     /// Schema of the view's rows.
@@ -538,7 +609,7 @@ impl Pipeline {
         self.joins().map(|j| j.late_rows()).sum::<u64>()
             + self.closing().map(|c| c.aggregate.late_rows()).sum::<u64>()
             + self.root.as_ref().map_or(0, |r| r.late_rows())
-            + self.exchange.as_ref().map_or(0, |e| e.late_rows())
+            + self.exchanges.iter().map(Exchange::late_rows).sum::<u64>()
     }
 
     fn closing(&self) -> impl Iterator<Item = &Closing> {
@@ -560,7 +631,7 @@ impl Pipeline {
     pub fn held_rows(&self) -> Option<u64> {
         let matcher = self.root.as_ref().and_then(|r| r.held_rows());
         let kept = self.joins().map(|j| j.kept_rows() as u64).reduce(|a, b| a + b);
-        let instances = self.exchange.as_ref().and_then(|e| e.held_rows());
+        let instances = self.exchanges.iter().filter_map(Exchange::held_rows).reduce(|a, b| a + b);
         match (matcher, kept, instances) {
             (None, None, None) => None,
             (held, kept, instances) => Some(held.unwrap_or(0) + kept.unwrap_or(0) + instances.unwrap_or(0)),
@@ -583,7 +654,7 @@ impl Pipeline {
             + self.joins().map(|j| j.memory()).sum::<usize>()
             + self.closing().map(|c| c.aggregate.memory()).sum::<usize>()
             + self.root.as_ref().map_or(0, |r| r.memory())
-            + self.exchange.as_ref().map_or(0, |e| e.memory())
+            + self.exchanges.iter().map(Exchange::memory).sum::<usize>()
     }
 
     /// Takes the late rows set aside since the last call (as the aggregate's or the join's input saw them).
@@ -597,7 +668,7 @@ impl Pipeline {
             }
         }
         late.extend(self.root.as_mut().map(|r| r.take_late()).unwrap_or_default());
-        late.extend(self.exchange.as_mut().map(|e| e.take_late()).unwrap_or_default());
+        late.extend(self.exchanges.iter_mut().flat_map(Exchange::take_late));
         late
     }
 
@@ -722,6 +793,14 @@ impl Pipeline {
     async fn flow(&mut self, from: NodeId, batches: Vec<Delta>, watermark: Option<Port>) -> Result<()> {
         let mut work = std::collections::VecDeque::from([(from, batches, watermark)]);
         while let Some((at, batches, watermark)) = work.pop_front() {
+            if self.nodes[at].parents.is_empty() && self.inner {
+                // An inner instance's root: its output goes back to the view's task.
+                self.outbox.extend(batches);
+                if watermark.is_some() {
+                    self.out_port = watermark;
+                }
+                continue;
+            }
             if self.nodes[at].parents.is_empty() {
                 // The root's output is the view's (unless an aggregation at the root made it).
                 for run in batches.chunk_by(|a, b| a.is_retraction() == b.is_retraction()) {
@@ -849,9 +928,10 @@ impl Pipeline {
                 }
                 return Ok(None);
             }
-            Running::Exchange => {
+            Running::Exchange(e) => {
                 let merged = if watermark.is_some() { merged(&state.ports) } else { None };
-                let Some(exchange) = &mut self.exchange else {
+                let e = *e;
+                let Some(exchange) = self.exchanges.get_mut(e) else {
                     return Err(RuntimeError::Internal("an exchange without instances".to_string()));
                 };
                 if !batches.is_empty() {
@@ -860,13 +940,18 @@ impl Pipeline {
                 if let Some(watermark) = watermark {
                     exchange.pass(port, watermark).await?;
                 }
-                // The view's watermark as the instances' input sees it (their own is read at each publish).
-                if let Some(Port::At(w)) = merged
-                    && self.combined.is_none_or(|c| w > c)
-                {
-                    self.combined = Some(w);
+                if exchange.cut().gathers {
+                    // What the instances have handed back so far goes on up as this node's output.
+                    (out, said) = exchange.gathered();
+                } else {
+                    // The view's watermark as the top cut's input sees it (the instances' own is read at each publish).
+                    if let Some(Port::At(w)) = merged
+                        && self.combined.is_none_or(|c| w > c)
+                    {
+                        self.combined = Some(w);
+                    }
+                    return Ok(None);
                 }
-                return Ok(None);
             }
             Running::Elsewhere => return Err(RuntimeError::Internal("a node the instances run".to_string())),
         }
@@ -886,13 +971,17 @@ impl Pipeline {
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
     pub async fn checkpoint(&mut self, name: &str, batch: &mut WriteBatch) -> Result<()> {
+        // The state of the nodes above a cut that hands its output back includes what the instances made.
+        self.settle().await?;
         self.checkpoint_tables(&Tables::of_view(name), batch).await?;
         let instances = self.parallelism() as u32;
         let inputs = Tables::of_view(name).inputs;
         batch.put(inputs.key(PARALLELISM), instances.to_be_bytes().to_vec());
-        if let Some(exchange) = &mut self.exchange {
+        if !self.exchanges.is_empty() {
             batch.put(inputs.key(HASH_PROBE), hash_probe().to_be_bytes().to_vec());
-            batch.put(inputs.key(EXCHANGE), exchange_key(exchange.node()));
+            batch.put(inputs.key(EXCHANGE), self.exchange_key());
+        }
+        for exchange in &mut self.exchanges {
             exchange.checkpoint(name, batch).await?;
         }
         Ok(())
@@ -956,14 +1045,14 @@ impl Pipeline {
                 return Err(RuntimeError::PlanChanged);
             }
         }
-        if let Some(exchange) = &mut self.exchange {
+        if !self.exchanges.is_empty() {
             let probe = store.get(&tables.inputs.key(HASH_PROBE))?;
-            let cut = store.get(&tables.inputs.key(EXCHANGE))?;
-            if probe.is_none_or(|p| p != hash_probe().to_be_bytes())
-                || cut.is_none_or(|c| c != exchange_key(exchange.node()))
-            {
+            let cuts = store.get(&tables.inputs.key(EXCHANGE))?;
+            if probe.is_none_or(|p| p != hash_probe().to_be_bytes()) || cuts.is_none_or(|c| c != self.exchange_key()) {
                 return Err(RuntimeError::PlanChanged);
             }
+        }
+        for exchange in &mut self.exchanges {
             exchange.restore(name, store)?;
         }
         self.restore_tables(&tables, store)
@@ -1032,16 +1121,59 @@ impl Pipeline {
 
     /// Ends the epoch: the changes to apply to the view, all at once.
     pub async fn publish(&mut self) -> Result<Vec<ViewChange>> {
+        self.settle().await?;
         let mut changes = std::mem::take(&mut self.pending);
         if let Some(root) = &mut self.root {
             changes.extend(root.publish().await?);
         }
-        if let Some(exchange) = &mut self.exchange {
+        for exchange in self.exchanges.iter_mut().filter(|e| !e.cut().gathers) {
             let (published, watermark) = exchange.publish().await?;
             changes.extend(published);
             self.root_watermark = watermark;
         }
         Ok(changes)
+    }
+
+    /// Waits for every cut that hands its output back to have handed back all it made of the rows sent to it, and
+    /// passes that output on up the plan (lowest cut first: what one hands back can reach a higher one).
+    async fn settle(&mut self) -> Result<()> {
+        for e in 0..self.exchanges.len() {
+            let (node, rows, port) = {
+                let exchange = &mut self.exchanges[e];
+                if !exchange.cut().gathers {
+                    continue;
+                }
+                exchange.flush().await?;
+                let (rows, port) = exchange.gathered();
+                (exchange.cut().node, rows, port)
+            };
+            let state = &mut self.nodes[node];
+            let port = match port {
+                Some(port) if port != state.said => {
+                    state.said = port;
+                    Some(port)
+                }
+                _ => None,
+            };
+            if !rows.is_empty() || port.is_some() {
+                self.flow(node, rows, port).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For an inner instance's pipeline: its root's output since the last call, and what it said of its watermark.
+    pub(crate) fn take_output(&mut self) -> (Vec<Delta>, Option<Port>) {
+        (std::mem::take(&mut self.outbox), self.out_port.take())
+    }
+
+    /// The value of [`EXCHANGE`]: the format of the instances' state and the nodes they run from.
+    fn exchange_key(&self) -> Vec<u8> {
+        let mut value = EXCHANGE_FORMAT.to_be_bytes().to_vec();
+        for exchange in &self.exchanges {
+            value.extend_from_slice(&(exchange.cut().node as u32).to_be_bytes());
+        }
+        value
     }
 
     /// Changes reaching input `input` of an instance's pipeline (see [`crate::exchange`]), as the view's task saw
@@ -1078,13 +1210,6 @@ impl Pipeline {
     }
 }
 
-/// The value of [`EXCHANGE`] for instances run from node `node`.
-fn exchange_key(node: NodeId) -> Vec<u8> {
-    let mut value = EXCHANGE_FORMAT.to_be_bytes().to_vec();
-    value.extend_from_slice(&(node as u32).to_be_bytes());
-    value
-}
-
 /// The key of value `tag` of split `split` of input `input`.
 fn split_key(tag: u8, input: usize, split: usize) -> Vec<u8> {
     let mut key = vec![tag];
@@ -1094,7 +1219,7 @@ fn split_key(tag: u8, input: usize, split: usize) -> Vec<u8> {
 }
 
 /// The minimum over the inputs that are not idle, once each has said something; idle when all are.
-fn merged(ports: &[Port]) -> Option<Port> {
+pub(crate) fn merged(ports: &[Port]) -> Option<Port> {
     let mut minimum: Option<Watermark> = None;
     for port in ports {
         match port {

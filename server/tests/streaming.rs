@@ -428,8 +428,9 @@ async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
 /// Views over a join publish with three instances what one instance publishes, epoch by epoch, late rows included,
 /// across a checkpoint restored mid-stream: the join cut at the join and split by its key (an interval join alone, a
 /// join under a filter, a join aggregated by its key, a join without time bounds, the first two joined rows of each
-/// key), or, where the root regroups by a
-/// column of the side a LEFT join pads, cut at the root instead.
+/// key, a join of window aggregations split by their own keys below it), a join split alone with its output handed
+/// back where the rows are regrouped by another key, and, where the root regroups by a column of the side a LEFT join
+/// pads, the root split by its key with the join split below it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
     let joins = [
@@ -444,6 +445,19 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
         "SELECT auction, price, later FROM (SELECT a.auction, a.price, b.price AS later, ROW_NUMBER() OVER \
          (PARTITION BY a.auction ORDER BY b.price DESC, a.price, b.ts, a.ts) AS rn FROM bids a JOIN bids b \
          ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND) WHERE rn <= 2",
+        // Each window's auctions with the most bids: the counts split by auction below the join by window.
+        "SELECT c.auction, c.n, c.window_start FROM \
+           (SELECT auction, count(*) AS n, window_start FROM TUMBLE(bids, ts, INTERVAL '50' MILLISECOND) \
+            GROUP BY auction, window_start, window_end) c \
+         JOIN (SELECT max(n) AS top, window_start FROM (SELECT auction, count(*) AS n, window_start \
+                 FROM TUMBLE(bids, ts, INTERVAL '50' MILLISECOND) GROUP BY auction, window_start, window_end) \
+               GROUP BY window_start) m \
+         ON c.window_start = m.window_start AND c.n >= m.top",
+        // Regrouped by another key (over all groups, above the groups by auction and price): the join splits alone.
+        "SELECT highest % 7 AS bucket, count(*) AS n FROM (SELECT a.auction, a.price, max(b.price) AS highest \
+         FROM bids a \
+         JOIN bids b ON a.auction = b.auction AND b.ts BETWEEN a.ts AND a.ts + INTERVAL '40' MILLISECOND \
+         GROUP BY a.auction, a.price) GROUP BY highest % 7",
         "SELECT b.auction, count(*) AS n FROM bids a LEFT JOIN bids b \
          ON a.auction = b.auction AND b.ts BETWEEN a.ts + INTERVAL '1' MILLISECOND AND a.ts + INTERVAL '20' MILLISECOND \
          GROUP BY b.auction",
@@ -451,12 +465,14 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
     let watermark = ", WATERMARK FOR ts AS ts - INTERVAL '100' MILLISECOND";
     let all = datafusion::arrow::compute::concat_batches(&schema(), &seeded_bids(7).await).unwrap();
     let mut late = 0;
+    let mut splits = Vec::new();
     for sql in joins {
         let mut one = pipeline(sql, watermark, false).await;
         one.set_parallelism(1).unwrap();
         let mut three = pipeline(sql, watermark, false).await;
         three.set_parallelism(3).unwrap();
         assert_eq!((one.parallelism(), three.parallelism()), (1, 3), "{sql}");
+        splits.push(three.split().unwrap_or_default());
         let (one_store, three_store) = (store_for(&one), store_for(&three));
         let state = weir_runtime::state::MemoryStore::new();
         for (i, start) in (0..all.num_rows()).step_by(1_000).enumerate() {
@@ -491,6 +507,19 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
     }
     // The disorder (400 ms) is past the watermark's bound (100 ms): rows come late to the joins.
     assert!(late > 1000, "the disorder makes rows late: {late}");
+    let expected = [
+        "by hash of (auction = auction) from the join up",
+        "by hash of (auction = auction) from the join up",
+        "by hash of (auction = auction) from the join up",
+        "by hash of (auction = auction, price = price) from the join up",
+        "by hash of (auction = auction) from the join up",
+        "by hash of (window_start = window_start) from the join up; below it an aggregation by hash of (window_start); \
+         a window aggregation by hash of (auction)",
+        // Its root's plan above the groups aggregates them all (by bucket): the join alone splits.
+        "for a join by hash of (auction = auction)",
+        "by hash of (auction); below it a join by hash of (auction = auction)",
+    ];
+    assert_eq!(splits, expected);
 }
 
 /// The store a server makes for a view of `pipeline`.
