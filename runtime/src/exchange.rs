@@ -5,6 +5,8 @@
 //!                                                   +-> instance 0: the cut node and all above it (keys hashing to 0) -+
 //!   view's task: inputs, watermarks, the nodes  ----+                                                                  +-> the view's
 //!   below the cut; rows hashed by their port's key  +-> instance 1: the same plan (keys hashing to 1) ----------------+    changes
+//!          ^                          |
+//!          +-- output handed back ----+-- a keyed operator below the top cut, as instances of its own (same scheme)
 //! ```
 //!
 //! Where the dataflow is cut ([`cut`]):
@@ -16,8 +18,12 @@
 //! - otherwise **at the root**, when the root is an aggregation, a Top-N or a `MATCH_RECOGNIZE` with a key besides
 //!   the window columns (the group keys, the `PARTITION BY` columns) and the plan above it maps rows one at a time.
 //!
-//! Otherwise the view runs as one instance. A join regrouped by another key (Nexmark q4), or aggregations below a
-//! join (q5's), would need a second exchange.
+//! That is the top cut ([`Cut::gathers`] false): its instances publish the view's changes. Below it (or in a view
+//! without one), **every keyed operator** (a join, an aggregation with a key besides its windows, such as Nexmark
+//! q5's counts per auction below its join by window) is a cut of its own whose instances run that operator alone and
+//! hand its output back to the view's task, which passes it on up the plan as the operator's output, with the least
+//! of the instances' watermarks once each has said one. Rows regrouped by another key thus cross the view's task
+//! between two cuts; the view's task runs what no cut holds (scans, watermarks, stateless nodes, keyless operators).
 //!
 //! Each instance is a [`Pipeline`] of its own over the plan from the cut node up ([`instance_plan`]), whose inputs
 //! are the cut node's inputs and whose watermarks are passed on as the view's task sees them at the cut. The view's
@@ -28,10 +34,13 @@
 //! decides and drops exactly what one instance would: the view's rows are those of one instance, only produced on
 //! several cores.
 //!
-//! An epoch ends with a barrier: [`Exchange::publish`] asks every instance for its changes and waits for all of them;
-//! a checkpoint does the same for their state. Instance `i` checkpoints to part `i` of the view's `instances` table
-//! (see [`Tables::of_instance`]); the view's task checkpoints the number of instances and the cut node with its own
-//! state, so a view restored with another default keeps the number its state was split into.
+//! An epoch ends with barriers: every cut that hands its output back is flushed ([`Exchange::flush`]: each instance
+//! answers once it has handed back all it made) and its output passed on up, lowest first; then
+//! [`Exchange::publish`] asks every instance of the top cut for its changes and waits for all of them. A checkpoint
+//! flushes the same way and asks every instance for its state. Instance `i` of the cut at node `n` checkpoints to a
+//! part of the view's `instances` table (see [`Tables::of_instance`]); the view's task checkpoints the number of
+//! instances and the cut nodes with its own state, so a view restored with another default keeps the number its
+//! state was split into.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
