@@ -75,95 +75,46 @@ const SEED: u64 = 0x5745_4952;
 /// Messages an instance's channel holds before the view's task waits (back pressure).
 const CHANNEL_DEPTH: usize = 8;
 
-/// Where a view's dataflow splits between instances: the keyed node the instances run from, by what, and where rows
-/// enter them.
+/// Where a view's dataflow splits between instances: the lowest node the instances run, and for each of its inputs
+/// the key its rows are hashed by.
 #[derive(Debug, Clone)]
 pub(crate) struct Cut {
     pub(crate) node: NodeId,
-    /// Per input of `node`, expressions over that input's rows (what EXPLAIN names).
+    /// Per input of `node`, expressions over that input's rows.
     pub(crate) keys: Vec<Vec<Arc<dyn PhysicalExpr>>>,
-    /// The instances run `node` (and the stateless nodes below it they take rows before) and hand its output back to
-    /// the view's task (a keyed operator below the top cut); otherwise they run `node` and every node above it too,
-    /// and publish the view's changes.
+    /// The instances run `node` alone and hand its output back to the view's task (a keyed operator below the top
+    /// cut); otherwise they run `node` and every node above it, and publish the view's changes.
     pub(crate) gathers: bool,
-    /// The nodes the instances run, in node order.
-    pub(crate) inside: Vec<NodeId>,
-    /// Where rows enter the instances, in the order of the instances' inputs.
-    pub(crate) entries: Vec<Entry>,
-}
-
-/// Where rows enter a cut's instances: input `port` of node `to`, which the instances run, with the key its rows are
-/// hashed by (expressions over that input's rows).
-///
-/// An entry starts at an input of the cut's node and is moved below each stateless node that maps rows one at a time
-/// and passes the key's columns through unchanged (a projection adding the window columns, a filter): the instances
-/// then run that node too, each over its own rows, and the view's task only hashes.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    pub(crate) to: NodeId,
-    pub(crate) port: usize,
-    pub(crate) key: Vec<Arc<dyn PhysicalExpr>>,
-}
-
-impl Cut {
-    fn new(plan: &StreamingPlan, node: NodeId, keys: Vec<Vec<Arc<dyn PhysicalExpr>>>, gathers: bool) -> Self {
-        let parents = plan.parents();
-        let mut inside = vec![node];
-        if !gathers {
-            let mut at = node;
-            while let Some((above, _)) = parents.get(at).and_then(|p| p.first()) {
-                inside.push(*above);
-                at = *above;
-            }
-        }
-        let mut entries = Vec::with_capacity(keys.len());
-        for (port, key) in keys.iter().enumerate() {
-            let mut entry = Entry { to: node, port, key: key.clone() };
-            while let Some(lower) = lower(plan, &parents, &entry) {
-                inside.push(lower.to);
-                entry = lower;
-            }
-            entries.push(entry);
-        }
-        inside.sort_unstable();
-        Cut { node, keys, gathers, inside, entries }
-    }
-}
-
-/// `entry` moved below the node it reads from, if that node is stateless, maps rows one at a time, is read by the
-/// entry's node alone and passes every column of the key through unchanged.
-fn lower(plan: &StreamingPlan, parents: &[Vec<(NodeId, usize)>], entry: &Entry) -> Option<Entry> {
-    let below = *plan.nodes.get(entry.to)?.inputs.get(entry.port)?;
-    let node = plan.nodes.get(below)?;
-    let NodeOperator::Stateless { plan: stateless, feeds } = &node.operator else { return None };
-    if feeds.len() != 1 || node.inputs.len() != 1 || !row_by_row(stateless) || parents.get(below)?.len() != 1 {
-        return None;
-    }
-    let input = plan.nodes.get(*node.inputs.first()?)?.schema.clone();
-    let key = entry
-        .key
-        .iter()
-        .map(|key| {
-            let column = source_column(stateless, key.downcast_ref::<Column>()?.index())?;
-            Some(Arc::new(Column::new(input.fields().get(column)?.name(), column)) as Arc<dyn PhysicalExpr>)
-        })
-        .collect::<Option<Vec<_>>>()?;
-    Some(Entry { to: below, port: 0, key })
 }
 
 /// Where `plan` splits between instances (see the module): the keyed operators below the top cut, in node order,
 /// each run by instances of their own, then the top cut, if any.
 pub(crate) fn cuts(plan: &StreamingPlan) -> Vec<Cut> {
-    let top = join_cut(plan)
-        .or_else(|| Some((plan.root(), vec![root_key(plan)?])))
-        .map(|(node, keys)| Cut::new(plan, node, keys, false));
-    let above = top.as_ref().map(|cut| cut.inside.clone()).unwrap_or_default();
+    let top = join_cut(plan).or_else(|| Some(Cut { node: plan.root(), keys: vec![root_key(plan)?], gathers: false }));
+    let above = top.as_ref().map(|cut| inside(plan, cut)).unwrap_or_default();
     let mut cuts: Vec<Cut> = (0..plan.nodes.len())
         .filter(|id| *id != plan.root() && !above.contains(id))
-        .filter_map(|id| Some(Cut::new(plan, id, operator_key(plan, id)?, true)))
+        .filter_map(|id| Some(Cut { node: id, keys: operator_key(plan, id)?, gathers: true }))
         .collect();
     cuts.extend(top);
     cuts
+}
+
+/// The nodes the instances of `cut` run, in node order: its node alone where they hand its output back, otherwise
+/// the node and every node above it.
+pub(crate) fn inside(plan: &StreamingPlan, cut: &Cut) -> Vec<NodeId> {
+    if cut.gathers {
+        return vec![cut.node];
+    }
+    let parents = plan.parents();
+    let mut nodes = vec![cut.node];
+    let mut at = cut.node;
+    while let Some((above, _)) = parents.get(at).and_then(|p| p.first()) {
+        nodes.push(*above);
+        at = *above;
+    }
+    nodes.sort_unstable();
+    nodes
 }
 
 /// The keys of operator `id` below the root, per input, if its state is kept by a key its rows can be split by: a
@@ -171,8 +122,8 @@ pub(crate) fn cuts(plan: &StreamingPlan) -> Vec<Cut> {
 fn operator_key(plan: &StreamingPlan, id: NodeId) -> Option<Vec<Vec<Arc<dyn PhysicalExpr>>>> {
     let node = plan.nodes.get(id)?;
     match &node.operator {
-        NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) => Some(join_keys(plan, id, spec, None)?.1),
-        NodeOperator::TemporalJoin(temporal) => Some(join_keys(plan, id, &temporal.join, None)?.1),
+        NodeOperator::Join(spec) | NodeOperator::RegularJoin(spec) => Some(join_keys(plan, id, spec, None)?.keys),
+        NodeOperator::TemporalJoin(temporal) => Some(join_keys(plan, id, &temporal.join, None)?.keys),
         NodeOperator::Aggregate { spec, above: None, .. } if spec.session.is_none() => {
             Some(vec![aggregate_key(plan, id, spec)?])
         }
@@ -233,9 +184,8 @@ fn root_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
     (!keys.is_empty()).then_some(keys)
 }
 
-/// The cut at the topmost join, if the nodes above it let rows split by its keys (see the module): the join and its
-/// keys per side.
-fn join_cut(plan: &StreamingPlan) -> Option<(NodeId, Vec<Vec<Arc<dyn PhysicalExpr>>>)> {
+/// The cut at the topmost join, if the nodes above it let rows split by its keys (see the module).
+fn join_cut(plan: &StreamingPlan) -> Option<Cut> {
     let parents = plan.parents();
     let root = plan.nodes.get(plan.root())?;
     // The root's key as columns of the node below it (traced down to the join's output), for a keyed root.
@@ -271,14 +221,9 @@ fn join_cut(plan: &StreamingPlan) -> Option<(NodeId, Vec<Vec<Arc<dyn PhysicalExp
     }
 }
 
-/// Join `join` and its keys per side, if they hash alike and cover `root_key` (columns of the join's output) where the
-/// root has a key.
-fn join_keys(
-    plan: &StreamingPlan,
-    join: NodeId,
-    spec: &JoinSpec,
-    root_key: Option<&[usize]>,
-) -> Option<(NodeId, Vec<Vec<Arc<dyn PhysicalExpr>>>)> {
+/// The cut at join `join`: its keys per side, if they hash alike and cover `root_key` (columns of the join's output)
+/// where the root has a key.
+fn join_keys(plan: &StreamingPlan, join: NodeId, spec: &JoinSpec, root_key: Option<&[usize]>) -> Option<Cut> {
     let node = plan.nodes.get(join)?;
     let schema = |port: usize| node.inputs.get(port).and_then(|n| plan.nodes.get(*n)).map(|n| n.schema.clone());
     let (left, right) = (schema(LEFT)?, schema(RIGHT)?);
@@ -320,7 +265,7 @@ fn join_keys(
         }
     }
     let (lefts, rights) = spec.on.iter().cloned().unzip();
-    Some((join, vec![lefts, rights]))
+    Some(Cut { node: join, keys: vec![lefts, rights], gathers: false })
 }
 
 /// The input column that column `column` of the row-by-row plan `plan` is, if it is one unchanged.
@@ -349,23 +294,24 @@ fn source_column(plan: &Arc<dyn ExecutionPlan>, column: usize) -> Option<usize> 
     }
 }
 
-/// The plan an instance of `cut` runs: a scan for each of its entries (input `i` is entry `i`, with the schema and
-/// watermark of the node the entry reads), then the nodes it runs ([`Cut::inside`]), each reading feeds of its own
-/// (the instances' plans run side by side).
+/// The plan an instance of `cut` runs: a scan for each input of the cut's node (input `i` is its input `i`, with
+/// that input's schema and watermark), then the nodes it runs ([`inside`]), each reading feeds of its own (the
+/// instances' plans run side by side).
 pub(crate) fn instance_plan(plan: &StreamingPlan, cut: &Cut) -> Result<StreamingPlan> {
-    let missing = || RuntimeError::Internal("a cut outside the plan".to_string());
+    let node = cut.node;
+    let inside = inside(plan, cut);
     let schema = match cut.gathers {
-        true => plan.nodes.get(cut.node).map(|n| n.schema.clone()).ok_or_else(missing)?,
-        false => plan.schema.clone(),
+        true => plan.nodes.get(node).map(|n| n.schema.clone()),
+        false => Some(plan.schema.clone()),
     };
+    let cut = plan.nodes.get(node).ok_or_else(|| RuntimeError::Internal("a cut outside the plan".to_string()))?;
     let mut nodes = Vec::new();
     let mut inputs = Vec::new();
-    for (i, entry) in cut.entries.iter().enumerate() {
-        let below = plan.nodes.get(entry.to).and_then(|n| n.inputs.get(entry.port)).ok_or_else(missing)?;
-        let below = plan.nodes.get(*below).ok_or_else(missing)?;
-        inputs.push(StreamInput { relation: format!("input {i} of the instances") });
+    for (port, below) in cut.inputs.iter().enumerate() {
+        let below = plan.nodes.get(*below).ok_or_else(|| RuntimeError::Internal("a missing input".to_string()))?;
+        inputs.push(StreamInput { relation: format!("input {port} of the instances") });
         nodes.push(PlanNode {
-            operator: NodeOperator::Scan { input: i },
+            operator: NodeOperator::Scan { input: port },
             inputs: Vec::new(),
             schema: below.schema.clone(),
             append_only: below.append_only,
@@ -374,21 +320,21 @@ pub(crate) fn instance_plan(plan: &StreamingPlan, cut: &Cut) -> Result<Streaming
     }
     // Each node's place in the instance's plan.
     let mut placed = vec![None; plan.nodes.len()];
-    for id in cut.inside.iter().copied() {
-        let original = plan.nodes.get(id).ok_or_else(missing)?;
-        let inputs = original
-            .inputs
-            .iter()
-            .enumerate()
-            .map(|(port, input)| match cut.entries.iter().position(|e| e.to == id && e.port == port) {
-                Some(entry) => Some(entry),
-                None => placed.get(*input).copied().flatten(),
-            })
-            .collect::<Option<Vec<NodeId>>>()
-            .ok_or_else(|| RuntimeError::Internal("a node of the instances reads one outside them".to_string()))?;
+    for id in inside {
+        let original = &plan.nodes[id];
+        let inputs = match id == node {
+            true => (0..cut.inputs.len()).collect(),
+            false => original
+                .inputs
+                .iter()
+                .map(|input| placed.get(*input).copied().flatten())
+                .collect::<Option<Vec<NodeId>>>()
+                .ok_or_else(|| RuntimeError::Internal("a node above the cut reads one below it".to_string()))?,
+        };
         placed[id] = Some(nodes.len());
         nodes.push(PlanNode { operator: own_feeds(&original.operator)?, inputs, ..original.clone() });
     }
+    let schema = schema.ok_or_else(|| RuntimeError::Internal("a cut outside the plan".to_string()))?;
     Ok(StreamingPlan { inputs, nodes, schema, emit_on_window_close: plan.emit_on_window_close })
 }
 
@@ -455,8 +401,6 @@ pub(crate) struct Exchange {
     /// For a cut whose instances hand its node's output back: where they send it, and what each last said of the
     /// node's watermark.
     gather: Option<Gather>,
-    /// What each entry last said of its watermark.
-    entry_ports: Vec<Port>,
 }
 
 #[derive(Debug)]
@@ -480,8 +424,7 @@ impl Exchange {
             let (sender, receiver) = mpsc::unbounded_channel();
             Gather { sender, receiver, ports: vec![Port::Unknown; count] }
         });
-        let entry_ports = vec![Port::Unknown; cut.entries.len()];
-        Ok(Exchange { cut, instances, hashes: Vec::new(), gather, entry_ports })
+        Ok(Exchange { cut, instances, hashes: Vec::new(), gather })
     }
 
     /// The cut the instances run from.
@@ -520,21 +463,12 @@ impl Exchange {
         self.instances.len()
     }
 
-    /// The entry of the instances at input `port` of node `node`, if it is one.
-    pub(crate) fn entry(&self, node: NodeId, port: usize) -> Option<usize> {
-        self.cut.entries.iter().position(|e| e.to == node && e.port == port)
-    }
-
-    /// Hands every instance the changes reaching entry `port` (their columns are shared, not copied) with the
-    /// instance each row's key hashes to; each instance copies out its own rows.
+    /// Hands every instance the changes reaching the cut node's input `port` (their columns are shared, not copied)
+    /// with the instance each row's key hashes to; each instance copies out its own rows.
     pub(crate) async fn on_changes(&mut self, port: usize, changes: Vec<Delta>) -> Result<()> {
         let count = self.instances.len();
-        let keys = &self
-            .cut
-            .entries
-            .get(port)
-            .ok_or_else(|| RuntimeError::Internal("an entry past the cut's".to_string()))?
-            .key;
+        let keys =
+            self.cut.keys.get(port).ok_or_else(|| RuntimeError::Internal("a port past the cut's".to_string()))?;
         let mut routed = Vec::with_capacity(changes.len());
         for change in changes {
             let rows = change.rows();
@@ -559,14 +493,9 @@ impl Exchange {
         self.broadcast(|| Work::Changes(port, routed.clone())).await
     }
 
-    /// Entry `port` says `watermark` (after the rows before it). Returns the least of the entries' watermarks, once
-    /// each has said one (the instances' input watermark).
-    pub(crate) async fn pass(&mut self, port: usize, watermark: Port) -> Result<Option<Port>> {
-        if let Some(said) = self.entry_ports.get_mut(port) {
-            *said = watermark;
-        }
-        self.broadcast(|| Work::Port(port, watermark)).await?;
-        Ok(crate::pipeline::merged(&self.entry_ports))
+    /// The cut node's input `port` says `watermark` (after the rows before it).
+    pub(crate) async fn pass(&mut self, port: usize, watermark: Port) -> Result<()> {
+        self.broadcast(|| Work::Port(port, watermark)).await
     }
 
     /// A barrier: sends every instance the request `request(i, reply)` makes, then waits for every answer (the

@@ -514,9 +514,9 @@ impl Pipeline {
             root = RootOperator::build(&plan, task.clone())?.map(Box::new);
         }
         for cut in cuts {
-            for id in &cut.inside {
-                if let Some(node) = nodes.get_mut(*id) {
-                    node.running = match cut.entries.iter().any(|e| e.to == *id) {
+            for id in crate::exchange::inside(&plan, &cut) {
+                if let Some(node) = nodes.get_mut(id) {
+                    node.running = match id == cut.node {
                         true => Running::Exchange(exchanges.len()),
                         false => Running::Elsewhere,
                     };
@@ -929,19 +929,21 @@ impl Pipeline {
                 return Ok(None);
             }
             Running::Exchange(e) => {
+                let merged = if watermark.is_some() { merged(&state.ports) } else { None };
                 let e = *e;
-                let exchange = self.exchanges.get_mut(e);
-                let Some((exchange, entry)) = exchange.and_then(|x| x.entry(node, port).map(|entry| (x, entry))) else {
-                    return Err(RuntimeError::Internal("an input of the instances without an entry".to_string()));
+                let Some(exchange) = self.exchanges.get_mut(e) else {
+                    return Err(RuntimeError::Internal("an exchange without instances".to_string()));
                 };
                 if !batches.is_empty() {
-                    exchange.on_changes(entry, batches).await?;
+                    exchange.on_changes(port, batches).await?;
                 }
-                let merged = match watermark {
-                    Some(watermark) => exchange.pass(entry, watermark).await?,
-                    None => None,
-                };
-                if !exchange.cut().gathers {
+                if let Some(watermark) = watermark {
+                    exchange.pass(port, watermark).await?;
+                }
+                if exchange.cut().gathers {
+                    // What the instances have handed back so far goes on up as this node's output.
+                    (out, said) = exchange.gathered();
+                } else {
                     // The view's watermark as the top cut's input sees it (the instances' own is read at each publish).
                     if let Some(Port::At(w)) = merged
                         && self.combined.is_none_or(|c| w > c)
@@ -950,10 +952,6 @@ impl Pipeline {
                     }
                     return Ok(None);
                 }
-                // What the instances have handed back so far goes on up as the cut node's output.
-                let top = exchange.cut().node;
-                let (rows, port) = exchange.gathered();
-                return Ok(self.said(top, rows, port));
             }
             Running::Elsewhere => return Err(RuntimeError::Internal("a node the instances run".to_string())),
         }
@@ -1149,30 +1147,19 @@ impl Pipeline {
                 let (rows, port) = exchange.gathered();
                 (exchange.cut().node, rows, port)
             };
-            if let Some((node, rows, port)) = self.said(node, rows, port) {
+            let state = &mut self.nodes[node];
+            let port = match port {
+                Some(port) if port != state.said => {
+                    state.said = port;
+                    Some(port)
+                }
+                _ => None,
+            };
+            if !rows.is_empty() || port.is_some() {
                 self.flow(node, rows, port).await?;
             }
         }
         Ok(())
-    }
-
-    /// What node `node` passes on of `rows` and of what it says of its watermark, `port` (left out if it said so
-    /// already); `None` if nothing.
-    fn said(
-        &mut self,
-        node: NodeId,
-        rows: Vec<Delta>,
-        port: Option<Port>,
-    ) -> Option<(NodeId, Vec<Delta>, Option<Port>)> {
-        let state = self.nodes.get_mut(node)?;
-        let port = match port {
-            Some(port) if port != state.said => {
-                state.said = port;
-                Some(port)
-            }
-            _ => None,
-        };
-        (!rows.is_empty() || port.is_some()).then_some((node, rows, port))
     }
 
     /// For an inner instance's pipeline: its root's output since the last call, and what it said of its watermark.
