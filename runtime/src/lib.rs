@@ -7,8 +7,9 @@
 //!   batch at a time, with a watermark assigner per input split (a Kafka partition).
 //! - `root`: the operator at a view's root (aggregation, Top-N or `MATCH_RECOGNIZE`, with the plan above it).
 //! - `exchange`: a view's dataflow from its topmost join (or its root operator) up as N instances on tasks of their
-//!   own, each a pipeline of its own, rows hashed between them by key, epochs and checkpoints as barriers across
-//!   them: a view on every core.
+//!   own, and every keyed operator below as N instances of its own handing its output back, each instance a pipeline
+//!   of its own, rows hashed between them by key, epochs and checkpoints as barriers across them: a view on every
+//!   core.
 //! - [`join`]: [`join::IntervalJoin`], the join of two streams whose state the watermarks bound (interval and window
 //!   joins, inner, outer, semi and anti).
 //! - [`regular_join`]: [`regular_join::RegularJoin`], the join without time bounds over inputs whose rows may be
