@@ -521,18 +521,18 @@ impl Exchange {
         Ok(())
     }
 
-    /// Every instance's changes of the epoch, and the view's output watermark (the least of the instances'; they all
-    /// saw the same watermarks). The parts of a window are numbered per instance: instance `i`'s part `p` becomes
-    /// part `p * N + i`, so instances never replace one another's rows, and what it replaces as a whole window
-    /// replaces all its parts (and only those).
-    pub(crate) async fn publish(&mut self) -> Result<(Vec<ViewChange>, Option<Watermark>)> {
+    /// Every instance's changes of the epoch, and the view's root input and output watermarks (the least of the
+    /// instances'; they all saw the same watermarks). The parts of a window are numbered per instance: instance `i`'s
+    /// part `p` becomes part `p * N + i`, so instances never replace one another's rows, and what it replaces as a
+    /// whole window replaces all its parts (and only those).
+    pub(crate) async fn publish(&mut self) -> Result<Published> {
         let count = self.instances.len() as u32;
         let mut changes = Vec::new();
-        let mut watermark: Option<Option<Watermark>> = None;
-        for (i, (published, output)) in self.ask(|_, reply| Work::Publish(reply)).await?.into_iter().enumerate() {
-            watermark = Some(match watermark {
-                None => output,
-                Some(least) => least.zip(output).map(|(a, b)| a.min(b)),
+        let mut watermarks: Option<[Option<Watermark>; 2]> = None;
+        for (i, (published, theirs)) in self.ask(|_, reply| Work::Publish(reply)).await?.into_iter().enumerate() {
+            watermarks = Some(match watermarks {
+                None => theirs,
+                Some(least) => [0, 1].map(|w| least[w].zip(theirs[w]).map(|(a, b)| a.min(b))),
             });
             let i = i as u32;
             for change in published {
@@ -552,7 +552,7 @@ impl Exchange {
                 });
             }
         }
-        Ok((changes, watermark.flatten()))
+        Ok((changes, watermarks.unwrap_or_default()))
     }
 
     /// Adds every instance's state changed since the last checkpoint to `batch`, in view `name`'s tables.
@@ -614,6 +614,9 @@ fn select(routed: &[Routed], me: u16) -> Result<Vec<Delta>> {
     Ok(kept)
 }
 
+/// An epoch's changes, with the root's input and output watermarks.
+type Published = (Vec<ViewChange>, [Option<Watermark>; 2]);
+
 /// What an instance is asked to do, in order.
 #[derive(Debug)]
 enum Work {
@@ -621,8 +624,8 @@ enum Work {
     Changes(usize, Arc<[Routed]>),
     /// What the cut node's input says of its watermark.
     Port(usize, Port),
-    /// Ends the epoch: the instance's changes and its output watermark.
-    Publish(oneshot::Sender<Result<(Vec<ViewChange>, Option<Watermark>)>>),
+    /// Ends the epoch: the instance's changes, its root's input watermark and its output watermark.
+    Publish(oneshot::Sender<Result<Published>>),
     /// Answered once the instance has handed back all its output (a cut that gathers).
     Flush(oneshot::Sender<Result<()>>),
     Checkpoint(Tables, oneshot::Sender<Result<WriteBatch>>),
@@ -758,7 +761,10 @@ async fn run_instance(
             Work::Publish(reply) => {
                 let answer = match failure(&mut failed) {
                     Some(err) => Err(err),
-                    None => pipeline.publish().await.map(|changes| (changes, pipeline.output_watermark())),
+                    None => pipeline
+                        .publish()
+                        .await
+                        .map(|changes| (changes, [pipeline.root_input_watermark(), pipeline.output_watermark()])),
                 };
                 answer_barrier(&mut failed, &report, &mut pipeline, reply, answer);
                 continue;

@@ -929,7 +929,6 @@ impl Pipeline {
                 return Ok(None);
             }
             Running::Exchange(e) => {
-                let merged = if watermark.is_some() { merged(&state.ports) } else { None };
                 let e = *e;
                 let Some(exchange) = self.exchanges.get_mut(e) else {
                     return Err(RuntimeError::Internal("an exchange without instances".to_string()));
@@ -940,18 +939,12 @@ impl Pipeline {
                 if let Some(watermark) = watermark {
                     exchange.pass(port, watermark).await?;
                 }
-                if exchange.cut().gathers {
-                    // What the instances have handed back so far goes on up as this node's output.
-                    (out, said) = exchange.gathered();
-                } else {
-                    // The view's watermark as the top cut's input sees it (the instances' own is read at each publish).
-                    if let Some(Port::At(w)) = merged
-                        && self.combined.is_none_or(|c| w > c)
-                    {
-                        self.combined = Some(w);
-                    }
+                if !exchange.cut().gathers {
+                    // The top cut's instances publish the view's changes (and its watermarks, read at each publish).
                     return Ok(None);
                 }
+                // What the instances have handed back so far goes on up as this node's output.
+                (out, said) = exchange.gathered();
             }
             Running::Elsewhere => return Err(RuntimeError::Internal("a node the instances run".to_string())),
         }
@@ -1127,9 +1120,9 @@ impl Pipeline {
             changes.extend(root.publish().await?);
         }
         for exchange in self.exchanges.iter_mut().filter(|e| !e.cut().gathers) {
-            let (published, watermark) = exchange.publish().await?;
+            let (published, [input, output]) = exchange.publish().await?;
             changes.extend(published);
-            self.root_watermark = watermark;
+            (self.combined, self.root_watermark) = (input.or(self.combined), output);
         }
         Ok(changes)
     }
@@ -1160,6 +1153,11 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// The root's input watermark (see [`Pipeline::watermark`]), as it is (`END_OF_TIME` once every input ended).
+    pub(crate) fn root_input_watermark(&self) -> Option<Watermark> {
+        self.combined
     }
 
     /// For an inner instance's pipeline: its root's output since the last call, and what it said of its watermark.

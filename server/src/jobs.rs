@@ -647,15 +647,21 @@ impl ViewTask {
         };
         self.dirty = true;
         self.note_operators();
+        self.note_times();
+        if let Err(err) = result {
+            self.fail(err);
+            reading.fill(false);
+        }
+    }
+
+    /// Shows the view's watermark and newest event time. After each batch, and after each epoch: a view split between
+    /// instances learns its watermark from them at the epoch's barrier.
+    fn note_times(&mut self) {
         if let Some(w) = self.pipeline.watermark() {
             self.progress.watermark_ms.store((w as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
         }
         if let Some(newest) = self.pipeline.newest_event() {
             self.progress.newest_event_ms.store((newest as f64 * self.ms_per_unit).floor() as i64, Ordering::Relaxed);
-        }
-        if let Err(err) = result {
-            self.fail(err);
-            reading.fill(false);
         }
     }
 
@@ -740,6 +746,7 @@ impl ViewTask {
         match published {
             Ok(changes) => {
                 self.note_operators();
+                self.note_times();
                 self.store.apply(changes);
                 if std::mem::take(&mut self.ending) {
                     info!(view = %self.view, "every input ended; every window is closed");
