@@ -167,7 +167,6 @@ fn aggregate_key(plan: &StreamingPlan, id: NodeId, spec: &WindowAggregateSpec) -
 fn root_key(plan: &StreamingPlan) -> Option<Vec<Arc<dyn PhysicalExpr>>> {
     let node = plan.nodes.get(plan.root())?;
     let splits_rows = |above: Option<&Arc<dyn ExecutionPlan>>| above.is_none_or(row_by_row);
-
     let keys: Vec<Arc<dyn PhysicalExpr>> = match &node.operator {
         NodeOperator::Aggregate { spec, above, .. } if splits_rows(above.as_ref().map(|(_, p)| p)) => {
             aggregate_key(plan, plan.root(), spec)?

@@ -948,18 +948,26 @@ impl Pipeline {
             }
             Running::Elsewhere => return Err(RuntimeError::Internal("a node the instances run".to_string())),
         }
-        let state = &mut self.nodes[node];
-        let watermark = match said {
+        Ok(self.passes_on(node, out, said))
+    }
+
+    /// What node `node` passes on of `rows` and of what it says of its watermark, `port` (left out if the node said
+    /// so already); `None` if nothing.
+    fn passes_on(
+        &mut self,
+        node: NodeId,
+        rows: Vec<Delta>,
+        port: Option<Port>,
+    ) -> Option<(NodeId, Vec<Delta>, Option<Port>)> {
+        let state = self.nodes.get_mut(node)?;
+        let port = match port {
             Some(port) if port != state.said => {
                 state.said = port;
                 Some(port)
             }
             _ => None,
         };
-        if out.is_empty() && watermark.is_none() {
-            return Ok(None);
-        }
-        Ok(Some((node, out, watermark)))
+        (!rows.is_empty() || port.is_some()).then_some((node, rows, port))
     }
 
     /// Adds the pipeline's state changed since the last checkpoint to `batch`, in the state tables of view `name`.
@@ -1140,15 +1148,7 @@ impl Pipeline {
                 let (rows, port) = exchange.gathered();
                 (exchange.cut().node, rows, port)
             };
-            let state = &mut self.nodes[node];
-            let port = match port {
-                Some(port) if port != state.said => {
-                    state.said = port;
-                    Some(port)
-                }
-                _ => None,
-            };
-            if !rows.is_empty() || port.is_some() {
+            if let Some((node, rows, port)) = self.passes_on(node, rows, port) {
                 self.flow(node, rows, port).await?;
             }
         }

@@ -395,14 +395,7 @@ async fn a_view_on_several_instances_publishes_what_one_instance_publishes() {
                 epochs += 1;
             }
             if i == 13 {
-                // Restored by a pipeline that would run one instance: the checkpoint's three are kept.
-                let mut writes = weir_runtime::state::WriteBatch::default();
-                three.checkpoint("v", &mut writes).await.unwrap();
-                weir_runtime::state::StateStore::write(&state, &writes).unwrap();
-                three = pipeline(sql, watermark, emit_on_window_close).await;
-                three.set_parallelism(1).unwrap();
-                three.restore("v", &state).unwrap();
-                assert_eq!(three.parallelism(), 3, "{sql}");
+                three = restored_elsewhere(&mut three, &state, sql, watermark, emit_on_window_close).await;
             }
         }
         one.end(0).await.unwrap();
@@ -485,14 +478,7 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
             assert_eq!((one.late_rows(), one.held_rows()), (three.late_rows(), three.held_rows()), "epoch {i}: {sql}");
             assert_eq!(one.output_watermark(), three.output_watermark(), "epoch {i}: {sql}");
             if i == 9 {
-                // Restored by a pipeline that would run one instance: the checkpoint's three are kept.
-                let mut writes = weir_runtime::state::WriteBatch::default();
-                three.checkpoint("v", &mut writes).await.unwrap();
-                weir_runtime::state::StateStore::write(&state, &writes).unwrap();
-                three = pipeline(sql, watermark, false).await;
-                three.set_parallelism(1).unwrap();
-                three.restore("v", &state).unwrap();
-                assert_eq!(three.parallelism(), 3, "{sql}");
+                three = restored_elsewhere(&mut three, &state, sql, watermark, false).await;
             }
         }
         one.end(0).await.unwrap();
@@ -522,7 +508,25 @@ async fn a_join_on_several_instances_publishes_what_one_instance_publishes() {
     assert_eq!(splits, expected);
 }
 
-/// The store a server makes for a view of `pipeline`.
+/// `three` (a pipeline of three instances) checkpointed to `state` and restored by a new pipeline of the same view
+/// that would run one instance: the checkpoint's three are kept.
+async fn restored_elsewhere(
+    three: &mut Pipeline,
+    state: &weir_runtime::state::MemoryStore,
+    sql: &str,
+    watermark: &str,
+    emit_on_window_close: bool,
+) -> Pipeline {
+    let mut writes = weir_runtime::state::WriteBatch::default();
+    three.checkpoint("v", &mut writes).await.unwrap();
+    weir_runtime::state::StateStore::write(state, &writes).unwrap();
+    let mut restored = pipeline(sql, watermark, emit_on_window_close).await;
+    restored.set_parallelism(1).unwrap();
+    restored.restore("v", state).unwrap();
+    assert_eq!(restored.parallelism(), 3, "{sql}");
+    restored
+}
+
 /// With more groups than one chunk of parts per instance (8,192), a window published in parts and then replaced
 /// whole (at its close, or a plain aggregation's at the input's end) keeps each group once. Two instances used to
 /// replace only the first part of each, leaving every later part's rows twice.
@@ -576,6 +580,7 @@ async fn many_groups_published_in_parts_by_several_instances_appear_once() {
     }
 }
 
+/// The store a server makes for a view of `pipeline`.
 fn store_for(pipeline: &Pipeline) -> ViewStore {
     match (pipeline.retracts_rows(), pipeline.append_only()) {
         (true, _) => ViewStore::with_retractions(pipeline.schema()).unwrap(),
